@@ -1,0 +1,63 @@
+"""The one attention layer of the UNet and VAE, and the one function every attention call goes through.
+
+`Attention` holds the Q/K/V/out projections under the diffusers names (`to_q`, `to_k`, `to_v`,
+`to_out.0`): that is what training selection and LoRA address by name. Its `backend` picks the
+kernel: "sdpa" (PyTorch's fused attention), "math" (plain softmax(QKᵀ/√d)V, the reference), or
+"triton" (our fused kernel in `kernels/attention.py`). `set_attention_backend` sets it on a model.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "math", "triton")
+
+
+def attention(q, k, v, backend: str = "sdpa"):
+    """softmax(q kᵀ / √d) v for q (B, H, N, D), k, v (B, H, M, D)."""
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if backend == "triton":
+        from kernels.attention import flash_attention
+        return flash_attention(q, k, v)
+    if backend == "math":
+        s = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+        return (s.softmax(-1) @ v.float()).to(q.dtype)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def resolve_backend(name: str, device) -> str:
+    """'auto': the math reference on CPU (where SDPA is the same math), SDPA on GPUs.
+    Triton is chosen explicitly until the benchmarks show it ahead on the device at hand."""
+    if name not in BACKENDS:
+        raise ValueError(f"--attention {name!r} is not one of {', '.join(BACKENDS)}")
+    if name != "auto":
+        return name
+    return "sdpa" if torch.device(device).type == "cuda" else "math"
+
+
+def set_attention_backend(model: nn.Module, name: str):
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = name
+    return model
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, qkv_bias: bool = False):
+        super().__init__()
+        self.heads, self.backend = heads, "sdpa"
+        context_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, dim, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, dim, bias=qkv_bias)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x, context=None):
+        """x (B, N, C) attends to context (B, M, Cc), or to itself when context is None."""
+        B, N, C = x.shape
+        context = x if context is None else context
+        q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, nh, N, hs)
+        k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
+        v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
+        y = attention(q, k, v, self.backend)
+        return self.to_out[0](y.transpose(1, 2).reshape(B, N, C))

@@ -1,0 +1,196 @@
+"""The original single-file checkpoint layout (CompVis/Stability `*.ckpt` → `*.safetensors`, what
+A1111 and ComfyUI load), mapped to and from our (diffusers) names through one table.
+
+The table is built per config from our own state-dict keys, so every parameter we have maps to
+exactly one original key; reading asserts that every original key was used (or is on a short,
+named ignore list) and that every shape matches.
+
+    ours                                   original
+    down_blocks.1.resnets.0.norm1.weight   model.diffusion_model.input_blocks.4.0.in_layers.0.weight
+    encoder.mid_block.attentions.0.to_q    first_stage_model.encoder.mid.attn_1.q   (1x1 conv there)
+    encoder.layers.3.self_attn.q_proj      cond_stage_model.model.transformer.resblocks.3.attn.in_proj  (SD 2.x, q third)
+"""
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from minidream import clip, unet, vae
+from minidream.loading import ModelError, StableDiffusion, build, read_weights, resolve, load_tokenizer
+from minidream.schedulers import PRESETS as SCHEDULER_PRESETS
+
+UNET, VAE = "model.diffusion_model.", "first_stage_model."
+CLIP_SD1, CLIP_SD2 = "cond_stage_model.transformer.text_model.", "cond_stage_model.model."
+
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+          "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                  "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+# Keys of the original files that hold nothing we use: EMA copies and the DDPM schedule buffers
+# (we rebuild those from the scheduler config), OpenCLIP's projection head and unused last layer.
+IGNORED = re.compile(r"^(model_ema\.|betas$|alphas_cumprod|alphas_cumprod_prev$|sqrt_|log_one_minus|posterior_|"
+                     r"model_ema$|lvlb_weights$|logvar$|"
+                     r"cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$|"
+                     r"cond_stage_model\.model\.(text_projection|logit_scale|attn_mask)$)")
+
+
+def unet_rows(cfg: unet.UNetConfig):
+    """(our prefix, original prefix, renames inside the module) for every UNet module."""
+    lpb, n = cfg.layers_per_block, len(cfg.channels)
+    rows = [("conv_in.", "input_blocks.0.0.", {}), ("time_embedding.linear_1.", "time_embed.0.", {}),
+            ("time_embedding.linear_2.", "time_embed.2.", {}), ("conv_norm_out.", "out.0.", {}), ("conv_out.", "out.2.", {}),
+            ("mid_block.resnets.0.", "middle_block.0.", RESNET), ("mid_block.attentions.0.", "middle_block.1.", {}),
+            ("mid_block.resnets.1.", "middle_block.2.", RESNET)]
+    for i in range(n):
+        for j in range(lpb):  # input_blocks counts every resnet(+transformer) and every downsampler
+            b = 1 + i * (lpb + 1) + j
+            rows += [(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{b}.0.", RESNET),
+                     (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{b}.1.", {})]
+        rows.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{1 + i * (lpb + 1) + lpb}.0.op.", {}))
+        for j in range(lpb + 1):
+            b = i * (lpb + 1) + j
+            rows += [(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{b}.0.", RESNET),
+                     (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{b}.1.", {})]
+        # the upsampler sits after the resnet (and the transformer, where the stage has one)
+        slot = 2 if cfg.attention[n - 1 - i] else 1
+        rows.append((f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{i * (lpb + 1) + lpb}.{slot}.conv.", {}))
+    return [(a, UNET + b, r) for a, b, r in rows]
+
+
+def vae_rows(cfg: vae.VAEConfig):
+    n = len(cfg.channels)
+    rows = [("quant_conv.", "quant_conv.", {}), ("post_quant_conv.", "post_quant_conv.", {})]
+    for part in ("encoder", "decoder"):
+        rows += [(f"{part}.conv_in.", f"{part}.conv_in.", {}), (f"{part}.conv_norm_out.", f"{part}.norm_out.", {}),
+                 (f"{part}.conv_out.", f"{part}.conv_out.", {}),
+                 (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", VAE_RESNET),
+                 (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", VAE_RESNET),
+                 (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", VAE_ATTN)]
+    for i in range(n):
+        for j in range(cfg.layers_per_block):
+            rows.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", VAE_RESNET))
+        rows.append((f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"encoder.down.{i}.downsample.conv.", {}))
+        # the original decoder numbers its stages from the bottom (lowest resolution = highest index)
+        for j in range(cfg.layers_per_block + 1):
+            rows.append((f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{n - 1 - i}.block.{j}.", VAE_RESNET))
+        rows.append((f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{n - 1 - i}.upsample.conv.", {}))
+    return [(a, VAE + b, r) for a, b, r in rows]
+
+
+def clip_rows(cfg: clip.CLIPConfig, openclip: bool):
+    if not openclip:
+        return [("", CLIP_SD1, {})]
+    rows = [("embeddings.token_embedding.", CLIP_SD2 + "token_embedding.", {}),
+            ("final_layer_norm.", CLIP_SD2 + "ln_final.", {})]
+    rows += [(f"encoder.layers.{i}.", f"{CLIP_SD2}transformer.resblocks.{i}.", OPENCLIP_LAYER) for i in range(cfg.layers)]
+    return rows
+
+
+def key_table(rows, our_keys) -> dict[str, tuple[str, object]]:
+    """our key -> (original key, how): how is None (copy), "conv1x1" or ("chunk", i) of the fused in_proj."""
+    table = {}
+    for k in our_keys:
+        if k == "embeddings.position_embedding.weight" and any(b == CLIP_SD2 + "token_embedding." for _, b, _ in rows):
+            table[k] = (CLIP_SD2 + "positional_embedding", None)  # a bare parameter in OpenCLIP
+            continue
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", k)
+        if m and any(b.startswith(CLIP_SD2 + "transformer") for _, b, _ in rows):
+            table[k] = (f"{CLIP_SD2}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", ("chunk", "qkv".index(m[2])))
+            continue
+        ours, theirs, renames = max((r for r in rows if k.startswith(r[0])), key=lambda r: len(r[0]), default=(None,) * 3)
+        if ours is None:
+            raise AssertionError(f"no single-file mapping for {k}")  # a bug in the table, not in the user's file
+        rest = k[len(ours):]
+        for a, b in renames.items():
+            if rest.startswith(a + "."):
+                rest = b + rest[len(a):]
+                break
+        how = "conv1x1" if renames is VAE_ATTN and rest.endswith("weight") and not rest.startswith("norm.") else None
+        table[k] = (theirs + rest, how)
+    return table
+
+
+def _take(sd, table, want_shapes, used, file):
+    out = {}
+    for k, (orig, how) in table.items():
+        if orig not in sd:
+            raise ModelError(f"{file}: missing key {orig!r} (for {k}, expected shape {list(want_shapes[k])})")
+        t = sd[orig]
+        if isinstance(how, tuple):
+            t = t.chunk(3, dim=0)[how[1]]
+        elif how == "conv1x1" and t.ndim == 4:
+            t = t[:, :, 0, 0]
+        if tuple(t.shape) != tuple(want_shapes[k]):
+            raise ModelError(f"{file}: key {orig!r} has shape {list(t.shape)}, expected {list(want_shapes[k])} (for {k})")
+        out[k] = t
+        used.add(orig)
+    return out
+
+
+def _meta(cls, cfg):
+    with torch.device("meta"):
+        return cls(cfg)
+
+
+def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str | None = None,
+                     preset: str | None = None) -> StableDiffusion:
+    sd = read_weights(file, allow_pickle)
+    sd = {k: v for k, v in sd.items()}
+    openclip = CLIP_SD2 + "token_embedding.weight" in sd
+    if not openclip and CLIP_SD1 + "embeddings.token_embedding.weight" not in sd:
+        raise ModelError(f"{file}: no text encoder keys (cond_stage_model.*); not a full SD 1.x/2.x single-file checkpoint")
+    preset = preset or ("sd21" if openclip else "sd15")
+    if preset not in unet.PRESETS:
+        raise ModelError(f"--preset {preset!r} is not one of {', '.join(unet.PRESETS)}")
+    family = "sd21" if preset.startswith("sd21") else preset
+    cfgs = {"unet": unet.PRESETS[preset], "vae": vae.PRESETS[preset], "clip": clip.PRESETS[family]}
+    used: set[str] = set()
+    parts = {}
+    for name, cls, rows in (("unet", unet.UNet2DConditionModel, unet_rows(cfgs["unet"])),
+                            ("vae", vae.AutoencoderKL, vae_rows(cfgs["vae"])),
+                            ("clip", clip.CLIPTextModel, clip_rows(cfgs["clip"], openclip))):
+        shapes = {k: v.shape for k, v in _meta(cls, cfgs[name]).state_dict().items()}
+        weights = _take(sd, key_table(rows, shapes), shapes, used, file)
+        parts[name] = build(cls, cfgs[name], weights, str(file), dtype)
+    if openclip:  # SD 2.x conditions on the penultimate of OpenCLIP's 24 layers: the last one is unused
+        used |= {k for k in sd if k.startswith(f"{CLIP_SD2}transformer.resblocks.{cfgs['clip'].layers}.")}
+    unused = [k for k in sd if k not in used and not IGNORED.match(k)]
+    if unused:
+        raise ModelError(f"{file}: unexpected key {unused[0]!r}" + (f" and {len(unused) - 1} more" if len(unused) > 1 else "")
+                         + f"; not a {preset} checkpoint? (pass --preset)")
+    tok_dir = Path(tokenizer) if tokenizer and Path(tokenizer).exists() else None
+    if tok_dir is None:
+        # The single file has no vocabulary; the tokenizer comes from the matching hub repo (cached).
+        repo = tokenizer or ("stabilityai/stable-diffusion-2-1" if openclip else "openai/clip-vit-large-patch14")
+        tok_dir = resolve(repo)
+    if (tok_dir / "tokenizer").is_dir():
+        tok_dir = tok_dir / "tokenizer"
+    return StableDiffusion(tokenizer=load_tokenizer(tok_dir), text_encoder=parts["clip"], unet=parts["unet"],
+                           vae=parts["vae"], scheduler=SCHEDULER_PRESETS[preset], source=str(file))
+
+
+def to_single_file(model: StableDiffusion) -> dict[str, torch.Tensor]:
+    """Our state dicts in the original layout (the inverse of load_single_file's table)."""
+    openclip = model.text_encoder.cfg.act == "gelu"
+    out: dict[str, torch.Tensor] = {}
+    chunks: dict[str, list] = {}
+    for m, rows in ((model.unet, unet_rows(model.unet.cfg)), (model.vae, vae_rows(model.vae.cfg)),
+                    (model.text_encoder, clip_rows(model.text_encoder.cfg, openclip))):
+        sd = m.state_dict()
+        for k, (orig, how) in key_table(rows, sd).items():
+            t = sd[k].detach()
+            if isinstance(how, tuple):
+                chunks.setdefault(orig, [None] * 3)[how[1]] = t
+            else:
+                out[orig] = t[:, :, None, None] if how == "conv1x1" else t
+    for orig, parts in chunks.items():
+        out[orig] = torch.cat(parts, dim=0)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def save_single_file(model: StableDiffusion, file: Path):
+    from minidream.loading import save_safetensors
+    save_safetensors(to_single_file(model), Path(file))

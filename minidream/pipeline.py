@@ -1,0 +1,91 @@
+"""Text → image: CLIP embeddings (with an unconditional branch) → denoising loop with classifier-free
+guidance → VAE decode → uint8 pixels. Same seed, prompt, scheduler and steps give the same image as
+diffusers' StableDiffusionPipeline with generator=torch.Generator("cpu").manual_seed(seed).
+"""
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from minidream.loading import StableDiffusion
+from minidream.progress import Progress
+from minidream.schedulers import make_sampler
+
+
+def vae_scale(model: StableDiffusion) -> int:
+    return 2 ** (len(model.vae.cfg.channels) - 1)
+
+
+def encode_prompts(model: StableDiffusion, prompts: list[str]) -> torch.Tensor:
+    """(B, 77, C) CLIP context for each prompt."""
+    p = next(model.text_encoder.parameters())
+    return model.text_encoder(model.tokenizer(prompts).to(p.device))
+
+
+@torch.no_grad()
+def generate(model: StableDiffusion, prompts: list[str], negative: str | list[str] | None = None, steps: int = 50,
+             guidance: float = 7.5, scheduler: str = "ddim", eta: float = 0.0, height: int | None = None,
+             width: int | None = None, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+             progress: bool = True) -> torch.Tensor:
+    """Images (B, H, W, 3) uint8 for B prompts. guidance <= 1 turns classifier-free guidance off."""
+    s = vae_scale(model)
+    height = height or model.unet.cfg.sample_size * s
+    width = width or model.unet.cfg.sample_size * s
+    if height % 8 or width % 8:
+        raise ValueError(f"--height/--width must be multiples of 8 (got {height}x{width})")
+    sampler = make_sampler(scheduler, model.scheduler, eta)
+    param = next(model.unet.parameters())
+    device, dtype = param.device, param.dtype
+    B = len(prompts)
+    cfg = guidance > 1.0  # Ho & Salimans 2022: ε̃ = ε(∅) + w·(ε(c) - ε(∅)); w = 1 is plain conditioning
+    context = encode_prompts(model, prompts)
+    if cfg:
+        negative = negative if isinstance(negative, list) else [negative or ""] * B
+        context = torch.cat([encode_prompts(model, negative), context])
+    context = context.to(dtype)
+    shape = (B, model.unet.cfg.in_channels, height // s, width // s)
+    if latents is None:
+        gdev = generator.device if generator is not None else device
+        latents = torch.randn(shape, generator=generator, device=gdev, dtype=dtype)
+    latents = latents.to(device=device, dtype=dtype)
+    sampler.set_timesteps(steps, device=device)
+    bar = Progress(len(sampler.timesteps), "sampling", enabled=progress)
+    for t in sampler.timesteps:
+        x = torch.cat([latents] * 2) if cfg else latents
+        out = model.unet(x, t, context)
+        if cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance * (cond - uncond)
+        latents = sampler.step(out, t, latents, generator=generator)
+        bar.update()
+    bar.close()
+    return decode(model, latents)
+
+
+def decode(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
+    vae_dtype = next(model.vae.parameters()).dtype
+    img = model.vae.decode(latents.to(vae_dtype) / model.vae.cfg.scaling_factor)
+    img = (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()  # (B, H, W, 3) in [0, 1]
+    return (img * 255).round().to(torch.uint8)
+
+
+def save_png(img: torch.Tensor, path: Path, meta: dict | None = None):
+    """One (H, W, 3) uint8 image as PNG, with the settings that made it in the text chunks."""
+    info = PngInfo()
+    for k, v in (meta or {}).items():
+        info.add_text(k, v if isinstance(v, str) else json.dumps(v))
+    Image.fromarray(img.numpy()).save(path, pnginfo=info)
+
+
+def grid(images: torch.Tensor, cols: int | None = None, pad: int = 2) -> torch.Tensor:
+    """Tile (N, H, W, 3) images into one image, row-major, `cols` wide."""
+    N, H, W, C = images.shape
+    cols = cols or min(N, 4)
+    rows = (N + cols - 1) // cols
+    out = torch.full((rows * (H + pad) + pad, cols * (W + pad) + pad, C), 255, dtype=torch.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        out[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = img
+    return out

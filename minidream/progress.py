@@ -1,0 +1,35 @@
+"""A one-line progress bar on stderr: step/total, rate, ETA and whatever numbers the caller adds."""
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, total: int, desc: str = "", enabled: bool = True, start: int = 0):
+        self.total, self.desc, self.n, self.start_n = total, desc, start, start
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.stats: dict[str, float] = {}
+
+    def update(self, n: int = 1, **stats):
+        self.n += n
+        self.stats.update(stats)
+        if self.enabled:
+            self._draw()
+
+    def rate(self) -> float:
+        dt = time.perf_counter() - self.t0
+        return (self.n - self.start_n) / dt if dt > 0 else 0.0
+
+    def _draw(self):
+        rate = self.rate()
+        eta = (self.total - self.n) / rate if rate > 0 else 0.0
+        frac = self.n / max(self.total, 1)
+        bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
+        extra = " ".join(f"{k}={v:.4g}" for k, v in self.stats.items())
+        end = "\n" if self.n >= self.total else ""
+        sys.stderr.write(f"\r{self.desc} [{bar}] {self.n}/{self.total} {rate:.2f} it/s ETA {eta:4.0f}s {extra}{end}")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.enabled and self.n < self.total:
+            sys.stderr.write("\n")

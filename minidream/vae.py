@@ -1,0 +1,158 @@
+"""AutoencoderKL: the VAE that moves images (B, 3, 512, 512) in [-1, 1] to latents (B, 4, 64, 64) and back.
+
+The encoder predicts a diagonal Gaussian q(z|x) (mean, log-variance); SD diffuses in
+z * scaling_factor (0.18215), which scales the latents to roughly unit variance (LDM §4.3.2).
+Names follow the diffusers checkpoint keys.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minidream.attention import Attention
+from minidream.unet import ResnetBlock2D
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    latent_channels: int = 4
+    channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    groups: int = 32
+    scaling_factor: float = 0.18215
+    sample_size: int = 512
+
+
+PRESETS = {
+    "sd15": VAEConfig(),
+    "sd21": VAEConfig(sample_size=768),
+    "sd21-base": VAEConfig(),
+    "tiny": VAEConfig(channels=(32, 64), layers_per_block=1, groups=8, sample_size=32),
+}
+
+
+class VAEAttention(Attention):
+    """Single-head self-attention over all pixels of the 1/8 feature map, with its own GroupNorm."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__(ch, heads=1, qkv_bias=True)
+        self.group_norm = nn.GroupNorm(groups, ch, eps=1e-6)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        h = super().forward(h)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, None, groups, 1e-6), ResnetBlock2D(ch, ch, None, groups, 1e-6)])
+        self.attentions = nn.ModuleList([VAEAttention(ch, groups)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        # asymmetric padding (right and bottom only), as the original LDM autoencoder was trained
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype))
+
+
+class Stage(nn.Module):
+    """A run of resnets, then an optional down- or upsampler (key names as diffusers writes them)."""
+
+    def __init__(self, cin: int, cout: int, n: int, groups: int, down: bool = False, up: bool = False):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock2D(cin if i == 0 else cout, cout, None, groups, 1e-6) for i in range(n))
+        if down:
+            self.downsamplers = nn.ModuleList([Downsample(cout)])
+        if up:
+            self.upsamplers = nn.ModuleList([Upsample(cout)])
+
+    def forward(self, x):
+        for r in self.resnets:
+            x = r(x)
+        for m in getattr(self, "downsamplers", []) or getattr(self, "upsamplers", []):
+            x = m(x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, n = cfg.channels, len(cfg.channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            Stage(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, cfg.groups, down=i < n - 1) for i in range(n))
+        self.mid_block = MidBlock(ch[-1], cfg.groups)
+        self.conv_norm_out = nn.GroupNorm(cfg.groups, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            h = block(h)
+        h = self.mid_block(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, n = cfg.channels[::-1], len(cfg.channels)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], cfg.groups)
+        self.up_blocks = nn.ModuleList(
+            Stage(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, cfg.groups, up=i < n - 1) for i in range(n))
+        self.conv_norm_out = nn.GroupNorm(cfg.groups, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.in_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            h = block(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        L = cfg.latent_channels
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * L, 2 * L, 1)
+        self.post_quant_conv = nn.Conv2d(L, L, 1)
+
+    def encode(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> mean, logvar of q(z|x), each (B, 4, H/8, W/8)."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def sample(self, x, generator=None):
+        """A draw z ~ q(z|x), already multiplied by the scaling factor: what the UNet is trained on."""
+        mean, logvar = self.encode(x)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + torch.exp(0.5 * logvar) * eps) * self.cfg.scaling_factor
+
+    def decode(self, z):
+        """z (B, 4, h, w) unscaled latents -> images (B, 3, 8h, 8w), roughly in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z))

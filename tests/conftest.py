@@ -1,0 +1,117 @@
+"""Reference models with random weights, built by diffusers / transformers from a seed and saved in
+the official layouts, so that every test loads them through minidream's production loader."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+CAPTIONS = [f"a {c} {p} {s} on a {b} background" for c in ("red", "green", "blue", "yellow")
+            for p in ("striped", "dotted", "plain") for s in ("star", "ball", "cube", "toy", "dog")
+            for b in ("white", "black", "blue")] + ["a photo of sks dog", "a photo of a dog"]
+
+
+def perturb(model: torch.nn.Module, seed: int, scale: float = 0.05):
+    """Nudge every parameter so that no zero-init or identity-init layer hides a wiring mistake."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def tiny_unet_kwargs(sd2: bool = False):
+    return dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=sd2)
+
+
+def tiny_vae_kwargs():
+    return dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=8,
+                sample_size=32)
+
+
+def tiny_clip_config(vocab_size: int, sd2: bool = False):
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                          num_attention_heads=4, num_hidden_layers=2, vocab_size=vocab_size, max_position_embeddings=77,
+                          hidden_act="gelu" if sd2 else "quick_gelu")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from minidream.tokenizer import train_bpe
+    return train_bpe(CAPTIONS, 400)
+
+
+def build_pipeline_dir(folder: Path, tokenizer, sd2: bool = False, seed: int = 0):
+    """A tiny random StableDiffusionPipeline written by diffusers' save_pretrained (the official layout)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    torch.manual_seed(seed)
+    unet = perturb(UNet2DConditionModel(**tiny_unet_kwargs(sd2)), seed)
+    vae = perturb(AutoencoderKL(**tiny_vae_kwargs()), seed + 1)
+    text = perturb(CLIPTextModel(tiny_clip_config(len(tokenizer), sd2)), seed + 2)
+    tokenizer.save(folder / "_tok")
+    hf_tok = CLIPTokenizer.from_pretrained(folder / "_tok")
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1,
+                          prediction_type="v_prediction" if sd2 else "epsilon")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=hf_tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd1_dir(tmp_path_factory, tiny_tokenizer):
+    return build_pipeline_dir(tmp_path_factory.mktemp("sd1"), tiny_tokenizer, sd2=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def sd2_dir(tmp_path_factory, tiny_tokenizer):
+    return build_pipeline_dir(tmp_path_factory.mktemp("sd2"), tiny_tokenizer, sd2=True, seed=10)
+
+
+def max_rel_err(a, b):
+    """max |a - b| relative to the scale of the reference output."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.fixture(scope="session")
+def clip_vocab_dir():
+    """The real CLIP BPE vocabulary (49,408 tokens), taken from the open_clip_torch wheel, where it ships,
+    and written as vocab.json + merges.txt the way OpenAI's simple_tokenizer builds it. Cached."""
+    cache = Path(os.environ.get("MINIDREAM_TEST_CACHE", Path.home() / ".cache" / "minidream-tests"))
+    out = cache / "clip-vocab"
+    if (out / "merges.txt").exists():
+        return out
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    if not list(wheels.glob("open_clip_torch-*.whl")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+                        "open_clip_torch", "-d", str(wheels)], check=True)
+    whl = sorted(wheels.glob("open_clip_torch-*.whl"))[-1]
+    with zipfile.ZipFile(whl) as z:
+        raw = gzip.decompress(z.read("open_clip/bpe_simple_vocab_16e6.txt.gz")).decode("utf-8")
+    merges = raw.split("\n")[1:49152 - 256 - 2 + 1]
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    units = [chr(c) for c in cs]
+    vocab = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return out

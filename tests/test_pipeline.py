@@ -1,0 +1,89 @@
+"""End to end: same seed, prompt, scheduler and steps give the same pixels as diffusers' pipeline."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minidream import loading
+from minidream.pipeline import generate
+
+
+def reference_images(folder, prompt, scheduler, guidance, steps, seed, n=1, negative=None, eta=0.0, size=32):
+    import numpy as np
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    cls = DDIMScheduler if scheduler == "ddim" else DDPMScheduler
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    extra = {"eta": eta} if scheduler == "ddim" else {}
+    out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance, height=size,
+               width=size, num_images_per_prompt=n, generator=torch.Generator("cpu").manual_seed(seed),
+               output_type="np", **extra).images
+    return torch.from_numpy((out * 255).round().astype(np.uint8))
+
+
+CASES = [  # (family, scheduler, guidance, eta)
+    ("sd1", "ddim", 7.5, 0.0), ("sd1", "ddim", 1.0, 0.0), ("sd1", "ddpm", 7.5, 0.0), ("sd1", "ddpm", 1.0, 0.0),
+    ("sd1", "ddim", 5.0, 0.5), ("sd2", "ddim", 7.5, 0.0), ("sd2", "ddpm", 4.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("family,scheduler,guidance,eta", CASES)
+def test_same_seed_same_image_as_diffusers(sd1_dir, sd2_dir, family, scheduler, guidance, eta):
+    folder = sd1_dir if family == "sd1" else sd2_dir
+    want = reference_images(folder, "a red striped star", scheduler, guidance, steps=8, seed=42, n=2, eta=eta,
+                            negative="a blue toy" if guidance == 5.0 else None)
+    m = loading.load(str(folder))
+    assert m.scheduler.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
+    got = generate(m, ["a red striped star"] * 2, negative="a blue toy" if guidance == 5.0 else None, steps=8,
+                   guidance=guidance, scheduler=scheduler, eta=eta, height=32, width=32,
+                   generator=torch.Generator("cpu").manual_seed(42), progress=False)
+    assert got.shape == want.shape == (2, 32, 32, 3)
+    assert got.float().std() > 5  # the images are not blank, so equality means something
+    assert (got.int() - want.int()).abs().max().item() <= 1
+
+
+def test_cli_sample_writes_pngs_with_metadata(sd1_dir, tmp_path):
+    from PIL import Image
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(sd1_dir), "--prompt", "a red toy",
+                        "--steps", "3", "--num-images", "3", "--batch-size", "2", "--seed", "7", "--height", "32",
+                        "--width", "32", "--out", str(out), "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "0002.png", "grid.png"]
+    im = Image.open(out / "0002.png")
+    assert im.size == (32, 32) and im.text["prompt"] == "a red toy" and im.text["seed"] == "8"
+    # the first batch is the diffusers image for seed 7
+    want = reference_images(sd1_dir, "a red toy", "ddim", 7.5, steps=3, seed=7, n=2)
+    import numpy as np
+    got = torch.from_numpy(np.array(Image.open(out / "0001.png")))
+    assert (got.int() - want[1].int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--scheduler", "euler_x"], "euler_x"),
+    (["--steps", "0"], "--steps"),
+    (["--height", "30"], "multiples of 8"),
+    (["--dtype", "bf16", "--device", "cpu"], "--dtype"),
+])
+def test_cli_sample_bad_input_is_one_line(sd1_dir, tmp_path, args, needle):
+    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(sd1_dir), "--prompt", "x",
+                        "--out", str(tmp_path / "o"), *args], capture_output=True, text=True)
+    assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_sample_refuses_a_file_as_output(sd1_dir, tmp_path):
+    f = tmp_path / "file.png"
+    f.write_bytes(b"x")
+    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(sd1_dir), "--prompt", "x", "--out", str(f)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_sample_warns_about_cut_prompt(sd1_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(sd1_dir), "--prompt", "red " * 90,
+                        "--steps", "1", "--height", "16", "--width", "16", "--out", str(tmp_path / "o"), "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "longer than 77 tokens" in r.stderr and "red red" in r.stderr
