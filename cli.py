@@ -46,24 +46,27 @@ AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Also load .bi
                                                                   "(weights only). Only for files you trust.")]
 TokenizerOpt = Annotated[Optional[str], typer.Option(help="For single-file checkpoints: folder or hub repo "
                                                           "with the tokenizer (default: the official one).")]
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="For single-file checkpoints: a diffusers-layout "
+                                                                  "folder or repo id whose configs and tokenizer describe it.")]
 PresetOpt = Annotated[Optional[str], typer.Option(help="For single-file checkpoints: architecture "
                                                        "(sd15, sd21, sd21-base, tiny); inferred when omitted.")]
 
 
-def load_model(model: str, revision=None, variant=None, allow_pickle=False, tokenizer=None, preset=None, dtype=None):
+def load_model(model: str, revision=None, variant=None, allow_pickle=False, tokenizer=None, preset=None, config=None,
+               dtype=None):
     from minidream.loading import ModelError, load
     try:
         return load(model, revision=revision, variant=variant, allow_pickle=allow_pickle, tokenizer=tokenizer,
-                    preset=preset, dtype=dtype)
+                    preset=preset, config=config, dtype=dtype)
     except ModelError as e:
         fail(str(e))
 
 
 @app.command()
 def info(model: ModelArg, revision: Revision = None, variant: Variant = None, allow_pickle: AllowPickle = False,
-         tokenizer: TokenizerOpt = None, preset: PresetOpt = None):
+         tokenizer: TokenizerOpt = None, preset: PresetOpt = None, config: ConfigOpt = None):
     """Load a model and print what it is: version, parameter counts, dtype, prediction type."""
-    m = load_model(model, revision, variant, allow_pickle, tokenizer, preset)
+    m = load_model(model, revision, variant, allow_pickle, tokenizer, preset, config)
     typer.echo(f"model      {m.source}")
     typer.echo(f"version    {m.version}")
     typer.echo(f"prediction {m.scheduler.prediction_type} ({m.scheduler.beta_schedule} betas, "
@@ -98,7 +101,7 @@ def sample(
     lora: Annotated[Optional[Path], typer.Option(help="LoRA weights (.safetensors) to apply.")] = None,
     lora_scale: Annotated[float, typer.Option(help="Strength of the LoRA.")] = 1.0,
     revision: Revision = None, variant: Variant = None, allow_pickle: AllowPickle = False,
-    tokenizer: TokenizerOpt = None, preset: PresetOpt = None,
+    tokenizer: TokenizerOpt = None, preset: PresetOpt = None, config: ConfigOpt = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
     """Text to image: writes one PNG per image (settings in the PNG text) and a grid when several."""
@@ -120,7 +123,7 @@ def sample(
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype != DType.fp32 and dev == "cpu":
         fail(f"--dtype {dtype.value} needs a GPU; use --dtype fp32 on CPU")
-    m = load_model(model, revision, variant, allow_pickle, tokenizer, preset)
+    m = load_model(model, revision, variant, allow_pickle, tokenizer, preset, config)
     try:
         make_sampler(scheduler.value, m.scheduler, eta)
     except ValueError as e:

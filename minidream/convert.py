@@ -10,7 +10,6 @@ named ignore list) and that every shape matches.
     encoder.mid_block.attentions.0.to_q    first_stage_model.encoder.mid.attn_1.q   (1x1 conv there)
     encoder.layers.3.self_attn.q_proj      cond_stage_model.model.transformer.resblocks.3.attn.in_proj  (SD 2.x, q third)
 """
-import os
 import re
 from pathlib import Path
 
@@ -136,17 +135,34 @@ def _meta(cls, cfg):
 
 
 def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str | None = None,
-                     preset: str | None = None) -> StableDiffusion:
+                     preset: str | None = None, config: str | None = None) -> StableDiffusion:
+    """The architecture comes from `config` (a diffusers-layout folder or repo id: its component configs,
+    scheduler config and tokenizer), else from `preset` (inferred from the keys when omitted)."""
+    from minidream import loading
     sd = read_weights(file, allow_pickle)
-    sd = {k: v for k, v in sd.items()}
     openclip = CLIP_SD2 + "token_embedding.weight" in sd
     if not openclip and CLIP_SD1 + "embeddings.token_embedding.weight" not in sd:
         raise ModelError(f"{file}: no text encoder keys (cond_stage_model.*); not a full SD 1.x/2.x single-file checkpoint")
-    preset = preset or ("sd21" if openclip else "sd15")
-    if preset not in unet.PRESETS:
-        raise ModelError(f"--preset {preset!r} is not one of {', '.join(unet.PRESETS)}")
-    family = "sd21" if preset.startswith("sd21") else preset
-    cfgs = {"unet": unet.PRESETS[preset], "vae": vae.PRESETS[preset], "clip": clip.PRESETS[family]}
+    if config is not None:
+        cdir = resolve(config)
+        cfgs = {"unet": loading.unet_config(loading.read_json(cdir / "unet/config.json"), cdir / "unet/config.json"),
+                "vae": loading.vae_config(loading.read_json(cdir / "vae/config.json"), cdir / "vae/config.json"),
+                "clip": loading.clip_config(loading.read_json(cdir / "text_encoder/config.json"), cdir / "text_encoder/config.json")}
+        scheduler = loading.load_scheduler_config(cdir / "scheduler")
+        tok_dir = cdir / "tokenizer"
+        what = f"the architecture in {config}"
+    else:
+        preset = preset or ("sd21" if openclip else "sd15")
+        if preset not in unet.PRESETS:
+            raise ModelError(f"--preset {preset!r} is not one of {', '.join(unet.PRESETS)}")
+        family = "sd21" if preset.startswith("sd21") else preset
+        cfgs = {"unet": unet.PRESETS[preset], "vae": vae.PRESETS[preset], "clip": clip.PRESETS[family]}
+        scheduler = SCHEDULER_PRESETS[preset]
+        # The single file has no vocabulary; it comes from --tokenizer or the official hub repo (cached).
+        tok = tokenizer or ("stabilityai/stable-diffusion-2-1" if openclip else "openai/clip-vit-large-patch14")
+        tok_dir = resolve(tok)
+        tok_dir = tok_dir / "tokenizer" if (tok_dir / "tokenizer").is_dir() else tok_dir
+        what = f"a {preset} checkpoint (pass --preset or --config)"
     used: set[str] = set()
     parts = {}
     for name, cls, rows in (("unet", unet.UNet2DConditionModel, unet_rows(cfgs["unet"])),
@@ -155,21 +171,14 @@ def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str 
         shapes = {k: v.shape for k, v in _meta(cls, cfgs[name]).state_dict().items()}
         weights = _take(sd, key_table(rows, shapes), shapes, used, file)
         parts[name] = build(cls, cfgs[name], weights, str(file), dtype)
-    if openclip:  # SD 2.x conditions on the penultimate of OpenCLIP's 24 layers: the last one is unused
+    if openclip:  # SD 2.x conditions on the penultimate of OpenCLIP's layers: the stored last one is unused
         used |= {k for k in sd if k.startswith(f"{CLIP_SD2}transformer.resblocks.{cfgs['clip'].layers}.")}
     unused = [k for k in sd if k not in used and not IGNORED.match(k)]
     if unused:
         raise ModelError(f"{file}: unexpected key {unused[0]!r}" + (f" and {len(unused) - 1} more" if len(unused) > 1 else "")
-                         + f"; not a {preset} checkpoint? (pass --preset)")
-    tok_dir = Path(tokenizer) if tokenizer and Path(tokenizer).exists() else None
-    if tok_dir is None:
-        # The single file has no vocabulary; the tokenizer comes from the matching hub repo (cached).
-        repo = tokenizer or ("stabilityai/stable-diffusion-2-1" if openclip else "openai/clip-vit-large-patch14")
-        tok_dir = resolve(repo)
-    if (tok_dir / "tokenizer").is_dir():
-        tok_dir = tok_dir / "tokenizer"
+                         + f"; is it {what}?")
     return StableDiffusion(tokenizer=load_tokenizer(tok_dir), text_encoder=parts["clip"], unet=parts["unet"],
-                           vae=parts["vae"], scheduler=SCHEDULER_PRESETS[preset], source=str(file))
+                           vae=parts["vae"], scheduler=scheduler, source=str(file))
 
 
 def to_single_file(model: StableDiffusion) -> dict[str, torch.Tensor]:

@@ -285,13 +285,15 @@ def load_scheduler_config(folder: Path) -> SchedulerConfig:
 
 
 def load(model: str, revision: str | None = None, variant: str | None = None, allow_pickle: bool = False,
-         dtype=None, tokenizer: str | None = None, preset: str | None = None) -> StableDiffusion:
+         dtype=None, tokenizer: str | None = None, preset: str | None = None, config: str | None = None) -> StableDiffusion:
     """Load a whole model: a diffusers-layout folder / hub repo id, or a single-file checkpoint
-    (then `preset` may name the architecture and `tokenizer` a folder or repo with the vocabulary)."""
+    (then `config` names a diffusers folder/repo with its architecture, or `preset` names it and
+    `tokenizer` a folder or repo with the vocabulary)."""
     path = resolve(model, revision, allow_pickle, variant)
     if path.is_file():
         from minidream.convert import load_single_file
-        return load_single_file(path, allow_pickle=allow_pickle, dtype=dtype, tokenizer=tokenizer, preset=preset)
+        return load_single_file(path, allow_pickle=allow_pickle, dtype=dtype, tokenizer=tokenizer, preset=preset,
+                                config=config)
     if not (path / "model_index.json").exists() and not (path / "unet").is_dir():
         raise ModelError(f"{path}: not a model folder (no model_index.json, no unet/); expected the diffusers layout "
                          f"or a single .safetensors checkpoint")
