@@ -331,3 +331,60 @@ def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dic
     tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, file)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the diffusers layout (the inverse of `load`): loadable by us and by
+# diffusers.StableDiffusionPipeline.from_pretrained.
+
+def unet_config_json(c: unet.UNetConfig) -> dict:
+    return {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": list(c.heads),
+            "block_out_channels": list(c.channels), "center_input_sample": False, "cross_attention_dim": c.context_dim,
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in c.attention],
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in c.attention[::-1]],
+            "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": c.in_channels,
+            "layers_per_block": c.layers_per_block, "mid_block_scale_factor": 1, "norm_eps": 1e-5,
+            "norm_num_groups": c.groups, "out_channels": c.out_channels, "sample_size": c.sample_size,
+            "use_linear_projection": c.linear_proj}
+
+
+def vae_config_json(c: vae.VAEConfig) -> dict:
+    n = len(c.channels)
+    return {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": list(c.channels),
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "in_channels": c.in_channels, "out_channels": c.in_channels, "latent_channels": c.latent_channels,
+            "layers_per_block": c.layers_per_block, "norm_num_groups": c.groups, "sample_size": c.sample_size,
+            "scaling_factor": c.scaling_factor}
+
+
+def clip_config_json(c: clip.CLIPConfig, tok: CLIPTokenizer) -> dict:
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": c.width,
+            "intermediate_size": c.mlp_width, "num_hidden_layers": c.layers, "num_attention_heads": c.heads,
+            "max_position_embeddings": c.max_positions, "vocab_size": c.vocab_size, "hidden_act": c.act,
+            "layer_norm_eps": c.eps, "projection_dim": c.width, "bos_token_id": tok.bos_id,
+            "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+
+
+def save_pretrained(model: StableDiffusion, folder: Path):
+    """Write a diffusers-layout folder; each weights file atomically."""
+    folder = Path(folder)
+    for comp in COMPONENTS:
+        (folder / comp).mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+    (folder / "unet" / "config.json").write_text(json.dumps(unet_config_json(model.unet.cfg), indent=2))
+    (folder / "vae" / "config.json").write_text(json.dumps(vae_config_json(model.vae.cfg), indent=2))
+    (folder / "text_encoder" / "config.json").write_text(
+        json.dumps(clip_config_json(model.text_encoder.cfg, model.tokenizer), indent=2))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDIMScheduler", **{f.name: getattr(model.scheduler, f.name) for f in fields(model.scheduler)}}, indent=2))
+    model.tokenizer.save(folder / "tokenizer")
+    save_safetensors(model.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
+    save_safetensors(model.vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
+    # the official SD repos (and transformers 4) keep the `text_model.` prefix; transformers 5 reads both
+    save_safetensors({f"text_model.{k}": v for k, v in model.text_encoder.state_dict().items()},
+                     folder / "text_encoder" / "model.safetensors")
