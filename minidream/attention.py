@@ -5,6 +5,8 @@
 kernel: "sdpa" (PyTorch's fused attention), "math" (plain softmax(QKᵀ/√d)V, the reference), or
 "triton" (our fused kernel in `kernels/attention.py`). `set_attention_backend` sets it on a model.
 """
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,6 +32,8 @@ def resolve_backend(name: str, device) -> str:
     Triton is chosen explicitly until the benchmarks show it ahead on the device at hand."""
     if name not in BACKENDS:
         raise ValueError(f"--attention {name!r} is not one of {', '.join(BACKENDS)}")
+    if name == "triton" and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("--attention triton needs a CUDA GPU (on CPU only under TRITON_INTERPRET=1, for tests)")
     if name != "auto":
         return name
     return "sdpa" if torch.device(device).type == "cuda" else "math"

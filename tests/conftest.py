@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels run on the CPU through Triton's interpreter; it must be on before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 CAPTIONS = [f"a {c} {p} {s} on a {b} background" for c in ("red", "green", "blue", "yellow")
             for p in ("striped", "dotted", "plain") for s in ("star", "ball", "cube", "toy", "dog")
             for b in ("white", "black", "blue")] + ["a photo of sks dog", "a photo of a dog"]
