@@ -219,25 +219,27 @@ def merged_text_encoder_state(model: StableDiffusion) -> None:
         model.text_encoder.cfg = replace(model.text_encoder.cfg, vocab_size=w.shape[0])
 
 
-def select_trainable(model: StableDiffusion, cfg: TrainConfig) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Freeze everything, then unfreeze (or add) what --train / --train-text-encoder / --train-token
-    ask for. Returns the trainable parameters by group, named as in the checkpoints."""
+def select_trainable(model: StableDiffusion, train: str, lora_rank: int = 4, lora_alpha: float = 4.0,
+                     train_text_encoder: bool = False, token: str | None = None, init_word: str | None = None
+                     ) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Freeze everything, then unfreeze (or add) what --train / --train-text-encoder / --train-token ask
+    for. Returns the trainable parameters by group, named as in the checkpoints."""
     for m in (model.unet, model.text_encoder, model.vae):
         m.requires_grad_(False)
-    if cfg.train == "unet":
+    if train == "unet":
         model.unet.requires_grad_(True)
-    elif cfg.train == "attention":
+    elif train == "attention":
         for lin in lora_lib.matching_linears(model.unet, lora_lib.UNET_ATTENTION).values():
             lin.requires_grad_(True)
     else:
-        lora_lib.add_lora(model.unet, lora_lib.UNET_ATTENTION, cfg.lora_rank, cfg.lora_alpha)
-    if cfg.train_text_encoder:
-        if cfg.train == "lora":
-            lora_lib.add_lora(model.text_encoder, lora_lib.TEXT_ATTENTION, cfg.lora_rank, cfg.lora_alpha)
+        lora_lib.add_lora(model.unet, lora_lib.UNET_ATTENTION, lora_rank, lora_alpha)
+    if train_text_encoder:
+        if train == "lora":
+            lora_lib.add_lora(model.text_encoder, lora_lib.TEXT_ATTENTION, lora_rank, lora_alpha)
         else:
             model.text_encoder.requires_grad_(True)
-    if cfg.train_token:
-        add_token(model, f"<{cfg.identifier}>", cfg.class_noun)
+    if token:
+        add_token(model, token, init_word)
     groups = {"unet": [], "text_encoder": [], "token": []}
     for name, p in model.unet.named_parameters():
         if p.requires_grad:
@@ -279,17 +281,18 @@ def min_snr_weights(schedule: NoiseSchedule, t, gamma: float):
     return clipped / snr if schedule.cfg.prediction_type == "epsilon" else clipped / (snr + 1)
 
 
-def training_step(unet, schedule: NoiseSchedule, latents, context, n_instance: int, cfg: TrainConfig, g: torch.Generator):
+def training_step(unet, schedule: NoiseSchedule, latents, context, n_instance: int, prior_weight: float,
+                  g: torch.Generator, snr_gamma: float | None = None, noise_offset: float = 0.0):
     """Noise the latents at random timesteps, predict, and return the DreamBooth loss parts."""
     B = latents.shape[0]
     noise = torch.randn(latents.shape, generator=g).to(latents.device)
-    if cfg.noise_offset:  # (Guttenberg 2023) lets the model shift mean brightness
-        noise = noise + cfg.noise_offset * torch.randn((B, latents.shape[1], 1, 1), generator=g).to(latents.device)
+    if noise_offset:  # (Guttenberg 2023) lets the model shift mean brightness
+        noise = noise + noise_offset * torch.randn((B, latents.shape[1], 1, 1), generator=g).to(latents.device)
     t = torch.randint(0, schedule.cfg.num_train_timesteps, (B,), generator=g).to(latents.device)
     noisy = schedule.add_noise(latents, noise, t)
     pred = unet(noisy, t, context)
-    weights = min_snr_weights(schedule, t, cfg.snr_gamma) if cfg.snr_gamma else None
-    return dreambooth_loss(pred, schedule.target(latents, noise, t), n_instance, cfg.prior_loss_weight, weights)
+    weights = min_snr_weights(schedule, t, snr_gamma) if snr_gamma else None
+    return dreambooth_loss(pred, schedule.target(latents, noise, t), n_instance, prior_weight, weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,7 +478,8 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False):
         make_class_images(model, cfg, class_dir, device)
         class_images = load_instance_images(class_dir, cfg.resolution)[: cfg.num_class_images]
 
-    groups = select_trainable(model, cfg)
+    groups = select_trainable(model, cfg.train, cfg.lora_rank, cfg.lora_alpha, cfg.train_text_encoder,
+                              f"<{cfg.identifier}>" if cfg.train_token else None, cfg.class_noun)
     print_summary(groups, model)
     trainable = [p for params in groups.values() for _, p in params]
     if half is not None:  # frozen weights in half precision; what trains keeps fp32 master weights
@@ -569,7 +573,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False):
                 latents = torch.cat(lat)
                 with torch.autocast(device.type, dtype=half, enabled=half is not None):
                     loss, li, lp = training_step(model.unet, schedule, latents, context_for(cfg.batch_size, n_class),
-                                                 cfg.batch_size, cfg, g)
+                                                 cfg.batch_size, cfg.prior_loss_weight, g, cfg.snr_gamma, cfg.noise_offset)
                 if not torch.isfinite(loss):
                     raise TrainError(f"loss is {loss.item()} at step {step + 1}; stopped, the last good checkpoint is "
                                      f"kept (step {last_good}). Try a lower --lr or --mixed-precision no")

@@ -1,0 +1,77 @@
+"""Attention kernels at the SD shapes: our Triton kernel against every SDPA backend available.
+
+    python -m benchmarks attention            # on a GPU: every SD shape, bf16
+    python -m benchmarks attention --smoke    # CPU: tiny shapes through the Triton interpreter, no timing claims
+
+Reports forward, backward and forward+backward median ms and TFLOP/s of *useful* FLOPs (4·N·M·D per
+head for the forward, 2.5x that for the backward: no padding counted), and the ratio to the best SDPA backend.
+"""
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import timeit, write
+
+SHAPES = {  # name: (B, H, N, M, D) at 512 px, batch 2 (instance + prior)
+    "sd1-self-4096-d40": (2, 8, 4096, 4096, 40), "sd1-cross-4096-d40": (2, 8, 4096, 77, 40),
+    "sd1-self-1024-d80": (2, 8, 1024, 1024, 80), "sd1-cross-1024-d80": (2, 8, 1024, 77, 80),
+    "sd1-self-256-d160": (2, 8, 256, 256, 160), "sd1-cross-256-d160": (2, 8, 256, 77, 160),
+    "sd1-self-64-d160": (2, 8, 64, 64, 160),
+    "sd2-self-4096-d64": (2, 5, 4096, 4096, 64), "sd2-self-1024-d64": (2, 10, 1024, 1024, 64),
+    "sd2-cross-1024-d64": (2, 10, 1024, 77, 64),
+}
+SMOKE_SHAPES = {"tiny-self-d40": (1, 2, 40, 40, 40), "tiny-cross-d80": (1, 1, 24, 77, 80)}
+
+
+def backends():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from kernels.attention import flash_attention
+    out = {"triton": flash_attention}
+    for name, b in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
+                    ("sdpa-cudnn", getattr(SDPBackend, "CUDNN_ATTENTION", None)), ("sdpa-math", SDPBackend.MATH)):
+        if b is None:
+            continue
+
+        def fn(q, k, v, b=b):
+            with sdpa_kernel(b):
+                return F.scaled_dot_product_attention(q, k, v)
+        out[name] = fn
+    return out
+
+
+def run(smoke: bool = False, warmup: int = 10, repeat: int = 30, out=None):
+    device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shapes = SMOKE_SHAPES if smoke else SHAPES
+    warmup, repeat = (0, 1) if smoke else (warmup, repeat)
+    fns = backends() if device == "cuda" else {"triton": backends()["triton"], "sdpa-math": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
+    rows = []
+    for name, (B, H, N, M, D) in shapes.items():
+        g = torch.Generator(device).manual_seed(0)
+        q, k, v = (torch.randn(B, H, n, D, generator=g, device=device, dtype=dtype, requires_grad=True) for n in (N, M, M))
+        do = torch.randn(B, H, N, D, device=device, dtype=dtype)
+        fwd_flops = 4 * B * H * N * M * D
+        row = {"shape": name, "B": B, "H": H, "N": N, "M": M, "D": D, "dtype": str(dtype).removeprefix("torch."),
+               "smoke": smoke, "backends": {}}
+        for bname, fn in fns.items():
+            try:
+                fn(q, k, v)
+            except Exception as e:  # a backend that does not support this shape/device
+                row["backends"][bname] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+                continue
+            o = fn(q, k, v)
+            fwd = timeit(lambda: fn(q, k, v), device, warmup, repeat)
+            bwd = timeit(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True), device, warmup, repeat)
+            both = timeit(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do), device, warmup, repeat)
+            r = {"fwd": fwd, "bwd": bwd, "fwd_bwd": both}
+            for key, flops in (("fwd", fwd_flops), ("bwd", 2.5 * fwd_flops), ("fwd_bwd", 3.5 * fwd_flops)):
+                r[key]["tflops"] = flops / (r[key]["median_ms"] * 1e-3) / 1e12
+            row["backends"][bname] = r
+        sdpa = {b: r for b, r in row["backends"].items() if b.startswith("sdpa") and "error" not in r}
+        if "triton" in row["backends"] and "error" not in row["backends"]["triton"] and sdpa:
+            for key in ("fwd", "bwd", "fwd_bwd"):
+                best = min(sdpa, key=lambda b: sdpa[b][key]["median_ms"])
+                row[f"speedup_{key}_vs_best_sdpa"] = sdpa[best][key]["median_ms"] / row["backends"]["triton"][key]["median_ms"]
+                row[f"best_sdpa_{key}"] = best
+        rows.append(row)
+        print(name, {k: v for k, v in row.items() if k.startswith("speedup")})
+    return write("attention", device, rows, **({"out": out} if out else {}))

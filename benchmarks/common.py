@@ -1,0 +1,92 @@
+"""Timing, FLOP counting and result files shared by the benchmarks."""
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, warmup: int, repeat: int) -> dict:
+    """Median and spread of `repeat` timed calls after `warmup` untimed ones, in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(max(1, repeat)):
+        if torch.device(device).type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "p25_ms": q[0], "p75_ms": q[2], "warmup": warmup, "repeat": repeat}
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call, counted by torch on the graph that actually runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def peak_memory(fn, device) -> int | None:
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def environment(device) -> dict:
+    env = {"device": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else f"cpu ({platform.machine()})",
+           "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    for mod in ("triton", "diffusers", "transformers"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except ImportError:
+            env[mod] = None
+    return env
+
+
+def write(name: str, device, rows: list[dict], out: Path = RESULTS, extra: dict | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment(device)
+    tag = "smoke" if any(r.get("smoke") for r in rows) else env["device"].replace(" ", "_").replace("(", "").replace(")", "")
+    path = out / f"{name}-{tag}.json"
+    path.write_text(json.dumps({"benchmark": name, **env, **(extra or {}), "results": rows}, indent=2))
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+# Dense bf16 tensor-core peak, for MFU; None where we do not know the part.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_tflops(device) -> float | None:
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)

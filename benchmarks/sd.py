@@ -1,0 +1,285 @@
+"""Throughput of the whole model against diffusers, same weights and inputs, same process:
+the DreamBooth training step (and an ablation of each speed lever), the UNet alone, sampling, the VAE.
+
+Random weights at the real architectures (nothing to download); `--smoke` runs the tiny preset on CPU
+with one repeat, to keep the code alive in CI — its numbers mean nothing and are never reported.
+"""
+import copy
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import count_flops, peak_memory, peak_tflops, timeit, write
+from minidream import lora as lora_lib
+from minidream.attention import set_attention_backend
+from minidream.loading import clip_config_json, random_model, unet_config_json, vae_config_json
+from minidream.pipeline import generate
+from minidream.schedulers import NoiseSchedule
+from minidream.tokenizer import train_bpe
+from minidream.train import select_trainable, training_step
+
+PROMPTS = ["a photo of sks dog", "a photo of dog", "a photo of a dog on the beach"]
+
+
+def setup(preset: str, device):
+    tok = train_bpe(PROMPTS * 4, 300)
+    ours = random_model(preset, tokenizer=tok, seed=0)
+    ours.to(device)
+    return ours, 16 if preset == "tiny" else 512
+
+
+def latent_side(ours, res: int) -> int:
+    return res // 2 ** (len(ours.vae.cfg.channels) - 1)
+
+
+def diffusers_twins(ours, device, dtype=torch.float32):
+    """diffusers / transformers modules holding exactly our weights (the key names are the same)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    unet = UNet2DConditionModel(**{k: v for k, v in unet_config_json(ours.unet.cfg).items() if not k.startswith("_")})
+    unet.load_state_dict(ours.unet.state_dict())
+    vae = AutoencoderKL(**{k: v for k, v in vae_config_json(ours.vae.cfg).items() if not k.startswith("_")})
+    vae.load_state_dict(ours.vae.state_dict())
+    c = clip_config_json(ours.text_encoder.cfg, ours.tokenizer)
+    text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in c.items() if k not in ("architectures", "model_type")}))
+    text.load_state_dict(ours.text_encoder.state_dict(), strict=False)
+    return unet.to(device, dtype), vae.to(device, dtype), text.to(device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The DreamBooth step: 1 instance + 1 prior image, bf16 autocast, AdamW.
+
+def our_step(ours, mode: str, device, res: int, cache_latents: bool = True, fused: bool = True,
+             channels_last: bool = False, attention: str = "sdpa", compile_unet: bool = False, checkpointing: bool = False):
+    m = copy.deepcopy(ours)
+    groups = select_trainable(m, mode)
+    params = [p for g in groups.values() for _, p in g]
+    set_attention_backend(m.unet, attention)
+    m.unet.set_gradient_checkpointing(checkpointing).train()
+    if channels_last:
+        m.unet.to(memory_format=torch.channels_last)
+    unet = torch.compile(m.unet) if compile_unet else m.unet
+    opt = torch.optim.AdamW(params, lr=1e-6, **({"fused": True} if fused and device == "cuda" else {"foreach": True}))
+    schedule = NoiseSchedule(m.scheduler)
+    g = torch.Generator().manual_seed(0)
+    half = torch.bfloat16 if device == "cuda" else None
+    with torch.no_grad():
+        ctx = m.text_encoder(m.tokenizer(PROMPTS[:2]).to(device))
+        images = torch.randn(2, 3, res, res, device=device)
+        mean, logvar = m.vae.encode(images)
+
+    def step():
+        with torch.autocast(device, dtype=half, enabled=half is not None):
+            if cache_latents:
+                lat = (mean + (0.5 * logvar).exp() * torch.randn_like(mean)) * m.vae.cfg.scaling_factor
+            else:
+                with torch.no_grad():
+                    lat = m.vae.sample(images)
+            if channels_last:
+                lat = lat.contiguous(memory_format=torch.channels_last)
+            loss, _, _ = training_step(unet, schedule, lat.float(), ctx, 1, 1.0, g)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, m
+
+
+def diffusers_step(ours, mode: str, device, res: int, cache_latents: bool = True):
+    from diffusers import DDPMScheduler
+    unet, vae, text = diffusers_twins(ours, device)
+    unet.requires_grad_(mode == "unet")
+    vae.requires_grad_(False)
+    text.requires_grad_(False)
+    if mode == "attention":
+        for name, mod in unet.named_modules():
+            if lora_lib.UNET_ATTENTION.fullmatch(name):
+                mod.requires_grad_(True)
+    elif mode == "lora":
+        from peft import LoraConfig
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)  # diffusers' train_dreambooth.py default optimizer
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    half = torch.bfloat16 if device == "cuda" else None
+    with torch.no_grad():
+        ids = ours.tokenizer(PROMPTS[:2]).to(device)
+        ctx = text(ids)[0]
+        images = torch.randn(2, 3, res, res, device=device)
+        dist = vae.encode(images).latent_dist
+
+    def step():
+        with torch.autocast(device, dtype=half, enabled=half is not None):
+            with torch.no_grad():
+                lat = (dist.sample() if cache_latents else vae.encode(images).latent_dist.sample()) * vae.config.scaling_factor
+            noise = torch.randn_like(lat)
+            t = torch.randint(0, 1000, (2,), device=device)
+            pred = unet(sched.add_noise(lat, noise, t), t, ctx).sample
+            # diffusers examples/dreambooth/train_dreambooth.py, with prior preservation
+            p, p_prior = pred.chunk(2)
+            n, n_prior = noise.chunk(2)
+            loss = F.mse_loss(p.float(), n.float()) + 1.0 * F.mse_loss(p_prior.float(), n_prior.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_step(ours, device, res, smoke, warmup, repeat):
+    rows = []
+    for mode in ("unet", "attention", "lora"):
+        for cache in (True, False):
+            row = {"benchmark": "dreambooth_step", "mode": mode, "cached_latents": cache, "smoke": smoke}
+            fn, m = our_step(ours, mode, device, res, cache_latents=cache)
+            row["ours"] = {**timeit(fn, device, warmup, repeat), "peak_bytes": peak_memory(fn, device)}
+            del m
+            try:
+                ref = diffusers_step(ours, mode, device, res, cache_latents=cache)
+                row["diffusers"] = {**timeit(ref, device, warmup, repeat), "peak_bytes": peak_memory(ref, device)}
+                row["speedup"] = row["diffusers"]["median_ms"] / row["ours"]["median_ms"]
+            except ImportError as e:
+                row["diffusers"] = {"error": str(e)}
+            for side in ("ours", "diffusers"):
+                if "median_ms" in row[side]:
+                    row[side]["steps_per_s"] = 1e3 / row[side]["median_ms"]
+                    row[side]["images_per_s"] = 2e3 / row[side]["median_ms"]
+            rows.append(row)
+            print(mode, cache, {k: v for k, v in row.items() if k == "speedup"})
+    return rows
+
+
+def bench_levers(ours, device, res, smoke, warmup, repeat):
+    """Each speed lever alone on the whole-UNet step (cached latents), so users see which flags matter."""
+    variants = {"baseline (sdpa, foreach AdamW)": dict(fused=False), "fused AdamW": dict(fused=True),
+                "channels_last": dict(fused=False, channels_last=True), "triton attention": dict(fused=False, attention="triton"),
+                "gradient checkpointing": dict(fused=False, checkpointing=True),
+                "all: fused + channels_last + triton": dict(fused=True, channels_last=True, attention="triton")}
+    if device == "cuda":
+        variants["torch.compile"] = dict(fused=False, compile_unet=True)
+    else:  # the Triton interpreter is a correctness tool; timing it through a whole UNet only costs CI minutes
+        variants = {k: v for k, v in variants.items() if v.get("attention") != "triton"}
+    rows = []
+    for name, kw in variants.items():
+        try:
+            fn, m = our_step(ours, "unet", device, res, **kw)
+            r = {**timeit(fn, device, warmup if "compile" not in name else warmup + 3, repeat), "peak_bytes": peak_memory(fn, device)}
+            del m
+        except Exception as e:
+            r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        rows.append({"benchmark": "lever", "variant": name, "smoke": smoke, **r})
+        print(name, r.get("median_ms"))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+
+def bench_unet(ours, device, res, smoke, warmup, repeat):
+    from diffusers import UNet2DConditionModel  # noqa: F401  (fail early if missing)
+    ref_unet, _, _ = diffusers_twins(ours, device)
+    rows = []
+    h = latent_side(ours, res)
+    peak = peak_tflops(device)
+    for B in ((1, 2) if smoke else (1, 2, 8)):
+        x = torch.randn(B, 4, h, h, device=device)
+        ctx = torch.randn(B, 77, ours.unet.cfg.context_dim, device=device)
+        t = torch.full((B,), 500, device=device)
+        half = torch.bfloat16 if device == "cuda" else None
+        for kind in ("forward", "forward_backward"):
+            def ours_fn():
+                with torch.autocast(device, dtype=half, enabled=half is not None):
+                    out = ours.unet(x, t, ctx)
+                if kind == "forward_backward":
+                    out.float().square().mean().backward()
+
+            def ref_fn():
+                with torch.autocast(device, dtype=half, enabled=half is not None):
+                    out = ref_unet(x, t, encoder_hidden_states=ctx).sample
+                if kind == "forward_backward":
+                    out.float().square().mean().backward()
+            ours.unet.requires_grad_(kind == "forward_backward")
+            ref_unet.requires_grad_(kind == "forward_backward")
+            with torch.set_grad_enabled(kind == "forward_backward"):
+                flops = count_flops(ours_fn)
+                r = {"benchmark": "unet", "batch": B, "kind": kind, "flops": flops, "smoke": smoke,
+                     "ours": timeit(ours_fn, device, warmup, repeat), "diffusers": timeit(ref_fn, device, warmup, repeat)}
+            for side in ("ours", "diffusers"):
+                r[side]["tflops"] = flops / (r[side]["median_ms"] * 1e-3) / 1e12
+                if peak:
+                    r[side]["mfu"] = r[side]["tflops"] / peak
+            r["speedup"] = r["diffusers"]["median_ms"] / r["ours"]["median_ms"]
+            rows.append(r)
+    ours.unet.requires_grad_(False)
+    return rows
+
+
+def bench_sampling(ours, device, res, smoke, warmup, repeat):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    unet, vae, text = diffusers_twins(ours, device, dtype)
+    with tempfile.TemporaryDirectory() as d:
+        ours.tokenizer.save(d)
+        tok = CLIPTokenizer.from_pretrained(d)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                           clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    m = copy.deepcopy(ours).to(dtype=dtype)
+    steps = 2 if smoke else 50
+    size = res
+
+    def ours_fn():
+        generate(m, [PROMPTS[2]], steps=steps, guidance=7.5, height=size, width=size, progress=False,
+                 generator=torch.Generator().manual_seed(0))
+
+    def ref_fn():
+        pipe(PROMPTS[2], num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
+             generator=torch.Generator().manual_seed(0), output_type="np")
+    r = {"benchmark": "sampling", "steps": steps, "size": size, "dtype": str(dtype).removeprefix("torch."), "smoke": smoke,
+         "ours": timeit(ours_fn, device, min(warmup, 2), max(1, repeat // 5)),
+         "diffusers": timeit(ref_fn, device, min(warmup, 2), max(1, repeat // 5))}
+    for side in ("ours", "diffusers"):
+        r[side]["it_per_s"] = steps / (r[side]["median_ms"] * 1e-3)
+    r["speedup"] = r["diffusers"]["median_ms"] / r["ours"]["median_ms"]
+    return [r]
+
+
+def bench_vae(ours, device, res, smoke, warmup, repeat):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    _, ref_vae, _ = diffusers_twins(ours, device, dtype)
+    vae = copy.deepcopy(ours.vae).to(dtype=dtype)
+    rows = []
+    for B in ((1,) if smoke else (1, 4)):
+        x = torch.randn(B, 3, res, res, device=device, dtype=dtype)
+        z = torch.randn(B, 4, latent_side(ours, res), latent_side(ours, res), device=device, dtype=dtype)
+        with torch.no_grad():
+            for kind, ours_fn, ref_fn in (("encode", lambda: vae.encode(x), lambda: ref_vae.encode(x)),
+                                          ("decode", lambda: vae.decode(z), lambda: ref_vae.decode(z))):
+                r = {"benchmark": "vae", "kind": kind, "batch": B, "smoke": smoke,
+                     "ours": timeit(ours_fn, device, warmup, repeat), "diffusers": timeit(ref_fn, device, warmup, repeat)}
+                for side in ("ours", "diffusers"):
+                    r[side]["images_per_s"] = B / (r[side]["median_ms"] * 1e-3)
+                r["speedup"] = r["diffusers"]["median_ms"] / r["ours"]["median_ms"]
+                rows.append(r)
+    return rows
+
+
+SUITE = {"step": bench_step, "levers": bench_levers, "unet": bench_unet, "sampling": bench_sampling, "vae": bench_vae}
+
+
+def run(preset: str = "sd15", only: list[str] | None = None, smoke: bool = False, warmup: int = 5, repeat: int = 20,
+        out=None):
+    device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    if smoke:
+        preset, warmup, repeat = "tiny", 1, 2
+    ours, res = setup(preset, device)
+    paths = []
+    for name, fn in SUITE.items():
+        if only and name not in only:
+            continue
+        rows = fn(ours, device, res, smoke, warmup, repeat)
+        paths.append(write(f"{name}-{preset}", device, rows, **({"out": out} if out else {})))
+    return paths

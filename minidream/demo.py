@@ -1,0 +1,320 @@
+"""The embedded demo: a tiny text-to-image model of the toy world (`world.py`), its pretraining, the
+recogniser that measures it, and the DreamBooth run and evaluation that use them.
+
+Same classes as the real models (CLIPTextModel, UNet2DConditionModel, AutoencoderKL), tiny configs,
+weights under weights/demo/ in the diffusers layout, loaded through the ordinary loader.
+"""
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minidream import world
+from minidream.clip import CLIPConfig, CLIPTextModel
+from minidream.loading import StableDiffusion, load, save_pretrained, save_safetensors
+from minidream.progress import Progress
+from minidream.schedulers import NoiseSchedule, SchedulerConfig
+from minidream.tokenizer import train_bpe
+from minidream.unet import UNet2DConditionModel, UNetConfig
+from minidream.vae import AutoencoderKL, VAEConfig
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "weights" / "demo"
+MAX_TOKENS = 16  # the world's captions are short; fewer positions make every step cheaper
+
+UNET = UNetConfig(channels=(32, 64, 128), attention=(False, True, True), heads=(4, 4, 4), layers_per_block=1,
+                  context_dim=64, groups=16, sample_size=8)
+VAE = VAEConfig(channels=(32, 64, 64), layers_per_block=1, groups=16, sample_size=32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recogniser: a small CNN trained on rendered images, one head per attribute.
+
+class Recognizer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 96, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(96 * 16, 256), nn.ReLU())
+        self.heads = nn.ModuleDict({k: nn.Linear(256, len(v)) for k, v in world.ATTRIBUTES.items()})
+
+    def forward(self, x):
+        h = self.features(x)
+        return {k: head(h) for k, head in self.heads.items()}
+
+    @torch.no_grad()
+    def predict(self, images_uint8: torch.Tensor) -> list[dict]:
+        """(N, H, W, 3) uint8 -> one {attribute: value} per image."""
+        x = images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1
+        logits = self(x)
+        idx = {k: v.argmax(-1).tolist() for k, v in logits.items()}
+        return [{k: world.ATTRIBUTES[k][idx[k][i]] for k in idx} for i in range(len(x))]
+
+
+def _degrade(x: torch.Tensor, g: torch.Generator):
+    """Blur and noise, so the recogniser also reads the softer images a diffusion model draws."""
+    blur = torch.rand(x.shape[0], 1, 1, 1, generator=g) * 0.6
+    soft = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    x = x * (1 - blur) + soft * blur
+    return x + torch.randn(x.shape, generator=g) * torch.rand(x.shape[0], 1, 1, 1, generator=g) * 0.1
+
+
+def _labels(toys):
+    return {k: torch.tensor([v.index(getattr(t, k)) for t in toys]) for k, v in world.ATTRIBUTES.items()}
+
+
+def train_recognizer(steps: int = 1500, batch: int = 128, seed: int = 0):
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = Recognizer()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    bar = Progress(steps, "recogniser")
+    for step in range(steps):
+        toys = [world.random_toy(rng, allow_subject=True) for _ in range(batch)]
+        x = _degrade(torch.stack([world.to_tensor(world.render(t)) for t in toys]), g)
+        out, y = net(x), _labels(toys)
+        loss = sum(F.cross_entropy(out[k], y[k]) for k in out)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.update(loss=loss.item())
+    # accuracy on fresh renders it never saw (held-out seed)
+    test_rng = random.Random(seed + 12345)
+    toys = [world.random_toy(test_rng, allow_subject=True) for _ in range(1000)]
+    imgs = torch.stack([torch.from_numpy(__import__("numpy").array(world.render(t))) for t in toys])
+    pred = net.eval().predict(imgs)
+    acc = {k: sum(p[k] == getattr(t, k) for p, t in zip(pred, toys)) / len(toys) for k in world.ATTRIBUTES}
+    return net, acc
+
+
+def load_recognizer(folder: Path = DEMO_DIR) -> Recognizer:
+    from safetensors.torch import load_file
+    net = Recognizer()
+    net.load_state_dict(load_file(folder / "recognizer.safetensors"))
+    return net.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining: the VAE on rendered images, then the UNet and text encoder together on captions.
+
+def _dataset(n: int, seed: int):
+    rng = random.Random(seed)
+    toys, images = [], []
+    for _ in range(n):
+        img, _, toy = world.pretraining_example(rng)
+        toys.append(toy)
+        images.append(world.to_tensor(img))
+    return toys, torch.stack(images)
+
+
+def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 1200, unet_steps: int = 6000,
+             batch: int = 64, recognizer_steps: int = 1500):
+    t_start = time.time()
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    toys, x = _dataset(images, seed)
+    print(f"dataset: {len(toys)} images", file=sys.stderr)
+
+    # Tokenizer: BPE learned on the world's captions, CLIP-style.
+    captions = [world.caption(t, rng) for t in toys] + [f"a photo of sks {world.CLASS_NOUN}"]
+    tok = train_bpe(captions, 256 + 2 + 64)
+    tok.max_length = MAX_TOKENS
+
+    # 1. VAE: reconstruction (L1 + MSE) and a small KL pull towards N(0, I), as LDM's autoencoder.
+    vae = AutoencoderKL(VAE)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    bar = Progress(vae_steps, "vae")
+    for step in range(vae_steps):
+        idx = torch.randint(0, len(x), (32,), generator=g)
+        mean, logvar = vae.encode(x[idx])
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
+        rec = vae.decode(z)
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+        loss = (rec - x[idx]).abs().mean() + (rec - x[idx]).square().mean() + 1e-4 * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.update(loss=loss.item())
+    vae.eval()
+    with torch.no_grad():
+        stats = [vae.encode(x[i:i + 256]) for i in range(0, len(x), 256)]
+    means, logvars = torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats])
+    scale = 1.0 / means.std().item()  # LDM §4.3.2: scale the latents to unit variance
+    vae.cfg = VAEConfig(**{**VAE.__dict__, "scaling_factor": scale})
+
+    # 2. UNet + text encoder, from scratch, ε-prediction; 10% empty captions for classifier-free guidance.
+    clip = CLIPTextModel(CLIPConfig(vocab_size=len(tok), width=64, layers=2, heads=4, mlp_width=256,
+                                    max_positions=MAX_TOKENS))
+    unet = UNet2DConditionModel(UNET)
+    schedule = NoiseSchedule(SchedulerConfig())
+    params = list(unet.parameters()) + list(clip.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    warm = 200
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1, s / unet_steps))))
+    bar = Progress(unet_steps, "unet+clip")
+    for step in range(unet_steps):
+        idx = torch.randint(0, len(x), (batch,), generator=g).tolist()
+        caps = [world.caption(toys[i], rng) if rng.random() > 0.1 else "" for i in idx]
+        z0 = (means[idx] + (0.5 * logvars[idx]).exp() * torch.randn(means[idx].shape, generator=g)) * scale
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        pred = unet(schedule.add_noise(z0, noise, t), t, clip(tok(caps)))
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        bar.update(loss=loss.item())
+    model = StableDiffusion(tokenizer=tok, text_encoder=clip.eval(), unet=unet.eval(), vae=vae,
+                            scheduler=SchedulerConfig(), source=str(out))
+    save_pretrained(model, out)
+
+    # 3. The recogniser, and what it says of the model on caption combinations pretraining never showed.
+    net, rec_acc = train_recognizer(recognizer_steps, seed=seed)
+    save_safetensors(net.state_dict(), out / "recognizer.safetensors")
+    quality = evaluate_pretrained(load(str(out)), net)
+    record = {"command": " ".join(sys.argv), "seed": seed, "dataset_images": images, "vae_steps": vae_steps,
+              "unet_steps": unet_steps, "batch": batch, "recognizer_steps": recognizer_steps,
+              "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+              "torch": torch.__version__, "wall_time_s": round(time.time() - t_start, 1),
+              "recognizer_accuracy_on_held_out_renders": rec_acc, "held_out_caption_quality": quality}
+    (out / "PRETRAIN.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def full_prompt(toy: world.Toy) -> str:
+    pattern = "" if toy.pattern == "plain" else f"{toy.pattern} "
+    return f"a {toy.colour} {pattern}{toy.shape} on a {toy.background} background"
+
+
+@torch.no_grad()
+def evaluate_pretrained(model: StableDiffusion, net: Recognizer, n: int = 120, seed: int = 7):
+    """Fraction of samples whose shape and colour the recogniser finds as prompted, on held-out combinations."""
+    from minidream.pipeline import generate
+    rng = random.Random(seed)
+    toys = []
+    while len(toys) < n:
+        t = world.random_toy(rng)
+        if world.held_out(t):
+            toys.append(t)
+    prompts = [full_prompt(t) for t in toys]
+    imgs = torch.cat([generate(model, prompts[i:i + 40], steps=25, guidance=4.0, progress=False,
+                               generator=torch.Generator().manual_seed(seed + i)) for i in range(0, n, 40)])
+    pred = net.predict(imgs)
+    hit = [p["shape"] == t.shape and p["colour"] == t.colour for p, t in zip(pred, toys)]
+    return {"samples": n, "shape_and_colour": sum(hit) / n,
+            "shape": sum(p["shape"] == t.shape for p, t in zip(pred, toys)) / n,
+            "colour": sum(p["colour"] == t.colour for p, t in zip(pred, toys)) / n,
+            "pattern": sum(p["pattern"] == t.pattern for p, t in zip(pred, toys)) / n,
+            "background": sum(p["background"] == t.background for p, t in zip(pred, toys)) / n}
+
+
+# ---------------------------------------------------------------------------------------------
+# DreamBooth on the embedded subject, and its measurement (DreamBooth paper, Table 3's quantities).
+
+PROMPTS = ("a sks toy", "a sks toy on a blue background", "a toy")
+CONTEXTS = ("white", "black", "gray", "blue")
+
+
+def demo_config(out: Path, prior: bool = True, seed: int = 0, steps: int = 150, model: Path = DEMO_DIR):
+    from minidream.train import TrainConfig
+    return TrainConfig(
+        model=str(model), instance_dir=str(out / "instance"), out=str(out), class_dir=None, identifier="sks",
+        class_noun=world.CLASS_NOUN, instance_prompt="a sks toy", class_prompt="a toy", resolution=world.SIZE,
+        center_crop=True, flip=0.5, prior=prior, num_class_images=64, prior_loss_weight=1.0, class_steps=20,
+        class_guidance=4.0, class_batch_size=32, train="unet", lora_rank=4, lora_alpha=4.0, train_text_encoder=False,
+        train_token=False, lr=2e-4, token_lr=5e-3, lr_schedule="constant", warmup_steps=10, steps=steps, batch_size=4,
+        grad_accum=1, mixed_precision="no", gradient_checkpointing=False, cache_latents=True, snr_gamma=None,
+        noise_offset=0.0, seed=seed, validation_prompts=(), validation_every=0, validation_images=4,
+        validation_steps=20, checkpoint_every=0, keep_last=1, save_as=("diffusers",), attention="auto", device="cpu")
+
+
+def is_subject(p: dict) -> bool:
+    return all(p[k] == v for k, v in world.SUBJECT.items())
+
+
+@torch.no_grad()
+def evaluate_dreambooth(model: StableDiffusion, net: Recognizer, n: int = 16, seed: int = 100) -> dict:
+    """Subject fidelity, prompt fidelity, PRES and DIV from the recogniser's reading of fixed-seed samples."""
+    from minidream.pipeline import generate
+
+    def sample(prompt, count, s):
+        return net.predict(generate(model, [prompt] * count, steps=20, guidance=4.0, progress=False,
+                                    generator=torch.Generator().manual_seed(s)))
+    subj = sample("a sks toy", n, seed)
+    ctx = {bg: sample(f"a sks toy on a {bg} background", n, seed + 1 + i) for i, bg in enumerate(CONTEXTS)}
+    toys = sample("a toy", 2 * n, seed + 10)
+    all_subj = subj + [p for ps in ctx.values() for p in ps]
+    pairs = [(a, b) for i, a in enumerate(toys) for b in toys[i + 1:]]
+    return {
+        "subject_fidelity": sum(map(is_subject, all_subj)) / len(all_subj),
+        "prompt_fidelity": sum(is_subject(p) and p["background"] == bg for bg, ps in ctx.items() for p in ps)
+                           / (n * len(CONTEXTS)),
+        "PRES": sum(map(is_subject, toys)) / len(toys),
+        "DIV": sum(sum(a[k] != b[k] for k in world.ATTRIBUTES) / len(world.ATTRIBUTES) for a, b in pairs) / len(pairs),
+        "samples": {"subject": len(all_subj), "class": len(toys)},
+    }
+
+
+@torch.no_grad()
+def prompt_grid(model: StableDiffusion, path: Path, per_prompt: int = 4, seed: int = 0):
+    """Rows: the demo prompts; columns: fixed seeds, so before/after grids line up."""
+    from minidream.pipeline import generate, grid, save_png
+    rows = [generate(model, [p] * per_prompt, steps=20, guidance=4.0, progress=False,
+                     generator=torch.Generator().manual_seed(seed)) for p in PROMPTS]
+    big = torch.cat(rows).permute(0, 3, 1, 2).float()
+    big = F.interpolate(big, scale_factor=3, mode="nearest").permute(0, 2, 3, 1).to(torch.uint8)  # 32 px is small to look at
+    save_png(grid(big, cols=per_prompt), path, {"rows": list(PROMPTS)})
+
+
+def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = 150, grids: bool = True,
+             model_dir: Path = DEMO_DIR) -> dict:
+    """Train DreamBooth on the embedded subject and measure it; writes grids, report.json and report.md."""
+    from minidream.pipeline import save_png
+    from minidream.train import train
+    t0 = time.time()
+    out = Path(out)
+    (out / "instance").mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(world.subject_images(4)):
+        save_png(torch.from_numpy(__import__("numpy").array(img)), out / "instance" / f"subject-{i}.png")
+    net = load_recognizer(model_dir)
+    cfg = demo_config(out, prior=prior, seed=seed, steps=steps, model=model_dir)
+    if grids:
+        prompt_grid(load(cfg.model), out / "before.png")
+    model, _ = train(cfg, overwrite=True)
+    if grids:
+        prompt_grid(model, out / "after.png")
+    metrics = {"prior_preservation": prior, "steps": steps, "seed": seed, **evaluate_dreambooth(model, net),
+               "wall_time_s": round(time.time() - t0, 1)}
+    (out / "report.json").write_text(json.dumps(metrics, indent=2))
+    (out / "report.md").write_text(
+        f"# DreamBooth demo ({'with' if prior else 'without'} prior preservation)\n\n"
+        f"subject: {world.SUBJECT['colour']} {world.SUBJECT['pattern']} {world.SUBJECT['shape']} ('sks toy'); "
+        f"{steps} steps, seed {seed}, {metrics['wall_time_s']} s on {platform.machine()} CPU\n\n"
+        "| subject fidelity | prompt fidelity | PRES (lower is better) | DIV (higher is better) |\n|---|---|---|---|\n"
+        f"| {metrics['subject_fidelity']:.3f} | {metrics['prompt_fidelity']:.3f} | {metrics['PRES']:.3f} | {metrics['DIV']:.3f} |\n")
+    return metrics
+
+
+def run_eval(out: Path, seed: int = 0, steps: int = 150) -> dict:
+    """The base model, and DreamBooth with and without the prior-preservation loss (paper, Table 3)."""
+    out = Path(out)
+    base = {**evaluate_dreambooth(load(str(DEMO_DIR)), load_recognizer()), "prior_preservation": None}
+    rows = {"base model": base,
+            "DreamBooth, no prior loss": run_demo(out / "without-prior", prior=False, seed=seed, steps=steps, grids=False),
+            "DreamBooth, prior loss (λ=1)": run_demo(out / "with-prior", prior=True, seed=seed, steps=steps, grids=False)}
+    table = ("| model | subject fidelity | prompt fidelity | PRES ↓ | DIV ↑ |\n|---|---|---|---|---|\n" +
+             "".join(f"| {k} | {v['subject_fidelity']:.3f} | {v['prompt_fidelity']:.3f} | {v['PRES']:.3f} | {v['DIV']:.3f} |\n"
+                     for k, v in rows.items()))
+    (out / "eval.md").write_text(table)
+    (out / "eval.json").write_text(json.dumps(rows, indent=2))
+    return {"rows": rows, "table": table}

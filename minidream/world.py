@@ -1,0 +1,140 @@
+"""A tiny procedural world where DreamBooth can be trained, run and measured on a laptop CPU.
+
+Toys — a shape in a colour with a surface pattern, at some position and size — on a plain background,
+32×32 pixels, with captions such as "a red striped star on a gray background". The *subject* is one
+combination that pretraining never shows (an orange striped star); the class noun is "toy".
+Everything is a deterministic function of a seed.
+"""
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageDraw
+
+SIZE = 32
+SHAPES = ("circle", "square", "triangle", "star", "heart")
+COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 225), "yellow": (240, 210, 40),
+           "purple": (145, 60, 195), "orange": (250, 135, 25)}
+PATTERNS = ("plain", "striped", "dotted")
+BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128), "blue": (60, 110, 235)}
+ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "pattern": PATTERNS, "background": tuple(BACKGROUNDS)}
+
+SUBJECT = {"shape": "star", "colour": "orange", "pattern": "striped"}
+CLASS_NOUN = "toy"
+
+
+@dataclass(frozen=True)
+class Toy:
+    shape: str
+    colour: str
+    pattern: str
+    background: str
+    x: float = 0.5  # centre, as a fraction of the image side
+    y: float = 0.5
+    r: float = 0.33  # radius, as a fraction of the image side
+
+    def is_subject(self) -> bool:
+        return all(getattr(self, k) == v for k, v in SUBJECT.items())
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float):
+    if shape == "triangle":
+        return [(cx + r * math.cos(a), cy - r * math.sin(a)) for a in (math.pi / 2, math.pi * 7 / 6, math.pi * 11 / 6)]
+    if shape == "star":
+        return [(cx + (r if i % 2 == 0 else 0.45 * r) * math.cos(math.pi / 2 + i * math.pi / 5),
+                 cy - (r if i % 2 == 0 else 0.45 * r) * math.sin(math.pi / 2 + i * math.pi / 5)) for i in range(10)]
+    if shape == "heart":
+        pts = []
+        for i in range(48):
+            t = 2 * math.pi * i / 48
+            hx, hy = 16 * math.sin(t) ** 3, 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            pts.append((cx + r * hx / 17, cy - r * hy / 17 + 0.1 * r))
+        return pts
+    raise ValueError(shape)
+
+
+def render(toy: Toy, size: int = SIZE) -> Image.Image:
+    """Draw at 4x and downsample, so edges are anti-aliased like a photo's."""
+    s = size * 4
+    bg = BACKGROUNDS[toy.background]
+    img = Image.new("RGB", (s, s), bg)
+    mask = Image.new("L", (s, s), 0)
+    d = ImageDraw.Draw(mask)
+    cx, cy, r = toy.x * s, toy.y * s, toy.r * s
+    if toy.shape == "circle":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    elif toy.shape == "square":
+        q = r * 0.85
+        d.rectangle((cx - q, cy - q, cx + q, cy + q), fill=255)
+    else:
+        d.polygon(_polygon(toy.shape, cx, cy, r), fill=255)
+    base = COLOURS[toy.colour]
+    dark = tuple(int(c * 0.35) for c in base)
+    fill = Image.new("RGB", (s, s), base)
+    if toy.pattern != "plain":
+        pd = ImageDraw.Draw(fill)
+        step = s // 8
+        if toy.pattern == "striped":  # diagonal stripes
+            for k in range(-s, 2 * s, step):
+                pd.polygon([(k, 0), (k + step // 2, 0), (k + step // 2 - s, s), (k - s, s)], fill=dark)
+        else:  # dots on a grid
+            for gx in range(step // 2, s, step):
+                for gy in range(step // 2, s, step):
+                    pd.ellipse((gx - step // 4, gy - step // 4, gx + step // 4, gy + step // 4), fill=dark)
+    img.paste(fill, (0, 0), mask)
+    return img.resize((size, size), Image.LANCZOS)
+
+
+def random_toy(rng: random.Random, allow_subject: bool = False, **fixed) -> Toy:
+    while True:
+        a = {k: fixed.get(k) or rng.choice(v) for k, v in ATTRIBUTES.items()}
+        if COLOURS[a["colour"]] == BACKGROUNDS.get(a["background"]) or (a["colour"] == "blue" and a["background"] == "blue"):
+            continue  # a blue toy on a blue background is invisible
+        toy = Toy(**a, x=rng.uniform(0.38, 0.62), y=rng.uniform(0.38, 0.62), r=rng.uniform(0.26, 0.38))
+        if allow_subject or not toy.is_subject():
+            return toy
+
+
+def caption(toy: Toy, rng: random.Random) -> str:
+    """Captions name some of the attributes; "toy" stands for any shape, so "a toy" covers the class."""
+    if rng.random() < 0.05:
+        return f"a {CLASS_NOUN}"
+    words = []
+    if rng.random() < 0.85:
+        words.append(toy.colour)
+    if toy.pattern != "plain" and rng.random() < 0.85:
+        words.append(toy.pattern)
+    words.append(toy.shape if rng.random() < 0.8 else CLASS_NOUN)
+    text = "a " + " ".join(words)
+    if rng.random() < 0.7:
+        text += f" on a {toy.background} background"
+    return text
+
+
+def held_out(toy: Toy) -> bool:
+    """Full attribute combinations kept out of pretraining (about 1 in 7), to test that the model composes."""
+    key = SHAPES.index(toy.shape) * 7 + list(COLOURS).index(toy.colour) * 3 + PATTERNS.index(toy.pattern) * 5 + \
+        list(BACKGROUNDS).index(toy.background)
+    return key % 7 == 3
+
+
+def pretraining_example(rng: random.Random) -> tuple[Image.Image, str, Toy]:
+    while True:
+        toy = random_toy(rng)
+        if not held_out(toy):
+            return render(toy), caption(toy, rng), toy
+
+
+def subject_images(n: int = 4, seed: int = 0) -> list[Image.Image]:
+    """The subject's "photos": the same toy on different backgrounds, positions and sizes (no blue
+    background, so "a sks toy on a blue background" asks for a new context)."""
+    rng = random.Random(1000 + seed)
+    bgs = ["white", "gray", "black", "white", "gray", "black"]
+    return [render(random_toy(rng, allow_subject=True, background=bgs[i % len(bgs)], **SUBJECT)) for i in range(n)]
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """(3, H, W) in [-1, 1]."""
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.size[1], img.size[0], 3)
+    return x.permute(2, 0, 1).float() / 127.5 - 1

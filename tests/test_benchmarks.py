@@ -1,0 +1,21 @@
+"""The benchmark entry point runs end to end in --smoke mode (tiny config, CPU). No timing is asserted:
+these numbers mean nothing; this only keeps the scripts alive."""
+import json
+import subprocess
+import sys
+
+
+def test_benchmarks_smoke(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "all", "--smoke", "--out", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["attention-smoke.json", "levers-tiny-smoke.json", "sampling-tiny-smoke.json",
+                     "step-tiny-smoke.json", "unet-tiny-smoke.json", "vae-tiny-smoke.json"]
+    step = json.loads((tmp_path / "step-tiny-smoke.json").read_text())
+    assert step["device"].startswith("cpu") and step["torch"] and step["command"]
+    modes = {(r["mode"], r["cached_latents"]) for r in step["results"]}
+    assert modes == {(m, c) for m in ("unet", "attention", "lora") for c in (True, False)}
+    assert all("median_ms" in r["ours"] and "median_ms" in r["diffusers"] for r in step["results"])
+    unet = json.loads((tmp_path / "unet-tiny-smoke.json").read_text())
+    assert all(r["flops"] > 0 for r in unet["results"])
