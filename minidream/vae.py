@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minidream.attention import Attention
-from minidream.unet import ResnetBlock2D
+from minidream.unet import ResnetBlock2D, Upsample2D
 
 
 @dataclass(frozen=True)
@@ -67,15 +67,6 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class Upsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype))
-
-
 class Stage(nn.Module):
     """A run of resnets, then an optional down- or upsampler (key names as diffusers writes them)."""
 
@@ -85,7 +76,7 @@ class Stage(nn.Module):
         if down:
             self.downsamplers = nn.ModuleList([Downsample(cout)])
         if up:
-            self.upsamplers = nn.ModuleList([Upsample(cout)])
+            self.upsamplers = nn.ModuleList([Upsample2D(cout)])
 
     def forward(self, x):
         for r in self.resnets:
