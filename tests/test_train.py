@@ -250,3 +250,32 @@ def test_ctrl_c_saves_a_checkpoint(sd1_dir, instance_dir, tmp_path):
     r = run_cli(*train_args(sd1_dir, instance_dir, out, "--steps", int(ck[0].stem.split("-")[1]) + 1, "--no-prior",
                             "--resume", "latest"))
     assert r.exit_code == 0, r.output
+
+
+def test_min_snr_weights_and_v_target_follow_the_references():
+    """SNR as diffusers' training_utils.compute_snr; weights min(SNR, γ)/SNR (ε) and min(SNR, γ)/(SNR+1) (v)."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+    from minidream.schedulers import NoiseSchedule, SchedulerConfig
+    from minidream.train import min_snr_weights
+    t = torch.tensor([0, 10, 250, 500, 999])
+    ref = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    eps = NoiseSchedule(SchedulerConfig())
+    snr = compute_snr(ref, t)
+    assert torch.allclose(eps.snr(t), snr, rtol=1e-5)
+    assert torch.allclose(min_snr_weights(eps, t, 5.0), torch.clamp(snr, max=5.0) / snr, rtol=1e-5)
+    v = NoiseSchedule(SchedulerConfig(prediction_type="v_prediction"))
+    assert torch.allclose(min_snr_weights(v, t, 5.0), torch.clamp(snr, max=5.0) / (snr + 1), rtol=1e-5)
+    x0, noise = torch.randn(5, 4, 2, 2), torch.randn(5, 4, 2, 2)
+    assert torch.allclose(v.target(x0, noise, t), ref.get_velocity(x0, noise, t), atol=1e-6)
+    assert torch.equal(eps.target(x0, noise, t), noise)
+
+
+def test_v_prediction_model_trains(sd2_dir, instance_dir, tmp_path):
+    """The SD2-style (v-prediction) tiny model through the whole loop, with min-SNR and noise offset."""
+    r = run_cli(*train_args(sd2_dir, instance_dir, tmp_path / "run", "--train", "attention", "--snr-gamma", 5,
+                            "--noise-offset", 0.05, "--lr-schedule", "cosine", "--warmup-steps", 1, "--grad-accum", 2,
+                            "--mixed-precision", "bf16", "--gradient-checkpointing", "--cache-latents"))
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["loss"] > 0 for r in rows)
