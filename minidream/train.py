@@ -107,14 +107,15 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "validation_promp
 # ---------------------------------------------------------------------------------------------
 # Data
 
-def load_instance_images(folder: Path, resolution: int) -> list:
-    """The subject's photos, RGB, EXIF orientation applied; every unreadable file named before any compute."""
+def load_instance_images(folder: Path, resolution: int, flag: str = "--instance-dir") -> list:
+    """The subject's photos (or the class images), RGB, EXIF orientation applied; every unreadable file
+    named before any compute."""
     from PIL import Image, ImageOps
     if not folder.is_dir():
-        raise TrainError(f"--instance-dir {folder}: no such folder")
+        raise TrainError(f"{flag} {folder}: no such folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise TrainError(f"--instance-dir {folder}: no images (.jpg, .png, .webp) in it")
+        raise TrainError(f"{flag} {folder}: no images (.jpg, .png, .webp) in it")
     images, bad = [], []
     for f in files:
         try:
@@ -125,7 +126,7 @@ def load_instance_images(folder: Path, resolution: int) -> list:
         except Exception:
             bad.append(f.name)
     if bad:
-        raise TrainError(f"--instance-dir {folder}: unreadable image(s): {', '.join(bad)}; remove or fix them")
+        raise TrainError(f"{flag} {folder}: unreadable image(s): {', '.join(bad)}; remove or fix them")
     small = [f.name for f, im in zip(files, images) if min(im.size) < resolution]
     if small:
         print(f"warning: {len(small)} image(s) smaller than --resolution {resolution} will be upscaled: "
@@ -476,7 +477,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False):
     if cfg.prior:
         class_dir = Path(cfg.class_dir) if cfg.class_dir else out / "class_images"
         make_class_images(model, cfg, class_dir, device)
-        class_images = load_instance_images(class_dir, cfg.resolution)[: cfg.num_class_images]
+        class_images = load_instance_images(class_dir, cfg.resolution, "--class-dir")[: cfg.num_class_images]
 
     groups = select_trainable(model, cfg.train, cfg.lora_rank, cfg.lora_alpha, cfg.train_text_encoder,
                               f"<{cfg.identifier}>" if cfg.train_token else None, cfg.class_noun)
