@@ -267,7 +267,7 @@ def demo_pretrain(
     out: Annotated[Path, typer.Option(help="Where the demo model is written (diffusers layout).")] = Path("weights/demo"),
     seed: Annotated[int, typer.Option(help="Seed of the world, the initialisation and every draw.")] = 0,
     images: Annotated[int, typer.Option(help="Rendered pretraining images.")] = 20000,
-    vae_steps: Annotated[int, typer.Option(help="VAE training steps (batch 32).")] = 800,
+    vae_steps: Annotated[int, typer.Option(help="VAE training steps (batch 32).")] = 2500,
     unet_steps: Annotated[int, typer.Option(help="UNet + text encoder steps.")] = 4000,
     batch: Annotated[int, typer.Option(help="UNet batch size.")] = 64,
     recognizer_steps: Annotated[int, typer.Option(help="Recogniser training steps (batch 128).")] = 1000,
