@@ -282,11 +282,11 @@ def demo_pretrain(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
-    steps: Annotated[int, typer.Option(help="DreamBooth steps.")] = 150,
+    steps: Annotated[int, typer.Option(help="DreamBooth steps.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     prior: Annotated[bool, typer.Option("--prior/--no-prior", help="Prior-preservation loss.")] = True,
 ):
-    """DreamBooth on the embedded toy-world model and subject, on CPU in about a minute: before/after
+    """DreamBooth on the embedded toy-world model and subject, on CPU in under a minute: before/after
     grids for "a sks toy", "a sks toy on a blue background", "a toy", and a metrics report."""
     from minidream.demo import DEMO_DIR, run_demo
     if not (DEMO_DIR / "model_index.json").exists():
@@ -299,7 +299,7 @@ def demo(
 @app.command("eval")
 def evaluate(
     out: Annotated[Path, typer.Option(help="Folder for the two runs and the table.")] = Path("runs/eval"),
-    steps: Annotated[int, typer.Option(help="DreamBooth steps per run.")] = 150,
+    steps: Annotated[int, typer.Option(help="DreamBooth steps per run.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
 ):
     """DreamBooth's claims, measured on the demo world: subject and prompt fidelity, PRES and DIV, for the

@@ -196,11 +196,13 @@ def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 250
     model = StableDiffusion(tokenizer=tok, text_encoder=clip.eval(), unet=unet.eval(), vae=vae,
                             scheduler=SchedulerConfig(), source=str(out))
     save_pretrained(model, out)
+    # The UNet's weights ship in fp16 to keep weights/demo small; loading upcasts them (train, demo: fp32).
+    save_safetensors({k: v.half() for k, v in unet.state_dict().items()}, out / "unet" / "diffusion_pytorch_model.safetensors")
 
     # 3. The recogniser, and what it says of the model on caption combinations pretraining never showed.
     net, rec_acc = train_recognizer(recognizer_steps, seed=seed, vae=vae)
     save_safetensors(net.state_dict(), out / "recognizer.safetensors")
-    quality = evaluate_pretrained(load(str(out)), net)
+    quality = evaluate_pretrained(load(str(out), dtype=torch.float32), net)
     record = {"command": " ".join(sys.argv), "seed": seed, "dataset_images": images, "vae_steps": vae_steps,
               "unet_steps": unet_steps, "batch": batch, "recognizer_steps": recognizer_steps,
               "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -244,14 +246,14 @@ PROMPTS = ("a sks toy", "a sks toy on a blue background", "a toy")
 CONTEXTS = ("white", "black", "gray", "blue")
 
 
-def demo_config(out: Path, prior: bool = True, seed: int = 0, steps: int = 150, model: Path = DEMO_DIR):
+def demo_config(out: Path, prior: bool = True, seed: int = 0, steps: int = 300, model: Path = DEMO_DIR, lr: float = 3e-4):
     from minidream.train import TrainConfig
     return TrainConfig(
         model=str(model), instance_dir=str(out / "instance"), out=str(out), class_dir=None, identifier="sks",
         class_noun=world.CLASS_NOUN, instance_prompt="a sks toy", class_prompt="a toy", resolution=world.SIZE,
         center_crop=True, flip=0.5, prior=prior, num_class_images=64, prior_loss_weight=1.0, class_steps=20,
-        class_guidance=4.0, class_batch_size=32, train="unet", lora_rank=4, lora_alpha=4.0, train_text_encoder=False,
-        train_token=False, lr=2e-4, token_lr=5e-3, lr_schedule="constant", warmup_steps=10, steps=steps, batch_size=4,
+        class_guidance=4.0, class_batch_size=32, train="unet", lora_rank=4, lora_alpha=4.0, train_text_encoder=True,
+        train_token=False, lr=lr, token_lr=5e-3, lr_schedule="constant", warmup_steps=10, steps=steps, batch_size=4,
         grad_accum=1, mixed_precision="no", gradient_checkpointing=False, cache_latents=True, snr_gamma=None,
         noise_offset=0.0, seed=seed, validation_prompts=(), validation_every=0, validation_images=4,
         validation_steps=20, checkpoint_every=0, keep_last=1, save_as=("diffusers",), attention="auto", device="cpu")
@@ -295,7 +297,7 @@ def prompt_grid(model: StableDiffusion, path: Path, per_prompt: int = 4, seed: i
     save_png(grid(big, cols=per_prompt), path, {"rows": list(PROMPTS)})
 
 
-def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = 150, grids: bool = True,
+def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = 300, grids: bool = True,
              model_dir: Path = DEMO_DIR) -> dict:
     """Train DreamBooth on the embedded subject and measure it; writes grids, report.json and report.md."""
     from minidream.pipeline import save_png
@@ -308,7 +310,7 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = 150, gri
     net = load_recognizer(model_dir)
     cfg = demo_config(out, prior=prior, seed=seed, steps=steps, model=model_dir)
     if grids:
-        prompt_grid(load(cfg.model), out / "before.png")
+        prompt_grid(load(cfg.model, dtype=torch.float32), out / "before.png")
     model, _ = train(cfg, overwrite=True)
     if grids:
         prompt_grid(model, out / "after.png")
@@ -324,10 +326,10 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = 150, gri
     return metrics
 
 
-def run_eval(out: Path, seed: int = 0, steps: int = 150) -> dict:
+def run_eval(out: Path, seed: int = 0, steps: int = 300) -> dict:
     """The base model, and DreamBooth with and without the prior-preservation loss (paper, Table 3)."""
     out = Path(out)
-    base = {**evaluate_dreambooth(load(str(DEMO_DIR)), load_recognizer()), "prior_preservation": None}
+    base = {**evaluate_dreambooth(load(str(DEMO_DIR), dtype=torch.float32), load_recognizer()), "prior_preservation": None}
     rows = {"base model": base,
             "DreamBooth, no prior loss": run_demo(out / "without-prior", prior=False, seed=seed, steps=steps, grids=False),
             "DreamBooth, prior loss (λ=1)": run_demo(out / "with-prior", prior=True, seed=seed, steps=steps, grids=False)}

@@ -460,7 +460,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False):
     half = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     torch.manual_seed(cfg.seed)
     try:
-        model = load(cfg.model)
+        model = load(cfg.model, dtype=torch.float32)  # fp32 master weights, whatever the file stores
     except Exception as e:
         raise TrainError(str(e)) from None
     model.to(device)
