@@ -1,6 +1,5 @@
 """The `minidream` command: one typed function per subcommand; defaults live in the signatures."""
 import json
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -291,7 +290,7 @@ def demo(
     from minidream.demo import DEMO_DIR, run_demo
     if not (DEMO_DIR / "model_index.json").exists():
         fail(f"{DEMO_DIR}: the demo model is missing; create it with `minidream demo-pretrain`")
-    m = run_demo(out, prior=prior, seed=seed, steps=steps)
+    run_demo(out, prior=prior, seed=seed, steps=steps)
     typer.echo((out / "report.md").read_text())
     typer.echo(f"grids: {out / 'before.png'} {out / 'after.png'}")
 

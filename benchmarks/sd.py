@@ -176,7 +176,6 @@ def bench_levers(ours, device, res, smoke, warmup, repeat):
 # ---------------------------------------------------------------------------------------------
 
 def bench_unet(ours, device, res, smoke, warmup, repeat):
-    from diffusers import UNet2DConditionModel  # noqa: F401  (fail early if missing)
     ref_unet, _, _ = diffusers_twins(ours, device)
     rows = []
     h = latent_side(ours, res)

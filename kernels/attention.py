@@ -13,8 +13,6 @@ Written for SD's shapes:
 
 File order: kernels → autograd.Function → public function → reference.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -202,7 +200,7 @@ def _interpreting(t: torch.Tensor) -> bool:
 def _blocks(n_kv: int, D: int, interpret: bool) -> tuple[int, int, int, int]:
     """BLOCK_M, BLOCK_N, num_warps, num_stages."""
     if interpret:
-        return 16, 16 if n_kv > 16 else 16, 4, 1
+        return 16, 16, 4, 1
     # Short key sequences (cross-attention on 77 tokens) fit one block: the loop body runs once.
     block_n = triton.next_power_of_2(n_kv) if n_kv <= 128 and D <= 128 else 64
     if D <= 64:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minidream import world
-from minidream.demo import DEMO_DIR, evaluate_dreambooth, load_recognizer, run_demo
+from minidream.demo import DEMO_DIR, load_recognizer, run_demo
 from minidream.loading import load
 
 pytestmark = pytest.mark.skipif(not (DEMO_DIR / "model_index.json").exists(), reason="demo model not built")
