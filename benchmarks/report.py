@@ -1,4 +1,8 @@
-"""Render the README's results tables from benchmarks/results/*.json only (smoke files are skipped)."""
+"""Render the README's results tables from benchmarks/results/*.json only (smoke files are skipped).
+
+Kernel compile checks (`python -m kernels.compile_check`) and GPU benchmarks (`python -m benchmarks`)
+each get a table; the demo files (demo-*.json) are rendered in the README's demo section by hand.
+"""
 import json
 import sys
 
@@ -9,30 +13,56 @@ def fmt_ms(r):
     return f"{r['median_ms']:.2f}" if r and "median_ms" in r else "—"
 
 
+def compile_table(docs):
+    """One table for every triton version checked: the launches are the same, ptxas's verdicts side by side."""
+    versions = " / ".join(d["triton"] for d in docs)
+    print(f"| shape | kernel | BLOCK_M×N | warps/stages | registers ({versions}) | spill bytes | shared KiB | async copies |")
+    print("|---|---|---|---|---|---|---|---|")
+    for rows in zip(*(d["results"] for d in docs)):
+        r = rows[0]
+        spill = " / ".join(str(x["stack_bytes"] + x["local_bytes"]) for x in rows)
+        print(f"| {r['shape']} | {r['kernel']} | {r['BLOCK_M']}×{r['BLOCK_N']} | {r['num_warps']}/{r['num_stages']} | "
+              f"{' / '.join(str(x['registers']) for x in rows)} | {spill} | {r['shared_bytes'] / 1024:.0f} | "
+              f"{' / '.join(str(x['async_copies']) for x in rows)} |")
+
+
+def attention_table(data):
+    print("| shape | triton fwd+bwd ms | best SDPA | its ms | speedup |\n|---|---|---|---|---|")
+    for r in data["results"]:
+        b = r.get("best_sdpa_fwd_bwd")
+        print(f"| {r['shape']} | {fmt_ms(r['backends'].get('triton', {}).get('fwd_bwd'))} | {b} | "
+              f"{fmt_ms(r['backends'].get(b, {}).get('fwd_bwd')) if b else '—'} | "
+              f"{r.get('speedup_fwd_bwd_vs_best_sdpa', float('nan')):.2f}× |")
+
+
+def model_table(data):
+    print("| case | ours ms | diffusers ms | speedup |\n|---|---|---|---|")
+    for r in data["results"]:
+        case = ", ".join(f"{k}={v}" for k, v in r.items() if k in ("mode", "cached_latents", "batch", "kind", "variant", "steps"))
+        ours = r.get("ours", r)
+        if "speedup" in r:
+            print(f"| {case} | {fmt_ms(ours)} | {fmt_ms(r.get('diffusers'))} | {r['speedup']:.2f}× |")
+        else:
+            print(f"| {case} | {fmt_ms(ours) if 'error' not in ours else ours['error']} | — | — |")
+
+
 def main():
-    files = sorted(p for p in RESULTS.glob("*.json") if "smoke" not in p.name)
+    files = sorted(p for p in RESULTS.glob("*.json") if "smoke" not in p.name and not p.name.startswith("demo-"))
     if not files:
-        print("No GPU results yet: every JSON under benchmarks/results/ is a CPU smoke run.")
+        print("No kernel or GPU results yet under benchmarks/results/.")
         return
-    for f in files:
-        data = json.loads(f.read_text())
+    docs = [(f, json.loads(f.read_text())) for f in files]
+    compiled = [(f, d) for f, d in docs if d.get("check") == "kernel-compile"]
+    if compiled:
+        print(f"\n**kernel compile check** — {compiled[0][1]['target']}, {compiled[0][1]['host']}, triton "
+              f"{' / '.join(d['triton'] for _, d in compiled)} ({', '.join(str(f.relative_to(RESULTS.parent.parent)) for f, _ in compiled)})\n")
+        compile_table([d for _, d in compiled])
+    for f, data in docs:
+        if data.get("check") == "kernel-compile":
+            continue
         print(f"\n**{data['benchmark']}** — {data['device']}, torch {data['torch']}, triton {data.get('triton')}, "
               f"diffusers {data.get('diffusers')} ({f.relative_to(RESULTS.parent.parent)})\n")
-        rows = data["results"]
-        if data["benchmark"] == "attention":
-            print("| shape | triton fwd+bwd ms | best SDPA | its ms | speedup |\n|---|---|---|---|---|")
-            for r in rows:
-                b = r.get("best_sdpa_fwd_bwd")
-                print(f"| {r['shape']} | {fmt_ms(r['backends'].get('triton', {}).get('fwd_bwd'))} | {b} | "
-                      f"{fmt_ms(r['backends'].get(b, {}).get('fwd_bwd')) if b else '—'} | "
-                      f"{r.get('speedup_fwd_bwd_vs_best_sdpa', float('nan')):.2f}× |")
-        else:
-            print("| case | ours ms | diffusers ms | speedup |\n|---|---|---|---|")
-            for r in rows:
-                case = ", ".join(f"{k}={v}" for k, v in r.items() if k in ("mode", "cached_latents", "batch", "kind", "variant", "steps"))
-                print(f"| {case} | {fmt_ms(r.get('ours', r))} | {fmt_ms(r.get('diffusers'))} | "
-                      f"{r['speedup']:.2f}× |" if "speedup" in r else f"| {case} | {fmt_ms(r.get('ours', r))} | — | — |")
-
+        (attention_table if data["benchmark"] == "attention" else model_table)(data)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import count_flops, peak_memory, peak_tflops, timeit, write
 from minidream import lora as lora_lib
-from minidream.attention import set_attention_backend
+from minidream.attention import set_attention_backend, set_fused_projections
 from minidream.loading import clip_config_json, random_model, unet_config_json, vae_config_json
 from minidream.pipeline import generate
 from minidream.schedulers import NoiseSchedule
@@ -51,11 +51,13 @@ def diffusers_twins(ours, device, dtype=torch.float32):
 # The DreamBooth step: 1 instance + 1 prior image, bf16 autocast, AdamW.
 
 def our_step(ours, mode: str, device, res: int, cache_latents: bool = True, fused: bool = True,
-             channels_last: bool = False, attention: str = "sdpa", compile_unet: bool = False, checkpointing: bool = False):
+             channels_last: bool = False, attention: str = "sdpa", compile_unet: bool = False, checkpointing: bool = False,
+             fused_qkv: bool = False):
     m = copy.deepcopy(ours)
     groups = select_trainable(m, mode)
     params = [p for g in groups.values() for _, p in g]
     set_attention_backend(m.unet, attention)
+    set_fused_projections(m.unet, fused_qkv)
     m.unet.set_gradient_checkpointing(checkpointing).train()
     if channels_last:
         m.unet.to(memory_format=torch.channels_last)
@@ -154,10 +156,14 @@ def bench_levers(ours, device, res, smoke, warmup, repeat):
     """Each speed lever alone on the whole-UNet step (cached latents), so users see which flags matter."""
     variants = {"baseline (sdpa, foreach AdamW)": dict(fused=False), "fused AdamW": dict(fused=True),
                 "channels_last": dict(fused=False, channels_last=True), "triton attention": dict(fused=False, attention="triton"),
+                "fused QKV projections": dict(fused=False, fused_qkv=True),
                 "gradient checkpointing": dict(fused=False, checkpointing=True),
-                "all: fused + channels_last + triton": dict(fused=True, channels_last=True, attention="triton")}
+                "all: fused AdamW + channels_last + triton + fused QKV":
+                    dict(fused=True, channels_last=True, attention="triton", fused_qkv=True)}
     if device == "cuda":
         variants["torch.compile"] = dict(fused=False, compile_unet=True)
+        variants["all + torch.compile"] = dict(fused=True, channels_last=True, attention="triton", fused_qkv=True,
+                                               compile_unet=True)
     else:  # the Triton interpreter is a correctness tool; timing it through a whole UNet only costs CI minutes
         variants = {k: v for k, v in variants.items() if v.get("attention") != "triton"}
     rows = []

@@ -25,38 +25,47 @@ LOG2E = 1.4426950408889634
 # of D0 columns plus, when D1 > 0, a chunk of D1 columns starting at D0 (masked past D).
 
 @triton.jit
-def _load_tile(ptr, rows, row_stride, n_rows, cols, D):
-    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :],
-                   mask=(rows[:, None] < n_rows) & (cols[None, :] < D), other=0.0)
+def _head(ptr, b, h, stride_b, stride_h, ALIGN: tl.constexpr):
+    """The (b, h) slice of a (B, H, ·, D) tensor. ALIGN = 8 promises that every offset is a multiple of 8
+    elements (16 bytes in bf16): triton cannot see that 40 or 320 are, and without the promise it loads
+    each element alone instead of 16-byte vectors (and cannot pipeline the loads)."""
+    return ptr + tl.multiple_of(b * stride_b + h * stride_h, ALIGN)
+
+
+@triton.jit
+def _load_tile(ptr, rows, row_stride, n_rows, cols, D, ALIGN: tl.constexpr):
+    # the promise goes on the product: a hint on a kernel argument itself is dropped (it has no defining op)
+    row_offsets = tl.multiple_of(rows[:, None] * row_stride, [ALIGN, ALIGN])
+    return tl.load(ptr + row_offsets + cols[None, :], mask=(rows[:, None] < n_rows) & (cols[None, :] < D), other=0.0)
 
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
-                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                H, N_Q, N_KV, D,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                H, N_Q, N_KV, D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
-    O += b * sob + h * soh
+    Q = _head(Q, b, h, sqb, sqh, ALIGN)
+    K = _head(K, b, h, skb, skh, ALIGN)
+    V = _head(V, b, h, svb, svh, ALIGN)
+    O += bh * N_Q * D  # O is ours, contiguous
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     c0 = tl.arange(0, D0)
-    q0 = _load_tile(Q, rows, sqn, N_Q, c0, D)
+    q0 = _load_tile(Q, rows, sqn, N_Q, c0, D, ALIGN)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         c1 = D0 + tl.arange(0, D1)
-        q1 = _load_tile(Q, rows, sqn, N_Q, c1, D)
+        q1 = _load_tile(Q, rows, sqn, N_Q, c1, D, ALIGN)
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the scores (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(score - max)
     for start in range(0, N_KV, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k0 = _load_tile(K, cols, skn, N_KV, c0, D)
+        k0 = _load_tile(K, cols, skn, N_KV, c0, D, ALIGN)
         s = tl.dot(q0, tl.trans(k0))
         if D1 > 0:
-            k1 = _load_tile(K, cols, skn, N_KV, c1, D)
+            k1 = _load_tile(K, cols, skn, N_KV, c1, D, ALIGN)
             s += tl.dot(q1, tl.trans(k1))
         s = tl.where(cols[None, :] < N_KV, s * qk_scale, float("-inf"))
         # online softmax: rescale what was accumulated under the old max
@@ -64,17 +73,17 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v0 = _load_tile(V, cols, svn, N_KV, c0, D)
+        v0 = _load_tile(V, cols, svn, N_KV, c0, D, ALIGN)
         acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0)
         if D1 > 0:
-            v1 = _load_tile(V, cols, svn, N_KV, c1, D)
+            v1 = _load_tile(V, cols, svn, N_KV, c1, D, ALIGN)
             acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1)
         m_i = m_new
     out_mask = rows[:, None] < N_Q
-    tl.store(O + rows[:, None] * son + c0[None, :], (acc0 / l_i[:, None]).to(O.dtype.element_ty),
+    tl.store(O + rows[:, None] * D + c0[None, :], (acc0 / l_i[:, None]).to(O.dtype.element_ty),
              mask=out_mask & (c0[None, :] < D))
     if D1 > 0:
-        tl.store(O + rows[:, None] * son + c1[None, :], (acc1 / l_i[:, None]).to(O.dtype.element_ty),
+        tl.store(O + rows[:, None] * D + c1[None, :], (acc1 / l_i[:, None]).to(O.dtype.element_ty),
                  mask=out_mask & (c1[None, :] < D))
     tl.store(LSE + bh * N_Q + rows, m_i + tl.math.log2(l_i), mask=rows < N_Q)
 
@@ -82,38 +91,42 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                     H, N_Q, N_KV, D,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
-    """One block of keys/values; loop over all queries. dV = Pᵀ dO, dK = scale · dSᵀ Q, dS = P ∘ (dP − Δ)."""
-    pid_n, bh = tl.program_id(0), tl.program_id(1)
+                     H, N_Q, N_KV, Q_CHUNK, D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr):
+    """One block of keys/values; loop over one chunk of the queries. dV = Pᵀ dO, dK = scale · dSᵀ Q,
+    dS = P ∘ (dP − Δ). With few keys (cross-attention: 77, one block) the key blocks alone are too few
+    programs to fill the GPU, so the queries are split into chunks (program_id 2) whose partial dK/dV
+    land in separate fp32 slices that the caller sums; with many keys there is one chunk."""
+    pid_n, bh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
-    Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
-    DO += b * sdb + h * sdh  # dO has q's layout; dK/dV are written contiguous
-    DK += bh * N_KV * D
-    DV += bh * N_KV * D
+    Q = _head(Q, b, h, sqb, sqh, ALIGN)
+    K = _head(K, b, h, skb, skh, ALIGN)
+    V = _head(V, b, h, svb, svh, ALIGN)
+    DO = _head(DO, b, h, sdb, sdh, ALIGN)  # dO has q's layout; dK/dV are written contiguous
+    DK += (split * tl.num_programs(1) + bh) * N_KV * D
+    DV += (split * tl.num_programs(1) + bh) * N_KV * D
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c0 = tl.arange(0, D0)
-    k0 = _load_tile(K, cols, skn, N_KV, c0, D)
-    v0 = _load_tile(V, cols, svn, N_KV, c0, D)
+    k0 = _load_tile(K, cols, skn, N_KV, c0, D, ALIGN)
+    v0 = _load_tile(V, cols, svn, N_KV, c0, D, ALIGN)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     if D1 > 0:
         c1 = D0 + tl.arange(0, D1)
-        k1 = _load_tile(K, cols, skn, N_KV, c1, D)
-        v1 = _load_tile(V, cols, svn, N_KV, c1, D)
+        k1 = _load_tile(K, cols, skn, N_KV, c1, D, ALIGN)
+        v1 = _load_tile(V, cols, svn, N_KV, c1, D, ALIGN)
         dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
-    for start in range(0, N_Q, BLOCK_M):
+    q_start = split * Q_CHUNK
+    for start in range(q_start, tl.minimum(q_start + Q_CHUNK, N_Q), BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q0 = _load_tile(Q, rows, sqn, N_Q, c0, D)
-        do0 = _load_tile(DO, rows, sdn, N_Q, c0, D)
+        q0 = _load_tile(Q, rows, sqn, N_Q, c0, D, ALIGN)
+        do0 = _load_tile(DO, rows, sdn, N_Q, c0, D, ALIGN)
         sT = tl.dot(k0, tl.trans(q0))  # (BLOCK_N, BLOCK_M): scores, transposed
         dpT = tl.dot(v0, tl.trans(do0))
         if D1 > 0:
-            q1 = _load_tile(Q, rows, sqn, N_Q, c1, D)
-            do1 = _load_tile(DO, rows, sdn, N_Q, c1, D)
+            q1 = _load_tile(Q, rows, sqn, N_Q, c1, D, ALIGN)
+            do1 = _load_tile(DO, rows, sdn, N_Q, c1, D, ALIGN)
             sT += tl.dot(k1, tl.trans(q1))
             dpT += tl.dot(v1, tl.trans(do1))
         lse = tl.load(LSE + bh * N_Q + rows, mask=rows < N_Q, other=0.0)
@@ -137,37 +150,37 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                   H, N_Q, N_KV, D,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+                   H, N_Q, N_KV, D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr):
     """One block of queries; loop over all keys. dQ = scale · dS K. A separate pass, so no atomics."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
-    DO += b * sdb + h * sdh
+    Q = _head(Q, b, h, sqb, sqh, ALIGN)
+    K = _head(K, b, h, skb, skh, ALIGN)
+    V = _head(V, b, h, svb, svh, ALIGN)
+    DO = _head(DO, b, h, sdb, sdh, ALIGN)
     DQ += bh * N_Q * D
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     c0 = tl.arange(0, D0)
-    q0 = _load_tile(Q, rows, sqn, N_Q, c0, D)
-    do0 = _load_tile(DO, rows, sdn, N_Q, c0, D)
+    q0 = _load_tile(Q, rows, sqn, N_Q, c0, D, ALIGN)
+    do0 = _load_tile(DO, rows, sdn, N_Q, c0, D, ALIGN)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         c1 = D0 + tl.arange(0, D1)
-        q1 = _load_tile(Q, rows, sqn, N_Q, c1, D)
-        do1 = _load_tile(DO, rows, sdn, N_Q, c1, D)
+        q1 = _load_tile(Q, rows, sqn, N_Q, c1, D, ALIGN)
+        do1 = _load_tile(DO, rows, sdn, N_Q, c1, D, ALIGN)
         dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     lse = tl.load(LSE + bh * N_Q + rows, mask=rows < N_Q, other=0.0)
     delta = tl.load(DELTA + bh * N_Q + rows, mask=rows < N_Q, other=0.0)
     for start in range(0, N_KV, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k0 = _load_tile(K, cols, skn, N_KV, c0, D)
-        v0 = _load_tile(V, cols, svn, N_KV, c0, D)
+        k0 = _load_tile(K, cols, skn, N_KV, c0, D, ALIGN)
+        v0 = _load_tile(V, cols, svn, N_KV, c0, D, ALIGN)
         s = tl.dot(q0, tl.trans(k0))
         dp = tl.dot(do0, tl.trans(v0))
         if D1 > 0:
-            k1 = _load_tile(K, cols, skn, N_KV, c1, D)
-            v1 = _load_tile(V, cols, svn, N_KV, c1, D)
+            k1 = _load_tile(K, cols, skn, N_KV, c1, D, ALIGN)
+            v1 = _load_tile(V, cols, svn, N_KV, c1, D, ALIGN)
             s += tl.dot(q1, tl.trans(k1))
             dp += tl.dot(do1, tl.trans(v1))
         p = tl.math.exp2(s * qk_scale - lse[:, None])
@@ -183,7 +196,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch configuration
+# Launch configuration. A *plan* is everything one launch needs: (kernel, grid, args, constexprs, options).
+# `_forward`/`_backward` run plans; `kernels/compile_check.py` compiles the same plans for a GPU that is
+# not here, so what CI checks is exactly what a GPU launches.
 
 def head_chunks(D: int) -> tuple[int, int]:
     """Split D into two power-of-two chunks (each >= 16, what tl.dot accepts): 40 -> (32, 16),
@@ -197,54 +212,114 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def _blocks(n_kv: int, D: int, interpret: bool) -> tuple[int, int, int, int]:
-    """BLOCK_M, BLOCK_N, num_warps, num_stages."""
-    if interpret:
-        return 16, 16, 4, 1
-    # Short key sequences (cross-attention on 77 tokens) fit one block: the loop body runs once.
-    block_n = triton.next_power_of_2(n_kv) if n_kv <= 128 and D <= 128 else 64
-    if D <= 64:
-        return 128, min(block_n, 128), 4, 3
+def launch_config(kernel: str, n_kv: int, D: int) -> tuple[int, int, int, int]:
+    """BLOCK_M, BLOCK_N, num_warps, num_stages of one kernel ("fwd", "dkdv", "dq") on a GPU.
+    Not tuned by timing (no GPU has run them yet): chosen from `python -m kernels.compile_check` so that at
+    sm_90 nothing spills registers and shared memory fits, preferring large tiles; the backward follows the
+    Triton tutorial's shapes (dK/dV: few queries × many keys; dQ: many queries × few keys)."""
+    short = n_kv <= 128  # cross-attention's 77 keys: one key block, the loop body runs once
+    if kernel == "fwd":
+        if D <= 64:
+            return (128, 128, 8, 3) if short else (128, 64, 4, 3)
+        if D <= 128:
+            return (128, 128, 8, 2) if short else (128, 64, 8, 3)
+        return 64, 64, 4, 2
+    if kernel == "dkdv":  # BLOCK_N keys stay resident while the queries stream past in blocks of BLOCK_M
+        if D <= 64:
+            return 32, 128, 4, 2
+        if D <= 128:
+            return (64, 128, 8, 2) if short else (64, 64, 8, 2)
+        return 64, 64, 8, 2
+    if D <= 64:  # dq: BLOCK_M queries stay resident while the keys stream past
+        return (128, 128, 8, 2) if short else (128, 32, 4, 2)
     if D <= 128:
-        return 128, min(block_n, 64 if n_kv > 128 else block_n), 8, 2
-    return 64, min(block_n, 64), 4, 2
+        return (64, 128, 8, 2) if short else (128, 64, 8, 2)
+    return 64, 64, 4, 2
+
+
+def _config(kernel, q, n_kv, D):
+    if _interpreting(q):  # small tiles keep the interpreter fast; warps/stages mean nothing there
+        return dict(BLOCK_M=16, BLOCK_N=16), {}
+    bm, bn, warps, stages = launch_config(kernel, n_kv, D)
+    return dict(BLOCK_M=bm, BLOCK_N=bn), dict(num_warps=warps, num_stages=stages)
+
+
+def _align(*tensors) -> int:
+    """8 when every tensor starts 16-byte aligned and all its strides but the last are multiples of 8
+    elements (true for SD's head dims 40/64/80/160 in any layout the UNet produces), else 1 (no promise)."""
+    ok = all(t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:-1]) for t in tensors)
+    return 8 if ok else 1
+
+
+def _fwd_plan(q, k, v, o, lse, scale):
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    d0, d1 = head_chunks(D)
+    blocks, options = _config("fwd", q, M, D)
+    args = (q, k, v, o, lse, scale * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), H, N, M, D)
+    grid = (triton.cdiv(N, blocks["BLOCK_M"]), B * H)
+    return _fwd_kernel, grid, args, dict(blocks, D0=d0, D1=d1, ALIGN=_align(q, k, v, o)), options
+
+
+def query_chunks(q, M: int) -> tuple[int, int]:
+    """(chunks, rows per chunk) the dK/dV pass splits the queries into: enough programs to fill a GPU
+    (~512) when key blocks × heads alone are fewer, each chunk at least 4 query blocks long."""
+    B, H, N, D = q.shape
+    blocks, _ = _config("dkdv", q, M, D)
+    bm, programs = blocks["BLOCK_M"], triton.cdiv(M, blocks["BLOCK_N"]) * B * H
+    splits = max(1, min(triton.cdiv(N, 4 * bm), 512 // programs))
+    chunk = triton.cdiv(triton.cdiv(N, bm), splits) * bm
+    return triton.cdiv(N, chunk), chunk
+
+
+def _bwd_plans(q, k, v, do, lse, delta, dq, dk, dv, scale):
+    """dk, dv: (B, H, M, D), or (chunks, B, H, M, D) fp32 partial sums when query_chunks splits the queries."""
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    d0, d1 = head_chunks(D)
+    splits, chunk = query_chunks(q, M)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    align = dict(ALIGN=_align(q, k, v, do, dq, dk, dv))
+    blocks, options = _config("dkdv", q, M, D)
+    dkdv = (_bwd_dkdv_kernel, (triton.cdiv(M, blocks["BLOCK_N"]), B * H, splits),
+            (q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale, *strides, H, N, M, chunk, D),
+            dict(blocks, D0=d0, D1=d1, **align), options)
+    blocks, options = _config("dq", q, M, D)
+    dq_ = (_bwd_dq_kernel, (triton.cdiv(N, blocks["BLOCK_M"]), B * H),
+           (q, k, v, do, lse, delta, dq, scale * LOG2E, scale, *strides, H, N, M, D),
+           dict(blocks, D0=d0, D1=d1, **align), options)
+    return [dkdv, dq_]
+
+
+def _launch(plan):
+    kernel, grid, args, constexprs, options = plan
+    kernel[grid](*args, **constexprs, **options)
 
 
 def _forward(q, k, v, scale):
     B, H, N, D = q.shape
-    M = k.shape[2]
-    d0, d1 = head_chunks(D)
-    interp = _interpreting(q)
-    bm, bn, warps, stages = _blocks(M, D, interp)
     o = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(N, bm), B * H)
-    extra = {} if interp else {"num_warps": warps, "num_stages": stages}
-    _fwd_kernel[grid](q, k, v, o, lse, scale * LOG2E,
-                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                      v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-                      H, N, M, D, BLOCK_M=bm, BLOCK_N=bn, D0=d0, D1=d1, **extra)
+    _launch(_fwd_plan(q, k, v, o, lse, scale))
     return o, lse
 
 
 def _backward(q, k, v, o, lse, do, scale):
-    B, H, N, D = q.shape
-    M = k.shape[2]
-    d0, d1 = head_chunks(D)
-    interp = _interpreting(q)
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1)  # Δ_i = Σ_d dO_id O_id = rowsum(P ∘ dP)
-    dq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
-    dk = torch.empty(B, H, M, D, device=q.device, dtype=k.dtype)
-    dv = torch.empty(B, H, M, D, device=q.device, dtype=v.dtype)
-    bm, bn, warps, stages = (16, 16, 4, 1) if interp else (64, 64, 4, 2) if D > 64 else (64, 128 if M > 64 else 64, 4, 2)
-    extra = {} if interp else {"num_warps": warps, "num_stages": stages}
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    _bwd_dkdv_kernel[(triton.cdiv(M, bn), B * H)](q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale, *strides,
-                                                   H, N, M, D, BLOCK_M=bm, BLOCK_N=bn, D0=d0, D1=d1, **extra)
-    _bwd_dq_kernel[(triton.cdiv(N, bm), B * H)](q, k, v, do, lse, delta, dq, scale * LOG2E, scale, *strides,
-                                                 H, N, M, D, BLOCK_M=bm, BLOCK_N=bn, D0=d0, D1=d1, **extra)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    splits, _ = query_chunks(q, k.shape[2])
+    if splits == 1:
+        dk, dv = torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
+    else:  # fp32 partial sums, one slice per query chunk
+        dk, dv = (torch.empty(splits, *t.shape, device=q.device, dtype=torch.float32) for t in (k, v))
+    for plan in _bwd_plans(q, k, v, do, lse, delta, dq, dk, dv, scale):
+        _launch(plan)
+    if splits > 1:
+        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     return dq, dk, dv
 
 

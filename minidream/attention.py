@@ -4,6 +4,11 @@
 `to_out.0`): that is what training selection and LoRA address by name. Its `backend` picks the
 kernel: "sdpa" (PyTorch's fused attention), "math" (plain softmax(QKᵀ/√d)V, the reference), or
 "triton" (our fused kernel in `kernels/attention.py`). `set_attention_backend` sets it on a model.
+
+`fuse_projections` (set with `set_fused_projections`) computes Q, K, V of self-attention as one matmul
+against the three weights concatenated (K, V as one for cross-attention): one larger GEMM instead of
+three small ones. The weights stay three separate parameters, so checkpoints, training selection and
+LoRA are unchanged; a projection wrapped by LoRA is never fused.
 """
 import os
 
@@ -46,10 +51,24 @@ def set_attention_backend(model: nn.Module, name: str):
     return model
 
 
+def set_fused_projections(model: nn.Module, on: bool = True):
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fuse_projections = on
+    return model
+
+
+def _linear_cat(x, layers):
+    """x through several nn.Linear at once: one matmul against their weights stacked along the outputs."""
+    w = torch.cat([l.weight for l in layers])
+    b = None if layers[0].bias is None else torch.cat([l.bias for l in layers])
+    return F.linear(x, w, b)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, qkv_bias: bool = False):
         super().__init__()
-        self.heads, self.backend = heads, "sdpa"
+        self.heads, self.backend, self.fuse_projections = heads, "sdpa", False
         context_dim = context_dim or dim
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim, dim, bias=qkv_bias)
@@ -59,9 +78,17 @@ class Attention(nn.Module):
     def forward(self, x, context=None):
         """x (B, N, C) attends to context (B, M, Cc), or to itself when context is None."""
         B, N, C = x.shape
-        context = x if context is None else context
-        q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, nh, N, hs)
-        k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
-        v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
+        M = N if context is None else context.shape[1]
+        fuse = self.fuse_projections and all(type(l) is nn.Linear for l in (self.to_q, self.to_k, self.to_v))
+        if fuse and context is None:
+            q, k, v = _linear_cat(x, (self.to_q, self.to_k, self.to_v)).view(B, N, 3, self.heads, -1).unbind(2)
+        elif fuse:
+            q = self.to_q(x).view(B, N, self.heads, -1)
+            k, v = _linear_cat(context, (self.to_k, self.to_v)).view(B, M, 2, self.heads, -1).unbind(2)
+        else:
+            context = x if context is None else context
+            q = self.to_q(x).view(B, N, self.heads, -1)
+            k, v = self.to_k(context).view(B, M, self.heads, -1), self.to_v(context).view(B, M, self.heads, -1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, ·, hs): heads become a batch dim, no copy
         y = attention(q, k, v, self.backend)
         return self.to_out[0](y.transpose(1, 2).reshape(B, N, C))

@@ -28,7 +28,11 @@ def check(B, H, N, M, D, dtype, tol, scale=None, device=DEVICE, seed=0):
 
 # (B, H, N, M, D): non-power-of-two head dims, 77 keys, lengths that are not multiples of the block
 SHAPES = [(1, 2, 37, 37, 40), (2, 1, 20, 77, 40), (1, 1, 50, 77, 80), (1, 2, 33, 19, 64), (1, 1, 17, 24, 160),
-          (1, 1, 16, 77, 128), (2, 2, 9, 5, 80)]
+          (1, 1, 16, 77, 128), (2, 2, 9, 5, 80),
+          # enough queries per key block that the dK/dV pass splits them into chunks (partial sums)
+          (1, 2, 150, 20, 40), (2, 1, 97, 77, 80),
+          # a head dim that is not a multiple of 8: no alignment promise (ALIGN = 1)
+          (1, 1, 13, 29, 20)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -44,6 +48,13 @@ def test_kernel_fp16(shape):
 
 def test_kernel_scale_argument():
     check(1, 1, 20, 30, 64, torch.float32, tol=1e-5, scale=0.37)
+
+
+def test_query_chunks_split_only_when_keys_are_few():
+    from kernels.attention import query_chunks
+    q = torch.empty(1, 2, 150, 40)
+    assert query_chunks(q, 20) == (3, 64)  # 4 programs from key blocks alone: split the 150 queries
+    assert query_chunks(q, 4096)[0] == 1  # 512 key-block programs: no split
 
 
 def test_head_dim_chunks_waste_little():
@@ -97,3 +108,22 @@ def test_kernel_bf16_sd_shapes(name):
     # relative; 3e-2 of the output scale leaves room for the sums. SDPA's error is printed beside ours.
     errs = check(*SD_SHAPES[name], torch.bfloat16, tol=3e-2, device="cuda")
     print(name, errs)
+
+
+def test_kernels_compile_for_hopper(tmp_path):
+    """What a GPU would launch at every SD shape builds for sm_90 (H100/H200) with the installed triton, without
+    spilling registers, within shared memory, on wgmma tensor-core instructions and with vector loads that the
+    loop pipelines. Runs in a child process: the compiler needs the kernels un-interpreted."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "compile.json"
+    r = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--out", str(out)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert out.exists(), r.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 30 and r.returncode == 0, [x for x in rows if x["spills"] or not x["fits_shared"]]
+    assert all(x["wgmma"] for x in rows)
+    assert all(x["async_copies"] > 0 for x in rows if x["kernel"] == "fwd" and x["N"] > 77)
