@@ -9,7 +9,12 @@ Written for SD's shapes:
   to 64 / 128 / 256 wastes 37% of every matmul. We split the head dim into two power-of-two column
   chunks, 40 = 32 + 16, 80 = 64 + 16, 160 = 128 + 32, and do two dots per product: 0% waste at 80 and
   160, 17% at 40 (SD 2.x's 64 needs one chunk).
-- cross-attention has 77 keys: the key block is widened to hold all of them, so the loop runs once.
+- cross-attention has 77 keys: the key block is widened to hold all of them, so the loop runs once; and
+  in the backward, one key block per head is too few programs to fill a GPU, so the dK/dV pass also
+  splits the queries into chunks and sums the partial results.
+- the head dim is a compile-time constant and every offset carries an alignment promise, so rows are
+  read as 16-byte vectors and the loads pipeline (cp.async) — which triton cannot prove on its own
+  for a head stride of 40 elements. `python -m kernels.compile_check` shows what ptxas made of it.
 
 File order: kernels → autograd.Function → public function → reference.
 """

@@ -9,9 +9,13 @@ from kernels.attention import flash_attention, head_chunks, reference
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check(B, H, N, M, D, dtype, tol, scale=None, device=DEVICE, seed=0):
+def check(B, H, N, M, D, dtype, tol, scale=None, device=DEVICE, seed=0, unet_layout=False):
     g = torch.Generator(device).manual_seed(seed)
-    q, k, v = (torch.randn(B, H, n, D, generator=g, device=device).to(dtype).requires_grad_() for n in (N, M, M))
+    if unet_layout:  # what the UNet passes: a (B, n, H·D) projection viewed per head, not contiguous
+        q, k, v = (torch.randn(B, n, H * D, generator=g, device=device).to(dtype).view(B, n, H, D).transpose(1, 2)
+                   .detach().requires_grad_() for n in (N, M, M))
+    else:
+        q, k, v = (torch.randn(B, H, n, D, generator=g, device=device).to(dtype).requires_grad_() for n in (N, M, M))
     o = flash_attention(q, k, v, scale)
     do = torch.randn(o.shape, generator=g, device=device).to(dtype)
     o.backward(do)
@@ -44,6 +48,11 @@ def test_kernel_fp32(shape):
 def test_kernel_fp16(shape):
     # fp16 inputs, fp32 accumulation; the error is fp16 rounding of the output and of P before P·V (~2^-11)
     check(*shape, torch.float16, tol=4e-3)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 37, 37, 40), (1, 2, 150, 77, 80)])
+def test_kernel_unet_layout(shape):
+    check(*shape, torch.float32, tol=1e-5, unet_layout=True)
 
 
 def test_kernel_scale_argument():
@@ -105,8 +114,8 @@ SD_SHAPES = {  # name: (B, H, N, M, D)
 @pytest.mark.parametrize("name", list(SD_SHAPES))
 def test_kernel_bf16_sd_shapes(name):
     # bf16 keeps 8 bits of mantissa: rounding of the inputs, of P before P·V and of the output is ~2^-8
-    # relative; 3e-2 of the output scale leaves room for the sums. SDPA's error is printed beside ours.
-    errs = check(*SD_SHAPES[name], torch.bfloat16, tol=3e-2, device="cuda")
+    # relative; 3e-2 of the output scale leaves room for the sums. In the UNet's layout, as trained.
+    errs = check(*SD_SHAPES[name], torch.bfloat16, tol=3e-2, device="cuda", unet_layout=True)
     print(name, errs)
 
 
