@@ -285,11 +285,13 @@ def min_snr_weights(schedule: NoiseSchedule, t, gamma: float):
 def training_step(unet, schedule: NoiseSchedule, latents, context, n_instance: int, prior_weight: float,
                   g: torch.Generator, snr_gamma: float | None = None, noise_offset: float = 0.0):
     """Noise the latents at random timesteps, predict, and return the DreamBooth loss parts."""
-    B = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=g).to(latents.device)
+    # draws happen where the generator lives: the trainer's is on the CPU (the same numbers on any device,
+    # bit-exact resume), the benchmark's on the GPU (no copy per step)
+    B, dev = latents.shape[0], g.device
+    noise = torch.randn(latents.shape, generator=g, device=dev).to(latents.device)
     if noise_offset:  # (Guttenberg 2023) lets the model shift mean brightness
-        noise = noise + noise_offset * torch.randn((B, latents.shape[1], 1, 1), generator=g).to(latents.device)
-    t = torch.randint(0, schedule.cfg.num_train_timesteps, (B,), generator=g).to(latents.device)
+        noise = noise + noise_offset * torch.randn((B, latents.shape[1], 1, 1), generator=g, device=dev).to(latents.device)
+    t = torch.randint(0, schedule.cfg.num_train_timesteps, (B,), generator=g, device=dev).to(latents.device)
     noisy = schedule.add_noise(latents, noise, t)
     pred = unet(noisy, t, context)
     weights = min_snr_weights(schedule, t, snr_gamma) if snr_gamma else None

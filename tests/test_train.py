@@ -238,7 +238,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(sd1_dir, instance_dir, tm
 def test_ctrl_c_saves_a_checkpoint(sd1_dir, instance_dir, tmp_path):
     out = tmp_path / "run"
     args = [str(a) for a in train_args(sd1_dir, instance_dir, out, "--steps", 100000, "--no-prior")]
-    p = subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a test run started in the background inherits SIGINT *ignored* (and Python then keeps ignoring it):
+    # give the child the default disposition, as in a terminal
+    p = subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
         time.sleep(0.2)
