@@ -279,6 +279,15 @@ def query_chunks(q, M: int) -> tuple[int, int]:
     return triton.cdiv(N, chunk), chunk
 
 
+def _dkdv_outputs(q, k, v):
+    """Where the dK/dV pass writes: dK, dV themselves (contiguous), or (chunks, B, H, M, D) fp32 partial
+    sums when query_chunks splits the queries (the caller sums them)."""
+    splits, _ = query_chunks(q, k.shape[2])
+    if splits == 1:
+        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (k, v))
+    return tuple(torch.empty(splits, *t.shape, device=t.device, dtype=torch.float32) for t in (k, v))
+
+
 def _bwd_plans(q, k, v, do, lse, delta, dq, dk, dv, scale):
     """dk, dv: (B, H, M, D), or (chunks, B, H, M, D) fp32 partial sums when query_chunks splits the queries."""
     B, H, N, D = q.shape
@@ -316,14 +325,10 @@ def _backward(q, k, v, o, lse, do, scale):
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1)  # Δ_i = Σ_d dO_id O_id = rowsum(P ∘ dP)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    splits, _ = query_chunks(q, k.shape[2])
-    if splits == 1:
-        dk, dv = torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
-    else:  # fp32 partial sums, one slice per query chunk
-        dk, dv = (torch.empty(splits, *t.shape, device=q.device, dtype=torch.float32) for t in (k, v))
+    dk, dv = _dkdv_outputs(q, k, v)
     for plan in _bwd_plans(q, k, v, do, lse, delta, dq, dk, dv, scale):
         _launch(plan)
-    if splits > 1:
+    if dk.ndim == 5:  # partial sums, one slice per query chunk
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     return dq, dk, dv
 

@@ -40,10 +40,8 @@ def sd_plans(B, H, N, M, D, dtype=torch.bfloat16):
     q, k, v = unet_layout(B, H, N, D, dtype), unet_layout(B, H, M, D, dtype), unet_layout(B, H, M, D, dtype)
     o, do = (torch.empty(B, H, N, D, device="meta", dtype=dtype) for _ in range(2))
     lse, delta = (torch.empty(B, H, N, device="meta", dtype=torch.float32) for _ in range(2))
-    splits, _ = A.query_chunks(q, M)  # the dK/dV pass writes fp32 partial sums when it splits the queries
     dq = torch.empty(q.shape, device="meta", dtype=dtype)
-    dk, dv = (torch.empty(*((splits,) if splits > 1 else ()), *t.shape, device="meta",
-                          dtype=torch.float32 if splits > 1 else dtype) for t in (k, v))
+    dk, dv = A._dkdv_outputs(q, k, v)  # fp32 partial sums when the dK/dV pass splits the queries
     return {"fwd": A._fwd_plan(q, k, v, o, lse, 0.1), **dict(zip(("dkdv", "dq"), A._bwd_plans(q, k, v, do, lse, delta, dq, dk, dv, 0.1)))}
 
 
@@ -99,7 +97,7 @@ def compile_plan(plan, arch: int = 90) -> dict:
     r["wgmma"] = "wgmma" in ptx
     r["async_copies"] = ptx.count("cp.async.cg") + ptx.count("cp.async.ca") + ptx.count("cp.async.bulk")  # pipelined loads
     r["scalar_loads"] = ptx.count("ld.global.b16")  # 2-byte loads: the vectorisation failed somewhere
-    return {**{k: v for k, v in constexprs.items()}, **options, **r}
+    return {**constexprs, **options, **r}
 
 
 def check(shapes: dict, arch: int = 90, dtype=torch.bfloat16) -> list[dict]:
