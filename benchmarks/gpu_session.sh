@@ -41,7 +41,7 @@ stage() {  # stage SECONDS COMMAND...: run it, but never for longer than SECONDS
     stage 150 python3 -m benchmarks sd --only step --preset sd15 --warmup 3 --repeat 10 --out "$OUT"
     stage 60 python3 -m benchmarks sd --only unet --preset sd15 --warmup 3 --repeat 10 --out "$OUT"
     stage 90 python3 -m benchmarks sd --only sampling --preset sd15 --warmup 1 --repeat 15 --out "$OUT"
-    stage 30 python3 -m benchmarks sd --only vae --preset sd15 --warmup 3 --repeat 10 --out "$OUT"
+    stage 90 python3 -m benchmarks sd --only vae --preset sd15 --warmup 3 --repeat 10 --out "$OUT"
     stage 200 python3 -m benchmarks sd --only levers --preset sd15 --warmup 3 --repeat 10 --out "$OUT"
   fi
 } 2>&1 | tee "$OUT/log-part$PART.txt"

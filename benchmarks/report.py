@@ -13,6 +13,11 @@ def fmt_ms(r):
     return f"{r['median_ms']:.2f}" if r and "median_ms" in r else "—"
 
 
+def fmt_spread(r):
+    """Median with the interquartile range: a ratio means little without the spread of what it divides."""
+    return f"{r['median_ms']:.2f} ({r['p25_ms']:.2f}–{r['p75_ms']:.2f})" if r and "p25_ms" in r else fmt_ms(r)
+
+
 def compile_table(docs):
     """One table for every triton version checked: the launches are the same, ptxas's verdicts side by side."""
     versions = " / ".join(d["triton"] for d in docs)
@@ -36,14 +41,14 @@ def attention_table(data):
 
 
 def model_table(data):
-    print("| case | ours ms | diffusers ms | speedup |\n|---|---|---|---|")
+    print("| case | ours ms (p25–p75) | diffusers ms (p25–p75) | speedup |\n|---|---|---|---|")
     for r in data["results"]:
         case = ", ".join(f"{k}={v}" for k, v in r.items() if k in ("mode", "cached_latents", "batch", "kind", "variant", "steps"))
         ours = r.get("ours", r)
         if "speedup" in r:
-            print(f"| {case} | {fmt_ms(ours)} | {fmt_ms(r.get('diffusers'))} | {r['speedup']:.2f}× |")
+            print(f"| {case} | {fmt_spread(ours)} | {fmt_spread(r.get('diffusers'))} | {r['speedup']:.2f}× |")
         else:
-            print(f"| {case} | {fmt_ms(ours) if 'error' not in ours else ours['error']} | — | — |")
+            print(f"| {case} | {fmt_spread(ours) if 'error' not in ours else ours['error']} | — | — |")
 
 
 def main():
