@@ -176,6 +176,15 @@ class Precision(str, Enum):
 class LRSchedule(str, Enum):
     constant = "constant"
     cosine = "cosine"
+    linear = "linear"
+    polynomial = "polynomial"
+
+
+class ClassPrecision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
 
 
 class SaveAs(str, Enum):
@@ -187,6 +196,7 @@ class SaveAs(str, Enum):
 
 @app.command()
 def train(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Base model: folder, hub repo id or single-file checkpoint.")],
     instance_dir: Annotated[Path, typer.Option(help="Folder with 3-20 photos of the subject (jpg/png/webp).")],
     class_noun: Annotated[str, typer.Option(help="The subject's class, e.g. dog.")],
@@ -201,7 +211,11 @@ def train(
     class_steps: Annotated[int, typer.Option(help="Sampling steps for class images.")] = 50,
     class_guidance: Annotated[float, typer.Option(help="CFG scale for class images.")] = 7.5,
     class_batch_size: Annotated[int, typer.Option(help="Class images per sampling batch.")] = 4,
-    resolution: Annotated[int, typer.Option(help="Training resolution in pixels.")] = 512,
+    class_precision: Annotated[ClassPrecision, typer.Option(help="Precision of class-image sampling (autocast); "
+                                                                 "auto: fp16 on CUDA, fp32 on CPU.")] = ClassPrecision.auto,
+    class_negative_prompt: Annotated[str, typer.Option(help="Negative prompt for the class images.")] = "",
+    resolution: Annotated[Optional[int], typer.Option(help="Training resolution in pixels; default: the model's "
+                                                           "native one (512 for SD 1.x/2.x-base, 768 for 2.x-v).")] = None,
     center_crop: Annotated[bool, typer.Option("--center-crop/--random-crop", help="Crop mode.")] = True,
     flip: Annotated[float, typer.Option(help="Probability of a horizontal flip.")] = 0.0,
     train: Annotated[TrainMode, typer.Option(help="unet: whole UNet; attention: Q/K/V/out of every attention "
@@ -211,13 +225,23 @@ def train(
     train_text_encoder: Annotated[bool, typer.Option(help="Also train the text encoder (LoRA with --train lora).")] = False,
     train_token: Annotated[bool, typer.Option(help="Learn a new token embedding <IDENTIFIER>, initialised from the class noun.")] = False,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate. Default per mode: unet 5e-6, attention 2e-5, lora 1e-4.")] = None,
+    text_encoder_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the text encoder (default: --lr).")] = None,
+    text_encoder_steps: Annotated[int, typer.Option(help="Stop training the text encoder after this many steps (0: never).")] = 0,
     token_lr: Annotated[float, typer.Option(help="Learning rate of the new token embedding.")] = 5e-3,
     lr_schedule: Annotated[LRSchedule, typer.Option(help="After warmup.")] = LRSchedule.constant,
+    lr_power: Annotated[float, typer.Option(help="Power of the polynomial schedule.")] = 1.0,
     warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 0,
+    adam_beta1: Annotated[float, typer.Option(help="AdamW beta1.")] = 0.9,
+    adam_beta2: Annotated[float, typer.Option(help="AdamW beta2.")] = 0.999,
+    adam_epsilon: Annotated[float, typer.Option(help="AdamW epsilon.")] = 1e-8,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not applied to a new token).")] = 1e-2,
+    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this (0: no clipping).")] = 1.0,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 400,
     batch_size: Annotated[int, typer.Option(help="Instance images per step (plus as many class images).")] = 1,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation micro-steps.")] = 1,
-    mixed_precision: Annotated[Precision, typer.Option(help="Autocast dtype (fp16 needs a GPU).")] = Precision.no,
+    mixed_precision: Annotated[Precision, typer.Option(help="Autocast dtype (fp16 needs a GPU); frozen weights run in "
+                                                           "it, trained ones keep fp32 masters.")] = Precision.no,
+    tf32: Annotated[bool, typer.Option("--tf32/--no-tf32", help="On CUDA, TF32 tensor cores for fp32 matmuls and convolutions.")] = True,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations per block in backward.")] = False,
     cache_latents: Annotated[bool, typer.Option(help="Encode the images with the VAE once.")] = False,
     snr_gamma: Annotated[Optional[float], typer.Option(help="Min-SNR-gamma loss weighting (e.g. 5).")] = None,
@@ -235,26 +259,35 @@ def train(
                                                                   "with --train lora: lora-diffusers and lora-kohya.")] = None,
     attention: Annotated[AttentionBackend, typer.Option(help="Attention kernel.")] = AttentionBackend.auto,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: cuda when available.")] = None,
+    revision: Revision = None, variant: Variant = None, allow_pickle: AllowPickle = False,
+    tokenizer: TokenizerOpt = None, preset: PresetOpt = None, config: ConfigOpt = None,
 ):
     """DreamBooth: bind IDENTIFIER to the subject in --instance-dir, with prior preservation."""
     from minidream.train import TrainConfig, TrainError, train as run
+    # which settings the user named: on --resume only those may override (or conflict with) the checkpoint's
+    given = {{"validation_prompt": "validation_prompts"}.get(p, p) for p in ctx.params
+             if getattr(ctx.get_parameter_source(p), "name", None) == "COMMANDLINE"}  # click's enum, or typer's copy
     formats = [s.value for s in save_as] if save_as else (
         ["lora-diffusers", "lora-kohya"] if train == TrainMode.lora else ["diffusers"])
     cfg = TrainConfig(
-        model=model, instance_dir=str(instance_dir), out=str(out), class_dir=str(class_dir) if class_dir else None,
+        model=model, revision=revision, variant=variant, preset=preset, config=config, tokenizer=tokenizer,
+        allow_pickle=allow_pickle, instance_dir=str(instance_dir), out=str(out), class_dir=str(class_dir) if class_dir else None,
         identifier=identifier, class_noun=class_noun, instance_prompt=instance_prompt, class_prompt=class_prompt,
         resolution=resolution, center_crop=center_crop, flip=flip, prior=prior, num_class_images=num_class_images,
         prior_loss_weight=prior_loss_weight, class_steps=class_steps, class_guidance=class_guidance,
-        class_batch_size=class_batch_size, train=train.value, lora_rank=lora_rank, lora_alpha=lora_alpha,
-        train_text_encoder=train_text_encoder, train_token=train_token, lr=lr, token_lr=token_lr,
-        lr_schedule=lr_schedule.value, warmup_steps=warmup_steps, steps=steps, batch_size=batch_size,
-        grad_accum=grad_accum, mixed_precision=mixed_precision.value, gradient_checkpointing=gradient_checkpointing,
+        class_batch_size=class_batch_size, class_precision=class_precision.value,
+        class_negative_prompt=class_negative_prompt, train=train.value, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        train_text_encoder=train_text_encoder, train_token=train_token, lr=lr, text_encoder_lr=text_encoder_lr,
+        text_encoder_steps=text_encoder_steps, token_lr=token_lr, lr_schedule=lr_schedule.value, lr_power=lr_power,
+        warmup_steps=warmup_steps, adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_epsilon=adam_epsilon,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, steps=steps, batch_size=batch_size,
+        grad_accum=grad_accum, mixed_precision=mixed_precision.value, tf32=tf32, gradient_checkpointing=gradient_checkpointing,
         cache_latents=cache_latents, snr_gamma=snr_gamma, noise_offset=noise_offset, seed=seed,
         validation_prompts=tuple(validation_prompt or ()), validation_every=validation_every,
         validation_images=validation_images, validation_steps=validation_steps, checkpoint_every=checkpoint_every,
         keep_last=keep_last, save_as=tuple(formats), attention=attention.value, device=device)
     try:
-        _, written = run(cfg, resume=resume, overwrite=overwrite)
+        _, written = run(cfg, resume=resume, overwrite=overwrite, given=given)
     except TrainError as e:
         fail(str(e))
     for w in written:
@@ -289,7 +322,8 @@ def demo(
     grids for "a sks toy", "a sks toy on a blue background", "a toy", and a metrics report."""
     from minidream.demo import DEMO_DIR, run_demo
     if not (DEMO_DIR / "model_index.json").exists():
-        fail(f"{DEMO_DIR}: the demo model is missing; create it with `minidream demo-pretrain`")
+        fail(f"{DEMO_DIR}: the demo model is missing (it ships with minidream); reinstall, or rebuild it with "
+             f"`minidream demo-pretrain --out {DEMO_DIR}`")
     run_demo(out, prior=prior, seed=seed, steps=steps)
     typer.echo((out / "report.md").read_text())
     typer.echo(f"grids: {out / 'before.png'} {out / 'after.png'}")

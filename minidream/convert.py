@@ -134,6 +134,33 @@ def _meta(cls, cfg):
         return cls(cfg)
 
 
+# SD 2.x-base (512 px, ε-prediction) and SD 2.x (768 px, v-prediction) have identical tensors: only the
+# file's metadata (the "modelspec" keys that Stability's and our exports write) can tell them apart.
+MODELSPEC_SD2 = {"stable-diffusion-v2-512": "sd21-base", "stable-diffusion-v2-768-v": "sd21"}
+PREDICTION = {"epsilon": "sd21-base", "v": "sd21", "v_prediction": "sd21"}
+
+
+def read_metadata(file: Path) -> dict:
+    if Path(file).suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+    try:
+        with safe_open(str(file), "pt") as f:
+            return f.metadata() or {}
+    except Exception:
+        return {}
+
+
+def sd2_preset(file: Path) -> str:
+    meta = read_metadata(file)
+    preset = MODELSPEC_SD2.get(meta.get("modelspec.architecture", "")) or PREDICTION.get(meta.get("modelspec.prediction_type", ""))
+    if preset is None:
+        raise ModelError(f"{file}: an SD 2.x checkpoint, which may be 2.x-base (512 px, epsilon) or 2.x-v (768 px, "
+                         f"v-prediction) with the same tensors, and its metadata does not say which; pass --preset "
+                         f"sd21-base or --preset sd21 (or --config with its diffusers folder)")
+    return preset
+
+
 def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str | None = None,
                      preset: str | None = None, config: str | None = None) -> StableDiffusion:
     """The architecture comes from `config` (a diffusers-layout folder or repo id: its component configs,
@@ -152,7 +179,7 @@ def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str 
         tok_dir = cdir / "tokenizer"
         what = f"the architecture in {config}"
     else:
-        preset = preset or ("sd21" if openclip else "sd15")
+        preset = preset or (sd2_preset(file) if openclip else "sd15")
         if preset not in unet.PRESETS:
             raise ModelError(f"--preset {preset!r} is not one of {', '.join(unet.PRESETS)}")
         family = "sd21" if preset.startswith("sd21") else preset
@@ -200,6 +227,18 @@ def to_single_file(model: StableDiffusion) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def modelspec(model: StableDiffusion) -> dict[str, str]:
+    """The metadata that lets a reader (us, ComfyUI, A1111) tell the family and the prediction type."""
+    v = model.scheduler.prediction_type == "v_prediction"
+    side = model.unet.cfg.sample_size * 2 ** (len(model.vae.cfg.channels) - 1)
+    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.prediction_type": "v" if v else "epsilon",
+            "modelspec.resolution": f"{side}x{side}"}
+    arch = {"sd15": "stable-diffusion-v1", "sd21": "stable-diffusion-v2-768-v", "sd21-base": "stable-diffusion-v2-512"}
+    if model.version in arch:
+        meta["modelspec.architecture"] = arch[model.version]
+    return meta
+
+
 def save_single_file(model: StableDiffusion, file: Path):
     from minidream.loading import save_safetensors
-    save_safetensors(to_single_file(model), Path(file))
+    save_safetensors(to_single_file(model), Path(file), metadata=modelspec(model))

@@ -249,12 +249,17 @@ CONTEXTS = ("white", "black", "gray", "blue")
 def demo_config(out: Path, prior: bool = True, seed: int = 0, steps: int = 300, model: Path = DEMO_DIR, lr: float = 3e-4):
     from minidream.train import TrainConfig
     return TrainConfig(
-        model=str(model), instance_dir=str(out / "instance"), out=str(out), class_dir=None, identifier="sks",
+        model=str(model), revision=None, variant=None, preset=None, config=None, tokenizer=None, allow_pickle=False,
+        instance_dir=str(out / "instance"), out=str(out), class_dir=None, identifier="sks",
         class_noun=world.CLASS_NOUN, instance_prompt="a sks toy", class_prompt="a toy", resolution=world.SIZE,
         center_crop=True, flip=0.5, prior=prior, num_class_images=64, prior_loss_weight=1.0, class_steps=20,
-        class_guidance=4.0, class_batch_size=32, train="unet", lora_rank=4, lora_alpha=4.0, train_text_encoder=True,
-        train_token=False, lr=lr, token_lr=5e-3, lr_schedule="constant", warmup_steps=10, steps=steps, batch_size=4,
-        grad_accum=1, mixed_precision="no", gradient_checkpointing=False, cache_latents=True, snr_gamma=None,
+        class_guidance=4.0, class_batch_size=32, class_precision="auto",
+        class_negative_prompt="", train="unet", lora_rank=4, lora_alpha=4.0, train_text_encoder=True,
+        train_token=False, lr=lr, text_encoder_lr=None,
+        text_encoder_steps=0, token_lr=5e-3, lr_schedule="constant", lr_power=1.0, warmup_steps=10, adam_beta1=0.9,
+        adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=1e-2,
+        max_grad_norm=0.0,  # the demo's lr and steps were chosen without clipping
+        steps=steps, batch_size=4, grad_accum=1, mixed_precision="no", tf32=True, gradient_checkpointing=False, cache_latents=True, snr_gamma=None,
         noise_offset=0.0, seed=seed, validation_prompts=(), validation_every=0, validation_images=4,
         validation_steps=20, checkpoint_every=0, keep_last=1, save_as=("diffusers",), attention="auto", device="cpu")
 
@@ -300,13 +305,12 @@ def prompt_grid(model: StableDiffusion, path: Path, per_prompt: int = 4, seed: i
 def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = 300, grids: bool = True,
              model_dir: Path = DEMO_DIR) -> dict:
     """Train DreamBooth on the embedded subject and measure it; writes grids, report.json and report.md."""
-    from minidream.pipeline import save_png
     from minidream.train import train
     t0 = time.time()
     out = Path(out)
     (out / "instance").mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(world.subject_images(4)):
-        save_png(torch.from_numpy(__import__("numpy").array(img)), out / "instance" / f"subject-{i}.png")
+        img.save(out / "instance" / f"subject-{i}.png")
     net = load_recognizer(model_dir)
     cfg = demo_config(out, prior=prior, seed=seed, steps=steps, model=model_dir)
     if grids:

@@ -3,6 +3,7 @@ guidance → VAE decode → uint8 pixels. Same seed, prompt, scheduler and steps
 diffusers' StableDiffusionPipeline with generator=torch.Generator("cpu").manual_seed(seed).
 """
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -76,7 +77,14 @@ def save_png(img: torch.Tensor, path: Path, meta: dict | None = None):
     info = PngInfo()
     for k, v in (meta or {}).items():
         info.add_text(k, v if isinstance(v, str) else json.dumps(v))
-    Image.fromarray(img.numpy()).save(path, pnginfo=info)
+    # written under a temporary name and renamed: a kill or a full disk never leaves half a PNG
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        Image.fromarray(img.numpy()).save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def grid(images: torch.Tensor, cols: int | None = None, pad: int = 2) -> torch.Tensor:

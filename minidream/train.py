@@ -20,18 +20,20 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from minidream import lora as lora_lib
 from minidream.attention import resolve_backend, set_attention_backend
-from minidream.loading import StableDiffusion, load, save_pretrained, save_safetensors
+from minidream.export import EXPORTS, export
+from minidream.loading import StableDiffusion, load, save_safetensors
 from minidream.pipeline import generate, grid, save_png
 from minidream.progress import Progress
 from minidream.schedulers import NoiseSchedule
+from minidream.trainable import cast_frozen, print_summary, select_trainable
 
 MODES = ("unet", "attention", "lora")
-EXPORTS = ("diffusers", "single-file", "lora-diffusers", "lora-kohya")
+LR_SCHEDULES = ("constant", "cosine", "linear", "polynomial")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+CLASS_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: fp16 on CUDA (as diffusers' script), fp32 elsewhere
+HALF = {"no": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -43,6 +45,12 @@ class TrainError(Exception):
 class TrainConfig:
     """Everything a run depends on; stored in run.json and in every checkpoint. Defaults: `cli.py train`."""
     model: str
+    revision: str | None
+    variant: str | None
+    preset: str | None
+    config: str | None
+    tokenizer: str | None
+    allow_pickle: bool
     instance_dir: str
     out: str
     class_dir: str | None
@@ -50,7 +58,7 @@ class TrainConfig:
     class_noun: str
     instance_prompt: str | None
     class_prompt: str | None
-    resolution: int
+    resolution: int | None  # None: the model's native resolution, resolved before run.json is written
     center_crop: bool
     flip: float
     prior: bool
@@ -59,19 +67,30 @@ class TrainConfig:
     class_steps: int
     class_guidance: float
     class_batch_size: int
+    class_precision: str
+    class_negative_prompt: str
     train: str
     lora_rank: int
     lora_alpha: float
     train_text_encoder: bool
     train_token: bool
     lr: float | None
+    text_encoder_lr: float | None
+    text_encoder_steps: int
     token_lr: float
     lr_schedule: str
+    lr_power: float
     warmup_steps: int
+    adam_beta1: float
+    adam_beta2: float
+    adam_epsilon: float
+    weight_decay: float
+    max_grad_norm: float
     steps: int
     batch_size: int
     grad_accum: int
     mixed_precision: str
+    tf32: bool
     gradient_checkpointing: bool
     cache_latents: bool
     snr_gamma: float | None
@@ -99,9 +118,14 @@ class TrainConfig:
 # at zero and need ~1e-4. The text encoder, when trained, uses the same rate as the UNet part.
 DEFAULT_LR = {"unet": 5e-6, "attention": 2e-5, "lora": 1e-4}
 
-# Settings that may change when a run is resumed; everything else comes from the checkpoint.
+# Settings a resumed run takes from the command line when they are given there; everything else comes
+# from the checkpoint, and a different value for it is refused. Paths are the user's: moved folders resume.
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "validation_prompts", "validation_every",
-                     "validation_images", "validation_steps", "save_as", "device", "attention")
+                     "validation_images", "validation_steps", "save_as", "device", "attention", "tf32",
+                     "model", "instance_dir", "class_dir", "out")
+# What a run writes into --out: --overwrite removes exactly these before it starts again.
+RUN_OUTPUTS = ("run.json", "metrics.jsonl", "checkpoints", "samples", "class_images", "model", "model.safetensors",
+               "lora", "lora_kohya.safetensors", "learned_embeds.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,9 +174,20 @@ def to_tensor(im, resolution: int, center_crop: bool, flip: bool, rng: random.Ra
     return x.permute(2, 0, 1).float() / 127.5 - 1
 
 
-def make_class_images(model: StableDiffusion, cfg: TrainConfig, class_dir: Path, device):
-    """Top up `class_dir` to --num-class-images images of the class prompt, drawn by the base model.
-    Existing images are kept, so an interrupted generation resumes where it stopped."""
+def png_prompt(path: Path) -> str | None:
+    """The prompt a generated class image was made for (its PNG text), or None for any other image."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.text.get("prompt") if hasattr(im, "text") else None
+    except Exception:
+        return None
+
+
+def make_class_images(model: StableDiffusion, cfg: TrainConfig, class_dir: Path, device: torch.device):
+    """Top up `class_dir` to --num-class-images images of the class prompt, drawn by the base model
+    (under autocast in --class-precision: the weights stay fp32). Existing images are kept, so an
+    interrupted generation resumes where it stopped."""
     try:
         class_dir.mkdir(parents=True, exist_ok=True)
         probe = class_dir / ".write-test"
@@ -160,105 +195,34 @@ def make_class_images(model: StableDiffusion, cfg: TrainConfig, class_dir: Path,
         probe.unlink()
     except OSError as e:
         raise TrainError(f"--class-dir {class_dir}: not writable ({e.strerror}); choose another folder") from None
+    for stale in class_dir.glob(".*.tmp*"):  # a killed generation's unfinished file
+        stale.unlink()
     have = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    prompt = cfg.prompts[1]
+    other = [p.name for p in have if png_prompt(p) not in (None, prompt)]
+    if other:
+        raise TrainError(f"--class-dir {class_dir}: {len(other)} image(s) were generated for another class prompt "
+                         f"({png_prompt(class_dir / other[0])!r}, not {prompt!r}); choose another --class-dir or empty it")
     missing = cfg.num_class_images - len(have)
     if missing <= 0:
         return
-    prompt = cfg.prompts[1]
-    print(f"generating {missing} class images for {prompt!r} into {class_dir}", file=sys.stderr)
+    # image i is drawn with a seed that depends only on i, into class-<i>.png; free indices fill gaps
+    free = [i for i in range(cfg.num_class_images + len(have)) if not (class_dir / f"class-{i:05d}.png").exists()][:missing]
+    precision = cfg.class_precision if cfg.class_precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    half = HALF[precision]
+    print(f"generating {missing} class images for {prompt!r} into {class_dir} ({precision})", file=sys.stderr)
     bar = Progress(missing, "class images")
-    i = len(have)
-    while i < cfg.num_class_images:
-        n = min(cfg.class_batch_size, cfg.num_class_images - i)
-        g = torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + i)  # depends only on the index
-        imgs = generate(model, [prompt] * n, steps=cfg.class_steps, guidance=cfg.class_guidance, generator=g,
-                        height=cfg.resolution, width=cfg.resolution, progress=False)
-        for img in imgs:
+    for start in range(0, missing, cfg.class_batch_size):
+        batch = free[start:start + cfg.class_batch_size]
+        n = len(batch)
+        g = torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + batch[0])
+        with torch.autocast(device.type, dtype=half, enabled=half is not None):
+            imgs = generate(model, [prompt] * n, cfg.class_negative_prompt, steps=cfg.class_steps,
+                            guidance=cfg.class_guidance, generator=g, height=cfg.resolution, width=cfg.resolution,
+                            progress=False)
+        for i, img in zip(batch, imgs):
             save_png(img, class_dir / f"class-{i:05d}.png", {"prompt": prompt, "index": i})
-            i += 1
         bar.update(n)
-
-
-# ---------------------------------------------------------------------------------------------
-# What is trained
-
-class TokenEmbedding(nn.Module):
-    """The text encoder's token table plus new rows for learned tokens; only the new rows are
-    parameters that train (textual inversion, Gal et al. 2022), the original table stays frozen."""
-
-    def __init__(self, base: nn.Embedding, init: torch.Tensor):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.new = nn.Parameter(init.detach().clone().float().reshape(-1, base.embedding_dim))
-
-    @property
-    def weight(self):
-        return torch.cat([self.base.weight, self.new.to(self.base.weight.dtype)])
-
-    def forward(self, ids):
-        return F.embedding(ids, self.weight)
-
-
-def add_token(model: StableDiffusion, token: str, init_word: str) -> int:
-    """A new token for the identifier, its embedding initialised from the class noun's."""
-    init_ids = model.tokenizer.encode(init_word)
-    emb = model.text_encoder.embeddings.token_embedding
-    init = emb.weight[init_ids].mean(0, keepdim=True)
-    tid = model.tokenizer.add_token(token)
-    model.text_encoder.embeddings.token_embedding = TokenEmbedding(emb, init)
-    return tid
-
-
-def merged_text_encoder_state(model: StableDiffusion) -> None:
-    """Turn a TokenEmbedding back into a plain, larger nn.Embedding (for export)."""
-    emb = model.text_encoder.embeddings.token_embedding
-    if isinstance(emb, TokenEmbedding):
-        w = emb.weight.detach()
-        plain = nn.Embedding(w.shape[0], w.shape[1], device=w.device, dtype=w.dtype)
-        plain.weight = nn.Parameter(w.clone(), requires_grad=False)
-        model.text_encoder.embeddings.token_embedding = plain
-        model.text_encoder.cfg = replace(model.text_encoder.cfg, vocab_size=w.shape[0])
-
-
-def select_trainable(model: StableDiffusion, train: str, lora_rank: int = 4, lora_alpha: float = 4.0,
-                     train_text_encoder: bool = False, token: str | None = None, init_word: str | None = None
-                     ) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Freeze everything, then unfreeze (or add) what --train / --train-text-encoder / --train-token ask
-    for. Returns the trainable parameters by group, named as in the checkpoints."""
-    for m in (model.unet, model.text_encoder, model.vae):
-        m.requires_grad_(False)
-    if train == "unet":
-        model.unet.requires_grad_(True)
-    elif train == "attention":
-        for lin in lora_lib.matching_linears(model.unet, lora_lib.UNET_ATTENTION).values():
-            lin.requires_grad_(True)
-    else:
-        lora_lib.add_lora(model.unet, lora_lib.UNET_ATTENTION, lora_rank, lora_alpha)
-    if train_text_encoder:
-        if train == "lora":
-            lora_lib.add_lora(model.text_encoder, lora_lib.TEXT_ATTENTION, lora_rank, lora_alpha)
-        else:
-            model.text_encoder.requires_grad_(True)
-    if token:
-        add_token(model, token, init_word)
-    groups = {"unet": [], "text_encoder": [], "token": []}
-    for name, p in model.unet.named_parameters():
-        if p.requires_grad:
-            groups["unet"].append((f"unet.{name}", p))
-    for name, p in model.text_encoder.named_parameters():
-        if p.requires_grad:
-            groups["token" if name.endswith("token_embedding.new") else "text_encoder"].append((f"text_encoder.{name}", p))
-    return groups
-
-
-def print_summary(groups, model: StableDiffusion):
-    total = {"unet": model.unet, "text_encoder": model.text_encoder,
-             "token": model.text_encoder.embeddings.token_embedding}
-    print(f"{'component':<14}{'trainable':>14}{'of':>16}{'tensors':>9}", file=sys.stderr)
-    for name, params in groups.items():
-        n = sum(p.numel() for _, p in params)
-        of = sum(p.numel() for p in total[name].parameters())
-        print(f"{name:<14}{n:>14,}{of:>16,}{len(params):>9}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,77 +326,155 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Export
-
-def export(model: StableDiffusion, cfg: TrainConfig, out: Path):
-    """Write the formats asked for by --save-as (and the learned token, when there is one)."""
-    written = []
-    emb = model.text_encoder.embeddings.token_embedding
-    if isinstance(emb, TokenEmbedding):
-        token = f"<{cfg.identifier}>"
-        save_safetensors({token: emb.new.detach()[0].float()}, out / "learned_embeds.safetensors")
-        written.append(out / "learned_embeds.safetensors")
-    if "lora-diffusers" in cfg.save_as:
-        save_safetensors(lora_lib.diffusers_lora_state_dict(model.unet, model.text_encoder),
-                         out / "lora" / "pytorch_lora_weights.safetensors")
-        written.append(out / "lora" / "pytorch_lora_weights.safetensors")
-    if "lora-kohya" in cfg.save_as:
-        save_safetensors(lora_lib.kohya_lora_state_dict(model.unet, model.text_encoder),
-                         out / "lora_kohya.safetensors", metadata={"ss_network_dim": str(cfg.lora_rank),
-                                                                    "ss_network_alpha": str(cfg.lora_alpha)})
-        written.append(out / "lora_kohya.safetensors")
-    if "diffusers" in cfg.save_as or "single-file" in cfg.save_as:
-        # a plain model: adapters merged into their base weights, the learned token a normal row
-        lora_lib.merge_lora(model.unet)
-        lora_lib.merge_lora(model.text_encoder)
-        merged_text_encoder_state(model)
-        for m in (model.unet, model.text_encoder, model.vae):
-            m.float()
-        if "diffusers" in cfg.save_as:
-            save_pretrained(model, out / "model")
-            written.append(out / "model")
-        if "single-file" in cfg.save_as:
-            from minidream.convert import save_single_file
-            save_single_file(model, out / "model.safetensors")
-            written.append(out / "model.safetensors")
-    return written
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 
 def validate(cfg: TrainConfig):
-    if cfg.train not in MODES:
-        raise TrainError(f"--train {cfg.train!r} is not one of {', '.join(MODES)}")
+    """Every setting that can be checked without the model, before anything is loaded or written."""
+    for flag, v, ok in (("--train", cfg.train, MODES), ("--mixed-precision", cfg.mixed_precision, MIXED_PRECISIONS),
+                        ("--lr-schedule", cfg.lr_schedule, LR_SCHEDULES),
+                        ("--class-precision", cfg.class_precision, CLASS_PRECISIONS)):
+        if v not in ok:
+            raise TrainError(f"{flag} {v!r} is not one of {', '.join(ok)}")
     bad = [s for s in cfg.save_as if s not in EXPORTS]
     if bad:
         raise TrainError(f"--save-as {bad[0]!r} is not one of {', '.join(EXPORTS)}")
     if any(s.startswith("lora") for s in cfg.save_as) and cfg.train != "lora":
         raise TrainError("--save-as lora-* needs --train lora")
     for flag, v in (("--steps", cfg.steps), ("--batch-size", cfg.batch_size), ("--grad-accum", cfg.grad_accum),
-                    ("--resolution", cfg.resolution)):
+                    ("--class-batch-size", cfg.class_batch_size), ("--lora-rank", cfg.lora_rank),
+                    ("--validation-images", cfg.validation_images), ("--validation-steps", cfg.validation_steps),
+                    ("--class-steps", cfg.class_steps)):
         if v < 1:
             raise TrainError(f"{flag} must be at least 1 (got {v})")
-    if cfg.resolution % 8:
-        raise TrainError(f"--resolution must be a multiple of 8 (got {cfg.resolution})")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise TrainError(f"--mixed-precision {cfg.mixed_precision!r} is not one of no, fp16, bf16")
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise TrainError(f"--lr-schedule {cfg.lr_schedule!r} is not one of constant, cosine")
+    if not 0 <= cfg.seed < 2 ** 63:
+        raise TrainError(f"--seed must be in [0, 2^63) (got {cfg.seed})")
+    if cfg.resolution is not None:
+        validate_resolution(cfg.resolution)
+    for flag, v in (("--max-grad-norm", cfg.max_grad_norm), ("--weight-decay", cfg.weight_decay),
+                    ("--text-encoder-steps", cfg.text_encoder_steps), ("--warmup-steps", cfg.warmup_steps)):
+        if not v >= 0:
+            raise TrainError(f"{flag} must be >= 0 (got {v})")
+    for flag, v in (("--adam-beta1", cfg.adam_beta1), ("--adam-beta2", cfg.adam_beta2)):
+        if not 0 <= v < 1:
+            raise TrainError(f"{flag} must be in [0, 1) (got {v})")
+    for flag, v in (("--adam-epsilon", cfg.adam_epsilon), ("--lr-power", cfg.lr_power)):
+        if not v > 0:
+            raise TrainError(f"{flag} must be > 0 (got {v})")
+    if cfg.cache_latents and not cfg.center_crop:
+        raise TrainError("--random-crop has no effect with --cache-latents (cached latents are centre crops); "
+                         "drop one of them")
 
 
-def lr_lambda(cfg: TrainConfig):
-    def f(step):
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
+def validate_resolution(resolution: int, factor: int = 8):
+    """A multiple of 8 (the VAE), and once the model is known of its whole downsampling factor (VAE x UNet)."""
+    if resolution < factor or resolution % factor:
+        raise TrainError(f"--resolution must be a positive multiple of {factor} for this model (got {resolution})"
+                         if factor != 8 else f"--resolution must be a positive multiple of 8 (got {resolution})")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise TrainError(f"--device {name!r} is not a device; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if device.type not in ("cuda", "cpu"):
+        raise TrainError(f"--device {name!r}: only cuda and cpu are supported")
+    return device
+
+
+def lr_lambdas(cfg: TrainConfig, base_lrs: list[float]):
+    """One multiplier per parameter group: linear warmup, then constant, cosine (half a period to 0),
+    linear (to 0) or polynomial ((1 - progress)^power from the group's lr to 1e-7), as diffusers' get_scheduler
+    after warmup. Warmup starts at 1/warmup rather than 0, so the first step is not wasted."""
+    def make(lr0: float):
+        lr_end = min(1e-7, lr0)
+
+        def f(step):
+            if step < cfg.warmup_steps:
+                return (step + 1) / cfg.warmup_steps
+            done = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+            if cfg.lr_schedule == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * done))
+            if cfg.lr_schedule == "linear":
+                return 1.0 - done
+            if cfg.lr_schedule == "polynomial":
+                return ((lr0 - lr_end) * (1 - done) ** cfg.lr_power + lr_end) / lr0 if lr0 > 0 else 1.0
             return 1.0
-        done = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
-    return f
+        return f
+    return [make(lr0) for lr0 in base_lrs]
 
 
-def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False):
+def native_resolution(model: StableDiffusion) -> int:
+    return model.unet.cfg.sample_size * 2 ** (len(model.vae.cfg.channels) - 1)
+
+
+def load_base(cfg: TrainConfig) -> StableDiffusion:
+    """The base model in fp32 (master weights, whatever the file stores), with the run's loader options."""
+    try:
+        return load(cfg.model, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle,
+                    dtype=torch.float32, tokenizer=cfg.tokenizer, preset=cfg.preset, config=cfg.config)
+    except Exception as e:
+        raise TrainError(str(e)) from None
+
+
+def stored_config(meta: dict, path: Path) -> TrainConfig:
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
+    missing = [f for f in TrainConfig.__dataclass_fields__ if f not in d]
+    if missing:
+        raise TrainError(f"{path}: written by an older minidream (no {', '.join(missing[:4])}"
+                         f"{' …' if len(missing) > 4 else ''}); start a new run")
+    return TrainConfig(**{k: v for k, v in d.items() if k in TrainConfig.__dataclass_fields__})
+
+
+def flag(field: str) -> str:
+    return "--" + {"validation_prompts": "validation_prompt"}.get(field, field).replace("_", "-")
+
+
+def resumed_config(cfg: TrainConfig, stored: TrainConfig, given: set[str] | None) -> TrainConfig:
+    """The checkpoint's settings, with the resumable ones the user gave; a changed fixed one is refused."""
+    given = set(RESUMABLE_CHANGES) if given is None else given & set(TrainConfig.__dataclass_fields__)
+    fixed = sorted(k for k in given if k not in RESUMABLE_CHANGES and getattr(cfg, k) != getattr(stored, k))
+    if fixed:
+        was = ", ".join(f"{flag(k)} {getattr(stored, k)!r}" for k in fixed)
+        raise TrainError(f"--resume: {', '.join(flag(k) for k in fixed)} cannot change in a resumed run (it has {was}); "
+                         f"drop them, or start a new run with --overwrite")
+    return replace(stored, **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES if k in given})
+
+
+def clear_run(out: Path, cfg: TrainConfig):
+    """--overwrite: remove what an earlier run wrote into --out (and only that); a --class-dir elsewhere stays."""
+    import shutil
+    for name in RUN_OUTPUTS:
+        p = out / name
+        if name == "class_images" and cfg.class_dir and Path(cfg.class_dir).resolve() != p.resolve():
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def truncate_metrics(path: Path, step: int):
+    """A resumed run logs from its checkpoint's step on: drop the killed run's later (or half-written) lines."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, given: set[str] | None = None):
+    """Run DreamBooth. `given`: the settings the user named (the CLI knows); on resume only those may
+    override the checkpoint's resumable settings (None: all of RESUMABLE_CHANGES come from cfg)."""
     validate(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -446,28 +488,42 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False):
         if not ck.is_file():
             raise TrainError(f"--resume {resume}: no such checkpoint file")
         start_meta, start_tensors = read_checkpoint(ck)
-        stored = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in start_meta["config"].items()})
-        cfg = replace(stored, **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES})
+        cfg = resumed_config(cfg, stored_config(start_meta, ck), given)
         print(f"resuming from {ck} at step {start_meta['step']}", file=sys.stderr)
     elif run_file.exists() and not overwrite:
         raise TrainError(f"--out {out} holds another run (run.json); pass --resume latest to continue it, "
                          f"--overwrite to start over, or choose another folder")
-    instance_images = load_instance_images(Path(cfg.instance_dir), cfg.resolution)
-    out.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps(asdict(cfg), indent=2))
 
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if cfg.mixed_precision == "fp16" and device.type != "cuda":
-        raise TrainError("--mixed-precision fp16 needs a GPU; use bf16 or no on CPU")
-    half = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
     try:
-        model = load(cfg.model, dtype=torch.float32)  # fp32 master weights, whatever the file stores
-    except Exception as e:
+        backend = resolve_backend(cfg.attention, device)
+    except ValueError as e:
         raise TrainError(str(e)) from None
+    for what, precision in (("--mixed-precision", cfg.mixed_precision), ("--class-precision", cfg.class_precision)):
+        if precision == "fp16" and device.type != "cuda":
+            raise TrainError(f"{what} fp16 needs a GPU; use bf16 or {'no' if what == '--mixed-precision' else 'fp32'} on CPU")
+    half = HALF[cfg.mixed_precision]
+    if device.type == "cuda":  # TF32 tensor cores for fp32 matmuls/convs: ~10 bits of mantissa, much faster
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    torch.manual_seed(cfg.seed)
+    model = load_base(cfg)
+    if cfg.resolution is None:  # the model's own size (768 for SD 2.x 768-v), stored in run.json for resume
+        cfg = replace(cfg, resolution=native_resolution(model))
+        print(f"--resolution {cfg.resolution} (the model's native resolution)", file=sys.stderr)
+    validate_resolution(cfg.resolution, native_resolution(model) // model.unet.cfg.sample_size
+                        * 2 ** (len(model.unet.cfg.channels) - 1))
+    instance_images = load_instance_images(Path(cfg.instance_dir), cfg.resolution)
+    if overwrite and not resume:  # start over: nothing of the old run may be resumed, pruned or reused
+        clear_run(out, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.rglob(".*.tmp*"):  # a killed write's unfinished file (checkpoint, export, image)
+        stale.unlink()
+    if start_meta is not None:
+        truncate_metrics(out / "metrics.jsonl", start_meta["step"])
+    run_file.write_text(json.dumps(asdict(cfg), indent=2))
     model.to(device)
-    set_attention_backend(model.unet, resolve_backend(cfg.attention, device))
-    set_attention_backend(model.vae, resolve_backend(cfg.attention, device))
+    set_attention_backend(model.unet, backend)
+    set_attention_backend(model.vae, backend)
 
     # Identifier check (§4.1): a rare token carries little prior meaning, so it is cheap to rebind.
     if not cfg.train_token and len(model.tokenizer.encode(cfg.identifier)) != 1:
@@ -485,22 +541,20 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False):
                               f"<{cfg.identifier}>" if cfg.train_token else None, cfg.class_noun)
     print_summary(groups, model)
     trainable = [p for params in groups.values() for _, p in params]
-    if half is not None:  # frozen weights in half precision; what trains keeps fp32 master weights
-        for m in (model.unet, model.text_encoder, model.vae):
-            m.to(half)
-        for p in trainable:
-            p.data = p.data.float()
+    if half is not None:  # frozen weights in half precision; what trains keeps its exact fp32 values
+        cast_frozen(model, half)
     model.unet.set_gradient_checkpointing(cfg.gradient_checkpointing)
     model.unet.train()
     model.text_encoder.train(bool(groups["text_encoder"]))
 
     lr = cfg.lr or DEFAULT_LR[cfg.train]
     param_groups = [{"params": [p for _, p in groups["unet"]], "lr": lr},
-                    {"params": [p for _, p in groups["text_encoder"]], "lr": lr},
+                    {"params": [p for _, p in groups["text_encoder"]], "lr": cfg.text_encoder_lr or lr},
                     {"params": [p for _, p in groups["token"]], "lr": cfg.token_lr, "weight_decay": 0.0}]
     param_groups = [pg for pg in param_groups if pg["params"]]
-    opt = torch.optim.AdamW(param_groups, weight_decay=1e-2, **({"fused": True} if device.type == "cuda" else {}))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    opt = torch.optim.AdamW(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                            weight_decay=cfg.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(cfg, [pg["lr"] for pg in param_groups]))
     scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
     g = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop: data, noise, timesteps
     step = 0
@@ -540,15 +594,25 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False):
         return ((mean + (0.5 * logvar).exp() * eps) * model.vae.cfg.scaling_factor).float()
 
     token_trains = bool(groups["token"])
-    te_trains = bool(groups["text_encoder"]) or token_trains
+    te_params = [p for _, p in groups["text_encoder"]]
     prompt_ids = model.tokenizer(list(cfg.prompts)).to(device)
     fixed_context = None
-    if not te_trains:
-        with torch.no_grad():
-            fixed_context = model.text_encoder(prompt_ids)
 
     def context_for(n_inst, n_class):
-        c = model.text_encoder(prompt_ids) if te_trains else fixed_context
+        # The prompts' context: recomputed while the text encoder (or a token) trains, else computed once.
+        # --text-encoder-steps N (kohya's --stop_text_encoder_training) freezes the text encoder at step N.
+        nonlocal fixed_context
+        if te_params and te_params[0].requires_grad and cfg.text_encoder_steps and step >= cfg.text_encoder_steps:
+            for p in te_params:
+                p.requires_grad_(False)
+            fixed_context = None
+        if token_trains or (te_params and te_params[0].requires_grad):
+            c = model.text_encoder(prompt_ids)
+        else:
+            if fixed_context is None:
+                with torch.no_grad():
+                    fixed_context = model.text_encoder(prompt_ids)
+            c = fixed_context
         return torch.cat([c[:1].expand(n_inst, -1, -1), c[1:].expand(n_class, -1, -1)])
 
     metrics = open(out / "metrics.jsonl", "a")
@@ -584,6 +648,9 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False):
                 (scaler.scale(loss) if scaler else loss).backward()
                 tot, inst, prior = tot + loss.item(), inst + li.item() / cfg.grad_accum, prior + lp.item() / cfg.grad_accum
             if scaler:
+                scaler.unscale_(opt)  # clip the true gradients, not the loss-scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item() if cfg.max_grad_norm else None
+            if scaler:
                 scaler.step(opt)
                 scaler.update()
             else:
@@ -593,7 +660,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False):
             dt = time.perf_counter() - t0
             bar.update(loss=tot, inst=inst, prior=prior)
             metrics.write(json.dumps({"step": step, "loss": tot, "loss_instance": inst, "loss_prior": prior,
-                                      "lr": sched.get_last_lr()[0], "step_s": dt}) + "\n")
+                                      "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, "step_s": dt}) + "\n")
             metrics.flush()
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint_now(step)
@@ -612,7 +679,8 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False):
     if cfg.validation_prompts:
         validation_grid(model, cfg, out / "samples" / "final.png")
     model.unet.eval()
-    return model, export(model, cfg, out)
+    trained = {name: p.detach() for params in groups.values() for name, p in params}
+    return model, export(load_base(cfg), trained, cfg, out)
 
 
 @torch.no_grad()

@@ -1,0 +1,64 @@
+"""Exports of a DreamBooth run (--save-as): a diffusers folder, an original-layout single file, LoRA files
+(diffusers and kohya) and the learned token (textual inversion).
+
+Every export starts from a fresh fp32 copy of the *base model*, read again from its files, into which the
+trained tensors (the fp32 master weights) are written; LoRA is merged into the base weights in fp32. So a
+tensor that did not train is written bit-identical to the base, whatever precision training ran in, and
+the model that trained is never changed by exporting (the order of the formats does not matter).
+"""
+from pathlib import Path
+
+import torch
+
+from minidream import lora as lora_lib
+from minidream.loading import StableDiffusion, save_pretrained, save_safetensors
+from minidream.trainable import TokenEmbedding, merged_text_encoder_state, select_trainable
+
+EXPORTS = ("diffusers", "single-file", "lora-diffusers", "lora-kohya")
+
+
+def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg) -> StableDiffusion:
+    """The base model with the run's trainable structure (adapters, new token) and its trained values."""
+    with torch.random.fork_rng(devices=[]):  # adapter init draws are overwritten below; keep the caller's RNG
+        groups = select_trainable(base, cfg.train, cfg.lora_rank, cfg.lora_alpha, cfg.train_text_encoder,
+                                  f"<{cfg.identifier}>" if cfg.train_token else None, cfg.class_noun)
+    params = {name: p for ps in groups.values() for name, p in ps}
+    if params.keys() != trained.keys():
+        raise RuntimeError(f"trained tensors do not match the run's selection: {sorted(params.keys() ^ trained.keys())[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(trained[name])
+    return base
+
+
+def export(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg, out: Path) -> list[Path]:
+    """Write the formats asked for by cfg.save_as (and the learned token, when there is one).
+    `base` is a fresh fp32 load of the base model, used up by this call."""
+    model = with_trained(base, trained, cfg)
+    written = []
+    emb = model.text_encoder.embeddings.token_embedding
+    if isinstance(emb, TokenEmbedding):
+        save_safetensors({f"<{cfg.identifier}>": emb.new.detach()[0].float()}, out / "learned_embeds.safetensors")
+        written.append(out / "learned_embeds.safetensors")
+    if "lora-diffusers" in cfg.save_as:
+        save_safetensors(lora_lib.diffusers_lora_state_dict(model.unet, model.text_encoder),
+                         out / "lora" / "pytorch_lora_weights.safetensors")
+        written.append(out / "lora" / "pytorch_lora_weights.safetensors")
+    if "lora-kohya" in cfg.save_as:
+        save_safetensors(lora_lib.kohya_lora_state_dict(model.unet, model.text_encoder),
+                         out / "lora_kohya.safetensors", metadata={"ss_network_dim": str(cfg.lora_rank),
+                                                                    "ss_network_alpha": str(cfg.lora_alpha)})
+        written.append(out / "lora_kohya.safetensors")
+    if "diffusers" in cfg.save_as or "single-file" in cfg.save_as:
+        # a plain model: adapters merged into their (fp32 base) weights, the learned token a normal row
+        lora_lib.merge_lora(model.unet)
+        lora_lib.merge_lora(model.text_encoder)
+        merged_text_encoder_state(model)
+        if "diffusers" in cfg.save_as:
+            save_pretrained(model, out / "model")
+            written.append(out / "model")
+        if "single-file" in cfg.save_as:
+            from minidream.convert import save_single_file
+            save_single_file(model, out / "model.safetensors")
+            written.append(out / "model.safetensors")
+    return written

@@ -1,0 +1,108 @@
+"""What DreamBooth trains: functions that select (or add) the trainable parts of a loaded model.
+
+`--train unet` unfreezes the whole UNet, `attention` the Q/K/V/out projections of every attention layer,
+`lora` wraps those projections in adapters (lora.py); `--train-text-encoder` and `--train-token` add the
+text encoder (or its adapters) and a new token row. Everything else stays frozen, and `cast_frozen` may
+put only the frozen tensors in half precision: what trains keeps its exact fp32 values.
+"""
+import sys
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minidream import lora as lora_lib
+from minidream.loading import StableDiffusion
+
+
+class TokenEmbedding(nn.Module):
+    """The text encoder's token table plus new rows for learned tokens; only the new rows are
+    parameters that train (textual inversion, Gal et al. 2022), the original table stays frozen."""
+
+    def __init__(self, base: nn.Embedding, init: torch.Tensor):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.new = nn.Parameter(init.detach().clone().float().reshape(-1, base.embedding_dim))
+
+    @property
+    def weight(self):
+        return torch.cat([self.base.weight, self.new.to(self.base.weight.dtype)])
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight)
+
+
+def add_token(model: StableDiffusion, token: str, init_word: str) -> int:
+    """A new token for the identifier, its embedding initialised from the class noun's."""
+    init_ids = model.tokenizer.encode(init_word)
+    emb = model.text_encoder.embeddings.token_embedding
+    init = emb.weight[init_ids].mean(0, keepdim=True)
+    tid = model.tokenizer.add_token(token)
+    model.text_encoder.embeddings.token_embedding = TokenEmbedding(emb, init)
+    return tid
+
+
+def merged_text_encoder_state(model: StableDiffusion) -> None:
+    """Turn a TokenEmbedding back into a plain, larger nn.Embedding (for export)."""
+    emb = model.text_encoder.embeddings.token_embedding
+    if isinstance(emb, TokenEmbedding):
+        w = emb.weight.detach()
+        plain = nn.Embedding(w.shape[0], w.shape[1], device=w.device, dtype=w.dtype)
+        plain.weight = nn.Parameter(w.clone(), requires_grad=False)
+        model.text_encoder.embeddings.token_embedding = plain
+        model.text_encoder.cfg = replace(model.text_encoder.cfg, vocab_size=w.shape[0])
+
+
+def select_trainable(model: StableDiffusion, train: str, lora_rank: int = 4, lora_alpha: float = 4.0,
+                     train_text_encoder: bool = False, token: str | None = None, init_word: str | None = None
+                     ) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Freeze everything, then unfreeze (or add) what --train / --train-text-encoder / --train-token ask
+    for. Returns the trainable parameters by group, named as in the checkpoints."""
+    for m in (model.unet, model.text_encoder, model.vae):
+        m.requires_grad_(False)
+    if train == "unet":
+        model.unet.requires_grad_(True)
+    elif train == "attention":
+        for lin in lora_lib.matching_linears(model.unet, lora_lib.UNET_ATTENTION).values():
+            lin.requires_grad_(True)
+    else:
+        lora_lib.add_lora(model.unet, lora_lib.UNET_ATTENTION, lora_rank, lora_alpha)
+    if train_text_encoder:
+        if train == "lora":
+            lora_lib.add_lora(model.text_encoder, lora_lib.TEXT_ATTENTION, lora_rank, lora_alpha)
+        else:
+            model.text_encoder.requires_grad_(True)
+    if token:
+        add_token(model, token, init_word)
+    groups = {"unet": [], "text_encoder": [], "token": []}
+    for name, p in model.unet.named_parameters():
+        if p.requires_grad:
+            groups["unet"].append((f"unet.{name}", p))
+    for name, p in model.text_encoder.named_parameters():
+        if p.requires_grad:
+            groups["token" if name.endswith("token_embedding.new") else "text_encoder"].append((f"text_encoder.{name}", p))
+    return groups
+
+
+def print_summary(groups, model: StableDiffusion):
+    total = {"unet": model.unet, "text_encoder": model.text_encoder,
+             "token": model.text_encoder.embeddings.token_embedding}
+    print(f"{'component':<14}{'trainable':>14}{'of':>16}{'tensors':>9}", file=sys.stderr)
+    for name, params in groups.items():
+        n = sum(p.numel() for _, p in params)
+        of = sum(p.numel() for p in total[name].parameters())
+        print(f"{name:<14}{n:>14,}{of:>16,}{len(params):>9}", file=sys.stderr)
+
+
+def cast_frozen(model: StableDiffusion, dtype: torch.dtype):
+    """Frozen weights (and floating buffers) to `dtype` for speed and memory; trainable parameters keep
+    their fp32 values untouched (master weights), so nothing that trains starts from rounded values.
+    The exports never read these rounded copies: they start again from the base file (export.py)."""
+    for m in (model.unet, model.text_encoder, model.vae):
+        for p in m.parameters():
+            if not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for b in m.buffers():
+            if b.is_floating_point():
+                b.data = b.data.to(dtype)

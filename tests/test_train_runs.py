@@ -1,0 +1,108 @@
+"""Runs that never lose or corrupt work: --overwrite starts over, resume keeps the run's own settings and
+refuses changes it cannot honour, class images are written atomically and fill numbering gaps."""
+import json
+
+from PIL import Image
+
+from tests.test_train import instance_dir, run_cli, train_args  # noqa: F401  (instance_dir is a fixture)
+
+
+def steps_logged(out):
+    return [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_overwrite_starts_over(sd1_dir, instance_dir, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--steps", 4, "--checkpoint-every", 2, "--keep-last", 0))
+    assert r.exit_code == 0, r.output
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--steps", 2, "--checkpoint-every", 1, "--keep-last", 1,
+                            "--class-prompt", "a photo of a cat", "--overwrite"))
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002.safetensors"]
+    assert steps_logged(out) == [1, 2]
+    # the class images were made again, for the new class prompt
+    assert {Image.open(p).text["prompt"] for p in (out / "class_images").glob("*.png")} == {"a photo of a cat"}
+    # and --resume latest continues the new run, not the old one
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--steps", 3, "--checkpoint-every", 1, "--keep-last", 1,
+                            "--resume", "latest"))
+    assert r.exit_code == 0 and "at step 2" in r.output, r.output
+    assert steps_logged(out) == [1, 2, 3]
+
+
+def test_bare_resume_keeps_the_runs_mode_and_exports(sd1_dir, instance_dir, tmp_path):
+    out = tmp_path / "run"
+    base = ["--model", sd1_dir, "--instance-dir", instance_dir, "--class-noun", "dog", "--out", out]
+    r = run_cli("train", *base, "--train", "lora", "--steps", 2, "--checkpoint-every", 1, "--resolution", 16,
+                "--num-class-images", 2, "--class-steps", 2, "--lr", 1e-3)
+    assert r.exit_code == 0, r.output
+    (out / "lora_kohya.safetensors").unlink()
+    r = run_cli("train", *base, "--steps", 3, "--resume", "latest")  # what the Ctrl-C message says to do
+    assert r.exit_code == 0, r.output
+    assert (out / "lora_kohya.safetensors").exists() and (out / "lora" / "pytorch_lora_weights.safetensors").exists()
+    assert not (out / "model").exists()
+    assert json.loads((out / "run.json").read_text())["train"] == "lora"
+
+
+def test_resume_refuses_settings_it_cannot_change(sd1_dir, instance_dir, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--train", "lora", "--steps", 2, "--checkpoint-every", 1))
+    assert r.exit_code == 0, r.output
+    for extra, named in ((["--train", "unet"], "--train"), (["--lr", 5e-4], "--lr"), (["--seed", 3], "--seed"),
+                         (["--resolution", 24], "--resolution")):
+        args = [a for a in train_args(sd1_dir, instance_dir, out, "--steps", 4, "--resume", "latest")
+                if a not in ("--lr", 1e-3, "--resolution", 16)]
+        r = run_cli(*args, *extra)
+        assert r.exit_code == 2 and f"{named} cannot change" in r.output and "Traceback" not in r.output, r.output
+    assert steps_logged(out) == [1, 2]
+
+
+def test_class_images_fill_gaps_and_ignore_unfinished_files(sd1_dir, instance_dir, tmp_path):
+    cdir = tmp_path / "class"
+    r = run_cli(*train_args(sd1_dir, instance_dir, tmp_path / "a", "--steps", 1, "--num-class-images", 3,
+                            "--class-dir", cdir))
+    assert r.exit_code == 0, r.output
+    kept = (cdir / "class-00002.png").read_bytes()
+    (cdir / "class-00001.png").unlink()
+    (cdir / ".class-00003.png.tmp999").write_bytes(b"")  # what a kill mid-write used to leave as a 0-byte PNG
+    r = run_cli(*train_args(sd1_dir, instance_dir, tmp_path / "b", "--steps", 1, "--num-class-images", 3,
+                            "--class-dir", cdir, "--class-batch-size", 1))
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in cdir.iterdir()) == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    assert (cdir / "class-00002.png").read_bytes() == kept  # not overwritten
+    assert Image.open(cdir / "class-00001.png").text["index"] == "1"
+    # images made for another class prompt are not silently reused
+    r = run_cli(*train_args(sd1_dir, instance_dir, tmp_path / "c", "--steps", 1, "--num-class-images", 3,
+                            "--class-dir", cdir, "--class-noun", "cat"))
+    assert r.exit_code == 2 and "another class prompt" in r.output, r.output
+
+
+def test_a_failed_start_writes_nothing(sd1_dir, instance_dir, tmp_path):
+    """Every setting is checked (the model loaded, the device found) before run.json or anything else is written."""
+    import torch
+    cases = [(["--lora-rank", 0, "--train", "lora"], "--lora-rank must be at least 1"),
+             (["--seed", 2 ** 63], "--seed must be in [0, 2^63)"),
+             (["--class-batch-size", 0], "--class-batch-size must be at least 1"),
+             (["--validation-images", 0, "--validation-prompt", "a dog"], "--validation-images must be at least 1"),
+             (["--device", "banana"], "--device 'banana' is not a device"),
+             (["--model", tmp_path / "nowhere"], "no such file or folder")]
+    if not torch.cuda.is_available():
+        cases += [(["--device", "cuda"], "no CUDA GPU is available"),
+                  (["--attention", "triton", "--device", "cpu"], "--attention triton needs a CUDA GPU")]
+    for i, (extra, needle) in enumerate(cases):
+        out = tmp_path / f"o{i}"
+        env = {"TRITON_INTERPRET": "0"} if "triton" in extra else {}
+        from typer.testing import CliRunner
+        from cli import app
+        r = CliRunner().invoke(app, [str(a) for a in train_args(sd1_dir, instance_dir, out, *extra)], env=env)
+        assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, (needle, r.output)
+        assert not out.exists() or not any(out.iterdir()), (needle, list(out.iterdir()))
+
+
+def test_resolution_must_divide_by_the_models_downsampling():
+    """SD 1.x/2.x: VAE ×8 and three UNet downsamplings: 520 px gives an odd latent side deep inside the UNet."""
+    import pytest
+    from minidream.train import TrainError, validate_resolution
+    validate_resolution(512, 64)
+    for bad in (520, 40):
+        with pytest.raises(TrainError, match="multiple of 64 for this model"):
+            validate_resolution(bad, 64)
