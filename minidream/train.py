@@ -24,7 +24,7 @@ import torch
 from minidream.attention import resolve_backend, set_attention_backend
 from minidream.export import EXPORTS, export
 from minidream.loading import StableDiffusion, load, save_safetensors
-from minidream.pipeline import generate, grid, save_png
+from minidream.pipeline import generate, grid, save_png, vae_scale
 from minidream.progress import Progress
 from minidream.schedulers import NoiseSchedule
 from minidream.trainable import cast_frozen, print_summary, select_trainable
@@ -407,7 +407,7 @@ def lr_lambdas(cfg: TrainConfig, base_lrs: list[float]):
 
 
 def native_resolution(model: StableDiffusion) -> int:
-    return model.unet.cfg.sample_size * 2 ** (len(model.vae.cfg.channels) - 1)
+    return model.unet.cfg.sample_size * vae_scale(model)
 
 
 def load_base(cfg: TrainConfig) -> StableDiffusion:
@@ -510,8 +510,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, 
     if cfg.resolution is None:  # the model's own size (768 for SD 2.x 768-v), stored in run.json for resume
         cfg = replace(cfg, resolution=native_resolution(model))
         print(f"--resolution {cfg.resolution} (the model's native resolution)", file=sys.stderr)
-    validate_resolution(cfg.resolution, native_resolution(model) // model.unet.cfg.sample_size
-                        * 2 ** (len(model.unet.cfg.channels) - 1))
+    validate_resolution(cfg.resolution, vae_scale(model) * 2 ** (len(model.unet.cfg.channels) - 1))
     instance_images = load_instance_images(Path(cfg.instance_dir), cfg.resolution)
     if overwrite and not resume:  # start over: nothing of the old run may be resumed, pruned or reused
         clear_run(out, cfg)
