@@ -107,6 +107,7 @@ def sample(
     """Text to image: writes one PNG per image (settings in the PNG text) and a grid when several."""
     import torch
     from minidream.attention import resolve_backend, set_attention_backend
+    from minidream.loading import ModelError
     from minidream.pipeline import generate, grid, save_png
     from minidream.schedulers import make_sampler
 
@@ -114,8 +115,10 @@ def sample(
         fail(f"--steps must be at least 1 (got {steps})")
     if num_images < 1 or batch_size < 1:
         fail("--num-images and --batch-size must be at least 1")
-    if (height and height % 8) or (width and width % 8):
-        fail(f"--height/--width must be multiples of 8 (got {height}x{width})")
+    if (height is not None and (height < 8 or height % 8)) or (width is not None and (width < 8 or width % 8)):
+        fail(f"--height/--width must be positive multiples of 8 (got {height}x{width})")
+    if seed < 0 or seed + (num_images - 1) // batch_size >= 2 ** 63:
+        fail(f"--seed must be in [0, 2^63) for every batch (got {seed})")
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; give a folder")
     if lora is not None and not lora.is_file():
@@ -135,24 +138,33 @@ def sample(
         from minidream.lora import load_lora
         try:
             load_lora(m, lora, scale=lora_scale)
-        except ValueError as e:
+        except (ValueError, ModelError) as e:
             fail(str(e))
     m.to(device=dev, dtype=torch_dtype(dtype))
     set_attention_backend(m.unet, resolve_backend(attention.value, dev))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {out}: cannot create it ({e.strerror})")
     images, names = [], []
     for k, start in enumerate(range(0, num_images, batch_size)):
         n = min(batch_size, num_images - start)
         g = torch.Generator("cpu").manual_seed(seed + k)
-        imgs = generate(m, [prompt] * n, negative_prompt, steps, guidance, scheduler.value, eta, height, width,
-                        generator=g, progress=progress)
+        try:
+            imgs = generate(m, [prompt] * n, negative_prompt, steps, guidance, scheduler.value, eta, height, width,
+                            generator=g, progress=progress)
+        except ValueError as e:
+            fail(str(e))
         for i, img in enumerate(imgs):
             meta = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed + k, "index_in_batch": i,
                     "steps": steps, "guidance": guidance, "scheduler": scheduler.value, "eta": eta,
                     "model": m.source, "dtype": dtype.value, "lora": str(lora) if lora else "",
                     "software": "minidream"}
             name = out / f"{start + i:04d}.png"
-            save_png(img, name, meta)
+            try:
+                save_png(img, name, meta)
+            except OSError as e:
+                fail(f"{name}: could not be written ({e.strerror})")
             images.append(img)
             names.append(name)
     if len(images) > 1:

@@ -9,9 +9,11 @@ parameters (`assign=True`): no random init, no second copy in RAM. Only safetens
 the caller passes allow_pickle=True (then `torch.load(weights_only=True)`, which refuses code).
 """
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, fields
+from typing import get_args, get_origin
 from pathlib import Path
 
 import torch
@@ -52,8 +54,9 @@ def resolve(model: str, revision: str | None = None, allow_pickle: bool = False,
     try:
         return Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
     except Exception as e:  # offline without a cached copy, unknown repo, gated repo, no network
-        raise ModelError(f"{model}: could not fetch from the Hugging Face hub ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); pass a local folder, or log in / go online") from None
+        raise ModelError(f"{model}: no such local file or folder, and it could not be fetched as a Hugging Face hub "
+                         f"repo ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the path, "
+                         f"or the repo id and your login / network") from None
 
 
 def weight_file(folder: Path, stem: str, variant: str | None, allow_pickle: bool) -> Path:
@@ -73,6 +76,8 @@ def weight_file(folder: Path, stem: str, variant: str | None, allow_pickle: bool
 
 def read_weights(file: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     file = Path(file)
+    if not file.is_file():  # a FIFO or device would block the reader forever
+        raise ModelError(f"{file}: not a regular file")
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
@@ -84,9 +89,15 @@ def read_weights(file: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
             raise ModelError(f"{file}: pickle checkpoints can run code when loaded and are refused; convert it to "
                              f"safetensors, or pass --allow-pickle if you trust the file")
         try:
-            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (pre-1.6, non-zip) pickles cannot be memory-mapped: read them whole
+                sd = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ModelError(f"{file}: could not be read as a weights-only torch checkpoint ({e})") from None
+            raise ModelError(f"{file}: could not be read as a weights-only torch checkpoint "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        if not isinstance(sd, dict):
+            raise ModelError(f"{file}: holds a {type(sd).__name__}, not a dict of tensors")
         return sd.get("state_dict", sd)
     raise ModelError(f"{file}: unknown weights format; expected .safetensors")
 
@@ -95,9 +106,12 @@ def read_json(file: Path) -> dict:
     if not file.exists():
         raise ModelError(f"{file}: missing; is this a diffusers-layout model folder?")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        d = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ModelError(f"{file}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,9 +140,37 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str, dtype=
 
 
 def build(cls, cfg, sd, source, dtype=None):
-    with torch.device("meta"):
-        model = cls(cfg)
+    try:
+        with torch.device("meta"):
+            model = cls(cfg)
+    except Exception as e:  # a config that passed the checks but still describes no buildable model
+        raise ModelError(f"{source}: its config does not describe a buildable {cls.__name__} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return load_into(model, sd, source, dtype).eval().requires_grad_(False)
+
+
+def check_fields(cfg, file: Path):
+    """Garbage in a config.json (a string for a size, a negative count, NaN, a wrong-length list) is named
+    here, before it reaches torch as a traceback or an all-black image."""
+    def ok(v, t):
+        if t is bool:
+            return isinstance(v, bool)
+        if t is int:
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+        if t is float:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        if t is str:
+            return isinstance(v, str)
+        if get_origin(t) is tuple:
+            return isinstance(v, tuple) and len(v) > 0 and all(ok(x, get_args(t)[0]) for x in v)
+        return True
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if not ok(v, f.type):
+            want = {bool: "true or false", int: "a positive integer", float: "a positive finite number", str: "a string"}
+            raise ModelError(f"{file}: {f.name}={v!r} is not valid (expected "
+                             f"{want.get(f.type, 'a non-empty list of positive values')})")
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,12 +212,21 @@ def unet_config(d: dict, file: Path) -> unet.UNetConfig:
         lpb = d.get("layers_per_block", 2)
         if isinstance(lpb, (list, tuple)):
             raise ModelError(f"{file}: per-stage layers_per_block is not supported")
-        return unet.UNetConfig(in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), channels=ch,
-                               attention=attn, heads=heads, layers_per_block=lpb,
-                               context_dim=d.get("cross_attention_dim", 1280), linear_proj=d.get("use_linear_projection", False),
-                               groups=d.get("norm_num_groups", 32), sample_size=d.get("sample_size") or 64)
+        cfg = check_fields(unet.UNetConfig(
+            in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), channels=ch, attention=attn,
+            heads=heads, layers_per_block=lpb, context_dim=d.get("cross_attention_dim", 1280),
+            linear_proj=d.get("use_linear_projection", False), groups=d.get("norm_num_groups", 32),
+            sample_size=d.get("sample_size") or 64), file)
     except KeyError as e:
         raise ModelError(f"{file}: missing field {e}") from None
+    except TypeError as e:  # a number where a list belongs, or the reverse
+        raise ModelError(f"{file}: a field has the wrong type ({e})") from None
+    if not len(cfg.channels) == len(cfg.attention) == len(cfg.heads):
+        raise ModelError(f"{file}: block_out_channels, down_block_types and attention_head_dim differ in length")
+    if any(c % cfg.groups for c in cfg.channels) or any(c % h for c, h in zip(cfg.channels, cfg.heads)):
+        raise ModelError(f"{file}: block_out_channels {list(cfg.channels)} must divide by norm_num_groups "
+                         f"{cfg.groups} and by the heads {list(cfg.heads)}")
+    return cfg
 
 
 def vae_config(d: dict, file: Path) -> vae.VAEConfig:
@@ -186,19 +237,30 @@ def vae_config(d: dict, file: Path) -> vae.VAEConfig:
     })
     if d.get("out_channels", 3) != d.get("in_channels", 3):
         raise ModelError(f"{file}: in_channels != out_channels is not supported")
-    return vae.VAEConfig(in_channels=d.get("in_channels", 3), latent_channels=d.get("latent_channels", 4),
-                         channels=tuple(d.get("block_out_channels", (64,))), layers_per_block=d.get("layers_per_block", 1),
-                         groups=d.get("norm_num_groups", 32), scaling_factor=d.get("scaling_factor", 0.18215),
-                         sample_size=d.get("sample_size", 32))
+    try:
+        cfg = check_fields(vae.VAEConfig(
+            in_channels=d.get("in_channels", 3), latent_channels=d.get("latent_channels", 4),
+            channels=tuple(d.get("block_out_channels", (64,))), layers_per_block=d.get("layers_per_block", 1),
+            groups=d.get("norm_num_groups", 32), scaling_factor=d.get("scaling_factor", 0.18215),
+            sample_size=d.get("sample_size", 32)), file)
+    except TypeError as e:
+        raise ModelError(f"{file}: a field has the wrong type ({e})") from None
+    if any(c % cfg.groups for c in cfg.channels):
+        raise ModelError(f"{file}: block_out_channels {list(cfg.channels)} must divide by norm_num_groups {cfg.groups}")
+    return cfg
 
 
 def clip_config(d: dict, file: Path) -> clip.CLIPConfig:
     _require(d, file, {"hidden_act": ["quick_gelu", "gelu"], "architectures": ["CLIPTextModel"],
                        "model_type": ["clip_text_model"]})
-    return clip.CLIPConfig(vocab_size=d.get("vocab_size", 49408), width=d.get("hidden_size", 512),
-                           layers=d.get("num_hidden_layers", 12), heads=d.get("num_attention_heads", 8),
-                           mlp_width=d.get("intermediate_size", 2048), max_positions=d.get("max_position_embeddings", 77),
-                           act=d.get("hidden_act", "quick_gelu"), eps=d.get("layer_norm_eps", 1e-5))
+    cfg = check_fields(clip.CLIPConfig(
+        vocab_size=d.get("vocab_size", 49408), width=d.get("hidden_size", 512), layers=d.get("num_hidden_layers", 12),
+        heads=d.get("num_attention_heads", 8), mlp_width=d.get("intermediate_size", 2048),
+        max_positions=d.get("max_position_embeddings", 77), act=d.get("hidden_act", "quick_gelu"),
+        eps=d.get("layer_norm_eps", 1e-5)), file)
+    if cfg.width % cfg.heads:
+        raise ModelError(f"{file}: hidden_size {cfg.width} must divide by num_attention_heads {cfg.heads}")
+    return cfg
 
 
 def preset_of(cfg, presets: dict) -> str:
@@ -329,8 +391,14 @@ def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dic
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, file)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # like any file the user writes (the writer makes it 0600)
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

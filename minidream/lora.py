@@ -107,6 +107,8 @@ def _lora_deltas(sd: dict[str, torch.Tensor], file) -> dict[tuple[str, str], tor
             b = sd.get(k.replace("lora_A", "lora_B"))
             if b is None:
                 raise ValueError(f"{file}: {k} has no matching lora_B")
+            if b.ndim != 2 or sd[k].ndim != 2 or b.shape[1] != sd[k].shape[0]:
+                raise ValueError(f"{file}: {k} and its lora_B ({list(sd[k].shape)}, {list(b.shape)}) are not a linear LoRA pair")
             name = m[2].removeprefix("text_model.")
             deltas[(m[1], name)] = b.float() @ sd[k].float()
     if not deltas:
@@ -122,7 +124,12 @@ def _kohya_deltas(sd, file):
         stem = k[: -len(".lora_down.weight")]
         comp = "unet" if stem.startswith("lora_unet_") else "text_encoder"
         flat = stem.removeprefix("lora_unet_").removeprefix("lora_te_text_model_").removeprefix("lora_te_")
+        if f"{stem}.lora_up.weight" not in sd:
+            raise ValueError(f"{file}: {k} has no matching {stem}.lora_up.weight; the file is incomplete")
         down, up = sd[k].float(), sd[f"{stem}.lora_up.weight"].float()
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise ValueError(f"{file}: {stem} is a {down.ndim}-d (convolution / LoCon) or mismatched adapter "
+                             f"({list(down.shape)} and {list(up.shape)}); only linear LoRA layers load here")
         alpha = float(sd[f"{stem}.alpha"]) if f"{stem}.alpha" in sd else down.shape[0]
         deltas[(comp, flat)] = up @ down * (alpha / down.shape[0])
     return deltas

@@ -34,8 +34,9 @@ def generate(model: StableDiffusion, prompts: list[str], negative: str | list[st
     s = vae_scale(model)
     height = height or model.unet.cfg.sample_size * s
     width = width or model.unet.cfg.sample_size * s
-    if height % 8 or width % 8:
-        raise ValueError(f"--height/--width must be multiples of 8 (got {height}x{width})")
+    factor = s * 2 ** (len(model.unet.cfg.channels) - 1)  # the VAE's, then the UNet's downsamplings
+    if height % factor or width % factor or height < factor or width < factor:
+        raise ValueError(f"--height/--width must be positive multiples of {factor} for this model (got {height}x{width})")
     sampler = make_sampler(scheduler, model.scheduler, eta)
     param = next(model.unet.parameters())
     device, dtype = param.device, param.dtype
@@ -62,6 +63,9 @@ def generate(model: StableDiffusion, prompts: list[str], negative: str | list[st
         latents = sampler.step(out, t, latents, generator=generator)
         bar.update()
     bar.close()
+    if not torch.isfinite(latents).all():  # else NaN decodes to an all-black image that looks like a result
+        raise ValueError("sampling produced NaN/inf latents (a broken model, schedule or LoRA, or fp16 overflow: "
+                         "try --dtype fp32); no image written")
     return decode(model, latents)
 
 

@@ -6,6 +6,7 @@ which SD 2.x (768 px) uses. Samplers: DDIM (Song et al. 2021, eq. 12) and DDPM a
 Timesteps, update rules and random draws follow diffusers' DDIMScheduler / DDPMScheduler so the same
 seed gives the same image.
 """
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -30,6 +31,20 @@ class SchedulerConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def check(self):
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        n = self.num_train_timesteps
+        if not (isinstance(n, int) and not isinstance(n, bool) and n > 1):
+            raise ValueError(f"num_train_timesteps={n!r} must be an integer > 1")
+        if not (number(self.beta_start) and number(self.beta_end) and 0 < self.beta_start <= self.beta_end < 1):
+            raise ValueError(f"beta_start={self.beta_start!r}, beta_end={self.beta_end!r} must satisfy 0 < start <= end < 1")
+        if not (isinstance(self.steps_offset, int) and not isinstance(self.steps_offset, bool) and 0 <= self.steps_offset < n):
+            raise ValueError(f"steps_offset={self.steps_offset!r} must be an integer in [0, num_train_timesteps)")
+        for name in ("set_alpha_to_one", "clip_sample"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        if not (number(self.clip_sample_range) and self.clip_sample_range > 0):
+            raise ValueError(f"clip_sample_range={self.clip_sample_range!r} must be a positive number")
         if self.beta_schedule not in ("scaled_linear", "linear"):
             raise ValueError(f"beta_schedule {self.beta_schedule!r} is not supported (scaled_linear, linear)")
         if self.prediction_type not in ("epsilon", "v_prediction"):

@@ -146,7 +146,7 @@ def load_instance_images(folder: Path, resolution: int, flag: str = "--instance-
             with Image.open(f) as im:
                 im = ImageOps.exif_transpose(im)
                 im.load()
-            images.append(im.convert("RGB"))  # RGBA, grayscale, CMYK, palette -> RGB
+            images.append(to_rgb(im, f))
         except Exception:
             bad.append(f.name)
     if bad:
@@ -156,6 +156,17 @@ def load_instance_images(folder: Path, resolution: int, flag: str = "--instance-
         print(f"warning: {len(small)} image(s) smaller than --resolution {resolution} will be upscaled: "
               f"{', '.join(small[:5])}", file=sys.stderr)
     return images
+
+
+def to_rgb(im, f: Path):
+    """8-bit RGB. 16-bit and 32-bit grayscale are scaled down (a plain convert clips them to white);
+    RGBA, grayscale, CMYK and palette images convert as usual; anything rarer is converted with a warning."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        top = 65535 if im.mode.startswith("I;16") or (im.getextrema()[1] or 0) > 255 else 255
+        return im.convert("I").point(lambda v: v * (255 / top)).convert("L").convert("RGB")
+    if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "1"):
+        print(f"warning: {f.name}: unusual image mode {im.mode}, converted to 8-bit RGB", file=sys.stderr)
+    return im.convert("RGB")
 
 
 def to_tensor(im, resolution: int, center_crop: bool, flip: bool, rng: random.Random):
@@ -312,6 +323,13 @@ def restore(meta, tensors, groups, opt, sched, scaler, g):
         idx, key = k.split(".", 1)
         state["state"].setdefault(int(idx), {})[key] = v
     opt.load_state_dict(state)
+    for pg in opt.param_groups:  # torch takes any values here; a crafted file would fail mid-step instead
+        nums = [pg[k] for k in ("lr", "initial_lr", "weight_decay", "eps") if k in pg] + list(pg["betas"])
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in nums):
+            raise ValueError(f"optimizer hyperparameters {nums} are not finite non-negative numbers")
+        for p in pg["params"]:
+            if any(torch.is_tensor(v) and v.ndim and v.shape != p.shape for v in opt.state[p].values()):
+                raise ValueError("optimizer moments do not match the parameters' shapes")
     sched.load_state_dict(meta["lr_sched"])
     if scaler is not None and meta["scaler"]:
         scaler.load_state_dict(meta["scaler"])
@@ -420,12 +438,46 @@ def load_base(cfg: TrainConfig) -> StableDiffusion:
 
 
 def stored_config(meta: dict, path: Path) -> TrainConfig:
-    d = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
-    missing = [f for f in TrainConfig.__dataclass_fields__ if f not in d]
-    if missing:
-        raise TrainError(f"{path}: written by an older minidream (no {', '.join(missing[:4])}"
-                         f"{' …' if len(missing) > 4 else ''}); start a new run")
-    return TrainConfig(**{k: v for k, v in d.items() if k in TrainConfig.__dataclass_fields__})
+    """The run's settings from a checkpoint, checked like the command line's (a crafted file gets no further)."""
+    try:
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
+        missing = [f for f in TrainConfig.__dataclass_fields__ if f not in d]
+        if missing:
+            raise TrainError(f"{path}: written by an older minidream (no {', '.join(missing[:4])}"
+                             f"{' …' if len(missing) > 4 else ''}); start a new run")
+        cfg = TrainConfig(**{k: v for k, v in d.items() if k in TrainConfig.__dataclass_fields__})
+        validate(cfg)
+        if not (isinstance(meta["step"], int) and 0 <= meta["step"]):
+            raise TrainError(f"{path}: step {meta['step']!r} is not a step count")
+        return cfg
+    except TrainError as e:
+        raise TrainError(f"{path}: {e}" if not str(e).startswith(str(path)) else str(e)) from None
+    except Exception as e:
+        raise TrainError(f"{path}: its stored settings are not usable ({type(e).__name__}: {e})") from None
+
+
+def check_prompts(model: StableDiffusion, cfg: TrainConfig):
+    """CLIP reads 77 tokens: a prompt cut before its identifier would train on the class alone."""
+    for what, prompt in zip(("--instance-prompt", "--class-prompt"), cfg.prompts):
+        cut = model.tokenizer.truncated(prompt)
+        if cut and what == "--instance-prompt" and cfg.identifier in cut and cfg.identifier not in prompt[:-len(cut)]:
+            raise TrainError(f"{what}: the identifier {cfg.identifier!r} falls past the text encoder's "
+                             f"{model.tokenizer.max_length}-token limit; shorten the prompt")
+        if cut:
+            print(f"warning: {what} is longer than {model.tokenizer.max_length} tokens; this part is cut: {cut!r}",
+                  file=sys.stderr)
+
+
+def lock_run(out: Path):
+    """One run per --out: a second one would interleave checkpoints and metrics."""
+    import fcntl
+    f = open(out / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise TrainError(f"--out {out} is in use by another minidream run; wait for it or choose another folder") from None
+    return f
 
 
 def flag(field: str) -> str:
@@ -489,6 +541,13 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, 
             raise TrainError(f"--resume {resume}: no such checkpoint file")
         start_meta, start_tensors = read_checkpoint(ck)
         cfg = resumed_config(cfg, stored_config(start_meta, ck), given)
+        if given is not None and "class_dir" not in given and cfg.class_dir and \
+                not Path(cfg.class_dir).resolve().is_relative_to(out.resolve()):
+            # a stored class folder outside --out is only read: a crafted checkpoint must not make us write there
+            have = len([p for p in Path(cfg.class_dir).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES])
+            if cfg.prior and have < cfg.num_class_images:
+                raise TrainError(f"--class-dir {cfg.class_dir} (from the checkpoint) holds {have} of "
+                                 f"{cfg.num_class_images} class images; pass --class-dir to say where to make them")
         print(f"resuming from {ck} at step {start_meta['step']}", file=sys.stderr)
     elif run_file.exists() and not overwrite:
         raise TrainError(f"--out {out} holds another run (run.json); pass --resume latest to continue it, "
@@ -512,14 +571,33 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, 
         print(f"--resolution {cfg.resolution} (the model's native resolution)", file=sys.stderr)
     validate_resolution(cfg.resolution, vae_scale(model) * 2 ** (len(model.unet.cfg.channels) - 1))
     instance_images = load_instance_images(Path(cfg.instance_dir), cfg.resolution)
-    if overwrite and not resume:  # start over: nothing of the old run may be resumed, pruned or reused
-        clear_run(out, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.rglob(".*.tmp*"):  # a killed write's unfinished file (checkpoint, export, image)
-        stale.unlink()
-    if start_meta is not None:
-        truncate_metrics(out / "metrics.jsonl", start_meta["step"])
-    run_file.write_text(json.dumps(asdict(cfg), indent=2))
+    check_prompts(model, cfg)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = lock_run(out)
+    except OSError as e:
+        raise TrainError(f"--out {out}: cannot write there ({e.strerror}); choose another folder or free space") from None
+    try:
+        return _locked_run(cfg, out, model, device, half, backend, instance_images, start_meta, start_tensors,
+                           overwrite and not resume)
+    finally:
+        lock.close()
+
+
+def _locked_run(cfg: TrainConfig, out: Path, model: StableDiffusion, device, half, backend, instance_images,
+                start_meta, start_tensors, start_over: bool):
+    """The run itself, once every setting is checked and --out is this process's."""
+    run_file = out / "run.json"
+    try:
+        if start_over:  # start over: nothing of the old run may be resumed, pruned or reused
+            clear_run(out, cfg)
+        for stale in out.rglob(".*.tmp*"):  # a killed write's unfinished file (checkpoint, export, image)
+            stale.unlink()
+        if start_meta is not None:
+            truncate_metrics(out / "metrics.jsonl", start_meta["step"])
+        run_file.write_text(json.dumps(asdict(cfg), indent=2))
+    except OSError as e:
+        raise TrainError(f"--out {out}: cannot write there ({e.strerror}); choose another folder or free space") from None
     model.to(device)
     set_attention_backend(model.unet, backend)
     set_attention_backend(model.vae, backend)
@@ -558,7 +636,13 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, 
     g = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop: data, noise, timesteps
     step = 0
     if start_meta is not None:
-        restore(start_meta, start_tensors, groups, opt, sched, scaler, g)
+        try:
+            restore(start_meta, start_tensors, groups, opt, sched, scaler, g)
+        except TrainError:
+            raise
+        except Exception as e:  # a crafted or damaged checkpoint: name it, do not crash in torch
+            raise TrainError(f"the checkpoint's optimizer, schedule or RNG state is not usable ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); resume from another checkpoint") from None
         step = start_meta["step"]
     schedule = NoiseSchedule(model.scheduler)
 
@@ -621,7 +705,11 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, 
 
     def checkpoint_now(at):
         path = out / "checkpoints" / f"step-{at:06d}.safetensors"
-        save_checkpoint(path, at, cfg, groups, opt, sched, scaler, g)
+        try:
+            save_checkpoint(path, at, cfg, groups, opt, sched, scaler, g)
+        except OSError as e:
+            raise TrainError(f"{path}: could not be written ({e.strerror}); the last good checkpoint is kept "
+                             f"(step {last_good}); free space and --resume latest") from None
         for old in checkpoints(out)[:-cfg.keep_last] if cfg.keep_last > 0 else []:
             old.unlink()
         return path
@@ -679,7 +767,14 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, 
         validation_grid(model, cfg, out / "samples" / "final.png")
     model.unet.eval()
     trained = {name: p.detach() for params in groups.values() for name, p in params}
-    return model, export(load_base(cfg), trained, cfg, out)
+    try:
+        return model, export(load_base(cfg), trained, cfg, out)
+    except OSError as e:  # disk full, read-only: keep the trained weights resumable, then say how to export again
+        try:
+            kept = f"the trained weights are in {checkpoint_now(step)}; free space and --resume latest to export"
+        except TrainError:
+            kept = "no checkpoint could be written either"
+        raise TrainError(f"export to {out} failed ({e.strerror}); {kept}") from None
 
 
 @torch.no_grad()

@@ -106,3 +106,33 @@ def test_resolution_must_divide_by_the_models_downsampling():
     for bad in (520, 40):
         with pytest.raises(TrainError, match="multiple of 64 for this model"):
             validate_resolution(bad, 64)
+
+
+def test_crafted_checkpoints_are_one_line_and_write_nowhere_else(sd1_dir, instance_dir, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    out = tmp_path / "run"
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--steps", 2, "--checkpoint-every", 1, "--keep-last", 0))
+    assert r.exit_code == 0, r.output
+    ck = out / "checkpoints" / "step-000002.safetensors"
+    with safe_open(str(ck), "pt") as f:
+        meta = json.loads(f.metadata()["minidream"])
+    tensors = load_file(ck)
+    elsewhere = tmp_path / "elsewhere"
+    crafted = [({"config": {**meta["config"], "steps": "many"}}, "not usable"),
+               ({"config": {**meta["config"], "lr_schedule": "zigzag"}}, "--lr-schedule 'zigzag'"),
+               ({"step": -3}, "is not a step count"),
+               ({"config": "nope"}, "not usable"),
+               ({"param_groups": [{"lr": "x"}]}, "not usable"),
+               ({"config": {**meta["config"], "class_dir": str(elsewhere)}}, "(from the checkpoint) holds 0 of 2")]
+    for change, needle in crafted:
+        save_file(tensors, ck, metadata={"minidream": json.dumps({**meta, **change})})
+        (out / "checkpoints" / ".step-000003.safetensors.tmp77").write_bytes(b"half")  # a killed write's leftover
+        args = [a for a in train_args(sd1_dir, instance_dir, out, "--resume", "latest")]
+        r = run_cli(*args)
+        assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, (change, r.output)
+        assert not elsewhere.exists()
+    save_file(tensors, ck, metadata={"minidream": json.dumps(meta)})
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--resume", "latest"))
+    assert r.exit_code == 0, r.output
+    assert not list((out / "checkpoints").glob(".*.tmp*"))
