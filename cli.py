@@ -123,7 +123,12 @@ def sample(
         fail(f"--out {out} is a file; give a folder")
     if lora is not None and not lora.is_file():
         fail(f"--lora {lora}: no such file")
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from minidream.train import TrainError, resolve_device
+    try:
+        dev = resolve_device(device).type
+        backend = resolve_backend(attention.value, dev)
+    except (TrainError, ValueError) as e:
+        fail(str(e))
     if dtype != DType.fp32 and dev == "cpu":
         fail(f"--dtype {dtype.value} needs a GPU; use --dtype fp32 on CPU")
     m = load_model(model, revision, variant, allow_pickle, tokenizer, preset, config)
@@ -141,7 +146,7 @@ def sample(
         except (ValueError, ModelError) as e:
             fail(str(e))
     m.to(device=dev, dtype=torch_dtype(dtype))
-    set_attention_backend(m.unet, resolve_backend(attention.value, dev))
+    set_attention_backend(m.unet, backend)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

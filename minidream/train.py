@@ -369,9 +369,21 @@ def validate(cfg: TrainConfig):
     if cfg.resolution is not None:
         validate_resolution(cfg.resolution)
     for flag, v in (("--max-grad-norm", cfg.max_grad_norm), ("--weight-decay", cfg.weight_decay),
-                    ("--text-encoder-steps", cfg.text_encoder_steps), ("--warmup-steps", cfg.warmup_steps)):
+                    ("--text-encoder-steps", cfg.text_encoder_steps), ("--warmup-steps", cfg.warmup_steps),
+                    ("--noise-offset", cfg.noise_offset), ("--prior-loss-weight", cfg.prior_loss_weight),
+                    ("--class-guidance", cfg.class_guidance), ("--keep-last", cfg.keep_last),
+                    ("--checkpoint-every", cfg.checkpoint_every), ("--validation-every", cfg.validation_every),
+                    ("--num-class-images", cfg.num_class_images)):
         if not v >= 0:
             raise TrainError(f"{flag} must be >= 0 (got {v})")
+    for flag, v in (("--lr", cfg.lr), ("--text-encoder-lr", cfg.text_encoder_lr), ("--token-lr", cfg.token_lr),
+                    ("--snr-gamma", cfg.snr_gamma)):
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise TrainError(f"{flag} must be a positive number (got {v})")
+    if not 0 <= cfg.flip <= 1:
+        raise TrainError(f"--flip is a probability in [0, 1] (got {cfg.flip})")
+    if cfg.prior and cfg.num_class_images < 1:
+        raise TrainError("--num-class-images must be at least 1 with prior preservation (or pass --no-prior)")
     for flag, v in (("--adam-beta1", cfg.adam_beta1), ("--adam-beta2", cfg.adam_beta2)):
         if not 0 <= v < 1:
             raise TrainError(f"{flag} must be in [0, 1) (got {v})")

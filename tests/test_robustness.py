@@ -224,3 +224,15 @@ def test_an_out_folder_that_cannot_be_made_is_one_line(sd1_dir, instance_dir, tm
     r = CliRunner().invoke(app, ["sample", "--model", str(sd1_dir), "--prompt", "a", "--out", str(blocker / "o"),
                                  "--steps", 1, "--no-progress"])
     assert r.exit_code == 2 and "cannot create it" in r.output, r.output
+
+
+def test_sample_device_and_backend_errors_are_one_line(sd1_dir, tmp_path):
+    import torch
+    cases = [(["--device", "banana"], "is not a device")]
+    if not torch.cuda.is_available():
+        cases += [(["--device", "cuda"], "no CUDA GPU is available"), (["--attention", "triton"], "needs a CUDA GPU")]
+    for extra, needle in cases:
+        env = {"TRITON_INTERPRET": "0"} if "triton" in extra else {}
+        r = CliRunner().invoke(app, ["sample", "--model", str(sd1_dir), "--prompt", "a", "--out", str(tmp_path / "o"),
+                                     "--steps", 1, "--no-progress", *extra], env=env)
+        assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, (extra, r.output)

@@ -131,7 +131,11 @@ def test_bad_option_values_are_one_line_and_write_nothing(sd1_dir, instance_dir,
              (["--adam-beta2", 1.0], "--adam-beta2 must be in [0, 1)"),
              (["--max-grad-norm", -1], "--max-grad-norm must be >= 0"),
              (["--resolution", 12], "--resolution must be a positive multiple of 8"),
-             (["--lr-power", 0], "--lr-power must be > 0")]
+             (["--lr-power", 0], "--lr-power must be > 0"),
+             (["--lr", -1], "--lr must be a positive number"),
+             (["--snr-gamma", -1], "--snr-gamma must be a positive number"),
+             (["--flip", 2], "--flip is a probability in [0, 1]"),
+             (["--noise-offset", -0.1], "--noise-offset must be >= 0")]
     for i, (extra, needle) in enumerate(cases):
         out = tmp_path / f"o{i}"
         r = run_cli(*train_args(sd1_dir, instance_dir, out, *extra))
