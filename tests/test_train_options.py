@@ -173,7 +173,7 @@ def test_train_takes_the_loader_options(sd1_dir, instance_dir, tmp_path):
     for name, model, extra in (("folder", sd1_dir, []), ("file", f, ["--config", sd1_dir])):
         outs[name] = tmp_path / name
         r = run_cli(*train_args(model, instance_dir, outs[name], "--train", "lora", "--save-as", "lora-diffusers",
-                                "--no-prior", *extra))
+                                "--no-prior", "--device", "cpu", *extra))  # CPU: CUDA runs differ run to run
         assert r.exit_code == 0, r.output
     a = load_file(outs["folder"] / "lora" / "pytorch_lora_weights.safetensors")
     b = load_file(outs["file"] / "lora" / "pytorch_lora_weights.safetensors")
