@@ -1,4 +1,6 @@
-"""A one-line progress bar on stderr: step/total, rate, ETA and whatever numbers the caller adds."""
+"""A one-line progress bar on stderr: step/total, rate, ETA and whatever numbers the caller adds.
+On a terminal it redraws in place; into a log file or pipe (CI, nohup) it writes a line at most every
+10 seconds and at the end, instead of thousands of carriage-return updates."""
 import sys
 import time
 
@@ -9,6 +11,8 @@ class Progress:
         self.enabled = enabled
         self.t0 = time.perf_counter()
         self.stats: dict[str, float] = {}
+        self.tty = sys.stderr.isatty()
+        self.last_line = float("-inf")
 
     def update(self, n: int = 1, **stats):
         self.n += n
@@ -26,10 +30,15 @@ class Progress:
         frac = self.n / max(self.total, 1)
         bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
         extra = " ".join(f"{k}={v:.4g}" for k, v in self.stats.items())
-        end = "\n" if self.n >= self.total else ""
-        sys.stderr.write(f"\r{self.desc} [{bar}] {self.n}/{self.total} {rate:.2f} it/s ETA {eta:4.0f}s {extra}{end}")
+        line = f"{self.desc} [{bar}] {self.n}/{self.total} {rate:.2f} it/s ETA {eta:4.0f}s {extra}"
+        done = self.n >= self.total
+        if self.tty:
+            sys.stderr.write(f"\r{line}" + ("\n" if done else ""))
+        elif done or time.perf_counter() - self.last_line >= 10:
+            self.last_line = time.perf_counter()
+            sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
     def close(self):
-        if self.enabled and self.n < self.total:
+        if self.enabled and self.tty and self.n < self.total:
             sys.stderr.write("\n")

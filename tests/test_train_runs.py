@@ -136,3 +136,13 @@ def test_crafted_checkpoints_are_one_line_and_write_nowhere_else(sd1_dir, instan
     r = run_cli(*train_args(sd1_dir, instance_dir, out, "--resume", "latest"))
     assert r.exit_code == 0, r.output
     assert not list((out / "checkpoints").glob(".*.tmp*"))
+
+
+def test_progress_into_a_log_writes_lines_not_thousands_of_redraws(capsys):
+    from minidream.progress import Progress
+    bar = Progress(1000, "training")
+    for _ in range(1000):
+        bar.update(loss=0.1)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert 1 <= len(lines) <= 3 and "\r" not in "".join(lines) and "1000/1000" in lines[-1], lines
