@@ -6,26 +6,25 @@ from typing import Annotated, Optional
 
 import typer
 
+from minidream import choices
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stable Diffusion and DreamBooth in plain PyTorch.")
 
 
-class Scheduler(str, Enum):
-    ddim = "ddim"
-    ddpm = "ddpm"
+def choice(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A typer choice built from one of minidream.choices' tuples (the one place each list is written)."""
+    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
 
 
-class DType(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class AttentionBackend(str, Enum):
-    auto = "auto"
-    sdpa = "sdpa"
-    math = "math"
-    triton = "triton"
+Scheduler = choice("Scheduler", choices.SAMPLERS)
+DType = choice("DType", choices.DTYPES)
+AttentionBackend = choice("AttentionBackend", choices.ATTENTION_BACKENDS)
+TrainMode = choice("TrainMode", choices.TRAIN_MODES)
+Precision = choice("Precision", choices.MIXED_PRECISIONS)
+LRSchedule = choice("LRSchedule", choices.LR_SCHEDULES)
+ClassPrecision = choice("ClassPrecision", choices.CLASS_PRECISIONS)
+SaveAs = choice("SaveAs", choices.EXPORTS)
 
 
 def fail(msg: str):
@@ -49,7 +48,7 @@ TokenizerOpt = Annotated[Optional[str], typer.Option(help="For single-file check
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="For single-file checkpoints: a diffusers-layout "
                                                                   "folder or repo id whose configs and tokenizer describe it.")]
 PresetOpt = Annotated[Optional[str], typer.Option(help="For single-file checkpoints: architecture "
-                                                       "(sd15, sd21, sd21-base, tiny); inferred when omitted.")]
+                                                       f"({', '.join(choices.PRESETS)}); inferred when omitted.")]
 
 
 def load_model(model: str, revision=None, variant=None, allow_pickle=False, tokenizer=None, preset=None, config=None,
@@ -176,39 +175,6 @@ def sample(
         save_png(grid(torch.stack(images)), out / "grid.png", {"prompt": prompt, "seed": seed})
         names.append(out / "grid.png")
     typer.echo(f"wrote {len(names)} file(s) to {out}")
-
-
-class TrainMode(str, Enum):
-    unet = "unet"
-    attention = "attention"
-    lora = "lora"
-
-
-class Precision(str, Enum):
-    no = "no"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class LRSchedule(str, Enum):
-    constant = "constant"
-    cosine = "cosine"
-    linear = "linear"
-    polynomial = "polynomial"
-
-
-class ClassPrecision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class SaveAs(str, Enum):
-    diffusers = "diffusers"
-    single_file = "single-file"
-    lora_diffusers = "lora-diffusers"
-    lora_kohya = "lora-kohya"
 
 
 @app.command()

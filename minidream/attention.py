@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "sdpa", "math", "triton")
+from minidream.choices import ATTENTION_BACKENDS
 
 
 def attention(q, k, v, backend: str = "sdpa"):
@@ -29,14 +29,14 @@ def attention(q, k, v, backend: str = "sdpa"):
     if backend == "math":
         s = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
         return (s.softmax(-1) @ v.float()).to(q.dtype)
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
 
 
 def resolve_backend(name: str, device) -> str:
     """'auto': the math reference on CPU (where SDPA is the same math), SDPA on GPUs.
     Triton is chosen explicitly until the benchmarks show it ahead on the device at hand."""
-    if name not in BACKENDS:
-        raise ValueError(f"--attention {name!r} is not one of {', '.join(BACKENDS)}")
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"--attention {name!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
     if name == "triton" and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("--attention triton needs a CUDA GPU (on CPU only under TRITON_INTERPRET=1, for tests)")
     if name != "auto":

@@ -14,7 +14,6 @@ from minidream import lora as lora_lib
 from minidream.loading import StableDiffusion, save_pretrained, save_safetensors
 from minidream.trainable import TokenEmbedding, merged_text_encoder_state, select_trainable
 
-EXPORTS = ("diffusers", "single-file", "lora-diffusers", "lora-kohya")
 
 
 def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg) -> StableDiffusion:

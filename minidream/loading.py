@@ -20,13 +20,13 @@ import torch
 import torch.nn as nn
 
 from minidream import clip, unet, vae
+from minidream.choices import PRESETS
 from minidream.schedulers import SchedulerConfig
 from minidream.schedulers import PRESETS as SCHEDULER_PRESETS
 from minidream.tokenizer import CLIPTokenizer
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-PRESET_NAMES = ("sd15", "sd21", "sd21-base", "tiny")
 
 
 class ModelError(Exception):
@@ -185,7 +185,7 @@ def _require(d: dict, file: Path, expected: dict):
         vals = v if isinstance(v, (list, tuple)) else [v]
         if not all(x in ok for x in vals):
             raise ModelError(f"{file}: {key}={v!r} is not a Stable Diffusion 1.x/2.x architecture "
-                             f"(supported: {ok}); minidream's presets are {', '.join(PRESET_NAMES)}")
+                             f"(supported: {ok}); minidream's presets are {', '.join(PRESETS)}")
 
 
 def unet_config(d: dict, file: Path) -> unet.UNetConfig:
@@ -373,8 +373,8 @@ def load(model: str, revision: str | None = None, variant: str | None = None, al
 
 def random_model(preset: str, tokenizer: CLIPTokenizer | None = None, seed: int = 0) -> StableDiffusion:
     """A model at a preset's architecture with random weights (benchmarks, tests: nothing to download)."""
-    if preset not in PRESET_NAMES:
-        raise ModelError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
+    if preset not in PRESETS:
+        raise ModelError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     torch.manual_seed(seed)
     cp = "sd21" if preset.startswith("sd21") else preset
     return StableDiffusion(tokenizer=tokenizer, text_encoder=clip.CLIPTextModel(clip.PRESETS[cp]).eval(),

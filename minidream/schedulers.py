@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from minidream import choices
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -185,6 +187,7 @@ class DDPM(_Sampler):
 
 
 SAMPLERS = {"ddim": DDIM, "ddpm": DDPM}
+assert tuple(SAMPLERS) == choices.SAMPLERS, "choices.SAMPLERS lists the samplers implemented here"
 
 
 def make_sampler(name: str, cfg: SchedulerConfig, eta: float = 0.0):

@@ -22,17 +22,14 @@ from pathlib import Path
 import torch
 
 from minidream.attention import resolve_backend, set_attention_backend
-from minidream.export import EXPORTS, export
+from minidream.choices import CLASS_PRECISIONS, EXPORTS, LR_SCHEDULES, MIXED_PRECISIONS, TRAIN_MODES
+from minidream.export import export
 from minidream.loading import StableDiffusion, load, save_safetensors
 from minidream.pipeline import generate, grid, save_png, vae_scale
 from minidream.progress import Progress
 from minidream.schedulers import NoiseSchedule
 from minidream.trainable import cast_frozen, print_summary, select_trainable
 
-MODES = ("unet", "attention", "lora")
-LR_SCHEDULES = ("constant", "cosine", "linear", "polynomial")
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
-CLASS_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: fp16 on CUDA (as diffusers' script), fp32 elsewhere
 HALF = {"no": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -348,7 +345,7 @@ def checkpoints(out: Path) -> list[Path]:
 
 def validate(cfg: TrainConfig):
     """Every setting that can be checked without the model, before anything is loaded or written."""
-    for flag, v, ok in (("--train", cfg.train, MODES), ("--mixed-precision", cfg.mixed_precision, MIXED_PRECISIONS),
+    for flag, v, ok in (("--train", cfg.train, TRAIN_MODES), ("--mixed-precision", cfg.mixed_precision, MIXED_PRECISIONS),
                         ("--lr-schedule", cfg.lr_schedule, LR_SCHEDULES),
                         ("--class-precision", cfg.class_precision, CLASS_PRECISIONS)):
         if v not in ok:

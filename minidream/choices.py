@@ -1,0 +1,13 @@
+"""Every choice list of the command line, defined once. The module that implements a choice takes its list
+from here (and checks its input against it); cli.py builds its options from the same tuples. No torch
+import here, so `minidream --help` stays fast."""
+
+SAMPLERS = ("ddim", "ddpm")                                  # schedulers.SAMPLERS implements each
+ATTENTION_BACKENDS = ("auto", "sdpa", "math", "triton")      # attention.py
+DTYPES = ("fp32", "fp16", "bf16")                            # `sample --dtype`
+PRESETS = ("sd15", "sd21", "sd21-base", "tiny")              # loading.py / the model files' PRESETS
+TRAIN_MODES = ("unet", "attention", "lora")                  # trainable.select_trainable
+MIXED_PRECISIONS = ("no", "fp16", "bf16")                    # train.py
+CLASS_PRECISIONS = ("auto", "fp32", "fp16", "bf16")          # auto: fp16 on CUDA (as diffusers' script), else fp32
+LR_SCHEDULES = ("constant", "cosine", "linear", "polynomial")  # train.lr_lambdas
+EXPORTS = ("diffusers", "single-file", "lora-diffusers", "lora-kohya")  # export.py
