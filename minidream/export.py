@@ -15,7 +15,6 @@ from minidream.loading import StableDiffusion, save_pretrained, save_safetensors
 from minidream.trainable import TokenEmbedding, merged_text_encoder_state, select_trainable
 
 
-
 def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg) -> StableDiffusion:
     """The base model with the run's trainable structure (adapters, new token) and its trained values."""
     with torch.random.fork_rng(devices=[]):  # adapter init draws are overwritten below; keep the caller's RNG

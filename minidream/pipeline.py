@@ -19,6 +19,12 @@ def vae_scale(model: StableDiffusion) -> int:
     return 2 ** (len(model.vae.cfg.channels) - 1)
 
 
+def downsampling(model: StableDiffusion) -> int:
+    """Pixels per latent cell at the UNet's deepest stage: the VAE's, then the UNet's downsamplings.
+    Image sides must be multiples of it."""
+    return vae_scale(model) * 2 ** (len(model.unet.cfg.channels) - 1)
+
+
 def encode_prompts(model: StableDiffusion, prompts: list[str]) -> torch.Tensor:
     """(B, 77, C) CLIP context for each prompt."""
     p = next(model.text_encoder.parameters())
@@ -34,7 +40,7 @@ def generate(model: StableDiffusion, prompts: list[str], negative: str | list[st
     s = vae_scale(model)
     height = height or model.unet.cfg.sample_size * s
     width = width or model.unet.cfg.sample_size * s
-    factor = s * 2 ** (len(model.unet.cfg.channels) - 1)  # the VAE's, then the UNet's downsamplings
+    factor = downsampling(model)
     if height % factor or width % factor or height < factor or width < factor:
         raise ValueError(f"--height/--width must be positive multiples of {factor} for this model (got {height}x{width})")
     sampler = make_sampler(scheduler, model.scheduler, eta)

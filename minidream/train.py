@@ -25,7 +25,7 @@ from minidream.attention import resolve_backend, set_attention_backend
 from minidream.choices import CLASS_PRECISIONS, EXPORTS, LR_SCHEDULES, MIXED_PRECISIONS, TRAIN_MODES
 from minidream.export import export
 from minidream.loading import StableDiffusion, load, save_safetensors
-from minidream.pipeline import generate, grid, save_png, vae_scale
+from minidream.pipeline import downsampling, generate, grid, save_png, vae_scale
 from minidream.progress import Progress
 from minidream.schedulers import NoiseSchedule
 from minidream.trainable import cast_frozen, print_summary, select_trainable
@@ -128,13 +128,17 @@ RUN_OUTPUTS = ("run.json", "metrics.jsonl", "checkpoints", "samples", "class_ima
 # ---------------------------------------------------------------------------------------------
 # Data
 
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def load_instance_images(folder: Path, resolution: int, flag: str = "--instance-dir") -> list:
     """The subject's photos (or the class images), RGB, EXIF orientation applied; every unreadable file
     named before any compute."""
     from PIL import Image, ImageOps
     if not folder.is_dir():
         raise TrainError(f"{flag} {folder}: no such folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(folder)
     if not files:
         raise TrainError(f"{flag} {folder}: no images (.jpg, .png, .webp) in it")
     images, bad = [], []
@@ -205,7 +209,7 @@ def make_class_images(model: StableDiffusion, cfg: TrainConfig, class_dir: Path,
         raise TrainError(f"--class-dir {class_dir}: not writable ({e.strerror}); choose another folder") from None
     for stale in class_dir.glob(".*.tmp*"):  # a killed generation's unfinished file
         stale.unlink()
-    have = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    have = image_files(class_dir)
     prompt = cfg.prompts[1]
     other = [p.name for p in have if png_prompt(p) not in (None, prompt)]
     if other:
@@ -553,7 +557,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, 
         if given is not None and "class_dir" not in given and cfg.class_dir and \
                 not Path(cfg.class_dir).resolve().is_relative_to(out.resolve()):
             # a stored class folder outside --out is only read: a crafted checkpoint must not make us write there
-            have = len([p for p in Path(cfg.class_dir).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES])
+            have = len(image_files(Path(cfg.class_dir))) if Path(cfg.class_dir).is_dir() else 0
             if cfg.prior and have < cfg.num_class_images:
                 raise TrainError(f"--class-dir {cfg.class_dir} (from the checkpoint) holds {have} of "
                                  f"{cfg.num_class_images} class images; pass --class-dir to say where to make them")
@@ -578,7 +582,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, 
     if cfg.resolution is None:  # the model's own size (768 for SD 2.x 768-v), stored in run.json for resume
         cfg = replace(cfg, resolution=native_resolution(model))
         print(f"--resolution {cfg.resolution} (the model's native resolution)", file=sys.stderr)
-    validate_resolution(cfg.resolution, vae_scale(model) * 2 ** (len(model.unet.cfg.channels) - 1))
+    validate_resolution(cfg.resolution, downsampling(model))
     instance_images = load_instance_images(Path(cfg.instance_dir), cfg.resolution)
     check_prompts(model, cfg)
     try:
