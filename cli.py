@@ -75,7 +75,7 @@ def info(model: ModelArg, revision: Revision = None, variant: Variant = None, al
         p = next(mod.parameters())
         n = sum(x.numel() for x in mod.parameters())
         typer.echo(f"{name:<12} {n / 1e6:9.2f}M params  {str(p.dtype).removeprefix('torch.')}")
-    typer.echo(f"resolution {m.unet.cfg.sample_size * 2 ** (len(m.vae.cfg.channels) - 1)} px native")
+    typer.echo(f"resolution {m.native_resolution} px native")
 
 
 @app.command()

@@ -230,7 +230,7 @@ def to_single_file(model: StableDiffusion) -> dict[str, torch.Tensor]:
 def modelspec(model: StableDiffusion) -> dict[str, str]:
     """The metadata that lets a reader (us, ComfyUI, A1111) tell the family and the prediction type."""
     v = model.scheduler.prediction_type == "v_prediction"
-    side = model.unet.cfg.sample_size * 2 ** (len(model.vae.cfg.channels) - 1)
+    side = model.native_resolution
     meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.prediction_type": "v" if v else "epsilon",
             "modelspec.resolution": f"{side}x{side}"}
     arch = {"sd15": "stable-diffusion-v1", "sd21": "stable-diffusion-v2-768-v", "sd21-base": "stable-diffusion-v2-512"}

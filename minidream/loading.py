@@ -291,6 +291,11 @@ class StableDiffusion:
             return "sd21" if self.scheduler.prediction_type == "v_prediction" else "sd21-base"
         return name
 
+    @property
+    def native_resolution(self) -> int:
+        """The image side the model was trained at: the UNet's latent size times the VAE's downsampling."""
+        return self.unet.cfg.sample_size * 2 ** (len(self.vae.cfg.channels) - 1)
+
     def to(self, device=None, dtype=None):
         for m in (self.text_encoder, self.unet, self.vae):
             m.to(device=device, dtype=dtype)

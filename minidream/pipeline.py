@@ -38,8 +38,8 @@ def generate(model: StableDiffusion, prompts: list[str], negative: str | list[st
              progress: bool = True) -> torch.Tensor:
     """Images (B, H, W, 3) uint8 for B prompts. guidance <= 1 turns classifier-free guidance off."""
     s = vae_scale(model)
-    height = height or model.unet.cfg.sample_size * s
-    width = width or model.unet.cfg.sample_size * s
+    height = height or model.native_resolution
+    width = width or model.native_resolution
     factor = downsampling(model)
     if height % factor or width % factor or height < factor or width < factor:
         raise ValueError(f"--height/--width must be positive multiples of {factor} for this model (got {height}x{width})")

@@ -25,7 +25,7 @@ from minidream.attention import resolve_backend, set_attention_backend
 from minidream.choices import CLASS_PRECISIONS, EXPORTS, LR_SCHEDULES, MIXED_PRECISIONS, TRAIN_MODES
 from minidream.export import export
 from minidream.loading import StableDiffusion, load, save_safetensors
-from minidream.pipeline import downsampling, generate, grid, save_png, vae_scale
+from minidream.pipeline import downsampling, generate, grid, save_png
 from minidream.progress import Progress
 from minidream.schedulers import NoiseSchedule
 from minidream.trainable import cast_frozen, print_summary, select_trainable
@@ -437,10 +437,6 @@ def lr_lambdas(cfg: TrainConfig, base_lrs: list[float]):
     return [make(lr0) for lr0 in base_lrs]
 
 
-def native_resolution(model: StableDiffusion) -> int:
-    return model.unet.cfg.sample_size * vae_scale(model)
-
-
 def load_base(cfg: TrainConfig) -> StableDiffusion:
     """The base model in fp32 (master weights, whatever the file stores), with the run's loader options."""
     try:
@@ -580,7 +576,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, 
     torch.manual_seed(cfg.seed)
     model = load_base(cfg)
     if cfg.resolution is None:  # the model's own size (768 for SD 2.x 768-v), stored in run.json for resume
-        cfg = replace(cfg, resolution=native_resolution(model))
+        cfg = replace(cfg, resolution=model.native_resolution)
         print(f"--resolution {cfg.resolution} (the model's native resolution)", file=sys.stderr)
     validate_resolution(cfg.resolution, downsampling(model))
     instance_images = load_instance_images(Path(cfg.instance_dir), cfg.resolution)
