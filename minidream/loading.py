@@ -361,6 +361,11 @@ def load(model: str, revision: str | None = None, variant: str | None = None, al
         from minidream.convert import load_single_file
         return load_single_file(path, allow_pickle=allow_pickle, dtype=dtype, tokenizer=tokenizer, preset=preset,
                                 config=config)
+    ignored = [f for f, v in (("--preset", preset), ("--config", config), ("--tokenizer", tokenizer)) if v]
+    if ignored:  # a folder carries its own configs and tokenizer: say so rather than silently ignore the flag
+        one = len(ignored) == 1
+        raise ModelError(f"{path}: a model folder has its own configs and tokenizer; {', '.join(ignored)} "
+                         f"{'describes' if one else 'describe'} only single-file checkpoints: drop {'it' if one else 'them'}")
     if not (path / "model_index.json").exists() and not (path / "unet").is_dir():
         raise ModelError(f"{path}: not a model folder (no model_index.json, no unet/); expected the diffusers layout "
                          f"or a single .safetensors checkpoint")

@@ -581,6 +581,12 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, 
     validate_resolution(cfg.resolution, downsampling(model))
     instance_images = load_instance_images(Path(cfg.instance_dir), cfg.resolution)
     check_prompts(model, cfg)
+    if cfg.prior:  # checked now, so a bad --class-dir fails before run.json exists
+        class_dir = Path(cfg.class_dir) if cfg.class_dir else out / "class_images"
+        ancestor = next(p for p in (class_dir, *class_dir.parents) if p.exists())
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise TrainError(f"--class-dir {class_dir}: {'is a file or below one' if not ancestor.is_dir() else 'not writable'}; "
+                             f"choose another folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = lock_run(out)

@@ -236,3 +236,22 @@ def test_sample_device_and_backend_errors_are_one_line(sd1_dir, tmp_path):
         r = CliRunner().invoke(app, ["sample", "--model", str(sd1_dir), "--prompt", "a", "--out", str(tmp_path / "o"),
                                      "--steps", 1, "--no-progress", *extra], env=env)
         assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, (extra, r.output)
+
+
+def test_single_file_options_on_a_folder_are_refused_not_ignored(sd1_dir, instance_dir, tmp_path):
+    for flag in ("--preset", "--config", "--tokenizer"):
+        r = CliRunner().invoke(app, ["sample", "--model", str(sd1_dir), "--prompt", "a", "--out", str(tmp_path / "o"),
+                                     "--steps", 1, "--no-progress", flag, "sd15"])
+        assert r.exit_code == 2 and f"{flag} describes only single-file checkpoints" in r.output, r.output
+    out = tmp_path / "run"
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--preset", "sd15"))
+    assert r.exit_code == 2 and "describes only single-file" in r.output and not out.exists(), r.output
+
+
+def test_a_class_dir_that_is_a_file_fails_before_anything_is_written(sd1_dir, instance_dir, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    out = tmp_path / "run"
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--class-dir", f))
+    assert r.exit_code == 2 and "--class-dir" in r.output and "is a file or below one" in r.output, r.output
+    assert not out.exists()
