@@ -10,15 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import timeit, write
+from kernels.shapes import SD_SHAPES
 
-SHAPES = {  # name: (B, H, N, M, D) at 512 px, batch 2 (instance + prior)
-    "sd1-self-4096-d40": (2, 8, 4096, 4096, 40), "sd1-cross-4096-d40": (2, 8, 4096, 77, 40),
-    "sd1-self-1024-d80": (2, 8, 1024, 1024, 80), "sd1-cross-1024-d80": (2, 8, 1024, 77, 80),
-    "sd1-self-256-d160": (2, 8, 256, 256, 160), "sd1-cross-256-d160": (2, 8, 256, 77, 160),
-    "sd1-self-64-d160": (2, 8, 64, 64, 160),
-    "sd2-self-4096-d64": (2, 5, 4096, 4096, 64), "sd2-self-1024-d64": (2, 10, 1024, 1024, 64),
-    "sd2-cross-1024-d64": (2, 10, 1024, 77, 64),
-}
+SHAPES = SD_SHAPES  # name: (B, H, N, M, D) at 512 px, batch 2 (instance + prior)
 SMOKE_SHAPES = {"tiny-self-d40": (1, 2, 40, 40, 40), "tiny-cross-d80": (1, 1, 24, 77, 80)}
 
 

@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import count_flops, peak_memory, peak_tflops, timeit, write
-from minidream import lora as lora_lib
 from minidream.attention import set_attention_backend, set_fused_projections
-from minidream.loading import clip_config_json, random_model, unet_config_json, vae_config_json
+from minidream.diffusers_layout import clip_config_json, unet_config_json, vae_config_json
+from minidream.model import encode_text, random_model
 from minidream.pipeline import generate
 from minidream.schedulers import NoiseSchedule
 from minidream.tokenizer import train_bpe
-from minidream.train import select_trainable, training_step
+from minidream.train import training_step
+from minidream.trainable import UNET_ATTENTION, select_trainable
 
 PROMPTS = ["a photo of sks dog", "a photo of dog", "a photo of a dog on the beach"]
 
@@ -67,20 +68,20 @@ def our_step(ours, mode: str, device, res: int, cache_latents: bool = True, fuse
     g = torch.Generator(device).manual_seed(0)  # on the GPU: no host-to-device copy (and sync) per step
     half = torch.bfloat16 if device == "cuda" else None
     with torch.no_grad():
-        ctx = m.text_encoder(m.tokenizer(PROMPTS[:2]).to(device))
+        cond = encode_text(m, list(PROMPTS[:2]))
         images = torch.randn(2, 3, res, res, device=device)
         mean, logvar = m.vae.encode(images)
 
     def step():
         with torch.autocast(device, dtype=half, enabled=half is not None):
             if cache_latents:
-                lat = (mean + (0.5 * logvar).exp() * torch.randn_like(mean)) * m.vae.cfg.scaling_factor
+                lat = m.vae.latents(mean, logvar, torch.randn_like(mean))
             else:
                 with torch.no_grad():
                     lat = m.vae.sample(images)
             if channels_last:
                 lat = lat.contiguous(memory_format=torch.channels_last)
-            loss, _, _ = training_step(unet, schedule, lat.float(), ctx, 1, 1.0, g)
+            loss, _, _ = training_step(unet, schedule, lat.float(), cond, 1, 1.0, g)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -95,7 +96,7 @@ def diffusers_step(ours, mode: str, device, res: int, cache_latents: bool = True
     text.requires_grad_(False)
     if mode == "attention":
         for name, mod in unet.named_modules():
-            if lora_lib.UNET_ATTENTION.fullmatch(name):
+            if UNET_ATTENTION.fullmatch(name):
                 mod.requires_grad_(True)
     elif mode == "lora":
         from peft import LoraConfig

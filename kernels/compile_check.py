@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 
 from kernels import attention as A
+from kernels.shapes import SD_SHAPES
 
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # opt-in max per block, bytes
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -115,13 +116,12 @@ def check(shapes: dict, arch: int = 90, dtype=torch.bfloat16) -> list[dict]:
 
 
 def main():
-    from benchmarks.attention import SHAPES
     ap = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     a = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is what it does anyway
-    rows = check(SHAPES, a.arch)
+    rows = check(SD_SHAPES, a.arch)
     bad = [r for r in rows if r["spills"] or not r["fits_shared"]]
     if a.out:
         import platform

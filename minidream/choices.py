@@ -5,9 +5,9 @@ import here, so `minidream --help` stays fast."""
 SAMPLERS = ("ddim", "ddpm")                                  # schedulers.SAMPLERS implements each
 ATTENTION_BACKENDS = ("auto", "sdpa", "math", "triton")      # attention.py
 DTYPES = ("fp32", "fp16", "bf16")                            # `sample --dtype`
-PRESETS = ("sd15", "sd21", "sd21-base", "tiny")              # loading.py / the model files' PRESETS
-TRAIN_MODES = ("unet", "attention", "lora")                  # trainable.select_trainable
-MIXED_PRECISIONS = ("no", "fp16", "bf16")                    # train.py
+PRESETS = ("sd15", "sd21", "sd21-base", "tiny")              # model.PRESETS
+TRAIN_MODES = ("unet", "attention", "lora")                  # config.MODE_DEFAULTS, trainable.select_trainable
+MIXED_PRECISIONS = ("no", "fp16", "bf16")                    # config.validate, data.HALF
 CLASS_PRECISIONS = ("auto", "fp32", "fp16", "bf16")          # auto: fp16 on CUDA (as diffusers' script), else fp32
-LR_SCHEDULES = ("constant", "cosine", "linear", "polynomial")  # train.lr_lambdas
-EXPORTS = ("diffusers", "single-file", "lora-diffusers", "lora-kohya")  # export.py
+LR_SCHEDULES = ("constant", "cosine", "linear", "polynomial")  # trainable.lr_lambdas
+EXPORTS = ("diffusers", "single-file", "lora-diffusers", "lora-kohya")  # export.EXPORTERS

@@ -18,12 +18,15 @@ import torch.nn.functional as F
 
 from minidream import world
 from minidream.clip import CLIPConfig, CLIPTextModel
-from minidream.loading import StableDiffusion, load, save_pretrained, save_safetensors
+from minidream.diffusers_layout import save_pretrained
+from minidream.files import save_safetensors
+from minidream.loading import load
+from minidream.model import StableDiffusion
 from minidream.progress import Progress
 from minidream.schedulers import NoiseSchedule, SchedulerConfig
 from minidream.tokenizer import train_bpe
 from minidream.unet import UNet2DConditionModel, UNetConfig
-from minidream.vae import AutoencoderKL, VAEConfig
+from minidream.vae import AutoencoderKL, VAEConfig, from_uint8, reparameterize, to_uint8
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "weights" / "demo"
 MAX_TOKENS = 16  # the world's captions are short; fewer positions make every step cheaper
@@ -52,7 +55,7 @@ class Recognizer(nn.Module):
     @torch.no_grad()
     def predict(self, images_uint8: torch.Tensor) -> list[dict]:
         """(N, H, W, 3) uint8 -> one {attribute: value} per image."""
-        x = images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = from_uint8(images_uint8.permute(0, 3, 1, 2))
         logits = self(x)
         idx = {k: v.argmax(-1).tolist() for k, v in logits.items()}
         return [{k: world.ATTRIBUTES[k][idx[k][i]] for k in idx} for i in range(len(x))]
@@ -85,7 +88,7 @@ def train_recognizer(steps: int = 1500, batch: int = 128, seed: int = 0, vae: Au
             with torch.no_grad():
                 h = batch // 2
                 mean, logvar = vae.encode(x[:h])
-                x[:h] = vae.decode(mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)).clamp(-1, 1)
+                x[:h] = vae.decode(reparameterize(mean, logvar, torch.randn(mean.shape, generator=g))).clamp(-1, 1)
         x = _degrade(x, g)
         out, y = net(x), _labels(toys)
         loss = sum(F.cross_entropy(out[k], y[k]) for k in out)
@@ -108,7 +111,7 @@ def _accuracy(net: Recognizer, seed: int, vae: AutoencoderKL | None, n: int = 10
     x = torch.stack([world.to_tensor(world.render(t)) for t in toys])
     if vae is not None:
         x = vae.decode(vae.encode(x)[0])
-    imgs = ((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+    imgs = to_uint8(x)
     pred = net.predict(imgs)
     return {k: sum(p[k] == getattr(t, k) for p, t in zip(pred, toys)) / n for k in world.ATTRIBUTES}
 
@@ -154,7 +157,7 @@ def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 250
     for step in range(vae_steps):
         idx = torch.randint(0, len(x), (32,), generator=g)
         mean, logvar = vae.encode(x[idx])
-        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
+        z = reparameterize(mean, logvar, torch.randn(mean.shape, generator=g))
         rec = vae.decode(z)
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
         loss = (rec - x[idx]).abs().mean() + (rec - x[idx]).square().mean() + 1e-4 * kl
@@ -182,7 +185,7 @@ def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 250
     for step in range(unet_steps):
         idx = torch.randint(0, len(x), (batch,), generator=g).tolist()
         caps = [world.caption(toys[i], rng) if rng.random() > 0.1 else "" for i in idx]
-        z0 = (means[idx] + (0.5 * logvars[idx]).exp() * torch.randn(means[idx].shape, generator=g)) * scale
+        z0 = reparameterize(means[idx], logvars[idx], torch.randn(means[idx].shape, generator=g)) * scale
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g)
         pred = unet(schedule.add_noise(z0, noise, t), t, clip(tok(caps)))
@@ -247,21 +250,16 @@ CONTEXTS = ("white", "black", "gray", "blue")
 
 
 def demo_config(out: Path, prior: bool = True, seed: int = 0, steps: int = 300, model: Path = DEMO_DIR, lr: float = 3e-4):
-    from minidream.train import TrainConfig
+    """The demo's run: the whole UNet and the text encoder, batches of 4 + 4 at the world's 32 px, cached
+    latents; everything not named here is TrainConfig's default."""
+    from minidream.config import TrainConfig
     return TrainConfig(
-        model=str(model), revision=None, variant=None, preset=None, config=None, tokenizer=None, allow_pickle=False,
-        instance_dir=str(out / "instance"), out=str(out), class_dir=None, identifier="sks",
-        class_noun=world.CLASS_NOUN, instance_prompt="a sks toy", class_prompt="a toy", resolution=world.SIZE,
-        center_crop=True, flip=0.5, prior=prior, num_class_images=64, prior_loss_weight=1.0, class_steps=20,
-        class_guidance=4.0, class_batch_size=32, class_precision="auto",
-        class_negative_prompt="", train="unet", lora_rank=4, lora_alpha=4.0, train_text_encoder=True,
-        train_token=False, lr=lr, text_encoder_lr=None,
-        text_encoder_steps=0, token_lr=5e-3, lr_schedule="constant", lr_power=1.0, warmup_steps=10, adam_beta1=0.9,
-        adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=1e-2,
-        max_grad_norm=0.0,  # the demo's lr and steps were chosen without clipping
-        steps=steps, batch_size=4, grad_accum=1, mixed_precision="no", tf32=True, gradient_checkpointing=False, cache_latents=True, snr_gamma=None,
-        noise_offset=0.0, seed=seed, validation_prompts=(), validation_every=0, validation_images=4,
-        validation_steps=20, checkpoint_every=0, keep_last=1, save_as=("diffusers",), attention="auto", device="cpu")
+        model=str(model), instance_dir=str(out / "instance"), class_noun=world.CLASS_NOUN, out=str(out),
+        instance_prompt="a sks toy", class_prompt="a toy", resolution=world.SIZE, flip=0.5, prior=prior,
+        num_class_images=64, class_steps=20, class_guidance=4.0, class_batch_size=32, train_text_encoder=True,
+        lr=lr, warmup_steps=10, max_grad_norm=0.0,  # the demo's lr and steps were chosen without clipping
+        steps=steps, batch_size=4, cache_latents=True, seed=seed, validation_steps=20, checkpoint_every=0,
+        keep_last=1, device="cpu")
 
 
 def is_subject(p: dict) -> bool:

@@ -11,7 +11,11 @@ from pathlib import Path
 import torch
 
 from minidream import lora as lora_lib
-from minidream.loading import StableDiffusion, save_pretrained, save_safetensors
+from minidream.choices import EXPORTS
+from minidream.diffusers_layout import save_pretrained
+from minidream.files import save_safetensors
+from minidream.model import StableDiffusion
+from minidream.single_file import save_single_file
 from minidream.trainable import TokenEmbedding, merged_text_encoder_state, select_trainable
 
 
@@ -29,6 +33,43 @@ def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg) -
     return base
 
 
+def write_lora_diffusers(model: StableDiffusion, cfg, out: Path) -> Path:
+    path = out / "lora" / "pytorch_lora_weights.safetensors"
+    save_safetensors(lora_lib.diffusers_lora_state_dict(model.unet, model.text_encoder), path)
+    return path
+
+
+def write_lora_kohya(model: StableDiffusion, cfg, out: Path) -> Path:
+    path = out / "lora_kohya.safetensors"
+    save_safetensors(lora_lib.kohya_lora_state_dict(model.unet, model.text_encoder), path,
+                     metadata={"ss_network_dim": str(cfg.lora_rank), "ss_network_alpha": str(cfg.lora_alpha)})
+    return path
+
+
+def write_diffusers(model: StableDiffusion, cfg, out: Path) -> Path:
+    save_pretrained(model, out / "model")
+    return out / "model"
+
+
+def write_single_file(model: StableDiffusion, cfg, out: Path) -> Path:
+    save_single_file(model, out / "model.safetensors")
+    return out / "model.safetensors"
+
+
+# --save-as format -> (whether it writes a plain model: adapters merged, the learned token a normal row; writer).
+# A new format is a row here (and its name in choices.EXPORTS).
+EXPORTERS = {"diffusers": (True, write_diffusers), "single-file": (True, write_single_file),
+             "lora-diffusers": (False, write_lora_diffusers), "lora-kohya": (False, write_lora_kohya)}
+assert tuple(EXPORTERS) == EXPORTS, "choices.EXPORTS lists the formats defined here"
+
+
+def make_plain(model: StableDiffusion):
+    """Merge LoRA adapters into their (fp32 base) weights and make a learned token a normal embedding row."""
+    lora_lib.merge_lora(model.unet)
+    lora_lib.merge_lora(model.text_encoder)
+    merged_text_encoder_state(model)
+
+
 def export(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg, out: Path) -> list[Path]:
     """Write the formats asked for by cfg.save_as (and the learned token, when there is one).
     `base` is a fresh fp32 load of the base model, used up by this call."""
@@ -38,25 +79,9 @@ def export(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg, out: Pa
     if isinstance(emb, TokenEmbedding):
         save_safetensors({f"<{cfg.identifier}>": emb.new.detach()[0].float()}, out / "learned_embeds.safetensors")
         written.append(out / "learned_embeds.safetensors")
-    if "lora-diffusers" in cfg.save_as:
-        save_safetensors(lora_lib.diffusers_lora_state_dict(model.unet, model.text_encoder),
-                         out / "lora" / "pytorch_lora_weights.safetensors")
-        written.append(out / "lora" / "pytorch_lora_weights.safetensors")
-    if "lora-kohya" in cfg.save_as:
-        save_safetensors(lora_lib.kohya_lora_state_dict(model.unet, model.text_encoder),
-                         out / "lora_kohya.safetensors", metadata={"ss_network_dim": str(cfg.lora_rank),
-                                                                    "ss_network_alpha": str(cfg.lora_alpha)})
-        written.append(out / "lora_kohya.safetensors")
-    if "diffusers" in cfg.save_as or "single-file" in cfg.save_as:
-        # a plain model: adapters merged into their (fp32 base) weights, the learned token a normal row
-        lora_lib.merge_lora(model.unet)
-        lora_lib.merge_lora(model.text_encoder)
-        merged_text_encoder_state(model)
-        if "diffusers" in cfg.save_as:
-            save_pretrained(model, out / "model")
-            written.append(out / "model")
-        if "single-file" in cfg.save_as:
-            from minidream.convert import save_single_file
-            save_single_file(model, out / "model.safetensors")
-            written.append(out / "model.safetensors")
+    for fmt, (plain, write) in sorted(EXPORTERS.items(), key=lambda row: row[1][0]):  # adapter files before merging
+        if fmt in cfg.save_as:
+            if plain:
+                make_plain(model)
+            written.append(write(model, cfg, out))
     return written

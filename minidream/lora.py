@@ -15,11 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-# The projections DreamBooth's attention variant trains: Q, K, V and out of every self- (attn1)
-# and cross-attention (attn2) layer of the UNet, and of the text encoder's self-attention.
-UNET_ATTENTION = re.compile(r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
-TEXT_ATTENTION = re.compile(r".*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
-
+from minidream.files import read_weights
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
@@ -42,21 +38,19 @@ class LoRALinear(nn.Module):
         return (self.lora_up.weight.float() @ self.lora_down.weight.float()) * self.scale
 
 
-def matching_linears(model: nn.Module, pattern: re.Pattern) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if pattern.fullmatch(n) and isinstance(m, nn.Linear)}
-
-
 def _replace(model: nn.Module, name: str, new: nn.Module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def add_lora(model: nn.Module, pattern: re.Pattern, rank: int, alpha: float) -> dict[str, LoRALinear]:
-    """Wrap every Linear whose name matches `pattern`; only the adapters require grad."""
+    """Wrap every Linear whose name matches `pattern` (e.g. trainable.UNET_ATTENTION); only the adapters
+    require grad."""
     if rank < 1:
         raise ValueError(f"--lora-rank must be >= 1 (got {rank})")
     out = {}
-    for name, lin in matching_linears(model, pattern).items():
+    linears = {n: m for n, m in model.named_modules() if pattern.fullmatch(n) and isinstance(m, nn.Linear)}
+    for name, lin in linears.items():
         lin.requires_grad_(False)
         out[name] = LoRALinear(lin, rank, alpha)
         _replace(model, name, out[name])
@@ -137,7 +131,6 @@ def _kohya_deltas(sd, file):
 
 def load_lora(model, file: Path, scale: float = 1.0):
     """Merge a LoRA file into a loaded StableDiffusion's UNet (and text encoder) weights."""
-    from minidream.loading import read_weights
     deltas = _lora_deltas(read_weights(Path(file)), file)
     targets = {"unet": model.unet, "text_encoder": model.text_encoder}
     # kohya names flatten dots to underscores; index our module names the same way to find them

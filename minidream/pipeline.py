@@ -10,25 +10,10 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from minidream.loading import StableDiffusion
+from minidream.model import StableDiffusion, encode_text
 from minidream.progress import Progress
 from minidream.schedulers import make_sampler
-
-
-def vae_scale(model: StableDiffusion) -> int:
-    return 2 ** (len(model.vae.cfg.channels) - 1)
-
-
-def downsampling(model: StableDiffusion) -> int:
-    """Pixels per latent cell at the UNet's deepest stage: the VAE's, then the UNet's downsamplings.
-    Image sides must be multiples of it."""
-    return vae_scale(model) * 2 ** (len(model.unet.cfg.channels) - 1)
-
-
-def encode_prompts(model: StableDiffusion, prompts: list[str]) -> torch.Tensor:
-    """(B, 77, C) CLIP context for each prompt."""
-    p = next(model.text_encoder.parameters())
-    return model.text_encoder(model.tokenizer(prompts).to(p.device))
+from minidream.vae import to_uint8
 
 
 @torch.no_grad()
@@ -37,10 +22,10 @@ def generate(model: StableDiffusion, prompts: list[str], negative: str | list[st
              width: int | None = None, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
              progress: bool = True) -> torch.Tensor:
     """Images (B, H, W, 3) uint8 for B prompts. guidance <= 1 turns classifier-free guidance off."""
-    s = vae_scale(model)
+    s = model.latent_scale
     height = height or model.native_resolution
     width = width or model.native_resolution
-    factor = downsampling(model)
+    factor = model.downsampling
     if height % factor or width % factor or height < factor or width < factor:
         raise ValueError(f"--height/--width must be positive multiples of {factor} for this model (got {height}x{width})")
     sampler = make_sampler(scheduler, model.scheduler, eta)
@@ -48,11 +33,12 @@ def generate(model: StableDiffusion, prompts: list[str], negative: str | list[st
     device, dtype = param.device, param.dtype
     B = len(prompts)
     cfg = guidance > 1.0  # Ho & Salimans 2022: ε̃ = ε(∅) + w·(ε(c) - ε(∅)); w = 1 is plain conditioning
-    context = encode_prompts(model, prompts)
+    cond = encode_text(model, prompts)  # the UNet's keyword arguments: the CLIP context for SD 1.x/2.x
     if cfg:
         negative = negative if isinstance(negative, list) else [negative or ""] * B
-        context = torch.cat([encode_prompts(model, negative), context])
-    context = context.to(dtype)
+        uncond = encode_text(model, negative)
+        cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    cond = {k: v.to(dtype) for k, v in cond.items()}
     shape = (B, model.unet.cfg.in_channels, height // s, width // s)
     if latents is None:
         gdev = generator.device if generator is not None else device
@@ -62,10 +48,10 @@ def generate(model: StableDiffusion, prompts: list[str], negative: str | list[st
     bar = Progress(len(sampler.timesteps), "sampling", enabled=progress)
     for t in sampler.timesteps:
         x = torch.cat([latents] * 2) if cfg else latents
-        out = model.unet(x, t, context)
+        out = model.unet(x, t, **cond)
         if cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + guidance * (cond - uncond)
+            out_uncond, out_cond = out.chunk(2)
+            out = out_uncond + guidance * (out_cond - out_uncond)
         latents = sampler.step(out, t, latents, generator=generator)
         bar.update()
     bar.close()
@@ -77,9 +63,7 @@ def generate(model: StableDiffusion, prompts: list[str], negative: str | list[st
 
 def decode(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
     vae_dtype = next(model.vae.parameters()).dtype
-    img = model.vae.decode(latents.to(vae_dtype) / model.vae.cfg.scaling_factor)
-    img = (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()  # (B, H, W, 3) in [0, 1]
-    return (img * 255).round().to(torch.uint8)
+    return to_uint8(model.vae.decode_latents(latents.to(vae_dtype)))
 
 
 def save_png(img: torch.Tensor, path: Path, meta: dict | None = None):

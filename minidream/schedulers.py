@@ -103,6 +103,13 @@ class NoiseSchedule:
 
 
 class _Sampler(NoiseSchedule):
+    def __init__(self, cfg: SchedulerConfig, eta: float = 0.0):
+        """eta scales the fresh noise of stochastic samplers that have a knob for it (DDIM's η)."""
+        super().__init__(cfg)
+        if eta < 0:
+            raise ValueError(f"--eta must be >= 0 (got {eta})")
+        self.eta = eta
+
     def set_timesteps(self, steps: int, device=None):
         if steps < 1:
             raise ValueError(f"--steps must be at least 1 (got {steps})")
@@ -143,10 +150,7 @@ class _Sampler(NoiseSchedule):
 
 class DDIM(_Sampler):
     def __init__(self, cfg: SchedulerConfig, eta: float = 0.0):
-        super().__init__(cfg)
-        if eta < 0:
-            raise ValueError(f"DDIM eta must be >= 0 (got {eta})")
-        self.eta = eta
+        super().__init__(cfg, eta)
         # ᾱ "before" the first step: 1 (a clean image) or ᾱ_0, as the checkpoint's config says.
         self.final_alpha = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
 
@@ -193,4 +197,4 @@ assert tuple(SAMPLERS) == choices.SAMPLERS, "choices.SAMPLERS lists the samplers
 def make_sampler(name: str, cfg: SchedulerConfig, eta: float = 0.0):
     if name not in SAMPLERS:
         raise ValueError(f"--scheduler {name!r} is not one of {', '.join(SAMPLERS)}")
-    return DDIM(cfg, eta) if name == "ddim" else DDPM(cfg)
+    return SAMPLERS[name](cfg, eta)

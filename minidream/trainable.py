@@ -5,6 +5,8 @@
 text encoder (or its adapters) and a new token row. Everything else stays frozen, and `cast_frozen` may
 put only the frozen tensors in half precision: what trains keeps its exact fp32 values.
 """
+import math
+import re
 import sys
 from dataclasses import replace
 
@@ -13,7 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minidream import lora as lora_lib
-from minidream.loading import StableDiffusion
+from minidream.config import TrainConfig
+from minidream.model import StableDiffusion
+
+# The projections DreamBooth's attention variant trains (and LoRA adapts): Q, K, V and out of every self-
+# (attn1) and cross-attention (attn2) layer of the UNet, and of the text encoder's self-attention.
+UNET_ATTENTION = re.compile(r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+TEXT_ATTENTION = re.compile(r".*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
 
 
 class TokenEmbedding(nn.Module):
@@ -64,13 +72,14 @@ def select_trainable(model: StableDiffusion, train: str, lora_rank: int = 4, lor
     if train == "unet":
         model.unet.requires_grad_(True)
     elif train == "attention":
-        for lin in lora_lib.matching_linears(model.unet, lora_lib.UNET_ATTENTION).values():
-            lin.requires_grad_(True)
+        for name, m in model.unet.named_modules():
+            if UNET_ATTENTION.fullmatch(name) and isinstance(m, nn.Linear):
+                m.requires_grad_(True)
     else:
-        lora_lib.add_lora(model.unet, lora_lib.UNET_ATTENTION, lora_rank, lora_alpha)
+        lora_lib.add_lora(model.unet, UNET_ATTENTION, lora_rank, lora_alpha)
     if train_text_encoder:
         if train == "lora":
-            lora_lib.add_lora(model.text_encoder, lora_lib.TEXT_ATTENTION, lora_rank, lora_alpha)
+            lora_lib.add_lora(model.text_encoder, TEXT_ATTENTION, lora_rank, lora_alpha)
         else:
             model.text_encoder.requires_grad_(True)
     if token:
@@ -106,3 +115,41 @@ def cast_frozen(model: StableDiffusion, dtype: torch.dtype):
         for b in m.buffers():
             if b.is_floating_point():
                 b.data = b.data.to(dtype)
+
+
+def lr_lambdas(cfg: TrainConfig, base_lrs: list[float]):
+    """One multiplier per parameter group: linear warmup, then constant, cosine (half a period to 0),
+    linear (to 0) or polynomial ((1 - progress)^power from the group's lr to 1e-7), as diffusers' get_scheduler
+    after warmup. Warmup starts at 1/warmup rather than 0, so the first step is not wasted."""
+    def make(lr0: float):
+        lr_end = min(1e-7, lr0)
+
+        def f(step):
+            if step < cfg.warmup_steps:
+                return (step + 1) / cfg.warmup_steps
+            done = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+            if cfg.lr_schedule == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * done))
+            if cfg.lr_schedule == "linear":
+                return 1.0 - done
+            if cfg.lr_schedule == "polynomial":
+                return ((lr0 - lr_end) * (1 - done) ** cfg.lr_power + lr_end) / lr0 if lr0 > 0 else 1.0
+            return 1.0
+        return f
+    return [make(lr0) for lr0 in base_lrs]
+
+
+
+def make_optimizer(cfg: TrainConfig, groups: dict, device: torch.device):
+    """AdamW over the trainable groups (each its own learning rate; no weight decay on a new token), the
+    LR schedule, and for fp16 a gradient scaler."""
+    lr = cfg.unet_lr
+    param_groups = [{"params": [p for _, p in groups["unet"]], "lr": lr},
+                    {"params": [p for _, p in groups["text_encoder"]], "lr": cfg.text_encoder_lr or lr},
+                    {"params": [p for _, p in groups["token"]], "lr": cfg.token_lr, "weight_decay": 0.0}]
+    param_groups = [pg for pg in param_groups if pg["params"]]
+    opt = torch.optim.AdamW(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                            weight_decay=cfg.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(cfg, [pg["lr"] for pg in param_groups]))
+    scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
+    return opt, sched, scaler

@@ -141,9 +141,32 @@ class AutoencoderKL(nn.Module):
     def sample(self, x, generator=None):
         """A draw z ~ q(z|x), already multiplied by the scaling factor: what the UNet is trained on."""
         mean, logvar = self.encode(x)
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return (mean + torch.exp(0.5 * logvar) * eps) * self.cfg.scaling_factor
+        return self.latents(mean, logvar, torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype))
+
+    def latents(self, mean, logvar, eps):
+        """The UNet's latents for a given noise draw eps: z ~ q(z|x), times the scaling factor."""
+        return reparameterize(mean, logvar, eps) * self.cfg.scaling_factor
 
     def decode(self, z):
         """z (B, 4, h, w) unscaled latents -> images (B, 3, 8h, 8w), roughly in [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
+
+    def decode_latents(self, latents):
+        """The UNet's (scaled) latents -> images in about [-1, 1]."""
+        return self.decode(latents / self.cfg.scaling_factor)
+
+
+def reparameterize(mean, logvar, eps):
+    """z = μ + σ·ε with σ = exp(½·log σ²): a draw of the diagonal Gaussian q(z|x) (Kingma & Welling 2014, eq. 10)."""
+    return mean + torch.exp(0.5 * logvar) * eps
+
+
+def from_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (0..255) -> the VAE's input range [-1, 1]."""
+    return x.float() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """The VAE's output (B, 3, H, W), about [-1, 1] -> (B, H, W, 3) uint8 pixels on the CPU."""
+    x = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
+    return (x * 255).round().to(torch.uint8)

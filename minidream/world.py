@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw
 
+from minidream.vae import from_uint8
+
 SIZE = 32
 SHAPES = ("circle", "square", "triangle", "star", "heart")
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 225), "yellow": (240, 210, 40),
@@ -137,4 +139,4 @@ def subject_images(n: int = 4, seed: int = 0) -> list[Image.Image]:
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """(3, H, W) in [-1, 1]."""
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.size[1], img.size[0], 3)
-    return x.permute(2, 0, 1).float() / 127.5 - 1
+    return from_uint8(x.permute(2, 0, 1))

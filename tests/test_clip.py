@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from minidream import loading
+from minidream import diffusers_layout
 from tests.conftest import max_rel_err, perturb, tiny_clip_config
 
 PROMPTS = ["a photo of sks dog", "", "A red, striped STAR on a green background!!", "a dog " * 40]
@@ -16,7 +16,7 @@ def save_clip(folder, hf_cfg, seed):
 
 
 def compare(folder, ref, tok, tol=1e-5):
-    ours = loading.load_text_encoder(folder)
+    ours = diffusers_layout.load_text_encoder(folder)
     ids = tok(PROMPTS)
     with torch.no_grad():
         want = ref(ids).last_hidden_state

@@ -80,10 +80,10 @@ def test_bad_shapes_are_refused():
 
 def test_unet_with_triton_backend_matches_sdpa(sd1_dir):
     """A whole tiny UNet forward + backward through the kernel (self- and 77-key cross-attention)."""
-    from minidream import loading
+    from minidream import diffusers_layout
     from minidream.attention import set_attention_backend
     from tests.conftest import max_rel_err
-    unet = loading.load_unet(sd1_dir / "unet").requires_grad_(True)
+    unet = diffusers_layout.load_unet(sd1_dir / "unet").requires_grad_(True)
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
     results = {}

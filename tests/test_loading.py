@@ -114,7 +114,7 @@ def test_info_reports_the_model(sd2_dir):
 
 def test_reference_libraries_are_never_imported_by_the_product():
     """diffusers/transformers are test references only: a full load + sample + CLI run must not import them."""
-    code = ("import sys, cli, minidream.loading, minidream.pipeline, minidream.convert, minidream.schedulers; "
+    code = ("import sys, cli, minidream.loading, minidream.pipeline, minidream.single_file, minidream.schedulers; "
             "import kernels; bad = [m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

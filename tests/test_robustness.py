@@ -12,7 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from minidream import loading
+from minidream import diffusers_layout, loading
+from minidream.files import read_json, read_weights
 from tests.test_train import instance_dir, run_cli, train_args  # noqa: F401  (instance_dir is a fixture)
 
 GARBAGE = [None, -1, 0, 7, 3.5, float("nan"), "x", "", [], [0], [1, 2, 3], {}, True, 10 ** 12, -0.5]
@@ -52,7 +53,7 @@ def test_config_fuzz_gives_one_line_errors(sd1_dir, tmp_path):
     (tmp_path / "list" / "unet").mkdir(parents=True)
     (tmp_path / "list" / "unet" / "config.json").write_text("[1, 2]")
     with pytest.raises(loading.ModelError, match="expected a JSON object"):
-        loading.unet_config(loading.read_json(tmp_path / "list" / "unet" / "config.json"), "x")
+        diffusers_layout.unet_config(read_json(tmp_path / "list" / "unet" / "config.json"), "x")
 
 
 def test_safetensors_header_fuzz(sd1_dir, tmp_path):
@@ -82,7 +83,8 @@ def test_safetensors_header_fuzz(sd1_dir, tmp_path):
 
 def test_image_fuzz_and_16_bit_pngs(tmp_path):
     from PIL import Image
-    from minidream.train import TrainError, load_instance_images
+    from minidream.config import TrainError
+    from minidream.data import load_instance_images
     good = tmp_path / "good.png"
     Image.new("RGB", (16, 16), (10, 20, 30)).save(good)
     raw = good.read_bytes()
@@ -157,7 +159,7 @@ def test_odd_weight_files(sd1_dir, tmp_path):
     sd = {"w": torch.arange(4.0)}
     f = tmp_path / "legacy.bin"
     torch.save(sd, f, _use_new_zipfile_serialization=False)
-    assert torch.equal(loading.read_weights(f, allow_pickle=True)["w"], sd["w"])
+    assert torch.equal(read_weights(f, allow_pickle=True)["w"], sd["w"])
     # an unknown relative path with a slash is named as both: no folder, no hub repo
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
@@ -190,7 +192,7 @@ def test_train_refuses_an_identifier_past_the_token_limit(sd1_dir, instance_dir,
 
 
 def test_one_run_per_out_folder(sd1_dir, instance_dir, tmp_path):
-    from minidream.train import lock_run
+    from minidream.checkpoint import lock_run
     out = tmp_path / "run"
     out.mkdir()
     held = lock_run(out)

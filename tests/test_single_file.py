@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minidream import loading
-from minidream.convert import save_single_file, to_single_file
+from minidream.single_file import save_single_file, to_single_file
 from tests.conftest import max_rel_err
 
 
@@ -41,7 +41,7 @@ def test_real_sd_layouts_round_trip_on_meta():
     """At the real SD 1.5 / 2.1 architectures: the key table covers every parameter exactly once, and
     the original key names are those of the official checkpoints (spot checks)."""
     from minidream import clip, unet, vae
-    from minidream.convert import clip_rows, key_table, unet_rows, vae_rows
+    from minidream.single_file import clip_rows, key_table, unet_rows, vae_rows
     for family, openclip in (("sd15", False), ("sd21", True)):
         with torch.device("meta"):
             u, v, c = unet.UNet2DConditionModel(unet.PRESETS[family]), vae.AutoencoderKL(vae.PRESETS[family]), clip.CLIPTextModel(clip.PRESETS[family])

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from minidream import loading
-from minidream.train import TrainConfig, lr_lambdas
+from minidream.config import TrainConfig
+from minidream.trainable import lr_lambdas
 from tests.test_train import instance_dir, run_cli, train_args  # noqa: F401  (instance_dir is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ def checkpoint_meta(path: Path) -> dict:
 def test_bf16_attention_run_exports_every_frozen_tensor_bit_identical(sd1_dir, instance_dir, tmp_path):
     """--mixed-precision bf16 runs the frozen weights in bf16, but the diffusers folder and the single file
     hold them exactly as the base model has them; only the attention projections change."""
-    from minidream.convert import to_single_file
+    from minidream.single_file import to_single_file
     out = tmp_path / "run"
     r = run_cli(*train_args(sd1_dir, instance_dir, out, "--train", "attention", "--mixed-precision", "bf16",
                             "--device", "cpu", "--save-as", "diffusers", "--save-as", "single-file"))
@@ -166,7 +167,7 @@ def test_class_images_precision_and_negative_prompt(sd1_dir, instance_dir, tmp_p
 
 def test_train_takes_the_loader_options(sd1_dir, instance_dir, tmp_path):
     """A single-file base model with --config (its architecture and tokenizer) trains like the folder."""
-    from minidream.convert import save_single_file
+    from minidream.single_file import save_single_file
     f = tmp_path / "base.safetensors"
     save_single_file(loading.load(str(sd1_dir)), f)
     outs = {}
@@ -189,7 +190,7 @@ def test_sd2_single_file_is_not_guessed(sd2_dir, tmp_path):
     """2.x-base and 2.x-v single files have the same tensors: without metadata the loader asks for --preset;
     with the modelspec metadata (ours writes it) it reads the prediction type from there."""
     from safetensors.torch import save_file
-    from minidream.convert import modelspec, sd2_preset, to_single_file
+    from minidream.single_file import modelspec, sd2_preset, to_single_file
     m = loading.load(str(sd2_dir))
     bare = tmp_path / "bare.safetensors"
     save_file(to_single_file(m), bare)

@@ -3,7 +3,8 @@ loaded through minidream's loader from the files diffusers wrote."""
 import pytest
 import torch
 
-from minidream import loading
+from minidream import diffusers_layout
+from minidream import model as model_lib
 from tests.conftest import max_rel_err, perturb, tiny_unet_kwargs, tiny_vae_kwargs
 
 TOL = 1e-4  # fp32, relative to the output's scale
@@ -26,7 +27,7 @@ def unet_inputs(B, cfg, size=8, seed=0):
 @pytest.mark.parametrize("sd2", [False, True])
 def test_tiny_unet_parity(tmp_path, sd2):
     ref = ref_unet(tmp_path, sd2)
-    ours = loading.load_unet(tmp_path)
+    ours = diffusers_layout.load_unet(tmp_path)
     for B in (1, 2):
         x, ctx = unet_inputs(B, ours.cfg)
         for t in (0, 1, 500, 999):
@@ -46,7 +47,7 @@ def test_unet_three_stages_attention_first(tmp_path):
     ref = ref_unet(tmp_path, block_out_channels=(32, 48, 64), attention_head_dim=(2, 3, 4),
                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-    ours = loading.load_unet(tmp_path)
+    ours = diffusers_layout.load_unet(tmp_path)
     x, ctx = unet_inputs(2, ours.cfg)
     with torch.no_grad():
         assert max_rel_err(ours(x, 10, ctx), ref(x, 10, encoder_hidden_states=ctx).sample) <= TOL
@@ -54,7 +55,7 @@ def test_unet_three_stages_attention_first(tmp_path):
 
 def test_unet_gradients_match(tmp_path):
     ref = ref_unet(tmp_path)
-    ours = loading.load_unet(tmp_path).requires_grad_(True)
+    ours = diffusers_layout.load_unet(tmp_path).requires_grad_(True)
     x, ctx = unet_inputs(2, ours.cfg)
     t = torch.tensor([10, 700])
     target = torch.randn_like(x)
@@ -68,7 +69,7 @@ def test_unet_gradients_match(tmp_path):
 @pytest.mark.parametrize("option", ["checkpointing", "channels_last", "fused_projections"])
 def test_unet_options_keep_parity(tmp_path, option):
     ref = ref_unet(tmp_path)
-    ours = loading.load_unet(tmp_path).requires_grad_(True).train()
+    ours = diffusers_layout.load_unet(tmp_path).requires_grad_(True).train()
     x, ctx = unet_inputs(2, ours.cfg)
     if option == "checkpointing":
         ours.set_gradient_checkpointing(True)
@@ -90,9 +91,10 @@ def test_unet_options_keep_parity(tmp_path, option):
 def test_fused_projections_leave_lora_layers_alone(tmp_path):
     """A LoRA-wrapped projection must not be fused (its low-rank update would be skipped)."""
     from minidream.attention import set_fused_projections
-    from minidream.lora import UNET_ATTENTION, add_lora
+    from minidream.lora import add_lora
+    from minidream.trainable import UNET_ATTENTION
     ref_unet(tmp_path)
-    ours = loading.load_unet(tmp_path)
+    ours = diffusers_layout.load_unet(tmp_path)
     for layer in add_lora(ours, UNET_ATTENTION, rank=2, alpha=2.0).values():
         torch.nn.init.normal_(layer.lora_up.weight)  # a non-zero update
     x, ctx = unet_inputs(2, ours.cfg)
@@ -107,7 +109,7 @@ def test_tiny_vae_parity(tmp_path):
     torch.manual_seed(0)
     ref = perturb(AutoencoderKL(**tiny_vae_kwargs()), 3).eval()
     ref.save_pretrained(tmp_path, safe_serialization=True)
-    ours = loading.load_vae(tmp_path)
+    ours = diffusers_layout.load_vae(tmp_path)
     g = torch.Generator().manual_seed(0)
     img = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
     z = torch.randn(2, 4, 4, 4, generator=g)
@@ -134,7 +136,7 @@ def test_vae_loads_old_attention_names(tmp_path):
     save_file(old, f)
     z = torch.randn(1, 4, 4, 4)
     with torch.no_grad():
-        assert max_rel_err(loading.load_vae(tmp_path).decode(z), ref.decode(z).sample) <= TOL
+        assert max_rel_err(diffusers_layout.load_vae(tmp_path).decode(z), ref.decode(z).sample) <= TOL
 
 
 REAL = {
@@ -158,7 +160,7 @@ def test_real_architecture_keys_and_shapes(family):
         sb = {k: tuple(v.shape) for k, v in b.state_dict().items()}
         assert sa == sb
     # the config translation reads the official config into exactly our preset
-    assert loading.preset_of(loading.unet_config(dict(ref.config), "config.json"), unet.PRESETS) == family
+    assert model_lib.preset_of(diffusers_layout.unet_config(dict(ref.config), "config.json"), unet.PRESETS) == family
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd21"])
@@ -168,7 +170,7 @@ def test_real_architecture_numeric_forward(tmp_path, family):
     torch.manual_seed(0)
     ref = UNet2DConditionModel(**REAL[family]).eval()
     ref.save_pretrained(tmp_path, safe_serialization=True)
-    ours = loading.load_unet(tmp_path)
+    ours = diffusers_layout.load_unet(tmp_path)
     x, ctx = unet_inputs(1, ours.cfg, size=16)
     with torch.no_grad():
         assert max_rel_err(ours(x, 500, ctx), ref(x, 500, encoder_hidden_states=ctx).sample) <= TOL

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from minidream import clip, unet, vae
-from minidream.loading import ModelError, StableDiffusion, build, read_weights, resolve, load_tokenizer
-from minidream.schedulers import PRESETS as SCHEDULER_PRESETS
+from minidream import clip, diffusers_layout, unet, vae
+from minidream.files import ModelError, build, read_metadata, read_weights, resolve, save_safetensors
+from minidream.model import PRESETS, StableDiffusion
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP_SD1, CLIP_SD2 = "cond_stage_model.transformer.text_model.", "cond_stage_model.model."
@@ -140,17 +140,6 @@ MODELSPEC_SD2 = {"stable-diffusion-v2-512": "sd21-base", "stable-diffusion-v2-76
 PREDICTION = {"epsilon": "sd21-base", "v": "sd21", "v_prediction": "sd21"}
 
 
-def read_metadata(file: Path) -> dict:
-    if Path(file).suffix != ".safetensors":
-        return {}
-    from safetensors import safe_open
-    try:
-        with safe_open(str(file), "pt") as f:
-            return f.metadata() or {}
-    except Exception:
-        return {}
-
-
 def sd2_preset(file: Path) -> str:
     meta = read_metadata(file)
     preset = MODELSPEC_SD2.get(meta.get("modelspec.architecture", "")) or PREDICTION.get(meta.get("modelspec.prediction_type", ""))
@@ -165,26 +154,22 @@ def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str 
                      preset: str | None = None, config: str | None = None) -> StableDiffusion:
     """The architecture comes from `config` (a diffusers-layout folder or repo id: its component configs,
     scheduler config and tokenizer), else from `preset` (inferred from the keys when omitted)."""
-    from minidream import loading
     sd = read_weights(file, allow_pickle)
     openclip = CLIP_SD2 + "token_embedding.weight" in sd
     if not openclip and CLIP_SD1 + "embeddings.token_embedding.weight" not in sd:
         raise ModelError(f"{file}: no text encoder keys (cond_stage_model.*); not a full SD 1.x/2.x single-file checkpoint")
     if config is not None:
         cdir = resolve(config)
-        cfgs = {"unet": loading.unet_config(loading.read_json(cdir / "unet/config.json"), cdir / "unet/config.json"),
-                "vae": loading.vae_config(loading.read_json(cdir / "vae/config.json"), cdir / "vae/config.json"),
-                "clip": loading.clip_config(loading.read_json(cdir / "text_encoder/config.json"), cdir / "text_encoder/config.json")}
-        scheduler = loading.load_scheduler_config(cdir / "scheduler")
+        cfgs, scheduler = diffusers_layout.read_configs(cdir)
         tok_dir = cdir / "tokenizer"
         what = f"the architecture in {config}"
     else:
         preset = preset or (sd2_preset(file) if openclip else "sd15")
-        if preset not in unet.PRESETS:
-            raise ModelError(f"--preset {preset!r} is not one of {', '.join(unet.PRESETS)}")
-        family = "sd21" if preset.startswith("sd21") else preset
-        cfgs = {"unet": unet.PRESETS[preset], "vae": vae.PRESETS[preset], "clip": clip.PRESETS[family]}
-        scheduler = SCHEDULER_PRESETS[preset]
+        if preset not in PRESETS:
+            raise ModelError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
+        p = PRESETS[preset]
+        cfgs = {"unet": p.unet, "vae": p.vae, "clip": p.text_encoder}
+        scheduler = p.scheduler
         # The single file has no vocabulary; it comes from --tokenizer or the official hub repo (cached).
         tok = tokenizer or ("stabilityai/stable-diffusion-2-1" if openclip else "openai/clip-vit-large-patch14")
         tok_dir = resolve(tok)
@@ -204,7 +189,7 @@ def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str 
     if unused:
         raise ModelError(f"{file}: unexpected key {unused[0]!r}" + (f" and {len(unused) - 1} more" if len(unused) > 1 else "")
                          + f"; is it {what}?")
-    return StableDiffusion(tokenizer=load_tokenizer(tok_dir), text_encoder=parts["clip"], unet=parts["unet"],
+    return StableDiffusion(tokenizer=diffusers_layout.load_tokenizer(tok_dir), text_encoder=parts["clip"], unet=parts["unet"],
                            vae=parts["vae"], scheduler=scheduler, source=str(file))
 
 
@@ -240,5 +225,4 @@ def modelspec(model: StableDiffusion) -> dict[str, str]:
 
 
 def save_single_file(model: StableDiffusion, file: Path):
-    from minidream.loading import save_safetensors
     save_safetensors(to_single_file(model), Path(file), metadata=modelspec(model))

@@ -1,0 +1,213 @@
+"""What one training step is fed: the subject's photos and the class images (read, checked, generated),
+their latents (`LatentSource`: encoded once and cached, or encoded every step), and the prompts'
+conditioning (`TextConditioning`: recomputed while the text encoder or a new token trains).
+Every random draw comes from the run's one CPU generator, in a fixed order, so a resumed run is exact.
+"""
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from minidream.config import TrainConfig, TrainError
+from minidream.model import StableDiffusion, encode_text
+from minidream.pipeline import generate, save_png
+from minidream.progress import Progress
+from minidream.vae import from_uint8
+
+HALF = {"no": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_instance_images(folder: Path, resolution: int, flag: str = "--instance-dir") -> list:
+    """The subject's photos (or the class images), RGB, EXIF orientation applied; every unreadable file
+    named before any compute."""
+    from PIL import Image, ImageOps
+    if not folder.is_dir():
+        raise TrainError(f"{flag} {folder}: no such folder")
+    files = image_files(folder)
+    if not files:
+        raise TrainError(f"{flag} {folder}: no images (.jpg, .png, .webp) in it")
+    images, bad = [], []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = ImageOps.exif_transpose(im)
+                im.load()
+            images.append(to_rgb(im, f))
+        except Exception:
+            bad.append(f.name)
+    if bad:
+        raise TrainError(f"{flag} {folder}: unreadable image(s): {', '.join(bad)}; remove or fix them")
+    small = [f.name for f, im in zip(files, images) if min(im.size) < resolution]
+    if small:
+        print(f"warning: {len(small)} image(s) smaller than --resolution {resolution} will be upscaled: "
+              f"{', '.join(small[:5])}", file=sys.stderr)
+    return images
+
+
+def to_rgb(im, f: Path):
+    """8-bit RGB. 16-bit and 32-bit grayscale are scaled down (a plain convert clips them to white);
+    RGBA, grayscale, CMYK and palette images convert as usual; anything rarer is converted with a warning."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        top = 65535 if im.mode.startswith("I;16") or (im.getextrema()[1] or 0) > 255 else 255
+        return im.convert("I").point(lambda v: v * (255 / top)).convert("L").convert("RGB")
+    if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "1"):
+        print(f"warning: {f.name}: unusual image mode {im.mode}, converted to 8-bit RGB", file=sys.stderr)
+    return im.convert("RGB")
+
+
+def to_tensor(im, resolution: int, center_crop: bool, flip: bool, rng: random.Random):
+    """Resize the short side to `resolution`, crop a square, maybe mirror; -> (3, R, R) in [-1, 1]."""
+    from PIL import Image
+    w, h = im.size
+    s = resolution / min(w, h)
+    im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    left, top = ((w - resolution) // 2, (h - resolution) // 2) if center_crop else \
+        (rng.randint(0, w - resolution), rng.randint(0, h - resolution))
+    im = im.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+    return from_uint8(x.permute(2, 0, 1))
+
+
+def png_prompt(path: Path) -> str | None:
+    """The prompt a generated class image was made for (its PNG text), or None for any other image."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.text.get("prompt") if hasattr(im, "text") else None
+    except Exception:
+        return None
+
+
+def make_class_images(model: StableDiffusion, cfg: TrainConfig, class_dir: Path, device: torch.device):
+    """Top up `class_dir` to --num-class-images images of the class prompt, drawn by the base model
+    (under autocast in --class-precision: the weights stay fp32). Existing images are kept, so an
+    interrupted generation resumes where it stopped."""
+    try:
+        class_dir.mkdir(parents=True, exist_ok=True)
+        probe = class_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TrainError(f"--class-dir {class_dir}: not writable ({e.strerror}); choose another folder") from None
+    for stale in class_dir.glob(".*.tmp*"):  # a killed generation's unfinished file
+        stale.unlink()
+    have = image_files(class_dir)
+    prompt = cfg.prompts[1]
+    other = [p.name for p in have if png_prompt(p) not in (None, prompt)]
+    if other:
+        raise TrainError(f"--class-dir {class_dir}: {len(other)} image(s) were generated for another class prompt "
+                         f"({png_prompt(class_dir / other[0])!r}, not {prompt!r}); choose another --class-dir or empty it")
+    missing = cfg.num_class_images - len(have)
+    if missing <= 0:
+        return
+    # image i is drawn with a seed that depends only on i, into class-<i>.png; free indices fill gaps
+    free = [i for i in range(cfg.num_class_images + len(have)) if not (class_dir / f"class-{i:05d}.png").exists()][:missing]
+    precision = cfg.class_precision if cfg.class_precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    half = HALF[precision]
+    print(f"generating {missing} class images for {prompt!r} into {class_dir} ({precision})", file=sys.stderr)
+    bar = Progress(missing, "class images")
+    for start in range(0, missing, cfg.class_batch_size):
+        batch = free[start:start + cfg.class_batch_size]
+        n = len(batch)
+        g = torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + batch[0])
+        with torch.autocast(device.type, dtype=half, enabled=half is not None):
+            imgs = generate(model, [prompt] * n, cfg.class_negative_prompt, steps=cfg.class_steps,
+                            guidance=cfg.class_guidance, generator=g, height=cfg.resolution, width=cfg.resolution,
+                            progress=False)
+        for i, img in zip(batch, imgs):
+            save_png(img, class_dir / f"class-{i:05d}.png", {"prompt": prompt, "index": i})
+        bar.update(n)
+
+
+def check_class_dir(cfg: TrainConfig, out: Path):
+    """A --class-dir that cannot be made or written fails before run.json exists."""
+    class_dir = Path(cfg.class_dir) if cfg.class_dir else out / "class_images"
+    ancestor = next(p for p in (class_dir, *class_dir.parents) if p.exists())
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise TrainError(f"--class-dir {class_dir}: {'is a file or below one' if not ancestor.is_dir() else 'not writable'}; "
+                         f"choose another folder")
+    return class_dir
+
+
+class LatentSource:
+    """Latents of random picks from the instance images (pool 0) or the class images (pool 1). With
+    --cache-latents the VAE runs once per image (and per mirrored view) and only q(z|x)'s mean and
+    log-variance are kept: each step still draws a fresh z, as encoding anew would."""
+
+    def __init__(self, model: StableDiffusion, cfg: TrainConfig, pools: list[list], device, g: torch.Generator):
+        self.model, self.cfg, self.pools, self.device, self.g = model, cfg, pools, device, g
+        self.vae_dtype = next(model.vae.parameters()).dtype
+        self.cache = None
+        if cfg.cache_latents:
+            views = (False, True) if cfg.flip > 0 else (False,)
+            with torch.no_grad():
+                self.cache = [[model.vae.encode(torch.stack([to_tensor(im, cfg.resolution, True, f, None) for f in views])
+                                                .to(device, self.vae_dtype)) for im in pool] for pool in pools]
+
+    def draw(self, pool: int, n: int) -> torch.Tensor:
+        """(n, 4, h, w) fp32 latents, scaled for the UNet."""
+        cfg, g = self.cfg, self.g
+        idx = torch.randint(0, len(self.pools[pool]), (n,), generator=g).tolist()
+        flips = (torch.rand(n, generator=g) < cfg.flip).tolist()
+        if self.cache is not None:
+            view = [int(f) if cfg.flip > 0 else 0 for f in flips]
+            mean = torch.stack([self.cache[pool][i][0][v] for i, v in zip(idx, view)])
+            logvar = torch.stack([self.cache[pool][i][1][v] for i, v in zip(idx, view)])
+        else:
+            py = random.Random(int(torch.randint(0, 2 ** 31, (1,), generator=g)))
+            x = torch.stack([to_tensor(self.pools[pool][i], cfg.resolution, cfg.center_crop, f, py) for i, f in zip(idx, flips)])
+            with torch.no_grad():
+                mean, logvar = self.model.vae.encode(x.to(self.device, self.vae_dtype))
+        eps = torch.randn(mean.shape, generator=g).to(self.device, mean.dtype)
+        return self.model.vae.latents(mean, logvar, eps).float()
+
+
+class TextConditioning:
+    """The UNet's conditioning for the instance and the class prompt, row by row of the batch. Recomputed
+    each step while the text encoder (or a new token) trains, else computed once. --text-encoder-steps N
+    (kohya's --stop_text_encoder_training) freezes the text encoder from step N on."""
+
+    def __init__(self, model: StableDiffusion, cfg: TrainConfig, groups: dict):
+        self.model, self.cfg = model, cfg
+        self.te_params = [p for _, p in groups["text_encoder"]]
+        self.token_trains = bool(groups["token"])
+        self.fixed = None
+
+    def __call__(self, step: int, n_inst: int, n_class: int) -> dict[str, torch.Tensor]:
+        te = self.te_params
+        if te and te[0].requires_grad and self.cfg.text_encoder_steps and step >= self.cfg.text_encoder_steps:
+            for p in te:
+                p.requires_grad_(False)
+            self.fixed = None
+        if self.token_trains or (te and te[0].requires_grad):
+            cond = encode_text(self.model, list(self.cfg.prompts))
+        else:
+            if self.fixed is None:
+                with torch.no_grad():
+                    self.fixed = encode_text(self.model, list(self.cfg.prompts))
+            cond = self.fixed
+        return {k: torch.cat([v[:1].expand(n_inst, *v.shape[1:]), v[1:].expand(n_class, *v.shape[1:])])
+                for k, v in cond.items()}
+
+
+def check_prompts(model: StableDiffusion, cfg: TrainConfig):
+    """CLIP reads 77 tokens: a prompt cut before its identifier would train on the class alone."""
+    for what, prompt in zip(("--instance-prompt", "--class-prompt"), cfg.prompts):
+        cut = model.tokenizer.truncated(prompt)
+        if cut and what == "--instance-prompt" and cfg.identifier in cut and cfg.identifier not in prompt[:-len(cut)]:
+            raise TrainError(f"{what}: the identifier {cfg.identifier!r} falls past the text encoder's "
+                             f"{model.tokenizer.max_length}-token limit; shorten the prompt")
+        if cut:
+            print(f"warning: {what} is longer than {model.tokenizer.max_length} tokens; this part is cut: {cut!r}",
+                  file=sys.stderr)
+

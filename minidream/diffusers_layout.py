@@ -1,0 +1,267 @@
+"""The diffusers folder layout (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
+`scheduler/`), read and written: each component's config.json checked and turned into our frozen config
+dataclasses, its weights loaded strictly, and the inverse (`save_pretrained`), which diffusers'
+`StableDiffusionPipeline.from_pretrained` loads.
+"""
+import json
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import get_args, get_origin
+
+from minidream import clip, unet, vae
+from minidream.choices import PRESETS
+from minidream.files import ModelError, build, read_json, read_weights, save_safetensors, weight_file
+from minidream.model import StableDiffusion
+from minidream.schedulers import SchedulerConfig
+from minidream.tokenizer import CLIPTokenizer
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_fields(cfg, file: Path):
+    """Garbage in a config.json (a string for a size, a negative count, NaN, a wrong-length list) is named
+    here, before it reaches torch as a traceback or an all-black image."""
+    def ok(v, t):
+        if t is bool:
+            return isinstance(v, bool)
+        if t is int:
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+        if t is float:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        if t is str:
+            return isinstance(v, str)
+        if get_origin(t) is tuple:
+            return isinstance(v, tuple) and len(v) > 0 and all(ok(x, get_args(t)[0]) for x in v)
+        return True
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if not ok(v, f.type):
+            want = {bool: "true or false", int: "a positive integer", float: "a positive finite number", str: "a string"}
+            raise ModelError(f"{file}: {f.name}={v!r} is not valid (expected "
+                             f"{want.get(f.type, 'a non-empty list of positive values')})")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading each component's config.json into our frozen dataclasses
+
+def _require(d: dict, file: Path, expected: dict):
+    """Fail on any config value that describes an architecture we do not implement."""
+    for key, ok in expected.items():
+        if key not in d or d[key] is None and None in ok:
+            continue
+        v = d[key]
+        vals = v if isinstance(v, (list, tuple)) else [v]
+        if not all(x in ok for x in vals):
+            raise ModelError(f"{file}: {key}={v!r} is not a Stable Diffusion 1.x/2.x architecture "
+                             f"(supported: {ok}); minidream's presets are {', '.join(PRESETS)}")
+
+
+def unet_config(d: dict, file: Path) -> unet.UNetConfig:
+    _require(d, file, {
+        "_class_name": ["UNet2DConditionModel"], "class_embed_type": [None], "addition_embed_type": [None],
+        "encoder_hid_dim": [None], "time_cond_proj_dim": [None], "dual_cross_attention": [False],
+        "only_cross_attention": [False], "resnet_time_scale_shift": ["default"], "act_fn": ["silu"],
+        "time_embedding_type": ["positional"], "mid_block_type": ["UNetMidBlock2DCrossAttn"],
+        "center_input_sample": [False], "flip_sin_to_cos": [True], "freq_shift": [0], "conv_in_kernel": [3],
+        "conv_out_kernel": [3], "norm_eps": [1e-5], "downsample_padding": [1], "mid_block_scale_factor": [1],
+        "transformer_layers_per_block": [1], "num_class_embeds": [None], "attention_type": ["default"],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    })
+    try:
+        ch = tuple(d["block_out_channels"])
+        n = len(ch)
+        attn = tuple(t == "CrossAttnDownBlock2D" for t in d["down_block_types"])
+        if tuple(t == "CrossAttnUpBlock2D" for t in d["up_block_types"]) != attn[::-1]:
+            raise ModelError(f"{file}: up_block_types do not mirror down_block_types; not an SD UNet")
+        # diffusers' "attention_head_dim" holds the number of heads in SD configs (a known misnomer);
+        # "num_attention_heads", when set, says the same thing under the right name.
+        heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+        heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * n
+        lpb = d.get("layers_per_block", 2)
+        if isinstance(lpb, (list, tuple)):
+            raise ModelError(f"{file}: per-stage layers_per_block is not supported")
+        cfg = check_fields(unet.UNetConfig(
+            in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), channels=ch, attention=attn,
+            heads=heads, layers_per_block=lpb, context_dim=d.get("cross_attention_dim", 1280),
+            linear_proj=d.get("use_linear_projection", False), groups=d.get("norm_num_groups", 32),
+            sample_size=d.get("sample_size") or 64), file)
+    except KeyError as e:
+        raise ModelError(f"{file}: missing field {e}") from None
+    except TypeError as e:  # a number where a list belongs, or the reverse
+        raise ModelError(f"{file}: a field has the wrong type ({e})") from None
+    if not len(cfg.channels) == len(cfg.attention) == len(cfg.heads):
+        raise ModelError(f"{file}: block_out_channels, down_block_types and attention_head_dim differ in length")
+    if any(c % cfg.groups for c in cfg.channels) or any(c % h for c, h in zip(cfg.channels, cfg.heads)):
+        raise ModelError(f"{file}: block_out_channels {list(cfg.channels)} must divide by norm_num_groups "
+                         f"{cfg.groups} and by the heads {list(cfg.heads)}")
+    return cfg
+
+
+def vae_config(d: dict, file: Path) -> vae.VAEConfig:
+    _require(d, file, {
+        "_class_name": ["AutoencoderKL"], "act_fn": ["silu"], "down_block_types": ["DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D"], "use_quant_conv": [True], "use_post_quant_conv": [True],
+        "mid_block_add_attention": [True], "shift_factor": [None, 0.0], "latents_mean": [None], "latents_std": [None],
+    })
+    if d.get("out_channels", 3) != d.get("in_channels", 3):
+        raise ModelError(f"{file}: in_channels != out_channels is not supported")
+    try:
+        cfg = check_fields(vae.VAEConfig(
+            in_channels=d.get("in_channels", 3), latent_channels=d.get("latent_channels", 4),
+            channels=tuple(d.get("block_out_channels", (64,))), layers_per_block=d.get("layers_per_block", 1),
+            groups=d.get("norm_num_groups", 32), scaling_factor=d.get("scaling_factor", 0.18215),
+            sample_size=d.get("sample_size", 32)), file)
+    except TypeError as e:
+        raise ModelError(f"{file}: a field has the wrong type ({e})") from None
+    if any(c % cfg.groups for c in cfg.channels):
+        raise ModelError(f"{file}: block_out_channels {list(cfg.channels)} must divide by norm_num_groups {cfg.groups}")
+    return cfg
+
+
+def clip_config(d: dict, file: Path) -> clip.CLIPConfig:
+    _require(d, file, {"hidden_act": ["quick_gelu", "gelu"], "architectures": ["CLIPTextModel"],
+                       "model_type": ["clip_text_model"]})
+    cfg = check_fields(clip.CLIPConfig(
+        vocab_size=d.get("vocab_size", 49408), width=d.get("hidden_size", 512), layers=d.get("num_hidden_layers", 12),
+        heads=d.get("num_attention_heads", 8), mlp_width=d.get("intermediate_size", 2048),
+        max_positions=d.get("max_position_embeddings", 77), act=d.get("hidden_act", "quick_gelu"),
+        eps=d.get("layer_norm_eps", 1e-5)), file)
+    if cfg.width % cfg.heads:
+        raise ModelError(f"{file}: hidden_size {cfg.width} must divide by num_attention_heads {cfg.heads}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading each component
+
+def _strip_text_model(sd: dict) -> dict:
+    # The official SD repos write `text_model.` before every key; transformers 5 does not.
+    # `position_ids` is a buffer that older transformers saved; we compute positions instead.
+    return {k.removeprefix("text_model."): v for k, v in sd.items() if not k.endswith("embeddings.position_ids")}
+
+
+def load_text_encoder(folder: Path, variant=None, allow_pickle=False, dtype=None) -> clip.CLIPTextModel:
+    cfg = clip_config(read_json(folder / "config.json"), folder / "config.json")
+    f = weight_file(folder, "model", variant, allow_pickle)
+    return build(clip.CLIPTextModel, cfg, _strip_text_model(read_weights(f, allow_pickle)), str(f), dtype)
+
+
+def load_unet(folder: Path, variant=None, allow_pickle=False, dtype=None) -> unet.UNet2DConditionModel:
+    cfg = unet_config(read_json(folder / "config.json"), folder / "config.json")
+    f = weight_file(folder, "diffusion_pytorch_model", variant, allow_pickle)
+    return build(unet.UNet2DConditionModel, cfg, read_weights(f, allow_pickle), str(f), dtype)
+
+
+# Early diffusers VAE checkpoints named the mid-block attention like the original LDM code.
+_OLD_VAE_ATTN = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+def load_vae(folder: Path, variant=None, allow_pickle=False, dtype=None) -> vae.AutoencoderKL:
+    cfg = vae_config(read_json(folder / "config.json"), folder / "config.json")
+    f = weight_file(folder, "diffusion_pytorch_model", variant, allow_pickle)
+    sd = {}
+    for k, v in read_weights(f, allow_pickle).items():
+        for old, new in _OLD_VAE_ATTN.items():
+            k = k.replace(old, new)
+        sd[k] = v
+    return build(vae.AutoencoderKL, cfg, sd, str(f), dtype)
+
+
+def load_tokenizer(folder: Path) -> CLIPTokenizer:
+    if not (folder / "tokenizer.json").exists():
+        for n in ("vocab.json", "merges.txt"):
+            if not (folder / n).exists():
+                raise ModelError(f"{folder / n}: missing; the tokenizer needs vocab.json and merges.txt (or tokenizer.json)")
+    return CLIPTokenizer.from_dir(folder)
+
+
+def load_scheduler_config(folder: Path) -> SchedulerConfig:
+    f = folder / "scheduler_config.json"
+    try:
+        return SchedulerConfig.from_dict(read_json(f)).check()
+    except ValueError as e:
+        raise ModelError(f"{f}: {e}") from None
+
+
+
+def read_configs(folder: Path) -> tuple[dict, SchedulerConfig]:
+    """The architecture a diffusers folder describes, without its weights (for a single-file checkpoint's --config)."""
+    files = {"unet": folder / "unet/config.json", "vae": folder / "vae/config.json",
+             "clip": folder / "text_encoder/config.json"}
+    parse = {"unet": unet_config, "vae": vae_config, "clip": clip_config}
+    return {k: parse[k](read_json(f), f) for k, f in files.items()}, load_scheduler_config(folder / "scheduler")
+
+
+def load_pretrained(path: Path, variant=None, allow_pickle=False, dtype=None) -> StableDiffusion:
+    if not (path / "model_index.json").exists() and not (path / "unet").is_dir():
+        raise ModelError(f"{path}: not a model folder (no model_index.json, no unet/); expected the diffusers layout "
+                         f"or a single .safetensors checkpoint")
+    for comp in COMPONENTS:
+        if not (path / comp).is_dir():
+            raise ModelError(f"{path}: missing component folder {comp}/; is the download complete?")
+    return StableDiffusion(
+        tokenizer=load_tokenizer(path / "tokenizer"),
+        text_encoder=load_text_encoder(path / "text_encoder", variant, allow_pickle, dtype),
+        unet=load_unet(path / "unet", variant, allow_pickle, dtype),
+        vae=load_vae(path / "vae", variant, allow_pickle, dtype),
+        scheduler=load_scheduler_config(path / "scheduler"),
+        source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the diffusers layout (the inverse of `load`): loadable by us and by
+# diffusers.StableDiffusionPipeline.from_pretrained.
+
+def unet_config_json(c: unet.UNetConfig) -> dict:
+    return {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": list(c.heads),
+            "block_out_channels": list(c.channels), "center_input_sample": False, "cross_attention_dim": c.context_dim,
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in c.attention],
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in c.attention[::-1]],
+            "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": c.in_channels,
+            "layers_per_block": c.layers_per_block, "mid_block_scale_factor": 1, "norm_eps": 1e-5,
+            "norm_num_groups": c.groups, "out_channels": c.out_channels, "sample_size": c.sample_size,
+            "use_linear_projection": c.linear_proj}
+
+
+def vae_config_json(c: vae.VAEConfig) -> dict:
+    n = len(c.channels)
+    return {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": list(c.channels),
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "in_channels": c.in_channels, "out_channels": c.in_channels, "latent_channels": c.latent_channels,
+            "layers_per_block": c.layers_per_block, "norm_num_groups": c.groups, "sample_size": c.sample_size,
+            "scaling_factor": c.scaling_factor}
+
+
+def clip_config_json(c: clip.CLIPConfig, tok: CLIPTokenizer) -> dict:
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": c.width,
+            "intermediate_size": c.mlp_width, "num_hidden_layers": c.layers, "num_attention_heads": c.heads,
+            "max_position_embeddings": c.max_positions, "vocab_size": c.vocab_size, "hidden_act": c.act,
+            "layer_norm_eps": c.eps, "projection_dim": c.width, "bos_token_id": tok.bos_id,
+            "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+
+
+def save_pretrained(model: StableDiffusion, folder: Path):
+    """Write a diffusers-layout folder; each weights file atomically."""
+    folder = Path(folder)
+    for comp in COMPONENTS:
+        (folder / comp).mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+    (folder / "unet" / "config.json").write_text(json.dumps(unet_config_json(model.unet.cfg), indent=2))
+    (folder / "vae" / "config.json").write_text(json.dumps(vae_config_json(model.vae.cfg), indent=2))
+    (folder / "text_encoder" / "config.json").write_text(
+        json.dumps(clip_config_json(model.text_encoder.cfg, model.tokenizer), indent=2))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDIMScheduler", **{f.name: getattr(model.scheduler, f.name) for f in fields(model.scheduler)}}, indent=2))
+    model.tokenizer.save(folder / "tokenizer")
+    save_safetensors(model.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
+    save_safetensors(model.vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
+    # the official SD repos (and transformers 4) keep the `text_model.` prefix; transformers 5 reads both
+    save_safetensors({f"text_model.{k}": v for k, v in model.text_encoder.state_dict().items()},
+                     folder / "text_encoder" / "model.safetensors")

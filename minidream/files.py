@@ -1,0 +1,167 @@
+"""Weight files: finding them (a local path, or a hub repo fetched into the Hugging Face cache), reading
+them (safetensors memory-mapped; pickles only when asked, then weights-only), writing them atomically,
+and putting their tensors into modules strictly.
+
+Models are built on the `meta` device and take the memory-mapped safetensors tensors as their
+parameters (`assign=True`): no random init, no second copy in RAM. Only safetensors load unless
+the caller passes allow_pickle=True (then `torch.load(weights_only=True)`, which refuses code).
+"""
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+# The weights file of each component in the diffusers layout (`<stem>[.variant].safetensors`).
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+class ModelError(Exception):
+    """A problem with a model on disk, worded for the user (one line, names the path)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the files
+
+def resolve(model: str, revision: str | None = None, allow_pickle: bool = False, variant: str | None = None) -> Path:
+    """A local folder or single file as is; otherwise a hub repo id, fetched (configs, tokenizer and
+    the component weights only) into the standard Hugging Face cache. HF_HUB_OFFLINE=1 serves the cache."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        raise ModelError(f"{model}: no such file or folder, and not a hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+    var = f".{variant}" if variant else ""
+    patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*"]
+    for comp, stem in WEIGHT_STEMS.items():
+        patterns.append(f"{comp}/{stem}{var}.safetensors")
+        if allow_pickle:
+            patterns.append(f"{comp}/{stem}{var}.bin")
+    try:
+        return Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # offline without a cached copy, unknown repo, gated repo, no network
+        raise ModelError(f"{model}: no such local file or folder, and it could not be fetched as a Hugging Face hub "
+                         f"repo ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the path, "
+                         f"or the repo id and your login / network") from None
+
+
+def weight_file(folder: Path, stem: str, variant: str | None, allow_pickle: bool) -> Path:
+    names = [f"{stem}.{variant}.safetensors"] if variant else [f"{stem}.safetensors", f"{stem}.fp16.safetensors"]
+    for n in names:
+        if (folder / n).exists():
+            return folder / n
+    pickles = [folder / n.replace(".safetensors", ".bin") for n in names]
+    for p in pickles:
+        if p.exists():
+            if allow_pickle:
+                return p
+            raise ModelError(f"{p}: pickle checkpoints can run code when loaded and are refused; convert it to "
+                             f"safetensors, or pass --allow-pickle if you trust the file")
+    raise ModelError(f"{folder}: no weights ({' or '.join(names)}); is the download complete?")
+
+
+def read_weights(file: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    file = Path(file)
+    if not file.is_file():  # a FIFO or device would block the reader forever
+        raise ModelError(f"{file}: not a regular file")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(file)  # memory-mapped
+        except Exception as e:
+            raise ModelError(f"{file}: not a readable safetensors file ({e}); it may be truncated: download it again") from None
+    if file.suffix in (".bin", ".ckpt", ".pt", ".pth"):
+        if not allow_pickle:
+            raise ModelError(f"{file}: pickle checkpoints can run code when loaded and are refused; convert it to "
+                             f"safetensors, or pass --allow-pickle if you trust the file")
+        try:
+            try:
+                sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (pre-1.6, non-zip) pickles cannot be memory-mapped: read them whole
+                sd = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelError(f"{file}: could not be read as a weights-only torch checkpoint "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        if not isinstance(sd, dict):
+            raise ModelError(f"{file}: holds a {type(sd).__name__}, not a dict of tensors")
+        return sd.get("state_dict", sd)
+    raise ModelError(f"{file}: unknown weights format; expected .safetensors")
+
+
+def read_json(file: Path) -> dict:
+    if not file.exists():
+        raise ModelError(f"{file}: missing; is this a diffusers-layout model folder?")
+    try:
+        d = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ModelError(f"{file}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Putting tensors into modules
+
+def load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str, dtype=None) -> nn.Module:
+    """Strict load with errors that name the key, the file and the expected shape; the module is
+    expected on `meta` and takes the given tensors as its own (assign=True)."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in sd]
+    if missing:
+        k = missing[0]
+        raise ModelError(f"{source}: missing key {k!r} (expected shape {list(want[k].shape)})"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    extra = [k for k in sd if k not in want]
+    if extra:
+        raise ModelError(f"{source}: unexpected key {extra[0]!r}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
+                         + "; the checkpoint does not match the configured architecture")
+    for k, v in want.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise ModelError(f"{source}: key {k!r} has shape {list(sd[k].shape)}, expected {list(v.shape)}")
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
+
+
+def build(cls, cfg, sd, source, dtype=None):
+    try:
+        with torch.device("meta"):
+            model = cls(cfg)
+    except Exception as e:  # a config that passed the checks but still describes no buildable model
+        raise ModelError(f"{source}: its config does not describe a buildable {cls.__name__} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return load_into(model, sd, source, dtype).eval().requires_grad_(False)
+
+
+
+def read_metadata(file: Path) -> dict:
+    """A safetensors file's string metadata ({} for anything else, or an unreadable header)."""
+    if Path(file).suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+    try:
+        with safe_open(str(file), "pt") as f:
+            return f.metadata() or {}
+    except Exception:
+        return {}
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict | None = None):
+    """Write atomically: a crash mid-write leaves the old file (or none), never half a file."""
+    from safetensors.torch import save_file
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # like any file the user writes (the writer makes it 0600)
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
