@@ -1,7 +1,7 @@
-"""python -m benchmarks [attention|sd|all] [--smoke] [--preset sd15|sd21] [--only step,unet,...]"""
+"""python -m benchmarks [attention|sd|all|report] [--smoke] [--preset sd15|sd21] [--only step,unet,...] [--device cpu --res 256]"""
 import argparse
 
-from benchmarks import attention, sd
+from benchmarks import attention, cpu, sd
 
 
 def main():
@@ -13,13 +13,20 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--out", default=None, help="folder for the JSON results (default benchmarks/results)")
+    ap.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                    help="sd on cpu: the trainer's DreamBooth step vs diffusers', interleaved child processes "
+                         "(benchmarks/cpu.py); default: cuda when available")
+    ap.add_argument("--res", type=int, default=256, help="image side for --device cpu")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds for --device cpu")
     a = ap.parse_args()
     if a.what == "report":
         from benchmarks.report import main as report
         return report()
     if a.what in ("all", "attention"):
         attention.run(smoke=a.smoke, out=a.out)
-    if a.what in ("all", "sd"):
+    if a.what in ("all", "sd") and a.device == "cpu" and not a.smoke:
+        cpu.run(a.preset, a.res, a.rounds, out=a.out)
+    elif a.what in ("all", "sd"):
         sd.run(a.preset, [s for s in a.only.split(",") if s] or None, smoke=a.smoke, warmup=a.warmup, repeat=a.repeat, out=a.out)
 
 

@@ -51,6 +51,17 @@ def model_table(data):
             print(f"| {case} | {fmt_spread(ours) if 'error' not in ours else ours['error']} | — | — |")
 
 
+def cpu_step_table(data):
+    gib = 2 ** 30
+    print("| `--train` | ours s/step (p25–p75) | diffusers s/step (p25–p75) | speed ours/diffusers (per-round range) "
+          "| peak RSS ours / diffusers GiB |\n|---|---|---|---|---|")
+    for r in data["results"]:
+        o, d, per = r["ours"], r["diffusers"], r["speedup_per_round"]
+        print(f"| {r['mode']} | {o['median_s']:.2f} ({o['p25_s']:.2f}–{o['p75_s']:.2f}) | {d['median_s']:.2f} "
+              f"({d['p25_s']:.2f}–{d['p75_s']:.2f}) | {r['speedup']:.2f}× ({min(per):.2f}–{max(per):.2f}) | "
+              f"{o['peak_rss_bytes'] / gib:.2f} / {d['peak_rss_bytes'] / gib:.2f} |")
+
+
 def main():
     files = sorted(p for p in RESULTS.glob("*.json") if "smoke" not in p.name and not p.name.startswith("demo-"))
     if not files:
@@ -67,7 +78,7 @@ def main():
             continue
         print(f"\n**{data['benchmark']}** — {data['device']}, torch {data['torch']}, triton {data.get('triton')}, "
               f"diffusers {data.get('diffusers')} ({f.relative_to(RESULTS.parent.parent)})\n")
-        (attention_table if data["benchmark"] == "attention" else model_table)(data)
+        {"attention": attention_table, "step-cpu": cpu_step_table}.get(data["benchmark"], model_table)(data)
 
 if __name__ == "__main__":
     sys.exit(main())

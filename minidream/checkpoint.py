@@ -14,6 +14,7 @@ import torch
 
 from minidream.config import TrainConfig, TrainError, resumed_config, stored_config
 from minidream.data import image_files
+from minidream.distributed import World
 from minidream.files import save_safetensors
 
 # What a run writes into --out: --overwrite removes exactly these before it starts again.
@@ -103,12 +104,18 @@ class Checkpointer:
     """Writes step-N checkpoints into OUT/checkpoints, keeps the last --keep-last, and remembers the last
     good one (named in every error that stops the run)."""
 
-    def __init__(self, out: Path, cfg: TrainConfig, groups, opt, sched, scaler, g: torch.Generator, step: int):
-        self.out, self.cfg, self.state = out, cfg, (groups, opt, sched, scaler, g)
+    def __init__(self, out: Path, cfg: TrainConfig, groups, opt, sched, scaler, g: torch.Generator, step: int,
+                 world: World = World()):
+        self.out, self.cfg, self.state, self.world = out, cfg, (groups, opt, sched, scaler, g), world
         self.last_good = step
 
     def save(self, step: int) -> Path:
+        """Rank 0 writes (every process holds the same state, and the draws are global: a checkpoint resumes
+        on any number of processes)."""
         path = self.out / "checkpoints" / f"step-{step:06d}.safetensors"
+        if not self.world.main:
+            self.last_good = step
+            return path
         try:
             save_checkpoint(path, step, self.cfg, *self.state)
         except OSError as e:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from minidream.config import TrainConfig, TrainError
+from minidream.distributed import World, barrier
 from minidream.model import StableDiffusion, encode_text
 from minidream.pipeline import generate, save_png
 from minidream.progress import Progress
@@ -88,10 +89,45 @@ def png_prompt(path: Path) -> str | None:
         return None
 
 
-def make_class_images(model: StableDiffusion, cfg: TrainConfig, class_dir: Path, device: torch.device):
+def make_class_images(model: StableDiffusion, cfg: TrainConfig, class_dir: Path, device: torch.device,
+                      world: World = World()):
     """Top up `class_dir` to --num-class-images images of the class prompt, drawn by the base model
     (under autocast in --class-precision: the weights stay fp32). Existing images are kept, so an
-    interrupted generation resumes where it stopped."""
+    interrupted generation resumes where it stopped. Image i starts from noise seeded by i alone (and
+    --seed), so the set does not depend on the batch size or on how many processes share the work."""
+    if world.main:
+        prepare_class_dir(class_dir, cfg.prompts[1])
+    barrier(world)
+    have = image_files(class_dir)
+    missing = cfg.num_class_images - len(have)
+    barrier(world)  # every process has listed the folder before any writes to it
+    if missing <= 0:
+        return
+    free = [i for i in range(cfg.num_class_images + len(have)) if not (class_dir / f"class-{i:05d}.png").exists()][:missing]
+    mine = free[world.rank::world.size]
+    precision = cfg.class_precision if cfg.class_precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    half = HALF[precision]
+    prompt = cfg.prompts[1]
+    print(f"generating {missing} class images for {prompt!r} into {class_dir} ({precision})", file=sys.stderr)
+    side = cfg.resolution // model.latent_scale
+    bar = Progress(len(mine), "class images")  # this process's share (all of them on one process)
+    for start in range(0, len(mine), cfg.class_batch_size):
+        batch = mine[start:start + cfg.class_batch_size]
+        noise = torch.stack([torch.randn((model.unet.cfg.in_channels, side, side),
+                                         generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)) for i in batch])
+        with torch.autocast(device.type, dtype=half, enabled=half is not None):
+            imgs = generate(model, [prompt] * len(batch), cfg.class_negative_prompt, steps=cfg.class_steps,
+                            guidance=cfg.class_guidance, latents=noise, height=cfg.resolution, width=cfg.resolution,
+                            progress=False)
+        for i, img in zip(batch, imgs):
+            save_png(img, class_dir / f"class-{i:05d}.png", {"prompt": prompt, "index": i})
+        bar.update(len(batch))
+    bar.close()
+    barrier(world)
+
+
+def prepare_class_dir(class_dir: Path, prompt: str):
+    """Make the folder, drop a killed generation's unfinished files, refuse images made for another prompt."""
     try:
         class_dir.mkdir(parents=True, exist_ok=True)
         probe = class_dir / ".write-test"
@@ -101,32 +137,10 @@ def make_class_images(model: StableDiffusion, cfg: TrainConfig, class_dir: Path,
         raise TrainError(f"--class-dir {class_dir}: not writable ({e.strerror}); choose another folder") from None
     for stale in class_dir.glob(".*.tmp*"):  # a killed generation's unfinished file
         stale.unlink()
-    have = image_files(class_dir)
-    prompt = cfg.prompts[1]
-    other = [p.name for p in have if png_prompt(p) not in (None, prompt)]
+    other = [p.name for p in image_files(class_dir) if png_prompt(p) not in (None, prompt)]
     if other:
         raise TrainError(f"--class-dir {class_dir}: {len(other)} image(s) were generated for another class prompt "
                          f"({png_prompt(class_dir / other[0])!r}, not {prompt!r}); choose another --class-dir or empty it")
-    missing = cfg.num_class_images - len(have)
-    if missing <= 0:
-        return
-    # image i is drawn with a seed that depends only on i, into class-<i>.png; free indices fill gaps
-    free = [i for i in range(cfg.num_class_images + len(have)) if not (class_dir / f"class-{i:05d}.png").exists()][:missing]
-    precision = cfg.class_precision if cfg.class_precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
-    half = HALF[precision]
-    print(f"generating {missing} class images for {prompt!r} into {class_dir} ({precision})", file=sys.stderr)
-    bar = Progress(missing, "class images")
-    for start in range(0, missing, cfg.class_batch_size):
-        batch = free[start:start + cfg.class_batch_size]
-        n = len(batch)
-        g = torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + batch[0])
-        with torch.autocast(device.type, dtype=half, enabled=half is not None):
-            imgs = generate(model, [prompt] * n, cfg.class_negative_prompt, steps=cfg.class_steps,
-                            guidance=cfg.class_guidance, generator=g, height=cfg.resolution, width=cfg.resolution,
-                            progress=False)
-        for i, img in zip(batch, imgs):
-            save_png(img, class_dir / f"class-{i:05d}.png", {"prompt": prompt, "index": i})
-        bar.update(n)
 
 
 def check_class_dir(cfg: TrainConfig, out: Path):
@@ -144,8 +158,9 @@ class LatentSource:
     --cache-latents the VAE runs once per image (and per mirrored view) and only q(z|x)'s mean and
     log-variance are kept: each step still draws a fresh z, as encoding anew would."""
 
-    def __init__(self, model: StableDiffusion, cfg: TrainConfig, pools: list[list], device, g: torch.Generator):
-        self.model, self.cfg, self.pools, self.device, self.g = model, cfg, pools, device, g
+    def __init__(self, model: StableDiffusion, cfg: TrainConfig, pools: list[list], device, g: torch.Generator,
+                 world: World = World()):
+        self.model, self.cfg, self.pools, self.device, self.g, self.world = model, cfg, pools, device, g, world
         self.vae_dtype = next(model.vae.parameters()).dtype
         self.cache = None
         if cfg.cache_latents:
@@ -155,20 +170,22 @@ class LatentSource:
                                                 .to(device, self.vae_dtype)) for im in pool] for pool in pools]
 
     def draw(self, pool: int, n: int) -> torch.Tensor:
-        """(n, 4, h, w) fp32 latents, scaled for the UNet."""
-        cfg, g = self.cfg, self.g
-        idx = torch.randint(0, len(self.pools[pool]), (n,), generator=g).tolist()
-        flips = (torch.rand(n, generator=g) < cfg.flip).tolist()
+        """(n, 4, h, w) fp32 latents, scaled for the UNet: this process's n rows of a global draw of
+        n × (number of processes) examples (all of them on one process)."""
+        cfg, g, rows = self.cfg, self.g, self.world.rows(n)
+        N = n * self.world.size
+        idx = torch.randint(0, len(self.pools[pool]), (N,), generator=g).tolist()
+        flips = (torch.rand(N, generator=g) < cfg.flip).tolist()
         if self.cache is not None:
-            view = [int(f) if cfg.flip > 0 else 0 for f in flips]
-            mean = torch.stack([self.cache[pool][i][0][v] for i, v in zip(idx, view)])
-            logvar = torch.stack([self.cache[pool][i][1][v] for i, v in zip(idx, view)])
-        else:
+            view = [int(f) if cfg.flip > 0 else 0 for f in flips][rows]
+            mean = torch.stack([self.cache[pool][i][0][v] for i, v in zip(idx[rows], view)])
+            logvar = torch.stack([self.cache[pool][i][1][v] for i, v in zip(idx[rows], view)])
+        else:  # the crops are drawn for every example in order (cheap), then each process keeps its own
             py = random.Random(int(torch.randint(0, 2 ** 31, (1,), generator=g)))
-            x = torch.stack([to_tensor(self.pools[pool][i], cfg.resolution, cfg.center_crop, f, py) for i, f in zip(idx, flips)])
+            views = [to_tensor(self.pools[pool][i], cfg.resolution, cfg.center_crop, f, py) for i, f in zip(idx, flips)]
             with torch.no_grad():
-                mean, logvar = self.model.vae.encode(x.to(self.device, self.vae_dtype))
-        eps = torch.randn(mean.shape, generator=g).to(self.device, mean.dtype)
+                mean, logvar = self.model.vae.encode(torch.stack(views[rows]).to(self.device, self.vae_dtype))
+        eps = torch.randn((N, *mean.shape[1:]), generator=g)[rows].to(self.device, mean.dtype)
         return self.model.vae.latents(mean, logvar, eps).float()
 
 

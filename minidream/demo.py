@@ -245,7 +245,8 @@ def evaluate_pretrained(model: StableDiffusion, net: Recognizer, n: int = 120, s
 # ---------------------------------------------------------------------------------------------
 # DreamBooth on the embedded subject, and its measurement (DreamBooth paper, Table 3's quantities).
 
-PROMPTS = ("a sks toy", "a sks toy on a blue background", "a toy")
+SUBJECT = "a sks toy"  # the instance prompt: identifier + class noun
+PROMPTS = (SUBJECT, f"{SUBJECT} on a blue background", "a toy")
 CONTEXTS = ("white", "black", "gray", "blue")
 
 
@@ -255,7 +256,7 @@ def demo_config(out: Path, prior: bool = True, seed: int = 0, steps: int = 300, 
     from minidream.config import TrainConfig
     return TrainConfig(
         model=str(model), instance_dir=str(out / "instance"), class_noun=world.CLASS_NOUN, out=str(out),
-        instance_prompt="a sks toy", class_prompt="a toy", resolution=world.SIZE, flip=0.5, prior=prior,
+        instance_prompt=SUBJECT, class_prompt="a toy", resolution=world.SIZE, flip=0.5, prior=prior,
         num_class_images=64, class_steps=20, class_guidance=4.0, class_batch_size=32, train_text_encoder=True,
         lr=lr, warmup_steps=10, max_grad_norm=0.0,  # the demo's lr and steps were chosen without clipping
         steps=steps, batch_size=4, cache_latents=True, seed=seed, validation_steps=20, checkpoint_every=0,
@@ -274,8 +275,8 @@ def evaluate_dreambooth(model: StableDiffusion, net: Recognizer, n: int = 16, se
     def sample(prompt, count, s):
         return net.predict(generate(model, [prompt] * count, steps=20, guidance=4.0, progress=False,
                                     generator=torch.Generator().manual_seed(s)))
-    subj = sample("a sks toy", n, seed)
-    ctx = {bg: sample(f"a sks toy on a {bg} background", n, seed + 1 + i) for i, bg in enumerate(CONTEXTS)}
+    subj = sample(SUBJECT, n, seed)
+    ctx = {bg: sample(f"{SUBJECT} on a {bg} background", n, seed + 1 + i) for i, bg in enumerate(CONTEXTS)}
     toys = sample("a toy", 2 * n, seed + 10)
     all_subj = subj + [p for ps in ctx.values() for p in ps]
     pairs = [(a, b) for i, a in enumerate(toys) for b in toys[i + 1:]]

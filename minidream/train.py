@@ -9,14 +9,18 @@ where z are the latents of the subject's photos, z' the latents of images the *b
 from the class prompt, λ = --prior-loss-weight and w_t = 1 (or min-SNR-γ weights). Instance and class
 examples run through the UNet as one batch.
 
-One step, in three files: `loop` (here) draws latents and conditioning (data.py: `LatentSource`,
-`TextConditioning`), then `training_step` → `dreambooth_loss` (here). `train` checks every input and
+One step, in three files: `Stepper` (here) draws latents and conditioning (data.py: `LatentSource`,
+`TextConditioning`, which calls model.py's `encode_text`), then `training_step` → `dreambooth_loss` (here);
+`loop` repeats it, logging and checkpointing. `train` checks every input and
 sets the run up; what trains is trainable.py, checkpoints checkpoint.py, exports export.py.
 """
 import json
+import math
+import signal
 import sys
+import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +28,8 @@ import torch
 from minidream.attention import resolve_backend, set_attention_backend
 from minidream.checkpoint import Checkpointer, open_run, restore, resume_from
 from minidream.config import TrainConfig, TrainError, validate, validate_resolution
+from minidream.distributed import World
+from minidream import distributed
 from minidream.data import (HALF, LatentSource, TextConditioning, check_class_dir, check_prompts, load_instance_images,
                             make_class_images)
 from minidream.export import export
@@ -57,16 +63,22 @@ def min_snr_weights(schedule: NoiseSchedule, t, gamma: float):
 
 
 def training_step(unet, schedule: NoiseSchedule, latents, cond: dict, n_instance: int, prior_weight: float,
-                  g: torch.Generator, snr_gamma: float | None = None, noise_offset: float = 0.0):
+                  g: torch.Generator, snr_gamma: float | None = None, noise_offset: float = 0.0, world: World = World()):
     """Noise the latents at random timesteps, predict, and return the DreamBooth loss parts.
-    `cond`: the UNet's conditioning (model.encode_text), one row per latent."""
+    `cond`: the UNet's conditioning (model.encode_text), one row per latent. Under torchrun the noise and
+    timesteps are drawn for the global batch and this process keeps its rows (distributed.py)."""
     # draws happen where the generator lives: the trainer's is on the CPU (the same numbers on any device,
     # bit-exact resume), the benchmark's on the GPU (no copy per step)
-    B, dev = latents.shape[0], g.device
-    noise = torch.randn(latents.shape, generator=g, device=dev).to(latents.device)
+    B, C, dev = latents.shape[0], latents.shape[1], g.device
+    rows = world.batch_rows(n_instance, B - n_instance)
+
+    def mine(x):  # this process's rows of a draw for the global batch
+        return (x if rows is None else x[rows.to(x.device)]).to(latents.device)
+    total = B * world.size
+    noise = mine(torch.randn((total, *latents.shape[1:]), generator=g, device=dev))
     if noise_offset:  # (Guttenberg 2023) lets the model shift mean brightness
-        noise = noise + noise_offset * torch.randn((B, latents.shape[1], 1, 1), generator=g, device=dev).to(latents.device)
-    t = torch.randint(0, schedule.cfg.num_train_timesteps, (B,), generator=g, device=dev).to(latents.device)
+        noise = noise + noise_offset * mine(torch.randn((total, C, 1, 1), generator=g, device=dev))
+    t = mine(torch.randint(0, schedule.cfg.num_train_timesteps, (total,), generator=g, device=dev))
     noisy = schedule.add_noise(latents, noise, t)
     pred = unet(noisy, t, **cond)
     weights = min_snr_weights(schedule, t, snr_gamma) if snr_gamma else None
@@ -86,51 +98,93 @@ def apply_gradients(opt, scaler, params: list, max_grad_norm: float) -> float | 
     return grad_norm
 
 
+@dataclass
+class Stepper:
+    """One optimizer step of a run (--grad-accum micro-batches), with everything it uses. Built by `prepare`;
+    called by `loop`, and by the CPU benchmark, which so times exactly the trainer's step."""
+    cfg: TrainConfig
+    model: StableDiffusion
+    batches: LatentSource
+    text: TextConditioning
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    params: list
+    g: torch.Generator
+    half: torch.dtype | None
+    world: World = World()
+
+    def __post_init__(self):
+        self.schedule = NoiseSchedule(self.model.scheduler)
+        self.rng_at_start, self.done = None, True
+
+    def rewind(self):
+        """After a step stopped half-way (Ctrl-C, SIGTERM, a lost process): put the data generator back to where
+        the step began, so a checkpoint of the last finished step resumes exactly. The weights and the
+        optimizer change only in the step's last calls."""
+        if not self.done and self.rng_at_start is not None:
+            self.g.set_state(self.rng_at_start)
+            self.done = True
+
+    def __call__(self, step: int, last_good: int = 0) -> dict:
+        """Step `step` + 1; returns its metrics line."""
+        self.rng_at_start, self.done = self.g.get_state(), False
+        cfg, device = self.cfg, self.batches.device
+        n_inst, n_class = cfg.batch_size, cfg.batch_size if cfg.prior else 0
+        self.opt.zero_grad(set_to_none=True)
+        tot = inst = prior = 0.0
+        for _ in range(cfg.grad_accum):
+            latents = torch.cat([self.batches.draw(0, n_inst)] + ([self.batches.draw(1, n_class)] if n_class else []))
+            with torch.autocast(device.type, dtype=self.half, enabled=self.half is not None):
+                loss, li, lp = training_step(self.model.unet, self.schedule, latents, self.text(step, n_inst, n_class),
+                                             n_inst, cfg.prior_loss_weight, self.g, cfg.snr_gamma, cfg.noise_offset,
+                                             self.world)
+            parts = distributed.mean([loss.item(), li.item(), lp.item()], self.world, device)  # as one process logs
+            if not math.isfinite(parts[0]):  # every process sees the same value, so all stop together
+                raise TrainError(f"loss is {parts[0]} at step {step + 1}; stopped, the last good checkpoint is "
+                                 f"kept (step {last_good}). Try a lower --lr or --mixed-precision no")
+            loss = loss / cfg.grad_accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            tot, inst, prior = tot + parts[0] / cfg.grad_accum, inst + parts[1] / cfg.grad_accum, prior + parts[2] / cfg.grad_accum
+        distributed.average_gradients(self.params, self.world)
+        grad_norm = apply_gradients(self.opt, self.scaler, self.params, cfg.max_grad_norm)
+        self.sched.step()
+        self.done = True
+        return {"step": step + 1, "loss": tot, "loss_instance": inst, "loss_prior": prior,
+                "lr": self.sched.get_last_lr()[0], "grad_norm": grad_norm}
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
-def loop(cfg: TrainConfig, out: Path, model: StableDiffusion, params: list, batches: LatentSource,
-         text: TextConditioning, opt, sched, scaler, ckpt: Checkpointer, g: torch.Generator, half, step: int) -> int:
+def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step: int) -> int:
     """Optimizer steps from `step` to cfg.steps; each logs a metrics line and may checkpoint and validate.
     Ctrl-C saves a checkpoint; a non-finite loss stops with the last good one kept."""
-    schedule = NoiseSchedule(model.scheduler)
-    device = batches.device
-    n_inst, n_class = cfg.batch_size, cfg.batch_size if cfg.prior else 0
-    bar = Progress(cfg.steps, "training", start=step)
-    metrics = open(out / "metrics.jsonl", "a")
+    main = stepper.world.main  # under torchrun only rank 0 logs, checkpoints and validates
+    bar = Progress(cfg.steps, "training", start=step, enabled=main)
+    metrics = open(out / "metrics.jsonl", "a") if main else None
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            tot = inst = prior = 0.0
-            for _ in range(cfg.grad_accum):
-                latents = torch.cat([batches.draw(0, n_inst)] + ([batches.draw(1, n_class)] if n_class else []))
-                with torch.autocast(device.type, dtype=half, enabled=half is not None):
-                    loss, li, lp = training_step(model.unet, schedule, latents, text(step, n_inst, n_class), n_inst,
-                                                 cfg.prior_loss_weight, g, cfg.snr_gamma, cfg.noise_offset)
-                if not torch.isfinite(loss):
-                    raise TrainError(f"loss is {loss.item()} at step {step + 1}; stopped, the last good checkpoint is "
-                                     f"kept (step {ckpt.last_good}). Try a lower --lr or --mixed-precision no")
-                loss = loss / cfg.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
-                tot, inst, prior = tot + loss.item(), inst + li.item() / cfg.grad_accum, prior + lp.item() / cfg.grad_accum
-            grad_norm = apply_gradients(opt, scaler, params, cfg.max_grad_norm)
-            sched.step()
+            line = stepper(step, ckpt.last_good)
             step += 1
-            bar.update(loss=tot, inst=inst, prior=prior)
-            metrics.write(json.dumps({"step": step, "loss": tot, "loss_instance": inst, "loss_prior": prior,
-                                      "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
-                                      "step_s": time.perf_counter() - t0}) + "\n")
-            metrics.flush()
+            bar.update(loss=line["loss"], inst=line["loss_instance"], prior=line["loss_prior"])
+            if main:
+                metrics.write(json.dumps({**line, "step_s": time.perf_counter() - t0}) + "\n")
+                metrics.flush()
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 ckpt.save(step)
-            if cfg.validation_prompts and cfg.validation_every and step % cfg.validation_every == 0:
-                validation_grid(model, cfg, out / "samples" / f"step-{step:06d}.png")
-    except KeyboardInterrupt:
+            if main and cfg.validation_prompts and cfg.validation_every and step % cfg.validation_every == 0:
+                validation_grid(stepper.model, cfg, out / "samples" / f"step-{step:06d}.png")
+    except (KeyboardInterrupt, distributed.LostProcess) as e:  # Ctrl-C, SIGTERM, or another process lost
         bar.close()
-        raise TrainError(f"interrupted at step {step}; saved {ckpt.save(step)}; continue with --resume latest") from None
+        stepper.rewind()
+        saved = ckpt.save(step)
+        why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"another process stopped or did not answer ({e})"
+        raise TrainError(f"{why} at step {step}; saved {saved}; continue with --resume latest") from None
     finally:
-        metrics.close()
+        if metrics:
+            metrics.close()
     bar.close()
     return step
 
@@ -143,6 +197,28 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, 
     anything is written. `given`: the settings the user named (the CLI knows); on resume only those may
     override the checkpoint's resumable settings (None: all of RESUMABLE_CHANGES come from cfg)."""
     validate(cfg)
+    device, backend, half = runtime(cfg)
+    world, device = distributed.init(device)  # torchrun: join the other processes (one process: nothing)
+    # SIGTERM (torchrun stopping the other processes, a batch scheduler's preemption) is handled as Ctrl-C is:
+    # a checkpoint of the last finished step, then a one-line error
+    on_term = signal.signal(signal.SIGTERM, signal.default_int_handler) \
+        if threading.current_thread() is threading.main_thread() else None
+    try:
+        return _train(cfg, resume, overwrite, given, device, backend, half, world)
+    except TrainError as e:
+        distributed.speak(world)
+        raise TrainError(f"rank {world.rank}: {e}" if world.size > 1 else str(e)) from None
+    except distributed.LostProcess as e:  # another process died or timed out before the loop
+        distributed.speak(world)
+        raise TrainError(f"rank {world.rank}: another process stopped or did not answer ({e}); "
+                         f"the last good checkpoint is kept: --resume latest") from None
+    finally:
+        distributed.close(world)
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
+
+
+def _train(cfg: TrainConfig, resume, overwrite, given, device, backend, half, world: World):
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file; give a folder")
@@ -152,7 +228,6 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, 
     elif (out / "run.json").exists() and not overwrite:
         raise TrainError(f"--out {out} holds another run (run.json); pass --resume latest to continue it, "
                          f"--overwrite to start over, or choose another folder")
-    device, backend, half = runtime(cfg)
     torch.manual_seed(cfg.seed)
     model = load_base(cfg)
     if cfg.resolution is None:  # the model's own size (768 for SD 2.x 768-v), stored in run.json for resume
@@ -162,11 +237,14 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, 
     instance_images = load_instance_images(Path(cfg.instance_dir), cfg.resolution)
     check_prompts(model, cfg)
     class_dir = check_class_dir(cfg, out) if cfg.prior else None
-    lock = open_run(out, cfg, start_over=overwrite and not resume, resumed_step=start[0]["step"] if start else None)
+    if world.main:
+        lock = open_run(out, cfg, start_over=overwrite and not resume, resumed_step=start[0]["step"] if start else None)
+    distributed.barrier(world)  # the others start once --out is cleared and run.json written
     try:
-        return run(cfg, out, model, device, backend, half, instance_images, class_dir, start)
+        return run(cfg, out, model, device, backend, half, instance_images, class_dir, start, world)
     finally:
-        lock.close()
+        if world.main:
+            lock.close()
 
 
 def runtime(cfg: TrainConfig):
@@ -185,7 +263,7 @@ def runtime(cfg: TrainConfig):
 
 
 def run(cfg: TrainConfig, out: Path, model: StableDiffusion, device, backend, half, instance_images, class_dir,
-        start) -> tuple[StableDiffusion, list[Path]]:
+        start, world: World = World()) -> tuple[StableDiffusion, list[Path]]:
     """The run itself, once every setting is checked and --out is this process's: class images, what
     trains, the optimizer (restored on resume), the loop, the exports."""
     model.to(device)
@@ -197,25 +275,15 @@ def run(cfg: TrainConfig, out: Path, model: StableDiffusion, device, backend, ha
               f"not one rare token; DreamBooth binds best to a single rare token such as 'sks'", file=sys.stderr)
     class_images = []
     if cfg.prior:  # prior-preservation data, made by the base model before any weight changes
-        make_class_images(model, cfg, class_dir, device)
+        make_class_images(model, cfg, class_dir, device, world)
         class_images = load_instance_images(class_dir, cfg.resolution, "--class-dir")[: cfg.num_class_images]
 
-    groups = select_trainable(model, cfg.train, cfg.lora_rank, cfg.lora_alpha, cfg.train_text_encoder,
-                              f"<{cfg.identifier}>" if cfg.train_token else None, cfg.class_noun)
-    print_summary(groups, model)
-    if half is not None:  # frozen weights in half precision; what trains keeps its exact fp32 values
-        cast_frozen(model, half)
-    model.unet.set_gradient_checkpointing(cfg.gradient_checkpointing)
-    model.unet.train()
-    model.text_encoder.train(bool(groups["text_encoder"]))
-    opt, sched, scaler = make_optimizer(cfg, groups, device)
-    g = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop: data, noise, timesteps
-    step = restore(*start, groups, opt, sched, scaler, g) if start else 0
-    ckpt = Checkpointer(out, cfg, groups, opt, sched, scaler, g, step)
-    batches = LatentSource(model, cfg, [instance_images, class_images], device, g)
-    params = [p for ps in groups.values() for _, p in ps]
-    step = loop(cfg, out, model, params, batches, TextConditioning(model, cfg, groups), opt, sched, scaler, ckpt, g,
-                half, step)
+    stepper, groups = prepare(cfg, model, device, half, [instance_images, class_images], world)
+    step = restore(*start, groups, stepper.opt, stepper.sched, stepper.scaler, stepper.g) if start else 0
+    ckpt = Checkpointer(out, cfg, groups, stepper.opt, stepper.sched, stepper.scaler, stepper.g, step, world)
+    step = loop(cfg, out, stepper, ckpt, step)
+    if not world.main:
+        return model, []
 
     if cfg.validation_prompts:
         validation_grid(model, cfg, out / "samples" / "final.png")
@@ -229,6 +297,26 @@ def run(cfg: TrainConfig, out: Path, model: StableDiffusion, device, backend, ha
         except TrainError:
             kept = "no checkpoint could be written either"
         raise TrainError(f"export to {out} failed ({e.strerror}); {kept}") from None
+
+
+def prepare(cfg: TrainConfig, model: StableDiffusion, device, half, pools: list[list],
+            world: World = World()) -> tuple[Stepper, dict]:
+    """What trains (selected, the rest frozen and maybe in half precision), the optimizer and the data, on a
+    model already on `device`. Returns the step and the trainable parameters by group."""
+    groups = select_trainable(model, cfg.train, cfg.lora_rank, cfg.lora_alpha, cfg.train_text_encoder,
+                              f"<{cfg.identifier}>" if cfg.train_token else None, cfg.class_noun)
+    print_summary(groups, model)
+    if half is not None:  # frozen weights in half precision; what trains keeps its exact fp32 values
+        cast_frozen(model, half)
+    model.unet.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    model.unet.train()
+    model.text_encoder.train(bool(groups["text_encoder"]))
+    opt, sched, scaler = make_optimizer(cfg, groups, device)
+    g = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop: data, noise, timesteps
+    batches = LatentSource(model, cfg, pools, device, g, world)
+    params = [p for ps in groups.values() for _, p in ps]
+    return Stepper(cfg, model, batches, TextConditioning(model, cfg, groups), opt, sched, scaler, params, g, half,
+                   world), groups
 
 
 def load_base(cfg: TrainConfig) -> StableDiffusion:

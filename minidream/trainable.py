@@ -38,7 +38,11 @@ class TokenEmbedding(nn.Module):
         return torch.cat([self.base.weight, self.new.to(self.base.weight.dtype)])
 
     def forward(self, ids):
-        return F.embedding(ids, self.weight)
+        # rows of the frozen table and of the new ones, picked per id: no copy of the 49k-row table per call
+        n = self.base.num_embeddings
+        old = F.embedding(ids.clamp(max=n - 1), self.base.weight)
+        new = F.embedding((ids - n).clamp(min=0), self.new.to(old.dtype))
+        return torch.where((ids >= n)[..., None], new, old)
 
 
 def add_token(model: StableDiffusion, token: str, init_word: str) -> int:
@@ -149,7 +153,7 @@ def make_optimizer(cfg: TrainConfig, groups: dict, device: torch.device):
                     {"params": [p for _, p in groups["token"]], "lr": cfg.token_lr, "weight_decay": 0.0}]
     param_groups = [pg for pg in param_groups if pg["params"]]
     opt = torch.optim.AdamW(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                            weight_decay=cfg.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
+                            weight_decay=cfg.weight_decay, fused=True)  # one kernel over all tensors, CPU and CUDA
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(cfg, [pg["lr"] for pg in param_groups]))
     scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
     return opt, sched, scaler

@@ -26,3 +26,16 @@ def test_report_renders_the_committed_results():
     r = subprocess.run([sys.executable, "-m", "benchmarks", "report"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "kernel compile check" in r.stdout and "| sd1-self-4096-d40 | fwd |" in r.stdout
+
+
+def test_cpu_step_benchmark_runs_both_trainers_in_child_processes(tmp_path):
+    """The CPU mode times the trainer's own step against diffusers', each side in its own process (tiny config)."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.cpu", "--preset", "tiny", "--res", "16", "--rounds", "2",
+                        "--mode", "lora", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "step-cpu-tiny-16.json").read_text())
+    assert data["device"].startswith("cpu") and data["torch"]
+    (row,) = data["results"]
+    assert row["mode"] == "lora" and len(row["speedup_per_round"]) == 2
+    for side in ("ours", "diffusers"):
+        assert len(row[side]["per_round_s"]) == 2 and row[side]["peak_rss_bytes"] > row[side]["rss_before_first_step_bytes"] > 0

@@ -1,0 +1,112 @@
+"""Many processes (torchrun): data parallelism that is the same computation as one process with the global batch.
+
+    torchrun --nproc-per-node N --no-python minidream train ...      (or: torchrun ... -m minidream train ...)
+
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them (or with WORLD_SIZE=1) nothing here does
+anything and the run is the plain single-process one. Each process holds the whole model and draws every
+random number for the *global* batch from the same generator, then takes its own rows (`World.rows`):
+so N processes with --batch-size b draw exactly what one process with batch N·b draws. After backward the
+gradients are averaged over processes (an all-reduce, as DistributedDataParallel does), so every process
+takes the same optimizer step and stays bit-identical to the others. Only rank 0 writes files.
+"""
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# A process that dies takes its peers' collectives down with an error; one that hangs (a stuck GPU, a lost
+# node) is declared dead after this long, so the run ends with an error instead of waiting forever.
+TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("MINIDREAM_DIST_TIMEOUT_MIN", "30")))
+
+
+class LostProcess(RuntimeError):
+    """Another process died or did not answer within TIMEOUT (a collective failed)."""
+
+
+def _collective(fn, *args):
+    try:
+        return fn(*args)
+    except RuntimeError as e:  # gloo: "Connection closed by peer"; NCCL: a watchdog timeout or a DistBackendError
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LostProcess(first.split(". ")[0][:160]) from None
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """The process that writes: run.json, metrics, progress, checkpoints, validation grids, exports."""
+        return self.rank == 0
+
+    def rows(self, n: int) -> slice:
+        """This process's rows of a global batch made of `size` shares of n rows."""
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def batch_rows(self, n_inst: int, n_class: int) -> torch.Tensor | None:
+        """Indices of this process's rows in the global training batch [instance rows; class rows], each part
+        `size` shares wide; None on one process (all rows)."""
+        if self.size == 1:
+            return None
+        inst = torch.arange(self.rank * n_inst, (self.rank + 1) * n_inst)
+        cls = self.size * n_inst + torch.arange(self.rank * n_class, (self.rank + 1) * n_class)
+        return torch.cat([inst, cls])
+
+
+def init(device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); the device becomes this
+    process's GPU (LOCAL_RANK). Processes other than rank 0 print nothing but their errors."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    world = World(dist.get_rank(), dist.get_world_size())
+    if not world.main:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    return world, device
+
+
+def speak(world: World):
+    """Give a rank other than 0 its stderr back (to report its error)."""
+    if not world.main:
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+
+
+def barrier(world: World):
+    if world.size > 1:
+        _collective(dist.barrier)
+
+
+def mean(values: list[float], world: World, device) -> list[float]:
+    """The mean over processes of a few numbers (the logged losses): what one process would have logged."""
+    if world.size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    _collective(dist.all_reduce, t)
+    return (t / world.size).tolist()
+
+
+def average_gradients(params: list[torch.Tensor], world: World):
+    """grad ← mean over processes, as one all-reduce of all gradients flattened together."""
+    if world.size == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    _collective(dist.all_reduce, flat)
+    flat /= world.size
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
+
+
+def close(world: World):
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
