@@ -145,7 +145,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run(preset: str = "sd15", res: int = 256, rounds: int = 5, warmup: int = 1, steps: int = 2,
+def run(preset: str = "sd15", res: int = 256, rounds: int = 5, warmup: int = 1, steps: int = 1,
         modes=MODES, out=None) -> Path:
     from benchmarks.common import RESULTS, environment
     from benchmarks.sd import PROMPTS
@@ -194,7 +194,7 @@ def main():
     ap.add_argument("--res", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.child:
