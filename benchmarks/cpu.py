@@ -88,8 +88,8 @@ def diffusers(folder: str, mode: str, res: int):
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]))
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    lr = {"unet": 5e-6, "attention": 2e-5, "lora": 1e-4}[mode]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    from minidream.config import MODE_DEFAULTS  # the same learning rates as ours (the step's cost does not depend on it)
+    opt = torch.optim.AdamW(params, lr=MODE_DEFAULTS[mode]["lr"], betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1
                           for im in images(res)])
     ids = tok(["a photo of sks dog", "a photo of dog"], padding="max_length", max_length=tok.model_max_length,

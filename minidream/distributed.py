@@ -17,9 +17,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# A process that dies takes its peers' collectives down with an error; one that hangs (a stuck GPU, a lost
-# node) is declared dead after this long, so the run ends with an error instead of waiting forever.
-TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("MINIDREAM_DIST_TIMEOUT_MIN", "30")))
+
+def timeout() -> datetime.timedelta:
+    """A process that dies takes its peers' collectives down with an error; one that hangs (a stuck GPU, a lost
+    node) is declared dead after MINIDREAM_DIST_TIMEOUT_MIN minutes (30), so the run ends instead of waiting forever."""
+    raw = os.environ.get("MINIDREAM_DIST_TIMEOUT_MIN", "30")
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = -1
+    if not 0 < minutes < 1e6:  # NaN and inf included
+        raise ValueError(f"MINIDREAM_DIST_TIMEOUT_MIN={raw!r} must be a positive number of minutes")
+    return datetime.timedelta(minutes=minutes)
 
 
 class LostProcess(RuntimeError):
@@ -68,7 +77,7 @@ def init(device: torch.device) -> tuple[World, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout())
     world = World(dist.get_rank(), dist.get_world_size())
     if not world.main:
         sys.stdout = sys.stderr = open(os.devnull, "w")

@@ -198,7 +198,10 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False, 
     override the checkpoint's resumable settings (None: all of RESUMABLE_CHANGES come from cfg)."""
     validate(cfg)
     device, backend, half = runtime(cfg)
-    world, device = distributed.init(device)  # torchrun: join the other processes (one process: nothing)
+    try:
+        world, device = distributed.init(device)  # torchrun: join the other processes (one process: nothing)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     # SIGTERM (torchrun stopping the other processes, a batch scheduler's preemption) is handled as Ctrl-C is:
     # a checkpoint of the last finished step, then a one-line error
     on_term = signal.signal(signal.SIGTERM, signal.default_int_handler) \
