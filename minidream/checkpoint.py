@@ -129,9 +129,10 @@ class Checkpointer:
 
 def resume_from(cfg: TrainConfig, out: Path, resume: str, given: set[str] | None):
     """--resume latest|FILE: the checkpoint's settings (with the resumable ones the user gave) and its contents."""
-    ck = checkpoints(out)[-1] if resume == "latest" and checkpoints(out) else Path(resume)
-    if resume == "latest" and not checkpoints(out):
+    found = checkpoints(out) if resume == "latest" else []
+    if resume == "latest" and not found:
         raise TrainError(f"--resume latest: no checkpoint in {out / 'checkpoints'}")
+    ck = found[-1] if found else Path(resume)
     if not ck.is_file():
         raise TrainError(f"--resume {resume}: no such checkpoint file")
     meta, tensors = read_checkpoint(ck)
