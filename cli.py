@@ -34,6 +34,41 @@ def fail(msg: str):
     raise typer.Exit(2)
 
 
+def lora_arg(arg: str, default_scale: float) -> tuple[Path, float]:
+    """--lora FILE or FILE:SCALE (a path may hold colons itself: only a number after the last one is a scale)."""
+    path, _, scale = arg.rpartition(":")
+    try:
+        f, w = (Path(path), float(scale)) if path else (Path(arg), default_scale)
+    except ValueError:
+        f, w = Path(arg), default_scale
+    if not f.is_file():
+        fail(f"--lora {f}: no such file")
+    return f, w
+
+
+def device_and_backend(device: str | None, attention, dtype) -> tuple[str, str]:
+    from minidream.attention import resolve_backend
+    from minidream.model import resolve_device
+    try:
+        dev = resolve_device(device).type
+        backend = resolve_backend(attention.value, dev)
+    except ValueError as e:
+        fail(str(e))
+    if dtype != DType.fp32 and dev == "cpu":
+        fail(f"--dtype {dtype.value} needs a GPU; use --dtype fp32 on CPU")
+    return dev, backend
+
+
+def embedding_args(files: list[Path], tokens: list[str]) -> list[tuple[Path, str | None]]:
+    """--embedding FILE (repeatable), each with the --embedding-token of the same position, if any."""
+    for f in files:
+        if not f.is_file():
+            fail(f"--embedding {f}: no such file")
+    if len(tokens) > len(files):
+        fail("--embedding-token: more tokens than --embedding files")
+    return list(zip(files, [*tokens, *[None] * (len(files) - len(tokens))]))
+
+
 def torch_dtype(d: DType):
     import torch
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[d.value]
@@ -72,6 +107,12 @@ def info(model: ModelArg, revision: Revision = None, variant: Variant = None, al
     typer.echo(f"version    {m.version}")
     typer.echo(f"prediction {m.scheduler.prediction_type} ({m.scheduler.beta_schedule} betas, "
                f"{m.scheduler.num_train_timesteps} steps, spacing {m.scheduler.timestep_spacing})")
+    from minidream.samplers import default_sampler
+    try:
+        own = default_sampler(m.scheduler)
+    except ValueError:
+        own = "none of ours (pass --scheduler to sample)"
+    typer.echo(f"sampler    {m.scheduler.class_name}: {own}")
     typer.echo(f"tokenizer  {len(m.tokenizer)} tokens, pad {m.tokenizer.pad_token!r}")
     for name, mod in (("text_encoder", m.text_encoder), ("unet", m.unet), ("vae", m.vae)):
         p = next(mod.parameters())
@@ -88,7 +129,8 @@ def sample(
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt (the unconditional branch of CFG).")] = "",
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale; <= 1 turns CFG off.")] = 7.5,
-    scheduler: Annotated[Scheduler, typer.Option(help="Sampler.")] = Scheduler.ddim,
+    scheduler: Annotated[Optional[Scheduler], typer.Option(help="Sampler; default: the model's own scheduler "
+                                                                "(scheduler_config.json's class).")] = None,
     eta: Annotated[float, typer.Option(help="DDIM eta (0 = deterministic).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the CPU generator that draws the starting noise; "
                                            "batch k uses seed + k.")] = 0,
@@ -99,21 +141,24 @@ def sample(
     dtype: Annotated[DType, typer.Option(help="Compute dtype (fp16/bf16 need a GPU).")] = DType.fp32,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: cuda when available.")] = None,
     attention: Annotated[AttentionBackend, typer.Option(help="Attention kernel.")] = AttentionBackend.auto,
-    lora: Annotated[Optional[Path], typer.Option(help="LoRA weights (.safetensors) to apply.")] = None,
-    lora_scale: Annotated[float, typer.Option(help="Strength of the LoRA.")] = 1.0,
+    lora: Annotated[Optional[list[str]], typer.Option(help="LoRA file to merge, FILE or FILE:SCALE (diffusers/PEFT or "
+                                                          "kohya/LyCORIS LoCon); repeat for several.")] = None,
+    lora_scale: Annotated[float, typer.Option(help="Strength of each --lora given without :SCALE.")] = 1.0,
+    embedding: Annotated[Optional[list[Path]], typer.Option(help="Textual-inversion embedding (ours, diffusers', "
+                                                               "A1111's); repeat for several.")] = None,
+    embedding_token: Annotated[Optional[list[str]], typer.Option(help="Token for the --embedding of the same position; "
+                                                                    "default: the name in the file.")] = None,
     revision: Revision = None, variant: Variant = None, allow_pickle: AllowPickle = False,
     tokenizer: TokenizerOpt = None, preset: PresetOpt = None, config: ConfigOpt = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
     """Text to image: writes one PNG per image (settings in the PNG text) and a grid when several."""
     import torch
-    from minidream.attention import resolve_backend, set_attention_backend
+    from minidream.attention import set_attention_backend
     from minidream.loading import ModelError
     from minidream.pipeline import generate, grid, save_png
-    from minidream.schedulers import make_sampler
+    from minidream.samplers import default_sampler, make_sampler
 
-    if steps < 1:
-        fail(f"--steps must be at least 1 (got {steps})")
     if num_images < 1 or batch_size < 1:
         fail("--num-images and --batch-size must be at least 1")
     if (height is not None and (height < 8 or height % 8)) or (width is not None and (width < 8 or width % 8)):
@@ -122,30 +167,25 @@ def sample(
         fail(f"--seed must be in [0, 2^63) for every batch (got {seed})")
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; give a folder")
-    if lora is not None and not lora.is_file():
-        fail(f"--lora {lora}: no such file")
-    from minidream.model import resolve_device
-    try:
-        dev = resolve_device(device).type
-        backend = resolve_backend(attention.value, dev)
-    except ValueError as e:
-        fail(str(e))
-    if dtype != DType.fp32 and dev == "cpu":
-        fail(f"--dtype {dtype.value} needs a GPU; use --dtype fp32 on CPU")
+    loras = [lora_arg(a, lora_scale) for a in lora or []]
+    embeddings = embedding_args(embedding or [], embedding_token or [])
+    dev, backend = device_and_backend(device, attention, dtype)
     m = load_model(model, revision, variant, allow_pickle, tokenizer, preset, config)
     try:
-        make_sampler(scheduler.value, m.scheduler, eta)
+        sampler = scheduler.value if scheduler else default_sampler(m.scheduler)
+        make_sampler(sampler, m.scheduler, eta)
     except ValueError as e:
+        fail(f"--scheduler: {m.source}: {e}")
+    from minidream.adapters import add_embedding, apply_loras
+    try:
+        for f, tok in embeddings:
+            add_embedding(m, f, tok, allow_pickle)
+        apply_loras(m, loras, allow_pickle)
+    except (ValueError, ModelError) as e:
         fail(str(e))
     cut = m.tokenizer.truncated(prompt)
     if cut:
         typer.echo(f"warning: the prompt is longer than {m.tokenizer.max_length} tokens; this part was cut: {cut!r}", err=True)
-    if lora is not None:
-        from minidream.lora import load_lora
-        try:
-            load_lora(m, lora, scale=lora_scale)
-        except (ValueError, ModelError) as e:
-            fail(str(e))
     m.to(device=dev, dtype=torch_dtype(dtype))
     set_attention_backend(m.unet, backend)
     try:
@@ -157,15 +197,15 @@ def sample(
         n = min(batch_size, num_images - start)
         g = torch.Generator("cpu").manual_seed(seed + k)
         try:
-            imgs = generate(m, [prompt] * n, negative_prompt, steps, guidance, scheduler.value, eta, height, width,
+            imgs = generate(m, [prompt] * n, negative_prompt, steps, guidance, sampler, eta, height, width,
                             generator=g, progress=progress)
         except ValueError as e:
             fail(str(e))
         for i, img in enumerate(imgs):
             meta = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed + k, "index_in_batch": i,
-                    "steps": steps, "guidance": guidance, "scheduler": scheduler.value, "eta": eta,
-                    "model": m.source, "dtype": dtype.value, "lora": str(lora) if lora else "",
-                    "software": "minidream"}
+                    "steps": steps, "guidance": guidance, "scheduler": sampler, "eta": eta,
+                    "model": m.source, "dtype": dtype.value, "lora": [f"{f}:{w}" for f, w in loras],
+                    "embeddings": [str(f) for f, _ in embeddings], "software": "minidream"}
             name = out / f"{start + i:04d}.png"
             try:
                 save_png(img, name, meta)
@@ -199,6 +239,7 @@ def train(
     class_precision: Annotated[ClassPrecision, typer.Option(help="Precision of class-image sampling (autocast); "
                                                                  "auto: fp16 on CUDA, fp32 on CPU.")] = ClassPrecision(D["class_precision"]),
     class_negative_prompt: Annotated[str, typer.Option(help="Negative prompt for the class images.")] = D["class_negative_prompt"],
+    class_scheduler: Annotated[Optional[Scheduler], typer.Option(help="Sampler for class images; default: the model's own.")] = D["class_scheduler"],
     resolution: Annotated[Optional[int], typer.Option(help="Training resolution in pixels; default: the model's "
                                                            "native one (512 for SD 1.x/2.x-base, 768 for 2.x-v).")] = D["resolution"],
     center_crop: Annotated[bool, typer.Option("--center-crop/--random-crop", help="Crop mode.")] = D["center_crop"],
@@ -237,6 +278,7 @@ def train(
     validation_every: Annotated[int, typer.Option(help="Steps between validation grids (0: only at the end).")] = D["validation_every"],
     validation_images: Annotated[int, typer.Option(help="Images per validation prompt (fixed seeds).")] = D["validation_images"],
     validation_steps: Annotated[int, typer.Option(help="Sampling steps for validation images.")] = D["validation_steps"],
+    validation_scheduler: Annotated[Optional[Scheduler], typer.Option(help="Sampler for validation grids; default: the model's own.")] = D["validation_scheduler"],
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: none).")] = D["checkpoint_every"],
     keep_last: Annotated[int, typer.Option(help="Checkpoints to keep (0: all).")] = D["keep_last"],
     resume: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint file to continue from.")] = None,

@@ -238,8 +238,8 @@ def bench_sampling(ours, device, res, smoke, warmup, repeat):
     size = res
 
     def ours_fn():
-        generate(m, [PROMPTS[2]], steps=steps, guidance=7.5, height=size, width=size, progress=False,
-                 generator=torch.Generator().manual_seed(0))
+        generate(m, [PROMPTS[2]], steps=steps, guidance=7.5, scheduler="ddim", height=size, width=size,
+                 progress=False, generator=torch.Generator().manual_seed(0))  # DDIM on both sides
 
     def ref_fn():
         pipe(PROMPTS[2], num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,

@@ -2,7 +2,8 @@
 from here (and checks its input against it); cli.py builds its options from the same tuples. No torch
 import here, so `minidream --help` stays fast."""
 
-SAMPLERS = ("ddim", "ddpm")                                  # schedulers.SAMPLERS implements each
+SAMPLERS = ("ddim", "ddpm", "pndm", "euler", "euler-a", "heun", "dpmpp-2m", "dpmpp-2m-karras",
+            "dpmpp-2m-sde-karras", "unipc")                  # samplers.SAMPLERS implements each
 ATTENTION_BACKENDS = ("auto", "sdpa", "math", "triton")      # attention.py
 DTYPES = ("fp32", "fp16", "bf16")                            # `sample --dtype`
 PRESETS = ("sd15", "sd21", "sd21-base", "tiny")              # model.PRESETS

@@ -6,7 +6,7 @@ import math
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
-from minidream.choices import CLASS_PRECISIONS, EXPORTS, LR_SCHEDULES, MIXED_PRECISIONS, TRAIN_MODES
+from minidream.choices import CLASS_PRECISIONS, EXPORTS, LR_SCHEDULES, MIXED_PRECISIONS, SAMPLERS, TRAIN_MODES
 
 
 class TrainError(Exception):
@@ -55,6 +55,7 @@ class TrainConfig:
     class_batch_size: int = 4
     class_precision: str = "auto"
     class_negative_prompt: str = ""
+    class_scheduler: str | None = None  # None: the model's own (samplers.default_sampler), as diffusers' script
     # what trains
     train: str = "unet"
     lora_rank: int = 4
@@ -89,6 +90,7 @@ class TrainConfig:
     validation_every: int = 0
     validation_images: int = 4
     validation_steps: int = 25
+    validation_scheduler: str | None = None  # None: the model's own
     checkpoint_every: int = 100
     keep_last: int = 2
     save_as: tuple[str, ...] = ()  # (): MODE_DEFAULTS[train]["save_as"], filled in at construction
@@ -116,12 +118,19 @@ DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not M
 # Settings a resumed run takes from the command line when they are given there; everything else comes
 # from the checkpoint, and a different value for it is refused. Paths are the user's: moved folders resume.
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "validation_prompts", "validation_every",
-                     "validation_images", "validation_steps", "save_as", "device", "attention", "tf32",
+                     "validation_images", "validation_steps", "validation_scheduler", "save_as", "device", "attention", "tf32",
                      "model", "instance_dir", "class_dir", "out")
+
+
+# Settings added after checkpoints were first written, with the value that reproduces a run from before them.
+ADDED = {"class_scheduler": "ddim", "validation_scheduler": "ddim"}
 
 
 def validate(cfg: TrainConfig):
     """Every setting that can be checked without the model, before anything is loaded or written."""
+    for flag_, v in (("--class-scheduler", cfg.class_scheduler), ("--validation-scheduler", cfg.validation_scheduler)):
+        if v is not None and v not in SAMPLERS:
+            raise TrainError(f"{flag_} {v!r} is not one of {', '.join(SAMPLERS)}")
     for flag, v, ok in (("--train", cfg.train, TRAIN_MODES), ("--mixed-precision", cfg.mixed_precision, MIXED_PRECISIONS),
                         ("--lr-schedule", cfg.lr_schedule, LR_SCHEDULES),
                         ("--class-precision", cfg.class_precision, CLASS_PRECISIONS)):
@@ -179,7 +188,7 @@ def validate_resolution(resolution: int, factor: int = 8):
 def stored_config(meta: dict, path: Path) -> TrainConfig:
     """The run's settings from a checkpoint, checked like the command line's (a crafted file gets no further)."""
     try:
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
+        d = {**ADDED, **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}}
         missing = [f for f in TrainConfig.__dataclass_fields__ if f not in d]
         if missing:
             raise TrainError(f"{path}: written by an older minidream (no {', '.join(missing[:4])}"

@@ -117,7 +117,7 @@ def make_class_images(model: StableDiffusion, cfg: TrainConfig, class_dir: Path,
                                          generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)) for i in batch])
         with torch.autocast(device.type, dtype=half, enabled=half is not None):
             imgs = generate(model, [prompt] * len(batch), cfg.class_negative_prompt, steps=cfg.class_steps,
-                            guidance=cfg.class_guidance, latents=noise, height=cfg.resolution, width=cfg.resolution,
+                            guidance=cfg.class_guidance, scheduler=cfg.class_scheduler, latents=noise, height=cfg.resolution, width=cfg.resolution,
                             progress=False)
         for i, img in zip(batch, imgs):
             save_png(img, class_dir / f"class-{i:05d}.png", {"prompt": prompt, "index": i})

@@ -2,7 +2,7 @@
 freshly adapted model is exactly the base model. Functions here transform a loaded model; the model
 files know nothing about LoRA.
 
-File formats written and read:
+File formats written (adapters.py reads these and other tools' LoRA files):
 - diffusers / PEFT: `unet.<module>.lora_A.weight`, `unet.<module>.lora_B.weight` (α/r folded into B,
   so the file needs no alpha and loads at scale 1 anywhere);
 - kohya (A1111, ComfyUI): `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`;
@@ -10,12 +10,10 @@ File formats written and read:
 """
 import math
 import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from minidream.files import read_weights
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
@@ -88,58 +86,3 @@ def kohya_lora_state_dict(unet: nn.Module, text_encoder: nn.Module | None = None
             sd[f"{key}.lora_up.weight"] = m.lora_up.weight.detach().float()
             sd[f"{key}.alpha"] = torch.tensor(float(m.alpha))
     return sd
-
-
-def _lora_deltas(sd: dict[str, torch.Tensor], file) -> dict[tuple[str, str], torch.Tensor]:
-    """(component, module name) -> ΔW from either file format."""
-    deltas = {}
-    if any(k.startswith(("lora_unet_", "lora_te_")) for k in sd):
-        return _kohya_deltas(sd, file)
-    for k in sd:
-        m = re.fullmatch(r"(unet|text_encoder)\.(.+)\.lora_A\.weight", k)
-        if m:
-            b = sd.get(k.replace("lora_A", "lora_B"))
-            if b is None:
-                raise ValueError(f"{file}: {k} has no matching lora_B")
-            if b.ndim != 2 or sd[k].ndim != 2 or b.shape[1] != sd[k].shape[0]:
-                raise ValueError(f"{file}: {k} and its lora_B ({list(sd[k].shape)}, {list(b.shape)}) are not a linear LoRA pair")
-            name = m[2].removeprefix("text_model.")
-            deltas[(m[1], name)] = b.float() @ sd[k].float()
-    if not deltas:
-        raise ValueError(f"{file}: no LoRA weights found (expected diffusers `unet.*.lora_A.weight` or kohya `lora_unet_*` keys)")
-    return deltas
-
-
-def _kohya_deltas(sd, file):
-    deltas = {}
-    for k in sd:
-        if not k.endswith(".lora_down.weight"):
-            continue
-        stem = k[: -len(".lora_down.weight")]
-        comp = "unet" if stem.startswith("lora_unet_") else "text_encoder"
-        flat = stem.removeprefix("lora_unet_").removeprefix("lora_te_text_model_").removeprefix("lora_te_")
-        if f"{stem}.lora_up.weight" not in sd:
-            raise ValueError(f"{file}: {k} has no matching {stem}.lora_up.weight; the file is incomplete")
-        down, up = sd[k].float(), sd[f"{stem}.lora_up.weight"].float()
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise ValueError(f"{file}: {stem} is a {down.ndim}-d (convolution / LoCon) or mismatched adapter "
-                             f"({list(down.shape)} and {list(up.shape)}); only linear LoRA layers load here")
-        alpha = float(sd[f"{stem}.alpha"]) if f"{stem}.alpha" in sd else down.shape[0]
-        deltas[(comp, flat)] = up @ down * (alpha / down.shape[0])
-    return deltas
-
-
-def load_lora(model, file: Path, scale: float = 1.0):
-    """Merge a LoRA file into a loaded StableDiffusion's UNet (and text encoder) weights."""
-    deltas = _lora_deltas(read_weights(Path(file)), file)
-    targets = {"unet": model.unet, "text_encoder": model.text_encoder}
-    # kohya names flatten dots to underscores; index our module names the same way to find them
-    flat = {comp: {n.replace(".", "_"): n for n, _ in targets[comp].named_modules()} for comp in targets}
-    for (comp, name), delta in deltas.items():
-        name = flat[comp].get(name.replace(".", "_"))
-        lin = targets[comp].get_submodule(name) if name else None
-        if not isinstance(lin, nn.Linear) or lin.weight.shape != delta.shape:
-            raise ValueError(f"{file}: LoRA module {comp}:{name} does not match this model")
-        with torch.no_grad():
-            lin.weight += (scale * delta).to(lin.weight.dtype)
-    return model

@@ -12,16 +12,17 @@ from PIL.PngImagePlugin import PngInfo
 
 from minidream.model import StableDiffusion, encode_text
 from minidream.progress import Progress
-from minidream.schedulers import make_sampler
+from minidream.samplers import make_sampler
 from minidream.vae import to_uint8
 
 
 @torch.no_grad()
 def generate(model: StableDiffusion, prompts: list[str], negative: str | list[str] | None = None, steps: int = 50,
-             guidance: float = 7.5, scheduler: str = "ddim", eta: float = 0.0, height: int | None = None,
+             guidance: float = 7.5, scheduler: str | None = None, eta: float = 0.0, height: int | None = None,
              width: int | None = None, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
              progress: bool = True) -> torch.Tensor:
-    """Images (B, H, W, 3) uint8 for B prompts. guidance <= 1 turns classifier-free guidance off."""
+    """Images (B, H, W, 3) uint8 for B prompts. guidance <= 1 turns classifier-free guidance off; scheduler None
+    is the model's own (samplers.SAMPLERS has the names)."""
     s = model.latent_scale
     height = height or model.native_resolution
     width = width or model.native_resolution
@@ -43,11 +44,12 @@ def generate(model: StableDiffusion, prompts: list[str], negative: str | list[st
     if latents is None:
         gdev = generator.device if generator is not None else device
         latents = torch.randn(shape, generator=generator, device=gdev, dtype=dtype)
-    latents = latents.to(device=device, dtype=dtype)
     sampler.set_timesteps(steps, device=device)
+    latents = latents.to(device=device, dtype=dtype) * sampler.init_sigma  # σ-space samplers start from σ_max ε
     bar = Progress(len(sampler.timesteps), "sampling", enabled=progress)
     for t in sampler.timesteps:
-        x = torch.cat([latents] * 2) if cfg else latents
+        x = sampler.scale_input(latents)
+        x = torch.cat([x] * 2) if cfg else x
         out = model.unet(x, t, **cond)
         if cfg:
             out_uncond, out_cond = out.chunk(2)

@@ -1,17 +1,15 @@
-"""The noise schedule and the samplers, as small classes over ᾱ_t (`alphas_cumprod`).
+"""The noise schedule and the samplers that work on ᾱ_t (`alphas_cumprod`) directly: DDIM, DDPM, PNDM.
+The σ-space samplers (Euler, Heun, DPM-Solver++, UniPC) and the table of all samplers are in samplers.py.
 
 Forward process (DDPM, Ho et al. 2020, eq. 4): x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε.
 The UNet predicts ε ("epsilon") or v = √ᾱ_t ε - √(1-ᾱ_t) x_0 ("v_prediction", Salimans & Ho 2022, §4),
-which SD 2.x (768 px) uses. Samplers: DDIM (Song et al. 2021, eq. 12) and DDPM ancestral sampling.
-Timesteps, update rules and random draws follow diffusers' DDIMScheduler / DDPMScheduler so the same
-seed gives the same image.
+which SD 2.x (768 px) uses. Timesteps, update rules and random draws follow diffusers' schedulers so the
+same seed gives the same image.
 """
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
-
-from minidream import choices
 
 
 @dataclass(frozen=True)
@@ -26,11 +24,34 @@ class SchedulerConfig:
     timestep_spacing: str = "leading"  # or "trailing", "linspace"
     clip_sample: bool = False
     clip_sample_range: float = 1.0
+    # The scheduler class the checkpoint ships: `minidream sample`'s default sampler (samplers.default_sampler).
+    class_name: str = "DDIMScheduler"
+    # Which of the fields above scheduler_config.json set (None: all, as in a preset). A field the file leaves
+    # out takes the default of the sampler's diffusers class, as `<Class>.from_config(config)` does (for_class).
+    given: tuple | None = None
+    # The file's other keys, as (key, value) pairs: options of its class (use_karras_sigmas, algorithm_type, ...).
+    extra: tuple = ()
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        names = {f.name for f in fields(cls)} - {"class_name", "given", "extra"}
+        own = {k: v for k, v in d.items() if k in names}
+        extra = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()
+                             if k not in names and not k.startswith("_")))
+        return cls(**own, class_name=d.get("_class_name", "DDIMScheduler"), given=tuple(sorted(own)), extra=extra)
+
+    def for_class(self, defaults: dict) -> "SchedulerConfig":
+        """This config as a diffusers class with these constructor defaults would read it."""
+        if self.given is None:
+            return self
+        return replace(self, **{k: v for k, v in defaults.items() if k not in self.given}).check()
+
+    def to_dict(self) -> dict:
+        """scheduler_config.json: the class, the fields and the file's other options."""
+        names = [f.name for f in fields(self) if f.name not in ("class_name", "given", "extra")]
+        # only the keys the source file had: a missing key means "the class default" to whoever reads it next
+        own = {k: getattr(self, k) for k in names if self.given is None or k in self.given}
+        return {"_class_name": self.class_name, **own, **dict(self.extra)}
 
     def check(self):
         def number(v):
@@ -53,13 +74,17 @@ class SchedulerConfig:
             raise ValueError(f"prediction_type {self.prediction_type!r} is not supported (epsilon, v_prediction)")
         if self.timestep_spacing not in ("leading", "trailing", "linspace"):
             raise ValueError(f"timestep_spacing {self.timestep_spacing!r} is not supported (leading, trailing, linspace)")
+        extra = dict(self.extra)  # options that change ᾱ_t itself, for training and every sampler
+        if extra.get("trained_betas") is not None or extra.get("rescale_betas_zero_snr", False) is not False:
+            k = "trained_betas" if extra.get("trained_betas") is not None else "rescale_betas_zero_snr"
+            raise ValueError(f"{k}={extra[k]!r} is not supported (a schedule from beta_start, beta_end, beta_schedule)")
         return self
 
 
-PRESETS = {
-    "sd15": SchedulerConfig(),
+PRESETS = {  # the schedulers the official checkpoints ship (SD 1.5: PNDM with skip_prk_steps; SD 2.1 768 px: DDIM)
+    "sd15": SchedulerConfig(class_name="PNDMScheduler", extra=(("skip_prk_steps", True),)),
     "sd21": SchedulerConfig(prediction_type="v_prediction"),
-    "sd21-base": SchedulerConfig(),
+    "sd21-base": SchedulerConfig(class_name="PNDMScheduler", extra=(("skip_prk_steps", True),)),
     "tiny": SchedulerConfig(),
 }
 
@@ -102,7 +127,31 @@ class NoiseSchedule:
         return a / (1 - a)
 
 
+def spacing(cfg: SchedulerConfig, steps: int, solver: bool = False) -> torch.Tensor:
+    """The inference timesteps, descending, float64, as diffusers spaces them (the three spacings are compared in
+    Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"). The multistep solvers
+    (DPM-Solver, UniPC) space steps + 1 points and drop the last, t = 0 (`solver`)."""
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1 (got {steps})")
+    N = cfg.num_train_timesteps
+    if steps > N:
+        raise ValueError(f"--steps {steps} exceeds the {N} training timesteps")
+    n = steps + 1 if solver else steps
+    if cfg.timestep_spacing == "leading":
+        ts = (torch.arange(n, dtype=torch.float64) * (N // n)).round().flip(0)[: steps] + cfg.steps_offset
+    elif cfg.timestep_spacing == "trailing":
+        ts = torch.arange(N, 0, -N / steps, dtype=torch.float64).round() - 1
+    else:
+        ts = torch.linspace(0, N - 1, n, dtype=torch.float64).flip(0)
+        ts = ts.round()[: steps] if solver else ts
+    if ts.max() >= N:  # leading spacing plus steps_offset can step past the last training timestep
+        raise ValueError(f"--steps {steps} with this scheduler config reaches timestep {int(ts.max())} >= {N}; use fewer steps")
+    return ts
+
+
 class _Sampler(NoiseSchedule):
+    init_sigma = 1.0  # standard deviation of the starting noise (σ-space samplers start from x_T = σ_max ε)
+
     def __init__(self, cfg: SchedulerConfig, eta: float = 0.0):
         """eta scales the fresh noise of stochastic samplers that have a knob for it (DDIM's η)."""
         super().__init__(cfg)
@@ -110,22 +159,14 @@ class _Sampler(NoiseSchedule):
             raise ValueError(f"--eta must be >= 0 (got {eta})")
         self.eta = eta
 
+    def scale_input(self, x):
+        """The UNet's input at the current step (σ-space samplers divide by √(σ²+1))."""
+        return x
+
     def set_timesteps(self, steps: int, device=None):
-        if steps < 1:
-            raise ValueError(f"--steps must be at least 1 (got {steps})")
-        N, c = self.cfg.num_train_timesteps, self.cfg
-        if steps > N:
-            raise ValueError(f"--steps {steps} exceeds the {N} training timesteps")
         self.num_inference_steps = steps
-        if c.timestep_spacing == "leading":
-            ts = (torch.arange(steps, dtype=torch.float64) * (N // steps)).round().flip(0) + c.steps_offset
-        elif c.timestep_spacing == "trailing":
-            ts = torch.arange(N, 0, -N / steps, dtype=torch.float64).round() - 1
-        else:
-            ts = torch.linspace(0, N - 1, steps, dtype=torch.float64).round().flip(0)
-        if ts.max() >= N:  # leading spacing plus steps_offset can step past the last training timestep
-            raise ValueError(f"--steps {steps} with this scheduler config reaches timestep {int(ts.max())} >= {N}; use fewer steps")
-        self.timesteps = ts.long().to(device)
+        self.timesteps = spacing(self.cfg, steps).round().long().to(device)
+        self.i = 0  # index of the next step, for samplers that keep state between steps
         return self.timesteps
 
     def _x0_eps(self, out, t, x, a_t):
@@ -190,11 +231,40 @@ class DDPM(_Sampler):
         return x_prev
 
 
-SAMPLERS = {"ddim": DDIM, "ddpm": DDPM}
-assert tuple(SAMPLERS) == choices.SAMPLERS, "choices.SAMPLERS lists the samplers implemented here"
+class PNDM(_Sampler):
+    """PNDM's pseudo linear multistep method (Liu et al. 2022, "PLMS"), as SD 1.5 ships it (skip_prk_steps):
+    the first step is redone as a second-order (Heun-like) step, then Adams-Bashforth over up to four ε."""
 
+    def set_timesteps(self, steps: int, device=None):
+        ts = super().set_timesteps(steps, device).tolist()
+        # the UNet runs twice at t_1: once to redo the first step, once for the second
+        self.timesteps = torch.tensor(ts[:1] + ts[1:2] + ts[1:], device=device)
+        self.eps, self.first_x = [], None
+        return self.timesteps
 
-def make_sampler(name: str, cfg: SchedulerConfig, eta: float = 0.0):
-    if name not in SAMPLERS:
-        raise ValueError(f"--scheduler {name!r} is not one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name](cfg, eta)
+    def step(self, out, t: int, x, generator=None):
+        t, stride = int(t), self.cfg.num_train_timesteps // self.num_inference_steps
+        prev = t - stride  # diffusers steps a fixed stride, whatever the spacing
+        if self.i != 1:
+            self.eps = self.eps[-3:] + [out]
+        else:  # redo step 0 from its start with the mean of both ε (t is step 1's time)
+            prev, t = t, t + stride
+        if self.i == 0:
+            e, self.first_x = out, x
+        elif self.i == 1:
+            e, x = (out + self.eps[-1]) / 2, self.first_x
+        else:  # Adams-Bashforth coefficients of order 2, 3, 4
+            E = self.eps[::-1]
+            e = ((3 * E[0] - E[1]) / 2 if len(E) == 2 else (23 * E[0] - 16 * E[1] + 5 * E[2]) / 12 if len(E) == 3
+                 else (55 * E[0] - 59 * E[1] + 37 * E[2] - 9 * E[3]) / 24)
+        self.i += 1
+        return self._transfer(x, t, prev, e)
+
+    def _transfer(self, x, t, prev, e):
+        """PNDM's transfer part φ: x_t -> x_prev along the DDIM path for the combined output e."""
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[prev] if prev >= 0 else (torch.tensor(1.0) if self.cfg.set_alpha_to_one else self.alphas_cumprod[0])
+        if self.cfg.prediction_type == "v_prediction":
+            e = a_t ** 0.5 * e + (1 - a_t) ** 0.5 * x
+        denom = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
+        return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * e / denom

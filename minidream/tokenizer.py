@@ -35,6 +35,9 @@ class CLIPTokenizer:
         # A literal "<|endoftext|>" in a prompt is the end token, as in CLIP.
         self.tok.add_special_tokens([AddedToken(BOS, normalized=False), AddedToken(EOS, normalized=False)])
         self.added: dict[str, int] = {}
+        # a multi-vector embedding's first token id -> all its ids (adapters.add_embedding): "<tok>" in a prompt
+        # stands for "<tok> <tok>_1 …", as diffusers' textual-inversion loader rewrites prompts
+        self.expand: dict[int, list[int]] = {}
         for token in sorted(added or {}, key=(added or {}).get):
             self.add_token(token)
         self.bos_id, self.eos_id = vocab[BOS], vocab[EOS]
@@ -102,7 +105,8 @@ class CLIPTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without start/end tokens and without truncation."""
-        return self.tok.encode(text, add_special_tokens=False).ids
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return [j for i in ids for j in self.expand.get(i, (i,))] if self.expand else ids
 
     def tokens(self, text: str) -> list[str]:
         return self.tok.encode(text, add_special_tokens=False).tokens

@@ -37,6 +37,7 @@ from minidream.loading import load
 from minidream.model import StableDiffusion, resolve_device
 from minidream.pipeline import generate, grid, save_png
 from minidream.progress import Progress
+from minidream.samplers import make_sampler
 from minidream.schedulers import NoiseSchedule
 from minidream.trainable import cast_frozen, make_optimizer, print_summary, select_trainable
 
@@ -237,6 +238,7 @@ def _train(cfg: TrainConfig, resume, overwrite, given, device, backend, half, wo
         cfg = replace(cfg, resolution=model.native_resolution)
         print(f"--resolution {cfg.resolution} (the model's native resolution)", file=sys.stderr)
     validate_resolution(cfg.resolution, model.downsampling)
+    check_samplers(model, cfg)
     instance_images = load_instance_images(Path(cfg.instance_dir), cfg.resolution)
     check_prompts(model, cfg)
     class_dir = check_class_dir(cfg, out) if cfg.prior else None
@@ -331,6 +333,17 @@ def load_base(cfg: TrainConfig) -> StableDiffusion:
         raise TrainError(str(e)) from None
 
 
+def check_samplers(model: StableDiffusion, cfg: TrainConfig):
+    """The class-image and validation samplers exist for this model (its own scheduler may be one we lack)."""
+    for flag, name, used in (("--class-scheduler", cfg.class_scheduler, cfg.prior),
+                             ("--validation-scheduler", cfg.validation_scheduler, cfg.validation_prompts)):
+        try:
+            if used:
+                make_sampler(name, model.scheduler)
+        except ValueError as e:
+            raise TrainError(f"{flag}: {e}") from None
+
+
 @torch.no_grad()
 def validation_grid(model: StableDiffusion, cfg: TrainConfig, path: Path):
     """One row per validation prompt, one column per fixed seed: comparable across steps."""
@@ -342,6 +355,7 @@ def validation_grid(model: StableDiffusion, cfg: TrainConfig, path: Path):
     with torch.autocast(dev.type, dtype=next(model.unet.parameters()).dtype, enabled=autocast):
         for p in cfg.validation_prompts:
             rows.append(generate(model, [p] * cfg.validation_images, steps=cfg.validation_steps,
+                                 scheduler=cfg.validation_scheduler,
                                  generator=torch.Generator("cpu").manual_seed(cfg.seed), progress=False))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(grid(torch.cat(rows), cols=cfg.validation_images), path, {"prompts": list(cfg.validation_prompts)})

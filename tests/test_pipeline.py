@@ -7,14 +7,15 @@ import torch
 
 from minidream import loading
 from minidream.pipeline import generate
+from minidream.samplers import SAMPLERS
 
 
 def reference_images(folder, prompt, scheduler, guidance, steps, seed, n=1, negative=None, eta=0.0, size=32):
     import numpy as np
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
+    from tests.test_samplers import reference
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    cls = DDIMScheduler if scheduler == "ddim" else DDPMScheduler
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe.scheduler = reference(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     extra = {"eta": eta} if scheduler == "ddim" else {}
     out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance, height=size,
@@ -23,10 +24,10 @@ def reference_images(folder, prompt, scheduler, guidance, steps, seed, n=1, nega
     return torch.from_numpy((out * 255).round().astype(np.uint8))
 
 
-CASES = [  # (family, scheduler, guidance, eta)
-    ("sd1", "ddim", 7.5, 0.0), ("sd1", "ddim", 1.0, 0.0), ("sd1", "ddpm", 7.5, 0.0), ("sd1", "ddpm", 1.0, 0.0),
-    ("sd1", "ddim", 5.0, 0.5), ("sd2", "ddim", 7.5, 0.0), ("sd2", "ddpm", 4.0, 0.0),
-]
+CASES = [  # (family, scheduler, guidance, eta): every sampler on an ε (SD 1) and a v (SD 2) model, strong guidance
+    ("sd1", "ddim", 1.0, 0.0), ("sd1", "ddpm", 1.0, 0.0), ("sd1", "ddim", 5.0, 0.5), ("sd1", "euler-a", 1.0, 0.0),
+    ("sd1", "dpmpp-2m-sde-karras", 1.0, 0.0),
+] + [("sd1", s, 7.5, 0.0) for s in SAMPLERS] + [("sd2", s, 7.5 if s == "ddim" else 4.0, 0.0) for s in SAMPLERS]
 
 
 @pytest.mark.parametrize("family,scheduler,guidance,eta", CASES)
@@ -59,6 +60,38 @@ def test_cli_sample_writes_pngs_with_metadata(sd1_dir, tmp_path):
     import numpy as np
     got = torch.from_numpy(np.array(Image.open(out / "0001.png")))
     assert (got.int() - want[1].int()).abs().max() <= 1
+
+
+def test_default_sampler_is_the_models_own(sd1_dir, tmp_path):
+    """A model shipped with SD 1.5's scheduler file (PNDM, no timestep_spacing key) samples, without --scheduler,
+    as diffusers' pipeline does with the scheduler it loads; `info` names it."""
+    import json
+    import shutil
+    import numpy as np
+    from PIL import Image
+    from diffusers import StableDiffusionPipeline
+    from tests.test_samplers import SD
+    d = tmp_path / "model"
+    shutil.copytree(sd1_dir, d)
+    (d / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD))
+    index = json.loads((d / "model_index.json").read_text())
+    (d / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "PNDMScheduler"]}))
+    pipe = StableDiffusionPipeline.from_pretrained(d, safety_checker=None, requires_safety_checker=False)
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a red toy", num_inference_steps=5, height=32, width=32, output_type="np",
+               generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    want = torch.from_numpy((img * 255).round().astype(np.uint8))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(d), "--prompt", "a red toy", "--steps", "5",
+                        "--seed", "3", "--height", "32", "--width", "32", "--out", str(out), "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    im = Image.open(out / "0000.png")
+    assert im.text["scheduler"] == "pndm"
+    assert (torch.from_numpy(np.array(im)).int() - want.int()).abs().max() <= 1
+    r = subprocess.run([sys.executable, "-m", "cli", "info", str(d)], capture_output=True, text=True)
+    assert "PNDMScheduler: pndm" in r.stdout
 
 
 @pytest.mark.parametrize("args,needle", [

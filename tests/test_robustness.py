@@ -117,8 +117,9 @@ def test_bad_lora_files_are_one_line(sd1_dir, tmp_path):
     bad = {
         "garbage.safetensors": None,
         "no_up.safetensors": {"lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 64)},
-        "locon.safetensors": {"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3),
-                              "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 4, 1, 1)},
+        "loha.safetensors": {"lora_unet_conv_in.hada_w1_a": torch.zeros(4, 4), "lora_unet_conv_in.hada_w1_b": torch.zeros(4, 4)},
+        "conv_shape.safetensors": {"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3),
+                                   "lora_unet_conv_in.lora_up.weight": torch.zeros(16, 4, 1, 1)},
         "empty.safetensors": {"something": torch.zeros(1)},
     }
     for name, tensors in bad.items():

@@ -184,8 +184,8 @@ def test_exports_load_in_diffusers_and_give_our_images(sd1_dir, instance_dir, tm
         assert (theirs(pipe).int() - want.int()).abs().max() <= 1, f.name
         # and `minidream sample --lora` reads the same file
         base = loading.load(str(sd1_dir))
-        from minidream.lora import load_lora
-        load_lora(base, f)
+        from minidream.adapters import apply_loras
+        apply_loras(base, [(f, 1.0)])
         assert (ours(base).int() - want.int()).abs().max() <= 1, f.name
 
 

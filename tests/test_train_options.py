@@ -165,6 +165,30 @@ def test_class_images_precision_and_negative_prompt(sd1_dir, instance_dir, tmp_p
     assert (pix["plain"] - pix["bf16"]).abs().max() > 0
 
 
+def test_class_and_validation_samplers(sd1_dir, instance_dir, tmp_path):
+    """--class-scheduler draws the class images with that sampler (the image generate() gives from the same
+    noise); --validation-scheduler's grid is written; a name that is no sampler is a one-line error."""
+    import numpy as np
+    from PIL import Image
+    from minidream.pipeline import generate
+    out = tmp_path / "run"
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--steps", 1, "--class-guidance", 5, "--class-scheduler", "heun",
+                            "--validation-scheduler", "unipc", "--validation-prompt", "a dog", "--validation-images", 1,
+                            "--validation-steps", 2))
+    assert r.exit_code == 0, r.output
+    assert (out / "samples" / "final.png").exists()
+    got = torch.from_numpy(np.array(Image.open(out / "class_images" / "class-00001.png"))).reshape(-1, 3).int()
+    m = loading.load(str(sd1_dir))
+    side = 16 // m.latent_scale
+    noise = torch.randn((4, side, side), generator=torch.Generator().manual_seed(0 * 1_000_003 + 1))[None]
+    for sampler, same in (("heun", True), ("ddim", False)):
+        want = generate(m, ["a photo of dog"], steps=2, guidance=5, scheduler=sampler, latents=noise, height=16,
+                        width=16, progress=False)[0].reshape(-1, 3)
+        assert ((got - want.int()).abs().max() <= 1) == same, sampler
+    r = run_cli(*train_args(sd1_dir, instance_dir, tmp_path / "bad", "--class-scheduler", "lms"))
+    assert r.exit_code != 0 and "lms" in r.output
+
+
 def test_train_takes_the_loader_options(sd1_dir, instance_dir, tmp_path):
     """A single-file base model with --config (its architecture and tokenizer) trains like the folder."""
     from minidream.single_file import save_single_file
