@@ -27,6 +27,7 @@ Precision = choice("Precision", choices.MIXED_PRECISIONS)
 LRSchedule = choice("LRSchedule", choices.LR_SCHEDULES)
 ClassPrecision = choice("ClassPrecision", choices.CLASS_PRECISIONS)
 SaveAs = choice("SaveAs", choices.EXPORTS)
+ReportTo = choice("ReportTo", choices.REPORT_TO)
 
 
 def fail(msg: str):
@@ -44,6 +45,19 @@ def lora_arg(arg: str, default_scale: float) -> tuple[Path, float]:
     if not f.is_file():
         fail(f"--lora {f}: no such file")
     return f, w
+
+
+def adapt(m, loras: list[tuple[Path, float]], embeddings: list[tuple[Path, str | None]], allow_pickle: bool):
+    """Other tools' embeddings added and LoRAs merged into a loaded model."""
+    from minidream.adapters import add_embedding, apply_loras
+    from minidream.loading import ModelError
+    try:
+        for f, tok in embeddings:
+            add_embedding(m, f, tok, allow_pickle)
+        apply_loras(m, loras, allow_pickle)
+    except (ValueError, ModelError) as e:
+        fail(str(e))
+    return m
 
 
 def device_and_backend(device: str | None, attention, dtype) -> tuple[str, str]:
@@ -86,6 +100,10 @@ ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="For single-f
                                                                   "folder or repo id whose configs and tokenizer describe it.")]
 PresetOpt = Annotated[Optional[str], typer.Option(help="For single-file checkpoints: architecture "
                                                        f"({', '.join(choices.PRESETS)}); inferred when omitted.")]
+LoraOpt = Annotated[Optional[list[str]], typer.Option(help="LoRA file to merge, FILE or FILE:SCALE (diffusers/PEFT or "
+                                                       "kohya/LyCORIS LoCon); repeat for several.")]
+EmbeddingOpt = Annotated[Optional[list[Path]], typer.Option(help="Textual-inversion embedding (ours, diffusers', "
+                                                               "A1111's); repeat for several.")]
 
 
 def load_model(model: str, revision=None, variant=None, allow_pickle=False, tokenizer=None, preset=None, config=None,
@@ -141,11 +159,9 @@ def sample(
     dtype: Annotated[DType, typer.Option(help="Compute dtype (fp16/bf16 need a GPU).")] = DType.fp32,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: cuda when available.")] = None,
     attention: Annotated[AttentionBackend, typer.Option(help="Attention kernel.")] = AttentionBackend.auto,
-    lora: Annotated[Optional[list[str]], typer.Option(help="LoRA file to merge, FILE or FILE:SCALE (diffusers/PEFT or "
-                                                          "kohya/LyCORIS LoCon); repeat for several.")] = None,
+    lora: LoraOpt = None,
     lora_scale: Annotated[float, typer.Option(help="Strength of each --lora given without :SCALE.")] = 1.0,
-    embedding: Annotated[Optional[list[Path]], typer.Option(help="Textual-inversion embedding (ours, diffusers', "
-                                                               "A1111's); repeat for several.")] = None,
+    embedding: EmbeddingOpt = None,
     embedding_token: Annotated[Optional[list[str]], typer.Option(help="Token for the --embedding of the same position; "
                                                                     "default: the name in the file.")] = None,
     revision: Revision = None, variant: Variant = None, allow_pickle: AllowPickle = False,
@@ -155,7 +171,6 @@ def sample(
     """Text to image: writes one PNG per image (settings in the PNG text) and a grid when several."""
     import torch
     from minidream.attention import set_attention_backend
-    from minidream.loading import ModelError
     from minidream.pipeline import generate, grid, save_png
     from minidream.samplers import default_sampler, make_sampler
 
@@ -176,13 +191,7 @@ def sample(
         make_sampler(sampler, m.scheduler, eta)
     except ValueError as e:
         fail(f"--scheduler: {m.source}: {e}")
-    from minidream.adapters import add_embedding, apply_loras
-    try:
-        for f, tok in embeddings:
-            add_embedding(m, f, tok, allow_pickle)
-        apply_loras(m, loras, allow_pickle)
-    except (ValueError, ModelError) as e:
-        fail(str(e))
+    adapt(m, loras, embeddings, allow_pickle)
     cut = m.tokenizer.truncated(prompt)
     if cut:
         typer.echo(f"warning: the prompt is longer than {m.tokenizer.max_length} tokens; this part was cut: {cut!r}", err=True)
@@ -279,6 +288,8 @@ def train(
     validation_images: Annotated[int, typer.Option(help="Images per validation prompt (fixed seeds).")] = D["validation_images"],
     validation_steps: Annotated[int, typer.Option(help="Sampling steps for validation images.")] = D["validation_steps"],
     validation_scheduler: Annotated[Optional[Scheduler], typer.Option(help="Sampler for validation grids; default: the model's own.")] = D["validation_scheduler"],
+    report_to: Annotated[ReportTo, typer.Option(help="Also log to TensorBoard (OUT/tensorboard; pip install "
+                                                     "'minidream[tensorboard]'). OUT/curves.png is always drawn.")] = ReportTo(D["report_to"]),
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: none).")] = D["checkpoint_every"],
     keep_last: Annotated[int, typer.Option(help="Checkpoints to keep (0: all).")] = D["keep_last"],
     resume: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint file to continue from.")] = None,
@@ -339,6 +350,50 @@ def demo(
     run_demo(out, prior=prior, seed=seed, steps=steps)
     typer.echo((out / "report.md").read_text())
     typer.echo(f"grids: {out / 'before.png'} {out / 'after.png'}")
+
+
+@app.command()
+def diff(base: ModelArg, tuned: ModelArg,
+         out: Annotated[Path, typer.Option(help="Folder for diff.json, diff.md and diff.png.")],
+         lora: LoraOpt = None, embedding: EmbeddingOpt = None, allow_pickle: AllowPickle = False,
+         tokenizer: TokenizerOpt = None, preset: PresetOpt = None, config: ConfigOpt = None):
+    """What fine-tuning changed: ‖W_tuned − W_base‖/‖W_base‖ of every tensor, by component, block and layer type
+    (--lora/--embedding are applied to TUNED: `diff BASE BASE --lora L` shows what a LoRA changes)."""
+    import torch
+    from minidream import weight_diff
+    a = load_model(base, None, None, allow_pickle, tokenizer, preset, config, dtype=torch.float32)
+    b = adapt(load_model(tuned, None, None, allow_pickle, tokenizer, preset, config, dtype=torch.float32),
+              [lora_arg(x, 1.0) for x in lora or []], embedding_args(embedding or [], []), allow_pickle)
+    try:
+        d = weight_diff.diff(a, b)
+    except ValueError as e:
+        fail(f"{base} vs {tuned}: {e}")
+    files = weight_diff.write(d, out, {"base": base, "tuned": tuned, "lora": lora or [], "embedding": [str(e) for e in embedding or []]})
+    typer.echo(weight_diff.markdown(d).split("\n\n")[0])
+    typer.echo(f"wrote {', '.join(map(str, files))}")
+
+
+@app.command("attention-maps")
+def attention_maps(model: Annotated[str, typer.Option(help="Model folder, hub repo id or single-file checkpoint.")],
+                   prompt: Annotated[str, typer.Option(help="Text prompt.")],
+                   out: Annotated[Path, typer.Option(help="Folder for maps.png, maps.json and maps/.")],
+                   seed: int = 0, steps: int = 20, guidance: float = 7.5,
+                   scheduler: Annotated[Optional[Scheduler], typer.Option(help="Sampler; default: the model's own.")] = None,
+                   height: Optional[int] = None, width: Optional[int] = None, lora: LoraOpt = None,
+                   embedding: EmbeddingOpt = None, allow_pickle: AllowPickle = False, tokenizer: TokenizerOpt = None,
+                   preset: PresetOpt = None, config: ConfigOpt = None):
+    """Where each prompt token looks: cross-attention probabilities averaged over heads, layers and steps."""
+    from minidream import attention_maps as am
+    m = adapt(load_model(model, None, None, allow_pickle, tokenizer, preset, config),
+              [lora_arg(x, 1.0) for x in lora or []], embedding_args(embedding or [], []), allow_pickle)
+    try:
+        images, maps = am.attention_maps(m, [prompt], steps, guidance, scheduler.value if scheduler else None, seed,
+                                         height, width)
+    except ValueError as e:
+        fail(str(e))
+    files = am.write_maps(images[0], maps[0], am.token_positions(m.tokenizer, prompt), out,
+                          {"model": model, "prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance})
+    typer.echo(f"wrote {', '.join(map(str, files))}")
 
 
 @app.command("eval")

@@ -12,3 +12,4 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")                    # config.validate, 
 CLASS_PRECISIONS = ("auto", "fp32", "fp16", "bf16")          # auto: fp16 on CUDA (as diffusers' script), else fp32
 LR_SCHEDULES = ("constant", "cosine", "linear", "polynomial")  # trainable.lr_lambdas
 EXPORTS = ("diffusers", "single-file", "lora-diffusers", "lora-kohya")  # export.EXPORTERS
+REPORT_TO = ("none", "tensorboard")                         # report.Log

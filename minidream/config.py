@@ -6,7 +6,8 @@ import math
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
-from minidream.choices import CLASS_PRECISIONS, EXPORTS, LR_SCHEDULES, MIXED_PRECISIONS, SAMPLERS, TRAIN_MODES
+from minidream.choices import (CLASS_PRECISIONS, EXPORTS, LR_SCHEDULES, MIXED_PRECISIONS, REPORT_TO, SAMPLERS,
+                               TRAIN_MODES)
 
 
 class TrainError(Exception):
@@ -91,6 +92,7 @@ class TrainConfig:
     validation_images: int = 4
     validation_steps: int = 25
     validation_scheduler: str | None = None  # None: the model's own
+    report_to: str = "none"  # or "tensorboard" (OUT/tensorboard/); OUT/metrics.jsonl and OUT/curves.png always
     checkpoint_every: int = 100
     keep_last: int = 2
     save_as: tuple[str, ...] = ()  # (): MODE_DEFAULTS[train]["save_as"], filled in at construction
@@ -118,12 +120,12 @@ DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not M
 # Settings a resumed run takes from the command line when they are given there; everything else comes
 # from the checkpoint, and a different value for it is refused. Paths are the user's: moved folders resume.
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "validation_prompts", "validation_every",
-                     "validation_images", "validation_steps", "validation_scheduler", "save_as", "device", "attention", "tf32",
+                     "validation_images", "validation_steps", "validation_scheduler", "report_to", "save_as", "device", "attention", "tf32",
                      "model", "instance_dir", "class_dir", "out")
 
 
 # Settings added after checkpoints were first written, with the value that reproduces a run from before them.
-ADDED = {"class_scheduler": "ddim", "validation_scheduler": "ddim"}
+ADDED = {"class_scheduler": "ddim", "validation_scheduler": "ddim", "report_to": "none"}
 
 
 def validate(cfg: TrainConfig):
@@ -133,7 +135,8 @@ def validate(cfg: TrainConfig):
             raise TrainError(f"{flag_} {v!r} is not one of {', '.join(SAMPLERS)}")
     for flag, v, ok in (("--train", cfg.train, TRAIN_MODES), ("--mixed-precision", cfg.mixed_precision, MIXED_PRECISIONS),
                         ("--lr-schedule", cfg.lr_schedule, LR_SCHEDULES),
-                        ("--class-precision", cfg.class_precision, CLASS_PRECISIONS)):
+                        ("--class-precision", cfg.class_precision, CLASS_PRECISIONS),
+                        ("--report-to", cfg.report_to, REPORT_TO)):
         if v not in ok:
             raise TrainError(f"{flag} {v!r} is not one of {', '.join(ok)}")
     bad = [s for s in cfg.save_as if s not in EXPORTS]

@@ -290,6 +290,27 @@ def evaluate_dreambooth(model: StableDiffusion, net: Recognizer, n: int = 16, se
     }
 
 
+def subject_mask(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) True where a toy-world image is not its plain background (the median colour of its border)."""
+    x = images.float()
+    border = torch.cat([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], 1)  # (B, 2H + 2W, 3)
+    return (x - border.median(1).values[:, None, None]).abs().amax(-1) > 40
+
+
+@torch.no_grad()
+def attention_localisation(model: StableDiffusion, n: int = 16, seed: int = 300) -> float:
+    """Where the identifier looks (#19): its cross-attention mass on the drawn toy's pixels over the toy's share
+    of the image, averaged over n samples of the instance prompt (1.0 = no localisation)."""
+    from minidream.attention_maps import attention_maps, localisation
+    ids, ident = model.tokenizer.encode(SUBJECT), model.tokenizer.encode(SUBJECT.split()[1])
+    start = next(i for i in range(len(ids)) if ids[i:i + len(ident)] == ident)
+    images, maps = attention_maps(model, [SUBJECT] * n, steps=20, guidance=4.0, seed=seed)
+    masks = subject_mask(images)
+    rows = [localisation(maps[b, 1 + start: 1 + start + len(ident)].sum(0), masks[b]) for b in range(n)]
+    rows = [r for r in rows if math.isfinite(r)]  # an image with nothing drawn (or nothing else) has no ratio
+    return sum(rows) / len(rows) if rows else float("nan")
+
+
 @torch.no_grad()
 def prompt_grid(model: StableDiffusion, path: Path, per_prompt: int = 4, seed: int = 0):
     """Rows: the demo prompts; columns: fixed seeds, so before/after grids line up."""
@@ -302,7 +323,7 @@ def prompt_grid(model: StableDiffusion, path: Path, per_prompt: int = 4, seed: i
 
 
 def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = 300, grids: bool = True,
-             model_dir: Path = DEMO_DIR) -> dict:
+             model_dir: Path = DEMO_DIR, localise: bool = False) -> dict:
     """Train DreamBooth on the embedded subject and measure it; writes grids, report.json and report.md."""
     from minidream.train import train
     t0 = time.time()
@@ -317,8 +338,10 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = 300, gri
     model, _ = train(cfg, overwrite=True)
     if grids:
         prompt_grid(model, out / "after.png")
-    metrics = {"prior_preservation": prior, "steps": steps, "seed": seed, **evaluate_dreambooth(model, net),
-               "wall_time_s": round(time.time() - t0, 1)}
+    metrics = {"prior_preservation": prior, "steps": steps, "seed": seed, **evaluate_dreambooth(model, net)}
+    if localise:
+        metrics["attention_localisation"] = attention_localisation(model)
+    metrics["wall_time_s"] = round(time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(metrics, indent=2))
     (out / "report.md").write_text(
         f"# DreamBooth demo ({'with' if prior else 'without'} prior preservation)\n\n"
@@ -332,13 +355,16 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = 300, gri
 def run_eval(out: Path, seed: int = 0, steps: int = 300) -> dict:
     """The base model, and DreamBooth with and without the prior-preservation loss (paper, Table 3)."""
     out = Path(out)
-    base = {**evaluate_dreambooth(load(str(DEMO_DIR), dtype=torch.float32), load_recognizer()), "prior_preservation": None}
-    rows = {"base model": base,
-            "DreamBooth, no prior loss": run_demo(out / "without-prior", prior=False, seed=seed, steps=steps, grids=False),
-            "DreamBooth, prior loss (λ=1)": run_demo(out / "with-prior", prior=True, seed=seed, steps=steps, grids=False)}
-    table = ("| model | subject fidelity | prompt fidelity | PRES ↓ | DIV ↑ |\n|---|---|---|---|---|\n" +
-             "".join(f"| {k} | {v['subject_fidelity']:.3f} | {v['prompt_fidelity']:.3f} | {v['PRES']:.3f} | {v['DIV']:.3f} |\n"
-                     for k, v in rows.items()))
+    base_model = load(str(DEMO_DIR), dtype=torch.float32)
+    base = {**evaluate_dreambooth(base_model, load_recognizer()), "prior_preservation": None,
+            "attention_localisation": attention_localisation(base_model)}
+    runs = {"DreamBooth, no prior loss": (out / "without-prior", False), "DreamBooth, prior loss (λ=1)": (out / "with-prior", True)}
+    rows = {"base model": base, **{k: run_demo(d, prior=p, seed=seed, steps=steps, grids=False, localise=True)
+                                   for k, (d, p) in runs.items()}}
+    table = ("| model | subject fidelity | prompt fidelity | PRES ↓ | DIV ↑ | identifier attention localisation |\n"
+             "|---|---|---|---|---|---|\n" +
+             "".join(f"| {k} | {v['subject_fidelity']:.3f} | {v['prompt_fidelity']:.3f} | {v['PRES']:.3f} | {v['DIV']:.3f} "
+                     f"| {v['attention_localisation']:.2f} |\n" for k, v in rows.items()))
     (out / "eval.md").write_text(table)
     (out / "eval.json").write_text(json.dumps(rows, indent=2))
     return {"rows": rows, "table": table}

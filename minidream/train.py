@@ -14,7 +14,6 @@ One step, in three files: `Stepper` (here) draws latents and conditioning (data.
 `loop` repeats it, logging and checkpointing. `train` checks every input and
 sets the run up; what trains is trainable.py, checkpoints checkpoint.py, exports export.py.
 """
-import json
 import math
 import signal
 import sys
@@ -37,6 +36,7 @@ from minidream.loading import load
 from minidream.model import StableDiffusion, resolve_device
 from minidream.pipeline import generate, grid, save_png
 from minidream.progress import Progress
+from minidream.report import Log, curves, summary_writer
 from minidream.samplers import make_sampler
 from minidream.schedulers import NoiseSchedule
 from minidream.trainable import cast_frozen, make_optimizer, print_summary, select_trainable
@@ -163,20 +163,20 @@ def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step
     Ctrl-C saves a checkpoint; a non-finite loss stops with the last good one kept."""
     main = stepper.world.main  # under torchrun only rank 0 logs, checkpoints and validates
     bar = Progress(cfg.steps, "training", start=step, enabled=main)
-    metrics = open(out / "metrics.jsonl", "a") if main else None
+    log = Log(out, cfg.report_to, main)
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
             line = stepper(step, ckpt.last_good)
             step += 1
             bar.update(loss=line["loss"], inst=line["loss_instance"], prior=line["loss_prior"])
-            if main:
-                metrics.write(json.dumps({**line, "step_s": time.perf_counter() - t0}) + "\n")
-                metrics.flush()
+            log.step({**line, "step_s": time.perf_counter() - t0})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 ckpt.save(step)
             if main and cfg.validation_prompts and cfg.validation_every and step % cfg.validation_every == 0:
-                validation_grid(stepper.model, cfg, out / "samples" / f"step-{step:06d}.png")
+                png = out / "samples" / f"step-{step:06d}.png"
+                validation_grid(stepper.model, cfg, png)
+                log.image("validation", png, step)
     except (KeyboardInterrupt, distributed.LostProcess) as e:  # Ctrl-C, SIGTERM, or another process lost
         bar.close()
         stepper.rewind()
@@ -184,8 +184,7 @@ def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step
         why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"another process stopped or did not answer ({e})"
         raise TrainError(f"{why} at step {step}; saved {saved}; continue with --resume latest") from None
     finally:
-        if metrics:
-            metrics.close()
+        log.close()
     bar.close()
     return step
 
@@ -239,6 +238,8 @@ def _train(cfg: TrainConfig, resume, overwrite, given, device, backend, half, wo
         print(f"--resolution {cfg.resolution} (the model's native resolution)", file=sys.stderr)
     validate_resolution(cfg.resolution, model.downsampling)
     check_samplers(model, cfg)
+    if cfg.report_to == "tensorboard":
+        summary_writer()  # a missing package fails here, before any work
     instance_images = load_instance_images(Path(cfg.instance_dir), cfg.resolution)
     check_prompts(model, cfg)
     class_dir = check_class_dir(cfg, out) if cfg.prior else None
@@ -292,6 +293,7 @@ def run(cfg: TrainConfig, out: Path, model: StableDiffusion, device, backend, ha
 
     if cfg.validation_prompts:
         validation_grid(model, cfg, out / "samples" / "final.png")
+    curves(out)
     model.unet.eval()
     trained = {name: p.detach() for ps in groups.values() for name, p in ps}
     try:

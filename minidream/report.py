@@ -1,0 +1,72 @@
+"""The run's record: OUT/metrics.jsonl (one JSON line per optimizer step), TensorBoard when asked
+(`--report-to tensorboard`, the optional extra `pip install 'minidream[tensorboard]'`), and OUT/curves.png, the
+instance and prior losses and the learning rate over steps, drawn from metrics.jsonl after training."""
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from minidream import plots
+from minidream.config import TrainError
+
+
+def summary_writer():
+    """TensorBoard's writer class; a one-line error when the optional package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainError("--report-to tensorboard needs the tensorboard package: pip install 'minidream[tensorboard]' "
+                         "(or pip install tensorboard)") from None
+    return SummaryWriter
+
+
+class Log:
+    """Where a step's metrics line goes (only on the process that writes: rank 0)."""
+
+    def __init__(self, out: Path, report_to: str, main: bool):
+        self.file = open(out / "metrics.jsonl", "a") if main else None
+        self.tb = summary_writer()(log_dir=str(out / "tensorboard")) if main and report_to == "tensorboard" else None
+
+    def step(self, line: dict):
+        if self.file:
+            self.file.write(json.dumps(line) + "\n")
+            self.file.flush()
+        if self.tb:
+            for k, v in line.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, line["step"])
+
+    def image(self, tag: str, png: Path, step: int):
+        if self.tb:
+            import numpy as np
+            self.tb.add_image(tag, np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
+
+    def close(self):
+        for f in (self.file, self.tb):
+            if f:
+                f.close()
+
+
+def smooth(values: list[float], frac: float = 0.05) -> list[float]:
+    """A centred running mean over about `frac` of the run (single steps' losses are dominated by the timestep
+    drawn)."""
+    k = max(1, int(len(values) * frac) // 2)
+    return [sum(values[max(0, i - k): i + k + 1]) / len(values[max(0, i - k): i + k + 1]) for i in range(len(values))]
+
+
+def curves(out: Path) -> Path | None:
+    """OUT/curves.png from OUT/metrics.jsonl: the losses (smoothed, log scale) and the learning rate."""
+    f = Path(out) / "metrics.jsonl"
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    losses = {"instance loss": [r["loss_instance"] for r in rows]}
+    if any(r["loss_prior"] for r in rows):
+        losses["prior loss"] = [r["loss_prior"] for r in rows]
+    panels = [plots.line_plot({k: list(zip(steps, smooth(v))) for k, v in losses.items()},
+                              "loss (running mean over 5% of the steps, log scale)", log_y=True),
+              plots.line_plot({"learning rate": [(s, r["lr"]) for s, r in zip(steps, rows)]}, "learning rate")]
+    png = Path(out) / "curves.png"
+    plots.stack(panels).save(png)
+    return png

@@ -1,0 +1,145 @@
+"""What fine-tuning changed, tensor by tensor: ‖W_tuned − W_base‖ / ‖W_base‖ for every tensor of the UNet, the
+text encoder and the VAE (exactly 0 when a tensor is bit-identical), grouped by component, block and layer type
+(self- vs cross-attention and their Q/K/V/out, feed-forward, resnet, norm, embedding rows).
+
+DreamBooth's claim that fine-tuning "changes almost every layer" and the folklore that the cross-attention
+K/V carry the identifier can both be read off `minidream diff BASE TUNED`.
+"""
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from minidream import plots
+
+UNET_TYPES = ("self Q", "self K", "self V", "self out", "cross Q", "cross K", "cross V", "cross out",
+              "feed-forward", "proj in/out", "norm", "resnet", "resample", "in/out")
+TEXT_TYPES = ("self Q", "self K", "self V", "self out", "mlp", "norm", "token rows", "positions")
+
+
+def layer_type(component: str, name: str) -> str:
+    """The kind of layer a tensor belongs to, from its (diffusers / transformers) key."""
+    m = re.search(r"(attn1|attn2|self_attn)\.(to_q|to_k|to_v|to_out|q_proj|k_proj|v_proj|out_proj)", name)
+    if m:
+        kind = "cross" if m[1] == "attn2" else "self"
+        return f"{kind} " + {"to_q": "Q", "q_proj": "Q", "to_k": "K", "k_proj": "K", "to_v": "V", "v_proj": "V"}.get(m[2], "out")
+    if component == "text_encoder":
+        return ("token rows" if "token_embedding" in name else "positions" if "position_embedding" in name
+                else "mlp" if ".mlp." in name else "norm")
+    if component == "vae":
+        return "vae"
+    for pattern, kind in ((r"\.ff\.", "feed-forward"), (r"proj_in|proj_out", "proj in/out"), (r"norm", "norm"),
+                          (r"resnets\.", "resnet"), (r"samplers\.", "resample")):
+        if re.search(pattern, name):
+            return kind
+    return "in/out"  # conv_in, time_embedding, conv_out
+
+
+def block(component: str, name: str) -> str:
+    """Where in the network: UNet stage (down 0 … mid … up n), text-encoder layer, VAE encoder/decoder."""
+    if component == "unet":
+        m = re.match(r"(down|up)_blocks\.(\d+)", name)
+        return f"{m[1]} {m[2]}" if m else "mid" if name.startswith("mid_block") else \
+            "in" if name.startswith(("conv_in", "time_embedding")) else "out"
+    if component == "text_encoder":
+        m = re.search(r"layers\.(\d+)\.", name)
+        return f"layer {int(m[1]):02d}" if m else "embeddings" if "embeddings" in name else "final norm"
+    return name.split(".")[0]
+
+
+def _tensors(model) -> dict[str, torch.Tensor]:
+    from minidream.trainable import merged_text_encoder_state
+    merged_text_encoder_state(model)  # a TokenEmbedding (a learned token) as one plain table
+    return {f"{comp}.{k}": v for comp in ("unet", "text_encoder", "vae")
+            for k, v in getattr(model, comp).state_dict().items()}
+
+
+def diff(base, tuned) -> dict:
+    """{"tensors": {name: {...}}, "groups": {...}} between two loaded models of the same architecture."""
+    a, b = _tensors(base), _tensors(tuned)
+    missing = sorted(set(a) ^ set(b))
+    if missing:
+        raise ValueError(f"the two models differ in architecture (e.g. {missing[0]}); diff needs the same layout")
+    tensors, groups = {}, {}
+    for name in a:
+        comp, key = name.split(".", 1)
+        wa, wb = a[name].double(), b[name].double()
+        row = {"component": comp, "block": block(comp, key), "type": layer_type(comp, key), "shape": list(wb.shape)}
+        if wa.shape != wb.shape:  # a grown token table: compare the rows both have, count the new ones
+            if wa.ndim != 2 or wa.shape[1] != wb.shape[1] or wa.shape[0] > wb.shape[0]:
+                raise ValueError(f"{name}: {list(wa.shape)} vs {list(wb.shape)}; diff needs the same layout")
+            row["new_rows"] = wb.shape[0] - wa.shape[0]
+            wb = wb[: wa.shape[0]]
+        d2, n2 = (wb - wa).pow(2).sum().item(), wa.pow(2).sum().item()
+        row["rel_change"] = 0.0 if torch.equal(a[name][: wb.shape[0]], b[name][: wb.shape[0]]) else math.sqrt(d2 / max(n2, 1e-30))
+        if wa.ndim == 2 and "embedding" in key:
+            row["rows_changed"] = int((wb != wa).any(1).sum())
+        tensors[name] = row
+        for kind, *keys in (("by_component", comp), ("by_type", comp, row["type"]), ("by_block", comp, row["block"]),
+                            ("by_block_type", comp, row["block"], row["type"])):
+            g = groups.setdefault(kind, {})
+            for k in keys[:-1]:
+                g = g.setdefault(k, {})
+            s = g.setdefault(keys[-1], {"d2": 0.0, "n2": 0.0, "tensors": 0, "changed": 0})
+            s["d2"] += d2
+            s["n2"] += n2
+            s["tensors"] += 1
+            s["changed"] += row["rel_change"] > 0
+    def finish(g):  # a group's change: ‖ΔW‖ / ‖W‖ over all its tensors together
+        if "d2" in g:
+            g["rel_change"] = math.sqrt(g.pop("d2") / max(g.pop("n2"), 1e-30)) if g["changed"] else 0.0
+        else:
+            for sub in g.values():
+                finish(sub)
+    finish(groups)
+    return {"tensors": tensors, "groups": groups}
+
+
+def markdown(d: dict) -> str:
+    lines = ["| component | layer type | tensors changed | relative change ‖ΔW‖/‖W‖ |", "|---|---|---|---|"]
+    for comp, kinds in d["groups"]["by_type"].items():
+        for kind, s in kinds.items():
+            lines.append(f"| {comp} | {kind} | {s['changed']}/{s['tensors']} | {s['rel_change']:.2e} |")
+    lines += ["", "| component | block | tensors changed | relative change |", "|---|---|---|---|"]
+    for comp, blocks in d["groups"]["by_block"].items():
+        for blk, s in blocks.items():
+            lines.append(f"| {comp} | {blk} | {s['changed']}/{s['tensors']} | {s['rel_change']:.2e} |")
+    rows = {k: v for k, v in d["tensors"].items() if "new_rows" in v or "rows_changed" in v}
+    if rows:
+        lines += ["", "| embedding table | rows changed | new rows |", "|---|---|---|"]
+        lines += [f"| {k} | {v.get('rows_changed', 0)} | {v.get('new_rows', 0)} |" for k, v in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def picture(d: dict):
+    """The UNet by depth × layer type, then the text encoder by layer × type, as heat strips."""
+    by = d["groups"]["by_block_type"]
+    cells = {c: {(blk, kind): s["rel_change"] for blk, kinds in by.get(c, {}).items() for kind, s in kinds.items()}
+             for c in ("unet", "text_encoder")}
+    order = {c: list(by.get(c, {})) for c in cells}
+
+    def depth(b):  # in, down 0.., mid, up 0.., out
+        m = re.match(r"(down|up) (\d+)", b)
+        return (0, 0) if b == "in" else (1, int(m[2])) if m and m[1] == "down" else (2, 0) if b == "mid" \
+            else (3, int(m[2])) if m else (4, 0)
+    vals = [v for c in cells.values() for v in c.values() if v > 0]  # the colour scale: whole decades around the data
+    lo, hi = (10 ** math.floor(math.log10(min(vals))), 10 ** math.ceil(math.log10(max(vals)))) if vals else (1e-6, 1.0)
+    hi = max(hi, lo * 10)
+    unet_rows = sorted(order["unet"], key=depth)
+    text_rows = sorted(order["text_encoder"], key=lambda b: (b != "embeddings", b == "final norm", b))
+    strips = [plots.heat_strip(cells["unet"], unet_rows, list(UNET_TYPES), "UNet: stage x layer type", lo, hi)]
+    if text_rows:
+        strips.append(plots.heat_strip(cells["text_encoder"], text_rows, list(TEXT_TYPES), "text encoder: layer x type",
+                                       lo, hi))
+    return plots.stack(strips)
+
+
+def write(d: dict, out: Path, meta: dict) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "diff.json").write_text(json.dumps({**meta, **d}, indent=1))
+    (out / "diff.md").write_text(f"# {meta.get('tuned')} vs {meta.get('base')}\n\n" + markdown(d))
+    picture(d).save(out / "diff.png")
+    return [out / "diff.json", out / "diff.md", out / "diff.png"]
