@@ -232,9 +232,17 @@ def sample(
 def train(
     ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Base model: folder, hub repo id or single-file checkpoint.")],
-    instance_dir: Annotated[Path, typer.Option(help="Folder with 3-20 photos of the subject (jpg/png/webp).")],
-    class_noun: Annotated[str, typer.Option(help="The subject's class, e.g. dog.")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, metrics, samples, exports.")],
+    instance_dir: Annotated[Optional[Path], typer.Option(help="Folder with 3-20 photos of the subject (jpg/png/webp).")] = None,
+    class_noun: Annotated[Optional[str], typer.Option(help="The subject's class, e.g. dog.")] = None,
+    concepts: Annotated[Optional[Path], typer.Option(help="JSON list of concepts (instead of --instance-dir/--class-noun): "
+                                                          "{instance_dir, instance_prompt | identifier + class_noun, "
+                                                          "class_prompt, class_dir, num_class_images}.")] = None,
+    caption_ext: Annotated[Optional[str], typer.Option(help="A caption file beside an image (IMAGE.EXT, e.g. .txt) "
+                                                            "is that image's prompt.")] = D["caption_ext"],
+    aspect_buckets: Annotated[bool, typer.Option(help="Aspect-ratio buckets of about --resolution² pixels instead of "
+                                                      "square crops.")] = D["aspect_buckets"],
+    max_aspect: Annotated[float, typer.Option(help="Largest bucket aspect ratio.")] = D["max_aspect"],
     identifier: Annotated[str, typer.Option(help="Rare token bound to the subject.")] = D["identifier"],
     instance_prompt: Annotated[Optional[str], typer.Option(help="Default: 'a photo of IDENTIFIER CLASS'.")] = D["instance_prompt"],
     class_prompt: Annotated[Optional[str], typer.Option(help="Default: 'a photo of CLASS'.")] = D["class_prompt"],
@@ -308,7 +316,14 @@ def train(
     given = {p for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", None) == "COMMANDLINE"}  # click's enum, or typer's copy
     values = {k: v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v
               for k, v in params.items() if k in FIELDS}
-    values.update(validation_prompts=tuple(validation_prompts or ()), save_as=tuple(s.value for s in save_as or ()))
+    values.update(validation_prompts=tuple(validation_prompts or ()), save_as=tuple(s.value for s in save_as or ()),
+                  instance_dir=str(instance_dir) if instance_dir else None, concepts=())
+    if concepts is not None:
+        from minidream.concepts import read_concepts_file
+        try:
+            values["concepts"] = read_concepts_file(concepts)
+        except TrainError as e:
+            fail(str(e))
     try:
         _, written = run(TrainConfig(**values), resume=resume, overwrite=overwrite, given=given)
     except TrainError as e:

@@ -44,6 +44,7 @@ def images(res: int):
 def ours(folder: str, mode: str, res: int):
     from minidream.attention import resolve_backend, set_attention_backend
     from minidream.config import TrainConfig
+    from minidream.concepts import plain
     from minidream.train import load_base, prepare
     cfg = TrainConfig(model=folder, instance_dir="", class_noun="dog", out="", train=mode, resolution=res,
                       steps=10 ** 6, device="cpu")
@@ -53,7 +54,7 @@ def ours(folder: str, mode: str, res: int):
     set_attention_backend(model.unet, backend)
     set_attention_backend(model.vae, backend)
     inst, cls = images(res)
-    stepper, _ = prepare(cfg, model, device, None, [[inst], [cls]])
+    stepper, _ = prepare(cfg, model, device, None, [plain([inst], cfg.prompts[0], res), plain([cls], cfg.prompts[1], res)])
     state = {"step": 0}
 
     def step():

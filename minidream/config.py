@@ -29,9 +29,9 @@ class TrainConfig:
     """Everything a run depends on; stored in run.json and in every checkpoint. The CLI's `train` options
     are these fields (same names, same defaults); `minidream train --help` says what each does."""
     model: str
-    instance_dir: str
-    class_noun: str
     out: str
+    instance_dir: str | None = None  # None with --concepts (each concept names its own)
+    class_noun: str | None = None
     # loading the base model
     revision: str | None = None
     variant: str | None = None
@@ -46,6 +46,10 @@ class TrainConfig:
     resolution: int | None = None  # None: the model's native resolution, resolved before run.json is written
     center_crop: bool = True
     flip: float = 0.0
+    concepts: tuple = ()  # --concepts FILE.json's entries (concepts.read_concepts_file), stored for resume
+    caption_ext: str | None = None  # e.g. ".txt": a caption file beside an image is its prompt
+    aspect_buckets: bool = False
+    max_aspect: float = 2.0
     # prior preservation (the class images)
     prior: bool = True
     class_dir: str | None = None
@@ -110,6 +114,11 @@ class TrainConfig:
                 self.class_prompt or f"a photo of {self.class_noun}")
 
     @property
+    def init_word(self) -> str:
+        """What a new token's embedding starts from (--train-token): the class noun (the first concept's)."""
+        return self.class_noun or next((c["class_noun"] for c in self.concepts if c.get("class_noun")), "photo")
+
+    @property
     def unet_lr(self) -> float:
         return self.lr or MODE_DEFAULTS[self.train]["lr"]
 
@@ -125,11 +134,18 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "validation_promp
 
 
 # Settings added after checkpoints were first written, with the value that reproduces a run from before them.
-ADDED = {"class_scheduler": "ddim", "validation_scheduler": "ddim", "report_to": "none"}
+ADDED = {"class_scheduler": "ddim", "validation_scheduler": "ddim", "report_to": "none", "concepts": (),
+         "caption_ext": None, "aspect_buckets": False, "max_aspect": 2.0}
 
 
 def validate(cfg: TrainConfig):
     """Every setting that can be checked without the model, before anything is loaded or written."""
+    if not cfg.concepts and not (cfg.instance_dir and cfg.class_noun):
+        raise TrainError("--instance-dir and --class-noun are needed (or --concepts FILE.json)")
+    if not cfg.max_aspect >= 1:
+        raise TrainError(f"--max-aspect must be >= 1 (got {cfg.max_aspect})")
+    if cfg.caption_ext is not None and not (cfg.caption_ext.strip(".") and "/" not in cfg.caption_ext):
+        raise TrainError(f"--caption-ext {cfg.caption_ext!r}: give a file extension such as .txt")
     for flag_, v in (("--class-scheduler", cfg.class_scheduler), ("--validation-scheduler", cfg.validation_scheduler)):
         if v is not None and v not in SAMPLERS:
             raise TrainError(f"{flag_} {v!r} is not one of {', '.join(SAMPLERS)}")

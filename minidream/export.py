@@ -23,7 +23,7 @@ def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg) -
     """The base model with the run's trainable structure (adapters, new token) and its trained values."""
     with torch.random.fork_rng(devices=[]):  # adapter init draws are overwritten below; keep the caller's RNG
         groups = select_trainable(base, cfg.train, cfg.lora_rank, cfg.lora_alpha, cfg.train_text_encoder,
-                                  f"<{cfg.identifier}>" if cfg.train_token else None, cfg.class_noun)
+                                  f"<{cfg.identifier}>" if cfg.train_token else None, cfg.init_word)
     params = {name: p for ps in groups.values() for name, p in ps}
     if params.keys() != trained.keys():
         raise RuntimeError(f"trained tensors do not match the run's selection: {sorted(params.keys() ^ trained.keys())[:3]}")

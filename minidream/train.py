@@ -29,8 +29,8 @@ from minidream.checkpoint import Checkpointer, open_run, restore, resume_from
 from minidream.config import TrainConfig, TrainError, validate, validate_resolution
 from minidream.distributed import World
 from minidream import distributed
-from minidream.data import (HALF, LatentSource, TextConditioning, check_class_dir, check_prompts, load_instance_images,
-                            make_class_images)
+from minidream import concepts
+from minidream.data import HALF, LatentSource, TextConditioning, check_class_dir, check_prompts, make_class_images
 from minidream.export import export
 from minidream.loading import load
 from minidream.model import StableDiffusion, resolve_device
@@ -135,9 +135,9 @@ class Stepper:
         self.opt.zero_grad(set_to_none=True)
         tot = inst = prior = 0.0
         for _ in range(cfg.grad_accum):
-            latents = torch.cat([self.batches.draw(0, n_inst)] + ([self.batches.draw(1, n_class)] if n_class else []))
+            latents, prompts = self.batches.draw_step(n_inst, n_class)  # instance rows, then their class partners
             with torch.autocast(device.type, dtype=self.half, enabled=self.half is not None):
-                loss, li, lp = training_step(self.model.unet, self.schedule, latents, self.text(step, n_inst, n_class),
+                loss, li, lp = training_step(self.model.unet, self.schedule, latents, self.text(step, prompts),
                                              n_inst, cfg.prior_loss_weight, self.g, cfg.snr_gamma, cfg.noise_offset,
                                              self.world)
             parts = distributed.mean([loss.item(), li.item(), lp.item()], self.world, device)  # as one process logs
@@ -240,14 +240,12 @@ def _train(cfg: TrainConfig, resume, overwrite, given, device, backend, half, wo
     check_samplers(model, cfg)
     if cfg.report_to == "tensorboard":
         summary_writer()  # a missing package fails here, before any work
-    instance_images = load_instance_images(Path(cfg.instance_dir), cfg.resolution)
-    check_prompts(model, cfg)
-    class_dir = check_class_dir(cfg, out) if cfg.prior else None
+    data = Data(cfg, out, model)
     if world.main:
         lock = open_run(out, cfg, start_over=overwrite and not resume, resumed_step=start[0]["step"] if start else None)
     distributed.barrier(world)  # the others start once --out is cleared and run.json written
     try:
-        return run(cfg, out, model, device, backend, half, instance_images, class_dir, start, world)
+        return run(cfg, out, model, device, backend, half, data, start, world)
     finally:
         if world.main:
             lock.close()
@@ -268,8 +266,33 @@ def runtime(cfg: TrainConfig):
     return device, backend, HALF[cfg.mixed_precision]
 
 
-def run(cfg: TrainConfig, out: Path, model: StableDiffusion, device, backend, half, instance_images, class_dir,
-        start, world: World = World()) -> tuple[StableDiffusion, list[Path]]:
+class Data:
+    """The run's concepts, its instance examples (captions, buckets) and, once made, its class examples."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, model: StableDiffusion):
+        self.concepts = concepts.concepts(cfg, out)
+        self.shapes = concepts.buckets(cfg.resolution, model.downsampling, cfg.max_aspect) if cfg.aspect_buckets \
+            else [(cfg.resolution, cfg.resolution)]
+        self.instance = concepts.instance_examples(self.concepts, cfg, self.shapes)
+        check_prompts(model, cfg, self.concepts)
+        for c in self.concepts if cfg.prior else []:
+            check_class_dir(c.class_dir)
+        self.klass = []
+
+    def prompts(self) -> list[str]:
+        """Each concept's instance and class prompt: what the text encoder always sees together."""
+        return [p for c in self.concepts for p in (c.instance_prompt, c.class_prompt)]
+
+    def make_class_images(self, model, cfg: TrainConfig, device, world: World):
+        for k, c in enumerate(self.concepts):
+            sizes = [e.bucket for e in self.instance if e.concept == k] if cfg.aspect_buckets else None
+            make_class_images(model, cfg, c, device, world, k, sizes)
+        self.klass = concepts.class_examples(self.concepts, cfg, self.shapes)
+        concepts.check_buckets(self.instance, self.klass)
+
+
+def run(cfg: TrainConfig, out: Path, model: StableDiffusion, device, backend, half, data: Data, start,
+        world: World = World()) -> tuple[StableDiffusion, list[Path]]:
     """The run itself, once every setting is checked and --out is this process's: class images, what
     trains, the optimizer (restored on resume), the loop, the exports."""
     model.to(device)
@@ -279,12 +302,12 @@ def run(cfg: TrainConfig, out: Path, model: StableDiffusion, device, backend, ha
     if not cfg.train_token and len(model.tokenizer.encode(cfg.identifier)) != 1:
         print(f"warning: --identifier {cfg.identifier!r} is {len(model.tokenizer.encode(cfg.identifier))} tokens, "
               f"not one rare token; DreamBooth binds best to a single rare token such as 'sks'", file=sys.stderr)
-    class_images = []
     if cfg.prior:  # prior-preservation data, made by the base model before any weight changes
-        make_class_images(model, cfg, class_dir, device, world)
-        class_images = load_instance_images(class_dir, cfg.resolution, "--class-dir")[: cfg.num_class_images]
+        data.make_class_images(model, cfg, device, world)
+    if world.main:
+        concepts.write_data_json(out, data.instance, data.klass, data.shapes)
 
-    stepper, groups = prepare(cfg, model, device, half, [instance_images, class_images], world)
+    stepper, groups = prepare(cfg, model, device, half, [data.instance, data.klass], world, data.prompts())
     step = restore(*start, groups, stepper.opt, stepper.sched, stepper.scaler, stepper.g) if start else 0
     ckpt = Checkpointer(out, cfg, groups, stepper.opt, stepper.sched, stepper.scaler, stepper.g, step, world)
     step = loop(cfg, out, stepper, ckpt, step)
@@ -306,12 +329,12 @@ def run(cfg: TrainConfig, out: Path, model: StableDiffusion, device, backend, ha
         raise TrainError(f"export to {out} failed ({e.strerror}); {kept}") from None
 
 
-def prepare(cfg: TrainConfig, model: StableDiffusion, device, half, pools: list[list],
-            world: World = World()) -> tuple[Stepper, dict]:
+def prepare(cfg: TrainConfig, model: StableDiffusion, device, half, pools: list[list], world: World = World(),
+            prompts: list[str] | None = None) -> tuple[Stepper, dict]:
     """What trains (selected, the rest frozen and maybe in half precision), the optimizer and the data, on a
     model already on `device`. Returns the step and the trainable parameters by group."""
     groups = select_trainable(model, cfg.train, cfg.lora_rank, cfg.lora_alpha, cfg.train_text_encoder,
-                              f"<{cfg.identifier}>" if cfg.train_token else None, cfg.class_noun)
+                              f"<{cfg.identifier}>" if cfg.train_token else None, cfg.init_word)
     print_summary(groups, model)
     if half is not None:  # frozen weights in half precision; what trains keeps its exact fp32 values
         cast_frozen(model, half)
@@ -322,8 +345,8 @@ def prepare(cfg: TrainConfig, model: StableDiffusion, device, half, pools: list[
     g = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop: data, noise, timesteps
     batches = LatentSource(model, cfg, pools, device, g, world)
     params = [p for ps in groups.values() for _, p in ps]
-    return Stepper(cfg, model, batches, TextConditioning(model, cfg, groups), opt, sched, scaler, params, g, half,
-                   world), groups
+    text = TextConditioning(model, cfg, groups, prompts or list(cfg.prompts))
+    return Stepper(cfg, model, batches, text, opt, sched, scaler, params, g, half, world), groups
 
 
 def load_base(cfg: TrainConfig) -> StableDiffusion:

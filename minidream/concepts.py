@@ -1,0 +1,169 @@
+"""Training data as users bring it: one or several concepts (`--concepts FILE.json`), a caption file beside an
+image (`--caption-ext .txt`), and aspect-ratio buckets (`--aspect-buckets`). What a run trains on is a list of
+`Example`s (an image, its prompt, its concept and its bucket), written to OUT/data.json.
+
+Buckets (as kohya's sd-scripts and NovelAI's write-up do it): shapes of about --resolution² pixels whose sides are
+multiples of the model's whole downsampling factor (64 for SD), aspect ratio at most --max-aspect; an image goes
+to the bucket nearest its own aspect (in log ratio), is resized to cover it and only the remainder is cropped.
+A batch is drawn from one bucket, so its latents stack.
+"""
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from minidream.config import TrainConfig, TrainError
+from minidream.data import load_images
+
+CONCEPT_KEYS = {"instance_dir", "instance_prompt", "identifier", "class_noun", "class_prompt", "class_dir",
+                "num_class_images"}
+
+
+@dataclass(frozen=True)
+class Concept:
+    instance_dir: Path
+    instance_prompt: str
+    class_prompt: str
+    class_dir: Path
+    num_class_images: int
+
+
+@dataclass(frozen=True)
+class Example:
+    image: object  # PIL image, RGB
+    file: Path
+    prompt: str
+    concept: int
+    bucket: tuple[int, int]  # (width, height)
+    caption_file: Path | None = None
+
+
+def read_concepts_file(path: Path) -> tuple[dict, ...]:
+    """--concepts FILE.json: a list of objects; checked here, before anything runs."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainError(f"--concepts {path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, list) or not data or not all(isinstance(c, dict) for c in data):
+        raise TrainError(f"--concepts {path}: expected a non-empty list of objects, one per concept")
+    for k, c in enumerate(data):
+        unknown = set(c) - CONCEPT_KEYS
+        if unknown:
+            raise TrainError(f"--concepts {path}: concept {k} has unknown key(s) {', '.join(sorted(unknown))} "
+                             f"(known: {', '.join(sorted(CONCEPT_KEYS))})")
+        if not isinstance(c.get("instance_dir"), str):
+            raise TrainError(f"--concepts {path}: concept {k} needs \"instance_dir\"")
+        if not (isinstance(c.get("instance_prompt"), str) or
+                (isinstance(c.get("identifier"), str) and isinstance(c.get("class_noun"), str))):
+            raise TrainError(f"--concepts {path}: concept {k} needs \"instance_prompt\", or \"identifier\" and \"class_noun\"")
+        if not (isinstance(c.get("class_prompt"), str) or isinstance(c.get("class_noun"), str)):
+            raise TrainError(f"--concepts {path}: concept {k} needs \"class_prompt\" or \"class_noun\"")
+        n = c.get("num_class_images", 0)
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+            raise TrainError(f"--concepts {path}: concept {k}: num_class_images must be an integer >= 0")
+    return tuple(data)
+
+
+def concepts(cfg: TrainConfig, out: Path) -> list[Concept]:
+    """The run's concepts: the --concepts entries, or the one the command line describes."""
+    if not cfg.concepts:
+        return [Concept(Path(cfg.instance_dir), cfg.prompts[0], cfg.prompts[1],
+                        Path(cfg.class_dir) if cfg.class_dir else out / "class_images", cfg.num_class_images)]
+    rows = []
+    for k, c in enumerate(cfg.concepts):
+        token = f"<{c.get('identifier', cfg.identifier)}>" if cfg.train_token else c.get("identifier")
+        rows.append(Concept(Path(c["instance_dir"]), c.get("instance_prompt") or f"a photo of {token} {c['class_noun']}",
+                            c.get("class_prompt") or f"a photo of {c['class_noun']}",
+                            Path(c["class_dir"]) if c.get("class_dir") else out / "class_images" / f"concept-{k}",
+                            c.get("num_class_images", cfg.num_class_images)))
+    return rows
+
+
+def buckets(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
+    """(width, height) shapes of at most resolution² pixels, sides multiples of `step`, aspect <= max_aspect."""
+    out = set()
+    for w in range(step, int(resolution * math.sqrt(max_aspect)) + 1, step):
+        h = (resolution * resolution // w) // step * step
+        if h >= step and max(w / h, h / w) <= max_aspect + 1e-9:
+            out.add((w, h))
+    side = resolution // step * step
+    out.add((side, side))
+    return sorted(out)
+
+
+def nearest_bucket(size: tuple[int, int], shapes: list[tuple[int, int]]) -> tuple[int, int]:
+    w, h = size
+    return min(shapes, key=lambda b: (abs(math.log(b[0] / b[1]) - math.log(w / h)), -b[0] * b[1]))
+
+
+def caption(image_file: Path, ext: str | None) -> tuple[str | None, Path | None]:
+    """The text of the caption file beside an image (image.EXT), or (None, None) without one."""
+    if not ext:
+        return None, None
+    f = image_file.with_suffix(ext if ext.startswith(".") else "." + ext)
+    if not f.is_file():
+        return None, None
+    try:
+        text = f.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise TrainError(f"--caption-ext: {f} is not UTF-8 text; save it as UTF-8") from None
+    return (text or None), f
+
+
+def examples(images: list, files: list[Path], concept: int, default_prompt: str, cfg: TrainConfig,
+             shapes: list[tuple[int, int]], captions: bool) -> list[Example]:
+    rows = []
+    for im, f in zip(images, files):
+        text, cf = caption(f, cfg.caption_ext) if captions else (None, None)
+        rows.append(Example(im, f, text or default_prompt, concept, nearest_bucket(im.size, shapes), cf))
+    return rows
+
+
+def instance_examples(concepts: list[Concept], cfg: TrainConfig, shapes: list[tuple[int, int]]) -> list[Example]:
+    rows = []
+    for k, c in enumerate(concepts):
+        flag = f"--concepts: concept {k}: instance_dir" if cfg.concepts else "--instance-dir"
+        images, files = load_images(c.instance_dir, cfg.resolution, flag)
+        rows += examples(images, files, k, c.instance_prompt, cfg, shapes, captions=True)
+    return rows
+
+
+def class_examples(concepts: list[Concept], cfg: TrainConfig, shapes: list[tuple[int, int]]) -> list[Example]:
+    rows = []
+    for k, c in enumerate(concepts):
+        images, files = load_images(c.class_dir, cfg.resolution, "--class-dir")
+        n = c.num_class_images
+        rows += examples(images[:n], files[:n], k, c.class_prompt, cfg, shapes, captions=False)
+    return rows
+
+
+def plain(images: list, prompt: str, resolution: int) -> list[Example]:
+    """Square examples with one prompt (no files): the benchmark's and the tests' data."""
+    return [Example(im, Path(""), prompt, 0, (resolution, resolution)) for im in images]
+
+
+def check_buckets(instance: list[Example], klass: list[Example]):
+    """Prior preservation pairs each instance example with a class example of its concept and bucket."""
+    have = {(e.concept, e.bucket) for e in klass}
+    for e in instance:
+        if (e.concept, e.bucket) not in have:
+            w, h = e.bucket
+            raise TrainError(f"bucket {w}x{h} of concept {e.concept} has instance images ({e.file.name}) but no class "
+                             f"image; add class images of that shape, or let minidream generate them (an empty class dir)")
+
+
+def write_data_json(out: Path, instance: list[Example], klass: list[Example], shapes: list[tuple[int, int]]):
+    def row(e: Example, kind: str):
+        r = {"file": str(e.file), "kind": kind, "concept": e.concept, "prompt": e.prompt, "bucket": list(e.bucket)}
+        if e.caption_file:
+            r["caption_file"] = str(e.caption_file)
+        if kind == "class":
+            r["serves_concept"] = e.concept
+        return r
+    data = {"buckets": [list(b) for b in shapes], "images": [row(e, "instance") for e in instance] +
+            [row(e, "class") for e in klass]}
+    (out / "data.json").write_text(json.dumps(data, indent=1))
+    used = sorted({e.bucket for e in instance})
+    if len(used) > 1:
+        print(f"aspect buckets in use: {', '.join(f'{w}x{h}' for w, h in used)}", file=sys.stderr)
