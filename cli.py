@@ -47,6 +47,11 @@ def lora_arg(arg: str, default_scale: float) -> tuple[Path, float]:
     return f, w
 
 
+def out_folder(out: Path):
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a folder")
+
+
 def adapt(m, loras: list[tuple[Path, float]], embeddings: list[tuple[Path, str | None]], allow_pickle: bool):
     """Other tools' embeddings added and LoRAs merged into a loaded model."""
     from minidream.adapters import add_embedding, apply_loras
@@ -180,8 +185,7 @@ def sample(
         fail(f"--height/--width must be positive multiples of 8 (got {height}x{width})")
     if seed < 0 or seed + (num_images - 1) // batch_size >= 2 ** 63:
         fail(f"--seed must be in [0, 2^63) for every batch (got {seed})")
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} is a file; give a folder")
+    out_folder(out)
     loras = [lora_arg(a, lora_scale) for a in lora or []]
     embeddings = embedding_args(embedding or [], embedding_token or [])
     dev, backend = device_and_backend(device, attention, dtype)
@@ -376,6 +380,7 @@ def diff(base: ModelArg, tuned: ModelArg,
     (--lora/--embedding are applied to TUNED: `diff BASE BASE --lora L` shows what a LoRA changes)."""
     import torch
     from minidream import weight_diff
+    out_folder(out)
     a = load_model(base, None, None, allow_pickle, tokenizer, preset, config, dtype=torch.float32)
     b = adapt(load_model(tuned, None, None, allow_pickle, tokenizer, preset, config, dtype=torch.float32),
               [lora_arg(x, 1.0) for x in lora or []], embedding_args(embedding or [], []), allow_pickle)
@@ -399,6 +404,7 @@ def attention_maps(model: Annotated[str, typer.Option(help="Model folder, hub re
                    preset: PresetOpt = None, config: ConfigOpt = None):
     """Where each prompt token looks: cross-attention probabilities averaged over heads, layers and steps."""
     from minidream import attention_maps as am
+    out_folder(out)
     m = adapt(load_model(model, None, None, allow_pickle, tokenizer, preset, config),
               [lora_arg(x, 1.0) for x in lora or []], embedding_args(embedding or [], []), allow_pickle)
     try:
@@ -417,8 +423,8 @@ def evaluate(
     steps: Annotated[int, typer.Option(help="DreamBooth steps per run.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
 ):
-    """DreamBooth's claims, measured on the demo world: subject and prompt fidelity, PRES and DIV, for the
-    base model and for DreamBooth with and without prior preservation."""
+    """DreamBooth's claims, measured on the demo world: subject and prompt fidelity, PRES and DIV, and where the
+    identifier looks, for the base model and for DreamBooth with and without prior preservation."""
     from minidream.demo import run_eval
     typer.echo(run_eval(out, seed=seed, steps=steps)["table"])
 
