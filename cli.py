@@ -78,6 +78,16 @@ def device_and_backend(device: str | None, attention, dtype) -> tuple[str, str]:
     return dev, backend
 
 
+def concepts_arg(path: Path | None) -> tuple:
+    """--concepts FILE.json, read and checked (the entries are stored in the run's config)."""
+    from minidream.concepts import read_concepts_file
+    from minidream.config import TrainError
+    try:
+        return read_concepts_file(path) if path is not None else ()
+    except TrainError as e:
+        fail(str(e))
+
+
 def embedding_args(files: list[Path], tokens: list[str]) -> list[tuple[Path, str | None]]:
     """--embedding FILE (repeatable), each with the --embedding-token of the same position, if any."""
     for f in files:
@@ -321,13 +331,7 @@ def train(
     values = {k: v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v
               for k, v in params.items() if k in FIELDS}
     values.update(validation_prompts=tuple(validation_prompts or ()), save_as=tuple(s.value for s in save_as or ()),
-                  instance_dir=str(instance_dir) if instance_dir else None, concepts=())
-    if concepts is not None:
-        from minidream.concepts import read_concepts_file
-        try:
-            values["concepts"] = read_concepts_file(concepts)
-        except TrainError as e:
-            fail(str(e))
+                  instance_dir=str(instance_dir) if instance_dir else None, concepts=concepts_arg(concepts))
     try:
         _, written = run(TrainConfig(**values), resume=resume, overwrite=overwrite, given=given)
     except TrainError as e:
