@@ -25,10 +25,6 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def load_instance_images(folder: Path, resolution: int, flag: str = "--instance-dir") -> list:
-    return load_images(folder, resolution, flag)[0]
-
-
 def load_images(folder: Path, resolution: int, flag: str = "--instance-dir") -> tuple[list, list[Path]]:
     """The subject's photos (or the class images), RGB, EXIF orientation applied, and their files; every
     unreadable file named before any compute."""

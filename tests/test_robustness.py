@@ -84,7 +84,7 @@ def test_safetensors_header_fuzz(sd1_dir, tmp_path):
 def test_image_fuzz_and_16_bit_pngs(tmp_path):
     from PIL import Image
     from minidream.config import TrainError
-    from minidream.data import load_instance_images
+    from minidream.data import load_images
     good = tmp_path / "good.png"
     Image.new("RGB", (16, 16), (10, 20, 30)).save(good)
     raw = good.read_bytes()
@@ -97,13 +97,13 @@ def test_image_fuzz_and_16_bit_pngs(tmp_path):
             data[rng.randrange(len(data))] = rng.randrange(256)
         (d / f"{i}.png").write_bytes(bytes(data[: rng.randrange(8, len(data) + 1)]))
     try:
-        load_instance_images(d, 8)
+        load_images(d, 8)
     except TrainError as e:
         assert "unreadable image(s)" in str(e)
     deep = tmp_path / "deep"
     deep.mkdir()
     Image.new("I;16", (16, 16), 40000).save(deep / "a.png")
-    (img,) = load_instance_images(deep, 8)
+    (img,), _ = load_images(deep, 8)
     assert img.getpixel((0, 0)) == (155, 155, 155)  # 40000/65535 of white, not clipped to 255
 
 
