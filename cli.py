@@ -146,11 +146,15 @@ def info(model: ModelArg, revision: Revision = None, variant: Variant = None, al
     except ValueError:
         own = "none of ours (pass --scheduler to sample)"
     typer.echo(f"sampler    {m.scheduler.class_name}: {own}")
-    typer.echo(f"tokenizer  {len(m.tokenizer)} tokens, pad {m.tokenizer.pad_token!r}")
-    for name, mod in (("text_encoder", m.text_encoder), ("unet", m.unet), ("vae", m.vae)):
+    for name, tok, _ in m.text_encoders():
+        typer.echo(f"{name.replace('text_encoder', 'tokenizer'):<12} {len(tok)} tokens, pad {tok.pad_token!r}")
+    for name, mod in (*[(n, te) for n, _, te in m.text_encoders()], ("unet", m.unet), ("vae", m.vae)):
         p = next(mod.parameters())
         n = sum(x.numel() for x in mod.parameters())
-        typer.echo(f"{name:<12} {n / 1e6:9.2f}M params  {str(p.dtype).removeprefix('torch.')}")
+        typer.echo(f"{name:<14} {n / 1e6:9.2f}M params  {str(p.dtype).removeprefix('torch.')}")
+    if m.xl:
+        typer.echo(f"conditioning  SDXL: both encoders' penultimate states + pooled text + size ids; "
+                   f"no negative prompt = {'zeros' if m.force_zeros_for_empty_prompt else 'the empty prompt'}")
     typer.echo(f"resolution {m.native_resolution} px native")
 
 
@@ -159,7 +163,8 @@ def sample(
     model: Annotated[str, typer.Option(help="Model folder, hub repo id or single-file checkpoint.")],
     prompt: Annotated[str, typer.Option(help="Text prompt.")],
     out: Annotated[Path, typer.Option(help="Output folder for the PNGs.")],
-    negative_prompt: Annotated[str, typer.Option(help="Negative prompt (the unconditional branch of CFG).")] = "",
+    negative_prompt: Annotated[Optional[str], typer.Option(help="Negative prompt (the unconditional branch of CFG); "
+                                                    "default none: the empty prompt, for SDXL zeros (as diffusers).")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale; <= 1 turns CFG off.")] = 7.5,
     scheduler: Annotated[Optional[Scheduler], typer.Option(help="Sampler; default: the model's own scheduler "

@@ -1,4 +1,4 @@
-"""python -m benchmarks [attention|sd|all|report] [--smoke] [--preset sd15|sd21] [--only step,unet,...] [--device cpu --res 256]"""
+"""python -m benchmarks [attention|sd|all|report] [--smoke] [--preset sd15|sd21|sdxl] [--only step,unet,...] [--device cpu --res 256]"""
 import argparse
 
 from benchmarks import attention, cpu, sd
@@ -8,7 +8,7 @@ def main():
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     ap.add_argument("what", nargs="?", default="all", choices=["all", "attention", "sd", "report"])
     ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, one repeat: keeps the code alive, measures nothing")
-    ap.add_argument("--preset", default="sd15", choices=["sd15", "sd21"], help="architecture (random weights)")
+    ap.add_argument("--preset", default="sd15", choices=["sd15", "sd21", "sdxl"], help="architecture (random weights)")
     ap.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(sd.SUITE))
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=20)

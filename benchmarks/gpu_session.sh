@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, for a session that is lent one (device tool), in two commands of < 10 minutes:
+# Everything that needs a GPU, for a session that is lent one (device tool), in commands of < 10 minutes:
 #   part 1: kernels: compile check on the machine's triton, the bf16 SD-shape kernel tests, the attention benchmark
 #   part 2: the whole model: DreamBooth step vs diffusers, UNet, sampling, VAE, then the levers ablation
+#   part 3: the same for SDXL at 1024 px (LoRA / attention step, UNet, sampling, VAE)
 # Each stage has its own time limit, so one that hangs or fails costs only itself; every stage writes its JSON
 # under $OUT (at most 8 files come back per command: part 1 writes 3, part 2 writes 6).
 #
@@ -10,7 +11,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl diffusers peft accelerate
-# then run(command="bash benchmarks/gpu_session.sh 1", carry=[".whl"]) and the same with 2;
+# then run(command="bash benchmarks/gpu_session.sh 1", carry=[".whl"]) and the same with 2 (and 3: SDXL);
 # copy the JSON into benchmarks/results/ and render the README tables with `python -m benchmarks report`.
 set -uo pipefail
 PART=${1:-1}
@@ -37,6 +38,11 @@ stage() {  # stage SECONDS COMMAND...: run it, but never for longer than SECONDS
     stage 90 python3 -m kernels.compile_check --out "$OUT/kernel-compile-gpu-machine.json"
     stage 150 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider
     stage 300 python3 -m benchmarks attention --out "$OUT"
+  elif [ "$PART" = 3 ]; then
+    stage 200 python3 -m benchmarks sd --only step --preset sdxl --warmup 2 --repeat 5 --out "$OUT"
+    stage 90 python3 -m benchmarks sd --only unet --preset sdxl --warmup 2 --repeat 5 --out "$OUT"
+    stage 180 python3 -m benchmarks sd --only sampling --preset sdxl --warmup 1 --repeat 5 --out "$OUT"
+    stage 60 python3 -m benchmarks sd --only vae --preset sdxl --warmup 2 --repeat 5 --out "$OUT"
   else
     stage 150 python3 -m benchmarks sd --only step --preset sd15 --warmup 3 --repeat 10 --out "$OUT"
     stage 60 python3 -m benchmarks sd --only unet --preset sd15 --warmup 3 --repeat 10 --out "$OUT"

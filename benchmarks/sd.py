@@ -1,8 +1,10 @@
 """Throughput of the whole model against diffusers, same weights and inputs, same process:
 the DreamBooth training step (and an ablation of each speed lever), the UNet alone, sampling, the VAE.
 
-Random weights at the real architectures (nothing to download); `--smoke` runs the tiny preset on CPU
-with one repeat, to keep the code alive in CI — its numbers mean nothing and are never reported.
+Random weights at the real architectures (nothing to download); `--smoke` runs the tiny preset (tiny-xl for
+`--preset sdxl`) on CPU with one repeat, to keep the code alive in CI — its numbers mean nothing and are never
+reported. SDXL runs at 1024 px, the others at 512; its step benchmark trains LoRA and the attention projections
+(the whole 2.6 B UNet with fp32 AdamW and a diffusers twin does not fit beside it on one 80 GB card).
 """
 import copy
 import tempfile
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from benchmarks.common import count_flops, peak_memory, peak_tflops, timeit, write
 from minidream.attention import set_attention_backend, set_fused_projections
 from minidream.diffusers_layout import clip_config_json, unet_config_json, vae_config_json
-from minidream.model import encode_text, random_model
+from minidream.model import encode_text, random_model, size_ids
 from minidream.pipeline import generate
 from minidream.schedulers import NoiseSchedule
 from minidream.tokenizer import train_bpe
@@ -27,25 +29,46 @@ def setup(preset: str, device):
     tok = train_bpe(PROMPTS * 4, 300)
     ours = random_model(preset, tokenizer=tok, seed=0)
     ours.to(device)
-    return ours, 16 if preset == "tiny" else 512
+    return ours, 16 if preset.startswith("tiny") else 1024 if preset == "sdxl" else 512
 
 
 def latent_side(ours, res: int) -> int:
     return res // 2 ** (len(ours.vae.cfg.channels) - 1)
 
 
+def conditioning(ours, prompts: list[str], res: int, device) -> dict:
+    """Our UNet's keyword arguments for these prompts (SDXL: + the size ids of an uncropped res x res image)."""
+    with torch.no_grad():
+        cond = encode_text(ours, prompts)
+    if ours.xl:
+        cond["time_ids"] = size_ids((res, res), (0, 0), (res, res)).expand(len(prompts), 6).to(device)
+    return cond
+
+
+def diffusers_kwargs(cond: dict) -> dict:
+    """The same conditioning as diffusers' UNet2DConditionModel takes it."""
+    extra = {k: v for k, v in cond.items() if k != "context"}
+    return {"encoder_hidden_states": cond["context"], **({"added_cond_kwargs": extra} if extra else {})}
+
+
 def diffusers_twins(ours, device, dtype=torch.float32):
-    """diffusers / transformers modules holding exactly our weights (the key names are the same)."""
+    """diffusers / transformers modules holding exactly our weights (the key names are the same): UNet, VAE and
+    the text encoder(s)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     unet = UNet2DConditionModel(**{k: v for k, v in unet_config_json(ours.unet.cfg).items() if not k.startswith("_")})
     unet.load_state_dict(ours.unet.state_dict())
     vae = AutoencoderKL(**{k: v for k, v in vae_config_json(ours.vae.cfg).items() if not k.startswith("_")})
     vae.load_state_dict(ours.vae.state_dict())
-    c = clip_config_json(ours.text_encoder.cfg, ours.tokenizer)
-    text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in c.items() if k not in ("architectures", "model_type")}))
-    text.load_state_dict(ours.text_encoder.state_dict(), strict=False)
-    return unet.to(device, dtype), vae.to(device, dtype), text.to(device, dtype)
+    texts = []
+    for _, tok, te in ours.text_encoders():
+        c = clip_config_json(te.cfg, tok)
+        cls = CLIPTextModelWithProjection if te.cfg.projection_dim else CLIPTextModel
+        text = cls(CLIPTextConfig(**{k: v for k, v in c.items() if k not in ("architectures", "model_type")}))
+        text.load_state_dict({(k if k.startswith("text_projection") else f"text_model.{k}"): v
+                              for k, v in te.state_dict().items()}, strict=False)
+        texts.append(text.to(device, dtype))
+    return unet.to(device, dtype), vae.to(device, dtype), *texts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,8 +90,8 @@ def our_step(ours, mode: str, device, res: int, cache_latents: bool = True, fuse
     schedule = NoiseSchedule(m.scheduler)
     g = torch.Generator(device).manual_seed(0)  # on the GPU: no host-to-device copy (and sync) per step
     half = torch.bfloat16 if device == "cuda" else None
+    cond = conditioning(m, list(PROMPTS[:2]), res, device)
     with torch.no_grad():
-        cond = encode_text(m, list(PROMPTS[:2]))
         images = torch.randn(2, 3, res, res, device=device)
         mean, logvar = m.vae.encode(images)
 
@@ -90,10 +113,9 @@ def our_step(ours, mode: str, device, res: int, cache_latents: bool = True, fuse
 
 def diffusers_step(ours, mode: str, device, res: int, cache_latents: bool = True):
     from diffusers import DDPMScheduler
-    unet, vae, text = diffusers_twins(ours, device)
+    unet, vae, *_ = diffusers_twins(ours, device)
     unet.requires_grad_(mode == "unet")
     vae.requires_grad_(False)
-    text.requires_grad_(False)
     if mode == "attention":
         for name, mod in unet.named_modules():
             if UNET_ATTENTION.fullmatch(name):
@@ -107,9 +129,8 @@ def diffusers_step(ours, mode: str, device, res: int, cache_latents: bool = True
     opt = torch.optim.AdamW(params, lr=1e-6)  # diffusers' train_dreambooth.py default optimizer
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     half = torch.bfloat16 if device == "cuda" else None
+    kwargs = diffusers_kwargs(conditioning(ours, list(PROMPTS[:2]), res, device))  # text encoders frozen on both sides
     with torch.no_grad():
-        ids = ours.tokenizer(PROMPTS[:2]).to(device)
-        ctx = text(ids)[0]
         images = torch.randn(2, 3, res, res, device=device)
         dist = vae.encode(images).latent_dist
 
@@ -119,7 +140,7 @@ def diffusers_step(ours, mode: str, device, res: int, cache_latents: bool = True
                 lat = (dist.sample() if cache_latents else vae.encode(images).latent_dist.sample()) * vae.config.scaling_factor
             noise = torch.randn_like(lat)
             t = torch.randint(0, 1000, (2,), device=device)
-            pred = unet(sched.add_noise(lat, noise, t), t, ctx).sample
+            pred = unet(sched.add_noise(lat, noise, t), t, **kwargs).sample
             # diffusers examples/dreambooth/train_dreambooth.py, with prior preservation
             p, p_prior = pred.chunk(2)
             n, n_prior = noise.chunk(2)
@@ -132,7 +153,7 @@ def diffusers_step(ours, mode: str, device, res: int, cache_latents: bool = True
 
 def bench_step(ours, device, res, smoke, warmup, repeat):
     rows = []
-    for mode in ("unet", "attention", "lora"):
+    for mode in ("lora", "attention") if ours.version == "sdxl" else ("unet", "attention", "lora"):
         for cache in (True, False):
             row = {"benchmark": "dreambooth_step", "mode": mode, "cached_latents": cache, "smoke": smoke}
             fn, m = our_step(ours, mode, device, res, cache_latents=cache)
@@ -183,25 +204,26 @@ def bench_levers(ours, device, res, smoke, warmup, repeat):
 # ---------------------------------------------------------------------------------------------
 
 def bench_unet(ours, device, res, smoke, warmup, repeat):
-    ref_unet, _, _ = diffusers_twins(ours, device)
+    ref_unet, *_ = diffusers_twins(ours, device)
     rows = []
     h = latent_side(ours, res)
     peak = peak_tflops(device)
-    for B in ((1, 2) if smoke else (1, 2, 8)):
+    for B in ((1, 2) if smoke else (1, 2, 4) if ours.xl else (1, 2, 8)):
         x = torch.randn(B, 4, h, h, device=device)
-        ctx = torch.randn(B, 77, ours.unet.cfg.context_dim, device=device)
+        cond = conditioning(ours, [PROMPTS[2]] * B, res, device)
+        cond["context"] = torch.randn(B, 77, ours.unet.cfg.context_dim, device=device)
         t = torch.full((B,), 500, device=device)
         half = torch.bfloat16 if device == "cuda" else None
         for kind in ("forward", "forward_backward"):
             def ours_fn():
                 with torch.autocast(device, dtype=half, enabled=half is not None):
-                    out = ours.unet(x, t, ctx)
+                    out = ours.unet(x, t, **cond)
                 if kind == "forward_backward":
                     out.float().square().mean().backward()
 
             def ref_fn():
                 with torch.autocast(device, dtype=half, enabled=half is not None):
-                    out = ref_unet(x, t, encoder_hidden_states=ctx).sample
+                    out = ref_unet(x, t, **diffusers_kwargs(cond)).sample
                 if kind == "forward_backward":
                     out.float().square().mean().backward()
             ours.unet.requires_grad_(kind == "forward_backward")
@@ -221,17 +243,23 @@ def bench_unet(ours, device, res, smoke, warmup, repeat):
 
 
 def bench_sampling(ours, device, res, smoke, warmup, repeat):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    unet, vae, text = diffusers_twins(ours, device, dtype)
-    with tempfile.TemporaryDirectory() as d:
-        ours.tokenizer.save(d)
-        tok = CLIPTokenizer.from_pretrained(d)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
-                                   scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                           clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    unet, vae, *texts = diffusers_twins(ours, device, dtype)
+    toks = []
+    for _, t, _ in ours.text_encoders():
+        with tempfile.TemporaryDirectory() as d:
+            t.save(d)
+            toks.append(CLIPTokenizer.from_pretrained(d))
+    ddim = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+    if ours.xl:  # fp32 VAE decode on both sides only when fp16 (force_upcast); bf16 here decodes in bf16
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=texts[0], text_encoder_2=texts[1], tokenizer=toks[0],
+                                         tokenizer_2=toks[1], unet=unet, scheduler=ddim, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=texts[0], tokenizer=toks[0], unet=unet, scheduler=ddim,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     m = copy.deepcopy(ours).to(dtype=dtype)
     steps = 2 if smoke else 50
@@ -255,7 +283,7 @@ def bench_sampling(ours, device, res, smoke, warmup, repeat):
 
 def bench_vae(ours, device, res, smoke, warmup, repeat):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    _, ref_vae, _ = diffusers_twins(ours, device, dtype)
+    _, ref_vae, *_ = diffusers_twins(ours, device, dtype)
     vae = copy.deepcopy(ours.vae).to(dtype=dtype)
     rows = []
     for B in ((1,) if smoke else (1, 4)):
@@ -280,7 +308,7 @@ def run(preset: str = "sd15", only: list[str] | None = None, smoke: bool = False
         out=None):
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
     if smoke:
-        preset, warmup, repeat = "tiny", 1, 2
+        preset, warmup, repeat = "tiny-xl" if "xl" in preset else "tiny", 1, 2
     ours, res = setup(preset, device)
     paths = []
     for name, fn in SUITE.items():

@@ -6,7 +6,7 @@ SAMPLERS = ("ddim", "ddpm", "pndm", "euler", "euler-a", "heun", "dpmpp-2m", "dpm
             "dpmpp-2m-sde-karras", "unipc")                  # samplers.SAMPLERS implements each
 ATTENTION_BACKENDS = ("auto", "sdpa", "math", "triton")      # attention.py
 DTYPES = ("fp32", "fp16", "bf16")                            # `sample --dtype`
-PRESETS = ("sd15", "sd21", "sd21-base", "tiny")              # model.PRESETS
+PRESETS = ("sd15", "sd21", "sd21-base", "sdxl", "tiny", "tiny-xl")  # model.PRESETS
 TRAIN_MODES = ("unet", "attention", "lora")                  # config.MODE_DEFAULTS, trainable.select_trainable
 MIXED_PRECISIONS = ("no", "fp16", "bf16")                    # config.validate, data.HALF
 CLASS_PRECISIONS = ("auto", "fp32", "fp16", "bf16")          # auto: fp16 on CUDA (as diffusers' script), else fp32

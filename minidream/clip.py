@@ -5,6 +5,11 @@ OpenCLIP ViT-H/14 text tower (1024 wide, plain GELU) and conditions on the *penu
 the diffusers checkpoints store only the first 23 of its 24 layers, so running every stored layer
 and then the final LayerNorm is exactly what SD 2.x uses. Both are the same module, picked by config.
 
+SDXL uses two towers at once (ViT-L and OpenCLIP ViT-bigG, Podell et al. 2023 §2.1), each read at its
+penultimate layer *before* the final LayerNorm, and bigG's pooled state (final-normed, at the end token)
+through `text_projection`: `penultimate_and_pooled`. The bigG tower is transformers'
+`CLIPTextModelWithProjection`, the same module with `projection_dim` set.
+
 Attribute names follow transformers' `CLIPTextModel` (without the `text_model.` prefix, which
 the loader strips), so a checkpoint loads by straight copy.
 """
@@ -25,12 +30,19 @@ class CLIPConfig:
     max_positions: int = 77
     act: str = "quick_gelu"  # OpenAI CLIP; OpenCLIP (SD 2.x) uses "gelu"
     eps: float = 1e-5
+    projection_dim: int | None = None  # CLIPTextModelWithProjection (SDXL's second encoder): text_projection's width
+    eos_token_id: int = 49407  # where the pooled state is read; 2 in older configs means "the largest id" (argmax)
 
 
 PRESETS = {
     "sd15": CLIPConfig(),
     "sd21": CLIPConfig(width=1024, layers=23, heads=16, mlp_width=4096, act="gelu"),
+    "sdxl": CLIPConfig(layers=12, eos_token_id=2),  # ViT-L: all 12 layers stored, the 11th is read
+    "sdxl-2": CLIPConfig(width=1280, layers=32, heads=20, mlp_width=5120, act="gelu", projection_dim=1280, eos_token_id=2),
     "tiny": CLIPConfig(vocab_size=1000, width=32, layers=2, heads=4, mlp_width=37),
+    "tiny-xl": CLIPConfig(vocab_size=1000, width=32, layers=2, heads=4, mlp_width=37),
+    "tiny-xl-2": CLIPConfig(vocab_size=1000, width=48, layers=3, heads=2, mlp_width=64, act="gelu", projection_dim=32,
+                            eos_token_id=2),
 }
 
 
@@ -105,6 +117,8 @@ class CLIPTextModel(nn.Module):
         self.embeddings = CLIPEmbeddings(cfg)
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        if cfg.projection_dim:
+            self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) token ids -> (B, T, width) context for the UNet's cross-attention."""
@@ -112,3 +126,16 @@ class CLIPTextModel(nn.Module):
         for layer in self.encoder.layers:
             x = layer(x)
         return self.final_layer_norm(x)
+
+    def penultimate_and_pooled(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's reading: (B, T, width) states after the last-but-one layer, not normed, and (B, proj) the
+        final-normed state at each prompt's end token, projected (unprojected without text_projection)."""
+        x = self.embeddings(ids)
+        for layer in self.encoder.layers[:-1]:
+            x = layer(x)
+        last = self.final_layer_norm(self.encoder.layers[-1](x))
+        # the first end token; configs from before transformers fixed eos_token_id (=2) take the largest id,
+        # which is the end token unless the prompt holds an added token: kept, as transformers keeps it
+        end = ids.argmax(-1) if self.cfg.eos_token_id == 2 else (ids == self.cfg.eos_token_id).int().argmax(-1)
+        pooled = last[torch.arange(ids.shape[0], device=ids.device), end]
+        return x, (self.text_projection(pooled) if self.cfg.projection_dim else pooled)

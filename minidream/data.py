@@ -12,7 +12,7 @@ import torch
 
 from minidream.config import TrainConfig, TrainError
 from minidream.distributed import World, barrier
-from minidream.model import StableDiffusion, encode_text
+from minidream.model import StableDiffusion, encode_text, size_ids
 from minidream.pipeline import generate, save_png
 from minidream.progress import Progress
 from minidream.vae import from_uint8
@@ -65,9 +65,11 @@ def to_rgb(im, f: Path):
 
 def to_tensor(im, size: int | tuple[int, int], center_crop: bool, flip: bool, rng: random.Random):
     """Resize to cover `size` (a side, or a bucket's (width, height)), crop the remainder, maybe mirror;
-    -> (3, H, W) in [-1, 1]."""
+    -> (3, H, W) in [-1, 1], and SDXL's size ids of this view (6,): the photo's (h, w), the crop's top-left in
+    the resized photo (of the mirrored one when mirrored, as if mirrored before cropping), the target (H, W)."""
     from PIL import Image
     W, H = (size, size) if isinstance(size, int) else size
+    original = (im.size[1], im.size[0])
     w, h = im.size
     s = max(W / w, H / h)
     im = im.resize((max(W, round(w * s)), max(H, round(h * s))), Image.BICUBIC)
@@ -76,8 +78,9 @@ def to_tensor(im, size: int | tuple[int, int], center_crop: bool, flip: bool, rn
     im = im.crop((left, top, left + W, top + H))
     if flip:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        left = w - W - left
     x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(H, W, 3)
-    return from_uint8(x.permute(2, 0, 1))
+    return from_uint8(x.permute(2, 0, 1)), size_ids(original, (top, left), (H, W))
 
 
 def png_prompt(path: Path) -> str | None:
@@ -122,7 +125,7 @@ def make_class_images(model: StableDiffusion, cfg: TrainConfig, concept, device:
                                              generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + k * 100_000_007 + i))
                                  for i in batch])
             with torch.autocast(device.type, dtype=half, enabled=half is not None):
-                imgs = generate(model, [prompt] * len(batch), cfg.class_negative_prompt, steps=cfg.class_steps,
+                imgs = generate(model, [prompt] * len(batch), cfg.class_negative_prompt or None, steps=cfg.class_steps,
                                 guidance=cfg.class_guidance, scheduler=cfg.class_scheduler, latents=noise,
                                 height=shape[1], width=shape[0], progress=False)
             for i, img in zip(batch, imgs):
@@ -160,7 +163,7 @@ def check_class_dir(class_dir: Path):
 
 class LatentSource:
     """Latents of random picks from the instance examples (pool 0) and the class examples (pool 1), with their
-    prompts. With --cache-latents the VAE runs once per image (and per mirrored view) and only q(z|x)'s mean and
+    prompts (and for SDXL each view's size ids: the real photo size and crop). With --cache-latents the VAE runs once per image (and per mirrored view) and only q(z|x)'s mean and
     log-variance are kept: each step still draws a fresh z, as encoding anew would. With several buckets a step
     first picks one (in proportion to its instance images); each class row is of its instance row's concept."""
 
@@ -172,19 +175,25 @@ class LatentSource:
         self.cache = None
         if cfg.cache_latents:
             views = (False, True) if cfg.flip > 0 else (False,)
+            self.cache, self.cache_ids = [], []
             with torch.no_grad():
-                self.cache = [[model.vae.encode(torch.stack([to_tensor(e.image, e.bucket, True, f, None) for f in views])
-                                                .to(device, self.vae_dtype)) for e in pool] for pool in pools]
+                for pool in pools:
+                    x = [[to_tensor(e.image, e.bucket, True, f, None) for f in views] for e in pool]
+                    self.cache.append([model.vae.encode(torch.stack([v for v, _ in ex]).to(device, self.vae_dtype))
+                                       for ex in x])
+                    self.cache_ids.append([torch.stack([ids for _, ids in ex]) for ex in x])
 
-    def draw_step(self, n_inst: int, n_class: int) -> tuple[torch.Tensor, list[str]]:
-        """(n_inst + n_class, 4, h, w) fp32 latents and their prompts: this process's rows of a global draw."""
+    def draw_step(self, n_inst: int, n_class: int) -> tuple[torch.Tensor, list[str], dict]:
+        """(n_inst + n_class, 4, h, w) fp32 latents, their prompts, and the UNet's other per-row conditioning
+        (SDXL: time_ids (B, 6)): this process's rows of a global draw."""
         g = self.g
         bucket = self.buckets[0]
         if len(self.buckets) > 1:
             bucket = self.pools[0][int(torch.randint(0, len(self.pools[0]), (1,), generator=g))].bucket
         inst = [i for i, e in enumerate(self.pools[0]) if e.bucket == bucket]
         picked = [inst[i] for i in torch.randint(0, len(inst), (n_inst * self.world.size,), generator=g).tolist()]
-        rows = [self._latents(0, picked, n_inst)]
+        latents, inst_ids = self._latents(0, picked, n_inst)
+        rows, ids = [latents], [inst_ids]
         prompts = [self.pools[0][i].prompt for i in picked][self.world.rows(n_inst)]
         if n_class:  # each instance row's partner: a class image of its concept, in its bucket
             concept = [self.pools[0][i].concept for i in picked][: n_class * self.world.size]
@@ -193,12 +202,16 @@ class LatentSource:
                 own = [i for i, e in enumerate(self.pools[1]) if e.concept == c and e.bucket == bucket]
                 choice[c] = [own[i] for i in torch.randint(0, len(own), (len(concept),), generator=g).tolist()]
             klass = [choice[c][r] for r, c in enumerate(concept)]
-            rows.append(self._latents(1, klass, n_class))
+            latents, class_ids = self._latents(1, klass, n_class)
+            rows.append(latents)
+            ids.append(class_ids)
             prompts += [self.pools[1][i].prompt for i in klass][self.world.rows(n_class)]
-        return torch.cat(rows), prompts
+        extra = {"time_ids": torch.cat(ids).to(self.device)} if self.model.xl else {}
+        return torch.cat(rows), prompts, extra
 
-    def _latents(self, pool: int, idx: list[int], n: int) -> torch.Tensor:
-        """(n, 4, h, w) latents scaled for the UNet of this process's n of the globally drawn examples `idx`."""
+    def _latents(self, pool: int, idx: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 4, h, w) latents scaled for the UNet of this process's n of the globally drawn examples `idx`,
+        and their size ids (n, 6)."""
         cfg, g, rows = self.cfg, self.g, self.world.rows(n)
         N = len(idx)
         flips = (torch.rand(N, generator=g) < cfg.flip).tolist()
@@ -206,14 +219,16 @@ class LatentSource:
             view = [int(f) if cfg.flip > 0 else 0 for f in flips][rows]
             mean = torch.stack([self.cache[pool][i][0][v] for i, v in zip(idx[rows], view)])
             logvar = torch.stack([self.cache[pool][i][1][v] for i, v in zip(idx[rows], view)])
+            ids = torch.stack([self.cache_ids[pool][i][v] for i, v in zip(idx[rows], view)])
         else:  # the crops are drawn for every example in order (cheap), then each process keeps its own
             py = random.Random(int(torch.randint(0, 2 ** 31, (1,), generator=g)))
             ex = self.pools[pool]
-            views = [to_tensor(ex[i].image, ex[i].bucket, cfg.center_crop, f, py) for i, f in zip(idx, flips)]
+            views = [to_tensor(ex[i].image, ex[i].bucket, cfg.center_crop, f, py) for i, f in zip(idx, flips)][rows]
+            ids = torch.stack([v[1] for v in views])
             with torch.no_grad():
-                mean, logvar = self.model.vae.encode(torch.stack(views[rows]).to(self.device, self.vae_dtype))
+                mean, logvar = self.model.vae.encode(torch.stack([v[0] for v in views]).to(self.device, self.vae_dtype))
         eps = torch.randn((N, *mean.shape[1:]), generator=g)[rows].to(self.device, mean.dtype)
-        return self.model.vae.latents(mean, logvar, eps).float()
+        return self.model.vae.latents(mean, logvar, eps).float(), ids
 
 
 class TextConditioning:

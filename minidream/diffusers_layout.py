@@ -1,7 +1,7 @@
 """The diffusers folder layout (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
-`scheduler/`), read and written: each component's config.json checked and turned into our frozen config
+`scheduler/`; SDXL adds `text_encoder_2/`, `tokenizer_2/`), read and written: each component's config.json checked and turned into our frozen config
 dataclasses, its weights loaded strictly, and the inverse (`save_pretrained`), which diffusers'
-`StableDiffusionPipeline.from_pretrained` loads.
+`StableDiffusionPipeline.from_pretrained` (`StableDiffusionXLPipeline`) loads.
 """
 import json
 import math
@@ -17,6 +17,7 @@ from minidream.schedulers import SchedulerConfig
 from minidream.tokenizer import CLIPTokenizer
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+XL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
 
 
 def check_fields(cfg, file: Path):
@@ -54,19 +55,21 @@ def _require(d: dict, file: Path, expected: dict):
         v = d[key]
         vals = v if isinstance(v, (list, tuple)) else [v]
         if not all(x in ok for x in vals):
-            raise ModelError(f"{file}: {key}={v!r} is not a Stable Diffusion 1.x/2.x architecture "
+            raise ModelError(f"{file}: {key}={v!r} is not a Stable Diffusion 1.x/2.x/XL architecture "
                              f"(supported: {ok}); minidream's presets are {', '.join(PRESETS)}")
 
 
 def unet_config(d: dict, file: Path) -> unet.UNetConfig:
     _require(d, file, {
-        "_class_name": ["UNet2DConditionModel"], "class_embed_type": [None], "addition_embed_type": [None],
+        "_class_name": ["UNet2DConditionModel"], "class_embed_type": [None], "addition_embed_type": [None, "text_time"],
         "encoder_hid_dim": [None], "time_cond_proj_dim": [None], "dual_cross_attention": [False],
         "only_cross_attention": [False], "resnet_time_scale_shift": ["default"], "act_fn": ["silu"],
         "time_embedding_type": ["positional"], "mid_block_type": ["UNetMidBlock2DCrossAttn"],
         "center_input_sample": [False], "flip_sin_to_cos": [True], "freq_shift": [0], "conv_in_kernel": [3],
         "conv_out_kernel": [3], "norm_eps": [1e-5], "downsample_padding": [1], "mid_block_scale_factor": [1],
-        "transformer_layers_per_block": [1], "num_class_embeds": [None], "attention_type": ["default"],
+        "reverse_transformer_layers_per_block": [None], "num_class_embeds": [None], "attention_type": ["default"],
+        "class_embeddings_concat": [False], "time_embedding_act_fn": [None], "timestep_post_act": [None],
+        "resnet_skip_time_act": [False], "resnet_out_scale_factor": [1.0], "cross_attention_norm": [None],
         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
     })
     try:
@@ -82,17 +85,28 @@ def unet_config(d: dict, file: Path) -> unet.UNetConfig:
         lpb = d.get("layers_per_block", 2)
         if isinstance(lpb, (list, tuple)):
             raise ModelError(f"{file}: per-stage layers_per_block is not supported")
+        depth = d.get("transformer_layers_per_block", 1)  # SDXL: one number per stage
+        depth = tuple(depth) if isinstance(depth, (list, tuple)) else (depth,) * n
+        if any(isinstance(x, (list, tuple)) for x in depth):
+            raise ModelError(f"{file}: transformer_layers_per_block per layer (a list of lists) is not supported")
+        xl = d.get("addition_embed_type") == "text_time"
         cfg = check_fields(unet.UNetConfig(
             in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), channels=ch, attention=attn,
             heads=heads, layers_per_block=lpb, context_dim=d.get("cross_attention_dim", 1280),
             linear_proj=d.get("use_linear_projection", False), groups=d.get("norm_num_groups", 32),
-            sample_size=d.get("sample_size") or 64), file)
+            sample_size=d.get("sample_size") or 64, depth=None if set(depth) == {1} else depth,
+            add_time_dim=d["addition_time_embed_dim"] if xl else None,
+            add_in_dim=d["projection_class_embeddings_input_dim"] if xl else None), file)
     except KeyError as e:
         raise ModelError(f"{file}: missing field {e}") from None
     except TypeError as e:  # a number where a list belongs, or the reverse
         raise ModelError(f"{file}: a field has the wrong type ({e})") from None
-    if not len(cfg.channels) == len(cfg.attention) == len(cfg.heads):
-        raise ModelError(f"{file}: block_out_channels, down_block_types and attention_head_dim differ in length")
+    if not len(cfg.channels) == len(cfg.attention) == len(cfg.heads) == len(depth):
+        raise ModelError(f"{file}: block_out_channels, down_block_types, attention_head_dim and "
+                         f"transformer_layers_per_block differ in length")
+    if xl and not all(isinstance(v, int) and v > 0 for v in (cfg.add_time_dim, cfg.add_in_dim)):
+        raise ModelError(f"{file}: addition_time_embed_dim and projection_class_embeddings_input_dim must be positive "
+                         f"integers (got {cfg.add_time_dim!r}, {cfg.add_in_dim!r})")
     if any(c % cfg.groups for c in cfg.channels) or any(c % h for c, h in zip(cfg.channels, cfg.heads)):
         raise ModelError(f"{file}: block_out_channels {list(cfg.channels)} must divide by norm_num_groups "
                          f"{cfg.groups} and by the heads {list(cfg.heads)}")
@@ -104,6 +118,7 @@ def vae_config(d: dict, file: Path) -> vae.VAEConfig:
         "_class_name": ["AutoencoderKL"], "act_fn": ["silu"], "down_block_types": ["DownEncoderBlock2D"],
         "up_block_types": ["UpDecoderBlock2D"], "use_quant_conv": [True], "use_post_quant_conv": [True],
         "mid_block_add_attention": [True], "shift_factor": [None, 0.0], "latents_mean": [None], "latents_std": [None],
+        "force_upcast": [True, False],
     })
     if d.get("out_channels", 3) != d.get("in_channels", 3):
         raise ModelError(f"{file}: in_channels != out_channels is not supported")
@@ -112,7 +127,7 @@ def vae_config(d: dict, file: Path) -> vae.VAEConfig:
             in_channels=d.get("in_channels", 3), latent_channels=d.get("latent_channels", 4),
             channels=tuple(d.get("block_out_channels", (64,))), layers_per_block=d.get("layers_per_block", 1),
             groups=d.get("norm_num_groups", 32), scaling_factor=d.get("scaling_factor", 0.18215),
-            sample_size=d.get("sample_size", 32)), file)
+            sample_size=d.get("sample_size", 32), force_upcast=d.get("force_upcast", True)), file)
     except TypeError as e:
         raise ModelError(f"{file}: a field has the wrong type ({e})") from None
     if any(c % cfg.groups for c in cfg.channels):
@@ -121,13 +136,15 @@ def vae_config(d: dict, file: Path) -> vae.VAEConfig:
 
 
 def clip_config(d: dict, file: Path) -> clip.CLIPConfig:
-    _require(d, file, {"hidden_act": ["quick_gelu", "gelu"], "architectures": ["CLIPTextModel"],
-                       "model_type": ["clip_text_model"]})
+    _require(d, file, {"hidden_act": ["quick_gelu", "gelu"], "model_type": ["clip_text_model"],
+                       "architectures": ["CLIPTextModel", "CLIPTextModelWithProjection"]})
+    projected = d.get("architectures") == ["CLIPTextModelWithProjection"]  # SDXL's second encoder
     cfg = check_fields(clip.CLIPConfig(
         vocab_size=d.get("vocab_size", 49408), width=d.get("hidden_size", 512), layers=d.get("num_hidden_layers", 12),
         heads=d.get("num_attention_heads", 8), mlp_width=d.get("intermediate_size", 2048),
         max_positions=d.get("max_position_embeddings", 77), act=d.get("hidden_act", "quick_gelu"),
-        eps=d.get("layer_norm_eps", 1e-5)), file)
+        eps=d.get("layer_norm_eps", 1e-5), projection_dim=d.get("projection_dim", 512) if projected else None,
+        eos_token_id=d.get("eos_token_id") or 49407), file)
     if cfg.width % cfg.heads:
         raise ModelError(f"{file}: hidden_size {cfg.width} must divide by num_attention_heads {cfg.heads}")
     return cfg
@@ -189,9 +206,30 @@ def load_scheduler_config(folder: Path) -> SchedulerConfig:
 def read_configs(folder: Path) -> tuple[dict, SchedulerConfig]:
     """The architecture a diffusers folder describes, without its weights (for a single-file checkpoint's --config)."""
     files = {"unet": folder / "unet/config.json", "vae": folder / "vae/config.json",
-             "clip": folder / "text_encoder/config.json"}
-    parse = {"unet": unet_config, "vae": vae_config, "clip": clip_config}
-    return {k: parse[k](read_json(f), f) for k, f in files.items()}, load_scheduler_config(folder / "scheduler")
+             "clip": folder / "text_encoder/config.json", "clip_2": folder / "text_encoder_2/config.json"}
+    parse = {"unet": unet_config, "vae": vae_config, "clip": clip_config, "clip_2": clip_config}
+    cfgs = {k: parse[k](read_json(f), f) for k, f in files.items() if k != "clip_2" or f.exists()}
+    check_xl(folder, cfgs["unet"], cfgs["clip"], cfgs.get("clip_2"))
+    return cfgs, load_scheduler_config(folder / "scheduler")
+
+
+def check_xl(path: Path, u: unet.UNetConfig, te: clip.CLIPConfig, te2: clip.CLIPConfig | None):
+    """The UNet's conditioning fits the text encoders: context width, SDXL's second encoder and pooled width."""
+    if u.add_time_dim is None:
+        widths, pooled = te.width, None
+    elif te2 is None:
+        raise ModelError(f"{path}: an SDXL UNet (addition_embed_type text_time) needs text_encoder_2/; is the download "
+                         f"complete? (the SDXL refiner, with one text encoder, is not supported)")
+    elif not te2.projection_dim:
+        raise ModelError(f"{path}: text_encoder_2/ is not a CLIPTextModelWithProjection; SDXL reads its pooled output")
+    else:
+        widths, pooled = te.width + te2.width, u.add_in_dim - 6 * u.add_time_dim
+    if widths != u.context_dim:
+        raise ModelError(f"{path}: the text encoder width {widths} does not match the UNet's cross_attention_dim "
+                         f"{u.context_dim}")
+    if pooled is not None and pooled != te2.projection_dim:
+        raise ModelError(f"{path}: the UNet's projection_class_embeddings_input_dim {u.add_in_dim} is not text_encoder_2's "
+                         f"projection_dim {te2.projection_dim} + 6 x addition_time_embed_dim {u.add_time_dim}")
 
 
 def load_pretrained(path: Path, variant=None, allow_pickle=False, dtype=None) -> StableDiffusion:
@@ -201,13 +239,24 @@ def load_pretrained(path: Path, variant=None, allow_pickle=False, dtype=None) ->
     for comp in COMPONENTS:
         if not (path / comp).is_dir():
             raise ModelError(f"{path}: missing component folder {comp}/; is the download complete?")
+    index = read_json(path / "model_index.json") if (path / "model_index.json").exists() else {}
+    xl = (path / "text_encoder_2").is_dir() or bool(index.get("text_encoder_2"))
+    for comp in XL_COMPONENTS if xl else ():
+        if not (path / comp).is_dir():
+            raise ModelError(f"{path}: missing component folder {comp}/; is the download complete?")
+    read_configs(path)  # the parts fit together (SDXL's text encoders and UNet) before any weights are read
+    second = {}
+    if xl:
+        second = dict(tokenizer_2=load_tokenizer(path / "tokenizer_2"),
+                      text_encoder_2=load_text_encoder(path / "text_encoder_2", variant, allow_pickle, dtype),
+                      force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
     return StableDiffusion(
         tokenizer=load_tokenizer(path / "tokenizer"),
         text_encoder=load_text_encoder(path / "text_encoder", variant, allow_pickle, dtype),
         unet=load_unet(path / "unet", variant, allow_pickle, dtype),
         vae=load_vae(path / "vae", variant, allow_pickle, dtype),
         scheduler=load_scheduler_config(path / "scheduler"),
-        source=str(path))
+        source=str(path), **second)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +264,11 @@ def load_pretrained(path: Path, variant=None, allow_pickle=False, dtype=None) ->
 # diffusers.StableDiffusionPipeline.from_pretrained.
 
 def unet_config_json(c: unet.UNetConfig) -> dict:
-    return {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": list(c.heads),
+    xl = {"transformer_layers_per_block": list(c.depth or [1] * len(c.channels))}
+    if c.add_time_dim:
+        xl.update(addition_embed_type="text_time", addition_time_embed_dim=c.add_time_dim,
+                  projection_class_embeddings_input_dim=c.add_in_dim)
+    return {**xl, "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": list(c.heads),
             "block_out_channels": list(c.channels), "center_input_sample": False, "cross_attention_dim": c.context_dim,
             "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in c.attention],
             "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in c.attention[::-1]],
@@ -231,36 +284,49 @@ def vae_config_json(c: vae.VAEConfig) -> dict:
             "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
             "in_channels": c.in_channels, "out_channels": c.in_channels, "latent_channels": c.latent_channels,
             "layers_per_block": c.layers_per_block, "norm_num_groups": c.groups, "sample_size": c.sample_size,
-            "scaling_factor": c.scaling_factor}
+            "scaling_factor": c.scaling_factor, "force_upcast": c.force_upcast}
 
 
 def clip_config_json(c: clip.CLIPConfig, tok: CLIPTokenizer) -> dict:
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": c.width,
+    return {"architectures": ["CLIPTextModelWithProjection" if c.projection_dim else "CLIPTextModel"],
+            "model_type": "clip_text_model", "hidden_size": c.width,
             "intermediate_size": c.mlp_width, "num_hidden_layers": c.layers, "num_attention_heads": c.heads,
             "max_position_embeddings": c.max_positions, "vocab_size": c.vocab_size, "hidden_act": c.act,
-            "layer_norm_eps": c.eps, "projection_dim": c.width, "bos_token_id": tok.bos_id,
-            "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+            "layer_norm_eps": c.eps, "projection_dim": c.projection_dim or c.width, "bos_token_id": tok.bos_id,
+            # where the pooled state is read: the config's own value for a projected (SDXL) encoder
+            "eos_token_id": c.eos_token_id if c.projection_dim else tok.eos_id, "pad_token_id": tok.pad_id}
+
+
+def model_index(model: StableDiffusion) -> dict:
+    parts = {"scheduler": ["diffusers", model.scheduler.class_name], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    if model.xl:
+        return {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0", **parts,
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt}
+    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0", **parts,
+            "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False}
+
+
+def text_encoder_state(te: clip.CLIPTextModel) -> dict:
+    # the official SD repos (and transformers 4) keep the `text_model.` prefix; transformers 5 reads both
+    return {(k if k.startswith("text_projection.") else f"text_model.{k}"): v for k, v in te.state_dict().items()}
 
 
 def save_pretrained(model: StableDiffusion, folder: Path):
     """Write a diffusers-layout folder; each weights file atomically."""
     folder = Path(folder)
-    for comp in COMPONENTS:
+    for comp in COMPONENTS + (XL_COMPONENTS if model.xl else ()):
         (folder / comp).mkdir(parents=True, exist_ok=True)
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
-        "scheduler": ["diffusers", model.scheduler.class_name], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+    (folder / "model_index.json").write_text(json.dumps(model_index(model), indent=2))
     (folder / "unet" / "config.json").write_text(json.dumps(unet_config_json(model.unet.cfg), indent=2))
     (folder / "vae" / "config.json").write_text(json.dumps(vae_config_json(model.vae.cfg), indent=2))
-    (folder / "text_encoder" / "config.json").write_text(
-        json.dumps(clip_config_json(model.text_encoder.cfg, model.tokenizer), indent=2))
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler.to_dict(), indent=2))
-    model.tokenizer.save(folder / "tokenizer")
+    for name, tok, te in model.text_encoders():
+        (folder / name / "config.json").write_text(json.dumps(clip_config_json(te.cfg, tok), indent=2))
+        tok.save(folder / name.replace("text_encoder", "tokenizer"))
+        save_safetensors(text_encoder_state(te), folder / name / "model.safetensors")
     save_safetensors(model.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
     save_safetensors(model.vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
-    # the official SD repos (and transformers 4) keep the `text_model.` prefix; transformers 5 reads both
-    save_safetensors({f"text_model.{k}": v for k, v in model.text_encoder.state_dict().items()},
-                     folder / "text_encoder" / "model.safetensors")

@@ -15,8 +15,8 @@ from minidream.choices import EXPORTS
 from minidream.diffusers_layout import save_pretrained
 from minidream.files import save_safetensors
 from minidream.model import StableDiffusion
-from minidream.single_file import save_single_file
-from minidream.trainable import TokenEmbedding, merged_text_encoder_state, select_trainable
+from minidream.single_file import save_single_file, unet_original_name
+from minidream.trainable import learned_tokens, merged_text_encoder_state, select_trainable
 
 
 def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg) -> StableDiffusion:
@@ -35,14 +35,24 @@ def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg) -
 
 def write_lora_diffusers(model: StableDiffusion, cfg, out: Path) -> Path:
     path = out / "lora" / "pytorch_lora_weights.safetensors"
-    save_safetensors(lora_lib.diffusers_lora_state_dict(model.unet, model.text_encoder), path)
+    # text encoder modules under transformers' full names (text_model.encoder...), as diffusers' scripts save them
+    nets = {"unet": model.unet, **{f"{name}.text_model": te for name, _, te in model.text_encoders()}}
+    save_safetensors(lora_lib.diffusers_lora_state_dict(nets), path)
     return path
 
 
 def write_lora_kohya(model: StableDiffusion, cfg, out: Path) -> Path:
+    """kohya's names: SD 1.x/2.x `lora_te_` and the UNet's diffusers module names; SDXL `lora_te1_`, `lora_te2_`
+    and the original UNet's names (as sd-scripts' SDXL networks write them)."""
     path = out / "lora_kohya.safetensors"
-    save_safetensors(lora_lib.kohya_lora_state_dict(model.unet, model.text_encoder), path,
-                     metadata={"ss_network_dim": str(cfg.lora_rank), "ss_network_alpha": str(cfg.lora_alpha)})
+    if model.xl:
+        nets = {"lora_unet_": model.unet, "lora_te1_text_model_": model.text_encoder,
+                "lora_te2_text_model_": model.text_encoder_2}
+        sd = lora_lib.kohya_lora_state_dict(nets, rename=lambda n: unet_original_name(model.unet.cfg, n))
+    else:
+        sd = lora_lib.kohya_lora_state_dict({"lora_unet_": model.unet, "lora_te_text_model_": model.text_encoder})
+    save_safetensors(sd, path, metadata={"ss_network_dim": str(cfg.lora_rank), "ss_network_alpha": str(cfg.lora_alpha),
+                                         **({"ss_base_model_version": "sdxl_base_v1-0"} if model.xl else {})})
     return path
 
 
@@ -66,7 +76,8 @@ assert tuple(EXPORTERS) == EXPORTS, "choices.EXPORTS lists the formats defined h
 def make_plain(model: StableDiffusion):
     """Merge LoRA adapters into their (fp32 base) weights and make a learned token a normal embedding row."""
     lora_lib.merge_lora(model.unet)
-    lora_lib.merge_lora(model.text_encoder)
+    for _, _, te in model.text_encoders():
+        lora_lib.merge_lora(te)
     merged_text_encoder_state(model)
 
 
@@ -75,9 +86,12 @@ def export(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg, out: Pa
     `base` is a fresh fp32 load of the base model, used up by this call."""
     model = with_trained(base, trained, cfg)
     written = []
-    emb = model.text_encoder.embeddings.token_embedding
-    if isinstance(emb, TokenEmbedding):
-        save_safetensors({f"<{cfg.identifier}>": emb.new.detach()[0].float()}, out / "learned_embeds.safetensors")
+    new = learned_tokens(model)
+    if new:  # SDXL: one row per encoder, as diffusers' advanced SDXL script saves them (clip_l, clip_g)
+        token = f"<{cfg.identifier}>"
+        rows = {"clip_l": new["text_encoder"].float(), "clip_g": new["text_encoder_2"].float()} if model.xl \
+            else {token: new["text_encoder"][0].float()}
+        save_safetensors(rows, out / "learned_embeds.safetensors", metadata={"token": token})
         written.append(out / "learned_embeds.safetensors")
     for fmt, (plain, write) in sorted(EXPORTERS.items(), key=lambda row: row[1][0]):  # adapter files before merging
         if fmt in cfg.save_as:

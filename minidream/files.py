@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 # The weights file of each component in the diffusers layout (`<stem>[.variant].safetensors`).
-WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
 
 class ModelError(Exception):
     """A problem with a model on disk, worded for the user (one line, names the path)."""
@@ -24,9 +25,11 @@ class ModelError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Finding the files
 
-def resolve(model: str, revision: str | None = None, allow_pickle: bool = False, variant: str | None = None) -> Path:
-    """A local folder or single file as is; otherwise a hub repo id, fetched (configs, tokenizer and
-    the component weights only) into the standard Hugging Face cache. HF_HUB_OFFLINE=1 serves the cache."""
+def resolve(model: str, revision: str | None = None, allow_pickle: bool = False, variant: str | None = None,
+            weights: bool = True) -> Path:
+    """A local folder or single file as is; otherwise a hub repo id, fetched (configs, tokenizers and
+    the component weights only; weights=False: no weights, for a single file's --config or vocabulary) into the
+    standard Hugging Face cache. HF_HUB_OFFLINE=1 serves the cache."""
     path = Path(model).expanduser()
     if path.exists():
         return path
@@ -34,8 +37,8 @@ def resolve(model: str, revision: str | None = None, allow_pickle: bool = False,
         raise ModelError(f"{model}: no such file or folder, and not a hub repo id (owner/name)")
     from huggingface_hub import snapshot_download
     var = f".{variant}" if variant else ""
-    patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*"]
-    for comp, stem in WEIGHT_STEMS.items():
+    patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*"]
+    for comp, stem in WEIGHT_STEMS.items() if weights else ():
         patterns.append(f"{comp}/{stem}{var}.safetensors")
         if allow_pickle:
             patterns.append(f"{comp}/{stem}{var}.bin")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from minidream.model import StableDiffusion, encode_text
+from minidream.model import StableDiffusion, encode_text, size_ids
 from minidream.progress import Progress
 from minidream.samplers import make_sampler
 from minidream.vae import to_uint8
@@ -35,10 +35,14 @@ def generate(model: StableDiffusion, prompts: list[str], negative: str | list[st
     B = len(prompts)
     cfg = guidance > 1.0  # Ho & Salimans 2022: ε̃ = ε(∅) + w·(ε(c) - ε(∅)); w = 1 is plain conditioning
     cond = encode_text(model, prompts)  # the UNet's keyword arguments: the CLIP context for SD 1.x/2.x
+    if model.xl:  # SDXL's micro-conditioning: drawn as if from a photo of this size, uncropped
+        cond["time_ids"] = size_ids((height, width), (0, 0), (height, width)).expand(B, 6).to(device)
     if cfg:
-        negative = negative if isinstance(negative, list) else [negative or ""] * B
-        uncond = encode_text(model, negative)
-        cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+        if negative is None and model.force_zeros_for_empty_prompt:  # SDXL: no negative prompt = zero conditioning
+            uncond = {k: torch.zeros_like(v) for k, v in cond.items() if k != "time_ids"}
+        else:
+            uncond = encode_text(model, negative if isinstance(negative, list) else [negative or ""] * B)
+        cond = {k: torch.cat([uncond.get(k, v), v]) for k, v in cond.items()}
     cond = {k: v.to(dtype) for k, v in cond.items()}
     shape = (B, model.unet.cfg.in_channels, height // s, width // s)
     if latents is None:
@@ -65,6 +69,14 @@ def generate(model: StableDiffusion, prompts: list[str], negative: str | list[st
 
 def decode(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
     vae_dtype = next(model.vae.parameters()).dtype
+    dev = latents.device.type
+    fp16 = vae_dtype == torch.float16 or (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16)
+    if model.xl and fp16 and model.vae.cfg.force_upcast:  # SDXL's VAE overflows in fp16: decode in fp32
+        try:
+            with torch.autocast(dev, enabled=False):
+                return to_uint8(model.vae.float().decode_latents(latents.float()))
+        finally:
+            model.vae.to(vae_dtype)
     return to_uint8(model.vae.decode_latents(latents.to(vae_dtype)))
 
 

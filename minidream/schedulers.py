@@ -81,11 +81,14 @@ class SchedulerConfig:
         return self
 
 
-PRESETS = {  # the schedulers the official checkpoints ship (SD 1.5: PNDM with skip_prk_steps; SD 2.1 768 px: DDIM)
+PRESETS = {  # the schedulers the official checkpoints ship (SD 1.5: PNDM with skip_prk_steps; SD 2.1 768 px: DDIM; SDXL: Euler)
     "sd15": SchedulerConfig(class_name="PNDMScheduler", extra=(("skip_prk_steps", True),)),
     "sd21": SchedulerConfig(prediction_type="v_prediction"),
     "sd21-base": SchedulerConfig(class_name="PNDMScheduler", extra=(("skip_prk_steps", True),)),
+    "sdxl": SchedulerConfig(class_name="EulerDiscreteScheduler", extra=(
+        ("interpolation_type", "linear"), ("sample_max_value", 1.0), ("skip_prk_steps", True), ("use_karras_sigmas", False))),
     "tiny": SchedulerConfig(),
+    "tiny-xl": SchedulerConfig(class_name="EulerDiscreteScheduler"),
 }
 
 

@@ -9,6 +9,8 @@ named ignore list) and that every shape matches.
     down_blocks.1.resnets.0.norm1.weight   model.diffusion_model.input_blocks.4.0.in_layers.0.weight
     encoder.mid_block.attentions.0.to_q    first_stage_model.encoder.mid.attn_1.q   (1x1 conv there)
     encoder.layers.3.self_attn.q_proj      cond_stage_model.model.transformer.resblocks.3.attn.in_proj  (SD 2.x, q third)
+    add_embedding.linear_1                 model.diffusion_model.label_emb.0.0   (SDXL)
+    text_encoder_2: text_projection        conditioner.embedders.1.model.text_projection  (SDXL, transposed)
 """
 import re
 from pathlib import Path
@@ -16,11 +18,16 @@ from pathlib import Path
 import torch
 
 from minidream import clip, diffusers_layout, unet, vae
-from minidream.files import ModelError, build, read_metadata, read_weights, resolve, save_safetensors
+from minidream.files import ModelError, build, read_json, read_metadata, read_weights, resolve, save_safetensors
 from minidream.model import PRESETS, StableDiffusion
+from minidream.tokenizer import CLIPTokenizer
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP_SD1, CLIP_SD2 = "cond_stage_model.transformer.text_model.", "cond_stage_model.model."
+CLIP_XL1, CLIP_XL2 = "conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model."
+# Each family's text encoders: (our model attribute, config key, the original prefix, OpenCLIP layout?)
+TEXT = {"sd1": [("text_encoder", "clip", CLIP_SD1, False)], "sd2": [("text_encoder", "clip", CLIP_SD2, True)],
+        "xl": [("text_encoder", "clip", CLIP_XL1, False), ("text_encoder_2", "clip_2", CLIP_XL2, True)]}
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -32,8 +39,9 @@ OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_p
 # (we rebuild those from the scheduler config), OpenCLIP's projection head and unused last layer.
 IGNORED = re.compile(r"^(model_ema\.|betas$|alphas_cumprod|alphas_cumprod_prev$|sqrt_|log_one_minus|posterior_|"
                      r"model_ema$|lvlb_weights$|logvar$|"
-                     r"cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$|"
-                     r"cond_stage_model\.model\.(text_projection|logit_scale|attn_mask)$)")
+                     r"(cond_stage_model|conditioner\.embedders\.0)\.transformer\.text_model\.embeddings\.position_ids$|"
+                     r"cond_stage_model\.model\.(text_projection|logit_scale|attn_mask)$|"
+                     r"conditioner\.embedders\.1\.model\.(logit_scale|attn_mask)$)")
 
 
 def unet_rows(cfg: unet.UNetConfig):
@@ -42,7 +50,8 @@ def unet_rows(cfg: unet.UNetConfig):
     rows = [("conv_in.", "input_blocks.0.0.", {}), ("time_embedding.linear_1.", "time_embed.0.", {}),
             ("time_embedding.linear_2.", "time_embed.2.", {}), ("conv_norm_out.", "out.0.", {}), ("conv_out.", "out.2.", {}),
             ("mid_block.resnets.0.", "middle_block.0.", RESNET), ("mid_block.attentions.0.", "middle_block.1.", {}),
-            ("mid_block.resnets.1.", "middle_block.2.", RESNET)]
+            ("mid_block.resnets.1.", "middle_block.2.", RESNET),
+            ("add_embedding.linear_1.", "label_emb.0.0.", {}), ("add_embedding.linear_2.", "label_emb.0.2.", {})]
     for i in range(n):
         for j in range(lpb):  # input_blocks counts every resnet(+transformer) and every downsampler
             b = 1 + i * (lpb + 1) + j
@@ -57,6 +66,18 @@ def unet_rows(cfg: unet.UNetConfig):
         slot = 2 if cfg.attention[n - 1 - i] else 1
         rows.append((f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{i * (lpb + 1) + lpb}.{slot}.conv.", {}))
     return [(a, UNET + b, r) for a, b, r in rows]
+
+
+def unet_original_name(cfg: unet.UNetConfig, name: str) -> str:
+    """Our UNet module name -> the original checkpoint's, without `model.diffusion_model.` (LoRA files of
+    kohya's SDXL networks use these: down_blocks.1.attentions.0.proj_in -> input_blocks.4.1.proj_in)."""
+    dotted = name + "."
+    for ours, orig, renames in sorted(unet_rows(cfg), key=lambda row: -len(row[0])):  # longest prefix first
+        if dotted.startswith(ours):
+            rest = dotted[len(ours):]
+            rest = next((renames[k] + rest[len(k):] for k in renames if rest.startswith(k + ".")), rest)
+            return (orig.removeprefix(UNET) + rest).rstrip(".")
+    return name
 
 
 def vae_rows(cfg: vae.VAEConfig):
@@ -79,25 +100,28 @@ def vae_rows(cfg: vae.VAEConfig):
     return [(a, VAE + b, r) for a, b, r in rows]
 
 
-def clip_rows(cfg: clip.CLIPConfig, openclip: bool):
-    if not openclip:
-        return [("", CLIP_SD1, {})]
-    rows = [("embeddings.token_embedding.", CLIP_SD2 + "token_embedding.", {}),
-            ("final_layer_norm.", CLIP_SD2 + "ln_final.", {})]
-    rows += [(f"encoder.layers.{i}.", f"{CLIP_SD2}transformer.resblocks.{i}.", OPENCLIP_LAYER) for i in range(cfg.layers)]
+def clip_rows(cfg: clip.CLIPConfig, prefix: str, openclip: bool):
+    if not openclip:  # transformers' own names under a prefix
+        return [("", prefix, {})]
+    rows = [("embeddings.token_embedding.", prefix + "token_embedding.", {}), ("final_layer_norm.", prefix + "ln_final.", {})]
+    rows += [(f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}.", OPENCLIP_LAYER) for i in range(cfg.layers)]
     return rows
 
 
-def key_table(rows, our_keys) -> dict[str, tuple[str, object]]:
-    """our key -> (original key, how): how is None (copy), "conv1x1" or ("chunk", i) of the fused in_proj."""
+def key_table(rows, our_keys, openclip: str | None = None) -> dict[str, tuple[str, object]]:
+    """our key -> (original key, how): how is None (copy), "conv1x1", "transpose" or ("chunk", i) of the fused
+    in_proj. `openclip`: the prefix of an OpenCLIP text tower, whose few bare tensors are named here."""
     table = {}
     for k in our_keys:
-        if k == "embeddings.position_embedding.weight" and any(b == CLIP_SD2 + "token_embedding." for _, b, _ in rows):
-            table[k] = (CLIP_SD2 + "positional_embedding", None)  # a bare parameter in OpenCLIP
+        if openclip and k == "embeddings.position_embedding.weight":
+            table[k] = (openclip + "positional_embedding", None)  # a bare parameter in OpenCLIP
+            continue
+        if openclip and k == "text_projection.weight":  # OpenCLIP computes x @ P: P is our weight transposed
+            table[k] = (openclip + "text_projection", "transpose")
             continue
         m = re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", k)
-        if m and any(b.startswith(CLIP_SD2 + "transformer") for _, b, _ in rows):
-            table[k] = (f"{CLIP_SD2}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", ("chunk", "qkv".index(m[2])))
+        if openclip and m:
+            table[k] = (f"{openclip}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", ("chunk", "qkv".index(m[2])))
             continue
         ours, theirs, renames = max((r for r in rows if k.startswith(r[0])), key=lambda r: len(r[0]), default=(None,) * 3)
         if ours is None:
@@ -122,6 +146,8 @@ def _take(sd, table, want_shapes, used, file):
             t = t.chunk(3, dim=0)[how[1]]
         elif how == "conv1x1" and t.ndim == 4:
             t = t[:, :, 0, 0]
+        elif how == "transpose":
+            t = t.T
         if tuple(t.shape) != tuple(want_shapes[k]):
             raise ModelError(f"{file}: key {orig!r} has shape {list(t.shape)}, expected {list(want_shapes[k])} (for {k})")
         out[k] = t
@@ -150,63 +176,98 @@ def sd2_preset(file: Path) -> str:
     return preset
 
 
+def family(sd: dict, file: Path) -> str:
+    """sd1, sd2 or xl, from the text encoder keys every full checkpoint of the family has."""
+    if CLIP_XL2 + "positional_embedding" in sd:
+        return "xl"
+    if CLIP_SD2 + "token_embedding.weight" in sd:
+        return "sd2"
+    if CLIP_SD1 + "embeddings.token_embedding.weight" in sd:
+        return "sd1"
+    raise ModelError(f"{file}: no text encoder keys (cond_stage_model.*, conditioner.embedders.*); not a full "
+                     f"SD 1.x/2.x/XL single-file checkpoint")
+
+
+# the official repos whose tokenizer folders hold each family's vocabulary (fetched without weights, cached)
+TOKENIZER_REPO = {"sd1": "openai/clip-vit-large-patch14", "sd2": "stabilityai/stable-diffusion-2-1",
+                  "xl": "stabilityai/stable-diffusion-xl-base-1.0"}
+
+
+def tokenizers(folder: Path, xl: bool) -> dict:
+    """The tokenizer(s) in a folder: its tokenizer/ (and tokenizer_2/) subfolders, or the folder itself. SDXL's
+    second tokenizer, when the folder has none, is the first one padding with "!", as the official repo ships."""
+    tok = diffusers_layout.load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder)
+    if not xl:
+        return {"tokenizer": tok}
+    if (folder / "tokenizer_2").is_dir():
+        return {"tokenizer": tok, "tokenizer_2": diffusers_layout.load_tokenizer(folder / "tokenizer_2")}
+    return {"tokenizer": tok, "tokenizer_2": CLIPTokenizer(tok.vocab, tok.merges, "!", tok.max_length, tok.added)}
+
+
 def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str | None = None,
                      preset: str | None = None, config: str | None = None) -> StableDiffusion:
     """The architecture comes from `config` (a diffusers-layout folder or repo id: its component configs,
     scheduler config and tokenizer), else from `preset` (inferred from the keys when omitted)."""
     sd = read_weights(file, allow_pickle)
-    openclip = CLIP_SD2 + "token_embedding.weight" in sd
-    if not openclip and CLIP_SD1 + "embeddings.token_embedding.weight" not in sd:
-        raise ModelError(f"{file}: no text encoder keys (cond_stage_model.*); not a full SD 1.x/2.x single-file checkpoint")
+    fam = family(sd, file)
+    force_zeros = True
     if config is not None:
-        cdir = resolve(config)
+        cdir = resolve(config, weights=False)
         cfgs, scheduler = diffusers_layout.read_configs(cdir)
-        tok_dir = cdir / "tokenizer"
+        if ("clip_2" in cfgs) != (fam == "xl"):
+            raise ModelError(f"{file}: {'an SDXL' if fam == 'xl' else 'an SD 1.x/2.x'} checkpoint, but --config "
+                             f"{config} describes {'an SDXL' if 'clip_2' in cfgs else 'an SD 1.x/2.x'} model")
+        if (cdir / "model_index.json").exists():
+            force_zeros = read_json(cdir / "model_index.json").get("force_zeros_for_empty_prompt", True)
+        tok_dir = cdir
         what = f"the architecture in {config}"
     else:
-        preset = preset or (sd2_preset(file) if openclip else "sd15")
+        preset = preset or {"sd1": "sd15", "xl": "sdxl"}.get(fam) or sd2_preset(file)
         if preset not in PRESETS:
             raise ModelError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
         p = PRESETS[preset]
-        cfgs = {"unet": p.unet, "vae": p.vae, "clip": p.text_encoder}
+        cfgs = {"unet": p.unet, "vae": p.vae, "clip": p.text_encoder, **({"clip_2": p.text_encoder_2} if p.text_encoder_2 else {})}
         scheduler = p.scheduler
         # The single file has no vocabulary; it comes from --tokenizer or the official hub repo (cached).
-        tok = tokenizer or ("stabilityai/stable-diffusion-2-1" if openclip else "openai/clip-vit-large-patch14")
-        tok_dir = resolve(tok)
-        tok_dir = tok_dir / "tokenizer" if (tok_dir / "tokenizer").is_dir() else tok_dir
+        tok_dir = resolve(tokenizer or TOKENIZER_REPO[fam], weights=False)
         what = f"a {preset} checkpoint (pass --preset or --config)"
     used: set[str] = set()
     parts = {}
-    for name, cls, rows in (("unet", unet.UNet2DConditionModel, unet_rows(cfgs["unet"])),
-                            ("vae", vae.AutoencoderKL, vae_rows(cfgs["vae"])),
-                            ("clip", clip.CLIPTextModel, clip_rows(cfgs["clip"], openclip))):
-        shapes = {k: v.shape for k, v in _meta(cls, cfgs[name]).state_dict().items()}
-        weights = _take(sd, key_table(rows, shapes), shapes, used, file)
-        parts[name] = build(cls, cfgs[name], weights, str(file), dtype)
-    if openclip:  # SD 2.x conditions on the penultimate of OpenCLIP's layers: the stored last one is unused
+    texts = [(name, clip.CLIPTextModel, clip_rows(cfgs[key], prefix, oc), key, prefix if oc else None)
+             for name, key, prefix, oc in TEXT[fam] if key in cfgs]
+    for name, cls, rows, key, openclip in [("unet", unet.UNet2DConditionModel, unet_rows(cfgs["unet"]), "unet", None),
+                                           ("vae", vae.AutoencoderKL, vae_rows(cfgs["vae"]), "vae", None), *texts]:
+        shapes = {k: v.shape for k, v in _meta(cls, cfgs[key]).state_dict().items()}
+        weights = _take(sd, key_table(rows, shapes, openclip), shapes, used, file)
+        parts[name] = build(cls, cfgs[key], weights, str(file), dtype)
+    if fam == "sd2":  # SD 2.x conditions on the penultimate of OpenCLIP's layers: the stored last one is unused
         used |= {k for k in sd if k.startswith(f"{CLIP_SD2}transformer.resblocks.{cfgs['clip'].layers}.")}
     unused = [k for k in sd if k not in used and not IGNORED.match(k)]
     if unused:
         raise ModelError(f"{file}: unexpected key {unused[0]!r}" + (f" and {len(unused) - 1} more" if len(unused) > 1 else "")
                          + f"; is it {what}?")
-    return StableDiffusion(tokenizer=diffusers_layout.load_tokenizer(tok_dir), text_encoder=parts["clip"], unet=parts["unet"],
-                           vae=parts["vae"], scheduler=scheduler, source=str(file))
+    model = StableDiffusion(**tokenizers(tok_dir, fam == "xl"), **parts, scheduler=scheduler, source=str(file),
+                            force_zeros_for_empty_prompt=force_zeros and fam == "xl")
+    diffusers_layout.check_xl(file, model.unet.cfg, model.text_encoder.cfg, model.text_encoder_2 and model.text_encoder_2.cfg)
+    return model
 
 
 def to_single_file(model: StableDiffusion) -> dict[str, torch.Tensor]:
     """Our state dicts in the original layout (the inverse of load_single_file's table)."""
-    openclip = model.text_encoder.cfg.act == "gelu"
+    fam = "xl" if model.xl else "sd2" if model.text_encoder.cfg.act == "gelu" else "sd1"
     out: dict[str, torch.Tensor] = {}
     chunks: dict[str, list] = {}
-    for m, rows in ((model.unet, unet_rows(model.unet.cfg)), (model.vae, vae_rows(model.vae.cfg)),
-                    (model.text_encoder, clip_rows(model.text_encoder.cfg, openclip))):
+    texts = [(getattr(model, name), clip_rows(getattr(model, name).cfg, prefix, oc), prefix if oc else None)
+             for name, _, prefix, oc in TEXT[fam]]
+    for m, rows, openclip in [(model.unet, unet_rows(model.unet.cfg), None), (model.vae, vae_rows(model.vae.cfg), None),
+                              *texts]:
         sd = m.state_dict()
-        for k, (orig, how) in key_table(rows, sd).items():
+        for k, (orig, how) in key_table(rows, sd, openclip).items():
             t = sd[k].detach()
             if isinstance(how, tuple):
                 chunks.setdefault(orig, [None] * 3)[how[1]] = t
             else:
-                out[orig] = t[:, :, None, None] if how == "conv1x1" else t
+                out[orig] = t[:, :, None, None] if how == "conv1x1" else t.T if how == "transpose" else t
     for orig, parts in chunks.items():
         out[orig] = torch.cat(parts, dim=0)
     return {k: v.contiguous() for k, v in out.items()}
@@ -218,7 +279,8 @@ def modelspec(model: StableDiffusion) -> dict[str, str]:
     side = model.native_resolution
     meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.prediction_type": "v" if v else "epsilon",
             "modelspec.resolution": f"{side}x{side}"}
-    arch = {"sd15": "stable-diffusion-v1", "sd21": "stable-diffusion-v2-768-v", "sd21-base": "stable-diffusion-v2-512"}
+    arch = {"sd15": "stable-diffusion-v1", "sd21": "stable-diffusion-v2-768-v", "sd21-base": "stable-diffusion-v2-512",
+            "sdxl": "stable-diffusion-xl-v1-base"}
     if model.version in arch:
         meta["modelspec.architecture"] = arch[model.version]
     return meta

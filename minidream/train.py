@@ -135,9 +135,9 @@ class Stepper:
         self.opt.zero_grad(set_to_none=True)
         tot = inst = prior = 0.0
         for _ in range(cfg.grad_accum):
-            latents, prompts = self.batches.draw_step(n_inst, n_class)  # instance rows, then their class partners
+            latents, prompts, sizes = self.batches.draw_step(n_inst, n_class)  # instance rows, then their class partners
             with torch.autocast(device.type, dtype=self.half, enabled=self.half is not None):
-                loss, li, lp = training_step(self.model.unet, self.schedule, latents, self.text(step, prompts),
+                loss, li, lp = training_step(self.model.unet, self.schedule, latents, {**self.text(step, prompts), **sizes},
                                              n_inst, cfg.prior_loss_weight, self.g, cfg.snr_gamma, cfg.noise_offset,
                                              self.world)
             parts = distributed.mean([loss.item(), li.item(), lp.item()], self.world, device)  # as one process logs
@@ -340,7 +340,8 @@ def prepare(cfg: TrainConfig, model: StableDiffusion, device, half, pools: list[
         cast_frozen(model, half)
     model.unet.set_gradient_checkpointing(cfg.gradient_checkpointing)
     model.unet.train()
-    model.text_encoder.train(bool(groups["text_encoder"]))
+    for _, _, te in model.text_encoders():
+        te.train(bool(groups["text_encoder"]))
     opt, sched, scaler = make_optimizer(cfg, groups, device)
     g = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop: data, noise, timesteps
     batches = LatentSource(model, cfg, pools, device, g, world)

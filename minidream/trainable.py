@@ -2,7 +2,8 @@
 
 `--train unet` unfreezes the whole UNet, `attention` the Q/K/V/out projections of every attention layer,
 `lora` wraps those projections in adapters (lora.py); `--train-text-encoder` and `--train-token` add the
-text encoder (or its adapters) and a new token row. Everything else stays frozen, and `cast_frozen` may
+text encoder (or its adapters) and a new token row — for SDXL in both text encoders (pivotal tuning, as
+diffusers' advanced SDXL script: the new token gets a row in each). Everything else stays frozen, and `cast_frozen` may
 put only the frozen tensors in half precision: what trains keeps its exact fp32 values.
 """
 import math
@@ -45,25 +46,31 @@ class TokenEmbedding(nn.Module):
         return torch.where((ids >= n)[..., None], new, old)
 
 
-def add_token(model: StableDiffusion, token: str, init_word: str) -> int:
-    """A new token for the identifier, its embedding initialised from the class noun's."""
-    init_ids = model.tokenizer.encode(init_word)
-    emb = model.text_encoder.embeddings.token_embedding
-    init = emb.weight[init_ids].mean(0, keepdim=True)
-    tid = model.tokenizer.add_token(token)
-    model.text_encoder.embeddings.token_embedding = TokenEmbedding(emb, init)
-    return tid
+def add_token(model: StableDiffusion, token: str, init_word: str):
+    """A new token for the identifier in each text encoder, its embedding initialised from the class noun's."""
+    for _, tok, te in model.text_encoders():
+        emb = te.embeddings.token_embedding
+        init = emb.weight[tok.encode(init_word)].mean(0, keepdim=True)
+        tok.add_token(token)
+        te.embeddings.token_embedding = TokenEmbedding(emb, init)
+
+
+def learned_tokens(model: StableDiffusion) -> dict[str, torch.Tensor]:
+    """The new token rows by text encoder, as the run learned them."""
+    return {name: te.embeddings.token_embedding.new.detach() for name, _, te in model.text_encoders()
+            if isinstance(te.embeddings.token_embedding, TokenEmbedding)}
 
 
 def merged_text_encoder_state(model: StableDiffusion) -> None:
     """Turn a TokenEmbedding back into a plain, larger nn.Embedding (for export)."""
-    emb = model.text_encoder.embeddings.token_embedding
-    if isinstance(emb, TokenEmbedding):
-        w = emb.weight.detach()
-        plain = nn.Embedding(w.shape[0], w.shape[1], device=w.device, dtype=w.dtype)
-        plain.weight = nn.Parameter(w.clone(), requires_grad=False)
-        model.text_encoder.embeddings.token_embedding = plain
-        model.text_encoder.cfg = replace(model.text_encoder.cfg, vocab_size=w.shape[0])
+    for _, _, te in model.text_encoders():
+        emb = te.embeddings.token_embedding
+        if isinstance(emb, TokenEmbedding):
+            w = emb.weight.detach()
+            plain = nn.Embedding(w.shape[0], w.shape[1], device=w.device, dtype=w.dtype)
+            plain.weight = nn.Parameter(w.clone(), requires_grad=False)
+            te.embeddings.token_embedding = plain
+            te.cfg = replace(te.cfg, vocab_size=w.shape[0])
 
 
 def select_trainable(model: StableDiffusion, train: str, lora_rank: int = 4, lora_alpha: float = 4.0,
@@ -71,7 +78,8 @@ def select_trainable(model: StableDiffusion, train: str, lora_rank: int = 4, lor
                      ) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Freeze everything, then unfreeze (or add) what --train / --train-text-encoder / --train-token ask
     for. Returns the trainable parameters by group, named as in the checkpoints."""
-    for m in (model.unet, model.text_encoder, model.vae):
+    encoders = [(name, te) for name, _, te in model.text_encoders()]
+    for m in (model.unet, *[te for _, te in encoders], model.vae):
         m.requires_grad_(False)
     if train == "unet":
         model.unet.requires_grad_(True)
@@ -81,30 +89,31 @@ def select_trainable(model: StableDiffusion, train: str, lora_rank: int = 4, lor
                 m.requires_grad_(True)
     else:
         lora_lib.add_lora(model.unet, UNET_ATTENTION, lora_rank, lora_alpha)
-    if train_text_encoder:
+    for _, te in encoders if train_text_encoder else ():
         if train == "lora":
-            lora_lib.add_lora(model.text_encoder, TEXT_ATTENTION, lora_rank, lora_alpha)
+            lora_lib.add_lora(te, TEXT_ATTENTION, lora_rank, lora_alpha)
         else:
-            model.text_encoder.requires_grad_(True)
+            te.requires_grad_(True)
     if token:
         add_token(model, token, init_word)
     groups = {"unet": [], "text_encoder": [], "token": []}
     for name, p in model.unet.named_parameters():
         if p.requires_grad:
             groups["unet"].append((f"unet.{name}", p))
-    for name, p in model.text_encoder.named_parameters():
-        if p.requires_grad:
-            groups["token" if name.endswith("token_embedding.new") else "text_encoder"].append((f"text_encoder.{name}", p))
+    for prefix, te in encoders:  # both SDXL encoders in one group (one learning rate), named by prefix
+        for name, p in te.named_parameters():
+            if p.requires_grad:
+                groups["token" if name.endswith("token_embedding.new") else "text_encoder"].append((f"{prefix}.{name}", p))
     return groups
 
 
 def print_summary(groups, model: StableDiffusion):
-    total = {"unet": model.unet, "text_encoder": model.text_encoder,
-             "token": model.text_encoder.embeddings.token_embedding}
+    encoders = [te for _, _, te in model.text_encoders()]
+    total = {"unet": [model.unet], "text_encoder": encoders, "token": [te.embeddings.token_embedding for te in encoders]}
     print(f"{'component':<14}{'trainable':>14}{'of':>16}{'tensors':>9}", file=sys.stderr)
     for name, params in groups.items():
         n = sum(p.numel() for _, p in params)
-        of = sum(p.numel() for p in total[name].parameters())
+        of = sum(p.numel() for m in total[name] for p in m.parameters())
         print(f"{name:<14}{n:>14,}{of:>16,}{len(params):>9}", file=sys.stderr)
 
 
@@ -112,7 +121,7 @@ def cast_frozen(model: StableDiffusion, dtype: torch.dtype):
     """Frozen weights (and floating buffers) to `dtype` for speed and memory; trainable parameters keep
     their fp32 values untouched (master weights), so nothing that trains starts from rounded values.
     The exports never read these rounded copies: they start again from the base file (export.py)."""
-    for m in (model.unet, model.text_encoder, model.vae):
+    for m in (model.unet, *[te for _, _, te in model.text_encoders()], model.vae):
         for p in m.parameters():
             if not p.requires_grad and p.is_floating_point():
                 p.data = p.data.to(dtype)

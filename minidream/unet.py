@@ -1,8 +1,13 @@
-"""The Stable Diffusion UNet ε_θ(z_t, t, c) (LDM, Rombach et al. 2022, §3.3), SD 1.x and 2.x.
+"""The Stable Diffusion UNet ε_θ(z_t, t, c) (LDM, Rombach et al. 2022, §3.3), SD 1.x, 2.x and XL.
 
 Top to bottom: timestep embedding → ResnetBlock2D → the spatial transformer (self-attention,
 cross-attention on the text context, GEGLU feed-forward) → down / mid / up stages → UNet2DCondition.
 Attribute names are the diffusers checkpoint keys, so loading is a straight copy.
+
+SDXL (Podell et al. 2023) is the same network with three changes, all config: a transformer depth per stage
+(`depth`, e.g. 1/2/10 blocks; none in the first stage), a 2048-wide context, and "micro-conditioning" (§2.2):
+the pooled text embedding and six size numbers (original size, crop top-left, target size), each number
+Fourier-embedded like the timestep, go through `add_embedding` and are added to the time embedding.
 """
 import math
 from dataclasses import dataclass
@@ -27,14 +32,25 @@ class UNetConfig:
     linear_proj: bool = False  # SD 2.x projects into the transformer with Linear, SD 1.x with 1x1 conv
     groups: int = 32
     sample_size: int = 64  # latent side the model was trained at (512 px / 8)
+    depth: tuple[int, ...] | None = None  # transformer blocks per stage (None: one each, SD 1.x/2.x)
+    add_time_dim: int | None = None  # SDXL: width of each size number's Fourier embedding (256)
+    add_in_dim: int | None = None  # SDXL: add_embedding's input, pooled text + 6 x add_time_dim (2816)
+
+    def depth_at(self, stage: int) -> int:
+        return self.depth[stage] if self.depth else 1
 
 
 PRESETS = {
     "sd15": UNetConfig(),
     "sd21": UNetConfig(heads=(5, 10, 20, 20), context_dim=1024, linear_proj=True, sample_size=96),
     "sd21-base": UNetConfig(heads=(5, 10, 20, 20), context_dim=1024, linear_proj=True, sample_size=64),
+    "sdxl": UNetConfig(channels=(320, 640, 1280), attention=(False, True, True), heads=(5, 10, 20), context_dim=2048,
+                       linear_proj=True, sample_size=128, depth=(1, 2, 10), add_time_dim=256, add_in_dim=2816),
     "tiny": UNetConfig(channels=(32, 64), attention=(False, True), heads=(2, 4), context_dim=32,
                        groups=8, sample_size=8),
+    # SDXL's layout at test size: no attention in the first stage, two transformer blocks in the last
+    "tiny-xl": UNetConfig(channels=(32, 64, 64), attention=(False, True, True), heads=(2, 2, 4), context_dim=80,
+                          linear_proj=True, groups=8, sample_size=8, depth=(1, 1, 2), add_time_dim=8, add_in_dim=80),
 }
 
 
@@ -117,12 +133,12 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2DModel(nn.Module):
     """The spatial transformer: flatten the feature map into H*W tokens, run the block, fold back."""
 
-    def __init__(self, dim: int, heads: int, cfg: UNetConfig):
+    def __init__(self, dim: int, heads: int, depth: int, cfg: UNetConfig):
         super().__init__()
         self.linear_proj = cfg.linear_proj
         self.norm = nn.GroupNorm(cfg.groups, dim, eps=1e-6)
         self.proj_in = nn.Linear(dim, dim) if cfg.linear_proj else nn.Conv2d(dim, dim, 1)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(dim, heads, cfg.context_dim)])
+        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(dim, heads, cfg.context_dim) for _ in range(depth))
         self.proj_out = nn.Linear(dim, dim) if cfg.linear_proj else nn.Conv2d(dim, dim, 1)
 
     def forward(self, x, context):
@@ -170,11 +186,11 @@ def run(module, *args, ckpt: bool = False):
 
 
 class DownBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, temb: int, heads: int, attn: bool, downsample: bool, cfg: UNetConfig):
+    def __init__(self, cin: int, cout: int, temb: int, stage: int, downsample: bool, cfg: UNetConfig):
         super().__init__()
-        n = cfg.layers_per_block
+        n, heads, attn = cfg.layers_per_block, cfg.heads[stage], cfg.attention[stage]
         self.resnets = nn.ModuleList(ResnetBlock2D(cin if i == 0 else cout, cout, temb, cfg.groups) for i in range(n))
-        self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, cfg) for _ in range(n) if attn)
+        self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, cfg.depth_at(stage), cfg) for _ in range(n) if attn)
         self.downsamplers = nn.ModuleList([Downsample2D(cout)] if downsample else [])
         self.gradient_checkpointing = False
 
@@ -191,12 +207,14 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, skip_channels: list[int], temb: int, heads: int, attn: bool,
-                 upsample: bool, cfg: UNetConfig):
+    def __init__(self, cin: int, cout: int, skip_channels: list[int], temb: int, stage: int, upsample: bool,
+                 cfg: UNetConfig):
         super().__init__()
         ins = [cin] + [cout] * (len(skip_channels) - 1)
+        heads, attn = cfg.heads[stage], cfg.attention[stage]  # `stage`: the down stage this one mirrors
         self.resnets = nn.ModuleList(ResnetBlock2D(c + s, cout, temb, cfg.groups) for c, s in zip(ins, skip_channels))
-        self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, cfg) for _ in skip_channels if attn)
+        self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, cfg.depth_at(stage), cfg)
+                                        for _ in skip_channels if attn)
         self.upsamplers = nn.ModuleList([Upsample2D(cout)] if upsample else [])
         self.gradient_checkpointing = False
 
@@ -212,10 +230,11 @@ class UpBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, ch: int, temb: int, heads: int, cfg: UNetConfig):
+    def __init__(self, ch: int, temb: int, cfg: UNetConfig):
         super().__init__()
+        last = len(cfg.channels) - 1  # the middle has the deepest stage's heads and transformer depth
         self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb, cfg.groups), ResnetBlock2D(ch, ch, temb, cfg.groups)])
-        self.attentions = nn.ModuleList([Transformer2DModel(ch, heads, cfg)])
+        self.attentions = nn.ModuleList([Transformer2DModel(ch, cfg.heads[last], cfg.depth_at(last), cfg)])
         self.gradient_checkpointing = False
 
     def forward(self, h, temb, context):
@@ -232,23 +251,25 @@ class UNet2DConditionModel(nn.Module):
         temb = 4 * ch[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
+        if cfg.add_time_dim:  # SDXL micro-conditioning: [pooled text, Fourier(size ids)] -> added to the time embedding
+            self.add_embedding = TimestepEmbedding(cfg.add_in_dim, temb)
 
         # Down: every resnet and downsampler output is kept as a skip for the up path.
         skips, cin = [ch[0]], ch[0]
         self.down_blocks = nn.ModuleList()
         for i, cout in enumerate(ch):
             last = i == n - 1
-            self.down_blocks.append(DownBlock(cin, cout, temb, cfg.heads[i], cfg.attention[i], not last, cfg))
+            self.down_blocks.append(DownBlock(cin, cout, temb, i, not last, cfg))
             skips += [cout] * (cfg.layers_per_block + (0 if last else 1))
             cin = cout
-        self.mid_block = MidBlock(ch[-1], temb, cfg.heads[-1], cfg)
+        self.mid_block = MidBlock(ch[-1], temb, cfg)
 
         # Up: mirror image; each stage takes layers_per_block + 1 skips, last in first out.
         self.up_blocks = nn.ModuleList()
         for i, cout in enumerate(reversed(ch)):
             j = n - 1 - i  # the down stage this one mirrors
             take = [skips.pop() for _ in range(cfg.layers_per_block + 1)]
-            self.up_blocks.append(UpBlock(cin, cout, take, temb, cfg.heads[j], cfg.attention[j], i < n - 1, cfg))
+            self.up_blocks.append(UpBlock(cin, cout, take, temb, j, i < n - 1, cfg))
             cin = cout
 
         self.conv_norm_out = nn.GroupNorm(cfg.groups, ch[0], eps=1e-5)
@@ -259,11 +280,15 @@ class UNet2DConditionModel(nn.Module):
             block.gradient_checkpointing = on
         return self
 
-    def forward(self, x, t, context):
-        """x (B, 4, H, W) noisy latents, t (B,) or scalar timesteps, context (B, 77, Cc) -> (B, 4, H, W)."""
+    def forward(self, x, t, context, text_embeds=None, time_ids=None):
+        """x (B, 4, H, W) noisy latents, t (B,) or scalar timesteps, context (B, 77, Cc) -> (B, 4, H, W).
+        SDXL also takes text_embeds (B, 1280), the pooled text, and time_ids (B, 6), the sizes."""
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
         temb = self.time_embedding(timestep_embedding(t, self.cfg.channels[0]).to(x.dtype))
+        if self.cfg.add_time_dim:
+            sizes = timestep_embedding(time_ids.reshape(-1), self.cfg.add_time_dim).reshape(B, -1)
+            temb = temb + self.add_embedding(torch.cat([text_embeds, sizes.to(text_embeds.dtype)], dim=-1).to(x.dtype))
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:

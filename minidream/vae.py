@@ -1,7 +1,7 @@
 """AutoencoderKL: the VAE that moves images (B, 3, 512, 512) in [-1, 1] to latents (B, 4, 64, 64) and back.
 
 The encoder predicts a diagonal Gaussian q(z|x) (mean, log-variance); SD diffuses in
-z * scaling_factor (0.18215), which scales the latents to roughly unit variance (LDM §4.3.2).
+z * scaling_factor (0.18215; SDXL's VAE 0.13025), which scales the latents to roughly unit variance (LDM §4.3.2).
 Names follow the diffusers checkpoint keys.
 """
 from dataclasses import dataclass
@@ -23,13 +23,17 @@ class VAEConfig:
     groups: int = 32
     scaling_factor: float = 0.18215
     sample_size: int = 512
+    # SDXL's VAE overflows fp16 activations: decode in fp32 when the weights are fp16 (diffusers' force_upcast)
+    force_upcast: bool = True
 
 
 PRESETS = {
     "sd15": VAEConfig(),
     "sd21": VAEConfig(sample_size=768),
     "sd21-base": VAEConfig(),
+    "sdxl": VAEConfig(scaling_factor=0.13025, sample_size=1024),
     "tiny": VAEConfig(channels=(32, 64), layers_per_block=1, groups=8, sample_size=32),
+    "tiny-xl": VAEConfig(channels=(32, 64), layers_per_block=1, groups=8, scaling_factor=0.13025, sample_size=32),
 }
 
 

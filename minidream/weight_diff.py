@@ -25,7 +25,7 @@ def layer_type(component: str, name: str) -> str:
     if m:
         kind = "cross" if m[1] == "attn2" else "self"
         return f"{kind} " + {"to_q": "Q", "q_proj": "Q", "to_k": "K", "k_proj": "K", "to_v": "V", "v_proj": "V"}.get(m[2], "out")
-    if component == "text_encoder":
+    if component.startswith("text_encoder"):
         return ("token rows" if "token_embedding" in name else "positions" if "position_embedding" in name
                 else "mlp" if ".mlp." in name else "norm")
     if component == "vae":
@@ -43,7 +43,7 @@ def block(component: str, name: str) -> str:
         m = re.match(r"(down|up)_blocks\.(\d+)", name)
         return f"{m[1]} {m[2]}" if m else "mid" if name.startswith("mid_block") else \
             "in" if name.startswith(("conv_in", "time_embedding")) else "out"
-    if component == "text_encoder":
+    if component.startswith("text_encoder"):
         m = re.search(r"layers\.(\d+)\.", name)
         return f"layer {int(m[1]):02d}" if m else "embeddings" if "embeddings" in name else "final norm"
     return name.split(".")[0]
@@ -52,8 +52,8 @@ def block(component: str, name: str) -> str:
 def _tensors(model) -> dict[str, torch.Tensor]:
     from minidream.trainable import merged_text_encoder_state
     merged_text_encoder_state(model)  # a TokenEmbedding (a learned token) as one plain table
-    return {f"{comp}.{k}": v for comp in ("unet", "text_encoder", "vae")
-            for k, v in getattr(model, comp).state_dict().items()}
+    nets = [("unet", model.unet), *[(name, te) for name, _, te in model.text_encoders()], ("vae", model.vae)]
+    return {f"{comp}.{k}": v for comp, net in nets for k, v in net.state_dict().items()}
 
 
 def diff(base, tuned) -> dict:
@@ -117,7 +117,7 @@ def picture(d: dict):
     """The UNet by depth × layer type, then the text encoder by layer × type, as heat strips."""
     by = d["groups"]["by_block_type"]
     cells = {c: {(blk, kind): s["rel_change"] for blk, kinds in by.get(c, {}).items() for kind, s in kinds.items()}
-             for c in ("unet", "text_encoder")}
+             for c in ("unet", "text_encoder", "text_encoder_2")}
     order = {c: list(by.get(c, {})) for c in cells}
 
     def depth(b):  # in, down 0.., mid, up 0.., out
@@ -128,11 +128,12 @@ def picture(d: dict):
     lo, hi = (10 ** math.floor(math.log10(min(vals))), 10 ** math.ceil(math.log10(max(vals)))) if vals else (1e-6, 1.0)
     hi = max(hi, lo * 10)
     unet_rows = sorted(order["unet"], key=depth)
-    text_rows = sorted(order["text_encoder"], key=lambda b: (b != "embeddings", b == "final norm", b))
     strips = [plots.heat_strip(cells["unet"], unet_rows, list(UNET_TYPES), "UNet: stage x layer type", lo, hi)]
-    if text_rows:
-        strips.append(plots.heat_strip(cells["text_encoder"], text_rows, list(TEXT_TYPES), "text encoder: layer x type",
-                                       lo, hi))
+    for c in ("text_encoder", "text_encoder_2"):
+        text_rows = sorted(order[c], key=lambda b: (b != "embeddings", b == "final norm", b))
+        if text_rows:
+            strips.append(plots.heat_strip(cells[c], text_rows, list(TEXT_TYPES), f"{c.replace('_', ' ')}: layer x type",
+                                           lo, hi))
     return plots.stack(strips)
 
 

@@ -73,6 +73,46 @@ def build_pipeline_dir(folder: Path, tokenizer, sd2: bool = False, seed: int = 0
     return folder
 
 
+def tiny_xl_unet_kwargs():
+    """SDXL's layout at test size: no attention in the first stage, mixed head counts, transformer depth 1 and 2,
+    the text_time micro-conditioning (pooled 32 + 6 x 8)."""
+    return dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=80,
+                attention_head_dim=(2, 2, 4), transformer_layers_per_block=(1, 1, 2), norm_num_groups=8,
+                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=80)
+
+
+def build_xl_pipeline_dir(folder: Path, tokenizer, seed: int = 0):
+    """A tiny random StableDiffusionXLPipeline (two text encoders, 32 and 48 wide, the second projected to 32;
+    tokenizer_2 pads with "!"), written by diffusers' save_pretrained."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    torch.manual_seed(seed)
+    unet = perturb(UNet2DConditionModel(**tiny_xl_unet_kwargs()), seed)
+    vae = perturb(AutoencoderKL(**tiny_vae_kwargs(), scaling_factor=0.13025), seed + 1)
+    text = perturb(CLIPTextModel(tiny_clip_config(len(tokenizer))), seed + 2)
+    cfg2 = tiny_clip_config(len(tokenizer), sd2=True)
+    # a wider second encoder (as bigG is): diffusers' single-file reader tells the two apart by width
+    cfg2.hidden_size, cfg2.num_attention_heads, cfg2.num_hidden_layers, cfg2.projection_dim = 48, 2, 3, 32
+    text_2 = perturb(CLIPTextModelWithProjection(cfg2), seed + 3)
+    tokenizer.save(folder / "_tok")
+    hf_tok = CLIPTokenizer.from_pretrained(folder / "_tok")
+    hf_tok_2 = CLIPTokenizer.from_pretrained(folder / "_tok", pad_token="!")
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                   timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=hf_tok,
+                                     tokenizer_2=hf_tok_2, unet=unet, scheduler=sched, add_watermarker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def xl_dir(tmp_path_factory, tiny_tokenizer):
+    return build_xl_pipeline_dir(tmp_path_factory.mktemp("xl"), tiny_tokenizer, seed=20)
+
+
 @pytest.fixture(scope="session")
 def sd1_dir(tmp_path_factory, tiny_tokenizer):
     return build_pipeline_dir(tmp_path_factory.mktemp("sd1"), tiny_tokenizer, sd2=False, seed=0)

@@ -119,10 +119,10 @@ def test_lora_metadata_alpha_and_old_names(sd1_dir, tmp_path):
 
 
 def test_learned_token_and_lora_give_diffusers_image(sd1_dir, instance_dir, tmp_path):
-    """train --train lora --train-token, then sample --lora L --embedding E."""
+    """train --train lora --train-text-encoder --train-token, then sample --lora L --embedding E."""
     from diffusers import StableDiffusionPipeline
     out = tmp_path / "run"
-    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--train", "lora", "--train-token", "--lr", 3e-2,
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--train", "lora", "--train-text-encoder", "--train-token", "--lr", 3e-2,
                             "--token-lr", 0.1, "--save-as", "lora-diffusers", "--save-as", "lora-kohya"))
     assert r.exit_code == 0, r.output
     prompt = "a photo of <sks> dog"

@@ -21,6 +21,17 @@ def test_benchmarks_smoke(tmp_path):
     assert all(r["flops"] > 0 for r in unet["results"])
 
 
+def test_sdxl_benchmarks_smoke(tmp_path):
+    """`--preset sdxl` (what the GPU session runs at 1024 px) at the tiny-xl size: both sides conditioned as SDXL."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "sd", "--smoke", "--preset", "sdxl", "--only",
+                        "step,unet,sampling", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sampling-tiny-xl-smoke.json", "step-tiny-xl-smoke.json",
+                                                          "unet-tiny-xl-smoke.json"]
+    sampling = json.loads((tmp_path / "sampling-tiny-xl-smoke.json").read_text())
+    assert all("median_ms" in r["ours"] and "median_ms" in r["diffusers"] for r in sampling["results"])
+
+
 def test_report_renders_the_committed_results():
     """The README's tables come from benchmarks/results/*.json through this script; it must read every file there."""
     r = subprocess.run([sys.executable, "-m", "benchmarks", "report"], capture_output=True, text=True)

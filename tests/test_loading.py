@@ -69,7 +69,8 @@ def test_pickle_is_refused_unless_allowed(sd1_dir, tmp_path):
 @pytest.mark.parametrize("damage,needle", [
     ("not_a_model", "not a model folder"),
     ("missing_component", "missing component folder vae/"),
-    ("sdxl_config", "addition_embed_type"),
+    ("other_unet_config", "addition_embed_type"),
+    ("sdxl_unet_alone", "needs text_encoder_2/"),
     ("truncated", "truncated"),
     ("wrong_shape", "expected"),
     ("missing_key", "missing key"),
@@ -84,9 +85,13 @@ def test_bad_models_give_one_line_errors(sd1_dir, tmp_path, damage, needle):
         folder.mkdir()
     elif damage == "missing_component":
         shutil.rmtree(folder / "vae")
-    elif damage == "sdxl_config":
+    elif damage == "other_unet_config":  # Kandinsky's image conditioning: not a family we implement
         c = json.loads((folder / "unet" / "config.json").read_text())
-        c["addition_embed_type"] = "text_time"
+        c["addition_embed_type"] = "text_image"
+        (folder / "unet" / "config.json").write_text(json.dumps(c))
+    elif damage == "sdxl_unet_alone":  # an SDXL UNet config in a folder with one text encoder
+        c = json.loads((folder / "unet" / "config.json").read_text())
+        c.update(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
         (folder / "unet" / "config.json").write_text(json.dumps(c))
     elif damage == "truncated":
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])

@@ -8,6 +8,28 @@ from minidream.single_file import save_single_file, to_single_file
 from tests.conftest import max_rel_err
 
 
+def test_sdxl_export_reads_back_in_diffusers_and_ours(xl_dir, tmp_path):
+    """SDXL: label_emb, both embedders (the second OpenCLIP with packed q/k/v and a transposed text_projection)."""
+    from diffusers import StableDiffusionXLPipeline
+    m = loading.load(str(xl_dir))
+    f = tmp_path / "model.safetensors"
+    save_single_file(m, f)
+    keys = to_single_file(m).keys()
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys and "conditioner.embedders.1.model.text_projection" in keys
+    ref = StableDiffusionXLPipeline.from_single_file(str(f), config=str(xl_dir), local_files_only=True)
+    from minidream.single_file import tokenizers
+    toks = tokenizers(xl_dir / "tokenizer", xl=True)  # a bare vocabulary (--tokenizer): the second pads with "!"
+    assert toks["tokenizer"].pad_token == "<|endoftext|>" and toks["tokenizer_2"].pad_token == "!"
+    with pytest.raises(loading.ModelError, match="shape"):  # the real sdxl preset, inferred from the keys
+        loading.load(str(f), tokenizer=str(xl_dir))
+    for back in (loading.load(str(f), config=str(xl_dir)),):
+        assert back.xl and back.tokenizer_2.pad_token == "!" and back.force_zeros_for_empty_prompt
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            theirs = {k.removeprefix("text_model."): v for k, v in getattr(ref, name).state_dict().items()}
+            for k, v in getattr(m, name).state_dict().items():
+                assert torch.equal(theirs[k], v) and torch.equal(getattr(back, name).state_dict()[k], v), (name, k)
+
+
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_export_reads_back_in_diffusers_and_ours(sd1_dir, sd2_dir, tmp_path, family):
     from diffusers import StableDiffusionPipeline
@@ -41,12 +63,13 @@ def test_real_sd_layouts_round_trip_on_meta():
     """At the real SD 1.5 / 2.1 architectures: the key table covers every parameter exactly once, and
     the original key names are those of the official checkpoints (spot checks)."""
     from minidream import clip, unet, vae
-    from minidream.single_file import clip_rows, key_table, unet_rows, vae_rows
+    from minidream.single_file import CLIP_SD1, CLIP_SD2, clip_rows, key_table, unet_rows, vae_rows
     for family, openclip in (("sd15", False), ("sd21", True)):
+        prefix = CLIP_SD2 if openclip else CLIP_SD1
         with torch.device("meta"):
             u, v, c = unet.UNet2DConditionModel(unet.PRESETS[family]), vae.AutoencoderKL(vae.PRESETS[family]), clip.CLIPTextModel(clip.PRESETS[family])
         tables = [key_table(unet_rows(u.cfg), u.state_dict()), key_table(vae_rows(v.cfg), v.state_dict()),
-                  key_table(clip_rows(c.cfg, openclip), c.state_dict())]
+                  key_table(clip_rows(c.cfg, prefix, openclip), c.state_dict(), prefix if openclip else None)]
         origs = [o for t in tables for o, how in t.values() if not isinstance(how, tuple)]
         assert len(origs) == len(set(origs))
         allk = {o for t in tables for o, _ in t.values()}
