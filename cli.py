@@ -1,5 +1,6 @@
 """The `minidream` command: one typed function per subcommand; defaults live in the signatures."""
 import json
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -153,8 +154,8 @@ def info(model: ModelArg, revision: Revision = None, variant: Variant = None, al
         n = sum(x.numel() for x in mod.parameters())
         typer.echo(f"{name:<14} {n / 1e6:9.2f}M params  {str(p.dtype).removeprefix('torch.')}")
     if m.xl:
-        typer.echo(f"conditioning  SDXL: both encoders' penultimate states + pooled text + size ids; "
-                   f"no negative prompt = {'zeros' if m.force_zeros_for_empty_prompt else 'the empty prompt'}")
+        typer.echo(f"conditioning  SDXL: both encoders' penultimate states + pooled text + size ids; no negative prompt"
+                   f" = {'zeros' if m.force_zeros_for_empty_prompt else 'the empty prompt'}")
     typer.echo(f"resolution {m.native_resolution} px native")
 
 
@@ -365,7 +366,7 @@ def demo_pretrain(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
-    steps: Annotated[int, typer.Option(help="DreamBooth steps.")] = 300,
+    steps: Annotated[Optional[int], typer.Option(help="DreamBooth steps (default: the demo's, 150).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     prior: Annotated[bool, typer.Option("--prior/--no-prior", help="Prior-preservation loss.")] = True,
 ):
@@ -375,7 +376,7 @@ def demo(
     if not (DEMO_DIR / "model_index.json").exists():
         fail(f"{DEMO_DIR}: the demo model is missing (it ships with minidream); reinstall, or rebuild it with "
              f"`minidream demo-pretrain --out {DEMO_DIR}`")
-    run_demo(out, prior=prior, seed=seed, steps=steps)
+    run_demo(out, prior=prior, seed=seed, **({"steps": steps} if steps else {}))
     typer.echo((out / "report.md").read_text())
     typer.echo(f"grids: {out / 'before.png'} {out / 'after.png'}")
 
@@ -429,13 +430,15 @@ def attention_maps(model: Annotated[str, typer.Option(help="Model folder, hub re
 @app.command("eval")
 def evaluate(
     out: Annotated[Path, typer.Option(help="Folder for the two runs and the table.")] = Path("runs/eval"),
-    steps: Annotated[int, typer.Option(help="DreamBooth steps per run.")] = 300,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="DreamBooth steps per run (default: the demo's, 150).")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each DreamBooth run once per seed.")] = "0,1,2",
 ):
     """DreamBooth's claims, measured on the demo world: subject and prompt fidelity, PRES and DIV, and where the
-    identifier looks, for the base model and for DreamBooth with and without prior preservation."""
+    identifier looks, for the base model and for DreamBooth with and without prior preservation, over seeds."""
     from minidream.demo import run_eval
-    typer.echo(run_eval(out, seed=seed, steps=steps)["table"])
+    if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", seeds):
+        fail(f"--seeds {seeds!r}: give comma-separated integers, e.g. 0,1,2")
+    typer.echo(run_eval(out, tuple(map(int, seeds.split(","))), **({"steps": steps} if steps else {}))["table"])
 
 
 def main():

@@ -42,7 +42,7 @@ def main(out: Path = Path("runs/internals"), seed: int = 0, results: Path = Path
         (run / "instance").mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(world.subject_images(4)):
             img.save(run / "instance" / f"subject-{i}.png")
-        cfg = replace(demo_config(run, seed=seed), **change)
+        cfg = replace(demo_config(run, seed=seed, steps=300), **change)  # the 300 steps demo-diff-cpu.json was measured at
         train(cfg, overwrite=True)
         d = weight_diff.diff(base, load(str(run / "model"), dtype=torch.float32))
         weight_diff.write(d, run / "diff", {"base": str(DEMO_DIR), "tuned": str(run / "model")})
@@ -59,8 +59,8 @@ def token_localisation(eval_dir: Path, results: Path = Path("benchmarks/results"
     import math
     from minidream.attention_maps import attention_maps, localisation, token_positions
     from minidream.demo import SUBJECT, subject_mask
-    models = {"base model": str(DEMO_DIR), "DreamBooth, no prior loss": str(eval_dir / "without-prior" / "model"),
-              "DreamBooth, prior loss (λ=1)": str(eval_dir / "with-prior" / "model")}
+    models = {"base model": str(DEMO_DIR), "DreamBooth, no prior loss": str(eval_dir / "without-prior-seed0" / "model"),
+              "DreamBooth, prior loss (λ=1)": str(eval_dir / "with-prior-seed0" / "model")}
     record = {"what": "attention localisation per prompt token: share of the token's cross-attention mass on the "
                       "toy's pixels / the toy's share of the image (1.0 = none)",
               "samples": n, "seed": seed, "steps": 20, "guidance": 4.0, "device": f"{platform.machine()} CPU",

@@ -40,11 +40,22 @@ def test_recognizer_reads_the_world():
         assert sum(p[k] == getattr(t, k) for p, t in zip(pred, toys)) / len(toys) >= 0.95, k
 
 
-def test_dreambooth_binds_the_subject_and_prior_preservation_lowers_pres(tmp_path):
-    with_prior = run_demo(tmp_path / "with", prior=True, grids=False)
+def test_dreambooth_binds_the_subject_over_seeds_and_prior_preservation_lowers_pres(tmp_path):
+    """Two seeds with prior preservation (what CI can afford) and one without. The base model never draws the
+    subject (fidelity 0.013); at seeds 0 and 1 the demo's fidelity is 0.588 and 0.425 today (mean 0.51), and the
+    two-seed mean of the settings measured near the default stays 0.43-0.52 (benchmarks/results/demo-seeds-cpu.json,
+    which also shows ±0.15 per seed from benign changes). A DreamBooth that does not bind falls to ~0.05 (a broken
+    identifier: 0.13): 0.3 on the two-seed mean separates the two."""
+    with_prior = [run_demo(tmp_path / f"with-{s}", prior=True, seed=s, grids=False) for s in (0, 1)]
     without = run_demo(tmp_path / "without", prior=False, grids=False)
-    # The base model never draws the subject (fidelity ~0). Seed 0's fidelity is 0.625 today and moves by
-    # ±0.2 with seed or benign numeric changes (the demo is not yet robust, see the README), so the bar is
-    # what a broken DreamBooth would fall under.
-    assert with_prior["subject_fidelity"] >= 0.4, with_prior
-    assert with_prior["PRES"] < without["PRES"], (with_prior, without)
+    mean = sum(r["subject_fidelity"] for r in with_prior) / len(with_prior)
+    assert mean >= 0.3, with_prior
+    assert with_prior[0]["PRES"] < without["PRES"], (with_prior[0], without)
+    assert with_prior[0]["DIV"] > without["DIV"], (with_prior[0], without)
+
+
+def test_eval_seeds_must_be_integers():
+    from typer.testing import CliRunner
+    from cli import app
+    r = CliRunner().invoke(app, ["eval", "--seeds", "0,one"])
+    assert r.exit_code != 0 and "--seeds" in r.output and len(r.output.strip().splitlines()) == 1
