@@ -92,3 +92,18 @@ def test_a_bad_timeout_setting_is_a_one_line_error(sd1_dir, instance_dir, tmp_pa
     assert r.returncode != 0
     assert "error: MINIDREAM_DIST_TIMEOUT_MIN='soon' must be a positive number of minutes" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "x" / "run.json").exists()
+
+
+def test_sdxl_two_processes_train_as_one(xl_dir, instance_dir, tmp_path):
+    """SDXL under torchrun (size ids drawn per row with the global draw): two processes with batch 1 = one with 2."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = run_cli(*train_args(xl_dir, instance_dir, one, "--batch-size", 2, *COMMON))
+    assert r.exit_code == 0, r.output
+    r = torchrun(*train_args(xl_dir, instance_dir, two, "--batch-size", 1, *COMMON))
+    assert r.returncode == 0, r.stderr[-3000:]
+    la, lb = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two))
+    assert len(la) == len(lb) == 3
+    for x, y in zip(la, lb):
+        assert abs(x["loss"] - y["loss"]) <= 1e-4 * abs(x["loss"]) + 1e-7
+    b = load_file(two / "lora" / "pytorch_lora_weights.safetensors")
+    assert any(k.startswith("text_encoder_2.") for k in b)
