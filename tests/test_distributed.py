@@ -23,12 +23,18 @@ def torchrun(*args, script=None, timeout=300, env=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_two_processes_train_as_one_process_with_the_global_batch(sd1_dir, instance_dir, tmp_path):
+def one_and_two_processes(model, instance_dir, tmp_path):
+    """The same run as one process with --batch-size 2 and as two torchrun processes with --batch-size 1."""
     one, two = tmp_path / "one", tmp_path / "two"
-    r = run_cli(*train_args(sd1_dir, instance_dir, one, "--batch-size", 2, *COMMON))
+    r = run_cli(*train_args(model, instance_dir, one, "--batch-size", 2, *COMMON))
     assert r.exit_code == 0, r.output
-    r = torchrun(*train_args(sd1_dir, instance_dir, two, "--batch-size", 1, *COMMON))
+    r = torchrun(*train_args(model, instance_dir, two, "--batch-size", 1, *COMMON))
     assert r.returncode == 0, r.stderr[-3000:]
+    return one, two
+
+
+def test_two_processes_train_as_one_process_with_the_global_batch(sd1_dir, instance_dir, tmp_path):
+    one, two = one_and_two_processes(sd1_dir, instance_dir, tmp_path)
     # class images: the same set (image i depends on i alone), split across the ranks
     for i in range(3):
         a, b = (torch.tensor(list(Image.open(d / "class_images" / f"class-{i:05d}.png").tobytes())) for d in (one, two))
@@ -96,11 +102,7 @@ def test_a_bad_timeout_setting_is_a_one_line_error(sd1_dir, instance_dir, tmp_pa
 
 def test_sdxl_two_processes_train_as_one(xl_dir, instance_dir, tmp_path):
     """SDXL under torchrun (size ids drawn per row with the global draw): two processes with batch 1 = one with 2."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    r = run_cli(*train_args(xl_dir, instance_dir, one, "--batch-size", 2, *COMMON))
-    assert r.exit_code == 0, r.output
-    r = torchrun(*train_args(xl_dir, instance_dir, two, "--batch-size", 1, *COMMON))
-    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = one_and_two_processes(xl_dir, instance_dir, tmp_path)
     la, lb = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two))
     assert len(la) == len(lb) == 3
     for x, y in zip(la, lb):
