@@ -163,8 +163,9 @@ def check_class_dir(class_dir: Path):
 
 class LatentSource:
     """Latents of random picks from the instance examples (pool 0) and the class examples (pool 1), with their
-    prompts (and for SDXL each view's size ids: the real photo size and crop). With --cache-latents the VAE runs once per image (and per mirrored view) and only q(z|x)'s mean and
-    log-variance are kept: each step still draws a fresh z, as encoding anew would. With several buckets a step
+    prompts (and for SDXL each view's size ids: the real photo size and crop). With --cache-latents the VAE runs
+    once per image (and per mirrored view) and only q(z|x)'s mean and log-variance are kept: each step still draws a
+    fresh z, as encoding anew would. With several buckets a step
     first picks one (in proportion to its instance images); each class row is of its instance row's concept."""
 
     def __init__(self, model: StableDiffusion, cfg: TrainConfig, pools: list[list], device, g: torch.Generator,
