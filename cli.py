@@ -355,18 +355,17 @@ def demo_pretrain(
     unet_steps: Annotated[int, typer.Option(help="UNet + text encoder steps.")] = 4000,
     batch: Annotated[int, typer.Option(help="UNet batch size.")] = 64,
     recognizer_steps: Annotated[int, typer.Option(help="Recogniser training steps (batch 128).")] = 1000,
+    reuse: Annotated[Optional[Path], typer.Option(help="A demo model folder whose VAE and recogniser are kept.")] = None,
 ):
     """Pretrain the embedded demo model of the toy world (CPU: about an hour) and its recogniser."""
     from minidream.demo import pretrain
-    record = pretrain(out, seed=seed, images=images, vae_steps=vae_steps, unet_steps=unet_steps, batch=batch,
-                      recognizer_steps=recognizer_steps)
-    typer.echo(json.dumps(record, indent=2))
+    typer.echo(json.dumps(pretrain(out, seed, images, vae_steps, unet_steps, batch, recognizer_steps, reuse), indent=2))
 
 
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
-    steps: Annotated[Optional[int], typer.Option(help="DreamBooth steps (default: the demo's, 150).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="DreamBooth steps (default: the demo's, 100).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     prior: Annotated[bool, typer.Option("--prior/--no-prior", help="Prior-preservation loss.")] = True,
 ):
@@ -430,7 +429,7 @@ def attention_maps(model: Annotated[str, typer.Option(help="Model folder, hub re
 @app.command("eval")
 def evaluate(
     out: Annotated[Path, typer.Option(help="Folder for the two runs and the table.")] = Path("runs/eval"),
-    steps: Annotated[Optional[int], typer.Option(help="DreamBooth steps per run (default: the demo's, 150).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="DreamBooth steps per run (default: the demo's, 100).")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each DreamBooth run once per seed.")] = "0,1,2",
 ):
     """DreamBooth's claims, measured on the demo world: subject and prompt fidelity, PRES and DIV, and where the

@@ -34,6 +34,9 @@ MAX_TOKENS = 16  # the world's captions are short; fewer positions make every st
 UNET = UNetConfig(channels=(32, 64, 128), attention=(False, True, True), heads=(4, 4, 4), layers_per_block=1,
                   context_dim=64, groups=16, sample_size=8)
 VAE = VAEConfig(channels=(32, 64, 64), layers_per_block=1, groups=16, sample_size=32)
+# ε-prediction, DDIM from t = 951 (SD 1.x's schedule). A v-prediction model sampled from t = 999 (Lin et al. 2024)
+# was tried for the demo's colour failures and bound the subject worse (benchmarks/results/demo-seeds-cpu.json).
+SCHEDULER = SchedulerConfig()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +139,29 @@ def _dataset(n: int, seed: int):
     return toys, torch.stack(images)
 
 
+def train_vae(x: torch.Tensor, steps: int, g: torch.Generator) -> AutoencoderKL:
+    """Reconstruction (L1 + MSE) and a small KL pull towards N(0, I), as LDM's autoencoder."""
+    vae = AutoencoderKL(VAE)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    bar = Progress(steps, "vae")
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (32,), generator=g)
+        mean, logvar = vae.encode(x[idx])
+        z = reparameterize(mean, logvar, torch.randn(mean.shape, generator=g))
+        rec = vae.decode(z)
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+        loss = (rec - x[idx]).abs().mean() + (rec - x[idx]).square().mean() + 1e-4 * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.update(loss=loss.item())
+    return vae.eval()
+
+
 def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 2500, unet_steps: int = 4000,
-             batch: int = 64, recognizer_steps: int = 1500):
+             batch: int = 64, recognizer_steps: int = 1500, reuse: Path | None = None):
+    """The demo model from nothing: tokenizer, VAE, then UNet + text encoder, then the recogniser. `reuse`: a demo
+    model folder whose VAE and recogniser are kept (only the tokenizer, text encoder and UNet are trained)."""
     t_start = time.time()
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -150,33 +174,20 @@ def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 250
     tok = train_bpe(captions, 256 + 2 + 64)
     tok.max_length = MAX_TOKENS
 
-    # 1. VAE: reconstruction (L1 + MSE) and a small KL pull towards N(0, I), as LDM's autoencoder.
-    vae = AutoencoderKL(VAE)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    bar = Progress(vae_steps, "vae")
-    for step in range(vae_steps):
-        idx = torch.randint(0, len(x), (32,), generator=g)
-        mean, logvar = vae.encode(x[idx])
-        z = reparameterize(mean, logvar, torch.randn(mean.shape, generator=g))
-        rec = vae.decode(z)
-        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
-        loss = (rec - x[idx]).abs().mean() + (rec - x[idx]).square().mean() + 1e-4 * kl
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        bar.update(loss=loss.item())
-    vae.eval()
+    # 1. The VAE, and its latents of every image, scaled to unit variance (LDM §4.3.2)
+    vae = load(str(reuse), dtype=torch.float32).vae if reuse else train_vae(x, vae_steps, g)
     with torch.no_grad():
         stats = [vae.encode(x[i:i + 256]) for i in range(0, len(x), 256)]
     means, logvars = torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats])
-    scale = 1.0 / means.std().item()  # LDM §4.3.2: scale the latents to unit variance
-    vae.cfg = VAEConfig(**{**VAE.__dict__, "scaling_factor": scale})
+    if not reuse:
+        vae.cfg = VAEConfig(**{**VAE.__dict__, "scaling_factor": 1.0 / means.std().item()})
+    scale = vae.cfg.scaling_factor
 
-    # 2. UNet + text encoder, from scratch, ε-prediction; 10% empty captions for classifier-free guidance.
+    # 2. UNet + text encoder, from scratch; 10% empty captions for classifier-free guidance.
     clip = CLIPTextModel(CLIPConfig(vocab_size=len(tok), width=64, layers=2, heads=4, mlp_width=256,
                                     max_positions=MAX_TOKENS))
     unet = UNet2DConditionModel(UNET)
-    schedule = NoiseSchedule(SchedulerConfig())
+    schedule = NoiseSchedule(SCHEDULER)
     params = list(unet.parameters()) + list(clip.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
     warm = 200
@@ -189,7 +200,7 @@ def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 250
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g)
         pred = unet(schedule.add_noise(z0, noise, t), t, clip(tok(caps)))
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, schedule.target(z0, noise, t))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -197,17 +208,23 @@ def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 250
         sched.step()
         bar.update(loss=loss.item())
     model = StableDiffusion(tokenizer=tok, text_encoder=clip.eval(), unet=unet.eval(), vae=vae,
-                            scheduler=SchedulerConfig(), source=str(out))
+                            scheduler=SCHEDULER, source=str(out))
     save_pretrained(model, out)
     # The UNet's weights ship in fp16 to keep weights/demo small; loading upcasts them (train, demo: fp32).
     save_safetensors({k: v.half() for k, v in unet.state_dict().items()}, out / "unet" / "diffusion_pytorch_model.safetensors")
 
     # 3. The recogniser, and what it says of the model on caption combinations pretraining never showed.
-    net, rec_acc = train_recognizer(recognizer_steps, seed=seed, vae=vae)
+    if reuse:
+        net = load_recognizer(reuse)
+        rec_acc = {"renders": _accuracy(net, seed + 12345, None), "vae_reconstructions": _accuracy(net, seed + 12345, vae)}
+    else:
+        net, rec_acc = train_recognizer(recognizer_steps, seed=seed, vae=vae)
     save_safetensors(net.state_dict(), out / "recognizer.safetensors")
     quality = evaluate_pretrained(load(str(out), dtype=torch.float32), net)
-    record = {"command": " ".join(sys.argv), "seed": seed, "dataset_images": images, "vae_steps": vae_steps,
-              "unet_steps": unet_steps, "batch": batch, "recognizer_steps": recognizer_steps,
+    record = {"command": " ".join(sys.argv), "seed": seed, "dataset_images": images,
+              **({"vae_and_recognizer_from": str(reuse)} if reuse else {"vae_steps": vae_steps,
+                                                                       "recognizer_steps": recognizer_steps}),
+              "unet_steps": unet_steps, "batch": batch, "scheduler": SCHEDULER.to_dict(),
               "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
               "torch": torch.__version__, "wall_time_s": round(time.time() - t_start, 1),
               "recognizer_accuracy_on_held_out_images": rec_acc, "held_out_caption_quality": quality}
@@ -249,9 +266,9 @@ SUBJECT = "a sks toy"  # the instance prompt: identifier + class noun
 CLASS_PROMPT = "a toy"
 PROMPTS = (SUBJECT, f"{SUBJECT} on a blue background", CLASS_PROMPT)
 CONTEXTS = ("white", "black", "gray", "blue")
-# 150 steps: the subject fidelity over seeds 0-2 is the same as at 300 (mean 0.53 vs 0.51; it moves by ±0.15 from
-# one checkpoint to the next either way, benchmarks/results/demo-seeds-cpu.json) in half the time.
-STEPS = 150
+# 100 steps: over seeds 0-2 the subject fidelity is as flat in the steps as it is noisy (means 0.46 / 0.53 / 0.51 at
+# 100 / 150 / 300 steps; one seed moves by up to ±0.3 from one checkpoint to the next: demo-seeds-cpu.json)
+STEPS = 100
 
 
 def demo_config(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, model: Path = DEMO_DIR, lr: float = 3e-4):
@@ -261,7 +278,7 @@ def demo_config(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS
     return TrainConfig(
         model=str(model), instance_dir=str(out / "instance"), class_noun=world.CLASS_NOUN, out=str(out),
         instance_prompt=SUBJECT, class_prompt=CLASS_PROMPT, resolution=world.SIZE, flip=0.5, prior=prior,
-        num_class_images=64, class_steps=20, class_guidance=4.0, class_batch_size=64, train_text_encoder=True,
+        num_class_images=32, class_steps=10, class_guidance=4.0, class_batch_size=64, train_text_encoder=True,
         lr=lr, warmup_steps=10, max_grad_norm=0.0,  # the demo's lr and steps were chosen without clipping
         steps=steps, batch_size=4, cache_latents=True, seed=seed, validation_steps=20, checkpoint_every=0,
         keep_last=1, device="cpu")
@@ -271,21 +288,28 @@ def is_subject(p: dict) -> bool:
     return all(p[k] == v for k, v in world.SUBJECT.items())
 
 
-@torch.no_grad()
-def evaluate_dreambooth(model: StableDiffusion, net: Recognizer, n: int = 16, seed: int = 100) -> dict:
-    """Subject fidelity, prompt fidelity, PRES and DIV from the recogniser's reading of fixed-seed samples, all drawn
-    in one batch (the UNet's cost on CPU is mostly per call, not per image)."""
-    from minidream.pipeline import generate
+def eval_prompts(n: int = 16) -> list[str]:
+    """The evaluation's prompts, in groups: n of the instance prompt, n in each new context, 2n of the class prompt."""
     groups = [(SUBJECT, n)] + [(f"{SUBJECT} on a {bg} background", n) for bg in CONTEXTS] + [(CLASS_PROMPT, 2 * n)]
-    prompts = [p for p, k in groups for _ in range(k)]
-    pred = net.predict(generate(model, prompts, steps=20, guidance=4.0, progress=False,
-                                generator=torch.Generator().manual_seed(seed)))
-    at = 0
-    read = []
-    for _, k in groups:
-        read.append(pred[at:at + k])
-        at += k
-    subj, ctx, toys = read[0], dict(zip(CONTEXTS, read[1:-1])), read[-1]
+    return [p for p, k in groups for _ in range(k)]
+
+
+def eval_noise(n: int = 16, seed: int = 100) -> torch.Tensor:
+    """The evaluation's starting latents, fixed, so models are compared on the same draws."""
+    shape = (len(eval_prompts(n)), UNET.in_channels, UNET.sample_size, UNET.sample_size)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def evaluate_dreambooth(model: StableDiffusion, net: Recognizer, n: int = 16, seed: int = 100):
+    """Subject fidelity, prompt fidelity, PRES and DIV from the recogniser's reading of fixed-seed samples, all drawn
+    in one batch (the UNet's cost on CPU is mostly per call, not per image). Returns (metrics, the images)."""
+    from minidream.pipeline import generate
+    prompts = eval_prompts(n)
+    images = generate(model, prompts, steps=20, guidance=4.0, progress=False, latents=eval_noise(n, seed))
+    pred = net.predict(images)
+    subj, toys = pred[:n], pred[-2 * n:]
+    ctx = {bg: pred[n * (1 + i): n * (2 + i)] for i, bg in enumerate(CONTEXTS)}
     all_subj = subj + [p for ps in ctx.values() for p in ps]
     pairs = [(a, b) for i, a in enumerate(toys) for b in toys[i + 1:]]
     return {
@@ -295,7 +319,7 @@ def evaluate_dreambooth(model: StableDiffusion, net: Recognizer, n: int = 16, se
         "PRES": sum(map(is_subject, toys)) / len(toys),
         "DIV": sum(sum(a[k] != b[k] for k in world.ATTRIBUTES) / len(world.ATTRIBUTES) for a, b in pairs) / len(pairs),
         "samples": {"subject": len(all_subj), "class": len(toys)},
-    }
+    }, images
 
 
 def subject_mask(images: torch.Tensor) -> torch.Tensor:
@@ -319,15 +343,20 @@ def attention_localisation(model: StableDiffusion, n: int = 16, seed: int = 300)
     return sum(rows) / len(rows) if rows else float("nan")
 
 
-@torch.no_grad()
-def prompt_grid(model: StableDiffusion, path: Path, per_prompt: int = 4, seed: int = 0):
-    """Rows: the demo prompts; columns: fixed seeds, so before/after grids line up."""
-    from minidream.pipeline import generate, grid, save_png
-    rows = generate(model, [p for p in PROMPTS for _ in range(per_prompt)], steps=20, guidance=4.0, progress=False,
-                    generator=torch.Generator().manual_seed(seed))  # one batch: the same noise before and after
-    big = rows.permute(0, 3, 1, 2).float()
-    big = F.interpolate(big, scale_factor=3, mode="nearest").permute(0, 2, 3, 1).to(torch.uint8)  # 32 px is small to look at
-    save_png(grid(big, cols=per_prompt), path, {"rows": list(PROMPTS)})
+GRID = 4  # columns of the before/after grids
+
+
+def grid_rows(n: int = 16) -> list[int]:
+    """Where each of PROMPTS' first GRID samples sits in the evaluation's batch."""
+    prompts = eval_prompts(n)
+    return [prompts.index(p) + i for p in PROMPTS for i in range(GRID)]
+
+
+def save_grid(images: torch.Tensor, path: Path):
+    """Rows: the demo prompts; columns: the evaluation's first draws, so before/after grids line up."""
+    from minidream.pipeline import grid, save_png
+    big = F.interpolate(images.permute(0, 3, 1, 2).float(), scale_factor=3, mode="nearest")  # 32 px is small to look at
+    save_png(grid(big.permute(0, 2, 3, 1).to(torch.uint8), cols=GRID), path, {"rows": list(PROMPTS)})
 
 
 def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, grids: bool = True,
@@ -341,12 +370,15 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, g
         img.save(out / "instance" / f"subject-{i}.png")
     net = load_recognizer(model_dir)
     cfg = demo_config(out, prior=prior, seed=seed, steps=steps, model=model_dir)
-    if grids:
-        prompt_grid(load(cfg.model, dtype=torch.float32), out / "before.png")
+    if grids:  # the base model on the evaluation's starting latents of the grid's rows
+        from minidream.pipeline import generate
+        save_grid(generate(load(cfg.model, dtype=torch.float32), [eval_prompts()[i] for i in grid_rows()], steps=20,
+                           guidance=4.0, progress=False, latents=eval_noise()[grid_rows()]), out / "before.png")
     model, _ = train(cfg, overwrite=True)
+    found, images = evaluate_dreambooth(model, net)
     if grids:
-        prompt_grid(model, out / "after.png")
-    metrics = {"prior_preservation": prior, "steps": steps, "seed": seed, **evaluate_dreambooth(model, net)}
+        save_grid(images[grid_rows()], out / "after.png")
+    metrics = {"prior_preservation": prior, "steps": steps, "seed": seed, **found}
     if localise:
         metrics["attention_localisation"] = attention_localisation(model)
     metrics["wall_time_s"] = round(time.time() - t0, 1)
@@ -370,7 +402,7 @@ def run_eval(out: Path, seeds: tuple[int, ...] = (0, 1, 2), steps: int = STEPS) 
     run once per seed (its class images, noise and draws): mean, min and every seed's value."""
     out = Path(out)
     base_model = load(str(DEMO_DIR), dtype=torch.float32)
-    base = {**evaluate_dreambooth(base_model, load_recognizer()), "prior_preservation": None,
+    base = {**evaluate_dreambooth(base_model, load_recognizer())[0], "prior_preservation": None,
             "attention_localisation": attention_localisation(base_model)}
     runs = {"DreamBooth, no prior loss": ("without-prior", False), "DreamBooth, prior loss (λ=1)": ("with-prior", True)}
     per_seed = {k: [run_demo(out / f"{d}-seed{s}", prior=p, seed=s, steps=steps, grids=False, localise=True)

@@ -9,6 +9,7 @@ the caller passes allow_pickle=True (then `torch.load(weights_only=True)`, which
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -130,9 +131,28 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str, dtype=
     return model
 
 
-def build(cls, cfg, sd, source, dtype=None):
+@contextmanager
+def on_meta():
+    """Modules built here are shapes only, their weights to be read from a checkpoint: torch.nn.init's fills are
+    skipped (as transformers' no_init_weights does). On meta they fill nothing, and the first `normal_` there
+    imports torch._dynamo: 2 s of every `sample`, `info` or `diff` (training pays it anyway: torch's optimizers
+    import it too)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+             "trunc_normal_", "zeros_", "ones_", "constant_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
     try:
         with torch.device("meta"):
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def build(cls, cfg, sd, source, dtype=None):
+    try:
+        with on_meta():
             model = cls(cfg)
     except Exception as e:  # a config that passed the checks but still describes no buildable model
         raise ModelError(f"{source}: its config does not describe a buildable {cls.__name__} ({type(e).__name__}: "

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from minidream import clip, diffusers_layout, unet, vae
-from minidream.files import ModelError, build, read_json, read_metadata, read_weights, resolve, save_safetensors
+from minidream.files import ModelError, build, on_meta, read_json, read_metadata, read_weights, resolve, save_safetensors
 from minidream.model import PRESETS, StableDiffusion
 from minidream.tokenizer import CLIPTokenizer
 
@@ -156,7 +156,7 @@ def _take(sd, table, want_shapes, used, file):
 
 
 def _meta(cls, cfg):
-    with torch.device("meta"):
+    with on_meta():
         return cls(cfg)
 
 
