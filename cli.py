@@ -359,6 +359,8 @@ def demo_pretrain(
 ):
     """Pretrain the embedded demo model of the toy world (CPU: about an hour) and its recogniser."""
     from minidream.demo import pretrain
+    if reuse and not ((reuse / "vae" / "config.json").is_file() and (reuse / "recognizer.safetensors").is_file()):
+        fail(f"--reuse {reuse}: not a demo model folder (it needs vae/ and recognizer.safetensors, as weights/demo has)")
     typer.echo(json.dumps(pretrain(out, seed, images, vae_steps, unet_steps, batch, recognizer_steps, reuse), indent=2))
 
 

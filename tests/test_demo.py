@@ -54,11 +54,13 @@ def test_dreambooth_binds_the_subject_over_seeds_and_prior_preservation_lowers_p
     assert with_prior[0]["DIV"] > without["DIV"], (with_prior[0], without)
 
 
-def test_eval_seeds_must_be_integers():
+def test_eval_seeds_must_be_integers_and_reuse_a_demo_folder(tmp_path):
     from typer.testing import CliRunner
     from cli import app
     r = CliRunner().invoke(app, ["eval", "--seeds", "0,one"])
     assert r.exit_code != 0 and "--seeds" in r.output and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(app, ["demo-pretrain", "--out", str(tmp_path / "x"), "--reuse", str(tmp_path / "none")])
+    assert r.exit_code != 0 and "--reuse" in r.output and len(r.output.strip().splitlines()) == 1
 
 
 def test_pretrain_can_keep_the_vae_and_recognizer(tmp_path):
