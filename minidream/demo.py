@@ -100,10 +100,15 @@ def train_recognizer(steps: int = 1500, batch: int = 128, seed: int = 0, vae: Au
         opt.step()
         bar.update(loss=loss.item())
     net.eval()
+    return net, held_out_accuracy(net, seed, vae)
+
+
+def held_out_accuracy(net: Recognizer, seed: int, vae: AutoencoderKL | None) -> dict:
+    """On fresh renders, and on their VAE reconstructions when a VAE is given."""
     acc = {"renders": _accuracy(net, seed + 12345, None)}
     if vae is not None:
         acc["vae_reconstructions"] = _accuracy(net, seed + 12345, vae)
-    return net, acc
+    return acc
 
 
 @torch.no_grad()
@@ -216,7 +221,7 @@ def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 250
     # 3. The recogniser, and what it says of the model on caption combinations pretraining never showed.
     if reuse:
         net = load_recognizer(reuse)
-        rec_acc = {"renders": _accuracy(net, seed + 12345, None), "vae_reconstructions": _accuracy(net, seed + 12345, vae)}
+        rec_acc = held_out_accuracy(net, seed, vae)
     else:
         net, rec_acc = train_recognizer(recognizer_steps, seed=seed, vae=vae)
     save_safetensors(net.state_dict(), out / "recognizer.safetensors")
@@ -288,6 +293,9 @@ def is_subject(p: dict) -> bool:
     return all(p[k] == v for k, v in world.SUBJECT.items())
 
 
+SAMPLING = {"steps": 20, "guidance": 4.0, "progress": False}  # the evaluation's and the grids' (they must agree)
+
+
 def eval_prompts(n: int = 16) -> list[str]:
     """The evaluation's prompts, in groups: n of the instance prompt, n in each new context, 2n of the class prompt."""
     groups = [(SUBJECT, n)] + [(f"{SUBJECT} on a {bg} background", n) for bg in CONTEXTS] + [(CLASS_PROMPT, 2 * n)]
@@ -306,7 +314,7 @@ def evaluate_dreambooth(model: StableDiffusion, net: Recognizer, n: int = 16, se
     in one batch (the UNet's cost on CPU is mostly per call, not per image). Returns (metrics, the images)."""
     from minidream.pipeline import generate
     prompts = eval_prompts(n)
-    images = generate(model, prompts, steps=20, guidance=4.0, progress=False, latents=eval_noise(n, seed))
+    images = generate(model, prompts, latents=eval_noise(n, seed), **SAMPLING)
     pred = net.predict(images)
     subj, toys = pred[:n], pred[-2 * n:]
     ctx = {bg: pred[n * (1 + i): n * (2 + i)] for i, bg in enumerate(CONTEXTS)}
@@ -370,14 +378,16 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, g
         img.save(out / "instance" / f"subject-{i}.png")
     net = load_recognizer(model_dir)
     cfg = demo_config(out, prior=prior, seed=seed, steps=steps, model=model_dir)
+    rows = grid_rows()
     if grids:  # the base model on the evaluation's starting latents of the grid's rows
         from minidream.pipeline import generate
-        save_grid(generate(load(cfg.model, dtype=torch.float32), [eval_prompts()[i] for i in grid_rows()], steps=20,
-                           guidance=4.0, progress=False, latents=eval_noise()[grid_rows()]), out / "before.png")
+        prompts = eval_prompts()
+        save_grid(generate(load(cfg.model, dtype=torch.float32), [prompts[i] for i in rows], latents=eval_noise()[rows],
+                           **SAMPLING), out / "before.png")
     model, _ = train(cfg, overwrite=True)
     found, images = evaluate_dreambooth(model, net)
     if grids:
-        save_grid(images[grid_rows()], out / "after.png")
+        save_grid(images[rows], out / "after.png")
     metrics = {"prior_preservation": prior, "steps": steps, "seed": seed, **found}
     if localise:
         metrics["attention_localisation"] = attention_localisation(model)
