@@ -271,8 +271,8 @@ SUBJECT = "a sks toy"  # the instance prompt: identifier + class noun
 CLASS_PROMPT = "a toy"
 PROMPTS = (SUBJECT, f"{SUBJECT} on a blue background", CLASS_PROMPT)
 CONTEXTS = ("white", "black", "gray", "blue")
-# 100 steps: over seeds 0-2 the subject fidelity is as flat in the steps as it is noisy (means 0.46 / 0.53 / 0.51 at
-# 100 / 150 / 300 steps; one seed moves by up to ±0.3 from one checkpoint to the next: demo-seeds-cpu.json)
+# 100 steps: over seeds 0-5 the mean subject fidelity is 0.42 / 0.71 / 0.78 / 0.63 / 0.72 at 50 / 75 / 100 / 125 /
+# 150 steps, while one seed can move by 0.7 between checkpoints 25 steps apart (demo-seeds-cpu.json, sweep_4)
 STEPS = 100
 
 
@@ -284,9 +284,9 @@ def demo_config(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS
     The text encoder learns 30x faster than the UNet (kohya's --unet_lr / --text_encoder_lr split). The subject's
     colour and pattern are decided early in sampling, where the ε-loss barely sees them: a model that draws red
     dotted stars can fit the orange striped photos *better* in every noise band than one that draws the subject, so
-    whatever else moves the UNet flips them. Moving the identifier's encoding (toward what the base UNet already
-    draws robustly from words) and the UNet 10x slower: mean fidelity 0.78 over seeds 0-5 at 100 steps, against
-    0.48 with both at 3e-4 (benchmarks/results/demo-seeds-cpu.json, sweep_4)."""
+    whatever else moves the UNet flips them. Letting the text encoder carry the binding and moving the UNet 10x
+    slower: mean fidelity 0.78 over seeds 0-5 at 100 steps, against 0.48 with both at 3e-4 (still flipping between
+    checkpoints; benchmarks/results/demo-seeds-cpu.json, sweep_4)."""
     from minidream.config import TrainConfig
     return TrainConfig(
         model=str(model), instance_dir=str(out / "instance"), class_noun=world.CLASS_NOUN, out=str(out),

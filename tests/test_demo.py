@@ -44,8 +44,8 @@ def test_dreambooth_binds_the_subject_over_seeds_and_prior_preservation_lowers_p
     """Two seeds with prior preservation (what CI can afford) and one without. The base model never draws the
     subject (fidelity 0.013); at seeds 0 and 1 the demo's fidelity is 0.775 and 0.487 today (mean 0.63), and its
     two-seed means at the checkpoints 50-150 are 0.36-0.77 (benchmarks/results/demo-seeds-cpu.json, sweep_4: one
-    seed moves by up to ±0.3 between checkpoints 25 steps apart). A DreamBooth that does not bind falls to ~0.05
-    (a broken identifier: 0.13): 0.3 on the two-seed mean separates the two."""
+    seed can move by 0.7 between checkpoints 25 steps apart). A DreamBooth that does not bind falls to ~0.05 (a
+    broken identifier: 0.13): 0.3 on the two-seed mean separates the two."""
     with_prior = [run_demo(tmp_path / f"with-{s}", prior=True, seed=s, grids=False) for s in (0, 1)]
     without = run_demo(tmp_path / "without", prior=False, grids=False)
     mean = sum(r["subject_fidelity"] for r in with_prior) / len(with_prior)
