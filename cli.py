@@ -367,7 +367,7 @@ def demo_pretrain(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
-    steps: Annotated[Optional[int], typer.Option(help="DreamBooth steps (default: the demo's, 100).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="DreamBooth steps (default: the demo's, 50).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     prior: Annotated[bool, typer.Option("--prior/--no-prior", help="Prior-preservation loss.")] = True,
 ):
@@ -431,7 +431,7 @@ def attention_maps(model: Annotated[str, typer.Option(help="Model folder, hub re
 @app.command("eval")
 def evaluate(
     out: Annotated[Path, typer.Option(help="Folder for the two runs and the table.")] = Path("runs/eval"),
-    steps: Annotated[Optional[int], typer.Option(help="DreamBooth steps per run (default: the demo's, 100).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="DreamBooth steps per run (default: the demo's, 50).")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each DreamBooth run once per seed.")] = "0,1,2",
 ):
     """DreamBooth's claims, measured on the demo world: subject and prompt fidelity, PRES and DIV, and where the

@@ -2,8 +2,14 @@
 
 Toys — a shape in a colour with a surface pattern, at some position and size — on a plain background,
 32×32 pixels, with captions such as "a red striped star on a gray background". The *subject* is one
-combination that pretraining never shows (an orange striped star); the class noun is "toy".
+combination that pretraining never shows (a yellow striped star); the class noun is "toy".
 Everything is a deterministic function of a seed.
+
+The palette and the patterns are chosen to lie far apart where the diffusion model works: in the VAE's 8×8
+latent. An earlier world (orange between red and yellow; thin diagonal stripes and dark dots of one 6 px period)
+put its subject 0.21 (rms, in units of the latent's std, each world with its own VAE) from the nearest other toy
+and three more within 0.27, and DreamBooth runs flipped between the subject and its neighbours; this one puts the
+subject 0.31 from its nearest and the patterns 0.62 apart, not 0.24 (benchmarks/results/demo-seeds-cpu.json, `world_2`).
 """
 import math
 import random
@@ -17,12 +23,12 @@ from minidream.vae import from_uint8
 SIZE = 32
 SHAPES = ("circle", "square", "triangle", "star", "heart")
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 225), "yellow": (240, 210, 40),
-           "purple": (145, 60, 195), "orange": (250, 135, 25)}
+           "purple": (145, 60, 195), "pink": (240, 110, 180)}
 PATTERNS = ("plain", "striped", "dotted")
 BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128), "blue": (60, 110, 235)}
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "pattern": PATTERNS, "background": tuple(BACKGROUNDS)}
 
-SUBJECT = {"shape": "star", "colour": "orange", "pattern": "striped"}
+SUBJECT = {"shape": "star", "colour": "yellow", "pattern": "striped"}
 CLASS_NOUN = "toy"
 
 
@@ -72,18 +78,20 @@ def render(toy: Toy, size: int = SIZE) -> Image.Image:
     else:
         d.polygon(_polygon(toy.shape, cx, cy, r), fill=255)
     base = COLOURS[toy.colour]
-    dark = tuple(int(c * 0.35) for c in base)
     fill = Image.new("RGB", (s, s), base)
-    if toy.pattern != "plain":
-        pd = ImageDraw.Draw(fill)
-        step = s // 5  # coarse enough (6 px at 32 px) to survive the VAE's 4x downsampling
-        if toy.pattern == "striped":  # diagonal stripes
-            for k in range(-s, 2 * s, step):
-                pd.polygon([(k, 0), (k + step // 2, 0), (k + step // 2 - s, s), (k - s, s)], fill=dark)
-        else:  # dots on a grid
-            for gx in range(step // 2, s, step):
-                for gy in range(step // 2, s, step):
-                    pd.ellipse((gx - step // 4, gy - step // 4, gx + step // 4, gy + step // 4), fill=dark)
+    pd = ImageDraw.Draw(fill)
+    # Patterns that differ in brightness as well as in shape, and coarse (9 px stripes, 7 px dots at 32 px), so
+    # they survive the VAE's 4x downsampling: dark horizontal stripes darken a toy, light dots lighten it.
+    if toy.pattern == "striped":
+        step = int(s / 3.5)
+        for k in range(0, s, step):
+            pd.rectangle((0, k, s, k + step // 2), fill=tuple(int(c * 0.3) for c in base))
+    elif toy.pattern == "dotted":
+        step = int(s / 4.5)
+        rr = step * 0.3
+        for gx in range(step // 2, s, step):
+            for gy in range(step // 2, s, step):
+                pd.ellipse((gx - rr, gy - rr, gx + rr, gy + rr), fill=tuple(int(c + (255 - c) * 0.75) for c in base))
     img.paste(fill, (0, 0), mask)
     return img.resize((size, size), Image.LANCZOS)
 

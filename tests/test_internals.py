@@ -119,7 +119,7 @@ def test_demo_identifier_localisation_is_measured():
     from minidream.demo import DEMO_DIR, attention_localisation, subject_mask
     from minidream.world import Toy, render
     import numpy as np
-    img = torch.from_numpy(np.array(render(Toy("star", "orange", "striped", "blue", r=0.3))))[None]
+    img = torch.from_numpy(np.array(render(Toy("star", "yellow", "striped", "blue", r=0.3))))[None]
     mask = subject_mask(img)
     assert 0.1 < mask.float().mean() < 0.5  # the toy, not the background
     v = attention_localisation(loading.load(str(DEMO_DIR), dtype=torch.float32), n=2)
