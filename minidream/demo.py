@@ -271,9 +271,7 @@ SUBJECT = "a sks toy"  # the instance prompt: identifier + class noun
 CLASS_PROMPT = "a toy"
 PROMPTS = (SUBJECT, f"{SUBJECT} on a blue background", CLASS_PROMPT)
 CONTEXTS = ("white", "black", "gray", "blue")
-# 50 steps: over seeds 0-5 the mean subject fidelity is 0.95 / 0.99 / 0.96 / 0.94 / 0.98 / 0.98 at 25 / 50 / ... / 150
-# steps, no seed below 0.86 at any of them (demo-seeds-cpu.json, world_2); 50 is the best of them and the quickest
-STEPS = 50
+STEPS = 50  # seeds 0-5, mean fidelity at 25/50/.../150 steps 0.95/0.99/0.96/0.94/0.98/0.98, none < 0.86 (world_2)
 
 
 def demo_config(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, model: Path = DEMO_DIR,
@@ -303,22 +301,23 @@ def is_subject(p: dict) -> bool:
 
 
 SAMPLING = {"steps": 20, "guidance": 4.0, "progress": False}  # the evaluation's and the grids' (they must agree)
+CLASSES = 32  # "a toy" samples in the demo's report; `minidream eval` draws 128 (run_eval)
 
 
-def eval_prompts(n: int = 16, classes: int = 32) -> list[str]:
+def eval_prompts(n: int = 16, classes: int = CLASSES) -> list[str]:
     """The evaluation's prompts, in groups: n of the instance prompt, n in each new context, then the class prompt."""
     groups = [(SUBJECT, n)] + [(f"{SUBJECT} on a {bg} background", n) for bg in CONTEXTS] + [(CLASS_PROMPT, classes)]
     return [p for p, k in groups for _ in range(k)]
 
 
-def eval_noise(n: int = 16, seed: int = 100, classes: int = 32) -> torch.Tensor:
+def eval_noise(n: int = 16, seed: int = 100, classes: int = CLASSES) -> torch.Tensor:
     """The evaluation's starting latents, fixed, so models are compared on the same draws."""
     shape = (len(eval_prompts(n, classes)), UNET.in_channels, UNET.sample_size, UNET.sample_size)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
-def evaluate_dreambooth(model: StableDiffusion, net: Recognizer, n: int = 16, seed: int = 100, classes: int = 32):
+def evaluate_dreambooth(model: StableDiffusion, net: Recognizer, n: int = 16, seed: int = 100, classes: int = CLASSES):
     """Subject fidelity, prompt fidelity, PRES and DIV from the recogniser's reading of fixed-seed samples, all drawn
     in one batch (the UNet's cost on CPU is mostly per call, not per image). Returns (metrics, the images)."""
     from minidream.pipeline import generate
@@ -377,7 +376,7 @@ def save_grid(images: torch.Tensor, path: Path):
 
 
 def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, grids: bool = True,
-             model_dir: Path = DEMO_DIR, localise: bool = False, classes: int = 32) -> dict:
+             model_dir: Path = DEMO_DIR, localise: bool = False, classes: int = CLASSES) -> dict:
     """Train DreamBooth on the embedded subject and measure it; writes grids, report.json and report.md."""
     from minidream.train import train
     t0 = time.time()
@@ -391,8 +390,8 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, g
     if grids:  # the base model on the evaluation's starting latents of the grid's rows
         from minidream.pipeline import generate
         prompts = eval_prompts()
-        save_grid(generate(load(cfg.model, dtype=torch.float32), [prompts[i] for i in rows], latents=eval_noise()[rows],
-                           **SAMPLING), out / "before.png")
+        save_grid(generate(load(cfg.model, dtype=torch.float32), [prompts[i] for i in rows],
+                           latents=eval_noise(classes=classes)[rows], **SAMPLING), out / "before.png")
     model, _ = train(cfg, overwrite=True)
     found, images = evaluate_dreambooth(model, net, classes=classes)
     if grids:
