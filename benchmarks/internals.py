@@ -69,8 +69,7 @@ def token_localisation(eval_dir: Path, results: Path = Path("benchmarks/results"
     for name, path in models.items():
         m = load(path, dtype=torch.float32)
         rows = {}
-        words = " ".join(world.SUBJECT[k] for k in ("colour", "pattern", "shape"))
-        for prompt in (SUBJECT, f"a {words} {world.CLASS_NOUN}"):
+        for prompt in (SUBJECT, f"a {world.SUBJECT_WORDS} {world.CLASS_NOUN}"):
             images, maps = attention_maps(m, [prompt] * n, steps=20, guidance=4.0, seed=seed)
             masks = subject_mask(images)
             per = {}

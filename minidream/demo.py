@@ -301,7 +301,8 @@ def is_subject(p: dict) -> bool:
 
 
 SAMPLING = {"steps": 20, "guidance": 4.0, "progress": False}  # the evaluation's and the grids' (they must agree)
-CLASSES = 32  # "a toy" samples in the demo's report; `minidream eval` draws 128 (run_eval)
+CLASSES = 32  # "a toy" samples in the demo's report; `minidream eval` draws EVAL_CLASSES
+EVAL_CLASSES = 128  # the drift without the prior is a few percent: one sample in 32, too coarse to compare
 
 
 def eval_prompts(n: int = 16, classes: int = CLASSES) -> list[str]:
@@ -403,7 +404,7 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, g
     (out / "report.json").write_text(json.dumps(metrics, indent=2))
     (out / "report.md").write_text(
         f"# DreamBooth demo ({'with' if prior else 'without'} prior preservation)\n\n"
-        f"subject: {world.SUBJECT['colour']} {world.SUBJECT['pattern']} {world.SUBJECT['shape']} ('sks toy'); "
+        f"subject: {world.SUBJECT_WORDS} ('sks toy'); "
         f"{steps} steps, seed {seed}, {metrics['wall_time_s']} s on {platform.machine()} CPU\n\n"
         "| subject fidelity | prompt fidelity | PRES (lower is better) | DIV (higher is better) |\n|---|---|---|---|\n"
         f"| {metrics['subject_fidelity']:.3f} | {metrics['prompt_fidelity']:.3f} | {metrics['PRES']:.3f} | {metrics['DIV']:.3f} |\n")
@@ -415,10 +416,10 @@ def _spread(rows: list[dict], key: str) -> dict:
     return {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals), "each": vals}
 
 
-def run_eval(out: Path, seeds: tuple[int, ...] = (0, 1, 2), steps: int = STEPS, classes: int = 128) -> dict:
+def run_eval(out: Path, seeds: tuple[int, ...] = (0, 1, 2), steps: int = STEPS, classes: int = EVAL_CLASSES) -> dict:
     """The base model, and DreamBooth with and without the prior-preservation loss (paper, Table 3), each DreamBooth
-    run once per seed (its class images, noise and draws): mean, min and every seed's value. PRES and DIV from 128
-    class-prompt samples, not the demo's 32: the drift without the prior is a few percent, one sample in 32."""
+    run once per seed (its class images, noise and draws): mean, min and every seed's value; PRES and DIV from
+    EVAL_CLASSES class-prompt samples."""
     out = Path(out)
     base_model = load(str(DEMO_DIR), dtype=torch.float32)
     base = {**evaluate_dreambooth(base_model, load_recognizer(), classes=classes)[0], "prior_preservation": None,

@@ -29,6 +29,7 @@ BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 12
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "pattern": PATTERNS, "background": tuple(BACKGROUNDS)}
 
 SUBJECT = {"shape": "star", "colour": "yellow", "pattern": "striped"}
+SUBJECT_WORDS = " ".join(SUBJECT[k] for k in ("colour", "pattern", "shape"))  # "yellow striped star"
 CLASS_NOUN = "toy"
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minidream import world
-from minidream.demo import DEMO_DIR, load_recognizer, run_demo
+from minidream.demo import DEMO_DIR, EVAL_CLASSES, load_recognizer, run_demo
 from minidream.loading import load
 
 pytestmark = pytest.mark.skipif(not (DEMO_DIR / "model_index.json").exists(), reason="demo model not built")
@@ -45,10 +45,11 @@ def test_dreambooth_binds_the_subject_over_seeds_and_prior_preservation_lowers_p
     subject (fidelity 0.000); at seeds 0-5 the demo's fidelity is 0.86-1.00 at every checkpoint from 25 to 150 steps
     (benchmarks/results/demo-seeds-cpu.json, world_2), 1.000 at seeds 0 and 1 today. A DreamBooth
     that does not bind falls towards 0: 0.7 on the two-seed mean separates the two. The prior's side, seed 0, on
-    `minidream eval`'s 128 class samples (32 resolve one sample in 32, too coarse for a drift of a few percent):
+    `minidream eval`'s EVAL_CLASSES (128) class samples (32 resolve one sample in 32, too coarse for a few percent):
     without the prior 4-9% of "a toy" samples are the subject, with it 0-2%; DIV is higher with it by 0.04-0.13."""
-    with_prior = [run_demo(tmp_path / f"with-{s}", prior=True, seed=s, grids=False, classes=128) for s in (0, 1)]
-    without = run_demo(tmp_path / "without", prior=False, grids=False, classes=128)
+    with_prior = [run_demo(tmp_path / f"with-{s}", prior=True, seed=s, grids=False, classes=EVAL_CLASSES)
+                  for s in (0, 1)]
+    without = run_demo(tmp_path / "without", prior=False, grids=False, classes=EVAL_CLASSES)
     mean = sum(r["subject_fidelity"] for r in with_prior) / len(with_prior)
     assert mean >= 0.7, with_prior
     assert with_prior[0]["PRES"] < without["PRES"], (with_prior[0], without)
