@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from minidream import choices
-from minidream.config import DEFAULTS as D
-from minidream.config import FIELDS, MODE_DEFAULTS, TrainConfig
+from minidream.training.config import DEFAULTS as D
+from minidream.training.config import FIELDS, MODE_DEFAULTS, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stable Diffusion and DreamBooth in plain PyTorch.")
@@ -55,8 +55,8 @@ def out_folder(out: Path):
 
 def adapt(m, loras: list[tuple[Path, float]], embeddings: list[tuple[Path, str | None]], allow_pickle: bool):
     """Other tools' embeddings added and LoRAs merged into a loaded model."""
-    from minidream.adapters import add_embedding, apply_loras
-    from minidream.loading import ModelError
+    from minidream.formats.adapters import add_embedding, apply_loras
+    from minidream.formats.loading import ModelError
     try:
         for f, tok in embeddings:
             add_embedding(m, f, tok, allow_pickle)
@@ -67,8 +67,8 @@ def adapt(m, loras: list[tuple[Path, float]], embeddings: list[tuple[Path, str |
 
 
 def device_and_backend(device: str | None, attention, dtype) -> tuple[str, str]:
-    from minidream.attention import resolve_backend
-    from minidream.model import resolve_device
+    from minidream.models.attention import resolve_backend
+    from minidream.models.stable_diffusion import resolve_device
     try:
         dev = resolve_device(device).type
         backend = resolve_backend(attention.value, dev)
@@ -81,8 +81,8 @@ def device_and_backend(device: str | None, attention, dtype) -> tuple[str, str]:
 
 def concepts_arg(path: Path | None) -> tuple:
     """--concepts FILE.json, read and checked (the entries are stored in the run's config)."""
-    from minidream.concepts import read_concepts_file
-    from minidream.config import TrainError
+    from minidream.training.concepts import read_concepts_file
+    from minidream.training.config import TrainError
     try:
         return read_concepts_file(path) if path is not None else ()
     except TrainError as e:
@@ -124,7 +124,7 @@ EmbeddingOpt = Annotated[Optional[list[Path]], typer.Option(help="Textual-invers
 
 def load_model(model: str, revision=None, variant=None, allow_pickle=False, tokenizer=None, preset=None, config=None,
                dtype=None):
-    from minidream.loading import ModelError, load
+    from minidream.formats.loading import ModelError, load
     try:
         return load(model, revision=revision, variant=variant, allow_pickle=allow_pickle, tokenizer=tokenizer,
                     preset=preset, config=config, dtype=dtype)
@@ -141,7 +141,7 @@ def info(model: ModelArg, revision: Revision = None, variant: Variant = None, al
     typer.echo(f"version    {m.version}")
     typer.echo(f"prediction {m.scheduler.prediction_type} ({m.scheduler.beta_schedule} betas, "
                f"{m.scheduler.num_train_timesteps} steps, spacing {m.scheduler.timestep_spacing})")
-    from minidream.samplers import default_sampler
+    from minidream.sampling.samplers import default_sampler
     try:
         own = default_sampler(m.scheduler)
     except ValueError:
@@ -191,9 +191,9 @@ def sample(
 ):
     """Text to image: writes one PNG per image (settings in the PNG text) and a grid when several."""
     import torch
-    from minidream.attention import set_attention_backend
-    from minidream.pipeline import generate, grid, save_png
-    from minidream.samplers import default_sampler, make_sampler
+    from minidream.models.attention import set_attention_backend
+    from minidream.sampling.pipeline import generate, grid, save_png
+    from minidream.sampling.samplers import default_sampler, make_sampler
 
     if num_images < 1 or batch_size < 1:
         fail("--num-images and --batch-size must be at least 1")
@@ -331,7 +331,7 @@ def train(
 ):
     """DreamBooth: bind IDENTIFIER to the subject in --instance-dir, with prior preservation."""
     params = dict(locals())
-    from minidream.train import TrainError, train as run
+    from minidream.training.dreambooth import TrainError, train as run
     # which settings the user named: on --resume only those may override (or conflict with) the checkpoint's
     given = {p for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", None) == "COMMANDLINE"}  # click's enum, or typer's copy
     values = {k: v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v
@@ -358,7 +358,7 @@ def demo_pretrain(
     reuse: Annotated[Optional[Path], typer.Option(help="A demo model folder whose VAE and recogniser are kept.")] = None,
 ):
     """Pretrain the embedded demo model of the toy world (CPU: about an hour) and its recogniser."""
-    from minidream.demo import pretrain
+    from minidream.demo.run import pretrain
     if reuse and not ((reuse / "vae" / "config.json").is_file() and (reuse / "recognizer.safetensors").is_file()):
         fail(f"--reuse {reuse}: not a demo model folder (it needs vae/ and recognizer.safetensors, as weights/demo has)")
     typer.echo(json.dumps(pretrain(out, seed, images, vae_steps, unet_steps, batch, recognizer_steps, reuse), indent=2))
@@ -373,7 +373,7 @@ def demo(
 ):
     """DreamBooth on the embedded toy-world model and subject, on CPU in under a minute: before/after
     grids for "a sks toy", "a sks toy on a blue background", "a toy", and a metrics report."""
-    from minidream.demo import DEMO_DIR, run_demo
+    from minidream.demo.run import DEMO_DIR, run_demo
     if not (DEMO_DIR / "model_index.json").exists():
         fail(f"{DEMO_DIR}: the demo model is missing (it ships with minidream); reinstall, or rebuild it with "
              f"`minidream demo-pretrain --out {DEMO_DIR}`")
@@ -390,7 +390,7 @@ def diff(base: ModelArg, tuned: ModelArg,
     """What fine-tuning changed: ‖W_tuned − W_base‖/‖W_base‖ of every tensor, by component, block and layer type
     (--lora/--embedding are applied to TUNED: `diff BASE BASE --lora L` shows what a LoRA changes)."""
     import torch
-    from minidream import weight_diff
+    from minidream.inspect import weight_diff
     out_folder(out)
     a = load_model(base, None, None, allow_pickle, tokenizer, preset, config, dtype=torch.float32)
     b = adapt(load_model(tuned, None, None, allow_pickle, tokenizer, preset, config, dtype=torch.float32),
@@ -414,7 +414,7 @@ def attention_maps(model: Annotated[str, typer.Option(help="Model folder, hub re
                    embedding: EmbeddingOpt = None, allow_pickle: AllowPickle = False, tokenizer: TokenizerOpt = None,
                    preset: PresetOpt = None, config: ConfigOpt = None):
     """Where each prompt token looks: cross-attention probabilities averaged over heads, layers and steps."""
-    from minidream import attention_maps as am
+    from minidream.inspect import attention_maps as am
     out_folder(out)
     m = adapt(load_model(model, None, None, allow_pickle, tokenizer, preset, config),
               [lora_arg(x, 1.0) for x in lora or []], embedding_args(embedding or [], []), allow_pickle)
@@ -436,7 +436,7 @@ def evaluate(
 ):
     """DreamBooth's claims, measured on the demo world: subject and prompt fidelity, PRES and DIV, and where the
     identifier looks, for the base model and for DreamBooth with and without prior preservation, over seeds."""
-    from minidream.demo import run_eval
+    from minidream.demo.run import run_eval
     if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", seeds):
         fail(f"--seeds {seeds!r}: give comma-separated integers, e.g. 0,1,2")
     typer.echo(run_eval(out, tuple(map(int, seeds.split(","))), **({"steps": steps} if steps else {}))["table"])

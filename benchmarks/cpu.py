@@ -42,10 +42,10 @@ def images(res: int):
 
 
 def ours(folder: str, mode: str, res: int):
-    from minidream.attention import resolve_backend, set_attention_backend
-    from minidream.config import TrainConfig
-    from minidream.concepts import plain
-    from minidream.train import load_base, prepare
+    from minidream.models.attention import resolve_backend, set_attention_backend
+    from minidream.training.config import TrainConfig
+    from minidream.training.concepts import plain
+    from minidream.training.dreambooth import load_base, prepare
     cfg = TrainConfig(model=folder, instance_dir="", class_noun="dog", out="", train=mode, resolution=res,
                       steps=10 ** 6, device="cpu")
     device = torch.device("cpu")
@@ -79,7 +79,7 @@ def diffusers(folder: str, mode: str, res: int):
     text.requires_grad_(False)
     unet.requires_grad_(mode == "unet")
     if mode == "attention":  # diffusers has no such mode; the same projections as ours, unfrozen
-        from minidream.trainable import UNET_ATTENTION
+        from minidream.training.trainable import UNET_ATTENTION
         for name, m in unet.named_modules():
             if UNET_ATTENTION.fullmatch(name):
                 m.requires_grad_(True)
@@ -89,7 +89,7 @@ def diffusers(folder: str, mode: str, res: int):
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]))
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    from minidream.config import MODE_DEFAULTS  # the same learning rates as ours (the step's cost does not depend on it)
+    from minidream.training.config import MODE_DEFAULTS  # the same learning rates as ours (the step's cost does not depend on it)
     opt = torch.optim.AdamW(params, lr=MODE_DEFAULTS[mode]["lr"], betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1
                           for im in images(res)])
@@ -150,9 +150,9 @@ def run(preset: str = "sd15", res: int = 256, rounds: int = 5, warmup: int = 1, 
         modes=MODES, out=None) -> Path:
     from benchmarks.common import RESULTS, environment
     from benchmarks.sd import PROMPTS
-    from minidream.diffusers_layout import save_pretrained
-    from minidream.model import random_model
-    from minidream.tokenizer import train_bpe
+    from minidream.formats.diffusers_layout import save_pretrained
+    from minidream.models.stable_diffusion import random_model
+    from minidream.models.tokenizer import train_bpe
     rows = []
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(random_model(preset, tokenizer=train_bpe(PROMPTS * 4, 300), seed=0), d)

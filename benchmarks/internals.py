@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from minidream import weight_diff, world
-from minidream.demo import DEMO_DIR, demo_config
-from minidream.loading import load
-from minidream.train import train
+from minidream.inspect import weight_diff
+from minidream.demo import world
+from minidream.demo.run import DEMO_DIR, demo_config
+from minidream.formats.loading import load
+from minidream.training.dreambooth import train
 
 VARIANTS = {  # name -> changes to the demo's own run (demo.demo_config)
     "unet + text encoder (the demo)": {},
@@ -58,8 +59,8 @@ def token_localisation(eval_dir: Path, results: Path = Path("benchmarks/results"
     """Every prompt token's attention localisation (demo.attention_localisation's ratio), for the base model and
     the two runs of a `minidream eval` folder: the identifier, and as a control the words the base model knows."""
     import math
-    from minidream.attention_maps import attention_maps, localisation, token_positions
-    from minidream.demo import SUBJECT, subject_mask
+    from minidream.inspect.attention_maps import attention_maps, localisation, token_positions
+    from minidream.demo.run import SUBJECT, subject_mask
     models = {"base model": str(DEMO_DIR), "DreamBooth, no prior loss": str(eval_dir / "without-prior-seed0" / "model"),
               "DreamBooth, prior loss (λ=1)": str(eval_dir / "with-prior-seed0" / "model")}
     record = {"what": "attention localisation per prompt token: share of the token's cross-attention mass on the "

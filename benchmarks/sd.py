@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import count_flops, peak_memory, peak_tflops, timeit, write
-from minidream.attention import set_attention_backend, set_fused_projections
-from minidream.diffusers_layout import clip_config_json, unet_config_json, vae_config_json
-from minidream.model import encode_text, random_model, size_ids
-from minidream.pipeline import generate
-from minidream.schedulers import NoiseSchedule
-from minidream.tokenizer import train_bpe
-from minidream.train import training_step
-from minidream.trainable import UNET_ATTENTION, select_trainable
+from minidream.models.attention import set_attention_backend, set_fused_projections
+from minidream.formats.diffusers_layout import clip_config_json, unet_config_json, vae_config_json
+from minidream.models.stable_diffusion import encode_text, random_model, size_ids
+from minidream.sampling.pipeline import generate
+from minidream.sampling.schedulers import NoiseSchedule
+from minidream.models.tokenizer import train_bpe
+from minidream.training.dreambooth import training_step
+from minidream.training.trainable import UNET_ATTENTION, select_trainable
 
 PROMPTS = ["a photo of sks dog", "a photo of dog", "a photo of a dog on the beach"]
 

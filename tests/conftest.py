@@ -50,7 +50,7 @@ def tiny_clip_config(vocab_size: int, sd2: bool = False):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from minidream.tokenizer import train_bpe
+    from minidream.models.tokenizer import train_bpe
     return train_bpe(CAPTIONS, 400)
 
 

@@ -80,8 +80,8 @@ def test_lora_metadata_alpha_and_old_names(sd1_dir, tmp_path):
     """diffusers-format files: α/r from `lora_adapter_metadata` (PEFT's lora_alpha != r), and the older
     attention-processor key names, which must merge exactly as their PEFT spelling."""
     from diffusers import StableDiffusionPipeline
-    from minidream import loading
-    from minidream.adapters import apply_loras
+    from minidream.formats import loading
+    from minidream.formats.adapters import apply_loras
     pipe = StableDiffusionPipeline.from_pretrained(sd1_dir, **KW)
     g = torch.Generator().manual_seed(3)
     sd, modules = {}, []
@@ -160,7 +160,7 @@ def test_multi_vector_embeddings_of_other_tools(sd1_dir, tmp_path, fmt):
 
 
 def test_bad_lora_and_embedding_files_are_one_line(sd1_dir, tmp_path):
-    from minidream import loading
+    from minidream.formats import loading
     m = loading.load(str(sd1_dir))
     unknown = tmp_path / "unknown.safetensors"
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(2, 2),

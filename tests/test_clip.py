@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from minidream import diffusers_layout
+from minidream.formats import diffusers_layout
 from tests.conftest import max_rel_err, perturb, tiny_clip_config
 
 PROMPTS = ["a photo of sks dog", "", "A red, striped STAR on a green background!!", "a dog " * 40]
@@ -56,7 +56,7 @@ def test_loads_keys_with_text_model_prefix(tmp_path, tiny_tokenizer):
 
 
 def test_text_encoder_presets_match_official_parameter_counts():
-    from minidream.clip import PRESETS, CLIPTextModel
+    from minidream.models.clip import PRESETS, CLIPTextModel
     with torch.device("meta"):
         counts = {n: sum(p.numel() for p in CLIPTextModel(PRESETS[n]).parameters()) for n in ("sd15", "sd21")}
     assert counts == {"sd15": 123_060_480, "sd21": 340_387_840}

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from minidream import loading
-from minidream.concepts import buckets, nearest_bucket
+from minidream.formats import loading
+from minidream.training.concepts import buckets, nearest_bucket
 from tests.test_train import run_cli, train_args
 
 
@@ -55,8 +55,8 @@ def test_aspect_buckets_and_captions(sd1_dir, tmp_path):
 
 
 def test_text_conditioning_rows_are_each_prompts_own(sd1_dir):
-    from minidream.data import TextConditioning
-    from minidream.model import encode_text
+    from minidream.training.data import TextConditioning
+    from minidream.models.stable_diffusion import encode_text
     m = loading.load(str(sd1_dir))
     groups = {"text_encoder": [], "token": []}
     cfg = type("C", (), {"text_encoder_steps": 0})()

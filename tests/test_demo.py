@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from minidream import world
-from minidream.demo import DEMO_DIR, EVAL_CLASSES, load_recognizer, run_demo
-from minidream.loading import load
+from minidream.demo import world
+from minidream.demo.run import DEMO_DIR, EVAL_CLASSES, load_recognizer, run_demo
+from minidream.formats.loading import load
 
 pytestmark = pytest.mark.skipif(not (DEMO_DIR / "model_index.json").exists(), reason="demo model not built")
 

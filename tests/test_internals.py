@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from minidream import loading
+from minidream.formats import loading
 from tests.test_train import instance_dir, run_cli, train_args  # noqa: F401  (instance_dir is a fixture)
 
 
@@ -59,7 +59,7 @@ def test_captured_probabilities_are_diffusers_attention_scores(sd1_dir):
     (attn.get_attention_scores) in every cross-attention layer, for the same UNet input."""
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
-    from minidream.attention_maps import CrossAttentionStore, capture_cross_attention
+    from minidream.inspect.attention_maps import CrossAttentionStore, capture_cross_attention
     theirs = []
 
     class Recording(AttnProcessor):
@@ -101,14 +101,14 @@ def test_attention_maps_command(sd1_dir, tmp_path):
     m = loading.load(str(sd1_dir))
     assert [t["index"] for t in meta["tokens"]] == list(range(1, 1 + len(m.tokenizer.encode("a red striped star"))))
     assert all((tmp_path / "a" / t["file"]).exists() for t in meta["tokens"])
-    from minidream.attention_maps import attention_maps
+    from minidream.inspect.attention_maps import attention_maps
     _, maps = attention_maps(m, ["a red star"], steps=2, height=32, width=32)
     assert maps.shape == (1, 77, 32, 32)
     assert torch.allclose(maps.sum(1), torch.ones(1, 32, 32), atol=1e-4)  # a distribution over the 77 tokens per pixel
 
 
 def test_localisation_ratio():
-    from minidream.attention_maps import localisation
+    from minidream.inspect.attention_maps import localisation
     mask = torch.zeros(8, 8, dtype=torch.bool)
     mask[:4] = True  # half the image
     assert localisation(torch.ones(8, 8), mask) == pytest.approx(1.0)
@@ -116,8 +116,8 @@ def test_localisation_ratio():
 
 
 def test_demo_identifier_localisation_is_measured():
-    from minidream.demo import DEMO_DIR, attention_localisation, subject_mask
-    from minidream.world import Toy, render
+    from minidream.demo.run import DEMO_DIR, attention_localisation, subject_mask
+    from minidream.demo.world import Toy, render
     import numpy as np
     img = torch.from_numpy(np.array(render(Toy("star", "yellow", "striped", "blue", r=0.3))))[None]
     mask = subject_mask(img)

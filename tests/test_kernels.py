@@ -80,8 +80,8 @@ def test_bad_shapes_are_refused():
 
 def test_unet_with_triton_backend_matches_sdpa(sd1_dir):
     """A whole tiny UNet forward + backward through the kernel (self- and 77-key cross-attention)."""
-    from minidream import diffusers_layout
-    from minidream.attention import set_attention_backend
+    from minidream.formats import diffusers_layout
+    from minidream.models.attention import set_attention_backend
     from tests.conftest import max_rel_err
     unet = diffusers_layout.load_unet(sd1_dir / "unet").requires_grad_(True)
     g = torch.Generator().manual_seed(0)

@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 
-from minidream import loading
-from minidream.pipeline import generate
-from minidream.samplers import SAMPLERS
+from minidream.formats import loading
+from minidream.sampling.pipeline import generate
+from minidream.sampling.samplers import SAMPLERS
 
 
 def reference_images(folder, prompt, scheduler, guidance, steps, seed, n=1, negative=None, eta=0.0, size=32):

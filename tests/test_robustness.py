@@ -12,8 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from minidream import diffusers_layout, loading
-from minidream.files import read_json, read_weights
+from minidream.formats import diffusers_layout, loading
+from minidream.formats.files import read_json, read_weights
 from tests.test_train import instance_dir, run_cli, train_args  # noqa: F401  (instance_dir is a fixture)
 
 GARBAGE = [None, -1, 0, 7, 3.5, float("nan"), "x", "", [], [0], [1, 2, 3], {}, True, 10 ** 12, -0.5]
@@ -83,8 +83,8 @@ def test_safetensors_header_fuzz(sd1_dir, tmp_path):
 
 def test_image_fuzz_and_16_bit_pngs(tmp_path):
     from PIL import Image
-    from minidream.config import TrainError
-    from minidream.data import load_images
+    from minidream.training.config import TrainError
+    from minidream.training.data import load_images
     good = tmp_path / "good.png"
     Image.new("RGB", (16, 16), (10, 20, 30)).save(good)
     raw = good.read_bytes()
@@ -134,7 +134,7 @@ def test_bad_lora_files_are_one_line(sd1_dir, tmp_path):
 
 
 def test_nan_at_sampling_is_an_error_not_a_black_image(sd1_dir, tmp_path):
-    from minidream.lora import diffusers_lora_state_dict
+    from minidream.models.lora import diffusers_lora_state_dict
     m = loading.load(str(sd1_dir))
     name = next(n for n, mod in m.unet.named_modules() if n.endswith("attn2.to_q"))
     f = _lora_file(tmp_path / "nan.safetensors", {f"unet.{name}.lora_A.weight": torch.full((2, 64), float("nan")),
@@ -193,7 +193,7 @@ def test_train_refuses_an_identifier_past_the_token_limit(sd1_dir, instance_dir,
 
 
 def test_one_run_per_out_folder(sd1_dir, instance_dir, tmp_path):
-    from minidream.checkpoint import lock_run
+    from minidream.training.checkpoint import lock_run
     out = tmp_path / "run"
     out.mkdir()
     held = lock_run(out)
@@ -205,7 +205,7 @@ def test_one_run_per_out_folder(sd1_dir, instance_dir, tmp_path):
 
 
 def test_a_full_disk_at_export_keeps_the_trained_weights(sd1_dir, instance_dir, tmp_path, monkeypatch):
-    import minidream.export as export
+    import minidream.training.export as export
     out = tmp_path / "run"
 
     def full(*a, **k):

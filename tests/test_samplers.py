@@ -7,9 +7,9 @@ import inspect
 import pytest
 import torch
 
-from minidream import samplers
-from minidream.samplers import SAMPLERS, default_sampler, make_sampler
-from minidream.schedulers import SchedulerConfig
+from minidream.sampling import samplers
+from minidream.sampling.samplers import SAMPLERS, default_sampler, make_sampler
+from minidream.sampling.schedulers import SchedulerConfig
 
 SD = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
       "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,

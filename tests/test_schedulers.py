@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minidream.schedulers import DDIM, DDPM, NoiseSchedule, SchedulerConfig
+from minidream.sampling.schedulers import DDIM, DDPM, NoiseSchedule, SchedulerConfig
 
 CONFIGS = [
     SchedulerConfig(),

@@ -6,10 +6,10 @@ import gc
 import pytest
 import torch
 
-from minidream import diffusers_layout, loading
-from minidream import model as model_lib
-from minidream.model import encode_text
-from minidream.pipeline import generate
+from minidream.formats import diffusers_layout, loading
+from minidream.models import stable_diffusion as model_lib
+from minidream.models.stable_diffusion import encode_text
+from minidream.sampling.pipeline import generate
 from tests.conftest import max_rel_err, perturb, tiny_clip_config
 
 PROMPTS = ["a red star on a white background", "a blue dotted dog"]
@@ -45,7 +45,7 @@ def test_text_conditioning_matches_encode_prompt(pipes):
 def test_legacy_eos_rule_reads_the_largest_id(tiny_tokenizer):
     """A config with eos_token_id=2 (the official SDXL ones) pools at the largest id, as transformers does."""
     from transformers import CLIPTextModelWithProjection
-    from minidream.clip import CLIPTextModel
+    from minidream.models.clip import CLIPTextModel
     cfg = tiny_clip_config(len(tiny_tokenizer), sd2=True)
     cfg.eos_token_id, cfg.projection_dim = 2, 16
     torch.manual_seed(0)
@@ -133,8 +133,8 @@ def test_real_sdxl_keys_shapes_and_single_file_names():
     """At SDXL's real architecture (on the meta device): our keys and shapes are diffusers', the official config reads
     into our `sdxl` preset, and the single-file table covers every tensor once under the official names."""
     from diffusers import UNet2DConditionModel
-    from minidream import clip, unet, vae
-    from minidream.single_file import CLIP_XL1, CLIP_XL2, clip_rows, key_table, unet_rows, vae_rows
+    from minidream.models import clip, unet, vae
+    from minidream.formats.single_file import CLIP_XL1, CLIP_XL2, clip_rows, key_table, unet_rows, vae_rows
     with torch.device("meta"):
         ref = UNet2DConditionModel(**REAL_XL)
         p = model_lib.PRESETS["sdxl"]
@@ -167,7 +167,7 @@ def test_real_sdxl_widths_numeric_forward(tmp_path):
     and both text encoders at full width; one side in memory at a time (the weights are shared)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    from minidream import clip, unet
+    from minidream.models import clip, unet
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 2048, generator=g)
@@ -202,8 +202,8 @@ def test_real_sdxl_widths_numeric_forward(tmp_path):
 
 def test_fp16_vae_decodes_in_fp32_and_stays_fp16(xl_dir):
     """SDXL's VAE overflows in fp16 (force_upcast): an fp16 model decodes in fp32, as diffusers' pipeline does."""
-    from minidream.pipeline import decode
-    from minidream.vae import to_uint8
+    from minidream.sampling.pipeline import decode
+    from minidream.models.vae import to_uint8
     m = loading.load(str(xl_dir), dtype=torch.float16)
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).half()
     got = decode(m, z)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from minidream import loading
-from minidream.config import TrainConfig
-from minidream.data import LatentSource, to_tensor
-from minidream.model import encode_text
-from minidream.train import dreambooth_loss
+from minidream.formats import loading
+from minidream.training.config import TrainConfig
+from minidream.training.data import LatentSource, to_tensor
+from minidream.models.stable_diffusion import encode_text
+from minidream.training.dreambooth import dreambooth_loss
 from tests.conftest import max_rel_err
 from tests.test_adapters import ours, theirs
 from tests.test_train import _changed, instance_dir, run_cli, train_args  # noqa: F401 (instance_dir is a fixture)
@@ -21,7 +21,7 @@ def test_one_step_matches_diffusers_sdxl_dreambooth_loss_and_gradients(xl_dir):
     """Same batch, noise, timesteps and size ids: our loss parts and UNet gradients equal those of diffusers'
     UNet conditioned as train_dreambooth_lora_sdxl.py conditions it (encode_prompt, add_time_ids)."""
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
-    from minidream.schedulers import NoiseSchedule
+    from minidream.sampling.schedulers import NoiseSchedule
     ref = StableDiffusionXLPipeline.from_pretrained(xl_dir, add_watermarker=False)
     ours_m = loading.load(str(xl_dir))
     ours_m.unet.requires_grad_(True)
@@ -66,7 +66,7 @@ def test_size_ids_are_each_views_real_size_and_crop():
 
 @pytest.mark.parametrize("cache", [False, True])
 def test_each_drawn_row_carries_its_views_size_ids(xl_dir, tmp_path, cache):
-    from minidream.concepts import Example
+    from minidream.training.concepts import Example
     m = loading.load(str(xl_dir))
     pools = [[Example(Image.new("RGB", (48, 40)), tmp_path / "a.png", "a photo of sks dog", 0, (16, 16))],
              [Example(Image.new("RGB", (16, 16)), tmp_path / "c.png", "a photo of dog", 0, (16, 16))]]

@@ -3,8 +3,8 @@ reader) and our loader read it, and both give the same outputs."""
 import pytest
 import torch
 
-from minidream import loading
-from minidream.single_file import save_single_file, to_single_file
+from minidream.formats import loading
+from minidream.formats.single_file import save_single_file, to_single_file
 from tests.conftest import max_rel_err
 
 
@@ -17,7 +17,7 @@ def test_sdxl_export_reads_back_in_diffusers_and_ours(xl_dir, tmp_path):
     keys = to_single_file(m).keys()
     assert "model.diffusion_model.label_emb.0.0.weight" in keys and "conditioner.embedders.1.model.text_projection" in keys
     ref = StableDiffusionXLPipeline.from_single_file(str(f), config=str(xl_dir), local_files_only=True)
-    from minidream.single_file import tokenizers
+    from minidream.formats.single_file import tokenizers
     toks = tokenizers(xl_dir / "tokenizer", xl=True)  # a bare vocabulary (--tokenizer): the second pads with "!"
     assert toks["tokenizer"].pad_token == "<|endoftext|>" and toks["tokenizer_2"].pad_token == "!"
     with pytest.raises(loading.ModelError, match="shape"):  # the real sdxl preset, inferred from the keys
@@ -62,8 +62,8 @@ def test_export_reads_back_in_diffusers_and_ours(sd1_dir, sd2_dir, tmp_path, fam
 def test_real_sd_layouts_round_trip_on_meta():
     """At the real SD 1.5 / 2.1 architectures: the key table covers every parameter exactly once, and
     the original key names are those of the official checkpoints (spot checks)."""
-    from minidream import clip, unet, vae
-    from minidream.single_file import CLIP_SD1, CLIP_SD2, clip_rows, key_table, unet_rows, vae_rows
+    from minidream.models import clip, unet, vae
+    from minidream.formats.single_file import CLIP_SD1, CLIP_SD2, clip_rows, key_table, unet_rows, vae_rows
     for family, openclip in (("sd15", False), ("sd21", True)):
         prefix = CLIP_SD2 if openclip else CLIP_SD1
         with torch.device("meta"):

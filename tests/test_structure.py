@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = sorted([*ROOT.glob("minidream/*.py"), *ROOT.glob("kernels/*.py"), ROOT / "cli.py", *ROOT.glob("benchmarks/*.py")])
+SOURCES = sorted([*ROOT.glob("minidream/**/*.py"), *ROOT.glob("kernels/*.py"), ROOT / "cli.py", *ROOT.glob("benchmarks/*.py")])
 
 
 def module_name(path: Path) -> str:

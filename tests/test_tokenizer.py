@@ -1,6 +1,6 @@
 import pytest
 
-from minidream.tokenizer import CLIPTokenizer
+from minidream.models.tokenizer import CLIPTokenizer
 
 TRICKY = [
     "a photo of sks dog", "", "  Leading and   trailing   spaces  ", "UPPER lower MiXeD",

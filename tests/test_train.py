@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from minidream import loading
-from minidream.train import dreambooth_loss
+from minidream.formats import loading
+from minidream.training.dreambooth import dreambooth_loss
 from tests.conftest import max_rel_err
 
 
@@ -43,7 +43,7 @@ def test_one_step_matches_diffusers_dreambooth_loss_and_gradients(sd1_dir):
     CLIP with the loss of diffusers' train_dreambooth.py (instance mse + λ·prior mse on the chunked batch)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
-    from minidream.schedulers import NoiseSchedule
+    from minidream.sampling.schedulers import NoiseSchedule
     ours = loading.load(str(sd1_dir))
     ours.unet.requires_grad_(True)
     ref_unet = UNet2DConditionModel.from_pretrained(sd1_dir / "unet")
@@ -150,7 +150,7 @@ def test_resume_after_kill_is_bit_identical(sd1_dir, instance_dir, tmp_path):
 
 def test_exports_load_in_diffusers_and_give_our_images(sd1_dir, instance_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
-    from minidream.pipeline import generate
+    from minidream.sampling.pipeline import generate
     out = tmp_path / "run"
     r = run_cli(*train_args(sd1_dir, instance_dir, out, "--train", "lora", "--train-text-encoder", "--lr", 3e-2,
                             "--save-as", "lora-diffusers", "--save-as", "lora-kohya", "--save-as", "diffusers",
@@ -184,14 +184,14 @@ def test_exports_load_in_diffusers_and_give_our_images(sd1_dir, instance_dir, tm
         assert (theirs(pipe).int() - want.int()).abs().max() <= 1, f.name
         # and `minidream sample --lora` reads the same file
         base = loading.load(str(sd1_dir))
-        from minidream.adapters import apply_loras
+        from minidream.formats.adapters import apply_loras
         apply_loras(base, [(f, 1.0)])
         assert (ours(base).int() - want.int()).abs().max() <= 1, f.name
 
 
 def test_textual_inversion_file_loads_in_diffusers(sd1_dir, instance_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
-    from minidream.pipeline import generate
+    from minidream.sampling.pipeline import generate
     out = tmp_path / "run"
     r = run_cli(*train_args(sd1_dir, instance_dir, out, "--train", "attention", "--train-token", "--lr", 1e-9,
                             "--token-lr", 0.1, "--save-as", "diffusers"))
@@ -274,8 +274,8 @@ def test_min_snr_weights_and_v_target_follow_the_references():
     """SNR as diffusers' training_utils.compute_snr; weights min(SNR, γ)/SNR (ε) and min(SNR, γ)/(SNR+1) (v)."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
-    from minidream.schedulers import NoiseSchedule, SchedulerConfig
-    from minidream.train import min_snr_weights
+    from minidream.sampling.schedulers import NoiseSchedule, SchedulerConfig
+    from minidream.training.dreambooth import min_snr_weights
     t = torch.tensor([0, 10, 250, 500, 999])
     ref = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     eps = NoiseSchedule(SchedulerConfig())

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minidream import loading
-from minidream.config import TrainConfig
-from minidream.trainable import lr_lambdas
+from minidream.formats import loading
+from minidream.training.config import TrainConfig
+from minidream.training.trainable import lr_lambdas
 from tests.test_train import instance_dir, run_cli, train_args  # noqa: F401  (instance_dir is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def checkpoint_meta(path: Path) -> dict:
 def test_bf16_attention_run_exports_every_frozen_tensor_bit_identical(sd1_dir, instance_dir, tmp_path):
     """--mixed-precision bf16 runs the frozen weights in bf16, but the diffusers folder and the single file
     hold them exactly as the base model has them; only the attention projections change."""
-    from minidream.single_file import to_single_file
+    from minidream.formats.single_file import to_single_file
     out = tmp_path / "run"
     r = run_cli(*train_args(sd1_dir, instance_dir, out, "--train", "attention", "--mixed-precision", "bf16",
                             "--device", "cpu", "--save-as", "diffusers", "--save-as", "single-file"))
@@ -49,7 +49,7 @@ def test_bf16_attention_run_exports_every_frozen_tensor_bit_identical(sd1_dir, i
 
 
 def test_cast_frozen_keeps_trainable_values_exact(sd1_dir):
-    from minidream.trainable import cast_frozen, select_trainable
+    from minidream.training.trainable import cast_frozen, select_trainable
     base = loading.load(str(sd1_dir), dtype=torch.float32)
     model = loading.load(str(sd1_dir), dtype=torch.float32)
     groups = select_trainable(model, "attention")
@@ -170,7 +170,7 @@ def test_class_and_validation_samplers(sd1_dir, instance_dir, tmp_path):
     noise); --validation-scheduler's grid is written; a name that is no sampler is a one-line error."""
     import numpy as np
     from PIL import Image
-    from minidream.pipeline import generate
+    from minidream.sampling.pipeline import generate
     out = tmp_path / "run"
     r = run_cli(*train_args(sd1_dir, instance_dir, out, "--steps", 1, "--class-guidance", 5, "--class-scheduler", "heun",
                             "--validation-scheduler", "unipc", "--validation-prompt", "a dog", "--validation-images", 1,
@@ -191,7 +191,7 @@ def test_class_and_validation_samplers(sd1_dir, instance_dir, tmp_path):
 
 def test_train_takes_the_loader_options(sd1_dir, instance_dir, tmp_path):
     """A single-file base model with --config (its architecture and tokenizer) trains like the folder."""
-    from minidream.single_file import save_single_file
+    from minidream.formats.single_file import save_single_file
     f = tmp_path / "base.safetensors"
     save_single_file(loading.load(str(sd1_dir)), f)
     outs = {}
@@ -214,7 +214,7 @@ def test_sd2_single_file_is_not_guessed(sd2_dir, tmp_path):
     """2.x-base and 2.x-v single files have the same tensors: without metadata the loader asks for --preset;
     with the modelspec metadata (ours writes it) it reads the prediction type from there."""
     from safetensors.torch import save_file
-    from minidream.single_file import modelspec, sd2_preset, to_single_file
+    from minidream.formats.single_file import modelspec, sd2_preset, to_single_file
     m = loading.load(str(sd2_dir))
     bare = tmp_path / "bare.safetensors"
     save_file(to_single_file(m), bare)

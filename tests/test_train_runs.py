@@ -101,7 +101,7 @@ def test_a_failed_start_writes_nothing(sd1_dir, instance_dir, tmp_path):
 def test_resolution_must_divide_by_the_models_downsampling():
     """SD 1.x/2.x: VAE ×8 and three UNet downsamplings: 520 px gives an odd latent side deep inside the UNet."""
     import pytest
-    from minidream.config import TrainError, validate_resolution
+    from minidream.training.config import TrainError, validate_resolution
     validate_resolution(512, 64)
     for bad in (520, 40):
         with pytest.raises(TrainError, match="multiple of 64 for this model"):

@@ -3,8 +3,8 @@ loaded through minidream's loader from the files diffusers wrote."""
 import pytest
 import torch
 
-from minidream import diffusers_layout
-from minidream import model as model_lib
+from minidream.formats import diffusers_layout
+from minidream.models import stable_diffusion as model_lib
 from tests.conftest import max_rel_err, perturb, tiny_unet_kwargs, tiny_vae_kwargs
 
 TOL = 1e-4  # fp32, relative to the output's scale
@@ -74,7 +74,7 @@ def test_unet_options_keep_parity(tmp_path, option):
     if option == "checkpointing":
         ours.set_gradient_checkpointing(True)
     elif option == "fused_projections":
-        from minidream.attention import set_fused_projections
+        from minidream.models.attention import set_fused_projections
         set_fused_projections(ours)
     else:
         ours.to(memory_format=torch.channels_last)
@@ -90,9 +90,9 @@ def test_unet_options_keep_parity(tmp_path, option):
 
 def test_fused_projections_leave_lora_layers_alone(tmp_path):
     """A LoRA-wrapped projection must not be fused (its low-rank update would be skipped)."""
-    from minidream.attention import set_fused_projections
-    from minidream.lora import add_lora
-    from minidream.trainable import UNET_ATTENTION
+    from minidream.models.attention import set_fused_projections
+    from minidream.models.lora import add_lora
+    from minidream.training.trainable import UNET_ATTENTION
     ref_unet(tmp_path)
     ours = diffusers_layout.load_unet(tmp_path)
     for layer in add_lora(ours, UNET_ATTENTION, rank=2, alpha=2.0).values():
@@ -119,7 +119,7 @@ def test_tiny_vae_parity(tmp_path):
         assert max_rel_err(mean, dist.mean) <= TOL
         assert max_rel_err(logvar, dist.logvar) <= TOL
         assert max_rel_err(ours.decode(z), ref.decode(z).sample) <= TOL
-        from minidream.attention import set_fused_projections
+        from minidream.models.attention import set_fused_projections
         set_fused_projections(ours)  # the VAE's single-head attention has biases: fused with them
         assert max_rel_err(ours.decode(z), ref.decode(z).sample) <= TOL
 
@@ -148,7 +148,7 @@ REAL = {
 @pytest.mark.parametrize("family", ["sd15", "sd21"])
 def test_real_architecture_keys_and_shapes(family):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from minidream import unet, vae
+    from minidream.models import unet, vae
     with torch.device("meta"):
         ref = UNet2DConditionModel(**REAL[family])
         ours = unet.UNet2DConditionModel(unet.PRESETS[family])

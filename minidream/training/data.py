@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from minidream.config import TrainConfig, TrainError
-from minidream.distributed import World, barrier
-from minidream.model import StableDiffusion, encode_text, size_ids
-from minidream.pipeline import generate, save_png
+from minidream.training.config import TrainConfig, TrainError
+from minidream.training.distributed import World, barrier
+from minidream.models.stable_diffusion import StableDiffusion, encode_text, size_ids
+from minidream.sampling.pipeline import generate, save_png
 from minidream.progress import Progress
-from minidream.vae import from_uint8
+from minidream.models.vae import from_uint8
 
 HALF = {"no": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from minidream import clip, diffusers_layout, unet, vae
-from minidream.files import ModelError, build, on_meta, read_json, read_metadata, read_weights, resolve, save_safetensors
-from minidream.model import PRESETS, StableDiffusion
-from minidream.tokenizer import CLIPTokenizer
+from minidream.models import clip, unet, vae
+from minidream.formats import diffusers_layout
+from minidream.formats.files import ModelError, build, on_meta, read_json, read_metadata, read_weights, resolve, save_safetensors
+from minidream.models.stable_diffusion import PRESETS, StableDiffusion
+from minidream.models.tokenizer import CLIPTokenizer
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP_SD1, CLIP_SD2 = "cond_stage_model.transformer.text_model.", "cond_stage_model.model."

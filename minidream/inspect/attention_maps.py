@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from minidream import plots
-from minidream.attention import Attention
+from minidream.models.attention import Attention
 
 
 class CrossAttentionStore:
@@ -53,7 +53,7 @@ def capture_cross_attention(unet: torch.nn.Module, store: CrossAttentionStore) -
 def attention_maps(model, prompts: list[str], steps: int = 20, guidance: float = 7.5, scheduler: str | None = None,
                    seed: int = 0, height: int | None = None, width: int | None = None):
     """(images (B, H, W, 3) uint8, maps (B, 77, H, W) float: each token's mean attention probability)."""
-    from minidream.pipeline import generate
+    from minidream.sampling.pipeline import generate
     height, width = height or model.native_resolution, width or model.native_resolution
     s = model.latent_scale
     store = CrossAttentionStore(len(prompts), (height // s, width // s))
@@ -86,7 +86,7 @@ def write_maps(image: torch.Tensor, maps: torch.Tensor, tokens: list[tuple[int, 
     """out/maps.png (the image, then one overlay per token, labelled), out/maps/NN-token.png (each map in grey,
     scaled to its maximum) and out/maps.json."""
     from PIL import Image, ImageDraw
-    from minidream.pipeline import save_png
+    from minidream.sampling.pipeline import save_png
     out = Path(out)
     (out / "maps").mkdir(parents=True, exist_ok=True)
     zoom = max(1, 128 // image.shape[0])  # a 32 px demo image is too small to read

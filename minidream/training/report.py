@@ -7,7 +7,7 @@ from pathlib import Path
 from PIL import Image
 
 from minidream import plots
-from minidream.config import TrainError
+from minidream.training.config import TrainError
 
 
 def summary_writer():

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from minidream import lora as lora_lib
+from minidream.models import lora as lora_lib
 from minidream.choices import EXPORTS
-from minidream.diffusers_layout import save_pretrained
-from minidream.files import save_safetensors
-from minidream.model import StableDiffusion
-from minidream.single_file import save_single_file, unet_original_name
-from minidream.trainable import learned_tokens, merged_text_encoder_state, select_trainable
+from minidream.formats.diffusers_layout import save_pretrained
+from minidream.formats.files import save_safetensors
+from minidream.models.stable_diffusion import StableDiffusion
+from minidream.formats.single_file import save_single_file, unet_original_name
+from minidream.training.trainable import learned_tokens, merged_text_encoder_state, select_trainable
 
 
 def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg) -> StableDiffusion:

@@ -13,8 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from minidream.config import TrainConfig, TrainError
-from minidream.data import load_images
+from minidream.training.config import TrainConfig, TrainError
+from minidream.training.data import load_images
 
 CONCEPT_KEYS = {"instance_dir", "instance_prompt", "identifier", "class_noun", "class_prompt", "class_dir",
                 "num_class_images"}

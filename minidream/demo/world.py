@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw
 
-from minidream.vae import from_uint8
+from minidream.models.vae import from_uint8
 
 SIZE = 32
 SHAPES = ("circle", "square", "triangle", "star", "heart")

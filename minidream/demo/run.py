@@ -16,19 +16,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidream import world
-from minidream.clip import CLIPConfig, CLIPTextModel
-from minidream.diffusers_layout import save_pretrained
-from minidream.files import save_safetensors
-from minidream.loading import load
-from minidream.model import StableDiffusion
+from minidream.demo import world
+from minidream.models.clip import CLIPConfig, CLIPTextModel
+from minidream.formats.diffusers_layout import save_pretrained
+from minidream.formats.files import save_safetensors
+from minidream.formats.loading import load
+from minidream.models.stable_diffusion import StableDiffusion
 from minidream.progress import Progress
-from minidream.schedulers import NoiseSchedule, SchedulerConfig
-from minidream.tokenizer import train_bpe
-from minidream.unet import UNet2DConditionModel, UNetConfig
-from minidream.vae import AutoencoderKL, VAEConfig, from_uint8, reparameterize, to_uint8
+from minidream.sampling.schedulers import NoiseSchedule, SchedulerConfig
+from minidream.models.tokenizer import train_bpe
+from minidream.models.unet import UNet2DConditionModel, UNetConfig
+from minidream.models.vae import AutoencoderKL, VAEConfig, from_uint8, reparameterize, to_uint8
 
-DEMO_DIR = Path(__file__).resolve().parents[1] / "weights" / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "weights" / "demo"
 MAX_TOKENS = 16  # the world's captions are short; fewer positions make every step cheaper
 
 UNET = UNetConfig(channels=(32, 64, 128), attention=(False, True, True), heads=(4, 4, 4), layers_per_block=1,
@@ -245,7 +245,7 @@ def full_prompt(toy: world.Toy) -> str:
 @torch.no_grad()
 def evaluate_pretrained(model: StableDiffusion, net: Recognizer, n: int = 120, seed: int = 7):
     """Fraction of samples whose shape and colour the recogniser finds as prompted, on held-out combinations."""
-    from minidream.pipeline import generate
+    from minidream.sampling.pipeline import generate
     rng = random.Random(seed)
     toys = []
     while len(toys) < n:
@@ -285,7 +285,7 @@ def demo_config(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS
     subject. Letting the text encoder carry the binding and moving the UNet 10x slower lifted the mean fidelity there
     from 0.48 to 0.78 (seeds 0-5, 100 steps); the world whose attributes lie apart in the latent (world.py) took it
     to 0.99 at 50 steps (benchmarks/results/demo-seeds-cpu.json, sweep_4 and world_2)."""
-    from minidream.config import TrainConfig
+    from minidream.training.config import TrainConfig
     return TrainConfig(
         model=str(model), instance_dir=str(out / "instance"), class_noun=world.CLASS_NOUN, out=str(out),
         instance_prompt=SUBJECT, class_prompt=CLASS_PROMPT, resolution=world.SIZE, flip=0.5, prior=prior,
@@ -321,7 +321,7 @@ def eval_noise(n: int = 16, seed: int = 100, classes: int = CLASSES) -> torch.Te
 def evaluate_dreambooth(model: StableDiffusion, net: Recognizer, n: int = 16, seed: int = 100, classes: int = CLASSES):
     """Subject fidelity, prompt fidelity, PRES and DIV from the recogniser's reading of fixed-seed samples, all drawn
     in one batch (the UNet's cost on CPU is mostly per call, not per image). Returns (metrics, the images)."""
-    from minidream.pipeline import generate
+    from minidream.sampling.pipeline import generate
     prompts = eval_prompts(n, classes)
     images = generate(model, prompts, latents=eval_noise(n, seed, classes), **SAMPLING)
     pred = net.predict(images)
@@ -350,7 +350,7 @@ def subject_mask(images: torch.Tensor) -> torch.Tensor:
 def attention_localisation(model: StableDiffusion, n: int = 16, seed: int = 300) -> float:
     """Where the identifier looks (#19): its cross-attention mass on the drawn toy's pixels over the toy's share
     of the image, averaged over n samples of the instance prompt (1.0 = no localisation)."""
-    from minidream.attention_maps import attention_maps, localisation
+    from minidream.inspect.attention_maps import attention_maps, localisation
     ids, ident = model.tokenizer.encode(SUBJECT), model.tokenizer.encode(SUBJECT.split()[1])
     start = next(i for i in range(len(ids)) if ids[i:i + len(ident)] == ident)
     images, maps = attention_maps(model, [SUBJECT] * n, steps=20, guidance=4.0, seed=seed)
@@ -371,7 +371,7 @@ def grid_rows(n: int = 16) -> list[int]:
 
 def save_grid(images: torch.Tensor, path: Path):
     """Rows: the demo prompts; columns: the evaluation's first draws, so before/after grids line up."""
-    from minidream.pipeline import grid, save_png
+    from minidream.sampling.pipeline import grid, save_png
     big = F.interpolate(images.permute(0, 3, 1, 2).float(), scale_factor=3, mode="nearest")  # 32 px is small to look at
     save_png(grid(big.permute(0, 2, 3, 1).to(torch.uint8), cols=GRID), path, {"rows": list(PROMPTS)})
 
@@ -379,7 +379,7 @@ def save_grid(images: torch.Tensor, path: Path):
 def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, grids: bool = True,
              model_dir: Path = DEMO_DIR, localise: bool = False, classes: int = CLASSES) -> dict:
     """Train DreamBooth on the embedded subject and measure it; writes grids, report.json and report.md."""
-    from minidream.train import train
+    from minidream.training.dreambooth import train
     t0 = time.time()
     out = Path(out)
     (out / "instance").mkdir(parents=True, exist_ok=True)
@@ -389,7 +389,7 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, g
     cfg = demo_config(out, prior=prior, seed=seed, steps=steps, model=model_dir)
     rows = grid_rows()
     if grids:  # the base model on the evaluation's starting latents of the grid's rows
-        from minidream.pipeline import generate
+        from minidream.sampling.pipeline import generate
         prompts = eval_prompts()
         save_grid(generate(load(cfg.model, dtype=torch.float32), [prompts[i] for i in rows],
                            latents=eval_noise(classes=classes)[rows], **SAMPLING), out / "before.png")

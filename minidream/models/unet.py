@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from minidream.attention import Attention
+from minidream.models.attention import Attention
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from minidream.config import TrainConfig, TrainError, resumed_config, stored_config
-from minidream.data import image_files
-from minidream.distributed import World
-from minidream.files import save_safetensors
+from minidream.training.config import TrainConfig, TrainError, resumed_config, stored_config
+from minidream.training.data import image_files
+from minidream.training.distributed import World
+from minidream.formats.files import save_safetensors
 
 # What a run writes into --out: --overwrite removes exactly these before it starts again.
 RUN_OUTPUTS = ("run.json", "metrics.jsonl", "checkpoints", "samples", "class_images", "model", "model.safetensors",

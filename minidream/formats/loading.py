@@ -5,10 +5,10 @@ single-file checkpoint (`v1-5-pruned-emaonly.safetensors`) to `single_file.py`, 
 from `config` (a diffusers folder or repo), else `preset` (inferred from the keys when omitted), and
 whose vocabulary from `tokenizer`. File finding and reading live in `files.py`.
 """
-from minidream.diffusers_layout import load_pretrained
-from minidream.files import ModelError, resolve
-from minidream.model import StableDiffusion
-from minidream.single_file import load_single_file
+from minidream.formats.diffusers_layout import load_pretrained
+from minidream.formats.files import ModelError, resolve
+from minidream.models.stable_diffusion import StableDiffusion
+from minidream.formats.single_file import load_single_file
 
 __all__ = ["ModelError", "load"]
 

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from minidream.model import StableDiffusion, encode_text, size_ids
+from minidream.models.stable_diffusion import StableDiffusion, encode_text, size_ids
 from minidream.progress import Progress
-from minidream.samplers import make_sampler
-from minidream.vae import to_uint8
+from minidream.sampling.samplers import make_sampler
+from minidream.models.vae import to_uint8
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minidream.files import ModelError, read_metadata, read_weights
-from minidream.single_file import unet_original_name
+from minidream.formats.files import ModelError, read_metadata, read_weights
+from minidream.formats.single_file import unet_original_name
 
 # the text encoder's attention projections under the old attention-processor names
 _TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}

@@ -50,7 +50,7 @@ def block(component: str, name: str) -> str:
 
 
 def _tensors(model) -> dict[str, torch.Tensor]:
-    from minidream.trainable import merged_text_encoder_state
+    from minidream.training.trainable import merged_text_encoder_state
     merged_text_encoder_state(model)  # a TokenEmbedding (a learned token) as one plain table
     nets = [("unet", model.unet), *[(name, te) for name, _, te in model.text_encoders()], ("vae", model.vae)]
     return {f"{comp}.{k}": v for comp, net in nets for k, v in net.state_dict().items()}

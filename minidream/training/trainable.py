@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidream import lora as lora_lib
-from minidream.config import TrainConfig
-from minidream.model import StableDiffusion
+from minidream.models import lora as lora_lib
+from minidream.training.config import TrainConfig
+from minidream.models.stable_diffusion import StableDiffusion
 
 # The projections DreamBooth's attention variant trains (and LoRA adapts): Q, K, V and out of every self-
 # (attn1) and cross-attention (attn2) layer of the UNet, and of the text encoder's self-attention.

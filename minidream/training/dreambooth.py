@@ -24,22 +24,22 @@ from pathlib import Path
 
 import torch
 
-from minidream.attention import resolve_backend, set_attention_backend
-from minidream.checkpoint import Checkpointer, open_run, restore, resume_from
-from minidream.config import TrainConfig, TrainError, validate, validate_resolution
-from minidream.distributed import World
-from minidream import distributed
-from minidream import concepts
-from minidream.data import HALF, LatentSource, TextConditioning, check_class_dir, check_prompts, make_class_images
-from minidream.export import export
-from minidream.loading import load
-from minidream.model import StableDiffusion, resolve_device
-from minidream.pipeline import generate, grid, save_png
+from minidream.models.attention import resolve_backend, set_attention_backend
+from minidream.training.checkpoint import Checkpointer, open_run, restore, resume_from
+from minidream.training.config import TrainConfig, TrainError, validate, validate_resolution
+from minidream.training.distributed import World
+from minidream.training import distributed
+from minidream.training import concepts
+from minidream.training.data import HALF, LatentSource, TextConditioning, check_class_dir, check_prompts, make_class_images
+from minidream.training.export import export
+from minidream.formats.loading import load
+from minidream.models.stable_diffusion import StableDiffusion, resolve_device
+from minidream.sampling.pipeline import generate, grid, save_png
 from minidream.progress import Progress
-from minidream.report import Log, curves, summary_writer
-from minidream.samplers import make_sampler
-from minidream.schedulers import NoiseSchedule
-from minidream.trainable import cast_frozen, make_optimizer, print_summary, select_trainable
+from minidream.training.report import Log, curves, summary_writer
+from minidream.sampling.samplers import make_sampler
+from minidream.sampling.schedulers import NoiseSchedule
+from minidream.training.trainable import cast_frozen, make_optimizer, print_summary, select_trainable
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidream.attention import Attention
-from minidream.unet import ResnetBlock2D, Upsample2D
+from minidream.models.attention import Attention
+from minidream.models.unet import ResnetBlock2D, Upsample2D
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ gives the same image.
 import torch
 
 from minidream import choices
-from minidream.schedulers import DDIM, DDPM, PNDM, SchedulerConfig, _Sampler, spacing
+from minidream.sampling.schedulers import DDIM, DDPM, PNDM, SchedulerConfig, _Sampler, spacing
 
 
 def karras_sigmas(s_min: float, s_max: float, n: int, rho: float = 7.0) -> torch.Tensor:

@@ -9,12 +9,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import get_args, get_origin
 
-from minidream import clip, unet, vae
+from minidream.models import clip, unet, vae
 from minidream.choices import PRESETS
-from minidream.files import ModelError, build, read_json, read_weights, save_safetensors, weight_file
-from minidream.model import StableDiffusion
-from minidream.schedulers import SchedulerConfig
-from minidream.tokenizer import CLIPTokenizer
+from minidream.formats.files import ModelError, build, read_json, read_weights, save_safetensors, weight_file
+from minidream.models.stable_diffusion import StableDiffusion
+from minidream.sampling.schedulers import SchedulerConfig
+from minidream.models.tokenizer import CLIPTokenizer
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 XL_COMPONENTS = ("text_encoder_2", "tokenizer_2")

@@ -10,10 +10,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from minidream import choices, clip, unet, vae
-from minidream.schedulers import PRESETS as SCHEDULER_PRESETS
-from minidream.schedulers import SchedulerConfig
-from minidream.tokenizer import CLIPTokenizer
+from minidream import choices
+from minidream.models import clip, unet, vae
+from minidream.sampling.schedulers import PRESETS as SCHEDULER_PRESETS
+from minidream.sampling.schedulers import SchedulerConfig
+from minidream.models.tokenizer import CLIPTokenizer
 
 
 @dataclass(frozen=True)
