@@ -1,4 +1,5 @@
-"""python -m benchmarks [attention|sd|all|report] [--smoke] [--preset sd15|sd21|sdxl] [--only step,unet,...] [--device cpu --res 256]"""
+"""python -m benchmarks [attention|sd|all|report] [--smoke] [--preset sd15|sd21|sdxl] [--only step,unet,...]
+[--device cpu --res 256]"""
 import argparse
 
 from benchmarks import attention, cpu, sd
@@ -7,7 +8,8 @@ from benchmarks import attention, cpu, sd
 def main():
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     ap.add_argument("what", nargs="?", default="all", choices=["all", "attention", "sd", "report"])
-    ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, one repeat: keeps the code alive, measures nothing")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny config on CPU, one repeat: keeps the code alive, measures nothing")
     ap.add_argument("--preset", default="sd15", choices=["sd15", "sd21", "sdxl"], help="architecture (random weights)")
     ap.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(sd.SUITE))
     ap.add_argument("--warmup", type=int, default=5)
@@ -27,7 +29,8 @@ def main():
     if a.what in ("all", "sd") and a.device == "cpu" and not a.smoke:
         cpu.run(a.preset, a.res, a.rounds, out=a.out)
     elif a.what in ("all", "sd"):
-        sd.run(a.preset, [s for s in a.only.split(",") if s] or None, smoke=a.smoke, warmup=a.warmup, repeat=a.repeat, out=a.out)
+        only = [s for s in a.only.split(",") if s] or None
+        sd.run(a.preset, only, smoke=a.smoke, warmup=a.warmup, repeat=a.repeat, out=a.out)
 
 
 if __name__ == "__main__":

@@ -37,11 +37,13 @@ def run(smoke: bool = False, warmup: int = 10, repeat: int = 30, out=None):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = SMOKE_SHAPES if smoke else SHAPES
     warmup, repeat = (0, 1) if smoke else (warmup, repeat)
-    fns = backends() if device == "cuda" else {"triton": backends()["triton"], "sdpa-math": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
+    fns = backends() if device == "cuda" else {"triton": backends()["triton"],
+                                               "sdpa-math": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
     rows = []
     for name, (B, H, N, M, D) in shapes.items():
         g = torch.Generator(device).manual_seed(0)
-        q, k, v = (torch.randn(B, H, n, D, generator=g, device=device, dtype=dtype, requires_grad=True) for n in (N, M, M))
+        q, k, v = (torch.randn(B, H, n, D, generator=g, device=device, dtype=dtype, requires_grad=True)
+                   for n in (N, M, M))
         do = torch.randn(B, H, N, D, device=device, dtype=dtype)
         fwd_flops = 4 * B * H * N * M * D
         row = {"shape": name, "B": B, "H": H, "N": N, "M": M, "D": D, "dtype": str(dtype).removeprefix("torch."),
@@ -64,7 +66,8 @@ def run(smoke: bool = False, warmup: int = 10, repeat: int = 30, out=None):
         if "triton" in row["backends"] and "error" not in row["backends"]["triton"] and sdpa:
             for key in ("fwd", "bwd", "fwd_bwd"):
                 best = min(sdpa, key=lambda b: sdpa[b][key]["median_ms"])
-                row[f"speedup_{key}_vs_best_sdpa"] = sdpa[best][key]["median_ms"] / row["backends"]["triton"][key]["median_ms"]
+                triton_ms = row["backends"]["triton"][key]["median_ms"]
+                row[f"speedup_{key}_vs_best_sdpa"] = sdpa[best][key]["median_ms"] / triton_ms
                 row[f"best_sdpa_{key}"] = best
         rows.append(row)
         print(name, {k: v for k, v in row.items() if k.startswith("speedup")})

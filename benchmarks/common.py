@@ -59,7 +59,8 @@ def peak_memory(fn, device) -> int | None:
 
 
 def environment(device) -> dict:
-    env = {"device": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else f"cpu ({platform.machine()})",
+    cuda = torch.device(device).type == "cuda"
+    env = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",
            "torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     for mod in ("triton", "diffusers", "transformers"):
@@ -74,7 +75,8 @@ def write(name: str, device, rows: list[dict], out: Path = RESULTS, extra: dict 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment(device)
-    tag = "smoke" if any(r.get("smoke") for r in rows) else env["device"].replace(" ", "_").replace("(", "").replace(")", "")
+    device_tag = env["device"].replace(" ", "_").replace("(", "").replace(")", "")
+    tag = "smoke" if any(r.get("smoke") for r in rows) else device_tag
     path = out / f"{name}-{tag}.json"
     path.write_text(json.dumps({"benchmark": name, **env, **(extra or {}), "results": rows}, indent=2))
     print(f"wrote {path}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The DreamBooth step on the CPU: the trainer's own step (train.prepare → train.Stepper, with the optimizer,
+"""The DreamBooth step on the CPU: the trainer's own step (training.step: prepare → Stepper, with the optimizer,
 precision and attention choices `minidream train` makes) against the step of diffusers' train_dreambooth.py
 (train_dreambooth_lora.py for LoRA), same architecture and weights, fp32, 1 instance + 1 class image.
 
@@ -42,19 +42,19 @@ def images(res: int):
 
 
 def ours(folder: str, mode: str, res: int):
-    from minidream.models.attention import resolve_backend, set_attention_backend
-    from minidream.training.config import TrainConfig
+    from minidream.models.attention import resolve_backend
     from minidream.training.concepts import plain
-    from minidream.training.dreambooth import load_base, prepare
-    cfg = TrainConfig(model=folder, instance_dir="", class_noun="dog", out="", train=mode, resolution=res,
+    from minidream.training.config import TrainConfig
+    from minidream.training.dreambooth import load_base
+    from minidream.training.runtime import Runtime
+    from minidream.training.step import prepare
+    cfg = TrainConfig(model=folder, instance_dir="", class_noun="dog", out="", mode=mode, resolution=res,
                       steps=10 ** 6, device="cpu")
     device = torch.device("cpu")
-    model = load_base(cfg)
-    backend = resolve_backend(cfg.attention, device)
-    set_attention_backend(model.unet, backend)
-    set_attention_backend(model.vae, backend)
+    rt = Runtime(device, resolve_backend(cfg.attention, device), None)
+    model = rt.place(load_base(cfg))
     inst, cls = images(res)
-    stepper, _ = prepare(cfg, model, device, None, [plain([inst], cfg.prompts[0], res), plain([cls], cfg.prompts[1], res)])
+    stepper = prepare(cfg, model, rt, [plain([inst], cfg.prompts[0], res), plain([cls], cfg.prompts[1], res)])
     state = {"step": 0}
 
     def step():
@@ -89,8 +89,8 @@ def diffusers(folder: str, mode: str, res: int):
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]))
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    from minidream.training.config import MODE_DEFAULTS  # the same learning rates as ours (the step's cost does not depend on it)
-    opt = torch.optim.AdamW(params, lr=MODE_DEFAULTS[mode]["lr"], betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    from minidream.training.trainable import MODES  # our learning rates (the step's cost does not depend on them)
+    opt = torch.optim.AdamW(params, lr=MODES[mode].lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1
                           for im in images(res)])
     ids = tok(["a photo of sks dog", "a photo of dog"], padding="max_length", max_length=tok.model_max_length,

@@ -13,9 +13,10 @@ import torch
 
 from minidream.inspect import weight_diff
 from minidream.demo import world
-from minidream.demo.run import DEMO_DIR, demo_config
+from minidream.demo.model import DEMO_DIR
+from minidream.demo.run import demo_config
 from minidream.formats.loading import load
-from minidream.training.dreambooth import train
+from minidream.training.dreambooth import dreambooth
 
 VARIANTS = {  # name -> changes to the demo's own run (demo.demo_config)
     "unet + text encoder (the demo)": {},
@@ -45,7 +46,7 @@ def main(out: Path = Path("runs/internals"), seed: int = 0, results: Path = Path
             img.save(run / "instance" / f"subject-{i}.png")
         # the settings demo-diff-cpu.json was measured at: 300 steps, UNet and text encoder at the same lr
         cfg = replace(demo_config(run, seed=seed, steps=300), **{"lr": 3e-4, "text_encoder_lr": None, **change})
-        train(cfg, overwrite=True)
+        dreambooth(cfg, overwrite=True)
         d = weight_diff.diff(base, load(str(run / "model"), dtype=torch.float32))
         weight_diff.write(d, run / "diff", {"base": str(DEMO_DIR), "tuned": str(run / "model")})
         record["variants"][name] = {"settings": {k: v for k, v in change.items()}, **summary(d)}
@@ -60,7 +61,8 @@ def token_localisation(eval_dir: Path, results: Path = Path("benchmarks/results"
     the two runs of a `minidream eval` folder: the identifier, and as a control the words the base model knows."""
     import math
     from minidream.inspect.attention_maps import attention_maps, localisation, token_positions
-    from minidream.demo.run import SUBJECT, subject_mask
+    from minidream.sampling.pipeline import SamplingParams
+    from minidream.demo.evaluation import SUBJECT, subject_mask
     models = {"base model": str(DEMO_DIR), "DreamBooth, no prior loss": str(eval_dir / "without-prior-seed0" / "model"),
               "DreamBooth, prior loss (λ=1)": str(eval_dir / "with-prior-seed0" / "model")}
     record = {"what": "attention localisation per prompt token: share of the token's cross-attention mass on the "
@@ -71,7 +73,7 @@ def token_localisation(eval_dir: Path, results: Path = Path("benchmarks/results"
         m = load(path, dtype=torch.float32)
         rows = {}
         for prompt in (SUBJECT, f"a {world.SUBJECT_WORDS} {world.CLASS_NOUN}"):
-            images, maps = attention_maps(m, [prompt] * n, steps=20, guidance=4.0, seed=seed)
+            images, maps = attention_maps(m, [prompt] * n, SamplingParams(steps=20, guidance=4.0), seed=seed)
             masks = subject_mask(images)
             per = {}
             for pos, text in token_positions(m.tokenizer, prompt):

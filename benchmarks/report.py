@@ -21,7 +21,8 @@ def fmt_spread(r):
 def compile_table(docs):
     """One table for every triton version checked: the launches are the same, ptxas's verdicts side by side."""
     versions = " / ".join(d["triton"] for d in docs)
-    print(f"| shape | kernel | BLOCK_M×N | warps/stages | registers ({versions}) | spill bytes | shared KiB | async copies |")
+    print(f"| shape | kernel | BLOCK_M×N | warps/stages | registers ({versions}) | spill bytes | shared KiB "
+          f"| async copies |")
     print("|---|---|---|---|---|---|---|---|")
     for rows in zip(*(d["results"] for d in docs)):
         r = rows[0]
@@ -43,7 +44,8 @@ def attention_table(data):
 def model_table(data):
     print("| case | ours ms (p25–p75) | diffusers ms (p25–p75) | speedup |\n|---|---|---|---|")
     for r in data["results"]:
-        case = ", ".join(f"{k}={v}" for k, v in r.items() if k in ("mode", "cached_latents", "batch", "kind", "variant", "steps"))
+        keys = ("mode", "cached_latents", "batch", "kind", "variant", "steps")
+        case = ", ".join(f"{k}={v}" for k, v in r.items() if k in keys)
         ours = r.get("ours", r)
         if "speedup" in r:
             print(f"| {case} | {fmt_spread(ours)} | {fmt_spread(r.get('diffusers'))} | {r['speedup']:.2f}× |")
@@ -70,8 +72,9 @@ def main():
     docs = [(f, json.loads(f.read_text())) for f in files]
     compiled = [(f, d) for f, d in docs if d.get("check") == "kernel-compile"]
     if compiled:
+        names = ", ".join(str(f.relative_to(RESULTS.parent.parent)) for f, _ in compiled)
         print(f"\n**kernel compile check** — {compiled[0][1]['target']}, {compiled[0][1]['host']}, triton "
-              f"{' / '.join(d['triton'] for _, d in compiled)} ({', '.join(str(f.relative_to(RESULTS.parent.parent)) for f, _ in compiled)})\n")
+              f"{' / '.join(d['triton'] for _, d in compiled)} ({names})\n")
         compile_table([d for _, d in compiled])
     for f, data in docs:
         if data.get("check") == "kernel-compile":

@@ -15,11 +15,10 @@ import torch.nn.functional as F
 from benchmarks.common import count_flops, peak_memory, peak_tflops, timeit, write
 from minidream.models.attention import set_attention_backend, set_fused_projections
 from minidream.formats.diffusers_layout import clip_config_json, unet_config_json, vae_config_json
-from minidream.models.stable_diffusion import encode_text, random_model, size_ids
-from minidream.sampling.pipeline import generate
-from minidream.sampling.schedulers import NoiseSchedule
+from minidream.models.stable_diffusion import encode_text, random_model, size_conditioning, size_ids
+from minidream.sampling.pipeline import SamplingParams, generate
 from minidream.models.tokenizer import train_bpe
-from minidream.training.dreambooth import training_step
+from minidream.training.step import training_step
 from minidream.training.trainable import UNET_ATTENTION, select_trainable
 
 PROMPTS = ["a photo of sks dog", "a photo of dog", "a photo of a dog on the beach"]
@@ -40,9 +39,8 @@ def conditioning(ours, prompts: list[str], res: int, device) -> dict:
     """Our UNet's keyword arguments for these prompts (SDXL: + the size ids of an uncropped res x res image)."""
     with torch.no_grad():
         cond = encode_text(ours, prompts)
-    if ours.xl:
-        cond["time_ids"] = size_ids((res, res), (0, 0), (res, res)).expand(len(prompts), 6).to(device)
-    return cond
+    ids = size_ids((res, res), (0, 0), (res, res)).expand(len(prompts), 6).to(device)
+    return {**cond, **size_conditioning(ours, ids)}
 
 
 def diffusers_kwargs(cond: dict) -> dict:
@@ -75,11 +73,10 @@ def diffusers_twins(ours, device, dtype=torch.float32):
 # The DreamBooth step: 1 instance + 1 prior image, bf16 autocast, AdamW.
 
 def our_step(ours, mode: str, device, res: int, cache_latents: bool = True, fused: bool = True,
-             channels_last: bool = False, attention: str = "sdpa", compile_unet: bool = False, checkpointing: bool = False,
-             fused_qkv: bool = False):
+             channels_last: bool = False, attention: str = "sdpa", compile_unet: bool = False,
+             checkpointing: bool = False, fused_qkv: bool = False):
     m = copy.deepcopy(ours)
-    groups = select_trainable(m, mode)
-    params = [p for g in groups.values() for _, p in g]
+    params = select_trainable(m, mode).params()
     set_attention_backend(m.unet, attention)
     set_fused_projections(m.unet, fused_qkv)
     m.unet.set_gradient_checkpointing(checkpointing).train()
@@ -87,7 +84,7 @@ def our_step(ours, mode: str, device, res: int, cache_latents: bool = True, fuse
         m.unet.to(memory_format=torch.channels_last)
     unet = torch.compile(m.unet) if compile_unet else m.unet
     opt = torch.optim.AdamW(params, lr=1e-6, **({"fused": True} if fused and device == "cuda" else {"foreach": True}))
-    schedule = NoiseSchedule(m.scheduler)
+    process = m.forward_process
     g = torch.Generator(device).manual_seed(0)  # on the GPU: no host-to-device copy (and sync) per step
     half = torch.bfloat16 if device == "cuda" else None
     cond = conditioning(m, list(PROMPTS[:2]), res, device)
@@ -104,7 +101,7 @@ def our_step(ours, mode: str, device, res: int, cache_latents: bool = True, fuse
                     lat = m.vae.sample(images)
             if channels_last:
                 lat = lat.contiguous(memory_format=torch.channels_last)
-            loss, _, _ = training_step(unet, schedule, lat.float(), cond, 1, 1.0, g)
+            loss, _, _ = training_step(unet, process, lat.float(), cond, 1, 1.0, g)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -137,7 +134,8 @@ def diffusers_step(ours, mode: str, device, res: int, cache_latents: bool = True
     def step():
         with torch.autocast(device, dtype=half, enabled=half is not None):
             with torch.no_grad():
-                lat = (dist.sample() if cache_latents else vae.encode(images).latent_dist.sample()) * vae.config.scaling_factor
+                z = dist.sample() if cache_latents else vae.encode(images).latent_dist.sample()
+                lat = z * vae.config.scaling_factor
             noise = torch.randn_like(lat)
             t = torch.randint(0, 1000, (2,), device=device)
             pred = unet(sched.add_noise(lat, noise, t), t, **kwargs).sample
@@ -177,7 +175,8 @@ def bench_step(ours, device, res, smoke, warmup, repeat):
 def bench_levers(ours, device, res, smoke, warmup, repeat):
     """Each speed lever alone on the whole-UNet step (cached latents), so users see which flags matter."""
     variants = {"baseline (sdpa, foreach AdamW)": dict(fused=False), "fused AdamW": dict(fused=True),
-                "channels_last": dict(fused=False, channels_last=True), "triton attention": dict(fused=False, attention="triton"),
+                "channels_last": dict(fused=False, channels_last=True),
+                "triton attention": dict(fused=False, attention="triton"),
                 "fused QKV projections": dict(fused=False, fused_qkv=True),
                 "gradient checkpointing": dict(fused=False, checkpointing=True),
                 "all: fused AdamW + channels_last + triton + fused QKV":
@@ -192,7 +191,8 @@ def bench_levers(ours, device, res, smoke, warmup, repeat):
     for name, kw in variants.items():
         try:
             fn, m = our_step(ours, "unet", device, res, **kw)
-            r = {**timeit(fn, device, warmup if "compile" not in name else warmup + 3, repeat), "peak_bytes": peak_memory(fn, device)}
+            r = {**timeit(fn, device, warmup if "compile" not in name else warmup + 3, repeat),
+                 "peak_bytes": peak_memory(fn, device)}
             del m
         except Exception as e:
             r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
@@ -208,7 +208,7 @@ def bench_unet(ours, device, res, smoke, warmup, repeat):
     rows = []
     h = latent_side(ours, res)
     peak = peak_tflops(device)
-    for B in ((1, 2) if smoke else (1, 2, 4) if ours.xl else (1, 2, 8)):
+    for B in ((1, 2) if smoke else (1, 2, 4) if ours.family.name == "sdxl" else (1, 2, 8)):
         x = torch.randn(B, 4, h, h, device=device)
         cond = conditioning(ours, [PROMPTS[2]] * B, res, device)
         cond["context"] = torch.randn(B, 77, ours.unet.cfg.context_dim, device=device)
@@ -231,7 +231,8 @@ def bench_unet(ours, device, res, smoke, warmup, repeat):
             with torch.set_grad_enabled(kind == "forward_backward"):
                 flops = count_flops(ours_fn)
                 r = {"benchmark": "unet", "batch": B, "kind": kind, "flops": flops, "smoke": smoke,
-                     "ours": timeit(ours_fn, device, warmup, repeat), "diffusers": timeit(ref_fn, device, warmup, repeat)}
+                     "ours": timeit(ours_fn, device, warmup, repeat),
+                     "diffusers": timeit(ref_fn, device, warmup, repeat)}
             for side in ("ours", "diffusers"):
                 r[side]["tflops"] = flops / (r[side]["median_ms"] * 1e-3) / 1e12
                 if peak:
@@ -254,7 +255,8 @@ def bench_sampling(ours, device, res, smoke, warmup, repeat):
             toks.append(CLIPTokenizer.from_pretrained(d))
     ddim = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                          set_alpha_to_one=False, steps_offset=1)
-    if ours.xl:  # fp32 VAE decode on both sides only when fp16 (force_upcast); bf16 here decodes in bf16
+    # both pipelines decode the VAE in fp32 only under fp16 (force_upcast); bf16 here decodes in bf16 on both sides
+    if ours.family.pipeline == "StableDiffusionXLPipeline":
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=texts[0], text_encoder_2=texts[1], tokenizer=toks[0],
                                          tokenizer_2=toks[1], unet=unet, scheduler=ddim, add_watermarker=False)
     else:
@@ -266,13 +268,14 @@ def bench_sampling(ours, device, res, smoke, warmup, repeat):
     size = res
 
     def ours_fn():
-        generate(m, [PROMPTS[2]], steps=steps, guidance=7.5, scheduler="ddim", height=size, width=size,
-                 progress=False, generator=torch.Generator().manual_seed(0))  # DDIM on both sides
+        generate(m, [PROMPTS[2]], SamplingParams(steps, 7.5, "ddim", height=size, width=size), progress=False,
+                 generator=torch.Generator().manual_seed(0))  # DDIM on both sides
 
     def ref_fn():
         pipe(PROMPTS[2], num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
              generator=torch.Generator().manual_seed(0), output_type="np")
-    r = {"benchmark": "sampling", "steps": steps, "size": size, "dtype": str(dtype).removeprefix("torch."), "smoke": smoke,
+    r = {"benchmark": "sampling", "steps": steps, "size": size, "dtype": str(dtype).removeprefix("torch."),
+         "smoke": smoke,
          "ours": timeit(ours_fn, device, min(warmup, 2), max(1, repeat // 5)),
          "diffusers": timeit(ref_fn, device, min(warmup, 2), max(1, repeat // 5))}
     for side in ("ours", "diffusers"):
@@ -293,7 +296,8 @@ def bench_vae(ours, device, res, smoke, warmup, repeat):
             for kind, ours_fn, ref_fn in (("encode", lambda: vae.encode(x), lambda: ref_vae.encode(x)),
                                           ("decode", lambda: vae.decode(z), lambda: ref_vae.decode(z))):
                 r = {"benchmark": "vae", "kind": kind, "batch": B, "smoke": smoke,
-                     "ours": timeit(ours_fn, device, warmup, repeat), "diffusers": timeit(ref_fn, device, warmup, repeat)}
+                     "ours": timeit(ours_fn, device, warmup, repeat),
+                     "diffusers": timeit(ref_fn, device, warmup, repeat)}
                 for side in ("ours", "diffusers"):
                     r[side]["images_per_s"] = B / (r[side]["median_ms"] * 1e-3)
                 r["speedup"] = r["diffusers"]["median_ms"] / r["ours"]["median_ms"]

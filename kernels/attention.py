@@ -97,7 +97,8 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                      H, N_Q, N_KV, Q_CHUNK, D: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                     ALIGN: tl.constexpr):
     """One block of keys/values; loop over one chunk of the queries. dV = Pᵀ dO, dK = scale · dSᵀ Q,
     dS = P ∘ (dP − Δ). With few keys (cross-attention: 77, one block) the key blocks alone are too few
     programs to fill the GPU, so the queries are split into chunks (program_id 2) whose partial dK/dV
@@ -146,17 +147,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
             dk1 += tl.dot(dsT.to(q1.dtype), q1)
     mask = cols[:, None] < N_KV
     tl.store(DV + cols[:, None] * D + c0[None, :], dv0.to(DV.dtype.element_ty), mask=mask & (c0[None, :] < D))
-    tl.store(DK + cols[:, None] * D + c0[None, :], (dk0 * sm_scale).to(DK.dtype.element_ty), mask=mask & (c0[None, :] < D))
+    tl.store(DK + cols[:, None] * D + c0[None, :], (dk0 * sm_scale).to(DK.dtype.element_ty),
+             mask=mask & (c0[None, :] < D))
     if D1 > 0:
         tl.store(DV + cols[:, None] * D + c1[None, :], dv1.to(DV.dtype.element_ty), mask=mask & (c1[None, :] < D))
-        tl.store(DK + cols[:, None] * D + c1[None, :], (dk1 * sm_scale).to(DK.dtype.element_ty), mask=mask & (c1[None, :] < D))
+        tl.store(DK + cols[:, None] * D + c1[None, :], (dk1 * sm_scale).to(DK.dtype.element_ty),
+                 mask=mask & (c1[None, :] < D))
 
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                    H, N_Q, N_KV, D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                   ALIGN: tl.constexpr):
     """One block of queries; loop over all keys. dQ = scale · dS K. A separate pass, so no atomics."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -195,9 +199,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
         if D1 > 0:
             dq1 += tl.dot(ds.to(k1.dtype), k1)
     mask = rows[:, None] < N_Q
-    tl.store(DQ + rows[:, None] * D + c0[None, :], (dq0 * sm_scale).to(DQ.dtype.element_ty), mask=mask & (c0[None, :] < D))
+    tl.store(DQ + rows[:, None] * D + c0[None, :], (dq0 * sm_scale).to(DQ.dtype.element_ty),
+             mask=mask & (c0[None, :] < D))
     if D1 > 0:
-        tl.store(DQ + rows[:, None] * D + c1[None, :], (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=mask & (c1[None, :] < D))
+        tl.store(DQ + rows[:, None] * D + c1[None, :], (dq1 * sm_scale).to(DQ.dtype.element_ty),
+                 mask=mask & (c1[None, :] < D))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +366,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     if q.shape[3] > 256:
         raise ValueError(f"flash_attention: head dim {q.shape[3]} > 256 is not supported")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"flash_attention: dtypes must match and be fp16, bf16 or fp32 (got {q.dtype}, {k.dtype}, {v.dtype})")
+        raise ValueError(f"flash_attention: dtypes must match and be fp16, bf16 or fp32 (got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype})")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return FlashAttention.apply(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
 

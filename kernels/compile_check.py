@@ -43,7 +43,8 @@ def sd_plans(B, H, N, M, D, dtype=torch.bfloat16):
     lse, delta = (torch.empty(B, H, N, device="meta", dtype=torch.float32) for _ in range(2))
     dq = torch.empty(q.shape, device="meta", dtype=dtype)
     dk, dv = A._dkdv_outputs(q, k, v)  # fp32 partial sums when the dK/dV pass splits the queries
-    return {"fwd": A._fwd_plan(q, k, v, o, lse, 0.1), **dict(zip(("dkdv", "dq"), A._bwd_plans(q, k, v, do, lse, delta, dq, dk, dv, 0.1)))}
+    backward = A._bwd_plans(q, k, v, do, lse, delta, dq, dk, dv, 0.1)
+    return {"fwd": A._fwd_plan(q, k, v, o, lse, 0.1), **dict(zip(("dkdv", "dq"), backward))}
 
 
 def specialise(kernel, args, backend):
@@ -76,7 +77,8 @@ def resources(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
     line = next(l for l in text.splitlines() if "REG:" in l)
     fields = dict(item.split(":", 1) for item in line.split() if ":" in item)
     return {"registers": int(fields["REG"]), "local_bytes": int(fields["LOCAL"]), "stack_bytes": int(fields["STACK"])}
@@ -96,7 +98,8 @@ def compile_plan(plan, arch: int = 90) -> dict:
     r["spills"] = r["local_bytes"] > 0 or r["stack_bytes"] > 0  # ptxas puts spilled registers on the stack
     ptx = compiled.asm["ptx"]
     r["wgmma"] = "wgmma" in ptx
-    r["async_copies"] = ptx.count("cp.async.cg") + ptx.count("cp.async.ca") + ptx.count("cp.async.bulk")  # pipelined loads
+    # pipelined loads
+    r["async_copies"] = ptx.count("cp.async.cg") + ptx.count("cp.async.ca") + ptx.count("cp.async.bulk")
     r["scalar_loads"] = ptx.count("ld.global.b16")  # 2-byte loads: the vectorisation failed somewhere
     return {**constexprs, **options, **r}
 
@@ -108,10 +111,9 @@ def check(shapes: dict, arch: int = 90, dtype=torch.bfloat16) -> list[dict]:
             row = {"shape": name, "kernel": kernel, **dict(zip("BHNMD", shape)), "grid": list(plan[1]),
                    **compile_plan(plan, arch)}
             rows.append(row)
-            print(f"{name:22s} {kernel:5s} " + " ".join(f"{k}={row[k]}" for k in
-                  ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "registers", "stack_bytes", "shared_bytes", "async_copies",
-                   "scalar_loads")),
-                  file=sys.stderr)
+            shown = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "registers", "stack_bytes", "shared_bytes",
+                     "async_copies", "scalar_loads")
+            print(f"{name:22s} {kernel:5s} " + " ".join(f"{k}={row[k]}" for k in shown), file=sys.stderr)
     return rows
 
 
@@ -125,7 +127,8 @@ def main():
     bad = [r for r in rows if r["spills"] or not r["fits_shared"]]
     if a.out:
         import platform
-        doc = {"check": "kernel-compile", "target": f"sm_{a.arch}", "triton": triton.__version__, "torch": torch.__version__,
+        doc = {"check": "kernel-compile", "target": f"sm_{a.arch}", "triton": triton.__version__,
+               "torch": torch.__version__,
                "host": f"cpu ({platform.machine()}), no GPU: compiled ahead of time",
                "command": " ".join(["python -m kernels.compile_check", *sys.argv[1:]]),
                "dtype": "bf16", "results": rows}

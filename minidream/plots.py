@@ -59,7 +59,8 @@ def heat_strip(values: dict[tuple[str, str], float], rows: list[str], cols: list
     return img
 
 
-def line_plot(series: dict[str, list[tuple[float, float]]], title: str, size=(640, 220), log_y: bool = False) -> Image.Image:
+def line_plot(series: dict[str, list[tuple[float, float]]], title: str, size=(640, 220),
+              log_y: bool = False) -> Image.Image:
     """One panel of (x, y) lines, a colour each, with the axes' ranges written at the corners."""
     palette = [(30, 90, 200), (220, 90, 30), (40, 150, 60), (140, 60, 180)]
     W, H = size

@@ -15,9 +15,9 @@ KW = dict(safety_checker=None, requires_safety_checker=False)
 
 
 def sample(model, out, prompt, *args):
-    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(model), "--prompt", prompt, "--steps", "4",
-                        "--height", "32", "--width", "32", "--seed", "5", "--guidance", "5", "--out", str(out),
-                        "--no-progress", *map(str, args)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(model), "--prompt", prompt,
+                        "--steps", "4", "--height", "32", "--width", "32", "--seed", "5", "--guidance", "5",
+                        "--out", str(out), "--no-progress", *map(str, args)], capture_output=True, text=True)
     return r
 
 
@@ -81,7 +81,7 @@ def test_lora_metadata_alpha_and_old_names(sd1_dir, tmp_path):
     attention-processor key names, which must merge exactly as their PEFT spelling."""
     from diffusers import StableDiffusionPipeline
     from minidream.formats import loading
-    from minidream.formats.adapters import apply_loras
+    from minidream.formats.lora_files import apply_loras
     pipe = StableDiffusionPipeline.from_pretrained(sd1_dir, **KW)
     g = torch.Generator().manual_seed(3)
     sd, modules = {}, []
@@ -90,8 +90,8 @@ def test_lora_metadata_alpha_and_old_names(sd1_dir, tmp_path):
             modules.append(n)
             sd[f"unet.{n}.lora_A.weight"] = torch.randn(4, m.in_features, generator=g) * 0.2
             sd[f"unet.{n}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=g) * 0.2
-    meta = {"unet.r": 4, "unet.lora_alpha": 8, "unet.target_modules": sorted({n.split(".")[-1] if not n.endswith("out.0")
-                                                                               else "to_out.0" for n in modules})}
+    targets = sorted({n.split(".")[-1] if not n.endswith("out.0") else "to_out.0" for n in modules})
+    meta = {"unet.r": 4, "unet.lora_alpha": 8, "unet.target_modules": targets}
     f = tmp_path / "peft.safetensors"
     save_file(sd, str(f), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
     prompt = "a blue toy"
@@ -122,8 +122,8 @@ def test_learned_token_and_lora_give_diffusers_image(sd1_dir, instance_dir, tmp_
     """train --train lora --train-text-encoder --train-token, then sample --lora L --embedding E."""
     from diffusers import StableDiffusionPipeline
     out = tmp_path / "run"
-    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--train", "lora", "--train-text-encoder", "--train-token", "--lr", 3e-2,
-                            "--token-lr", 0.1, "--save-as", "lora-diffusers", "--save-as", "lora-kohya"))
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--train", "lora", "--train-text-encoder", "--train-token",
+                            "--lr", 3e-2, "--token-lr", 0.1, "--save-as", "lora-diffusers", "--save-as", "lora-kohya"))
     assert r.exit_code == 0, r.output
     prompt = "a photo of <sks> dog"
     for lora in (out / "lora" / "pytorch_lora_weights.safetensors", out / "lora_kohya.safetensors"):
@@ -131,7 +131,8 @@ def test_learned_token_and_lora_give_diffusers_image(sd1_dir, instance_dir, tmp_
         pipe.load_lora_weights(str(lora))
         pipe.load_textual_inversion(str(out / "learned_embeds.safetensors"), token="<sks>")
         want = theirs(pipe, prompt)
-        got = ours(sd1_dir, tmp_path / lora.stem, prompt, "--lora", lora, "--embedding", out / "learned_embeds.safetensors")
+        got = ours(sd1_dir, tmp_path / lora.stem, prompt, "--lora", lora, "--embedding",
+                   out / "learned_embeds.safetensors")
         assert (got.int() - want.int()).abs().max() <= 1, lora.name
 
 
@@ -170,9 +171,11 @@ def test_bad_lora_and_embedding_files_are_one_line(sd1_dir, tmp_path):
                "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(37, 2)}, str(te2))
     shape = tmp_path / "shape.safetensors"
     name = next(n for n, mod in m.unet.named_modules() if n.endswith("attn1.to_q"))
-    save_file({f"unet.{name}.lora_A.weight": torch.zeros(4, 7), f"unet.{name}.lora_B.weight": torch.zeros(5, 4)}, str(shape))
+    save_file({f"unet.{name}.lora_A.weight": torch.zeros(4, 7), f"unet.{name}.lora_B.weight": torch.zeros(5, 4)},
+              str(shape))
     pair = tmp_path / "pair.safetensors"
-    save_file({f"unet.{name}.lora_A.weight": torch.zeros(4, 7), f"unet.{name}.lora_B.weight": torch.zeros(5, 3)}, str(pair))
+    save_file({f"unet.{name}.lora_A.weight": torch.zeros(4, 7), f"unet.{name}.lora_B.weight": torch.zeros(5, 3)},
+              str(pair))
     half = tmp_path / "half.safetensors"
     save_file({f"unet.{name}.lora_A.weight": torch.zeros(4, 7)}, str(half))
     nomodule = tmp_path / "nomodule.safetensors"
@@ -185,8 +188,9 @@ def test_bad_lora_and_embedding_files_are_one_line(sd1_dir, tmp_path):
     notemb = tmp_path / "notemb.safetensors"
     save_file({"a": torch.zeros(3), "b": torch.zeros(3)}, str(notemb))
     cases = [(["--lora", unknown], "hada_w1_a"), (["--lora", te2], "second text encoder"),
-             (["--lora", shape], "LoRA [5, 7] vs weight [64, 64]"), (["--lora", pair], "not a LoRA pair"), (["--lora", half], "only one of"),
-             (["--lora", nomodule], "no_such_block"), (["--lora", tmp_path / "missing.safetensors:0.5"], "no such file"),
+             (["--lora", shape], "LoRA [5, 7] vs weight [64, 64]"), (["--lora", pair], "not a LoRA pair"),
+             (["--lora", half], "only one of"), (["--lora", nomodule], "no_such_block"),
+             (["--lora", tmp_path / "missing.safetensors:0.5"], "no such file"),
              (["--embedding", wide], "width 768"), (["--embedding", notemb], "not a textual-inversion embedding"),
              (["--embedding", taken], "already in the vocabulary")]
     for args, needle in cases:

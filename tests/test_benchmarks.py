@@ -49,4 +49,5 @@ def test_cpu_step_benchmark_runs_both_trainers_in_child_processes(tmp_path):
     (row,) = data["results"]
     assert row["mode"] == "lora" and len(row["speedup_per_round"]) == 2
     for side in ("ours", "diffusers"):
-        assert len(row[side]["per_round_s"]) == 2 and row[side]["peak_rss_bytes"] > row[side]["rss_before_first_step_bytes"] > 0
+        assert len(row[side]["per_round_s"]) == 2
+        assert row[side]["peak_rss_bytes"] > row[side]["rss_before_first_step_bytes"] > 0

@@ -2,7 +2,6 @@
 one-line errors for bad data."""
 import json
 
-import pytest
 import torch
 from PIL import Image
 
@@ -55,12 +54,13 @@ def test_aspect_buckets_and_captions(sd1_dir, tmp_path):
 
 
 def test_text_conditioning_rows_are_each_prompts_own(sd1_dir):
-    from minidream.training.data import TextConditioning
+    from minidream.training.batches import TextConditioning
+    from minidream.training.trainable import Trainable
     from minidream.models.stable_diffusion import encode_text
     m = loading.load(str(sd1_dir))
-    groups = {"text_encoder": [], "token": []}
+    nothing_trains = Trainable([], [], [])
     cfg = type("C", (), {"text_encoder_steps": 0})()
-    text = TextConditioning(m, cfg, groups, ["a photo of sks dog", "a photo of dog"])
+    text = TextConditioning(m, cfg, nothing_trains, ["a photo of sks dog", "a photo of dog"])
     prompts = ["a photo of sks dog on grass", "a photo of sks dog", "a photo of dog", "a photo of sks dog on grass"]
     got = text(0, prompts)["context"]
     with torch.no_grad():
@@ -87,7 +87,8 @@ def test_two_concepts_get_their_own_class_images(sd1_dir, tmp_path):
     assert len(by[("instance", 0)]) == 3 and by[("instance", 1)][0]["prompt"] == "a photo of zwx cat"
     assert len(by[("class", 0)]) == 2 and len(by[("class", 1)]) == 3  # per-concept count, else --num-class-images
     assert {d["prompt"] for d in by[("class", 1)]} == {"a photo of a cat"}
-    assert all("cats" in d["file"] for d in by[("class", 1)]) and all("concept-0" in d["file"] for d in by[("class", 0)])
+    assert all("cats" in d["file"] for d in by[("class", 1)])
+    assert all("concept-0" in d["file"] for d in by[("class", 0)])
     assert Image.open(by[("class", 1)][0]["file"]).text["prompt"] == "a photo of a cat"
 
 

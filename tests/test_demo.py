@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from minidream.demo import world
-from minidream.demo.run import DEMO_DIR, EVAL_CLASSES, load_recognizer, run_demo
+from minidream.demo.evaluation import EVAL_CLASSES
+from minidream.demo.model import DEMO_DIR
+from minidream.demo.recognizer import load_recognizer
+from minidream.demo.run import run_demo
 from minidream.formats.loading import load
 
 pytestmark = pytest.mark.skipif(not (DEMO_DIR / "model_index.json").exists(), reason="demo model not built")

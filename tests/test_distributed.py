@@ -50,8 +50,8 @@ def test_two_processes_train_as_one_process_with_the_global_batch(sd1_dir, insta
     # lora_B starts at zero: it is the change training made. Compared as a whole (‖Δ₂ − Δ₁‖ ≤ 5e-2 ‖Δ₁‖): Adam's
     # first steps divide each gradient by its own size, so an element whose gradient is ~1e-8 moves by ±lr on
     # float rounding alone (here ~17 of 13k elements), and an element-wise bound would measure only that. One such
-    # element moving differently is 1-2.5e-2 ‖Δ₁‖ (lr x steps over ‖Δ₁‖; a full-suite run measured 6.6e-3, where 1e-3 failed);
-    # a wrong row split or unaveraged gradients moves every element, O(‖Δ₁‖), and the losses above by far more.
+    # element moving differently is 1-2.5e-2 ‖Δ₁‖ (lr x steps over ‖Δ₁‖; a full-suite run measured 6.6e-3, where 1e-3
+    # failed); a wrong row split or unaveraged gradients moves every element, O(‖Δ₁‖), and the losses above by far more.
     up = [k for k in a if "lora_B" in k]
     da, db = torch.cat([a[k].flatten() for k in up]), torch.cat([b[k].flatten() for k in up])
     assert da.norm() > 0 and (da - db).norm() <= 5e-2 * da.norm()

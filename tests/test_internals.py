@@ -102,7 +102,8 @@ def test_attention_maps_command(sd1_dir, tmp_path):
     assert [t["index"] for t in meta["tokens"]] == list(range(1, 1 + len(m.tokenizer.encode("a red striped star"))))
     assert all((tmp_path / "a" / t["file"]).exists() for t in meta["tokens"])
     from minidream.inspect.attention_maps import attention_maps
-    _, maps = attention_maps(m, ["a red star"], steps=2, height=32, width=32)
+    from minidream.sampling.pipeline import SamplingParams
+    _, maps = attention_maps(m, ["a red star"], SamplingParams(steps=2, height=32, width=32))
     assert maps.shape == (1, 77, 32, 32)
     assert torch.allclose(maps.sum(1), torch.ones(1, 32, 32), atol=1e-4)  # a distribution over the 77 tokens per pixel
 
@@ -116,7 +117,8 @@ def test_localisation_ratio():
 
 
 def test_demo_identifier_localisation_is_measured():
-    from minidream.demo.run import DEMO_DIR, attention_localisation, subject_mask
+    from minidream.demo.evaluation import attention_localisation, subject_mask
+    from minidream.demo.model import DEMO_DIR
     from minidream.demo.world import Toy, render
     import numpy as np
     img = torch.from_numpy(np.array(render(Toy("star", "yellow", "striped", "blue", r=0.3))))[None]

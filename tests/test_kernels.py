@@ -23,7 +23,8 @@ def check(B, H, N, M, D, dtype, tol, scale=None, device=DEVICE, seed=0, unet_lay
     r = reference(*ref, scale)
     r.backward(do.float())
     errs = {}
-    for name, got, want in (("out", o, r), ("dq", q.grad, ref[0].grad), ("dk", k.grad, ref[1].grad), ("dv", v.grad, ref[2].grad)):
+    pairs = (("out", o, r), ("dq", q.grad, ref[0].grad), ("dk", k.grad, ref[1].grad), ("dv", v.grad, ref[2].grad))
+    for name, got, want in pairs:
         assert got.shape == want.shape and got.dtype == dtype
         errs[name] = ((got.float() - want).abs().max() / want.abs().max()).item()
     assert max(errs.values()) <= tol, errs

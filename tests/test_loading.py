@@ -44,7 +44,8 @@ def test_fp16_variant(sd1_dir, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(sd1_dir, folder)
     from safetensors.torch import load_file, save_file
-    for comp, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+    stems = (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model"))
+    for comp, stem in stems:
         f = folder / comp / f"{stem}.safetensors"
         save_file({k: v.half() for k, v in load_file(f).items()}, folder / comp / f"{stem}.fp16.safetensors")
         f.unlink()
@@ -120,7 +121,8 @@ def test_info_reports_the_model(sd2_dir):
 
 def test_reference_libraries_are_never_imported_by_the_product():
     """diffusers/transformers are test references only: a full load + sample + CLI run must not import them."""
-    code = ("import sys, cli, minidream.formats.loading, minidream.sampling.pipeline, minidream.formats.single_file, minidream.sampling.schedulers; "
+    code = ("import sys, cli, minidream.formats.loading, minidream.sampling.pipeline, minidream.formats.single_file, "
+            "minidream.sampling.samplers; "
             "import kernels; bad = [m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minidream.formats import loading
-from minidream.sampling.pipeline import generate
+from minidream.sampling.pipeline import SamplingParams, generate
 from minidream.sampling.samplers import SAMPLERS
 
 
@@ -37,9 +37,10 @@ def test_same_seed_same_image_as_diffusers(sd1_dir, sd2_dir, family, scheduler, 
                             negative="a blue toy" if guidance == 5.0 else None)
     m = loading.load(str(folder))
     assert m.scheduler.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
-    got = generate(m, ["a red striped star"] * 2, negative="a blue toy" if guidance == 5.0 else None, steps=8,
-                   guidance=guidance, scheduler=scheduler, eta=eta, height=32, width=32,
-                   generator=torch.Generator("cpu").manual_seed(42), progress=False)
+    params = SamplingParams(steps=8, guidance=guidance, sampler=scheduler, eta=eta, height=32, width=32,
+                            negative_prompt="a blue toy" if guidance == 5.0 else None)
+    got = generate(m, ["a red striped star"] * 2, params, generator=torch.Generator("cpu").manual_seed(42),
+                   progress=False)
     assert got.shape == want.shape == (2, 32, 32, 3)
     assert got.float().std() > 5  # the images are not blank, so equality means something
     assert (got.int() - want.int()).abs().max().item() <= 1
@@ -83,8 +84,9 @@ def test_default_sampler_is_the_models_own(sd1_dir, tmp_path):
                generator=torch.Generator("cpu").manual_seed(3)).images[0]
     want = torch.from_numpy((img * 255).round().astype(np.uint8))
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(d), "--prompt", "a red toy", "--steps", "5",
-                        "--seed", "3", "--height", "32", "--width", "32", "--out", str(out), "--no-progress"],
+    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(d), "--prompt", "a red toy",
+                        "--steps", "5", "--seed", "3", "--height", "32", "--width", "32", "--out", str(out),
+                        "--no-progress"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     im = Image.open(out / "0000.png")
@@ -109,14 +111,15 @@ def test_cli_sample_bad_input_is_one_line(sd1_dir, tmp_path, args, needle):
 def test_cli_sample_refuses_a_file_as_output(sd1_dir, tmp_path):
     f = tmp_path / "file.png"
     f.write_bytes(b"x")
-    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(sd1_dir), "--prompt", "x", "--out", str(f)],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(sd1_dir), "--prompt", "x",
+                        "--out", str(f)], capture_output=True, text=True)
     assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_sample_warns_about_cut_prompt(sd1_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(sd1_dir), "--prompt", "red " * 90,
-                        "--steps", "1", "--height", "16", "--width", "16", "--out", str(tmp_path / "o"), "--no-progress"],
+                        "--steps", "1", "--height", "16", "--width", "16", "--out", str(tmp_path / "o"),
+                        "--no-progress"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "longer than 77 tokens" in r.stderr and "red red" in r.stderr

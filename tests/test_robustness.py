@@ -83,8 +83,8 @@ def test_safetensors_header_fuzz(sd1_dir, tmp_path):
 
 def test_image_fuzz_and_16_bit_pngs(tmp_path):
     from PIL import Image
-    from minidream.training.config import TrainError
-    from minidream.training.data import load_images
+    from minidream.training import TrainError
+    from minidream.training.images import load_images
     good = tmp_path / "good.png"
     Image.new("RGB", (16, 16), (10, 20, 30)).save(good)
     raw = good.read_bytes()
@@ -117,7 +117,8 @@ def test_bad_lora_files_are_one_line(sd1_dir, tmp_path):
     bad = {
         "garbage.safetensors": None,
         "no_up.safetensors": {"lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 64)},
-        "loha.safetensors": {"lora_unet_conv_in.hada_w1_a": torch.zeros(4, 4), "lora_unet_conv_in.hada_w1_b": torch.zeros(4, 4)},
+        "loha.safetensors": {"lora_unet_conv_in.hada_w1_a": torch.zeros(4, 4),
+                             "lora_unet_conv_in.hada_w1_b": torch.zeros(4, 4)},
         "conv_shape.safetensors": {"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3),
                                    "lora_unet_conv_in.lora_up.weight": torch.zeros(16, 4, 1, 1)},
         "empty.safetensors": {"something": torch.zeros(1)},
@@ -134,7 +135,7 @@ def test_bad_lora_files_are_one_line(sd1_dir, tmp_path):
 
 
 def test_nan_at_sampling_is_an_error_not_a_black_image(sd1_dir, tmp_path):
-    from minidream.models.lora import diffusers_lora_state_dict
+    from minidream.formats.lora_files import diffusers_lora_state_dict
     m = loading.load(str(sd1_dir))
     name = next(n for n, mod in m.unet.named_modules() if n.endswith("attn2.to_q"))
     f = _lora_file(tmp_path / "nan.safetensors", {f"unet.{name}.lora_A.weight": torch.full((2, 64), float("nan")),
@@ -193,7 +194,7 @@ def test_train_refuses_an_identifier_past_the_token_limit(sd1_dir, instance_dir,
 
 
 def test_one_run_per_out_folder(sd1_dir, instance_dir, tmp_path):
-    from minidream.training.checkpoint import lock_run
+    from minidream.training.run_folder import lock_run
     out = tmp_path / "run"
     out.mkdir()
     held = lock_run(out)
@@ -205,12 +206,13 @@ def test_one_run_per_out_folder(sd1_dir, instance_dir, tmp_path):
 
 
 def test_a_full_disk_at_export_keeps_the_trained_weights(sd1_dir, instance_dir, tmp_path, monkeypatch):
-    import minidream.training.export as export
+    from dataclasses import replace
+    from minidream.formats import exports
     out = tmp_path / "run"
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(export, "save_pretrained", full)
+    monkeypatch.setitem(exports.EXPORTERS, "diffusers", replace(exports.EXPORTERS["diffusers"], save=full))
     r = run_cli(*train_args(sd1_dir, instance_dir, out, "--checkpoint-every", 0))
     assert r.exit_code == 2 and "No space left on device" in r.output and "--resume latest" in r.output, r.output
     assert (out / "checkpoints" / "step-000003.safetensors").exists()

@@ -9,14 +9,15 @@ import torch
 
 from minidream.sampling import samplers
 from minidream.sampling.samplers import SAMPLERS, default_sampler, make_sampler
-from minidream.sampling.schedulers import SchedulerConfig
+from minidream.models.noise_schedule import SchedulerConfig
 
 SD = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
       "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
       "trained_betas": None, "clip_sample": False}  # SD 1.5's file as shipped: no timestep_spacing key
 CONFIGS = {
     "sd15": SD,
-    "sd15-leading-v": {**SD, "_class_name": "DDIMScheduler", "timestep_spacing": "leading", "prediction_type": "v_prediction"},
+    "sd15-leading-v": {**SD, "_class_name": "DDIMScheduler", "timestep_spacing": "leading",
+                       "prediction_type": "v_prediction"},
     "trailing": {**SD, "timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": True},
     "linspace-linear": {"_class_name": "EulerDiscreteScheduler", "beta_schedule": "linear", "beta_start": 0.0001,
                         "beta_end": 0.02, "timestep_spacing": "linspace", "prediction_type": "v_prediction"},
@@ -28,7 +29,7 @@ OPTIONS = {"pndm": {"skip_prk_steps": True}, "dpmpp-2m-karras": {"use_karras_sig
 
 def reference(name, config):
     import diffusers
-    cls = getattr(diffusers, SAMPLERS[name][2])
+    cls = getattr(diffusers, SAMPLERS[name].reference)
     return cls.from_config(config, **OPTIONS.get(name, {}))
 
 
@@ -74,7 +75,7 @@ def test_class_defaults_are_diffusers_constructor_defaults():
     """A key missing from scheduler_config.json takes the sampler class's own default, as from_config does."""
     import diffusers
     fields = set(SchedulerConfig.__dataclass_fields__) - {"class_name", "given", "extra"}
-    for cls_name, ours in samplers.CLASS_DEFAULTS.items():
+    for cls_name, ours in {row.reference: row.defaults for row in samplers.SAMPLERS.values()}.items():
         params = inspect.signature(getattr(diffusers, cls_name).__init__).parameters
         accepted = {k: p.default for k, p in params.items() if k in fields}
         assert {k: v for k, v in ours.items() if k in accepted} == accepted, cls_name
@@ -86,7 +87,8 @@ def test_class_defaults_are_diffusers_constructor_defaults():
     ("EulerAncestralDiscreteScheduler", {}, "euler-a"),
     ("DPMSolverMultistepScheduler", {}, "dpmpp-2m"),
     ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "dpmpp-2m-karras"),
-    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}, "dpmpp-2m-sde-karras"),
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"},
+     "dpmpp-2m-sde-karras"),
     ("UniPCMultistepScheduler", {}, "unipc"),
 ])
 def test_default_is_the_models_own_scheduler(class_name, extra, want):

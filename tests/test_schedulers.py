@@ -2,13 +2,16 @@
 import pytest
 import torch
 
-from minidream.sampling.schedulers import DDIM, DDPM, NoiseSchedule, SchedulerConfig
+from minidream.models.noise_schedule import SchedulerConfig
+from minidream.models.stable_diffusion import DDPMProcess
+from minidream.sampling.alpha_space import DDIM, DDPM
 
 CONFIGS = [
     SchedulerConfig(),
     SchedulerConfig(prediction_type="v_prediction"),
     SchedulerConfig(timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0),
-    SchedulerConfig(timestep_spacing="linspace", beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=True),
+    SchedulerConfig(timestep_spacing="linspace", beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                    clip_sample=True),
 ]
 
 
@@ -57,7 +60,7 @@ def test_ddpm_matches_diffusers(cfg, steps):
 def test_add_noise_and_training_target(cfg):
     from diffusers import DDPMScheduler
     ref = DDPMScheduler(**ref_kwargs(cfg))
-    ours = NoiseSchedule(cfg)
+    ours = DDPMProcess(cfg)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     t = torch.tensor([0, 1, 500, 999])
@@ -70,6 +73,6 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="steps"):
         DDIM(SchedulerConfig()).set_timesteps(0)
     with pytest.raises(ValueError, match="prediction_type"):
-        NoiseSchedule(SchedulerConfig(prediction_type="sample"))
+        DDPMProcess(SchedulerConfig(prediction_type="sample"))
     with pytest.raises(ValueError, match="eta"):
         DDIM(SchedulerConfig(), eta=-1)

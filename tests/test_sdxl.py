@@ -9,7 +9,7 @@ import torch
 from minidream.formats import diffusers_layout, loading
 from minidream.models import stable_diffusion as model_lib
 from minidream.models.stable_diffusion import encode_text
-from minidream.sampling.pipeline import generate
+from minidream.sampling.pipeline import SamplingParams, generate
 from tests.conftest import max_rel_err, perturb, tiny_clip_config
 
 PROMPTS = ["a red star on a white background", "a blue dotted dog"]
@@ -25,7 +25,7 @@ def pipes(xl_dir):
 
 def test_loads_as_sdxl(pipes):
     _, m = pipes
-    assert m.xl and m.version == "tiny-xl" and m.force_zeros_for_empty_prompt
+    assert m.family.name == "sdxl" and m.version == "tiny-xl" and m.force_zeros_for_empty_prompt
     assert m.tokenizer_2.pad_token == "!" and m.tokenizer.pad_token == "<|endoftext|>"
     assert m.text_encoder_2.cfg.projection_dim == 32 and m.unet.cfg.depth == (1, 1, 2)
     assert len(m.unet.mid_block.attentions[0].transformer_blocks) == 2
@@ -50,8 +50,8 @@ def test_legacy_eos_rule_reads_the_largest_id(tiny_tokenizer):
     cfg.eos_token_id, cfg.projection_dim = 2, 16
     torch.manual_seed(0)
     ref = perturb(CLIPTextModelWithProjection(cfg), 3).eval()
-    ours = CLIPTextModel(diffusers_layout.clip_config({**cfg.to_dict(), "architectures": ["CLIPTextModelWithProjection"]},
-                                                      "config.json"))
+    as_projected = {**cfg.to_dict(), "architectures": ["CLIPTextModelWithProjection"]}
+    ours = CLIPTextModel(diffusers_layout.clip_config(as_projected, "config.json"))
     ours.load_state_dict(diffusers_layout._strip_text_model(ref.state_dict()))
     ids = torch.randint(0, len(tiny_tokenizer), (3, 77), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -91,8 +91,9 @@ def test_images_match_sdxl_pipeline(pipes, guidance, height, width, negative, sa
                guidance_scale=guidance, height=height, width=width, generator=torch.Generator().manual_seed(0),
                output_type="np").images
     want = torch.from_numpy((want * 255).round()).to(torch.uint8)
-    got = generate(m, PROMPTS, negative, steps=5, guidance=guidance, scheduler=sampler, height=height, width=width,
-                   generator=torch.Generator().manual_seed(0), progress=False)
+    params = SamplingParams(steps=5, guidance=guidance, sampler=sampler, negative_prompt=negative, height=height,
+                            width=width)
+    got = generate(m, PROMPTS, params, generator=torch.Generator().manual_seed(0), progress=False)
     assert got.shape == want.shape
     assert (got.int() - want.int()).abs().max() <= 1
 
@@ -107,7 +108,7 @@ def test_saved_folder_loads_in_diffusers(pipes, tmp_path):
         theirs = {k.removeprefix("text_model."): v for k, v in getattr(back, name).state_dict().items()}
         assert all(torch.equal(theirs[k], v) for k, v in te.state_dict().items())
     assert all(torch.equal(back.unet.state_dict()[k], v) for k, v in m.unet.state_dict().items())
-    assert loading.load(str(tmp_path)).xl
+    assert loading.load(str(tmp_path)).family.name == "sdxl"
 
 
 def test_bad_sdxl_folders_fail_in_one_line(xl_dir, tmp_path):
@@ -134,17 +135,19 @@ def test_real_sdxl_keys_shapes_and_single_file_names():
     into our `sdxl` preset, and the single-file table covers every tensor once under the official names."""
     from diffusers import UNet2DConditionModel
     from minidream.models import clip, unet, vae
-    from minidream.formats.single_file import CLIP_XL1, CLIP_XL2, clip_rows, key_table, unet_rows, vae_rows
+    from minidream.formats.single_file import clip_rows, key_table, unet_rows, vae_rows
+    from minidream.models.stable_diffusion import XL_CLIP_L, XL_OPENCLIP_G
     with torch.device("meta"):
         ref = UNet2DConditionModel(**REAL_XL)
         p = model_lib.PRESETS["sdxl"]
         u, v = unet.UNet2DConditionModel(p.unet), vae.AutoencoderKL(p.vae)
         c1, c2 = clip.CLIPTextModel(p.text_encoder), clip.CLIPTextModel(p.text_encoder_2)
-    assert {k: tuple(t.shape) for k, t in u.state_dict().items()} == {k: tuple(t.shape) for k, t in ref.state_dict().items()}
+    shapes = {k: tuple(t.shape) for k, t in u.state_dict().items()}
+    assert shapes == {k: tuple(t.shape) for k, t in ref.state_dict().items()}
     assert model_lib.preset_of(diffusers_layout.unet_config(dict(ref.config), "config.json"), unet.PRESETS) == "sdxl"
     tables = [key_table(unet_rows(u.cfg), u.state_dict()), key_table(vae_rows(v.cfg), v.state_dict()),
-              key_table(clip_rows(c1.cfg, CLIP_XL1, False), c1.state_dict()),
-              key_table(clip_rows(c2.cfg, CLIP_XL2, True), c2.state_dict(), CLIP_XL2)]
+              key_table(clip_rows(c1.cfg, XL_CLIP_L.original, False), c1.state_dict()),
+              key_table(clip_rows(c2.cfg, XL_OPENCLIP_G.original, True), c2.state_dict(), XL_OPENCLIP_G.original)]
     origs = [o for t in tables for o, how in t.values() if not isinstance(how, tuple)]
     assert len(origs) == len(set(origs))
     allk = {o for t in tables for o, _ in t.values()}
@@ -152,8 +155,10 @@ def test_real_sdxl_keys_shapes_and_single_file_names():
               "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight",
               "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.ff.net.2.weight",
               "model.diffusion_model.middle_block.1.transformer_blocks.9.norm3.weight",
-              "model.diffusion_model.output_blocks.2.2.conv.weight", "model.diffusion_model.output_blocks.5.2.conv.weight",
-              "model.diffusion_model.input_blocks.3.0.op.weight", "model.diffusion_model.input_blocks.2.0.in_layers.2.weight",
+              "model.diffusion_model.output_blocks.2.2.conv.weight",
+              "model.diffusion_model.output_blocks.5.2.conv.weight",
+              "model.diffusion_model.input_blocks.3.0.op.weight",
+              "model.diffusion_model.input_blocks.2.0.in_layers.2.weight",
               "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight",
               "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight",
               "conditioner.embedders.1.model.text_projection", "conditioner.embedders.1.model.positional_embedding",
@@ -185,9 +190,11 @@ def test_real_sdxl_widths_numeric_forward(tmp_path):
     gc.collect()
     tok = torch.randint(0, 49406, (2, 77), generator=g)
     tok[:, 20] = 49407
-    for width, layers, heads, mlp, act, proj in ((768, 12, 12, 3072, "quick_gelu", None), (1280, 32, 20, 5120, "gelu", 1280)):
-        cfg = CLIPTextConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp,
-                             hidden_act=act, projection_dim=proj or 768, eos_token_id=2, bos_token_id=0, pad_token_id=1)
+    towers = ((768, 12, 12, 3072, "quick_gelu", None), (1280, 32, 20, 5120, "gelu", 1280))
+    for width, layers, heads, mlp, act, proj in towers:
+        cfg = CLIPTextConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                             intermediate_size=mlp, hidden_act=act, projection_dim=proj or 768, eos_token_id=2,
+                             bos_token_id=0, pad_token_id=1)
         ref = (CLIPTextModelWithProjection if proj else CLIPTextModel)(cfg).eval()
         d = {**cfg.to_dict(), "architectures": [type(ref).__name__]}
         ours = clip.CLIPTextModel(diffusers_layout.clip_config(d, "config.json"))

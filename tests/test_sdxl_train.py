@@ -9,9 +9,10 @@ from PIL import Image
 
 from minidream.formats import loading
 from minidream.training.config import TrainConfig
-from minidream.training.data import LatentSource, to_tensor
+from minidream.training.batches import LatentSource
+from minidream.training.images import to_tensor
 from minidream.models.stable_diffusion import encode_text
-from minidream.training.dreambooth import dreambooth_loss
+from minidream.training.step import dreambooth_loss
 from tests.conftest import max_rel_err
 from tests.test_adapters import ours, theirs
 from tests.test_train import _changed, instance_dir, run_cli, train_args  # noqa: F401 (instance_dir is a fixture)
@@ -21,7 +22,7 @@ def test_one_step_matches_diffusers_sdxl_dreambooth_loss_and_gradients(xl_dir):
     """Same batch, noise, timesteps and size ids: our loss parts and UNet gradients equal those of diffusers'
     UNet conditioned as train_dreambooth_lora_sdxl.py conditions it (encode_prompt, add_time_ids)."""
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
-    from minidream.sampling.schedulers import NoiseSchedule
+    from minidream.models.stable_diffusion import DDPMProcess
     ref = StableDiffusionXLPipeline.from_pretrained(xl_dir, add_watermarker=False)
     ours_m = loading.load(str(xl_dir))
     ours_m.unet.requires_grad_(True)
@@ -31,15 +32,17 @@ def test_one_step_matches_diffusers_sdxl_dreambooth_loss_and_gradients(xl_dir):
     latents, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     t = torch.tensor([10, 400, 700, 999])
     prompts = ["a photo of sks dog"] * 2 + ["a photo of dog"] * 2
-    ids = torch.tensor([[40.0, 48, 0, 1, 64, 64], [64, 64, 0, 0, 64, 64], [64, 64, 0, 0, 64, 64], [80, 64, 8, 0, 64, 64]])
+    ids = torch.tensor([[40.0, 48, 0, 1, 64, 64], [64, 64, 0, 0, 64, 64], [64, 64, 0, 0, 64, 64],
+                        [80, 64, 8, 0, 64, 64]])
     with torch.no_grad():
         ctx, _, pooled, _ = ref.encode_prompt(prompts, do_classifier_free_guidance=False)
-    pred = ref.unet(sched.add_noise(latents, noise, t), t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    pred = ref.unet(sched.add_noise(latents, noise, t), t, ctx,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
     ref_inst = torch.nn.functional.mse_loss(pred[:2], noise[:2])
     ref_prior = torch.nn.functional.mse_loss(pred[2:], noise[2:])
     (ref_inst + 0.7 * ref_prior).backward()
 
-    s = NoiseSchedule(ours_m.scheduler)
+    s = DDPMProcess(ours_m.scheduler)
     with torch.no_grad():
         cond = encode_text(ours_m, prompts)
     pred = ours_m.unet(s.add_noise(latents, noise, t), t, **cond, time_ids=ids)
@@ -97,7 +100,7 @@ def test_each_mode_trains_both_encoders_and_keeps_the_rest(xl_dir, instance_dir,
     r = run_cli(*train_args(xl_dir, instance_dir, out, "--train", mode, "--save-as", "diffusers", *extra))
     assert r.exit_code == 0, r.output
     base, tuned = loading.load(str(xl_dir)), loading.load(str(out / "model"))
-    assert tuned.xl and tuned.tokenizer_2.pad_token == "!"
+    assert tuned.family.name == "sdxl" and tuned.tokenizer_2.pad_token == "!"
     u = _changed(base.unet.state_dict(), tuned.unet.state_dict())
     assert u and (mode == "unet" or all(".attn1." in k or ".attn2." in k for k in u))
     assert mode != "unet" or any(k.startswith("add_embedding.") for k in u)  # the size embedding trains too
@@ -137,10 +140,12 @@ def test_lora_and_token_exports_give_diffusers_images(xl_dir, instance_dir, tmp_
     for lora in (out / "lora" / "pytorch_lora_weights.safetensors", out / "lora_kohya.safetensors"):
         pipe = StableDiffusionXLPipeline.from_pretrained(xl_dir, add_watermarker=False)
         pipe.load_lora_weights(str(lora))
-        for key, tok, te in (("clip_l", pipe.tokenizer, pipe.text_encoder), ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2)):
+        encoders = (("clip_l", pipe.tokenizer, pipe.text_encoder), ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2))
+        for key, tok, te in encoders:
             pipe.load_textual_inversion(emb[key], token="<sks>", tokenizer=tok, text_encoder=te)
         want = theirs(pipe, prompt)
-        got = ours(xl_dir, tmp_path / lora.stem, prompt, "--lora", lora, "--embedding", out / "learned_embeds.safetensors")
+        got = ours(xl_dir, tmp_path / lora.stem, prompt, "--lora", lora, "--embedding",
+                   out / "learned_embeds.safetensors")
         assert (got.int() - want.int()).abs().max() <= 1, lora.name
         merged = ours(out / "model", tmp_path / f"merged-{lora.stem}", prompt)
         assert (merged.int() - want.int()).abs().max() <= 1

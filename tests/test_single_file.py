@@ -15,15 +15,16 @@ def test_sdxl_export_reads_back_in_diffusers_and_ours(xl_dir, tmp_path):
     f = tmp_path / "model.safetensors"
     save_single_file(m, f)
     keys = to_single_file(m).keys()
-    assert "model.diffusion_model.label_emb.0.0.weight" in keys and "conditioner.embedders.1.model.text_projection" in keys
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys
+    assert "conditioner.embedders.1.model.text_projection" in keys
     ref = StableDiffusionXLPipeline.from_single_file(str(f), config=str(xl_dir), local_files_only=True)
     from minidream.formats.single_file import tokenizers
-    toks = tokenizers(xl_dir / "tokenizer", xl=True)  # a bare vocabulary (--tokenizer): the second pads with "!"
+    toks = tokenizers(xl_dir / "tokenizer", encoders=2)  # a bare vocabulary (--tokenizer): the second pads with "!"
     assert toks["tokenizer"].pad_token == "<|endoftext|>" and toks["tokenizer_2"].pad_token == "!"
     with pytest.raises(loading.ModelError, match="shape"):  # the real sdxl preset, inferred from the keys
         loading.load(str(f), tokenizer=str(xl_dir))
     for back in (loading.load(str(f), config=str(xl_dir)),):
-        assert back.xl and back.tokenizer_2.pad_token == "!" and back.force_zeros_for_empty_prompt
+        assert back.family.name == "sdxl" and back.tokenizer_2.pad_token == "!" and back.force_zeros_for_empty_prompt
         for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
             theirs = {k.removeprefix("text_model."): v for k, v in getattr(ref, name).state_dict().items()}
             for k, v in getattr(m, name).state_dict().items():
@@ -40,7 +41,8 @@ def test_export_reads_back_in_diffusers_and_ours(sd1_dir, sd2_dir, tmp_path, fam
     keys = to_single_file(m).keys()
     assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)
     assert any(k.startswith("first_stage_model.decoder.up.") for k in keys)
-    assert any(k.startswith("cond_stage_model.model." if family == "sd2" else "cond_stage_model.transformer.") for k in keys)
+    text = "cond_stage_model.model." if family == "sd2" else "cond_stage_model.transformer."
+    assert any(k.startswith(text) for k in keys)
 
     ref = StableDiffusionPipeline.from_single_file(str(f), config=str(folder), local_files_only=True,
                                                    safety_checker=None, requires_safety_checker=False)
@@ -63,21 +65,25 @@ def test_real_sd_layouts_round_trip_on_meta():
     """At the real SD 1.5 / 2.1 architectures: the key table covers every parameter exactly once, and
     the original key names are those of the official checkpoints (spot checks)."""
     from minidream.models import clip, unet, vae
-    from minidream.formats.single_file import CLIP_SD1, CLIP_SD2, clip_rows, key_table, unet_rows, vae_rows
+    from minidream.formats.single_file import clip_rows, key_table, unet_rows, vae_rows
+    from minidream.models.stable_diffusion import CLIP_L, OPENCLIP_H
     for family, openclip in (("sd15", False), ("sd21", True)):
-        prefix = CLIP_SD2 if openclip else CLIP_SD1
+        prefix = OPENCLIP_H.original if openclip else CLIP_L.original
         with torch.device("meta"):
-            u, v, c = unet.UNet2DConditionModel(unet.PRESETS[family]), vae.AutoencoderKL(vae.PRESETS[family]), clip.CLIPTextModel(clip.PRESETS[family])
+            u = unet.UNet2DConditionModel(unet.PRESETS[family])
+            v, c = vae.AutoencoderKL(vae.PRESETS[family]), clip.CLIPTextModel(clip.PRESETS[family])
         tables = [key_table(unet_rows(u.cfg), u.state_dict()), key_table(vae_rows(v.cfg), v.state_dict()),
                   key_table(clip_rows(c.cfg, prefix, openclip), c.state_dict(), prefix if openclip else None)]
         origs = [o for t in tables for o, how in t.values() if not isinstance(how, tuple)]
         assert len(origs) == len(set(origs))
         allk = {o for t in tables for o, _ in t.values()}
         for k in ["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
-                  "model.diffusion_model.output_blocks.2.1.conv.weight", "model.diffusion_model.output_blocks.5.2.conv.weight",
+                  "model.diffusion_model.output_blocks.2.1.conv.weight",
+                  "model.diffusion_model.output_blocks.5.2.conv.weight",
                   "model.diffusion_model.middle_block.1.proj_in.weight", "model.diffusion_model.out.2.weight",
                   "model.diffusion_model.input_blocks.3.0.op.weight", "model.diffusion_model.time_embed.2.bias",
-                  "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight", "first_stage_model.encoder.mid.attn_1.q.weight",
+                  "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight",
+                  "first_stage_model.encoder.mid.attn_1.q.weight",
                   "first_stage_model.decoder.up.3.upsample.conv.weight"]:
             assert k in allk, k
         if openclip:

@@ -15,7 +15,8 @@ TRICKY = [
 @pytest.fixture(scope="module")
 def pair(clip_vocab_dir):
     from transformers import CLIPTokenizer as HFTokenizer
-    return CLIPTokenizer.from_dir(clip_vocab_dir), HFTokenizer(str(clip_vocab_dir / "vocab.json"), str(clip_vocab_dir / "merges.txt"))
+    hf = HFTokenizer(str(clip_vocab_dir / "vocab.json"), str(clip_vocab_dir / "merges.txt"))
+    return CLIPTokenizer.from_dir(clip_vocab_dir), hf
 
 
 def test_real_vocabulary_size(pair):
@@ -58,4 +59,5 @@ def test_added_token_is_one_id_and_round_trips(pair, tmp_path):
     back = CLIPTokenizer.from_dir(tmp_path)
     assert back.encode("a <sks> toy") == tok.encode("a <sks> toy")
     from transformers import CLIPTokenizer as HFTokenizer
-    assert HFTokenizer.from_pretrained(tmp_path)("a <sks> toy").input_ids == [49406] + tok.encode("a <sks> toy") + [49407]
+    want = [49406] + tok.encode("a <sks> toy") + [49407]
+    assert HFTokenizer.from_pretrained(tmp_path)("a <sks> toy").input_ids == want

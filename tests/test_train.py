@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from minidream.formats import loading
-from minidream.training.dreambooth import dreambooth_loss
+from minidream.training.step import dreambooth_loss
 from tests.conftest import max_rel_err
 
 
@@ -43,7 +43,7 @@ def test_one_step_matches_diffusers_dreambooth_loss_and_gradients(sd1_dir):
     CLIP with the loss of diffusers' train_dreambooth.py (instance mse + λ·prior mse on the chunked batch)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
-    from minidream.sampling.schedulers import NoiseSchedule
+    from minidream.models.stable_diffusion import DDPMProcess
     ours = loading.load(str(sd1_dir))
     ours.unet.requires_grad_(True)
     ref_unet = UNet2DConditionModel.from_pretrained(sd1_dir / "unet")
@@ -67,7 +67,7 @@ def test_one_step_matches_diffusers_dreambooth_loss_and_gradients(sd1_dir):
     ref_loss.backward()
 
     # ours
-    sched = NoiseSchedule(ours.scheduler)
+    sched = DDPMProcess(ours.scheduler)
     pred = ours.unet(sched.add_noise(latents, noise, t), t, ours.text_encoder(ids))
     loss, inst, prior = dreambooth_loss(pred, sched.target(latents, noise, t), 2, lam)
     loss.backward()
@@ -97,7 +97,8 @@ def test_each_mode_trains_only_what_it_selects(sd1_dir, instance_dir, tmp_path, 
         assert any("resnets" in k for k in u)
     else:
         assert all(".attn1." in k or ".attn2." in k for k in u), sorted(u)[:3]
-        assert all(k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias")) for k in u)
+        projections = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias")
+        assert all(k.endswith(projections) for k in u)
     bt, tt = base.text_encoder.state_dict(), tuned.text_encoder.state_dict()
     if "--train-token" in extra:
         assert tt["embeddings.token_embedding.weight"].shape[0] == bt["embeddings.token_embedding.weight"].shape[0] + 1
@@ -136,7 +137,8 @@ def test_resume_after_kill_is_bit_identical(sd1_dir, instance_dir, tmp_path):
         "runpy.run_module('cli', run_name='__main__')"])
     r = subprocess.run([sys.executable, "-c", kill_at_6th_step, *cmd(cut)[3:]], capture_output=True, cwd=os.getcwd())
     assert r.returncode == -signal.SIGKILL, r.stderr
-    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-000002.safetensors", "step-000004.safetensors"]
+    names = sorted(p.name for p in (cut / "checkpoints").iterdir())
+    assert names == ["step-000002.safetensors", "step-000004.safetensors"]
     r = subprocess.run(cmd(cut) + ["--resume", "latest"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     from safetensors.torch import load_file
@@ -150,7 +152,7 @@ def test_resume_after_kill_is_bit_identical(sd1_dir, instance_dir, tmp_path):
 
 def test_exports_load_in_diffusers_and_give_our_images(sd1_dir, instance_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
-    from minidream.sampling.pipeline import generate
+    from minidream.sampling.pipeline import SamplingParams, generate
     out = tmp_path / "run"
     r = run_cli(*train_args(sd1_dir, instance_dir, out, "--train", "lora", "--train-text-encoder", "--lr", 3e-2,
                             "--save-as", "lora-diffusers", "--save-as", "lora-kohya", "--save-as", "diffusers",
@@ -159,7 +161,7 @@ def test_exports_load_in_diffusers_and_give_our_images(sd1_dir, instance_dir, tm
     prompt = "a photo of sks dog"
 
     def ours(model):
-        return generate(model, [prompt], steps=4, height=16, width=16, progress=False,
+        return generate(model, [prompt], SamplingParams(steps=4, height=16, width=16), progress=False,
                         generator=torch.Generator().manual_seed(3))
 
     def theirs(pipe):
@@ -184,14 +186,14 @@ def test_exports_load_in_diffusers_and_give_our_images(sd1_dir, instance_dir, tm
         assert (theirs(pipe).int() - want.int()).abs().max() <= 1, f.name
         # and `minidream sample --lora` reads the same file
         base = loading.load(str(sd1_dir))
-        from minidream.formats.adapters import apply_loras
+        from minidream.formats.lora_files import apply_loras
         apply_loras(base, [(f, 1.0)])
         assert (ours(base).int() - want.int()).abs().max() <= 1, f.name
 
 
 def test_textual_inversion_file_loads_in_diffusers(sd1_dir, instance_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
-    from minidream.sampling.pipeline import generate
+    from minidream.sampling.pipeline import SamplingParams, generate
     out = tmp_path / "run"
     r = run_cli(*train_args(sd1_dir, instance_dir, out, "--train", "attention", "--train-token", "--lr", 1e-9,
                             "--token-lr", 0.1, "--save-as", "diffusers"))
@@ -205,7 +207,7 @@ def test_textual_inversion_file_loads_in_diffusers(sd1_dir, instance_dir, tmp_pa
     want = torch.from_numpy((img * 255).round().astype(np.uint8))
     tuned = loading.load(str(out / "model"))
     # the UNet moved by at most lr=1e-9 steps: the token embedding is what differs
-    got = generate(tuned, ["a photo of <sks> dog"], steps=3, height=16, width=16, progress=False,
+    got = generate(tuned, ["a photo of <sks> dog"], SamplingParams(steps=3, height=16, width=16), progress=False,
                    generator=torch.Generator().manual_seed(1))
     assert (got.int() - want.int()).abs().max() <= 1
 
@@ -255,10 +257,11 @@ def test_ctrl_c_saves_a_checkpoint(sd1_dir, instance_dir, tmp_path):
     args = [str(a) for a in train_args(sd1_dir, instance_dir, out, "--steps", 100000, "--no-prior")]
     # a test run started in the background inherits SIGINT *ignored* (and Python then keeps ignoring it):
     # give the child the default disposition, as in a terminal
-    p = subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
@@ -274,16 +277,16 @@ def test_min_snr_weights_and_v_target_follow_the_references():
     """SNR as diffusers' training_utils.compute_snr; weights min(SNR, γ)/SNR (ε) and min(SNR, γ)/(SNR+1) (v)."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
-    from minidream.sampling.schedulers import NoiseSchedule, SchedulerConfig
-    from minidream.training.dreambooth import min_snr_weights
+    from minidream.models.noise_schedule import SchedulerConfig
+    from minidream.models.stable_diffusion import DDPMProcess
     t = torch.tensor([0, 10, 250, 500, 999])
     ref = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    eps = NoiseSchedule(SchedulerConfig())
+    eps = DDPMProcess(SchedulerConfig())
     snr = compute_snr(ref, t)
     assert torch.allclose(eps.snr(t), snr, rtol=1e-5)
-    assert torch.allclose(min_snr_weights(eps, t, 5.0), torch.clamp(snr, max=5.0) / snr, rtol=1e-5)
-    v = NoiseSchedule(SchedulerConfig(prediction_type="v_prediction"))
-    assert torch.allclose(min_snr_weights(v, t, 5.0), torch.clamp(snr, max=5.0) / (snr + 1), rtol=1e-5)
+    assert torch.allclose(eps.min_snr_weights(t, 5.0), torch.clamp(snr, max=5.0) / snr, rtol=1e-5)
+    v = DDPMProcess(SchedulerConfig(prediction_type="v_prediction"))
+    assert torch.allclose(v.min_snr_weights(t, 5.0), torch.clamp(snr, max=5.0) / (snr + 1), rtol=1e-5)
     x0, noise = torch.randn(5, 4, 2, 2), torch.randn(5, 4, 2, 2)
     assert torch.allclose(v.target(x0, noise, t), ref.get_velocity(x0, noise, t), atol=1e-6)
     assert torch.equal(eps.target(x0, noise, t), noise)

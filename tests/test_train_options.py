@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from minidream.formats import loading
 from minidream.training.config import TrainConfig
-from minidream.training.trainable import lr_lambdas
+from minidream.training.optim import lr_lambdas
 from tests.test_train import instance_dir, run_cli, train_args  # noqa: F401  (instance_dir is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,10 +52,10 @@ def test_cast_frozen_keeps_trainable_values_exact(sd1_dir):
     from minidream.training.trainable import cast_frozen, select_trainable
     base = loading.load(str(sd1_dir), dtype=torch.float32)
     model = loading.load(str(sd1_dir), dtype=torch.float32)
-    groups = select_trainable(model, "attention")
+    trainable = select_trainable(model, "attention")
     cast_frozen(model, torch.bfloat16)
     ref = dict(base.unet.named_parameters())
-    trained = [(n.removeprefix("unet."), p) for n, p in groups["unet"]]
+    trained = [(n.removeprefix("unet."), p) for n, p in trainable.unet]
     assert trained and all(p.dtype == torch.float32 and torch.equal(p, ref[n]) for n, p in trained)
     frozen = [p for p in model.unet.parameters() if not p.requires_grad]
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
@@ -94,7 +94,8 @@ def test_max_grad_norm_clips(sd1_dir, instance_dir, tmp_path):
 def test_text_encoder_stops_training_after_text_encoder_steps(sd1_dir, instance_dir, tmp_path):
     out = tmp_path / "run"
     r = run_cli(*train_args(sd1_dir, instance_dir, out, "--train", "attention", "--train-text-encoder",
-                            "--text-encoder-steps", 1, "--checkpoint-every", 1, "--keep-last", 0, "--save-as", "diffusers"))
+                            "--text-encoder-steps", 1, "--checkpoint-every", 1, "--keep-last", 0,
+                            "--save-as", "diffusers"))
     assert r.exit_code == 0, r.output
     at1 = load_file(out / "checkpoints" / "step-000001.safetensors")
     te = {k.removeprefix("text_encoder."): v for k, v in at1.items() if k.startswith("text_encoder.")}
@@ -160,7 +161,8 @@ def test_class_images_precision_and_negative_prompt(sd1_dir, instance_dir, tmp_p
         out = tmp_path / name
         r = run_cli(*train_args(sd1_dir, instance_dir, out, "--steps", 1, "--class-guidance", 5, *extra))
         assert r.exit_code == 0, r.output
-        pix[name] = torch.tensor(list(Image.open(out / "class_images" / "class-00000.png").tobytes()), dtype=torch.float)
+        first = Image.open(out / "class_images" / "class-00000.png")
+        pix[name] = torch.tensor(list(first.tobytes()), dtype=torch.float)
     assert (pix["plain"] - pix["neg"]).abs().max() > 0
     assert (pix["plain"] - pix["bf16"]).abs().max() > 0
 
@@ -170,11 +172,11 @@ def test_class_and_validation_samplers(sd1_dir, instance_dir, tmp_path):
     noise); --validation-scheduler's grid is written; a name that is no sampler is a one-line error."""
     import numpy as np
     from PIL import Image
-    from minidream.sampling.pipeline import generate
+    from minidream.sampling.pipeline import SamplingParams, generate
     out = tmp_path / "run"
-    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--steps", 1, "--class-guidance", 5, "--class-scheduler", "heun",
-                            "--validation-scheduler", "unipc", "--validation-prompt", "a dog", "--validation-images", 1,
-                            "--validation-steps", 2))
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--steps", 1, "--class-guidance", 5,
+                            "--class-scheduler", "heun", "--validation-scheduler", "unipc",
+                            "--validation-prompt", "a dog", "--validation-images", 1, "--validation-steps", 2))
     assert r.exit_code == 0, r.output
     assert (out / "samples" / "final.png").exists()
     got = torch.from_numpy(np.array(Image.open(out / "class_images" / "class-00001.png"))).reshape(-1, 3).int()
@@ -182,8 +184,8 @@ def test_class_and_validation_samplers(sd1_dir, instance_dir, tmp_path):
     side = 16 // m.latent_scale
     noise = torch.randn((4, side, side), generator=torch.Generator().manual_seed(0 * 1_000_003 + 1))[None]
     for sampler, same in (("heun", True), ("ddim", False)):
-        want = generate(m, ["a photo of dog"], steps=2, guidance=5, scheduler=sampler, latents=noise, height=16,
-                        width=16, progress=False)[0].reshape(-1, 3)
+        params = SamplingParams(steps=2, guidance=5, sampler=sampler, height=16, width=16)
+        want = generate(m, ["a photo of dog"], params, latents=noise, progress=False)[0].reshape(-1, 3)
         assert ((got - want.int()).abs().max() <= 1) == same, sampler
     r = run_cli(*train_args(sd1_dir, instance_dir, tmp_path / "bad", "--class-scheduler", "lms"))
     assert r.exit_code != 0 and "lms" in r.output
@@ -221,7 +223,8 @@ def test_sd2_single_file_is_not_guessed(sd2_dir, tmp_path):
     with pytest.raises(loading.ModelError, match="--preset sd21-base or --preset sd21"):
         loading.load(str(bare))
     assert modelspec(m)["modelspec.prediction_type"] == "v"
-    for meta, want in (({"modelspec.prediction_type": "epsilon"}, "sd21-base"), ({"modelspec.prediction_type": "v"}, "sd21"),
+    for meta, want in (({"modelspec.prediction_type": "epsilon"}, "sd21-base"),
+                       ({"modelspec.prediction_type": "v"}, "sd21"),
                        ({"modelspec.architecture": "stable-diffusion-v2-512"}, "sd21-base")):
         f = tmp_path / f"{want}.safetensors"
         save_file({"x": torch.zeros(1)}, f, metadata=meta)
@@ -255,3 +258,30 @@ def test_fp16_on_cuda_clips_after_unscaling_and_exports_frozen_tensors_exactly(s
         assert all(torch.equal(b[k], t[k]) for k in b)
     b, t = base.unet.state_dict(), tuned.unet.state_dict()
     assert all(torch.equal(b[k], t[k]) for k in b if ".attn" not in k)
+
+
+def test_every_option_is_declared_once_and_the_commands_read_it():
+    """`train`'s options are exactly TrainConfig's fields (and --resume, --overwrite), each with its declared help
+    and, for a choice, the keys of the table that implements it; `sample` takes SamplingParams' fields alike."""
+    from dataclasses import fields
+    import typer.main
+    from cli import app
+    from minidream.sampling.pipeline import SamplingParams
+    from minidream.sampling.samplers import SAMPLERS
+    from minidream.training.config import OPTIONS
+    from minidream.training.trainable import MODES
+    def choices(param):  # the values a choice option takes (typer reads them from its Enum annotation)
+        t = param.type_descriptor.annotation if hasattr(param, "type_descriptor") else param.type
+        t = next((a for a in getattr(t, "__args__", ()) if a is not type(None)), t)
+        return [m.value for m in t] if hasattr(t, "__members__") else list(t.choices)
+    commands = typer.main.get_command(app).commands
+    train = {p.name: p for p in commands["train"].params}
+    assert set(train) == set(OPTIONS) | {"resume", "overwrite"}
+    for name, f in OPTIONS.items():
+        assert f.metadata["help"] and train[name].help == f.metadata["help"], name
+        if f.metadata["choices"] is not None:
+            assert choices(train[name]) == list(f.metadata["choices"]), name
+    assert train["mode"].opts == ["--train"] and choices(train["mode"]) == list(MODES)
+    sample = {p.name: p for p in commands["sample"].params}
+    assert {f.name for f in fields(SamplingParams)} <= set(sample)
+    assert sample["sampler"].opts == ["--scheduler"] and choices(sample["sampler"]) == list(SAMPLERS)

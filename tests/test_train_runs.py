@@ -2,6 +2,7 @@
 refuses changes it cannot honour, class images are written atomically and fill numbering gaps."""
 import json
 
+import torch
 from PIL import Image
 
 from tests.test_train import instance_dir, run_cli, train_args  # noqa: F401  (instance_dir is a fixture)
@@ -15,9 +16,15 @@ def test_overwrite_starts_over(sd1_dir, instance_dir, tmp_path):
     out = tmp_path / "run"
     r = run_cli(*train_args(sd1_dir, instance_dir, out, "--steps", 4, "--checkpoint-every", 2, "--keep-last", 0))
     assert r.exit_code == 0, r.output
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.old").write_text("")  # an earlier run's TensorBoard log
+    (out / "lora_kohya.safetensors").write_text("")  # an earlier run's export in another format
+    (out / "notes.txt").write_text("mine")  # the user's own file
     r = run_cli(*train_args(sd1_dir, instance_dir, out, "--steps", 2, "--checkpoint-every", 1, "--keep-last", 1,
                             "--class-prompt", "a photo of a cat", "--overwrite"))
     assert r.exit_code == 0, r.output
+    assert not (out / "tensorboard").exists() and not (out / "lora_kohya.safetensors").exists()
+    assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002.safetensors"]
     assert steps_logged(out) == [1, 2]
     # the class images were made again, for the new class prompt
@@ -40,7 +47,7 @@ def test_bare_resume_keeps_the_runs_mode_and_exports(sd1_dir, instance_dir, tmp_
     assert r.exit_code == 0, r.output
     assert (out / "lora_kohya.safetensors").exists() and (out / "lora" / "pytorch_lora_weights.safetensors").exists()
     assert not (out / "model").exists()
-    assert json.loads((out / "run.json").read_text())["train"] == "lora"
+    assert json.loads((out / "run.json").read_text())["mode"] == "lora"
 
 
 def test_resume_refuses_settings_it_cannot_change(sd1_dir, instance_dir, tmp_path):
@@ -101,7 +108,8 @@ def test_a_failed_start_writes_nothing(sd1_dir, instance_dir, tmp_path):
 def test_resolution_must_divide_by_the_models_downsampling():
     """SD 1.x/2.x: VAE ×8 and three UNet downsamplings: 520 px gives an odd latent side deep inside the UNet."""
     import pytest
-    from minidream.training.config import TrainError, validate_resolution
+    from minidream.training import TrainError
+    from minidream.training.config import validate_resolution
     validate_resolution(512, 64)
     for bad in (520, 40):
         with pytest.raises(TrainError, match="multiple of 64 for this model"):
@@ -146,3 +154,44 @@ def test_progress_into_a_log_writes_lines_not_thousands_of_redraws(capsys):
     bar.close()
     lines = capsys.readouterr().err.splitlines()
     assert 1 <= len(lines) <= 3 and "\r" not in "".join(lines) and "1000/1000" in lines[-1], lines
+
+
+def test_overwrite_removes_what_every_exporter_writes(tmp_path):
+    """What --overwrite removes is derived from the exporters' table: a format's output is removed with the rest."""
+    from minidream.formats.exports import EXPORTERS
+    from minidream.training.config import TrainConfig
+    from minidream.training.run_folder import clear_run
+    out = tmp_path / "run"
+    for row in EXPORTERS.values():
+        (out / row.output).parent.mkdir(parents=True, exist_ok=True)
+        (out / row.output).write_text("")
+    clear_run(out, TrainConfig(model="m", out=str(out)))
+    assert not list(out.iterdir())
+
+
+def test_checkpoints_of_earlier_versions_resume_the_same(sd1_dir, instance_dir, tmp_path):
+    """A checkpoint written before the --train setting was renamed (config key "train") and before --optimizer
+    existed resumes exactly as the same checkpoint in today's layout."""
+    import shutil
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    out = tmp_path / "run"
+    args = ["--train", "lora", "--steps", 2, "--checkpoint-every", 1, "--keep-last", 0, "--save-as", "lora-diffusers",
+            "--device", "cpu"]
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, *args))
+    assert r.exit_code == 0, r.output
+    (out / "checkpoints" / "step-000002.safetensors").unlink()
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    ck = old / "checkpoints" / "step-000001.safetensors"
+    with safe_open(str(ck), "pt") as f:
+        meta = json.loads(f.metadata()["minidream"])
+    config = dict(meta["config"], train=meta["config"].pop("mode"))
+    del config["optimizer"]
+    save_file(load_file(ck), ck, metadata={"minidream": json.dumps({**meta, "config": config})})
+    for folder in (out, old):
+        r = run_cli(*train_args(sd1_dir, instance_dir, folder, *args, "--resume", "latest"))
+        assert r.exit_code == 0 and "at step 1" in r.output, r.output
+    a, b = (load_file(d / "lora" / "pytorch_lora_weights.safetensors") for d in (out, old))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((old / "run.json").read_text())["mode"] == "lora"

@@ -57,7 +57,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float):
         pts = []
         for i in range(48):
             t = 2 * math.pi * i / 48
-            hx, hy = 16 * math.sin(t) ** 3, 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            hx = 16 * math.sin(t) ** 3
+            hy = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
             pts.append((cx + r * hx / 17, cy - r * hy / 17 + 0.1 * r))
         return pts
     raise ValueError(shape)
@@ -100,7 +101,8 @@ def render(toy: Toy, size: int = SIZE) -> Image.Image:
 def random_toy(rng: random.Random, allow_subject: bool = False, **fixed) -> Toy:
     while True:
         a = {k: fixed.get(k) or rng.choice(v) for k, v in ATTRIBUTES.items()}
-        if COLOURS[a["colour"]] == BACKGROUNDS.get(a["background"]) or (a["colour"] == "blue" and a["background"] == "blue"):
+        same = COLOURS[a["colour"]] == BACKGROUNDS.get(a["background"]) or a["colour"] == a["background"] == "blue"
+        if same:
             continue  # a blue toy on a blue background is invisible
         toy = Toy(**a, x=rng.uniform(0.38, 0.62), y=rng.uniform(0.38, 0.62), r=rng.uniform(0.26, 0.38))
         if allow_subject or not toy.is_subject():

@@ -1,0 +1,7 @@
+"""Formats: finding and reading weight files, safely and strictly (files); the diffusers folder layout
+(diffusers_layout) and the original single file (single_file), both ways; any model a user names (loading); LoRA
+files and textual-inversion embeddings, ours written and others' read (lora_files, embeddings); the export formats,
+one table (exports).
+
+May import: minidream.models, minidream.sampling and the shared modules.
+"""

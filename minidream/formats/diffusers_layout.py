@@ -1,7 +1,7 @@
-"""The diffusers folder layout (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
-`scheduler/`; SDXL adds `text_encoder_2/`, `tokenizer_2/`), read and written: each component's config.json checked and turned into our frozen config
-dataclasses, its weights loaded strictly, and the inverse (`save_pretrained`), which diffusers'
-`StableDiffusionPipeline.from_pretrained` (`StableDiffusionXLPipeline`) loads.
+"""The diffusers folder layout (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`;
+SDXL adds `text_encoder_2/`, `tokenizer_2/`), read and written: each component's config.json checked and turned
+into our frozen config dataclasses, its weights loaded strictly, and the inverse (`save_pretrained`), which
+diffusers' `StableDiffusionPipeline.from_pretrained` (`StableDiffusionXLPipeline`) loads.
 """
 import json
 import math
@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import get_args, get_origin
 
 from minidream.models import clip, unet, vae
-from minidream.choices import PRESETS
 from minidream.formats.files import ModelError, build, read_json, read_weights, save_safetensors, weight_file
-from minidream.models.stable_diffusion import StableDiffusion
-from minidream.sampling.schedulers import SchedulerConfig
+from minidream.models.stable_diffusion import PRESETS, StableDiffusion
+from minidream.models.noise_schedule import SchedulerConfig
 from minidream.models.tokenizer import CLIPTokenizer
 
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-XL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # what every folder has
+SECOND_ENCODER = ("text_encoder_2", "tokenizer_2")  # a family with two text encoders (SDXL)
 
 
 def check_fields(cfg, file: Path):
@@ -38,7 +37,8 @@ def check_fields(cfg, file: Path):
     for f in fields(cfg):
         v = getattr(cfg, f.name)
         if not ok(v, f.type):
-            want = {bool: "true or false", int: "a positive integer", float: "a positive finite number", str: "a string"}
+            want = {bool: "true or false", int: "a positive integer", float: "a positive finite number",
+                    str: "a string"}
             raise ModelError(f"{file}: {f.name}={v!r} is not valid (expected "
                              f"{want.get(f.type, 'a non-empty list of positive values')})")
     return cfg
@@ -70,7 +70,8 @@ def unet_config(d: dict, file: Path) -> unet.UNetConfig:
         "reverse_transformer_layers_per_block": [None], "num_class_embeds": [None], "attention_type": ["default"],
         "class_embeddings_concat": [False], "time_embedding_act_fn": [None], "timestep_post_act": [None],
         "resnet_skip_time_act": [False], "resnet_out_scale_factor": [1.0], "cross_attention_norm": [None],
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
     })
     try:
         ch = tuple(d["block_out_channels"])
@@ -89,14 +90,14 @@ def unet_config(d: dict, file: Path) -> unet.UNetConfig:
         depth = tuple(depth) if isinstance(depth, (list, tuple)) else (depth,) * n
         if any(isinstance(x, (list, tuple)) for x in depth):
             raise ModelError(f"{file}: transformer_layers_per_block per layer (a list of lists) is not supported")
-        xl = d.get("addition_embed_type") == "text_time"
+        sizes = d.get("addition_embed_type") == "text_time"  # SDXL's micro-conditioning
         cfg = check_fields(unet.UNetConfig(
             in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), channels=ch, attention=attn,
             heads=heads, layers_per_block=lpb, context_dim=d.get("cross_attention_dim", 1280),
             linear_proj=d.get("use_linear_projection", False), groups=d.get("norm_num_groups", 32),
             sample_size=d.get("sample_size") or 64, depth=None if set(depth) == {1} else depth,
-            add_time_dim=d["addition_time_embed_dim"] if xl else None,
-            add_in_dim=d["projection_class_embeddings_input_dim"] if xl else None), file)
+            add_time_dim=d["addition_time_embed_dim"] if sizes else None,
+            add_in_dim=d["projection_class_embeddings_input_dim"] if sizes else None), file)
     except KeyError as e:
         raise ModelError(f"{file}: missing field {e}") from None
     except TypeError as e:  # a number where a list belongs, or the reverse
@@ -104,7 +105,7 @@ def unet_config(d: dict, file: Path) -> unet.UNetConfig:
     if not len(cfg.channels) == len(cfg.attention) == len(cfg.heads) == len(depth):
         raise ModelError(f"{file}: block_out_channels, down_block_types, attention_head_dim and "
                          f"transformer_layers_per_block differ in length")
-    if xl and not all(isinstance(v, int) and v > 0 for v in (cfg.add_time_dim, cfg.add_in_dim)):
+    if sizes and not all(isinstance(v, int) and v > 0 for v in (cfg.add_time_dim, cfg.add_in_dim)):
         raise ModelError(f"{file}: addition_time_embed_dim and projection_class_embeddings_input_dim must be positive "
                          f"integers (got {cfg.add_time_dim!r}, {cfg.add_in_dim!r})")
     if any(c % cfg.groups for c in cfg.channels) or any(c % h for c, h in zip(cfg.channels, cfg.heads)):
@@ -190,7 +191,8 @@ def load_tokenizer(folder: Path) -> CLIPTokenizer:
     if not (folder / "tokenizer.json").exists():
         for n in ("vocab.json", "merges.txt"):
             if not (folder / n).exists():
-                raise ModelError(f"{folder / n}: missing; the tokenizer needs vocab.json and merges.txt (or tokenizer.json)")
+                raise ModelError(f"{folder / n}: missing; the tokenizer needs vocab.json and merges.txt "
+                                 f"(or tokenizer.json)")
     return CLIPTokenizer.from_dir(folder)
 
 
@@ -204,22 +206,22 @@ def load_scheduler_config(folder: Path) -> SchedulerConfig:
 
 
 def read_configs(folder: Path) -> tuple[dict, SchedulerConfig]:
-    """The architecture a diffusers folder describes, without its weights (for a single-file checkpoint's --config)."""
-    files = {"unet": folder / "unet/config.json", "vae": folder / "vae/config.json",
-             "clip": folder / "text_encoder/config.json", "clip_2": folder / "text_encoder_2/config.json"}
-    parse = {"unet": unet_config, "vae": vae_config, "clip": clip_config, "clip_2": clip_config}
-    cfgs = {k: parse[k](read_json(f), f) for k, f in files.items() if k != "clip_2" or f.exists()}
-    check_xl(folder, cfgs["unet"], cfgs["clip"], cfgs.get("clip_2"))
+    """The architecture a diffusers folder describes, without its weights (for a single-file checkpoint's --config):
+    the configs by component (unet, vae, text_encoder and, with two encoders, text_encoder_2)."""
+    parse = {"unet": unet_config, "vae": vae_config, "text_encoder": clip_config, "text_encoder_2": clip_config}
+    files = {k: folder / k / "config.json" for k in parse}
+    cfgs = {k: parse[k](read_json(f), f) for k, f in files.items() if k != "text_encoder_2" or f.exists()}
+    check_conditioning(folder, cfgs["unet"], cfgs["text_encoder"], cfgs.get("text_encoder_2"))
     return cfgs, load_scheduler_config(folder / "scheduler")
 
 
-def check_xl(path: Path, u: unet.UNetConfig, te: clip.CLIPConfig, te2: clip.CLIPConfig | None):
+def check_conditioning(path: Path, u: unet.UNetConfig, te: clip.CLIPConfig, te2: clip.CLIPConfig | None):
     """The UNet's conditioning fits the text encoders: context width, SDXL's second encoder and pooled width."""
     if u.add_time_dim is None:
         widths, pooled = te.width, None
     elif te2 is None:
-        raise ModelError(f"{path}: an SDXL UNet (addition_embed_type text_time) needs text_encoder_2/; is the download "
-                         f"complete? (the SDXL refiner, with one text encoder, is not supported)")
+        raise ModelError(f"{path}: an SDXL UNet (addition_embed_type text_time) needs text_encoder_2/; is the "
+                         f"download complete? (the SDXL refiner, with one text encoder, is not supported)")
     elif not te2.projection_dim:
         raise ModelError(f"{path}: text_encoder_2/ is not a CLIPTextModelWithProjection; SDXL reads its pooled output")
     else:
@@ -228,25 +230,23 @@ def check_xl(path: Path, u: unet.UNetConfig, te: clip.CLIPConfig, te2: clip.CLIP
         raise ModelError(f"{path}: the text encoder width {widths} does not match the UNet's cross_attention_dim "
                          f"{u.context_dim}")
     if pooled is not None and pooled != te2.projection_dim:
-        raise ModelError(f"{path}: the UNet's projection_class_embeddings_input_dim {u.add_in_dim} is not text_encoder_2's "
-                         f"projection_dim {te2.projection_dim} + 6 x addition_time_embed_dim {u.add_time_dim}")
+        raise ModelError(f"{path}: the UNet's projection_class_embeddings_input_dim {u.add_in_dim} is not "
+                         f"text_encoder_2's projection_dim {te2.projection_dim} + 6 x addition_time_embed_dim "
+                         f"{u.add_time_dim}")
 
 
 def load_pretrained(path: Path, variant=None, allow_pickle=False, dtype=None) -> StableDiffusion:
     if not (path / "model_index.json").exists() and not (path / "unet").is_dir():
         raise ModelError(f"{path}: not a model folder (no model_index.json, no unet/); expected the diffusers layout "
                          f"or a single .safetensors checkpoint")
-    for comp in COMPONENTS:
-        if not (path / comp).is_dir():
-            raise ModelError(f"{path}: missing component folder {comp}/; is the download complete?")
     index = read_json(path / "model_index.json") if (path / "model_index.json").exists() else {}
-    xl = (path / "text_encoder_2").is_dir() or bool(index.get("text_encoder_2"))
-    for comp in XL_COMPONENTS if xl else ():
+    two = (path / "text_encoder_2").is_dir() or bool(index.get("text_encoder_2"))
+    for comp in COMPONENTS + (SECOND_ENCODER if two else ()):
         if not (path / comp).is_dir():
             raise ModelError(f"{path}: missing component folder {comp}/; is the download complete?")
     read_configs(path)  # the parts fit together (SDXL's text encoders and UNet) before any weights are read
     second = {}
-    if xl:
+    if two:
         second = dict(tokenizer_2=load_tokenizer(path / "tokenizer_2"),
                       text_encoder_2=load_text_encoder(path / "text_encoder_2", variant, allow_pickle, dtype),
                       force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
@@ -264,11 +264,11 @@ def load_pretrained(path: Path, variant=None, allow_pickle=False, dtype=None) ->
 # diffusers.StableDiffusionPipeline.from_pretrained.
 
 def unet_config_json(c: unet.UNetConfig) -> dict:
-    xl = {"transformer_layers_per_block": list(c.depth or [1] * len(c.channels))}
+    extra = {"transformer_layers_per_block": list(c.depth or [1] * len(c.channels))}
     if c.add_time_dim:
-        xl.update(addition_embed_type="text_time", addition_time_embed_dim=c.add_time_dim,
+        extra.update(addition_embed_type="text_time", addition_time_embed_dim=c.add_time_dim,
                   projection_class_embeddings_input_dim=c.add_in_dim)
-    return {**xl, "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": list(c.heads),
+    return {**extra, "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": list(c.heads),
             "block_out_channels": list(c.channels), "center_input_sample": False, "cross_attention_dim": c.context_dim,
             "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in c.attention],
             "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in c.attention[::-1]],
@@ -297,17 +297,28 @@ def clip_config_json(c: clip.CLIPConfig, tok: CLIPTokenizer) -> dict:
             "eos_token_id": c.eos_token_id if c.projection_dim else tok.eos_id, "pad_token_id": tok.pad_id}
 
 
+# each pipeline's own entries in model_index.json (the family names its pipeline)
+PIPELINE_CONFIG = {
+    "StableDiffusionPipeline": lambda m: {"feature_extractor": [None, None], "safety_checker": [None, None],
+                                          "requires_safety_checker": False},
+    "StableDiffusionXLPipeline": lambda m: {"force_zeros_for_empty_prompt": m.force_zeros_for_empty_prompt},
+}
+
+
 def model_index(model: StableDiffusion) -> dict:
-    parts = {"scheduler": ["diffusers", model.scheduler.class_name], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"]}
-    if model.xl:
-        return {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0", **parts,
-                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                "tokenizer_2": ["transformers", "CLIPTokenizer"],
-                "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt}
-    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0", **parts,
-            "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False}
+    encoders = {}
+    for name, _, te in model.text_encoders():
+        encoders[name] = ["transformers", "CLIPTextModelWithProjection" if te.cfg.projection_dim else "CLIPTextModel"]
+        encoders[tokenizer_name(name)] = ["transformers", "CLIPTokenizer"]
+    parts = {"scheduler": ["diffusers", model.scheduler.class_name], **encoders,
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    pipeline = model.family.pipeline
+    return {"_class_name": pipeline, "_diffusers_version": "0.30.0", **parts, **PIPELINE_CONFIG[pipeline](model)}
+
+
+def tokenizer_name(encoder: str) -> str:
+    """The folder of a text encoder's tokenizer: text_encoder_2 -> tokenizer_2."""
+    return encoder.replace("text_encoder", "tokenizer")
 
 
 def text_encoder_state(te: clip.CLIPTextModel) -> dict:
@@ -318,7 +329,8 @@ def text_encoder_state(te: clip.CLIPTextModel) -> dict:
 def save_pretrained(model: StableDiffusion, folder: Path):
     """Write a diffusers-layout folder; each weights file atomically."""
     folder = Path(folder)
-    for comp in COMPONENTS + (XL_COMPONENTS if model.xl else ()):
+    encoders = [name for name, _, _ in model.text_encoders()]
+    for comp in ("unet", "vae", "scheduler", *encoders, *map(tokenizer_name, encoders)):
         (folder / comp).mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").write_text(json.dumps(model_index(model), indent=2))
     (folder / "unet" / "config.json").write_text(json.dumps(unet_config_json(model.unet.cfg), indent=2))
@@ -326,7 +338,7 @@ def save_pretrained(model: StableDiffusion, folder: Path):
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler.to_dict(), indent=2))
     for name, tok, te in model.text_encoders():
         (folder / name / "config.json").write_text(json.dumps(clip_config_json(te.cfg, tok), indent=2))
-        tok.save(folder / name.replace("text_encoder", "tokenizer"))
+        tok.save(folder / tokenizer_name(name))
         save_safetensors(text_encoder_state(te), folder / name / "model.safetensors")
     save_safetensors(model.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
     save_safetensors(model.vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")

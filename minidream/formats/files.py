@@ -23,6 +23,12 @@ class ModelError(Exception):
     """A problem with a model on disk, worded for the user (one line, names the path)."""
 
 
+def name_some(keys, n: int = 4) -> str:
+    """A few of `keys` for an error message: "a, b, c, d and 12 more"."""
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding the files
 
@@ -75,7 +81,8 @@ def read_weights(file: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
         try:
             return load_file(file)  # memory-mapped
         except Exception as e:
-            raise ModelError(f"{file}: not a readable safetensors file ({e}); it may be truncated: download it again") from None
+            raise ModelError(f"{file}: not a readable safetensors file ({e}); it may be truncated: download it "
+                             f"again") from None
     if file.suffix in (".bin", ".ckpt", ".pt", ".pth"):
         if not allow_pickle:
             raise ModelError(f"{file}: pickle checkpoints can run code when loaded and are refused; convert it to "
@@ -120,8 +127,9 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str, dtype=
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     extra = [k for k in sd if k not in want]
     if extra:
-        raise ModelError(f"{source}: unexpected key {extra[0]!r}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
-                         + "; the checkpoint does not match the configured architecture")
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise ModelError(f"{source}: unexpected key {extra[0]!r}{more}; the checkpoint does not match the configured "
+                         f"architecture")
     for k, v in want.items():
         if tuple(sd[k].shape) != tuple(v.shape):
             raise ModelError(f"{source}: key {k!r} has shape {list(sd[k].shape)}, expected {list(v.shape)}")

@@ -14,7 +14,8 @@ __all__ = ["ModelError", "load"]
 
 
 def load(model: str, revision: str | None = None, variant: str | None = None, allow_pickle: bool = False,
-         dtype=None, tokenizer: str | None = None, preset: str | None = None, config: str | None = None) -> StableDiffusion:
+         dtype=None, tokenizer: str | None = None, preset: str | None = None,
+         config: str | None = None) -> StableDiffusion:
     """Load a whole model (weights in `dtype`, or as stored); every problem is a one-line ModelError."""
     path = resolve(model, revision, allow_pickle, variant)
     if path.is_file():
@@ -24,5 +25,6 @@ def load(model: str, revision: str | None = None, variant: str | None = None, al
     if ignored:  # a folder carries its own configs and tokenizer: say so rather than silently ignore the flag
         one = len(ignored) == 1
         raise ModelError(f"{path}: a model folder has its own configs and tokenizer; {', '.join(ignored)} "
-                         f"{'describes' if one else 'describe'} only single-file checkpoints: drop {'it' if one else 'them'}")
+                         f"{'describes' if one else 'describe'} only single-file checkpoints: "
+                         f"drop {'it' if one else 'them'}")
     return load_pretrained(path, variant, allow_pickle, dtype)

@@ -8,7 +8,8 @@ named ignore list) and that every shape matches.
     ours                                   original
     down_blocks.1.resnets.0.norm1.weight   model.diffusion_model.input_blocks.4.0.in_layers.0.weight
     encoder.mid_block.attentions.0.to_q    first_stage_model.encoder.mid.attn_1.q   (1x1 conv there)
-    encoder.layers.3.self_attn.q_proj      cond_stage_model.model.transformer.resblocks.3.attn.in_proj  (SD 2.x, q third)
+    encoder.layers.3.self_attn.q_proj      cond_stage_model.model.transformer.resblocks.3.attn.in_proj
+                                           (SD 2.x: the first third of the fused projection)
     add_embedding.linear_1                 model.diffusion_model.label_emb.0.0   (SDXL)
     text_encoder_2: text_projection        conditioner.embedders.1.model.text_projection  (SDXL, transposed)
 """
@@ -17,18 +18,15 @@ from pathlib import Path
 
 import torch
 
-from minidream.models import clip, unet, vae
 from minidream.formats import diffusers_layout
-from minidream.formats.files import ModelError, build, on_meta, read_json, read_metadata, read_weights, resolve, save_safetensors
-from minidream.models.stable_diffusion import PRESETS, StableDiffusion
+from minidream.formats.files import (ModelError, build, on_meta, read_json, read_metadata, read_weights, resolve,
+                                     save_safetensors)
+from minidream.models import clip, unet, vae
+from minidream.models.stable_diffusion import FAMILIES, PRESETS, Family, StableDiffusion, TextEncoderSlot
 from minidream.models.tokenizer import CLIPTokenizer
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
-CLIP_SD1, CLIP_SD2 = "cond_stage_model.transformer.text_model.", "cond_stage_model.model."
-CLIP_XL1, CLIP_XL2 = "conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model."
-# Each family's text encoders: (our model attribute, config key, the original prefix, OpenCLIP layout?)
-TEXT = {"sd1": [("text_encoder", "clip", CLIP_SD1, False)], "sd2": [("text_encoder", "clip", CLIP_SD2, True)],
-        "xl": [("text_encoder", "clip", CLIP_XL1, False), ("text_encoder_2", "clip_2", CLIP_XL2, True)]}
+# each family's text encoders, their prefixes and layouts in these files: the rows of stable_diffusion.FAMILIES
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -49,7 +47,8 @@ def unet_rows(cfg: unet.UNetConfig):
     """(our prefix, original prefix, renames inside the module) for every UNet module."""
     lpb, n = cfg.layers_per_block, len(cfg.channels)
     rows = [("conv_in.", "input_blocks.0.0.", {}), ("time_embedding.linear_1.", "time_embed.0.", {}),
-            ("time_embedding.linear_2.", "time_embed.2.", {}), ("conv_norm_out.", "out.0.", {}), ("conv_out.", "out.2.", {}),
+            ("time_embedding.linear_2.", "time_embed.2.", {}), ("conv_norm_out.", "out.0.", {}),
+            ("conv_out.", "out.2.", {}),
             ("mid_block.resnets.0.", "middle_block.0.", RESNET), ("mid_block.attentions.0.", "middle_block.1.", {}),
             ("mid_block.resnets.1.", "middle_block.2.", RESNET),
             ("add_embedding.linear_1.", "label_emb.0.0.", {}), ("add_embedding.linear_2.", "label_emb.0.2.", {})]
@@ -104,7 +103,8 @@ def vae_rows(cfg: vae.VAEConfig):
 def clip_rows(cfg: clip.CLIPConfig, prefix: str, openclip: bool):
     if not openclip:  # transformers' own names under a prefix
         return [("", prefix, {})]
-    rows = [("embeddings.token_embedding.", prefix + "token_embedding.", {}), ("final_layer_norm.", prefix + "ln_final.", {})]
+    rows = [("embeddings.token_embedding.", prefix + "token_embedding.", {}),
+            ("final_layer_norm.", prefix + "ln_final.", {})]
     rows += [(f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}.", OPENCLIP_LAYER) for i in range(cfg.layers)]
     return rows
 
@@ -124,7 +124,8 @@ def key_table(rows, our_keys, openclip: str | None = None) -> dict[str, tuple[st
         if openclip and m:
             table[k] = (f"{openclip}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", ("chunk", "qkv".index(m[2])))
             continue
-        ours, theirs, renames = max((r for r in rows if k.startswith(r[0])), key=lambda r: len(r[0]), default=(None,) * 3)
+        matching = [r for r in rows if k.startswith(r[0])]
+        ours, theirs, renames = max(matching, key=lambda r: len(r[0]), default=(None,) * 3)  # the longest prefix
         if ours is None:
             raise AssertionError(f"no single-file mapping for {k}")  # a bug in the table, not in the user's file
         rest = k[len(ours):]
@@ -150,7 +151,8 @@ def _take(sd, table, want_shapes, used, file):
         elif how == "transpose":
             t = t.T
         if tuple(t.shape) != tuple(want_shapes[k]):
-            raise ModelError(f"{file}: key {orig!r} has shape {list(t.shape)}, expected {list(want_shapes[k])} (for {k})")
+            raise ModelError(f"{file}: key {orig!r} has shape {list(t.shape)}, expected {list(want_shapes[k])} "
+                             f"(for {k})")
         out[k] = t
         used.add(orig)
     return out
@@ -169,7 +171,8 @@ PREDICTION = {"epsilon": "sd21-base", "v": "sd21", "v_prediction": "sd21"}
 
 def sd2_preset(file: Path) -> str:
     meta = read_metadata(file)
-    preset = MODELSPEC_SD2.get(meta.get("modelspec.architecture", "")) or PREDICTION.get(meta.get("modelspec.prediction_type", ""))
+    preset = (MODELSPEC_SD2.get(meta.get("modelspec.architecture", ""))
+              or PREDICTION.get(meta.get("modelspec.prediction_type", "")))
     if preset is None:
         raise ModelError(f"{file}: an SD 2.x checkpoint, which may be 2.x-base (512 px, epsilon) or 2.x-v (768 px, "
                          f"v-prediction) with the same tensors, and its metadata does not say which; pass --preset "
@@ -177,28 +180,24 @@ def sd2_preset(file: Path) -> str:
     return preset
 
 
-def family(sd: dict, file: Path) -> str:
-    """sd1, sd2 or xl, from the text encoder keys every full checkpoint of the family has."""
-    if CLIP_XL2 + "positional_embedding" in sd:
-        return "xl"
-    if CLIP_SD2 + "token_embedding.weight" in sd:
-        return "sd2"
-    if CLIP_SD1 + "embeddings.token_embedding.weight" in sd:
-        return "sd1"
+def family(sd: dict, file: Path) -> Family:
+    """The family whose text encoders the file holds (their token tables are where every full checkpoint has them)."""
+    for fam in FAMILIES.values():
+        if all(token_table_key(slot) in sd for slot in fam.encoders):
+            return fam
     raise ModelError(f"{file}: no text encoder keys (cond_stage_model.*, conditioner.embedders.*); not a full "
                      f"SD 1.x/2.x/XL single-file checkpoint")
 
 
-# the official repos whose tokenizer folders hold each family's vocabulary (fetched without weights, cached)
-TOKENIZER_REPO = {"sd1": "openai/clip-vit-large-patch14", "sd2": "stabilityai/stable-diffusion-2-1",
-                  "xl": "stabilityai/stable-diffusion-xl-base-1.0"}
+def token_table_key(slot: TextEncoderSlot) -> str:
+    return slot.original + ("token_embedding.weight" if slot.openclip else "embeddings.token_embedding.weight")
 
 
-def tokenizers(folder: Path, xl: bool) -> dict:
+def tokenizers(folder: Path, encoders: int) -> dict:
     """The tokenizer(s) in a folder: its tokenizer/ (and tokenizer_2/) subfolders, or the folder itself. SDXL's
     second tokenizer, when the folder has none, is the first one padding with "!", as the official repo ships."""
     tok = diffusers_layout.load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder)
-    if not xl:
+    if encoders == 1:
         return {"tokenizer": tok}
     if (folder / "tokenizer_2").is_dir():
         return {"tokenizer": tok, "tokenizer_2": diffusers_layout.load_tokenizer(folder / "tokenizer_2")}
@@ -215,51 +214,54 @@ def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str 
     if config is not None:
         cdir = resolve(config, weights=False)
         cfgs, scheduler = diffusers_layout.read_configs(cdir)
-        if ("clip_2" in cfgs) != (fam == "xl"):
-            raise ModelError(f"{file}: {'an SDXL' if fam == 'xl' else 'an SD 1.x/2.x'} checkpoint, but --config "
-                             f"{config} describes {'an SDXL' if 'clip_2' in cfgs else 'an SD 1.x/2.x'} model")
+        if ("text_encoder_2" in cfgs) != (len(fam.encoders) == 2):
+            raise ModelError(f"{file}: an {fam.title} checkpoint, but --config {config} describes "
+                             f"{'an SDXL' if 'text_encoder_2' in cfgs else 'an SD 1.x/2.x'} model")
         if (cdir / "model_index.json").exists():
             force_zeros = read_json(cdir / "model_index.json").get("force_zeros_for_empty_prompt", True)
         tok_dir = cdir
         what = f"the architecture in {config}"
     else:
-        preset = preset or {"sd1": "sd15", "xl": "sdxl"}.get(fam) or sd2_preset(file)
+        preset = preset or fam.single_file_preset or sd2_preset(file)
         if preset not in PRESETS:
             raise ModelError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
         p = PRESETS[preset]
-        cfgs = {"unet": p.unet, "vae": p.vae, "clip": p.text_encoder, **({"clip_2": p.text_encoder_2} if p.text_encoder_2 else {})}
+        cfgs = {"unet": p.unet, "vae": p.vae, "text_encoder": p.text_encoder,
+                **({"text_encoder_2": p.text_encoder_2} if p.text_encoder_2 else {})}
         scheduler = p.scheduler
         # The single file has no vocabulary; it comes from --tokenizer or the official hub repo (cached).
-        tok_dir = resolve(tokenizer or TOKENIZER_REPO[fam], weights=False)
+        tok_dir = resolve(tokenizer or fam.tokenizer_repo, weights=False)
         what = f"a {preset} checkpoint (pass --preset or --config)"
     used: set[str] = set()
     parts = {}
-    texts = [(name, clip.CLIPTextModel, clip_rows(cfgs[key], prefix, oc), key, prefix if oc else None)
-             for name, key, prefix, oc in TEXT[fam] if key in cfgs]
-    for name, cls, rows, key, openclip in [("unet", unet.UNet2DConditionModel, unet_rows(cfgs["unet"]), "unet", None),
-                                           ("vae", vae.AutoencoderKL, vae_rows(cfgs["vae"]), "vae", None), *texts]:
-        shapes = {k: v.shape for k, v in _meta(cls, cfgs[key]).state_dict().items()}
+    texts = [(s.name, clip.CLIPTextModel, clip_rows(cfgs[s.name], s.original, s.openclip),
+              s.original if s.openclip else None) for s in fam.encoders if s.name in cfgs]
+    for name, cls, rows, openclip in [("unet", unet.UNet2DConditionModel, unet_rows(cfgs["unet"]), None),
+                                      ("vae", vae.AutoencoderKL, vae_rows(cfgs["vae"]), None), *texts]:
+        shapes = {k: v.shape for k, v in _meta(cls, cfgs[name]).state_dict().items()}
         weights = _take(sd, key_table(rows, shapes, openclip), shapes, used, file)
-        parts[name] = build(cls, cfgs[key], weights, str(file), dtype)
-    if fam == "sd2":  # SD 2.x conditions on the penultimate of OpenCLIP's layers: the stored last one is unused
-        used |= {k for k in sd if k.startswith(f"{CLIP_SD2}transformer.resblocks.{cfgs['clip'].layers}.")}
+        parts[name] = build(cls, cfgs[name], weights, str(file), dtype)
+    for s in fam.encoders:
+        if s.unused_last_layer:  # the layer after the one the family reads is stored, and unused
+            used |= {k for k in sd if k.startswith(f"{s.original}transformer.resblocks.{cfgs[s.name].layers}.")}
     unused = [k for k in sd if k not in used and not IGNORED.match(k)]
     if unused:
-        raise ModelError(f"{file}: unexpected key {unused[0]!r}" + (f" and {len(unused) - 1} more" if len(unused) > 1 else "")
-                         + f"; is it {what}?")
-    model = StableDiffusion(**tokenizers(tok_dir, fam == "xl"), **parts, scheduler=scheduler, source=str(file),
-                            force_zeros_for_empty_prompt=force_zeros and fam == "xl")
-    diffusers_layout.check_xl(file, model.unet.cfg, model.text_encoder.cfg, model.text_encoder_2 and model.text_encoder_2.cfg)
+        raise ModelError(f"{file}: unexpected key {unused[0]!r}" + (f" and {len(unused) - 1} more" if len(unused) > 1
+                                                                     else "") + f"; is it {what}?")
+    model = StableDiffusion(**tokenizers(tok_dir, len(fam.encoders)), **parts, scheduler=scheduler, source=str(file),
+                            force_zeros_for_empty_prompt=force_zeros and len(fam.encoders) == 2)
+    te2 = model.text_encoder_2 and model.text_encoder_2.cfg
+    diffusers_layout.check_conditioning(file, model.unet.cfg, model.text_encoder.cfg, te2)
     return model
 
 
 def to_single_file(model: StableDiffusion) -> dict[str, torch.Tensor]:
     """Our state dicts in the original layout (the inverse of load_single_file's table)."""
-    fam = "xl" if model.xl else "sd2" if model.text_encoder.cfg.act == "gelu" else "sd1"
     out: dict[str, torch.Tensor] = {}
     chunks: dict[str, list] = {}
-    texts = [(getattr(model, name), clip_rows(getattr(model, name).cfg, prefix, oc), prefix if oc else None)
-             for name, _, prefix, oc in TEXT[fam]]
+    encoders = {name: te for name, _, te in model.text_encoders()}
+    texts = [(encoders[s.name], clip_rows(encoders[s.name].cfg, s.original, s.openclip),
+              s.original if s.openclip else None) for s in model.family.encoders]
     for m, rows, openclip in [(model.unet, unet_rows(model.unet.cfg), None), (model.vae, vae_rows(model.vae.cfg), None),
                               *texts]:
         sd = m.state_dict()

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from minidream import plots
+from minidream.images import save_png
 from minidream.models.attention import Attention
+from minidream.sampling.pipeline import SamplingParams, generate
 
 
 class CrossAttentionStore:
@@ -50,17 +52,14 @@ def capture_cross_attention(unet: torch.nn.Module, store: CrossAttentionStore) -
 
 
 @torch.no_grad()
-def attention_maps(model, prompts: list[str], steps: int = 20, guidance: float = 7.5, scheduler: str | None = None,
-                   seed: int = 0, height: int | None = None, width: int | None = None):
+def attention_maps(model, prompts: list[str], params: SamplingParams = SamplingParams(steps=20), seed: int = 0):
     """(images (B, H, W, 3) uint8, maps (B, 77, H, W) float: each token's mean attention probability)."""
-    from minidream.sampling.pipeline import generate
-    height, width = height or model.native_resolution, width or model.native_resolution
+    height, width = params.height or model.native_resolution, params.width or model.native_resolution
     s = model.latent_scale
     store = CrossAttentionStore(len(prompts), (height // s, width // s))
-    handles = capture_cross_attention(model.unet, store)
+    handles = capture_cross_attention(model.denoiser, store)
     try:
-        images = generate(model, prompts, steps=steps, guidance=guidance, scheduler=scheduler, height=height,
-                          width=width, generator=torch.Generator("cpu").manual_seed(seed), progress=False)
+        images = generate(model, prompts, params, generator=torch.Generator("cpu").manual_seed(seed), progress=False)
     finally:
         for h in handles:
             h.remove()
@@ -86,7 +85,6 @@ def write_maps(image: torch.Tensor, maps: torch.Tensor, tokens: list[tuple[int, 
     """out/maps.png (the image, then one overlay per token, labelled), out/maps/NN-token.png (each map in grey,
     scaled to its maximum) and out/maps.json."""
     from PIL import Image, ImageDraw
-    from minidream.sampling.pipeline import save_png
     out = Path(out)
     (out / "maps").mkdir(parents=True, exist_ok=True)
     zoom = max(1, 128 // image.shape[0])  # a 32 px demo image is too small to read

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from minidream import plots
+from minidream.models.tokens import make_plain
 
 UNET_TYPES = ("self Q", "self K", "self V", "self out", "cross Q", "cross K", "cross V", "cross out",
               "feed-forward", "proj in/out", "norm", "resnet", "resample", "in/out")
@@ -24,7 +25,8 @@ def layer_type(component: str, name: str) -> str:
     m = re.search(r"(attn1|attn2|self_attn)\.(to_q|to_k|to_v|to_out|q_proj|k_proj|v_proj|out_proj)", name)
     if m:
         kind = "cross" if m[1] == "attn2" else "self"
-        return f"{kind} " + {"to_q": "Q", "q_proj": "Q", "to_k": "K", "k_proj": "K", "to_v": "V", "v_proj": "V"}.get(m[2], "out")
+        letter = {"to_q": "Q", "q_proj": "Q", "to_k": "K", "k_proj": "K", "to_v": "V", "v_proj": "V"}
+        return f"{kind} {letter.get(m[2], 'out')}"
     if component.startswith("text_encoder"):
         return ("token rows" if "token_embedding" in name else "positions" if "position_embedding" in name
                 else "mlp" if ".mlp." in name else "norm")
@@ -50,8 +52,7 @@ def block(component: str, name: str) -> str:
 
 
 def _tensors(model) -> dict[str, torch.Tensor]:
-    from minidream.training.trainable import merged_text_encoder_state
-    merged_text_encoder_state(model)  # a TokenEmbedding (a learned token) as one plain table
+    make_plain(model)  # a TokenEmbedding (a learned token) as one plain table
     nets = [("unet", model.unet), *[(name, te) for name, _, te in model.text_encoders()], ("vae", model.vae)]
     return {f"{comp}.{k}": v for comp, net in nets for k, v in net.state_dict().items()}
 
@@ -73,7 +74,8 @@ def diff(base, tuned) -> dict:
             row["new_rows"] = wb.shape[0] - wa.shape[0]
             wb = wb[: wa.shape[0]]
         d2, n2 = (wb - wa).pow(2).sum().item(), wa.pow(2).sum().item()
-        row["rel_change"] = 0.0 if torch.equal(a[name][: wb.shape[0]], b[name][: wb.shape[0]]) else math.sqrt(d2 / max(n2, 1e-30))
+        same = torch.equal(a[name][: wb.shape[0]], b[name][: wb.shape[0]])
+        row["rel_change"] = 0.0 if same else math.sqrt(d2 / max(n2, 1e-30))
         if wa.ndim == 2 and "embedding" in key:
             row["rows_changed"] = int((wb != wa).any(1).sum())
         tensors[name] = row
@@ -132,8 +134,8 @@ def picture(d: dict):
     for c in ("text_encoder", "text_encoder_2"):
         text_rows = sorted(order[c], key=lambda b: (b != "embeddings", b == "final norm", b))
         if text_rows:
-            strips.append(plots.heat_strip(cells[c], text_rows, list(TEXT_TYPES), f"{c.replace('_', ' ')}: layer x type",
-                                           lo, hi))
+            title = f"{c.replace('_', ' ')}: layer x type"
+            strips.append(plots.heat_strip(cells[c], text_rows, list(TEXT_TYPES), title, lo, hi))
     return plots.stack(strips)
 
 

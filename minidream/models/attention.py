@@ -16,28 +16,37 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidream.choices import ATTENTION_BACKENDS
+
+
+def math_attention(q, k, v):
+    """The reference: softmax(q kᵀ / √d) v in fp32."""
+    s = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)  # scale the N×D q, not the N×M scores
+    return (s.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def triton_attention(q, k, v):
+    from kernels.attention import flash_attention
+    return flash_attention(q, k, v)
+
+
+# --attention: each backend's softmax(q kᵀ / √d) v for q (B, H, N, D), k, v (B, H, M, D); "auto" picks one
+BACKENDS = {"sdpa": F.scaled_dot_product_attention, "math": math_attention, "triton": triton_attention}
+CHOICES = ("auto", *BACKENDS)
 
 
 def attention(q, k, v, backend: str = "sdpa"):
-    """softmax(q kᵀ / √d) v for q (B, H, N, D), k, v (B, H, M, D)."""
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
-    if backend == "triton":
-        from kernels.attention import flash_attention
-        return flash_attention(q, k, v)
-    if backend == "math":
-        s = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)  # scale the N×D q, not the N×M scores
-        return (s.softmax(-1) @ v.float()).to(q.dtype)
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    """softmax(q kᵀ / √d) v for q (B, H, N, D), k, v (B, H, M, D), by the named backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[backend](q, k, v)
 
 
 def resolve_backend(name: str, device) -> str:
     """'auto': SDPA (PyTorch's fused kernels: flash attention on CPU and GPU, cuDNN on Hopper), measured faster
     than the math reference on both (benchmarks/results). Triton is chosen explicitly until the benchmarks show
     it ahead on the device at hand (on an H100 it is not)."""
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"--attention {name!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    if name not in CHOICES:
+        raise ValueError(f"--attention {name!r} is not one of {', '.join(CHOICES)}")
     if name == "triton" and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("--attention triton needs a CUDA GPU (on CPU only under TRITON_INTERPRET=1, for tests)")
     if name != "auto":

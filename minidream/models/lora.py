@@ -1,13 +1,6 @@
 """LoRA (Hu et al. 2021): W x + (α/r)·B A x with A (r × in), B (out × r), B = 0 at the start, so a
 freshly adapted model is exactly the base model. Functions here transform a loaded model; the model
-files know nothing about LoRA.
-
-File formats written (adapters.py reads these and other tools' LoRA files):
-- diffusers / PEFT: `unet.<module>.lora_A.weight`, `unet.<module>.lora_B.weight` (α/r folded into B,
-  so the file needs no alpha and loads at scale 1 anywhere);
-- kohya (A1111, ComfyUI): `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`;
-  text encoder modules as `lora_te_text_model_<...>` (SDXL: `lora_te1_`, `lora_te2_`, and the UNet's modules
-  under the original checkpoint's names, `lora_unet_input_blocks_4_1_...`, as kohya's SDXL networks write them).
+files know nothing about LoRA. The files LoRA is saved in and read from are formats/lora_files.py.
 """
 import math
 import re
@@ -68,26 +61,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
         _replace(model, name, m.base)
     return model
 
-
-def diffusers_lora_state_dict(nets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """`nets`: {key prefix ("unet", "text_encoder.text_model", ...): model}."""
-    sd = {}
-    for prefix, model in nets.items():
-        for name, m in loras(model).items():
-            sd[f"{prefix}.{name}.lora_A.weight"] = m.lora_down.weight.detach().float()
-            sd[f"{prefix}.{name}.lora_B.weight"] = m.lora_up.weight.detach().float() * m.scale
-    return sd
-
-
-def kohya_lora_state_dict(nets: dict[str, nn.Module], rename=None) -> dict[str, torch.Tensor]:
-    """`nets`: {key prefix ("lora_unet_", "lora_te_text_model_", ...): model}; `rename` maps a UNet module name
-    to the one the file uses (SDXL: the original checkpoint's)."""
-    sd = {}
-    for prefix, model in nets.items():
-        for name, m in loras(model).items():
-            name = rename(name) if rename and prefix == "lora_unet_" else name
-            key = prefix + name.replace(".", "_")
-            sd[f"{key}.lora_down.weight"] = m.lora_down.weight.detach().float()
-            sd[f"{key}.lora_up.weight"] = m.lora_up.weight.detach().float()
-            sd[f"{key}.alpha"] = torch.tensor(float(m.alpha))
-    return sd

@@ -1,21 +1,168 @@
-"""The text-to-image model as one object, the named architectures, and what the UNet is conditioned on.
+"""The text-to-image model as one object, its named parts, and what differs between model families.
 
-`StableDiffusion` holds the parts a loader (`loading.load`) returns: tokenizer, text encoder, UNet, VAE and
-the noise-schedule config (SDXL: a second tokenizer and text encoder). `PRESETS` names the architectures
-minidream implements (the CLI's `--preset` choices); a new model family adds its row here, its conditioning
-in `encode_text` (and `size_ids`), its key table in `single_file.py`.
+`StableDiffusion` holds what a loader (`formats.loading.load`) returns: tokenizer(s), text encoder(s), UNet, VAE and
+the noise-schedule config. The trainer and the samplers use three named parts of it, whatever the family:
+- the denoiser (`model.denoiser`; SD's UNet): predicts the noise (or v) from a noisy latent, the timestep and the
+  conditioning;
+- the conditioning (`encode_text`): the denoiser's keyword arguments for a batch of prompts;
+- the forward process (`model.forward_process`; DDPM's q(x_t | x_0) for SD 1.x/2.x/XL): how latents are noised, the
+  regression target, the SNR and the timestep draw.
+
+`FAMILIES` has one row per model family: its text encoders and how the other layouts name them (original single
+file, kohya LoRA, learned-token files), its conditioning, its forward process and the diffusers pipeline it is.
+Code that differs by family looks the row up (`model.family`); a new family is a new row. `PRESETS` names the
+architectures minidream implements (the CLI's `--preset` choices).
 """
 import copy
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
-from minidream import choices
 from minidream.models import clip, unet, vae
-from minidream.sampling.schedulers import PRESETS as SCHEDULER_PRESETS
-from minidream.sampling.schedulers import SchedulerConfig
+from minidream.models.noise_schedule import PRESETS as SCHEDULER_PRESETS
+from minidream.models.noise_schedule import SchedulerConfig, alphas_cumprod
 from minidream.models.tokenizer import CLIPTokenizer
 
+
+# ---------------------------------------------------------------------------------------------
+# The forward process
+
+def _at(a: torch.Tensor, t, like: torch.Tensor):
+    """ᾱ at timesteps t, shaped (B, 1, 1, 1) to multiply a (B, C, H, W) batch."""
+    out = a.to(like.device)[torch.as_tensor(t, device=like.device).long()].to(like.dtype)
+    return out.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class DDPMProcess:
+    """The forward process of DDPM (Ho et al. 2020, eq. 4), x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, and what training reads off
+    it: the regression target (ε, or v = √ᾱ_t ε - √(1-ᾱ_t) x_0 for v-prediction, Salimans & Ho 2022 §4, which SD 2.x
+    768 px uses), the signal-to-noise ratio and min-SNR-γ loss weights, and the uniform timestep draw."""
+
+    def __init__(self, cfg: SchedulerConfig):
+        self.cfg = cfg.check()
+        self.alphas_cumprod = alphas_cumprod(cfg)
+
+    def draw_timesteps(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        """t ~ U{0, …, T-1} for n examples (Ho et al. 2020, Algorithm 1)."""
+        return torch.randint(0, self.cfg.num_train_timesteps, (n,), generator=generator, device=device)
+
+    def add_noise(self, x0, noise, t):
+        a = _at(self.alphas_cumprod, t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def velocity(self, x0, noise, t):
+        a = _at(self.alphas_cumprod, t, x0)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def target(self, x0, noise, t):
+        return noise if self.cfg.prediction_type == "epsilon" else self.velocity(x0, noise, t)
+
+    def snr(self, t):
+        """Signal-to-noise ratio ᾱ_t / (1-ᾱ_t)."""
+        a = self.alphas_cumprod.to(torch.as_tensor(t).device)[t]
+        return a / (1 - a)
+
+    def min_snr_weights(self, t, gamma: float):
+        """Min-SNR-γ (Hang et al. 2023, eq. 7-8): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR+1) for v."""
+        snr = self.snr(t)
+        clipped = snr.clamp(max=gamma)
+        return clipped / snr if self.cfg.prediction_type == "epsilon" else clipped / (snr + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The families
+
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """One text encoder of a family, and how each layout names it."""
+    name: str  # the model's attribute and diffusers folder (its tokenizer: the same with "tokenizer")
+    original: str  # its key prefix in the original single-file checkpoint
+    openclip: bool  # the original file stores it in OpenCLIP's layout (resblocks, one fused in_proj)
+    kohya: str  # the key prefix of its modules in kohya LoRA files
+    token_key: str | None = None  # its row's key in a learned-token file (None: the token itself, one encoder)
+    unused_last_layer: bool = False  # the original file stores one more layer than the family reads (SD 2.x)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    title: str
+    encoders: tuple[TextEncoderSlot, ...]
+    conditioning: Callable  # (model, prompts) -> the denoiser's keyword arguments
+    conditioned_on: str  # what that is, in words (`minidream info`)
+    pipeline: str  # the diffusers pipeline class (model_index.json)
+    tokenizer_repo: str  # a single file has no vocabulary: the hub repo whose tokenizer it uses
+    single_file_preset: str | None  # a single file's architecture when it does not say (None: ask)
+    forward_process: type = DDPMProcess  # built from the model's noise-schedule config
+    size_ids: bool = False  # SDXL's micro-conditioning: each image's sizes and crop (`size_ids`) go to the denoiser
+    vae_fp32_decode: bool = False  # an fp16 VAE decodes in fp32 when its config says force_upcast (SDXL's overflows)
+    kohya_unet_names: str = "diffusers"  # how kohya LoRA files name the UNet's modules: "diffusers" or "original"
+    kohya_metadata: tuple = ()  # (key, value) pairs kohya's networks write for this family
+
+
+def clip_context(model: "StableDiffusion", prompts: list[str]) -> dict[str, torch.Tensor]:
+    """SD 1.x/2.x: the CLIP context (B, 77, C) for the UNet's cross-attention (LDM §3.3)."""
+    p = next(model.text_encoder.parameters())
+    return {"context": model.text_encoder(model.tokenizer(prompts).to(p.device))}
+
+
+def sdxl_conditioning(model: "StableDiffusion", prompts: list[str]) -> dict[str, torch.Tensor]:
+    """SDXL (Podell et al. 2023 §2.1): both encoders' penultimate states side by side (B, 77, 768 + 1280) and the
+    second's pooled, projected embedding (B, 1280). The size ids come per image: `size_ids`."""
+    p = next(model.text_encoder.parameters())
+    states, pooled = [], None
+    for _, tok, te in model.text_encoders():
+        h, pooled = te.penultimate_and_pooled(tok(prompts).to(p.device))  # the last encoder's pooled is the one used
+        states.append(h)
+    return {"context": torch.cat(states, dim=-1), "text_embeds": pooled}
+
+
+# the text encoders of SD 1.x (OpenAI CLIP ViT-L), SD 2.x (OpenCLIP ViT-H, whose original files keep OpenCLIP's
+# layout and one layer more than SD reads) and SDXL (both of those kinds: ViT-L and OpenCLIP bigG)
+CLIP_L = TextEncoderSlot("text_encoder", original="cond_stage_model.transformer.text_model.", openclip=False,
+                         kohya="lora_te_text_model_")
+OPENCLIP_H = TextEncoderSlot("text_encoder", original="cond_stage_model.model.", openclip=True,
+                             kohya="lora_te_text_model_", unused_last_layer=True)
+XL_CLIP_L = TextEncoderSlot("text_encoder", original="conditioner.embedders.0.transformer.text_model.", openclip=False,
+                            kohya="lora_te1_text_model_", token_key="clip_l")
+XL_OPENCLIP_G = TextEncoderSlot("text_encoder_2", original="conditioner.embedders.1.model.", openclip=True,
+                                kohya="lora_te2_text_model_", token_key="clip_g")
+
+FAMILIES = {
+    "sd1": Family("sd1", "SD 1.x", (CLIP_L,), clip_context, conditioned_on="CLIP ViT-L's last layer",
+                  pipeline="StableDiffusionPipeline", tokenizer_repo="openai/clip-vit-large-patch14",
+                  single_file_preset="sd15"),
+    # 2.x-base (ε, 512 px) and 2.x-v (768 px) have the same tensors: a single file must say which (its metadata)
+    "sd2": Family("sd2", "SD 2.x", (OPENCLIP_H,), clip_context, conditioned_on="OpenCLIP ViT-H's penultimate layer",
+                  pipeline="StableDiffusionPipeline", tokenizer_repo="stabilityai/stable-diffusion-2-1",
+                  single_file_preset=None),
+    "sdxl": Family("sdxl", "SDXL", (XL_CLIP_L, XL_OPENCLIP_G), sdxl_conditioning,
+                   conditioned_on="both encoders' penultimate states + pooled text + size ids",
+                   pipeline="StableDiffusionXLPipeline", tokenizer_repo="stabilityai/stable-diffusion-xl-base-1.0",
+                   single_file_preset="sdxl", size_ids=True, vae_fp32_decode=True, kohya_unet_names="original",
+                   kohya_metadata=(("ss_base_model_version", "sdxl_base_v1-0"),)),
+}
+
+
+def size_ids(original: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+    """SDXL's micro-conditioning (Podell et al. 2023 §2.2) for one image: (6,) = original (h, w) of the photo
+    before resizing, the crop's top-left (top, left) in the resized photo, and the target (h, w)."""
+    return torch.tensor([*original, *crop, *target], dtype=torch.float32)
+
+
+def size_conditioning(model: "StableDiffusion", ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The denoiser's keyword arguments for each row's size ids (B, 6): `time_ids` where the family reads them."""
+    return {"time_ids": ids} if model.family.size_ids else {}
+
+
+def encode_text(model: "StableDiffusion", prompts: list[str]) -> dict[str, torch.Tensor]:
+    """The denoiser's text conditioning for `prompts`, as keyword arguments of its forward (the family's own)."""
+    return model.family.conditioning(model, prompts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
 
 @dataclass(frozen=True)
 class Preset:
@@ -27,10 +174,10 @@ class Preset:
 
 
 # SD 2.x and 2.x-base share every tensor shape; only the UNet's sample size and the prediction type differ.
-PRESETS = {name: Preset(unet.PRESETS[name], vae.PRESETS[name], clip.PRESETS["sd21" if name.startswith("sd21") else name],
-                        SCHEDULER_PRESETS[name], clip.PRESETS.get(f"{name}-2"))
-           for name in choices.PRESETS}
-assert tuple(PRESETS) == choices.PRESETS, "choices.PRESETS lists the presets defined here"
+PRESETS = {name: Preset(unet.PRESETS[name], vae.PRESETS[name],
+                        clip.PRESETS["sd21" if name.startswith("sd21") else name], SCHEDULER_PRESETS[name],
+                        clip.PRESETS.get(f"{name}-2"))
+           for name in ("sd15", "sd21", "sd21-base", "sdxl", "tiny", "tiny-xl")}
 
 
 def preset_of(cfg, presets: dict) -> str:
@@ -54,13 +201,25 @@ class StableDiffusion:
     force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt -> zero conditioning, not the empty prompt's
 
     @property
-    def xl(self) -> bool:
-        """SDXL's conditioning: two text encoders, pooled text and size ids."""
-        return self.unet.cfg.add_time_dim is not None
+    def family(self) -> Family:
+        """The row of FAMILIES this model is: SDXL's UNet takes size ids; SD 2.x's text encoder is OpenCLIP (GELU)."""
+        if self.unet.cfg.add_time_dim is not None:
+            return FAMILIES["sdxl"]
+        return FAMILIES["sd2" if self.text_encoder.cfg.act == "gelu" else "sd1"]
+
+    @property
+    def denoiser(self) -> unet.UNet2DConditionModel:
+        """The network the forward process is inverted with: ε_θ(x_t, t, conditioning). SD's is its UNet."""
+        return self.unet
+
+    @property
+    def forward_process(self) -> DDPMProcess:
+        return self.family.forward_process(self.scheduler)
 
     def text_encoders(self) -> list[tuple[str, CLIPTokenizer, clip.CLIPTextModel]]:
         """(checkpoint prefix, tokenizer, encoder) of each text encoder: one for SD 1.x/2.x, two for SDXL."""
-        both = [("text_encoder", self.tokenizer, self.text_encoder), ("text_encoder_2", self.tokenizer_2, self.text_encoder_2)]
+        both = [("text_encoder", self.tokenizer, self.text_encoder),
+                ("text_encoder_2", self.tokenizer_2, self.text_encoder_2)]
         return [t for t in both if t[2] is not None]
 
     @property
@@ -87,30 +246,14 @@ class StableDiffusion:
         """The image side the model was trained at: the UNet's latent size times the VAE's downsampling."""
         return self.unet.cfg.sample_size * self.latent_scale
 
+    def networks(self) -> list[torch.nn.Module]:
+        """Every network of the model: text encoder(s), denoiser, VAE."""
+        return [*[te for _, _, te in self.text_encoders()], self.denoiser, self.vae]
+
     def to(self, device=None, dtype=None):
-        for m in (*[te for _, _, te in self.text_encoders()], self.unet, self.vae):
+        for m in self.networks():
             m.to(device=device, dtype=dtype)
         return self
-
-
-def encode_text(model: StableDiffusion, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """The UNet's text conditioning, as keyword arguments of its forward: for SD 1.x/2.x the CLIP context
-    (B, 77, C); for SDXL both encoders' penultimate states side by side (B, 77, 768 + 1280) and the second's
-    pooled, projected embedding (B, 1280) (Podell et al. 2023 §2.1). SDXL's size ids: `size_ids`."""
-    p = next(model.text_encoder.parameters())
-    if not model.xl:
-        return {"context": model.text_encoder(model.tokenizer(prompts).to(p.device))}
-    states, pooled = [], None
-    for _, tok, te in model.text_encoders():
-        h, pooled = te.penultimate_and_pooled(tok(prompts).to(p.device))  # the last encoder's pooled is the one used
-        states.append(h)
-    return {"context": torch.cat(states, dim=-1), "text_embeds": pooled}
-
-
-def size_ids(original: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
-    """SDXL's micro-conditioning (Podell et al. 2023 §2.2) for one image: (6,) = original (h, w) of the photo
-    before resizing, the crop's top-left (top, left) in the resized photo, and the target (h, w)."""
-    return torch.tensor([*original, *crop, *target], dtype=torch.float32)
 
 
 def random_model(preset: str, tokenizer: CLIPTokenizer | None = None, seed: int = 0) -> StableDiffusion:
@@ -126,16 +269,3 @@ def random_model(preset: str, tokenizer: CLIPTokenizer | None = None, seed: int 
     return StableDiffusion(tokenizer=tokenizer, text_encoder=clip.CLIPTextModel(p.text_encoder).eval(),
                            unet=unet.UNet2DConditionModel(p.unet).eval(), vae=vae.AutoencoderKL(p.vae).eval(),
                            scheduler=p.scheduler, source=f"random:{preset}", **second)
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """--device: cuda when available, else cpu; a named device that is not here is an error (ValueError)."""
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use cuda, cuda:N or cpu") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"--device {name!r}: only cuda and cpu are supported")
-    return device

@@ -120,7 +120,8 @@ class BasicTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads)  # self-attention over the image tokens
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, context_dim)  # cross-attention: queries from the image, keys/values from text
+        # cross-attention: queries from the image, keys and values from the text
+        self.attn2 = Attention(dim, heads, context_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -138,7 +139,8 @@ class Transformer2DModel(nn.Module):
         self.linear_proj = cfg.linear_proj
         self.norm = nn.GroupNorm(cfg.groups, dim, eps=1e-6)
         self.proj_in = nn.Linear(dim, dim) if cfg.linear_proj else nn.Conv2d(dim, dim, 1)
-        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(dim, heads, cfg.context_dim) for _ in range(depth))
+        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(dim, heads, cfg.context_dim)
+                                                for _ in range(depth))
         self.proj_out = nn.Linear(dim, dim) if cfg.linear_proj else nn.Conv2d(dim, dim, 1)
 
     def forward(self, x, context):
@@ -190,7 +192,8 @@ class DownBlock(nn.Module):
         super().__init__()
         n, heads, attn = cfg.layers_per_block, cfg.heads[stage], cfg.attention[stage]
         self.resnets = nn.ModuleList(ResnetBlock2D(cin if i == 0 else cout, cout, temb, cfg.groups) for i in range(n))
-        self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, cfg.depth_at(stage), cfg) for _ in range(n) if attn)
+        self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, cfg.depth_at(stage), cfg)
+                                        for _ in range(n) if attn)
         self.downsamplers = nn.ModuleList([Downsample2D(cout)] if downsample else [])
         self.gradient_checkpointing = False
 

@@ -54,7 +54,8 @@ class VAEAttention(Attention):
 class MidBlock(nn.Module):
     def __init__(self, ch: int, groups: int):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, None, groups, 1e-6), ResnetBlock2D(ch, ch, None, groups, 1e-6)])
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, None, groups, 1e-6),
+                                      ResnetBlock2D(ch, ch, None, groups, 1e-6)])
         self.attentions = nn.ModuleList([VAEAttention(ch, groups)])
 
     def forward(self, x):
@@ -145,7 +146,8 @@ class AutoencoderKL(nn.Module):
     def sample(self, x, generator=None):
         """A draw z ~ q(z|x), already multiplied by the scaling factor: what the UNet is trained on."""
         mean, logvar = self.encode(x)
-        return self.latents(mean, logvar, torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype))
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.latents(mean, logvar, eps)
 
     def latents(self, mean, logvar, eps):
         """The UNet's latents for a given noise draw eps: z ~ q(z|x), times the scaling factor."""

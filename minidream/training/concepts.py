@@ -1,6 +1,6 @@
 """Training data as users bring it: one or several concepts (`--concepts FILE.json`), a caption file beside an
 image (`--caption-ext .txt`), and aspect-ratio buckets (`--aspect-buckets`). What a run trains on is a list of
-`Example`s (an image, its prompt, its concept and its bucket), written to OUT/data.json.
+`Example`s (an image, its prompt, its concept and its bucket), written to OUT/data.json; `TrainingData` holds a run's.
 
 Buckets (as kohya's sd-scripts and NovelAI's write-up do it): shapes of about --resolution² pixels whose sides are
 multiples of the model's whole downsampling factor (64 for SD), aspect ratio at most --max-aspect; an image goes
@@ -13,11 +13,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from minidream.training.config import TrainConfig, TrainError
-from minidream.training.data import load_images
-
-CONCEPT_KEYS = {"instance_dir", "instance_prompt", "identifier", "class_noun", "class_prompt", "class_dir",
-                "num_class_images"}
+from minidream.models.stable_diffusion import StableDiffusion
+from minidream.training import TrainError
+from minidream.training.class_images import check_class_dir, make_class_images
+from minidream.training.config import TrainConfig
+from minidream.training.images import load_images
+from minidream.training.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -39,32 +40,6 @@ class Example:
     caption_file: Path | None = None
 
 
-def read_concepts_file(path: Path) -> tuple[dict, ...]:
-    """--concepts FILE.json: a list of objects; checked here, before anything runs."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TrainError(f"--concepts {path}: not a readable JSON file ({e})") from None
-    if not isinstance(data, list) or not data or not all(isinstance(c, dict) for c in data):
-        raise TrainError(f"--concepts {path}: expected a non-empty list of objects, one per concept")
-    for k, c in enumerate(data):
-        unknown = set(c) - CONCEPT_KEYS
-        if unknown:
-            raise TrainError(f"--concepts {path}: concept {k} has unknown key(s) {', '.join(sorted(unknown))} "
-                             f"(known: {', '.join(sorted(CONCEPT_KEYS))})")
-        if not isinstance(c.get("instance_dir"), str):
-            raise TrainError(f"--concepts {path}: concept {k} needs \"instance_dir\"")
-        if not (isinstance(c.get("instance_prompt"), str) or
-                (isinstance(c.get("identifier"), str) and isinstance(c.get("class_noun"), str))):
-            raise TrainError(f"--concepts {path}: concept {k} needs \"instance_prompt\", or \"identifier\" and \"class_noun\"")
-        if not (isinstance(c.get("class_prompt"), str) or isinstance(c.get("class_noun"), str)):
-            raise TrainError(f"--concepts {path}: concept {k} needs \"class_prompt\" or \"class_noun\"")
-        n = c.get("num_class_images", 0)
-        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
-            raise TrainError(f"--concepts {path}: concept {k}: num_class_images must be an integer >= 0")
-    return tuple(data)
-
-
 def concepts(cfg: TrainConfig, out: Path) -> list[Concept]:
     """The run's concepts: the --concepts entries, or the one the command line describes."""
     if not cfg.concepts:
@@ -73,7 +48,8 @@ def concepts(cfg: TrainConfig, out: Path) -> list[Concept]:
     rows = []
     for k, c in enumerate(cfg.concepts):
         token = f"<{c.get('identifier', cfg.identifier)}>" if cfg.train_token else c.get("identifier")
-        rows.append(Concept(Path(c["instance_dir"]), c.get("instance_prompt") or f"a photo of {token} {c['class_noun']}",
+        instance_prompt = c.get("instance_prompt") or f"a photo of {token} {c['class_noun']}"
+        rows.append(Concept(Path(c["instance_dir"]), instance_prompt,
                             c.get("class_prompt") or f"a photo of {c['class_noun']}",
                             Path(c["class_dir"]) if c.get("class_dir") else out / "class_images" / f"concept-{k}",
                             c.get("num_class_images", cfg.num_class_images)))
@@ -150,7 +126,8 @@ def check_buckets(instance: list[Example], klass: list[Example]):
         if (e.concept, e.bucket) not in have:
             w, h = e.bucket
             raise TrainError(f"bucket {w}x{h} of concept {e.concept} has instance images ({e.file.name}) but no class "
-                             f"image; add class images of that shape, or let minidream generate them (an empty class dir)")
+                             f"image; add class images of that shape, or let minidream generate them (an empty class "
+                             f"dir)")
 
 
 def write_data_json(out: Path, instance: list[Example], klass: list[Example], shapes: list[tuple[int, int]]):
@@ -167,3 +144,50 @@ def write_data_json(out: Path, instance: list[Example], klass: list[Example], sh
     used = sorted({e.bucket for e in instance})
     if len(used) > 1:
         print(f"aspect buckets in use: {', '.join(f'{w}x{h}' for w, h in used)}", file=sys.stderr)
+
+
+def check_prompts(model: StableDiffusion, cfg: TrainConfig, concepts: list):
+    """CLIP reads 77 tokens: a prompt cut before its identifier would train on the class alone."""
+    pairs = [(what, p) for c in concepts for what, p in (("--instance-prompt", c.instance_prompt),
+                                                         ("--class-prompt", c.class_prompt))]
+    for what, prompt in pairs:
+        cut = model.tokenizer.truncated(prompt)
+        if cut and what == "--instance-prompt" and cfg.identifier in cut and cfg.identifier not in prompt[:-len(cut)]:
+            raise TrainError(f"{what}: the identifier {cfg.identifier!r} falls past the text encoder's "
+                             f"{model.tokenizer.max_length}-token limit; shorten the prompt")
+        if cut:
+            print(f"warning: {what} is longer than {model.tokenizer.max_length} tokens; this part is cut: {cut!r}",
+                  file=sys.stderr)
+
+
+class TrainingData:
+    """The run's concepts, its instance examples (captions, buckets) and, once made, its class examples. Everything
+    a user brought is read and checked here, before the run folder is touched."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, model: StableDiffusion):
+        self.concepts = concepts(cfg, out)
+        self.shapes = buckets(cfg.resolution, model.downsampling, cfg.max_aspect) if cfg.aspect_buckets \
+            else [(cfg.resolution, cfg.resolution)]
+        self.instance = instance_examples(self.concepts, cfg, self.shapes)
+        check_prompts(model, cfg, self.concepts)
+        for c in self.concepts if cfg.prior else []:
+            check_class_dir(c.class_dir)
+        self.klass = []
+
+    def prompts(self) -> list[str]:
+        """Each concept's instance and class prompt: what the text encoder always sees together."""
+        return [p for c in self.concepts for p in (c.instance_prompt, c.class_prompt)]
+
+    def pools(self) -> list[list[Example]]:
+        return [self.instance, self.klass]
+
+    def make_class_images(self, model: StableDiffusion, cfg: TrainConfig, rt: Runtime):
+        """The prior-preservation images of every concept (at its instance images' buckets), then read."""
+        for k, c in enumerate(self.concepts):
+            sizes = [e.bucket for e in self.instance if e.concept == k] if cfg.aspect_buckets else None
+            make_class_images(model, cfg, c, rt, k, sizes)
+        self.klass = class_examples(self.concepts, cfg, self.shapes)
+        check_buckets(self.instance, self.klass)
+
+    def write_json(self, out: Path):
+        write_data_json(out, self.instance, self.klass, self.shapes)

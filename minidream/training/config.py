@@ -1,111 +1,219 @@
-"""A DreamBooth run's settings: `TrainConfig` (every field, with its default: the one place defaults live;
-the CLI's options are built from it), the checks that need no model, and the rules for a resumed run.
-No torch import: `minidream --help` stays fast.
+"""A DreamBooth run's settings: `TrainConfig`, where each option is declared once (minidream/options.py). A field
+carries its default, the help of its command-line option, its check, and whether a resumed run may change it;
+`minidream train`'s options (cli.py), `validate` and the resume rules are all read from these declarations. A choice
+option's values come from the table that implements them (the --train modes, optimizers, LR schedules, samplers,
+export formats, ...). Adding an option is one field here, and its use where it acts.
 """
+import json
 import math
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
-from minidream.choices import (CLASS_PRECISIONS, EXPORTS, LR_SCHEDULES, MIXED_PRECISIONS, REPORT_TO, SAMPLERS,
-                               TRAIN_MODES)
+from minidream.formats import exports
+from minidream.models.attention import CHOICES as ATTENTION_BACKENDS
+from minidream.models.device import DTYPES
+from minidream.models.stable_diffusion import PRESETS
+from minidream.options import option
+from minidream.sampling.pipeline import SamplingParams
+from minidream.sampling.samplers import SAMPLERS
+from minidream.training import TrainError
+from minidream.training.optim import LR_SCHEDULES, OPTIMIZERS
+from minidream.training.report import REPORT_TO
+from minidream.training.runtime import PRECISIONS
+from minidream.training.trainable import MODES
 
 
-class TrainError(Exception):
-    """Bad input or a failed run, worded for the user (one line)."""
+# ---------------------------------------------------------------------------------------------
+# Checks: each returns what is wrong with a value (the flag is put before it), or None
+
+def at_least(n):
+    return lambda v: None if v >= n else f"must be at least {n} (got {v})"
 
 
-# What each --train mode defaults to. Learning rates (AdamW): the whole UNet needs a small step to keep the
-# prior (diffusers' DreamBooth default); the attention projections alone tolerate a few times more; LoRA
-# adapters start at zero and need ~1e-4. The text encoder, when trained, uses the same rate as the UNet part.
-# Exports: a whole model, or for LoRA the adapter files the other tools load.
-MODE_DEFAULTS = {"unet": {"lr": 5e-6, "save_as": ("diffusers",)},
-                 "attention": {"lr": 2e-5, "save_as": ("diffusers",)},
-                 "lora": {"lr": 1e-4, "save_as": ("lora-diffusers", "lora-kohya")}}
-assert tuple(MODE_DEFAULTS) == TRAIN_MODES, "choices.TRAIN_MODES lists the modes defined here"
+def non_negative(v):
+    return None if v >= 0 else f"must be >= 0 (got {v})"
+
+
+def positive(v):
+    return None if v > 0 else f"must be > 0 (got {v})"
+
+
+def positive_number(v):  # None stands for a default
+    return None if v is None or (v > 0 and math.isfinite(v)) else f"must be a positive number (got {v})"
+
+
+def each_one_of(values):
+    return lambda vs: next((f"{v!r} is not one of {', '.join(values)}" for v in vs if v not in values), None)
+
+
+def probability(v):
+    return None if 0 <= v <= 1 else f"is a probability in [0, 1] (got {v})"
+
+
+def beta(v):
+    return None if 0 <= v < 1 else f"must be in [0, 1) (got {v})"
+
+
+def seed_range(v):
+    return None if 0 <= v < 2 ** 63 else f"must be in [0, 2^63) (got {v})"
+
+
+def image_side(v, factor: int = 8):
+    """A multiple of 8 (the VAE), and once the model is known of its whole downsampling factor (VAE x UNet)."""
+    if v is None or (v >= factor and v % factor == 0):
+        return None
+    return f"must be a positive multiple of {factor}{' for this model' if factor != 8 else ''} (got {v})"
+
+
+def extension(v):
+    return None if v is None or (v.strip(".") and "/" not in v) else f"{v!r}: give a file extension such as .txt"
+
+
+def concepts_file(path) -> tuple[dict, ...]:
+    """--concepts FILE.json, read and checked: a list of objects, one per concept (stored in the run's config)."""
+    if path is None:
+        return ()
+    keys = {"instance_dir", "instance_prompt", "identifier", "class_noun", "class_prompt", "class_dir",
+            "num_class_images"}
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainError(f"--concepts {path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, list) or not data or not all(isinstance(c, dict) for c in data):
+        raise TrainError(f"--concepts {path}: expected a non-empty list of objects, one per concept")
+    for k, c in enumerate(data):
+        unknown = set(c) - keys
+        if unknown:
+            raise TrainError(f"--concepts {path}: concept {k} has unknown key(s) {', '.join(sorted(unknown))} "
+                             f"(known: {', '.join(sorted(keys))})")
+        if not isinstance(c.get("instance_dir"), str):
+            raise TrainError(f"--concepts {path}: concept {k} needs \"instance_dir\"")
+        if not (isinstance(c.get("instance_prompt"), str) or
+                (isinstance(c.get("identifier"), str) and isinstance(c.get("class_noun"), str))):
+            raise TrainError(f"--concepts {path}: concept {k} needs \"instance_prompt\", or \"identifier\" and "
+                             f"\"class_noun\"")
+        if not (isinstance(c.get("class_prompt"), str) or isinstance(c.get("class_noun"), str)):
+            raise TrainError(f"--concepts {path}: concept {k} needs \"class_prompt\" or \"class_noun\"")
+        n = c.get("num_class_images", 0)
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+            raise TrainError(f"--concepts {path}: concept {k}: num_class_images must be an integer >= 0")
+    return tuple(data)
+
+
+MODE_HELP = "; ".join(f"{name}: {row.help}" for name, row in MODES.items())
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a run depends on; stored in run.json and in every checkpoint. The CLI's `train` options
-    are these fields (same names, same defaults); `minidream train --help` says what each does."""
-    model: str
-    out: str
-    instance_dir: str | None = None  # None with --concepts (each concept names its own)
-    class_noun: str | None = None
-    # loading the base model
-    revision: str | None = None
-    variant: str | None = None
-    preset: str | None = None
-    config: str | None = None
-    tokenizer: str | None = None
-    allow_pickle: bool = False
-    # prompts and data
-    identifier: str = "sks"
-    instance_prompt: str | None = None
-    class_prompt: str | None = None
-    resolution: int | None = None  # None: the model's native resolution, resolved before run.json is written
-    center_crop: bool = True
-    flip: float = 0.0
-    concepts: tuple = ()  # --concepts FILE.json's entries (concepts.read_concepts_file), stored for resume
-    caption_ext: str | None = None  # e.g. ".txt": a caption file beside an image is its prompt
-    aspect_buckets: bool = False
-    max_aspect: float = 2.0
+    """Everything a run depends on; stored in run.json and in every checkpoint."""
+    model: str = option(help="Base model: folder, hub repo id or single-file checkpoint.", resumable=True)
+    out: str = option(help="Run folder: checkpoints, metrics, samples, exports.", resumable=True, cli_type=Path,
+                      parse=str)
+    # the data
+    instance_dir: str | None = option(None, "Folder with 3-20 photos of the subject (jpg/png/webp).", resumable=True,
+                                      cli_type=Path, parse=lambda p: str(p) if p else None)
+    class_noun: str | None = option(None, "The subject's class, e.g. dog.")
+    concepts: tuple = option((), "JSON list of concepts (instead of --instance-dir/--class-noun): {instance_dir, "
+                             "instance_prompt | identifier + class_noun, class_prompt, class_dir, num_class_images}.",
+                             cli_type=Path, parse=concepts_file, added=())
+    caption_ext: str | None = option(None, "A caption file beside an image (IMAGE.EXT, e.g. .txt) is that image's "
+                                     "prompt.", check=extension, added=None)
+    aspect_buckets: bool = option(False, "Aspect-ratio buckets of about --resolution² pixels instead of square crops.",
+                                  added=False)
+    max_aspect: float = option(2.0, "Largest bucket aspect ratio.",
+                               check=lambda v: None if v >= 1 else f"must be >= 1 (got {v})", added=2.0)
+    identifier: str = option("sks", "Rare token bound to the subject.")
+    instance_prompt: str | None = option(None, "Default: 'a photo of IDENTIFIER CLASS'.")
+    class_prompt: str | None = option(None, "Default: 'a photo of CLASS'.")
+    resolution: int | None = option(None, "Training resolution in pixels; default: the model's native one (512 for "
+                                    "SD 1.x/2.x-base, 768 for 2.x-v).", check=image_side)
+    center_crop: bool = option(True, "Crop mode.", flag="--center-crop/--random-crop")
+    flip: float = option(0.0, "Probability of a horizontal flip.", check=probability)
     # prior preservation (the class images)
-    prior: bool = True
-    class_dir: str | None = None
-    num_class_images: int = 200
-    prior_loss_weight: float = 1.0
-    class_steps: int = 50
-    class_guidance: float = 7.5
-    class_batch_size: int = 4
-    class_precision: str = "auto"
-    class_negative_prompt: str = ""
-    class_scheduler: str | None = None  # None: the model's own (samplers.default_sampler), as diffusers' script
+    prior: bool = option(True, "Class-specific prior-preservation loss.", flag="--prior/--no-prior")
+    class_dir: str | None = option(None, "Class images (generated here if too few). Default: OUT/class_images.",
+                                   resumable=True, cli_type=Path, parse=lambda p: str(p) if p else None)
+    num_class_images: int = option(200, "Class images to have (generated by the base model).", check=non_negative)
+    prior_loss_weight: float = option(1.0, "λ, weight of the prior-preservation loss.", check=non_negative)
+    class_steps: int = option(50, "Sampling steps for class images.", check=at_least(1))
+    class_guidance: float = option(7.5, "CFG scale for class images.", check=non_negative)
+    class_batch_size: int = option(4, "Class images per sampling batch.", check=at_least(1))
+    class_precision: str = option("auto", "Precision of class-image sampling (autocast); auto: fp16 on CUDA, fp32 on "
+                                  "CPU.", choices=("auto", *DTYPES))
+    class_negative_prompt: str = option("", "Negative prompt for the class images.")
+    class_scheduler: str | None = option(None, "Sampler for class images; default: the model's own.",
+                                         choices=SAMPLERS, added="ddim")
     # what trains
-    train: str = "unet"
-    lora_rank: int = 4
-    lora_alpha: float = 4.0
-    train_text_encoder: bool = False
-    train_token: bool = False
+    mode: str = option("unet", MODE_HELP + ".", choices=MODES, flag="--train", was="train")
+    lora_rank: int = option(4, "LoRA rank r.", check=at_least(1))
+    lora_alpha: float = option(4.0, "LoRA alpha (scale alpha/r).")
+    train_text_encoder: bool = option(False, "Also train the text encoder (LoRA with --train lora).")
+    train_token: bool = option(False, "Learn a new token embedding <IDENTIFIER>, initialised from the class noun.")
     # optimisation
-    lr: float | None = None  # None: MODE_DEFAULTS[train]["lr"]
-    text_encoder_lr: float | None = None
-    text_encoder_steps: int = 0
-    token_lr: float = 5e-3
-    lr_schedule: str = "constant"
-    lr_power: float = 1.0
-    warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    steps: int = 400
-    batch_size: int = 1
-    grad_accum: int = 1
-    mixed_precision: str = "no"
-    tf32: bool = True
-    gradient_checkpointing: bool = False
-    cache_latents: bool = False
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    seed: int = 0
+    optimizer: str = option("adamw", "; ".join(f"{n}: {row.help}" for n, row in OPTIMIZERS.items()) + ".",
+                            choices=OPTIMIZERS, added="adamw")
+    lr: float | None = option(None, "Learning rate. Default per mode: " + ", ".join(
+        f"{m} {row.lr:g}" for m, row in MODES.items()) + ".", check=positive_number)
+    text_encoder_lr: float | None = option(None, "Learning rate of the text encoder (default: --lr).",
+                                           check=positive_number)
+    text_encoder_steps: int = option(0, "Stop training the text encoder after this many steps (0: never).",
+                                     check=non_negative)
+    token_lr: float = option(5e-3, "Learning rate of the new token embedding.", check=positive_number)
+    lr_schedule: str = option("constant", "After warmup.", choices=LR_SCHEDULES)
+    lr_power: float = option(1.0, "Power of the polynomial schedule.", check=positive)
+    warmup_steps: int = option(0, "Linear warmup steps.", check=non_negative)
+    adam_beta1: float = option(0.9, "AdamW beta1.", check=beta)
+    adam_beta2: float = option(0.999, "AdamW beta2.", check=beta)
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.", check=positive)
+    weight_decay: float = option(1e-2, "AdamW weight decay (not applied to a new token).", check=non_negative)
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0: no clipping).", check=non_negative)
+    steps: int = option(400, "Optimizer steps.", check=at_least(1), resumable=True)
+    batch_size: int = option(1, "Instance images per step (plus as many class images).", check=at_least(1))
+    grad_accum: int = option(1, "Gradient accumulation micro-steps.", check=at_least(1))
+    mixed_precision: str = option("no", "Autocast dtype (fp16 needs a GPU); frozen weights run in it, trained ones "
+                                  "keep fp32 masters.", choices=PRECISIONS)
+    tf32: bool = option(True, "On CUDA, TF32 tensor cores for fp32 matmuls and convolutions.", resumable=True)
+    gradient_checkpointing: bool = option(False, "Recompute activations per block in backward.")
+    cache_latents: bool = option(False, "Encode the images with the VAE once.")
+    snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (e.g. 5).", check=positive_number)
+    noise_offset: float = option(0.0, "Noise offset (e.g. 0.05).", check=non_negative)
+    seed: int = option(0, "Seed of every random draw.", check=seed_range)
     # validation, checkpoints, exports, where it runs
-    validation_prompts: tuple[str, ...] = ()
-    validation_every: int = 0
-    validation_images: int = 4
-    validation_steps: int = 25
-    validation_scheduler: str | None = None  # None: the model's own
-    report_to: str = "none"  # or "tensorboard" (OUT/tensorboard/); OUT/metrics.jsonl and OUT/curves.png always
-    checkpoint_every: int = 100
-    keep_last: int = 2
-    save_as: tuple[str, ...] = ()  # (): MODE_DEFAULTS[train]["save_as"], filled in at construction
-    attention: str = "auto"
-    device: str | None = None
+    validation_prompts: tuple[str, ...] = option((), "Prompt for validation grids (repeatable).", resumable=True,
+                                                 flag="--validation-prompt")
+    validation_every: int = option(0, "Steps between validation grids (0: only at the end).", check=non_negative,
+                                   resumable=True)
+    validation_images: int = option(4, "Images per validation prompt (fixed seeds).", check=at_least(1),
+                                    resumable=True)
+    validation_steps: int = option(25, "Sampling steps for validation images.", check=at_least(1), resumable=True)
+    validation_scheduler: str | None = option(None, "Sampler for validation grids; default: the model's own.",
+                                              choices=SAMPLERS, resumable=True, added="ddim")
+    report_to: str = option("none", "Also log to TensorBoard (OUT/tensorboard; pip install "
+                            "'minidream[tensorboard]'). OUT/curves.png is always drawn.", choices=REPORT_TO,
+                            resumable=True, added="none")
+    checkpoint_every: int = option(100, "Steps between checkpoints (0: none).", check=non_negative, resumable=True)
+    keep_last: int = option(2, "Checkpoints to keep (0: all).", check=non_negative, resumable=True)
+    save_as: tuple[str, ...] = option((), "Export formats (repeatable): " + "; ".join(
+        f"{n}: {exports.EXPORTERS[n].help}" for n in exports.CHOICES) + ". Default: " + "; ".join(
+        f"{'/'.join(row.save_as)} with --train {m}" for m, row in MODES.items()) + ".",
+        choices=exports.CHOICES, check=each_one_of(exports.CHOICES), resumable=True)
+    attention: str = option("auto", "Attention kernel.", choices=ATTENTION_BACKENDS, resumable=True)
+    device: str | None = option(None, "cuda or cpu; default: cuda when available.", resumable=True)
+    # loading the base model (the loader options of `minidream sample`)
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) to fetch.")
+    variant: str | None = option(None, "Weights variant to load, e.g. fp16.")
+    allow_pickle: bool = option(False, "Also load .bin/.ckpt pickle files (weights only). Only for files you trust.",
+                                flag="--allow-pickle")
+    tokenizer: str | None = option(None, "For single-file checkpoints: folder or hub repo with the tokenizer "
+                                   "(default: the official one).")
+    preset: str | None = option(None, f"For single-file checkpoints: the architecture ({', '.join(PRESETS)}); "
+                                "inferred when omitted.")
+    config: str | None = option(None, "For single-file checkpoints: a diffusers-layout folder or repo id whose "
+                                "configs and tokenizer describe it.")
 
     def __post_init__(self):
-        if not self.save_as and self.train in MODE_DEFAULTS:
-            object.__setattr__(self, "save_as", MODE_DEFAULTS[self.train]["save_as"])
+        if not self.save_as and self.mode in MODES:  # (): the mode's own formats
+            object.__setattr__(self, "save_as", MODES[self.mode].save_as)
 
     @property
     def prompts(self) -> tuple[str, str]:
@@ -114,105 +222,75 @@ class TrainConfig:
                 self.class_prompt or f"a photo of {self.class_noun}")
 
     @property
+    def token(self) -> str | None:
+        """The new token --train-token adds: <IDENTIFIER>."""
+        return f"<{self.identifier}>" if self.train_token else None
+
+    @property
     def init_word(self) -> str:
         """What a new token's embedding starts from (--train-token): the class noun (the first concept's)."""
         return self.class_noun or next((c["class_noun"] for c in self.concepts if c.get("class_noun")), "photo")
 
     @property
     def unet_lr(self) -> float:
-        return self.lr or MODE_DEFAULTS[self.train]["lr"]
+        return self.lr or MODES[self.mode].lr
+
+    @property
+    def class_sampling(self) -> SamplingParams:
+        return SamplingParams(steps=self.class_steps, guidance=self.class_guidance, sampler=self.class_scheduler,
+                              negative_prompt=self.class_negative_prompt or None)
+
+    @property
+    def validation_sampling(self) -> SamplingParams:
+        return SamplingParams(steps=self.validation_steps, sampler=self.validation_scheduler)
 
 
-FIELDS = tuple(f.name for f in fields(TrainConfig))
-DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-
-# Settings a resumed run takes from the command line when they are given there; everything else comes
-# from the checkpoint, and a different value for it is refused. Paths are the user's: moved folders resume.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "validation_prompts", "validation_every",
-                     "validation_images", "validation_steps", "validation_scheduler", "report_to", "save_as", "device", "attention", "tf32",
-                     "model", "instance_dir", "class_dir", "out")
+OPTIONS = {f.name: f for f in fields(TrainConfig)}
 
 
-# Settings added after checkpoints were first written, with the value that reproduces a run from before them.
-ADDED = {"class_scheduler": "ddim", "validation_scheduler": "ddim", "report_to": "none", "concepts": (),
-         "caption_ext": None, "aspect_buckets": False, "max_aspect": 2.0}
+def flag(name: str) -> str:
+    """The option's name on the command line (the first of a switch's pair)."""
+    return (OPTIONS[name].metadata["flag"] or "--" + name.replace("_", "-")).split("/")[0]
 
 
 def validate(cfg: TrainConfig):
     """Every setting that can be checked without the model, before anything is loaded or written."""
     if not cfg.concepts and not (cfg.instance_dir and cfg.class_noun):
         raise TrainError("--instance-dir and --class-noun are needed (or --concepts FILE.json)")
-    if not cfg.max_aspect >= 1:
-        raise TrainError(f"--max-aspect must be >= 1 (got {cfg.max_aspect})")
-    if cfg.caption_ext is not None and not (cfg.caption_ext.strip(".") and "/" not in cfg.caption_ext):
-        raise TrainError(f"--caption-ext {cfg.caption_ext!r}: give a file extension such as .txt")
-    for flag_, v in (("--class-scheduler", cfg.class_scheduler), ("--validation-scheduler", cfg.validation_scheduler)):
-        if v is not None and v not in SAMPLERS:
-            raise TrainError(f"{flag_} {v!r} is not one of {', '.join(SAMPLERS)}")
-    for flag, v, ok in (("--train", cfg.train, TRAIN_MODES), ("--mixed-precision", cfg.mixed_precision, MIXED_PRECISIONS),
-                        ("--lr-schedule", cfg.lr_schedule, LR_SCHEDULES),
-                        ("--class-precision", cfg.class_precision, CLASS_PRECISIONS),
-                        ("--report-to", cfg.report_to, REPORT_TO)):
-        if v not in ok:
-            raise TrainError(f"{flag} {v!r} is not one of {', '.join(ok)}")
-    bad = [s for s in cfg.save_as if s not in EXPORTS]
-    if bad:
-        raise TrainError(f"--save-as {bad[0]!r} is not one of {', '.join(EXPORTS)}")
-    if any(s.startswith("lora") for s in cfg.save_as) and cfg.train != "lora":
+    for name, f in OPTIONS.items():
+        wrong = f.metadata["check"] and f.metadata["check"](getattr(cfg, name))
+        if wrong:
+            raise TrainError(f"{flag(name)} {wrong}")
+    if any(exports.EXPORTERS[s].adapters for s in cfg.save_as) and cfg.mode != "lora":
         raise TrainError("--save-as lora-* needs --train lora")
-    for flag, v in (("--steps", cfg.steps), ("--batch-size", cfg.batch_size), ("--grad-accum", cfg.grad_accum),
-                    ("--class-batch-size", cfg.class_batch_size), ("--lora-rank", cfg.lora_rank),
-                    ("--validation-images", cfg.validation_images), ("--validation-steps", cfg.validation_steps),
-                    ("--class-steps", cfg.class_steps)):
-        if v < 1:
-            raise TrainError(f"{flag} must be at least 1 (got {v})")
-    if not 0 <= cfg.seed < 2 ** 63:
-        raise TrainError(f"--seed must be in [0, 2^63) (got {cfg.seed})")
-    if cfg.resolution is not None:
-        validate_resolution(cfg.resolution)
-    for flag, v in (("--max-grad-norm", cfg.max_grad_norm), ("--weight-decay", cfg.weight_decay),
-                    ("--text-encoder-steps", cfg.text_encoder_steps), ("--warmup-steps", cfg.warmup_steps),
-                    ("--noise-offset", cfg.noise_offset), ("--prior-loss-weight", cfg.prior_loss_weight),
-                    ("--class-guidance", cfg.class_guidance), ("--keep-last", cfg.keep_last),
-                    ("--checkpoint-every", cfg.checkpoint_every), ("--validation-every", cfg.validation_every),
-                    ("--num-class-images", cfg.num_class_images)):
-        if not v >= 0:
-            raise TrainError(f"{flag} must be >= 0 (got {v})")
-    for flag, v in (("--lr", cfg.lr), ("--text-encoder-lr", cfg.text_encoder_lr), ("--token-lr", cfg.token_lr),
-                    ("--snr-gamma", cfg.snr_gamma)):
-        if v is not None and not (v > 0 and math.isfinite(v)):
-            raise TrainError(f"{flag} must be a positive number (got {v})")
-    if not 0 <= cfg.flip <= 1:
-        raise TrainError(f"--flip is a probability in [0, 1] (got {cfg.flip})")
     if cfg.prior and cfg.num_class_images < 1:
         raise TrainError("--num-class-images must be at least 1 with prior preservation (or pass --no-prior)")
-    for flag, v in (("--adam-beta1", cfg.adam_beta1), ("--adam-beta2", cfg.adam_beta2)):
-        if not 0 <= v < 1:
-            raise TrainError(f"{flag} must be in [0, 1) (got {v})")
-    for flag, v in (("--adam-epsilon", cfg.adam_epsilon), ("--lr-power", cfg.lr_power)):
-        if not v > 0:
-            raise TrainError(f"{flag} must be > 0 (got {v})")
     if cfg.cache_latents and not cfg.center_crop:
         raise TrainError("--random-crop has no effect with --cache-latents (cached latents are centre crops); "
                          "drop one of them")
 
 
-def validate_resolution(resolution: int, factor: int = 8):
-    """A multiple of 8 (the VAE), and once the model is known of its whole downsampling factor (VAE x UNet)."""
-    if resolution < factor or resolution % factor:
-        raise TrainError(f"--resolution must be a positive multiple of {factor} for this model (got {resolution})"
-                         if factor != 8 else f"--resolution must be a positive multiple of 8 (got {resolution})")
+def validate_resolution(value: int, factor: int):
+    """Once the model is known: the resolution is a multiple of its whole downsampling factor."""
+    wrong = image_side(value, factor)
+    if wrong:
+        raise TrainError(f"--resolution {wrong}")
 
 
 def stored_config(meta: dict, path: Path) -> TrainConfig:
     """The run's settings from a checkpoint, checked like the command line's (a crafted file gets no further)."""
     try:
-        d = {**ADDED, **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}}
-        missing = [f for f in TrainConfig.__dataclass_fields__ if f not in d]
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
+        for n, f in OPTIONS.items():  # settings renamed or added since the checkpoint was written
+            if f.metadata["was"] in d:
+                d[n] = d.pop(f.metadata["was"])
+            elif n not in d and f.metadata["added"] is not MISSING:
+                d[n] = f.metadata["added"]
+        missing = [f for f in OPTIONS if f not in d]
         if missing:
             raise TrainError(f"{path}: written by an older minidream (no {', '.join(missing[:4])}"
                              f"{' …' if len(missing) > 4 else ''}); start a new run")
-        cfg = TrainConfig(**{k: v for k, v in d.items() if k in TrainConfig.__dataclass_fields__})
+        cfg = TrainConfig(**{k: v for k, v in d.items() if k in OPTIONS})
         validate(cfg)
         if not (isinstance(meta["step"], int) and 0 <= meta["step"]):
             raise TrainError(f"{path}: step {meta['step']!r} is not a step count")
@@ -223,18 +301,14 @@ def stored_config(meta: dict, path: Path) -> TrainConfig:
         raise TrainError(f"{path}: its stored settings are not usable ({type(e).__name__}: {e})") from None
 
 
-def flag(field: str) -> str:
-    return "--" + {"validation_prompts": "validation_prompt"}.get(field, field).replace("_", "-")
-
-
 def resumed_config(cfg: TrainConfig, stored: TrainConfig, given: set[str] | None) -> TrainConfig:
-    """The checkpoint's settings, with the resumable ones the user gave; a changed fixed one is refused."""
-    given = set(RESUMABLE_CHANGES) if given is None else given & set(TrainConfig.__dataclass_fields__)
-    fixed = sorted(k for k in given if k not in RESUMABLE_CHANGES and getattr(cfg, k) != getattr(stored, k))
+    """The checkpoint's settings, with the resumable ones the user gave; a changed fixed one is refused.
+    `given`: the settings the user named (None: every resumable one comes from `cfg`)."""
+    resumable = {n for n, f in OPTIONS.items() if f.metadata["resumable"]}
+    given = resumable if given is None else given & set(OPTIONS)
+    fixed = sorted(k for k in given if k not in resumable and getattr(cfg, k) != getattr(stored, k))
     if fixed:
         was = ", ".join(f"{flag(k)} {getattr(stored, k)!r}" for k in fixed)
-        raise TrainError(f"--resume: {', '.join(flag(k) for k in fixed)} cannot change in a resumed run (it has {was}); "
-                         f"drop them, or start a new run with --overwrite")
-    return replace(stored, **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES if k in given})
-
-
+        raise TrainError(f"--resume: {', '.join(flag(k) for k in fixed)} cannot change in a resumed run (it has "
+                         f"{was}); drop them, or start a new run with --overwrite")
+    return replace(stored, **{k: getattr(cfg, k) for k in resumable if k in given})

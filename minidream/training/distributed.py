@@ -4,7 +4,7 @@
 
 torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them (or with WORLD_SIZE=1) nothing here does
 anything and the run is the plain single-process one. Each process holds the whole model and draws every
-random number for the *global* batch from the same generator, then takes its own rows (`World.rows`):
+random number for the *global* batch from the same generator, then takes its own rows (`ProcessGroup.rows`):
 so N processes with --batch-size b draw exactly what one process with batch N·b draws. After backward the
 gradients are averaged over processes (an all-reduce, as DistributedDataParallel does), so every process
 takes the same optimizer step and stays bit-identical to the others. Only rank 0 writes files.
@@ -44,7 +44,8 @@ def _collective(fn, *args):
 
 
 @dataclass(frozen=True)
-class World:
+class ProcessGroup:
+    """This process's place among the processes of a run: its rank and how many there are (one without torchrun)."""
     rank: int = 0
     size: int = 1
 
@@ -67,55 +68,55 @@ class World:
         return torch.cat([inst, cls])
 
 
-def init(device: torch.device) -> tuple[World, torch.device]:
+def init(device: torch.device) -> tuple[ProcessGroup, torch.device]:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); the device becomes this
     process's GPU (LOCAL_RANK). Processes other than rank 0 print nothing but their errors."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
-        return World(), device
+        return ProcessGroup(), device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout())
-    world = World(dist.get_rank(), dist.get_world_size())
-    if not world.main:
+    group = ProcessGroup(dist.get_rank(), dist.get_world_size())
+    if not group.main:
         sys.stdout = sys.stderr = open(os.devnull, "w")
-    return world, device
+    return group, device
 
 
-def speak(world: World):
+def speak(group: ProcessGroup):
     """Give a rank other than 0 its stderr back (to report its error)."""
-    if not world.main:
+    if not group.main:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 
 
-def barrier(world: World):
-    if world.size > 1:
+def barrier(group: ProcessGroup):
+    if group.size > 1:
         _collective(dist.barrier)
 
 
-def mean(values: list[float], world: World, device) -> list[float]:
+def mean(values: list[float], group: ProcessGroup, device) -> list[float]:
     """The mean over processes of a few numbers (the logged losses): what one process would have logged."""
-    if world.size == 1:
+    if group.size == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     _collective(dist.all_reduce, t)
-    return (t / world.size).tolist()
+    return (t / group.size).tolist()
 
 
-def average_gradients(params: list[torch.Tensor], world: World):
+def average_gradients(params: list[torch.Tensor], group: ProcessGroup):
     """grad ← mean over processes, as one all-reduce of all gradients flattened together."""
-    if world.size == 1:
+    if group.size == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1).float() for g in grads])
     _collective(dist.all_reduce, flat)
-    flat /= world.size
+    flat /= group.size
     for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(chunk.view_as(g))
 
 
-def close(world: World):
-    if world.size > 1 and dist.is_initialized():
+def close(group: ProcessGroup):
+    if group.size > 1 and dist.is_initialized():
         dist.destroy_process_group()

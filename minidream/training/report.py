@@ -2,12 +2,14 @@
 (`--report-to tensorboard`, the optional extra `pip install 'minidream[tensorboard]'`), and OUT/curves.png, the
 instance and prior losses and the learning rate over steps, drawn from metrics.jsonl after training."""
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
 from minidream import plots
-from minidream.training.config import TrainError
+from minidream.training import TrainError
 
 
 def summary_writer():
@@ -20,12 +22,26 @@ def summary_writer():
     return SummaryWriter
 
 
+@dataclass(frozen=True)
+class Reporter:
+    check: Callable[[], object]  # fails (one line) when it cannot report, before the run starts
+    open: Callable[[Path], object]  # a writer with TensorBoard's add_scalar / add_image / close, for the run folder
+    output: str  # what it writes into the run folder
+
+
+# --report-to: where the metrics go besides OUT/metrics.jsonl and OUT/curves.png
+REPORT_TO = {"none": None,
+             "tensorboard": Reporter(summary_writer, lambda out: summary_writer()(log_dir=str(out / "tensorboard")),
+                                     "tensorboard")}
+OUTPUTS = ("metrics.jsonl", "curves.png")  # what the record itself writes into the run folder
+
+
 class Log:
     """Where a step's metrics line goes (only on the process that writes: rank 0)."""
 
     def __init__(self, out: Path, report_to: str, main: bool):
         self.file = open(out / "metrics.jsonl", "a") if main else None
-        self.tb = summary_writer()(log_dir=str(out / "tensorboard")) if main and report_to == "tensorboard" else None
+        self.tb = REPORT_TO[report_to].open(out) if main and REPORT_TO[report_to] else None
 
     def step(self, line: dict):
         if self.file:

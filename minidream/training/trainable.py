@@ -1,23 +1,23 @@
-"""What DreamBooth trains: functions that select (or add) the trainable parts of a loaded model.
+"""What DreamBooth trains: functions that select (or add) the trainable parts of a loaded model, one row per
+`--train` mode in `MODES`.
 
-`--train unet` unfreezes the whole UNet, `attention` the Q/K/V/out projections of every attention layer,
-`lora` wraps those projections in adapters (lora.py); `--train-text-encoder` and `--train-token` add the
-text encoder (or its adapters) and a new token row — for SDXL in both text encoders (pivotal tuning, as
-diffusers' advanced SDXL script: the new token gets a row in each). Everything else stays frozen, and `cast_frozen` may
-put only the frozen tensors in half precision: what trains keeps its exact fp32 values.
+`--train unet` unfreezes the whole UNet, `attention` the Q/K/V/out projections of every attention layer, `lora`
+wraps those projections in adapters (models/lora.py); `--train-text-encoder` and `--train-token` add the text
+encoder (or its adapters) and a new token row (models/tokens.py) — for SDXL in both text encoders (pivotal tuning,
+as diffusers' advanced SDXL script: the new token gets a row in each). Everything else stays frozen, and
+`cast_frozen` may put only the frozen tensors in half precision: what trains keeps its exact fp32 values.
 """
-import math
 import re
 import sys
-from dataclasses import replace
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from minidream.models import lora as lora_lib
-from minidream.training.config import TrainConfig
+from minidream.models import lora
 from minidream.models.stable_diffusion import StableDiffusion
+from minidream.models.tokens import add_token
 
 # The projections DreamBooth's attention variant trains (and LoRA adapts): Q, K, V and out of every self-
 # (attn1) and cross-attention (attn2) layer of the UNet, and of the text encoder's self-attention.
@@ -25,93 +25,92 @@ UNET_ATTENTION = re.compile(r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 TEXT_ATTENTION = re.compile(r".*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
 
 
-class TokenEmbedding(nn.Module):
-    """The text encoder's token table plus new rows for learned tokens; only the new rows are
-    parameters that train (textual inversion, Gal et al. 2022), the original table stays frozen."""
-
-    def __init__(self, base: nn.Embedding, init: torch.Tensor):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.new = nn.Parameter(init.detach().clone().float().reshape(-1, base.embedding_dim))
-
-    @property
-    def weight(self):
-        return torch.cat([self.base.weight, self.new.to(self.base.weight.dtype)])
-
-    def forward(self, ids):
-        # rows of the frozen table and of the new ones, picked per id: no copy of the 49k-row table per call
-        n = self.base.num_embeddings
-        old = F.embedding(ids.clamp(max=n - 1), self.base.weight)
-        new = F.embedding((ids - n).clamp(min=0), self.new.to(old.dtype))
-        return torch.where((ids >= n)[..., None], new, old)
+def unfreeze(net: nn.Module, rank: int, alpha: float):
+    net.requires_grad_(True)
 
 
-def add_token(model: StableDiffusion, token: str, init_word: str):
-    """A new token for the identifier in each text encoder, its embedding initialised from the class noun's."""
-    for _, tok, te in model.text_encoders():
-        emb = te.embeddings.token_embedding
-        init = emb.weight[tok.encode(init_word)].mean(0, keepdim=True)
-        tok.add_token(token)
-        te.embeddings.token_embedding = TokenEmbedding(emb, init)
+def unfreeze_unet_attention(net: nn.Module, rank: int, alpha: float):
+    for name, m in net.named_modules():
+        if UNET_ATTENTION.fullmatch(name) and isinstance(m, nn.Linear):
+            m.requires_grad_(True)
 
 
-def learned_tokens(model: StableDiffusion) -> dict[str, torch.Tensor]:
-    """The new token rows by text encoder, as the run learned them."""
-    return {name: te.embeddings.token_embedding.new.detach() for name, _, te in model.text_encoders()
-            if isinstance(te.embeddings.token_embedding, TokenEmbedding)}
+def unet_lora(net: nn.Module, rank: int, alpha: float):
+    lora.add_lora(net, UNET_ATTENTION, rank, alpha)
 
 
-def merged_text_encoder_state(model: StableDiffusion) -> None:
-    """Turn a TokenEmbedding back into a plain, larger nn.Embedding (for export)."""
-    for _, _, te in model.text_encoders():
-        emb = te.embeddings.token_embedding
-        if isinstance(emb, TokenEmbedding):
-            w = emb.weight.detach()
-            plain = nn.Embedding(w.shape[0], w.shape[1], device=w.device, dtype=w.dtype)
-            plain.weight = nn.Parameter(w.clone(), requires_grad=False)
-            te.embeddings.token_embedding = plain
-            te.cfg = replace(te.cfg, vocab_size=w.shape[0])
+def text_encoder_lora(net: nn.Module, rank: int, alpha: float):
+    lora.add_lora(net, TEXT_ATTENTION, rank, alpha)
 
 
-def select_trainable(model: StableDiffusion, train: str, lora_rank: int = 4, lora_alpha: float = 4.0,
+@dataclass(frozen=True)
+class Mode:
+    denoiser: Callable  # (UNet, rank, alpha): unfreezes or adds what trains in it
+    text_encoder: Callable  # the same for each text encoder, with --train-text-encoder
+    lr: float  # the default learning rate (AdamW)
+    save_as: tuple[str, ...]  # the default export formats
+    help: str
+
+
+# Learning rates: the whole UNet needs a small step to keep the prior (diffusers' DreamBooth default); the attention
+# projections alone tolerate a few times more; LoRA adapters start at zero and need ~1e-4. The text encoder, when
+# trained, uses the same rate as the UNet part unless --text-encoder-lr says otherwise. Exports: a whole model, or
+# for LoRA the adapter files the other tools load.
+MODES = {
+    "unet": Mode(unfreeze, unfreeze, 5e-6, ("diffusers",), "whole UNet"),
+    "attention": Mode(unfreeze_unet_attention, unfreeze, 2e-5, ("diffusers",), "Q/K/V/out of every attention layer"),
+    "lora": Mode(unet_lora, text_encoder_lora, 1e-4, ("lora-diffusers", "lora-kohya"), "LoRA adapters on those"),
+}
+
+
+@dataclass
+class Trainable:
+    """The parameters a run trains, by group (each has its learning rate), named as in the checkpoints."""
+    unet: list[tuple[str, nn.Parameter]]
+    text_encoder: list[tuple[str, nn.Parameter]]  # both SDXL encoders in one group (one learning rate)
+    token: list[tuple[str, nn.Parameter]]  # the new token's rows
+
+    def groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        return {"unet": self.unet, "text_encoder": self.text_encoder, "token": self.token}
+
+    def named(self) -> list[tuple[str, nn.Parameter]]:
+        return [*self.unet, *self.text_encoder, *self.token]
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named()]
+
+
+def select_trainable(model: StableDiffusion, mode: str, lora_rank: int = 4, lora_alpha: float = 4.0,
                      train_text_encoder: bool = False, token: str | None = None, init_word: str | None = None
-                     ) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Freeze everything, then unfreeze (or add) what --train / --train-text-encoder / --train-token ask
-    for. Returns the trainable parameters by group, named as in the checkpoints."""
+                     ) -> Trainable:
+    """Freeze everything, then unfreeze (or add) what --train / --train-text-encoder / --train-token ask for."""
     encoders = [(name, te) for name, _, te in model.text_encoders()]
-    for m in (model.unet, *[te for _, te in encoders], model.vae):
+    for m in model.networks():
         m.requires_grad_(False)
-    if train == "unet":
-        model.unet.requires_grad_(True)
-    elif train == "attention":
-        for name, m in model.unet.named_modules():
-            if UNET_ATTENTION.fullmatch(name) and isinstance(m, nn.Linear):
-                m.requires_grad_(True)
-    else:
-        lora_lib.add_lora(model.unet, UNET_ATTENTION, lora_rank, lora_alpha)
+    row = MODES[mode]
+    row.denoiser(model.denoiser, lora_rank, lora_alpha)
     for _, te in encoders if train_text_encoder else ():
-        if train == "lora":
-            lora_lib.add_lora(te, TEXT_ATTENTION, lora_rank, lora_alpha)
-        else:
-            te.requires_grad_(True)
+        row.text_encoder(te, lora_rank, lora_alpha)
     if token:
         add_token(model, token, init_word)
-    groups = {"unet": [], "text_encoder": [], "token": []}
-    for name, p in model.unet.named_parameters():
+    trainable = Trainable([], [], [])
+    for name, p in model.denoiser.named_parameters():
         if p.requires_grad:
-            groups["unet"].append((f"unet.{name}", p))
-    for prefix, te in encoders:  # both SDXL encoders in one group (one learning rate), named by prefix
+            trainable.unet.append((f"unet.{name}", p))
+    for prefix, te in encoders:
         for name, p in te.named_parameters():
             if p.requires_grad:
-                groups["token" if name.endswith("token_embedding.new") else "text_encoder"].append((f"{prefix}.{name}", p))
-    return groups
+                group = trainable.token if name.endswith("token_embedding.new") else trainable.text_encoder
+                group.append((f"{prefix}.{name}", p))
+    return trainable
 
 
-def print_summary(groups, model: StableDiffusion):
+def print_summary(trainable: Trainable, model: StableDiffusion):
     encoders = [te for _, _, te in model.text_encoders()]
-    total = {"unet": [model.unet], "text_encoder": encoders, "token": [te.embeddings.token_embedding for te in encoders]}
+    total = {"unet": [model.denoiser], "text_encoder": encoders,
+             "token": [te.embeddings.token_embedding for te in encoders]}
     print(f"{'component':<14}{'trainable':>14}{'of':>16}{'tensors':>9}", file=sys.stderr)
-    for name, params in groups.items():
+    for name, params in trainable.groups().items():
         n = sum(p.numel() for _, p in params)
         of = sum(p.numel() for m in total[name] for p in m.parameters())
         print(f"{name:<14}{n:>14,}{of:>16,}{len(params):>9}", file=sys.stderr)
@@ -120,49 +119,11 @@ def print_summary(groups, model: StableDiffusion):
 def cast_frozen(model: StableDiffusion, dtype: torch.dtype):
     """Frozen weights (and floating buffers) to `dtype` for speed and memory; trainable parameters keep
     their fp32 values untouched (master weights), so nothing that trains starts from rounded values.
-    The exports never read these rounded copies: they start again from the base file (export.py)."""
-    for m in (model.unet, *[te for _, _, te in model.text_encoders()], model.vae):
+    The exports never read these rounded copies: they start again from the base file (training/export.py)."""
+    for m in model.networks():
         for p in m.parameters():
             if not p.requires_grad and p.is_floating_point():
                 p.data = p.data.to(dtype)
         for b in m.buffers():
             if b.is_floating_point():
                 b.data = b.data.to(dtype)
-
-
-def lr_lambdas(cfg: TrainConfig, base_lrs: list[float]):
-    """One multiplier per parameter group: linear warmup, then constant, cosine (half a period to 0),
-    linear (to 0) or polynomial ((1 - progress)^power from the group's lr to 1e-7), as diffusers' get_scheduler
-    after warmup. Warmup starts at 1/warmup rather than 0, so the first step is not wasted."""
-    def make(lr0: float):
-        lr_end = min(1e-7, lr0)
-
-        def f(step):
-            if step < cfg.warmup_steps:
-                return (step + 1) / cfg.warmup_steps
-            done = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-            if cfg.lr_schedule == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * done))
-            if cfg.lr_schedule == "linear":
-                return 1.0 - done
-            if cfg.lr_schedule == "polynomial":
-                return ((lr0 - lr_end) * (1 - done) ** cfg.lr_power + lr_end) / lr0 if lr0 > 0 else 1.0
-            return 1.0
-        return f
-    return [make(lr0) for lr0 in base_lrs]
-
-
-
-def make_optimizer(cfg: TrainConfig, groups: dict, device: torch.device):
-    """AdamW over the trainable groups (each its own learning rate; no weight decay on a new token), the
-    LR schedule, and for fp16 a gradient scaler."""
-    lr = cfg.unet_lr
-    param_groups = [{"params": [p for _, p in groups["unet"]], "lr": lr},
-                    {"params": [p for _, p in groups["text_encoder"]], "lr": cfg.text_encoder_lr or lr},
-                    {"params": [p for _, p in groups["token"]], "lr": cfg.token_lr, "weight_decay": 0.0}]
-    param_groups = [pg for pg in param_groups if pg["params"]]
-    opt = torch.optim.AdamW(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                            weight_decay=cfg.weight_decay, fused=True)  # one kernel over all tensors, CPU and CUDA
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(cfg, [pg["lr"] for pg in param_groups]))
-    scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
-    return opt, sched, scaler

@@ -1,37 +1,39 @@
-"""What other tools trained, applied to a loaded model: LoRA files merged into the weights, textual-inversion
-embeddings added to the vocabulary. Each is a function that transforms a loaded StableDiffusion; sampling then
-runs the plain model, so nothing here touches the model files.
+"""LoRA files. Ours are written in the two layouts the other tools load; others' (diffusers/PEFT, kohya, LyCORIS
+LoCon) are read and merged into a loaded model's weights (`apply_loras`), after which sampling runs the plain model.
 
-LoRA (Hu et al. 2021): W' = W + s·(α/r)·B A for a file at strength s. Formats read:
+Written (`save_lora_diffusers`, `save_lora_kohya`, from a model carrying models/lora.py's adapters):
+- diffusers / PEFT: `unet.<module>.lora_A.weight`, `unet.<module>.lora_B.weight` (α/r folded into B, so the file needs
+  no alpha and loads at scale 1 anywhere); text encoders as `text_encoder.text_model.<module>` (SDXL: and
+  `text_encoder_2.`), as diffusers' scripts save them.
+- kohya (A1111, ComfyUI): `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`, text
+  encoders under each family's kohya prefix (`lora_te_text_model_`; SDXL `lora_te1_`, `lora_te2_`, and the UNet's
+  modules under the original checkpoint's names, `lora_unet_input_blocks_4_1_...`, as kohya's SDXL networks write).
+
+Read: W' = W + s·(α/r)·B A for a file at strength s.
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (`text_encoder.`, SDXL's `text_encoder_2.`
-  likewise), and the older
-  attention-processor names (`attn1.processor.to_q_lora.down.weight`, `.lora.down.`, `.lora_linear_layer.down.`);
-  α and r from the file's `lora_adapter_metadata` (PEFT's r, lora_alpha, rank_pattern, alpha_pattern, use_rslora)
-  or `<module>.alpha` keys, else α = r.
-- kohya / LyCORIS LoCon: `lora_unet_<module>` and `lora_te_<module>` (or `lora_te1_`, SDXL's `lora_te2_`) with `.lora_down.weight`,
-  `.lora_up.weight` and `.alpha`; modules named as in diffusers (kohya's SD 1.x/2.x networks) or as in the original
-  UNet (`input_blocks_4_1_proj_in`). A convolution's adapter (3×3 resnet convs, 1×1 proj_in/out, up/downsamplers)
-  is a down conv (r, in, kh, kw) then a 1×1 up conv (out, r): the merged ΔW sums over r and keeps the kernel.
+  likewise), and the older attention-processor names (`attn1.processor.to_q_lora.down.weight`, `.lora.down.`,
+  `.lora_linear_layer.down.`); α and r from the file's `lora_adapter_metadata` (PEFT's r, lora_alpha, rank_pattern,
+  alpha_pattern, use_rslora) or `<module>.alpha` keys, else α = r.
+- kohya / LyCORIS LoCon: `lora_unet_<module>` and `lora_te_<module>` (or `lora_te1_`, SDXL's `lora_te2_`) with
+  `.lora_down.weight`, `.lora_up.weight` and `.alpha`; modules named as in diffusers (kohya's SD 1.x/2.x networks) or
+  as in the original UNet (`input_blocks_4_1_proj_in`). A convolution's adapter (3×3 resnet convs, 1×1
+  proj_in/out, up/downsamplers) is a down conv (r, in, kh, kw) then a 1×1 up conv (out, r): the merged ΔW sums
+  over r and keeps the kernel.
 Anything else in a file (DoRA's dora_scale, LyCORIS LoHa/LoKr, Tucker `lora_mid`) is refused by name.
 """
 import json
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from minidream.formats.files import ModelError, read_metadata, read_weights
+from minidream.formats.files import ModelError, name_some, read_metadata, read_weights, save_safetensors
 from minidream.formats.single_file import unet_original_name
+from minidream.models.lora import loras
 
 # the text encoder's attention projections under the old attention-processor names
 _TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-
-
-def _some(keys, n=4) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
 def _diffusers_pairs(sd: dict, file) -> tuple[dict, dict, set]:
@@ -107,7 +109,7 @@ def lora_deltas(file: Path, allow_pickle: bool = False) -> dict[tuple[str, str],
     if unknown:
         kind = " (DoRA)" if any("dora_scale" in k for k in unknown) else \
             " (LyCORIS LoHa/LoKr/Tucker)" if any(re.search(r"hada_|lokr_|lora_mid", k) for k in unknown) else ""
-        raise ModelError(f"{file}: keys this LoRA loader does not know{kind}: {_some(unknown)}")
+        raise ModelError(f"{file}: keys this LoRA loader does not know{kind}: {name_some(unknown)}")
     if not pairs:
         raise ModelError(f"{file}: no LoRA weights found (expected diffusers `unet.*.lora_A.weight` or kohya "
                          f"`lora_unet_*` keys)")
@@ -162,58 +164,44 @@ def apply_loras(model, loras: list[tuple[Path, float]], allow_pickle: bool = Fal
     return model
 
 
-def read_embedding(file: Path, allow_pickle: bool = False) -> tuple[str | None, list[torch.Tensor]]:
-    """(the token the file names, or None; vectors (n, dim) per text encoder) from a textual-inversion file: ours
-    and diffusers' ({token: vector(s)}), A1111's .pt (`string_to_param` {"*": vectors}, `name`) and .safetensors
-    (`emb_params`), and SDXL's two-encoder files ({"clip_l": .., "clip_g": ..}, the token in our metadata)."""
-    sd = read_weights(Path(file), allow_pickle)
-    if set(sd) == {"clip_l", "clip_g"}:
-        token, vecs = read_metadata(Path(file)).get("token") if Path(file).suffix == ".safetensors" else None, \
-            [sd["clip_l"], sd["clip_g"]]
-    elif len(sd) == 1:
-        token, vec = next(iter(sd.items()))
-        token, vecs = None if token == "emb_params" else token, [vec]
-    elif isinstance(sd.get("string_to_param"), dict) and "*" in sd["string_to_param"]:
-        token, vecs = sd.get("name"), [sd["string_to_param"]["*"]]
-    else:
-        raise ModelError(f"{file}: not a textual-inversion embedding (expected one {{token: tensor}} entry, "
-                         f"A1111's string_to_param, emb_params or SDXL's clip_l + clip_g); it has {_some(map(str, sd))}")
-    if not all(isinstance(v, torch.Tensor) and v.ndim in (1, 2) and v.numel() for v in vecs):
-        raise ModelError(f"{file}: the embedding is not a vector or a (vectors, width) matrix")
-    vecs = [v.reshape(-1, v.shape[-1]) for v in vecs]
-    if len({len(v) for v in vecs}) > 1:
-        raise ModelError(f"{file}: clip_l and clip_g hold different numbers of vectors")
-    return (token if isinstance(token, str) else None), vecs
+# ---------------------------------------------------------------------------------------------
+# Writing ours
+
+def diffusers_lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """The adapters of the UNet and text encoders under diffusers' names (α/r folded into lora_B)."""
+    nets = {"unet": model.unet, **{f"{name}.text_model": te for name, _, te in model.text_encoders()}}
+    sd = {}
+    for prefix, net in nets.items():
+        for name, m in loras(net).items():
+            sd[f"{prefix}.{name}.lora_A.weight"] = m.lora_down.weight.detach().float()
+            sd[f"{prefix}.{name}.lora_B.weight"] = m.lora_up.weight.detach().float() * m.scale
+    return sd
 
 
-def add_embedding(model, file: Path, token: str | None = None, allow_pickle: bool = False) -> list[str]:
-    """Add the file's vectors as new tokens, as diffusers' load_textual_inversion does: one token, or for n
-    vectors `token`, `token_1`, … `token_{n-1}`, which a prompt's `token` expands to (SDXL: in both encoders).
-    Returns the tokens."""
-    named, vecs = read_embedding(file, allow_pickle)
-    token = token or named or Path(file).stem
-    encoders = model.text_encoders()
-    if len(vecs) != len(encoders):
-        raise ModelError(f"{file}: an embedding for {'SDXL (clip_l + clip_g)' if len(vecs) == 2 else 'one text encoder'}"
-                         f", but this model has {len(encoders)} text encoder(s)")
-    n = len(vecs[0])
-    tokens = [token] + [f"{token}_{i}" for i in range(1, n)]
-    for (_, tok, te), vec in zip(encoders, vecs):
-        if vec.shape[1] != te.embeddings.token_embedding.weight.shape[1]:
-            raise ModelError(f"{file}: embedding width {vec.shape[1]} does not match this text encoder's "
-                             f"{te.embeddings.token_embedding.weight.shape[1]} (an embedding for another model family?)")
-        for t in tokens:
-            if t in tok.vocab or t in tok.added:
-                raise ModelError(f"{file}: token {t!r} is already in the vocabulary; name another with --embedding-token")
-    for (_, tok, te), vec in zip(encoders, vecs):
-        ids = [tok.add_token(t) for t in tokens]
-        tok.expand[ids[0]] = ids
-        emb = te.embeddings.token_embedding
-        grown = nn.Embedding(emb.num_embeddings + n, emb.embedding_dim, device=emb.weight.device, dtype=emb.weight.dtype)
-        with torch.no_grad():
-            grown.weight[: emb.num_embeddings] = emb.weight
-            grown.weight[emb.num_embeddings:] = vec.to(emb.weight)
-        grown.requires_grad_(emb.weight.requires_grad)
-        te.embeddings.token_embedding = grown
-        te.cfg = replace(te.cfg, vocab_size=grown.num_embeddings)
-    return tokens
+def kohya_lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """The adapters under kohya's names: the family's prefix per text encoder, the UNet's modules under diffusers'
+    names or (SDXL) the original checkpoint's, as sd-scripts' networks write them."""
+    family = model.family
+    encoders = {name: te for name, _, te in model.text_encoders()}
+    nets = {"lora_unet_": model.unet, **{slot.kohya: encoders[slot.name] for slot in family.encoders}}
+    sd = {}
+    for prefix, net in nets.items():
+        for name, m in loras(net).items():
+            if prefix == "lora_unet_" and family.kohya_unet_names == "original":
+                name = unet_original_name(model.unet.cfg, name)
+            key = prefix + name.replace(".", "_")
+            sd[f"{key}.lora_down.weight"] = m.lora_down.weight.detach().float()
+            sd[f"{key}.lora_up.weight"] = m.lora_up.weight.detach().float()
+            sd[f"{key}.alpha"] = torch.tensor(float(m.alpha))
+    return sd
+
+
+def save_lora_diffusers(model, path: Path):
+    save_safetensors(diffusers_lora_state_dict(model), path)
+
+
+def save_lora_kohya(model, path: Path):
+    """With the metadata kohya's networks write (rank, alpha; SDXL's base model version)."""
+    first = next(m for net in (model.unet, *[te for _, _, te in model.text_encoders()]) for m in loras(net).values())
+    save_safetensors(kohya_lora_state_dict(model), path, metadata={
+        "ss_network_dim": str(first.rank), "ss_network_alpha": str(first.alpha), **dict(model.family.kohya_metadata)})

@@ -1,0 +1,18 @@
+"""The demo model: where it ships (weights/demo, beside the package in both installs) and its tiny architecture, the
+same classes as the real models (CLIPTextModel, UNet2DConditionModel, AutoencoderKL) at toy sizes.
+"""
+from pathlib import Path
+
+from minidream.models.noise_schedule import SchedulerConfig
+from minidream.models.unet import UNetConfig
+from minidream.models.vae import VAEConfig
+
+DEMO_DIR = Path(__file__).resolve().parents[2] / "weights" / "demo"
+MAX_TOKENS = 16  # the world's captions are short; fewer positions make every step cheaper
+
+UNET = UNetConfig(channels=(32, 64, 128), attention=(False, True, True), heads=(4, 4, 4), layers_per_block=1,
+                  context_dim=64, groups=16, sample_size=8)
+VAE = VAEConfig(channels=(32, 64, 64), layers_per_block=1, groups=16, sample_size=32)
+# ε-prediction, DDIM from t = 951 (SD 1.x's schedule). A v-prediction model sampled from t = 999 (Lin et al. 2024)
+# was tried for the demo's colour failures and bound the subject worse (benchmarks/results/demo-seeds-cpu.json).
+SCHEDULER = SchedulerConfig()

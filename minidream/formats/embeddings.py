@@ -1,0 +1,87 @@
+"""Textual-inversion embeddings: others' read and added to a loaded model's vocabulary (`add_embedding`: ours,
+diffusers', A1111's, SDXL's two-encoder files), and the token a run learned written (`save_learned_tokens`) in
+the format diffusers' `load_textual_inversion` reads: {token: vector} for one text encoder, {"clip_l", "clip_g"}
+rows for SDXL (diffusers' advanced SDXL script's format), the token in the metadata.
+"""
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from minidream.formats.files import ModelError, name_some, read_metadata, read_weights, save_safetensors
+from minidream.models.tokens import learned_tokens
+
+
+def read_embedding(file: Path, allow_pickle: bool = False) -> tuple[str | None, list[torch.Tensor]]:
+    """(the token the file names, or None; vectors (n, dim) per text encoder) from a textual-inversion file: ours
+    and diffusers' ({token: vector(s)}), A1111's .pt (`string_to_param` {"*": vectors}, `name`) and .safetensors
+    (`emb_params`), and SDXL's two-encoder files ({"clip_l": .., "clip_g": ..}, the token in our metadata)."""
+    sd = read_weights(Path(file), allow_pickle)
+    if set(sd) == {"clip_l", "clip_g"}:
+        token, vecs = read_metadata(Path(file)).get("token") if Path(file).suffix == ".safetensors" else None, \
+            [sd["clip_l"], sd["clip_g"]]
+    elif len(sd) == 1:
+        token, vec = next(iter(sd.items()))
+        token, vecs = None if token == "emb_params" else token, [vec]
+    elif isinstance(sd.get("string_to_param"), dict) and "*" in sd["string_to_param"]:
+        token, vecs = sd.get("name"), [sd["string_to_param"]["*"]]
+    else:
+        raise ModelError(f"{file}: not a textual-inversion embedding (expected one {{token: tensor}} entry, "
+                         f"A1111's string_to_param, emb_params or SDXL's clip_l + clip_g); it has "
+                         f"{name_some(map(str, sd))}")
+    if not all(isinstance(v, torch.Tensor) and v.ndim in (1, 2) and v.numel() for v in vecs):
+        raise ModelError(f"{file}: the embedding is not a vector or a (vectors, width) matrix")
+    vecs = [v.reshape(-1, v.shape[-1]) for v in vecs]
+    if len({len(v) for v in vecs}) > 1:
+        raise ModelError(f"{file}: clip_l and clip_g hold different numbers of vectors")
+    return (token if isinstance(token, str) else None), vecs
+
+
+def add_embedding(model, file: Path, token: str | None = None, allow_pickle: bool = False) -> list[str]:
+    """Add the file's vectors as new tokens, as diffusers' load_textual_inversion does: one token, or for n
+    vectors `token`, `token_1`, … `token_{n-1}`, which a prompt's `token` expands to (SDXL: in both encoders).
+    Returns the tokens."""
+    named, vecs = read_embedding(file, allow_pickle)
+    token = token or named or Path(file).stem
+    encoders = model.text_encoders()
+    if len(vecs) != len(encoders):
+        kind = "SDXL (clip_l + clip_g)" if len(vecs) == 2 else "one text encoder"
+        raise ModelError(f"{file}: an embedding for {kind}"
+                         f", but this model has {len(encoders)} text encoder(s)")
+    n = len(vecs[0])
+    tokens = [token] + [f"{token}_{i}" for i in range(1, n)]
+    for (_, tok, te), vec in zip(encoders, vecs):
+        if vec.shape[1] != te.embeddings.token_embedding.weight.shape[1]:
+            raise ModelError(f"{file}: embedding width {vec.shape[1]} does not match this text encoder's "
+                             f"{te.embeddings.token_embedding.weight.shape[1]} (an embedding for another model "
+                             f"family?)")
+        for t in tokens:
+            if t in tok.vocab or t in tok.added:
+                raise ModelError(f"{file}: token {t!r} is already in the vocabulary; name another with "
+                                 f"--embedding-token")
+    for (_, tok, te), vec in zip(encoders, vecs):
+        ids = [tok.add_token(t) for t in tokens]
+        tok.expand[ids[0]] = ids
+        emb = te.embeddings.token_embedding
+        grown = nn.Embedding(emb.num_embeddings + n, emb.embedding_dim, device=emb.weight.device,
+                             dtype=emb.weight.dtype)
+        with torch.no_grad():
+            grown.weight[: emb.num_embeddings] = emb.weight
+            grown.weight[emb.num_embeddings:] = vec.to(emb.weight)
+        grown.requires_grad_(emb.weight.requires_grad)
+        te.embeddings.token_embedding = grown
+        te.cfg = replace(te.cfg, vocab_size=grown.num_embeddings)
+    return tokens
+
+
+def save_learned_tokens(model, path: Path):
+    """The learned token's row(s): under each text encoder's key in the family's token files, or (one encoder) under
+    the token itself, as one vector."""
+    learned = learned_tokens(model)
+    token = next(iter(learned.values())).token
+    rows = {}
+    for slot in model.family.encoders:
+        new = learned[slot.name].new.detach().float()
+        rows[slot.token_key or token] = new if slot.token_key else new[0]
+    save_safetensors(rows, path, metadata={"token": token})

@@ -1,0 +1,69 @@
+"""The formats a trained model is exported in, one table (`--save-as` offers its rows): a diffusers folder, an
+original-layout single file, LoRA files (diffusers and kohya) and the learned token (textual inversion). A row
+carries what it writes into the run folder (what `--overwrite` removes is derived from the rows), whether it needs
+a plain model (adapters merged into the weights, a learned token a normal row) and its help.
+
+The model given to `export` is used up: it is made plain on the way. The trainer passes a fresh fp32 copy of the
+base model with the trained tensors written in (training/export.py), never the model that trained.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from minidream.formats.diffusers_layout import save_pretrained
+from minidream.formats.embeddings import save_learned_tokens
+from minidream.formats.lora_files import save_lora_diffusers, save_lora_kohya
+from minidream.formats.single_file import save_single_file
+from minidream.models import lora, tokens
+from minidream.models.stable_diffusion import StableDiffusion
+
+
+@dataclass(frozen=True)
+class Exporter:
+    save: Callable[[StableDiffusion, Path], None]  # writes the model to the path
+    output: str  # the path it writes, in the run folder
+    plain: bool  # it needs a plain model: adapters merged into their weights, a learned token a normal row
+    help: str
+    adapters: bool = False  # it writes LoRA adapters, so it needs --train lora
+    automatic: Callable[[StableDiffusion], bool] | None = None  # written unasked whenever this holds
+
+
+EXPORTERS = {
+    "learned-token": Exporter(save_learned_tokens, "learned_embeds.safetensors", False,
+                              "the learned token (textual inversion), written whenever one trained",
+                              automatic=lambda m: bool(tokens.learned_tokens(m))),
+    "diffusers": Exporter(save_pretrained, "model", True, "a folder that StableDiffusionPipeline loads"),
+    "single-file": Exporter(save_single_file, "model.safetensors", True,
+                            "the original single-file layout (A1111, ComfyUI)"),
+    "lora-diffusers": Exporter(save_lora_diffusers, "lora/pytorch_lora_weights.safetensors", False,
+                               "LoRA for diffusers' load_lora_weights (--train lora)", adapters=True),
+    "lora-kohya": Exporter(save_lora_kohya, "lora_kohya.safetensors", False,
+                           "LoRA in kohya's layout, for A1111 and ComfyUI (--train lora)", adapters=True),
+}
+CHOICES = tuple(name for name, row in EXPORTERS.items() if row.automatic is None)  # what --save-as offers
+
+
+def outputs() -> list[str]:
+    """What the exports write into a run folder: the first part of each row's path."""
+    return [Path(row.output).parts[0] for row in EXPORTERS.values()]
+
+
+def make_plain(model: StableDiffusion):
+    """Merge LoRA adapters into their (fp32 base) weights and make a learned token a normal embedding row."""
+    for net in (model.unet, *[te for _, _, te in model.text_encoders()]):
+        lora.merge_lora(net)
+    tokens.make_plain(model)
+
+
+def export(model: StableDiffusion, formats: tuple[str, ...], out: Path) -> list[Path]:
+    """Write the formats asked for, and those that are written unasked (a learned token); returns the paths."""
+    rows = [(name, row) for name, row in EXPORTERS.items()
+            if name in formats or (row.automatic is not None and row.automatic(model))]
+    written = []
+    for _, row in sorted(rows, key=lambda r: r[1].plain):  # the adapter files before merging
+        if row.plain:
+            make_plain(model)
+        path = out / row.output
+        row.save(model, path)
+        written.append(path)
+    return written

@@ -1,0 +1,104 @@
+"""The noise schedule a model was trained with, as its scheduler_config.json states it: `SchedulerConfig` (checked
+on load), the presets the official checkpoints ship, and ᾱ_t (`alphas_cumprod`), from which the forward process
+(`stable_diffusion.DDPMProcess`) and every sampler (minidream/sampling) are computed.
+
+DDPM (Ho et al. 2020): β_t rises from beta_start to beta_end over num_train_timesteps steps, ᾱ_t = Π(1 - β_s).
+"""
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"  # or "linear"
+    prediction_type: str = "epsilon"  # or "v_prediction"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+    timestep_spacing: str = "leading"  # or "trailing", "linspace"
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    # The scheduler class the checkpoint ships: `minidream sample`'s default sampler (samplers.default_sampler).
+    class_name: str = "DDIMScheduler"
+    # Which of the fields above scheduler_config.json set (None: all, as in a preset). A field the file leaves
+    # out takes the default of the sampler's diffusers class, as `<Class>.from_config(config)` does (for_class).
+    given: tuple | None = None
+    # The file's other keys, as (key, value) pairs: options of its class (use_karras_sigmas, algorithm_type, ...).
+    extra: tuple = ()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SchedulerConfig":
+        names = {f.name for f in fields(cls)} - {"class_name", "given", "extra"}
+        own = {k: v for k, v in d.items() if k in names}
+        extra = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()
+                             if k not in names and not k.startswith("_")))
+        return cls(**own, class_name=d.get("_class_name", "DDIMScheduler"), given=tuple(sorted(own)), extra=extra)
+
+    def for_class(self, defaults: dict) -> "SchedulerConfig":
+        """This config as a diffusers class with these constructor defaults would read it."""
+        if self.given is None:
+            return self
+        return replace(self, **{k: v for k, v in defaults.items() if k not in self.given}).check()
+
+    def to_dict(self) -> dict:
+        """scheduler_config.json: the class, the fields and the file's other options."""
+        names = [f.name for f in fields(self) if f.name not in ("class_name", "given", "extra")]
+        # only the keys the source file had: a missing key means "the class default" to whoever reads it next
+        own = {k: getattr(self, k) for k in names if self.given is None or k in self.given}
+        return {"_class_name": self.class_name, **own, **dict(self.extra)}
+
+    def check(self):
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        n = self.num_train_timesteps
+        if not (isinstance(n, int) and not isinstance(n, bool) and n > 1):
+            raise ValueError(f"num_train_timesteps={n!r} must be an integer > 1")
+        if not (number(self.beta_start) and number(self.beta_end) and 0 < self.beta_start <= self.beta_end < 1):
+            raise ValueError(f"beta_start={self.beta_start!r}, beta_end={self.beta_end!r} must satisfy "
+                             f"0 < start <= end < 1")
+        offset = self.steps_offset
+        if not (isinstance(offset, int) and not isinstance(offset, bool) and 0 <= offset < n):
+            raise ValueError(f"steps_offset={self.steps_offset!r} must be an integer in [0, num_train_timesteps)")
+        for name in ("set_alpha_to_one", "clip_sample"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        if not (number(self.clip_sample_range) and self.clip_sample_range > 0):
+            raise ValueError(f"clip_sample_range={self.clip_sample_range!r} must be a positive number")
+        if self.beta_schedule not in ("scaled_linear", "linear"):
+            raise ValueError(f"beta_schedule {self.beta_schedule!r} is not supported (scaled_linear, linear)")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported (epsilon, v_prediction)")
+        if self.timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise ValueError(f"timestep_spacing {self.timestep_spacing!r} is not supported (leading, trailing, "
+                             f"linspace)")
+        extra = dict(self.extra)  # options that change ᾱ_t itself, for training and every sampler
+        if extra.get("trained_betas") is not None or extra.get("rescale_betas_zero_snr", False) is not False:
+            k = "trained_betas" if extra.get("trained_betas") is not None else "rescale_betas_zero_snr"
+            raise ValueError(f"{k}={extra[k]!r} is not supported (a schedule from beta_start, beta_end, beta_schedule)")
+        return self
+
+
+# the schedulers the official checkpoints ship (SD 1.5: PNDM with skip_prk_steps; SD 2.1 768 px: DDIM; SDXL: Euler)
+PRESETS = {
+    "sd15": SchedulerConfig(class_name="PNDMScheduler", extra=(("skip_prk_steps", True),)),
+    "sd21": SchedulerConfig(prediction_type="v_prediction"),
+    "sd21-base": SchedulerConfig(class_name="PNDMScheduler", extra=(("skip_prk_steps", True),)),
+    "sdxl": SchedulerConfig(class_name="EulerDiscreteScheduler", extra=(
+        ("interpolation_type", "linear"), ("sample_max_value", 1.0), ("skip_prk_steps", True),
+        ("use_karras_sigmas", False))),
+    "tiny": SchedulerConfig(),
+    "tiny-xl": SchedulerConfig(class_name="EulerDiscreteScheduler"),
+}
+
+
+def alphas_cumprod(cfg: SchedulerConfig) -> torch.Tensor:
+    if cfg.beta_schedule == "scaled_linear":  # LDM's schedule: linear in √β
+        betas = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, cfg.num_train_timesteps,
+                               dtype=torch.float32) ** 2
+    else:
+        betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps, dtype=torch.float32)
+    return torch.cumprod(1.0 - betas, dim=0)

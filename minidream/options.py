@@ -1,0 +1,97 @@
+"""An option declared once: a dataclass field that carries, beside its default, the help of its command-line option,
+its check and its choices (the keys of the table that implements them). TrainConfig (training/config.py) and
+SamplingParams (sampling/pipeline.py) are made of these; `training.config.validate` runs the checks, and
+`with_options` gives a command (cli.py) the fields as its options, typed, named and explained by the declarations.
+"""
+import inspect
+import types
+from dataclasses import MISSING, Field, field, fields
+from enum import Enum
+from typing import Annotated, Optional, Union, get_args, get_origin, get_type_hints
+
+import typer
+
+
+def one_of(values, optional: bool = False):
+    """The check of a choice: what is wrong with a value not among `values` (None, when optional, is allowed)."""
+    return lambda v: None if v in values or (optional and v is None) else f"{v!r} is not one of {', '.join(values)}"
+
+
+def option(default=MISSING, help: str = "", *, check=None, choices=None, resumable: bool = False, flag: str = None,
+           cli_type=None, parse=None, added=MISSING, was: str = None):
+    """A dataclass field with everything about its option:
+    check      a function that says what is wrong with a value (None: nothing); `choices` (a table's keys) makes one
+    resumable  a resumed run may take a new value for it; any other, given with a different value, is refused
+    flag       the option's name(s) on the command line, when not --field-name (typer's "--on/--off" for a switch)
+    cli_type   the command line's type when it differs (Path), `parse` turning it into the field's value
+    added      for a setting added after checkpoints were first written: the value that reproduces a run from before
+    was        the field's name in checkpoints written before it was renamed"""
+    if choices is not None and check is None:
+        check = one_of(tuple(choices), optional=default is None)
+    meta = {"help": help, "check": check, "choices": tuple(choices) if choices is not None else None,
+            "resumable": resumable, "flag": flag, "cli_type": cli_type, "parse": parse, "added": added, "was": was}
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line's form of a declared option (typer)
+
+def choice(name: str, values) -> type[Enum]:
+    """A typer choice built from a table's keys (the one place each list is written)."""
+    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
+
+
+def _base_type(t):
+    """`int | None` -> int; `tuple[str, ...]` -> tuple."""
+    if get_origin(t) in (Union, types.UnionType):
+        return next(a for a in get_args(t) if a is not type(None))
+    return get_origin(t) or t
+
+
+def declared_option(f: Field, default=MISSING) -> inspect.Parameter:
+    """The command-line parameter of a declared field (minidream/options.py): its type (a choice from its table, a
+    path, a repeatable list), flag, help and default, all read from the declaration; `default` overrides its own."""
+    meta = f.metadata
+    repeatable = _base_type(f.type) is tuple and meta["cli_type"] is None
+    t = get_args(f.type)[0] if repeatable else _base_type(f.type)
+    if meta["choices"] is not None:
+        t = choice(f.name.title().replace("_", ""), meta["choices"])
+    default = f.default if default is MISSING else default
+    default = inspect.Parameter.empty if default is MISSING else default
+    if meta["cli_type"] is not None:  # a path on the command line
+        t, default = meta["cli_type"], None if default in ((), None) else default
+    elif repeatable:
+        t, default = list[t], None
+    elif default is not None and meta["choices"] is not None:
+        default = t(default)
+    if default is None:
+        t = Optional[t]
+    flags = [meta["flag"]] if meta["flag"] else []
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[t, typer.Option(*flags, help=meta["help"])])
+
+
+def declared_values(cls, values: dict):
+    """An instance of `cls` from the command line's values of its fields."""
+    out = {}
+    for f in fields(cls):
+        v, meta = values[f.name], f.metadata
+        if _base_type(f.type) is tuple and meta["cli_type"] is None:  # a repeatable option
+            v = tuple(x.value if isinstance(x, Enum) else x for x in v or ())
+        elif isinstance(v, Enum):
+            v = v.value
+        out[f.name] = meta["parse"](v) if meta["parse"] else v
+    return cls(**out)
+
+
+def with_options(cls, **defaults):
+    """A command's parameters: its own, then the fields of `cls` as options (which it takes as **kwargs)."""
+    def wrap(fn):
+        hints = get_type_hints(fn, include_extras=True)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in inspect.signature(fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+        params = own + [declared_option(f, defaults.get(f.name, MISSING)) for f in fields(cls)]
+        fn.__signature__ = inspect.Signature(params)
+        fn.__annotations__ = {p.name: p.annotation for p in params}
+        return fn
+    return wrap

@@ -1,0 +1,115 @@
+"""What one training step is fed: the latents of random picks from the instance and class examples
+(`LatentSource`: encoded once and cached, or encoded every step) with their prompts, and the prompts' conditioning
+(`TextConditioning`: recomputed while the text encoder or a new token trains). Every random draw comes from the
+run's one CPU generator, in a fixed order, so a resumed run is exact.
+"""
+import random
+
+import torch
+
+from minidream.models.stable_diffusion import StableDiffusion, encode_text, size_conditioning
+from minidream.training.distributed import ProcessGroup
+from minidream.training.images import to_tensor
+from minidream.training.trainable import Trainable
+
+
+class LatentSource:
+    """Latents of random picks from the instance examples (pool 0) and the class examples (pool 1), with their
+    prompts (and for SDXL each view's size ids: the real photo size and crop). With --cache-latents the VAE runs
+    once per image (and per mirrored view) and only q(z|x)'s mean and log-variance are kept: each step still draws a
+    fresh z, as encoding anew would. With several buckets a step first picks one (in proportion to its instance
+    images); each class row is of its instance row's concept."""
+
+    def __init__(self, model: StableDiffusion, cfg, pools: list[list], device, g: torch.Generator,
+                 group: ProcessGroup = ProcessGroup()):
+        self.model, self.cfg, self.pools, self.device, self.g, self.group = model, cfg, pools, device, g, group
+        self.vae_dtype = next(model.vae.parameters()).dtype
+        self.buckets = sorted({e.bucket for e in pools[0]})
+        self.cache = None
+        if cfg.cache_latents:
+            views = (False, True) if cfg.flip > 0 else (False,)
+            self.cache, self.cache_ids = [], []
+            with torch.no_grad():
+                for pool in pools:
+                    x = [[to_tensor(e.image, e.bucket, True, f, None) for f in views] for e in pool]
+                    self.cache.append([model.vae.encode(torch.stack([v for v, _ in ex]).to(device, self.vae_dtype))
+                                       for ex in x])
+                    self.cache_ids.append([torch.stack([ids for _, ids in ex]) for ex in x])
+
+    def draw_step(self, n_inst: int, n_class: int) -> tuple[torch.Tensor, list[str], dict]:
+        """(n_inst + n_class, 4, h, w) fp32 latents, their prompts, and the denoiser's other per-row conditioning
+        (SDXL: time_ids (B, 6), each view's size ids): this process's rows of a global draw."""
+        g = self.g
+        bucket = self.buckets[0]
+        if len(self.buckets) > 1:
+            bucket = self.pools[0][int(torch.randint(0, len(self.pools[0]), (1,), generator=g))].bucket
+        inst = [i for i, e in enumerate(self.pools[0]) if e.bucket == bucket]
+        picked = [inst[i] for i in torch.randint(0, len(inst), (n_inst * self.group.size,), generator=g).tolist()]
+        latents, inst_ids = self._latents(0, picked, n_inst)
+        rows, ids = [latents], [inst_ids]
+        prompts = [self.pools[0][i].prompt for i in picked][self.group.rows(n_inst)]
+        if n_class:  # each instance row's partner: a class image of its concept, in its bucket
+            concept = [self.pools[0][i].concept for i in picked][: n_class * self.group.size]
+            choice = {}
+            for c in sorted(set(concept)):
+                own = [i for i, e in enumerate(self.pools[1]) if e.concept == c and e.bucket == bucket]
+                choice[c] = [own[i] for i in torch.randint(0, len(own), (len(concept),), generator=g).tolist()]
+            klass = [choice[c][r] for r, c in enumerate(concept)]
+            latents, class_ids = self._latents(1, klass, n_class)
+            rows.append(latents)
+            ids.append(class_ids)
+            prompts += [self.pools[1][i].prompt for i in klass][self.group.rows(n_class)]
+        return torch.cat(rows), prompts, size_conditioning(self.model, torch.cat(ids).to(self.device))
+
+    def _latents(self, pool: int, idx: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 4, h, w) latents scaled for the UNet of this process's n of the globally drawn examples `idx`,
+        and their size ids (n, 6)."""
+        cfg, g, rows = self.cfg, self.g, self.group.rows(n)
+        N = len(idx)
+        flips = (torch.rand(N, generator=g) < cfg.flip).tolist()
+        if self.cache is not None:
+            view = [int(f) if cfg.flip > 0 else 0 for f in flips][rows]
+            mean = torch.stack([self.cache[pool][i][0][v] for i, v in zip(idx[rows], view)])
+            logvar = torch.stack([self.cache[pool][i][1][v] for i, v in zip(idx[rows], view)])
+            ids = torch.stack([self.cache_ids[pool][i][v] for i, v in zip(idx[rows], view)])
+        else:  # the crops are drawn for every example in order (cheap), then each process keeps its own
+            py = random.Random(int(torch.randint(0, 2 ** 31, (1,), generator=g)))
+            ex = self.pools[pool]
+            views = [to_tensor(ex[i].image, ex[i].bucket, cfg.center_crop, f, py) for i, f in zip(idx, flips)][rows]
+            ids = torch.stack([v[1] for v in views])
+            with torch.no_grad():
+                mean, logvar = self.model.vae.encode(torch.stack([v[0] for v in views]).to(self.device, self.vae_dtype))
+        eps = torch.randn((N, *mean.shape[1:]), generator=g)[rows].to(self.device, mean.dtype)
+        return self.model.vae.latents(mean, logvar, eps).float(), ids
+
+
+class TextConditioning:
+    """The denoiser's conditioning for each row's prompt. Recomputed each step while the text encoder (or a new
+    token) trains, else computed once per prompt. The run's own prompts (each concept's instance and class
+    prompt) are always encoded together, in that order, captions after them. --text-encoder-steps N (kohya's
+    --stop_text_encoder_training) freezes the text encoder from step N on."""
+
+    def __init__(self, model: StableDiffusion, cfg, trainable: Trainable, prompts: list[str]):
+        self.model, self.cfg, self.base = model, cfg, list(dict.fromkeys(prompts))
+        self.te_params = [p for _, p in trainable.text_encoder]
+        self.token_trains = bool(trainable.token)
+        self.fixed = {}
+
+    def __call__(self, step: int, prompts: list[str]) -> dict[str, torch.Tensor]:
+        te = self.te_params
+        if te and te[0].requires_grad and self.cfg.text_encoder_steps and step >= self.cfg.text_encoder_steps:
+            for p in te:
+                p.requires_grad_(False)
+            self.fixed = {}
+        wanted = self.base + [p for p in dict.fromkeys(prompts) if p not in self.base]
+        if self.token_trains or (te and te[0].requires_grad):
+            cond = encode_text(self.model, wanted)
+        else:  # frozen: each prompt encoded once (the first time with the run's own prompts, as one batch)
+            missing = [p for p in wanted if p not in self.fixed]
+            if missing:
+                with torch.no_grad():
+                    got = encode_text(self.model, missing)
+                self.fixed.update({p: {key: v[k:k + 1] for key, v in got.items()} for k, p in enumerate(missing)})
+            cond = {key: torch.cat([self.fixed[p][key] for p in wanted]) for key in self.fixed[wanted[0]]}
+        at = {p: k for k, p in enumerate(wanted)}
+        return {key: v[[at[p] for p in prompts]] for key, v in cond.items()}

@@ -1,0 +1,88 @@
+"""The prior-preservation images (DreamBooth §3.3): drawn by the base model from the class prompt, before any weight
+changes, into each concept's class folder. Existing images are kept, so an interrupted generation resumes; a
+PNG records its prompt, and images made for another class prompt are refused.
+"""
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from minidream.images import save_png
+from minidream.models.device import DTYPES
+from minidream.models.stable_diffusion import StableDiffusion
+from minidream.progress import Progress
+from minidream.sampling.pipeline import generate
+from minidream.training import TrainError
+from minidream.training.distributed import barrier
+from minidream.training.images import image_files, png_prompt
+from minidream.training.runtime import Runtime, autocast, class_precision
+
+def make_class_images(model: StableDiffusion, cfg, concept, rt: Runtime, k: int = 0,
+                      sizes: list[tuple[int, int]] | None = None):
+    """Top up the concept's class dir to its number of class images of its class prompt, drawn by the base model
+    (under autocast in --class-precision: the weights stay fp32). Existing images are kept, so an interrupted
+    generation resumes where it stopped. Image i starts from noise seeded by i alone (and --seed, and the
+    concept's index), so the set does not depend on the batch size or on how many processes share the work.
+    With buckets, image i is drawn at sizes[i % len(sizes)] (the shapes of the concept's instance images)."""
+    class_dir, prompt, wanted, group = concept.class_dir, concept.class_prompt, concept.num_class_images, rt.group
+    if group.main:
+        prepare_class_dir(class_dir, prompt)
+    barrier(group)
+    have = image_files(class_dir)
+    missing = wanted - len(have)
+    barrier(group)  # every process has listed the folder before any writes to it
+    if missing <= 0:
+        return
+    free = [i for i in range(wanted + len(have)) if not (class_dir / f"class-{i:05d}.png").exists()][:missing]
+    mine = free[group.rank::group.size]
+    precision = class_precision(cfg, rt.device)
+    print(f"generating {missing} class images for {prompt!r} into {class_dir} ({precision})", file=sys.stderr)
+    size = lambda i: sizes[i % len(sizes)] if sizes else (cfg.resolution, cfg.resolution)  # noqa: E731
+    s = model.latent_scale
+    params = cfg.class_sampling
+    sampler = params.make_sampler(model.scheduler)
+    bar = Progress(len(mine), "class images")  # this process's share (all of them on one process)
+    for shape in sorted({size(i) for i in mine}):
+        same = [i for i in mine if size(i) == shape]
+        for start in range(0, len(same), cfg.class_batch_size):
+            batch = same[start:start + cfg.class_batch_size]
+            seeds = [cfg.seed * 1_000_003 + k * 100_000_007 + i for i in batch]
+            noise = torch.stack([torch.randn((model.denoiser.cfg.in_channels, shape[1] // s, shape[0] // s),
+                                             generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+            with autocast(rt.device, None if precision == "fp32" else DTYPES[precision]):
+                imgs = generate(model, [prompt] * len(batch), replace(params, height=shape[1], width=shape[0]),
+                                sampler=sampler, latents=noise, progress=False)
+            for i, img in zip(batch, imgs):
+                save_png(img, class_dir / f"class-{i:05d}.png", {"prompt": prompt, "index": i})
+            bar.update(len(batch))
+    bar.close()
+    barrier(group)
+
+
+def prepare_class_dir(class_dir: Path, prompt: str):
+    """Make the folder, drop a killed generation's unfinished files, refuse images made for another prompt."""
+    try:
+        class_dir.mkdir(parents=True, exist_ok=True)
+        probe = class_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TrainError(f"--class-dir {class_dir}: not writable ({e.strerror}); choose another folder") from None
+    for stale in class_dir.glob(".*.tmp*"):  # a killed generation's unfinished file
+        stale.unlink()
+    other = [p.name for p in image_files(class_dir) if png_prompt(p) not in (None, prompt)]
+    if other:
+        raise TrainError(f"--class-dir {class_dir}: {len(other)} image(s) were generated for another class prompt "
+                         f"({png_prompt(class_dir / other[0])!r}, not {prompt!r}); choose another --class-dir or "
+                         f"empty it")
+
+
+def check_class_dir(class_dir: Path):
+    """A --class-dir that cannot be made or written fails before run.json exists."""
+    ancestor = next(p for p in (class_dir, *class_dir.parents) if p.exists())
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        what = "is a file or below one" if not ancestor.is_dir() else "not writable"
+        raise TrainError(f"--class-dir {class_dir}: {what}; choose another folder")
+    return class_dir

@@ -1,0 +1,87 @@
+"""The run's image files: reading the subject's photos and the class images (RGB, EXIF orientation applied, every
+unreadable file named before any compute), and one training view of an image: resized to cover its bucket,
+cropped, maybe mirrored, with the size ids SDXL is conditioned on.
+"""
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from minidream.models.stable_diffusion import size_ids
+from minidream.models.vae import from_uint8
+from minidream.training import TrainError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_images(folder: Path, resolution: int, flag: str = "--instance-dir") -> tuple[list, list[Path]]:
+    """The subject's photos (or the class images), RGB, EXIF orientation applied, and their files; every
+    unreadable file named before any compute."""
+    from PIL import Image, ImageOps
+    if not folder.is_dir():
+        raise TrainError(f"{flag} {folder}: no such folder")
+    files = image_files(folder)
+    if not files:
+        raise TrainError(f"{flag} {folder}: no images (.jpg, .png, .webp) in it")
+    images, bad = [], []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = ImageOps.exif_transpose(im)
+                im.load()
+            images.append(to_rgb(im, f))
+        except Exception:
+            bad.append(f.name)
+    if bad:
+        raise TrainError(f"{flag} {folder}: unreadable image(s): {', '.join(bad)}; remove or fix them")
+    small = [f.name for f, im in zip(files, images) if min(im.size) < resolution]
+    if small:
+        print(f"warning: {len(small)} image(s) smaller than --resolution {resolution} will be upscaled: "
+              f"{', '.join(small[:5])}", file=sys.stderr)
+    return images, files
+
+
+def to_rgb(im, f: Path):
+    """8-bit RGB. 16-bit and 32-bit grayscale are scaled down (a plain convert clips them to white);
+    RGBA, grayscale, CMYK and palette images convert as usual; anything rarer is converted with a warning."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        top = 65535 if im.mode.startswith("I;16") or (im.getextrema()[1] or 0) > 255 else 255
+        return im.convert("I").point(lambda v: v * (255 / top)).convert("L").convert("RGB")
+    if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "1"):
+        print(f"warning: {f.name}: unusual image mode {im.mode}, converted to 8-bit RGB", file=sys.stderr)
+    return im.convert("RGB")
+
+
+def to_tensor(im, size: int | tuple[int, int], center_crop: bool, flip: bool, rng: random.Random):
+    """Resize to cover `size` (a side, or a bucket's (width, height)), crop the remainder, maybe mirror;
+    -> (3, H, W) in [-1, 1], and SDXL's size ids of this view (6,): the photo's (h, w), the crop's top-left in
+    the resized photo (of the mirrored one when mirrored, as if mirrored before cropping), the target (H, W)."""
+    from PIL import Image
+    W, H = (size, size) if isinstance(size, int) else size
+    original = (im.size[1], im.size[0])
+    w, h = im.size
+    s = max(W / w, H / h)
+    im = im.resize((max(W, round(w * s)), max(H, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    left, top = ((w - W) // 2, (h - H) // 2) if center_crop else (rng.randint(0, w - W), rng.randint(0, h - H))
+    im = im.crop((left, top, left + W, top + H))
+    if flip:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        left = w - W - left
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(H, W, 3)
+    return from_uint8(x.permute(2, 0, 1)), size_ids(original, (top, left), (H, W))
+
+
+def png_prompt(path: Path) -> str | None:
+    """The prompt a generated class image was made for (its PNG text), or None for any other image."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.text.get("prompt") if hasattr(im, "text") else None
+    except Exception:
+        return None

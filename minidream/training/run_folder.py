@@ -1,0 +1,103 @@
+"""The run folder (--out): one run per folder (a lock), `--overwrite` removing exactly what a run writes (derived
+from where each thing is written: the exports' table, the report, the checkpoints), a killed run's unfinished
+files dropped and its later metrics cut back on resume, and run.json written.
+"""
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from minidream.formats import exports
+from minidream.training import TrainError, report
+from minidream.training.config import TrainConfig
+from minidream.training.distributed import barrier
+from minidream.training.runtime import Runtime
+
+
+def run_outputs() -> list[str]:
+    """What a run writes into --out: --overwrite removes exactly these before it starts again."""
+    return ["run.json", "data.json", "checkpoints", "samples", "class_images", *report.OUTPUTS,
+            *[r.output for r in report.REPORT_TO.values() if r], *exports.outputs()]
+
+
+def lock_run(out: Path):
+    """One run per --out: a second one would interleave checkpoints and metrics."""
+    import fcntl
+    f = open(out / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise TrainError(f"--out {out} is in use by another minidream run; wait for it or choose another "
+                         f"folder") from None
+    return f
+
+
+def clear_run(out: Path, cfg: TrainConfig):
+    """--overwrite: remove what an earlier run wrote into --out (and only that); a --class-dir elsewhere stays."""
+    import shutil
+    for name in run_outputs():
+        p = out / name
+        if name == "class_images" and cfg.class_dir and Path(cfg.class_dir).resolve() != p.resolve():
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def truncate_metrics(path: Path, step: int):
+    """A resumed run logs from its checkpoint's step on: drop the killed run's later (or half-written) lines."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)
+
+
+def unwritable(out: Path, e: OSError) -> TrainError:
+    return TrainError(f"--out {out}: cannot write there ({e.strerror}); choose another folder or free space")
+
+
+def open_run(out: Path, cfg: TrainConfig, start_over: bool, resumed_step: int | None):
+    """Take --out for this process (lock), clear it when starting over, drop a killed run's unfinished
+    files and later metrics, and write run.json. Returns the lock; closing it frees the folder."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = lock_run(out)
+    except OSError as e:
+        raise unwritable(out, e) from None
+    try:
+        if start_over:  # start over: nothing of the old run may be resumed, pruned or reused
+            clear_run(out, cfg)
+        for stale in out.rglob(".*.tmp*"):  # a killed write's unfinished file (checkpoint, export, image)
+            stale.unlink()
+        if resumed_step is not None:
+            truncate_metrics(out / "metrics.jsonl", resumed_step)
+        (out / "run.json").write_text(json.dumps(asdict(cfg), indent=2))
+    except OSError as e:
+        lock.close()
+        raise unwritable(out, e) from None
+    return lock
+
+
+@contextmanager
+def opened(out: Path, cfg: TrainConfig, rt: Runtime, start_over: bool, resumed_step: int | None):
+    """--out taken by this run for as long as it lasts (rank 0 opens it; the others start once it is cleared and
+    run.json written)."""
+    lock = open_run(out, cfg, start_over, resumed_step) if rt.main else None
+    barrier(rt.group)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
+

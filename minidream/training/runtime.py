@@ -1,0 +1,102 @@
+"""Where a run happens: the device, the attention backend, the autocast precision and the process group, as one
+`Runtime` that the set-up, the step and the loop share (instead of four positionals each).
+
+`started(cfg)` resolves them from the settings (every problem a one-line TrainError), joins torchrun's processes
+(distributed.py), handles SIGTERM as Ctrl-C is (a checkpoint of the last finished step) and leaves the group on
+the way out, whatever happened.
+"""
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+
+from minidream.models.attention import resolve_backend, set_attention_backend
+from minidream.models.device import DTYPES, resolve_device
+from minidream.models.stable_diffusion import StableDiffusion
+from minidream.training import TrainError, distributed
+from minidream.training.distributed import ProcessGroup
+
+# --mixed-precision: the autocast dtype of the step (None: fp32)
+PRECISIONS = {"no": None, "fp16": DTYPES["fp16"], "bf16": DTYPES["bf16"]}
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on the device (None: off, fp32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    attention: str  # the attention backend (resolved: never "auto")
+    precision: torch.dtype | None  # the step's autocast dtype; None: fp32
+    group: ProcessGroup = ProcessGroup()  # torchrun's processes (one: the plain run)
+
+    @property
+    def main(self) -> bool:
+        """The process that writes: run.json, metrics, progress, checkpoints, validation grids, exports."""
+        return self.group.main
+
+    def autocast(self):
+        """The step's autocast context (--mixed-precision)."""
+        return autocast(self.device, self.precision)
+
+    def place(self, model: StableDiffusion) -> StableDiffusion:
+        """The model on this run's device, its UNet and VAE with this run's attention kernel."""
+        model.to(self.device)
+        set_attention_backend(model.unet, self.attention)
+        set_attention_backend(model.vae, self.attention)
+        return model
+
+
+def resolve(cfg) -> Runtime:
+    """The device, the attention kernel and the autocast dtype the settings ask for, checked; TF32 as asked."""
+    try:
+        device = resolve_device(cfg.device)
+        backend = resolve_backend(cfg.attention, device)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    for what, precision in (("--mixed-precision", cfg.mixed_precision), ("--class-precision", cfg.class_precision)):
+        if precision == "fp16" and device.type != "cuda":
+            cpu = "no" if what == "--mixed-precision" else "fp32"
+            raise TrainError(f"{what} fp16 needs a GPU; use bf16 or {cpu} on CPU")
+    if device.type == "cuda":  # TF32 tensor cores for fp32 matmuls/convs: ~10 bits of mantissa, much faster
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    return Runtime(device, backend, PRECISIONS[cfg.mixed_precision])
+
+
+def class_precision(cfg, device: torch.device) -> str:
+    """--class-precision: auto is fp16 on CUDA (as diffusers' script), else fp32."""
+    if cfg.class_precision != "auto":
+        return cfg.class_precision
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+@contextmanager
+def started(cfg):
+    """The run's Runtime, with torchrun's processes joined (one process: nothing to join). SIGTERM (torchrun
+    stopping the other processes, a batch scheduler's preemption) is handled as Ctrl-C is; an error that ends the
+    run names the rank it happened on."""
+    rt = resolve(cfg)
+    try:
+        group, device = distributed.init(rt.device)  # torchrun: this process's GPU is LOCAL_RANK's
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    rt = replace(rt, device=device, group=group)
+    on_term = signal.signal(signal.SIGTERM, signal.default_int_handler) \
+        if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield rt
+    except TrainError as e:
+        distributed.speak(group)
+        raise TrainError(f"rank {group.rank}: {e}" if group.size > 1 else str(e)) from None
+    except distributed.LostProcess as e:  # another process died or timed out before the loop
+        distributed.speak(group)
+        raise TrainError(f"rank {group.rank}: another process stopped or did not answer ({e}); "
+                         f"the last good checkpoint is kept: --resume latest") from None
+    finally:
+        distributed.close(group)
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)

@@ -1,0 +1,144 @@
+"""DreamBooth (Ruiz et al. 2022, arXiv 2208.12242): bind a rare identifier ("sks") to a subject seen in
+3-5 photos, while a class-specific prior-preservation loss keeps the class noun ("dog") from drifting.
+
+The objective (§3.2, eq. 2), in the ε- (or v-) parametrisation SD is trained with:
+
+    E[ w_t ‖ ε̂(z_t, t, c_inst) − ε ‖² ]  +  λ · E[ w_t' ‖ ε̂(z'_t', t', c_class) − ε' ‖² ]
+
+where z are the latents of the subject's photos, z' the latents of images the *base* model generated
+from the class prompt, λ = --prior-loss-weight and w_t = 1 (or min-SNR-γ weights). Instance and class
+examples run through the denoiser as one batch.
+
+One step, in three files: `Stepper` (here) draws latents and conditioning (batches.py: `LatentSource`,
+`TextConditioning`), then `training_step` noises them by the model's forward process and `dreambooth_loss`
+weighs the prediction (here); what the denoiser is conditioned on and how latents are noised are the model's
+(models/stable_diffusion.py: `encode_text`, `DDPMProcess`).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from minidream.models.stable_diffusion import DDPMProcess, StableDiffusion
+from minidream.training import TrainError, distributed
+from minidream.training.batches import LatentSource, TextConditioning
+from minidream.training.config import TrainConfig
+from minidream.training.distributed import ProcessGroup
+from minidream.training.runtime import Runtime
+from minidream.training.state import TrainState
+from minidream.training.trainable import cast_frozen
+
+
+def dreambooth_loss(pred, target, n_instance: int, prior_weight: float, weights=None):
+    """mse(instance) + λ·mse(prior) over a batch whose first n_instance rows are the subject's.
+    Returns (loss, instance part, prior part)."""
+    per_example = (pred.float() - target.float()).square().mean(dim=(1, 2, 3))
+    if weights is not None:
+        per_example = per_example * weights
+    inst = per_example[:n_instance].mean()
+    prior = per_example[n_instance:].mean() if len(per_example) > n_instance else torch.zeros_like(inst)
+    return inst + prior_weight * prior, inst, prior
+
+
+def training_step(denoiser, process: DDPMProcess, latents, cond: dict, n_instance: int, prior_weight: float,
+                  g: torch.Generator, snr_gamma: float | None = None, noise_offset: float = 0.0,
+                  group: ProcessGroup = ProcessGroup()):
+    """Noise the latents at random timesteps, predict, and return the DreamBooth loss parts.
+    `cond`: the denoiser's conditioning (batches.TextConditioning), one row per latent. Under torchrun the noise
+    and timesteps are drawn for the global batch and this process keeps its rows (distributed.py)."""
+    # draws happen where the generator lives: the trainer's is on the CPU (the same numbers on any device,
+    # bit-exact resume), the benchmark's on the GPU (no copy per step)
+    B, C, dev = latents.shape[0], latents.shape[1], g.device
+    rows = group.batch_rows(n_instance, B - n_instance)
+
+    def mine(x):  # this process's rows of a draw for the global batch
+        return (x if rows is None else x[rows.to(x.device)]).to(latents.device)
+    total = B * group.size
+    noise = mine(torch.randn((total, *latents.shape[1:]), generator=g, device=dev))
+    if noise_offset:  # (Guttenberg 2023) lets the model shift mean brightness
+        noise = noise + noise_offset * mine(torch.randn((total, C, 1, 1), generator=g, device=dev))
+    t = mine(process.draw_timesteps(total, g, dev))
+    pred = denoiser(process.add_noise(latents, noise, t), t, **cond)
+    weights = process.min_snr_weights(t, snr_gamma) if snr_gamma else None
+    return dreambooth_loss(pred, process.target(latents, noise, t), n_instance, prior_weight, weights)
+
+
+def apply_gradients(opt, scaler, params: list, max_grad_norm: float) -> float | None:
+    """Clip (the true gradients: unscaled first under fp16) and step; returns the gradient norm."""
+    if scaler:
+        scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item() if max_grad_norm else None
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    return grad_norm
+
+
+@dataclass
+class Stepper:
+    """One optimizer step of a run (--grad-accum micro-batches), with everything it uses. Built by `prepare`;
+    called by the loop, and by the CPU benchmark, which so times exactly the trainer's step."""
+    cfg: TrainConfig
+    state: TrainState
+    batches: LatentSource
+    text: TextConditioning
+    runtime: Runtime
+
+    def __post_init__(self):
+        self.process = self.state.model.forward_process
+        self.rng_at_start, self.done = None, True
+
+    def rewind(self):
+        """After a step stopped half-way (Ctrl-C, SIGTERM, a lost process): put the data generator back to where
+        the step began, so a checkpoint of the last finished step resumes exactly. The weights and the
+        optimizer change only in the step's last calls."""
+        if not self.done and self.rng_at_start is not None:
+            self.state.generator.set_state(self.rng_at_start)
+            self.done = True
+
+    def __call__(self, step: int, last_good: int = 0) -> dict:
+        """Step `step` + 1; returns its metrics line."""
+        cfg, state, rt = self.cfg, self.state, self.runtime
+        self.rng_at_start, self.done = state.generator.get_state(), False
+        n_inst, n_class = cfg.batch_size, cfg.batch_size if cfg.prior else 0
+        state.optimizer.zero_grad(set_to_none=True)
+        tot = inst = prior = 0.0
+        for _ in range(cfg.grad_accum):
+            latents, prompts, sizes = self.batches.draw_step(n_inst, n_class)  # instance rows, then class partners
+            with rt.autocast():
+                loss, li, lp = training_step(state.model.denoiser, self.process, latents,
+                                             {**self.text(step, prompts), **sizes}, n_inst, cfg.prior_loss_weight,
+                                             state.generator, cfg.snr_gamma, cfg.noise_offset, rt.group)
+            parts = distributed.mean([loss.item(), li.item(), lp.item()], rt.group, rt.device)  # as one process logs
+            if not math.isfinite(parts[0]):  # every process sees the same value, so all stop together
+                raise TrainError(f"loss is {parts[0]} at step {step + 1}; stopped, the last good checkpoint is "
+                                 f"kept (step {last_good}). Try a lower --lr or --mixed-precision no")
+            loss = loss / cfg.grad_accum
+            (state.scaler.scale(loss) if state.scaler else loss).backward()
+            tot, inst, prior = (tot + parts[0] / cfg.grad_accum, inst + parts[1] / cfg.grad_accum,
+                                prior + parts[2] / cfg.grad_accum)
+        params = state.trainable.params()
+        distributed.average_gradients(params, rt.group)
+        grad_norm = apply_gradients(state.optimizer, state.scaler, params, cfg.max_grad_norm)
+        state.lr_schedule.step()
+        self.done = True
+        return {"step": step + 1, "loss": tot, "loss_instance": inst, "loss_prior": prior,
+                "lr": state.lr_schedule.get_last_lr()[0], "grad_norm": grad_norm}
+
+
+def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[list],
+            prompts: list[str] | None = None) -> Stepper:
+    """What trains (selected, the rest frozen and maybe in half precision), the optimizer and the data, on a model
+    already on the run's device: the step, ready to call."""
+    state = TrainState.create(cfg, model, rt.device)
+    if rt.precision is not None:  # frozen weights in half precision; what trains keeps its exact fp32 values
+        cast_frozen(model, rt.precision)
+    model.denoiser.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    model.denoiser.train()
+    for _, _, te in model.text_encoders():
+        te.train(bool(state.trainable.text_encoder))
+    batches = LatentSource(model, cfg, pools, rt.device, state.generator, rt.group)
+    text = TextConditioning(model, cfg, state.trainable, prompts or list(cfg.prompts))
+    return Stepper(cfg, state, batches, text, rt)
