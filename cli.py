@@ -16,7 +16,7 @@ from minidream.sampling.pipeline import SamplingParams
 from minidream.training import TrainError
 from minidream.training.config import OPTIONS, TrainConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Stable Diffusion and DreamBooth in plain PyTorch.")
 
 
@@ -76,7 +76,8 @@ def out_folder(out: Path):
 
 def load_model(model: str, revision=None, variant=None, allow_pickle=False, tokenizer=None, preset=None, config=None,
                dtype=None):
-    from minidream.formats.loading import ModelError, load
+    from minidream.formats.files import ModelError
+    from minidream.formats.loading import load
     try:
         return load(model, revision=revision, variant=variant, allow_pickle=allow_pickle, tokenizer=tokenizer,
                     preset=preset, config=config, dtype=dtype)
@@ -329,7 +330,8 @@ def attention_maps(model: Annotated[str, typer.Option(help="Model folder, hub re
         fail(str(e))
     files = am.write_maps(images[0], maps[0], am.token_positions(m.tokenizer, prompt), out,
                           {"model": model, "prompt": prompt, "seed": seed, "steps": params.steps,
-                           "guidance": params.guidance})
+                           "guidance": params.guidance, "scheduler": params.sampler,
+                           "negative_prompt": params.negative_prompt, "eta": params.eta})
     typer.echo(f"wrote {', '.join(map(str, files))}")
 
 

@@ -18,11 +18,11 @@ from minidream.demo.run import demo_config
 from minidream.formats.loading import load
 from minidream.training.dreambooth import dreambooth
 
-VARIANTS = {  # name -> changes to the demo's own run (demo.demo_config)
+VARIANTS = {  # name -> changes to the demo's own run (demo.run.demo_config)
     "unet + text encoder (the demo)": {},
-    "attention projections": {"train": "attention", "train_text_encoder": False},
-    "LoRA r=4, merged (UNet + text encoder)": {"train": "lora", "lr": 1e-3, "save_as": ("diffusers",)},
-    "new token + attention projections": {"train": "attention", "train_text_encoder": False, "train_token": True,
+    "attention projections": {"mode": "attention", "train_text_encoder": False},
+    "LoRA r=4, merged (UNet + text encoder)": {"mode": "lora", "lr": 1e-3, "save_as": ("diffusers",)},
+    "new token + attention projections": {"mode": "attention", "train_text_encoder": False, "train_token": True,
                                           "instance_prompt": "a <sks> toy"},
 }
 
@@ -57,8 +57,8 @@ def main(out: Path = Path("runs/internals"), seed: int = 0, results: Path = Path
 
 @torch.no_grad()
 def token_localisation(eval_dir: Path, results: Path = Path("benchmarks/results"), n: int = 16, seed: int = 300):
-    """Every prompt token's attention localisation (demo.attention_localisation's ratio), for the base model and
-    the two runs of a `minidream eval` folder: the identifier, and as a control the words the base model knows."""
+    """Every prompt token's attention localisation (demo.evaluation.attention_localisation's ratio), for the base model
+    and the two runs of a `minidream eval` folder: the identifier, and as a control the words the base model knows."""
     import math
     from minidream.inspect.attention_maps import attention_maps, localisation, token_positions
     from minidream.sampling.pipeline import SamplingParams

@@ -83,5 +83,6 @@ def main():
               f"diffusers {data.get('diffusers')} ({f.relative_to(RESULTS.parent.parent)})\n")
         {"attention": attention_table, "step-cpu": cpu_step_table}.get(data["benchmark"], model_table)(data)
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -267,9 +267,10 @@ def bench_sampling(ours, device, res, smoke, warmup, repeat):
     steps = 2 if smoke else 50
     size = res
 
+    params = SamplingParams(steps=steps, guidance=7.5, sampler="ddim", height=size, width=size)  # DDIM on both sides
+
     def ours_fn():
-        generate(m, [PROMPTS[2]], SamplingParams(steps, 7.5, "ddim", height=size, width=size), progress=False,
-                 generator=torch.Generator().manual_seed(0))  # DDIM on both sides
+        generate(m, [PROMPTS[2]], params, progress=False, generator=torch.Generator().manual_seed(0))
 
     def ref_fn():
         pipe(PROMPTS[2], num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,

@@ -9,8 +9,6 @@ from dataclasses import MISSING, Field, field, fields
 from enum import Enum
 from typing import Annotated, Optional, Union, get_args, get_origin, get_type_hints
 
-import typer
-
 
 def one_of(values, optional: bool = False):
     """The check of a choice: what is wrong with a value not among `values` (None, when optional, is allowed)."""
@@ -42,17 +40,23 @@ def choice(name: str, values) -> type[Enum]:
 
 
 def _base_type(t):
-    """`int | None` -> int; `tuple[str, ...]` -> tuple."""
+    """`int | None` -> int; `tuple[str, ...]` -> tuple: the type the field holds."""
     if get_origin(t) in (Union, types.UnionType):
         return next(a for a in get_args(t) if a is not type(None))
     return get_origin(t) or t
 
 
+def repeatable_field(f: Field) -> bool:
+    """A `tuple[X, ...]` field is a repeatable option (unless the command line takes it as one path)."""
+    return get_origin(f.type) is tuple and get_args(f.type)[-1] is Ellipsis and f.metadata["cli_type"] is None
+
+
 def declared_option(f: Field, default=MISSING) -> inspect.Parameter:
-    """The command-line parameter of a declared field (minidream/options.py): its type (a choice from its table, a
-    path, a repeatable list), flag, help and default, all read from the declaration; `default` overrides its own."""
+    """The command-line parameter of a declared field: its type (a choice from its table, a path, a repeatable list),
+    flag, help and default, all read from the declaration; `default` overrides its own."""
+    import typer
     meta = f.metadata
-    repeatable = _base_type(f.type) is tuple and meta["cli_type"] is None
+    repeatable = repeatable_field(f)
     t = get_args(f.type)[0] if repeatable else _base_type(f.type)
     if meta["choices"] is not None:
         t = choice(f.name.title().replace("_", ""), meta["choices"])
@@ -61,7 +65,7 @@ def declared_option(f: Field, default=MISSING) -> inspect.Parameter:
     if meta["cli_type"] is not None:  # a path on the command line
         t, default = meta["cli_type"], None if default in ((), None) else default
     elif repeatable:
-        t, default = list[t], None
+        t, default = list[t], list(default) if default else None
     elif default is not None and meta["choices"] is not None:
         default = t(default)
     if default is None:
@@ -76,7 +80,7 @@ def declared_values(cls, values: dict):
     out = {}
     for f in fields(cls):
         v, meta = values[f.name], f.metadata
-        if _base_type(f.type) is tuple and meta["cli_type"] is None:  # a repeatable option
+        if repeatable_field(f):
             v = tuple(x.value if isinstance(x, Enum) else x for x in v or ())
         elif isinstance(v, Enum):
             v = v.value
@@ -85,12 +89,15 @@ def declared_values(cls, values: dict):
 
 
 def with_options(cls, **defaults):
-    """A command's parameters: its own, then the fields of `cls` as options (which it takes as **kwargs)."""
+    """A command's parameters: its own required ones, the fields of `cls` as options (which it takes as **kwargs),
+    then its own with defaults."""
     def wrap(fn):
         hints = get_type_hints(fn, include_extras=True)
         own = [p.replace(annotation=hints.get(p.name, p.annotation))
                for p in inspect.signature(fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-        params = own + [declared_option(f, defaults.get(f.name, MISSING)) for f in fields(cls)]
+        first = [p for p in own if p.default is inspect.Parameter.empty]
+        last = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is not inspect.Parameter.empty]
+        params = first + [declared_option(f, defaults.get(f.name, MISSING)) for f in fields(cls)] + last
         fn.__signature__ = inspect.Signature(params)
         fn.__annotations__ = {p.name: p.annotation for p in params}
         return fn

@@ -84,7 +84,7 @@ def test_safetensors_header_fuzz(sd1_dir, tmp_path):
 def test_image_fuzz_and_16_bit_pngs(tmp_path):
     from PIL import Image
     from minidream.training import TrainError
-    from minidream.training.images import load_images
+    from minidream.training.photos import load_images
     good = tmp_path / "good.png"
     Image.new("RGB", (16, 16), (10, 20, 30)).save(good)
     raw = good.read_bytes()

@@ -10,7 +10,7 @@ from PIL import Image
 from minidream.formats import loading
 from minidream.training.config import TrainConfig
 from minidream.training.batches import LatentSource
-from minidream.training.images import to_tensor
+from minidream.training.photos import to_tensor
 from minidream.models.stable_diffusion import encode_text
 from minidream.training.step import dreambooth_loss
 from tests.conftest import max_rel_err

@@ -117,6 +117,7 @@ def test_resume_after_kill_is_bit_identical(sd1_dir, instance_dir, tmp_path):
     # on the CPU: CUDA kernels are not deterministic (two uninterrupted runs on an H100 already differ by ~2e-3)
     common = train_args(sd1_dir, instance_dir, "OUT", "--steps", 6, "--checkpoint-every", 2, "--train", "lora",
                         "--save-as", "lora-diffusers", "--keep-last", 0, "--flip", 0.5, "--device", "cpu")
+
     def cmd(out):
         return [sys.executable, "-m", "cli", *[str(out) if a == "OUT" else str(a) for a in common]]
     full = tmp_path / "full"

@@ -270,6 +270,7 @@ def test_every_option_is_declared_once_and_the_commands_read_it():
     from minidream.sampling.samplers import SAMPLERS
     from minidream.training.config import OPTIONS
     from minidream.training.trainable import MODES
+
     def choices(param):  # the values a choice option takes (typer reads them from its Enum annotation)
         t = param.type_descriptor.annotation if hasattr(param, "type_descriptor") else param.type
         t = next((a for a in getattr(t, "__args__", ()) if a is not type(None)), t)

@@ -90,6 +90,7 @@ def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 250
     params = list(unet.parameters()) + list(clip.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
     warm = 200
+
     def lr(s):  # linear warmup, then half a cosine
         return min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1, s / unet_steps)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr)

@@ -13,6 +13,7 @@ from minidream.demo.model import DEMO_DIR
 from minidream.models.vae import AutoencoderKL, from_uint8, reparameterize, to_uint8
 from minidream.progress import Progress
 
+
 class Recognizer(nn.Module):
     def __init__(self):
         super().__init__()

@@ -204,7 +204,6 @@ def load_scheduler_config(folder: Path) -> SchedulerConfig:
         raise ModelError(f"{f}: {e}") from None
 
 
-
 def read_configs(folder: Path) -> tuple[dict, SchedulerConfig]:
     """The architecture a diffusers folder describes, without its weights (for a single-file checkpoint's --config):
     the configs by component (unet, vae, text_encoder and, with two encoders, text_encoder_2)."""

@@ -10,31 +10,37 @@ import torch
 import torch.nn as nn
 
 from minidream.formats.files import ModelError, name_some, read_metadata, read_weights, save_safetensors
+from minidream.models.stable_diffusion import FAMILIES
 from minidream.models.tokens import learned_tokens
 
 
-def read_embedding(file: Path, allow_pickle: bool = False) -> tuple[str | None, list[torch.Tensor]]:
-    """(the token the file names, or None; vectors (n, dim) per text encoder) from a textual-inversion file: ours
-    and diffusers' ({token: vector(s)}), A1111's .pt (`string_to_param` {"*": vectors}, `name`) and .safetensors
-    (`emb_params`), and SDXL's two-encoder files ({"clip_l": .., "clip_g": ..}, the token in our metadata)."""
+# the keys of a learned-token file for a family whose encoders each have one (SDXL: clip_l, clip_g)
+MULTI_ENCODER_KEYS = [tuple(s.token_key for s in f.encoders) for f in FAMILIES.values()
+                      if all(s.token_key for s in f.encoders)]
+
+
+def read_embedding(file: Path, allow_pickle: bool = False) -> tuple[str | None, dict[str | None, torch.Tensor]]:
+    """(the token the file names, or None; vectors (n, dim) by text encoder key: None for a one-encoder file) from a
+    textual-inversion file: ours and diffusers' ({token: vector(s)}), A1111's .pt (`string_to_param` {"*": vectors},
+    `name`) and .safetensors (`emb_params`), and SDXL's two-encoder files ({"clip_l": .., "clip_g": ..}, the token in
+    our metadata)."""
     sd = read_weights(Path(file), allow_pickle)
-    if set(sd) == {"clip_l", "clip_g"}:
-        token, vecs = read_metadata(Path(file)).get("token") if Path(file).suffix == ".safetensors" else None, \
-            [sd["clip_l"], sd["clip_g"]]
+    if tuple(sorted(sd)) in [tuple(sorted(keys)) for keys in MULTI_ENCODER_KEYS]:
+        token, vecs = read_metadata(Path(file)).get("token") if Path(file).suffix == ".safetensors" else None, sd
     elif len(sd) == 1:
         token, vec = next(iter(sd.items()))
-        token, vecs = None if token == "emb_params" else token, [vec]
+        token, vecs = None if token == "emb_params" else token, {None: vec}
     elif isinstance(sd.get("string_to_param"), dict) and "*" in sd["string_to_param"]:
-        token, vecs = sd.get("name"), [sd["string_to_param"]["*"]]
+        token, vecs = sd.get("name"), {None: sd["string_to_param"]["*"]}
     else:
         raise ModelError(f"{file}: not a textual-inversion embedding (expected one {{token: tensor}} entry, "
                          f"A1111's string_to_param, emb_params or SDXL's clip_l + clip_g); it has "
                          f"{name_some(map(str, sd))}")
-    if not all(isinstance(v, torch.Tensor) and v.ndim in (1, 2) and v.numel() for v in vecs):
+    if not all(isinstance(v, torch.Tensor) and v.ndim in (1, 2) and v.numel() for v in vecs.values()):
         raise ModelError(f"{file}: the embedding is not a vector or a (vectors, width) matrix")
-    vecs = [v.reshape(-1, v.shape[-1]) for v in vecs]
-    if len({len(v) for v in vecs}) > 1:
-        raise ModelError(f"{file}: clip_l and clip_g hold different numbers of vectors")
+    vecs = {k: v.reshape(-1, v.shape[-1]) for k, v in vecs.items()}
+    if len({len(v) for v in vecs.values()}) > 1:
+        raise ModelError(f"{file}: {' and '.join(vecs)} hold different numbers of vectors")
     return (token if isinstance(token, str) else None), vecs
 
 
@@ -42,13 +48,16 @@ def add_embedding(model, file: Path, token: str | None = None, allow_pickle: boo
     """Add the file's vectors as new tokens, as diffusers' load_textual_inversion does: one token, or for n
     vectors `token`, `token_1`, … `token_{n-1}`, which a prompt's `token` expands to (SDXL: in both encoders).
     Returns the tokens."""
-    named, vecs = read_embedding(file, allow_pickle)
+    named, by_key = read_embedding(file, allow_pickle)
     token = token or named or Path(file).stem
     encoders = model.text_encoders()
-    if len(vecs) != len(encoders):
-        kind = "SDXL (clip_l + clip_g)" if len(vecs) == 2 else "one text encoder"
-        raise ModelError(f"{file}: an embedding for {kind}"
-                         f", but this model has {len(encoders)} text encoder(s)")
+    keys = [slot.token_key for slot in model.family.encoders]  # None: one encoder, the file's one vector set
+    if set(by_key) != set(keys):
+        fam = next(f for f in FAMILIES.values() if {s.token_key for s in f.encoders} == set(by_key))
+        kind = f"{fam.title} ({' + '.join(s.token_key for s in fam.encoders)})" if None not in by_key \
+            else "one text encoder"
+        raise ModelError(f"{file}: an embedding for {kind}, but this model has {len(encoders)} text encoder(s)")
+    vecs = [by_key[k] for k in keys]
     n = len(vecs[0])
     tokens = [token] + [f"{token}_{i}" for i in range(1, n)]
     for (_, tok, te), vec in zip(encoders, vecs):

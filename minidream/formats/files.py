@@ -19,6 +19,7 @@ import torch.nn as nn
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
                 "text_encoder_2": "model"}
 
+
 class ModelError(Exception):
     """A problem with a model on disk, worded for the user (one line, names the path)."""
 
@@ -168,7 +169,6 @@ def build(cls, cfg, sd, source, dtype=None):
     return load_into(model, sd, source, dtype).eval().requires_grad_(False)
 
 
-
 def read_metadata(file: Path) -> dict:
     """A safetensors file's string metadata ({} for anything else, or an unreadable header)."""
     if Path(file).suffix != ".safetensors":
@@ -195,4 +195,3 @@ def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dic
         os.replace(tmp, file)
     finally:
         tmp.unlink(missing_ok=True)
-

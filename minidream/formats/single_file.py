@@ -249,7 +249,7 @@ def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str 
         raise ModelError(f"{file}: unexpected key {unused[0]!r}" + (f" and {len(unused) - 1} more" if len(unused) > 1
                                                                      else "") + f"; is it {what}?")
     model = StableDiffusion(**tokenizers(tok_dir, len(fam.encoders)), **parts, scheduler=scheduler, source=str(file),
-                            force_zeros_for_empty_prompt=force_zeros and len(fam.encoders) == 2)
+                            force_zeros_for_empty_prompt=force_zeros and fam.zero_negative)
     te2 = model.text_encoder_2 and model.text_encoder_2.cfg
     diffusers_layout.check_conditioning(file, model.unet.cfg, model.text_encoder.cfg, te2)
     return model

@@ -89,6 +89,7 @@ def diff(base, tuned) -> dict:
             s["n2"] += n2
             s["tensors"] += 1
             s["changed"] += row["rel_change"] > 0
+
     def finish(g):  # a group's change: ‖ΔW‖ / ‖W‖ over all its tensors together
         if "d2" in g:
             g["rel_change"] = math.sqrt(g.pop("d2") / max(g.pop("n2"), 1e-30)) if g["changed"] else 0.0

@@ -17,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-
 def math_attention(q, k, v):
     """The reference: softmax(q kᵀ / √d) v in fp32."""
     s = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)  # scale the N×D q, not the N×M scores

@@ -16,4 +16,3 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"--device {name!r}: only cuda and cpu are supported")
     return device
-

@@ -60,4 +60,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
             m.base.weight += m.delta().to(m.base.weight.dtype)
         _replace(model, name, m.base)
     return model
-

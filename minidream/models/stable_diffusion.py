@@ -96,6 +96,7 @@ class Family:
     single_file_preset: str | None  # a single file's architecture when it does not say (None: ask)
     forward_process: type = DDPMProcess  # built from the model's noise-schedule config
     size_ids: bool = False  # SDXL's micro-conditioning: each image's sizes and crop (`size_ids`) go to the denoiser
+    zero_negative: bool = False  # no negative prompt means zero conditioning unless the model says otherwise
     vae_fp32_decode: bool = False  # an fp16 VAE decodes in fp32 when its config says force_upcast (SDXL's overflows)
     kohya_unet_names: str = "diffusers"  # how kohya LoRA files name the UNet's modules: "diffusers" or "original"
     kohya_metadata: tuple = ()  # (key, value) pairs kohya's networks write for this family
@@ -130,17 +131,19 @@ XL_OPENCLIP_G = TextEncoderSlot("text_encoder_2", original="conditioner.embedder
                                 kohya="lora_te2_text_model_", token_key="clip_g")
 
 FAMILIES = {
-    "sd1": Family("sd1", "SD 1.x", (CLIP_L,), clip_context, conditioned_on="CLIP ViT-L's last layer",
+    "sd1": Family("sd1", "SD 1.x", (CLIP_L,), clip_context, conditioned_on="the text encoder's last layer",
                   pipeline="StableDiffusionPipeline", tokenizer_repo="openai/clip-vit-large-patch14",
                   single_file_preset="sd15"),
     # 2.x-base (ε, 512 px) and 2.x-v (768 px) have the same tensors: a single file must say which (its metadata)
-    "sd2": Family("sd2", "SD 2.x", (OPENCLIP_H,), clip_context, conditioned_on="OpenCLIP ViT-H's penultimate layer",
+    "sd2": Family("sd2", "SD 2.x", (OPENCLIP_H,), clip_context,
+                  conditioned_on="the text encoder's last stored layer (OpenCLIP's penultimate)",
                   pipeline="StableDiffusionPipeline", tokenizer_repo="stabilityai/stable-diffusion-2-1",
                   single_file_preset=None),
     "sdxl": Family("sdxl", "SDXL", (XL_CLIP_L, XL_OPENCLIP_G), sdxl_conditioning,
                    conditioned_on="both encoders' penultimate states + pooled text + size ids",
                    pipeline="StableDiffusionXLPipeline", tokenizer_repo="stabilityai/stable-diffusion-xl-base-1.0",
-                   single_file_preset="sdxl", size_ids=True, vae_fp32_decode=True, kohya_unet_names="original",
+                   single_file_preset="sdxl", size_ids=True, zero_negative=True, vae_fp32_decode=True,
+                   kohya_unet_names="original",
                    kohya_metadata=(("ss_base_model_version", "sdxl_base_v1-0"),)),
 }
 

@@ -35,8 +35,8 @@ class CLIPTokenizer:
         # A literal "<|endoftext|>" in a prompt is the end token, as in CLIP.
         self.tok.add_special_tokens([AddedToken(BOS, normalized=False), AddedToken(EOS, normalized=False)])
         self.added: dict[str, int] = {}
-        # a multi-vector embedding's first token id -> all its ids (adapters.add_embedding): "<tok>" in a prompt
-        # stands for "<tok> <tok>_1 …", as diffusers' textual-inversion loader rewrites prompts
+        # a multi-vector embedding's first token id -> all its ids (formats/embeddings.add_embedding): "<tok>" in a
+        # prompt stands for "<tok> <tok>_1 …", as diffusers' textual-inversion loader rewrites prompts
         self.expand: dict[int, list[int]] = {}
         for token in sorted(added or {}, key=(added or {}).get):
             self.add_token(token)

@@ -12,9 +12,9 @@ import torch
 from minidream.models.noise_schedule import SchedulerConfig
 from minidream.models.stable_diffusion import StableDiffusion, encode_text, size_conditioning, size_ids
 from minidream.models.vae import to_uint8
+from minidream.options import option
 from minidream.progress import Progress
 from minidream.sampling.alpha_space import Sampler
-from minidream.options import option
 from minidream.sampling.samplers import SAMPLERS, make_sampler
 
 

@@ -9,7 +9,7 @@ import torch
 
 from minidream.models.stable_diffusion import StableDiffusion, encode_text, size_conditioning
 from minidream.training.distributed import ProcessGroup
-from minidream.training.images import to_tensor
+from minidream.training.photos import to_tensor
 from minidream.training.trainable import Trainable
 
 

@@ -14,7 +14,7 @@ from minidream.formats.files import save_safetensors
 from minidream.training import TrainError
 from minidream.training.config import TrainConfig, resumed_config, stored_config
 from minidream.training.distributed import ProcessGroup
-from minidream.training.images import image_files
+from minidream.training.photos import image_files
 from minidream.training.state import TrainState
 
 
@@ -51,7 +51,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
             idx, key = k.split(".", 1)
             optimizer["state"].setdefault(int(idx), {})[key] = v
         state = {"params": {k: v for k, v in tensors.items() if not k.startswith(("optim.", "rng."))},
-                 "optimizer": optimizer, "lr_schedule": meta["lr_sched"], "scaler": meta["scaler"],
+                 "optimizer": optimizer, "lr_schedule": meta["lr_sched"], "scaler": meta.get("scaler"),
                  "rng": {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}}
         return meta, state
     except Exception as e:

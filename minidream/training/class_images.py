@@ -16,8 +16,9 @@ from minidream.progress import Progress
 from minidream.sampling.pipeline import generate
 from minidream.training import TrainError
 from minidream.training.distributed import barrier
-from minidream.training.images import image_files, png_prompt
+from minidream.training.photos import image_files, png_prompt
 from minidream.training.runtime import Runtime, autocast, class_precision
+
 
 def make_class_images(model: StableDiffusion, cfg, concept, rt: Runtime, k: int = 0,
                       sizes: list[tuple[int, int]] | None = None):

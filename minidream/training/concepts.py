@@ -17,7 +17,7 @@ from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import TrainError
 from minidream.training.class_images import check_class_dir, make_class_images
 from minidream.training.config import TrainConfig
-from minidream.training.images import load_images
+from minidream.training.photos import load_images
 from minidream.training.runtime import Runtime
 
 

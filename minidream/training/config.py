@@ -217,7 +217,7 @@ class TrainConfig:
 
     @property
     def prompts(self) -> tuple[str, str]:
-        token = f"<{self.identifier}>" if self.train_token else self.identifier
+        token = self.token or self.identifier
         return (self.instance_prompt or f"a photo of {token} {self.class_noun}",
                 self.class_prompt or f"a photo of {self.class_noun}")
 
@@ -261,7 +261,7 @@ def validate(cfg: TrainConfig):
         wrong = f.metadata["check"] and f.metadata["check"](getattr(cfg, name))
         if wrong:
             raise TrainError(f"{flag(name)} {wrong}")
-    if any(exports.EXPORTERS[s].adapters for s in cfg.save_as) and cfg.mode != "lora":
+    if any(exports.EXPORTERS[s].adapters for s in cfg.save_as) and not MODES[cfg.mode].adapters:
         raise TrainError("--save-as lora-* needs --train lora")
     if cfg.prior and cfg.num_class_images < 1:
         raise TrainError("--num-class-images must be at least 1 with prior preservation (or pass --no-prior)")

@@ -100,4 +100,3 @@ def opened(out: Path, cfg: TrainConfig, rt: Runtime, start_over: bool, resumed_s
     finally:
         if lock is not None:
             lock.close()
-

@@ -50,6 +50,7 @@ class Mode:
     lr: float  # the default learning rate (AdamW)
     save_as: tuple[str, ...]  # the default export formats
     help: str
+    adapters: bool = False  # it trains adapters, which the adapter export formats write
 
 
 # Learning rates: the whole UNet needs a small step to keep the prior (diffusers' DreamBooth default); the attention
@@ -59,7 +60,8 @@ class Mode:
 MODES = {
     "unet": Mode(unfreeze, unfreeze, 5e-6, ("diffusers",), "whole UNet"),
     "attention": Mode(unfreeze_unet_attention, unfreeze, 2e-5, ("diffusers",), "Q/K/V/out of every attention layer"),
-    "lora": Mode(unet_lora, text_encoder_lora, 1e-4, ("lora-diffusers", "lora-kohya"), "LoRA adapters on those"),
+    "lora": Mode(unet_lora, text_encoder_lora, 1e-4, ("lora-diffusers", "lora-kohya"), "LoRA adapters on those",
+                 adapters=True),
 }
 
 

@@ -1,4 +1,4 @@
-"""The run's image files: reading the subject's photos and the class images (RGB, EXIF orientation applied, every
+"""The run's images as files: reading the subject's photos and the class images (RGB, EXIF orientation applied, every
 unreadable file named before any compute), and one training view of an image: resized to cover its bucket,
 cropped, maybe mirrored, with the size ids SDXL is conditioned on.
 """
