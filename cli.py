@@ -3,7 +3,10 @@ declared once in minidream/training/config.py (default, help, check, choices), `
 sampling options SamplingParams' (sampling/pipeline.py), and the loader options of every command TrainConfig's
 too (minidream/options.py turns a declaration into an option). The other options live in the signatures."""
 import json
+import math
 import re
+from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,7 +14,8 @@ import typer
 
 from minidream.models.attention import CHOICES as ATTENTION_BACKENDS
 from minidream.models.device import DTYPES
-from minidream.options import choice, declared_option, declared_values, with_options
+from minidream.options import (choice, declared_option, declared_values, first_problem, option_flag, path_option, text,
+                               with_options)
 from minidream.sampling.pipeline import SamplingParams
 from minidream.training import TrainError
 from minidream.training.config import OPTIONS, TrainConfig
@@ -20,6 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Stable Diffusion and DreamBooth in plain PyTorch.")
 
 
+SAMPLING = {f.name: f for f in fields(SamplingParams)}
 DType = choice("DType", DTYPES)
 AttentionBackend = choice("AttentionBackend", ATTENTION_BACKENDS)
 
@@ -40,8 +45,11 @@ Revision, Variant, AllowPickle = loader_option("revision"), loader_option("varia
 TokenizerOpt, PresetOpt, ConfigOpt = loader_option("tokenizer"), loader_option("preset"), loader_option("config")
 LoraOpt = Annotated[Optional[list[str]], typer.Option(help="LoRA file to merge, FILE or FILE:SCALE (diffusers/PEFT "
                                                        "or kohya/LyCORIS LoCon); repeat for several.")]
-EmbeddingOpt = Annotated[Optional[list[Path]], typer.Option(help="Textual-inversion embedding (ours, diffusers', "
+LoraScaleOpt = Annotated[float, typer.Option(help="Strength of each --lora given without :SCALE.")]
+EmbeddingOpt = Annotated[Optional[list[Path]], path_option(help="Textual-inversion embedding (ours, diffusers', "
                                                                "A1111's); repeat for several.")]
+EmbeddingTokenOpt = Annotated[Optional[list[str]], typer.Option(
+    help="Token for the --embedding of the same position; default: the name in the file.")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,12 +64,40 @@ def lora_arg(arg: str, default_scale: float) -> tuple[Path, float]:
         f, w = Path(arg), default_scale
     if not f.is_file():
         fail(f"--lora {f}: no such file")
+    if not math.isfinite(w):
+        fail(f"--lora {arg}: the strength must be a finite number (got {w})")
     return f, w
+
+
+def sampling_params(sampling: dict, prompt: str) -> SamplingParams:
+    """The sampling options, checked as declared (and the prompt: text the tokenizer can read)."""
+    params = declared_values(SamplingParams, sampling)
+    wrong = first_problem(params) or (("prompt", text(prompt)) if text(prompt) else None)
+    if wrong:
+        name, what = wrong
+        fail(f"{'--prompt' if name == 'prompt' else option_flag(SAMPLING[name])} {what}")
+    return params
+
+
+def check_sampling(params: SamplingParams, m):
+    """What the loaded model asks of the sampling options: its image sides, its scheduler, its timesteps."""
+    wrong = params.problem(m)
+    if wrong:
+        name, what = wrong
+        fail(f"{option_flag(SAMPLING[name])}: {m.source}: {what}" if name == "sampler"
+             else f"{option_flag(SAMPLING[name])} {what}")
+
+
+def check_seed(seed: int, batches: int = 1):
+    if not 0 <= seed <= 2 ** 63 - batches:
+        fail(f"--seed must be in [0, 2^63) for every batch (got {seed})")
 
 
 def embedding_args(files: list[Path], tokens: list[str]) -> list[tuple[Path, str | None]]:
     """--embedding FILE (repeatable), each with the --embedding-token of the same position, if any."""
     for f in files:
+        if not str(f).strip():
+            fail("--embedding is empty; name a file")
         if not f.is_file():
             fail(f"--embedding {f}: no such file")
     if len(tokens) > len(files):
@@ -69,9 +105,22 @@ def embedding_args(files: list[Path], tokens: list[str]) -> list[tuple[Path, str
     return list(zip(files, [*tokens, *[None] * (len(files) - len(tokens))]))
 
 
+@contextmanager
+def writing():
+    """A full or read-only disk while the results are written: one line naming the file."""
+    try:
+        yield
+    except OSError as e:
+        fail(f"{e.filename or 'a file'}: could not be written ({e.strerror or e})")
+
+
 def out_folder(out: Path):
+    if not str(out).strip():  # "" would mean the current folder
+        fail("--out is empty; name a folder")
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; give a folder")
+    if not next(p for p in (out, *out.parents) if p.exists()).is_dir():
+        fail(f"--out {out}: cannot create it (it is below a file); choose another folder")
 
 
 def load_model(model: str, revision=None, variant=None, allow_pickle=False, tokenizer=None, preset=None, config=None,
@@ -146,7 +195,7 @@ def info(model: ModelArg, revision: Revision = None, variant: Variant = None, al
 def sample(
     model: Annotated[str, typer.Option(help="Model folder, hub repo id or single-file checkpoint.")],
     prompt: Annotated[str, typer.Option(help="Text prompt.")],
-    out: Annotated[Path, typer.Option(help="Output folder for the PNGs.")],
+    out: Annotated[Path, path_option(help="Output folder for the PNGs.")],
     seed: Annotated[int, typer.Option(help="Seed of the CPU generator that draws the starting noise; "
                                            "batch k uses seed + k.")] = 0,
     num_images: Annotated[int, typer.Option(help="How many images.")] = 1,
@@ -154,11 +203,8 @@ def sample(
     dtype: Annotated[DType, typer.Option(help="Compute dtype (fp16/bf16 need a GPU).")] = DType.fp32,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: cuda when available.")] = None,
     attention: Annotated[AttentionBackend, typer.Option(help="Attention kernel.")] = AttentionBackend.auto,
-    lora: LoraOpt = None,
-    lora_scale: Annotated[float, typer.Option(help="Strength of each --lora given without :SCALE.")] = 1.0,
-    embedding: EmbeddingOpt = None,
-    embedding_token: Annotated[Optional[list[str]], typer.Option(
-        help="Token for the --embedding of the same position; default: the name in the file.")] = None,
+    lora: LoraOpt = None, lora_scale: LoraScaleOpt = 1.0,
+    embedding: EmbeddingOpt = None, embedding_token: EmbeddingTokenOpt = None,
     revision: Revision = None, variant: Variant = None, allow_pickle: AllowPickle = False,
     tokenizer: TokenizerOpt = None, preset: PresetOpt = None, config: ConfigOpt = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -171,24 +217,18 @@ def sample(
     from minidream.sampling.pipeline import generate
     from minidream.sampling.samplers import default_sampler
 
-    params = declared_values(SamplingParams, sampling)
-    height, width = params.height, params.width
-    if num_images < 1 or batch_size < 1:
-        fail("--num-images and --batch-size must be at least 1")
-    if (height is not None and (height < 8 or height % 8)) or (width is not None and (width < 8 or width % 8)):
-        fail(f"--height/--width must be positive multiples of 8 (got {height}x{width})")
-    if seed < 0 or seed + (num_images - 1) // batch_size >= 2 ** 63:
-        fail(f"--seed must be in [0, 2^63) for every batch (got {seed})")
+    params = sampling_params(sampling, prompt)
+    if not (1 <= num_images <= 100_000 and batch_size >= 1):
+        fail("--num-images must be in [1, 100000] and --batch-size at least 1")
+    check_seed(seed, (num_images - 1) // batch_size + 1)
     out_folder(out)
     loras = [lora_arg(a, lora_scale) for a in lora or []]
     embeddings = embedding_args(embedding or [], embedding_token or [])
     dev, backend = device_and_backend(device, attention, dtype)
     m = load_model(model, revision, variant, allow_pickle, tokenizer, preset, config)
-    try:
-        name = params.sampler or default_sampler(m.scheduler)  # the model's own, by name, for the PNGs
-        sampler = params.make_sampler(m.scheduler)  # one sampler for every batch
-    except ValueError as e:
-        fail(f"--scheduler: {m.source}: {e}")
+    check_sampling(params, m)
+    name = params.sampler or default_sampler(m.scheduler)  # the model's own, by name, for the PNGs
+    sampler = params.make_sampler(m.scheduler)  # one sampler for every batch
     adapt(m, loras, embeddings, allow_pickle)
     cut = m.tokenizer.truncated(prompt)
     if cut:
@@ -213,15 +253,13 @@ def sample(
                     "steps": params.steps, "guidance": params.guidance, "scheduler": name, "eta": params.eta,
                     "model": m.source, "dtype": dtype.value, "lora": [f"{f}:{w}" for f, w in loras],
                     "embeddings": [str(f) for f, _ in embeddings], "software": "minidream"}
-            file = out / f"{start + i:04d}.png"
-            try:
-                save_png(img, file, meta)
-            except OSError as e:
-                fail(f"{file}: could not be written ({e.strerror})")
+            with writing():
+                save_png(img, out / f"{start + i:04d}.png", meta)
             images.append(img)
-            names.append(file)
+            names.append(out / f"{start + i:04d}.png")
     if len(images) > 1:
-        save_png(grid(torch.stack(images)), out / "grid.png", {"prompt": prompt, "seed": seed})
+        with writing():
+            save_png(grid(torch.stack(images)), out / "grid.png", {"prompt": prompt, "seed": seed})
         names.append(out / "grid.png")
     typer.echo(f"wrote {len(names)} file(s) to {out}")
 
@@ -249,7 +287,7 @@ def train(
 
 @app.command("demo-pretrain")
 def demo_pretrain(
-    out: Annotated[Path, typer.Option(help="Where the demo model is written (diffusers layout).")] = Path(
+    out: Annotated[Path, path_option(help="Where the demo model is written (diffusers layout).")] = Path(
         "weights/demo"),
     seed: Annotated[int, typer.Option(help="Seed of the world, the initialisation and every draw.")] = 0,
     images: Annotated[int, typer.Option(help="Rendered pretraining images.")] = 20000,
@@ -257,11 +295,18 @@ def demo_pretrain(
     unet_steps: Annotated[int, typer.Option(help="UNet + text encoder steps.")] = 4000,
     batch: Annotated[int, typer.Option(help="UNet batch size.")] = 64,
     recognizer_steps: Annotated[int, typer.Option(help="Recogniser training steps (batch 128).")] = 1000,
-    reuse: Annotated[Optional[Path], typer.Option(help="A demo model folder whose VAE and recogniser are "
+    reuse: Annotated[Optional[Path], path_option(help="A demo model folder whose VAE and recogniser are "
                                                        "kept.")] = None,
 ):
     """Pretrain the embedded demo model of the toy world (CPU: about an hour) and its recogniser."""
     from minidream.demo.pretrain import pretrain
+    out_folder(out)
+    for name, v in (("--images", images), ("--vae-steps", vae_steps), ("--unet-steps", unet_steps),
+                    ("--batch", batch), ("--recognizer-steps", recognizer_steps)):
+        if v < 1:
+            fail(f"{name} must be at least 1 (got {v})")
+    if reuse is not None and not str(reuse).strip():
+        fail("--reuse is empty; name a demo model folder")
     if reuse and not ((reuse / "vae" / "config.json").is_file() and (reuse / "recognizer.safetensors").is_file()):
         fail(f"--reuse {reuse}: not a demo model folder (it needs vae/ and recognizer.safetensors, as weights/demo "
              f"has)")
@@ -270,7 +315,7 @@ def demo_pretrain(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
+    out: Annotated[Path, path_option(help="Run folder.")] = Path("runs/demo"),
     steps: Annotated[Optional[int], typer.Option(help="DreamBooth steps (default: the demo's, 50).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     prior: Annotated[bool, typer.Option("--prior/--no-prior", help="Prior-preservation loss.")] = True,
@@ -282,15 +327,20 @@ def demo(
     if not (DEMO_DIR / "model_index.json").exists():
         fail(f"{DEMO_DIR}: the demo model is missing (it ships with minidream); reinstall, or rebuild it with "
              f"`minidream demo-pretrain --out {DEMO_DIR}`")
-    run_demo(out, prior=prior, seed=seed, **({"steps": steps} if steps else {}))
+    check_demo_run(out, steps, [seed], "--seed")
+    try:
+        run_demo(out, prior=prior, seed=seed, **({"steps": steps} if steps is not None else {}))
+    except TrainError as e:
+        fail(str(e))
     typer.echo((out / "report.md").read_text())
     typer.echo(f"grids: {out / 'before.png'} {out / 'after.png'}")
 
 
 @app.command()
 def diff(base: ModelArg, tuned: ModelArg,
-         out: Annotated[Path, typer.Option(help="Folder for diff.json, diff.md and diff.png.")],
-         lora: LoraOpt = None, embedding: EmbeddingOpt = None, allow_pickle: AllowPickle = False,
+         out: Annotated[Path, path_option(help="Folder for diff.json, diff.md and diff.png.")],
+         lora: LoraOpt = None, lora_scale: LoraScaleOpt = 1.0, embedding: EmbeddingOpt = None,
+         embedding_token: EmbeddingTokenOpt = None, allow_pickle: AllowPickle = False,
          tokenizer: TokenizerOpt = None, preset: PresetOpt = None, config: ConfigOpt = None):
     """What fine-tuning changed: ‖W_tuned − W_base‖/‖W_base‖ of every tensor, by component, block and layer type
     (--lora/--embedding are applied to TUNED: `diff BASE BASE --lora L` shows what a LoRA changes)."""
@@ -298,14 +348,17 @@ def diff(base: ModelArg, tuned: ModelArg,
     from minidream.inspect import weight_diff
     out_folder(out)
     a = load_model(base, None, None, allow_pickle, tokenizer, preset, config, dtype=torch.float32)
-    b = adapt(load_model(tuned, None, None, allow_pickle, tokenizer, preset, config, dtype=torch.float32),
-              [lora_arg(x, 1.0) for x in lora or []], embedding_args(embedding or [], []), allow_pickle)
+    loras = [lora_arg(x, lora_scale) for x in lora or []]
+    embeddings = embedding_args(embedding or [], embedding_token or [])
+    b = adapt(load_model(tuned, None, None, allow_pickle, tokenizer, preset, config, dtype=torch.float32), loras,
+              embeddings, allow_pickle)
     try:
         d = weight_diff.diff(a, b)
     except ValueError as e:
         fail(f"{base} vs {tuned}: {e}")
-    files = weight_diff.write(d, out, {"base": base, "tuned": tuned, "lora": lora or [],
-                                       "embedding": [str(e) for e in embedding or []]})
+    with writing():
+        files = weight_diff.write(d, out, {"base": base, "tuned": tuned, "lora": lora or [],
+                                           "embedding": [str(e) for e in embedding or []]})
     typer.echo(weight_diff.markdown(d).split("\n\n")[0])
     typer.echo(f"wrote {', '.join(map(str, files))}")
 
@@ -314,30 +367,34 @@ def diff(base: ModelArg, tuned: ModelArg,
 @with_options(SamplingParams, steps=20)
 def attention_maps(model: Annotated[str, typer.Option(help="Model folder, hub repo id or single-file checkpoint.")],
                    prompt: Annotated[str, typer.Option(help="Text prompt.")],
-                   out: Annotated[Path, typer.Option(help="Folder for maps.png, maps.json and maps/.")],
+                   out: Annotated[Path, path_option(help="Folder for maps.png, maps.json and maps/.")],
                    seed: Annotated[int, typer.Option(help="Seed of the starting noise.")] = 0,
-                   lora: LoraOpt = None, embedding: EmbeddingOpt = None, allow_pickle: AllowPickle = False,
+                   lora: LoraOpt = None, lora_scale: LoraScaleOpt = 1.0, embedding: EmbeddingOpt = None,
+                   embedding_token: EmbeddingTokenOpt = None, allow_pickle: AllowPickle = False,
                    tokenizer: TokenizerOpt = None, preset: PresetOpt = None, config: ConfigOpt = None, **sampling):
     """Where each prompt token looks: cross-attention probabilities averaged over heads, layers and steps."""
     from minidream.inspect import attention_maps as am
+    params = sampling_params(sampling, prompt)
+    check_seed(seed)
     out_folder(out)
-    m = adapt(load_model(model, None, None, allow_pickle, tokenizer, preset, config),
-              [lora_arg(x, 1.0) for x in lora or []], embedding_args(embedding or [], []), allow_pickle)
-    params = declared_values(SamplingParams, sampling)
+    loras = [lora_arg(x, lora_scale) for x in lora or []]
+    embeddings = embedding_args(embedding or [], embedding_token or [])
+    m = adapt(load_model(model, None, None, allow_pickle, tokenizer, preset, config), loras, embeddings, allow_pickle)
+    check_sampling(params, m)
     try:
         images, maps = am.attention_maps(m, [prompt], params, seed)
     except ValueError as e:
         fail(str(e))
-    files = am.write_maps(images[0], maps[0], am.token_positions(m.tokenizer, prompt), out,
-                          {"model": model, "prompt": prompt, "seed": seed, "steps": params.steps,
-                           "guidance": params.guidance, "scheduler": params.sampler,
-                           "negative_prompt": params.negative_prompt, "eta": params.eta})
+    meta = {"model": model, "prompt": prompt, "seed": seed, "steps": params.steps, "guidance": params.guidance,
+            "scheduler": params.sampler, "negative_prompt": params.negative_prompt, "eta": params.eta}
+    with writing():
+        files = am.write_maps(images[0], maps[0], am.token_positions(m.tokenizer, prompt), out, meta)
     typer.echo(f"wrote {', '.join(map(str, files))}")
 
 
 @app.command("eval")
 def evaluate(
-    out: Annotated[Path, typer.Option(help="Folder for the two runs and the table.")] = Path("runs/eval"),
+    out: Annotated[Path, path_option(help="Folder for the two runs and the table.")] = Path("runs/eval"),
     steps: Annotated[Optional[int], typer.Option(help="DreamBooth steps per run (default: the demo's, 50).")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each DreamBooth run once per seed.")] = "0,1,2",
 ):
@@ -346,7 +403,22 @@ def evaluate(
     from minidream.demo.run import run_eval
     if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", seeds):
         fail(f"--seeds {seeds!r}: give comma-separated integers, e.g. 0,1,2")
-    typer.echo(run_eval(out, tuple(map(int, seeds.split(","))), **({"steps": steps} if steps else {}))["table"])
+    check_demo_run(out, steps, list(map(int, seeds.split(","))), "--seeds")
+    try:
+        table = run_eval(out, tuple(map(int, seeds.split(","))), **({"steps": steps} if steps is not None else {}))
+    except TrainError as e:
+        fail(str(e))
+    typer.echo(table["table"])
+
+
+def check_demo_run(out: Path, steps: int | None, seeds: list[int], seed_flag: str):
+    """The demo's and eval's own options, before any work."""
+    out_folder(out)
+    if steps is not None and not 1 <= steps <= 100_000:
+        fail(f"--steps must be in [1, 100000] (got {steps})")
+    bad = [s for s in seeds if not 0 <= s < 2 ** 63]
+    if bad:
+        fail(f"{seed_flag} must be in [0, 2^63) (got {bad[0]})")
 
 
 def main():

@@ -14,12 +14,19 @@ def save_png(img: torch.Tensor, path: Path, meta: dict | None = None):
     info = PngInfo()
     for k, v in (meta or {}).items():
         info.add_text(k, v if isinstance(v, str) else json.dumps(v))
-    # written under a temporary name and renamed: a kill or a full disk never leaves half a PNG
+    save_image(Image.fromarray(img.numpy()), path, pnginfo=info)
+
+
+def save_image(image: Image.Image, path: Path, **options):
+    """A picture as PNG, written under a temporary name and renamed: a kill or a full disk never leaves half a
+    PNG. A full disk is an OSError naming the file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        Image.fromarray(img.numpy()).save(tmp, format="PNG", pnginfo=info)
+        image.save(tmp, format="PNG", **options)
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 

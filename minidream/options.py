@@ -4,15 +4,107 @@ SamplingParams (sampling/pipeline.py) are made of these; `training.config.valida
 `with_options` gives a command (cli.py) the fields as its options, typed, named and explained by the declarations.
 """
 import inspect
+import math
 import types
 from dataclasses import MISSING, Field, field, fields
 from enum import Enum
 from typing import Annotated, Optional, Union, get_args, get_origin, get_type_hints
 
 
+# ---------------------------------------------------------------------------------------------
+# Checks: each says what is wrong with a value (the option's flag goes before it), or None when nothing is
+
 def one_of(values, optional: bool = False):
     """The check of a choice: what is wrong with a value not among `values` (None, when optional, is allowed)."""
     return lambda v: None if v in values or (optional and v is None) else f"{v!r} is not one of {', '.join(values)}"
+
+
+def each_one_of(values):
+    return lambda vs: next((f"{v!r} is not one of {', '.join(values)}" for v in vs if v not in values), None)
+
+
+def at_least(n: int, most: int | None = None):
+    """A count: at least n (and at most `most`, where more would only exhaust memory or time)."""
+    def check(v):
+        if not v >= n:
+            return f"must be at least {n} (got {v})"
+        return None if most is None or v <= most else f"must be at most {most} (got {v})"
+    return check
+
+
+def non_negative(v):
+    return None if 0 <= v < math.inf else f"must be >= 0 and finite (got {v})"
+
+
+def positive(v):
+    return None if 0 < v < math.inf else f"must be > 0 and finite (got {v})"
+
+
+def positive_number(v):  # None stands for a default
+    return None if v is None or 0 < v < math.inf else f"must be a positive number (got {v})"
+
+
+def in_range(lo: float, hi: float):
+    return lambda v: None if lo <= v <= hi else f"must be in [{lo:g}, {hi:g}] (got {v})"
+
+
+def probability(v):
+    return None if 0 <= v <= 1 else f"is a probability in [0, 1] (got {v})"
+
+
+def text(v):
+    """Text that goes to the tokenizer: UTF-8 (a shell passes other bytes as lone surrogates)."""
+    if v is None or isinstance(v, str) and not _undecodable(v):
+        return None
+    return "is not UTF-8 text; write it in UTF-8"
+
+
+def texts(vs):
+    return next((text(v) for v in vs if text(v)), None)
+
+
+def _undecodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def path(v):
+    """A file or folder the user names: not empty (an empty path would mean the current folder)."""
+    return None if v is None or str(v).strip() else "is empty; name a file or folder"
+
+
+def typed_path(s: str):
+    """A path as typed: "" stays "" for the checks to refuse (as a Path it would be ".", the current folder)."""
+    from pathlib import Path
+    return s if not str(s).strip() else Path(s)
+
+
+def path_option(*flags, **kwargs):
+    """A command-line option (typer's) that takes a path, "" kept as typed."""
+    import typer
+    return typer.Option(*flags, parser=typed_path, metavar="<path>", **kwargs)
+
+
+def first_problem(obj) -> tuple[str, str] | None:
+    """(field, what is wrong) for the first declared field of `obj` whose check fails, or None."""
+    for f in fields(obj):
+        check = f.metadata.get("check")
+        wrong = check and check(getattr(obj, f.name))
+        if wrong:
+            return f.name, wrong
+    return None
+
+
+def option_flag(f: Field) -> str:
+    """The option's name on the command line (the first of a switch's pair)."""
+    return (f.metadata["flag"] or "--" + f.name.replace("_", "-")).split("/")[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The declaration
 
 
 def option(default=MISSING, help: str = "", *, check=None, choices=None, resumable: bool = False, flag: str = None,
@@ -71,8 +163,9 @@ def declared_option(f: Field, default=MISSING) -> inspect.Parameter:
     if default is None:
         t = Optional[t]
     flags = [meta["flag"]] if meta["flag"] else []
+    declare = path_option if meta["cli_type"] is not None else typer.Option
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                             annotation=Annotated[t, typer.Option(*flags, help=meta["help"])])
+                             annotation=Annotated[t, declare(*flags, help=meta["help"])])
 
 
 def declared_values(cls, values: dict):

@@ -58,6 +58,15 @@ def test_two_processes_train_as_one_process_with_the_global_batch(sd1_dir, insta
     # rank 0 alone wrote: one run.json, the checkpoint of step 2, nothing twice
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-000002.safetensors"]
     assert json.loads((two / "run.json").read_text())["batch_size"] == 1
+    # the two processes' checkpoint resumed by one: --batch-size becomes 2 (the run's global batch), and step 3
+    # is the one-process run's step 3
+    r = run_cli(*train_args(sd1_dir, instance_dir, two, "--batch-size", 1, *COMMON, "--resume", "latest"))
+    assert r.exit_code == 0 and "--batch-size 2" in r.output, r.output
+    lc = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lc] == [1, 2, 3] and abs(lc[2]["loss"] - la[2]["loss"]) <= 1e-4 * abs(la[2]["loss"])
+    c = load_file(two / "lora" / "pytorch_lora_weights.safetensors")
+    dc = torch.cat([c[k].flatten() for k in up])
+    assert (da - dc).norm() <= 5e-2 * da.norm()
 
 
 def test_a_killed_process_ends_the_run_and_the_checkpoint_resumes_exactly(sd1_dir, instance_dir, tmp_path):

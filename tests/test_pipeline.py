@@ -99,7 +99,7 @@ def test_default_sampler_is_the_models_own(sd1_dir, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--scheduler", "euler_x"], "euler_x"),
     (["--steps", "0"], "--steps"),
-    (["--height", "30"], "multiples of 8"),
+    (["--height", "30"], "--height must be a positive multiple of 8"),
     (["--dtype", "bf16", "--device", "cpu"], "--dtype"),
 ])
 def test_cli_sample_bad_input_is_one_line(sd1_dir, tmp_path, args, needle):

@@ -14,9 +14,11 @@ from minidream.demo.evaluation import (CLASS_PROMPT, CLASSES, EVAL_CLASSES, PROM
                                        attention_localisation, eval_noise, eval_prompts, evaluate_dreambooth)
 from minidream.demo.model import DEMO_DIR
 from minidream.demo.recognizer import load_recognizer
+from minidream.formats.files import write_text
 from minidream.formats.loading import load
 from minidream.images import grid, save_png
 from minidream.sampling.pipeline import generate
+from minidream.training import TrainError
 from minidream.training.config import TrainConfig
 from minidream.training.dreambooth import dreambooth
 
@@ -64,6 +66,7 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, g
     """Train DreamBooth on the embedded subject and measure it; writes grids, report.json and report.md."""
     t0 = time.time()
     out = Path(out)
+    refuse_other_runs(out, model_dir)
     (out / "instance").mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(world.subject_images(4)):
         img.save(out / "instance" / f"subject-{i}.png")
@@ -82,8 +85,9 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, g
     if localise:
         metrics["attention_localisation"] = attention_localisation(model)
     metrics["wall_time_s"] = round(time.time() - t0, 1)
-    (out / "report.json").write_text(json.dumps(metrics, indent=2))
-    (out / "report.md").write_text(
+    write_text(out / "report.json", json.dumps(metrics, indent=2))
+    write_text(
+        out / "report.md",
         f"# DreamBooth demo ({'with' if prior else 'without'} prior preservation)\n\n"
         f"subject: {world.SUBJECT_WORDS} ('sks toy'); "
         f"{steps} steps, seed {seed}, {metrics['wall_time_s']} s on {platform.machine()} CPU\n\n"
@@ -91,6 +95,21 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, g
         f"| {metrics['subject_fidelity']:.3f} | {metrics['prompt_fidelity']:.3f} | {metrics['PRES']:.3f} "
         f"| {metrics['DIV']:.3f} |\n")
     return metrics
+
+
+def refuse_other_runs(out: Path, model_dir: Path):
+    """The demo starts its own folder over each time (--overwrite); a folder that holds another run is not its to
+    remove."""
+    try:
+        run = json.loads((out / "run.json").read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        run = {}
+    ours = isinstance(run, dict) and run.get("model") == str(model_dir) and \
+        run.get("instance_dir") == str(out / "instance")
+    if not ours:
+        raise TrainError(f"--out {out} holds another run (run.json), not a demo's; choose another folder")
 
 
 def _spread(rows: list[dict], key: str) -> dict:
@@ -116,9 +135,10 @@ def run_eval(out: Path, seeds: tuple[int, ...] = (0, 1, 2), steps: int = STEPS, 
     checks = {"prior lowers PRES on every seed": all(b["PRES"] < a["PRES"] for a, b in zip(no, yes)),
               "prior keeps DIV on every seed (no lower)": all(b["DIV"] >= a["DIV"] for a, b in zip(no, yes))}
     table = eval_table(seeds, rows, checks)
-    (out / "eval.md").write_text(table)
-    (out / "eval.json").write_text(json.dumps({"seeds": list(seeds), "steps": steps, "rows": rows, "checks": checks,
-                                               "runs": {"base model": base, **per_seed}}, indent=2))
+    write_text(out / "eval.md", table)
+    record = {"seeds": list(seeds), "steps": steps, "rows": rows, "checks": checks,
+              "runs": {"base model": base, **per_seed}}
+    write_text(out / "eval.json", json.dumps(record, indent=2))
     return {"rows": rows, "checks": checks, "table": table}
 
 

@@ -59,6 +59,9 @@ def add_embedding(model, file: Path, token: str | None = None, allow_pickle: boo
         raise ModelError(f"{file}: an embedding for {kind}, but this model has {len(encoders)} text encoder(s)")
     vecs = [by_key[k] for k in keys]
     n = len(vecs[0])
+    most = encoders[0][1].max_length - 2
+    if n > most:  # a prompt holds at most this many tokens: more vectors can never be read
+        raise ModelError(f"{file}: {n} vectors; a prompt holds at most {most} tokens")
     tokens = [token] + [f"{token}_{i}" for i in range(1, n)]
     for (_, tok, te), vec in zip(encoders, vecs):
         if vec.shape[1] != te.embeddings.token_embedding.weight.shape[1]:

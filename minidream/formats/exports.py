@@ -6,6 +6,8 @@ a plain model (adapters merged into the weights, a learned token a normal row) a
 The model given to `export` is used up: it is made plain on the way. The trainer passes a fresh fp32 copy of the
 base model with the trained tensors written in (training/export.py), never the model that trained.
 """
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -64,6 +66,24 @@ def export(model: StableDiffusion, formats: tuple[str, ...], out: Path) -> list[
         if row.plain:
             make_plain(model)
         path = out / row.output
-        row.save(model, path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            row.save(model, tmp)
+            swap_in(tmp, path)
+        finally:
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
         written.append(path)
     return written
+
+
+def swap_in(new: Path, path: Path):
+    """`new` becomes `path` at once: a re-export killed midway leaves the previous export whole (or the new one),
+    never a folder mixing the two. (Stale `.*.tmp*` leftovers are removed when a run opens its folder.)"""
+    if not path.is_dir():
+        os.replace(new, path)
+        return
+    old = path.with_name(f".{path.name}.tmp{os.getpid()}old")
+    os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old)

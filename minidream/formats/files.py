@@ -182,16 +182,34 @@ def read_metadata(file: Path) -> dict:
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict | None = None):
-    """Write atomically: a crash mid-write leaves the old file (or none), never half a file."""
+    """Write atomically: a crash mid-write leaves the old file (or none), never half a file. A full or read-only
+    disk is an OSError naming the file, as every other write's (safetensors says it in its own exception)."""
     from safetensors.torch import save_file
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        except Exception as e:
+            code = re.search(r"os error (\d+)", str(e))
+            if isinstance(e, OSError) or not code:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # like any file the user writes (the writer makes it 0600)
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(file: Path, text: str):
+    """A text file (JSON, markdown) written atomically, as the weights are."""
+    file = Path(file)
+    tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, file)
     finally:
         tmp.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ Read: W' = W + s·(α/r)·B A for a file at strength s.
 Anything else in a file (DoRA's dora_scale, LyCORIS LoHa/LoKr, Tucker `lora_mid`) is refused by name.
 """
 import json
+import math
 import re
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def _diffusers_pairs(sd: dict, file) -> tuple[dict, dict, set]:
     for k, v in sd.items():
         m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+)\.alpha", k)
         if m:
-            alphas[(m[1], m[2].replace(".processor.", ".").removeprefix("text_model."))] = float(v)
+            alphas[(m[1], m[2].replace(".processor.", ".").removeprefix("text_model."))] = _alpha(v, k, file)
             used.add(k)
             continue
         n = k.replace(".processor.", ".")
@@ -63,6 +64,12 @@ def _diffusers_pairs(sd: dict, file) -> tuple[dict, dict, set]:
     return pairs, alphas, used
 
 
+def _alpha(v: torch.Tensor, key: str, file) -> float:
+    if v.numel() != 1 or not math.isfinite(float(v.reshape(-1)[0])):
+        raise ModelError(f"{file}: {key} is not one finite number (shape {list(v.shape)})")
+    return float(v.reshape(-1)[0])
+
+
 def _kohya_pairs(sd: dict, file) -> tuple[dict, dict, set]:
     pairs, alphas, used = {}, {}, set()
     for k, v in sd.items():
@@ -72,7 +79,7 @@ def _kohya_pairs(sd: dict, file) -> tuple[dict, dict, set]:
         comp = {"unet": "unet", "te2": "text_encoder_2"}.get(m[1], "text_encoder")
         name = m[2].removeprefix("text_model_") if comp != "unet" else m[2]
         if m[3] == "alpha":
-            alphas[(comp, name)] = float(v)
+            alphas[(comp, name)] = _alpha(v, k, file)
         else:
             pairs.setdefault((comp, name), [None, None])[0 if m[3].startswith("lora_down") else 1] = v
         used.add(k)
@@ -86,7 +93,7 @@ def _peft_alpha(meta: dict, comp: str, name: str, rank: int) -> float | None:
     if not cfg:
         return None
     if cfg.get("use_dora"):
-        raise ModelError("DoRA adapters (use_dora) are not supported")
+        raise ValueError("DoRA adapters (use_dora) are not supported")
 
     def pick(patterns: dict, default):
         for p, val in (patterns or {}).items():
@@ -98,8 +105,9 @@ def _peft_alpha(meta: dict, comp: str, name: str, rank: int) -> float | None:
     return alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
 
 
-def lora_deltas(file: Path, allow_pickle: bool = False) -> dict[tuple[str, str], torch.Tensor]:
-    """(component, module name as the file spells it) -> (α/r)·up·down, shaped (out, in·kh·kw)."""
+def lora_factors(file: Path, allow_pickle: bool = False) -> dict[tuple[str, str], tuple]:
+    """(component, module name as the file spells it) -> (up (out, r), down (r, in·kh·kw), α/r): ΔW = (α/r)·up·down,
+    formed only once the module is known to fit (a crafted pair could ask for terabytes)."""
     sd = read_weights(Path(file), allow_pickle)
     if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ModelError(f"{file}: not a LoRA file (expected a flat dict of tensors)")
@@ -113,20 +121,30 @@ def lora_deltas(file: Path, allow_pickle: bool = False) -> dict[tuple[str, str],
     if not pairs:
         raise ModelError(f"{file}: no LoRA weights found (expected diffusers `unet.*.lora_A.weight` or kohya "
                          f"`lora_unet_*` keys)")
-    meta = json.loads(read_metadata(file).get("lora_adapter_metadata", "{}") or "{}")
+    try:
+        meta = json.loads(read_metadata(file).get("lora_adapter_metadata", "{}") or "{}")
+    except ValueError as e:
+        raise ModelError(f"{file}: its lora_adapter_metadata is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{file}: its lora_adapter_metadata is not a JSON object")
     out = {}
     for (comp, name), (down, up) in pairs.items():
         if down is None or up is None:
             raise ModelError(f"{file}: {comp} module {name} has only one of its two LoRA matrices; "
                              f"the file is incomplete")
-        r = down.shape[0]
-        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != r or up.shape[2:] not in ((), (1, 1)):
+        r = down.shape[0] if down.ndim else 0
+        if r < 1 or down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != r or \
+                up.shape[2:] not in ((), (1, 1)):
             raise ModelError(f"{file}: {comp} module {name}: down {list(down.shape)} and up {list(up.shape)} "
                              f"are not a LoRA pair")
-        scale = _peft_alpha(meta, comp, name, r) if not kohya else None
-        if scale is None:
-            scale = alphas.get((comp, name), r) / r
-        out[(comp, name)] = (up.flatten(1).float() @ down.flatten(1).float()) * scale
+        try:
+            scale = _peft_alpha(meta, comp, name, r) if not kohya else None
+            scale = float(alphas.get((comp, name), r) / r if scale is None else scale)
+        except (TypeError, ValueError, ZeroDivisionError, re.error) as e:
+            raise ModelError(f"{file}: its lora_adapter_metadata for {comp} is not usable ({e})") from None
+        if not math.isfinite(scale):
+            raise ModelError(f"{file}: {comp} module {name}: its scale α/r is {scale}")
+        out[(comp, name)] = (up.flatten(1).float(), down.flatten(1).float(), scale)
     return out
 
 
@@ -147,20 +165,25 @@ def apply_loras(model, loras: list[tuple[Path, float]], allow_pickle: bool = Fal
     nets = {"unet": model.unet, **{name: te for name, _, te in model.text_encoders()}}
     index = _module_index(nets)
     for file, s in loras:
-        deltas = lora_deltas(file, allow_pickle)
         resolved = []
-        for (comp, name), d in deltas.items():  # check every module before changing any weight
+        for (comp, name), (up, down, scale) in lora_factors(file, allow_pickle).items():  # every module fits, first
             if comp not in nets:
                 raise ModelError(f"{file}: it adapts a second text encoder ({comp}: an SDXL LoRA); this model has one")
             ours = index[comp].get(name) or index[comp].get(name.replace(".", "_"))
             w = nets[comp].get_submodule(ours).weight if ours else None
-            if w is None or w.shape[0] != d.shape[0] or w.numel() != d.numel():
-                shape = f" (LoRA {list(d.shape)} vs weight {list(w.shape)})" if w is not None else ""
+            if w is None or w.shape[0] != up.shape[0] or w[0].numel() != down.shape[1]:
+                shape = f" (LoRA {[up.shape[0], down.shape[1]]} vs weight {list(w.shape)})" if w is not None else ""
                 raise ModelError(f"{file}: LoRA module {comp}:{name} does not match this model{shape}")
-            resolved.append((w, d.reshape(w.shape)))
+            resolved.append((w, up, down, scale))
+            # every |ΔW| entry is at most |s·α/r|·max row sum of |B|·max |A|: a file that would overflow the
+            # weights (or holds inf/NaN) is refused before any module changes
+            bound = abs(s * scale) * float(up.abs().sum(1).max()) * float(down.abs().max())
+            if not bound < torch.finfo(w.dtype).max / 2:
+                raise ModelError(f"{file}: LoRA module {comp}:{name} at strength {s} would make the weights "
+                                 f"overflow or not numbers (its factors reach {bound:.3g})")
         with torch.no_grad():
-            for w, d in resolved:
-                w += (s * d).to(w.dtype)
+            for w, up, down, scale in resolved:
+                w += (s * ((up @ down) * scale)).reshape(w.shape).to(w.dtype)  # as (α/r)·B A, then the strength
     return model
 
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from minidream import plots
-from minidream.images import save_png
+from minidream.formats.files import write_text
+from minidream.images import save_image, save_png
 from minidream.models.attention import Attention
 from minidream.sampling.pipeline import SamplingParams, generate
 
@@ -105,6 +106,6 @@ def write_maps(image: torch.Tensor, maps: torch.Tensor, tokens: list[tuple[int, 
     for i, (tile, label) in enumerate(zip(tiles, labels)):
         sheet.paste(tile, (4 + i * (w + 4), 4))
         d.text((4 + i * (w + 4), h + 6), label[: w // 6], fill=plots.INK, font=plots.FONT)
-    sheet.save(out / "maps.png")
-    (out / "maps.json").write_text(json.dumps({**meta, "tokens": rows}, indent=1))
+    save_image(sheet, out / "maps.png")
+    write_text(out / "maps.json", json.dumps({**meta, "tokens": rows}, indent=1))
     return [out / "maps.png", out / "maps.json"]

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from minidream import plots
+from minidream.formats.files import write_text
+from minidream.images import save_image
 from minidream.models.tokens import make_plain
 
 UNET_TYPES = ("self Q", "self K", "self V", "self out", "cross Q", "cross K", "cross V", "cross out",
@@ -143,7 +145,7 @@ def picture(d: dict):
 def write(d: dict, out: Path, meta: dict) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "diff.json").write_text(json.dumps({**meta, **d}, indent=1))
-    (out / "diff.md").write_text(f"# {meta.get('tuned')} vs {meta.get('base')}\n\n" + markdown(d))
-    picture(d).save(out / "diff.png")
+    write_text(out / "diff.json", json.dumps({**meta, **d}, indent=1))
+    write_text(out / "diff.md", f"# {meta.get('tuned')} vs {meta.get('base')}\n\n" + markdown(d))
+    save_image(picture(d), out / "diff.png")
     return [out / "diff.json", out / "diff.md", out / "diff.png"]

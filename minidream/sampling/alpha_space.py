@@ -10,15 +10,20 @@ import torch
 from minidream.models.noise_schedule import SchedulerConfig, alphas_cumprod
 
 
+def check_steps(cfg: SchedulerConfig, steps: int):
+    """A number of sampling steps the schedule has room for (the caller names its option before the message)."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be at least 1 (got {steps})")
+    if steps > cfg.num_train_timesteps:
+        raise ValueError(f"{steps} steps exceed the model's {cfg.num_train_timesteps} training timesteps")
+
+
 def spacing(cfg: SchedulerConfig, steps: int, solver: bool = False) -> torch.Tensor:
     """The inference timesteps, descending, float64, as diffusers spaces them (the three spacings are compared in
     Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"). The multistep solvers
     (DPM-Solver, UniPC) space steps + 1 points and drop the last, t = 0 (`solver`)."""
-    if steps < 1:
-        raise ValueError(f"--steps must be at least 1 (got {steps})")
+    check_steps(cfg, steps)
     N = cfg.num_train_timesteps
-    if steps > N:
-        raise ValueError(f"--steps {steps} exceeds the {N} training timesteps")
     n = steps + 1 if solver else steps
     if cfg.timestep_spacing == "leading":
         ts = (torch.arange(n, dtype=torch.float64) * (N // n)).round().flip(0)[: steps] + cfg.steps_offset
@@ -28,8 +33,11 @@ def spacing(cfg: SchedulerConfig, steps: int, solver: bool = False) -> torch.Ten
         ts = torch.linspace(0, N - 1, n, dtype=torch.float64).flip(0)
         ts = ts.round()[: steps] if solver else ts
     if ts.max() >= N:  # leading spacing plus steps_offset can step past the last training timestep
-        raise ValueError(f"--steps {steps} with this scheduler config reaches timestep {int(ts.max())} >= {N}; "
-                         f"use fewer steps")
+        raise ValueError(f"{steps} steps with this scheduler config reach timestep {int(ts.max())} >= {N}; "
+                         f"use fewer")
+    if len(set(ts.round().tolist())) < len(ts):  # steps closer than one timestep: a solver divides by zero
+        raise ValueError(f"{steps} steps are more than this schedule spaces apart ({N} timesteps, "
+                         f"{cfg.timestep_spacing} spacing); use fewer")
     return ts
 
 

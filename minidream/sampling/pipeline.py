@@ -12,29 +12,63 @@ import torch
 from minidream.models.noise_schedule import SchedulerConfig
 from minidream.models.stable_diffusion import StableDiffusion, encode_text, size_conditioning, size_ids
 from minidream.models.vae import to_uint8
-from minidream.options import option
+from minidream.options import at_least, first_problem, non_negative, option, text
 from minidream.progress import Progress
 from minidream.sampling.alpha_space import Sampler
 from minidream.sampling.samplers import SAMPLERS, make_sampler
+
+
+MAX_SIDE = 4096  # an image side beyond this needs more memory than any card has
+
+
+def image_side(v, factor: int = 8):
+    """A multiple of 8 (the VAE), and once the model is known of its whole downsampling factor (VAE x UNet)."""
+    if v is None or (v >= factor and v % factor == 0 and v <= MAX_SIDE):
+        return None
+    if v > MAX_SIDE:
+        return f"must be at most {MAX_SIDE} (got {v})"
+    return f"must be a positive multiple of {factor}{' for this model' if factor != 8 else ''} (got {v})"
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """The settings of a sampling run, each declared once (minidream/options.py): `sample` and `attention-maps`
     take them as options."""
-    steps: int = option(50, "Denoising steps.")
-    guidance: float = option(7.5, "Classifier-free guidance scale; <= 1 turns CFG off.")
+    steps: int = option(50, "Denoising steps.", check=at_least(1))
+    guidance: float = option(7.5, "Classifier-free guidance scale; <= 1 turns CFG off.", check=non_negative)
     sampler: str | None = option(None, "Sampler; default: the model's own scheduler (scheduler_config.json's class).",
                                  choices=SAMPLERS, flag="--scheduler")
-    eta: float = option(0.0, "DDIM eta (0 = deterministic).")
+    eta: float = option(0.0, "DDIM eta (0 = deterministic).", check=non_negative)
     negative_prompt: str | None = option(None, "Negative prompt (the unconditional branch of CFG); default none: the "
-                                         "empty prompt, for SDXL zeros (as diffusers).")
-    height: int | None = option(None, "Image height in pixels (multiple of 8); default: the model's.")
-    width: int | None = option(None, "Image width in pixels (multiple of 8); default: the model's.")
+                                         "empty prompt, for SDXL zeros (as diffusers).", check=text)
+    height: int | None = option(None, "Image height in pixels (multiple of 8); default: the model's.",
+                                check=image_side)
+    width: int | None = option(None, "Image width in pixels (multiple of 8); default: the model's.",
+                               check=image_side)
 
     def make_sampler(self, schedule: SchedulerConfig) -> Sampler:
         """The sampler these settings name, over a model's noise schedule (ValueError when it cannot be had)."""
         return make_sampler(self.sampler, schedule, self.eta)
+
+    def problem(self, model: StableDiffusion | None = None) -> tuple[str, str] | None:
+        """(field, what is wrong) with these settings, or None; with the model, also its image sides, its scheduler
+        and the steps its schedule has room for. Callers check before they write anything."""
+        wrong = first_problem(self)
+        if wrong or model is None:
+            return wrong
+        for name in ("height", "width"):
+            wrong = image_side(getattr(self, name), model.downsampling)
+            if wrong:
+                return name, wrong
+        try:
+            sampler = self.make_sampler(model.scheduler)
+        except ValueError as e:
+            return "sampler", str(e)
+        try:
+            sampler.set_timesteps(self.steps)
+        except ValueError as e:
+            return "steps", str(e)
+        return None
 
 
 @torch.no_grad()

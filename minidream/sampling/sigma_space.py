@@ -11,7 +11,7 @@ gives the same image.
 import torch
 
 from minidream.models.noise_schedule import SchedulerConfig
-from minidream.sampling.alpha_space import Sampler, spacing
+from minidream.sampling.alpha_space import Sampler, check_steps, spacing
 
 
 def karras_sigmas(s_min: float, s_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
@@ -133,6 +133,7 @@ class _VPSolver(Sampler):
     def set_timesteps(self, steps: int, device=None):
         table = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         if self.karras:  # over the whole trained range σ(0)..σ(N-1), timesteps read back from σ and rounded
+            check_steps(self.cfg, steps)
             sig = karras_sigmas(table[0].item(), table[-1].item(), steps)
             ts = sigma_to_t(sig, table.log().double()).round()
         else:

@@ -4,7 +4,7 @@ in step.py → batches.py → models/stable_diffusion.py.
 
     config        every setting, declared once: default, help, check, whether a resume may change it
     runtime       where the run happens: device, attention backend, precision, process group (distributed)
-    concepts      the run's data as users bring it: concepts, captions, buckets (photos, class_images)
+    concepts      the run's data as users bring it: concepts (concepts_file), captions, buckets (photos, class_images)
     batches       what a step is fed: latents and the prompts' conditioning
     trainable     what trains (a row per --train mode); optim: the optimizers and LR schedules (tables)
     state         the training state, which a checkpoint holds (checkpoint) in the run folder (run_folder)

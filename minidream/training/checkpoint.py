@@ -5,7 +5,7 @@ in its metadata), written to a temporary name and renamed, so a crash or Ctrl-C 
 """
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -18,8 +18,9 @@ from minidream.training.photos import image_files
 from minidream.training.state import TrainState
 
 
-def save_checkpoint(path: Path, step: int, cfg: TrainConfig, state: dict):
-    """`state`: TrainState.state_dict(). Tensors go into the file, everything else into its metadata."""
+def save_checkpoint(path: Path, step: int, cfg: TrainConfig, state: dict, processes: int = 1):
+    """`state`: TrainState.state_dict(). Tensors go into the file, everything else into its metadata (with how many
+    processes shared the batch: a resume on another number keeps the run's global batch)."""
     tensors = dict(state["params"])
     scalars = {}
     for idx, st in state["optimizer"]["state"].items():
@@ -30,7 +31,8 @@ def save_checkpoint(path: Path, step: int, cfg: TrainConfig, state: dict):
                 scalars[f"{idx}.{k}"] = v
     tensors.update({f"rng.{k}": v for k, v in state["rng"].items()})
     meta = {"step": step, "config": asdict(cfg), "param_groups": state["optimizer"]["param_groups"],
-            "optim_scalars": scalars, "lr_sched": state["lr_schedule"], "scaler": state["scaler"]}
+            "optim_scalars": scalars, "lr_sched": state["lr_schedule"], "scaler": state["scaler"],
+            "processes": processes}
     save_safetensors(tensors, path, metadata={"minidream": json.dumps(meta)})
 
 
@@ -58,6 +60,20 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
         raise TrainError(f"{path}: not a readable minidream checkpoint ({e})") from None
 
 
+def same_global_batch(cfg: TrainConfig, was: int, now: int) -> TrainConfig:
+    """A run resumed on another number of processes keeps its global batch (--batch-size is per process), so it
+    continues the same computation (distributed.py); a number that does not divide that batch is refused."""
+    if was == now:
+        return cfg
+    batch = cfg.batch_size * was
+    if batch % now:
+        raise TrainError(f"--resume: the run trained {was} process(es) x --batch-size {cfg.batch_size} (a batch of "
+                         f"{batch}); resume it on a number of processes that divides {batch}")
+    print(f"resuming on {now} process(es): --batch-size {batch // now} each keeps the run's batch of {batch}",
+          file=sys.stderr)
+    return replace(cfg, batch_size=batch // now)
+
+
 def checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step-*.safetensors"))
 
@@ -70,35 +86,60 @@ class Checkpointer:
         self.out, self.cfg, self.state, self.group = out, cfg, state, group
         self.last_good = step
 
+    def path(self, step: int) -> Path:
+        return self.out / "checkpoints" / f"step-{step:06d}.safetensors"
+
+    def kept(self) -> str:
+        """What a run stopped now keeps, for its last line."""
+        if self.last_good and (not self.group.main or self.path(self.last_good).is_file()):
+            return f"the last good checkpoint is kept (step {self.last_good})"
+        return "no checkpoint was written yet (--resume latest starts again from step 0)"
+
+    def keep(self, step: int) -> Path:
+        """A checkpoint of `step`: the one already written, or a new one."""
+        if self.group.main and self.last_good == step and self.path(step).is_file():
+            return self.path(step)
+        return self.save(step)
+
     def save(self, step: int) -> Path:
         """Rank 0 writes (every process holds the same state, and the draws are global: a checkpoint resumes
         on any number of processes)."""
-        path = self.out / "checkpoints" / f"step-{step:06d}.safetensors"
+        path = self.path(step)
         if not self.group.main:
             self.last_good = step
             return path
         try:
-            save_checkpoint(path, step, self.cfg, self.state.state_dict())
+            save_checkpoint(path, step, self.cfg, self.state.state_dict(), self.group.size)
         except OSError as e:
-            raise TrainError(f"{path}: could not be written ({e.strerror}); the last good checkpoint is kept "
-                             f"(step {self.last_good}); free space and --resume latest") from None
+            raise TrainError(f"{path}: could not be written ({e.strerror}); {self.kept()}; "
+                             "free space and --resume latest") from None
         for old in checkpoints(self.out)[:-self.cfg.keep_last] if self.cfg.keep_last > 0 else []:
             old.unlink()
         self.last_good = step
         return path
 
 
-def resume_from(cfg: TrainConfig, out: Path, resume: str, given: set[str] | None) -> tuple[TrainConfig, int, dict]:
+def resume_from(cfg: TrainConfig, out: Path, resume: str, given: set[str] | None,
+                processes: int = 1) -> tuple[TrainConfig, int, dict]:
     """--resume latest|FILE: the checkpoint's settings (with the resumable ones the user gave), its step and its
-    training state."""
+    training state. A run stopped before its first checkpoint (run.json, no checkpoint) starts again from step 0
+    with its own settings, keeping what it made (its class images)."""
     found = checkpoints(out) if resume == "latest" else []
     if resume == "latest" and not found:
-        raise TrainError(f"--resume latest: no checkpoint in {out / 'checkpoints'}")
-    ck = found[-1] if found else Path(resume)
-    if not ck.is_file():
-        raise TrainError(f"--resume {resume}: no such checkpoint file")
-    meta, state = read_checkpoint(ck)
-    cfg = resumed_config(cfg, stored_config(meta, ck), given)
+        if not (out / "run.json").is_file():
+            raise TrainError(f"--resume latest: no checkpoint in {out / 'checkpoints'}")
+        try:
+            meta, state = {"config": json.loads((out / "run.json").read_text()), "step": 0}, None
+        except (OSError, ValueError) as e:
+            raise TrainError(f"{out / 'run.json'}: not readable ({e}); start over with --overwrite") from None
+        source, what = out / "run.json", "no checkpoint yet: starting from step 0 with the settings of"
+    else:
+        source = found[-1] if found else Path(resume)
+        if not source.is_file():
+            raise TrainError(f"--resume {resume}: no such checkpoint file")
+        meta, state = read_checkpoint(source)
+        what = "resuming from"
+    cfg = resumed_config(cfg, stored_config(meta, source), given)
     if given is not None and "class_dir" not in given and cfg.class_dir and \
             not Path(cfg.class_dir).resolve().is_relative_to(out.resolve()):
         # a stored class folder outside --out is only read: a crafted checkpoint must not make us write there
@@ -106,5 +147,9 @@ def resume_from(cfg: TrainConfig, out: Path, resume: str, given: set[str] | None
         if cfg.prior and have < cfg.num_class_images:
             raise TrainError(f"--class-dir {cfg.class_dir} (from the checkpoint) holds {have} of "
                              f"{cfg.num_class_images} class images; pass --class-dir to say where to make them")
-    print(f"resuming from {ck} at step {meta['step']}", file=sys.stderr)
+    cfg = same_global_batch(cfg, meta.get("processes") or processes, processes)
+    if cfg.steps < meta["step"]:
+        raise TrainError(f"--steps {cfg.steps} is below the checkpoint's step {meta['step']}; give at least "
+                         f"{meta['step']} (a larger --steps trains on)")
+    print(f"{what} {source} at step {meta['step']}", file=sys.stderr)
     return cfg, meta["step"], state

@@ -73,6 +73,10 @@ def prepare_class_dir(class_dir: Path, prompt: str):
         raise TrainError(f"--class-dir {class_dir}: not writable ({e.strerror}); choose another folder") from None
     for stale in class_dir.glob(".*.tmp*"):  # a killed generation's unfinished file
         stale.unlink()
+    refuse_other_prompts(class_dir, prompt)
+
+
+def refuse_other_prompts(class_dir: Path, prompt: str):
     other = [p.name for p in image_files(class_dir) if png_prompt(p) not in (None, prompt)]
     if other:
         raise TrainError(f"--class-dir {class_dir}: {len(other)} image(s) were generated for another class prompt "
@@ -80,10 +84,13 @@ def prepare_class_dir(class_dir: Path, prompt: str):
                          f"empty it")
 
 
-def check_class_dir(class_dir: Path):
-    """A --class-dir that cannot be made or written fails before run.json exists."""
+def check_class_dir(class_dir: Path, prompt: str | None):
+    """A --class-dir that cannot be made or written, or holds another prompt's images (`prompt`: None, it will be
+    emptied first), fails before run.json exists."""
     ancestor = next(p for p in (class_dir, *class_dir.parents) if p.exists())
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         what = "is a file or below one" if not ancestor.is_dir() else "not writable"
         raise TrainError(f"--class-dir {class_dir}: {what}; choose another folder")
+    if prompt is not None and class_dir.is_dir():
+        refuse_other_prompts(class_dir, prompt)
     return class_dir

@@ -13,21 +13,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from minidream.formats.files import write_text
+from minidream.options import text
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import TrainError
 from minidream.training.class_images import check_class_dir, make_class_images
+from minidream.training.concepts_file import Concept, concepts
 from minidream.training.config import TrainConfig
-from minidream.training.photos import load_images
+from minidream.training.photos import image_files, load_images
 from minidream.training.runtime import Runtime
-
-
-@dataclass(frozen=True)
-class Concept:
-    instance_dir: Path
-    instance_prompt: str
-    class_prompt: str
-    class_dir: Path
-    num_class_images: int
 
 
 @dataclass(frozen=True)
@@ -38,22 +32,6 @@ class Example:
     concept: int
     bucket: tuple[int, int]  # (width, height)
     caption_file: Path | None = None
-
-
-def concepts(cfg: TrainConfig, out: Path) -> list[Concept]:
-    """The run's concepts: the --concepts entries, or the one the command line describes."""
-    if not cfg.concepts:
-        return [Concept(Path(cfg.instance_dir), cfg.prompts[0], cfg.prompts[1],
-                        Path(cfg.class_dir) if cfg.class_dir else out / "class_images", cfg.num_class_images)]
-    rows = []
-    for k, c in enumerate(cfg.concepts):
-        token = f"<{c.get('identifier', cfg.identifier)}>" if cfg.train_token else c.get("identifier")
-        instance_prompt = c.get("instance_prompt") or f"a photo of {token} {c['class_noun']}"
-        rows.append(Concept(Path(c["instance_dir"]), instance_prompt,
-                            c.get("class_prompt") or f"a photo of {c['class_noun']}",
-                            Path(c["class_dir"]) if c.get("class_dir") else out / "class_images" / f"concept-{k}",
-                            c.get("num_class_images", cfg.num_class_images)))
-    return rows
 
 
 def buckets(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
@@ -84,6 +62,8 @@ def caption(image_file: Path, ext: str | None) -> tuple[str | None, Path | None]
         text = f.read_text(encoding="utf-8").strip()
     except UnicodeDecodeError:
         raise TrainError(f"--caption-ext: {f} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as e:
+        raise TrainError(f"--caption-ext: {f} could not be read ({e.strerror or e})") from None
     return (text or None), f
 
 
@@ -140,20 +120,29 @@ def write_data_json(out: Path, instance: list[Example], klass: list[Example], sh
         return r
     data = {"buckets": [list(b) for b in shapes], "images": [row(e, "instance") for e in instance] +
             [row(e, "class") for e in klass]}
-    (out / "data.json").write_text(json.dumps(data, indent=1))
+    write_text(out / "data.json", json.dumps(data, indent=1))
     used = sorted({e.bucket for e in instance})
     if len(used) > 1:
         print(f"aspect buckets in use: {', '.join(f'{w}x{h}' for w, h in used)}", file=sys.stderr)
 
 
-def check_prompts(model: StableDiffusion, cfg: TrainConfig, concepts: list):
-    """CLIP reads 77 tokens: a prompt cut before its identifier would train on the class alone."""
-    pairs = [(what, p) for c in concepts for what, p in (("--instance-prompt", c.instance_prompt),
-                                                         ("--class-prompt", c.class_prompt))]
-    for what, prompt in pairs:
+def check_prompts(model: StableDiffusion, cfg: TrainConfig, concepts: list, instance: list[Example]):
+    """CLIP reads 77 tokens: a prompt cut before its identifier would train on the class alone. With --train-token
+    every instance prompt (each caption too) must hold the new token, or the token learns nothing."""
+    pairs = [(what, p, c.identifier) for c in concepts for what, p in (("--instance-prompt", c.instance_prompt),
+                                                                       ("--class-prompt", c.class_prompt))]
+    pairs += [(f"--caption-ext: {e.caption_file}", e.prompt, concepts[e.concept].identifier)
+              for e in instance if e.caption_file]
+    for what, prompt, ident in pairs:
+        if text(prompt):
+            raise TrainError(f"{what}: {text(prompt)}")
+        instance_side = not what.startswith("--class")
+        if cfg.train_token and instance_side and f"<{ident}>" not in prompt:
+            raise TrainError(f"{what}: the prompt {prompt!r} does not hold the token <{ident}> that --train-token "
+                             f"learns; write <{ident}> where the identifier goes")
         cut = model.tokenizer.truncated(prompt)
-        if cut and what == "--instance-prompt" and cfg.identifier in cut and cfg.identifier not in prompt[:-len(cut)]:
-            raise TrainError(f"{what}: the identifier {cfg.identifier!r} falls past the text encoder's "
+        if cut and instance_side and ident in cut and ident not in prompt[:-len(cut)]:
+            raise TrainError(f"{what}: the identifier {ident!r} falls past the text encoder's "
                              f"{model.tokenizer.max_length}-token limit; shorten the prompt")
         if cut:
             print(f"warning: {what} is longer than {model.tokenizer.max_length} tokens; this part is cut: {cut!r}",
@@ -164,14 +153,21 @@ class TrainingData:
     """The run's concepts, its instance examples (captions, buckets) and, once made, its class examples. Everything
     a user brought is read and checked here, before the run folder is touched."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, model: StableDiffusion):
+    def __init__(self, cfg: TrainConfig, out: Path, model: StableDiffusion, start_over: bool = False):
+        """`start_over`: --overwrite will empty the run folder, class images made there included."""
         self.concepts = concepts(cfg, out)
         self.shapes = buckets(cfg.resolution, model.downsampling, cfg.max_aspect) if cfg.aspect_buckets \
             else [(cfg.resolution, cfg.resolution)]
         self.instance = instance_examples(self.concepts, cfg, self.shapes)
-        check_prompts(model, cfg, self.concepts)
-        for c in self.concepts if cfg.prior else []:
-            check_class_dir(c.class_dir)
+        check_prompts(model, cfg, self.concepts, self.instance)
+        cleared = [start_over and c.class_dir.resolve().is_relative_to((out / "class_images").resolve())
+                   for c in self.concepts]
+        for c, gone in zip(self.concepts, cleared) if cfg.prior else []:
+            check_class_dir(c.class_dir, None if gone else c.class_prompt)
+        ready = cfg.prior and not any(cleared) and all(
+            c.class_dir.is_dir() and len(image_files(c.class_dir)) >= c.num_class_images for c in self.concepts)
+        if ready:  # no class image will be drawn: their buckets are checked now, before run.json
+            check_buckets(self.instance, class_examples(self.concepts, cfg, self.shapes))
         self.klass = []
 
     def prompts(self) -> list[str]:

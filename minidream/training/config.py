@@ -4,8 +4,6 @@ carries its default, the help of its command-line option, its check, and whether
 option's values come from the table that implements them (the --train modes, optimizers, LR schedules, samplers,
 export formats, ...). Adding an option is one field here, and its use where it acts.
 """
-import json
-import math
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
@@ -13,10 +11,12 @@ from minidream.formats import exports
 from minidream.models.attention import CHOICES as ATTENTION_BACKENDS
 from minidream.models.device import DTYPES
 from minidream.models.stable_diffusion import PRESETS
-from minidream.options import option
-from minidream.sampling.pipeline import SamplingParams
+from minidream.options import (at_least, each_one_of, first_problem, in_range, non_negative, option, option_flag,
+                               path, positive, positive_number, probability, text, texts)
+from minidream.sampling.pipeline import SamplingParams, image_side
 from minidream.sampling.samplers import SAMPLERS
 from minidream.training import TrainError
+from minidream.training.concepts_file import MAX_CLASS_IMAGES, check_concepts, check_run_concepts, concepts_file, word
 from minidream.training.optim import LR_SCHEDULES, OPTIMIZERS
 from minidream.training.report import REPORT_TO
 from minidream.training.runtime import PRECISIONS
@@ -24,31 +24,7 @@ from minidream.training.trainable import MODES
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks: each returns what is wrong with a value (the flag is put before it), or None
-
-def at_least(n):
-    return lambda v: None if v >= n else f"must be at least {n} (got {v})"
-
-
-def non_negative(v):
-    return None if v >= 0 else f"must be >= 0 (got {v})"
-
-
-def positive(v):
-    return None if v > 0 else f"must be > 0 (got {v})"
-
-
-def positive_number(v):  # None stands for a default
-    return None if v is None or (v > 0 and math.isfinite(v)) else f"must be a positive number (got {v})"
-
-
-def each_one_of(values):
-    return lambda vs: next((f"{v!r} is not one of {', '.join(values)}" for v in vs if v not in values), None)
-
-
-def probability(v):
-    return None if 0 <= v <= 1 else f"is a probability in [0, 1] (got {v})"
-
+# The checks only a training setting has (the common ones are minidream/options.py's)
 
 def beta(v):
     return None if 0 <= v < 1 else f"must be in [0, 1) (got {v})"
@@ -58,46 +34,22 @@ def seed_range(v):
     return None if 0 <= v < 2 ** 63 else f"must be in [0, 2^63) (got {v})"
 
 
-def image_side(v, factor: int = 8):
-    """A multiple of 8 (the VAE), and once the model is known of its whole downsampling factor (VAE x UNet)."""
-    if v is None or (v >= factor and v % factor == 0):
-        return None
-    return f"must be a positive multiple of {factor}{' for this model' if factor != 8 else ''} (got {v})"
-
-
 def extension(v):
     return None if v is None or (v.strip(".") and "/" not in v) else f"{v!r}: give a file extension such as .txt"
 
 
-def concepts_file(path) -> tuple[dict, ...]:
-    """--concepts FILE.json, read and checked: a list of objects, one per concept (stored in the run's config)."""
-    if path is None:
-        return ()
-    keys = {"instance_dir", "instance_prompt", "identifier", "class_noun", "class_prompt", "class_dir",
-            "num_class_images"}
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TrainError(f"--concepts {path}: not a readable JSON file ({e})") from None
-    if not isinstance(data, list) or not data or not all(isinstance(c, dict) for c in data):
-        raise TrainError(f"--concepts {path}: expected a non-empty list of objects, one per concept")
-    for k, c in enumerate(data):
-        unknown = set(c) - keys
-        if unknown:
-            raise TrainError(f"--concepts {path}: concept {k} has unknown key(s) {', '.join(sorted(unknown))} "
-                             f"(known: {', '.join(sorted(keys))})")
-        if not isinstance(c.get("instance_dir"), str):
-            raise TrainError(f"--concepts {path}: concept {k} needs \"instance_dir\"")
-        if not (isinstance(c.get("instance_prompt"), str) or
-                (isinstance(c.get("identifier"), str) and isinstance(c.get("class_noun"), str))):
-            raise TrainError(f"--concepts {path}: concept {k} needs \"instance_prompt\", or \"identifier\" and "
-                             f"\"class_noun\"")
-        if not (isinstance(c.get("class_prompt"), str) or isinstance(c.get("class_noun"), str)):
-            raise TrainError(f"--concepts {path}: concept {k} needs \"class_prompt\" or \"class_noun\"")
-        n = c.get("num_class_images", 0)
-        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
-            raise TrainError(f"--concepts {path}: concept {k}: num_class_images must be an integer >= 0")
-    return tuple(data)
+def path_text(p) -> str | None:
+    """A path option's value as stored in run.json ("" kept: its check refuses it)."""
+    return None if p is None else str(p)
+
+
+def noun(v):
+    return "is empty; name the subject's class (e.g. dog)" if v is not None and not v.strip() else text(v)
+
+
+def identifier(v):
+    wrong = word(v)
+    return None if wrong is None else wrong.removeprefix(f"{v!r} ")
 
 
 MODE_HELP = "; ".join(f"{name}: {row.help}" for name, row in MODES.items())
@@ -106,25 +58,26 @@ MODE_HELP = "; ".join(f"{name}: {row.help}" for name, row in MODES.items())
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a run depends on; stored in run.json and in every checkpoint."""
-    model: str = option(help="Base model: folder, hub repo id or single-file checkpoint.", resumable=True)
-    out: str = option(help="Run folder: checkpoints, metrics, samples, exports.", resumable=True, cli_type=Path,
+    model: str = option(help="Base model: folder, hub repo id or single-file checkpoint.", check=path, resumable=True)
+    out: str = option(help="Run folder: checkpoints, metrics, samples, exports.", check=path, resumable=True,
+                      cli_type=Path,
                       parse=str)
     # the data
-    instance_dir: str | None = option(None, "Folder with 3-20 photos of the subject (jpg/png/webp).", resumable=True,
-                                      cli_type=Path, parse=lambda p: str(p) if p else None)
-    class_noun: str | None = option(None, "The subject's class, e.g. dog.")
+    instance_dir: str | None = option(None, "Folder with 3-20 photos of the subject (jpg/png/webp).", check=path,
+                                      resumable=True,
+                                      cli_type=Path, parse=path_text)
+    class_noun: str | None = option(None, "The subject's class, e.g. dog.", check=noun)
     concepts: tuple = option((), "JSON list of concepts (instead of --instance-dir/--class-noun): {instance_dir, "
                              "instance_prompt | identifier + class_noun, class_prompt, class_dir, num_class_images}.",
-                             cli_type=Path, parse=concepts_file, added=())
+                             check=check_concepts, cli_type=Path, parse=concepts_file, added=())
     caption_ext: str | None = option(None, "A caption file beside an image (IMAGE.EXT, e.g. .txt) is that image's "
                                      "prompt.", check=extension, added=None)
     aspect_buckets: bool = option(False, "Aspect-ratio buckets of about --resolution² pixels instead of square crops.",
                                   added=False)
-    max_aspect: float = option(2.0, "Largest bucket aspect ratio.",
-                               check=lambda v: None if v >= 1 else f"must be >= 1 (got {v})", added=2.0)
-    identifier: str = option("sks", "Rare token bound to the subject.")
-    instance_prompt: str | None = option(None, "Default: 'a photo of IDENTIFIER CLASS'.")
-    class_prompt: str | None = option(None, "Default: 'a photo of CLASS'.")
+    max_aspect: float = option(2.0, "Largest bucket aspect ratio.", check=in_range(1, 10), added=2.0)
+    identifier: str = option("sks", "Rare token bound to the subject.", check=identifier)
+    instance_prompt: str | None = option(None, "Default: 'a photo of IDENTIFIER CLASS'.", check=text)
+    class_prompt: str | None = option(None, "Default: 'a photo of CLASS'.", check=text)
     resolution: int | None = option(None, "Training resolution in pixels; default: the model's native one (512 for "
                                     "SD 1.x/2.x-base, 768 for 2.x-v).", check=image_side)
     center_crop: bool = option(True, "Crop mode.", flag="--center-crop/--random-crop")
@@ -132,21 +85,22 @@ class TrainConfig:
     # prior preservation (the class images)
     prior: bool = option(True, "Class-specific prior-preservation loss.", flag="--prior/--no-prior")
     class_dir: str | None = option(None, "Class images (generated here if too few). Default: OUT/class_images.",
-                                   resumable=True, cli_type=Path, parse=lambda p: str(p) if p else None)
-    num_class_images: int = option(200, "Class images to have (generated by the base model).", check=non_negative)
+                                   check=path, resumable=True, cli_type=Path, parse=path_text)
+    num_class_images: int = option(200, "Class images to have (generated by the base model).",
+                                   check=at_least(0, MAX_CLASS_IMAGES))
     prior_loss_weight: float = option(1.0, "λ, weight of the prior-preservation loss.", check=non_negative)
     class_steps: int = option(50, "Sampling steps for class images.", check=at_least(1))
     class_guidance: float = option(7.5, "CFG scale for class images.", check=non_negative)
     class_batch_size: int = option(4, "Class images per sampling batch.", check=at_least(1))
     class_precision: str = option("auto", "Precision of class-image sampling (autocast); auto: fp16 on CUDA, fp32 on "
                                   "CPU.", choices=("auto", *DTYPES))
-    class_negative_prompt: str = option("", "Negative prompt for the class images.")
+    class_negative_prompt: str = option("", "Negative prompt for the class images.", check=text)
     class_scheduler: str | None = option(None, "Sampler for class images; default: the model's own.",
                                          choices=SAMPLERS, added="ddim")
     # what trains
     mode: str = option("unet", MODE_HELP + ".", choices=MODES, flag="--train", was="train")
     lora_rank: int = option(4, "LoRA rank r.", check=at_least(1))
-    lora_alpha: float = option(4.0, "LoRA alpha (scale alpha/r).")
+    lora_alpha: float = option(4.0, "LoRA alpha (scale alpha/r).", check=positive)
     train_text_encoder: bool = option(False, "Also train the text encoder (LoRA with --train lora).")
     train_token: bool = option(False, "Learn a new token embedding <IDENTIFIER>, initialised from the class noun.")
     # optimisation
@@ -179,7 +133,8 @@ class TrainConfig:
     noise_offset: float = option(0.0, "Noise offset (e.g. 0.05).", check=non_negative)
     seed: int = option(0, "Seed of every random draw.", check=seed_range)
     # validation, checkpoints, exports, where it runs
-    validation_prompts: tuple[str, ...] = option((), "Prompt for validation grids (repeatable).", resumable=True,
+    validation_prompts: tuple[str, ...] = option((), "Prompt for validation grids (repeatable).", check=texts,
+                                                 resumable=True,
                                                  flag="--validation-prompt")
     validation_every: int = option(0, "Steps between validation grids (0: only at the end).", check=non_negative,
                                    resumable=True)
@@ -249,18 +204,19 @@ OPTIONS = {f.name: f for f in fields(TrainConfig)}
 
 
 def flag(name: str) -> str:
-    """The option's name on the command line (the first of a switch's pair)."""
-    return (OPTIONS[name].metadata["flag"] or "--" + name.replace("_", "-")).split("/")[0]
+    """A setting's option on the command line."""
+    return option_flag(OPTIONS[name])
 
 
 def validate(cfg: TrainConfig):
     """Every setting that can be checked without the model, before anything is loaded or written."""
+    wrong = first_problem(cfg)
+    if wrong:
+        raise TrainError(f"{flag(wrong[0])} {wrong[1]}")
     if not cfg.concepts and not (cfg.instance_dir and cfg.class_noun):
         raise TrainError("--instance-dir and --class-noun are needed (or --concepts FILE.json)")
-    for name, f in OPTIONS.items():
-        wrong = f.metadata["check"] and f.metadata["check"](getattr(cfg, name))
-        if wrong:
-            raise TrainError(f"{flag(name)} {wrong}")
+    if cfg.concepts and (cfg.instance_dir or cfg.class_noun):
+        raise TrainError("--concepts names each concept's folder and class: drop --instance-dir and --class-noun")
     if any(exports.EXPORTERS[s].adapters for s in cfg.save_as) and not MODES[cfg.mode].adapters:
         raise TrainError("--save-as lora-* needs --train lora")
     if cfg.prior and cfg.num_class_images < 1:
@@ -268,6 +224,7 @@ def validate(cfg: TrainConfig):
     if cfg.cache_latents and not cfg.center_crop:
         raise TrainError("--random-crop has no effect with --cache-latents (cached latents are centre crops); "
                          "drop one of them")
+    check_run_concepts(cfg, Path(cfg.out))
 
 
 def validate_resolution(value: int, factor: int):
@@ -301,6 +258,12 @@ def stored_config(meta: dict, path: Path) -> TrainConfig:
         raise TrainError(f"{path}: its stored settings are not usable ({type(e).__name__}: {e})") from None
 
 
+def short(value) -> str:
+    """A setting's value for a one-line message (a concepts list can be long)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def resumed_config(cfg: TrainConfig, stored: TrainConfig, given: set[str] | None) -> TrainConfig:
     """The checkpoint's settings, with the resumable ones the user gave; a changed fixed one is refused.
     `given`: the settings the user named (None: every resumable one comes from `cfg`)."""
@@ -308,7 +271,7 @@ def resumed_config(cfg: TrainConfig, stored: TrainConfig, given: set[str] | None
     given = resumable if given is None else given & set(OPTIONS)
     fixed = sorted(k for k in given if k not in resumable and getattr(cfg, k) != getattr(stored, k))
     if fixed:
-        was = ", ".join(f"{flag(k)} {getattr(stored, k)!r}" for k in fixed)
+        was = ", ".join(f"{flag(k)} {short(getattr(stored, k))}" for k in fixed)
         raise TrainError(f"--resume: {', '.join(flag(k) for k in fixed)} cannot change in a resumed run (it has "
                          f"{was}); drop them, or start a new run with --overwrite")
     return replace(stored, **{k: getattr(cfg, k) for k in resumable if k in given})

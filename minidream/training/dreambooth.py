@@ -13,9 +13,9 @@ from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import TrainError, run_folder, runtime
 from minidream.training.checkpoint import Checkpointer, resume_from
 from minidream.training.concepts import TrainingData
-from minidream.training.config import TrainConfig, validate, validate_resolution
-from minidream.training.export import export
-from minidream.training.loop import loop
+from minidream.training.config import TrainConfig, flag, validate, validate_resolution
+from minidream.training.export import export as export_trained
+from minidream.training.loop import loop, phase
 from minidream.training.report import REPORT_TO, curves
 from minidream.training.state import TrainState
 from minidream.training.step import prepare
@@ -30,37 +30,46 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
     validate(cfg)
     with runtime.started(cfg) as rt:  # device, attention, precision; torchrun's processes; SIGTERM as Ctrl-C
         out = Path(cfg.out)
-        cfg, start = begin(cfg, out, resume, overwrite, given)  # resuming: the checkpoint's settings and state
+        cfg, start = begin(cfg, out, resume, overwrite, given, rt.group.size)  # resuming: the checkpoint's
         torch.manual_seed(cfg.seed)
         model = load_base(cfg)
         cfg = check_against_model(cfg, model)
-        data = TrainingData(cfg, out, model)  # the photos, captions, buckets: read and checked
+        data = TrainingData(cfg, out, model, overwrite and not resume)  # the photos, captions, buckets: checked
         step, state = start or (None, None)
         with run_folder.opened(out, cfg, rt, start_over=overwrite and not resume, resumed_step=step):
-            rt.place(model)
-            if cfg.prior:  # prior-preservation data, made by the base model before any weight changes
-                data.make_class_images(model, cfg, rt)
-            if rt.main:
-                data.write_json(out)
-            stepper = prepare(cfg, model, rt, data.pools(), data.prompts())
-            if state is not None:
-                stepper.state.load_state_dict(state)
+            with phase("before training (class images, latents)"):  # what was made is kept
+                rt.place(model)
+                if cfg.prior:  # prior-preservation data, made by the base model before any weight changes
+                    data.make_class_images(model, cfg, rt)
+                if rt.main:
+                    data.write_json(out)
+                stepper = prepare(cfg, model, rt, data.pools(), data.prompts())
+                if state is not None:
+                    stepper.state.load_state_dict(state)
             ckpt = Checkpointer(out, cfg, stepper.state, step or 0, rt.group)
             step = loop(cfg, out, stepper, ckpt, step or 0)
             if not rt.main:
                 return model, []
-            if cfg.validation_prompts:
-                validation_grid(model, cfg, out / "samples" / "final.png")
-            curves(out)
-            return model, export_run(cfg, stepper.state, out, ckpt, step)
+            with phase("after training (the final grid, the exports)", ckpt, step):  # the weights are saved first
+                if cfg.validation_prompts:
+                    validation_grid(model, cfg, out / "samples" / "final.png")
+                curves(out)
+                return model, export(cfg, stepper.state)
 
 
-def begin(cfg: TrainConfig, out: Path, resume: str | None, overwrite: bool, given: set[str] | None):
+def begin(cfg: TrainConfig, out: Path, resume: str | None, overwrite: bool, given: set[str] | None,
+          processes: int = 1):
     """The run's settings and, resuming, (the checkpoint's step, its training state); else None."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file; give a folder")
+    if not next(p for p in (out, *out.parents) if p.exists()).is_dir():
+        raise TrainError(f"--out {out}: cannot write there (it is below a file); choose another folder")
+    if resume is not None and not resume.strip():
+        raise TrainError("--resume is empty; give latest or a checkpoint file")
+    if resume and overwrite:
+        raise TrainError("--resume continues a run and --overwrite starts it over: pass one of them")
     if resume:
-        cfg, step, state = resume_from(cfg, out, resume, given)
+        cfg, step, state = resume_from(cfg, out, resume, given, processes)
         return cfg, (step, state)
     if (out / "run.json").exists() and not overwrite:
         raise TrainError(f"--out {out} holds another run (run.json); pass --resume latest to continue it, "
@@ -77,6 +86,13 @@ def load_base(cfg: TrainConfig) -> StableDiffusion:
         raise TrainError(str(e)) from None
 
 
+# the settings each sampling run of the trainer is made of (TrainConfig.class_sampling, .validation_sampling)
+CLASS_SAMPLING = {"steps": "class_steps", "guidance": "class_guidance", "sampler": "class_scheduler",
+                  "negative_prompt": "class_negative_prompt", "height": "resolution", "width": "resolution"}
+VALIDATION_SAMPLING = {"steps": "validation_steps", "sampler": "validation_scheduler", "height": "resolution",
+                       "width": "resolution"}
+
+
 def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
     """The settings that need the model: the resolution (by default the model's own, stored in run.json for
     resume), the samplers, the identifier; and a missing --report-to package, before any work."""
@@ -84,13 +100,11 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
         cfg = replace(cfg, resolution=model.native_resolution)
         print(f"--resolution {cfg.resolution} (the model's native resolution)", file=sys.stderr)
     validate_resolution(cfg.resolution, model.downsampling)
-    for flag, params, used in (("--class-scheduler", cfg.class_sampling, cfg.prior),
-                               ("--validation-scheduler", cfg.validation_sampling, cfg.validation_prompts)):
-        try:
-            if used:  # the model's own scheduler may be one we lack
-                params.make_sampler(model.scheduler)
-        except ValueError as e:
-            raise TrainError(f"{flag}: {e}") from None
+    for params, used, names in ((cfg.class_sampling, cfg.prior, CLASS_SAMPLING),
+                                (cfg.validation_sampling, cfg.validation_prompts, VALIDATION_SAMPLING)):
+        wrong = params.problem(model) if used else None  # its own scheduler may be one we lack; its timesteps
+        if wrong:
+            raise TrainError(f"{flag(names[wrong[0]])}: {wrong[1]}")
     if REPORT_TO[cfg.report_to]:
         REPORT_TO[cfg.report_to].check()
     # Identifier check (§4.1): a rare token carries little prior meaning, so it is cheap to rebind.
@@ -101,16 +115,8 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
     return cfg
 
 
-def export_run(cfg: TrainConfig, state: TrainState, out: Path, ckpt: Checkpointer, step: int) -> list[Path]:
-    """The exports, from a fresh fp32 base with the trained tensors written in. A full disk (or a read-only one)
-    keeps the trained weights in a checkpoint and says how to export again."""
+def export(cfg: TrainConfig, state: TrainState) -> list[Path]:
+    """The exports, from a fresh fp32 base with the trained tensors written in."""
     state.model.denoiser.eval()
     trained = {name: p.detach() for name, p in state.trainable.named()}
-    try:
-        return export(load_base(cfg), trained, cfg, out)
-    except OSError as e:
-        try:
-            kept = f"the trained weights are in {ckpt.save(step)}; free space and --resume latest to export"
-        except TrainError:
-            kept = "no checkpoint could be written either"
-        raise TrainError(f"export to {out} failed ({e.strerror}); {kept}") from None
+    return export_trained(load_base(cfg), trained, cfg, Path(cfg.out))

@@ -1,7 +1,14 @@
-"""The training loop: the step repeated to --steps, each logging a metrics line and maybe checkpointing and drawing
-a validation grid. Ctrl-C (or SIGTERM, or a lost process) saves a checkpoint of the last finished step; a
-non-finite loss stops with the last good one kept."""
+"""The training loop, and how any part of a run stops without losing work.
+
+`loop` repeats the step to --steps, each logging a metrics line and maybe checkpointing and drawing a validation
+grid. Whatever stops a run — Ctrl-C, SIGTERM (runtime.py makes it a Ctrl-C), another process lost, a full disk —
+ends it with one line that says what was kept and how to continue (`--resume latest`): in the loop a checkpoint of
+the last finished step is saved first; before the loop (class images, latents) what was made is kept and a run
+without a checkpoint resumes from step 0; after it (the final grid, the exports) the trained weights are saved first.
+A non-finite loss stops with the last good checkpoint kept.
+"""
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from minidream.progress import Progress
@@ -12,16 +19,48 @@ from minidream.training.report import Log
 from minidream.training.step import Stepper
 from minidream.training.validation import validation_grid
 
+STOPS = (KeyboardInterrupt, distributed.LostProcess, OSError)  # what ends a run that can be continued
+
+
+def why(e: BaseException) -> str:
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(e, distributed.LostProcess):
+        return f"another process stopped or did not answer ({e})"
+    return f"{e.filename or 'a file'} could not be written ({e.strerror or e})"  # a full or read-only disk
+
+
+def saved(ckpt: Checkpointer, step: int) -> str:
+    """A checkpoint of `step`, written unless there is one (rank 0 writes; the others say where it went)."""
+    try:
+        path = ckpt.keep(step)
+    except TrainError:
+        return f"no checkpoint could be written either, {ckpt.kept()}"
+    if not ckpt.group.main:
+        return f"rank 0 writes the checkpoints (the last one it wrote: step {ckpt.last_good})"
+    return f"saved {path}"
+
+
+@contextmanager
+def phase(what: str, ckpt: Checkpointer | None = None, step: int = 0):
+    """A part of a run outside the loop (`what`: "while making the class images", ...), stopped as the loop is."""
+    try:
+        yield
+    except STOPS as e:
+        kept = saved(ckpt, step) if ckpt is not None else "what was made is kept"
+        raise TrainError(f"{why(e)} {what}; {kept}; continue with --resume latest") from None
+
 
 def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step: int) -> int:
     """Optimizer steps from `step` to cfg.steps; returns the last step done."""
     main = stepper.runtime.main  # under torchrun only rank 0 logs, checkpoints and validates
     bar = Progress(cfg.steps, "training", start=step, enabled=main)
-    log = Log(out, cfg.report_to, main)
+    log = None
     try:
+        log = Log(out, cfg.report_to, main)
         while step < cfg.steps:
             t0 = time.perf_counter()
-            line = stepper(step, ckpt.last_good)
+            line = stepper(step, ckpt.kept())
             step += 1
             bar.update(loss=line["loss"], inst=line["loss_instance"], prior=line["loss_prior"])
             log.step({**line, "step_s": time.perf_counter() - t0})
@@ -31,13 +70,13 @@ def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step
                 png = out / "samples" / f"step-{step:06d}.png"
                 validation_grid(stepper.state.model, cfg, png)
                 log.image("validation", png, step)
-    except (KeyboardInterrupt, distributed.LostProcess) as e:  # Ctrl-C, SIGTERM, or another process lost
+            stepper.raise_deferred()  # a Ctrl-C that came during the update ends the run here, after step `step`
+    except STOPS as e:
         bar.close()
         stepper.rewind()
-        saved = ckpt.save(step)
-        why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"another process stopped or did not answer ({e})"
-        raise TrainError(f"{why} at step {step}; saved {saved}; continue with --resume latest") from None
+        raise TrainError(f"{why(e)} at step {step}; {saved(ckpt, step)}; continue with --resume latest") from None
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     bar.close()
     return step

@@ -16,7 +16,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    """The images in a folder: regular files with an image suffix (a FIFO named x.png would block a reader)."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def load_images(folder: Path, resolution: int, flag: str = "--instance-dir") -> tuple[list, list[Path]]:
@@ -28,15 +29,20 @@ def load_images(folder: Path, resolution: int, flag: str = "--instance-dir") -> 
     files = image_files(folder)
     if not files:
         raise TrainError(f"{flag} {folder}: no images (.jpg, .png, .webp) in it")
-    images, bad = [], []
+    images, bad, large = [], [], []
     for f in files:
         try:
             with Image.open(f) as im:
                 im = ImageOps.exif_transpose(im)
                 im.load()
             images.append(to_rgb(im, f))
+        except Image.DecompressionBombError:  # Pillow's guard: more pixels than it will decode
+            large.append(f.name)
         except Exception:
             bad.append(f.name)
+    if large:
+        raise TrainError(f"{flag} {folder}: image(s) too large to read ({', '.join(large)}: over "
+                         f"{2 * Image.MAX_IMAGE_PIXELS // 10 ** 6} megapixels); scale them down")
     if bad:
         raise TrainError(f"{flag} {folder}: unreadable image(s): {', '.join(bad)}; remove or fix them")
     small = [f.name for f, im in zip(files, images) if min(im.size) < resolution]

@@ -9,6 +9,7 @@ from typing import Callable
 from PIL import Image
 
 from minidream import plots
+from minidream.images import save_image
 from minidream.training import TrainError
 
 
@@ -84,5 +85,5 @@ def curves(out: Path) -> Path | None:
                               "loss (running mean over 5% of the steps, log scale)", log_y=True),
               plots.line_plot({"learning rate": [(s, r["lr"]) for s, r in zip(steps, rows)]}, "learning rate")]
     png = Path(out) / "curves.png"
-    plots.stack(panels).save(png)
+    save_image(plots.stack(panels), png)
     return png

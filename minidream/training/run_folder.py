@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from minidream.formats import exports
+from minidream.formats.files import write_text
 from minidream.training import TrainError, report
 from minidream.training.config import TrainConfig
 from minidream.training.distributed import barrier
@@ -47,6 +48,17 @@ def clear_run(out: Path, cfg: TrainConfig):
             p.unlink()
 
 
+def remove_unfinished(out: Path):
+    """What a killed write left: our `.NAME.tmpPID` files and folders (checkpoint, export, image, a swapped-out
+    export) and safetensors' own `.tmpXXXXXX`."""
+    import shutil
+    for stale in sorted({*out.rglob(".*.tmp*"), *out.rglob(".tmp*")}, key=lambda p: len(p.parts)):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        elif stale.exists() or stale.is_symlink():
+            stale.unlink()
+
+
 def truncate_metrics(path: Path, step: int):
     """A resumed run logs from its checkpoint's step on: drop the killed run's later (or half-written) lines."""
     if not path.exists():
@@ -78,11 +90,10 @@ def open_run(out: Path, cfg: TrainConfig, start_over: bool, resumed_step: int | 
     try:
         if start_over:  # start over: nothing of the old run may be resumed, pruned or reused
             clear_run(out, cfg)
-        for stale in out.rglob(".*.tmp*"):  # a killed write's unfinished file (checkpoint, export, image)
-            stale.unlink()
+        remove_unfinished(out)
         if resumed_step is not None:
             truncate_metrics(out / "metrics.jsonl", resumed_step)
-        (out / "run.json").write_text(json.dumps(asdict(cfg), indent=2))
+        write_text(out / "run.json", json.dumps(asdict(cfg), indent=2))
     except OSError as e:
         lock.close()
         raise unwritable(out, e) from None

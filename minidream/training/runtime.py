@@ -95,8 +95,24 @@ def started(cfg):
     except distributed.LostProcess as e:  # another process died or timed out before the loop
         distributed.speak(group)
         raise TrainError(f"rank {group.rank}: another process stopped or did not answer ({e}); "
-                         f"the last good checkpoint is kept: --resume latest") from None
+                         "what was saved is kept: --resume latest") from None
     finally:
         distributed.close(group)
         if on_term is not None:
             signal.signal(signal.SIGTERM, on_term)
+
+
+@contextmanager
+def signals_deferred():
+    """Ctrl-C and SIGTERM held back until the block ends (the optimizer's update: a stop inside it would leave the
+    weights and moments half updated, and a checkpoint of them unusable). Yields the list of signals that came."""
+    came = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+    old = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield came
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)

@@ -24,7 +24,7 @@ from minidream.training import TrainError, distributed
 from minidream.training.batches import LatentSource, TextConditioning
 from minidream.training.config import TrainConfig
 from minidream.training.distributed import ProcessGroup
-from minidream.training.runtime import Runtime
+from minidream.training.runtime import Runtime, signals_deferred
 from minidream.training.state import TrainState
 from minidream.training.trainable import cast_frozen
 
@@ -88,7 +88,13 @@ class Stepper:
 
     def __post_init__(self):
         self.process = self.state.model.forward_process
-        self.rng_at_start, self.done = None, True
+        self.rng_at_start, self.done, self.deferred = None, True, False
+
+    def raise_deferred(self):
+        """A Ctrl-C or SIGTERM that came during the last update, now that the step is counted."""
+        if self.deferred:
+            self.deferred = False
+            raise KeyboardInterrupt
 
     def rewind(self):
         """After a step stopped half-way (Ctrl-C, SIGTERM, a lost process): put the data generator back to where
@@ -98,7 +104,7 @@ class Stepper:
             self.state.generator.set_state(self.rng_at_start)
             self.done = True
 
-    def __call__(self, step: int, last_good: int = 0) -> dict:
+    def __call__(self, step: int, kept: str = "") -> dict:
         """Step `step` + 1; returns its metrics line."""
         cfg, state, rt = self.cfg, self.state, self.runtime
         self.rng_at_start, self.done = state.generator.get_state(), False
@@ -113,17 +119,19 @@ class Stepper:
                                              state.generator, cfg.snr_gamma, cfg.noise_offset, rt.group)
             parts = distributed.mean([loss.item(), li.item(), lp.item()], rt.group, rt.device)  # as one process logs
             if not math.isfinite(parts[0]):  # every process sees the same value, so all stop together
-                raise TrainError(f"loss is {parts[0]} at step {step + 1}; stopped, the last good checkpoint is "
-                                 f"kept (step {last_good}). Try a lower --lr or --mixed-precision no")
+                raise TrainError(f"loss is {parts[0]} at step {step + 1}; stopped, {kept}. "
+                                 "Try a lower --lr or --mixed-precision no")
             loss = loss / cfg.grad_accum
             (state.scaler.scale(loss) if state.scaler else loss).backward()
             tot, inst, prior = (tot + parts[0] / cfg.grad_accum, inst + parts[1] / cfg.grad_accum,
                                 prior + parts[2] / cfg.grad_accum)
         params = state.trainable.params()
         distributed.average_gradients(params, rt.group)
-        grad_norm = apply_gradients(state.optimizer, state.scaler, params, cfg.max_grad_norm)
-        state.lr_schedule.step()
-        self.done = True
+        with signals_deferred() as came:  # the update happens whole, or not at all
+            grad_norm = apply_gradients(state.optimizer, state.scaler, params, cfg.max_grad_norm)
+            state.lr_schedule.step()
+            self.done = True
+        self.deferred = bool(came)
         return {"step": step + 1, "loss": tot, "loss_instance": inst, "loss_prior": prior,
                 "lr": state.lr_schedule.get_last_lr()[0], "grad_norm": grad_norm}
 
