@@ -1,13 +1,13 @@
-"""python -m benchmarks [attention|sd|all|report] [--smoke] [--preset sd15|sd21|sdxl] [--only step,unet,...]
+"""python -m benchmarks [attention|sd|memory|all|report] [--smoke] [--preset sd15|sd21|sdxl] [--only step,unet,...]
 [--device cpu --res 256]"""
 import argparse
 
-from benchmarks import attention, cpu, sd
+from benchmarks import attention, cpu, memory, sd
 
 
 def main():
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    ap.add_argument("what", nargs="?", default="all", choices=["all", "attention", "sd", "report"])
+    ap.add_argument("what", nargs="?", default="all", choices=["all", "attention", "sd", "memory", "report"])
     ap.add_argument("--smoke", action="store_true",
                     help="tiny config on CPU, one repeat: keeps the code alive, measures nothing")
     ap.add_argument("--preset", default="sd15", choices=["sd15", "sd21", "sdxl"], help="architecture (random weights)")
@@ -24,6 +24,8 @@ def main():
     if a.what == "report":
         from benchmarks.report import main as report
         return report()
+    if a.what == "memory":  # peak memory per recipe, ours and diffusers' (benchmarks/memory.py)
+        return memory.run(a.preset, a.res, out=a.out)
     if a.what in ("all", "attention"):
         attention.run(smoke=a.smoke, out=a.out)
     if a.what in ("all", "sd") and a.device == "cpu" and not a.smoke:

@@ -41,17 +41,18 @@ def images(res: int):
     return [Image.fromarray((torch.rand(res, res, 3, generator=g) * 255).byte().numpy()) for _ in range(2)]
 
 
-def ours(folder: str, mode: str, res: int):
+def ours(folder: str, mode: str, res: int, **settings):
+    """The trainer's step; `settings`: other TrainConfig fields (the memory benchmark's recipes)."""
     from minidream.models.attention import resolve_backend
     from minidream.training.concepts import plain
     from minidream.training.config import TrainConfig
     from minidream.training.dreambooth import load_base
-    from minidream.training.runtime import Runtime
+    from minidream.training.runtime import PRECISIONS, Runtime
     from minidream.training.step import prepare
     cfg = TrainConfig(model=folder, instance_dir="", class_noun="dog", out="", mode=mode, resolution=res,
-                      steps=10 ** 6, device="cpu")
+                      steps=10 ** 6, device="cpu", **settings)
     device = torch.device("cpu")
-    rt = Runtime(device, resolve_backend(cfg.attention, device), None)
+    rt = Runtime(device, resolve_backend(cfg.attention, device), PRECISIONS[cfg.mixed_precision])
     model = rt.place(load_base(cfg))
     inst, cls = images(res)
     stepper = prepare(cfg, model, rt, [plain([inst], cfg.prompts[0], res), plain([cls], cfg.prompts[1], res)])
@@ -63,9 +64,10 @@ def ours(folder: str, mode: str, res: int):
     return step
 
 
-def diffusers(folder: str, mode: str, res: int):
+def diffusers(folder: str, mode: str, res: int, use_8bit_adam: bool = False, gradient_checkpointing: bool = False):
     """train_dreambooth.py's loop body (with prior preservation), on its defaults: AdamW(lr, betas 0.9/0.999,
-    weight decay 1e-2, eps 1e-8), gradient clipping at 1.0, the prompt encoded every step."""
+    weight decay 1e-2, eps 1e-8), gradient clipping at 1.0, the prompt encoded every step; or with its memory flags
+    --use_8bit_adam (bitsandbytes' AdamW8bit) and --gradient_checkpointing."""
     import numpy as np
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -88,9 +90,15 @@ def diffusers(folder: str, mode: str, res: int):
         unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]))
     unet.train()
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
     from minidream.training.trainable import MODES  # our learning rates (the step's cost does not depend on them)
-    opt = torch.optim.AdamW(params, lr=MODES[mode].lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    adamw = torch.optim.AdamW
+    if use_8bit_adam:
+        import bitsandbytes
+        adamw = bitsandbytes.optim.AdamW8bit
+    opt = adamw(params, lr=MODES[mode].lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1
                           for im in images(res)])
     ids = tok(["a photo of sks dog", "a photo of dog"], padding="max_length", max_length=tok.model_max_length,

@@ -64,6 +64,14 @@ def cpu_step_table(data):
               f"{o['peak_rss_bytes'] / gib:.2f} / {d['peak_rss_bytes'] / gib:.2f} |")
 
 
+def memory_table(data):
+    gib = 2 ** 30
+    print("| recipe | peak RSS GiB | × diffusers' default | s/step |\n|---|---|---|---|")
+    for r in data["results"]:
+        vs = f"{r['vs_diffusers_unet']:.2f}×" if r.get("vs_diffusers_unet") else "—"
+        print(f"| {r['recipe']} | {r['peak_rss'] / gib:.2f} | {vs} | {r['step_s']:.1f} |")
+
+
 def main():
     files = sorted(p for p in RESULTS.glob("*.json") if "smoke" not in p.name and not p.name.startswith("demo-"))
     if not files:
@@ -81,7 +89,8 @@ def main():
             continue
         print(f"\n**{data['benchmark']}** — {data['device']}, torch {data['torch']}, triton {data.get('triton')}, "
               f"diffusers {data.get('diffusers')} ({f.relative_to(RESULTS.parent.parent)})\n")
-        {"attention": attention_table, "step-cpu": cpu_step_table}.get(data["benchmark"], model_table)(data)
+        tables = {"attention": attention_table, "step-cpu": cpu_step_table, "memory-cpu": memory_table}
+        tables.get(data["benchmark"], model_table)(data)
 
 
 if __name__ == "__main__":

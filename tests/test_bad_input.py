@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +76,14 @@ def test_folders_that_would_mix_a_runs_files(sd1_dir, instance_dir, tmp_path):  
     assert sorted(p.name for p in photos.iterdir()) == sorted(p.name for p in instance_dir.iterdir())
     both = concepts_json(tmp_path, [{"instance_dir": str(photos), "identifier": "sks", "class_noun": "dog"}])
     refused(run_cli(*train_args(sd1_dir, photos, tmp_path / "o", "--concepts", both)), "--instance-dir")
+    out = tmp_path / "o"  # --class-dir is --out: the run's curves and grids would be class images
+    refused(run_cli(*train_args(sd1_dir, photos, out, "--class-dir", out)), "is --out")
+    other = concepts_json(tmp_path, [{"instance_dir": str(photos), "identifier": "sks", "class_noun": "dog"},
+                                     {"instance_dir": str(instance_dir), "identifier": "sks", "class_noun": "dog",
+                                      "class_dir": str(photos)}], "other.json")
+    r = run_cli("train", "--model", sd1_dir, "--concepts", other, "--out", out, "--resolution", 16)
+    refused(r, "is concept 0's instance folder")
+    assert sorted(p.name for p in photos.iterdir()) == sorted(p.name for p in instance_dir.iterdir())
 
 
 def test_bad_concepts_entries(sd1_dir, instance_dir, tmp_path):  # noqa: F811
@@ -202,6 +211,26 @@ def test_lora_fuzz_loads_or_is_one_line(sd1_dir, lora_files, tmp_path):
     assert outcomes["ok"] > 5 and outcomes["refused"] > 20, outcomes
 
 
+def test_every_odd_metadata_value_loads_or_is_one_line(sd1_dir, lora_files, tmp_path):
+    """Each PEFT setting the scale is read from, set to each odd value (not a sample of them, as the fuzz above)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    src = lora_files / "peft.safetensors"
+    sd = load_file(src)
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata() or {})
+    model = loading.load(str(sd1_dir))
+    for i, (key, value) in enumerate((k, v) for k in ("unet.r", "unet.lora_alpha", "unet.rank_pattern",
+                                                      "unet.alpha_pattern", "unet.use_rslora") for v in GARBAGE):
+        cfg = {**json.loads(meta["lora_adapter_metadata"]), key: value}
+        f = tmp_path / f"{i}.safetensors"
+        save_file(sd, f, metadata={**meta, "lora_adapter_metadata": json.dumps(cfg)})
+        try:
+            apply_loras(model, [(f, 1.0)])
+        except loading.ModelError as e:
+            assert str(f) in str(e) and "\n" not in str(e), str(e)
+
+
 def test_odd_image_files(sd1_dir, instance_dir, tmp_path):  # noqa: F811
     """A FIFO among the photos is skipped (reading it would block forever); a decompression bomb is refused
     by name; an embedding of more vectors than a prompt holds is refused."""
@@ -265,3 +294,17 @@ def test_demo_refuses_another_runs_folder(sd1_dir, instance_dir, tmp_path):  # n
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert str(out) in r.stderr.strip().splitlines()[-1]
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_the_demo_knows_its_own_folder_however_it_is_spelled(tmp_path, monkeypatch):
+    from minidream.demo.run import refuse_other_runs
+    out = tmp_path / "demo"
+    out.mkdir()
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "site-packages" / "weights" / "demo"
+    for instance, model_was in ((out / "instance", model), (Path("demo/instance"), "/elsewhere/weights/demo")):
+        (out / "run.json").write_text(json.dumps({"model": str(model_was), "instance_dir": str(instance)}))
+        refuse_other_runs(Path("demo"), model)
+    (out / "run.json").write_text(json.dumps({"model": str(model), "instance_dir": str(tmp_path / "photos")}))
+    with pytest.raises(TrainError, match="holds another run"):
+        refuse_other_runs(out, model)

@@ -51,3 +51,14 @@ def test_cpu_step_benchmark_runs_both_trainers_in_child_processes(tmp_path):
     for side in ("ours", "diffusers"):
         assert len(row[side]["per_round_s"]) == 2
         assert row[side]["peak_rss_bytes"] > row[side]["rss_before_first_step_bytes"] > 0
+
+
+def test_memory_benchmark_runs_every_recipe_in_its_own_process(tmp_path):
+    """Every recipe, ours and diffusers', on the tiny config (keeps the code alive; measures nothing)."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--preset", "tiny", "--res", "16", "--steps", "1",
+                        "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "memory-cpu-tiny-16.json").read_text())
+    from benchmarks.memory import RECIPES
+    assert [x["recipe"] for x in data["results"]] == list(RECIPES)
+    assert all(x["peak_rss"] > x["rss_before_first_step"] > 0 for x in data["results"])

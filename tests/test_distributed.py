@@ -55,13 +55,22 @@ def test_two_processes_train_as_one_process_with_the_global_batch(sd1_dir, insta
     up = [k for k in a if "lora_B" in k]
     da, db = torch.cat([a[k].flatten() for k in up]), torch.cat([b[k].flatten() for k in up])
     assert da.norm() > 0 and (da - db).norm() <= 5e-2 * da.norm()
-    # rank 0 alone wrote: one run.json, the checkpoint of step 2, nothing twice
-    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-000002.safetensors"]
+    # rank 0 alone wrote: one run.json, the checkpoints of step 2 and of the last step, nothing twice
+    names = ["step-000002.safetensors", "step-000003.safetensors"]
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == names
     assert json.loads((two / "run.json").read_text())["batch_size"] == 1
-    # the two processes' checkpoint resumed by one: --batch-size becomes 2 (the run's global batch), and step 3
-    # is the one-process run's step 3
+    # the two processes' step-2 checkpoint resumed by one: --batch-size 2 on it (the run's global batch), and step
+    # 3 is the one-process run's step 3
+    (two / "checkpoints" / names[1]).unlink()
     r = run_cli(*train_args(sd1_dir, instance_dir, two, "--batch-size", 1, *COMMON, "--resume", "latest"))
     assert r.exit_code == 0 and "--batch-size 2" in r.output, r.output
+    # the run keeps its own settings (--batch-size 1 for 2 processes): the same command extends it again
+    assert json.loads((two / "run.json").read_text())["processes"] == 2
+    import shutil
+    shutil.copytree(two, tmp_path / "again")
+    r = run_cli(*train_args(sd1_dir, instance_dir, tmp_path / "again", "--batch-size", 1, *COMMON, "--steps", 4,
+                            "--resume", "latest"))
+    assert r.exit_code == 0 and "at step 3" in r.output, r.output
     lc = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lc] == [1, 2, 3] and abs(lc[2]["loss"] - la[2]["loss"]) <= 1e-4 * abs(la[2]["loss"])
     c = load_file(two / "lora" / "pytorch_lora_weights.safetensors")

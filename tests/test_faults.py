@@ -43,6 +43,26 @@ sys.argv = ["minidream", *sys.argv[3:]]
 runpy.run_module("cli", run_name="__main__")
 """
 
+# Fills the disk (a file at FILLER, written until no byte more fits) just before the run opens metrics.jsonl.
+FILL_DRIVER = """
+import runpy, sys
+from minidream.training.report import Log
+filler = sys.argv[1]
+original = Log.__init__
+def filling(self, *args, **kwargs):
+    with open(filler, "wb", buffering=0) as f:
+        for chunk in (65536, 4096, 1):
+            try:
+                while True:
+                    f.write(bytes(chunk))
+            except OSError:
+                pass
+    original(self, *args, **kwargs)
+Log.__init__ = filling
+sys.argv = ["minidream", *sys.argv[2:]]
+runpy.run_module("cli", run_name="__main__")
+"""
+
 
 def cli(*args, driver=None, hook=()):
     """The CLI in a fresh process, as from a terminal (SIGINT at its default: a background test run inherits it
@@ -172,6 +192,22 @@ def test_a_full_disk_at_export_keeps_the_trained_weights(sd1_dir, instance_dir, 
     same_weights(ref / LORA, out / LORA)
     same_weights(ref / "model/unet/diffusion_pytorch_model.safetensors",
                  out / "model/unet/diffusion_pytorch_model.safetensors")
+
+
+def test_a_full_disk_at_the_metrics_then_resume(sd1_dir, instance_dir, small_disk, tmp_path):  # noqa: F811
+    """metrics.jsonl cannot take the first line and no checkpoint fits either: one line naming the file, and the
+    run starts again from step 0 once there is room."""
+    args = ["--train", "lora", "--checkpoint-every", 0, "--save-as", "lora-diffusers", "--device", "cpu"]
+    ref = tmp_path / "ref"
+    assert cli(*train_args(sd1_dir, instance_dir, ref, *args)).returncode == 0
+    out, filler = small_disk.path / "run", small_disk.path / "filler"
+    r = cli(*train_args(sd1_dir, instance_dir, out, *args), driver=FILL_DRIVER, hook=[filler])
+    stopped(r, f"{out / 'metrics.jsonl'}: No space left on device at step 1", "no checkpoint could be written either")
+    filler.unlink()
+    r = cli(*train_args(sd1_dir, instance_dir, out, *args, "--resume", "latest"))
+    assert r.returncode == 0 and "starting again from step 0" in r.stderr, r.stderr[-3000:]
+    same_weights(ref / LORA, out / LORA)
+    assert steps_logged(out) == [1, 2, 3]
 
 
 def test_sample_diff_and_maps_on_a_full_disk_are_one_line(sd1_dir, small_disk):

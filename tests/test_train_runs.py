@@ -195,3 +195,55 @@ def test_checkpoints_of_earlier_versions_resume_the_same(sd1_dir, instance_dir, 
     a, b = (load_file(d / "lora" / "pytorch_lora_weights.safetensors") for d in (out, old))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((old / "run.json").read_text())["mode"] == "lora"
+
+
+def test_a_finished_run_extends_from_its_last_step(sd1_dir, instance_dir, tmp_path):
+    """A checkpoint is always written at the last step (here 3, with --checkpoint-every 100): a larger --steps
+    trains on from it, to the weights of a run that went there at once."""
+    import shutil
+    from safetensors.torch import load_file
+    args = ["--train", "lora", "--checkpoint-every", 100, "--save-as", "lora-diffusers"]
+    at_once, extended = tmp_path / "at-once", tmp_path / "extended"
+    assert run_cli(*train_args(sd1_dir, instance_dir, at_once, *args, "--steps", 5)).exit_code == 0
+    assert run_cli(*train_args(sd1_dir, instance_dir, extended, *args)).exit_code == 0
+    assert [p.name for p in (extended / "checkpoints").iterdir()] == ["step-000003.safetensors"]
+    r = run_cli(*train_args(sd1_dir, instance_dir, extended, *args, "--steps", 5, "--resume", "latest"))
+    assert r.exit_code == 0 and "at step 3" in r.output, r.output
+    a, b = (load_file(d / "lora" / "pytorch_lora_weights.safetensors") for d in (at_once, extended))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert steps_logged(extended) == [1, 2, 3, 4, 5]
+    shutil.rmtree(at_once)
+
+
+def test_a_concepts_run_resumes_without_its_file(sd1_dir, instance_dir, tmp_path):
+    """The concepts are in the checkpoint: the file moved (or edited), --resume latest without --concepts goes on."""
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps([{"instance_dir": str(instance_dir), "identifier": "sks", "class_noun": "dog"}]))
+    out = tmp_path / "run"
+    base = ["train", "--model", sd1_dir, "--out", out, "--resolution", 16, "--num-class-images", 1,
+            "--class-steps", 1, "--checkpoint-every", 1]
+    assert run_cli(*base, "--concepts", concepts, "--steps", 1).exit_code == 0
+    concepts.rename(tmp_path / "moved.json")
+    r = run_cli(*base, "--steps", 2, "--resume", "latest")
+    assert r.exit_code == 0 and "at step 1" in r.output, r.output
+    assert steps_logged(out) == [1, 2]
+
+
+def test_only_a_runs_own_unfinished_files_are_removed(tmp_path):
+    """A killed write's leftovers go; the user's own dot-files in --out stay; an export swapped out whose new one
+    never arrived is put back."""
+    from minidream.training.run_folder import remove_unfinished
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    mine = [out / ".tmp", out / "x.tmpl", out / ".notes.tmpl", out / "src" / ".cache.tmp1"]
+    for f in mine:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("the user's")
+    stale = [out / "checkpoints" / ".step-000002.safetensors.tmp123", out / ".model.tmp77", out / ".tmpa1b2c3d4"]
+    for f in stale:
+        f.write_text("half")
+    (out / ".lora.tmp55old").mkdir()
+    (out / ".lora.tmp55old" / "pytorch_lora_weights.safetensors").write_text("the previous export")
+    remove_unfinished(out)
+    assert all(f.read_text() == "the user's" for f in mine) and not any(f.exists() for f in stale)
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").read_text() == "the previous export"

@@ -106,8 +106,11 @@ def refuse_other_runs(out: Path, model_dir: Path):
         return
     except (OSError, ValueError):
         run = {}
-    ours = isinstance(run, dict) and run.get("model") == str(model_dir) and \
-        run.get("instance_dir") == str(out / "instance")
+
+    def same(a, b) -> bool:  # the same place, however it was spelled (relative, absolute, a moved install's copy)
+        return isinstance(a, str) and bool(a) and Path(a).resolve() == Path(b).resolve()
+    ours = isinstance(run, dict) and same(run.get("instance_dir"), out / "instance") and \
+        (same(run.get("model"), model_dir) or Path(str(run.get("model"))).name == model_dir.name)
     if not ours:
         raise TrainError(f"--out {out} holds another run (run.json), not a demo's; choose another folder")
 

@@ -9,6 +9,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import get_args, get_origin
 
+import torch
+
 from minidream.models import clip, unet, vae
 from minidream.formats.files import ModelError, build, read_json, read_weights, save_safetensors, weight_file
 from minidream.models.stable_diffusion import PRESETS, StableDiffusion
@@ -325,8 +327,8 @@ def text_encoder_state(te: clip.CLIPTextModel) -> dict:
     return {(k if k.startswith("text_projection.") else f"text_model.{k}"): v for k, v in te.state_dict().items()}
 
 
-def save_pretrained(model: StableDiffusion, folder: Path):
-    """Write a diffusers-layout folder; each weights file atomically."""
+def save_pretrained(model: StableDiffusion, folder: Path, dtype: torch.dtype | None = None):
+    """Write a diffusers-layout folder; each weights file atomically (in `dtype`, when given)."""
     folder = Path(folder)
     encoders = [name for name, _, _ in model.text_encoders()]
     for comp in ("unet", "vae", "scheduler", *encoders, *map(tokenizer_name, encoders)):
@@ -338,6 +340,6 @@ def save_pretrained(model: StableDiffusion, folder: Path):
     for name, tok, te in model.text_encoders():
         (folder / name / "config.json").write_text(json.dumps(clip_config_json(te.cfg, tok), indent=2))
         tok.save(folder / tokenizer_name(name))
-        save_safetensors(text_encoder_state(te), folder / name / "model.safetensors")
-    save_safetensors(model.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
-    save_safetensors(model.vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
+        save_safetensors(text_encoder_state(te), folder / name / "model.safetensors", dtype=dtype)
+    save_safetensors(model.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors", dtype=dtype)
+    save_safetensors(model.vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors", dtype=dtype)

@@ -87,7 +87,7 @@ def add_embedding(model, file: Path, token: str | None = None, allow_pickle: boo
     return tokens
 
 
-def save_learned_tokens(model, path: Path):
+def save_learned_tokens(model, path: Path, dtype: torch.dtype | None = None):
     """The learned token's row(s): under each text encoder's key in the family's token files, or (one encoder) under
     the token itself, as one vector."""
     learned = learned_tokens(model)
@@ -96,4 +96,4 @@ def save_learned_tokens(model, path: Path):
     for slot in model.family.encoders:
         new = learned[slot.name].new.detach().float()
         rows[slot.token_key or token] = new if slot.token_key else new[0]
-    save_safetensors(rows, path, metadata={"token": token})
+    save_safetensors(rows, path, metadata={"token": token}, dtype=dtype)

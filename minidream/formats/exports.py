@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from minidream.formats.diffusers_layout import save_pretrained
 from minidream.formats.embeddings import save_learned_tokens
 from minidream.formats.lora_files import save_lora_diffusers, save_lora_kohya
@@ -22,7 +24,7 @@ from minidream.models.stable_diffusion import StableDiffusion
 
 @dataclass(frozen=True)
 class Exporter:
-    save: Callable[[StableDiffusion, Path], None]  # writes the model to the path
+    save: Callable[[StableDiffusion, Path, torch.dtype | None], None]  # writes the model to the path (in a dtype)
     output: str  # the path it writes, in the run folder
     plain: bool  # it needs a plain model: adapters merged into their weights, a learned token a normal row
     help: str
@@ -57,8 +59,9 @@ def make_plain(model: StableDiffusion):
     tokens.make_plain(model)
 
 
-def export(model: StableDiffusion, formats: tuple[str, ...], out: Path) -> list[Path]:
-    """Write the formats asked for, and those that are written unasked (a learned token); returns the paths."""
+def export(model: StableDiffusion, formats: tuple[str, ...], out: Path, dtype: torch.dtype | None = None) -> list[Path]:
+    """Write the formats asked for, and those that are written unasked (a learned token); returns the paths.
+    `dtype`: the precision of every floating-point tensor written (--save-precision); None: the model's own."""
     rows = [(name, row) for name, row in EXPORTERS.items()
             if name in formats or (row.automatic is not None and row.automatic(model))]
     written = []
@@ -68,7 +71,7 @@ def export(model: StableDiffusion, formats: tuple[str, ...], out: Path) -> list[
         path = out / row.output
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            row.save(model, tmp)
+            row.save(model, tmp, dtype)
             swap_in(tmp, path)
         finally:
             if tmp.is_dir():

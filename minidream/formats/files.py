@@ -181,16 +181,19 @@ def read_metadata(file: Path) -> dict:
         return {}
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict | None = None):
+def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict | None = None,
+                     dtype: torch.dtype | None = None):
     """Write atomically: a crash mid-write leaves the old file (or none), never half a file. A full or read-only
-    disk is an OSError naming the file, as every other write's (safetensors says it in its own exception)."""
+    disk is an OSError naming the file, as every other write's (safetensors says it in its own exception).
+    `dtype`: every floating-point tensor written in it (--save-precision); None: as they are."""
     from safetensors.torch import save_file
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
     try:
         try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+            save_file({k: cast(v.detach(), dtype).contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                      metadata=metadata)
         except Exception as e:
             code = re.search(r"os error (\d+)", str(e))
             if isinstance(e, OSError) or not code:
@@ -202,6 +205,10 @@ def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dic
         os.replace(tmp, file)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
 def write_text(file: Path, text: str):

@@ -95,13 +95,18 @@ def _peft_alpha(meta: dict, comp: str, name: str, rank: int) -> float | None:
     if cfg.get("use_dora"):
         raise ValueError("DoRA adapters (use_dora) are not supported")
 
-    def pick(patterns: dict, default):
-        for p, val in (patterns or {}).items():
+    def pick(key: str, default):
+        patterns = cfg.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise TypeError(f"{key} is not an object")
+        for p, val in patterns.items():
             if re.fullmatch(rf"(.*\.)?{p}", name):
                 return val
         return default
-    r = pick(cfg.get("rank_pattern"), cfg.get("r", rank))
-    alpha = pick(cfg.get("alpha_pattern"), cfg.get("lora_alpha", r))
+    r = pick("rank_pattern", cfg.get("r", rank))
+    alpha = pick("alpha_pattern", cfg.get("lora_alpha", r))
+    if not r > 0:
+        raise ValueError(f"r is {r}")
     return alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
 
 
@@ -219,12 +224,13 @@ def kohya_lora_state_dict(model) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_lora_diffusers(model, path: Path):
-    save_safetensors(diffusers_lora_state_dict(model), path)
+def save_lora_diffusers(model, path: Path, dtype: torch.dtype | None = None):
+    save_safetensors(diffusers_lora_state_dict(model), path, dtype=dtype)
 
 
-def save_lora_kohya(model, path: Path):
+def save_lora_kohya(model, path: Path, dtype: torch.dtype | None = None):
     """With the metadata kohya's networks write (rank, alpha; SDXL's base model version)."""
     first = next(m for net in (model.unet, *[te for _, _, te in model.text_encoders()]) for m in loras(net).values())
     save_safetensors(kohya_lora_state_dict(model), path, metadata={
-        "ss_network_dim": str(first.rank), "ss_network_alpha": str(first.alpha), **dict(model.family.kohya_metadata)})
+        "ss_network_dim": str(first.rank), "ss_network_alpha": str(first.alpha), **dict(model.family.kohya_metadata)},
+        dtype=dtype)

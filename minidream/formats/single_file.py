@@ -289,5 +289,5 @@ def modelspec(model: StableDiffusion) -> dict[str, str]:
     return meta
 
 
-def save_single_file(model: StableDiffusion, file: Path):
-    save_safetensors(to_single_file(model), Path(file), metadata=modelspec(model))
+def save_single_file(model: StableDiffusion, file: Path, dtype: torch.dtype | None = None):
+    save_safetensors(to_single_file(model), Path(file), metadata=modelspec(model), dtype=dtype)

@@ -6,7 +6,8 @@ in step.py → batches.py → models/stable_diffusion.py.
     runtime       where the run happens: device, attention backend, precision, process group (distributed)
     concepts      the run's data as users bring it: concepts (concepts_file), captions, buckets (photos, class_images)
     batches       what a step is fed: latents and the prompts' conditioning
-    trainable     what trains (a row per --train mode); optim: the optimizers and LR schedules (tables)
+    trainable     what trains (a row per --train mode); optim: the optimizers and LR schedules (tables);
+                  fused_backward: the update inside backward (a function that transforms the state)
     state         the training state, which a checkpoint holds (checkpoint) in the run folder (run_folder)
     step, loop    the loss and one optimizer step; the loop around it (report, validation)
     export        the run's exports, from a fresh copy of the base model

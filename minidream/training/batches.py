@@ -95,6 +95,15 @@ class TextConditioning:
         self.token_trains = bool(trainable.token)
         self.fixed = {}
 
+    @property
+    def frozen(self) -> bool:
+        """Neither the text encoder nor a new token trains: each prompt's conditioning is computed once."""
+        return not (self.token_trains or (self.te_params and self.te_params[0].requires_grad))
+
+    def encode_all(self, prompts: list[str]):
+        """Every prompt the run will draw, encoded now (frozen): the text encoders are then no longer needed."""
+        self(0, prompts)
+
     def __call__(self, step: int, prompts: list[str]) -> dict[str, torch.Tensor]:
         te = self.te_params
         if te and te[0].requires_grad and self.cfg.text_encoder_steps and step >= self.cfg.text_encoder_steps:

@@ -5,7 +5,7 @@ in its metadata), written to a temporary name and renamed, so a crash or Ctrl-C 
 """
 import json
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,16 +24,39 @@ def save_checkpoint(path: Path, step: int, cfg: TrainConfig, state: dict, proces
     tensors = dict(state["params"])
     scalars = {}
     for idx, st in state["optimizer"]["state"].items():
-        for k, v in st.items():
+        for k, v in flat(st):
             if torch.is_tensor(v):
                 tensors[f"optim.{idx}.{k}"] = v
             else:
                 scalars[f"{idx}.{k}"] = v
     tensors.update({f"rng.{k}": v for k, v in state["rng"].items()})
+    shared = set()  # safetensors refuses tensors that share memory (bitsandbytes' quantization maps do): copy those
+    for k, v in tensors.items():
+        where = (v.untyped_storage().data_ptr(), v.device)
+        tensors[k] = v.clone() if where in shared else v
+        shared.add(where)
     meta = {"step": step, "config": asdict(cfg), "param_groups": state["optimizer"]["param_groups"],
             "optim_scalars": scalars, "lr_sched": state["lr_schedule"], "scaler": state["scaler"],
             "processes": processes}
     save_safetensors(tensors, path, metadata={"minidream": json.dumps(meta)})
+
+
+def flat(entries: dict, prefix: str = ""):
+    """An optimizer's per-parameter state as (key, value) pairs; a nested dict (bitsandbytes keeps its quantization
+    maps in one) as "outer/inner" keys."""
+    for k, v in entries.items():
+        if isinstance(v, dict):
+            yield from flat(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def put(entries: dict, key: str, value):
+    """The inverse of `flat`, one entry at a time."""
+    *outer, last = key.split("/")
+    for k in outer:
+        entries = entries.setdefault(k, {})
+    entries[last] = value
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
@@ -48,10 +71,10 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
         for k, v in tensors.items():
             if k.startswith("optim."):
                 _, idx, key = k.split(".", 2)
-                optimizer["state"].setdefault(int(idx), {})[key] = v
+                put(optimizer["state"].setdefault(int(idx), {}), key, v)
         for k, v in meta["optim_scalars"].items():
             idx, key = k.split(".", 1)
-            optimizer["state"].setdefault(int(idx), {})[key] = v
+            put(optimizer["state"].setdefault(int(idx), {}), key, v)
         state = {"params": {k: v for k, v in tensors.items() if not k.startswith(("optim.", "rng."))},
                  "optimizer": optimizer, "lr_schedule": meta["lr_sched"], "scaler": meta.get("scaler"),
                  "rng": {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}}
@@ -60,18 +83,19 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
         raise TrainError(f"{path}: not a readable minidream checkpoint ({e})") from None
 
 
-def same_global_batch(cfg: TrainConfig, was: int, now: int) -> TrainConfig:
-    """A run resumed on another number of processes keeps its global batch (--batch-size is per process), so it
-    continues the same computation (distributed.py); a number that does not divide that batch is refused."""
+def per_process_batch(cfg: TrainConfig, was: int, now: int) -> int:
+    """A run resumed on another number of processes keeps its global batch (--batch-size is per process, for the
+    run's first number of processes: the run's settings keep that), so it continues the same computation
+    (distributed.py); a number that does not divide that batch is refused."""
     if was == now:
-        return cfg
+        return cfg.batch_size
     batch = cfg.batch_size * was
     if batch % now:
         raise TrainError(f"--resume: the run trained {was} process(es) x --batch-size {cfg.batch_size} (a batch of "
                          f"{batch}); resume it on a number of processes that divides {batch}")
     print(f"resuming on {now} process(es): --batch-size {batch // now} each keeps the run's batch of {batch}",
           file=sys.stderr)
-    return replace(cfg, batch_size=batch // now)
+    return batch // now
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -82,8 +106,9 @@ class Checkpointer:
     """Writes step-N checkpoints into OUT/checkpoints, keeps the last --keep-last, and remembers the last
     good one (named in every error that stops the run)."""
 
-    def __init__(self, out: Path, cfg: TrainConfig, state: TrainState, step: int, group: ProcessGroup):
-        self.out, self.cfg, self.state, self.group = out, cfg, state, group
+    def __init__(self, out: Path, cfg: TrainConfig, state: TrainState, step: int, group: ProcessGroup,
+                 processes: int = 1):
+        self.out, self.cfg, self.state, self.group, self.processes = out, cfg, state, group, processes
         self.last_good = step
 
     def path(self, step: int) -> Path:
@@ -91,7 +116,9 @@ class Checkpointer:
 
     def kept(self) -> str:
         """What a run stopped now keeps, for its last line."""
-        if self.last_good and (not self.group.main or self.path(self.last_good).is_file()):
+        if self.last_good and not self.group.main:
+            return f"its last checkpoint: step {self.last_good}"
+        if self.last_good and self.path(self.last_good).is_file():
             return f"the last good checkpoint is kept (step {self.last_good})"
         return "no checkpoint was written yet (--resume latest starts again from step 0)"
 
@@ -109,7 +136,7 @@ class Checkpointer:
             self.last_good = step
             return path
         try:
-            save_checkpoint(path, step, self.cfg, self.state.state_dict(), self.group.size)
+            save_checkpoint(path, step, self.cfg, self.state.state_dict(), self.processes)
         except OSError as e:
             raise TrainError(f"{path}: could not be written ({e.strerror}); {self.kept()}; "
                              "free space and --resume latest") from None
@@ -120,19 +147,22 @@ class Checkpointer:
 
 
 def resume_from(cfg: TrainConfig, out: Path, resume: str, given: set[str] | None,
-                processes: int = 1) -> tuple[TrainConfig, int, dict]:
-    """--resume latest|FILE: the checkpoint's settings (with the resumable ones the user gave), its step and its
-    training state. A run stopped before its first checkpoint (run.json, no checkpoint) starts again from step 0
-    with its own settings, keeping what it made (its class images)."""
+                processes: int = 1) -> tuple[TrainConfig, int, dict | None, int]:
+    """--resume latest|FILE: the checkpoint's settings (with the resumable ones the user gave), its step, its
+    training state, and the number of processes its --batch-size is for. A run stopped before its first
+    checkpoint (run.json, no checkpoint) starts again from step 0 with its own settings, keeping what it made (its
+    class images)."""
     found = checkpoints(out) if resume == "latest" else []
     if resume == "latest" and not found:
         if not (out / "run.json").is_file():
             raise TrainError(f"--resume latest: no checkpoint in {out / 'checkpoints'}")
         try:
-            meta, state = {"config": json.loads((out / "run.json").read_text()), "step": 0}, None
+            run = json.loads((out / "run.json").read_text())
+            meta, state = {"config": run, "step": 0, "processes": run.get("processes")}, None
         except (OSError, ValueError) as e:
             raise TrainError(f"{out / 'run.json'}: not readable ({e}); start over with --overwrite") from None
-        source, what = out / "run.json", "no checkpoint yet: starting from step 0 with the settings of"
+        source, what = out / "run.json", ("no checkpoint (none written yet, or --checkpoint-every 0): starting "
+                                          "again from step 0 with the settings of")
     else:
         source = found[-1] if found else Path(resume)
         if not source.is_file():
@@ -147,9 +177,12 @@ def resume_from(cfg: TrainConfig, out: Path, resume: str, given: set[str] | None
         if cfg.prior and have < cfg.num_class_images:
             raise TrainError(f"--class-dir {cfg.class_dir} (from the checkpoint) holds {have} of "
                              f"{cfg.num_class_images} class images; pass --class-dir to say where to make them")
-    cfg = same_global_batch(cfg, meta.get("processes") or processes, processes)
+    was = meta.get("processes") or processes
+    if not (isinstance(was, int) and was >= 1):
+        raise TrainError(f"{source}: processes {was!r} is not a count of processes")
+    per_process_batch(cfg, was, processes)  # checked before anything is written
     if cfg.steps < meta["step"]:
         raise TrainError(f"--steps {cfg.steps} is below the checkpoint's step {meta['step']}; give at least "
                          f"{meta['step']} (a larger --steps trains on)")
     print(f"{what} {source} at step {meta['step']}", file=sys.stderr)
-    return cfg, meta["step"], state
+    return cfg, meta["step"], state, was

@@ -17,7 +17,7 @@ from minidream.sampling.pipeline import SamplingParams, image_side
 from minidream.sampling.samplers import SAMPLERS
 from minidream.training import TrainError
 from minidream.training.concepts_file import MAX_CLASS_IMAGES, check_concepts, check_run_concepts, concepts_file, word
-from minidream.training.optim import LR_SCHEDULES, OPTIMIZERS
+from minidream.training.optim import LR_SCHEDULES, OPTIMIZERS, check_optimizer
 from minidream.training.report import REPORT_TO
 from minidream.training.runtime import PRECISIONS
 from minidream.training.trainable import MODES
@@ -36,6 +36,10 @@ def seed_range(v):
 
 def extension(v):
     return None if v is None or (v.strip(".") and "/" not in v) else f"{v!r}: give a file extension such as .txt"
+
+
+def decay(v):
+    return None if -1 <= v <= 0 else f"must be in [-1, 0] (got {v})"
 
 
 def path_text(p) -> str | None:
@@ -105,14 +109,15 @@ class TrainConfig:
     train_token: bool = option(False, "Learn a new token embedding <IDENTIFIER>, initialised from the class noun.")
     # optimisation
     optimizer: str = option("adamw", "; ".join(f"{n}: {row.help}" for n, row in OPTIMIZERS.items()) + ".",
-                            choices=OPTIMIZERS, added="adamw")
+                            choices=OPTIMIZERS, check=check_optimizer, added="adamw")
     lr: float | None = option(None, "Learning rate. Default per mode: " + ", ".join(
         f"{m} {row.lr:g}" for m, row in MODES.items()) + ".", check=positive_number)
     text_encoder_lr: float | None = option(None, "Learning rate of the text encoder (default: --lr).",
                                            check=positive_number)
     text_encoder_steps: int = option(0, "Stop training the text encoder after this many steps (0: never).",
                                      check=non_negative)
-    token_lr: float = option(5e-3, "Learning rate of the new token embedding.", check=positive_number)
+    token_lr: float | None = option(None, "Learning rate of the new token embedding (default: 5e-3; with prodigy 1).",
+                                    check=positive_number)
     lr_schedule: str = option("constant", "After warmup.", choices=LR_SCHEDULES)
     lr_power: float = option(1.0, "Power of the polynomial schedule.", check=positive)
     warmup_steps: int = option(0, "Linear warmup steps.", check=non_negative)
@@ -120,7 +125,19 @@ class TrainConfig:
     adam_beta2: float = option(0.999, "AdamW beta2.", check=beta)
     adam_epsilon: float = option(1e-8, "AdamW epsilon.", check=positive)
     weight_decay: float = option(1e-2, "AdamW weight decay (not applied to a new token).", check=non_negative)
-    max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0: no clipping).", check=non_negative)
+    adafactor_beta2_decay: float = option(-0.8, "Adafactor: beta2 at step t is 1 - t^decay.", check=decay,
+                                          added=-0.8)
+    prodigy_d_coef: float = option(1.0, "Prodigy: multiplier of the estimated step size d.", check=positive,
+                                   added=1.0)
+    prodigy_bias_correction: bool = option(False, "Prodigy: Adam's bias correction (its authors advise it for "
+                                           "diffusion models).", added=False)
+    prodigy_safeguard_warmup: bool = option(False, "Prodigy: keep d from growing too fast during warmup.",
+                                            added=False)
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0: no clipping; with --fused-backward each "
+                                  "parameter's gradient is clipped on its own).", check=non_negative)
+    fused_backward: bool = option(False, "Update each parameter inside backward as soon as its gradient is ready, and "
+                                  "free the gradient (no memory for all gradients at once; kohya's "
+                                  "--fused_backward_pass).", added=False)
     steps: int = option(400, "Optimizer steps.", check=at_least(1), resumable=True)
     batch_size: int = option(1, "Instance images per step (plus as many class images).", check=at_least(1))
     grad_accum: int = option(1, "Gradient accumulation micro-steps.", check=at_least(1))
@@ -152,6 +169,9 @@ class TrainConfig:
         f"{n}: {exports.EXPORTERS[n].help}" for n in exports.CHOICES) + ". Default: " + "; ".join(
         f"{'/'.join(row.save_as)} with --train {m}" for m, row in MODES.items()) + ".",
         choices=exports.CHOICES, check=each_one_of(exports.CHOICES), resumable=True)
+    save_precision: str | None = option(None, "Precision of the exported weights (fp16 halves a file); default: "
+                                        "fp32, and what did not train bit-identical to the base.", choices=DTYPES,
+                                        resumable=True, added=None)
     attention: str = option("auto", "Attention kernel.", choices=ATTENTION_BACKENDS, resumable=True)
     device: str | None = option(None, "cuda or cpu; default: cuda when available.", resumable=True)
     # loading the base model (the loader options of `minidream sample`)
@@ -188,7 +208,11 @@ class TrainConfig:
 
     @property
     def unet_lr(self) -> float:
-        return self.lr or MODES[self.mode].lr
+        return self.lr or OPTIMIZERS[self.optimizer].lr or MODES[self.mode].lr
+
+    @property
+    def new_token_lr(self) -> float:
+        return self.token_lr or OPTIMIZERS[self.optimizer].lr or 5e-3
 
     @property
     def class_sampling(self) -> SamplingParams:
@@ -208,11 +232,14 @@ def flag(name: str) -> str:
     return option_flag(OPTIONS[name])
 
 
-def validate(cfg: TrainConfig):
-    """Every setting that can be checked without the model, before anything is loaded or written."""
+def validate(cfg: TrainConfig, resuming: bool = False):
+    """Every setting that can be checked without the model, before anything is loaded or written. Resuming, the
+    data comes from the checkpoint (checked there): what the command line gives need not name it again."""
     wrong = first_problem(cfg)
     if wrong:
         raise TrainError(f"{flag(wrong[0])} {wrong[1]}")
+    if resuming:
+        return
     if not cfg.concepts and not (cfg.instance_dir and cfg.class_noun):
         raise TrainError("--instance-dir and --class-noun are needed (or --concepts FILE.json)")
     if cfg.concepts and (cfg.instance_dir or cfg.class_noun):
@@ -221,10 +248,25 @@ def validate(cfg: TrainConfig):
         raise TrainError("--save-as lora-* needs --train lora")
     if cfg.prior and cfg.num_class_images < 1:
         raise TrainError("--num-class-images must be at least 1 with prior preservation (or pass --no-prior)")
+    if cfg.fused_backward:
+        fused_backward_fits(cfg)
     if cfg.cache_latents and not cfg.center_crop:
         raise TrainError("--random-crop has no effect with --cache-latents (cached latents are centre crops); "
                          "drop one of them")
     check_run_concepts(cfg, Path(cfg.out))
+
+
+def fused_backward_fits(cfg: TrainConfig):
+    """--fused-backward updates each weight as its gradient is ready: nothing may need all the gradients first."""
+    if cfg.grad_accum > 1:
+        raise TrainError("--fused-backward updates the weights in every backward pass: it cannot accumulate "
+                         "gradients; drop --grad-accum (or --fused-backward)")
+    if cfg.mixed_precision == "fp16":
+        raise TrainError("--fused-backward cannot skip a step whose fp16 gradients overflowed (it updates during "
+                         "backward): use --mixed-precision bf16")
+    if not OPTIMIZERS[cfg.optimizer].per_parameter:
+        raise TrainError(f"--fused-backward needs an optimizer that updates each weight from its own gradient; "
+                         f"{cfg.optimizer} does not: use adamw, adamw8bit or adafactor")
 
 
 def validate_resolution(value: int, factor: int):

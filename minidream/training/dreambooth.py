@@ -11,7 +11,7 @@ import torch
 from minidream.formats.loading import load
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import TrainError, run_folder, runtime
-from minidream.training.checkpoint import Checkpointer, resume_from
+from minidream.training.checkpoint import Checkpointer, per_process_batch, resume_from
 from minidream.training.concepts import TrainingData
 from minidream.training.config import TrainConfig, flag, validate, validate_resolution
 from minidream.training.export import export as export_trained
@@ -27,7 +27,7 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
     """Run DreamBooth; returns (the trained model, the files written). Every input is checked before anything is
     written. `given`: the settings the user named (the CLI knows); on resume only those may override the
     checkpoint's resumable settings (None: all of them come from cfg)."""
-    validate(cfg)
+    validate(cfg, resuming=bool(resume and resume.strip()))
     with runtime.started(cfg) as rt:  # device, attention, precision; torchrun's processes; SIGTERM as Ctrl-C
         out = Path(cfg.out)
         cfg, start = begin(cfg, out, resume, overwrite, given, rt.group.size)  # resuming: the checkpoint's
@@ -35,24 +35,26 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
         model = load_base(cfg)
         cfg = check_against_model(cfg, model)
         data = TrainingData(cfg, out, model, overwrite and not resume)  # the photos, captions, buckets: checked
-        step, state = start or (None, None)
-        with run_folder.opened(out, cfg, rt, start_over=overwrite and not resume, resumed_step=step):
+        step, state, processes = start or (None, None, rt.group.size)  # --batch-size is for `processes`
+        with run_folder.opened(out, cfg, rt, overwrite and not resume, step, processes):
             with phase("before training (class images, latents)"):  # what was made is kept
                 rt.place(model)
                 if cfg.prior:  # prior-preservation data, made by the base model before any weight changes
                     data.make_class_images(model, cfg, rt)
                 if rt.main:
                     data.write_json(out)
-                stepper = prepare(cfg, model, rt, data.pools(), data.prompts())
+                stepper = prepare(cfg, model, rt, data.pools(), data.prompts(),
+                                  per_process_batch(cfg, processes, rt.group.size))
                 if state is not None:
                     stepper.state.load_state_dict(state)
-            ckpt = Checkpointer(out, cfg, stepper.state, step or 0, rt.group)
+            ckpt = Checkpointer(out, cfg, stepper.state, step or 0, rt.group, processes)
             step = loop(cfg, out, stepper, ckpt, step or 0)
             if not rt.main:
                 return model, []
             with phase("after training (the final grid, the exports)", ckpt, step):  # the weights are saved first
                 if cfg.validation_prompts:
-                    validation_grid(model, cfg, out / "samples" / "final.png")
+                    with rt.resident(model):
+                        validation_grid(model, cfg, out / "samples" / "final.png")
                 curves(out)
                 return model, export(cfg, stepper.state)
 
@@ -69,8 +71,8 @@ def begin(cfg: TrainConfig, out: Path, resume: str | None, overwrite: bool, give
     if resume and overwrite:
         raise TrainError("--resume continues a run and --overwrite starts it over: pass one of them")
     if resume:
-        cfg, step, state = resume_from(cfg, out, resume, given, processes)
-        return cfg, (step, state)
+        cfg, step, state, was = resume_from(cfg, out, resume, given, processes)
+        return cfg, (step, state, was)
     if (out / "run.json").exists() and not overwrite:
         raise TrainError(f"--out {out} holds another run (run.json); pass --resume latest to continue it, "
                          f"--overwrite to start over, or choose another folder")

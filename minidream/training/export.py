@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from minidream.formats import exports
+from minidream.models.device import DTYPES
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training.config import TrainConfig
 from minidream.training.trainable import select_trainable
@@ -32,4 +33,4 @@ def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg: T
 def export(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg: TrainConfig, out: Path) -> list[Path]:
     """Write the formats cfg.save_as asks for (and the learned token, when there is one). `base` is a fresh fp32
     load of the base model, used up by this call."""
-    return exports.export(with_trained(base, trained, cfg), cfg.save_as, out)
+    return exports.export(with_trained(base, trained, cfg), cfg.save_as, out, DTYPES.get(cfg.save_precision))

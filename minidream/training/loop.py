@@ -27,17 +27,18 @@ def why(e: BaseException) -> str:
         return "interrupted"
     if isinstance(e, distributed.LostProcess):
         return f"another process stopped or did not answer ({e})"
-    return f"{e.filename or 'a file'} could not be written ({e.strerror or e})"  # a full or read-only disk
+    return f"{e.filename or 'a file'}: {e.strerror or e}"  # a full or read-only disk, a failing one
 
 
 def saved(ckpt: Checkpointer, step: int) -> str:
-    """A checkpoint of `step`, written unless there is one (rank 0 writes; the others say where it went)."""
+    """A checkpoint of `step`, written unless there is one (rank 0 writes; the others say what it last wrote, if it
+    is still there to save this step too)."""
+    if not ckpt.group.main:
+        return f"rank 0 writes the checkpoints ({ckpt.kept()})"
     try:
         path = ckpt.keep(step)
     except TrainError:
         return f"no checkpoint could be written either, {ckpt.kept()}"
-    if not ckpt.group.main:
-        return f"rank 0 writes the checkpoints (the last one it wrote: step {ckpt.last_good})"
     return f"saved {path}"
 
 
@@ -64,13 +65,14 @@ def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step
             step += 1
             bar.update(loss=line["loss"], inst=line["loss_instance"], prior=line["loss_prior"])
             log.step({**line, "step_s": time.perf_counter() - t0})
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                ckpt.save(step)
+            stepper.raise_deferred()  # a Ctrl-C that came during the update ends the run here, after step `step`
+            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+                ckpt.save(step)  # and always the last step: a larger --steps extends a finished run
             if main and cfg.validation_prompts and cfg.validation_every and step % cfg.validation_every == 0:
                 png = out / "samples" / f"step-{step:06d}.png"
-                validation_grid(stepper.state.model, cfg, png)
+                with stepper.runtime.resident(stepper.state.model) as model:
+                    validation_grid(model, cfg, png)
                 log.image("validation", png, step)
-            stepper.raise_deferred()  # a Ctrl-C that came during the update ends the run here, after step `step`
     except STOPS as e:
         bar.close()
         stepper.rewind()

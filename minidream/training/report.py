@@ -41,13 +41,17 @@ class Log:
     """Where a step's metrics line goes (only on the process that writes: rank 0)."""
 
     def __init__(self, out: Path, report_to: str, main: bool):
-        self.file = open(out / "metrics.jsonl", "a") if main else None
+        self.path = out / "metrics.jsonl"
+        self.file = open(self.path, "a") if main else None
         self.tb = REPORT_TO[report_to].open(out) if main and REPORT_TO[report_to] else None
 
     def step(self, line: dict):
         if self.file:
-            self.file.write(json.dumps(line) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(line) + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk: name the file (a failed flush does not)
+                raise OSError(e.errno, e.strerror, str(self.path)) from None
         if self.tb:
             for k, v in line.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -60,8 +64,11 @@ class Log:
 
     def close(self):
         for f in (self.file, self.tb):
-            if f:
-                f.close()
+            try:
+                if f:
+                    f.close()
+            except OSError:  # the line that did not fit was reported where it failed; a resume rewrites it
+                pass
 
 
 def smooth(values: list[float], frac: float = 0.05) -> list[float]:

@@ -4,6 +4,7 @@ files dropped and its later metrics cut back on resume, and run.json written.
 """
 import json
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -48,15 +49,29 @@ def clear_run(out: Path, cfg: TrainConfig):
             p.unlink()
 
 
+OURS = re.compile(r"\.(.+)\.tmp\d+(old)?")  # .NAME.tmpPID (a write under way), .NAME.tmpPIDold (swapped out)
+SAFETENSORS = re.compile(r"\.tmp[A-Za-z0-9_]{6,}")  # safetensors' own temporary file
+
+
 def remove_unfinished(out: Path):
-    """What a killed write left: our `.NAME.tmpPID` files and folders (checkpoint, export, image, a swapped-out
-    export) and safetensors' own `.tmpXXXXXX`."""
+    """What a killed write left in the run's own files and folders: our `.NAME.tmpPID` files and folders
+    (checkpoint, export, image) and safetensors' `.tmpXXXXXX`. An export swapped out (`.NAME.tmpPIDold`) whose new
+    one never arrived is put back."""
     import shutil
-    for stale in sorted({*out.rglob(".*.tmp*"), *out.rglob(".tmp*")}, key=lambda p: len(p.parts)):
-        if stale.is_dir() and not stale.is_symlink():
+    mine = [out / name for name in run_outputs() if "/" not in name]
+    places = [out, *(p for p in mine if p.is_dir() and not p.is_symlink())]
+    found = {x for place in places for x in (place.rglob(".*") if place != out else place.glob(".*"))}
+    for stale in sorted(found, key=lambda p: len(p.parts)):
+        ours = OURS.fullmatch(stale.name)
+        if not (ours or SAFETENSORS.fullmatch(stale.name)) or not (stale.exists() or stale.is_symlink()):
+            continue
+        whole = stale.with_name(ours[1]) if ours else None
+        if ours and ours[2] and not (whole.exists() or whole.is_symlink()):
+            os.replace(stale, whole)  # killed between the two renames of a swap: the previous export is kept
+        elif stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
-        elif stale.exists() or stale.is_symlink():
-            stale.unlink()
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def truncate_metrics(path: Path, step: int):
@@ -79,7 +94,7 @@ def unwritable(out: Path, e: OSError) -> TrainError:
     return TrainError(f"--out {out}: cannot write there ({e.strerror}); choose another folder or free space")
 
 
-def open_run(out: Path, cfg: TrainConfig, start_over: bool, resumed_step: int | None):
+def open_run(out: Path, cfg: TrainConfig, start_over: bool, resumed_step: int | None, processes: int = 1):
     """Take --out for this process (lock), clear it when starting over, drop a killed run's unfinished
     files and later metrics, and write run.json. Returns the lock; closing it frees the folder."""
     try:
@@ -93,7 +108,7 @@ def open_run(out: Path, cfg: TrainConfig, start_over: bool, resumed_step: int | 
         remove_unfinished(out)
         if resumed_step is not None:
             truncate_metrics(out / "metrics.jsonl", resumed_step)
-        write_text(out / "run.json", json.dumps(asdict(cfg), indent=2))
+        write_text(out / "run.json", json.dumps({**asdict(cfg), "processes": processes}, indent=2))
     except OSError as e:
         lock.close()
         raise unwritable(out, e) from None
@@ -101,10 +116,11 @@ def open_run(out: Path, cfg: TrainConfig, start_over: bool, resumed_step: int | 
 
 
 @contextmanager
-def opened(out: Path, cfg: TrainConfig, rt: Runtime, start_over: bool, resumed_step: int | None):
+def opened(out: Path, cfg: TrainConfig, rt: Runtime, start_over: bool, resumed_step: int | None,
+           processes: int = 1):
     """--out taken by this run for as long as it lasts (rank 0 opens it; the others start once it is cleared and
     run.json written)."""
-    lock = open_run(out, cfg, start_over, resumed_step) if rt.main else None
+    lock = open_run(out, cfg, start_over, resumed_step, processes) if rt.main else None
     barrier(rt.group)
     try:
         yield

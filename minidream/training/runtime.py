@@ -43,6 +43,26 @@ class Runtime:
         """The step's autocast context (--mixed-precision)."""
         return autocast(self.device, self.precision)
 
+    def offload(self, part: torch.nn.Module):
+        """A frozen part that the step no longer needs leaves the accelerator for the CPU's memory (on the CPU:
+        nothing to do). `resident` brings it back when it is needed again."""
+        if self.device.type != "cpu":
+            part.to("cpu")
+
+    @contextmanager
+    def resident(self, model: StableDiffusion):
+        """The model whole on the device for the block (a validation grid: the text encoders and the VAE), the
+        parts that had left leaving again after it."""
+        offloaded = self.device.type != "cpu"
+        away = [m for m in model.networks() if offloaded and any(p.device.type == "cpu" for p in m.parameters())]
+        for m in away:
+            m.to(self.device)
+        try:
+            yield model
+        finally:
+            for m in away:
+                m.to("cpu")
+
     def place(self, model: StableDiffusion) -> StableDiffusion:
         """The model on this run's device, its UNet and VAE with this run's attention kernel."""
         model.to(self.device)
@@ -85,6 +105,10 @@ def started(cfg):
     except ValueError as e:
         raise TrainError(str(e)) from None
     rt = replace(rt, device=device, group=group)
+    if cfg.fused_backward and group.size > 1:
+        distributed.close(group)
+        raise TrainError("--fused-backward updates each weight during backward, before torchrun's processes "
+                         "average the gradients: train on one process, or drop --fused-backward")
     on_term = signal.signal(signal.SIGTERM, signal.default_int_handler) \
         if threading.current_thread() is threading.main_thread() else None
     try:

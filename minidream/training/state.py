@@ -69,7 +69,9 @@ class TrainState:
 
     def _check_optimizer(self, built: list[dict]):
         """torch takes any values here; a crafted file would fail mid-step instead. Every setting that is a number
-        (or numbers: AdamW's betas) in the optimizer as built must be a finite non-negative number as loaded."""
+        (or numbers: AdamW's betas) in the optimizer as built must be a number as loaded, not NaN, and the rates,
+        betas, epsilon and weight decay finite and not negative (Adafactor's beta2 decay is negative, Prodigy's
+        running sums may be, its growth rate is infinite by default)."""
         def numbers(v):
             return list(v) if isinstance(v, (tuple, list)) else [v]
 
@@ -77,10 +79,15 @@ class TrainState:
             return isinstance(x, (int, float)) and not isinstance(x, bool)
         for pg, fresh in zip(self.optimizer.param_groups, built):
             keys = [k for k, v in fresh.items() if k != "params" and numbers(v) and all(map(number, numbers(v)))]
-            nums = [x for k in keys for x in numbers(pg.get(k))]
-            if not all(number(x) and math.isfinite(x) and x >= 0 for x in nums):
-                raise ValueError(f"optimizer hyperparameters {nums} are not finite non-negative numbers")
+            nums = {k: numbers(pg.get(k)) for k in keys}
+            if not all(number(x) and not math.isnan(x) for xs in nums.values() for x in xs):
+                raise ValueError(f"optimizer hyperparameters {nums} are not numbers")
+            if not all(0 <= x < math.inf for k in NOT_NEGATIVE if k in nums for x in nums[k]):
+                raise ValueError(f"optimizer hyperparameters {nums} are negative or infinite")
             for p in pg["params"]:
                 state = self.optimizer.state[p]
                 if any(torch.is_tensor(state.get(k)) and state[k].shape != p.shape for k in self.param_shaped):
                     raise ValueError("optimizer moments do not match the parameters' shapes")
+
+
+NOT_NEGATIVE = ("lr", "initial_lr", "betas", "eps", "weight_decay", "d", "d0", "d_coef")

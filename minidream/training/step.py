@@ -24,6 +24,7 @@ from minidream.training import TrainError, distributed
 from minidream.training.batches import LatentSource, TextConditioning
 from minidream.training.config import TrainConfig
 from minidream.training.distributed import ProcessGroup
+from minidream.training.fused_backward import fuse_backward
 from minidream.training.runtime import Runtime, signals_deferred
 from minidream.training.state import TrainState
 from minidream.training.trainable import cast_frozen
@@ -85,10 +86,12 @@ class Stepper:
     batches: LatentSource
     text: TextConditioning
     runtime: Runtime
+    batch_size: int | None = None  # instance images per step on this process (None: --batch-size)
 
     def __post_init__(self):
         self.process = self.state.model.forward_process
         self.rng_at_start, self.done, self.deferred = None, True, False
+        self.fused = fuse_backward(self.state.optimizer, self.cfg.max_grad_norm) if self.cfg.fused_backward else None
 
     def raise_deferred(self):
         """A Ctrl-C or SIGTERM that came during the last update, now that the step is counted."""
@@ -108,7 +111,8 @@ class Stepper:
         """Step `step` + 1; returns its metrics line."""
         cfg, state, rt = self.cfg, self.state, self.runtime
         self.rng_at_start, self.done = state.generator.get_state(), False
-        n_inst, n_class = cfg.batch_size, cfg.batch_size if cfg.prior else 0
+        n_inst = self.batch_size or cfg.batch_size
+        n_class = n_inst if cfg.prior else 0
         state.optimizer.zero_grad(set_to_none=True)
         tot = inst = prior = 0.0
         for _ in range(cfg.grad_accum):
@@ -122,22 +126,32 @@ class Stepper:
                 raise TrainError(f"loss is {parts[0]} at step {step + 1}; stopped, {kept}. "
                                  "Try a lower --lr or --mixed-precision no")
             loss = loss / cfg.grad_accum
-            (state.scaler.scale(loss) if state.scaler else loss).backward()
+            if self.fused:  # backward is the update (--fused-backward): whole, or not at all
+                with signals_deferred() as came:
+                    loss.backward()
+                    state.lr_schedule.step()
+                    self.done = True
+                self.deferred = bool(came)
+            else:
+                (state.scaler.scale(loss) if state.scaler else loss).backward()
             tot, inst, prior = (tot + parts[0] / cfg.grad_accum, inst + parts[1] / cfg.grad_accum,
                                 prior + parts[2] / cfg.grad_accum)
-        params = state.trainable.params()
-        distributed.average_gradients(params, rt.group)
-        with signals_deferred() as came:  # the update happens whole, or not at all
-            grad_norm = apply_gradients(state.optimizer, state.scaler, params, cfg.max_grad_norm)
-            state.lr_schedule.step()
-            self.done = True
-        self.deferred = bool(came)
+        if self.fused:
+            grad_norm = self.fused.grad_norm()
+        else:
+            params = state.trainable.params()
+            distributed.average_gradients(params, rt.group)
+            with signals_deferred() as came:  # the update happens whole, or not at all
+                grad_norm = apply_gradients(state.optimizer, state.scaler, params, cfg.max_grad_norm)
+                state.lr_schedule.step()
+                self.done = True
+            self.deferred = bool(came)
         return {"step": step + 1, "loss": tot, "loss_instance": inst, "loss_prior": prior,
                 "lr": state.lr_schedule.get_last_lr()[0], "grad_norm": grad_norm}
 
 
 def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[list],
-            prompts: list[str] | None = None) -> Stepper:
+            prompts: list[str] | None = None, batch_size: int | None = None) -> Stepper:
     """What trains (selected, the rest frozen and maybe in half precision), the optimizer and the data, on a model
     already on the run's device: the step, ready to call."""
     state = TrainState.create(cfg, model, rt.device)
@@ -149,4 +163,11 @@ def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[l
         te.train(bool(state.trainable.text_encoder))
     batches = LatentSource(model, cfg, pools, rt.device, state.generator, rt.group)
     text = TextConditioning(model, cfg, state.trainable, prompts or list(cfg.prompts))
-    return Stepper(cfg, state, batches, text, rt)
+    # what the step no longer needs leaves the accelerator (validation grids bring it back: Runtime.resident)
+    if text.frozen:
+        text.encode_all([e.prompt for pool in pools for e in pool])
+        for _, _, te in model.text_encoders():
+            rt.offload(te)
+    if cfg.cache_latents:
+        rt.offload(model.vae)
+    return Stepper(cfg, state, batches, text, rt, batch_size)

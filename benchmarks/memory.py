@@ -1,0 +1,110 @@
+"""Peak memory of one DreamBooth step per recipe: the trainer's step (benchmarks/cpu.py `ours`: prepare → Stepper,
+what `minidream train` runs) with its memory options, beside diffusers' train_dreambooth.py step with its own memory
+flags (8-bit Adam, gradient checkpointing). Same architecture and random weights, 1 instance + 1 class image.
+
+On the CPU each recipe runs in its own child process and reports its peak RSS (what `ps` shows: the weights,
+the optimizer state, the gradients and the activations); on CUDA it would be torch.cuda.max_memory_allocated
+(not measured yet: no GPU in the session that wrote this).
+
+    python -m benchmarks memory --res 256     # -> benchmarks/results/memory-cpu-sd15-256.json
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# name -> (side, --train mode, settings): our TrainConfig fields, or diffusers' flags
+RECIPES = {
+    "ours unet": ("ours", "unet", {}),
+    "ours unet, gradient checkpointing": ("ours", "unet", {"gradient_checkpointing": True}),
+    "ours unet, adamw8bit + fused backward + checkpointing": (
+        "ours", "unet", {"optimizer": "adamw8bit", "fused_backward": True, "gradient_checkpointing": True}),
+    "ours unet, adafactor + fused backward + checkpointing": (
+        "ours", "unet", {"optimizer": "adafactor", "fused_backward": True, "gradient_checkpointing": True}),
+    "diffusers unet": ("diffusers", "unet", {}),
+    "diffusers unet, --use_8bit_adam --gradient_checkpointing": (
+        "diffusers", "unet", {"use_8bit_adam": True, "gradient_checkpointing": True}),
+    "ours attention": ("ours", "attention", {}),
+    "ours lora": ("ours", "lora", {}),
+    "ours lora, bf16 frozen weights + checkpointing": (
+        "ours", "lora", {"mixed_precision": "bf16", "gradient_checkpointing": True}),
+    "diffusers lora": ("diffusers", "lora", {}),
+}
+
+
+def child(recipe: str, folder: str, res: int, steps: int):
+    import torch
+    from benchmarks import cpu
+    side, mode, settings = RECIPES[recipe]
+    torch.manual_seed(0)
+    step = (cpu.ours if side == "ours" else cpu.diffusers)(folder, mode, res, **settings)
+    before = cpu.rss_now()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    print(json.dumps({"rss_before_first_step": before, "peak_rss": cpu.peak_rss(),
+                      "step_s": (time.perf_counter() - t0) / steps}))
+
+
+def run_child(recipe: str, folder: str, res: int, steps: int) -> dict:
+    import subprocess
+    cmd = [sys.executable, "-m", "benchmarks.memory", "--child", recipe, "--folder", folder, "--res", str(res),
+           "--steps", str(steps)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode
+        raise RuntimeError(f"{recipe}: {last}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run(preset: str = "sd15", res: int = 256, steps: int = 2, recipes=None, out=None) -> Path:
+    import torch
+    from benchmarks.common import RESULTS, environment
+    from benchmarks.cpu import cpu_name
+    from benchmarks.sd import PROMPTS
+    from minidream.formats.diffusers_layout import save_pretrained
+    from minidream.models.stable_diffusion import random_model
+    from minidream.models.tokenizer import train_bpe
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        save_pretrained(random_model(preset, tokenizer=train_bpe(PROMPTS * 4, 300), seed=0), d)
+        for name in recipes or RECIPES:
+            got = run_child(name, d, res, steps)
+            side, mode, settings = RECIPES[name]
+            rows.append({"recipe": name, "side": side, "mode": mode, "settings": settings, **got})
+            print(f"{name}: peak RSS {got['peak_rss'] / 2 ** 30:.2f} GiB ({got['step_s']:.1f} s/step)",
+                  file=sys.stderr)
+    base = next((r["peak_rss"] for r in rows if r["recipe"] == "diffusers unet"), None)
+    for r in rows:
+        r["vs_diffusers_unet"] = r["peak_rss"] / base if base else None
+    env = environment("cpu")
+    env.update(device=f"cpu: {cpu_name()}, {os.cpu_count()} cores", torch_threads=torch.get_num_threads())
+    path = Path(out or RESULTS) / f"memory-cpu-{preset}-{res}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": "memory-cpu", **env, "preset": preset, "res": res,
+                                "steps_per_child": steps, "measure": "peak RSS of a child process (bytes)",
+                                "results": rows}, indent=2))
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks memory", description=__doc__.split("\n")[0])
+    ap.add_argument("--child", choices=list(RECIPES))
+    ap.add_argument("--folder")
+    ap.add_argument("--preset", default="sd15", choices=["sd15", "sd21", "sdxl", "tiny"])
+    ap.add_argument("--res", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=2, help="steps per recipe (the optimizer state exists after one)")
+    ap.add_argument("--only", default="", help="recipes whose name contains this text")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.child:
+        return child(a.child, a.folder, a.res, a.steps)
+    run(a.preset, a.res, a.steps, [r for r in RECIPES if a.only in r], a.out)
+
+
+if __name__ == "__main__":
+    main()
