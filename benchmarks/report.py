@@ -66,10 +66,10 @@ def cpu_step_table(data):
 
 def memory_table(data):
     gib = 2 ** 30
-    print("| recipe | peak RSS GiB | × diffusers' default | s/step |\n|---|---|---|---|")
+    print("| recipe | peak RSS GiB | × diffusers' default |\n|---|---|---|")
     for r in data["results"]:
         vs = f"{r['vs_diffusers_unet']:.2f}×" if r.get("vs_diffusers_unet") else "—"
-        print(f"| {r['recipe']} | {r['peak_rss'] / gib:.2f} | {vs} | {r['step_s']:.1f} |")
+        print(f"| {r['recipe']} | {r['peak_rss'] / gib:.2f} | {vs} |")
 
 
 def main():

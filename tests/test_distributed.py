@@ -129,3 +129,109 @@ def test_sdxl_two_processes_train_as_one(xl_dir, instance_dir, tmp_path):
         assert abs(x["loss"] - y["loss"]) <= 1e-4 * abs(x["loss"]) + 1e-7
     b = load_file(two / "lora" / "pytorch_lora_weights.safetensors")
     assert any(k.startswith("text_encoder_2.") for k in b)
+
+
+FSDP = ["--train", "unet", "--save-as", "diffusers", "--device", "cpu", "--flip", 0.5, "--checkpoint-every", 2,
+        "--num-class-images", 3, "--validation-prompt", "a photo of sks dog", "--validation-steps", 2]
+
+
+def unet_change(base, run) -> torch.Tensor:
+    """What training changed in the whole UNet, as one vector."""
+    f = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(base / f), load_file(run / "model" / f)
+    return torch.cat([(b[k] - a[k]).flatten() for k in sorted(a)])
+
+
+def test_fsdp_trains_as_one_process_with_the_global_batch_and_resumes_anywhere(sd1_dir, instance_dir, tmp_path):
+    """--fsdp: two gloo processes with their shards of the whole UNet (weights, gradients, Adam's moments) train as
+    one process with the global batch (the DDP test's bounds); the checkpoints hold the full tensors and resume on
+    one process and on two; every process's peak memory is reported; the validation grid is drawn."""
+    import shutil
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli(*train_args(sd1_dir, instance_dir, one, "--batch-size", 2, *FSDP)).exit_code == 0
+    r = torchrun(*train_args(sd1_dir, instance_dir, two, "--batch-size", 1, "--fsdp", *FSDP))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "peak memory per process (peak RSS): rank 0 " in r.stderr and "rank 1 " in r.stderr
+    la, lb = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two))
+    assert [x["step"] for x in lb] == [1, 2, 3]
+    for x, y in zip(la, lb):
+        assert abs(x["loss"] - y["loss"]) <= 1e-4 * abs(x["loss"]) + 1e-7
+    da, db = unet_change(sd1_dir, one), unet_change(sd1_dir, two)
+    assert da.norm() > 0 and (da - db).norm() <= 5e-2 * da.norm()
+    assert (two / "samples" / "final.png").is_file()
+    names = ["step-000002.safetensors", "step-000003.safetensors"]
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == names
+    a, b = (load_file(d / "checkpoints" / names[1]) for d in (one, two))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # full tensors, as one process's
+    (two / "checkpoints" / names[1]).unlink()
+    shutil.copytree(two, tmp_path / "two-again")
+    r = run_cli(*train_args(sd1_dir, instance_dir, two, "--batch-size", 1, *FSDP, "--resume", "latest"))
+    assert r.exit_code == 0 and "without --fsdp" in r.output and "at step 2" in r.output, r.output
+    r = torchrun(*train_args(sd1_dir, instance_dir, tmp_path / "two-again", "--batch-size", 1, *FSDP,
+                             "--resume", "latest"))
+    assert r.returncode == 0 and "at step 2" in r.stderr, r.stderr[-3000:]
+    for run in (two, tmp_path / "two-again"):
+        lc = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [x["step"] for x in lc] == [1, 2, 3] and abs(lc[2]["loss"] - la[2]["loss"]) <= 1e-4 * la[2]["loss"]
+        dc = unet_change(sd1_dir, run)
+        assert (da - dc).norm() <= 5e-2 * da.norm()
+
+
+def test_fsdp_needs_torchrun_and_says_what_it_cannot_do(sd1_dir, instance_dir, tmp_path):
+    for extra, needle in ((["--fsdp"], "run it under torchrun"),
+                          (["--fsdp", "--mixed-precision", "bf16"], "--fsdp works with --optimizer adamw"),
+                          (["--fsdp", "--optimizer", "adafactor"], "--fsdp works with --optimizer adamw")):
+        out = tmp_path / "run"
+        r = run_cli(*train_args(sd1_dir, instance_dir, out, *extra))
+        assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
+        assert not out.exists()
+
+
+def test_a_slow_process_makes_the_same_class_images(sd1_dir, instance_dir, tmp_path):
+    """Rank 1 held back after the processes agree to start writing (as a loaded machine does): each still draws
+    the indices both listed before any write, so the run has exactly images 0..n-1, each once."""
+    driver = tmp_path / "slow_rank1.py"
+    driver.write_text("\n".join([
+        "import os, runpy, sys, time",
+        "from minidream.training import class_images",
+        "real = class_images.barrier",
+        "def slow(group):",
+        "    real(group)",
+        "    if os.environ['RANK'] == '1':",
+        "        time.sleep(3)",
+        "class_images.barrier = slow",
+        "sys.argv[0] = 'minidream'",
+        "runpy.run_module('minidream', run_name='__main__')"]))
+    out = tmp_path / "run"
+    r = torchrun(*train_args(sd1_dir, instance_dir, out, "--batch-size", 1, *COMMON, "--steps", 1), script=str(driver))
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = sorted(p.name for p in (out / "class_images").iterdir())
+    assert names == [f"class-{i:05d}.png" for i in range(3)], names
+
+
+def test_a_resume_cannot_bring_fused_backward_under_torchrun(sd1_dir, instance_dir, tmp_path):
+    """The settings a resume merges are checked as the command line's: a --fused-backward run resumed by two
+    processes would update before averaging the gradients, so it is refused in one line."""
+    out = tmp_path / "run"
+    args = train_args(sd1_dir, instance_dir, out, "--batch-size", 2, "--fused-backward", "--steps", 1,
+                      "--checkpoint-every", 1, "--no-prior", "--device", "cpu")
+    assert run_cli(*args).exit_code == 0
+    r = torchrun(*args, "--steps", 2, "--resume", "latest", "--batch-size", 1)
+    assert r.returncode != 0 and "--fused-backward updates each weight during backward" in r.stderr, r.stderr[-2000:]
+    ours = r.stderr.split("Traceback")[0]  # before torchrun's own report of the failed children
+    assert "error: rank 0: --fused-backward" in ours and "error: rank 1: --fused-backward" in ours
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001.safetensors"]
+
+
+def test_fsdp_text_encoder_that_stops_training_with_captions(sd1_dir, instance_dir, tmp_path):
+    """The sharded text encoder freezes at step 1: every process encodes every caption together (one process
+    encoding only its own would leave the other waiting in a gather)."""
+    import shutil
+    photos = tmp_path / "photos"
+    shutil.copytree(instance_dir, photos)
+    for i, f in enumerate(sorted(photos.glob("*.png"))):
+        f.with_suffix(".txt").write_text(f"a photo of sks dog, view {i}")
+    r = torchrun(*train_args(sd1_dir, photos, tmp_path / "run", "--batch-size", 1, "--fsdp", "--train", "lora",
+                             "--train-text-encoder", "--text-encoder-steps", 1, "--caption-ext", ".txt",
+                             "--device", "cpu"), timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -93,7 +93,7 @@ def test_fused_backward_trains_as_the_unfused_step(sd1_dir, instance_dir, tmp_pa
 
 def test_fused_backward_is_exact_on_resume(sd1_dir, instance_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    args = ["--train", "lora", "--fused-backward", "--checkpoint-every", 1, "--keep-last", 0]
+    args = ["--train", "lora", "--fused-backward", "--checkpoint-every", 1, "--keep-last", 0, "--lr-schedule", "linear"]
     assert run_cli(*train_args(sd1_dir, instance_dir, straight, *args)).exit_code == 0
     shutil.copytree(straight, resumed)
     (resumed / "checkpoints" / "step-000003.safetensors").unlink()
@@ -107,7 +107,9 @@ BAD = [(("--fused-backward", "--grad-accum", 2), "--fused-backward updates the w
        (("--fused-backward", "--optimizer", "prodigy"), "prodigy does not: use adamw"),
        (("--optimizer", "sgd"), "'sgd' is not one of"),
        (("--adafactor-beta2-decay", 0.5), "--adafactor-beta2-decay must be in [-1, 0]"),
-       (("--prodigy-d-coef", 0), "--prodigy-d-coef must be > 0")]
+       (("--prodigy-d-coef", 0), "--prodigy-d-coef must be > 0"),
+       (("--optimizer", "prodigy", "--train-token", "--token-lr", 0.5), "prodigy takes one learning rate"),
+       (("--optimizer", "prodigy", "--train-text-encoder", "--text-encoder-lr", 1e-4), "prodigy takes one")]
 
 
 @pytest.mark.parametrize("extra,needle", BAD, ids=[str(i) for i in range(len(BAD))])
@@ -182,3 +184,45 @@ def test_save_precision_writes_every_export_in_it(sd1_dir, instance_dir, tmp_pat
         for k, v in full.items():
             want = v.half() if v.is_floating_point() else v
             assert half[k].dtype == want.dtype and torch.equal(half[k], want), (f, k)
+
+
+def test_a_prodigy_run_with_a_new_token_trains(sd1_dir, instance_dir, tmp_path):
+    """Prodigy shares one step size: every group takes --lr (here 1e-3, the token too)."""
+    r = run_cli(*train_args(sd1_dir, instance_dir, tmp_path / "run", "--optimizer", "prodigy", "--train-token",
+                            "--train", "lora", "--train-text-encoder", "--checkpoint-every", 3))
+    assert r.exit_code == 0, r.output
+    groups = checkpoint_meta(tmp_path / "run" / "checkpoints" / "step-000003.safetensors")["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [1e-3] * 3
+
+
+CRAFTED = {"adafactor": [("beta2_decay", 1e308), ("beta2_decay", 5.0), ("eps", [float("nan"), 1e-3]),
+                         ("lr", -1.0), ("weight_decay", "x")],
+           "prodigy": [("beta3", "x"), ("slice_p", 0), ("fsdp_in_use", True), ("growth_rate", -1), ("k", -5),
+                       ("k", 1.5), ("use_bias_correction", 7), ("d", float("nan")), ("d_numerator", float("inf")),
+                       ("initial_lr", 2.0)]}
+
+
+@pytest.mark.parametrize("optimizer", list(CRAFTED))
+def test_crafted_optimizer_settings_are_refused_in_one_line(sd1_dir, instance_dir, tmp_path, optimizer):
+    """A checkpoint's group settings are the run's (they must equal the optimizer as built); what the optimizer
+    changes as it trains is range-checked; the learning rate in force is the schedule's, not the file's."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    out = tmp_path / "run"
+    args = ["--optimizer", optimizer, "--train", "attention", "--checkpoint-every", 2, "--keep-last", 0]
+    assert run_cli(*train_args(sd1_dir, instance_dir, out, *args)).exit_code == 0
+    ck = out / "checkpoints" / "step-000002.safetensors"
+    (out / "checkpoints" / "step-000003.safetensors").unlink()
+    with safe_open(str(ck), "pt") as f:
+        meta = json.loads(f.metadata()["minidream"])
+    tensors = load_file(ck)
+    for key, value in CRAFTED[optimizer]:
+        groups = [{**g, key: value} for g in meta["param_groups"]]
+        save_file(tensors, ck, metadata={"minidream": json.dumps({**meta, "param_groups": groups})})
+        r = run_cli(*train_args(sd1_dir, instance_dir, out, *args, "--resume", "latest"))
+        assert r.exit_code == 2 and "not usable" in r.output and "Traceback" not in r.output, (key, r.output)
+    save_file(tensors, ck, metadata={"minidream": json.dumps({**meta, "param_groups": [
+        {**g, "lr": 2.0} for g in meta["param_groups"]]})})  # a crafted rate in force: the schedule's is used
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, *args, "--resume", "latest"))
+    assert r.exit_code == 0, r.output
+    assert checkpoint_meta(out / "checkpoints" / "step-000003.safetensors")["param_groups"][0]["lr"] != 2.0

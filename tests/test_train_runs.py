@@ -247,3 +247,28 @@ def test_only_a_runs_own_unfinished_files_are_removed(tmp_path):
     remove_unfinished(out)
     assert all(f.read_text() == "the user's" for f in mine) and not any(f.exists() for f in stale)
     assert (out / "lora" / "pytorch_lora_weights.safetensors").read_text() == "the previous export"
+
+
+def test_a_bare_resume_keeps_the_runs_precision(sd1_dir, instance_dir, tmp_path):
+    """--resume latest without --mixed-precision continues a bf16 run in bf16 (the run's own setting, not the
+    command line's default): the weights are those of the run that went on without stopping."""
+    import shutil
+    from safetensors.torch import load_file
+    args = ["--train", "lora", "--checkpoint-every", 1, "--keep-last", 0]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_cli(*train_args(sd1_dir, instance_dir, straight, *args, "--mixed-precision", "bf16")).exit_code == 0
+    shutil.copytree(straight, resumed)
+    for step in (2, 3):
+        (resumed / "checkpoints" / f"step-{step:06d}.safetensors").unlink()
+    r = run_cli(*train_args(sd1_dir, instance_dir, resumed, *args, "--resume", "latest"))
+    assert r.exit_code == 0 and "at step 1" in r.output, r.output
+    a, b = (load_file(d / "checkpoints" / "step-000003.safetensors") for d in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_cannot_ask_for_an_export_its_mode_cannot_make(sd1_dir, instance_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*train_args(sd1_dir, instance_dir, out, "--steps", 1, "--checkpoint-every", 1)).exit_code == 0
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--steps", 2, "--save-as", "lora-kohya", "--resume", "latest"))
+    assert r.exit_code == 2 and "--save-as lora-* needs --train lora" in r.output, r.output
+    assert steps_logged(out) == [1]

@@ -197,7 +197,10 @@ class DownBlock(nn.Module):
         self.downsamplers = nn.ModuleList([Downsample2D(cout)] if downsample else [])
         self.gradient_checkpointing = False
 
-    def forward(self, h, temb, context, skips: list):
+    def forward(self, h, temb, context) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stage's output, and each layer's output for the up path's skip connections. (Returned, not appended
+        to a list the caller passes: a wrapped module (FSDP) may be handed a copy of its arguments.)"""
+        skips = []
         for i, resnet in enumerate(self.resnets):
             h = run(resnet, h, temb, ckpt=self.gradient_checkpointing)
             if self.attentions:
@@ -206,7 +209,7 @@ class DownBlock(nn.Module):
         for down in self.downsamplers:
             h = down(h)
             skips.append(h)
-        return h
+        return h, skips
 
 
 class UpBlock(nn.Module):
@@ -222,8 +225,9 @@ class UpBlock(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, h, temb, context, skips: list):
+        """`skips`: one down-path output per resnet, the deepest first."""
         for i, resnet in enumerate(self.resnets):
-            h = torch.cat([h, skips.pop()], dim=1)  # the U's skip connection from the matching down stage
+            h = torch.cat([h, skips[i]], dim=1)  # the U's skip connection from the matching down stage
             h = run(resnet, h, temb, ckpt=self.gradient_checkpointing)
             if self.attentions:
                 h = run(self.attentions[i], h, context, ckpt=self.gradient_checkpointing)
@@ -295,8 +299,9 @@ class UNet2DConditionModel(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h = block(h, temb, context, skips)
+            h, outputs = block(h, temb, context)
+            skips += outputs
         h = self.mid_block(h, temb, context)
-        for block in self.up_blocks:
-            h = block(h, temb, context, skips)
+        for block in self.up_blocks:  # last in, first out
+            h = block(h, temb, context, [skips.pop() for _ in block.resnets])
         return self.conv_out(F.silu(self.conv_norm_out(h)))

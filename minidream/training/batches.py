@@ -89,8 +89,10 @@ class TextConditioning:
     prompt) are always encoded together, in that order, captions after them. --text-encoder-steps N (kohya's
     --stop_text_encoder_training) freezes the text encoder from step N on."""
 
-    def __init__(self, model: StableDiffusion, cfg, trainable: Trainable, prompts: list[str]):
-        self.model, self.cfg, self.base = model, cfg, list(dict.fromkeys(prompts))
+    def __init__(self, model: StableDiffusion, cfg, trainable: Trainable, prompts: list[str],
+                 every: list[str] = ()):
+        """`prompts`: the run's own; `every`: every prompt a step may draw (captions too)."""
+        self.model, self.cfg, self.base, self.every = model, cfg, list(dict.fromkeys(prompts)), list(every)
         self.te_params = [p for _, p in trainable.text_encoder]
         self.token_trains = bool(trainable.token)
         self.fixed = {}
@@ -100,9 +102,10 @@ class TextConditioning:
         """Neither the text encoder nor a new token trains: each prompt's conditioning is computed once."""
         return not (self.token_trains or (self.te_params and self.te_params[0].requires_grad))
 
-    def encode_all(self, prompts: list[str]):
-        """Every prompt the run will draw, encoded now (frozen): the text encoders are then no longer needed."""
-        self(0, prompts)
+    def encode_all(self):
+        """Every prompt the run will draw, encoded now (frozen): the text encoders are then no longer needed. (Under
+        --fsdp a trained encoder is sharded: every process must encode the same prompts together.)"""
+        self(0, self.every)
 
     def __call__(self, step: int, prompts: list[str]) -> dict[str, torch.Tensor]:
         te = self.te_params
@@ -110,6 +113,7 @@ class TextConditioning:
             for p in te:
                 p.requires_grad_(False)
             self.fixed = {}
+            self.encode_all()
         wanted = self.base + [p for p in dict.fromkeys(prompts) if p not in self.base]
         if self.token_trains or (te and te[0].requires_grad):
             cond = encode_text(self.model, wanted)

@@ -5,7 +5,7 @@ in its metadata), written to a temporary name and renamed, so a crash or Ctrl-C 
 """
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -133,6 +133,8 @@ class Checkpointer:
         on any number of processes)."""
         path = self.path(step)
         if not self.group.main:
+            if self.cfg.fsdp:  # its part of the gather
+                self.state.state_dict(keep=False)
             self.last_good = step
             return path
         try:
@@ -177,6 +179,9 @@ def resume_from(cfg: TrainConfig, out: Path, resume: str, given: set[str] | None
         if cfg.prior and have < cfg.num_class_images:
             raise TrainError(f"--class-dir {cfg.class_dir} (from the checkpoint) holds {have} of "
                              f"{cfg.num_class_images} class images; pass --class-dir to say where to make them")
+    if cfg.fsdp and processes == 1 and "fsdp" not in (given or set()):
+        print("resuming on one process: without --fsdp (the checkpoint holds the full tensors)", file=sys.stderr)
+        cfg = replace(cfg, fsdp=False)
     was = meta.get("processes") or processes
     if not (isinstance(was, int) and was >= 1):
         raise TrainError(f"{source}: processes {was!r} is not a count of processes")

@@ -33,10 +33,10 @@ def make_class_images(model: StableDiffusion, cfg, concept, rt: Runtime, k: int 
     barrier(group)
     have = image_files(class_dir)
     missing = wanted - len(have)
-    barrier(group)  # every process has listed the folder before any writes to it
+    free = [i for i in range(wanted + len(have)) if not (class_dir / f"class-{i:05d}.png").exists()][:missing]
+    barrier(group)  # every process has looked at the folder before any writes to it (else a slow one sees them)
     if missing <= 0:
         return
-    free = [i for i in range(wanted + len(have)) if not (class_dir / f"class-{i:05d}.png").exists()][:missing]
     mine = free[group.rank::group.size]
     precision = class_precision(cfg, rt.device)
     print(f"generating {missing} class images for {prompt!r} into {class_dir} ({precision})", file=sys.stderr)

@@ -145,6 +145,9 @@ class TrainConfig:
                                   "keep fp32 masters.", choices=PRECISIONS)
     tf32: bool = option(True, "On CUDA, TF32 tensor cores for fp32 matmuls and convolutions.", resumable=True)
     gradient_checkpointing: bool = option(False, "Recompute activations per block in backward.")
+    fsdp: bool = option(False, "Under torchrun: shard the UNet (and a training text encoder), their gradients and "
+                        "optimizer state across the processes (FSDP2) instead of a whole copy in each.", resumable=True,
+                        added=False)
     cache_latents: bool = option(False, "Encode the images with the VAE once.")
     snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (e.g. 5).", check=positive_number)
     noise_offset: float = option(0.0, "Noise offset (e.g. 0.05).", check=non_negative)
@@ -212,6 +215,8 @@ class TrainConfig:
 
     @property
     def new_token_lr(self) -> float:
+        if OPTIMIZERS[self.optimizer].one_lr:
+            return self.unet_lr
         return self.token_lr or OPTIMIZERS[self.optimizer].lr or 5e-3
 
     @property
@@ -238,22 +243,36 @@ def validate(cfg: TrainConfig, resuming: bool = False):
     wrong = first_problem(cfg)
     if wrong:
         raise TrainError(f"{flag(wrong[0])} {wrong[1]}")
-    if resuming:
-        return
-    if not cfg.concepts and not (cfg.instance_dir and cfg.class_noun):
-        raise TrainError("--instance-dir and --class-noun are needed (or --concepts FILE.json)")
-    if cfg.concepts and (cfg.instance_dir or cfg.class_noun):
-        raise TrainError("--concepts names each concept's folder and class: drop --instance-dir and --class-noun")
+    if not resuming:
+        if not cfg.concepts and not (cfg.instance_dir and cfg.class_noun):
+            raise TrainError("--instance-dir and --class-noun are needed (or --concepts FILE.json)")
+        if cfg.concepts and (cfg.instance_dir or cfg.class_noun):
+            raise TrainError("--concepts names each concept's folder and class: drop --instance-dir and "
+                             "--class-noun")
+    combinations(cfg)
+    if not resuming:
+        check_run_concepts(cfg, Path(cfg.out))
+
+
+def combinations(cfg: TrainConfig):
+    """What the settings ask of each other: checked on the command line's, and again on those a resume merges
+    (the checkpoint's with the resumable ones given anew)."""
     if any(exports.EXPORTERS[s].adapters for s in cfg.save_as) and not MODES[cfg.mode].adapters:
         raise TrainError("--save-as lora-* needs --train lora")
     if cfg.prior and cfg.num_class_images < 1:
         raise TrainError("--num-class-images must be at least 1 with prior preservation (or pass --no-prior)")
     if cfg.fused_backward:
         fused_backward_fits(cfg)
+    if cfg.fsdp and (cfg.optimizer != "adamw" or cfg.mixed_precision != "no"):
+        raise TrainError("--fsdp works with --optimizer adamw and --mixed-precision no for now (a sharded block "
+                         "holds one dtype; other optimizers keep state not shaped like the weights)")
     if cfg.cache_latents and not cfg.center_crop:
         raise TrainError("--random-crop has no effect with --cache-latents (cached latents are centre crops); "
                          "drop one of them")
-    check_run_concepts(cfg, Path(cfg.out))
+    row = OPTIMIZERS[cfg.optimizer]
+    if row.one_lr and any(x is not None and x != cfg.unet_lr for x in (cfg.text_encoder_lr, cfg.token_lr)):
+        raise TrainError(f"{cfg.optimizer} takes one learning rate for everything it trains (its step size is "
+                         f"shared): drop --text-encoder-lr and --token-lr, or give them --lr's value")
 
 
 def fused_backward_fits(cfg: TrainConfig):

@@ -107,14 +107,32 @@ def mean(values: list[float], group: ProcessGroup, device) -> list[float]:
 
 def average_gradients(params: list[torch.Tensor], group: ProcessGroup):
     """grad ← mean over processes, as one all-reduce of all gradients flattened together."""
-    if group.size == 1:
-        return
     grads = [p.grad for p in params if p.grad is not None]
+    if group.size == 1 or not grads:
+        return
     flat = torch.cat([g.reshape(-1).float() for g in grads])
     _collective(dist.all_reduce, flat)
     flat /= group.size
     for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(chunk.view_as(g))
+
+
+def report_peak_memory(group: ProcessGroup, device: torch.device):
+    """Under torchrun, each process's peak memory on one line (rank 0 prints it; every process must call this):
+    CUDA's max allocated, or on the CPU the process's peak RSS."""
+    if group.size == 1:
+        return
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    every = torch.zeros(group.size, dtype=torch.float64, device=device)
+    every[group.rank] = peak
+    _collective(dist.all_reduce, every)
+    what = "max allocated" if device.type == "cuda" else "peak RSS"
+    print(f"peak memory per process ({what}): " + ", ".join(f"rank {r} {b / 2 ** 30:.2f} GiB"
+                                                          for r, b in enumerate(every.tolist())), file=sys.stderr)
 
 
 def close(group: ProcessGroup):

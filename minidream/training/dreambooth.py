@@ -10,14 +10,13 @@ import torch
 
 from minidream.formats.loading import load
 from minidream.models.stable_diffusion import StableDiffusion
-from minidream.training import TrainError, run_folder, runtime
+from minidream.training import TrainError, distributed, run_folder, runtime
 from minidream.training.checkpoint import Checkpointer, per_process_batch, resume_from
 from minidream.training.concepts import TrainingData
-from minidream.training.config import TrainConfig, flag, validate, validate_resolution
+from minidream.training.config import TrainConfig, combinations, flag, validate, validate_resolution
 from minidream.training.export import export as export_trained
 from minidream.training.loop import loop, phase
 from minidream.training.report import REPORT_TO, curves
-from minidream.training.state import TrainState
 from minidream.training.step import prepare
 from minidream.training.validation import validation_grid
 
@@ -31,6 +30,10 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
     with runtime.started(cfg) as rt:  # device, attention, precision; torchrun's processes; SIGTERM as Ctrl-C
         out = Path(cfg.out)
         cfg, start = begin(cfg, out, resume, overwrite, given, rt.group.size)  # resuming: the checkpoint's
+        if start is not None:  # the settings a resume merged, checked and resolved as the command line's were
+            combinations(cfg)
+            runtime.check_processes(cfg, rt.group)
+            rt = runtime.resumed(rt, cfg)
         torch.manual_seed(cfg.seed)
         model = load_base(cfg)
         cfg = check_against_model(cfg, model)
@@ -49,14 +52,19 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
                     stepper.state.load_state_dict(state)
             ckpt = Checkpointer(out, cfg, stepper.state, step or 0, rt.group, processes)
             step = loop(cfg, out, stepper, ckpt, step or 0)
-            if not rt.main:
-                return model, []
             with phase("after training (the final grid, the exports)", ckpt, step):  # the weights are saved first
-                if cfg.validation_prompts:
+                if cfg.validation_prompts and (rt.main or cfg.fsdp):  # a sharded UNet samples on every process
                     with rt.resident(model):
-                        validation_grid(model, cfg, out / "samples" / "final.png")
-                curves(out)
-                return model, export(cfg, stepper.state)
+                        validation_grid(model, cfg, out / "samples" / "final.png", write=rt.main)
+                trained = stepper.state.trained(keep=rt.main)  # gathered from every process under --fsdp
+                distributed.report_peak_memory(rt.group, rt.device)
+                written = []
+                if rt.main:
+                    curves(out)
+                    model.denoiser.eval()
+                    written = export(cfg, trained)
+                distributed.barrier(rt.group)  # the processes end together: none leaves while a peer may still send
+                return model, written
 
 
 def begin(cfg: TrainConfig, out: Path, resume: str | None, overwrite: bool, given: set[str] | None,
@@ -117,8 +125,6 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
     return cfg
 
 
-def export(cfg: TrainConfig, state: TrainState) -> list[Path]:
+def export(cfg: TrainConfig, trained: dict[str, torch.Tensor]) -> list[Path]:
     """The exports, from a fresh fp32 base with the trained tensors written in."""
-    state.model.denoiser.eval()
-    trained = {name: p.detach() for name, p in state.trainable.named()}
     return export_trained(load_base(cfg), trained, cfg, Path(cfg.out))

@@ -19,7 +19,8 @@ class FusedBackward:
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float):
         self.optimizer, self.max_grad_norm = optimizer, max_grad_norm
-        self.group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
+        # the group's index, not the group: loading a checkpoint replaces the optimizer's group dicts
+        self.group_of = {p: i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
         self.squares = 0.0
         self.handles = [p.register_post_accumulate_grad_hook(self.update) for p in self.group_of]
 
@@ -29,7 +30,7 @@ class FusedBackward:
             self.squares += torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm).item() ** 2
         opt = self.optimizer
         groups = opt.param_groups
-        opt.param_groups = [{**self.group_of[p], "params": [p]}]  # a view: the group's settings, this parameter
+        opt.param_groups = [{**groups[self.group_of[p]], "params": [p]}]  # a view: its group's settings, p alone
         try:
             opt.step()
         finally:

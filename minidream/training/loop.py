@@ -35,6 +35,8 @@ def saved(ckpt: Checkpointer, step: int) -> str:
     is still there to save this step too)."""
     if not ckpt.group.main:
         return f"rank 0 writes the checkpoints ({ckpt.kept()})"
+    if ckpt.cfg.fsdp and ckpt.last_good != step:  # a checkpoint gathers from every process, which may be gone
+        return f"--fsdp cannot gather a checkpoint now, {ckpt.kept()}"
     try:
         path = ckpt.keep(step)
     except TrainError:
@@ -68,10 +70,11 @@ def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step
             stepper.raise_deferred()  # a Ctrl-C that came during the update ends the run here, after step `step`
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 ckpt.save(step)  # and always the last step: a larger --steps extends a finished run
-            if main and cfg.validation_prompts and cfg.validation_every and step % cfg.validation_every == 0:
+            grid_here = main or cfg.fsdp  # a sharded UNet samples on every process together
+            if grid_here and cfg.validation_prompts and cfg.validation_every and step % cfg.validation_every == 0:
                 png = out / "samples" / f"step-{step:06d}.png"
                 with stepper.runtime.resident(stepper.state.model) as model:
-                    validation_grid(model, cfg, png)
+                    validation_grid(model, cfg, png, write=main)
                 log.image("validation", png, step)
     except STOPS as e:
         bar.close()

@@ -65,6 +65,8 @@ class Optimizer:
     extra: str | None = None  # minidream's extra that installs it
     lr: float | None = None  # every group's learning rate when --lr (--text-encoder-lr, --token-lr) is not given
     per_parameter: bool = True  # each parameter's update depends on its own gradient only: --fused-backward works
+    one_lr: bool = False  # one learning rate for every group (--text-encoder-lr and --token-lr refused)
+    evolving: tuple[str, ...] = ("lr",)  # group settings it changes as it trains (the others are the run's)
 
 
 OPTIMIZERS = {
@@ -79,7 +81,8 @@ OPTIMIZERS = {
     "prodigy": Optimizer(prodigy, ("exp_avg", "exp_avg_sq"), "Prodigy, Adam that finds its own step size; "
                          "--lr defaults to 1 (prodigyopt: pip install 'minidream[prodigy]'; --prodigy-d-coef, "
                          "--prodigy-bias-correction, --prodigy-safeguard-warmup, the AdamW settings)",
-                         package="prodigyopt", extra="prodigy", lr=1.0, per_parameter=False),
+                         package="prodigyopt", extra="prodigy", lr=1.0, per_parameter=False, one_lr=True,
+                         evolving=("lr", "d", "d_max", "d_numerator", "d_denom", "d_hat", "k")),
 }
 
 
@@ -138,7 +141,8 @@ def make_optimizer(cfg, trainable: Trainable, device: torch.device):
     LR schedule, and for fp16 a gradient scaler."""
     lr = cfg.unet_lr
     param_groups = [{"params": [p for _, p in trainable.unet], "lr": lr},
-                    {"params": [p for _, p in trainable.text_encoder], "lr": cfg.text_encoder_lr or lr},
+                    {"params": [p for _, p in trainable.text_encoder],
+                     "lr": lr if OPTIMIZERS[cfg.optimizer].one_lr else cfg.text_encoder_lr or lr},
                     {"params": [p for _, p in trainable.token], "lr": cfg.new_token_lr, "weight_decay": 0.0}]
     param_groups = [pg for pg in param_groups if pg["params"]]
     opt = OPTIMIZERS[cfg.optimizer].build(param_groups, cfg)

@@ -105,13 +105,10 @@ def started(cfg):
     except ValueError as e:
         raise TrainError(str(e)) from None
     rt = replace(rt, device=device, group=group)
-    if cfg.fused_backward and group.size > 1:
-        distributed.close(group)
-        raise TrainError("--fused-backward updates each weight during backward, before torchrun's processes "
-                         "average the gradients: train on one process, or drop --fused-backward")
     on_term = signal.signal(signal.SIGTERM, signal.default_int_handler) \
         if threading.current_thread() is threading.main_thread() else None
     try:
+        check_processes(cfg, group)
         yield rt
     except TrainError as e:
         distributed.speak(group)
@@ -124,6 +121,28 @@ def started(cfg):
         distributed.close(group)
         if on_term is not None:
             signal.signal(signal.SIGTERM, on_term)
+
+
+def resumed(rt: Runtime, cfg) -> Runtime:
+    """The runtime of the settings a resume merged: the run's own precision and attention (a bare `--resume latest`
+    gives the command line's defaults, not the run's); torchrun's process group and its GPU kept."""
+    again = resolve(cfg)
+    if again.device.type != rt.device.type:
+        if rt.group.size > 1:
+            raise TrainError(f"--resume: the run trained on {again.device.type}; under torchrun give --device "
+                             f"{again.device.type} to each process (or --device {rt.device.type} to move it)")
+        return replace(again, group=rt.group)
+    return replace(again, device=rt.device, group=rt.group)
+
+
+def check_processes(cfg, group: ProcessGroup):
+    """The settings that depend on how many processes run (checked again on a resume's merged settings)."""
+    if cfg.fsdp and group.size == 1:
+        raise TrainError("--fsdp shards the model across torchrun's processes: run it under torchrun with 2 or "
+                         "more (torchrun --nproc-per-node N -m minidream train ...), or drop --fsdp")
+    if cfg.fused_backward and group.size > 1:
+        raise TrainError("--fused-backward updates each weight during backward, before torchrun's processes "
+                         "average the gradients: train on one process, or drop --fused-backward")
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from minidream.training import TrainError, distributed
 from minidream.training.batches import LatentSource, TextConditioning
 from minidream.training.config import TrainConfig
 from minidream.training.distributed import ProcessGroup
+from minidream.training.fsdp import is_sharded
 from minidream.training.fused_backward import fuse_backward
 from minidream.training.runtime import Runtime, signals_deferred
 from minidream.training.state import TrainState
@@ -140,7 +141,7 @@ class Stepper:
             grad_norm = self.fused.grad_norm()
         else:
             params = state.trainable.params()
-            distributed.average_gradients(params, rt.group)
+            distributed.average_gradients([p for p in params if not is_sharded(p)], rt.group)  # FSDP: its own
             with signals_deferred() as came:  # the update happens whole, or not at all
                 grad_norm = apply_gradients(state.optimizer, state.scaler, params, cfg.max_grad_norm)
                 state.lr_schedule.step()
@@ -154,7 +155,7 @@ def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[l
             prompts: list[str] | None = None, batch_size: int | None = None) -> Stepper:
     """What trains (selected, the rest frozen and maybe in half precision), the optimizer and the data, on a model
     already on the run's device: the step, ready to call."""
-    state = TrainState.create(cfg, model, rt.device)
+    state = TrainState.create(cfg, model, rt.device, rt.group.size)
     if rt.precision is not None:  # frozen weights in half precision; what trains keeps its exact fp32 values
         cast_frozen(model, rt.precision)
     model.denoiser.set_gradient_checkpointing(cfg.gradient_checkpointing)
@@ -162,10 +163,11 @@ def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[l
     for _, _, te in model.text_encoders():
         te.train(bool(state.trainable.text_encoder))
     batches = LatentSource(model, cfg, pools, rt.device, state.generator, rt.group)
-    text = TextConditioning(model, cfg, state.trainable, prompts or list(cfg.prompts))
+    text = TextConditioning(model, cfg, state.trainable, prompts or list(cfg.prompts),
+                            [e.prompt for pool in pools for e in pool])
     # what the step no longer needs leaves the accelerator (validation grids bring it back: Runtime.resident)
     if text.frozen:
-        text.encode_all([e.prompt for pool in pools for e in pool])
+        text.encode_all()
         for _, _, te in model.text_encoders():
             rt.offload(te)
     if cfg.cache_latents:

@@ -10,8 +10,9 @@ from minidream.sampling.pipeline import generate
 
 
 @torch.no_grad()
-def validation_grid(model: StableDiffusion, cfg, path: Path):
-    """One row per validation prompt, one column per fixed seed."""
+def validation_grid(model: StableDiffusion, cfg, path: Path, write: bool = True):
+    """One row per validation prompt, one column per fixed seed (written where `write`: under --fsdp every
+    process samples, rank 0 writes)."""
     denoiser = model.denoiser
     was_training = denoiser.training
     denoiser.eval()
@@ -23,6 +24,7 @@ def validation_grid(model: StableDiffusion, cfg, path: Path):
         for p in cfg.validation_prompts:
             rows.append(generate(model, [p] * cfg.validation_images, params, sampler=sampler,
                                  generator=torch.Generator("cpu").manual_seed(cfg.seed), progress=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(grid(torch.cat(rows), cols=cfg.validation_images), path, {"prompts": list(cfg.validation_prompts)})
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(grid(torch.cat(rows), cols=cfg.validation_images), path, {"prompts": list(cfg.validation_prompts)})
     denoiser.train(was_training)
