@@ -48,6 +48,7 @@ LoraOpt = Annotated[Optional[list[str]], typer.Option(help="LoRA file to merge, 
 LoraScaleOpt = Annotated[float, typer.Option(help="Strength of each --lora given without :SCALE.")]
 EmbeddingOpt = Annotated[Optional[list[Path]], path_option(help="Textual-inversion embedding (ours, diffusers', "
                                                                "A1111's); repeat for several.")]
+ClipSkipOpt = loader_option("clip_skip")
 EmbeddingTokenOpt = Annotated[Optional[list[str]], typer.Option(
     help="Token for the --embedding of the same position; default: the name in the file.")]
 
@@ -134,6 +135,15 @@ def load_model(model: str, revision=None, variant=None, allow_pickle=False, toke
         fail(str(e))
 
 
+def clip_skipped(m, skip: int):
+    """The model read at its text encoder's skip-th layer from the end (--clip-skip)."""
+    from minidream.models.stable_diffusion import with_clip_skip
+    try:
+        return with_clip_skip(m, skip)
+    except ValueError as e:
+        fail(str(e))
+
+
 def adapt(m, loras: list[tuple[Path, float]], embeddings: list[tuple[Path, str | None]], allow_pickle: bool):
     """Other tools' embeddings added and LoRAs merged into a loaded model."""
     from minidream.formats.embeddings import add_embedding
@@ -156,8 +166,8 @@ def device_and_backend(device: str | None, attention: AttentionBackend, dtype: D
         backend = resolve_backend(attention.value, dev)
     except ValueError as e:
         fail(str(e))
-    if dtype != DType.fp32 and dev == "cpu":
-        fail(f"--dtype {dtype.value} needs a GPU; use --dtype fp32 on CPU")
+    if dtype == DType.fp16 and dev == "cpu":
+        fail("--dtype fp16 needs a GPU; use --dtype bf16 or fp32 on CPU")
     return dev, backend
 
 
@@ -200,7 +210,7 @@ def sample(
                                            "batch k uses seed + k.")] = 0,
     num_images: Annotated[int, typer.Option(help="How many images.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 1,
-    dtype: Annotated[DType, typer.Option(help="Compute dtype (fp16/bf16 need a GPU).")] = DType.fp32,
+    dtype: Annotated[DType, typer.Option(help="Compute dtype (fp16 needs a GPU).")] = DType.fp32,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: cuda when available.")] = None,
     attention: Annotated[AttentionBackend, typer.Option(help="Attention kernel.")] = AttentionBackend.auto,
     lora: LoraOpt = None, lora_scale: LoraScaleOpt = 1.0,
@@ -208,6 +218,7 @@ def sample(
     revision: Revision = None, variant: Variant = None, allow_pickle: AllowPickle = False,
     tokenizer: TokenizerOpt = None, preset: PresetOpt = None, config: ConfigOpt = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    clip_skip: ClipSkipOpt = 1,
     **sampling,
 ):
     """Text to image: writes one PNG per image (settings in the PNG text) and a grid when several."""
@@ -225,7 +236,7 @@ def sample(
     loras = [lora_arg(a, lora_scale) for a in lora or []]
     embeddings = embedding_args(embedding or [], embedding_token or [])
     dev, backend = device_and_backend(device, attention, dtype)
-    m = load_model(model, revision, variant, allow_pickle, tokenizer, preset, config)
+    m = clip_skipped(load_model(model, revision, variant, allow_pickle, tokenizer, preset, config), clip_skip)
     check_sampling(params, m)
     name = params.sampler or default_sampler(m.scheduler)  # the model's own, by name, for the PNGs
     sampler = params.make_sampler(m.scheduler)  # one sampler for every batch
@@ -251,6 +262,7 @@ def sample(
         for i, img in enumerate(imgs):
             meta = {"prompt": prompt, "negative_prompt": params.negative_prompt, "seed": seed + k, "index_in_batch": i,
                     "steps": params.steps, "guidance": params.guidance, "scheduler": name, "eta": params.eta,
+                    "clip_skip": clip_skip,
                     "model": m.source, "dtype": dtype.value, "lora": [f"{f}:{w}" for f, w in loras],
                     "embeddings": [str(f) for f, _ in embeddings], "software": "minidream"}
             with writing():

@@ -46,7 +46,7 @@ def ours(folder: str, mode: str, res: int, **settings):
     from minidream.models.attention import resolve_backend
     from minidream.training.concepts import plain
     from minidream.training.config import TrainConfig
-    from minidream.training.dreambooth import load_base
+    from minidream.training.export import load_base
     from minidream.training.runtime import PRECISIONS, Runtime
     from minidream.training.step import prepare
     cfg = TrainConfig(model=folder, instance_dir="", class_noun="dog", out="", mode=mode, resolution=res,

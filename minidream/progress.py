@@ -39,6 +39,12 @@ class Progress:
             sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
+    def write(self, line: str):
+        """A line of its own above the bar (on a terminal the bar is drawn again by the next update)."""
+        if self.enabled:
+            sys.stderr.write(("\r\033[K" if self.tty else "") + line + "\n")
+            sys.stderr.flush()
+
     def close(self):
         if self.enabled and self.tty and self.n < self.total:
             sys.stderr.write("\n")

@@ -76,7 +76,9 @@ def stopped(r, *needles):
     """Exit 2 with one line (after the progress lines) that says how to go on; no traceback."""
     assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "--resume latest" in last and "Traceback" not in r.stderr, r.stderr
+    how = "continue with: minidream train --out "
+    assert last.startswith("error: ") and how in last and "--resume latest" in last, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
     for needle in needles:
         assert needle in last, (needle, last)
     return last

@@ -100,7 +100,7 @@ def test_default_sampler_is_the_models_own(sd1_dir, tmp_path):
     (["--scheduler", "euler_x"], "euler_x"),
     (["--steps", "0"], "--steps"),
     (["--height", "30"], "--height must be a positive multiple of 8"),
-    (["--dtype", "bf16", "--device", "cpu"], "--dtype"),
+    (["--dtype", "fp16", "--device", "cpu"], "--dtype fp16 needs a GPU"),
 ])
 def test_cli_sample_bad_input_is_one_line(sd1_dir, tmp_path, args, needle):
     r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(sd1_dir), "--prompt", "x",

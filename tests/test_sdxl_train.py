@@ -77,7 +77,7 @@ def test_each_drawn_row_carries_its_views_size_ids(xl_dir, tmp_path, cache):
     src = LatentSource(m, cfg, pools, torch.device("cpu"), torch.Generator().manual_seed(0))
     seen = set()
     for _ in range(8):
-        latents, prompts, extra = src.draw_step(2, 2)
+        latents, prompts, extra, _ = src.draw_step(2, 2)
         assert latents.shape == (4, 4, 8, 8) and extra["time_ids"].shape == (4, 6)
         for row in extra["time_ids"][:2].tolist():
             assert row in ([40, 48, 0, 1, 16, 16], [40, 48, 0, 2, 16, 16])

@@ -198,16 +198,17 @@ def test_checkpoints_of_earlier_versions_resume_the_same(sd1_dir, instance_dir, 
 
 
 def test_a_finished_run_extends_from_its_last_step(sd1_dir, instance_dir, tmp_path):
-    """A checkpoint is always written at the last step (here 3, with --checkpoint-every 100): a larger --steps
-    trains on from it, to the weights of a run that went there at once."""
+    """A checkpoint is always written at the last step (here 3, with --checkpoint-every 0): `train --out RUN
+    --resume latest --steps 5`, nothing else named, trains on from it to the weights of a run that went there at
+    once (every setting, the model's too, comes from the checkpoint)."""
     import shutil
     from safetensors.torch import load_file
-    args = ["--train", "lora", "--checkpoint-every", 100, "--save-as", "lora-diffusers"]
+    args = ["--train", "lora", "--checkpoint-every", 0, "--save-as", "lora-diffusers"]
     at_once, extended = tmp_path / "at-once", tmp_path / "extended"
     assert run_cli(*train_args(sd1_dir, instance_dir, at_once, *args, "--steps", 5)).exit_code == 0
     assert run_cli(*train_args(sd1_dir, instance_dir, extended, *args)).exit_code == 0
     assert [p.name for p in (extended / "checkpoints").iterdir()] == ["step-000003.safetensors"]
-    r = run_cli(*train_args(sd1_dir, instance_dir, extended, *args, "--steps", 5, "--resume", "latest"))
+    r = run_cli("train", "--out", extended, "--resume", "latest", "--steps", 5)
     assert r.exit_code == 0 and "at step 3" in r.output, r.output
     a, b = (load_file(d / "lora" / "pytorch_lora_weights.safetensors") for d in (at_once, extended))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

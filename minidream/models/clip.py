@@ -121,10 +121,11 @@ class CLIPTextModel(nn.Module):
         if cfg.projection_dim:
             self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (B, T) token ids -> (B, T, width) context for the UNet's cross-attention."""
+    def forward(self, ids: torch.Tensor, skip: int = 1) -> torch.Tensor:
+        """ids (B, T) token ids -> (B, T, width) context for the UNet's cross-attention. `skip`: "clip skip" as
+        A1111 and kohya number it: the states of the skip-th layer from the end (1: the last), final-normed."""
         x = self.embeddings(ids)
-        for layer in self.encoder.layers:
+        for layer in self.encoder.layers[:len(self.encoder.layers) - (skip - 1)]:
             x = layer(x)
         return self.final_layer_norm(x)
 

@@ -105,7 +105,7 @@ class Family:
 def clip_context(model: "StableDiffusion", prompts: list[str]) -> dict[str, torch.Tensor]:
     """SD 1.x/2.x: the CLIP context (B, 77, C) for the UNet's cross-attention (LDM §3.3)."""
     p = next(model.text_encoder.parameters())
-    return {"context": model.text_encoder(model.tokenizer(prompts).to(p.device))}
+    return {"context": model.text_encoder(model.tokenizer(prompts).to(p.device), skip=model.clip_skip)}
 
 
 def sdxl_conditioning(model: "StableDiffusion", prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -202,6 +202,7 @@ class StableDiffusion:
     tokenizer_2: CLIPTokenizer | None = None  # SDXL: OpenCLIP's vocabulary (the same BPE, pads with "!")
     text_encoder_2: clip.CLIPTextModel | None = None  # SDXL: OpenCLIP ViT-bigG, with text_projection
     force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt -> zero conditioning, not the empty prompt's
+    clip_skip: int = 1  # SD 1.x/2.x: the text encoder layer read, from the end (`with_clip_skip`)
 
     @property
     def family(self) -> Family:
@@ -257,6 +258,25 @@ class StableDiffusion:
         for m in self.networks():
             m.to(device=device, dtype=dtype)
         return self
+
+
+def with_clip_skip(model: StableDiffusion, skip: int) -> StableDiffusion:
+    """The model conditioned on its text encoder's skip-th layer from the end ("clip skip", numbered as A1111 and
+    kohya number it: 1 = the last layer, 2 = the penultimate; each through the final LayerNorm). Community SD 1.x
+    models (NovelAI's lineage) were trained on the penultimate layer and are used with 2. SDXL already reads its
+    encoders' penultimate layers (its own design), so it takes none."""
+    if skip < 1:
+        raise ValueError(f"--clip-skip must be at least 1 (got {skip}); 1 is the last layer, 2 the penultimate")
+    if skip == 1:
+        return model
+    if model.family.name == "sdxl":
+        raise ValueError(f"--clip-skip: {model.family.title} already reads its text encoders' penultimate layers; "
+                         f"clip skip is for SD 1.x/2.x (drop it)")
+    layers = len(model.text_encoder.encoder.layers)
+    if not 1 <= skip <= layers:
+        raise ValueError(f"--clip-skip {skip}: the text encoder has {layers} layers; give 1 to {layers}")
+    model.clip_skip = skip
+    return model
 
 
 def random_model(preset: str, tokenizer: CLIPTokenizer | None = None, seed: int = 0) -> StableDiffusion:

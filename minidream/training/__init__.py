@@ -18,3 +18,9 @@ May import: minidream.formats, minidream.sampling, minidream.models and the shar
 
 class TrainError(Exception):
     """Bad input or a failed run, worded for the user (one line)."""
+
+
+def continue_with(out) -> str:
+    """The command that continues a stopped run in `out`: every setting comes from its checkpoint (or run.json)."""
+    import shlex
+    return f"continue with: minidream train --out {shlex.quote(str(out))} --resume latest"

@@ -3,14 +3,25 @@
 (`TextConditioning`: recomputed while the text encoder or a new token trains). Every random draw comes from the
 run's one CPU generator, in a fixed order, so a resumed run is exact.
 """
+import math
 import random
 
 import torch
+import torch.nn.functional as F
 
 from minidream.models.stable_diffusion import StableDiffusion, encode_text, size_conditioning
 from minidream.training.distributed import ProcessGroup
-from minidream.training.photos import to_tensor
+from minidream.training.photos import view
 from minidream.training.trainable import Trainable
+
+
+def weighted(pool: list, idx) -> list[int]:
+    """The examples `idx` of `pool`, each listed as often as its repeats, over their common divisor: a uniform draw
+    from the list draws each in proportion to its repeats (equal repeats: the list is `idx`, the draws of a run
+    without repeats)."""
+    idx = list(idx)
+    common = math.gcd(*(pool[i].repeats for i in idx)) if idx else 1
+    return [i for i in idx for _ in range(pool[i].repeats // common)]
 
 
 class LatentSource:
@@ -25,62 +36,75 @@ class LatentSource:
         self.model, self.cfg, self.pools, self.device, self.g, self.group = model, cfg, pools, device, g, group
         self.vae_dtype = next(model.vae.parameters()).dtype
         self.buckets = sorted({e.bucket for e in pools[0]})
+        self.masked = any(e.mask is not None for e in pools[0])  # --mask-dir, --alpha-mask: the instance loss's
         self.cache = None
         if cfg.cache_latents:
             views = (False, True) if cfg.flip > 0 else (False,)
-            self.cache, self.cache_ids = [], []
+            self.cache, self.cache_ids, self.cache_masks = [], [], []
             with torch.no_grad():
                 for pool in pools:
-                    x = [[to_tensor(e.image, e.bucket, True, f, None) for f in views] for e in pool]
-                    self.cache.append([model.vae.encode(torch.stack([v for v, _ in ex]).to(device, self.vae_dtype))
+                    x = [[view(e.image, e.bucket, True, f, None, e.mask) for f in views] for e in pool]
+                    self.cache.append([model.vae.encode(torch.stack([v[0] for v in ex]).to(device, self.vae_dtype))
                                        for ex in x])
-                    self.cache_ids.append([torch.stack([ids for _, ids in ex]) for ex in x])
+                    self.cache_ids.append([torch.stack([v[1] for v in ex]) for ex in x])
+                    self.cache_masks.append([[v[2] for v in ex] for ex in x])
 
-    def draw_step(self, n_inst: int, n_class: int) -> tuple[torch.Tensor, list[str], dict]:
-        """(n_inst + n_class, 4, h, w) fp32 latents, their prompts, and the denoiser's other per-row conditioning
-        (SDXL: time_ids (B, 6), each view's size ids): this process's rows of a global draw."""
+    def draw_step(self, n_inst: int, n_class: int) -> tuple[torch.Tensor, list[str], dict, torch.Tensor | None]:
+        """(n_inst + n_class, 4, h, w) fp32 latents, their prompts, the denoiser's other per-row conditioning
+        (SDXL: time_ids (B, 6), each view's size ids), and with masked loss the (B, 1, h, w) weight of each latent
+        cell (the class rows': 1): this process's rows of a global draw."""
         g = self.g
         bucket = self.buckets[0]
         if len(self.buckets) > 1:
-            bucket = self.pools[0][int(torch.randint(0, len(self.pools[0]), (1,), generator=g))].bucket
-        inst = [i for i, e in enumerate(self.pools[0]) if e.bucket == bucket]
+            every = weighted(self.pools[0], range(len(self.pools[0])))
+            bucket = self.pools[0][every[int(torch.randint(0, len(every), (1,), generator=g))]].bucket
+        inst = weighted(self.pools[0], [i for i, e in enumerate(self.pools[0]) if e.bucket == bucket])
         picked = [inst[i] for i in torch.randint(0, len(inst), (n_inst * self.group.size,), generator=g).tolist()]
-        latents, inst_ids = self._latents(0, picked, n_inst)
+        latents, inst_ids, masks = self._latents(0, picked, n_inst)
         rows, ids = [latents], [inst_ids]
         prompts = [self.pools[0][i].prompt for i in picked][self.group.rows(n_inst)]
         if n_class:  # each instance row's partner: a class image of its concept, in its bucket
             concept = [self.pools[0][i].concept for i in picked][: n_class * self.group.size]
             choice = {}
             for c in sorted(set(concept)):
-                own = [i for i, e in enumerate(self.pools[1]) if e.concept == c and e.bucket == bucket]
+                own = weighted(self.pools[1], [i for i, e in enumerate(self.pools[1])
+                                               if e.concept == c and e.bucket == bucket])
                 choice[c] = [own[i] for i in torch.randint(0, len(own), (len(concept),), generator=g).tolist()]
             klass = [choice[c][r] for r, c in enumerate(concept)]
-            latents, class_ids = self._latents(1, klass, n_class)
+            latents, class_ids, _ = self._latents(1, klass, n_class)
             rows.append(latents)
             ids.append(class_ids)
             prompts += [self.pools[1][i].prompt for i in klass][self.group.rows(n_class)]
-        return torch.cat(rows), prompts, size_conditioning(self.model, torch.cat(ids).to(self.device))
+            if masks is not None:  # the prior loss is over the whole image
+                masks = torch.cat([masks, torch.ones(len(latents), *masks.shape[1:], device=masks.device)])
+        return torch.cat(rows), prompts, size_conditioning(self.model, torch.cat(ids).to(self.device)), masks
 
-    def _latents(self, pool: int, idx: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _latents(self, pool: int, idx: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(n, 4, h, w) latents scaled for the UNet of this process's n of the globally drawn examples `idx`,
-        and their size ids (n, 6)."""
+        their size ids (n, 6), and with masked loss their masks on the latent grid (n, 1, h, w)."""
         cfg, g, rows = self.cfg, self.g, self.group.rows(n)
         N = len(idx)
         flips = (torch.rand(N, generator=g) < cfg.flip).tolist()
         if self.cache is not None:
-            view = [int(f) if cfg.flip > 0 else 0 for f in flips][rows]
-            mean = torch.stack([self.cache[pool][i][0][v] for i, v in zip(idx[rows], view)])
-            logvar = torch.stack([self.cache[pool][i][1][v] for i, v in zip(idx[rows], view)])
-            ids = torch.stack([self.cache_ids[pool][i][v] for i, v in zip(idx[rows], view)])
+            which = [int(f) if cfg.flip > 0 else 0 for f in flips][rows]
+            mean = torch.stack([self.cache[pool][i][0][v] for i, v in zip(idx[rows], which)])
+            logvar = torch.stack([self.cache[pool][i][1][v] for i, v in zip(idx[rows], which)])
+            ids = torch.stack([self.cache_ids[pool][i][v] for i, v in zip(idx[rows], which)])
+            masks = [self.cache_masks[pool][i][v] for i, v in zip(idx[rows], which)]
         else:  # the crops are drawn for every example in order (cheap), then each process keeps its own
             py = random.Random(int(torch.randint(0, 2 ** 31, (1,), generator=g)))
             ex = self.pools[pool]
-            views = [to_tensor(ex[i].image, ex[i].bucket, cfg.center_crop, f, py) for i, f in zip(idx, flips)][rows]
+            views = [view(ex[i].image, ex[i].bucket, cfg.center_crop, f, py, ex[i].mask)
+                     for i, f in zip(idx, flips)][rows]
             ids = torch.stack([v[1] for v in views])
+            masks = [v[2] for v in views]
             with torch.no_grad():
                 mean, logvar = self.model.vae.encode(torch.stack([v[0] for v in views]).to(self.device, self.vae_dtype))
         eps = torch.randn((N, *mean.shape[1:]), generator=g)[rows].to(self.device, mean.dtype)
-        return self.model.vae.latents(mean, logvar, eps).float(), ids
+        grid = None
+        if pool == 0 and self.masked:  # each latent cell weighs the share of its pixels that show the subject
+            grid = F.avg_pool2d(torch.stack(masks), self.model.latent_scale).to(self.device)
+        return self.model.vae.latents(mean, logvar, eps).float(), ids, grid
 
 
 class TextConditioning:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from minidream.formats.files import save_safetensors
-from minidream.training import TrainError
+from minidream.training import TrainError, continue_with
 from minidream.training.config import TrainConfig, resumed_config, stored_config
 from minidream.training.distributed import ProcessGroup
 from minidream.training.photos import image_files
@@ -140,8 +140,8 @@ class Checkpointer:
         try:
             save_checkpoint(path, step, self.cfg, self.state.state_dict(), self.processes)
         except OSError as e:
-            raise TrainError(f"{path}: could not be written ({e.strerror}); {self.kept()}; "
-                             "free space and --resume latest") from None
+            raise TrainError(f"{path}: could not be written ({e.strerror}); {self.kept()}; free space, then "
+                             f"{continue_with(self.out)}") from None
         for old in checkpoints(self.out)[:-self.cfg.keep_last] if self.cfg.keep_last > 0 else []:
             old.unlink()
         self.last_good = step

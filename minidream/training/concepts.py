@@ -10,7 +10,7 @@ A batch is drawn from one bucket, so its latents stack.
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from minidream.formats.files import write_text
@@ -20,7 +20,7 @@ from minidream.training import TrainError
 from minidream.training.class_images import check_class_dir, make_class_images
 from minidream.training.concepts_file import Concept, concepts
 from minidream.training.config import TrainConfig
-from minidream.training.photos import image_files, load_images
+from minidream.training.photos import image_files, load_images, load_masks
 from minidream.training.runtime import Runtime
 
 
@@ -32,6 +32,9 @@ class Example:
     concept: int
     bucket: tuple[int, int]  # (width, height)
     caption_file: Path | None = None
+    repeats: int = 1  # its weight in a draw: times an epoch sees it (kohya's N_ folders, --repeats)
+    mask: object = None  # PIL 'L' image of its size, white = the subject (--mask-dir, --alpha-mask); None: none
+    mask_file: Path | None = None
 
 
 def buckets(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
@@ -68,11 +71,11 @@ def caption(image_file: Path, ext: str | None) -> tuple[str | None, Path | None]
 
 
 def examples(images: list, files: list[Path], concept: int, default_prompt: str, cfg: TrainConfig,
-             shapes: list[tuple[int, int]], captions: bool) -> list[Example]:
+             shapes: list[tuple[int, int]], captions: bool, repeats: int = 1) -> list[Example]:
     rows = []
     for im, f in zip(images, files):
         text, cf = caption(f, cfg.caption_ext) if captions else (None, None)
-        rows.append(Example(im, f, text or default_prompt, concept, nearest_bucket(im.size, shapes), cf))
+        rows.append(Example(im, f, text or default_prompt, concept, nearest_bucket(im.size, shapes), cf, repeats))
     return rows
 
 
@@ -81,7 +84,11 @@ def instance_examples(concepts: list[Concept], cfg: TrainConfig, shapes: list[tu
     for k, c in enumerate(concepts):
         flag = f"--concepts: concept {k}: instance_dir" if cfg.concepts else "--instance-dir"
         images, files = load_images(c.instance_dir, cfg.resolution, flag)
-        rows += examples(images, files, k, c.instance_prompt, cfg, shapes, captions=True)
+        masks = load_masks(files, images, cfg.mask_dir, cfg.alpha_mask)
+        found = examples(images, files, k, c.instance_prompt, cfg, shapes, captions=True, repeats=c.repeats)
+        for e, m in zip(found, masks):
+            where = None if m is None else Path(cfg.mask_dir) / f"{e.file.stem}.png" if cfg.mask_dir else e.file
+            rows.append(replace(e, mask=m, mask_file=where))
     return rows
 
 
@@ -90,7 +97,8 @@ def class_examples(concepts: list[Concept], cfg: TrainConfig, shapes: list[tuple
     for k, c in enumerate(concepts):
         images, files = load_images(c.class_dir, cfg.resolution, "--class-dir")
         n = c.num_class_images
-        rows += examples(images[:n], files[:n], k, c.class_prompt, cfg, shapes, captions=False)
+        rows += examples(images[:n], files[:n], k, c.class_prompt, cfg, shapes, captions=False,
+                         repeats=c.class_repeats)
     return rows
 
 
@@ -110,15 +118,19 @@ def check_buckets(instance: list[Example], klass: list[Example]):
                              f"dir)")
 
 
-def write_data_json(out: Path, instance: list[Example], klass: list[Example], shapes: list[tuple[int, int]]):
+def write_data_json(out: Path, instance: list[Example], klass: list[Example], shapes: list[tuple[int, int]],
+                    schedule: dict):
     def row(e: Example, kind: str):
-        r = {"file": str(e.file), "kind": kind, "concept": e.concept, "prompt": e.prompt, "bucket": list(e.bucket)}
+        r = {"file": str(e.file), "kind": kind, "concept": e.concept, "prompt": e.prompt, "bucket": list(e.bucket),
+             "repeats": e.repeats}
         if e.caption_file:
             r["caption_file"] = str(e.caption_file)
+        if e.mask_file:
+            r["mask"] = str(e.mask_file)
         if kind == "class":
             r["serves_concept"] = e.concept
         return r
-    data = {"buckets": [list(b) for b in shapes], "images": [row(e, "instance") for e in instance] +
+    data = {**schedule, "buckets": [list(b) for b in shapes], "images": [row(e, "instance") for e in instance] +
             [row(e, "class") for e in klass]}
     write_text(out / "data.json", json.dumps(data, indent=1))
     used = sorted({e.bucket for e in instance})
@@ -185,5 +197,14 @@ class TrainingData:
         self.klass = class_examples(self.concepts, cfg, self.shapes)
         check_buckets(self.instance, self.klass)
 
-    def write_json(self, out: Path):
-        write_data_json(out, self.instance, self.klass, self.shapes)
+    def epoch_images(self) -> int:
+        """Instance images an epoch shows: each photo times its repeats (kohya's epoch)."""
+        return sum(e.repeats for e in self.instance)
+
+    def steps_for(self, epochs: int, images_per_step: int) -> int:
+        """--epochs as optimizer steps, the last one completing the last epoch."""
+        return max(1, math.ceil(epochs * self.epoch_images() / images_per_step))
+
+    def write_json(self, out: Path, cfg: TrainConfig):
+        schedule = {"steps": cfg.steps, "epochs": cfg.epochs, "epoch_images": self.epoch_images()}
+        write_data_json(out, self.instance, self.klass, self.shapes, schedule)

@@ -1,17 +1,62 @@
 """The concepts a run trains: the `--concepts FILE.json` entries (each `{instance_dir, instance_prompt | identifier +
-class_noun, class_prompt, class_dir, num_class_images}`, stored in the run's config, so a run resumes without the
-file), or the one concept the command line describes. Read and checked here, before anything is written; their
-images are concepts.py's.
+class_noun, class_prompt, class_dir, num_class_images, repeats}`, stored in the run's config, so a run resumes
+without the file), or the one concept the command line describes. Read and checked here, before anything is
+written; their images are concepts.py's.
+
+Folders laid out as kohya's sd-scripts lay them out say what they hold in their names: `10_sks dog` is the photos
+of "sks dog", each seen 10 times an epoch (repeats); a class folder `1_dog` holds images of "dog". `folder_named`
+reads such a name; `with_folder_names` fills in the settings it gives, where the command line left them out.
 """
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from minidream.options import text
 from minidream.training import TrainError
 
-KEYS = ("instance_dir", "instance_prompt", "identifier", "class_noun", "class_prompt", "class_dir", "num_class_images")
+KEYS = ("instance_dir", "instance_prompt", "identifier", "class_noun", "class_prompt", "class_dir", "num_class_images",
+        "repeats")
+KOHYA_FOLDER = re.compile(r"(\d+)_(\S.*)")  # N_text: repeats N, prompt text
+
+
+def folder_named(folder) -> tuple[int, str] | None:
+    """(repeats, prompt) of a folder named as kohya names them (`10_sks dog`), or None."""
+    m = KOHYA_FOLDER.fullmatch(Path(str(folder)).name) if folder else None
+    return (int(m[1]), m[2].strip()) if m and m[2].strip() and int(m[1]) >= 1 else None
+
+
+def split_prompt(prompt: str) -> tuple[str, str | None]:
+    """A kohya folder's prompt as (identifier, class noun): "sks dog" -> ("sks", "dog"); one word: (it, None)."""
+    ident, _, noun = prompt.partition(" ")
+    return ident, noun.strip() or None
+
+
+def with_folder_names(cfg):
+    """`cfg` (a TrainConfig) with what a kohya-named --instance-dir (and --class-dir) says, where the command line
+    did not say it: the repeats, the identifier and class noun (`10_sks dog`: sks, dog) and the prompts, written
+    as kohya writes them ("sks dog" / "dog"; with --train-token "<sks> dog")."""
+    named = folder_named(cfg.instance_dir) if not cfg.concepts else None
+    if named is None:
+        return cfg
+    repeats, prompt = named
+    ident, noun = split_prompt(prompt)
+    changes = {"repeats": cfg.repeats or repeats}
+    if word(ident) is None and cfg.identifier == "sks":  # the folder's identifier, unless --identifier gave one
+        changes["identifier"] = ident
+    noun = cfg.class_noun or noun
+    if noun is not None:
+        changes["class_noun"] = noun
+        ident = changes.get("identifier", cfg.identifier)
+        if not cfg.instance_prompt:
+            changes["instance_prompt"] = f"{f'<{ident}>' if cfg.train_token else ident} {noun}"
+        if not cfg.class_prompt:
+            changes["class_prompt"] = (folder_named(cfg.class_dir) or (0, noun))[1]
+    return replace(cfg, **changes)
+
+
 MAX_CLASS_IMAGES = 100_000  # per concept: more would only exhaust the disk and the time
+MAX_REPEATS = 10_000
 
 
 def concepts_file(path) -> tuple[dict, ...]:
@@ -61,10 +106,14 @@ def check_concepts(entries: tuple) -> str | None:
         for key in ("instance_prompt", "class_prompt", "class_noun", "class_dir"):
             if key in c and not _text(c, key):
                 return f"concept {k}: {key} must be non-empty UTF-8 text (got {c[key]!r})"
-        if not (_text(c, "instance_prompt") or ("identifier" in c and _text(c, "class_noun"))):
+        named = folder_named(c["instance_dir"])
+        if not (_text(c, "instance_prompt") or ("identifier" in c and _text(c, "class_noun")) or named):
             return f"concept {k} needs \"instance_prompt\", or \"identifier\" and \"class_noun\""
-        if not (_text(c, "class_prompt") or _text(c, "class_noun")):
+        if not (_text(c, "class_prompt") or _text(c, "class_noun") or (named and split_prompt(named[1])[1])):
             return f"concept {k} needs \"class_prompt\" or \"class_noun\""
+        r = c.get("repeats", 1)
+        if not (isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= MAX_REPEATS):
+            return f"concept {k}: repeats must be an integer in [1, {MAX_REPEATS}] (got {r!r})"
         n = c.get("num_class_images", 0)
         if not (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_CLASS_IMAGES):
             return f"concept {k}: num_class_images must be an integer in [0, {MAX_CLASS_IMAGES}] (got {n!r})"
@@ -79,23 +128,32 @@ class Concept:
     class_dir: Path
     num_class_images: int
     identifier: str
+    repeats: int = 1  # each photo's weight in a draw, and how often an epoch sees it
+    class_repeats: int = 1  # a class image's weight among its concept's (a kohya class folder `N_dog`)
 
 
 def concepts(cfg, out: Path) -> list[Concept]:
     """The run's concepts (`cfg`: its TrainConfig): the --concepts entries, or the one the command line describes."""
     if not cfg.concepts:
-        return [Concept(Path(cfg.instance_dir), cfg.prompts[0], cfg.prompts[1],
-                        Path(cfg.class_dir) if cfg.class_dir else out / "class_images", cfg.num_class_images,
-                        cfg.identifier)]
+        class_dir = Path(cfg.class_dir) if cfg.class_dir else out / "class_images"
+        return [Concept(Path(cfg.instance_dir), cfg.prompts[0], cfg.prompts[1], class_dir, cfg.num_class_images,
+                        cfg.identifier, cfg.repeats or 1, (folder_named(class_dir) or (1,))[0])]
     rows = []
     for k, c in enumerate(cfg.concepts):
-        ident = c.get("identifier", cfg.identifier)
-        token = f"<{ident}>" if cfg.train_token else c.get("identifier")
-        instance_prompt = c.get("instance_prompt") or f"a photo of {token} {c['class_noun']}"
-        rows.append(Concept(Path(c["instance_dir"]), instance_prompt,
-                            c.get("class_prompt") or f"a photo of {c['class_noun']}",
-                            Path(c["class_dir"]) if c.get("class_dir") else out / "class_images" / f"concept-{k}",
-                            c.get("num_class_images", cfg.num_class_images), ident))
+        repeats, named = folder_named(c["instance_dir"]) or (1, None)
+        folder_ident, folder_noun = split_prompt(named) if named else (None, None)
+        ident = c.get("identifier") or folder_ident or cfg.identifier
+        noun = c.get("class_noun") or folder_noun
+        token = f"<{ident}>" if cfg.train_token else ident
+        kohya = named is not None and "identifier" not in c and "class_noun" not in c
+        instance_prompt = c.get("instance_prompt") or (f"{token} {noun}" if kohya else f"a photo of {token} {noun}")
+        class_dir = Path(c["class_dir"]) if c.get("class_dir") else out / "class_images" / f"concept-{k}"
+        class_named = folder_named(class_dir)
+        class_prompt = c.get("class_prompt") or (class_named[1] if kohya and class_named else
+                                                 noun if kohya else f"a photo of {noun}")
+        rows.append(Concept(Path(c["instance_dir"]), instance_prompt, class_prompt, class_dir,
+                            c.get("num_class_images", cfg.num_class_images), ident,
+                            c.get("repeats", cfg.repeats or repeats), (class_named or (1,))[0]))
     return rows
 
 

@@ -16,7 +16,8 @@ from minidream.options import (at_least, each_one_of, first_problem, in_range, n
 from minidream.sampling.pipeline import SamplingParams, image_side
 from minidream.sampling.samplers import SAMPLERS
 from minidream.training import TrainError
-from minidream.training.concepts_file import MAX_CLASS_IMAGES, check_concepts, check_run_concepts, concepts_file, word
+from minidream.training.concepts_file import (MAX_CLASS_IMAGES, check_concepts, check_run_concepts, concepts_file,
+                                              folder_named, split_prompt, word)
 from minidream.training.optim import LR_SCHEDULES, OPTIMIZERS, check_optimizer
 from minidream.training.report import REPORT_TO
 from minidream.training.runtime import PRECISIONS
@@ -42,6 +43,10 @@ def decay(v):
     return None if -1 <= v <= 0 else f"must be in [-1, 0] (got {v})"
 
 
+def optional_count(v):
+    return None if v is None else at_least(1, 10 ** 6)(v)
+
+
 def path_text(p) -> str | None:
     """A path option's value as stored in run.json ("" kept: its check refuses it)."""
     return None if p is None else str(p)
@@ -62,18 +67,27 @@ MODE_HELP = "; ".join(f"{name}: {row.help}" for name, row in MODES.items())
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a run depends on; stored in run.json and in every checkpoint."""
-    model: str = option(help="Base model: folder, hub repo id or single-file checkpoint.", check=path, resumable=True)
     out: str = option(help="Run folder: checkpoints, metrics, samples, exports.", check=path, resumable=True,
                       cli_type=Path,
                       parse=str)
+    model: str | None = option(None, "Base model: folder, hub repo id or single-file checkpoint (resuming: the "
+                               "run's own).", check=path, resumable=True)
     # the data
-    instance_dir: str | None = option(None, "Folder with 3-20 photos of the subject (jpg/png/webp).", check=path,
-                                      resumable=True,
-                                      cli_type=Path, parse=path_text)
+    instance_dir: str | None = option(None, "Folder with 3-20 photos of the subject (jpg/png/webp). Named as kohya "
+                                      "names them (`10_sks dog`) it gives the repeats, identifier and class noun.",
+                                      check=path, resumable=True, cli_type=Path, parse=path_text)
+    repeats: int | None = option(None, "Times an epoch sees each photo, and its weight in a draw (default: the "
+                                 "folder's N_ prefix, else 1).", check=optional_count, added=None)
     class_noun: str | None = option(None, "The subject's class, e.g. dog.", check=noun)
     concepts: tuple = option((), "JSON list of concepts (instead of --instance-dir/--class-noun): {instance_dir, "
-                             "instance_prompt | identifier + class_noun, class_prompt, class_dir, num_class_images}.",
+                             "instance_prompt | identifier + class_noun, class_prompt, class_dir, num_class_images, "
+                             "repeats}; a kohya-named instance_dir (10_sks dog) gives its repeats and prompt.",
                              check=check_concepts, cli_type=Path, parse=concepts_file, added=())
+    mask_dir: str | None = option(None, "Masked loss: a folder with PHOTO-NAME.png beside each photo's name (white = "
+                                  "the subject, black = ignored); the instance loss is averaged over the mask.",
+                                  check=path, resumable=True, cli_type=Path, parse=path_text, added=None)
+    alpha_mask: bool = option(False, "Masked loss from each photo's alpha channel (opaque = the subject).",
+                              added=False)
     caption_ext: str | None = option(None, "A caption file beside an image (IMAGE.EXT, e.g. .txt) is that image's "
                                      "prompt.", check=extension, added=None)
     aspect_buckets: bool = option(False, "Aspect-ratio buckets of about --resolution² pixels instead of square crops.",
@@ -107,6 +121,9 @@ class TrainConfig:
     lora_alpha: float = option(4.0, "LoRA alpha (scale alpha/r).", check=positive)
     train_text_encoder: bool = option(False, "Also train the text encoder (LoRA with --train lora).")
     train_token: bool = option(False, "Learn a new token embedding <IDENTIFIER>, initialised from the class noun.")
+    clip_skip: int = option(1, "SD 1.x/2.x: condition on the text encoder's N-th layer from the end, as A1111 and "
+                            "kohya number it (1: the last, 2: the penultimate, for community SD 1.x models).",
+                            check=at_least(1), added=1)
     # optimisation
     optimizer: str = option("adamw", "; ".join(f"{n}: {row.help}" for n, row in OPTIMIZERS.items()) + ".",
                             choices=OPTIMIZERS, check=check_optimizer, added="adamw")
@@ -139,6 +156,9 @@ class TrainConfig:
                                   "free the gradient (no memory for all gradients at once; kohya's "
                                   "--fused_backward_pass).", added=False)
     steps: int = option(400, "Optimizer steps.", check=at_least(1), resumable=True)
+    epochs: int | None = option(None, "Instead of --steps: passes over the photos (each photo x its repeats once "
+                                "an epoch; --steps is then derived, and recorded in data.json).",
+                                check=optional_count, resumable=True, added=None)
     batch_size: int = option(1, "Instance images per step (plus as many class images).", check=at_least(1))
     grad_accum: int = option(1, "Gradient accumulation micro-steps.", check=at_least(1))
     mixed_precision: str = option("no", "Autocast dtype (fp16 needs a GPU); frozen weights run in it, trained ones "
@@ -166,8 +186,15 @@ class TrainConfig:
     report_to: str = option("none", "Also log to TensorBoard (OUT/tensorboard; pip install "
                             "'minidream[tensorboard]'). OUT/curves.png is always drawn.", choices=REPORT_TO,
                             resumable=True, added="none")
-    checkpoint_every: int = option(100, "Steps between checkpoints (0: none).", check=non_negative, resumable=True)
+    checkpoint_every: int = option(100, "Steps between checkpoints (0: only the last step's; the last step always "
+                                   "has one, so a larger --steps extends a finished run).", check=non_negative,
+                                   resumable=True)
     keep_last: int = option(2, "Checkpoints to keep (0: all).", check=non_negative, resumable=True)
+    save_every: int = option(0, "Steps between snapshots: the --save-as exports of that step in OUT/snapshots/"
+                             "step-N, to pick the best step by eye (0: none; the final export stays in OUT).",
+                             check=non_negative, resumable=True, added=0)
+    keep_snapshots: int = option(0, "Snapshots to keep, the newest (0: all).", check=non_negative, resumable=True,
+                                 added=0)
     save_as: tuple[str, ...] = option((), "Export formats (repeatable): " + "; ".join(
         f"{n}: {exports.EXPORTERS[n].help}" for n in exports.CHOICES) + ". Default: " + "; ".join(
         f"{'/'.join(row.save_as)} with --train {m}" for m, row in MODES.items()) + ".",
@@ -207,7 +234,9 @@ class TrainConfig:
     @property
     def init_word(self) -> str:
         """What a new token's embedding starts from (--train-token): the class noun (the first concept's)."""
-        return self.class_noun or next((c["class_noun"] for c in self.concepts if c.get("class_noun")), "photo")
+        nouns = (c.get("class_noun") or split_prompt((folder_named(c["instance_dir"]) or (0, ""))[1])[1]
+                 for c in self.concepts)
+        return self.class_noun or next((n for n in nouns if n), "photo")
 
     @property
     def unet_lr(self) -> float:
@@ -244,6 +273,9 @@ def validate(cfg: TrainConfig, resuming: bool = False):
     if wrong:
         raise TrainError(f"{flag(wrong[0])} {wrong[1]}")
     if not resuming:
+        if not cfg.model:
+            raise TrainError("--model is needed: a diffusers folder, hub repo id or single-file checkpoint (to "
+                             "continue the run in --out: --resume latest)")
         if not cfg.concepts and not (cfg.instance_dir and cfg.class_noun):
             raise TrainError("--instance-dir and --class-noun are needed (or --concepts FILE.json)")
         if cfg.concepts and (cfg.instance_dir or cfg.class_noun):
@@ -266,6 +298,11 @@ def combinations(cfg: TrainConfig):
     if cfg.fsdp and (cfg.optimizer != "adamw" or cfg.mixed_precision != "no"):
         raise TrainError("--fsdp works with --optimizer adamw and --mixed-precision no for now (a sharded block "
                          "holds one dtype; other optimizers keep state not shaped like the weights)")
+    if cfg.mask_dir and cfg.alpha_mask:
+        raise TrainError("--mask-dir and --alpha-mask both give the loss mask: pass one of them")
+    if cfg.mask_dir and cfg.concepts:
+        raise TrainError("--mask-dir names one folder of masks: with --concepts, give each photo its mask in its "
+                         "alpha channel (--alpha-mask)")
     if cfg.cache_latents and not cfg.center_crop:
         raise TrainError("--random-crop has no effect with --cache-latents (cached latents are centre crops); "
                          "drop one of them")

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from minidream.formats.loading import load
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import TrainError, distributed, run_folder, runtime
 from minidream.training.checkpoint import Checkpointer, per_process_batch, resume_from
 from minidream.training.concepts import TrainingData
+from minidream.training.concepts_file import with_folder_names
 from minidream.training.config import TrainConfig, combinations, flag, validate, validate_resolution
-from minidream.training.export import export as export_trained
+from minidream.training.export import export as export_trained, load_base
 from minidream.training.loop import loop, phase
 from minidream.training.report import REPORT_TO, curves
 from minidream.training.step import prepare
@@ -26,10 +26,15 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
     """Run DreamBooth; returns (the trained model, the files written). Every input is checked before anything is
     written. `given`: the settings the user named (the CLI knows); on resume only those may override the
     checkpoint's resumable settings (None: all of them come from cfg)."""
+    if given is not None and {"steps", "epochs"} <= given:
+        raise TrainError("--epochs sets the steps: give --steps or --epochs, not both")
+    cfg = with_folder_names(cfg)  # a kohya-named --instance-dir (`10_sks dog`): repeats, identifier, class
     validate(cfg, resuming=bool(resume and resume.strip()))
     with runtime.started(cfg) as rt:  # device, attention, precision; torchrun's processes; SIGTERM as Ctrl-C
         out = Path(cfg.out)
         cfg, start = begin(cfg, out, resume, overwrite, given, rt.group.size)  # resuming: the checkpoint's
+        if start is not None and "steps" in (given or ()) and cfg.epochs:  # --steps given anew replaces --epochs
+            cfg = replace(cfg, epochs=None)
         if start is not None:  # the settings a resume merged, checked and resolved as the command line's were
             combinations(cfg)
             runtime.check_processes(cfg, rt.group)
@@ -39,20 +44,27 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
         cfg = check_against_model(cfg, model)
         data = TrainingData(cfg, out, model, overwrite and not resume)  # the photos, captions, buckets: checked
         step, state, processes = start or (None, None, rt.group.size)  # --batch-size is for `processes`
+        if cfg.epochs:  # the steps that make --epochs passes over the photos (x repeats) at the run's batch
+            cfg = replace(cfg, steps=data.steps_for(cfg.epochs, cfg.batch_size * processes * cfg.grad_accum))
+            if step is not None and cfg.steps < step:
+                raise TrainError(f"--epochs {cfg.epochs} is {cfg.steps} steps, below the checkpoint's step {step}; "
+                                 f"give more epochs")
+            print(f"--epochs {cfg.epochs}: {cfg.steps} steps ({data.epoch_images()} images an epoch)",
+                  file=sys.stderr)
         with run_folder.opened(out, cfg, rt, overwrite and not resume, step, processes):
-            with phase("before training (class images, latents)"):  # what was made is kept
+            with phase("before training (class images, latents)", out):  # what was made is kept
                 rt.place(model)
                 if cfg.prior:  # prior-preservation data, made by the base model before any weight changes
                     data.make_class_images(model, cfg, rt)
                 if rt.main:
-                    data.write_json(out)
+                    data.write_json(out, cfg)
                 stepper = prepare(cfg, model, rt, data.pools(), data.prompts(),
                                   per_process_batch(cfg, processes, rt.group.size))
                 if state is not None:
                     stepper.state.load_state_dict(state)
             ckpt = Checkpointer(out, cfg, stepper.state, step or 0, rt.group, processes)
             step = loop(cfg, out, stepper, ckpt, step or 0)
-            with phase("after training (the final grid, the exports)", ckpt, step):  # the weights are saved first
+            with phase("after training (the final grid, the exports)", out, ckpt, step):  # the weights are saved first
                 if cfg.validation_prompts and (rt.main or cfg.fsdp):  # a sharded UNet samples on every process
                     with rt.resident(model):
                         validation_grid(model, cfg, out / "samples" / "final.png", write=rt.main)
@@ -85,15 +97,6 @@ def begin(cfg: TrainConfig, out: Path, resume: str | None, overwrite: bool, give
         raise TrainError(f"--out {out} holds another run (run.json); pass --resume latest to continue it, "
                          f"--overwrite to start over, or choose another folder")
     return cfg, None
-
-
-def load_base(cfg: TrainConfig) -> StableDiffusion:
-    """The base model in fp32 (master weights, whatever the file stores), with the run's loader options."""
-    try:
-        return load(cfg.model, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle,
-                    dtype=torch.float32, tokenizer=cfg.tokenizer, preset=cfg.preset, config=cfg.config)
-    except Exception as e:
-        raise TrainError(str(e)) from None
 
 
 # the settings each sampling run of the trainer is made of (TrainConfig.class_sampling, .validation_sampling)

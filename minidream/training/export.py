@@ -4,15 +4,30 @@ written in; LoRA is merged into the base weights in fp32 (formats/exports.py). S
 written bit-identical to the base, whatever precision training ran in, and the model that trained is never
 changed by exporting.
 """
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from minidream.formats import exports
+from minidream.formats.loading import load
 from minidream.models.device import DTYPES
-from minidream.models.stable_diffusion import StableDiffusion
+from minidream.models.stable_diffusion import StableDiffusion, with_clip_skip
+from minidream.training import TrainError
 from minidream.training.config import TrainConfig
 from minidream.training.trainable import select_trainable
+
+
+def load_base(cfg: TrainConfig) -> StableDiffusion:
+    """The base model in fp32 (master weights, whatever the file stores), with the run's loader options and clip
+    skip."""
+    try:
+        model = load(cfg.model, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle,
+                     dtype=torch.float32, tokenizer=cfg.tokenizer, preset=cfg.preset, config=cfg.config)
+        return with_clip_skip(model, cfg.clip_skip)
+    except Exception as e:
+        raise TrainError(str(e)) from None
 
 
 def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg: TrainConfig) -> StableDiffusion:
@@ -34,3 +49,24 @@ def export(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg: TrainCo
     """Write the formats cfg.save_as asks for (and the learned token, when there is one). `base` is a fresh fp32
     load of the base model, used up by this call."""
     return exports.export(with_trained(base, trained, cfg), cfg.save_as, out, DTYPES.get(cfg.save_precision))
+
+
+def snapshot(cfg: TrainConfig, trained: dict[str, torch.Tensor], step: int) -> Path:
+    """OUT/snapshots/step-NNNNNN (--save-every): the run's exports at `step`, to pick the best step by eye (DreamBooth
+    overfits quickly). Written whole under a temporary name, then renamed; the oldest beyond --keep-snapshots go."""
+    snapshots = Path(cfg.out) / "snapshots"
+    folder = snapshots / f"step-{step:06d}"
+    tmp = snapshots / f".{folder.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with torch.random.fork_rng(devices=[]):  # building the base draws initial weights: keep the run's RNG
+            export(load_base(cfg), trained, cfg, tmp)
+        if folder.exists():  # a resumed run redoing this step writes it again (the same tensors)
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(snapshots.glob("step-*"))[:-cfg.keep_snapshots] if cfg.keep_snapshots else []:
+        shutil.rmtree(old)
+    return folder

@@ -12,9 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from minidream.progress import Progress
-from minidream.training import TrainError, distributed
+from minidream.training import TrainError, continue_with, distributed
 from minidream.training.checkpoint import Checkpointer
 from minidream.training.config import TrainConfig
+from minidream.training.export import snapshot
 from minidream.training.report import Log
 from minidream.training.step import Stepper
 from minidream.training.validation import validation_grid
@@ -45,13 +46,13 @@ def saved(ckpt: Checkpointer, step: int) -> str:
 
 
 @contextmanager
-def phase(what: str, ckpt: Checkpointer | None = None, step: int = 0):
+def phase(what: str, out: Path, ckpt: Checkpointer | None = None, step: int = 0):
     """A part of a run outside the loop (`what`: "while making the class images", ...), stopped as the loop is."""
     try:
         yield
     except STOPS as e:
         kept = saved(ckpt, step) if ckpt is not None else "what was made is kept"
-        raise TrainError(f"{why(e)} {what}; {kept}; continue with --resume latest") from None
+        raise TrainError(f"{why(e)} {what}; {kept}; {continue_with(out)}") from None
 
 
 def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step: int) -> int:
@@ -68,8 +69,12 @@ def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step
             bar.update(loss=line["loss"], inst=line["loss_instance"], prior=line["loss_prior"])
             log.step({**line, "step_s": time.perf_counter() - t0})
             stepper.raise_deferred()  # a Ctrl-C that came during the update ends the run here, after step `step`
-            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                ckpt.save(step)  # and always the last step: a larger --steps extends a finished run
+            if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                ckpt.save(step)  # always the last step: a larger --steps extends a finished run
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and (main or cfg.fsdp):
+                trained = stepper.state.trained(keep=main)  # gathered from every process under --fsdp
+                if main:
+                    bar.write(f"snapshot of step {step}: {snapshot(cfg, trained, step)}")
             grid_here = main or cfg.fsdp  # a sharded UNet samples on every process together
             if grid_here and cfg.validation_prompts and cfg.validation_every and step % cfg.validation_every == 0:
                 png = out / "samples" / f"step-{step:06d}.png"
@@ -79,7 +84,7 @@ def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step
     except STOPS as e:
         bar.close()
         stepper.rewind()
-        raise TrainError(f"{why(e)} at step {step}; {saved(ckpt, step)}; continue with --resume latest") from None
+        raise TrainError(f"{why(e)} at step {step}; {saved(ckpt, step)}; {continue_with(out)}") from None
     finally:
         if log is not None:
             log.close()

@@ -67,20 +67,61 @@ def to_tensor(im, size: int | tuple[int, int], center_crop: bool, flip: bool, rn
     """Resize to cover `size` (a side, or a bucket's (width, height)), crop the remainder, maybe mirror;
     -> (3, H, W) in [-1, 1], and SDXL's size ids of this view (6,): the photo's (h, w), the crop's top-left in
     the resized photo (of the mirrored one when mirrored, as if mirrored before cropping), the target (H, W)."""
+    x, ids, _ = view(im, size, center_crop, flip, rng)
+    return x, ids
+
+
+def view(im, size: int | tuple[int, int], center_crop: bool, flip: bool, rng: random.Random, mask=None):
+    """`to_tensor`'s view, and the same view of the photo's loss mask ('L' image, its size), (1, H, W) in [0, 1]
+    (None without one): the mask follows the resize, the crop and the mirror."""
     from PIL import Image
     W, H = (size, size) if isinstance(size, int) else size
     original = (im.size[1], im.size[0])
     w, h = im.size
     s = max(W / w, H / h)
-    im = im.resize((max(W, round(w * s)), max(H, round(h * s))), Image.BICUBIC)
+    resized = (max(W, round(w * s)), max(H, round(h * s)))
+    im = im.resize(resized, Image.BICUBIC)
     w, h = im.size
     left, top = ((w - W) // 2, (h - H) // 2) if center_crop else (rng.randint(0, w - W), rng.randint(0, h - H))
     im = im.crop((left, top, left + W, top + H))
+    if mask is not None:
+        mask = mask.resize(resized, Image.BILINEAR).crop((left, top, left + W, top + H))
     if flip:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        mask = mask.transpose(Image.FLIP_LEFT_RIGHT) if mask is not None else None
         left = w - W - left
     x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(H, W, 3)
-    return from_uint8(x.permute(2, 0, 1)), size_ids(original, (top, left), (H, W))
+    m = None if mask is None else torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).view(1, H, W) / 255
+    return from_uint8(x.permute(2, 0, 1)), size_ids(original, (top, left), (H, W)), m
+
+
+def load_masks(files: list[Path], images: list, mask_dir: str | None, alpha: bool) -> list:
+    """Each photo's loss mask ('L', white = the subject): MASK_DIR/PHOTO-NAME.png, or the photo's alpha channel
+    (--alpha-mask); a missing or mis-sized one is a one-line error. [None, ...] without masks."""
+    from PIL import Image, ImageOps
+    if not (mask_dir or alpha):
+        return [None] * len(files)
+    masks = []
+    for f, im in zip(files, images):
+        where = Path(mask_dir) / f"{f.stem}.png" if mask_dir else f
+        flag = "--mask-dir" if mask_dir else "--alpha-mask"
+        if mask_dir and not where.is_file():
+            raise TrainError(f"--mask-dir: no mask {where} for the photo {f.name}; add it (white = the subject)")
+        try:
+            with Image.open(where) as m:
+                m = ImageOps.exif_transpose(m)
+                if alpha and "A" not in m.getbands() and "transparency" not in m.info:
+                    raise TrainError(f"--alpha-mask: {f} has no alpha channel; save it as RGBA, or use --mask-dir")
+                m = m.convert("RGBA").getchannel("A") if alpha else m.convert("L")
+        except TrainError:
+            raise
+        except Exception:
+            raise TrainError(f"{flag}: {where} is not a readable image") from None
+        if m.size != im.size:
+            raise TrainError(f"{flag}: the mask {where} is {m.size[0]}x{m.size[1]}, its photo {f.name} "
+                             f"{im.size[0]}x{im.size[1]}; give a mask of the photo's size")
+        masks.append(m)
+    return masks
 
 
 def png_prompt(path: Path) -> str | None:

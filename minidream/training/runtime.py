@@ -15,7 +15,7 @@ import torch
 from minidream.models.attention import resolve_backend, set_attention_backend
 from minidream.models.device import DTYPES, resolve_device
 from minidream.models.stable_diffusion import StableDiffusion
-from minidream.training import TrainError, distributed
+from minidream.training import TrainError, continue_with, distributed
 from minidream.training.distributed import ProcessGroup
 
 # --mixed-precision: the autocast dtype of the step (None: fp32)
@@ -116,7 +116,7 @@ def started(cfg):
     except distributed.LostProcess as e:  # another process died or timed out before the loop
         distributed.speak(group)
         raise TrainError(f"rank {group.rank}: another process stopped or did not answer ({e}); "
-                         "what was saved is kept: --resume latest") from None
+                         f"what was saved is kept; {continue_with(cfg.out)}") from None
     finally:
         distributed.close(group)
         if on_term is not None:

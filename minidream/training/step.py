@@ -31,10 +31,17 @@ from minidream.training.state import TrainState
 from minidream.training.trainable import cast_frozen
 
 
-def dreambooth_loss(pred, target, n_instance: int, prior_weight: float, weights=None):
+def dreambooth_loss(pred, target, n_instance: int, prior_weight: float, weights=None, mask=None):
     """mse(instance) + λ·mse(prior) over a batch whose first n_instance rows are the subject's.
+    `mask` (B, 1, h, w): each latent cell's weight (masked loss: the share of its pixels that show the subject);
+    an example's error is then averaged over its mask (an all-zero mask: no loss, no gradient).
     Returns (loss, instance part, prior part)."""
-    per_example = (pred.float() - target.float()).square().mean(dim=(1, 2, 3))
+    err = (pred.float() - target.float()).square()
+    if mask is None:
+        per_example = err.mean(dim=(1, 2, 3))
+    else:
+        m = mask.to(err.dtype).expand_as(err)
+        per_example = (err * m).sum(dim=(1, 2, 3)) / m.sum(dim=(1, 2, 3)).clamp_min(1e-8)
     if weights is not None:
         per_example = per_example * weights
     inst = per_example[:n_instance].mean()
@@ -44,7 +51,7 @@ def dreambooth_loss(pred, target, n_instance: int, prior_weight: float, weights=
 
 def training_step(denoiser, process: DDPMProcess, latents, cond: dict, n_instance: int, prior_weight: float,
                   g: torch.Generator, snr_gamma: float | None = None, noise_offset: float = 0.0,
-                  group: ProcessGroup = ProcessGroup()):
+                  group: ProcessGroup = ProcessGroup(), mask: torch.Tensor | None = None):
     """Noise the latents at random timesteps, predict, and return the DreamBooth loss parts.
     `cond`: the denoiser's conditioning (batches.TextConditioning), one row per latent. Under torchrun the noise
     and timesteps are drawn for the global batch and this process keeps its rows (distributed.py)."""
@@ -62,7 +69,7 @@ def training_step(denoiser, process: DDPMProcess, latents, cond: dict, n_instanc
     t = mine(process.draw_timesteps(total, g, dev))
     pred = denoiser(process.add_noise(latents, noise, t), t, **cond)
     weights = process.min_snr_weights(t, snr_gamma) if snr_gamma else None
-    return dreambooth_loss(pred, process.target(latents, noise, t), n_instance, prior_weight, weights)
+    return dreambooth_loss(pred, process.target(latents, noise, t), n_instance, prior_weight, weights, mask)
 
 
 def apply_gradients(opt, scaler, params: list, max_grad_norm: float) -> float | None:
@@ -117,11 +124,11 @@ class Stepper:
         state.optimizer.zero_grad(set_to_none=True)
         tot = inst = prior = 0.0
         for _ in range(cfg.grad_accum):
-            latents, prompts, sizes = self.batches.draw_step(n_inst, n_class)  # instance rows, then class partners
+            latents, prompts, sizes, mask = self.batches.draw_step(n_inst, n_class)  # instance rows, then class
             with rt.autocast():
                 loss, li, lp = training_step(state.model.denoiser, self.process, latents,
                                              {**self.text(step, prompts), **sizes}, n_inst, cfg.prior_loss_weight,
-                                             state.generator, cfg.snr_gamma, cfg.noise_offset, rt.group)
+                                             state.generator, cfg.snr_gamma, cfg.noise_offset, rt.group, mask)
             parts = distributed.mean([loss.item(), li.item(), lp.item()], rt.group, rt.device)  # as one process logs
             if not math.isfinite(parts[0]):  # every process sees the same value, so all stop together
                 raise TrainError(f"loss is {parts[0]} at step {step + 1}; stopped, {kept}. "

@@ -1,0 +1,208 @@
+"""A run as people drive it: snapshots to pick the best step from (--save-every), kohya folders (repeats, epochs),
+masked loss (--mask-dir, --alpha-mask)."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_train import instance_dir, run_cli, train_args  # noqa: F401  (instance_dir is a fixture)
+
+LORA = "lora/pytorch_lora_weights.safetensors"
+
+
+def same_file(a, b):
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_snapshots_are_the_exports_of_their_step(sd1_dir, instance_dir, tmp_path):  # noqa: F811
+    """Every 2 steps of 7 a snapshot, the 2 newest kept; the snapshot of step 4 is bit-identical to the export of a
+    run that stopped at 4; the final export stays in OUT; diffusers loads a snapshot; a resumed run writes the
+    snapshots it had not reached, and --overwrite removes them."""
+    from diffusers import StableDiffusionPipeline
+    args = ["--train", "lora", "--save-as", "lora-diffusers", "--no-prior"]
+    out, four = tmp_path / "run", tmp_path / "four"
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, *args, "--steps", 7, "--save-every", 2,
+                            "--keep-snapshots", 2))
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-000004", "step-000006"]
+    assert "snapshot of step 6" in r.output and (out / LORA).is_file()
+    assert run_cli(*train_args(sd1_dir, instance_dir, four, *args, "--steps", 4)).exit_code == 0
+    assert same_file(out / "snapshots" / "step-000004" / LORA, four / LORA)
+    assert not same_file(out / "snapshots" / "step-000006" / LORA, four / LORA)
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd1_dir), safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(out / "snapshots" / "step-000006" / LORA))
+    # extended from the last step, the run goes on snapshotting
+    r = run_cli("train", "--out", out, "--resume", "latest", "--steps", 9)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-000006", "step-000008"]
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, *args, "--steps", 1, "--overwrite"))
+    assert r.exit_code == 0 and not (out / "snapshots").exists(), r.output
+
+
+def kohya_folder(photos, parent, name):
+    import shutil
+    folder = parent / name
+    shutil.copytree(photos, folder)
+    return folder
+
+
+def base_args(model, out, *extra):
+    return ["train", "--model", model, "--out", out, "--resolution", 16, "--num-class-images", 2, "--class-steps", 2,
+            "--checkpoint-every", 0, "--lr", 1e-3, *extra]
+
+
+def test_a_kohya_folder_gives_repeats_prompt_and_epochs(sd1_dir, instance_dir, tmp_path):  # noqa: F811
+    """`3_sks dog/` is 4 photos x 3 repeats of "sks dog", the class prompt "dog" (kohya's own prompts); --epochs 2
+    at batch 4 is 2 x 12 / 4 = 6 steps; data.json records all of it; --steps and --epochs together are refused."""
+    import json
+    photos = kohya_folder(instance_dir, tmp_path, "3_sks dog")
+    out = tmp_path / "run"
+    r = run_cli(*base_args(sd1_dir, out, "--instance-dir", photos, "--epochs", 2, "--batch-size", 4))
+    assert r.exit_code == 0 and "--epochs 2: 6 steps" in r.output, r.output
+    data = json.loads((out / "data.json").read_text())
+    assert (data["steps"], data["epochs"], data["epoch_images"]) == (6, 2, 12)
+    inst = [x for x in data["images"] if x["kind"] == "instance"]
+    klass = [x for x in data["images"] if x["kind"] == "class"]
+    assert {(x["prompt"], x["repeats"]) for x in inst} == {("sks dog", 3)} and len(inst) == 4
+    assert {x["prompt"] for x in klass} == {"dog"}
+    run = json.loads((out / "run.json").read_text())
+    assert (run["identifier"], run["class_noun"], run["repeats"], run["steps"]) == ("sks", "dog", 3, 6)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 6
+    r = run_cli(*base_args(sd1_dir, tmp_path / "both", "--instance-dir", photos, "--epochs", 2, "--steps", 5))
+    assert r.exit_code == 2 and "not both" in r.output and not (tmp_path / "both").exists(), r.output
+
+
+def test_repeats_weigh_the_draws(tmp_path):
+    """A concept with repeats 3 is drawn three times as often as one with 1; equal repeats draw as none do."""
+    import torch
+    from PIL import Image
+    from minidream.training.batches import weighted
+    from minidream.training.concepts import Example
+    im = Image.new("RGB", (16, 16))
+    pool = [Example(im, tmp_path / f"{k}.png", "p", k, (16, 16), repeats=r) for k, r in enumerate((3, 1, 3))]
+    assert weighted(pool, [0, 1, 2]) == [0, 0, 0, 1, 2, 2, 2]
+    same = [Example(im, tmp_path / f"{k}.png", "p", k, (16, 16), repeats=10) for k in range(3)]
+    assert weighted(same, [0, 1, 2]) == [0, 1, 2]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor(weighted(pool, [0, 1, 2]))[torch.randint(0, 7, (7000,), generator=g)]
+    assert abs((draws == 1).float().mean().item() - 1 / 7) < 0.02
+
+
+def test_concepts_take_repeats_from_kohya_folders(sd1_dir, instance_dir, tmp_path):  # noqa: F811
+    """A --concepts entry whose instance_dir is `5_ohwx cat` needs nothing else: its prompt, class and repeats come
+    from the name; an entry's "repeats" key wins over the name."""
+    import json
+    a = kohya_folder(instance_dir, tmp_path, "5_ohwx cat")
+    b = kohya_folder(instance_dir, tmp_path, "2_sks dog")
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps([{"instance_dir": str(a)}, {"instance_dir": str(b), "repeats": 7}]))
+    out = tmp_path / "run"
+    r = run_cli(*base_args(sd1_dir, out, "--concepts", concepts, "--steps", 1))
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "data.json").read_text())
+    got = {(x["kind"], x["prompt"], x["repeats"]) for x in data["images"]}
+    assert got == {("instance", "ohwx cat", 5), ("instance", "sks dog", 7), ("class", "cat", 1), ("class", "dog", 1)}
+
+
+def masks_for(photos, folder, value=None, size=None):
+    """A mask PNG beside each photo's name: all `value`, or the left half white."""
+    from PIL import Image
+    folder.mkdir()
+    for p in sorted(photos.glob("*.png")):
+        w, h = size or Image.open(p).size
+        m = Image.new("L", (w, h), 0 if value is None else value)
+        if value is None:
+            m.paste(255, (0, 0, w // 2, h))
+        m.save(folder / f"{p.stem}.png")
+    return folder
+
+
+def test_a_mask_follows_the_crop_and_the_flip():
+    """The mask goes through the photo's resize, crop and mirror: a gray photo that is its own mask stays so."""
+    import random
+    from PIL import Image
+    from minidream.training.photos import view
+    mask = Image.new("L", (60, 40), 0)
+    mask.paste(255, (0, 0, 20, 40))  # the left third
+    photo = Image.merge("RGB", [mask] * 3)
+    for seed in range(6):
+        x, _, m = view(photo, (16, 32), False, seed % 2 == 1, random.Random(seed), mask)
+        assert m.shape == (1, 32, 16)
+        assert (m[0] - (x[0] + 1) / 2).abs().mean() < 0.03, seed
+
+
+def test_masked_loss_averages_over_the_mask():
+    from minidream.training.step import dreambooth_loss
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    mask = torch.ones(3, 1, 2, 2)
+    mask[0, 0, 0] = 0  # the first instance row: its top row of cells is background
+    mask[1] = 0.0  # the second: nothing of the subject
+    loss, inst, prior = dreambooth_loss(pred, target, 2, 0.5, mask=mask)
+    err = (pred - target).square()
+    assert torch.allclose(inst, (err[0, :, 1].mean() + 0) / 2)
+    assert torch.allclose(prior, err[2].mean()) and torch.allclose(loss, inst + 0.5 * prior)
+    plain = dreambooth_loss(pred, target, 2, 0.5, mask=torch.ones(3, 1, 2, 2))
+    assert torch.allclose(plain[0], dreambooth_loss(pred, target, 2, 0.5)[0])
+
+
+def test_an_all_zero_mask_without_prior_trains_nothing(sd1_dir, instance_dir, tmp_path):  # noqa: F811
+    import json
+    masks = masks_for(instance_dir, tmp_path / "masks", value=0)
+    out = tmp_path / "run"
+    r = run_cli(*base_args(sd1_dir, out, "--instance-dir", instance_dir, "--class-noun", "dog", "--no-prior",
+                           "--train", "lora", "--weight-decay", 0, "--steps", 2, "--mask-dir", masks,
+                           "--save-as", "lora-diffusers", "--random-crop", "--flip", 0.5))
+    assert r.exit_code == 0, r.output
+    up = {k: v for k, v in load_file(out / LORA).items() if "lora_B" in k or "lora.up" in k}
+    assert up and all(not v.any() for v in up.values())  # LoRA's B starts at zero and stayed there
+    assert all(json.loads(x)["loss_instance"] == 0 for x in (out / "metrics.jsonl").read_text().splitlines())
+    data = json.loads((out / "data.json").read_text())
+    assert {x["mask"] for x in data["images"] if x["kind"] == "instance"} == \
+        {str(masks / f"{p.stem}.png") for p in instance_dir.glob("*.png")}
+
+
+def test_half_masks_and_alpha_masks_train(sd1_dir, instance_dir, tmp_path):  # noqa: F811
+    """A half mask changes the loss (cached latents, buckets too); a photo's alpha channel is the same mask."""
+    import json
+    from PIL import Image
+    half = masks_for(instance_dir, tmp_path / "masks")
+    rgba = tmp_path / "rgba"
+    rgba.mkdir()
+    for p in sorted(instance_dir.glob("*.png")):
+        im = Image.open(p).convert("RGBA")
+        im.putalpha(Image.open(half / p.name))
+        im.save(rgba / p.name)
+    first = {}
+    for name, args in (("plain", ["--instance-dir", instance_dir]),
+                       ("dir", ["--instance-dir", instance_dir, "--mask-dir", half]),
+                       ("alpha", ["--instance-dir", rgba, "--alpha-mask"])):
+        out = tmp_path / name
+        r = run_cli(*base_args(sd1_dir, out, *args, "--class-noun", "dog", "--steps", 1, "--cache-latents",
+                               "--aspect-buckets", "--flip", 0.5))
+        assert r.exit_code == 0, r.output
+        first[name] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss_instance"]
+    assert first["dir"] != first["plain"] and abs(first["dir"] - first["alpha"]) < 1e-6
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing", "--mask-dir: no mask"),
+    ("size", "give a mask of the photo's size"),
+    ("no-alpha", "has no alpha channel"),
+    ("both", "pass one of them"),
+])
+def test_bad_masks_are_one_line_before_anything_is_written(sd1_dir, instance_dir, tmp_path, case, needle):  # noqa: F811
+    masks = tmp_path / "masks"
+    if case == "missing":
+        masks_for(instance_dir, masks)
+        next(masks.iterdir()).unlink()
+    elif case == "size":
+        masks_for(instance_dir, masks, size=(8, 8))
+    else:
+        masks_for(instance_dir, masks)
+    extra = {"missing": ["--mask-dir", masks], "size": ["--mask-dir", masks], "no-alpha": ["--alpha-mask"],
+             "both": ["--mask-dir", masks, "--alpha-mask"]}[case]
+    out = tmp_path / "run"
+    r = run_cli(*base_args(sd1_dir, out, "--instance-dir", instance_dir, "--class-noun", "dog", *extra))
+    assert r.exit_code == 2 and needle in r.output and not out.exists(), r.output
