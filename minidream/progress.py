@@ -13,6 +13,8 @@ class Progress:
         self.stats: dict[str, float] = {}
         self.tty = sys.stderr.isatty()
         self.last_line = float("-inf")
+        if enabled and total > start:  # at once: the first update of a slow phase may be minutes away
+            self._draw()
 
     def update(self, n: int = 1, **stats):
         self.n += n

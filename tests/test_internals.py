@@ -135,8 +135,11 @@ def test_curves_and_tensorboard(sd1_dir, instance_dir, tmp_path):  # noqa: F811
                             "--validation-steps", 2))
     assert r.exit_code == 0, r.output
     assert (out / "curves.png").stat().st_size > 0
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]
+    assert [x["step"] for x in lines if "val_loss_instance" in x and "val_loss_prior" in x] == [0, 2, 4]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ev = EventAccumulator(str(out / "tensorboard"))
     ev.Reload()
-    assert len(ev.Scalars("train/loss_instance")) == 4 and len(ev.Images("validation")) == 2
+    assert len(ev.Scalars("train/loss_instance")) == 4 and len(ev.Images("validation")) == 3  # steps 0, 2, 4
+    assert len(ev.Scalars("validation/val_loss_prior")) == 3

@@ -206,3 +206,76 @@ def test_bad_masks_are_one_line_before_anything_is_written(sd1_dir, instance_dir
     out = tmp_path / "run"
     r = run_cli(*base_args(sd1_dir, out, "--instance-dir", instance_dir, "--class-noun", "dog", *extra))
     assert r.exit_code == 2 and needle in r.output and not out.exists(), r.output
+
+
+def cell(png, row, col, size, pad=2):
+    """The image at (row, col) of a grid whose cells are `size` (h, w)."""
+    import numpy as np
+    from PIL import Image
+    a = torch.from_numpy(np.array(Image.open(png)))
+    h, w = size
+    top, left = pad + row * (h + pad), pad + col * (w + pad)
+    return a[top:top + h, left:left + w]
+
+
+def test_validation_grids_rows_and_losses(sd1_dir, instance_dir, tmp_path):  # noqa: F811
+    """A step-0 grid of the base model (the same whatever the run's lr); a --validation-file row with its own
+    negative prompt, guidance, size, seed and steps draws what `sample` draws with those settings; the validation
+    loss at steps 0, 2, 4 on fixed triples (the same at step 0, whatever the lr); and none of it changes what
+    trains (the same weights as a run without validation)."""
+    import json
+    import subprocess
+    import sys
+    from PIL import Image
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([{"prompt": "a red dog", "negative_prompt": "blue", "guidance": 3.0, "height": 48,
+                                 "width": 32, "seed": 11, "steps": 3}]))
+    args = ["--train", "lora", "--save-as", "lora-diffusers", "--steps", 4, "--validation-prompt", "a dog",
+            "--validation-file", rows, "--validation-every", 2, "--validation-images", 2, "--validation-steps", 2]
+    runs = {}
+    for lr in (1e-3, 5e-2):
+        out = runs[lr] = tmp_path / f"lr{lr}"
+        r = run_cli(*train_args(sd1_dir, instance_dir, out, *args, "--lr", lr))
+        assert r.exit_code == 0, r.output
+        assert sorted(p.name for p in (out / "samples").iterdir()) == \
+            ["final.png", "step-000000.png", "step-000002.png", "step-000004.png"]
+    a, b = (Image.open(runs[lr] / "samples" / "step-000000.png") for lr in runs)
+    assert a.size == (2 + 2 * (32 + 2), 2 + 2 * (48 + 2)) and a.tobytes() == b.tobytes()
+    assert Image.open(runs[1e-3] / "samples" / "step-000004.png").tobytes() != \
+        Image.open(runs[5e-2] / "samples" / "step-000004.png").tobytes()
+    held = {lr: [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] for lr, out in runs.items()}
+    held = {lr: [x for x in lines if "val_loss_instance" in x] for lr, lines in held.items()}
+    assert [x["step"] for x in held[1e-3]] == [0, 2, 4] and all("val_loss_prior" in x for x in held[1e-3])
+    assert held[1e-3][0] == held[5e-2][0] and held[1e-3][2] != held[5e-2][2]
+    # the file's row is `sample` with its settings (the model's own sampler, as the grid's)
+    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(sd1_dir), "--prompt", "a red dog",
+                        "--negative-prompt", "blue", "--guidance", "3", "--height", "48", "--width", "32", "--seed",
+                        "11", "--steps", "3", "--num-images", "2", "--batch-size", "2", "--out", str(tmp_path / "s"),
+                        "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import numpy as np
+    for col in range(2):
+        want = torch.from_numpy(np.array(Image.open(tmp_path / "s" / f"{col:04d}.png")))
+        assert torch.equal(cell(runs[1e-3] / "samples" / "step-000000.png", 1, col, (48, 32)), want)
+    # validation changes nothing that trains
+    plain = tmp_path / "plain"
+    assert run_cli(*train_args(sd1_dir, instance_dir, plain, "--train", "lora", "--save-as", "lora-diffusers",
+                               "--steps", 4)).exit_code == 0
+    assert same_file(plain / LORA, runs[1e-3] / LORA)
+
+
+@pytest.mark.parametrize("rows,needle", [
+    ([{"prompt": "x", "size": 3}], "unknown key(s) size"),
+    ([{"negative_prompt": "x"}], "needs \"prompt\""),
+    ([{"prompt": "x", "steps": 0}], "entry 0: steps must be at least 1"),
+    ([{"prompt": "x", "guidance": "high"}], "guidance must be a number"),
+    ([{"prompt": "x", "height": 20}], "entry 0: height"),
+    ({"prompt": "x"}, "expected a non-empty list"),
+])
+def test_a_bad_validation_file_is_one_line(sd1_dir, instance_dir, tmp_path, rows, needle):  # noqa: F811
+    import json
+    f = tmp_path / "rows.json"
+    f.write_text(json.dumps(rows))
+    out = tmp_path / "run"
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--validation-file", f))
+    assert r.exit_code == 2 and needle in r.output and not out.exists(), r.output

@@ -3,6 +3,7 @@ report; and `minidream eval`, the base model and DreamBooth with and without the
 """
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -125,12 +126,19 @@ def run_eval(out: Path, seeds: tuple[int, ...] = (0, 1, 2), steps: int = STEPS, 
     run once per seed (its class images, noise and draws): mean, min and every seed's value; PRES and DIV from
     EVAL_CLASSES class-prompt samples."""
     out = Path(out)
+    total = 2 * len(seeds)
+    print(f"eval: the base model, then {total} DreamBooth runs (each with its own progress)", file=sys.stderr)
     base_model = load(str(DEMO_DIR), dtype=torch.float32)
     base = {**evaluate_dreambooth(base_model, load_recognizer(), classes=classes)[0], "prior_preservation": None,
             "attention_localisation": attention_localisation(base_model)}
     runs = {"DreamBooth, no prior loss": ("without-prior", False), "DreamBooth, prior loss (λ=1)": ("with-prior", True)}
-    per_seed = {k: [run_demo(out / f"{d}-seed{s}", prior=p, seed=s, steps=steps, grids=False, localise=True,
-                             classes=classes) for s in seeds] for k, (d, p) in runs.items()}
+    per_seed = {}
+    for name, (d, p) in runs.items():
+        per_seed[name] = []
+        for s in seeds:
+            print(f"eval: run {sum(map(len, per_seed.values())) + 1}/{total}: {name}, seed {s}", file=sys.stderr)
+            per_seed[name].append(run_demo(out / f"{d}-seed{s}", prior=p, seed=s, steps=steps, grids=False,
+                                           localise=True, classes=classes))
     keys = ("subject_fidelity", "prompt_fidelity", "PRES", "DIV", "attention_localisation")
     rows = {"base model": {k: _spread([base], k) for k in keys},
             **{name: {k: _spread(rs, k) for k in keys} for name, rs in per_seed.items()}}

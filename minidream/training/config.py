@@ -22,6 +22,7 @@ from minidream.training.optim import LR_SCHEDULES, OPTIMIZERS, check_optimizer
 from minidream.training.report import REPORT_TO
 from minidream.training.runtime import PRECISIONS
 from minidream.training.trainable import MODES
+from minidream.training.validation import check_validation_set, validation_file
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +177,12 @@ class TrainConfig:
     validation_prompts: tuple[str, ...] = option((), "Prompt for validation grids (repeatable).", check=texts,
                                                  resumable=True,
                                                  flag="--validation-prompt")
-    validation_every: int = option(0, "Steps between validation grids (0: only at the end).", check=non_negative,
+    validation_set: tuple = option((), "JSON list of validation grid rows, each {prompt, negative_prompt, guidance, "
+                                   "height, width, seed, steps} (beside --validation-prompt's).",
+                                   check=check_validation_set, resumable=True, flag="--validation-file",
+                                   cli_type=Path, parse=validation_file, added=())
+    validation_every: int = option(0, "Steps between validation grids and validation losses (0: a grid at the end "
+                                   "only).", check=non_negative,
                                    resumable=True)
     validation_images: int = option(4, "Images per validation prompt (fixed seeds).", check=at_least(1),
                                     resumable=True)

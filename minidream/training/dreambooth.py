@@ -18,7 +18,7 @@ from minidream.training.export import export as export_trained, load_base
 from minidream.training.loop import loop, phase
 from minidream.training.report import REPORT_TO, curves
 from minidream.training.step import prepare
-from minidream.training.validation import validation_grid
+from minidream.training.validation import grid_rows, has_grid, validation_grid
 
 
 def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
@@ -65,7 +65,7 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
             ckpt = Checkpointer(out, cfg, stepper.state, step or 0, rt.group, processes)
             step = loop(cfg, out, stepper, ckpt, step or 0)
             with phase("after training (the final grid, the exports)", out, ckpt, step):  # the weights are saved first
-                if cfg.validation_prompts and (rt.main or cfg.fsdp):  # a sharded UNet samples on every process
+                if has_grid(cfg) and (rt.main or cfg.fsdp):  # a sharded UNet samples on every process
                     with rt.resident(model):
                         validation_grid(model, cfg, out / "samples" / "final.png", write=rt.main)
                 trained = stepper.state.trained(keep=rt.main)  # gathered from every process under --fsdp
@@ -118,6 +118,10 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
         wrong = params.problem(model) if used else None  # its own scheduler may be one we lack; its timesteps
         if wrong:
             raise TrainError(f"{flag(names[wrong[0]])}: {wrong[1]}")
+    for k, (_, params, _) in enumerate(grid_rows(cfg)[len(cfg.validation_prompts):]):
+        wrong = params.problem(model)  # a row's own size, steps
+        if wrong:
+            raise TrainError(f"--validation-file: entry {k}: {wrong[0]} {wrong[1]}")
     if REPORT_TO[cfg.report_to]:
         REPORT_TO[cfg.report_to].check()
     # Identifier check (§4.1): a rare token carries little prior meaning, so it is cheap to rebind.

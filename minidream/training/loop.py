@@ -18,7 +18,7 @@ from minidream.training.config import TrainConfig
 from minidream.training.export import snapshot
 from minidream.training.report import Log
 from minidream.training.step import Stepper
-from minidream.training.validation import validation_grid
+from minidream.training.validation import HeldOutLoss, grid_rows, has_grid, validation_grid
 
 STOPS = (KeyboardInterrupt, distributed.LostProcess, OSError)  # what ends a run that can be continued
 
@@ -55,13 +55,35 @@ def phase(what: str, out: Path, ckpt: Checkpointer | None = None, step: int = 0)
         raise TrainError(f"{why(e)} {what}; {kept}; {continue_with(out)}") from None
 
 
+def validation(cfg: TrainConfig, out: Path, stepper: Stepper, step: int, log: Log, held: HeldOutLoss | None,
+               bar: Progress):
+    """The grid of `step` (with validation rows) and the validation loss (every --validation-every steps): on the
+    process that writes, or on every process with a sharded UNet (--fsdp), which samples on all together."""
+    main = stepper.runtime.main
+    if not (main or cfg.fsdp):
+        return
+    bar.write(f"validation at step {step}: " + ", ".join(
+        ([f"a grid of {len(grid_rows(cfg))} row(s) x {cfg.validation_images}"] if has_grid(cfg) else []) +
+        (["the loss on fixed triples"] if held is not None else [])))
+    with stepper.runtime.resident(stepper.state.model) as model:
+        if has_grid(cfg):
+            png = out / "samples" / f"step-{step:06d}.png"
+            validation_grid(model, cfg, png, write=main)
+            log.image("validation", png, step)
+        if held is not None:
+            log.step({"step": step, **held(model, stepper.runtime.autocast)}, group="validation")
+
+
 def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step: int) -> int:
     """Optimizer steps from `step` to cfg.steps; returns the last step done."""
     main = stepper.runtime.main  # under torchrun only rank 0 logs, checkpoints and validates
     bar = Progress(cfg.steps, "training", start=step, enabled=main)
+    held = HeldOutLoss(stepper.batches.pools, cfg.seed) if cfg.validation_every else None
     log = None
     try:
         log = Log(out, cfg.report_to, main)
+        if step == 0 and (cfg.validation_every or has_grid(cfg)):  # the base model, beside the later grids
+            validation(cfg, out, stepper, 0, log, held, bar)
         while step < cfg.steps:
             t0 = time.perf_counter()
             line = stepper(step, ckpt.kept())
@@ -75,12 +97,8 @@ def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step
                 trained = stepper.state.trained(keep=main)  # gathered from every process under --fsdp
                 if main:
                     bar.write(f"snapshot of step {step}: {snapshot(cfg, trained, step)}")
-            grid_here = main or cfg.fsdp  # a sharded UNet samples on every process together
-            if grid_here and cfg.validation_prompts and cfg.validation_every and step % cfg.validation_every == 0:
-                png = out / "samples" / f"step-{step:06d}.png"
-                with stepper.runtime.resident(stepper.state.model) as model:
-                    validation_grid(model, cfg, png, write=main)
-                log.image("validation", png, step)
+            if cfg.validation_every and step % cfg.validation_every == 0:
+                validation(cfg, out, stepper, step, log, held, bar)
     except STOPS as e:
         bar.close()
         stepper.rewind()

@@ -1,6 +1,7 @@
-"""The run's record: OUT/metrics.jsonl (one JSON line per optimizer step), TensorBoard when asked
-(`--report-to tensorboard`, the optional extra `pip install 'minidream[tensorboard]'`), and OUT/curves.png, the
-instance and prior losses and the learning rate over steps, drawn from metrics.jsonl after training."""
+"""The run's record: OUT/metrics.jsonl (one JSON line per optimizer step, and one per validation loss), TensorBoard
+when asked (`--report-to tensorboard`, the optional extra `pip install 'minidream[tensorboard]'`), and
+OUT/curves.png, the instance and prior losses, the validation losses and the learning rate over steps, drawn from
+metrics.jsonl after training."""
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,8 @@ class Log:
         self.file = open(self.path, "a") if main else None
         self.tb = REPORT_TO[report_to].open(out) if main and REPORT_TO[report_to] else None
 
-    def step(self, line: dict):
+    def step(self, line: dict, group: str = "train"):
+        """A metrics line (`group`: TensorBoard's tag prefix: train, or validation for the validation loss)."""
         if self.file:
             try:
                 self.file.write(json.dumps(line) + "\n")
@@ -55,7 +57,7 @@ class Log:
         if self.tb:
             for k, v in line.items():
                 if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"train/{k}", v, line["step"])
+                    self.tb.add_scalar(f"{group}/{k}", v, line["step"])
 
     def image(self, tag: str, png: Path, step: int):
         if self.tb:
@@ -81,7 +83,9 @@ def smooth(values: list[float], frac: float = 0.05) -> list[float]:
 def curves(out: Path) -> Path | None:
     """OUT/curves.png from OUT/metrics.jsonl: the losses (smoothed, log scale) and the learning rate."""
     f = Path(out) / "metrics.jsonl"
-    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+    every = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+    rows = [r for r in every if "loss_instance" in r]  # a step's line (a validation line holds val_loss_*)
+    held = [r for r in every if "val_loss_instance" in r]
     if not rows:
         return None
     steps = [r["step"] for r in rows]
@@ -91,6 +95,11 @@ def curves(out: Path) -> Path | None:
     panels = [plots.line_plot({k: list(zip(steps, smooth(v))) for k, v in losses.items()},
                               "loss (running mean over 5% of the steps, log scale)", log_y=True),
               plots.line_plot({"learning rate": [(s, r["lr"]) for s, r in zip(steps, rows)]}, "learning rate")]
+    if held:  # the fit to the photos and the drift from the prior, on fixed (image, timestep, noise) triples
+        names = {"val_loss_instance": "instance photos (fit)", "val_loss_prior": "class images (drift)"}
+        panels.insert(1, plots.line_plot({label: [(r["step"], r[k]) for r in held if k in r]
+                                          for k, label in names.items() if any(k in r for r in held)},
+                                         "validation loss on fixed triples"))
     png = Path(out) / "curves.png"
     save_image(plots.stack(panels), png)
     return png

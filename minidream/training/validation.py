@@ -1,30 +1,172 @@
-"""Validation grids: the model being trained, sampled for each --validation-prompt from fixed seeds, so grids are
-comparable across steps (OUT/samples/step-NNNNNN.png, and final.png after training)."""
+"""What a run shows of itself while it trains, so that overfitting and drift are seen, not guessed:
+
+- validation grids: the model being trained, sampled for each validation row from fixed seeds, so grids are
+  comparable across steps (OUT/samples/step-NNNNNN.png; step 0 is the base model, final.png after training). A row
+  is a --validation-prompt (the run's --validation-steps, sampler and size), or an entry of --validation-file with
+  its own negative prompt, guidance, size, seed and steps;
+- the validation loss (`HeldOutLoss`): the ε-loss on fixed (image, timestep, noise) triples, for the subject's
+  photos (how well it fits) and for a fixed set of class images (how far the class drifts from the prior).
+"""
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from minidream.images import grid, save_png
-from minidream.models.stable_diffusion import StableDiffusion
-from minidream.sampling.pipeline import generate
+from minidream.models.stable_diffusion import StableDiffusion, encode_text, size_conditioning
+from minidream.options import first_problem, text
+from minidream.sampling.pipeline import SamplingParams, generate
+
+ROW_KEYS = {"prompt": str, "negative_prompt": str, "guidance": (int, float), "height": int, "width": int,
+            "seed": int, "steps": int}
+
+
+# ---------------------------------------------------------------------------------------------
+# The rows of a grid
+
+def row_problem(k: int, row) -> str | None:
+    """What is wrong with a --validation-file entry, or None."""
+    if not isinstance(row, dict):
+        return f"entry {k} is not an object"
+    unknown = set(row) - set(ROW_KEYS)
+    if unknown:
+        return f"entry {k} has unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(ROW_KEYS)})"
+    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip() or text(row["prompt"]):
+        return f"entry {k} needs \"prompt\", UTF-8 text"
+    for key, kind in ROW_KEYS.items():
+        if key in row and (not isinstance(row[key], kind) or isinstance(row[key], bool)):
+            return f"entry {k}: {key} must be a {'number' if key == 'guidance' else kind.__name__} (got {row[key]!r})"
+    if not 0 <= row.get("seed", 0) < 2 ** 63:
+        return f"entry {k}: seed must be in [0, 2^63) (got {row['seed']})"
+    wrong = first_problem(row_params(SamplingParams(), row))
+    return f"entry {k}: {wrong[0]} {wrong[1]}" if wrong else None
+
+
+def check_validation_set(rows: tuple) -> str | None:
+    return next((row_problem(k, r) for k, r in enumerate(rows) if row_problem(k, r)), None)
+
+
+def validation_file(path) -> tuple[dict, ...]:
+    """--validation-file FILE.json: a list of rows, stored in the run's settings (a resume needs no file)."""
+    from minidream.training import TrainError
+    if path is None:
+        return ()
+    if not str(path).strip():
+        raise TrainError("--validation-file is empty; name a JSON file")
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"--validation-file {path}: not a file; give a JSON file")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainError(f"--validation-file {path}: not a readable JSON file ({e})") from None
+    if not isinstance(rows, list) or not rows:
+        raise TrainError(f"--validation-file {path}: expected a non-empty list of objects, one per grid row")
+    wrong = check_validation_set(tuple(rows))
+    if wrong:
+        raise TrainError(f"--validation-file {path}: {wrong}")
+    return tuple(rows)
+
+
+def row_params(base: SamplingParams, row: dict) -> SamplingParams:
+    """A file row's sampling settings: the run's validation settings with the row's own."""
+    own = {"negative_prompt": row.get("negative_prompt"), "guidance": row.get("guidance"), "height": row.get("height"),
+           "width": row.get("width"), "steps": row.get("steps")}
+    return replace(base, **{k: v for k, v in own.items() if v is not None})
+
+
+def has_grid(cfg) -> bool:
+    return bool(cfg.validation_prompts or cfg.validation_set)
+
+
+def grid_rows(cfg) -> list[tuple[str, SamplingParams, int]]:
+    """(prompt, sampling settings, seed) of each row of the run's grids: --validation-prompt, then the file's."""
+    base = cfg.validation_sampling
+    return [(p, base, cfg.seed) for p in cfg.validation_prompts] + \
+        [(r["prompt"], row_params(base, r), r.get("seed", cfg.seed)) for r in cfg.validation_set]
 
 
 @torch.no_grad()
 def validation_grid(model: StableDiffusion, cfg, path: Path, write: bool = True):
-    """One row per validation prompt, one column per fixed seed (written where `write`: under --fsdp every
-    process samples, rank 0 writes)."""
+    """One row per validation row, one column per fixed seed (written where `write`: under --fsdp every process
+    samples, rank 0 writes). Rows of other sizes are drawn on a canvas of the largest."""
     denoiser = model.denoiser
     was_training = denoiser.training
     denoiser.eval()
-    params = cfg.validation_sampling
-    sampler = params.make_sampler(model.scheduler)
     weight = next(denoiser.parameters())
     rows = []
     with torch.autocast(weight.device.type, dtype=weight.dtype, enabled=weight.dtype != torch.float32):
-        for p in cfg.validation_prompts:
-            rows.append(generate(model, [p] * cfg.validation_images, params, sampler=sampler,
-                                 generator=torch.Generator("cpu").manual_seed(cfg.seed), progress=False))
-    if write:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(grid(torch.cat(rows), cols=cfg.validation_images), path, {"prompts": list(cfg.validation_prompts)})
+        for prompt, params, seed in grid_rows(cfg):
+            rows.append(generate(model, [prompt] * cfg.validation_images, params, progress=False,
+                                 generator=torch.Generator("cpu").manual_seed(seed)))
     denoiser.train(was_training)
+    if write:
+        H, W = max(r.shape[1] for r in rows), max(r.shape[2] for r in rows)
+        rows = [F.pad(r, (0, 0, 0, W - r.shape[2], 0, H - r.shape[1]), value=255) for r in rows]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(grid(torch.cat(rows), cols=cfg.validation_images), path, {"prompts": [r[0] for r in grid_rows(cfg)]})
+
+
+# ---------------------------------------------------------------------------------------------
+# The validation loss
+
+class HeldOutLoss:
+    """The ε-loss (the training objective, eq. 2 of DreamBooth without the weighting) on fixed triples: each of the
+    subject's photos and up to `classes` class images, centre-cropped and unmirrored, at `timesteps` fixed timesteps
+    spread over the schedule, with fixed noise. The training loss is noisy (a random timestep per image); this one
+    changes only with the weights, so a falling instance loss shows the fit and a rising prior loss the drift."""
+
+    def __init__(self, pools: list[list], seed: int, timesteps: int = 4, classes: int = 8):
+        self.sets = {"instance": pools[0], "prior": pools[1][:classes]}
+        self.seed, self.k, self.fixed = seed, timesteps, None
+
+    def _fix(self, model: StableDiffusion):
+        """The latents (the VAE's mean), timesteps and noise, drawn once from their own generator."""
+        from minidream.training.photos import view
+        g = torch.Generator().manual_seed(self.seed + 1)  # not the run's generator: training draws are untouched
+        vae = model.vae
+        p = next(vae.parameters())
+        self.fixed = {}
+        for name, pool in self.sets.items():
+            rows = []
+            for e in pool:
+                x, ids, mask = view(e.image, e.bucket, True, False, None, e.mask)
+                mean, _ = vae.encode(x[None].to(p.device, p.dtype))
+                z = model.vae.latents(mean, torch.zeros_like(mean), torch.zeros_like(mean)).float()
+                noise = torch.randn((self.k, *z.shape[1:]), generator=g)
+                if mask is not None:
+                    mask = F.avg_pool2d(mask[None], model.latent_scale).expand(self.k, -1, -1, -1)
+                rows.append((z.expand(self.k, -1, -1, -1), noise, e.prompt, ids, mask))
+            self.fixed[name] = rows
+
+    @torch.no_grad()
+    def __call__(self, model: StableDiffusion, autocast) -> dict[str, float]:
+        """{"val_loss_instance": ..., "val_loss_prior": ...} (the prior only with class images)."""
+        from minidream.training.step import dreambooth_loss
+        process = model.forward_process
+        if self.fixed is None:
+            self._fix(model)
+        denoiser = model.denoiser
+        was_training = denoiser.training
+        denoiser.eval()
+        dev = next(denoiser.parameters()).device
+        T = process.cfg.num_train_timesteps
+        t = torch.tensor([int((i + 0.5) * T / self.k) for i in range(self.k)], device=dev)  # mid-points of k bands
+        out = {}
+        for name, rows in self.fixed.items():
+            losses = []
+            for z, noise, prompt, ids, mask in rows:
+                z, noise = z.to(dev), noise.to(dev)
+                sizes = size_conditioning(model, ids[None].expand(self.k, -1).to(dev))
+                cond = {**encode_text(model, [prompt] * self.k), **sizes}
+                with autocast():
+                    pred = denoiser(process.add_noise(z, noise, t), t, **cond)
+                loss, _, _ = dreambooth_loss(pred, process.target(z, noise, t), self.k, 0.0,
+                                             mask=None if mask is None else mask.to(dev))
+                losses.append(loss.item())
+            if losses:
+                out[f"val_loss_{name}"] = sum(losses) / len(losses)
+        denoiser.train(was_training)
+        return out
