@@ -279,3 +279,67 @@ def test_a_bad_validation_file_is_one_line(sd1_dir, instance_dir, tmp_path, rows
     out = tmp_path / "run"
     r = run_cli(*train_args(sd1_dir, instance_dir, out, "--validation-file", f))
     assert r.exit_code == 2 and needle in r.output and not out.exists(), r.output
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_our_single_file_loads_without_config(sd1_dir, sd2_dir, tmp_path, family):
+    """Our single-file export carries its architecture (the components' configs, the scheduler's) in its metadata;
+    a file without it that is no known preset says to pass --preset or --config."""
+    from minidream.formats import loading
+    from minidream.formats.files import ModelError, save_safetensors
+    from minidream.formats.single_file import save_single_file, to_single_file
+    folder = sd1_dir if family == "sd1" else sd2_dir
+    m = loading.load(str(folder))
+    f = tmp_path / "model.safetensors"
+    save_single_file(m, f)
+    back = loading.load(str(f), tokenizer=str(folder / "tokenizer"))
+    assert back.scheduler == m.scheduler and back.unet.cfg == m.unet.cfg and back.text_encoder.cfg == m.text_encoder.cfg
+    for a, b in ((m.unet, back.unet), (m.vae, back.vae), (m.text_encoder, back.text_encoder)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    bare = tmp_path / "bare.safetensors"
+    save_safetensors(to_single_file(m), bare)
+    with pytest.raises(ModelError, match="pass --preset"):
+        loading.load(str(bare), tokenizer=str(folder / "tokenizer"))
+
+
+def test_a_learned_token_stays_out_of_the_single_file(sd1_dir, instance_dir, tmp_path):  # noqa: F811
+    """--train-token with --save-as single-file: the file has the base's vocabulary (diffusers loads it with the base's
+    config), the token is in learned_embeds.safetensors, and the two together draw what the diffusers export draws."""
+    from diffusers import StableDiffusionPipeline
+    from minidream.formats import loading
+    from minidream.formats.embeddings import add_embedding
+    from minidream.sampling.pipeline import SamplingParams, generate
+    out = tmp_path / "run"
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--train", "attention", "--train-token", "--lr", 1e-2,
+                            "--token-lr", 5e-2, "--save-as", "single-file", "--save-as", "diffusers"))
+    assert r.exit_code == 0, r.output
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    table = load_file(out / "model.safetensors")[key]
+    base = load_file(sd1_dir / "text_encoder" / "model.safetensors")
+    assert table.shape == next(v for k, v in base.items() if k.endswith("token_embedding.weight")).shape
+    StableDiffusionPipeline.from_single_file(str(out / "model.safetensors"), config=str(sd1_dir), local_files_only=True,
+                                             safety_checker=None, requires_safety_checker=False)
+    single = loading.load(str(out / "model.safetensors"), tokenizer=str(sd1_dir / "tokenizer"))
+    add_embedding(single, out / "learned_embeds.safetensors", None, False)
+
+    def draw(model):
+        return generate(model, ["a photo of <sks> dog"], SamplingParams(steps=3, height=16, width=16), progress=False,
+                        generator=torch.Generator().manual_seed(1))
+    assert (draw(single).int() - draw(loading.load(str(out / "model"))).int()).abs().max() <= 1
+
+
+def test_class_images_that_cannot_cover_the_buckets_are_refused_before_drawing(sd1_dir, tmp_path):
+    """Photos in three aspect buckets and 2 class images to draw: a one-line error before any image is drawn."""
+    from PIL import Image
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k, size in enumerate(((64, 16), (16, 64), (32, 32))):
+        Image.new("RGB", size, (40 * k, 90, 200)).save(photos / f"{k}.png")
+    out = tmp_path / "run"
+    r = run_cli(*base_args(sd1_dir, out, "--instance-dir", photos, "--class-noun", "dog", "--aspect-buckets",
+                           "--resolution", 32, "--steps", 1))
+    assert r.exit_code == 2 and "raise --num-class-images to at least 3" in r.output, r.output
+    assert not out.exists()
+    r = run_cli(*base_args(sd1_dir, out, "--instance-dir", photos, "--class-noun", "dog", "--aspect-buckets",
+                           "--resolution", 32, "--steps", 1, "--num-class-images", 3))
+    assert r.exit_code == 0, r.output

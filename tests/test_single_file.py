@@ -21,9 +21,10 @@ def test_sdxl_export_reads_back_in_diffusers_and_ours(xl_dir, tmp_path):
     from minidream.formats.single_file import tokenizers
     toks = tokenizers(xl_dir / "tokenizer", encoders=2)  # a bare vocabulary (--tokenizer): the second pads with "!"
     assert toks["tokenizer"].pad_token == "<|endoftext|>" and toks["tokenizer_2"].pad_token == "!"
-    with pytest.raises(loading.ModelError, match="shape"):  # the real sdxl preset, inferred from the keys
-        loading.load(str(f), tokenizer=str(xl_dir))
-    for back in (loading.load(str(f), config=str(xl_dir)),):
+    with pytest.raises(loading.ModelError, match="shape"):  # the real sdxl preset, asked for
+        loading.load(str(f), tokenizer=str(xl_dir), preset="sdxl")
+    # the architecture from --config, and from the file's own metadata (our export writes it)
+    for back in (loading.load(str(f), config=str(xl_dir)), loading.load(str(f), tokenizer=str(xl_dir))):
         assert back.family.name == "sdxl" and back.tokenizer_2.pad_token == "!" and back.force_zeros_for_empty_prompt
         for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
             theirs = {k.removeprefix("text_model."): v for k, v in getattr(ref, name).state_dict().items()}

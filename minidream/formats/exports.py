@@ -30,6 +30,7 @@ class Exporter:
     help: str
     adapters: bool = False  # it writes LoRA adapters, so it needs --train lora
     automatic: Callable[[StableDiffusion], bool] | None = None  # written unasked whenever this holds
+    base_vocabulary: bool = False  # a learned token stays out (it is in learned_embeds.safetensors): the base's table
 
 
 EXPORTERS = {
@@ -38,7 +39,8 @@ EXPORTERS = {
                               automatic=lambda m: bool(tokens.learned_tokens(m))),
     "diffusers": Exporter(save_pretrained, "model", True, "a folder that StableDiffusionPipeline loads"),
     "single-file": Exporter(save_single_file, "model.safetensors", True,
-                            "the original single-file layout (A1111, ComfyUI)"),
+                            "the original single-file layout (A1111, ComfyUI; a learned token goes to "
+                            "learned_embeds.safetensors, as they expect)", base_vocabulary=True),
     "lora-diffusers": Exporter(save_lora_diffusers, "lora/pytorch_lora_weights.safetensors", False,
                                "LoRA for diffusers' load_lora_weights (--train lora)", adapters=True),
     "lora-kohya": Exporter(save_lora_kohya, "lora_kohya.safetensors", False,
@@ -65,9 +67,13 @@ def export(model: StableDiffusion, formats: tuple[str, ...], out: Path, dtype: t
     rows = [(name, row) for name, row in EXPORTERS.items()
             if name in formats or (row.automatic is not None and row.automatic(model))]
     written = []
-    for _, row in sorted(rows, key=lambda r: r[1].plain):  # the adapter files before merging
+    vocabulary = {name: t.base.num_embeddings for name, t in tokens.learned_tokens(model).items()}
+    # the adapter files before merging; a file with the base's token table last
+    for _, row in sorted(rows, key=lambda r: (r[1].plain, r[1].base_vocabulary)):
         if row.plain:
             make_plain(model)
+        if row.base_vocabulary:
+            tokens.cut_to(model, vocabulary)
         path = out / row.output
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:

@@ -13,6 +13,7 @@ named ignore list) and that every shape matches.
     add_embedding.linear_1                 model.diffusion_model.label_emb.0.0   (SDXL)
     text_encoder_2: text_projection        conditioner.embedders.1.model.text_projection  (SDXL, transposed)
 """
+import json
 import re
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from minidream.formats.files import (ModelError, build, on_meta, read_json, read
                                      save_safetensors)
 from minidream.models import clip, unet, vae
 from minidream.models.stable_diffusion import FAMILIES, PRESETS, Family, StableDiffusion, TextEncoderSlot
+from minidream.models.noise_schedule import SchedulerConfig
 from minidream.models.tokenizer import CLIPTokenizer
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
@@ -138,11 +140,12 @@ def key_table(rows, our_keys, openclip: str | None = None) -> dict[str, tuple[st
     return table
 
 
-def _take(sd, table, want_shapes, used, file):
+def _take(sd, table, want_shapes, used, file, what: str = ""):
     out = {}
     for k, (orig, how) in table.items():
         if orig not in sd:
-            raise ModelError(f"{file}: missing key {orig!r} (for {k}, expected shape {list(want_shapes[k])})")
+            raise ModelError(f"{file}: missing key {orig!r} (for {k}, expected shape {list(want_shapes[k])}); "
+                             f"is it {what}?")
         t = sd[orig]
         if isinstance(how, tuple):
             t = t.chunk(3, dim=0)[how[1]]
@@ -152,7 +155,7 @@ def _take(sd, table, want_shapes, used, file):
             t = t.T
         if tuple(t.shape) != tuple(want_shapes[k]):
             raise ModelError(f"{file}: key {orig!r} has shape {list(t.shape)}, expected {list(want_shapes[k])} "
-                             f"(for {k})")
+                             f"(for {k}); is it {what}?")
         out[k] = t
         used.add(orig)
     return out
@@ -221,6 +224,10 @@ def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str 
             force_zeros = read_json(cdir / "model_index.json").get("force_zeros_for_empty_prompt", True)
         tok_dir = cdir
         what = f"the architecture in {config}"
+    elif preset is None and ARCHITECTURE in read_metadata(file):  # our own export says what it is
+        cfgs, scheduler, force_zeros = architecture(file, read_metadata(file)[ARCHITECTURE])
+        tok_dir = resolve(tokenizer or fam.tokenizer_repo, weights=False)
+        what = "the architecture in its metadata (pass --config to override it)"
     else:
         preset = preset or fam.single_file_preset or sd2_preset(file)
         if preset not in PRESETS:
@@ -239,7 +246,7 @@ def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str 
     for name, cls, rows, openclip in [("unet", unet.UNet2DConditionModel, unet_rows(cfgs["unet"]), None),
                                       ("vae", vae.AutoencoderKL, vae_rows(cfgs["vae"]), None), *texts]:
         shapes = {k: v.shape for k, v in _meta(cls, cfgs[name]).state_dict().items()}
-        weights = _take(sd, key_table(rows, shapes, openclip), shapes, used, file)
+        weights = _take(sd, key_table(rows, shapes, openclip), shapes, used, file, what)
         parts[name] = build(cls, cfgs[name], weights, str(file), dtype)
     for s in fam.encoders:
         if s.unused_last_layer:  # the layer after the one the family reads is stored, and unused
@@ -289,5 +296,34 @@ def modelspec(model: StableDiffusion) -> dict[str, str]:
     return meta
 
 
+# our exports' metadata key holding the whole architecture: the components' diffusers configs and the scheduler's
+ARCHITECTURE = "minidream.architecture"
+
+
+def architecture_json(model: StableDiffusion) -> str:
+    """What a diffusers folder's configs say, in one JSON string: a file that carries it loads without --config."""
+    d = {"unet": diffusers_layout.unet_config_json(model.unet.cfg),
+         "vae": diffusers_layout.vae_config_json(model.vae.cfg),
+         **{name: diffusers_layout.clip_config_json(te.cfg, tok) for name, tok, te in model.text_encoders()},
+         "scheduler": model.scheduler.to_dict(), "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt}
+    return json.dumps(d)
+
+
+def architecture(file: Path, text: str) -> tuple[dict, SchedulerConfig, bool]:
+    """(the component configs, the scheduler config, force_zeros) from an ARCHITECTURE metadata entry."""
+    parse = {"unet": diffusers_layout.unet_config, "vae": diffusers_layout.vae_config,
+             "text_encoder": diffusers_layout.clip_config, "text_encoder_2": diffusers_layout.clip_config}
+    try:
+        d = json.loads(text)
+        cfgs = {k: f(d[k], file) for k, f in parse.items() if k in d}
+        return cfgs, SchedulerConfig.from_dict(d["scheduler"]).check(), bool(d.get("force_zeros_for_empty_prompt"))
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"{file}: its {ARCHITECTURE} metadata is not usable ({type(e).__name__}: {e}); pass "
+                         f"--config or --preset") from None
+
+
 def save_single_file(model: StableDiffusion, file: Path, dtype: torch.dtype | None = None):
-    save_safetensors(to_single_file(model), Path(file), metadata=modelspec(model), dtype=dtype)
+    meta = {**modelspec(model), ARCHITECTURE: architecture_json(model)}
+    save_safetensors(to_single_file(model), Path(file), metadata=meta, dtype=dtype)

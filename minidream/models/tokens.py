@@ -57,3 +57,15 @@ def make_plain(model) -> None:
             plain.weight = nn.Parameter(w.clone(), requires_grad=False)
             te.embeddings.token_embedding = plain
             te.cfg = replace(te.cfg, vocab_size=w.shape[0])
+
+
+def cut_to(model, sizes: dict[str, int]) -> None:
+    """Each named text encoder's (plain) token table cut back to its first `sizes[name]` rows: the base model's
+    vocabulary, the learned tokens written elsewhere (a single file for A1111/ComfyUI loads with the base's config)."""
+    for name, _, te in model.text_encoders():
+        emb = te.embeddings.token_embedding
+        if name in sizes and emb.num_embeddings > sizes[name]:
+            plain = nn.Embedding(sizes[name], emb.embedding_dim, device=emb.weight.device, dtype=emb.weight.dtype)
+            plain.weight = nn.Parameter(emb.weight.detach()[:sizes[name]].clone(), requires_grad=False)
+            te.embeddings.token_embedding = plain
+            te.cfg = replace(te.cfg, vocab_size=sizes[name])

@@ -31,9 +31,8 @@ def make_class_images(model: StableDiffusion, cfg, concept, rt: Runtime, k: int 
     if group.main:
         prepare_class_dir(class_dir, prompt)
     barrier(group)
-    have = image_files(class_dir)
-    missing = wanted - len(have)
-    free = [i for i in range(wanted + len(have)) if not (class_dir / f"class-{i:05d}.png").exists()][:missing]
+    have, free = planned(class_dir, wanted)
+    missing = len(free)
     barrier(group)  # every process has looked at the folder before any writes to it (else a slow one sees them)
     if missing <= 0:
         return
@@ -60,6 +59,15 @@ def make_class_images(model: StableDiffusion, cfg, concept, rt: Runtime, k: int 
             bar.update(len(batch))
     bar.close()
     barrier(group)
+
+
+def planned(class_dir: Path, wanted: int) -> tuple[list[Path], list[int]]:
+    """The class images the folder has, and the indices of those to draw to have `wanted` (the numbering's gaps
+    first: class-NNNNN.png)."""
+    have = image_files(class_dir) if class_dir.is_dir() else []
+    missing = wanted - len(have)
+    free = [i for i in range(wanted + len(have)) if not (class_dir / f"class-{i:05d}.png").exists()]
+    return have, free[:max(missing, 0)]
 
 
 def prepare_class_dir(class_dir: Path, prompt: str):

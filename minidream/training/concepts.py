@@ -17,7 +17,7 @@ from minidream.formats.files import write_text
 from minidream.options import text
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import TrainError
-from minidream.training.class_images import check_class_dir, make_class_images
+from minidream.training.class_images import check_class_dir, make_class_images, planned
 from minidream.training.concepts_file import Concept, concepts
 from minidream.training.config import TrainConfig
 from minidream.training.photos import image_files, load_images, load_masks
@@ -118,6 +118,26 @@ def check_buckets(instance: list[Example], klass: list[Example]):
                              f"dir)")
 
 
+def check_planned_buckets(concepts: list, cleared: list[bool], instance: list[Example], shapes: list[tuple[int, int]]):
+    """Before any class image is drawn: the kept ones and those to draw (image i at the bucket of the concept's
+    instance image i mod n, make_class_images) cover every bucket of the concept's instance images."""
+    from PIL import Image
+    for k, (c, gone) in enumerate(zip(concepts, cleared)):
+        sizes = [e.bucket for e in instance if e.concept == k]
+        have, free = planned(c.class_dir, c.num_class_images) if not gone else ([], list(range(c.num_class_images)))
+        kept = []
+        for f in have[:c.num_class_images]:
+            with Image.open(f) as im:
+                kept.append(nearest_bucket(im.size, shapes))
+        covered = set(kept) | {sizes[i % len(sizes)] for i in free}
+        short = sorted(set(sizes) - covered)
+        if short:
+            w, h = short[0]
+            raise TrainError(f"concept {k}'s photos fall in {len(set(sizes))} aspect buckets, and its "
+                             f"{c.num_class_images} class image(s) would not cover {w}x{h}; raise --num-class-images "
+                             f"to at least {len(set(sizes))} (or add class images of that shape)")
+
+
 def write_data_json(out: Path, instance: list[Example], klass: list[Example], shapes: list[tuple[int, int]],
                     schedule: dict):
     def row(e: Example, kind: str):
@@ -180,6 +200,8 @@ class TrainingData:
             c.class_dir.is_dir() and len(image_files(c.class_dir)) >= c.num_class_images for c in self.concepts)
         if ready:  # no class image will be drawn: their buckets are checked now, before run.json
             check_buckets(self.instance, class_examples(self.concepts, cfg, self.shapes))
+        elif cfg.prior and cfg.aspect_buckets:  # the buckets the kept and the drawn images will have, before drawing
+            check_planned_buckets(self.concepts, cleared, self.instance, self.shapes)
         self.klass = []
 
     def prompts(self) -> list[str]:

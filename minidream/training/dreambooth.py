@@ -127,8 +127,8 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
     # Identifier check (§4.1): a rare token carries little prior meaning, so it is cheap to rebind.
     pieces = len(model.tokenizer.encode(cfg.identifier))
     if not cfg.train_token and pieces != 1:
-        print(f"warning: --identifier {cfg.identifier!r} is {pieces} tokens, not one rare token; DreamBooth binds "
-              f"best to a single rare token such as 'sks'", file=sys.stderr)
+        print(f"warning: --identifier {cfg.identifier!r} is {pieces} tokens for this model's tokenizer; DreamBooth "
+              f"binds best to a rare word that is a single token (or learn a new one: --train-token)", file=sys.stderr)
     return cfg
 
 
