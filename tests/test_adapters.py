@@ -187,7 +187,7 @@ def test_bad_lora_and_embedding_files_are_one_line(sd1_dir, tmp_path):
     save_file({"a</w>": torch.zeros(32)}, str(taken))
     notemb = tmp_path / "notemb.safetensors"
     save_file({"a": torch.zeros(3), "b": torch.zeros(3)}, str(notemb))
-    cases = [(["--lora", unknown], "hada_w1_a"), (["--lora", te2], "second text encoder"),
+    cases = [(["--lora", unknown], "incomplete LoHa module"), (["--lora", te2], "second text encoder"),
              (["--lora", shape], "LoRA [5, 7] vs weight [64, 64]"), (["--lora", pair], "not a LoRA pair"),
              (["--lora", half], "only one of"), (["--lora", nomodule], "no_such_block"),
              (["--lora", tmp_path / "missing.safetensors:0.5"], "no such file"),

@@ -19,7 +19,10 @@ Read: W' = W + s·(α/r)·B A for a file at strength s.
   as in the original UNet (`input_blocks_4_1_proj_in`). A convolution's adapter (3×3 resnet convs, 1×1
   proj_in/out, up/downsamplers) is a down conv (r, in, kh, kw) then a 1×1 up conv (out, r): the merged ΔW sums
   over r and keeps the kernel.
-Anything else in a file (DoRA's dora_scale, LyCORIS LoHa/LoKr, Tucker `lora_mid`) is refused by name.
+- LyCORIS LoHa (`hada_w1_a/b`, `hada_w2_a/b`, Tucker `hada_t1/t2`) and LoKr (`lokr_w1` or `lokr_w1_a/b`, `lokr_w2`
+  or `lokr_w2_a/b`, Tucker `lokr_t2`) under kohya's names, linear and conv: lycoris_files.py, scaled as A1111 and
+  ComfyUI scale them.
+Anything else in a file (DoRA's dora_scale, Tucker LoRA's `lora_mid`) is refused by name.
 """
 import json
 import math
@@ -30,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from minidream.formats.files import ModelError, name_some, read_metadata, read_weights, save_safetensors
+from minidream.formats.lycoris_files import LowRank, lycoris_delta, lycoris_modules
 from minidream.formats.single_file import unet_original_name
 from minidream.models.lora import loras
 
@@ -110,29 +114,37 @@ def _peft_alpha(meta: dict, comp: str, name: str, rank: int) -> float | None:
     return alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
 
 
-def lora_factors(file: Path, allow_pickle: bool = False) -> dict[tuple[str, str], tuple]:
-    """(component, module name as the file spells it) -> (up (out, r), down (r, in·kh·kw), α/r): ΔW = (α/r)·up·down,
-    formed only once the module is known to fit (a crafted pair could ask for terabytes)."""
+def lora_factors(file: Path, allow_pickle: bool = False) -> dict[tuple[str, str], object]:
+    """(component, module name as the file spells it) -> its Delta (lycoris_files.py: LowRank, Hadamard, Kronecker):
+    ΔW formed only once the module is known to fit (a crafted pair could ask for terabytes)."""
     sd = read_weights(Path(file), allow_pickle)
     if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ModelError(f"{file}: not a LoRA file (expected a flat dict of tensors)")
     kohya = any(k.startswith("lora_") for k in sd)
     pairs, alphas, used = (_kohya_pairs if kohya else _diffusers_pairs)(sd, file)
-    unknown = set(sd) - used
+    lycoris, more = lycoris_modules(sd) if kohya else ({}, set())
+    unknown = set(sd) - used - more
     if unknown:
         kind = " (DoRA)" if any("dora_scale" in k for k in unknown) else \
-            " (LyCORIS LoHa/LoKr/Tucker)" if any(re.search(r"hada_|lokr_|lora_mid", k) for k in unknown) else ""
+            " (LyCORIS Tucker LoRA)" if any("lora_mid" in k for k in unknown) else ""
         raise ModelError(f"{file}: keys this LoRA loader does not know{kind}: {name_some(unknown)}")
-    if not pairs:
+    if not pairs and not lycoris:
         raise ModelError(f"{file}: no LoRA weights found (expected diffusers `unet.*.lora_A.weight` or kohya "
                          f"`lora_unet_*` keys)")
+    out = {}
+    for (comp, name), parts in lycoris.items():
+        if (comp, name) in pairs:
+            raise ModelError(f"{file}: {comp} module {name} has both LoRA and LyCORIS factors")
+        delta = lycoris_delta(parts, alphas.get((comp, name)))
+        if isinstance(delta, str):
+            raise ModelError(f"{file}: {comp} module {name} {delta}")
+        out[(comp, name)] = delta
     try:
         meta = json.loads(read_metadata(file).get("lora_adapter_metadata", "{}") or "{}")
     except ValueError as e:
         raise ModelError(f"{file}: its lora_adapter_metadata is not JSON ({e})") from None
     if not isinstance(meta, dict):
         raise ModelError(f"{file}: its lora_adapter_metadata is not a JSON object")
-    out = {}
     for (comp, name), (down, up) in pairs.items():
         if down is None or up is None:
             raise ModelError(f"{file}: {comp} module {name} has only one of its two LoRA matrices; "
@@ -149,7 +161,7 @@ def lora_factors(file: Path, allow_pickle: bool = False) -> dict[tuple[str, str]
             raise ModelError(f"{file}: its lora_adapter_metadata for {comp} is not usable ({e})") from None
         if not math.isfinite(scale):
             raise ModelError(f"{file}: {comp} module {name}: its scale α/r is {scale}")
-        out[(comp, name)] = (up.flatten(1).float(), down.flatten(1).float(), scale)
+        out[(comp, name)] = LowRank(up.flatten(1).float(), down.flatten(1).float(), scale)
     return out
 
 
@@ -171,24 +183,24 @@ def apply_loras(model, loras: list[tuple[Path, float]], allow_pickle: bool = Fal
     index = _module_index(nets)
     for file, s in loras:
         resolved = []
-        for (comp, name), (up, down, scale) in lora_factors(file, allow_pickle).items():  # every module fits, first
+        for (comp, name), delta in lora_factors(file, allow_pickle).items():  # every module fits, first
             if comp not in nets:
                 raise ModelError(f"{file}: it adapts a second text encoder ({comp}: an SDXL LoRA); this model has one")
             ours = index[comp].get(name) or index[comp].get(name.replace(".", "_"))
             w = nets[comp].get_submodule(ours).weight if ours else None
-            if w is None or w.shape[0] != up.shape[0] or w[0].numel() != down.shape[1]:
-                shape = f" (LoRA {[up.shape[0], down.shape[1]]} vs weight {list(w.shape)})" if w is not None else ""
+            if w is None or not delta.fits(w):
+                shape = f" ({delta.describe()} vs weight {list(w.shape)})" if w is not None else ""
                 raise ModelError(f"{file}: LoRA module {comp}:{name} does not match this model{shape}")
-            resolved.append((w, up, down, scale))
-            # every |ΔW| entry is at most |s·α/r|·max row sum of |B|·max |A|: a file that would overflow the
-            # weights (or holds inf/NaN) is refused before any module changes
-            bound = abs(s * scale) * float(up.abs().sum(1).max()) * float(down.abs().max())
+            resolved.append((w, delta))
+            # a bound on every |ΔW| entry from the factors alone: a file that would overflow the weights (or holds
+            # inf/NaN) is refused before any module changes
+            bound = abs(s) * delta.bound()
             if not bound < torch.finfo(w.dtype).max / 2:
                 raise ModelError(f"{file}: LoRA module {comp}:{name} at strength {s} would make the weights "
                                  f"overflow or not numbers (its factors reach {bound:.3g})")
         with torch.no_grad():
-            for w, up, down, scale in resolved:
-                w += (s * ((up @ down) * scale)).reshape(w.shape).to(w.dtype)  # as (α/r)·B A, then the strength
+            for w, delta in resolved:
+                w += (s * delta.delta(w)).to(w.dtype)  # ΔW at the file's own scale (α/r), then the strength
     return model
 
 

@@ -17,7 +17,7 @@ from minidream.training.checkpoint import Checkpointer
 from minidream.training.config import TrainConfig
 from minidream.training.export import snapshot
 from minidream.training.report import Log
-from minidream.training.step import Stepper
+from minidream.training.step import Stepper, dreambooth_loss
 from minidream.training.validation import HeldOutLoss, grid_rows, has_grid, validation_grid
 
 STOPS = (KeyboardInterrupt, distributed.LostProcess, OSError)  # what ends a run that can be continued
@@ -78,7 +78,7 @@ def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step
     """Optimizer steps from `step` to cfg.steps; returns the last step done."""
     main = stepper.runtime.main  # under torchrun only rank 0 logs, checkpoints and validates
     bar = Progress(cfg.steps, "training", start=step, enabled=main)
-    held = HeldOutLoss(stepper.batches.pools, cfg.seed) if cfg.validation_every else None
+    held = HeldOutLoss(stepper.batches.pools, cfg.seed, dreambooth_loss) if cfg.validation_every else None
     log = None
     try:
         log = Log(out, cfg.report_to, main)

@@ -118,9 +118,10 @@ class HeldOutLoss:
     spread over the schedule, with fixed noise. The training loss is noisy (a random timestep per image); this one
     changes only with the weights, so a falling instance loss shows the fit and a rising prior loss the drift."""
 
-    def __init__(self, pools: list[list], seed: int, timesteps: int = 4, classes: int = 8):
+    def __init__(self, pools: list[list], seed: int, loss, timesteps: int = 4, classes: int = 8):
+        """`loss`: the training loss (step.dreambooth_loss), here on one part at a time (masked where masked)."""
         self.sets = {"instance": pools[0], "prior": pools[1][:classes]}
-        self.seed, self.k, self.fixed = seed, timesteps, None
+        self.seed, self.loss, self.k, self.fixed = seed, loss, timesteps, None
 
     def _fix(self, model: StableDiffusion):
         """The latents (the VAE's mean), timesteps and noise, drawn once from their own generator."""
@@ -144,7 +145,6 @@ class HeldOutLoss:
     @torch.no_grad()
     def __call__(self, model: StableDiffusion, autocast) -> dict[str, float]:
         """{"val_loss_instance": ..., "val_loss_prior": ...} (the prior only with class images)."""
-        from minidream.training.step import dreambooth_loss
         process = model.forward_process
         if self.fixed is None:
             self._fix(model)
@@ -163,8 +163,8 @@ class HeldOutLoss:
                 cond = {**encode_text(model, [prompt] * self.k), **sizes}
                 with autocast():
                     pred = denoiser(process.add_noise(z, noise, t), t, **cond)
-                loss, _, _ = dreambooth_loss(pred, process.target(z, noise, t), self.k, 0.0,
-                                             mask=None if mask is None else mask.to(dev))
+                loss, _, _ = self.loss(pred, process.target(z, noise, t), self.k, 0.0,
+                                       mask=None if mask is None else mask.to(dev))
                 losses.append(loss.item())
             if losses:
                 out[f"val_loss_{name}"] = sum(losses) / len(losses)
