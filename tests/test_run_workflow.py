@@ -343,3 +343,46 @@ def test_class_images_that_cannot_cover_the_buckets_are_refused_before_drawing(s
     r = run_cli(*base_args(sd1_dir, out, "--instance-dir", photos, "--class-noun", "dog", "--aspect-buckets",
                            "--resolution", 32, "--steps", 1, "--num-class-images", 3))
     assert r.exit_code == 0, r.output
+
+
+def test_resuming_an_earlier_checkpoint_replaces_the_later_line(sd1_dir, instance_dir, tmp_path):  # noqa: F811
+    """--resume FILE of step 2 in a run that reached 4: the later checkpoint is set aside (so --resume latest follows
+    the new line), a snapshot of the resumed step that is missing (a stop while it was written) is written again,
+    and a checkpoint of another run is refused before anything changes."""
+    import shutil
+    args = ["--train", "lora", "--save-as", "lora-diffusers", "--no-prior", "--checkpoint-every", 2, "--keep-last", 0]
+    out = tmp_path / "run"
+    assert run_cli(*train_args(sd1_dir, instance_dir, out, *args, "--steps", 4, "--save-every", 2)).exit_code == 0
+    shutil.rmtree(out / "snapshots" / "step-000002")
+    r = run_cli("train", "--out", out, "--resume", out / "checkpoints" / "step-000002.safetensors", "--steps", 4)
+    assert r.exit_code == 0 and "moved to" in r.output, r.output
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002.safetensors",
+                                                                           "step-000004.safetensors"]
+    assert (out / "checkpoints" / "abandoned" / "step-000004.safetensors").is_file()
+    assert (out / "snapshots" / "step-000002" / LORA).is_file()
+    other = tmp_path / "other"
+    assert run_cli(*train_args(sd1_dir, instance_dir, other, "--train", "attention", "--steps", 1,
+                               "--checkpoint-every", 1)).exit_code == 0
+    before = (out / "run.json").read_text()
+    r = run_cli("train", "--out", out, "--resume", other / "checkpoints" / "step-000001.safetensors", "--steps", 2)
+    assert r.exit_code == 2 and "another run" in r.output, r.output
+    assert (out / "run.json").read_text() == before
+
+
+def test_a_run_started_with_relative_paths_resumes_from_anywhere(sd1_dir, instance_dir, tmp_path):  # noqa: F811
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    shutil.copytree(instance_dir, tmp_path / "photos")
+    base = [sys.executable, "-m", "cli", "train", "--out", "run", "--resolution", "16", "--steps", "1", "--no-prior",
+            "--checkpoint-every", "0", "--train", "lora", "--save-as", "lora-diffusers"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    r = subprocess.run([*base, "--model", str(sd1_dir), "--instance-dir", "photos", "--class-noun", "dog"],
+                       cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["instance_dir"] == str(tmp_path / "photos")
+    r = subprocess.run([sys.executable, "-m", "cli", "train", "--out", str(tmp_path / "run"), "--resume", "latest",
+                        "--steps", "2"], cwd="/", capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "at step 1" in r.stderr, r.stderr

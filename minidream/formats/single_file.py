@@ -207,6 +207,19 @@ def tokenizers(folder: Path, encoders: int) -> dict:
     return {"tokenizer": tok, "tokenizer_2": CLIPTokenizer(tok.vocab, tok.merges, "!", tok.max_length, tok.added)}
 
 
+def vocabulary(file: Path, tokenizer: str | None, fam: Family) -> Path:
+    """Where a single file's vocabulary comes from: --tokenizer, else the family's official hub repo (a single file
+    has none of its own); not found, the error says so and names --tokenizer."""
+    try:
+        return resolve(tokenizer or fam.tokenizer_repo, weights=False)
+    except ModelError as e:
+        if tokenizer:
+            raise
+        raise ModelError(f"{file}: a single file holds no tokenizer, and the official one ({fam.tokenizer_repo}) "
+                         f"is not here and could not be fetched; pass --tokenizer FOLDER (a tokenizer folder or "
+                         f"the base model's)") from e
+
+
 def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str | None = None,
                      preset: str | None = None, config: str | None = None) -> StableDiffusion:
     """The architecture comes from `config` (a diffusers-layout folder or repo id: its component configs,
@@ -226,7 +239,7 @@ def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str 
         what = f"the architecture in {config}"
     elif preset is None and ARCHITECTURE in read_metadata(file):  # our own export says what it is
         cfgs, scheduler, force_zeros = architecture(file, read_metadata(file)[ARCHITECTURE])
-        tok_dir = resolve(tokenizer or fam.tokenizer_repo, weights=False)
+        tok_dir = vocabulary(file, tokenizer, fam)
         what = "the architecture in its metadata (pass --config to override it)"
     else:
         preset = preset or fam.single_file_preset or sd2_preset(file)
@@ -237,7 +250,7 @@ def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str 
                 **({"text_encoder_2": p.text_encoder_2} if p.text_encoder_2 else {})}
         scheduler = p.scheduler
         # The single file has no vocabulary; it comes from --tokenizer or the official hub repo (cached).
-        tok_dir = resolve(tokenizer or fam.tokenizer_repo, weights=False)
+        tok_dir = vocabulary(file, tokenizer, fam)
         what = f"a {preset} checkpoint (pass --preset or --config)"
     used: set[str] = set()
     parts = {}

@@ -12,7 +12,7 @@ import torch
 
 from minidream.formats.files import save_safetensors
 from minidream.training import TrainError, continue_with
-from minidream.training.config import TrainConfig, resumed_config, stored_config
+from minidream.training.config import OPTIONS, TrainConfig, flag, resumed_config, short, stored_config
 from minidream.training.distributed import ProcessGroup
 from minidream.training.photos import image_files
 from minidream.training.state import TrainState
@@ -148,6 +148,21 @@ class Checkpointer:
         return path
 
 
+def same_run(out: Path, stored: TrainConfig, source: Path):
+    """--resume FILE into a folder that holds a run: the file must be a checkpoint of that run (the settings a
+    resume cannot change agree), or its checkpoints, metrics and exports would mix with another's."""
+    try:
+        run = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return  # no run here (or an unreadable one, which the run's own checks name)
+    mine = json.loads(json.dumps(asdict(stored)))
+    fixed = [n for n, f in OPTIONS.items() if not f.metadata["resumable"] and n in run and run[n] != mine.get(n)]
+    if fixed:
+        raise TrainError(f"--resume {source}: a checkpoint of another run than the one in --out {out} (its "
+                         f"{flag(fixed[0])} is {short(mine.get(fixed[0]))}, this run's {short(run[fixed[0]])}); "
+                         f"resume it in its own --out, or in a new folder")
+
+
 def resume_from(cfg: TrainConfig, out: Path, resume: str, given: set[str] | None,
                 processes: int = 1) -> tuple[TrainConfig, int, dict | None, int]:
     """--resume latest|FILE: the checkpoint's settings (with the resumable ones the user gave), its step, its
@@ -169,8 +184,15 @@ def resume_from(cfg: TrainConfig, out: Path, resume: str, given: set[str] | None
         source = found[-1] if found else Path(resume)
         if not source.is_file():
             raise TrainError(f"--resume {resume}: no such checkpoint file")
-        meta, state = read_checkpoint(source)
+        try:
+            meta, state = read_checkpoint(source)
+        except TrainError as e:
+            if len(found) < 2:
+                raise
+            raise TrainError(f"{e}; the one before it is whole: --resume {found[-2]}") from None
         what = "resuming from"
+    if resume != "latest":
+        same_run(out, stored_config(meta, source), source)
     cfg = resumed_config(cfg, stored_config(meta, source), given)
     if given is not None and "class_dir" not in given and cfg.class_dir and \
             not Path(cfg.class_dir).resolve().is_relative_to(out.resolve()):

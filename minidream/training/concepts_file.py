@@ -22,8 +22,13 @@ KOHYA_FOLDER = re.compile(r"(\d+)_(\S.*)")  # N_text: repeats N, prompt text
 
 def folder_named(folder) -> tuple[int, str] | None:
     """(repeats, prompt) of a folder named as kohya names them (`10_sks dog`), or None."""
-    m = KOHYA_FOLDER.fullmatch(Path(str(folder)).name) if folder else None
-    return (int(m[1]), m[2].strip()) if m and m[2].strip() and int(m[1]) >= 1 else None
+    if not folder or not str(folder).strip():
+        return None
+    for name in dict.fromkeys((Path(str(folder)).name, Path(str(folder)).resolve().name)):  # typed, or `.`/a link
+        m = KOHYA_FOLDER.fullmatch(name)
+        if m and m[2].strip() and 1 <= int(m[1]) <= MAX_REPEATS:
+            return int(m[1]), m[2].strip()
+    return None
 
 
 def split_prompt(prompt: str) -> tuple[str, str | None]:

@@ -48,6 +48,20 @@ def optional_count(v):
     return None if v is None else at_least(1, 10 ** 6)(v)
 
 
+def absolute_paths(cfg: "TrainConfig") -> "TrainConfig":
+    """The run's local paths made absolute, as run.json and the checkpoints store them: the printed `--resume latest`
+    command works from any folder. (A hub repo id, which is no local path, stays as it is.)"""
+    import os
+
+    def full(p):
+        return os.path.abspath(p) if isinstance(p, str) and p.strip() else p
+    concepts = tuple({**c, **{k: full(c[k]) for k in ("instance_dir", "class_dir") if k in c}}
+                     for c in cfg.concepts if isinstance(c, dict))
+    model = full(cfg.model) if cfg.model and Path(cfg.model).expanduser().exists() else cfg.model
+    return replace(cfg, instance_dir=full(cfg.instance_dir), class_dir=full(cfg.class_dir), mask_dir=full(cfg.mask_dir),
+                   model=model, concepts=concepts if len(concepts) == len(cfg.concepts) else cfg.concepts)
+
+
 def path_text(p) -> str | None:
     """A path option's value as stored in run.json ("" kept: its check refuses it)."""
     return None if p is None else str(p)

@@ -13,7 +13,8 @@ from minidream.training import TrainError, distributed, run_folder, runtime
 from minidream.training.checkpoint import Checkpointer, per_process_batch, resume_from
 from minidream.training.concepts import TrainingData
 from minidream.training.concepts_file import with_folder_names
-from minidream.training.config import TrainConfig, combinations, flag, validate, validate_resolution
+from minidream.training.config import (TrainConfig, absolute_paths, combinations, flag, validate,
+                                       validate_resolution)
 from minidream.training.export import export as export_trained, load_base
 from minidream.training.loop import loop, phase
 from minidream.training.report import REPORT_TO, curves
@@ -28,7 +29,7 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
     checkpoint's resumable settings (None: all of them come from cfg)."""
     if given is not None and {"steps", "epochs"} <= given:
         raise TrainError("--epochs sets the steps: give --steps or --epochs, not both")
-    cfg = with_folder_names(cfg)  # a kohya-named --instance-dir (`10_sks dog`): repeats, identifier, class
+    cfg = with_folder_names(absolute_paths(cfg))  # a kohya-named --instance-dir (`10_sks dog`): repeats, class
     validate(cfg, resuming=bool(resume and resume.strip()))
     with runtime.started(cfg) as rt:  # device, attention, precision; torchrun's processes; SIGTERM as Ctrl-C
         out = Path(cfg.out)

@@ -74,6 +74,15 @@ def validation(cfg: TrainConfig, out: Path, stepper: Stepper, step: int, log: Lo
             log.step({"step": step, **held(model, stepper.runtime.autocast)}, group="validation")
 
 
+def snapshot_at(cfg: TrainConfig, stepper: Stepper, step: int, bar: Progress):
+    """The snapshot of `step`, when --save-every asks for one there (not at the last step: the final export)."""
+    main = stepper.runtime.main
+    if cfg.save_every and step and step % cfg.save_every == 0 and step < cfg.steps and (main or cfg.fsdp):
+        trained = stepper.state.trained(keep=main)  # gathered from every process under --fsdp
+        if main:
+            bar.write(f"snapshot of step {step}: {snapshot(cfg, trained, step)}")
+
+
 def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step: int) -> int:
     """Optimizer steps from `step` to cfg.steps; returns the last step done."""
     main = stepper.runtime.main  # under torchrun only rank 0 logs, checkpoints and validates
@@ -84,6 +93,8 @@ def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step
         log = Log(out, cfg.report_to, main)
         if step == 0 and (cfg.validation_every or has_grid(cfg)):  # the base model, beside the later grids
             validation(cfg, out, stepper, 0, log, held, bar)
+        if not (out / "snapshots" / f"step-{step:06d}").exists():  # a stop while it was written: write it now
+            snapshot_at(cfg, stepper, step, bar)
         while step < cfg.steps:
             t0 = time.perf_counter()
             line = stepper(step, ckpt.kept())
@@ -93,10 +104,7 @@ def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step
             stepper.raise_deferred()  # a Ctrl-C that came during the update ends the run here, after step `step`
             if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 ckpt.save(step)  # always the last step: a larger --steps extends a finished run
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and (main or cfg.fsdp):
-                trained = stepper.state.trained(keep=main)  # gathered from every process under --fsdp
-                if main:
-                    bar.write(f"snapshot of step {step}: {snapshot(cfg, trained, step)}")
+            snapshot_at(cfg, stepper, step, bar)
             if cfg.validation_every and step % cfg.validation_every == 0:
                 validation(cfg, out, stepper, step, log, held, bar)
     except STOPS as e:

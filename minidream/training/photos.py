@@ -120,6 +120,9 @@ def load_masks(files: list[Path], images: list, mask_dir: str | None, alpha: boo
         if m.size != im.size:
             raise TrainError(f"{flag}: the mask {where} is {m.size[0]}x{m.size[1]}, its photo {f.name} "
                              f"{im.size[0]}x{im.size[1]}; give a mask of the photo's size")
+        if m.getextrema()[1] == 0:
+            print(f"warning: {flag}: the mask of {f.name} is all black: nothing of that photo is learned (white = "
+                  f"the subject)", file=sys.stderr)
         masks.append(m)
     return masks
 

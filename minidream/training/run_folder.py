@@ -5,6 +5,7 @@ files dropped and its later metrics cut back on resume, and run.json written.
 import json
 import os
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -90,6 +91,19 @@ def truncate_metrics(path: Path, step: int):
     os.replace(tmp, path)
 
 
+def set_aside_later(out: Path, step: int):
+    """Resumed from an earlier checkpoint: the later ones belong to the line of steps being replaced, and `--resume
+    latest` must not pick them. They are moved to OUT/checkpoints/abandoned/, not deleted."""
+    later = [p for p in (out / "checkpoints").glob("step-*.safetensors") if int(p.stem.split("-")[1]) > step]
+    if not later:
+        return
+    aside = out / "checkpoints" / "abandoned"
+    aside.mkdir(exist_ok=True)
+    for p in later:
+        os.replace(p, aside / p.name)
+    print(f"resumed at step {step}: {len(later)} later checkpoint(s) moved to {aside}", file=sys.stderr)
+
+
 def unwritable(out: Path, e: OSError) -> TrainError:
     return TrainError(f"--out {out}: cannot write there ({e.strerror}); choose another folder or free space")
 
@@ -108,6 +122,7 @@ def open_run(out: Path, cfg: TrainConfig, start_over: bool, resumed_step: int | 
         remove_unfinished(out)
         if resumed_step is not None:
             truncate_metrics(out / "metrics.jsonl", resumed_step)
+            set_aside_later(out, resumed_step)
         write_text(out / "run.json", json.dumps({**asdict(cfg), "processes": processes}, indent=2))
     except OSError as e:
         lock.close()
