@@ -110,7 +110,7 @@ LORA = "lora/pytorch_lora_weights.safetensors"
 PHASES = {  # where the signal comes: (the call that sends it, which call, the signal), what the last line says
     "class images": (("minidream.training.class_images", "save_png", "SIGTERM", 2), "before training"),
     "the optimizer's update": (("SIGINT", 3), "saved"),
-    "the final grid": (("minidream.training.validation", "generate", "SIGTERM", 1), "after training"),
+    "the final grid": (("minidream.training.validation", "generate", "SIGTERM", 2), "after training"),  # 1: step 0
     "the export": (("minidream.formats.exports", "swap_in", "SIGINT", 1), "after training"),
 }
 
