@@ -386,3 +386,17 @@ def test_a_run_started_with_relative_paths_resumes_from_anywhere(sd1_dir, instan
     r = subprocess.run([sys.executable, "-m", "cli", "train", "--out", str(tmp_path / "run"), "--resume", "latest",
                         "--steps", "2"], cwd="/", capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "at step 1" in r.stderr, r.stderr
+
+
+def test_a_resume_refuses_another_base_model_but_takes_the_same_one_moved(sd1_dir, sd2_dir, instance_dir,  # noqa: F811
+                                                                          tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    args = ["--train", "lora", "--no-prior", "--save-as", "lora-diffusers", "--checkpoint-every", 1]
+    assert run_cli(*train_args(sd1_dir, instance_dir, out, *args, "--steps", 1)).exit_code == 0
+    r = run_cli("train", "--out", out, "--resume", "latest", "--steps", 2, "--model", sd2_dir)
+    assert r.exit_code == 2 and "not the base model this run trained on" in r.output, r.output
+    moved = tmp_path / "moved"
+    shutil.copytree(sd1_dir, moved)
+    r = run_cli("train", "--out", out, "--resume", "latest", "--steps", 2, "--model", moved)
+    assert r.exit_code == 0, r.output

@@ -18,7 +18,21 @@ from minidream.training.photos import image_files
 from minidream.training.state import TrainState
 
 
-def save_checkpoint(path: Path, step: int, cfg: TrainConfig, state: dict, processes: int = 1):
+def base_fingerprint(model) -> str:
+    """A short hash of the base model: each network's config and a strided sample of each tensor's values. A resume
+    given another --model (not the same files moved) is refused with it."""
+    import hashlib
+    parts = []
+    for net in model.networks():
+        parts.append(repr(getattr(net, "cfg", type(net).__name__)))
+        for name, p in net.state_dict().items():
+            x = p.detach().flatten()
+            parts.append(f"{name}:{float(x[::max(1, x.numel() // 64)].double().sum()):.10e}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, step: int, cfg: TrainConfig, state: dict, processes: int = 1,
+                    base: str | None = None):
     """`state`: TrainState.state_dict(). Tensors go into the file, everything else into its metadata (with how many
     processes shared the batch: a resume on another number keeps the run's global batch)."""
     tensors = dict(state["params"])
@@ -37,7 +51,7 @@ def save_checkpoint(path: Path, step: int, cfg: TrainConfig, state: dict, proces
         shared.add(where)
     meta = {"step": step, "config": asdict(cfg), "param_groups": state["optimizer"]["param_groups"],
             "optim_scalars": scalars, "lr_sched": state["lr_schedule"], "scaler": state["scaler"],
-            "processes": processes}
+            "processes": processes, "base": base}
     save_safetensors(tensors, path, metadata={"minidream": json.dumps(meta)})
 
 
@@ -107,8 +121,9 @@ class Checkpointer:
     good one (named in every error that stops the run)."""
 
     def __init__(self, out: Path, cfg: TrainConfig, state: TrainState, step: int, group: ProcessGroup,
-                 processes: int = 1):
+                 processes: int = 1, base: str | None = None):
         self.out, self.cfg, self.state, self.group, self.processes = out, cfg, state, group, processes
+        self.base = base  # the base model's fingerprint, kept in every checkpoint
         self.last_good = step
 
     def path(self, step: int) -> Path:
@@ -138,7 +153,7 @@ class Checkpointer:
             self.last_good = step
             return path
         try:
-            save_checkpoint(path, step, self.cfg, self.state.state_dict(), self.processes)
+            save_checkpoint(path, step, self.cfg, self.state.state_dict(), self.processes, self.base)
         except OSError as e:
             raise TrainError(f"{path}: could not be written ({e.strerror}); {self.kept()}; free space, then "
                              f"{continue_with(self.out)}") from None
@@ -164,11 +179,11 @@ def same_run(out: Path, stored: TrainConfig, source: Path):
 
 
 def resume_from(cfg: TrainConfig, out: Path, resume: str, given: set[str] | None,
-                processes: int = 1) -> tuple[TrainConfig, int, dict | None, int]:
+                processes: int = 1) -> tuple[TrainConfig, int, dict | None, int, str | None]:
     """--resume latest|FILE: the checkpoint's settings (with the resumable ones the user gave), its step, its
-    training state, and the number of processes its --batch-size is for. A run stopped before its first
-    checkpoint (run.json, no checkpoint) starts again from step 0 with its own settings, keeping what it made (its
-    class images)."""
+    training state, the number of processes its --batch-size is for, and its base model's fingerprint. A run
+    stopped before its first checkpoint (run.json, no checkpoint) starts again from step 0 with its own settings,
+    keeping what it made (its class images)."""
     found = checkpoints(out) if resume == "latest" else []
     if resume == "latest" and not found:
         if not (out / "run.json").is_file():
@@ -212,4 +227,4 @@ def resume_from(cfg: TrainConfig, out: Path, resume: str, given: set[str] | None
         raise TrainError(f"--steps {cfg.steps} is below the checkpoint's step {meta['step']}; give at least "
                          f"{meta['step']} (a larger --steps trains on)")
     print(f"{what} {source} at step {meta['step']}", file=sys.stderr)
-    return cfg, meta["step"], state, was
+    return cfg, meta["step"], state, was, meta.get("base")

@@ -10,7 +10,7 @@ import torch
 
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import TrainError, distributed, run_folder, runtime
-from minidream.training.checkpoint import Checkpointer, per_process_batch, resume_from
+from minidream.training.checkpoint import Checkpointer, base_fingerprint, per_process_batch, resume_from
 from minidream.training.concepts import TrainingData
 from minidream.training.concepts_file import with_folder_names
 from minidream.training.config import (TrainConfig, absolute_paths, combinations, flag, validate,
@@ -42,9 +42,13 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
             rt = runtime.resumed(rt, cfg)
         torch.manual_seed(cfg.seed)
         model = load_base(cfg)
+        base = base_fingerprint(model)
+        if start is not None and start[3] not in (None, base):  # the checkpoint's base: a moved one is the same
+            raise TrainError(f"--model {cfg.model}: not the base model this run trained on (its weights or "
+                             f"architecture differ); give the run's own model")
         cfg = check_against_model(cfg, model)
         data = TrainingData(cfg, out, model, overwrite and not resume)  # the photos, captions, buckets: checked
-        step, state, processes = start or (None, None, rt.group.size)  # --batch-size is for `processes`
+        step, state, processes = (start or (None, None, rt.group.size, None))[:3]  # --batch-size: `processes`
         if cfg.epochs:  # the steps that make --epochs passes over the photos (x repeats) at the run's batch
             cfg = replace(cfg, steps=data.steps_for(cfg.epochs, cfg.batch_size * processes * cfg.grad_accum))
             if step is not None and cfg.steps < step:
@@ -63,7 +67,7 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
                                   per_process_batch(cfg, processes, rt.group.size))
                 if state is not None:
                     stepper.state.load_state_dict(state)
-            ckpt = Checkpointer(out, cfg, stepper.state, step or 0, rt.group, processes)
+            ckpt = Checkpointer(out, cfg, stepper.state, step or 0, rt.group, processes, base)
             step = loop(cfg, out, stepper, ckpt, step or 0)
             with phase("after training (the final grid, the exports)", out, ckpt, step):  # the weights are saved first
                 if has_grid(cfg) and (rt.main or cfg.fsdp):  # a sharded UNet samples on every process
@@ -92,8 +96,8 @@ def begin(cfg: TrainConfig, out: Path, resume: str | None, overwrite: bool, give
     if resume and overwrite:
         raise TrainError("--resume continues a run and --overwrite starts it over: pass one of them")
     if resume:
-        cfg, step, state, was = resume_from(cfg, out, resume, given, processes)
-        return cfg, (step, state, was)
+        cfg, step, state, was, base = resume_from(cfg, out, resume, given, processes)
+        return cfg, (step, state, was, base)
     if (out / "run.json").exists() and not overwrite:
         raise TrainError(f"--out {out} holds another run (run.json); pass --resume latest to continue it, "
                          f"--overwrite to start over, or choose another folder")
