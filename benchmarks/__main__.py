@@ -11,7 +11,8 @@ def main():
     ap.add_argument("--smoke", action="store_true",
                     help="tiny config on CPU, one repeat: keeps the code alive, measures nothing")
     ap.add_argument("--preset", default="sd15", choices=["sd15", "sd21", "sdxl"], help="architecture (random weights)")
-    ap.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(sd.SUITE))
+    ap.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(sd.SUITE) + " (memory: "
+                    "the recipes whose name holds one of these)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--out", default=None, help="folder for the JSON results (default benchmarks/results)")
@@ -25,7 +26,9 @@ def main():
         from benchmarks.report import main as report
         return report()
     if a.what == "memory":  # peak memory per recipe, ours and diffusers' (benchmarks/memory.py)
-        return memory.run(a.preset, a.res, out=a.out)
+        wanted = [w for w in a.only.split(",") if w]  # recipes whose name holds one of these
+        return memory.run(a.preset, a.res, recipes=[r for r in memory.RECIPES if not wanted
+                                                    or any(w in r for w in wanted)], out=a.out)
     if a.what in ("all", "attention"):
         attention.run(smoke=a.smoke, out=a.out)
     if a.what in ("all", "sd") and a.device == "cpu" and not a.smoke:
