@@ -24,3 +24,28 @@ def continue_with(out) -> str:
     """The command that continues a stopped run in `out`: every setting comes from its checkpoint (or run.json)."""
     import shlex
     return f"continue with: minidream train --out {shlex.quote(str(out))} --resume latest"
+
+
+def json_rows(path, flag: str, one_per: str, check, objects: bool) -> tuple:
+    """The rows of a JSON-list file an option names (--concepts, --validation-file), checked by `check` (what is
+    wrong with the first bad row, or None); every fault a one-line TrainError naming the option and the file.
+    `objects`: every row must be an object (else `check` names the row that is not). None: no file, no rows."""
+    import json
+    from pathlib import Path
+    if path is None:
+        return ()
+    if not str(path).strip():
+        raise TrainError(f"{flag} is empty; name a JSON file")
+    path = Path(path)
+    if not path.is_file():  # a folder, or a FIFO, which would block the reader forever
+        raise TrainError(f"{flag} {path}: not a file; give a JSON file")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainError(f"{flag} {path}: not a readable JSON file ({e})") from None
+    if not isinstance(rows, list) or not rows or (objects and not all(isinstance(r, dict) for r in rows)):
+        raise TrainError(f"{flag} {path}: expected a non-empty list of objects, one per {one_per}")
+    wrong = check(tuple(rows))
+    if wrong:
+        raise TrainError(f"{flag} {path}: {wrong}")
+    return tuple(rows)

@@ -86,9 +86,7 @@ def instance_examples(concepts: list[Concept], cfg: TrainConfig, shapes: list[tu
         images, files = load_images(c.instance_dir, cfg.resolution, flag)
         masks = load_masks(files, images, cfg.mask_dir, cfg.alpha_mask)
         found = examples(images, files, k, c.instance_prompt, cfg, shapes, captions=True, repeats=c.repeats)
-        for e, m in zip(found, masks):
-            where = None if m is None else Path(cfg.mask_dir) / f"{e.file.stem}.png" if cfg.mask_dir else e.file
-            rows.append(replace(e, mask=m, mask_file=where))
+        rows += [replace(e, mask=m, mask_file=where) for e, (m, where) in zip(found, masks)]
     return rows
 
 

@@ -7,13 +7,12 @@ Folders laid out as kohya's sd-scripts lay them out say what they hold in their 
 of "sks dog", each seen 10 times an epoch (repeats); a class folder `1_dog` holds images of "dog". `folder_named`
 reads such a name; `with_folder_names` fills in the settings it gives, where the command line left them out.
 """
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from minidream.options import text
-from minidream.training import TrainError
+from minidream.training import TrainError, json_rows
 
 KEYS = ("instance_dir", "instance_prompt", "identifier", "class_noun", "class_prompt", "class_dir", "num_class_images",
         "repeats")
@@ -66,23 +65,7 @@ MAX_REPEATS = 10_000
 
 def concepts_file(path) -> tuple[dict, ...]:
     """The file's entries (checked as the --concepts setting is: `check_concepts`)."""
-    if path is None:
-        return ()
-    if not str(path).strip():
-        raise TrainError("--concepts is empty; name a JSON file")
-    path = Path(path)
-    if not path.is_file():  # a folder, or a FIFO, which would block the reader forever
-        raise TrainError(f"--concepts {path}: not a file; give a JSON file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TrainError(f"--concepts {path}: not a readable JSON file ({e})") from None
-    if not isinstance(data, list) or not data or not all(isinstance(c, dict) for c in data):
-        raise TrainError(f"--concepts {path}: expected a non-empty list of objects, one per concept")
-    wrong = check_concepts(tuple(data))
-    if wrong:
-        raise TrainError(f"--concepts {path}: {wrong}")
-    return tuple(data)
+    return json_rows(path, "--concepts", "concept", check_concepts, objects=True)
 
 
 def word(v) -> str | None:

@@ -95,12 +95,13 @@ def view(im, size: int | tuple[int, int], center_crop: bool, flip: bool, rng: ra
     return from_uint8(x.permute(2, 0, 1)), size_ids(original, (top, left), (H, W)), m
 
 
-def load_masks(files: list[Path], images: list, mask_dir: str | None, alpha: bool) -> list:
-    """Each photo's loss mask ('L', white = the subject): MASK_DIR/PHOTO-NAME.png, or the photo's alpha channel
-    (--alpha-mask); a missing or mis-sized one is a one-line error. [None, ...] without masks."""
+def load_masks(files: list[Path], images: list, mask_dir: str | None, alpha: bool) -> list[tuple]:
+    """Each photo's (loss mask ('L', white = the subject), the file it was read from): MASK_DIR/PHOTO-NAME.png, or
+    the photo's alpha channel (--alpha-mask); a missing or mis-sized one is a one-line error. (None, None) for
+    each without masks."""
     from PIL import Image, ImageOps
     if not (mask_dir or alpha):
-        return [None] * len(files)
+        return [(None, None)] * len(files)
     masks = []
     for f, im in zip(files, images):
         where = Path(mask_dir) / f"{f.stem}.png" if mask_dir else f
@@ -123,7 +124,7 @@ def load_masks(files: list[Path], images: list, mask_dir: str | None, alpha: boo
         if m.getextrema()[1] == 0:
             print(f"warning: {flag}: the mask of {f.name} is all black: nothing of that photo is learned (white = "
                   f"the subject)", file=sys.stderr)
-        masks.append(m)
+        masks.append((m, where))
     return masks
 
 

@@ -7,7 +7,6 @@
 - the validation loss (`HeldOutLoss`): the ε-loss on fixed (image, timestep, noise) triples, for the subject's
   photos (how well it fits) and for a fixed set of class images (how far the class drifts from the prior).
 """
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from minidream.images import grid, save_png
 from minidream.models.stable_diffusion import StableDiffusion, encode_text, size_conditioning
 from minidream.options import first_problem, text
 from minidream.sampling.pipeline import SamplingParams, generate
+from minidream.training import json_rows
 
 ROW_KEYS = {"prompt": str, "negative_prompt": str, "guidance": (int, float), "height": int, "width": int,
             "seed": int, "steps": int}
@@ -50,24 +50,7 @@ def check_validation_set(rows: tuple) -> str | None:
 
 def validation_file(path) -> tuple[dict, ...]:
     """--validation-file FILE.json: a list of rows, stored in the run's settings (a resume needs no file)."""
-    from minidream.training import TrainError
-    if path is None:
-        return ()
-    if not str(path).strip():
-        raise TrainError("--validation-file is empty; name a JSON file")
-    path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"--validation-file {path}: not a file; give a JSON file")
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TrainError(f"--validation-file {path}: not a readable JSON file ({e})") from None
-    if not isinstance(rows, list) or not rows:
-        raise TrainError(f"--validation-file {path}: expected a non-empty list of objects, one per grid row")
-    wrong = check_validation_set(tuple(rows))
-    if wrong:
-        raise TrainError(f"--validation-file {path}: {wrong}")
-    return tuple(rows)
+    return json_rows(path, "--validation-file", "grid row", check_validation_set, objects=False)
 
 
 def row_params(base: SamplingParams, row: dict) -> SamplingParams:
@@ -96,9 +79,9 @@ def validation_grid(model: StableDiffusion, cfg, path: Path, write: bool = True)
     was_training = denoiser.training
     denoiser.eval()
     weight = next(denoiser.parameters())
-    rows = []
+    rows, wanted = [], grid_rows(cfg)
     with torch.autocast(weight.device.type, dtype=weight.dtype, enabled=weight.dtype != torch.float32):
-        for prompt, params, seed in grid_rows(cfg):
+        for prompt, params, seed in wanted:
             rows.append(generate(model, [prompt] * cfg.validation_images, params, progress=False,
                                  generator=torch.Generator("cpu").manual_seed(seed)))
     denoiser.train(was_training)
@@ -106,7 +89,7 @@ def validation_grid(model: StableDiffusion, cfg, path: Path, write: bool = True)
         H, W = max(r.shape[1] for r in rows), max(r.shape[2] for r in rows)
         rows = [F.pad(r, (0, 0, 0, W - r.shape[2], 0, H - r.shape[1]), value=255) for r in rows]
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(grid(torch.cat(rows), cols=cfg.validation_images), path, {"prompts": [r[0] for r in grid_rows(cfg)]})
+        save_png(grid(torch.cat(rows), cols=cfg.validation_images), path, {"prompts": [r[0] for r in wanted]})
 
 
 # ---------------------------------------------------------------------------------------------
