@@ -149,12 +149,12 @@ def test_concepts_fuzz_is_accepted_or_one_line(instance_dir, tmp_path):  # noqa:
 def lora_files(sd1_dir, tmp_path_factory):
     """A real LoRA of the tiny model in kohya's layout and in diffusers' with PEFT metadata."""
     from safetensors.torch import save_file
-    from minidream.formats.lora_files import diffusers_lora_state_dict, kohya_lora_state_dict
-    from minidream.models.lora import add_lora
-    from minidream.training.trainable import UNET_ATTENTION
+    from minidream.formats.lora_export import diffusers_lora_state_dict, kohya_lora_state_dict
+    from minidream.models.lora import AdapterSpec
+    from minidream.training.trainable import Adapters, unet_lora
     d = tmp_path_factory.mktemp("loras")
     m = loading.load(str(sd1_dir))
-    add_lora(m.unet, UNET_ATTENTION, 2, 2.0)
+    unet_lora(m.unet, Adapters(AdapterSpec(2, 2.0)))
     g = torch.Generator().manual_seed(0)
     for p in m.unet.parameters():
         if p.requires_grad:

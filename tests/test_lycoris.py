@@ -109,3 +109,48 @@ def test_malformed_lycoris_files_are_one_line(sd1_dir, tmp_path, edit, needle):
     save_file(sd, f)
     with pytest.raises(ModelError, match=needle):
         apply_loras(loading.load(str(sd1_dir)), [(f, 1.0)])
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha"])
+def test_lycoris_dora_files_merge_as_lycoris_merges_them(sd1_dir, tmp_path, algo):
+    """DoRA (dora_scale, the magnitude on the output axis) on LoRA and LoHa modules, written and merged by the
+    LyCORIS package (α = r, where its merge and the consumers' agree), against `sample --lora`'s merge."""
+    from diffusers import UNet2DConditionModel
+    from lycoris import create_lycoris
+    unet = UNet2DConditionModel.from_pretrained(sd1_dir / "unet")
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    torch.manual_seed(0)
+    net = create_lycoris(unet, 1.0, linear_dim=4, linear_alpha=4.0, algo=algo, conv_dim=2, conv_alpha=2.0,
+                         dora_wd=True)
+    net.apply_to()
+    with torch.no_grad():
+        for name, p in net.named_parameters():  # a trained magnitude and direction
+            p.mul_(1 + 0.3 * torch.rand_like(p)) if "dora" in name else p.normal_(std=0.3)
+    sd = {f"{m.lora_name}.{k}".replace("lycoris_", "lora_unet_", 1): v.detach().clone()
+          for m in net.loras for k, v in m.state_dict().items()}
+    assert sum(k.endswith(".dora_scale") for k in sd) > 20
+    f = tmp_path / "dora.safetensors"
+    save_file(sd, f)
+    net.merge_to(1.0)
+    merged = unet.state_dict()
+    ours = loading.load(str(sd1_dir))
+    apply_loras(ours, [(f, 1.0)])
+    got = ours.unet.state_dict()
+    changed = [k for k in got if not torch.equal(merged[k], base[k])]
+    assert len(changed) > 20
+    for k in changed:
+        change = (merged[k] - base[k]).abs().max()
+        assert (got[k] - merged[k]).abs().max() <= 1e-5 * change, k
+
+
+def test_dora_on_the_input_axis_is_a1111s():
+    """A dora_scale of one entry per input column (LyCORIS' older layout, the one A1111 reads): W' = (W + ΔW) · m /
+    ||W + ΔW|| with the norm over each column, A1111's apply_weight_decompose."""
+    from minidream.formats.lycoris_files import Decomposed, LowRank
+    g = torch.Generator().manual_seed(0)
+    w, up, down = torch.randn(6, 5, generator=g), torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)
+    m = torch.rand(1, 5, generator=g) + 0.5
+    merged = w + 0.5 * up @ down
+    want = merged * (m / merged.norm(dim=0, keepdim=True)) - w
+    got = Decomposed(LowRank(up, down, 0.5), m).delta(w)
+    assert torch.allclose(got, want, atol=1e-6)

@@ -91,11 +91,11 @@ def test_unet_options_keep_parity(tmp_path, option):
 def test_fused_projections_leave_lora_layers_alone(tmp_path):
     """A LoRA-wrapped projection must not be fused (its low-rank update would be skipped)."""
     from minidream.models.attention import set_fused_projections
-    from minidream.models.lora import add_lora
-    from minidream.training.trainable import UNET_ATTENTION
+    from minidream.models.lora import AdapterSpec
+    from minidream.training.trainable import Adapters, unet_lora
     ref_unet(tmp_path)
     ours = diffusers_layout.load_unet(tmp_path)
-    for layer in add_lora(ours, UNET_ATTENTION, rank=2, alpha=2.0).values():
+    for layer in unet_lora(ours, Adapters(AdapterSpec(2, 2.0))).values():
         torch.nn.init.normal_(layer.lora_up.weight)  # a non-zero update
     x, ctx = unet_inputs(2, ours.cfg)
     with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 
 from minidream.formats.diffusers_layout import save_pretrained
 from minidream.formats.embeddings import save_learned_tokens
-from minidream.formats.lora_files import save_lora_diffusers, save_lora_kohya
+from minidream.formats.lora_export import save_lora_diffusers, save_lora_kohya
 from minidream.formats.single_file import save_single_file
 from minidream.models import lora, tokens
 from minidream.models.stable_diffusion import StableDiffusion
@@ -28,7 +28,7 @@ class Exporter:
     output: str  # the path it writes, in the run folder
     plain: bool  # it needs a plain model: adapters merged into their weights, a learned token a normal row
     help: str
-    adapters: bool = False  # it writes LoRA adapters, so it needs --train lora
+    adapters: bool = False  # it writes LoRA adapters, so it needs --train lora; `save` also takes the run's facts
     automatic: Callable[[StableDiffusion], bool] | None = None  # written unasked whenever this holds
     base_vocabulary: bool = False  # a learned token stays out (it is in learned_embeds.safetensors): the base's table
 
@@ -61,9 +61,11 @@ def make_plain(model: StableDiffusion):
     tokens.make_plain(model)
 
 
-def export(model: StableDiffusion, formats: tuple[str, ...], out: Path, dtype: torch.dtype | None = None) -> list[Path]:
+def export(model: StableDiffusion, formats: tuple[str, ...], out: Path, dtype: torch.dtype | None = None,
+           info: dict[str, str] | None = None) -> list[Path]:
     """Write the formats asked for, and those that are written unasked (a learned token); returns the paths.
-    `dtype`: the precision of every floating-point tensor written (--save-precision); None: the model's own."""
+    `dtype`: the precision of every floating-point tensor written (--save-precision); None: the model's own.
+    `info`: the training run's facts, as the adapter files' metadata (kohya's ss_* fields)."""
     rows = [(name, row) for name, row in EXPORTERS.items()
             if name in formats or (row.automatic is not None and row.automatic(model))]
     written = []
@@ -77,7 +79,7 @@ def export(model: StableDiffusion, formats: tuple[str, ...], out: Path, dtype: t
         path = out / row.output
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            row.save(model, tmp, dtype)
+            row.save(model, tmp, dtype, **({"info": info} if row.adapters else {}))
             swap_in(tmp, path)
         finally:
             if tmp.is_dir():

@@ -1,13 +1,6 @@
-"""LoRA files. Ours are written in the two layouts the other tools load; others' (diffusers/PEFT, kohya, LyCORIS
-LoCon) are read and merged into a loaded model's weights (`apply_loras`), after which sampling runs the plain model.
-
-Written (`save_lora_diffusers`, `save_lora_kohya`, from a model carrying models/lora.py's adapters):
-- diffusers / PEFT: `unet.<module>.lora_A.weight`, `unet.<module>.lora_B.weight` (α/r folded into B, so the file needs
-  no alpha and loads at scale 1 anywhere); text encoders as `text_encoder.text_model.<module>` (SDXL: and
-  `text_encoder_2.`), as diffusers' scripts save them.
-- kohya (A1111, ComfyUI): `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`, text
-  encoders under each family's kohya prefix (`lora_te_text_model_`; SDXL `lora_te1_`, `lora_te2_`, and the UNet's
-  modules under the original checkpoint's names, `lora_unet_input_blocks_4_1_...`, as kohya's SDXL networks write).
+"""Reading LoRA files: ours and others' (diffusers/PEFT, kohya, LyCORIS LoCon/LoHa/LoKr, DoRA in both layouts) are
+merged into a loaded model's weights (`apply_loras`), after which sampling runs the plain model. (Ours are written
+by lora_export.py.)
 
 Read: W' = W + s·(α/r)·B A for a file at strength s.
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (`text_encoder.`, SDXL's `text_encoder_2.`
@@ -22,7 +15,9 @@ Read: W' = W + s·(α/r)·B A for a file at strength s.
 - LyCORIS LoHa (`hada_w1_a/b`, `hada_w2_a/b`, Tucker `hada_t1/t2`) and LoKr (`lokr_w1` or `lokr_w1_a/b`, `lokr_w2`
   or `lokr_w2_a/b`, Tucker `lokr_t2`) under kohya's names, linear and conv: lycoris_files.py, scaled as A1111 and
   ComfyUI scale them.
-Anything else in a file (DoRA's dora_scale, Tucker LoRA's `lora_mid`) is refused by name.
+- DoRA: diffusers' `<module>.lora_magnitude_vector`, kohya/LyCORIS' `<module>.dora_scale` beside any of these
+  (lycoris_files.Decomposed).
+Anything else in a file (Tucker LoRA's `lora_mid`, ...) is refused by name.
 """
 import json
 import math
@@ -32,23 +27,26 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minidream.formats.files import ModelError, name_some, read_metadata, read_weights, save_safetensors
-from minidream.formats.lycoris_files import LowRank, lycoris_delta, lycoris_modules
+from minidream.formats.files import ModelError, name_some, read_metadata, read_weights
+from minidream.formats.lycoris_files import Decomposed, LowRank, lycoris_delta, lycoris_modules
 from minidream.formats.single_file import unet_original_name
-from minidream.models.lora import loras
 
 # the text encoder's attention projections under the old attention-processor names
 _TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
-def _diffusers_pairs(sd: dict, file) -> tuple[dict, dict, set]:
-    """{(component, module): [down, up]}, {(component, module): α} and the keys used, for diffusers/PEFT
-    key names."""
-    pairs, alphas, used = {}, {}, set()
+def _diffusers_pairs(sd: dict, file) -> tuple[dict, dict, dict, set]:
+    """{(component, module): [down, up]}, {(component, module): α}, {(component, module): DoRA magnitude} and the
+    keys used, for diffusers/PEFT key names."""
+    pairs, alphas, magnitudes, used = {}, {}, {}, set()
     for k, v in sd.items():
-        m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+)\.alpha", k)
+        m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+)\.(alpha|lora_magnitude_vector(\.weight)?)", k)
         if m:
-            alphas[(m[1], m[2].replace(".processor.", ".").removeprefix("text_model."))] = _alpha(v, k, file)
+            key = (m[1], m[2].replace(".processor.", ".").removeprefix("text_model."))
+            if m[3] == "alpha":
+                alphas[key] = _alpha(v, k, file)
+            else:
+                magnitudes[key] = v.float()
             used.add(k)
             continue
         n = k.replace(".processor.", ".")
@@ -65,7 +63,7 @@ def _diffusers_pairs(sd: dict, file) -> tuple[dict, dict, set]:
         side = 0 if m[3] in ("lora_A", "lora.down", "lora_linear_layer.down") else 1
         pairs.setdefault((comp, name), [None, None])[side] = v
         used.add(k)
-    return pairs, alphas, used
+    return pairs, alphas, magnitudes, used
 
 
 def _alpha(v: torch.Tensor, key: str, file) -> float:
@@ -74,20 +72,22 @@ def _alpha(v: torch.Tensor, key: str, file) -> float:
     return float(v.reshape(-1)[0])
 
 
-def _kohya_pairs(sd: dict, file) -> tuple[dict, dict, set]:
-    pairs, alphas, used = {}, {}, set()
+def _kohya_pairs(sd: dict, file) -> tuple[dict, dict, dict, set]:
+    pairs, alphas, magnitudes, used = {}, {}, {}, set()
     for k, v in sd.items():
-        m = re.fullmatch(r"lora_(unet|te|te1|te2)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)", k)
+        m = re.fullmatch(r"lora_(unet|te|te1|te2)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)", k)
         if not m:
             continue
         comp = {"unet": "unet", "te2": "text_encoder_2"}.get(m[1], "text_encoder")
         name = m[2].removeprefix("text_model_") if comp != "unet" else m[2]
         if m[3] == "alpha":
             alphas[(comp, name)] = _alpha(v, k, file)
+        elif m[3] == "dora_scale":
+            magnitudes[(comp, name)] = v.float()
         else:
             pairs.setdefault((comp, name), [None, None])[0 if m[3].startswith("lora_down") else 1] = v
         used.add(k)
-    return pairs, alphas, used
+    return pairs, alphas, magnitudes, used
 
 
 def _peft_alpha(meta: dict, comp: str, name: str, rank: int) -> float | None:
@@ -96,15 +96,13 @@ def _peft_alpha(meta: dict, comp: str, name: str, rank: int) -> float | None:
     cfg = {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith(comp + ".")}
     if not cfg:
         return None
-    if cfg.get("use_dora"):
-        raise ValueError("DoRA adapters (use_dora) are not supported")
 
     def pick(key: str, default):
         patterns = cfg.get(key) or {}
         if not isinstance(patterns, dict):
             raise TypeError(f"{key} is not an object")
-        for p, val in patterns.items():
-            if re.fullmatch(rf"(.*\.)?{p}", name):
+        for p, val in patterns.items():  # a text encoder's module is named with or without text_model.
+            if any(re.fullmatch(rf"(.*\.)?{p}", n) for n in (name, f"text_model.{name}")):
                 return val
         return default
     r = pick("rank_pattern", cfg.get("r", rank))
@@ -121,12 +119,11 @@ def lora_factors(file: Path, allow_pickle: bool = False) -> dict[tuple[str, str]
     if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ModelError(f"{file}: not a LoRA file (expected a flat dict of tensors)")
     kohya = any(k.startswith("lora_") for k in sd)
-    pairs, alphas, used = (_kohya_pairs if kohya else _diffusers_pairs)(sd, file)
+    pairs, alphas, magnitudes, used = (_kohya_pairs if kohya else _diffusers_pairs)(sd, file)
     lycoris, more = lycoris_modules(sd) if kohya else ({}, set())
     unknown = set(sd) - used - more
     if unknown:
-        kind = " (DoRA)" if any("dora_scale" in k for k in unknown) else \
-            " (LyCORIS Tucker LoRA)" if any("lora_mid" in k for k in unknown) else ""
+        kind = " (LyCORIS Tucker LoRA)" if any("lora_mid" in k for k in unknown) else ""
         raise ModelError(f"{file}: keys this LoRA loader does not know{kind}: {name_some(unknown)}")
     if not pairs and not lycoris:
         raise ModelError(f"{file}: no LoRA weights found (expected diffusers `unet.*.lora_A.weight` or kohya "
@@ -162,6 +159,12 @@ def lora_factors(file: Path, allow_pickle: bool = False) -> dict[tuple[str, str]
         if not math.isfinite(scale):
             raise ModelError(f"{file}: {comp} module {name}: its scale α/r is {scale}")
         out[(comp, name)] = LowRank(up.flatten(1).float(), down.flatten(1).float(), scale)
+    for key, m in magnitudes.items():
+        if key not in out:
+            raise ModelError(f"{file}: {key[0]} module {key[1]} has a DoRA magnitude but no LoRA factors")
+        if not m.numel() or not bool(torch.isfinite(m).all()):
+            raise ModelError(f"{file}: {key[0]} module {key[1]}: its DoRA magnitude is empty or not finite")
+        out[key] = Decomposed(out[key], m)
     return out
 
 
@@ -202,47 +205,3 @@ def apply_loras(model, loras: list[tuple[Path, float]], allow_pickle: bool = Fal
             for w, delta in resolved:
                 w += (s * delta.delta(w)).to(w.dtype)  # ΔW at the file's own scale (α/r), then the strength
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing ours
-
-def diffusers_lora_state_dict(model) -> dict[str, torch.Tensor]:
-    """The adapters of the UNet and text encoders under diffusers' names (α/r folded into lora_B)."""
-    nets = {"unet": model.unet, **{f"{name}.text_model": te for name, _, te in model.text_encoders()}}
-    sd = {}
-    for prefix, net in nets.items():
-        for name, m in loras(net).items():
-            sd[f"{prefix}.{name}.lora_A.weight"] = m.lora_down.weight.detach().float()
-            sd[f"{prefix}.{name}.lora_B.weight"] = m.lora_up.weight.detach().float() * m.scale
-    return sd
-
-
-def kohya_lora_state_dict(model) -> dict[str, torch.Tensor]:
-    """The adapters under kohya's names: the family's prefix per text encoder, the UNet's modules under diffusers'
-    names or (SDXL) the original checkpoint's, as sd-scripts' networks write them."""
-    family = model.family
-    encoders = {name: te for name, _, te in model.text_encoders()}
-    nets = {"lora_unet_": model.unet, **{slot.kohya: encoders[slot.name] for slot in family.encoders}}
-    sd = {}
-    for prefix, net in nets.items():
-        for name, m in loras(net).items():
-            if prefix == "lora_unet_" and family.kohya_unet_names == "original":
-                name = unet_original_name(model.unet.cfg, name)
-            key = prefix + name.replace(".", "_")
-            sd[f"{key}.lora_down.weight"] = m.lora_down.weight.detach().float()
-            sd[f"{key}.lora_up.weight"] = m.lora_up.weight.detach().float()
-            sd[f"{key}.alpha"] = torch.tensor(float(m.alpha))
-    return sd
-
-
-def save_lora_diffusers(model, path: Path, dtype: torch.dtype | None = None):
-    save_safetensors(diffusers_lora_state_dict(model), path, dtype=dtype)
-
-
-def save_lora_kohya(model, path: Path, dtype: torch.dtype | None = None):
-    """With the metadata kohya's networks write (rank, alpha; SDXL's base model version)."""
-    first = next(m for net in (model.unet, *[te for _, _, te in model.text_encoders()]) for m in loras(net).values())
-    save_safetensors(kohya_lora_state_dict(model), path, metadata={
-        "ss_network_dim": str(first.rank), "ss_network_alpha": str(first.alpha), **dict(model.family.kohya_metadata)},
-        dtype=dtype)

@@ -10,6 +10,11 @@ ComfyUI's LyCORIS support), at strength s: W' = W + s·ΔW.
   scales LoHa by (α/r)², not α/r: the files are made for A1111 and ComfyUI, which scale by α/r, so we do.
 - LoKr (Yeh et al. 2023): ΔW = γ·W1 ⊗ W2, a Kronecker product (W1, W2 given whole or as a·b factors; W2 as a Tucker
   core for a convolution); γ = α/r when a factor is low-rank (r: lokr_w2_b's rows, else lokr_w1_b's), else 1.
+- DoRA (Liu et al. 2024) on any of these: W' = m ⊙ (W + ΔW) / ||W + ΔW||, the norm per output row where m has one
+  entry per output (PEFT's lora_magnitude_vector, LyCORIS' dora_scale with wd_on_out), per input column where it has
+  one per input (LyCORIS' older default, the one A1111 reads); at strength s, W + s·(W' − W), as ComfyUI applies it.
+  (ComfyUI's output-axis branch divides by the norm of the base W instead of W + ΔW; we follow the definition, which
+  is what LyCORIS and PEFT, the writers, train and merge.)
 """
 import re
 from dataclasses import dataclass
@@ -162,6 +167,39 @@ class Kronecker:
         if two.ndim == 4:
             one = one[:, :, None, None]
         return (torch.kron(one, two.contiguous()) * self.scale).reshape(w.shape)
+
+
+@dataclass
+class Decomposed:
+    """DoRA around another Delta: the magnitude m, (out,)-sized or (in,)-sized as the file shapes it."""
+    inner: object
+    magnitude: torch.Tensor
+
+    def describe(self) -> str:
+        return f"DoRA magnitude {list(self.magnitude.shape)} on {self.inner.describe()}"
+
+    def output_axis(self, w: torch.Tensor) -> bool:
+        m = self.magnitude
+        return m.numel() == w.shape[0] and (m.ndim == 1 or m.shape[0] == w.shape[0] or m.shape[1] == w.shape[0])
+
+    def fits(self, w: torch.Tensor) -> bool:
+        m = self.magnitude
+        return self.inner.fits(w) and (self.output_axis(w) or (w.ndim > 1 and m.ndim > 1 and m.shape[0] == 1
+                                                                and m.numel() == w.shape[1]))
+
+    def bound(self) -> float:
+        return peak(self.magnitude) + self.inner.bound()  # |W'| <= max|m|, |W| is the model's own
+
+    def delta(self, w: torch.Tensor) -> torch.Tensor:
+        w = w.float()
+        merged = w + self.inner.delta(w)
+        if self.output_axis(w):
+            norm = merged.flatten(1).norm(dim=1).view(-1, *[1] * (w.dim() - 1))
+            m = self.magnitude.reshape(norm.shape)
+        else:
+            norm = merged.transpose(0, 1).flatten(1).norm(dim=1).view(1, -1, *[1] * (w.dim() - 2))
+            m = self.magnitude.reshape(norm.shape)
+        return merged * (m / norm.clamp_min(torch.finfo(torch.float32).tiny)) - w
 
 
 def lycoris_modules(sd: dict) -> tuple[dict, set]:

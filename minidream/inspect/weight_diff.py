@@ -1,6 +1,7 @@
 """What fine-tuning changed, tensor by tensor: ‖W_tuned − W_base‖ / ‖W_base‖ for every tensor of the UNet, the
 text encoder and the VAE (exactly 0 when a tensor is bit-identical), grouped by component, block and layer type
-(self- vs cross-attention and their Q/K/V/out, feed-forward, resnet, norm, embedding rows).
+(self- vs cross-attention and their Q/K/V/out, feed-forward, proj in/out, the resnets' 3x3 convs, time projections
+and shortcuts, up/downsamplers, norm, embedding rows: each a --lora-targets choice's own group).
 
 DreamBooth's claim that fine-tuning "changes almost every layer" and the folklore that the cross-attention
 K/V carry the identifier can both be read off `minidream diff BASE TUNED`.
@@ -18,7 +19,7 @@ from minidream.images import save_image
 from minidream.models.tokens import make_plain
 
 UNET_TYPES = ("self Q", "self K", "self V", "self out", "cross Q", "cross K", "cross V", "cross out",
-              "feed-forward", "proj in/out", "norm", "resnet", "resample", "in/out")
+              "feed-forward", "proj in/out", "norm", "resnet conv", "time proj", "shortcut", "resample", "in/out")
 TEXT_TYPES = ("self Q", "self K", "self V", "self out", "mlp", "norm", "token rows", "positions")
 
 
@@ -35,7 +36,8 @@ def layer_type(component: str, name: str) -> str:
     if component == "vae":
         return "vae"
     for pattern, kind in ((r"\.ff\.", "feed-forward"), (r"proj_in|proj_out", "proj in/out"), (r"norm", "norm"),
-                          (r"resnets\.", "resnet"), (r"samplers\.", "resample")):
+                          (r"resnets\.\d+\.conv[12]\.", "resnet conv"), (r"time_emb_proj", "time proj"),
+                          (r"conv_shortcut", "shortcut"), (r"samplers\.", "resample")):
         if re.search(pattern, name):
             return kind
     return "in/out"  # conv_in, time_embedding, conv_out

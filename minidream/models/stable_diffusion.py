@@ -100,6 +100,7 @@ class Family:
     vae_fp32_decode: bool = False  # an fp16 VAE decodes in fp32 when its config says force_upcast (SDXL's overflows)
     kohya_unet_names: str = "diffusers"  # how kohya LoRA files name the UNet's modules: "diffusers" or "original"
     kohya_metadata: tuple = ()  # (key, value) pairs kohya's networks write for this family
+    modelspec: str = ""  # modelspec's architecture name (Stability's model-spec, as kohya's files carry it)
 
 
 def clip_context(model: "StableDiffusion", prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -133,18 +134,21 @@ XL_OPENCLIP_G = TextEncoderSlot("text_encoder_2", original="conditioner.embedder
 FAMILIES = {
     "sd1": Family("sd1", "SD 1.x", (CLIP_L,), clip_context, conditioned_on="the text encoder's last layer",
                   pipeline="StableDiffusionPipeline", tokenizer_repo="openai/clip-vit-large-patch14",
-                  single_file_preset="sd15"),
+                  single_file_preset="sd15", modelspec="stable-diffusion-v1",
+                  kohya_metadata=(("ss_base_model_version", "sd_v1"), ("ss_v2", "False"))),
     # 2.x-base (ε, 512 px) and 2.x-v (768 px) have the same tensors: a single file must say which (its metadata)
     "sd2": Family("sd2", "SD 2.x", (OPENCLIP_H,), clip_context,
                   conditioned_on="the text encoder's last stored layer (OpenCLIP's penultimate)",
                   pipeline="StableDiffusionPipeline", tokenizer_repo="stabilityai/stable-diffusion-2-1",
-                  single_file_preset=None),
+                  single_file_preset=None, modelspec="stable-diffusion-v2-512",  # -768-v for a v model
+                  kohya_metadata=(("ss_base_model_version", "sd_v2"), ("ss_v2", "True"))),
     "sdxl": Family("sdxl", "SDXL", (XL_CLIP_L, XL_OPENCLIP_G), sdxl_conditioning,
                    conditioned_on="both encoders' penultimate states + pooled text + size ids",
                    pipeline="StableDiffusionXLPipeline", tokenizer_repo="stabilityai/stable-diffusion-xl-base-1.0",
                    single_file_preset="sdxl", size_ids=True, zero_negative=True, vae_fp32_decode=True,
                    kohya_unet_names="original",
-                   kohya_metadata=(("ss_base_model_version", "sdxl_base_v1-0"),)),
+                   kohya_metadata=(("ss_base_model_version", "sdxl_base_v1-0"),),
+                   modelspec="stable-diffusion-xl-v1-base"),
 }
 
 

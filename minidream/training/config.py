@@ -21,7 +21,8 @@ from minidream.training.concepts_file import (MAX_CLASS_IMAGES, check_concepts, 
 from minidream.training.optim import LR_SCHEDULES, OPTIMIZERS, check_optimizer
 from minidream.training.report import REPORT_TO
 from minidream.training.runtime import PRECISIONS
-from minidream.training.trainable import MODES
+from minidream.models.lora import AdapterSpec
+from minidream.training.trainable import MODES, TEXT_TARGETS, UNET_TARGETS, Adapters, check_blocks
 from minidream.training.validation import check_validation_set, validation_file
 
 
@@ -134,6 +135,22 @@ class TrainConfig:
     mode: str = option("unet", MODE_HELP + ".", choices=MODES, flag="--train", was="train")
     lora_rank: int = option(4, "LoRA rank r.", check=at_least(1))
     lora_alpha: float = option(4.0, "LoRA alpha (scale alpha/r).", check=positive)
+    lora_targets: str = option("attn", "What LoRA adapts in the UNet: " + "; ".join(
+        f"{n}: {row.help}" for n, row in UNET_TARGETS.items()) + ".", choices=UNET_TARGETS, added="attn")
+    text_encoder_targets: str = option("attn", "What LoRA adapts in the text encoder(s) (--train-text-encoder): " +
+                                       "; ".join(f"{n}: {row.help}" for n, row in TEXT_TARGETS.items()) + ".",
+                                       choices=TEXT_TARGETS, added="attn")
+    lora_blocks: str | None = option(None, "Only these UNet stages, comma-separated: down.N, mid, up.N (SD and "
+                                     "SDXL alike; or prefixes of the UNet's module names, e.g. "
+                                     "up_blocks.0.attentions.1). Default: all.", check=check_blocks, added=None)
+    conv_rank: int | None = option(None, "LoCon rank of the 3x3 convolutions (--lora-targets all; default: "
+                                   "--lora-rank).", check=optional_count, added=None)
+    conv_alpha: float | None = option(None, "LoCon alpha of the 3x3 convolutions (default: --lora-alpha).",
+                                      check=positive_number, added=None)
+    lora_dropout: float = option(0.0, "Dropout on each adapter's input while training (PEFT's lora_dropout).",
+                                 check=beta, added=0.0)
+    dora: bool = option(False, "DoRA (weight-decomposed LoRA): train a magnitude per output channel beside the "
+                        "low-rank direction (diffusers' --use_dora).", added=False)
     train_text_encoder: bool = option(False, "Also train the text encoder (LoRA with --train lora).")
     train_token: bool = option(False, "Learn a new token embedding <IDENTIFIER>, initialised from the class noun.")
     clip_skip: int = option(1, "SD 1.x/2.x: condition on the text encoder's N-th layer from the end, as A1111 and "
@@ -259,6 +276,13 @@ class TrainConfig:
         return self.class_noun or next((n for n in nouns if n), "photo")
 
     @property
+    def adapters(self) -> Adapters:
+        """What --train lora adapts, and how."""
+        spec = AdapterSpec(self.lora_rank, self.lora_alpha, self.conv_rank or self.lora_rank,
+                           self.conv_alpha or self.lora_alpha, self.lora_dropout, self.dora)
+        return Adapters(spec, self.lora_targets, self.text_encoder_targets, self.lora_blocks)
+
+    @property
     def unet_lr(self) -> float:
         return self.lr or OPTIMIZERS[self.optimizer].lr or MODES[self.mode].lr
 
@@ -311,6 +335,14 @@ def combinations(cfg: TrainConfig):
     (the checkpoint's with the resumable ones given anew)."""
     if any(exports.EXPORTERS[s].adapters for s in cfg.save_as) and not MODES[cfg.mode].adapters:
         raise TrainError("--save-as lora-* needs --train lora")
+    lora_only = [n for n in ("lora_targets", "text_encoder_targets", "lora_blocks", "conv_rank", "conv_alpha",
+                             "lora_dropout", "dora") if getattr(cfg, n) != OPTIONS[n].default]
+    if lora_only and not MODES[cfg.mode].adapters:
+        raise TrainError(f"{flag(lora_only[0])} shapes LoRA adapters: it needs --train lora")
+    if cfg.text_encoder_targets != "attn" and not cfg.train_text_encoder:
+        raise TrainError("--text-encoder-targets needs --train-text-encoder")
+    if (cfg.conv_rank or cfg.conv_alpha) and cfg.lora_targets != "all":
+        raise TrainError("--conv-rank/--conv-alpha shape the 3x3 convolutions' adapters: they need --lora-targets all")
     if cfg.prior and cfg.num_class_images < 1:
         raise TrainError("--num-class-images must be at least 1 with prior preservation (or pass --no-prior)")
     if cfg.fused_backward:

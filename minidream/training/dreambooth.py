@@ -19,6 +19,7 @@ from minidream.training.export import export as export_trained, load_base
 from minidream.training.loop import loop, phase
 from minidream.training.report import REPORT_TO, curves
 from minidream.training.step import prepare
+from minidream.training.trainable import MODES
 from minidream.training.validation import grid_rows, has_grid, validation_grid
 
 
@@ -129,6 +130,8 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
             raise TrainError(f"--validation-file: entry {k}: {wrong[0]} {wrong[1]}")
     if REPORT_TO[cfg.report_to]:
         REPORT_TO[cfg.report_to].check()
+    if MODES[cfg.mode].adapters:  # --lora-blocks names stages of this UNet
+        cfg.adapters.unet_modules(model.denoiser)
     # Identifier check (§4.1): a rare token carries little prior meaning, so it is cheap to rebind.
     pieces = len(model.tokenizer.encode(cfg.identifier))
     if not cfg.train_token and pieces != 1:

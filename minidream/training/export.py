@@ -4,8 +4,11 @@ written in; LoRA is merged into the base weights in fp32 (formats/exports.py). S
 written bit-identical to the base, whatever precision training ran in, and the model that trained is never
 changed by exporting.
 """
+import datetime
+import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -33,7 +36,7 @@ def load_base(cfg: TrainConfig) -> StableDiffusion:
 def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg: TrainConfig) -> StableDiffusion:
     """The base model with the run's trainable structure (adapters, new token) and its trained values."""
     with torch.random.fork_rng(devices=[]):  # adapter init draws are overwritten below; keep the caller's RNG
-        trainable = select_trainable(base, cfg.mode, cfg.lora_rank, cfg.lora_alpha, cfg.train_text_encoder,
+        trainable = select_trainable(base, cfg.mode, cfg.adapters, cfg.train_text_encoder,
                                      cfg.token, cfg.init_word)
     params = dict(trainable.named())
     if params.keys() != trained.keys():
@@ -45,10 +48,53 @@ def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg: T
     return base
 
 
-def export(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg: TrainConfig, out: Path) -> list[Path]:
-    """Write the formats cfg.save_as asks for (and the learned token, when there is one). `base` is a fresh fp32
-    load of the base model, used up by this call."""
-    return exports.export(with_trained(base, trained, cfg), cfg.save_as, out, DTYPES.get(cfg.save_precision))
+def export(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg: TrainConfig, out: Path,
+           step: int | None = None) -> list[Path]:
+    """Write the formats cfg.save_as asks for (and the learned token, when there is one), the weights of `step`
+    (default: the last). `base` is a fresh fp32 load of the base model, used up by this call."""
+    return exports.export(with_trained(base, trained, cfg), cfg.save_as, out, DTYPES.get(cfg.save_precision),
+                          run_facts(cfg, cfg.steps if step is None else step))
+
+
+def run_facts(cfg: TrainConfig, step: int) -> dict[str, str]:
+    """What kohya's trainer records about a run in its LoRA files (ss_* fields; modelspec's title, resolution and
+    date), from the settings and OUT/data.json (written as training began: its time is the start)."""
+    data_json = Path(cfg.out) / "data.json"
+    data = json.loads(data_json.read_text()) if data_json.exists() else {"images": []}
+    started = data_json.stat().st_mtime if data_json.exists() else time.time()
+    photos = [r for r in data["images"] if r["kind"] == "instance"]
+    folders = {}
+    for r in photos:
+        folder = folders.setdefault(Path(r["file"]).parent.name, {"n_repeats": r.get("repeats", 1), "img_count": 0})
+        folder["img_count"] += 1
+    tags = {}
+    for r in photos:  # kohya counts the comma-separated tags of each caption, per image folder
+        if r.get("caption_file"):
+            counts = tags.setdefault(Path(r["file"]).parent.name, {})
+            for tag in filter(None, (t.strip() for t in r["prompt"].split(","))):
+                counts[tag] = counts.get(tag, 0) + 1
+    te_lr = (cfg.text_encoder_lr or cfg.unet_lr) if cfg.train_text_encoder else 0
+    facts = {
+        "ss_sd_model_name": Path(cfg.model).name or str(cfg.model), "ss_output_name": Path(cfg.out).name,
+        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})", "ss_steps": str(step),
+        "ss_max_train_steps": str(cfg.steps), "ss_learning_rate": f"{cfg.unet_lr:g}",
+        "ss_unet_lr": f"{cfg.unet_lr:g}", "ss_text_encoder_lr": f"{te_lr:g}", "ss_lr_scheduler": cfg.lr_schedule,
+        "ss_lr_warmup_steps": str(cfg.warmup_steps), "ss_optimizer": cfg.optimizer, "ss_seed": str(cfg.seed),
+        "ss_mixed_precision": cfg.mixed_precision, "ss_clip_skip": str(cfg.clip_skip),
+        "ss_batch_size_per_device": str(cfg.batch_size), "ss_gradient_accumulation_steps": str(cfg.grad_accum),
+        "ss_num_train_images": str(sum(r.get("repeats", 1) for r in photos)),
+        "ss_num_reg_images": str(sum(r["kind"] == "class" for r in data["images"])),
+        "ss_prior_loss_weight": f"{cfg.prior_loss_weight if cfg.prior else 0:g}",
+        "ss_noise_offset": f"{cfg.noise_offset:g}", "ss_min_snr_gamma": f"{cfg.snr_gamma or 0:g}",
+        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing), "ss_cache_latents": str(cfg.cache_latents),
+        "ss_training_started_at": f"{started:.0f}", "ss_training_finished_at": f"{time.time():.0f}",
+        "ss_dataset_dirs": json.dumps(folders), "ss_training_comment": f"minidream DreamBooth: {cfg.prompts[0]}",
+        "modelspec.title": Path(cfg.out).name, "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
+        "modelspec.date": datetime.date.today().isoformat(),
+    }
+    if tags:
+        facts["ss_tag_frequency"] = json.dumps(tags)
+    return facts
 
 
 def snapshot(cfg: TrainConfig, trained: dict[str, torch.Tensor], step: int) -> Path:
@@ -61,7 +107,7 @@ def snapshot(cfg: TrainConfig, trained: dict[str, torch.Tensor], step: int) -> P
     tmp.mkdir(parents=True)
     try:
         with torch.random.fork_rng(devices=[]):  # building the base draws initial weights: keep the run's RNG
-            export(load_base(cfg), trained, cfg, tmp)
+            export(load_base(cfg), trained, cfg, tmp, step)
         if folder.exists():  # a resumed run redoing this step writes it again (the same tensors)
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -29,7 +29,7 @@ class TrainState:
         """Select what trains (the rest frozen), shard it across the processes (--fsdp), the optimizer over it, and
         the run's generator."""
         def select():
-            return select_trainable(model, cfg.mode, cfg.lora_rank, cfg.lora_alpha, cfg.train_text_encoder,
+            return select_trainable(model, cfg.mode, cfg.adapters, cfg.train_text_encoder,
                                     cfg.token, cfg.init_word)
         trainable = select()
         print_summary(trainable, model)

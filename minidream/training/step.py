@@ -125,6 +125,9 @@ class Stepper:
         tot = inst = prior = 0.0
         for _ in range(cfg.grad_accum):
             latents, prompts, sizes, mask = self.batches.draw_step(n_inst, n_class)  # instance rows, then class
+            if cfg.lora_dropout:  # dropout draws from torch's global generator: seed it from the run's, per process
+                g = state.generator
+                torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=g, device=g.device)) + rt.group.rank)
             with rt.autocast():
                 loss, li, lp = training_step(state.model.denoiser, self.process, latents,
                                              {**self.text(step, prompts), **sizes}, n_inst, cfg.prior_loss_weight,

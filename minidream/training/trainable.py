@@ -2,9 +2,10 @@
 `--train` mode in `MODES`.
 
 `--train unet` unfreezes the whole UNet, `attention` the Q/K/V/out projections of every attention layer, `lora`
-wraps those projections in adapters (models/lora.py); `--train-text-encoder` and `--train-token` add the text
-encoder (or its adapters) and a new token row (models/tokens.py) — for SDXL in both text encoders (pivotal tuning,
-as diffusers' advanced SDXL script: the new token gets a row in each). Everything else stays frozen, and
+wraps those projections in adapters (models/lora.py; --lora-targets widens them, --lora-blocks picks stages);
+`--train-text-encoder` and `--train-token` add the text encoder (or its adapters) and a new token row
+(models/tokens.py) — for SDXL in both text encoders (pivotal tuning, as diffusers' advanced SDXL script: the new
+token gets a row in each). Everything else stays frozen, and
 `cast_frozen` may put only the frozen tensors in half precision: what trains keeps its exact fp32 values.
 """
 import re
@@ -16,36 +17,116 @@ import torch
 import torch.nn as nn
 
 from minidream.models import lora
+from minidream.models.lora import AdapterSpec
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.models.tokens import add_token
+from minidream.training import TrainError
 
-# The projections DreamBooth's attention variant trains (and LoRA adapts): Q, K, V and out of every self-
+# The projections DreamBooth's attention variant trains (and LoRA adapts by default): Q, K, V and out of every self-
 # (attn1) and cross-attention (attn2) layer of the UNet, and of the text encoder's self-attention.
 UNET_ATTENTION = re.compile(r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 TEXT_ATTENTION = re.compile(r".*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
 
 
-def unfreeze(net: nn.Module, rank: int, alpha: float):
+@dataclass(frozen=True)
+class TargetSet:
+    """A --lora-targets / --text-encoder-targets choice: the modules it adapts (Linear or Conv2d, by name)."""
+    pattern: re.Pattern
+    help: str
+
+
+# kohya's networks adapt every Linear and Conv2d of the transformer blocks (attention, feed-forward, the 1×1 or
+# linear proj_in/proj_out), and with LoCon those of the resnets and the up/downsamplers too (3×3 convs at
+# --conv-rank); the time embedding, conv_in and conv_out stay out, as there.
+UNET_TARGETS = {
+    "attn": TargetSet(UNET_ATTENTION, "Q/K/V/out of every attention layer"),
+    "attn-ff": TargetSet(re.compile(r".*\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|"
+                                    r"attentions\.\d+\.(proj_in|proj_out))$"),
+                         "and the feed-forward layers and proj_in/proj_out of every transformer"),
+    "all": TargetSet(re.compile(r".*\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|"
+                                r"attentions\.\d+\.(proj_in|proj_out)|"
+                                r"resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)|"
+                                r"(downsamplers|upsamplers)\.0\.conv)$"),
+                     "and the resnets' convolutions and time projections and the up/downsamplers (LoCon; 3x3 "
+                     "kernels at --conv-rank/--conv-alpha)"),
+}
+TEXT_TARGETS = {
+    "attn": TargetSet(TEXT_ATTENTION, "q/k/v/out of every self-attention layer"),
+    "attn-mlp": TargetSet(re.compile(r".*\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$"),
+                          "and the MLP (fc1, fc2) of every layer"),
+}
+BLOCK = re.compile(r"(down|up)\.(\d+)|mid")
+
+
+def block_prefix(block: str) -> str:
+    """A --lora-blocks entry as a module-name prefix: down.1 -> down_blocks.1., mid -> mid_block., up.0 ->
+    up_blocks.0.; anything else is taken as a prefix of the UNet's own (diffusers) module names."""
+    m = BLOCK.fullmatch(block)
+    if m and m[1]:
+        return f"{m[1]}_blocks.{m[2]}."
+    return "mid_block." if m else block.rstrip(".") + "."
+
+
+def check_blocks(v: str | None) -> str | None:
+    if v is None:
+        return None
+    entries = [b.strip() for b in v.split(",")]
+    if not all(entries) or not all(re.fullmatch(r"[a-z_0-9.]+", b) for b in entries):
+        return f"{v!r}: give stages as down.N, mid, up.N (or UNet module prefixes), separated by commas"
+    return None
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """What LoRA adapts and how (--lora-* options): the target sets, the UNet stages, the adapters' shape."""
+    spec: AdapterSpec = AdapterSpec()
+    unet: str = "attn"
+    text_encoder: str = "attn"
+    blocks: str | None = None  # comma-separated --lora-blocks entries; None: every stage
+
+    def unet_modules(self, net: nn.Module) -> list[str]:
+        names = _matching(net, UNET_TARGETS[self.unet].pattern)
+        if self.blocks is None:
+            return names
+        picked = []
+        for block in (b.strip() for b in self.blocks.split(",")):
+            inside = [n for n in names if n.startswith(block_prefix(block))]
+            if not inside:
+                raise TrainError(f"--lora-blocks {block}: no --lora-targets {self.unet} module of this UNet is in "
+                                 f"it (its stages: {', '.join(_stages(net))})")
+            picked += inside
+        return [n for n in names if n in set(picked)]
+
+
+def _matching(net: nn.Module, pattern: re.Pattern) -> list[str]:
+    return [n for n, m in net.named_modules() if pattern.fullmatch(n) and isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def _stages(net: nn.Module) -> list[str]:
+    down = [f"down.{i}" for i in range(len(net.down_blocks))]
+    return [*down, "mid", *[f"up.{i}" for i in range(len(net.up_blocks))]]
+
+
+def unfreeze(net: nn.Module, adapters: Adapters):
     net.requires_grad_(True)
 
 
-def unfreeze_unet_attention(net: nn.Module, rank: int, alpha: float):
-    for name, m in net.named_modules():
-        if UNET_ATTENTION.fullmatch(name) and isinstance(m, nn.Linear):
-            m.requires_grad_(True)
+def unfreeze_unet_attention(net: nn.Module, adapters: Adapters):
+    for name in _matching(net, UNET_ATTENTION):
+        net.get_submodule(name).requires_grad_(True)
 
 
-def unet_lora(net: nn.Module, rank: int, alpha: float):
-    lora.add_lora(net, UNET_ATTENTION, rank, alpha)
+def unet_lora(net: nn.Module, adapters: Adapters) -> dict[str, lora.LoRA]:
+    return lora.add_lora(net, adapters.unet_modules(net), adapters.spec)
 
 
-def text_encoder_lora(net: nn.Module, rank: int, alpha: float):
-    lora.add_lora(net, TEXT_ATTENTION, rank, alpha)
+def text_encoder_lora(net: nn.Module, adapters: Adapters) -> dict[str, lora.LoRA]:
+    return lora.add_lora(net, _matching(net, TEXT_TARGETS[adapters.text_encoder].pattern), adapters.spec)
 
 
 @dataclass(frozen=True)
 class Mode:
-    denoiser: Callable  # (UNet, rank, alpha): unfreezes or adds what trains in it
+    denoiser: Callable  # (UNet, Adapters): unfreezes or adds what trains in it
     text_encoder: Callable  # the same for each text encoder, with --train-text-encoder
     lr: float  # the default learning rate (AdamW)
     save_as: tuple[str, ...]  # the default export formats
@@ -60,8 +141,8 @@ class Mode:
 MODES = {
     "unet": Mode(unfreeze, unfreeze, 5e-6, ("diffusers",), "whole UNet"),
     "attention": Mode(unfreeze_unet_attention, unfreeze, 2e-5, ("diffusers",), "Q/K/V/out of every attention layer"),
-    "lora": Mode(unet_lora, text_encoder_lora, 1e-4, ("lora-diffusers", "lora-kohya"), "LoRA adapters on those",
-                 adapters=True),
+    "lora": Mode(unet_lora, text_encoder_lora, 1e-4, ("lora-diffusers", "lora-kohya"),
+                 "LoRA adapters on those (or --lora-targets)", adapters=True),
 }
 
 
@@ -82,7 +163,7 @@ class Trainable:
         return [p for _, p in self.named()]
 
 
-def select_trainable(model: StableDiffusion, mode: str, lora_rank: int = 4, lora_alpha: float = 4.0,
+def select_trainable(model: StableDiffusion, mode: str, adapters: Adapters = Adapters(),
                      train_text_encoder: bool = False, token: str | None = None, init_word: str | None = None
                      ) -> Trainable:
     """Freeze everything, then unfreeze (or add) what --train / --train-text-encoder / --train-token ask for."""
@@ -90,9 +171,9 @@ def select_trainable(model: StableDiffusion, mode: str, lora_rank: int = 4, lora
     for m in model.networks():
         m.requires_grad_(False)
     row = MODES[mode]
-    row.denoiser(model.denoiser, lora_rank, lora_alpha)
+    row.denoiser(model.denoiser, adapters)
     for _, te in encoders if train_text_encoder else ():
-        row.text_encoder(te, lora_rank, lora_alpha)
+        row.text_encoder(te, adapters)
     if token:
         add_token(model, token, init_word)
     trainable = Trainable([], [], [])

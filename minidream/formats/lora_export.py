@@ -1,0 +1,138 @@
+"""Writing our LoRA (and DoRA) adapters in the two layouts the other tools load, with the metadata they read.
+
+- diffusers / PEFT (`load_lora_weights`): `unet.<module>.lora_A.weight`, `.lora_B.weight` (a convolution's A keeps
+  its kernel, B is 1×1), DoRA's `.lora_magnitude_vector` (a text encoder's `.lora_magnitude_vector.weight`); text
+  encoders as `text_encoder.text_model.<module>` (SDXL: and `text_encoder_2.`), as diffusers' scripts save them.
+  B is written as trained and α goes in the `lora_adapter_metadata` (PEFT's LoraConfig per component: r,
+  lora_alpha, rank_pattern/alpha_pattern for the 3×3 convolutions, target_modules, use_dora), which diffusers
+  builds its adapters from: scaled right when α ≠ r.
+- kohya (A1111, ComfyUI): `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`, DoRA's
+  `.dora_scale` (out, 1, ...) as LyCORIS writes it with its magnitude on the output axis (wd_on_out); text encoders
+  under each family's kohya prefix (`lora_te_text_model_`; SDXL `lora_te1_`, `lora_te2_`, and the UNet's modules
+  under the original checkpoint's names, `lora_unet_input_blocks_4_1_...`, as kohya's SDXL networks write). The
+  ss_* metadata kohya's trainer writes (network, dims, args, base model, resolution, steps, learning rates, times,
+  caption tag frequencies) and a modelspec block (what model sites and A1111's extra-networks page show).
+"""
+import json
+
+import torch
+
+from minidream.formats.files import save_safetensors
+from minidream.formats.single_file import unet_original_name
+from minidream.models.lora import LoRA, loras
+
+
+def _components(model) -> dict[str, object]:
+    """{diffusers component prefix: network} for the UNet and each text encoder."""
+    return {"unet": model.unet, **{name: te for name, _, te in model.text_encoders()}}
+
+
+def _magnitude(m: LoRA) -> torch.Tensor:
+    """DoRA's m as PEFT stores it: (out,) for a linear layer, (1, out, 1, 1) for a convolution."""
+    v = m.magnitude.detach().float()
+    return v.view(1, -1, 1, 1) if m.lora_down.weight.dim() == 4 else v
+
+
+def diffusers_lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """The adapters of the UNet and text encoders under diffusers' names (B as trained: α is in the metadata)."""
+    sd = {}
+    for comp, net in _components(model).items():
+        prefix = comp if comp == "unet" else f"{comp}.text_model"
+        for name, m in loras(net).items():
+            sd[f"{prefix}.{name}.lora_A.weight"] = m.lora_down.weight.detach().float()
+            sd[f"{prefix}.{name}.lora_B.weight"] = m.lora_up.weight.detach().float()
+            if m.magnitude is not None:  # PEFT's key; a text encoder's with .weight, which transformers' own
+                # loader (diffusers loads text encoders through it) needs and PEFT's accepts
+                sd[f"{prefix}.{name}.lora_magnitude_vector{'' if comp == 'unet' else '.weight'}"] = _magnitude(m)
+    return sd
+
+
+def diffusers_lora_metadata(model) -> dict[str, object]:
+    """PEFT's LoraConfig of each component, keyed `<component>.<field>` as diffusers packs it: the most common
+    rank and α, and patterns for the modules that differ (the 3×3 convolutions' --conv-rank/--conv-alpha)."""
+    meta = {}
+    for comp, net in _components(model).items():
+        adapters = loras(net)
+        if not adapters:
+            continue
+        first = next(iter(adapters.values()))
+        ranks = [m.rank for m in adapters.values()]
+        r = max(set(ranks), key=ranks.count)
+        alpha = next(m.alpha for m in adapters.values() if m.rank == r)
+        meta.update({f"{comp}.{k}": v for k, v in {
+            "r": r, "lora_alpha": alpha,
+            "rank_pattern": {n: m.rank for n, m in adapters.items() if m.rank != r},
+            "alpha_pattern": {n: m.alpha for n, m in adapters.items() if m.alpha != alpha},
+            # a text encoder's names without text_model.: PEFT matches name endings, and transformers 5 dropped it
+            "target_modules": sorted(adapters), "use_dora": first.magnitude is not None}.items()})
+        # (no lora_dropout: diffusers builds the adapters in training mode, and a pipeline would apply it)
+    return meta
+
+
+def save_lora_diffusers(model, path, dtype: torch.dtype | None = None, info: dict | None = None):
+    save_safetensors(diffusers_lora_state_dict(model), path, dtype=dtype, metadata={
+        "format": "pt", "lora_adapter_metadata": json.dumps(diffusers_lora_metadata(model))})
+
+
+def kohya_lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """The adapters under kohya's names: the family's prefix per text encoder, the UNet's modules under diffusers'
+    names or (SDXL) the original checkpoint's, as sd-scripts' networks write them."""
+    family = model.family
+    encoders = {name: te for name, _, te in model.text_encoders()}
+    nets = {"lora_unet_": model.unet, **{slot.kohya: encoders[slot.name] for slot in family.encoders}}
+    sd = {}
+    for prefix, net in nets.items():
+        for name, m in loras(net).items():
+            if prefix == "lora_unet_" and family.kohya_unet_names == "original":
+                name = unet_original_name(model.unet.cfg, name)
+            key = prefix + name.replace(".", "_")
+            sd[f"{key}.lora_down.weight"] = m.lora_down.weight.detach().float()
+            sd[f"{key}.lora_up.weight"] = m.lora_up.weight.detach().float()
+            sd[f"{key}.alpha"] = torch.tensor(float(m.alpha))
+            if m.magnitude is not None:
+                w = m.base.weight
+                sd[f"{key}.dora_scale"] = m.magnitude.detach().float().view(-1, *[1] * (w.dim() - 1))
+    return sd
+
+
+def save_lora_kohya(model, path, dtype: torch.dtype | None = None, info: dict | None = None):
+    """With the metadata kohya's trainer writes: what the network is (kohya_metadata), and `info`, the run's facts
+    (training/export.py: base model, resolution, steps, learning rates, times, tag frequencies)."""
+    save_safetensors(kohya_lora_state_dict(model), path, metadata={**kohya_metadata(model), **(info or {})},
+                     dtype=dtype)
+
+
+def kohya_metadata(model) -> dict[str, str]:
+    """The ss_* fields that describe the network (kohya's train_network.py names; LyCORIS' module and args where
+    the file holds LoCon convolutions or DoRA), the family's own (base model version) and modelspec's architecture."""
+    adapters = [m for net in _components(model).values() for m in loras(net).values()]
+    linear = [m for m in adapters if m.lora_down.weight.dim() == 2 or m.base.kernel_size == (1, 1)]
+    conv = [m for m in adapters if m not in linear]
+    first = (linear or adapters)[0]
+    dora = first.magnitude is not None
+    args = {}
+    if conv:
+        args.update(conv_dim=str(conv[0].rank), conv_alpha=f"{conv[0].alpha:g}")
+    if dora:
+        args.update(algo="lora", dora_wd="True", wd_on_output="True")
+    dropout = getattr(first.dropout, "p", 0.0)
+    meta = {"ss_network_module": "lycoris.kohya" if dora else "networks.lora",
+            "ss_network_dim": str(first.rank), "ss_network_alpha": f"{first.alpha:g}",
+            "ss_network_dropout": f"{dropout:g}" if dropout else "None",
+            "ss_network_args": json.dumps(args) if args else "null",
+            **dict(model.family.kohya_metadata),
+            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{modelspec_architecture(model)}/lora",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if
+            model.family.name == "sdxl" else "diffusers",
+            "modelspec.prediction_type": "v" if v_model(model) else "epsilon"}
+    return meta
+
+
+def v_model(model) -> bool:
+    return model.scheduler.prediction_type == "v_prediction"
+
+
+def modelspec_architecture(model) -> str:
+    """The family's modelspec name; SD 2.x's v model (768 px) is named apart from the 512 px ε model."""
+    arch = model.family.modelspec
+    return arch.replace("-512", "-768-v") if v_model(model) and arch.endswith("-512") else arch
