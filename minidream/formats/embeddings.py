@@ -73,8 +73,8 @@ def add_embedding(model, file: Path, token: str | None = None, allow_pickle: boo
                 raise ModelError(f"{file}: token {t!r} is already in the vocabulary; name another with "
                                  f"--embedding-token")
     for (_, tok, te), vec in zip(encoders, vecs):
-        ids = [tok.add_token(t) for t in tokens]
-        tok.expand[ids[0]] = ids
+        for t in tokens:  # `token` expands to them all (the tokenizer links `token_1`, … to it)
+            tok.add_token(t)
         emb = te.embeddings.token_embedding
         grown = nn.Embedding(emb.num_embeddings + n, emb.embedding_dim, device=emb.weight.device,
                              dtype=emb.weight.dtype)
@@ -89,11 +89,11 @@ def add_embedding(model, file: Path, token: str | None = None, allow_pickle: boo
 
 def save_learned_tokens(model, path: Path, dtype: torch.dtype | None = None):
     """The learned token's row(s): under each text encoder's key in the family's token files, or (one encoder) under
-    the token itself, as one vector."""
+    the token itself, as one vector (n, dim) for n vectors: what diffusers' load_textual_inversion and A1111 read."""
     learned = learned_tokens(model)
     token = next(iter(learned.values())).token
     rows = {}
     for slot in model.family.encoders:
         new = learned[slot.name].new.detach().float()
-        rows[slot.token_key or token] = new if slot.token_key else new[0]
+        rows[slot.token_key or token] = new if slot.token_key or len(new) > 1 else new[0]
     save_safetensors(rows, path, metadata={"token": token}, dtype=dtype)

@@ -6,6 +6,7 @@ single digits and punctuation runs (OpenAI's regex); byte-level BPE with `</w>` 
 wrap in <|startoftext|> ... <|endoftext|> and pad to 77 positions.
 """
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -101,6 +102,12 @@ class CLIPTokenizer:
         self.tok.add_tokens([AddedToken(token, single_word=False, normalized=False)])
         got = self.tok.token_to_id(token)
         assert got == self.added[token], (got, self.added[token])
+        # a multi-vector token's next vector (`<tok>_1`, `<tok>_2`, …, added in order): "<tok>" now stands for one
+        # more id, as diffusers' maybe_convert_prompt expands any added token that has such siblings
+        m = re.fullmatch(r"(.+)_(\d+)", token)
+        first = self.added.get(m[1]) if m else None
+        if first is not None and int(m[2]) == len(self.expand.get(first, [first])):
+            self.expand[first] = [*self.expand.get(first, [first]), got]
         return got
 
     def encode(self, text: str) -> list[int]:

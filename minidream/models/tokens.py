@@ -31,14 +31,17 @@ class TokenEmbedding(nn.Module):
         return torch.where((ids >= n)[..., None], new, old)
 
 
-def add_token(model, token: str, init_word: str):
+def add_token(model, token: str, init_word: str, vectors: int = 1):
     """A new token in each text encoder (SDXL: both), its embedding initialised from `init_word`'s (the mean of
-    its pieces)."""
+    its pieces). With several vectors (textual inversion's multi-vector tokens) the token is `token`, `token_1`, …
+    `token_{n-1}`, which a prompt's `token` stands for all together (diffusers' and A1111's convention), each row
+    starting from the same init, as diffusers' textual-inversion script starts them."""
     for _, tok, te in model.text_encoders():
         emb = te.embeddings.token_embedding
         init = emb.weight[tok.encode(init_word)].mean(0, keepdim=True)
-        tok.add_token(token)
-        te.embeddings.token_embedding = TokenEmbedding(emb, init, token)
+        for t in [token] + [f"{token}_{i}" for i in range(1, vectors)]:
+            tok.add_token(t)
+        te.embeddings.token_embedding = TokenEmbedding(emb, init.expand(vectors, -1), token)
 
 
 def learned_tokens(model) -> dict[str, TokenEmbedding]:

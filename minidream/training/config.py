@@ -153,6 +153,8 @@ class TrainConfig:
                         "low-rank direction (diffusers' --use_dora).", added=False)
     train_text_encoder: bool = option(False, "Also train the text encoder (LoRA with --train lora).")
     train_token: bool = option(False, "Learn a new token embedding <IDENTIFIER>, initialised from the class noun.")
+    token_vectors: int = option(1, "Vectors of the new token (--train-token): <IDENTIFIER> stands for N embedding rows "
+                                "(textual inversion's multi-vector tokens).", check=at_least(1, 75), added=1)
     clip_skip: int = option(1, "SD 1.x/2.x: condition on the text encoder's N-th layer from the end, as A1111 and "
                             "kohya number it (1: the last, 2: the penultimate, for community SD 1.x models).",
                             check=at_least(1), added=1)
@@ -339,6 +341,8 @@ def combinations(cfg: TrainConfig):
                              "lora_dropout", "dora") if getattr(cfg, n) != OPTIONS[n].default]
     if lora_only and not MODES[cfg.mode].adapters:
         raise TrainError(f"{flag(lora_only[0])} shapes LoRA adapters: it needs --train lora")
+    if cfg.token_vectors > 1 and not cfg.train_token:
+        raise TrainError("--token-vectors shapes the learned token: it needs --train-token")
     if cfg.text_encoder_targets != "attn" and not cfg.train_text_encoder:
         raise TrainError("--text-encoder-targets needs --train-text-encoder")
     if (cfg.conv_rank or cfg.conv_alpha) and cfg.lora_targets != "all":

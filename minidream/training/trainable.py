@@ -164,8 +164,8 @@ class Trainable:
 
 
 def select_trainable(model: StableDiffusion, mode: str, adapters: Adapters = Adapters(),
-                     train_text_encoder: bool = False, token: str | None = None, init_word: str | None = None
-                     ) -> Trainable:
+                     train_text_encoder: bool = False, token: str | None = None, init_word: str | None = None,
+                     token_vectors: int = 1) -> Trainable:
     """Freeze everything, then unfreeze (or add) what --train / --train-text-encoder / --train-token ask for."""
     encoders = [(name, te) for name, _, te in model.text_encoders()]
     for m in model.networks():
@@ -175,7 +175,7 @@ def select_trainable(model: StableDiffusion, mode: str, adapters: Adapters = Ada
     for _, te in encoders if train_text_encoder else ():
         row.text_encoder(te, adapters)
     if token:
-        add_token(model, token, init_word)
+        add_token(model, token, init_word, token_vectors)
     trainable = Trainable([], [], [])
     for name, p in model.denoiser.named_parameters():
         if p.requires_grad:
