@@ -149,7 +149,8 @@ def test_concepts_fuzz_is_accepted_or_one_line(instance_dir, tmp_path):  # noqa:
 def lora_files(sd1_dir, tmp_path_factory):
     """A real LoRA of the tiny model in kohya's layout and in diffusers' with PEFT metadata."""
     from safetensors.torch import save_file
-    from minidream.formats.lora_export import diffusers_lora_state_dict, kohya_lora_state_dict
+    from minidream.formats.lora_export import (diffusers_lora_state_dict, kohya_lora_state_dict, save_lora_diffusers,
+                                               save_lora_kohya)
     from minidream.models.lora import AdapterSpec
     from minidream.training.trainable import Adapters, unet_lora
     d = tmp_path_factory.mktemp("loras")
@@ -163,6 +164,14 @@ def lora_files(sd1_dir, tmp_path_factory):
     meta = {"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": 2, "unet.rank_pattern": {},
                                                  "unet.alpha_pattern": {}})}
     save_file(diffusers_lora_state_dict(m), d / "peft.safetensors", metadata=meta)
+    # DoRA on attention, feed-forward and the resnets' convolutions, in both layouts, as our exports write them
+    m = loading.load(str(sd1_dir))
+    unet_lora(m.unet, Adapters(AdapterSpec(2, 2.0, conv_rank=3, dora=True), unet="all"))
+    for p in m.unet.parameters():
+        if p.requires_grad:
+            p.data = p.data * 1.1 + torch.randn(p.shape, generator=g) * 0.1
+    save_lora_kohya(m, d / "kohya_dora.safetensors")
+    save_lora_diffusers(m, d / "peft_dora.safetensors")
     return d
 
 
@@ -174,8 +183,9 @@ def test_lora_fuzz_loads_or_is_one_line(sd1_dir, lora_files, tmp_path):
     base = loading.load(str(sd1_dir))
     rng = random.Random(1)
     outcomes = {"ok": 0, "refused": 0}
-    for i in range(60):
-        src = lora_files / rng.choice(["kohya.safetensors", "peft.safetensors"])
+    for i in range(80):
+        src = lora_files / rng.choice(["kohya.safetensors", "peft.safetensors", "kohya_dora.safetensors",
+                                       "peft_dora.safetensors"])
         sd = load_file(src)
         with safe_open(str(src), "pt") as f:
             meta = dict(f.metadata() or {})

@@ -97,11 +97,18 @@ def test_lora_variants_load_in_diffusers_with_our_image(sd1_dir, instance_dir, t
         assert any(k.endswith("dora_scale") for k in load_file(out / FILES[1]))
 
 
-def test_sdxl_wide_targets_and_dora_load_in_diffusers(xl_dir, instance_dir, tmp_path):
+@pytest.mark.parametrize("dora", [False, True])
+def test_sdxl_wide_targets_load_in_diffusers(xl_dir, instance_dir, tmp_path, dora):
+    """The kohya file under the original checkpoint's names (resnets' in_layers/out_layers/emb_layers/skip_connection,
+    samplers' op/conv) as kohya's SDXL networks write them."""
     from diffusers import StableDiffusionXLPipeline
-    out = trained(xl_dir, instance_dir, tmp_path / "run", "--lora-targets", "all", "--dora", "--train-text-encoder",
-                  "--text-encoder-targets", "attn-mlp", "--lora-blocks", "down.1,up.0")
-    check_files_give_our_image(xl_dir, out, StableDiffusionXLPipeline, dora=True, kw=XL_KW)
+    out = trained(xl_dir, instance_dir, tmp_path / "run", "--lora-targets", "all", "--train-text-encoder",
+                  "--text-encoder-targets", "attn-mlp", "--lora-blocks", "down.0,down.1,up.0",
+                  *(["--dora"] if dora else []))
+    check_files_give_our_image(xl_dir, out, StableDiffusionXLPipeline, dora=dora, kw=XL_KW)
+    kohya = load_file(out / FILES[1])
+    for part in ("_0_in_layers_2.", "_0_emb_layers_1.", "_0_skip_connection.", "_0_op.", "_2_conv."):
+        assert any(k.startswith("lora_unet_") and part in k for k in kohya), part
     kohya = load_file(out / FILES[1])
     assert any(k.startswith("lora_unet_input_blocks_") and "_in_layers_2" in k for k in kohya)  # original names
     assert any(k.startswith("lora_te2_") for k in kohya)
@@ -139,3 +146,25 @@ def test_bad_lora_options_are_one_line_before_anything_is_written(sd1_dir, insta
     r = run_cli(*train_args(sd1_dir, instance_dir, out, *extra))
     assert r.exit_code != 0 and needle in r.output, r.output
     assert "Traceback" not in r.output and not (out / "run.json").exists()
+
+
+def test_kohya_metadata_of_a_captioned_run(sd1_dir, instance_dir, tmp_path):
+    """The ss_* fields model sites and A1111 show: the run's steps, rates, resolution, times, the photo folder and
+    its caption tags counted as kohya counts them (comma-separated, per folder)."""
+    import shutil
+    photos = tmp_path / "photos"
+    shutil.copytree(instance_dir, photos)
+    for i, png in enumerate(sorted(photos.glob("*.png"))):
+        png.with_suffix(".txt").write_text("a photo of sks dog, red collar" + (", grass" if i % 2 else ""))
+    out = tmp_path / "run"
+    r = run_cli(*train_args(sd1_dir, photos, out, "--train", "lora", "--caption-ext", ".txt", "--lora-dropout", 0.1,
+                            "--save-as", "lora-kohya", "--text-encoder-lr", 1e-4, "--train-text-encoder"))
+    assert r.exit_code == 0, r.output
+    meta = safe_open(out / FILES[1], "pt").metadata()
+    assert json.loads(meta["ss_tag_frequency"]) == {"photos": {"a photo of sks dog": 4, "red collar": 4, "grass": 2}}
+    assert json.loads(meta["ss_dataset_dirs"]) == {"photos": {"n_repeats": 1, "img_count": 4}}
+    assert (meta["ss_steps"], meta["ss_max_train_steps"], meta["ss_resolution"]) == ("3", "3", "(16, 16)")
+    assert (meta["ss_unet_lr"], meta["ss_text_encoder_lr"], meta["ss_network_dropout"]) == ("0.001", "0.0001", "0.1")
+    assert int(meta["ss_training_started_at"]) <= int(meta["ss_training_finished_at"])
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_num_reg_images"] == "2"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["modelspec.resolution"] == "16x16"
