@@ -86,6 +86,12 @@ def run(preset: str = "sd15", res: int = 256, steps: int = 2, recipes=None, out=
     env = environment("cpu")
     env.update(device=f"cpu: {cpu_name()}, {os.cpu_count()} cores", torch_threads=torch.get_num_threads())
     path = Path(out or RESULTS) / f"memory-cpu-{preset}-{res}.json"
+    if path.exists() and recipes:  # a partial rerun (--only): the file keeps the other recipes' rows, each with its
+        kept = json.loads(path.read_text())  # own run's date and command
+        ran = {r["recipe"] for r in rows}
+        earlier = [{**r, "run": r.get("run") or {k: kept.get(k) for k in ("date", "command")}}
+                   for r in kept["results"] if r["recipe"] not in ran]
+        rows = earlier + [{**r, "run": {k: env.get(k) for k in ("date", "command")}} for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     note = ("step_s: the mean of each child's steps (the first allocates the optimizer state), not a speed figure "
             "(benchmarks/cpu.py measures speed); peak_rss includes loading the fp32 model")

@@ -164,7 +164,7 @@ def lora_factors(file: Path, allow_pickle: bool = False) -> dict[tuple[str, str]
             raise ModelError(f"{file}: {key[0]} module {key[1]} has a DoRA magnitude but no LoRA factors")
         if not m.numel() or not bool(torch.isfinite(m).all()):
             raise ModelError(f"{file}: {key[0]} module {key[1]}: its DoRA magnitude is empty or not finite")
-        out[key] = Decomposed(out[key], m)
+        out[key] = Decomposed(out[key], m, peft=not kohya)
     return out
 
 

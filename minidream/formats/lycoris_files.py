@@ -171,21 +171,22 @@ class Kronecker:
 
 @dataclass
 class Decomposed:
-    """DoRA around another Delta: the magnitude m, (out,)-sized or (in,)-sized as the file shapes it."""
+    """DoRA around another Delta: the magnitude m. PEFT's (diffusers' layout, `peft`) is always per output: (out,),
+    or (1, out, 1, 1) for a convolution; LyCORIS' dora_scale is per output when its first size is the weight's
+    (out, 1, ...), else per input (1, in, ...): ComfyUI's rule."""
     inner: object
     magnitude: torch.Tensor
+    peft: bool = False
 
     def describe(self) -> str:
         return f"DoRA magnitude {list(self.magnitude.shape)} on {self.inner.describe()}"
 
     def output_axis(self, w: torch.Tensor) -> bool:
-        m = self.magnitude
-        return m.numel() == w.shape[0] and (m.ndim == 1 or m.shape[0] == w.shape[0] or m.shape[1] == w.shape[0])
+        return self.peft or self.magnitude.shape[0] == w.shape[0]
 
     def fits(self, w: torch.Tensor) -> bool:
-        m = self.magnitude
-        return self.inner.fits(w) and (self.output_axis(w) or (w.ndim > 1 and m.ndim > 1 and m.shape[0] == 1
-                                                                and m.numel() == w.shape[1]))
+        m, size = self.magnitude, w.shape[0] if self.output_axis(w) else (w.shape[1] if w.ndim > 1 else -1)
+        return self.inner.fits(w) and m.numel() == size and (self.peft or m.dim() == w.dim())
 
     def bound(self) -> float:
         return peak(self.magnitude) + self.inner.bound()  # |W'| <= max|m|, |W| is the model's own
