@@ -125,6 +125,8 @@ def kohya_metadata(model) -> dict[str, str]:
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if
             model.family.name == "sdxl" else "diffusers",
             "modelspec.prediction_type": "v" if v_model(model) else "epsilon"}
+    if v_model(model):
+        meta["ss_v_parameterization"] = "True"
     return meta
 
 
