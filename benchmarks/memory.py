@@ -32,21 +32,24 @@ RECIPES = {
     "ours lora, bf16 frozen weights + checkpointing": (
         "ours", "lora", {"mixed_precision": "bf16", "gradient_checkpointing": True}),
     "diffusers lora": ("diffusers", "lora", {}),
+    "diffusers lora, --gradient_checkpointing": ("diffusers", "lora", {"gradient_checkpointing": True}),
 }
 
 
 # what a preset's file lacks, and why
-NOTES = {"sdxl": "; no diffusers rows: benchmarks/cpu.py drives diffusers' SD 1/2 script only; the full-UNet recipes "
-                 "with AdamW's full state (fp32: ~10 GiB of weights, ~31 GiB with Adam's state and the gradients) do "
-                 "not fit this 24 GiB machine and are not measured"}
+NOTES = {"sdxl": "; diffusers' rows are train_dreambooth_lora_sdxl.py's step (benchmarks/diffusers_sdxl.py): diffusers "
+                 "has no whole-UNet SDXL DreamBooth script; the full-UNet recipes with AdamW's full state (fp32: ~10 "
+                 "GiB of weights, ~31 GiB with Adam's state and the gradients) do not fit this 24 GiB machine and are "
+                 "not measured"}
 
 
 def child(recipe: str, folder: str, res: int, steps: int):
     import torch
-    from benchmarks import cpu
+    from benchmarks import cpu, diffusers_sdxl
     side, mode, settings = RECIPES[recipe]
     torch.manual_seed(0)
-    step = (cpu.ours if side == "ours" else cpu.diffusers)(folder, mode, res, **settings)
+    theirs = diffusers_sdxl.lora_step if diffusers_sdxl.is_sdxl(folder) else cpu.diffusers
+    step = (cpu.ours if side == "ours" else theirs)(folder, mode, res, **settings)
     before = cpu.rss_now()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -78,15 +81,15 @@ def run(preset: str = "sd15", res: int = 256, steps: int = 2, recipes=None, out=
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(random_model(preset, tokenizer=train_bpe(PROMPTS * 4, 300), seed=0), d)
         for name in recipes or RECIPES:
-            if RECIPES[name][0] == "diffusers" and preset in ("sdxl", "tiny-xl"):
-                print(f"{name}: skipped (benchmarks/cpu.py runs diffusers' SD 1/2 script only)", file=sys.stderr)
+            if RECIPES[name][0] == "diffusers" and RECIPES[name][1] != "lora" and preset in ("sdxl", "tiny-xl"):
+                print(f"{name}: skipped (diffusers' SDXL DreamBooth script trains LoRA only)", file=sys.stderr)
                 continue
             got = run_child(name, d, res, steps)
             side, mode, settings = RECIPES[name]
             rows.append({"recipe": name, "side": side, "mode": mode, "settings": settings, **got})
             print(f"{name}: peak RSS {got['peak_rss'] / 2 ** 30:.2f} GiB ({got['step_s']:.1f} s/step)",
                   file=sys.stderr)
-    base = next((r["peak_rss"] for r in rows if r["recipe"] == "diffusers unet"), None)
+    base = next((r["peak_rss"] for r in rows if r["recipe"] == "diffusers unet"), None)  # (SDXL: none)
     for r in rows:
         r["vs_diffusers_unet"] = r["peak_rss"] / base if base else None
     env = environment("cpu")

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_benchmarks_smoke(tmp_path):
     r = subprocess.run([sys.executable, "-m", "benchmarks", "all", "--smoke", "--out", str(tmp_path)],
@@ -62,3 +64,15 @@ def test_memory_benchmark_runs_every_recipe_in_its_own_process(tmp_path):
     from benchmarks.memory import RECIPES
     assert [x["recipe"] for x in data["results"]] == list(RECIPES)
     assert all(x["peak_rss"] > x["rss_before_first_step"] > 0 for x in data["results"])
+
+
+@pytest.mark.slow  # ~1 min of child processes; the SD recipes above keep the shared code alive in the suite
+def test_memory_benchmark_drives_diffusers_sdxl_lora_script(tmp_path):
+    """SDXL's reference rows: train_dreambooth_lora_sdxl.py's step (benchmarks/diffusers_sdxl.py); its whole-UNet
+    rows are skipped (diffusers has no such script)."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--preset", "tiny-xl", "--res", "16", "--steps", "1",
+                        "--only", "diffusers", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "memory-cpu-tiny-xl-16.json").read_text())
+    assert [x["recipe"] for x in data["results"]] == ["diffusers lora", "diffusers lora, --gradient_checkpointing"]
+    assert "skipped (diffusers' SDXL DreamBooth script trains LoRA only)" in r.stderr
