@@ -61,7 +61,8 @@ def check_files_give_our_image(model_dir, out, pipeline, dora=False, kw=KW):
 
 CASES = {
     "attn-ff": ["--lora-targets", "attn-ff", "--train-text-encoder", "--text-encoder-targets", "attn-mlp"],
-    "all-conv": ["--lora-targets", "all", "--conv-rank", 2, "--conv-alpha", 3, "--lora-blocks", "down.1,mid,up.0"],
+    "all-conv": ["--lora-targets", "all", "--conv-rank", 2, "--conv-alpha", 3, "--lora-blocks",
+                 "down.1,mid,up.0,up_blocks.1.resnets.0.conv1"],  # a whole name too
     "dora": ["--lora-targets", "all", "--dora", "--train-text-encoder", "--lora-dropout", 0.1],
     "dora-unet": ["--lora-targets", "attn", "--dora"],
 }
@@ -84,7 +85,9 @@ def test_lora_variants_load_in_diffusers_with_our_image(sd1_dir, instance_dir, t
         assert any(k.endswith("mlp.fc1.lora_A.weight") for k in sd)
         assert not any("resnets" in m for m in modules)
     if case == "all-conv":  # only the stages asked for; the 3x3 convolutions at their own rank
-        assert modules and all(m.startswith(("down_blocks.1.", "mid_block.", "up_blocks.0.")) for m in modules)
+        assert modules and all(m.startswith(("down_blocks.1.", "mid_block.", "up_blocks.0.")) for m in modules
+                               if m != "up_blocks.1.resnets.0.conv1")
+        assert "up_blocks.1.resnets.0.conv1" in modules
         assert sd["unet.mid_block.resnets.0.conv1.lora_A.weight"].shape[:2] == (2, 64)
         assert meta["unet.rank_pattern"]["mid_block.resnets.0.conv1"] == 2
         assert json.loads(kohya_meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "3"}
@@ -123,8 +126,10 @@ def test_wide_dora_with_dropout_resumes_bit_exact(sd1_dir, instance_dir, tmp_pat
     assert run_cli(*train_args(sd1_dir, instance_dir, full, *extra)).exit_code == 0
     r = run_cli(*train_args(sd1_dir, instance_dir, cut, *extra[:-1], 2))
     assert r.exit_code == 0, r.output
-    r = run_cli("train", "--out", cut, "--resume", "latest", "--steps", 4)
-    assert r.exit_code == 0, r.output
+    r = run_cli("train", "--out", cut, "--resume", "latest", "--steps", 4, "--lora-dropout", 0.2)
+    assert r.exit_code == 2 and "--lora-dropout cannot change in a resumed run" in r.output, r.output
+    r = run_cli("train", "--out", cut, "--resume", "latest", "--steps", 4, "--dora", "--lora-targets", "all")
+    assert r.exit_code == 0, r.output  # the run's own values, given again
     no_dropout = [a for a in extra if a not in ("--lora-dropout", 0.3)]
     assert run_cli(*train_args(sd1_dir, instance_dir, plain, *no_dropout)).exit_code == 0
     a, b, c = (load_file(d / FILES[0]) for d in (full, cut, plain))
@@ -140,6 +145,8 @@ def test_wide_dora_with_dropout_resumes_bit_exact(sd1_dir, instance_dir, tmp_pat
     (["--train", "lora", "--lora-blocks", "down.0,,mid"], "give stages as down.N, mid, up.N"),
     (["--train", "lora", "--lora-dropout", 1], "--lora-dropout must be in [0, 1)"),
     (["--train", "lora", "--lora-targets", "everything"], "'everything' is not one of 'attn', 'attn-ff', 'all'"),
+    (["--train", "lora", "--lora-targets", "all", "--conv-rank", 100000], "--conv-rank must be at most 1024"),
+    (["--train", "lora", "--lora-rank", 5000], "--lora-rank must be at most 1024"),
 ])
 def test_bad_lora_options_are_one_line_before_anything_is_written(sd1_dir, instance_dir, tmp_path, extra, needle):
     out = tmp_path / "run"
@@ -164,7 +171,8 @@ def test_kohya_metadata_of_a_captioned_run(sd1_dir, instance_dir, tmp_path):
     assert json.loads(meta["ss_tag_frequency"]) == {"photos": {"a photo of sks dog": 4, "red collar": 4, "grass": 2}}
     assert json.loads(meta["ss_dataset_dirs"]) == {"photos": {"n_repeats": 1, "img_count": 4}}
     assert (meta["ss_steps"], meta["ss_max_train_steps"], meta["ss_resolution"]) == ("3", "3", "(16, 16)")
-    assert (meta["ss_unet_lr"], meta["ss_text_encoder_lr"], meta["ss_network_dropout"]) == ("0.001", "0.0001", "0.1")
+    assert (meta["ss_unet_lr"], meta["ss_text_encoder_lr"]) == ("0.001", "0.0001")
+    assert json.loads(meta["ss_network_args"]) == {"lora_dropout": "0.1"}
     assert int(meta["ss_training_started_at"]) <= int(meta["ss_training_finished_at"])
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_num_reg_images"] == "2"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["modelspec.resolution"] == "16x16"

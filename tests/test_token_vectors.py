@@ -67,3 +67,23 @@ def test_sdxl_three_vector_token_in_both_encoders(xl_dir, instance_dir, tmp_path
     base = loading.load(str(xl_dir))
     add_embedding(base, out / "learned_embeds.safetensors")
     assert (ours(base).int() - ours(loading.load(str(out / "model"))).int()).abs().max() <= 1
+
+
+def test_vectors_past_the_token_limit_are_refused_or_warned(sd1_dir, instance_dir, tmp_path):
+    """74 vectors + "a photo of" + "dog" = 78 of CLIP's 75 positions: the token's last vectors would never train —
+    one line before anything is written; sampling with such an embedding warns that the prompt is cut."""
+    out = tmp_path / "run"
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--train", "lora", "--train-token", "--token-vectors", 74))
+    assert r.exit_code == 2 and "falls past the text encoder's 77-token limit" in r.output, r.output
+    assert not (out / "run.json").exists()
+    base = loading.load(str(sd1_dir))
+    emb = tmp_path / "e.safetensors"
+    from safetensors.torch import save_file
+    save_file({"<e>": torch.randn(74, 32) * 0.1}, emb)
+    add_embedding(base, emb)
+    assert base.tokenizer.truncated("a photo of <e> dog") == "<e> dog"
+    save_file({"<n>": torch.full((2, 32), float("nan"))}, emb)
+    import pytest
+    from minidream.formats.files import ModelError
+    with pytest.raises(ModelError, match="NaN or infinite"):
+        add_embedding(base, emb)

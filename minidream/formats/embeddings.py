@@ -58,6 +58,8 @@ def add_embedding(model, file: Path, token: str | None = None, allow_pickle: boo
             else "one text encoder"
         raise ModelError(f"{file}: an embedding for {kind}, but this model has {len(encoders)} text encoder(s)")
     vecs = [by_key[k] for k in keys]
+    if not all(bool(torch.isfinite(v).all()) for v in vecs):
+        raise ModelError(f"{file}: its vectors hold NaN or infinite values (a broken embedding)")
     n = len(vecs[0])
     most = encoders[0][1].max_length - 2
     if n > most:  # a prompt holds at most this many tokens: more vectors can never be read

@@ -116,9 +116,10 @@ def kohya_metadata(model) -> dict[str, str]:
     if dora:
         args.update(algo="lora", dora_wd="True", wd_on_output="True")
     dropout = getattr(first.dropout, "p", 0.0)
+    if dropout:  # PEFT's dropout of the adapter's input (kohya's ss_network_dropout is one after lora_down)
+        args.update(lora_dropout=f"{dropout:g}")
     meta = {"ss_network_module": "lycoris.kohya" if dora else "networks.lora",
-            "ss_network_dim": str(first.rank), "ss_network_alpha": f"{first.alpha:g}",
-            "ss_network_dropout": f"{dropout:g}" if dropout else "None",
+            "ss_network_dim": str(first.rank), "ss_network_alpha": f"{first.alpha:g}", "ss_network_dropout": "None",
             "ss_network_args": json.dumps(args) if args else "null",
             **dict(model.family.kohya_metadata),
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{modelspec_architecture(model)}/lora",

@@ -127,12 +127,15 @@ class CLIPTokenizer:
         return torch.tensor(rows, dtype=torch.long)
 
     def truncated(self, prompt: str) -> str | None:
-        """The part of `prompt` that does not fit in 77 positions, or None when it all fits."""
+        """The part of `prompt` that does not fit in 77 positions, or None when it all fits. A multi-vector token
+        counts its vectors; one that does not fit whole is part of the cut."""
         enc = self.tok.encode(prompt, add_special_tokens=False)
-        keep = self.max_length - 2
-        if len(enc.ids) <= keep:
-            return None
-        return prompt[enc.offsets[keep][0]:]
+        keep, used = self.max_length - 2, 0
+        for i, token_id in enumerate(enc.ids):
+            used += len(self.expand.get(token_id, (token_id,)))
+            if used > keep:
+                return prompt[enc.offsets[i][0]:]
+        return None
 
 
 def train_bpe(texts: list[str], vocab_size: int) -> CLIPTokenizer:

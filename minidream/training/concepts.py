@@ -7,6 +7,7 @@ multiples of the model's whole downsampling factor (64 for SD), aspect ratio at 
 to the bucket nearest its own aspect (in log ratio), is resized to cover it and only the remainder is cropped.
 A batch is drawn from one bucket, so its latents stack.
 """
+import copy
 import json
 import math
 import sys
@@ -163,6 +164,12 @@ def check_prompts(model: StableDiffusion, cfg: TrainConfig, concepts: list, inst
                                                                        ("--class-prompt", c.class_prompt))]
     pairs += [(f"--caption-ext: {e.caption_file}", e.prompt, concepts[e.concept].identifier)
               for e in instance if e.caption_file]
+    tokenizer = model.tokenizer
+    if cfg.train_token:  # the prompts as they will be read: the new token (and its --token-vectors) counted
+        tokenizer = copy.deepcopy(tokenizer)
+        for t in [cfg.token] + [f"{cfg.token}_{i}" for i in range(1, cfg.token_vectors)]:
+            if t not in tokenizer.vocab and t not in tokenizer.added:
+                tokenizer.add_token(t)
     for what, prompt, ident in pairs:
         if text(prompt):
             raise TrainError(f"{what}: {text(prompt)}")
@@ -170,7 +177,7 @@ def check_prompts(model: StableDiffusion, cfg: TrainConfig, concepts: list, inst
         if cfg.train_token and instance_side and f"<{ident}>" not in prompt:
             raise TrainError(f"{what}: the prompt {prompt!r} does not hold the token <{ident}> that --train-token "
                              f"learns; write <{ident}> where the identifier goes")
-        cut = model.tokenizer.truncated(prompt)
+        cut = tokenizer.truncated(prompt)
         if cut and instance_side and ident in cut and ident not in prompt[:-len(cut)]:
             raise TrainError(f"{what}: the identifier {ident!r} falls past the text encoder's "
                              f"{model.tokenizer.max_length}-token limit; shorten the prompt")

@@ -49,6 +49,15 @@ def optional_count(v):
     return None if v is None else at_least(1, 10 ** 6)(v)
 
 
+# a rank past the widest layer's width adds parameters and no expressiveness (SD's widest input is 2560, SDXL's
+# feed-forward 5120): 1024 is beyond what anyone trains (kohya's large LoRAs are 128-256)
+MAX_RANK = 1024
+
+
+def optional_rank(v):
+    return None if v is None else at_least(1, MAX_RANK)(v)
+
+
 def absolute_paths(cfg: "TrainConfig") -> "TrainConfig":
     """The run's local paths made absolute, as run.json and the checkpoints store them: the printed `--resume latest`
     command works from any folder. (A hub repo id, which is no local path, stays as it is.)"""
@@ -133,7 +142,7 @@ class TrainConfig:
                                          choices=SAMPLERS, added="ddim")
     # what trains
     mode: str = option("unet", MODE_HELP + ".", choices=MODES, flag="--train", was="train")
-    lora_rank: int = option(4, "LoRA rank r.", check=at_least(1))
+    lora_rank: int = option(4, "LoRA rank r.", check=at_least(1, MAX_RANK))
     lora_alpha: float = option(4.0, "LoRA alpha (scale alpha/r).", check=positive)
     lora_targets: str = option("attn", "What LoRA adapts in the UNet: " + "; ".join(
         f"{n}: {row.help}" for n, row in UNET_TARGETS.items()) + ".", choices=UNET_TARGETS, added="attn")
@@ -144,7 +153,7 @@ class TrainConfig:
                                      "SDXL alike; or prefixes of the UNet's module names, e.g. "
                                      "up_blocks.0.attentions.1). Default: all.", check=check_blocks, added=None)
     conv_rank: int | None = option(None, "LoCon rank of the 3x3 convolutions (--lora-targets all; default: "
-                                   "--lora-rank).", check=optional_count, added=None)
+                                   "--lora-rank).", check=optional_rank, added=None)
     conv_alpha: float | None = option(None, "LoCon alpha of the 3x3 convolutions (default: --lora-alpha).",
                                       check=positive_number, added=None)
     lora_dropout: float = option(0.0, "Dropout on each adapter's input while training (PEFT's lora_dropout).",
@@ -327,8 +336,8 @@ def validate(cfg: TrainConfig, resuming: bool = False):
         if cfg.concepts and (cfg.instance_dir or cfg.class_noun):
             raise TrainError("--concepts names each concept's folder and class: drop --instance-dir and "
                              "--class-noun")
-    combinations(cfg)
-    if not resuming:
+    if not resuming:  # resuming, the settings a resume merges are checked together (dreambooth.py): the command
+        combinations(cfg)  # line alone lacks the checkpoint's (--train lora, --train-token, ...)
         check_run_concepts(cfg, Path(cfg.out))
 
 

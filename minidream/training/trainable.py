@@ -90,7 +90,8 @@ class Adapters:
             return names
         picked = []
         for block in (b.strip() for b in self.blocks.split(",")):
-            inside = [n for n in names if n.startswith(block_prefix(block))]
+            prefix = block_prefix(block)
+            inside = [n for n in names if n.startswith(prefix) or n == prefix[:-1]]
             if not inside:
                 raise TrainError(f"--lora-blocks {block}: no --lora-targets {self.unet} module of this UNet is in "
                                  f"it (its stages: {', '.join(_stages(net))})")
