@@ -2,6 +2,12 @@
 declared once in minidream/training/config.py (default, help, check, choices), `sample`'s and `attention-maps`'s
 sampling options SamplingParams' (sampling/pipeline.py), and the loader options of every command TrainConfig's
 too (minidream/options.py turns a declaration into an option). The other options live in the signatures."""
+# ruff: noqa: E402 (the imports follow the Ctrl-C handler that covers them)
+import signal
+import sys
+
+# Ctrl-C while the modules below load (torch takes a second or more): one line, no traceback (nothing is written yet)
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting; nothing was written"))
 import json
 import math
 import re
@@ -19,6 +25,8 @@ from minidream.options import (choice, declared_option, declared_values, first_p
 from minidream.sampling.pipeline import SamplingParams
 from minidream.training import TrainError
 from minidream.training.config import OPTIONS, TrainConfig
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again (a run saves)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Stable Diffusion and DreamBooth in plain PyTorch.")

@@ -224,3 +224,21 @@ def test_sample_diff_and_maps_on_a_full_disk_are_one_line(sd1_dir, small_disk):
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args[0], r.stderr[-3000:])
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and "No space left on device" in last, (args[0], last)
+
+
+def test_ctrl_c_while_the_modules_load_is_one_line(tmp_path):
+    """A real SIGINT while `minidream` imports torch (the first second or so): one line, exit 1, no traceback.
+    A signal that comes after `--help` has finished finds no process to stop (exit 0)."""
+    import time
+    codes = []
+    for delay in (0.3, 0.6):
+        p = subprocess.Popen([sys.executable, "-m", "cli", "train", "--help"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        assert "Traceback" not in err, err
+        assert p.returncode in (0, 1) and (p.returncode == 0 or err == "interrupted while starting; nothing was "
+                                           "written\n"), (p.returncode, err)
+        codes.append(p.returncode)
+    assert 1 in codes, codes

@@ -161,6 +161,12 @@ def test_an_all_zero_mask_without_prior_trains_nothing(sd1_dir, instance_dir, tm
     data = json.loads((out / "data.json").read_text())
     assert {x["mask"] for x in data["images"] if x["kind"] == "instance"} == \
         {str(masks / f"{p.stem}.png") for p in instance_dir.glob("*.png")}
+    # a run that trained without masks cannot have them added on resume (a moved mask folder may be given anew)
+    plain = tmp_path / "plain"
+    assert run_cli(*base_args(sd1_dir, plain, "--instance-dir", instance_dir, "--class-noun", "dog", "--no-prior",
+                              "--steps", 1)).exit_code == 0
+    r = run_cli("train", "--out", plain, "--resume", "latest", "--steps", 2, "--mask-dir", masks)
+    assert r.exit_code == 2 and "this run trained without --mask-dir" in r.output, r.output
 
 
 def test_half_masks_and_alpha_masks_train(sd1_dir, instance_dir, tmp_path):  # noqa: F811

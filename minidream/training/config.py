@@ -437,4 +437,9 @@ def resumed_config(cfg: TrainConfig, stored: TrainConfig, given: set[str] | None
         was = ", ".join(f"{flag(k)} {short(getattr(stored, k))}" for k in fixed)
         raise TrainError(f"--resume: {', '.join(flag(k) for k in fixed)} cannot change in a resumed run (it has "
                          f"{was}); drop them, or start a new run with --overwrite")
+    added = sorted(k for k in given & resumable if OPTIONS[k].metadata.get("check") is path and
+                   getattr(stored, k) is None and getattr(cfg, k) is not None)
+    if added:  # a folder may be given anew where it moved, not added: the run trained without it
+        raise TrainError(f"--resume: this run trained without {flag(added[0])}; it cannot be added to it (start a "
+                         f"new run with --overwrite)")
     return replace(stored, **{k: getattr(cfg, k) for k in resumable if k in given})

@@ -17,6 +17,7 @@ from minidream.training.checkpoint import Checkpointer
 from minidream.training.config import TrainConfig
 from minidream.training.export import snapshot
 from minidream.training.report import Log
+from minidream.training.runtime import signals_deferred
 from minidream.training.step import Stepper, dreambooth_loss
 from minidream.training.validation import HeldOutLoss, grid_rows, has_grid, validation_grid
 
@@ -39,10 +40,11 @@ def saved(ckpt: Checkpointer, step: int) -> str:
     if ckpt.cfg.fsdp and ckpt.last_good != step:  # a checkpoint gathers from every process, which may be gone
         return f"--fsdp cannot gather a checkpoint now, {ckpt.kept()}"
     try:
-        path = ckpt.keep(step)
+        with signals_deferred() as came:  # a second Ctrl-C while it is written waits for it (it is the run's work)
+            path = ckpt.keep(step)
     except TrainError:
         return f"no checkpoint could be written either, {ckpt.kept()}"
-    return f"saved {path}"
+    return f"saved {path}" + (" (finished before the second stop signal)" if came else "")
 
 
 @contextmanager
