@@ -22,10 +22,17 @@ from minidream.models.stable_diffusion import StableDiffusion
 from minidream.models.tokens import add_token
 from minidream.training import TrainError
 
+
+def ending(*parts: str) -> re.Pattern:
+    """Module names that end in one of `parts` (regular expressions)."""
+    return re.compile(rf".*\.({'|'.join(parts)})$")
+
+
 # The projections DreamBooth's attention variant trains (and LoRA adapts by default): Q, K, V and out of every self-
 # (attn1) and cross-attention (attn2) layer of the UNet, and of the text encoder's self-attention.
-UNET_ATTENTION = re.compile(r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
-TEXT_ATTENTION = re.compile(r".*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
+ATTN = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+TEXT_ATTN = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+UNET_ATTENTION, TEXT_ATTENTION = ending(ATTN), ending(TEXT_ATTN)
 
 
 @dataclass(frozen=True)
@@ -38,22 +45,20 @@ class TargetSet:
 # kohya's networks adapt every Linear and Conv2d of the transformer blocks (attention, feed-forward, the 1×1 or
 # linear proj_in/proj_out), and with LoCon those of the resnets and the up/downsamplers too (3×3 convs at
 # --conv-rank); the time embedding, conv_in and conv_out stay out, as there.
+FEED_FORWARD = r"ff\.net\.(0\.proj|2)|attentions\.\d+\.(proj_in|proj_out)"
+LOCON = r"resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)|(downsamplers|upsamplers)\.0\.conv"
+TEXT_MLP = r"mlp\.(fc1|fc2)"
 UNET_TARGETS = {
     "attn": TargetSet(UNET_ATTENTION, "Q/K/V/out of every attention layer"),
-    "attn-ff": TargetSet(re.compile(r".*\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|"
-                                    r"attentions\.\d+\.(proj_in|proj_out))$"),
+    "attn-ff": TargetSet(ending(ATTN, FEED_FORWARD),
                          "and the feed-forward layers and proj_in/proj_out of every transformer"),
-    "all": TargetSet(re.compile(r".*\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|"
-                                r"attentions\.\d+\.(proj_in|proj_out)|"
-                                r"resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)|"
-                                r"(downsamplers|upsamplers)\.0\.conv)$"),
+    "all": TargetSet(ending(ATTN, FEED_FORWARD, LOCON),
                      "and the resnets' convolutions and time projections and the up/downsamplers (LoCon; 3x3 "
                      "kernels at --conv-rank/--conv-alpha)"),
 }
 TEXT_TARGETS = {
     "attn": TargetSet(TEXT_ATTENTION, "q/k/v/out of every self-attention layer"),
-    "attn-mlp": TargetSet(re.compile(r".*\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$"),
-                          "and the MLP (fc1, fc2) of every layer"),
+    "attn-mlp": TargetSet(ending(TEXT_ATTN, TEXT_MLP), "and the MLP (fc1, fc2) of every layer"),
 }
 BLOCK = re.compile(r"(down|up)\.(\d+)|mid")
 
