@@ -75,7 +75,7 @@ def test_lora_variants_load_in_diffusers_with_our_image(sd1_dir, instance_dir, t
     check_files_give_our_image(sd1_dir, out, StableDiffusionPipeline, dora="--dora" in CASES[case])
     sd = load_file(out / FILES[0])
     meta = json.loads(safe_open(out / FILES[0], "pt").metadata()["lora_adapter_metadata"])
-    assert meta["unet.lora_alpha"] == 6 and meta["unet.r"] == 4
+    assert meta["unet.lora_alpha"] == meta["unet.r"] == 4  # α/r = 6/4 folded into B: scale 1 in any tool
     kohya_meta = safe_open(out / FILES[1], "pt").metadata()
     assert kohya_meta["ss_network_dim"] == "4" and kohya_meta["ss_network_alpha"] == "6"
     assert kohya_meta["ss_base_model_version"] == "sd_v1" and kohya_meta["ss_steps"] == "3"

@@ -75,8 +75,9 @@ def add_embedding(model, file: Path, token: str | None = None, allow_pickle: boo
                 raise ModelError(f"{file}: token {t!r} is already in the vocabulary; name another with "
                                  f"--embedding-token")
     for (_, tok, te), vec in zip(encoders, vecs):
-        for t in tokens:  # `token` expands to them all (the tokenizer links `token_1`, … to it)
-            tok.add_token(t)
+        tok.add_token(token)
+        for t in tokens[1:]:  # `token` stands for them all
+            tok.add_token(t, vector_of=token)
         emb = te.embeddings.token_embedding
         grown = nn.Embedding(emb.num_embeddings + n, emb.embedding_dim, device=emb.weight.device,
                              dtype=emb.weight.dtype)

@@ -3,11 +3,14 @@
 - diffusers / PEFT (`load_lora_weights`): `unet.<module>.lora_A.weight`, `.lora_B.weight` (a convolution's A keeps
   its kernel, B is 1×1), DoRA's `.lora_magnitude_vector` (a text encoder's `.lora_magnitude_vector.weight`); text
   encoders as `text_encoder.text_model.<module>` (SDXL: and `text_encoder_2.`), as diffusers' scripts save them.
-  B is written as trained and α goes in the `lora_adapter_metadata` (PEFT's LoraConfig per component: r,
-  lora_alpha, rank_pattern/alpha_pattern for the 3×3 convolutions, target_modules, use_dora), which diffusers
-  builds its adapters from: scaled right when α ≠ r.
+  α/r is folded into B, so the file loads at scale 1 in any tool (ComfyUI and older diffusers read no metadata),
+  and the `lora_adapter_metadata` says so to those that read it (PEFT's LoraConfig per component: r, lora_alpha =
+  r, rank_pattern/alpha_pattern for the 3×3 convolutions' own rank, target_modules, use_dora), from which diffusers
+  builds its adapters. DoRA is unchanged by the folding: its norm is of W + (α/r)·B A either way.
 - kohya (A1111, ComfyUI): `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`, DoRA's
-  `.dora_scale` (out, 1, ...) as LyCORIS writes it with its magnitude on the output axis (wd_on_out); text encoders
+  `.dora_scale` (out, 1, ...) as LyCORIS writes it with its magnitude on the output axis (wd_on_out: what LyCORIS
+  merges exactly; A1111 reads only the per-input layout and ComfyUI divides this one by ‖W‖, not ‖W + ΔW‖, so the
+  trainer warns that the diffusers file or the merged model is the exact DoRA export); text encoders
   under each family's kohya prefix (`lora_te_text_model_`; SDXL `lora_te1_`, `lora_te2_`, and the UNet's modules
   under the original checkpoint's names, `lora_unet_input_blocks_4_1_...`, as kohya's SDXL networks write). The
   ss_* metadata kohya's trainer writes (network, dims, args, base model, resolution, steps, learning rates, times,
@@ -34,13 +37,13 @@ def _magnitude(m: LoRA) -> torch.Tensor:
 
 
 def diffusers_lora_state_dict(model) -> dict[str, torch.Tensor]:
-    """The adapters of the UNet and text encoders under diffusers' names (B as trained: α is in the metadata)."""
+    """The adapters of the UNet and text encoders under diffusers' names (α/r folded into B)."""
     sd = {}
     for comp, net in _components(model).items():
         prefix = comp if comp == "unet" else f"{comp}.text_model"
         for name, m in loras(net).items():
             sd[f"{prefix}.{name}.lora_A.weight"] = m.lora_down.weight.detach().float()
-            sd[f"{prefix}.{name}.lora_B.weight"] = m.lora_up.weight.detach().float()
+            sd[f"{prefix}.{name}.lora_B.weight"] = m.lora_up.weight.detach().float() * m.scale
             if m.magnitude is not None:  # PEFT's key; a text encoder's with .weight, which transformers' own
                 # loader (diffusers loads text encoders through it) needs and PEFT's accepts
                 sd[f"{prefix}.{name}.lora_magnitude_vector{'' if comp == 'unet' else '.weight'}"] = _magnitude(m)
@@ -49,7 +52,8 @@ def diffusers_lora_state_dict(model) -> dict[str, torch.Tensor]:
 
 def diffusers_lora_metadata(model) -> dict[str, object]:
     """PEFT's LoraConfig of each component, keyed `<component>.<field>` as diffusers packs it: the most common
-    rank and α, and patterns for the modules that differ (the 3×3 convolutions' --conv-rank/--conv-alpha)."""
+    rank, and a pattern for the modules of another rank (the 3×3 convolutions' --conv-rank); α = r everywhere, as
+    α/r is folded into B."""
     meta = {}
     for comp, net in _components(model).items():
         adapters = loras(net)
@@ -58,11 +62,9 @@ def diffusers_lora_metadata(model) -> dict[str, object]:
         first = next(iter(adapters.values()))
         ranks = [m.rank for m in adapters.values()]
         r = max(set(ranks), key=ranks.count)
-        alpha = next(m.alpha for m in adapters.values() if m.rank == r)
+        others = {n: m.rank for n, m in adapters.items() if m.rank != r}
         meta.update({f"{comp}.{k}": v for k, v in {
-            "r": r, "lora_alpha": alpha,
-            "rank_pattern": {n: m.rank for n, m in adapters.items() if m.rank != r},
-            "alpha_pattern": {n: m.alpha for n, m in adapters.items() if m.alpha != alpha},
+            "r": r, "lora_alpha": r, "rank_pattern": others, "alpha_pattern": others,
             # a text encoder's names without text_model.: PEFT matches name endings, and transformers 5 dropped it
             "target_modules": sorted(adapters), "use_dora": first.magnitude is not None}.items()})
         # (no lora_dropout: diffusers builds the adapters in training mode, and a pipeline would apply it)
@@ -70,6 +72,7 @@ def diffusers_lora_metadata(model) -> dict[str, object]:
 
 
 def save_lora_diffusers(model, path, dtype: torch.dtype | None = None, info: dict | None = None):
+    """(`info`, the run's facts, goes to the kohya file only: diffusers' metadata is PEFT's config, nothing else.)"""
     save_safetensors(diffusers_lora_state_dict(model), path, dtype=dtype, metadata={
         "format": "pt", "lora_adapter_metadata": json.dumps(diffusers_lora_metadata(model))})
 

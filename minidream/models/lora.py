@@ -35,8 +35,9 @@ class AdapterSpec:
 
 
 def row_norm(w: torch.Tensor) -> torch.Tensor:
-    """||W||_c: the norm of each output row (a convolution's output channel), shape (out,)."""
-    return w.flatten(1).norm(dim=1)
+    """||W||_c: the norm of each output row (a convolution's output channel), shape (out,); an all-zero row counts
+    as tiny, not 0 (its magnitude starts at 0 and m / ||W||_c stays finite)."""
+    return w.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 class LoRA(nn.Module):
@@ -78,7 +79,8 @@ class LoRA(nn.Module):
             norm = row_norm(self.base.weight.float() + self.delta())
         g = (self.magnitude / norm).to(y.dtype)
         g = g.view(-1, 1, 1) if isinstance(self.base, nn.Conv2d) else g
-        plain = y - self._bias(y) if isinstance(self.dropout, nn.Identity) else self._no_bias(xd)
+        same_input = isinstance(self.dropout, nn.Identity) or not self.training  # no dropout: W x is y - bias
+        plain = y - self._bias(y) if same_input else self._no_bias(xd)
         return y + (g - 1) * plain + g * self.adapter(xd).to(y.dtype) * self.scale
 
     def _bias(self, y):
@@ -95,7 +97,8 @@ class LoRA(nn.Module):
     def delta(self) -> torch.Tensor:
         """(α/r)·B A in the base weight's shape (fp32): what the adapter adds to the weight's direction."""
         up, down = self.lora_up.weight.float().flatten(1), self.lora_down.weight.float().flatten(1)
-        return ((up @ down) * self.scale).reshape(self.base.weight.shape)
+        with torch.autocast(up.device.type, enabled=False):  # fp32 even inside the step's autocast (DoRA's norm)
+            return ((up @ down) * self.scale).reshape(self.base.weight.shape)
 
     def merged(self) -> torch.Tensor:
         """The adapted weight (fp32): W + ΔW, or for DoRA m ⊙ (W + ΔW) / ||W + ΔW||_c."""
@@ -120,6 +123,8 @@ def add_lora(model: nn.Module, names: list[str], spec: AdapterSpec) -> dict[str,
         base = model.get_submodule(name)
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"{name} is a {type(base).__name__}, not a Linear or Conv2d")
+        if isinstance(base, nn.Conv2d) and (base.groups, base.dilation, base.padding_mode) != (1, (1, 1), "zeros"):
+            raise TypeError(f"{name}: a grouped, dilated or non-zero-padded convolution has no LoCon adapter here")
         base.requires_grad_(False)
         out[name] = LoRA(base, *spec.rank_alpha(base), spec.dropout, spec.dora)
         _replace(model, name, out[name])

@@ -40,7 +40,12 @@ class CLIPTokenizer:
         # prompt stands for "<tok> <tok>_1 …", as diffusers' textual-inversion loader rewrites prompts
         self.expand: dict[int, list[int]] = {}
         for token in sorted(added or {}, key=(added or {}).get):
-            self.add_token(token)
+            # a saved multi-vector token's `<tok>_1`, `<tok>_2`, … (in order) join `<tok>`, as diffusers'
+            # maybe_convert_prompt joins any added token's such siblings
+            m = re.fullmatch(r"(.+)_(\d+)", token)
+            first = self.added.get(m[1]) if m else None
+            joins = first is not None and int(m[2]) == len(self.expand.get(first, [first]))
+            self.add_token(token, vector_of=m[1] if joins else None)
         self.bos_id, self.eos_id = vocab[BOS], vocab[EOS]
         self.pad_id = self.token_id(pad_token)
 
@@ -93,8 +98,9 @@ class CLIPTokenizer:
     def token_id(self, token: str) -> int:
         return self.added[token] if token in self.added else self.vocab[token]
 
-    def add_token(self, token: str) -> int:
-        """Add a new whole-word token (a learned identifier such as "<sks>"); returns its id.
+    def add_token(self, token: str, vector_of: str | None = None) -> int:
+        """Add a new whole-word token (a learned identifier such as "<sks>"); returns its id. `vector_of`: the
+        multi-vector token it is the next vector of (a prompt's `<tok>` then stands for one more id).
         Its embedding row must be added to the text encoder too (see training)."""
         if token in self.vocab or token in self.added:
             raise ValueError(f"token {token!r} is already in the vocabulary")
@@ -102,11 +108,8 @@ class CLIPTokenizer:
         self.tok.add_tokens([AddedToken(token, single_word=False, normalized=False)])
         got = self.tok.token_to_id(token)
         assert got == self.added[token], (got, self.added[token])
-        # a multi-vector token's next vector (`<tok>_1`, `<tok>_2`, …, added in order): "<tok>" now stands for one
-        # more id, as diffusers' maybe_convert_prompt expands any added token that has such siblings
-        m = re.fullmatch(r"(.+)_(\d+)", token)
-        first = self.added.get(m[1]) if m else None
-        if first is not None and int(m[2]) == len(self.expand.get(first, [first])):
+        if vector_of is not None:
+            first = self.added[vector_of]
             self.expand[first] = [*self.expand.get(first, [first]), got]
         return got
 

@@ -34,13 +34,15 @@ class TokenEmbedding(nn.Module):
 def add_token(model, token: str, init_word: str, vectors: int = 1):
     """A new token in each text encoder (SDXL: both), its embedding initialised from `init_word`'s (the mean of
     its pieces). With several vectors (textual inversion's multi-vector tokens) the token is `token`, `token_1`, …
-    `token_{n-1}`, which a prompt's `token` stands for all together (diffusers' and A1111's convention), each row
-    starting from the same init, as diffusers' textual-inversion script starts them."""
+    `token_{n-1}`, which a prompt's `token` stands for all together (diffusers' convention; A1111 keeps the n rows
+    under one name, which its prompts' name stands for too), each row starting from the same init, as diffusers'
+    textual-inversion script starts them."""
     for _, tok, te in model.text_encoders():
         emb = te.embeddings.token_embedding
         init = emb.weight[tok.encode(init_word)].mean(0, keepdim=True)
-        for t in [token] + [f"{token}_{i}" for i in range(1, vectors)]:
-            tok.add_token(t)
+        tok.add_token(token)
+        for i in range(1, vectors):
+            tok.add_token(f"{token}_{i}", vector_of=token)
         te.embeddings.token_embedding = TokenEmbedding(emb, init.expand(vectors, -1), token)
 
 

@@ -132,6 +132,11 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
         REPORT_TO[cfg.report_to].check()
     if MODES[cfg.mode].adapters:  # --lora-blocks names stages of this UNet
         cfg.adapters.unet_modules(model.denoiser)
+    if cfg.dora and "lora-kohya" in cfg.save_as:
+        print("warning: --dora: lora_kohya.safetensors holds DoRA as LyCORIS writes it (dora_scale per output "
+              "channel), which LyCORIS and `minidream sample` merge exactly; A1111 reads only per-input DoRA and "
+              "ComfyUI approximates this one: for them export the merged model (--save-as single-file)",
+              file=sys.stderr)
     # Identifier check (§4.1): a rare token carries little prior meaning, so it is cheap to rebind.
     pieces = len(model.tokenizer.encode(cfg.identifier))
     if not cfg.train_token and pieces != 1:

@@ -101,7 +101,8 @@ class Adapters:
                 raise TrainError(f"--lora-blocks {block}: no --lora-targets {self.unet} module of this UNet is in "
                                  f"it (its stages: {', '.join(_stages(net))})")
             picked += inside
-        return [n for n in names if n in set(picked)]
+        picked = set(picked)
+        return [n for n in names if n in picked]
 
 
 def _matching(net: nn.Module, pattern: re.Pattern) -> list[str]:

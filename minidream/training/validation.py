@@ -7,6 +7,7 @@
 - the validation loss (`HeldOutLoss`): the ε-loss on fixed (image, timestep, noise) triples, for the subject's
   photos (how well it fits) and for a fixed set of class images (how far the class drifts from the prior).
 """
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,19 +73,30 @@ def grid_rows(cfg) -> list[tuple[str, SamplingParams, int]]:
 
 
 @torch.no_grad()
+@contextmanager
+def evaluating(model: StableDiffusion):
+    """Every network in eval mode for the block (no adapter dropout in a trained text encoder either), then each
+    back in its own mode."""
+    modes = {m: m.training for net in model.networks() for m in net.modules()}
+    for net in model.networks():
+        net.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
 def validation_grid(model: StableDiffusion, cfg, path: Path, write: bool = True):
     """One row per validation row, one column per fixed seed (written where `write`: under --fsdp every process
     samples, rank 0 writes). Rows of other sizes are drawn on a canvas of the largest."""
-    denoiser = model.denoiser
-    was_training = denoiser.training
-    denoiser.eval()
-    weight = next(denoiser.parameters())
+    weight = next(model.denoiser.parameters())
     rows, wanted = [], grid_rows(cfg)
-    with torch.autocast(weight.device.type, dtype=weight.dtype, enabled=weight.dtype != torch.float32):
+    with evaluating(model), torch.autocast(weight.device.type, dtype=weight.dtype,
+                                           enabled=weight.dtype != torch.float32):
         for prompt, params, seed in wanted:
             rows.append(generate(model, [prompt] * cfg.validation_images, params, progress=False,
                                  generator=torch.Generator("cpu").manual_seed(seed)))
-    denoiser.train(was_training)
     if write:
         H, W = max(r.shape[1] for r in rows), max(r.shape[2] for r in rows)
         rows = [F.pad(r, (0, 0, 0, W - r.shape[2], 0, H - r.shape[1]), value=255) for r in rows]
@@ -131,13 +143,14 @@ class HeldOutLoss:
         process = model.forward_process
         if self.fixed is None:
             self._fix(model)
-        denoiser = model.denoiser
-        was_training = denoiser.training
-        denoiser.eval()
-        dev = next(denoiser.parameters()).device
+        dev = next(model.denoiser.parameters()).device
         T = process.cfg.num_train_timesteps
         t = torch.tensor([int((i + 0.5) * T / self.k) for i in range(self.k)], device=dev)  # mid-points of k bands
-        out = {}
+        with evaluating(model):
+            return self._losses(model, autocast, t, dev)
+
+    def _losses(self, model: StableDiffusion, autocast, t: torch.Tensor, dev) -> dict[str, float]:
+        process, out = model.forward_process, {}
         for name, rows in self.fixed.items():
             losses = []
             for z, noise, prompt, ids, mask in rows:
@@ -145,11 +158,10 @@ class HeldOutLoss:
                 sizes = size_conditioning(model, ids[None].expand(self.k, -1).to(dev))
                 cond = {**encode_text(model, [prompt] * self.k), **sizes}
                 with autocast():
-                    pred = denoiser(process.add_noise(z, noise, t), t, **cond)
+                    pred = model.denoiser(process.add_noise(z, noise, t), t, **cond)
                 loss, _, _ = self.loss(pred, process.target(z, noise, t), self.k, 0.0,
                                        mask=None if mask is None else mask.to(dev))
                 losses.append(loss.item())
             if losses:
                 out[f"val_loss_{name}"] = sum(losses) / len(losses)
-        denoiser.train(was_training)
         return out
