@@ -98,6 +98,15 @@ def test_lora_variants_load_in_diffusers_with_our_image(sd1_dir, instance_dir, t
     if case == "dora":
         assert meta["unet.use_dora"] and any(k.endswith("lora_magnitude_vector") for k in sd)
         assert any(k.endswith("dora_scale") for k in load_file(out / FILES[1]))
+    if "--dora" in CASES[case]:  # at strength 0.5 diffusers' adapter weight scales ΔW inside DoRA's norm, as we do
+        pipe = StableDiffusionPipeline.from_pretrained(sd1_dir, **KW)
+        pipe.load_lora_weights(str(out / FILES[0]), adapter_name="d")
+        pipe.set_adapters(["d"], adapter_weights=[0.5])
+        base = loading.load(str(sd1_dir))
+        apply_loras(base, [(out / FILES[0], 0.5)])
+        half, full = ours(base), ours(loading.load(str(out / "model")))
+        assert (half.int() - full.int()).abs().max() > 0
+        assert (theirs(pipe).int() - half.int()).abs().max() <= 1
 
 
 @pytest.mark.parametrize("dora", [False, True])

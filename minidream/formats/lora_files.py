@@ -203,5 +203,6 @@ def apply_loras(model, loras: list[tuple[Path, float]], allow_pickle: bool = Fal
                                  f"overflow or not numbers (its factors reach {bound:.3g})")
         with torch.no_grad():
             for w, delta in resolved:
-                w += (s * delta.delta(w)).to(w.dtype)  # ΔW at the file's own scale (α/r), then the strength
+                change = delta.at(w, s) if isinstance(delta, Decomposed) else s * delta.delta(w)
+                w += change.to(w.dtype)  # ΔW at the file's own scale (α/r), then the strength
     return model

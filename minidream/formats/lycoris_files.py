@@ -12,7 +12,8 @@ ComfyUI's LyCORIS support), at strength s: W' = W + s·ΔW.
   core for a convolution); γ = α/r when a factor is low-rank (r: lokr_w2_b's rows, else lokr_w1_b's), else 1.
 - DoRA (Liu et al. 2024) on any of these: W' = m ⊙ (W + ΔW) / ||W + ΔW||, the norm per output row where m has one
   entry per output (PEFT's lora_magnitude_vector, LyCORIS' dora_scale with wd_on_out), per input column where it has
-  one per input (LyCORIS' older default, the one A1111 reads); at strength s, W + s·(W' − W), as ComfyUI applies it.
+  one per input (LyCORIS' older default, the one A1111 reads); at strength s, W + s·(W' − W), as ComfyUI applies it
+  (a diffusers-layout file: ΔW scaled by s inside the norm, as diffusers' adapter weights scale it).
   (ComfyUI's output-axis branch divides by the norm of the base W instead of W + ΔW; we follow the definition, which
   is what LyCORIS and PEFT, the writers, train and merge.)
 """
@@ -191,16 +192,22 @@ class Decomposed:
     def bound(self) -> float:
         return peak(self.magnitude) + self.inner.bound()  # |W'| <= max|m|, |W| is the model's own
 
-    def delta(self, w: torch.Tensor) -> torch.Tensor:
-        w = w.float()
-        merged = w + self.inner.delta(w)
+    def delta(self, w: torch.Tensor, k: float = 1.0) -> torch.Tensor:
+        """W' − W, with the inner ΔW at `k` times its scale (in float64: a large strength cannot overflow the norm)."""
+        w = w.double()
+        merged = w + k * self.inner.delta(w).double()
         if self.output_axis(w):
             norm = merged.flatten(1).norm(dim=1).view(-1, *[1] * (w.dim() - 1))
             m = self.magnitude.reshape(norm.shape)
         else:
             norm = merged.transpose(0, 1).flatten(1).norm(dim=1).view(1, -1, *[1] * (w.dim() - 2))
             m = self.magnitude.reshape(norm.shape)
-        return merged * (m / norm.clamp_min(torch.finfo(torch.float32).tiny)) - w
+        return (merged * (m.double() / norm.clamp_min(torch.finfo(torch.float32).tiny)) - w).float()
+
+    def at(self, w: torch.Tensor, s: float) -> torch.Tensor:
+        """The change at strength s: PEFT's files (diffusers' layout) scale ΔW inside the norm, as diffusers'
+        adapter weights do; LyCORIS' scale the whole change, s·(W' − W), as ComfyUI applies them."""
+        return self.delta(w, s) if self.peft else s * self.delta(w)
 
 
 def lycoris_modules(sd: dict) -> tuple[dict, set]:
