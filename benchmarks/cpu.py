@@ -69,7 +69,6 @@ def diffusers(folder: str, mode: str, res: int, use_8bit_adam: bool = False, gra
     weight decay 1e-2, eps 1e-8), gradient clipping at 1.0, the prompt encoded every step; or with its memory flags
     --use_8bit_adam (bitsandbytes' AdamW8bit) and --gradient_checkpointing."""
     import numpy as np
-    import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
@@ -110,14 +109,21 @@ def diffusers(folder: str, mode: str, res: int, use_8bit_adam: bool = False, gra
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (2,))
         context = text(ids)[0]
         pred = unet(noise_scheduler.add_noise(latents, noise, t), t, context, return_dict=False)[0]
-        pred, pred_prior = pred.chunk(2)
-        target, target_prior = noise.chunk(2)
-        loss = F.mse_loss(pred.float(), target.float()) + 1.0 * F.mse_loss(pred_prior.float(), target_prior.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        prior_preservation_update(pred, noise, params, opt)
     return step
+
+
+def prior_preservation_update(pred, noise, params: list, opt):
+    """The end of diffusers' DreamBooth scripts' step: the instance half's MSE + 1.0 × the class half's, backward,
+    clipping at 1.0, the update."""
+    import torch.nn.functional as F
+    pred, pred_prior = pred.chunk(2)
+    target, target_prior = noise.chunk(2)
+    loss = F.mse_loss(pred.float(), target.float()) + 1.0 * F.mse_loss(pred_prior.float(), target_prior.float())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def child(side: str, folder: str, mode: str, res: int, warmup: int, steps: int):

@@ -36,10 +36,9 @@ def encode(folder: str, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]
 
 def lora_step(folder: str, mode: str, res: int, gradient_checkpointing: bool = False):
     import numpy as np
-    import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
-    from benchmarks.cpu import images
+    from benchmarks.cpu import images, prior_preservation_update
     if mode != "lora":
         raise ValueError("diffusers' SDXL DreamBooth script trains LoRA only")
     context, pooled = encode(folder, ["a photo of sks dog", "a photo of dog"])
@@ -63,11 +62,5 @@ def lora_step(folder: str, mode: str, res: int, gradient_checkpointing: bool = F
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (2,))
         pred = unet(noise_scheduler.add_noise(latents, noise, t), t, context,
                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
-        pred, pred_prior = pred.chunk(2)
-        target, target_prior = noise.chunk(2)
-        loss = F.mse_loss(pred.float(), target.float()) + 1.0 * F.mse_loss(pred_prior.float(), target_prior.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        prior_preservation_update(pred, noise, params, opt)
     return step

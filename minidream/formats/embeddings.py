@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from minidream.formats.files import ModelError, name_some, read_metadata, read_weights, save_safetensors
 from minidream.models.stable_diffusion import FAMILIES
+from minidream.models.tokenizer import vector_names
 from minidream.models.tokens import learned_tokens
 
 
@@ -64,7 +65,7 @@ def add_embedding(model, file: Path, token: str | None = None, allow_pickle: boo
     most = encoders[0][1].max_length - 2
     if n > most:  # a prompt holds at most this many tokens: more vectors can never be read
         raise ModelError(f"{file}: {n} vectors; a prompt holds at most {most} tokens")
-    tokens = [token] + [f"{token}_{i}" for i in range(1, n)]
+    tokens = vector_names(token, n)
     for (_, tok, te), vec in zip(encoders, vecs):
         if vec.shape[1] != te.embeddings.token_embedding.weight.shape[1]:
             raise ModelError(f"{file}: embedding width {vec.shape[1]} does not match this text encoder's "
@@ -75,9 +76,7 @@ def add_embedding(model, file: Path, token: str | None = None, allow_pickle: boo
                 raise ModelError(f"{file}: token {t!r} is already in the vocabulary; name another with "
                                  f"--embedding-token")
     for (_, tok, te), vec in zip(encoders, vecs):
-        tok.add_token(token)
-        for t in tokens[1:]:  # `token` stands for them all
-            tok.add_token(t, vector_of=token)
+        tok.add_vectors(token, n)  # `token` stands for them all
         emb = te.embeddings.token_embedding
         grown = nn.Embedding(emb.num_embeddings + n, emb.embedding_dim, device=emb.weight.device,
                              dtype=emb.weight.dtype)

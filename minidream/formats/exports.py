@@ -56,7 +56,7 @@ def outputs() -> list[str]:
 
 def make_plain(model: StableDiffusion):
     """Merge LoRA adapters into their (fp32 base) weights and make a learned token a normal embedding row."""
-    for net in (model.unet, *[te for _, _, te in model.text_encoders()]):
+    for net in model.components().values():
         lora.merge_lora(net)
     tokens.make_plain(model)
 

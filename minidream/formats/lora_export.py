@@ -25,11 +25,6 @@ from minidream.formats.single_file import unet_original_name
 from minidream.models.lora import LoRA, loras
 
 
-def _components(model) -> dict[str, object]:
-    """{diffusers component prefix: network} for the UNet and each text encoder."""
-    return {"unet": model.unet, **{name: te for name, _, te in model.text_encoders()}}
-
-
 def _magnitude(m: LoRA) -> torch.Tensor:
     """DoRA's m as PEFT stores it: (out,) for a linear layer, (1, out, 1, 1) for a convolution."""
     v = m.magnitude.detach().float()
@@ -39,7 +34,7 @@ def _magnitude(m: LoRA) -> torch.Tensor:
 def diffusers_lora_state_dict(model) -> dict[str, torch.Tensor]:
     """The adapters of the UNet and text encoders under diffusers' names (α/r folded into B)."""
     sd = {}
-    for comp, net in _components(model).items():
+    for comp, net in model.components().items():
         prefix = comp if comp == "unet" else f"{comp}.text_model"
         for name, m in loras(net).items():
             sd[f"{prefix}.{name}.lora_A.weight"] = m.lora_down.weight.detach().float()
@@ -55,7 +50,7 @@ def diffusers_lora_metadata(model) -> dict[str, object]:
     rank, and a pattern for the modules of another rank (the 3×3 convolutions' --conv-rank); α = r everywhere, as
     α/r is folded into B."""
     meta = {}
-    for comp, net in _components(model).items():
+    for comp, net in model.components().items():
         adapters = loras(net)
         if not adapters:
             continue
@@ -108,7 +103,7 @@ def save_lora_kohya(model, path, dtype: torch.dtype | None = None, info: dict | 
 def kohya_metadata(model) -> dict[str, str]:
     """The ss_* fields that describe the network (kohya's train_network.py names; LyCORIS' module and args where
     the file holds LoCon convolutions or DoRA), the family's own (base model version) and modelspec's architecture."""
-    adapters = [m for net in _components(model).values() for m in loras(net).values()]
+    adapters = [m for net in model.components().values() for m in loras(net).values()]
     linear = [m for m in adapters if m.lora_down.weight.dim() == 2 or m.base.kernel_size == (1, 1)]
     conv = [m for m in adapters if m not in linear]
     first = (linear or adapters)[0]

@@ -182,7 +182,7 @@ def _module_index(nets: dict) -> dict[str, dict[str, str]]:
 
 def apply_loras(model, loras: list[tuple[Path, float]], allow_pickle: bool = False):
     """Merge each (file, strength) into the UNet and text encoder weights: W += s·ΔW, in order."""
-    nets = {"unet": model.unet, **{name: te for name, _, te in model.text_encoders()}}
+    nets = model.components()
     index = _module_index(nets)
     for file, s in loras:
         resolved = []
@@ -203,6 +203,5 @@ def apply_loras(model, loras: list[tuple[Path, float]], allow_pickle: bool = Fal
                                  f"overflow or not numbers (its factors reach {bound:.3g})")
         with torch.no_grad():
             for w, delta in resolved:
-                change = delta.at(w, s) if isinstance(delta, Decomposed) else s * delta.delta(w)
-                w += change.to(w.dtype)  # ΔW at the file's own scale (α/r), then the strength
+                w += delta.at(w, s).to(w.dtype)  # ΔW at the file's own scale (α/r), then the strength
     return model

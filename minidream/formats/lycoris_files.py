@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from minidream.models.lora import row_norm
+
 PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
          "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 KEY = re.compile(rf"lora_(unet|te|te1|te2)_(.+)\.({'|'.join(PARTS)})")
@@ -36,8 +38,15 @@ def row_sum(x: torch.Tensor) -> float:
     return float(x.abs().flatten(1).sum(1).max()) if x.numel() else 0.0
 
 
+class Delta:
+    """What every kind of weight change shares: its change at strength s is s·ΔW (DoRA's differs: Decomposed)."""
+
+    def at(self, w: torch.Tensor, s: float) -> torch.Tensor:
+        return s * self.delta(w)
+
+
 @dataclass
-class LowRank:
+class LowRank(Delta):
     """ΔW = scale·up·down: up (out, r), down (r, in·kh·kw)."""
     up: torch.Tensor
     down: torch.Tensor
@@ -71,7 +80,7 @@ def tucker(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class Hadamard:
+class Hadamard(Delta):
     """LoHa: ΔW = scale·(W1a W1b) ⊙ (W2a W2b), or with Tucker cores (t1, t2) each side t ×₁ a ×₂ b."""
     parts: dict
     scale: float
@@ -106,7 +115,7 @@ class Hadamard:
 
 
 @dataclass
-class Kronecker:
+class Kronecker(Delta):
     """LoKr: ΔW = scale·W1 ⊗ W2 (W1 (a, c); W2 (b, d) or (b, d, kh, kw), or (b, d·kh·kw) for a convolution)."""
     parts: dict
     scale: float
@@ -171,7 +180,7 @@ class Kronecker:
 
 
 @dataclass
-class Decomposed:
+class Decomposed(Delta):
     """DoRA around another Delta: the magnitude m. PEFT's (diffusers' layout, `peft`) is always per output: (out,),
     or (1, out, 1, 1) for a convolution; LyCORIS' dora_scale is per output when its first size is the weight's
     (out, 1, ...), else per input (1, in, ...): ComfyUI's rule."""
@@ -197,12 +206,10 @@ class Decomposed:
         w = w.double()
         merged = w + k * self.inner.delta(w).double()
         if self.output_axis(w):
-            norm = merged.flatten(1).norm(dim=1).view(-1, *[1] * (w.dim() - 1))
-            m = self.magnitude.reshape(norm.shape)
+            norm = row_norm(merged).view(-1, *[1] * (w.dim() - 1))
         else:
-            norm = merged.transpose(0, 1).flatten(1).norm(dim=1).view(1, -1, *[1] * (w.dim() - 2))
-            m = self.magnitude.reshape(norm.shape)
-        return (merged * (m.double() / norm.clamp_min(torch.finfo(torch.float32).tiny)) - w).float()
+            norm = row_norm(merged.transpose(0, 1)).view(1, -1, *[1] * (w.dim() - 2))
+        return (merged * (self.magnitude.double().reshape(norm.shape) / norm) - w).float()
 
     def at(self, w: torch.Tensor, s: float) -> torch.Tensor:
         """The change at strength s: PEFT's files (diffusers' layout) scale ΔW inside the norm, as diffusers'

@@ -254,6 +254,10 @@ class StableDiffusion:
         """The image side the model was trained at: the UNet's latent size times the VAE's downsampling."""
         return self.unet.cfg.sample_size * self.latent_scale
 
+    def components(self) -> dict[str, torch.nn.Module]:
+        """The UNet and the text encoder(s) by their diffusers component names (what LoRA files adapt)."""
+        return {"unet": self.unet, **{name: te for name, _, te in self.text_encoders()}}
+
     def networks(self) -> list[torch.nn.Module]:
         """Every network of the model: text encoder(s), denoiser, VAE."""
         return [*[te for _, _, te in self.text_encoders()], self.denoiser, self.vae]

@@ -113,6 +113,14 @@ class CLIPTokenizer:
             self.expand[first] = [*self.expand.get(first, [first]), got]
         return got
 
+    def add_vectors(self, token: str, n: int) -> list[str]:
+        """A multi-vector token (vector_names), which a prompt's `token` stands for all together; returns them."""
+        names = vector_names(token, n)
+        self.add_token(token)
+        for t in names[1:]:
+            self.add_token(t, vector_of=token)
+        return names
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without start/end tokens and without truncation."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
@@ -139,6 +147,11 @@ class CLIPTokenizer:
             if used > keep:
                 return prompt[enc.offsets[i][0]:]
         return None
+
+
+def vector_names(token: str, n: int) -> list[str]:
+    """The names of an n-vector token's rows: `token`, `token_1`, … `token_{n-1}` (diffusers' naming)."""
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
 
 
 def train_bpe(texts: list[str], vocab_size: int) -> CLIPTokenizer:

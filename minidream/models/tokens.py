@@ -40,9 +40,7 @@ def add_token(model, token: str, init_word: str, vectors: int = 1):
     for _, tok, te in model.text_encoders():
         emb = te.embeddings.token_embedding
         init = emb.weight[tok.encode(init_word)].mean(0, keepdim=True)
-        tok.add_token(token)
-        for i in range(1, vectors):
-            tok.add_token(f"{token}_{i}", vector_of=token)
+        tok.add_vectors(token, vectors)
         te.embeddings.token_embedding = TokenEmbedding(emb, init.expand(vectors, -1), token)
 
 

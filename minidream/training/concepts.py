@@ -168,9 +168,7 @@ def check_prompts(model: StableDiffusion, cfg: TrainConfig, concepts: list, inst
     if cfg.train_token:  # the prompts as they will be read: the new token (and its --token-vectors) counted
         tokenizer = copy.deepcopy(tokenizer)
         if cfg.token not in tokenizer.vocab and cfg.token not in tokenizer.added:
-            tokenizer.add_token(cfg.token)
-            for i in range(1, cfg.token_vectors):
-                tokenizer.add_token(f"{cfg.token}_{i}", vector_of=cfg.token)
+            tokenizer.add_vectors(cfg.token, cfg.token_vectors)
     for what, prompt, ident in pairs:
         if text(prompt):
             raise TrainError(f"{what}: {text(prompt)}")
