@@ -9,37 +9,28 @@ import sys
 # Ctrl-C while the modules below load (torch takes a second or more): one line, no traceback (nothing is written yet)
 signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting; nothing was written"))
 import json
-import math
+import os
 import re
-from contextlib import contextmanager
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from minidream.models.attention import CHOICES as ATTENTION_BACKENDS
+from minidream.models.compile import COMPILE_HELP, COMPILE_MODES, check_compile, compile_network
 from minidream.models.device import DTYPES
-from minidream.options import (choice, declared_option, declared_values, first_problem, option_flag, path_option, text,
-                               with_options)
+from minidream.options import choice, declared_option, declared_values, path_option, with_options
 from minidream.sampling.pipeline import SamplingParams
 from minidream.training import TrainError
 from minidream.training.config import OPTIONS, TrainConfig
+from minidream.command_steps import (AttentionBackend, DType, adapt, check_sampling, check_seed, clip_skipped,
+                                     device_and_backend, embedding_args, fail, load_model, lora_arg, out_folder,
+                                     sampling_params, writing)
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again (a run saves)
 
+CompileMode = choice("CompileMode", COMPILE_MODES)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Stable Diffusion and DreamBooth in plain PyTorch.")
-
-
-SAMPLING = {f.name: f for f in fields(SamplingParams)}
-DType = choice("DType", DTYPES)
-AttentionBackend = choice("AttentionBackend", ATTENTION_BACKENDS)
-
-
-def fail(msg: str):
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
 
 
 def loader_option(name: str):
@@ -59,124 +50,6 @@ EmbeddingOpt = Annotated[Optional[list[Path]], path_option(help="Textual-inversi
 ClipSkipOpt = loader_option("clip_skip")
 EmbeddingTokenOpt = Annotated[Optional[list[str]], typer.Option(
     help="Token for the --embedding of the same position; default: the name in the file.")]
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared steps of the commands
-
-def lora_arg(arg: str, default_scale: float) -> tuple[Path, float]:
-    """--lora FILE or FILE:SCALE (a path may hold colons itself: only a number after the last one is a scale)."""
-    path, _, scale = arg.rpartition(":")
-    try:
-        f, w = (Path(path), float(scale)) if path else (Path(arg), default_scale)
-    except ValueError:
-        f, w = Path(arg), default_scale
-    if not f.is_file():
-        fail(f"--lora {f}: no such file")
-    if not math.isfinite(w):
-        fail(f"--lora {arg}: the strength must be a finite number (got {w})")
-    return f, w
-
-
-def sampling_params(sampling: dict, prompt: str) -> SamplingParams:
-    """The sampling options, checked as declared (and the prompt: text the tokenizer can read)."""
-    params = declared_values(SamplingParams, sampling)
-    wrong = first_problem(params) or (("prompt", text(prompt)) if text(prompt) else None)
-    if wrong:
-        name, what = wrong
-        fail(f"{'--prompt' if name == 'prompt' else option_flag(SAMPLING[name])} {what}")
-    return params
-
-
-def check_sampling(params: SamplingParams, m):
-    """What the loaded model asks of the sampling options: its image sides, its scheduler, its timesteps."""
-    wrong = params.problem(m)
-    if wrong:
-        name, what = wrong
-        fail(f"{option_flag(SAMPLING[name])}: {m.source}: {what}" if name == "sampler"
-             else f"{option_flag(SAMPLING[name])} {what}")
-
-
-def check_seed(seed: int, batches: int = 1):
-    if not 0 <= seed <= 2 ** 63 - batches:
-        fail(f"--seed must be in [0, 2^63) for every batch (got {seed})")
-
-
-def embedding_args(files: list[Path], tokens: list[str]) -> list[tuple[Path, str | None]]:
-    """--embedding FILE (repeatable), each with the --embedding-token of the same position, if any."""
-    for f in files:
-        if not str(f).strip():
-            fail("--embedding is empty; name a file")
-        if not f.is_file():
-            fail(f"--embedding {f}: no such file")
-    if len(tokens) > len(files):
-        fail("--embedding-token: more tokens than --embedding files")
-    return list(zip(files, [*tokens, *[None] * (len(files) - len(tokens))]))
-
-
-@contextmanager
-def writing():
-    """A full or read-only disk while the results are written: one line naming the file."""
-    try:
-        yield
-    except OSError as e:
-        fail(f"{e.filename or 'a file'}: could not be written ({e.strerror or e})")
-
-
-def out_folder(out: Path):
-    if not str(out).strip():  # "" would mean the current folder
-        fail("--out is empty; name a folder")
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} is a file; give a folder")
-    if not next(p for p in (out, *out.parents) if p.exists()).is_dir():
-        fail(f"--out {out}: cannot create it (it is below a file); choose another folder")
-
-
-def load_model(model: str, revision=None, variant=None, allow_pickle=False, tokenizer=None, preset=None, config=None,
-               dtype=None):
-    from minidream.formats.files import ModelError
-    from minidream.formats.loading import load
-    try:
-        return load(model, revision=revision, variant=variant, allow_pickle=allow_pickle, tokenizer=tokenizer,
-                    preset=preset, config=config, dtype=dtype)
-    except ModelError as e:
-        fail(str(e))
-
-
-def clip_skipped(m, skip: int):
-    """The model read at its text encoder's skip-th layer from the end (--clip-skip)."""
-    from minidream.models.stable_diffusion import with_clip_skip
-    try:
-        return with_clip_skip(m, skip)
-    except ValueError as e:
-        fail(str(e))
-
-
-def adapt(m, loras: list[tuple[Path, float]], embeddings: list[tuple[Path, str | None]], allow_pickle: bool):
-    """Other tools' embeddings added and LoRAs merged into a loaded model."""
-    from minidream.formats.embeddings import add_embedding
-    from minidream.formats.files import ModelError
-    from minidream.formats.lora_files import apply_loras
-    try:
-        for f, tok in embeddings:
-            add_embedding(m, f, tok, allow_pickle)
-        apply_loras(m, loras, allow_pickle)
-    except (ValueError, ModelError) as e:
-        fail(str(e))
-    return m
-
-
-def device_and_backend(device: str | None, attention: AttentionBackend, dtype: DType) -> tuple[str, str]:
-    from minidream.models.attention import resolve_backend
-    from minidream.models.device import resolve_device
-    try:
-        dev = resolve_device(device).type
-        backend = resolve_backend(attention.value, dev)
-    except ValueError as e:
-        fail(str(e))
-    if dtype == DType.fp16 and dev == "cpu":
-        fail("--dtype fp16 needs a GPU; use --dtype bf16 or fp32 on CPU")
-    return dev, backend
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +94,7 @@ def sample(
     dtype: Annotated[DType, typer.Option(help="Compute dtype (fp16 needs a GPU).")] = DType.fp32,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: cuda when available.")] = None,
     attention: Annotated[AttentionBackend, typer.Option(help="Attention kernel.")] = AttentionBackend.auto,
+    compile: Annotated[CompileMode, typer.Option(help=f"Compile the UNet: {COMPILE_HELP}.")] = CompileMode.off,
     lora: LoraOpt = None, lora_scale: LoraScaleOpt = 1.0,
     embedding: EmbeddingOpt = None, embedding_token: EmbeddingTokenOpt = None,
     revision: Revision = None, variant: Variant = None, allow_pickle: AllowPickle = False,
@@ -244,6 +118,8 @@ def sample(
     loras = [lora_arg(a, lora_scale) for a in lora or []]
     embeddings = embedding_args(embedding or [], embedding_token or [])
     dev, backend = device_and_backend(device, attention, dtype)
+    if check_compile(compile.value, dev):
+        fail(f"--compile {check_compile(compile.value, dev)}")
     m = clip_skipped(load_model(model, revision, variant, allow_pickle, tokenizer, preset, config), clip_skip)
     check_sampling(params, m)
     name = params.sampler or default_sampler(m.scheduler)  # the model's own, by name, for the PNGs
@@ -255,32 +131,40 @@ def sample(
                    err=True)
     m.to(device=dev, dtype=DTYPES[dtype.value])
     set_attention_backend(m.unet, backend)
+    compile_network(m.unet, compile.value)
+    made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"--out {out}: cannot create it ({e.strerror})")
+    settings = {"steps": params.steps, "guidance": params.guidance, "scheduler": name, "eta": params.eta,
+                "clip_skip": clip_skip, "model": m.source, "dtype": dtype.value,
+                "lora": [f"{f}:{w}" for f, w in loras], "embeddings": [str(f) for f, _ in embeddings],
+                "software": "minidream"}  # in every PNG's text
     images, names = [], []
-    for k, start in enumerate(range(0, num_images, batch_size)):
-        n = min(batch_size, num_images - start)
-        try:
-            imgs = generate(m, [prompt] * n, params, sampler=sampler, progress=progress,
-                            generator=torch.Generator("cpu").manual_seed(seed + k))
-        except ValueError as e:
-            fail(str(e))
-        for i, img in enumerate(imgs):
-            meta = {"prompt": prompt, "negative_prompt": params.negative_prompt, "seed": seed + k, "index_in_batch": i,
-                    "steps": params.steps, "guidance": params.guidance, "scheduler": name, "eta": params.eta,
-                    "clip_skip": clip_skip,
-                    "model": m.source, "dtype": dtype.value, "lora": [f"{f}:{w}" for f, w in loras],
-                    "embeddings": [str(f) for f, _ in embeddings], "software": "minidream"}
+    try:
+        for k, start in enumerate(range(0, num_images, batch_size)):
+            n = min(batch_size, num_images - start)
+            try:
+                imgs = generate(m, [prompt] * n, params, sampler=sampler, progress=progress,
+                                generator=torch.Generator("cpu").manual_seed(seed + k))
+            except ValueError as e:
+                fail(str(e))
+            for i, img in enumerate(imgs):
+                meta = {"prompt": prompt, "negative_prompt": params.negative_prompt, "seed": seed + k,
+                        "index_in_batch": i, **settings}
+                with writing():
+                    save_png(img, out / f"{start + i:04d}.png", meta)
+                images.append(img)
+                names.append(out / f"{start + i:04d}.png")
+        if len(images) > 1:
             with writing():
-                save_png(img, out / f"{start + i:04d}.png", meta)
-            images.append(img)
-            names.append(out / f"{start + i:04d}.png")
-    if len(images) > 1:
-        with writing():
-            save_png(grid(torch.stack(images)), out / "grid.png", {"prompt": prompt, "seed": seed})
-        names.append(out / "grid.png")
+                save_png(grid(torch.stack(images)), out / "grid.png", {"prompt": prompt, "seed": seed})
+            names.append(out / "grid.png")
+    except KeyboardInterrupt:  # what was written stays; an --out this run made and left empty goes
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        fail(f"interrupted; {len(names)} file(s) written to {out}" if names else "interrupted; no image was written")
     typer.echo(f"wrote {len(names)} file(s) to {out}")
 
 
@@ -410,6 +294,52 @@ def attention_maps(model: Annotated[str, typer.Option(help="Model folder, hub re
     with writing():
         files = am.write_maps(images[0], maps[0], am.token_positions(m.tokenizer, prompt), out, meta)
     typer.echo(f"wrote {', '.join(map(str, files))}")
+
+
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option(help="About a minute: three attention shapes, the LoRA step eager, fewer "
+                                             "batches and sampling steps (on a CPU the tiny architecture).")] = False,
+    out: Annotated[Path, path_option(help="Folder for the JSON (bench-<device>.json).")] = Path("minidream-bench"),
+    device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: cuda when available.")] = None,
+    only: Annotated[Optional[list[str]], typer.Option(help="A section to run (repeatable): attention, step, unet, "
+                                                           "sampling, vae; default: all.")] = None,
+):
+    """Benchmark this machine: attention kernels, the DreamBooth step (eager, --compile, CUDA graphs), the UNet
+    (MFU), sampling and the VAE, against diffusers where it is installed; tables here, JSON in --out."""
+    from benchmarks.bench import SECTIONS, result_path, run
+    from minidream.models.device import resolve_device
+    unknown = [s for s in only or [] if s not in SECTIONS]
+    if unknown:
+        fail(f"--only {unknown[0]!r} is not one of {', '.join(SECTIONS)}")
+    if device is not None and not device.strip():
+        fail("--device is empty; give cuda, cuda:N or cpu (or leave it out: cuda when available)")
+    try:
+        dev = resolve_device(device).type
+    except ValueError as e:
+        fail(str(e))
+    out_folder(out)
+    path = result_path(out, dev)
+    if path.is_dir():
+        fail(f"{path} is a folder; move it, or give another --out")
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            fail(f"--out {out}: not writable; give another folder")
+        with writing():
+            failed = run(quick, dev, path, only)
+    except KeyboardInterrupt:
+        if path.exists():
+            fail(f"interrupted; the sections measured so far are in {path}")
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        fail("interrupted before any section finished; nothing was written")
+    except OSError as e:
+        fail(f"--out {out}: cannot create it ({e.strerror})")
+    if failed and len(failed) == len(only or SECTIONS):
+        fail(f"every section failed on this machine: {failed[0]}; the errors are in {path}")
+    typer.echo(f"wrote {path}" + (f" (failed: {'; '.join(failed)})" if failed else ""))
 
 
 @app.command("eval")

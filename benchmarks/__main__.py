@@ -24,13 +24,13 @@ def main():
     a = ap.parse_args()
     if a.what == "report":
         from benchmarks.report import main as report
-        return report()
+        return report(a.out)  # the tables of the files in --out (default: benchmarks/results)
     if a.what == "memory":  # peak memory per recipe, ours and diffusers' (benchmarks/memory.py)
         wanted = [w for w in a.only.split(",") if w]  # recipes whose name holds one of these
         return memory.run(a.preset, a.res, recipes=[r for r in memory.RECIPES if not wanted
                                                     or any(w in r for w in wanted)], out=a.out)
     if a.what in ("all", "attention"):
-        attention.run(smoke=a.smoke, out=a.out)
+        attention.run(smoke=a.smoke, warmup=a.warmup, repeat=a.repeat, out=a.out)
     if a.what in ("all", "sd") and a.device == "cpu" and not a.smoke:
         cpu.run(a.preset, a.res, a.rounds, out=a.out)
     elif a.what in ("all", "sd"):

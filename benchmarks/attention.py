@@ -34,11 +34,31 @@ def backends():
 
 def run(smoke: bool = False, warmup: int = 10, repeat: int = 30, out=None):
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = SMOKE_SHAPES if smoke else SHAPES
     warmup, repeat = (0, 1) if smoke else (warmup, repeat)
-    fns = backends() if device == "cuda" else {"triton": backends()["triton"],
-                                               "sdpa-math": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
+    rows = measure(shapes, device, warmup, repeat, smoke)
+    return write("attention", device, rows, **({"out": out} if out else {}))
+
+
+def cpu_backends(triton: bool) -> dict:
+    """On the CPU: PyTorch's SDPA and the math reference; our kernel only through the Triton interpreter (--smoke:
+    it runs the kernel's code line by line, minutes at an SD shape)."""
+    fns = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+           "sdpa-math": lambda q, k, v: math_attention(q, k, v)}
+    if triton:
+        fns = {"triton": backends()["triton"], **fns}
+    return fns
+
+
+def math_attention(q, k, v):
+    from minidream.models.attention import math_attention
+    return math_attention(q, k, v)
+
+
+def measure(shapes: dict, device: str, warmup: int, repeat: int, smoke: bool = False, say=print) -> list[dict]:
+    """A row per shape: every backend's forward, backward and both, and our kernel's ratio to the best SDPA one."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    fns = backends() if device == "cuda" else cpu_backends(triton=smoke)  # the interpreter: tiny shapes only
     rows = []
     for name, (B, H, N, M, D) in shapes.items():
         g = torch.Generator(device).manual_seed(0)
@@ -70,5 +90,6 @@ def run(smoke: bool = False, warmup: int = 10, repeat: int = 30, out=None):
                 row[f"speedup_{key}_vs_best_sdpa"] = sdpa[best][key]["median_ms"] / triton_ms
                 row[f"best_sdpa_{key}"] = best
         rows.append(row)
-        print(name, {k: v for k, v in row.items() if k.startswith("speedup")})
-    return write("attention", device, rows, **({"out": out} if out else {}))
+        say(f"attention {name}: " + ", ".join(f"{b} {r['fwd_bwd']['median_ms']:.3f} ms" for b, r in
+                                              row["backends"].items() if "fwd_bwd" in r))
+    return rows

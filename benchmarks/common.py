@@ -1,4 +1,5 @@
-"""Timing, FLOP counting and result files shared by the benchmarks."""
+"""Timing, FLOP counting and result files shared by the benchmarks; the DreamBooth step's inputs and the end of
+diffusers' scripts' step, shared by the step benchmarks (step.py, diffusers_sdxl.py)."""
 import datetime
 import json
 import platform
@@ -92,3 +93,23 @@ def peak_tflops(device) -> float | None:
         return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def images(res: int):
+    """One instance and one class image: random pixels (the step's cost does not depend on them)."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    return [Image.fromarray((torch.rand(res, res, 3, generator=g) * 255).byte().numpy()) for _ in range(2)]
+
+
+def prior_preservation_update(pred, noise, params: list, opt):
+    """The end of diffusers' DreamBooth scripts' step: the instance half's MSE + 1.0 × the class half's, backward,
+    clipping at 1.0, the update."""
+    import torch.nn.functional as F
+    pred, pred_prior = pred.chunk(2)
+    target, target_prior = noise.chunk(2)
+    loss = F.mse_loss(pred.float(), target.float()) + 1.0 * F.mse_loss(pred_prior.float(), target_prior.float())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)

@@ -3,8 +3,9 @@ precision and attention choices `minidream train` makes) against the step of dif
 (train_dreambooth_lora.py for LoRA), same architecture and weights, fp32, 1 instance + 1 class image.
 
 Each measurement runs in its own child process, so each has its own peak RSS (what `ps` would show the
-user), and the rounds alternate the two sides (and which goes first), so a machine that slows down or
-speeds up during the run biases neither.
+user), and the rounds rotate the sides (ours eager, ours --compile on, diffusers) and which goes first, so a machine
+that slows down or speeds up during the run biases none. The compiled side's warm-up steps compile (Inductor's
+generated C++; cached across processes after the first); only the steps after them are timed.
 
     python -m benchmarks sd --device cpu --res 256      # -> benchmarks/results/step-cpu-sd15-256-<cpu>.json
 """
@@ -34,102 +35,13 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def images(res: int):
-    """One instance and one class image: random pixels (the step's cost does not depend on them)."""
-    from PIL import Image
-    g = torch.Generator().manual_seed(0)
-    return [Image.fromarray((torch.rand(res, res, 3, generator=g) * 255).byte().numpy()) for _ in range(2)]
-
-
-def ours(folder: str, mode: str, res: int, **settings):
-    """The trainer's step; `settings`: other TrainConfig fields (the memory benchmark's recipes)."""
-    from minidream.models.attention import resolve_backend
-    from minidream.training.concepts import plain
-    from minidream.training.config import TrainConfig
-    from minidream.training.export import load_base
-    from minidream.training.runtime import PRECISIONS, Runtime
-    from minidream.training.step import prepare
-    cfg = TrainConfig(model=folder, instance_dir="", class_noun="dog", out="", mode=mode, resolution=res,
-                      steps=10 ** 6, device="cpu", **settings)
-    device = torch.device("cpu")
-    rt = Runtime(device, resolve_backend(cfg.attention, device), PRECISIONS[cfg.mixed_precision])
-    model = rt.place(load_base(cfg))
-    inst, cls = images(res)
-    stepper = prepare(cfg, model, rt, [plain([inst], cfg.prompts[0], res), plain([cls], cfg.prompts[1], res)])
-    state = {"step": 0}
-
-    def step():
-        stepper(state["step"])
-        state["step"] += 1
-    return step
-
-
-def diffusers(folder: str, mode: str, res: int, use_8bit_adam: bool = False, gradient_checkpointing: bool = False):
-    """train_dreambooth.py's loop body (with prior preservation), on its defaults: AdamW(lr, betas 0.9/0.999,
-    weight decay 1e-2, eps 1e-8), gradient clipping at 1.0, the prompt encoded every step; or with its memory flags
-    --use_8bit_adam (bitsandbytes' AdamW8bit) and --gradient_checkpointing."""
-    import numpy as np
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
-    text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
-    tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    vae.requires_grad_(False)
-    text.requires_grad_(False)
-    unet.requires_grad_(mode == "unet")
-    if mode == "attention":  # diffusers has no such mode; the same projections as ours, unfrozen
-        from minidream.training.trainable import UNET_ATTENTION
-        for name, m in unet.named_modules():
-            if UNET_ATTENTION.fullmatch(name):
-                m.requires_grad_(True)
-    elif mode == "lora":  # train_dreambooth_lora.py
-        from peft import LoraConfig
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]))
-    unet.train()
-    if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    from minidream.training.trainable import MODES  # our learning rates (the step's cost does not depend on them)
-    adamw = torch.optim.AdamW
-    if use_8bit_adam:
-        import bitsandbytes
-        adamw = bitsandbytes.optim.AdamW8bit
-    opt = adamw(params, lr=MODES[mode].lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1
-                          for im in images(res)])
-    ids = tok(["a photo of sks dog", "a photo of dog"], padding="max_length", max_length=tok.model_max_length,
-              truncation=True, return_tensors="pt").input_ids
-
-    def step():
-        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (2,))
-        context = text(ids)[0]
-        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, context, return_dict=False)[0]
-        prior_preservation_update(pred, noise, params, opt)
-    return step
-
-
-def prior_preservation_update(pred, noise, params: list, opt):
-    """The end of diffusers' DreamBooth scripts' step: the instance half's MSE + 1.0 × the class half's, backward,
-    clipping at 1.0, the update."""
-    import torch.nn.functional as F
-    pred, pred_prior = pred.chunk(2)
-    target, target_prior = noise.chunk(2)
-    loss = F.mse_loss(pred.float(), target.float()) + 1.0 * F.mse_loss(pred_prior.float(), target_prior.float())
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 def child(side: str, folder: str, mode: str, res: int, warmup: int, steps: int):
     """One side, one mode: warm-up steps, then timed ones; prints one JSON line."""
     torch.manual_seed(0)
-    step = (ours if side == "ours" else diffusers)(folder, mode, res)
+    from benchmarks.step import VARIANTS, make
+    if side not in VARIANTS:
+        raise SystemExit(f"--child: {side!r} is not one of {', '.join(VARIANTS)}")
+    step = make(side, folder, mode, "cpu", res, cache_latents=False)
     before = rss_now()
     for _ in range(warmup):
         step()
@@ -160,8 +72,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+SIDES = ("ours", "ours --compile on", "diffusers")
+
+
 def run(preset: str = "sd15", res: int = 256, rounds: int = 5, warmup: int = 1, steps: int = 1,
-        modes=MODES, out=None) -> Path:
+        modes=MODES, out=None, sides=SIDES) -> Path:
     from benchmarks.common import RESULTS, environment
     from benchmarks.sd import PROMPTS
     from minidream.formats.diffusers_layout import save_pretrained
@@ -171,10 +86,11 @@ def run(preset: str = "sd15", res: int = 256, rounds: int = 5, warmup: int = 1, 
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(random_model(preset, tokenizer=train_bpe(PROMPTS * 4, 300), seed=0), d)
         for mode in modes:
-            runs = {"ours": [], "diffusers": []}
+            runs = {side: [] for side in sides}
             for r in range(rounds):
-                for side in (("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")):
-                    runs[side].append(run_child(side, d, mode, res, warmup, steps))
+                for side in sides[r % len(sides):] + sides[:r % len(sides)]:
+                    compiles = "compile" in side  # its first steps compile: more warm-up
+                    runs[side].append(run_child(side, d, mode, res, warmup + 2 * compiles, steps))
                     print(f"{mode} round {r} {side}: {statistics.median(runs[side][-1]['step_s']):.2f} s/step, "
                           f"peak RSS {runs[side][-1]['peak_rss'] / 2 ** 30:.2f} GiB", file=sys.stderr)
             row = {"benchmark": "dreambooth_step_cpu", "mode": mode, "res": res, "rounds": rounds}
@@ -188,6 +104,8 @@ def run(preset: str = "sd15", res: int = 256, rounds: int = 5, warmup: int = 1, 
             ratios = [b / a for a, b in zip(row["ours"]["per_round_s"], row["diffusers"]["per_round_s"])]
             row["speedup"] = row["diffusers"]["median_s"] / row["ours"]["median_s"]
             row["speedup_per_round"] = ratios
+            if "ours --compile on" in row:
+                row["speedup_compiled"] = row["diffusers"]["median_s"] / row["ours --compile on"]["median_s"]
             rows.append(row)
             print(f"{mode}: speedup {row['speedup']:.3f} (rounds {min(ratios):.3f}-{max(ratios):.3f})", file=sys.stderr)
     env = environment("cpu")
@@ -202,7 +120,7 @@ def run(preset: str = "sd15", res: int = 256, rounds: int = 5, warmup: int = 1, 
 
 def main():
     ap = argparse.ArgumentParser(prog="python -m benchmarks.cpu", description=__doc__.split("\n")[0])
-    ap.add_argument("--child", choices=["ours", "diffusers"])
+    ap.add_argument("--child", help="one side: " + ", ".join(SIDES))
     ap.add_argument("--folder")
     ap.add_argument("--mode", default=None, help="one of " + ", ".join(MODES) + " (default: all)")
     ap.add_argument("--preset", default="sd15")
@@ -211,10 +129,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-compile", action="store_true", help="leave out the --compile on side")
     a = ap.parse_args()
     if a.child:
         return child(a.child, a.folder, a.mode, a.res, a.warmup, a.steps)
-    run(a.preset, a.res, a.rounds, a.warmup, a.steps, (a.mode,) if a.mode else MODES, a.out)
+    run(a.preset, a.res, a.rounds, a.warmup, a.steps, (a.mode,) if a.mode else MODES, a.out,
+        tuple(s for s in SIDES if not (a.no_compile and "compile" in s)))
 
 
 if __name__ == "__main__":

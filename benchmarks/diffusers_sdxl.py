@@ -34,16 +34,20 @@ def encode(folder: str, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat(states, dim=-1), pooled
 
 
-def lora_step(folder: str, mode: str, res: int, gradient_checkpointing: bool = False):
+def lora_step(folder: str, mode: str, res: int, gradient_checkpointing: bool = False, device: str = "cpu",
+              cache_latents: bool = False, compile: bool = False):
+    """The script's step (on CUDA with bf16 autocast and the frozen VAE in bf16, as accelerate's --mixed_precision
+    bf16 runs it); `cache_latents`: its --cache_latents; `compile`: the UNet under torch.compile."""
     import numpy as np
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
-    from benchmarks.cpu import images, prior_preservation_update
+    from benchmarks.common import images, prior_preservation_update
     if mode != "lora":
         raise ValueError("diffusers' SDXL DreamBooth script trains LoRA only")
-    context, pooled = encode(folder, ["a photo of sks dog", "a photo of dog"])
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").requires_grad_(False)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").requires_grad_(False)
+    half = torch.bfloat16 if torch.device(device).type == "cuda" else None
+    context, pooled = (t.to(device) for t in encode(folder, ["a photo of sks dog", "a photo of dog"]))
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").requires_grad_(False).to(device)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").requires_grad_(False).to(device, half or torch.float32)
     noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
@@ -52,15 +56,18 @@ def lora_step(folder: str, mode: str, res: int, gradient_checkpointing: bool = F
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+    forward = torch.compile(unet) if compile else unet
     pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1
-                          for im in images(res)])
-    time_ids = torch.tensor([[res, res, 0, 0, res, res]] * 2, dtype=torch.float32)
+                          for im in images(res)]).to(device, vae.dtype)
+    time_ids = torch.tensor([[res, res, 0, 0, res, res]] * 2, dtype=torch.float32, device=device)
+    dist = vae.encode(pixels).latent_dist if cache_latents else None
 
     def step():
-        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (2,))
-        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, context,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
+        with torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None):
+            latents = (dist or vae.encode(pixels).latent_dist).sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (2,), device=device)
+            pred = forward(noise_scheduler.add_noise(latents, noise, t), t, context,
+                           added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
         prior_preservation_update(pred, noise, params, opt)
     return step

@@ -45,11 +45,15 @@ NOTES = {"sdxl": "; diffusers' rows are train_dreambooth_lora_sdxl.py's step (be
 
 def child(recipe: str, folder: str, res: int, steps: int):
     import torch
-    from benchmarks import cpu, diffusers_sdxl
+    from benchmarks import cpu, diffusers_sdxl, step as trainer_step
     side, mode, settings = RECIPES[recipe]
     torch.manual_seed(0)
-    theirs = diffusers_sdxl.lora_step if diffusers_sdxl.is_sdxl(folder) else cpu.diffusers
-    step = (cpu.ours if side == "ours" else theirs)(folder, mode, res, **settings)
+    if side == "ours":
+        step = trainer_step.ours(folder, mode, "cpu", res, cache_latents=False, **settings)
+    elif diffusers_sdxl.is_sdxl(folder):
+        step = diffusers_sdxl.lora_step(folder, mode, res, **settings)
+    else:
+        step = trainer_step.diffusers(folder, mode, "cpu", res, cache_latents=False, **settings)
     before = cpu.rss_now()
     t0 = time.perf_counter()
     for _ in range(steps):

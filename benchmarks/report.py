@@ -33,12 +33,15 @@ def compile_table(docs):
 
 
 def attention_table(data):
-    print("| shape | triton fwd+bwd ms | best SDPA | its ms | speedup |\n|---|---|---|---|---|")
+    """fwd+bwd ms of every backend per shape, and ours (triton) against the best SDPA backend."""
+    names = list(dict.fromkeys(b for r in data["results"] for b in r["backends"]))
+    print(f"| shape | {' | '.join(f'{b} fwd+bwd ms' for b in names)} | triton ÷ best SDPA |\n"
+          f"|{'---|' * (len(names) + 2)}")
     for r in data["results"]:
-        b = r.get("best_sdpa_fwd_bwd")
-        print(f"| {r['shape']} | {fmt_ms(r['backends'].get('triton', {}).get('fwd_bwd'))} | {b} | "
-              f"{fmt_ms(r['backends'].get(b, {}).get('fwd_bwd')) if b else '—'} | "
-              f"{r.get('speedup_fwd_bwd_vs_best_sdpa', float('nan')):.2f}× |")
+        cells = [fmt_ms(r["backends"].get(b, {}).get("fwd_bwd")) for b in names]
+        ratio = r.get("speedup_fwd_bwd_vs_best_sdpa")
+        vs = f"{ratio:.2f}× ({r['best_sdpa_fwd_bwd']})" if ratio else "—"
+        print(f"| {r['shape']} | {' | '.join(cells)} | {vs} |")
 
 
 def model_table(data):
@@ -51,6 +54,26 @@ def model_table(data):
             print(f"| {case} | {fmt_spread(ours)} | {fmt_spread(r.get('diffusers'))} | {r['speedup']:.2f}× |")
         else:
             print(f"| {case} | {fmt_spread(ours) if 'error' not in ours else ours['error']} | — | — |")
+        for name in (k for k in r if k.startswith("ours --compile")):  # the compiled variants, against the same
+            speed = f"{r['diffusers']['median_ms'] / r[name]['median_ms']:.2f}×" if "diffusers" in r else "—"
+            print(f"| {case}, {name} | {fmt_spread(r[name])} | {fmt_spread(r.get('diffusers'))} | {speed} |")
+
+
+def step_table(data):
+    """The trainer's step per variant (benchmarks/step.py); files from before it (ours vs diffusers) as model_table."""
+    if not all("variants" in r for r in data["results"]):
+        return model_table(data)
+    print("| `--train`, latents | variant | ms/step (p25–p75) | × diffusers | × diffusers + torch.compile "
+          "| peak GiB |\n|---|---|---|---|---|---|")
+    for r in data["results"]:
+        case = f"{r['mode']}, {'cached' if r['cached_latents'] else 'uncached'}"
+        for name, v in r["variants"].items():
+            ratio = (f"{v['speedup_vs_diffusers']:.2f}×" if "speedup_vs_diffusers" in v else "—",
+                     f"{v['speedup_vs_diffusers_compiled']:.2f}×" if "speedup_vs_diffusers_compiled" in v else "—")
+            peak = f"{v['peak_bytes'] / 2 ** 30:.2f}" if v.get("peak_bytes") else "—"
+            print(f"| {case} | {name} | {fmt_spread(v)} | {ratio[0]} | {ratio[1]} | {peak} |")
+        for name, why in r.get("errors", {}).items():
+            print(f"| {case} | {name} | {why} | — | — | — |")
 
 
 def cpu_step_table(data):
@@ -62,6 +85,15 @@ def cpu_step_table(data):
         print(f"| {r['mode']} | {o['median_s']:.2f} ({o['p25_s']:.2f}–{o['p75_s']:.2f}) | {d['median_s']:.2f} "
               f"({d['p25_s']:.2f}–{d['p75_s']:.2f}) | {r['speedup']:.2f}× ({min(per):.2f}–{max(per):.2f}) | "
               f"{o['peak_rss_bytes'] / gib:.2f} / {d['peak_rss_bytes'] / gib:.2f} |")
+    compiled = [r for r in data["results"] if "ours --compile on" in r]
+    if compiled:  # the same rounds' --compile on side (its warm-up steps compiled; only later steps are timed)
+        print("\n| `--train` | ours --compile on s/step (p25–p75) | × diffusers | × ours eager | peak RSS GiB |\n"
+              "|---|---|---|---|---|")
+        for r in compiled:
+            c = r["ours --compile on"]
+            print(f"| {r['mode']} | {c['median_s']:.2f} ({c['p25_s']:.2f}–{c['p75_s']:.2f}) | "
+                  f"{r['diffusers']['median_s'] / c['median_s']:.2f}× | {r['ours']['median_s'] / c['median_s']:.2f}× | "
+                  f"{c['peak_rss_bytes'] / gib:.2f} |")
 
 
 def memory_table(data):
@@ -72,15 +104,17 @@ def memory_table(data):
         print(f"| {r['recipe']} | {r['peak_rss'] / gib:.2f} | {vs} |")
 
 
-def main():
-    files = sorted(p for p in RESULTS.glob("*.json") if "smoke" not in p.name and not p.name.startswith("demo-"))
+def main(folder=None):
+    from pathlib import Path
+    folder = Path(folder or RESULTS)
+    files = sorted(p for p in folder.glob("*.json") if "smoke" not in p.name and not p.name.startswith("demo-"))
     if not files:
-        print("No kernel or GPU results yet under benchmarks/results/.")
+        print(f"No kernel or GPU results (other than smoke runs) in {folder}.")
         return
     docs = [(f, json.loads(f.read_text())) for f in files]
     compiled = [(f, d) for f, d in docs if d.get("check") == "kernel-compile"]
     if compiled:
-        names = ", ".join(str(f.relative_to(RESULTS.parent.parent)) for f, _ in compiled)
+        names = ", ".join(str(shown(f)) for f, _ in compiled)
         print(f"\n**kernel compile check** — {compiled[0][1]['target']}, {compiled[0][1]['host']}, triton "
               f"{' / '.join(d['triton'] for _, d in compiled)} ({names})\n")
         compile_table([d for _, d in compiled])
@@ -88,9 +122,19 @@ def main():
         if data.get("check") == "kernel-compile":
             continue
         print(f"\n**{data['benchmark']}** — {data['device']}, torch {data['torch']}, triton {data.get('triton')}, "
-              f"diffusers {data.get('diffusers')} ({f.relative_to(RESULTS.parent.parent)})\n")
+              f"diffusers {data.get('diffusers')} ({shown(f)})\n")
         tables = {"attention": attention_table, "step-cpu": cpu_step_table, "memory-cpu": memory_table}
-        tables.get(data["benchmark"], model_table)(data)
+        table = step_table if data["benchmark"].startswith("step-") and data["benchmark"] != "step-cpu" else \
+            tables.get(data["benchmark"], model_table)
+        table(data)
+
+
+def shown(f):
+    """A results file's path as the README cites it (relative to the checkout when it is inside)."""
+    try:
+        return f.resolve().relative_to(RESULTS.parent.parent)
+    except ValueError:
+        return f
 
 
 if __name__ == "__main__":

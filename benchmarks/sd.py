@@ -150,25 +150,27 @@ def diffusers_step(ours, mode: str, device, res: int, cache_latents: bool = True
 
 
 def bench_step(ours, device, res, smoke, warmup, repeat):
-    rows = []
-    for mode in ("lora", "attention") if ours.version == "sdxl" else ("unet", "attention", "lora"):
-        for cache in (True, False):
-            row = {"benchmark": "dreambooth_step", "mode": mode, "cached_latents": cache, "smoke": smoke}
-            fn, m = our_step(ours, mode, device, res, cache_latents=cache)
-            row["ours"] = {**timeit(fn, device, warmup, repeat), "peak_bytes": peak_memory(fn, device)}
-            del m
-            try:
-                ref = diffusers_step(ours, mode, device, res, cache_latents=cache)
-                row["diffusers"] = {**timeit(ref, device, warmup, repeat), "peak_bytes": peak_memory(ref, device)}
-                row["speedup"] = row["diffusers"]["median_ms"] / row["ours"]["median_ms"]
-            except ImportError as e:
-                row["diffusers"] = {"error": str(e)}
-            for side in ("ours", "diffusers"):
-                if "median_ms" in row[side]:
-                    row[side]["steps_per_s"] = 1e3 / row[side]["median_ms"]
-                    row[side]["images_per_s"] = 2e3 / row[side]["median_ms"]
-            rows.append(row)
-            print(mode, cache, {k: v for k, v in row.items() if k == "speedup"})
+    """The trainer's own step (benchmarks/step.py: prepare → Stepper) eager, --compile on, --compile graphs (CUDA)
+    against diffusers' script step eager and compiled, in interleaved rounds, every mode, cached and uncached
+    latents. --smoke: eager variants only, two rounds of one step."""
+    from benchmarks import step as trainer_step
+    from minidream.formats.diffusers_layout import save_pretrained
+    modes = ("lora", "attention") if ours.version == "sdxl" else ("unet", "attention", "lora")
+    try:
+        import diffusers  # noqa: F401
+        import peft  # noqa: F401
+        reference = True
+    except ImportError:
+        reference = False
+        trainer_step.log("diffusers/peft are not installed: the step is timed for ours alone")
+    variants = trainer_step.available(device, reference, compiled=not smoke)
+    with tempfile.TemporaryDirectory() as d:
+        save_pretrained(ours, d)  # the trainer loads its base from a folder, as `minidream train` does
+        rows = trainer_step.bench(d, device, res, modes, variants, rounds=2 if smoke else 5,
+                                  per_round=1 if smoke else max(1, repeat // 5), warmup=1 if smoke else warmup,
+                                  say=trainer_step.log)
+    for r in rows:
+        r["smoke"] = smoke
     return rows
 
 
@@ -203,50 +205,72 @@ def bench_levers(ours, device, res, smoke, warmup, repeat):
 
 # ---------------------------------------------------------------------------------------------
 
+def has_reference() -> bool:
+    """diffusers and transformers importable: the reference rows run (else ours alone; `minidream bench` says so)."""
+    try:
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def unet_variants(ours, device, smoke) -> dict:
+    """Our UNet eager and, on CUDA, compiled as `--compile on` and `--compile graphs` compile it."""
+    from minidream.models.compile import compile_network
+    nets = {"ours": ("off", ours.unet)}
+    if device == "cuda" and not smoke:
+        for mode in ("on", "graphs"):
+            nets[f"ours --compile {mode}"] = (mode, compile_network(copy.deepcopy(ours.unet), mode))
+    return nets
+
+
 def bench_unet(ours, device, res, smoke, warmup, repeat):
-    ref_unet, *_ = diffusers_twins(ours, device)
+    """Forward and forward+backward per batch size, FLOPs counted by torch, MFU against the GPU's bf16 peak: each
+    of our variants (unet_variants) and diffusers' UNet with the same weights."""
+    from minidream.models.compile import step_begins
+    ref_unet = diffusers_twins(ours, device)[0] if has_reference() else None
+    nets = unet_variants(ours, device, smoke)
     rows = []
     h = latent_side(ours, res)
     peak = peak_tflops(device)
+    half = torch.bfloat16 if device == "cuda" else None
     for B in ((1, 2) if smoke else (1, 2, 4) if ours.family.name == "sdxl" else (1, 2, 8)):
         x = torch.randn(B, 4, h, h, device=device)
         cond = conditioning(ours, [PROMPTS[2]] * B, res, device)
         cond["context"] = torch.randn(B, 77, ours.unet.cfg.context_dim, device=device)
         t = torch.full((B,), 500, device=device)
-        half = torch.bfloat16 if device == "cuda" else None
         for kind in ("forward", "forward_backward"):
-            def ours_fn():
+            def call(net, mode="off", ref=False):
+                step_begins(mode)  # CUDA graphs: the last replay's outputs may be overwritten
                 with torch.autocast(device, dtype=half, enabled=half is not None):
-                    out = ours.unet(x, t, **cond)
+                    out = net(x, t, **diffusers_kwargs(cond)).sample if ref else net(x, t, **cond)
                 if kind == "forward_backward":
                     out.float().square().mean().backward()
-
-            def ref_fn():
-                with torch.autocast(device, dtype=half, enabled=half is not None):
-                    out = ref_unet(x, t, **diffusers_kwargs(cond)).sample
-                if kind == "forward_backward":
-                    out.float().square().mean().backward()
-            ours.unet.requires_grad_(kind == "forward_backward")
-            ref_unet.requires_grad_(kind == "forward_backward")
+            for net in [n for _, n in nets.values()] + ([ref_unet] if ref_unet is not None else []):
+                net.requires_grad_(kind == "forward_backward")
             with torch.set_grad_enabled(kind == "forward_backward"):
-                flops = count_flops(ours_fn)
-                r = {"benchmark": "unet", "batch": B, "kind": kind, "flops": flops, "smoke": smoke,
-                     "ours": timeit(ours_fn, device, warmup, repeat),
-                     "diffusers": timeit(ref_fn, device, warmup, repeat)}
-            for side in ("ours", "diffusers"):
+                flops = count_flops(lambda: call(ours.unet))
+                r = {"benchmark": "unet", "batch": B, "kind": kind, "flops": flops, "smoke": smoke}
+                for name, (mode, net) in nets.items():
+                    r[name] = timeit(lambda: call(net, mode), device, warmup + 2 * (mode != "off"), repeat)
+                if ref_unet is not None:
+                    r["diffusers"] = timeit(lambda: call(ref_unet, ref=True), device, warmup, repeat)
+            for side in [*nets, "diffusers"][:len(nets) + (ref_unet is not None)]:
                 r[side]["tflops"] = flops / (r[side]["median_ms"] * 1e-3) / 1e12
                 if peak:
                     r[side]["mfu"] = r[side]["tflops"] / peak
-            r["speedup"] = r["diffusers"]["median_ms"] / r["ours"]["median_ms"]
+            if ref_unet is not None:
+                r["speedup"] = r["diffusers"]["median_ms"] / r["ours"]["median_ms"]
             rows.append(r)
     ours.unet.requires_grad_(False)
     return rows
 
 
-def bench_sampling(ours, device, res, smoke, warmup, repeat):
+def diffusers_pipeline(ours, device, dtype):
+    """diffusers' pipeline (SD or SDXL) holding our weights, with DDIM."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     unet, vae, *texts = diffusers_twins(ours, device, dtype)
     toks = []
     for _, t, _ in ours.text_encoders():
@@ -263,45 +287,52 @@ def bench_sampling(ours, device, res, smoke, warmup, repeat):
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=texts[0], tokenizer=toks[0], unet=unet, scheduler=ddim,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    m = copy.deepcopy(ours).to(dtype=dtype)
+    return pipe
+
+
+def bench_sampling(ours, device, res, smoke, warmup, repeat):
+    """50 DDIM steps with CFG, one image: ours (and `sample --compile on` on CUDA) against diffusers' pipeline."""
+    from minidream.models.compile import compile_network
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     steps = 2 if smoke else 50
-    size = res
-
-    params = SamplingParams(steps=steps, guidance=7.5, sampler="ddim", height=size, width=size)  # DDIM on both sides
-
-    def ours_fn():
-        generate(m, [PROMPTS[2]], params, progress=False, generator=torch.Generator().manual_seed(0))
-
-    def ref_fn():
-        pipe(PROMPTS[2], num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
-             generator=torch.Generator().manual_seed(0), output_type="np")
-    r = {"benchmark": "sampling", "steps": steps, "size": size, "dtype": str(dtype).removeprefix("torch."),
-         "smoke": smoke,
-         "ours": timeit(ours_fn, device, min(warmup, 2), max(1, repeat // 5)),
-         "diffusers": timeit(ref_fn, device, min(warmup, 2), max(1, repeat // 5))}
-    for side in ("ours", "diffusers"):
-        r[side]["it_per_s"] = steps / (r[side]["median_ms"] * 1e-3)
-    r["speedup"] = r["diffusers"]["median_ms"] / r["ours"]["median_ms"]
+    params = SamplingParams(steps=steps, guidance=7.5, sampler="ddim", height=res, width=res)  # DDIM on both sides
+    sides = {"ours": copy.deepcopy(ours).to(dtype=dtype)}
+    if device == "cuda" and not smoke:
+        sides["ours --compile on"] = copy.deepcopy(sides["ours"])
+        compile_network(sides["ours --compile on"].unet, "on")
+    fns = {name: (lambda m=m: generate(m, [PROMPTS[2]], params, progress=False,
+                                       generator=torch.Generator().manual_seed(0))) for name, m in sides.items()}
+    if has_reference():
+        pipe = diffusers_pipeline(ours, device, dtype)
+        fns["diffusers"] = lambda: pipe(PROMPTS[2], num_inference_steps=steps, guidance_scale=7.5, height=res,
+                                        width=res, generator=torch.Generator().manual_seed(0), output_type="np")
+    r = {"benchmark": "sampling", "steps": steps, "size": res, "dtype": str(dtype).removeprefix("torch."),
+         "smoke": smoke}
+    for name, fn in fns.items():
+        r[name] = timeit(fn, device, min(warmup, 2) + ("compile" in name), max(1, repeat // 5))
+        r[name]["it_per_s"] = steps / (r[name]["median_ms"] * 1e-3)
+    if "diffusers" in r:
+        r["speedup"] = r["diffusers"]["median_ms"] / r["ours"]["median_ms"]
     return [r]
 
 
 def bench_vae(ours, device, res, smoke, warmup, repeat):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    _, ref_vae, *_ = diffusers_twins(ours, device, dtype)
+    ref_vae = diffusers_twins(ours, device, dtype)[1] if has_reference() else None
     vae = copy.deepcopy(ours.vae).to(dtype=dtype)
     rows = []
     for B in ((1,) if smoke else (1, 4)):
         x = torch.randn(B, 3, res, res, device=device, dtype=dtype)
         z = torch.randn(B, 4, latent_side(ours, res), latent_side(ours, res), device=device, dtype=dtype)
         with torch.no_grad():
-            for kind, ours_fn, ref_fn in (("encode", lambda: vae.encode(x), lambda: ref_vae.encode(x)),
-                                          ("decode", lambda: vae.decode(z), lambda: ref_vae.decode(z))):
-                r = {"benchmark": "vae", "kind": kind, "batch": B, "smoke": smoke,
-                     "ours": timeit(ours_fn, device, warmup, repeat),
-                     "diffusers": timeit(ref_fn, device, warmup, repeat)}
-                for side in ("ours", "diffusers"):
+            for kind, fns in (("encode", {"ours": lambda: vae.encode(x), "diffusers": lambda: ref_vae.encode(x)}),
+                              ("decode", {"ours": lambda: vae.decode(z), "diffusers": lambda: ref_vae.decode(z)})):
+                r = {"benchmark": "vae", "kind": kind, "batch": B, "smoke": smoke}
+                for side in ("ours", "diffusers")[:1 + (ref_vae is not None)]:
+                    r[side] = timeit(fns[side], device, warmup, repeat)
                     r[side]["images_per_s"] = B / (r[side]["median_ms"] * 1e-3)
-                r["speedup"] = r["diffusers"]["median_ms"] / r["ours"]["median_ms"]
+                if ref_vae is not None:
+                    r["speedup"] = r["diffusers"]["median_ms"] / r["ours"]["median_ms"]
                 rows.append(r)
     return rows
 

@@ -16,7 +16,7 @@ Written for SD's shapes:
   read as 16-byte vectors and the loads pipeline (cp.async) — which triton cannot prove on its own
   for a head stride of 40 elements. `python -m kernels.compile_check` shows what ptxas made of it.
 
-File order: kernels → autograd.Function → public function → reference.
+File order: kernels → launch plans → custom ops (forward, backward) → public function → reference.
 """
 import torch
 import triton
@@ -45,8 +45,14 @@ def _load_tile(ptr, rows, row_stride, n_rows, cols, D, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _store_tile(ptr, rows, row_stride, n_rows, cols, D, value, ALIGN: tl.constexpr):
+    row_offsets = tl.multiple_of(rows[:, None] * row_stride, [ALIGN, ALIGN])
+    tl.store(ptr + row_offsets + cols[None, :], value, mask=(rows[:, None] < n_rows) & (cols[None, :] < D))
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
-                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 H, N_Q, N_KV, D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
@@ -54,7 +60,7 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
     Q = _head(Q, b, h, sqb, sqh, ALIGN)
     K = _head(K, b, h, skb, skh, ALIGN)
     V = _head(V, b, h, svb, svh, ALIGN)
-    O += bh * N_Q * D  # O is ours, contiguous
+    O = _head(O, b, h, sob, soh, ALIGN)  # written in the layout the caller allocated (the UNet's: (B, N, H·D))
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     c0 = tl.arange(0, D0)
     q0 = _load_tile(Q, rows, sqn, N_Q, c0, D, ALIGN)
@@ -84,18 +90,16 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
             v1 = _load_tile(V, cols, svn, N_KV, c1, D, ALIGN)
             acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1)
         m_i = m_new
-    out_mask = rows[:, None] < N_Q
-    tl.store(O + rows[:, None] * D + c0[None, :], (acc0 / l_i[:, None]).to(O.dtype.element_ty),
-             mask=out_mask & (c0[None, :] < D))
+    _store_tile(O, rows, son, N_Q, c0, D, (acc0 / l_i[:, None]).to(O.dtype.element_ty), ALIGN)
     if D1 > 0:
-        tl.store(O + rows[:, None] * D + c1[None, :], (acc1 / l_i[:, None]).to(O.dtype.element_ty),
-                 mask=out_mask & (c1[None, :] < D))
+        _store_tile(O, rows, son, N_Q, c1, D, (acc1 / l_i[:, None]).to(O.dtype.element_ty), ALIGN)
     tl.store(LSE + bh * N_Q + rows, m_i + tl.math.log2(l_i), mask=rows < N_Q)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+                     s_split, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                      H, N_Q, N_KV, Q_CHUNK, D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                      ALIGN: tl.constexpr):
@@ -108,9 +112,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
     Q = _head(Q, b, h, sqb, sqh, ALIGN)
     K = _head(K, b, h, skb, skh, ALIGN)
     V = _head(V, b, h, svb, svh, ALIGN)
-    DO = _head(DO, b, h, sdb, sdh, ALIGN)  # dO has q's layout; dK/dV are written contiguous
-    DK += (split * tl.num_programs(1) + bh) * N_KV * D
-    DV += (split * tl.num_programs(1) + bh) * N_KV * D
+    DO = _head(DO, b, h, sdb, sdh, ALIGN)
+    # dK/dV in k's and v's layout, or this chunk's slice of the (chunks, B, H, M, D) partial sums
+    DK = _head(DK + split * s_split, b, h, sdkb, sdkh, ALIGN)
+    DV = _head(DV + split * s_split, b, h, sdvb, sdvh, ALIGN)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c0 = tl.arange(0, D0)
     k0 = _load_tile(K, cols, skn, N_KV, c0, D, ALIGN)
@@ -145,19 +150,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
         if D1 > 0:
             dv1 += tl.dot(pT.to(do1.dtype), do1)
             dk1 += tl.dot(dsT.to(q1.dtype), q1)
-    mask = cols[:, None] < N_KV
-    tl.store(DV + cols[:, None] * D + c0[None, :], dv0.to(DV.dtype.element_ty), mask=mask & (c0[None, :] < D))
-    tl.store(DK + cols[:, None] * D + c0[None, :], (dk0 * sm_scale).to(DK.dtype.element_ty),
-             mask=mask & (c0[None, :] < D))
+    _store_tile(DV, cols, sdvn, N_KV, c0, D, dv0.to(DV.dtype.element_ty), ALIGN)
+    _store_tile(DK, cols, sdkn, N_KV, c0, D, (dk0 * sm_scale).to(DK.dtype.element_ty), ALIGN)
     if D1 > 0:
-        tl.store(DV + cols[:, None] * D + c1[None, :], dv1.to(DV.dtype.element_ty), mask=mask & (c1[None, :] < D))
-        tl.store(DK + cols[:, None] * D + c1[None, :], (dk1 * sm_scale).to(DK.dtype.element_ty),
-                 mask=mask & (c1[None, :] < D))
+        _store_tile(DV, cols, sdvn, N_KV, c1, D, dv1.to(DV.dtype.element_ty), ALIGN)
+        _store_tile(DK, cols, sdkn, N_KV, c1, D, (dk1 * sm_scale).to(DK.dtype.element_ty), ALIGN)
 
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
-                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sdqb, sdqh, sdqn,
                    H, N_Q, N_KV, D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                    ALIGN: tl.constexpr):
@@ -168,7 +170,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
     K = _head(K, b, h, skb, skh, ALIGN)
     V = _head(V, b, h, svb, svh, ALIGN)
     DO = _head(DO, b, h, sdb, sdh, ALIGN)
-    DQ += bh * N_Q * D
+    DQ = _head(DQ, b, h, sdqb, sdqh, ALIGN)  # dQ in q's layout
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     c0 = tl.arange(0, D0)
     q0 = _load_tile(Q, rows, sqn, N_Q, c0, D, ALIGN)
@@ -198,12 +200,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
         dq0 += tl.dot(ds.to(k0.dtype), k0)
         if D1 > 0:
             dq1 += tl.dot(ds.to(k1.dtype), k1)
-    mask = rows[:, None] < N_Q
-    tl.store(DQ + rows[:, None] * D + c0[None, :], (dq0 * sm_scale).to(DQ.dtype.element_ty),
-             mask=mask & (c0[None, :] < D))
+    _store_tile(DQ, rows, sdqn, N_Q, c0, D, (dq0 * sm_scale).to(DQ.dtype.element_ty), ALIGN)
     if D1 > 0:
-        tl.store(DQ + rows[:, None] * D + c1[None, :], (dq1 * sm_scale).to(DQ.dtype.element_ty),
-                 mask=mask & (c1[None, :] < D))
+        _store_tile(DQ, rows, sdqn, N_Q, c1, D, (dq1 * sm_scale).to(DQ.dtype.element_ty), ALIGN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +268,7 @@ def _fwd_plan(q, k, v, o, lse, scale):
     blocks, options = _config("fwd", q, M, D)
     args = (q, k, v, o, lse, scale * LOG2E,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), H, N, M, D)
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), H, N, M, D)
     grid = (triton.cdiv(N, blocks["BLOCK_M"]), B * H)
     return _fwd_kernel, grid, args, dict(blocks, D0=d0, D1=d1, ALIGN=_align(q, k, v, o)), options
 
@@ -286,11 +285,11 @@ def query_chunks(q, M: int) -> tuple[int, int]:
 
 
 def _dkdv_outputs(q, k, v):
-    """Where the dK/dV pass writes: dK, dV themselves (contiguous), or (chunks, B, H, M, D) fp32 partial
-    sums when query_chunks splits the queries (the caller sums them)."""
+    """Where the dK/dV pass writes: dK, dV themselves (in k's and v's layout), or (chunks, B, H, M, D) fp32
+    partial sums when query_chunks splits the queries (the caller sums them)."""
     splits, _ = query_chunks(q, k.shape[2])
     if splits == 1:
-        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (k, v))
+        return torch.empty_like(k), torch.empty_like(v)
     return tuple(torch.empty(splits, *t.shape, device=t.device, dtype=torch.float32) for t in (k, v))
 
 
@@ -304,12 +303,14 @@ def _bwd_plans(q, k, v, do, lse, delta, dq, dk, dv, scale):
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     align = dict(ALIGN=_align(q, k, v, do, dq, dk, dv))
     blocks, options = _config("dkdv", q, M, D)
+    s_split = dk.stride(0) if dk.ndim == 5 else 0
+    out_strides = (s_split, *dk.stride()[-4:-1], *dv.stride()[-4:-1])
     dkdv = (_bwd_dkdv_kernel, (triton.cdiv(M, blocks["BLOCK_N"]), B * H, splits),
-            (q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale, *strides, H, N, M, chunk, D),
+            (q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale, *strides, *out_strides, H, N, M, chunk, D),
             dict(blocks, D0=d0, D1=d1, **align), options)
     blocks, options = _config("dq", q, M, D)
     dq_ = (_bwd_dq_kernel, (triton.cdiv(N, blocks["BLOCK_M"]), B * H),
-           (q, k, v, do, lse, delta, dq, scale * LOG2E, scale, *strides, H, N, M, D),
+           (q, k, v, do, lse, delta, dq, scale * LOG2E, scale, *strides, *dq.stride()[:3], H, N, M, D),
            dict(blocks, D0=d0, D1=d1, **align), options)
     return [dkdv, dq_]
 
@@ -321,45 +322,83 @@ def _launch(plan):
 
 def _forward(q, k, v, scale):
     B, H, N, D = q.shape
-    o = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
+    o = _output(q)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     _launch(_fwd_plan(q, k, v, o, lse, scale))
     return o, lse
 
 
+def _output(q):
+    """O, allocated (B, N, H, D) and seen as (B, H, N, D): the layout the UNet's output projection reads, so its
+    `transpose(1, 2).reshape(B, N, H·D)` is a view, not a copy."""
+    B, H, N, D = q.shape
+    return torch.empty(B, N, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
+
+
 def _backward(q, k, v, o, lse, do, scale):
-    do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1)  # Δ_i = Σ_d dO_id O_id = rowsum(P ∘ dP)
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dq = torch.empty_like(q)  # gradients in their inputs' layout: the projections' backward needs no copy
     dk, dv = _dkdv_outputs(q, k, v)
     for plan in _bwd_plans(q, k, v, do, lse, delta, dq, dk, dv, scale):
         _launch(plan)
     if dk.ndim == 5:  # partial sums, one slice per query chunk
-        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
+        dk, dv = torch.empty_like(k).copy_(dk.sum(0)), torch.empty_like(v).copy_(dv.sum(0))
     return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd.Function and the public function
+# The custom ops and the public function. As torch.library ops (not an autograd.Function), torch.compile traces
+# *through* the attention: each op is one opaque node whose output shapes the fake implementations give, and the
+# backward is an op too, so the compiled backward graph calls the Triton kernels directly.
 
-class FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        o, lse = _forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
-        return o
+@torch.library.custom_op("minidream::flash_attention", mutates_args=())
+def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """(O, log-sum-exp per query in log2 units) for q (B, H, N, D), k, v (B, H, M, D)."""
+    return _forward(q, k, v, scale)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.scale)
-        return dq, dk, dv, None
+
+@flash_attention_op.register_fake
+def _(q, k, v, scale):
+    B, H, N, D = q.shape
+    return _output(q), q.new_empty(B, H, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("minidream::flash_attention_backward", mutates_args=())
+def flash_attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                                lse: torch.Tensor, do: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                            torch.Tensor]:
+    """(dQ, dK, dV), each in its input's layout."""
+    return _backward(q, k, v, o, lse, do, scale)
+
+
+@flash_attention_backward_op.register_fake
+def _(q, k, v, o, lse, do, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save(ctx, inputs, output):
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)  # a by-product the backward reuses, not a result
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = scale
+
+
+def _grads(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    return (*flash_attention_backward_op(q, k, v, o, lse, do, ctx.scale), None)
+
+
+flash_attention_op.register_autograd(_grads, setup_context=_save)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale) v for q (B, H, N, D), k and v (B, H, M, D); fp16/bf16 (fp32 too), any N, M,
-    head dims 16..256. On CPU it runs only under TRITON_INTERPRET=1 (the tests)."""
+    head dims 16..256, any strides with the head dim contiguous (the UNet's per-head views of its projections are
+    read in place). On CPU it runs only under TRITON_INTERPRET=1 (the tests)."""
     if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"flash_attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
                          f"are not (B, H, N, D), (B, H, M, D), (B, H, M, D)")
@@ -369,7 +408,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         raise ValueError(f"flash_attention: dtypes must match and be fp16, bf16 or fp32 (got {q.dtype}, {k.dtype}, "
                          f"{v.dtype})")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return FlashAttention.apply(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
+    return flash_attention_op(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale))[0]
 
 
 def reference(q, k, v, scale: float | None = None):

@@ -39,9 +39,10 @@ def unet_layout(B, H, N, D, dtype):
 def sd_plans(B, H, N, M, D, dtype=torch.bfloat16):
     """The three launch plans (forward, dK/dV, dQ) for one attention shape, on meta tensors."""
     q, k, v = unet_layout(B, H, N, D, dtype), unet_layout(B, H, M, D, dtype), unet_layout(B, H, M, D, dtype)
-    o, do = (torch.empty(B, H, N, D, device="meta", dtype=dtype) for _ in range(2))
+    o = A._output(q)  # written in the UNet's layout, as dO comes back in it
+    do = A._output(q)
     lse, delta = (torch.empty(B, H, N, device="meta", dtype=torch.float32) for _ in range(2))
-    dq = torch.empty(q.shape, device="meta", dtype=dtype)
+    dq = torch.empty_like(q)
     dk, dv = A._dkdv_outputs(q, k, v)  # fp32 partial sums when the dK/dV pass splits the queries
     backward = A._bwd_plans(q, k, v, do, lse, delta, dq, dk, dv, 0.1)
     return {"fwd": A._fwd_plan(q, k, v, o, lse, 0.1), **dict(zip(("dkdv", "dq"), backward))}

@@ -11,6 +11,6 @@ layers before it (tests/test_structure.py reads every folder's "May import" line
     demo       the toy world, its embedded model, and DreamBooth's demo and evaluation on it
 
 Shared by all of them, importing none of them: progress (bars), plots (pictures drawn with Pillow), images (PNG
-files and grids), options (an option declared once, and its command-line form). The command line (cli.py) sits on
-top.
+files and grids), options (an option declared once, and its command-line form). The command line (cli.py, with
+the steps its commands share in command_steps.py) sits on top.
 """

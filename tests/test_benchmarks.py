@@ -18,7 +18,9 @@ def test_benchmarks_smoke(tmp_path):
     assert step["device"].startswith("cpu") and step["torch"] and step["command"]
     modes = {(r["mode"], r["cached_latents"]) for r in step["results"]}
     assert modes == {(m, c) for m in ("unet", "attention", "lora") for c in (True, False)}
-    assert all("median_ms" in r["ours"] and "median_ms" in r["diffusers"] for r in step["results"])
+    # the trainer's own step and diffusers' script step, eager (--smoke compiles nothing), in interleaved rounds
+    assert all(list(r["variants"]) == ["ours", "diffusers"] and len(r["variants"]["ours"]["per_round_ms"]) == 2
+               for r in step["results"])
     unet = json.loads((tmp_path / "unet-tiny-smoke.json").read_text())
     assert all(r["flops"] > 0 for r in unet["results"])
 
@@ -41,18 +43,63 @@ def test_report_renders_the_committed_results():
     assert "kernel compile check" in r.stdout and "| sd1-self-4096-d40 | fwd |" in r.stdout
 
 
-def test_cpu_step_benchmark_runs_both_trainers_in_child_processes(tmp_path):
-    """The CPU mode times the trainer's own step against diffusers', each side in its own process (tiny config)."""
+@pytest.mark.parametrize("extra", [pytest.param(["--no-compile"], id="eager"),
+                                   pytest.param([], id="compiled", marks=pytest.mark.slow)])  # Inductor: minutes
+def test_cpu_step_benchmark_runs_both_trainers_in_child_processes(tmp_path, extra):
+    """The CPU mode times the trainer's own step (eager and --compile on) against diffusers', each side in its own
+    process (tiny config)."""
     r = subprocess.run([sys.executable, "-m", "benchmarks.cpu", "--preset", "tiny", "--res", "16", "--rounds", "2",
-                        "--mode", "lora", "--out", str(tmp_path)], capture_output=True, text=True)
+                        "--mode", "lora", "--out", str(tmp_path), *extra], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((tmp_path / "step-cpu-tiny-16.json").read_text())
     assert data["device"].startswith("cpu") and data["torch"]
     (row,) = data["results"]
     assert row["mode"] == "lora" and len(row["speedup_per_round"]) == 2
-    for side in ("ours", "diffusers"):
+    sides = ("ours", "diffusers") + (() if extra else ("ours --compile on",))
+    for side in sides:
         assert len(row[side]["per_round_s"]) == 2
         assert row[side]["peak_rss_bytes"] > row[side]["rss_before_first_step_bytes"] > 0
+    assert ("speedup_compiled" in row) == (not extra)
+
+
+def test_minidream_bench_quick_runs_from_anywhere(tmp_path):
+    """`minidream bench --quick` from a folder outside the checkout (the installed package): every section's table
+    on the terminal, one JSON beside; diffusers' rows where it is installed."""
+    r = subprocess.run([sys.executable, "-m", "minidream", "bench", "--quick", "--device", "cpu", "--out", "b"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (path,) = (tmp_path / "b").glob("bench-*.json")
+    doc = json.loads(path.read_text())
+    assert doc["pass"] == "quick" and doc["device"].startswith("cpu") and doc["torch"]
+    assert list(doc["sections"]) == ["attention", "step", "unet", "sampling", "vae"]
+    assert all("error" not in rows[0] for rows in doc["sections"].values()), doc["sections"]
+    assert set(doc["sections"]["step"][0]["variants"]) == {"ours", "diffusers"}
+    assert "| lora, cached | ours |" in r.stdout and "[5/5] vae" in r.stderr
+
+
+def test_minidream_bench_without_diffusers_runs_ours_alone(tmp_path):
+    blocked = ("import sys; sys.modules['diffusers'] = None; sys.argv = ['minidream', 'bench', '--quick', '--device', "
+               "'cpu', '--only', 'step', '--only', 'vae', '--out', 'b']; from cli import main; main()")
+    r = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("diffusers/transformers are not installed: ours alone") == 1
+    doc = json.loads(next((tmp_path / "b").glob("bench-*.json")).read_text())
+    assert list(doc["sections"]) == ["step", "vae"]
+    assert list(doc["sections"]["step"][0]["variants"]) == ["ours"]
+    assert "diffusers" not in doc["sections"]["vae"][0]
+
+
+@pytest.mark.parametrize("args, needle", [(["--only", "warp"], "--only 'warp' is not one of"),
+                                          (["--out", "f"], "--out f is a file"),
+                                          (["--device", "tpu"], "tpu"), (["--device", ""], "--device is empty"),
+                                          (["--out", "taken"], "is a folder; move it")])
+def test_minidream_bench_bad_options_are_one_line(tmp_path, args, needle):
+    (tmp_path / "f").write_text("")
+    from benchmarks.bench import result_path
+    result_path(tmp_path / "taken", "cpu").mkdir(parents=True)  # the JSON's own name taken by a folder
+    r = subprocess.run([sys.executable, "-m", "minidream", "bench", "--quick", *args], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_memory_benchmark_runs_every_recipe_in_its_own_process(tmp_path):
@@ -76,3 +123,26 @@ def test_memory_benchmark_drives_diffusers_sdxl_lora_script(tmp_path):
     data = json.loads((tmp_path / "memory-cpu-tiny-xl-16.json").read_text())
     assert [x["recipe"] for x in data["results"]] == ["diffusers lora", "diffusers lora, --gradient_checkpointing"]
     assert "skipped (diffusers' SDXL DreamBooth script trains LoRA only)" in r.stderr
+
+
+def test_minidream_bench_ctrl_c_keeps_what_was_measured(tmp_path):
+    """A real SIGINT part-way: one line that says what is in --out, and that is so (a whole JSON, or no folder)."""
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, "-m", "minidream", "bench", "--quick", "--device", "cpu", "--out", "b"],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen = []
+    for line in p.stderr:  # inside the third section: the first two are in the JSON
+        seen.append(line)
+        if line.startswith("[3/5]"):
+            break
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    err = "".join(seen) + err
+    assert p.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert "the sections measured so far are in" in err
+    doc = json.loads(next((tmp_path / "b").glob("bench-*.json")).read_text())
+    assert list(doc["sections"])[:2] == ["attention", "step"]
+    assert all("error" not in rows[0] for rows in doc["sections"].values())

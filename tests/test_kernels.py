@@ -60,6 +60,54 @@ def test_kernel_scale_argument():
     check(1, 1, 20, 30, 64, torch.float32, tol=1e-5, scale=0.37)
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 19, 77, 40), (1, 2, 150, 20, 40)])  # dK/dV whole, and in partial sums
+def test_custom_ops_pass_opcheck(shape):
+    """The forward and backward ops against torch.library's checks: the fake implementations give the real outputs'
+    shapes, dtypes and strides, autograd is registered, nothing mutates its inputs, the ops trace under
+    make_fx / torch.compile (interpreter on CPU)."""
+    from kernels.attention import flash_attention_backward_op, flash_attention_op
+    B, H, N, M, D = shape
+    g = torch.Generator(DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(B, n, H * D, generator=g, device=DEVICE).view(B, n, H, D).transpose(1, 2)
+               .requires_grad_() for n in (N, M, M))
+    torch.library.opcheck(flash_attention_op, (q, k, v, D ** -0.5))
+    o, lse = (t.detach() for t in flash_attention_op(q, k, v, D ** -0.5))
+    do = torch.randn(o.shape, generator=g, device=DEVICE)
+    torch.library.opcheck(flash_attention_backward_op, (q.detach(), k.detach(), v.detach(), o, lse, do,
+                                                        D ** -0.5))
+
+
+def test_output_and_gradients_keep_the_unet_layout():
+    """O comes out (B, N, H, D) in memory, so the UNet's transpose+reshape to (B, N, H·D) is a view; dQ/dK/dV have
+    their inputs' strides, so the projections' backward needs no copy either."""
+    B, H, N, M, D = 2, 2, 24, 77, 40
+    q, k, v = (torch.randn(B, n, H * D).view(B, n, H, D).transpose(1, 2).requires_grad_() for n in (N, M, M))
+    o = flash_attention(q, k, v)
+    assert o.transpose(1, 2).is_contiguous()
+    y = o.transpose(1, 2).reshape(B, N, H * D)
+    assert y.data_ptr() == o.data_ptr()  # a view
+    y.square().sum().backward()
+    for x in (q, k, v):
+        assert x.grad.stride() == x.stride()
+
+
+def test_torch_compile_traces_through_the_kernel():
+    """torch.compile (Inductor) of a function that calls the kernel: one graph, no break, the same output and
+    gradients as eager."""
+    import torch._dynamo.testing
+    q, k, v = (torch.randn(1, 2, n, 40, requires_grad=True) for n in (24, 77, 77))
+
+    def f(q, k, v):
+        return (flash_attention(q * 2, k, v) + 1).square().sum()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    want = torch.autograd.grad(f(q, k, v), (q, k, v))
+    assert counter.frame_count == 1
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_query_chunks_split_only_when_keys_are_few():
     from kernels.attention import query_chunks
     q = torch.empty(1, 2, 150, 40)
@@ -97,6 +145,31 @@ def test_unet_with_triton_backend_matches_sdpa(sd1_dir):
     assert max_rel_err(results["triton"][0], results["sdpa"][0]) <= 1e-5
     for n, gr in results["sdpa"][1].items():
         assert max_rel_err(results["triton"][1][n], gr) <= 1e-4, n
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_unet_with_triton_backend_compiles(sd1_dir, backend):
+    """`--attention triton --compile`: torch.compile traces the UNet through the kernel's custom ops (no graph break
+    at any attention) and gives the eager forward and gradients. aot_eager in the suite (the same trace, run
+    without code generation); Inductor is `slow` (its generated C++ takes minutes to build on 2 cores)."""
+    import torch._dynamo.testing
+    from minidream.formats import diffusers_layout
+    from minidream.models.attention import set_attention_backend
+    from tests.conftest import max_rel_err
+    unet = set_attention_backend(diffusers_layout.load_unet(sd1_dir / "unet").requires_grad_(True), "triton")
+    g = torch.Generator().manual_seed(0)
+    x, ctx, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([3, 900])
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    results = {}
+    for name, net in (("eager", unet), ("compiled", torch.compile(unet, backend=counter, fullgraph=True))):
+        unet.zero_grad()
+        out = net(x, t, ctx)
+        out.square().mean().backward()
+        results[name] = (out.detach(), {n: p.grad.clone() for n, p in unet.named_parameters()})
+    assert counter.frame_count == 1  # one graph: fullgraph=True would have raised at a break
+    assert max_rel_err(results["compiled"][0], results["eager"][0]) <= 1e-5
+    for n, gr in results["eager"][1].items():
+        assert max_rel_err(results["compiled"][1][n], gr) <= 1e-4, n
 
 
 # ------------------------------------------------------------------------------------------------

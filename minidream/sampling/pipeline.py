@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minidream.models.compile import call
 from minidream.models.noise_schedule import SchedulerConfig
 from minidream.models.stable_diffusion import StableDiffusion, encode_text, size_conditioning, size_ids
 from minidream.models.vae import to_uint8
@@ -109,7 +110,7 @@ def generate(model: StableDiffusion, prompts: list[str], params: SamplingParams 
     for t in sampler.timesteps:
         x = sampler.scale_input(latents)
         x = torch.cat([x] * 2) if cfg else x
-        out = model.denoiser(x, t, **cond)
+        out = call(model.denoiser, x, t, **cond)  # (copied out of a CUDA graph's memory: --compile graphs)
         if cfg:
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + params.guidance * (out_cond - out_uncond)

@@ -2,7 +2,8 @@
 straight sequence (validate → runtime → load → data → state → restore → loop → export); one step reads top to bottom
 in step.py → batches.py → models/stable_diffusion.py.
 
-    config        every setting, declared once: default, help, check, whether a resume may change it
+    config        every setting, declared once: default, help, check, whether a resume may change it; a resumed
+                  run's settings (resume_settings)
     runtime       where the run happens: device, attention backend, precision, process group (distributed)
     concepts      the run's data as users bring it: concepts (concepts_file), captions, buckets (photos, class_images)
     batches       what a step is fed: latents and the prompts' conditioning

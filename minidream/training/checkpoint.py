@@ -12,7 +12,8 @@ import torch
 
 from minidream.formats.files import save_safetensors
 from minidream.training import TrainError, continue_with
-from minidream.training.config import OPTIONS, TrainConfig, flag, resumed_config, short, stored_config
+from minidream.training.config import OPTIONS, TrainConfig, flag
+from minidream.training.resume_settings import resumed_config, short, stored_config
 from minidream.training.distributed import ProcessGroup
 from minidream.training.photos import image_files
 from minidream.training.state import TrainState

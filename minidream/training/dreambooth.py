@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from minidream.models.compile import eager
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import TrainError, distributed, run_folder, runtime
 from minidream.training.checkpoint import Checkpointer, base_fingerprint, per_process_batch, resume_from
@@ -72,7 +73,7 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
             step = loop(cfg, out, stepper, ckpt, step or 0)
             with phase("after training (the final grid, the exports)", out, ckpt, step):  # the weights are saved first
                 if has_grid(cfg) and (rt.main or cfg.fsdp):  # a sharded UNet samples on every process
-                    with rt.resident(model):
+                    with rt.resident(model), eager():  # not the compiled step's graph
                         validation_grid(model, cfg, out / "samples" / "final.png", write=rt.main)
                 trained = stepper.state.trained(keep=rt.main)  # gathered from every process under --fsdp
                 distributed.report_peak_memory(rt.group, rt.device)

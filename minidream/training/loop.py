@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from minidream.models.compile import eager
 from minidream.progress import Progress
 from minidream.training import TrainError, continue_with, distributed
 from minidream.training.checkpoint import Checkpointer
@@ -67,7 +68,7 @@ def validation(cfg: TrainConfig, out: Path, stepper: Stepper, step: int, log: Lo
     bar.write(f"validation at step {step}: " + ", ".join(
         ([f"a grid of {len(grid_rows(cfg))} row(s) x {cfg.validation_images}"] if has_grid(cfg) else []) +
         (["the loss on fixed triples"] if held is not None else [])))
-    with stepper.runtime.resident(stepper.state.model) as model:
+    with stepper.runtime.resident(stepper.state.model) as model, eager():  # a compiled UNet's graph is the step's
         if has_grid(cfg):
             png = out / "samples" / f"step-{step:06d}.png"
             validation_grid(model, cfg, png, write=main)

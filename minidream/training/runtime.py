@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from minidream.models.attention import resolve_backend, set_attention_backend
+from minidream.models.compile import check_compile
 from minidream.models.device import DTYPES, resolve_device
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import TrainError, continue_with, distributed
@@ -78,6 +79,9 @@ def resolve(cfg) -> Runtime:
         backend = resolve_backend(cfg.attention, device)
     except ValueError as e:
         raise TrainError(str(e)) from None
+    wrong = check_compile(cfg.compile, device)
+    if wrong:
+        raise TrainError(f"--compile {wrong}")
     for what, precision in (("--mixed-precision", cfg.mixed_precision), ("--class-precision", cfg.class_precision)):
         if precision == "fp16" and device.type != "cuda":
             cpu = "no" if what == "--mixed-precision" else "fp32"

@@ -15,10 +15,12 @@ weighs the prediction (here); what the denoiser is conditioned on and how latent
 (models/stable_diffusion.py: `encode_text`, `DDPMProcess`).
 """
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
 
+from minidream.models.compile import compile_network, step_begins
 from minidream.models.stable_diffusion import DDPMProcess, StableDiffusion
 from minidream.training import TrainError, distributed
 from minidream.training.batches import LatentSource, TextConditioning
@@ -95,6 +97,7 @@ class Stepper:
     text: TextConditioning
     runtime: Runtime
     batch_size: int | None = None  # instance images per step on this process (None: --batch-size)
+    compiled: str = "off"  # how the UNet runs: the --compile mode this run can have (compiled_mode)
 
     def __post_init__(self):
         self.process = self.state.model.forward_process
@@ -128,6 +131,7 @@ class Stepper:
             if cfg.lora_dropout:  # dropout draws from torch's global generator: seed it from the run's, per process
                 g = state.generator
                 torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=g, device=g.device)) + rt.group.rank)
+            step_begins(self.compiled)
             with rt.autocast():
                 loss, li, lp = training_step(state.model.denoiser, self.process, latents,
                                              {**self.text(step, prompts), **sizes}, n_inst, cfg.prior_loss_weight,
@@ -170,6 +174,8 @@ def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[l
         cast_frozen(model, rt.precision)
     model.denoiser.set_gradient_checkpointing(cfg.gradient_checkpointing)
     model.denoiser.train()
+    compiled = compiled_mode(cfg, rt)
+    compile_network(model.denoiser, compiled)
     for _, _, te in model.text_encoders():
         te.train(bool(state.trainable.text_encoder))
     batches = LatentSource(model, cfg, pools, rt.device, state.generator, rt.group)
@@ -182,4 +188,20 @@ def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[l
             rt.offload(te)
     if cfg.cache_latents:
         rt.offload(model.vae)
-    return Stepper(cfg, state, batches, text, rt, batch_size)
+    return Stepper(cfg, state, batches, text, rt, batch_size, compiled)
+
+
+def compiled_mode(cfg: TrainConfig, rt: Runtime) -> str:
+    """--compile as this run can have it: what a compiled graph cannot hold says so once and runs as it can."""
+    def say(why: str):
+        if rt.main:
+            print(f"note: --compile {cfg.compile}: {why}", file=sys.stderr)
+    if cfg.compile != "off" and cfg.fsdp:
+        say("the sharded UNet (--fsdp) gathers its blocks in hooks that are not traced yet; it runs eager")
+        return "off"
+    if cfg.compile == "graphs" and (cfg.grad_accum > 1 or cfg.fused_backward):
+        what = "gradients summed between replays (--grad-accum)" if cfg.grad_accum > 1 else \
+            "the updates made during backward (--fused-backward)"
+        say(f"a CUDA graph cannot hold {what}; the UNet runs compiled without CUDA graphs (--compile on)")
+        return "on"
+    return cfg.compile

@@ -1,0 +1,57 @@
+"""A resumed run's settings: the checkpoint's (`stored_config`, checked as the command line's are) with the resumable
+ones the user gives anew (`resumed_config`); a changed fixed one is refused in one line. The rules are read from
+the declarations in config.py (`resumable`, `added`, `was`)."""
+from dataclasses import MISSING, replace
+from pathlib import Path
+
+from minidream.options import path
+from minidream.training import TrainError
+from minidream.training.config import OPTIONS, TrainConfig, flag, validate
+
+
+def stored_config(meta: dict, path: Path) -> TrainConfig:
+    """The run's settings from a checkpoint, checked like the command line's (a crafted file gets no further)."""
+    try:
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
+        for n, f in OPTIONS.items():  # settings renamed or added since the checkpoint was written
+            if f.metadata["was"] in d:
+                d[n] = d.pop(f.metadata["was"])
+            elif n not in d and f.metadata["added"] is not MISSING:
+                d[n] = f.metadata["added"]
+        missing = [f for f in OPTIONS if f not in d]
+        if missing:
+            raise TrainError(f"{path}: written by an older minidream (no {', '.join(missing[:4])}"
+                             f"{' …' if len(missing) > 4 else ''}); start a new run")
+        cfg = TrainConfig(**{k: v for k, v in d.items() if k in OPTIONS})
+        validate(cfg)
+        if not (isinstance(meta["step"], int) and 0 <= meta["step"]):
+            raise TrainError(f"{path}: step {meta['step']!r} is not a step count")
+        return cfg
+    except TrainError as e:
+        raise TrainError(f"{path}: {e}" if not str(e).startswith(str(path)) else str(e)) from None
+    except Exception as e:
+        raise TrainError(f"{path}: its stored settings are not usable ({type(e).__name__}: {e})") from None
+
+
+def short(value) -> str:
+    """A setting's value for a one-line message (a concepts list can be long)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def resumed_config(cfg: TrainConfig, stored: TrainConfig, given: set[str] | None) -> TrainConfig:
+    """The checkpoint's settings, with the resumable ones the user gave; a changed fixed one is refused.
+    `given`: the settings the user named (None: every resumable one comes from `cfg`)."""
+    resumable = {n for n, f in OPTIONS.items() if f.metadata["resumable"]}
+    given = resumable if given is None else given & set(OPTIONS)
+    fixed = sorted(k for k in given if k not in resumable and getattr(cfg, k) != getattr(stored, k))
+    if fixed:
+        was = ", ".join(f"{flag(k)} {short(getattr(stored, k))}" for k in fixed)
+        raise TrainError(f"--resume: {', '.join(flag(k) for k in fixed)} cannot change in a resumed run (it has "
+                         f"{was}); drop them, or start a new run with --overwrite")
+    added = sorted(k for k in given & resumable if OPTIONS[k].metadata.get("check") is path and
+                   getattr(stored, k) is None and getattr(cfg, k) is not None)
+    if added:  # a folder may be given anew where it moved, not added: the run trained without it
+        raise TrainError(f"--resume: this run trained without {flag(added[0])}; it cannot be added to it (start a "
+                         f"new run with --overwrite)")
+    return replace(stored, **{k: getattr(cfg, k) for k in resumable if k in given})
