@@ -12,7 +12,6 @@ file, bench-<device>.json, in --out.
 """
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from benchmarks import attention, sd, step as trainer_step
 from benchmarks.common import environment
+from benchmarks.step import log
 from kernels.shapes import SD_SHAPES
 
 
@@ -92,10 +92,6 @@ def quiet():
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def log(msg: str):
-    print(msg, file=sys.stderr, flush=True)
-
-
 def show(name: str, rows: list[dict]):
     """The section's table on the terminal (the README's renderers)."""
     from benchmarks import report
@@ -126,8 +122,8 @@ def run(quick: bool, device: str, path: Path, only: list[str] | None = None) -> 
     plan = PLANS["quick" if quick else "full"]
     quiet()
     if not sd.has_reference():
-        log("diffusers/transformers are not installed: ours alone (pip install diffusers transformers peft for the "
-            "reference rows)")
+        log("diffusers/transformers/peft are not installed: ours alone (pip install diffusers transformers peft for "
+            "the reference rows)")
     kind = torch.device(device).type
     preset, res = plan.preset[kind], plan.res[kind]
     log(f"building {preset} with random weights on {device} ({res} px)")

@@ -113,3 +113,19 @@ def prior_preservation_update(pred, noise, params: list, opt):
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def script_pixels(res: int, device, dtype) -> torch.Tensor:
+    """The two images as diffusers' scripts feed them: (2, 3, res, res) in [-1, 1]."""
+    import numpy as np
+    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1
+                        for im in images(res)]).to(device, dtype)
+
+
+def script_noising(vae, dist, pixels, scheduler, device):
+    """The scripts' draw: latents (from the cached distribution `dist`, or encoded now) × the VAE's scaling factor,
+    noise, timesteps. Returns (noisy latents, noise, timesteps)."""
+    latents = (dist or vae.encode(pixels).latent_dist).sample() * vae.config.scaling_factor
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+    return scheduler.add_noise(latents, noise, t), noise, t

@@ -38,10 +38,9 @@ def lora_step(folder: str, mode: str, res: int, gradient_checkpointing: bool = F
               cache_latents: bool = False, compile: bool = False):
     """The script's step (on CUDA with bf16 autocast and the frozen VAE in bf16, as accelerate's --mixed_precision
     bf16 runs it); `cache_latents`: its --cache_latents; `compile`: the UNet under torch.compile."""
-    import numpy as np
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
-    from benchmarks.common import images, prior_preservation_update
+    from benchmarks.common import prior_preservation_update, script_noising, script_pixels
     if mode != "lora":
         raise ValueError("diffusers' SDXL DreamBooth script trains LoRA only")
     half = torch.bfloat16 if torch.device(device).type == "cuda" else None
@@ -57,17 +56,14 @@ def lora_step(folder: str, mode: str, res: int, gradient_checkpointing: bool = F
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
     forward = torch.compile(unet) if compile else unet
-    pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1
-                          for im in images(res)]).to(device, vae.dtype)
+    pixels = script_pixels(res, device, vae.dtype)
     time_ids = torch.tensor([[res, res, 0, 0, res, res]] * 2, dtype=torch.float32, device=device)
     dist = vae.encode(pixels).latent_dist if cache_latents else None
 
     def step():
         with torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None):
-            latents = (dist or vae.encode(pixels).latent_dist).sample() * vae.config.scaling_factor
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (2,), device=device)
-            pred = forward(noise_scheduler.add_noise(latents, noise, t), t, context,
-                           added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
+            noisy, noise, t = script_noising(vae, dist, pixels, noise_scheduler, device)
+            pred = forward(noisy, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+                           return_dict=False)[0]
         prior_preservation_update(pred, noise, params, opt)
     return step

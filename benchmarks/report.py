@@ -50,13 +50,17 @@ def model_table(data):
         keys = ("mode", "cached_latents", "batch", "kind", "variant", "steps")
         case = ", ".join(f"{k}={v}" for k, v in r.items() if k in keys)
         ours = r.get("ours", r)
+        if "mfu" in ours:  # the UNet's rows: the share of the GPU's bf16 peak, ours / diffusers'
+            case += f" (MFU {ours['mfu']:.1%}" + (f" / {r['diffusers']['mfu']:.1%})" if "mfu" in r.get("diffusers", {})
+                                                   else ")")
         if "speedup" in r:
             print(f"| {case} | {fmt_spread(ours)} | {fmt_spread(r.get('diffusers'))} | {r['speedup']:.2f}× |")
         else:
             print(f"| {case} | {fmt_spread(ours) if 'error' not in ours else ours['error']} | — | — |")
         for name in (k for k in r if k.startswith("ours --compile")):  # the compiled variants, against the same
             speed = f"{r['diffusers']['median_ms'] / r[name]['median_ms']:.2f}×" if "diffusers" in r else "—"
-            print(f"| {case}, {name} | {fmt_spread(r[name])} | {fmt_spread(r.get('diffusers'))} | {speed} |")
+            mfu = f" (MFU {r[name]['mfu']:.1%})" if "mfu" in r[name] else ""
+            print(f"| {case}, {name}{mfu} | {fmt_spread(r[name])} | {fmt_spread(r.get('diffusers'))} | {speed} |")
 
 
 def step_table(data):
@@ -119,7 +123,7 @@ def main(folder=None):
               f"{' / '.join(d['triton'] for _, d in compiled)} ({names})\n")
         compile_table([d for _, d in compiled])
     for f, data in docs:
-        if data.get("check") == "kernel-compile":
+        if data.get("check") == "kernel-compile" or "sections" in data:  # `minidream bench` prints its own tables
             continue
         print(f"\n**{data['benchmark']}** — {data['device']}, torch {data['torch']}, triton {data.get('triton')}, "
               f"diffusers {data.get('diffusers')} ({shown(f)})\n")

@@ -10,7 +10,6 @@ import copy
 import tempfile
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import count_flops, peak_memory, peak_tflops, timeit, write
 from minidream.models.attention import set_attention_backend, set_fused_projections
@@ -19,7 +18,7 @@ from minidream.models.stable_diffusion import encode_text, random_model, size_co
 from minidream.sampling.pipeline import SamplingParams, generate
 from minidream.models.tokenizer import train_bpe
 from minidream.training.step import training_step
-from minidream.training.trainable import UNET_ATTENTION, select_trainable
+from minidream.training.trainable import select_trainable
 
 PROMPTS = ["a photo of sks dog", "a photo of dog", "a photo of a dog on the beach"]
 
@@ -108,47 +107,6 @@ def our_step(ours, mode: str, device, res: int, cache_latents: bool = True, fuse
     return step, m
 
 
-def diffusers_step(ours, mode: str, device, res: int, cache_latents: bool = True):
-    from diffusers import DDPMScheduler
-    unet, vae, *_ = diffusers_twins(ours, device)
-    unet.requires_grad_(mode == "unet")
-    vae.requires_grad_(False)
-    if mode == "attention":
-        for name, mod in unet.named_modules():
-            if UNET_ATTENTION.fullmatch(name):
-                mod.requires_grad_(True)
-    elif mode == "lora":
-        from peft import LoraConfig
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6)  # diffusers' train_dreambooth.py default optimizer
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    half = torch.bfloat16 if device == "cuda" else None
-    kwargs = diffusers_kwargs(conditioning(ours, list(PROMPTS[:2]), res, device))  # text encoders frozen on both sides
-    with torch.no_grad():
-        images = torch.randn(2, 3, res, res, device=device)
-        dist = vae.encode(images).latent_dist
-
-    def step():
-        with torch.autocast(device, dtype=half, enabled=half is not None):
-            with torch.no_grad():
-                z = dist.sample() if cache_latents else vae.encode(images).latent_dist.sample()
-                lat = z * vae.config.scaling_factor
-            noise = torch.randn_like(lat)
-            t = torch.randint(0, 1000, (2,), device=device)
-            pred = unet(sched.add_noise(lat, noise, t), t, **kwargs).sample
-            # diffusers examples/dreambooth/train_dreambooth.py, with prior preservation
-            p, p_prior = pred.chunk(2)
-            n, n_prior = noise.chunk(2)
-            loss = F.mse_loss(p.float(), n.float()) + 1.0 * F.mse_loss(p_prior.float(), n_prior.float())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
 def bench_step(ours, device, res, smoke, warmup, repeat):
     """The trainer's own step (benchmarks/step.py: prepare → Stepper) eager, --compile on, --compile graphs (CUDA)
     against diffusers' script step eager and compiled, in interleaved rounds, every mode, cached and uncached
@@ -156,13 +114,9 @@ def bench_step(ours, device, res, smoke, warmup, repeat):
     from benchmarks import step as trainer_step
     from minidream.formats.diffusers_layout import save_pretrained
     modes = ("lora", "attention") if ours.version == "sdxl" else ("unet", "attention", "lora")
-    try:
-        import diffusers  # noqa: F401
-        import peft  # noqa: F401
-        reference = True
-    except ImportError:
-        reference = False
-        trainer_step.log("diffusers/peft are not installed: the step is timed for ours alone")
+    reference = has_reference()
+    if not reference:
+        trainer_step.log("diffusers/transformers/peft are not installed: the step is timed for ours alone")
     variants = trainer_step.available(device, reference, compiled=not smoke)
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(ours, d)  # the trainer loads its base from a folder, as `minidream train` does
@@ -206,9 +160,10 @@ def bench_levers(ours, device, res, smoke, warmup, repeat):
 # ---------------------------------------------------------------------------------------------
 
 def has_reference() -> bool:
-    """diffusers and transformers importable: the reference rows run (else ours alone; `minidream bench` says so)."""
+    """diffusers, transformers and peft importable: the reference rows run (else ours alone, said once)."""
     try:
         import diffusers  # noqa: F401
+        import peft  # noqa: F401
         import transformers  # noqa: F401
         return True
     except ImportError:
@@ -242,7 +197,8 @@ def bench_unet(ours, device, res, smoke, warmup, repeat):
         t = torch.full((B,), 500, device=device)
         for kind in ("forward", "forward_backward"):
             def call(net, mode="off", ref=False):
-                step_begins(mode)  # CUDA graphs: the last replay's outputs may be overwritten
+                net.zero_grad(set_to_none=True)  # CUDA graphs: gradients live in the graph's memory until the next
+                step_begins(mode)  # replay, which may now overwrite them (as the trainer's step does)
                 with torch.autocast(device, dtype=half, enabled=half is not None):
                     out = net(x, t, **diffusers_kwargs(cond)).sample if ref else net(x, t, **cond)
                 if kind == "forward_backward":

@@ -4,15 +4,17 @@ step of diffusers' train_dreambooth.py (train_dreambooth_lora.py for LoRA) eager
 a diffusers user can do). 1 instance + 1 class image, bf16 autocast on CUDA (fp32 on the CPU), AdamW.
 
 Interleaved rounds: every round times each variant for a few steps, in an order rotated round by round, so a GPU
-that warms up or a CPU that throttles biases no side; the medians and spreads are over rounds. All variants live in
-one process (the GPU's memory: peak per variant is measured alone, after the timing).
+that warms up or a CPU that throttles biases no side; the medians and spreads are over rounds. The eager variants
+are one interleaved group, the compiled ones another (five models with their optimizer state do not fit one GPU
+together). Each variant's peak GPU memory is measured as it is built and warmed up, above what the process held
+before it.
 """
 import statistics
 import sys
 
 import torch
 
-from benchmarks.common import images, prior_preservation_update, sync
+from benchmarks.common import images, prior_preservation_update, script_noising, script_pixels, sync
 
 # name: (side, compile). "graphs" only on CUDA.
 VARIANTS = {"ours": ("ours", "off"), "ours --compile on": ("ours", "on"), "ours --compile graphs": ("ours", "graphs"),
@@ -51,7 +53,6 @@ def diffusers(folder: str, mode: str, device: str, res: int, cache_latents: bool
     encoder in bf16 (accelerate's --mixed_precision bf16) on CUDA. `cache_latents`: the latents' distribution
     computed once (as train_dreambooth_lora_sdxl.py's --cache_latents), else the VAE encodes every step; `compile`:
     the UNet under torch.compile."""
-    import numpy as np
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
     from benchmarks import diffusers_sdxl
@@ -72,8 +73,9 @@ def diffusers(folder: str, mode: str, device: str, res: int, cache_latents: bool
         for name, m in unet.named_modules():
             if UNET_ATTENTION.fullmatch(name):
                 m.requires_grad_(True)
-    elif mode == "lora":  # train_dreambooth_lora.py
+    elif mode == "lora":  # train_dreambooth_lora.py: the frozen UNet in the mixed-precision dtype, adapters added on it
         from peft import LoraConfig
+        unet.to(dtype=half or torch.float32)
         unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]))
     unet.train()
@@ -87,19 +89,15 @@ def diffusers(folder: str, mode: str, device: str, res: int, cache_latents: bool
         adamw = bitsandbytes.optim.AdamW8bit
     opt = adamw(params, lr=MODES[mode].lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     forward = torch.compile(unet) if compile else unet
-    pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1
-                          for im in images(res)]).to(device, vae.dtype)
+    pixels = script_pixels(res, device, vae.dtype)
     ids = tok(["a photo of sks dog", "a photo of dog"], padding="max_length", max_length=tok.model_max_length,
               truncation=True, return_tensors="pt").input_ids.to(device)
     dist = vae.encode(pixels).latent_dist if cache_latents else None
 
     def step():
         with torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None):
-            latents = (dist or vae.encode(pixels).latent_dist).sample() * vae.config.scaling_factor
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (2,), device=device)
-            context = text(ids)[0]
-            pred = forward(noise_scheduler.add_noise(latents, noise, t), t, context, return_dict=False)[0]
+            noisy, noise, t = script_noising(vae, dist, pixels, noise_scheduler, device)
+            pred = forward(noisy, t, text(ids)[0], return_dict=False)[0]
         prior_preservation_update(pred, noise, params, opt)
     return step
 
@@ -128,15 +126,10 @@ def timed(step, device, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def interleaved(steps: dict, device, rounds: int, per_round: int, warmup: int, say=None) -> dict:
+def interleaved(steps: dict, device, rounds: int, per_round: int, say=None) -> dict:
     """{variant: seconds-per-step stats} over `rounds` rounds, each variant's steps once per round, the order rotated.
-    `steps`: variant -> its step callable (already built; warm-up compiles what compiles)."""
+    `steps`: variant -> its step callable, built and warmed up (`built`)."""
     names = list(steps)
-    for n in names:
-        for _ in range(warmup):
-            steps[n]()
-        if say:
-            say(f"warmed up {n}")
     per = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
@@ -153,51 +146,78 @@ def spread(per_round: list[float]) -> dict:
             "max_ms": max(ms), "per_round_ms": ms}
 
 
-def peak_bytes(step, device) -> int | None:
-    if torch.device(device).type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
+def built(variants: list[str], folder, mode, device, res, cache, warmup: int, say) -> tuple[dict, dict, dict]:
+    """Each variant built and warmed up (its compilation happens here), one after another: (steps, peak bytes, errors).
+    A variant's peak is what its own model, optimizer state and step held at most above what the process held
+    before it was built (CUDA; None on the CPU, where cpu.py measures each side in its own process)."""
+    steps, peaks, errors = {}, {}, {}
+    cuda = torch.device(device).type == "cuda"
+    for v in variants:
+        try:
+            if cuda:
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            steps[v] = make(v, folder, mode, device, res, cache)
+            for _ in range(warmup):
+                steps[v]()
+            sync(device)
+            peaks[v] = torch.cuda.max_memory_allocated() - before if cuda else None
+            say(f"built and warmed up {v}")
+        except Exception as e:  # a variant this machine cannot build or run (a missing compiler, memory): said
+            steps.pop(v, None)
+            errors[v] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            say(f"{v}: {errors[v]}")
+    return steps, peaks, errors
 
 
 def bench(folder: str, device: str, res: int, modes, variants: list[str], rounds: int = 5, per_round: int = 3,
-          warmup: int = 3, caches=(True, False), say=print) -> list[dict]:
-    """Rows of the step benchmark: one per (mode, cached latents), every variant in interleaved rounds. The compiled
-    variants run on the cached rows only: latents cached or not changes the VAE's part, which no variant compiles,
-    and each compiled variant costs a compilation (about a minute) per row."""
+          warmup: int = 3, caches=(True, False), compiled_modes=("unet", "lora"), say=print) -> list[dict]:
+    """Rows of the step benchmark: one per (mode, cached latents). The eager variants run in interleaved rounds, then
+    the compiled ones in theirs (all five at once would not fit one GPU beside each other for --train unet); the
+    compiled ones only on the cached rows of `compiled_modes` (cached or not changes the VAE's part, which nothing
+    compiles, and each compiled variant costs a compilation, about a minute, per row)."""
     rows = []
     for mode in modes:
         for cache in caches:
-            steps, errors = {}, {}
-            for v in (v for v in variants if cache or VARIANTS[v][1] in ("off", False)):
+            groups = [[v for v in variants if VARIANTS[v][1] in ("off", False)]]
+            if cache and mode in compiled_modes:
+                groups.append([v for v in variants if VARIANTS[v][1] not in ("off", False)])
+            stats, errors = {}, {}
+            for group in filter(None, groups):
+                say(f"step --train {mode}, {'cached' if cache else 'uncached'} latents: {', '.join(group)}")
+                steps, peaks, failed = built(group, folder, mode, device, res, cache, warmup, say)
+                errors.update(failed)
                 try:
-                    steps[v] = make(v, folder, mode, device, res, cache)
-                except Exception as e:  # a variant this machine cannot build (a missing compiler, ...): said
-                    errors[v] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            say(f"step --train {mode}, {'cached' if cache else 'uncached'} latents: {', '.join(steps)}")
-            try:
-                stats = interleaved(steps, device, rounds, per_round, warmup, say)
-            except Exception as e:
-                stats, errors = {}, {**errors, "all": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-            for v in stats:
-                stats[v]["peak_bytes"] = peak_bytes(steps[v], device)
-            row = {"benchmark": "dreambooth_step", "mode": mode, "cached_latents": cache, "res": res,
-                   "rounds": rounds, "steps_per_round": per_round, "variants": stats, "errors": errors}
-            base = stats.get("diffusers", {}).get("median_ms")
-            for v, s in stats.items():
-                if base:
-                    s["speedup_vs_diffusers"] = base / s["median_ms"]
-                compiled = stats.get("diffusers + torch.compile", {}).get("median_ms")
-                if compiled:
-                    s["speedup_vs_diffusers_compiled"] = compiled / s["median_ms"]
-            rows.append(row)
-            del steps
-            if torch.device(device).type == "cuda":
-                torch.cuda.empty_cache()
+                    timed_here = interleaved(steps, device, rounds, per_round, say)
+                except Exception as e:
+                    timed_here, errors[" + ".join(steps)] = {}, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                stats.update({v: {**t, "peak_bytes": peaks[v]} for v, t in timed_here.items()})
+                del steps
+                release(device)
+            rows.append(row_of(mode, cache, res, rounds, per_round, stats, errors))
     return rows
+
+
+def row_of(mode, cache, res, rounds, per_round, stats: dict, errors: dict) -> dict:
+    """A row, with each variant's ratio to diffusers' script eager and under torch.compile."""
+    for s in stats.values():
+        for key, ref in (("speedup_vs_diffusers", "diffusers"),
+                         ("speedup_vs_diffusers_compiled", "diffusers + torch.compile")):
+            if ref in stats:
+                s[key] = stats[ref]["median_ms"] / s["median_ms"]
+    return {"benchmark": "dreambooth_step", "mode": mode, "cached_latents": cache, "res": res, "rounds": rounds,
+            "steps_per_round": per_round, "variants": stats, "errors": errors,
+            "note": "eager and compiled variants are timed in separate interleaved groups"}
+
+
+def release(device):
+    """What a group of variants left behind: compiled graphs (and their CUDA graph memory pools), cached blocks."""
+    import gc
+    torch.compiler.reset()
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def log(msg: str):

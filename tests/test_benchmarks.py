@@ -82,7 +82,7 @@ def test_minidream_bench_without_diffusers_runs_ours_alone(tmp_path):
                "'cpu', '--only', 'step', '--only', 'vae', '--out', 'b']; from cli import main; main()")
     r = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stderr.count("diffusers/transformers are not installed: ours alone") == 1
+    assert r.stderr.count("diffusers/transformers/peft are not installed: ours alone") == 1
     doc = json.loads(next((tmp_path / "b").glob("bench-*.json")).read_text())
     assert list(doc["sections"]) == ["step", "vae"]
     assert list(doc["sections"]["step"][0]["variants"]) == ["ours"]

@@ -72,7 +72,8 @@ def test_compiled_mode_says_what_it_cannot_capture(capsys):
     assert compiled_mode(cfg, rt) == "graphs" and capsys.readouterr().err == ""
     assert compiled_mode(replace(cfg, grad_accum=2), rt) == "on"
     assert "--grad-accum" in capsys.readouterr().err
-    assert compiled_mode(replace(cfg, fused_backward=True), rt) == "on"
+    assert compiled_mode(replace(cfg, fused_backward=True), rt) == "off"
+    assert "--fused-backward" in capsys.readouterr().err
     assert compiled_mode(replace(cfg, compile="on", fsdp=True), rt) == "off"
     assert "--fsdp" in capsys.readouterr().err
 

@@ -2,7 +2,7 @@
 its forward in place (nn.Module.compile), so its parameters, state_dict keys, LoRA wrappers and checkpoints are
 those of the eager network; only how its forward (and, through AOTAutograd, its backward) runs changes.
 
-Why: on a GPU the eager UNet step is launch-bound (benchmarks/results/*H100*: 2-13% MFU), a few thousand small
+Why: on a GPU the eager UNet step is launch-bound (benchmarks/results/*H100*: 2-16% MFU), a few thousand small
 kernels each waiting on the Python that launches it. Inductor fuses the elementwise work (GroupNorm + SiLU, the
 residual adds, GEGLU) into fewer kernels; CUDA graphs ("graphs": torch.compile's reduce-overhead mode) then replay
 the whole forward and backward with one launch each. Both compile once per input shape (one graph per aspect
@@ -82,6 +82,11 @@ def step_begins(mode: str):
 @contextmanager
 def eager():
     """Compiled networks run their eager forward in the block (validation: a few no-grad calls would compile a
-    second graph, and under CUDA graphs record one, for nothing)."""
-    with torch.compiler.set_stance("force_eager"):
+    second graph, and under CUDA graphs record one, for nothing). torch < 2.6 has no stances: there they run
+    compiled."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    if stance is None:
+        yield
+        return
+    with stance("force_eager"):
         yield

@@ -199,9 +199,12 @@ def compiled_mode(cfg: TrainConfig, rt: Runtime) -> str:
     if cfg.compile != "off" and cfg.fsdp:
         say("the sharded UNet (--fsdp) gathers its blocks in hooks that are not traced yet; it runs eager")
         return "off"
-    if cfg.compile == "graphs" and (cfg.grad_accum > 1 or cfg.fused_backward):
-        what = "gradients summed between replays (--grad-accum)" if cfg.grad_accum > 1 else \
-            "the updates made during backward (--fused-backward)"
-        say(f"a CUDA graph cannot hold {what}; the UNet runs compiled without CUDA graphs (--compile on)")
+    if cfg.compile != "off" and cfg.fused_backward:  # the memory the user asked for comes first
+        say("a compiled backward hands over every gradient at once, which is what --fused-backward avoids; the "
+            "UNet runs eager")
+        return "off"
+    if cfg.compile == "graphs" and cfg.grad_accum > 1:
+        say("a CUDA graph cannot hold gradients summed between replays (--grad-accum); the UNet runs compiled "
+            "without CUDA graphs (--compile on)")
         return "on"
     return cfg.compile
