@@ -93,13 +93,16 @@ def test_minidream_bench_without_diffusers_runs_ours_alone(tmp_path):
                                           (["--out", "f"], "--out f is a file"),
                                           (["--device", "tpu"], "tpu"), (["--device", ""], "--device is empty"),
                                           (["--out", "taken"], "is a folder; move it")])
-def test_minidream_bench_bad_options_are_one_line(tmp_path, args, needle):
+def test_minidream_bench_bad_options_are_one_line(tmp_path, monkeypatch, args, needle):
     (tmp_path / "f").write_text("")
     from benchmarks.bench import result_path
     result_path(tmp_path / "taken", "cpu").mkdir(parents=True)  # the JSON's own name taken by a folder
-    r = subprocess.run([sys.executable, "-m", "minidream", "bench", "--quick", *args], capture_output=True, text=True,
-                       cwd=tmp_path)
-    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    from typer.testing import CliRunner
+    from cli import app
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["bench", "--quick", *args])
+    assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "taken"]  # nothing written
 
 
 def test_memory_benchmark_runs_every_recipe_in_its_own_process(tmp_path):

@@ -60,7 +60,8 @@ def test_kernel_scale_argument():
     check(1, 1, 20, 30, 64, torch.float32, tol=1e-5, scale=0.37)
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 19, 77, 40), (1, 2, 150, 20, 40)])  # dK/dV whole, and in partial sums
+@pytest.mark.parametrize("shape", [pytest.param((1, 2, 19, 77, 40), marks=pytest.mark.slow),  # dK/dV whole
+                                   (1, 2, 150, 20, 40)])  # dK/dV in partial sums, then copied to k's and v's layout
 def test_custom_ops_pass_opcheck(shape):
     """The forward and backward ops against torch.library's checks: the fake implementations give the real outputs'
     shapes, dtypes and strides, autograd is registered, nothing mutates its inputs, the ops trace under
@@ -147,11 +148,12 @@ def test_unet_with_triton_backend_matches_sdpa(sd1_dir):
         assert max_rel_err(results["triton"][1][n], gr) <= 1e-4, n
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~1 min (aot_eager) and ~2 min (Inductor) under the interpreter; the suite keeps the op-level test
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_unet_with_triton_backend_compiles(sd1_dir, backend):
     """`--attention triton --compile`: torch.compile traces the UNet through the kernel's custom ops (no graph break
-    at any attention) and gives the eager forward and gradients. aot_eager in the suite (the same trace, run
-    without code generation); Inductor is `slow` (its generated C++ takes minutes to build on 2 cores)."""
+    at any attention) and gives the eager forward and gradients. (test_torch_compile_traces_through_the_kernel keeps
+    the same property in the default suite, on one attention call.)"""
     import torch._dynamo.testing
     from minidream.formats import diffusers_layout
     from minidream.models.attention import set_attention_backend
