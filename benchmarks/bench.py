@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from benchmarks import attention, sd, step as trainer_step
-from benchmarks.common import environment
+from benchmarks.common import device_tag, environment
 from benchmarks.step import log
 from kernels.shapes import SD_SHAPES
+from minidream.formats.files import write_text
 
 
 @dataclass(frozen=True)
@@ -102,18 +103,7 @@ def show(name: str, rows: list[dict]):
 
 def result_path(out: Path, device: str) -> Path:
     """Where the pass's JSON goes: bench-<device name>.json in `out`."""
-    name = environment(device)["device"]
-    return out / f"bench-{name.replace(' ', '_').replace('(', '').replace(')', '').replace('/', '_')}.json"
-
-
-def write_json(path: Path, doc: dict):
-    """Whole or not at all: a temporary file beside it, renamed over it (removed if the write fails)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(doc, indent=2))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return out / f"bench-{device_tag(environment(device))}.json"
 
 
 def run(quick: bool, device: str, path: Path, only: list[str] | None = None) -> list[str]:
@@ -145,5 +135,5 @@ def run(quick: bool, device: str, path: Path, only: list[str] | None = None) -> 
             failed.append(f"{name} ({rows[0]['error']})")
         else:
             show(name, rows)
-        write_json(path, doc)
+        write_text(path, json.dumps(doc, indent=2))  # whole or not at all
     return failed

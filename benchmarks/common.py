@@ -72,12 +72,16 @@ def environment(device) -> dict:
     return env
 
 
+def device_tag(env: dict) -> str:
+    """The device's name as a file name part: NVIDIA_H100_80GB_HBM3, cpu_x86_64."""
+    return env["device"].replace(" ", "_").replace("(", "").replace(")", "").replace("/", "_")
+
+
 def write(name: str, device, rows: list[dict], out: Path = RESULTS, extra: dict | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment(device)
-    device_tag = env["device"].replace(" ", "_").replace("(", "").replace(")", "")
-    tag = "smoke" if any(r.get("smoke") for r in rows) else device_tag
+    tag = "smoke" if any(r.get("smoke") for r in rows) else device_tag(env)
     path = out / f"{name}-{tag}.json"
     path.write_text(json.dumps({"benchmark": name, **env, **(extra or {}), "results": rows}, indent=2))
     print(f"wrote {path}", file=sys.stderr)
