@@ -117,15 +117,24 @@ def test_localisation_ratio():
 
 
 def test_demo_identifier_localisation_is_measured():
-    from minidream.demo.evaluation import attention_localisation, subject_mask
+    from minidream.demo.evaluation import attention_localisation, subject_mask, word_localisation
     from minidream.demo.model import DEMO_DIR
     from minidream.demo.world import Toy, render
     import numpy as np
     img = torch.from_numpy(np.array(render(Toy("star", "yellow", "striped", "blue", r=0.3))))[None]
     mask = subject_mask(img)
     assert 0.1 < mask.float().mean() < 0.5  # the toy, not the background
-    v = attention_localisation(loading.load(str(DEMO_DIR), dtype=torch.float32), n=2)
+    model = loading.load(str(DEMO_DIR), dtype=torch.float32)
+    v = attention_localisation(model, n=2)
     assert 0 < v < 10
+    words = word_localisation(model, n=2)
+    assert words.keys() == {"colour", "pattern", "shape"} and all(0 < x < 10 for x in words.values())
+    # the benchmark's split by layer resolution: its all-layers row is the evaluation's number
+    from benchmarks.demo_attention import by_resolution
+    split = by_resolution(model, n=2)
+    assert set(split) == {"8x8", "4x4", "2x2", "all layers"}
+    assert sum(split[k]["layers"] for k in ("8x8", "4x4", "2x2")) == 10  # 3 + 3 + 4 cross-attention layers
+    assert all(split["all layers"][k] == pytest.approx(v, rel=1e-5) for k, v in words.items())
 
 
 def test_curves_and_tensorboard(sd1_dir, instance_dir, tmp_path):  # noqa: F811

@@ -1,8 +1,9 @@
 """DreamBooth's claims, measured on the demo world (the paper's Table 3 quantities): subject and prompt fidelity, PRES
-and DIV from the recogniser's reading of fixed-seed samples, and where the identifier looks (its cross-attention
-mass on the drawn toy).
+and DIV from the recogniser's reading of fixed-seed samples, and where words look (their cross-attention mass on the
+drawn toy): the identifier's, and the base model's own attribute words as the control.
 """
 import math
+import random
 
 import torch
 
@@ -13,14 +14,16 @@ from minidream.inspect.attention_maps import attention_maps, localisation
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.sampling.pipeline import SamplingParams, generate
 
-SUBJECT = "a sks toy"  # the instance prompt: identifier + class noun
+INSTANCE_PROMPT = "a sks toy"  # identifier + class noun, whichever subject the photos show
+IDENTIFIER = "sks"
 CLASS_PROMPT = "a toy"
-PROMPTS = (SUBJECT, f"{SUBJECT} on a blue background", CLASS_PROMPT)
+PROMPTS = (INSTANCE_PROMPT, f"{INSTANCE_PROMPT} on a blue background", CLASS_PROMPT)
 CONTEXTS = ("white", "black", "gray", "blue")
 
 
-def is_subject(p: dict) -> bool:
-    return all(p[k] == v for k, v in world.SUBJECT.items())
+def is_subject(p: dict, subject: dict) -> bool:
+    """The recogniser's reading `p` of a sample is the subject."""
+    return all(p[k] == v for k, v in subject.items())
 
 
 SAMPLING = SamplingParams(steps=20, guidance=4.0)  # the evaluation's, the grids' (they must agree) and the maps'.
@@ -30,7 +33,8 @@ EVAL_CLASSES = 128  # the drift without the prior is a few percent: one sample i
 
 def eval_prompts(n: int = 16, classes: int = CLASSES) -> list[str]:
     """The evaluation's prompts, in groups: n of the instance prompt, n in each new context, then the class prompt."""
-    groups = [(SUBJECT, n)] + [(f"{SUBJECT} on a {bg} background", n) for bg in CONTEXTS] + [(CLASS_PROMPT, classes)]
+    groups = [(INSTANCE_PROMPT, n)] + [(f"{INSTANCE_PROMPT} on a {bg} background", n) for bg in CONTEXTS] \
+        + [(CLASS_PROMPT, classes)]
     return [p for p, k in groups for _ in range(k)]
 
 
@@ -41,7 +45,8 @@ def eval_noise(n: int = 16, seed: int = 100, classes: int = CLASSES) -> torch.Te
 
 
 @torch.no_grad()
-def evaluate_dreambooth(model: StableDiffusion, net: Recognizer, n: int = 16, seed: int = 100, classes: int = CLASSES):
+def evaluate_dreambooth(model: StableDiffusion, net: Recognizer, subject: dict, n: int = 16, seed: int = 100,
+                        classes: int = CLASSES):
     """Subject fidelity, prompt fidelity, PRES and DIV from the recogniser's reading of fixed-seed samples, all drawn
     in one batch (the UNet's cost on CPU is mostly per call, not per image). Returns (metrics, the images)."""
     prompts = eval_prompts(n, classes)
@@ -51,11 +56,14 @@ def evaluate_dreambooth(model: StableDiffusion, net: Recognizer, n: int = 16, se
     ctx = {bg: pred[n * (1 + i): n * (2 + i)] for i, bg in enumerate(CONTEXTS)}
     all_subj = subj + [p for ps in ctx.values() for p in ps]
     pairs = [(a, b) for i, a in enumerate(toys) for b in toys[i + 1:]]
+
+    def hits(readings) -> int:
+        return sum(is_subject(p, subject) for p in readings)
     return {
-        "subject_fidelity": sum(map(is_subject, all_subj)) / len(all_subj),
-        "prompt_fidelity": sum(is_subject(p) and p["background"] == bg for bg, ps in ctx.items() for p in ps)
+        "subject_fidelity": hits(all_subj) / len(all_subj),
+        "prompt_fidelity": sum(hits(p for p in ps if p["background"] == bg) for bg, ps in ctx.items())
                            / (n * len(CONTEXTS)),
-        "PRES": sum(map(is_subject, toys)) / len(toys),
+        "PRES": hits(toys) / len(toys),
         "DIV": sum(sum(a[k] != b[k] for k in world.ATTRIBUTES) / len(world.ATTRIBUTES) for a, b in pairs) / len(pairs),
         "samples": {"subject": len(all_subj), "class": len(toys)},
     }, images
@@ -68,14 +76,47 @@ def subject_mask(images: torch.Tensor) -> torch.Tensor:
     return (x - border.median(1).values[:, None, None]).abs().amax(-1) > 40
 
 
+def token_span(tokenizer, prompt: str, word: str) -> range:
+    """Where `word`'s tokens sit in the text encoder's input for `prompt` (the start token is position 0)."""
+    ids, piece = tokenizer.encode(prompt), tokenizer.encode(word)
+    start = next(i for i in range(len(ids)) if ids[i:i + len(piece)] == piece)
+    return range(1 + start, 1 + start + len(piece))
+
+
 @torch.no_grad()
+def localise_words(model: StableDiffusion, prompts: list[str], words: list[dict], seed: int) -> dict:
+    """{role: mean localisation} of each sample's words ({role: word} per prompt): the share of the word's
+    cross-attention mass (its tokens summed, averaged over heads, layers and steps) on the drawn toy's pixels over
+    the toy's share of the image; 1.0 = the word looks everywhere alike."""
+    images, maps = attention_maps(model, prompts, SAMPLING, seed=seed)
+    return word_ratios(model.tokenizer, prompts, words, maps, subject_mask(images))
+
+
+def word_ratios(tokenizer, prompts: list[str], words: list[dict], maps: torch.Tensor, masks: torch.Tensor) -> dict:
+    """localise_words' numbers from given maps (B, tokens, H, W) and toy masks (B, H, W)."""
+    rows = {role: [] for role in words[0]}
+    for b, (prompt, named) in enumerate(zip(prompts, words)):
+        for role, word in named.items():
+            span = token_span(tokenizer, prompt, word)
+            rows[role].append(localisation(maps[b, span.start:span.stop].sum(0), masks[b]))
+    rows = {role: [r for r in rs if math.isfinite(r)] for role, rs in rows.items()}  # nothing drawn: no ratio
+    return {role: sum(rs) / len(rs) if rs else float("nan") for role, rs in rows.items()}
+
+
 def attention_localisation(model: StableDiffusion, n: int = 16, seed: int = 300) -> float:
-    """Where the identifier looks (#19): its cross-attention mass on the drawn toy's pixels over the toy's share
-    of the image, averaged over n samples of the instance prompt (1.0 = no localisation)."""
-    ids, ident = model.tokenizer.encode(SUBJECT), model.tokenizer.encode(SUBJECT.split()[1])
-    start = next(i for i in range(len(ids)) if ids[i:i + len(ident)] == ident)
-    images, maps = attention_maps(model, [SUBJECT] * n, SAMPLING, seed=seed)
-    masks = subject_mask(images)
-    rows = [localisation(maps[b, 1 + start: 1 + start + len(ident)].sum(0), masks[b]) for b in range(n)]
-    rows = [r for r in rows if math.isfinite(r)]  # an image with nothing drawn (or nothing else) has no ratio
-    return sum(rows) / len(rows) if rows else float("nan")
+    """Where the identifier looks (#19): its localisation over n samples of the instance prompt."""
+    return localise_words(model, [INSTANCE_PROMPT] * n, [{"identifier": IDENTIFIER}] * n, seed)["identifier"]
+
+
+def attribute_prompts(n: int = 24, seed: int = 301) -> tuple[list[str], list[dict]]:
+    """n prompts "a {colour} {pattern} {shape}" (striped or dotted, so every prompt names all three) and their
+    {role: word}s."""
+    rng = random.Random(seed)
+    toys = [world.random_toy(rng, pattern=rng.choice(("striped", "dotted"))) for _ in range(n)]
+    return [f"a {t.colour} {t.pattern} {t.shape}" for t in toys], \
+        [{k: getattr(t, k) for k in ("colour", "pattern", "shape")} for t in toys]
+
+
+def word_localisation(model: StableDiffusion, n: int = 24, seed: int = 301) -> dict:
+    """The control: where the base model's own attribute words look (attribute_prompts)."""
+    return localise_words(model, *attribute_prompts(n, seed), seed)

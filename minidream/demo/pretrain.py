@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from minidream.demo import grounding as grounding_
 from minidream.demo import world
-from minidream.demo.model import MAX_TOKENS, SCHEDULER, UNET, VAE
+from minidream.demo.model import GROUNDING, MAX_TOKENS, SCHEDULER, UNET, VAE
 from minidream.demo.recognizer import Recognizer, held_out_accuracy, load_recognizer, train_recognizer
 from minidream.formats.diffusers_layout import save_pretrained
 from minidream.formats.files import save_safetensors
@@ -58,9 +59,10 @@ def train_vae(x: torch.Tensor, steps: int, g: torch.Generator) -> AutoencoderKL:
 
 
 def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 2500, unet_steps: int = 4000,
-             batch: int = 64, recognizer_steps: int = 1500, reuse: Path | None = None):
+             batch: int = 64, recognizer_steps: int = 1500, reuse: Path | None = None, grounding: float = GROUNDING):
     """The demo model from nothing: tokenizer, VAE, then UNet + text encoder, then the recogniser. `reuse`: a demo
-    model folder whose VAE and recogniser are kept (only the tokenizer, text encoder and UNet are trained)."""
+    model folder whose VAE and recogniser are kept (only the tokenizer, text encoder and UNet are trained).
+    `grounding`: the weight of the cross-attention term that grounds the toy's words (demo/grounding.py)."""
     t_start = time.time()
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -68,9 +70,11 @@ def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 250
     toys, x = _dataset(images, seed)
     print(f"dataset: {len(toys)} images", file=sys.stderr)
 
-    # Tokenizer: BPE learned on the world's captions, CLIP-style.
+    # Tokenizer: BPE learned on the world's captions, CLIP-style, with room for every merge they hold, so each word
+    # of the world is one token as in CLIP's vocabulary (with 64 merges "yellow" was six letters, and a word's
+    # attention was spread over pieces it shares with other words). "sks" is seen once: a rare token, as in CLIP.
     captions = [world.caption(t, rng) for t in toys] + [f"a photo of sks {world.CLASS_NOUN}"]
-    tok = train_bpe(captions, 256 + 2 + 64)
+    tok = train_bpe(captions, 256 + 2 + 512)
     tok.max_length = MAX_TOKENS
 
     # 1. The VAE, and its latents of every image, scaled to unit variance (LDM §4.3.2)
@@ -82,11 +86,14 @@ def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 250
         vae.cfg = VAEConfig(**{**VAE.__dict__, "scaling_factor": 1.0 / means.std().item()})
     scale = vae.cfg.scaling_factor
 
-    # 2. UNet + text encoder, from scratch; 10% empty captions for classifier-free guidance.
+    # 2. UNet + text encoder, from scratch; 10% empty captions for classifier-free guidance; the words naming the toy
+    # asked to look at it (grounding.py says why), against its coverage of each latent position.
     clip = CLIPTextModel(CLIPConfig(vocab_size=len(tok), width=64, layers=2, heads=4, mlp_width=256,
                                     max_positions=MAX_TOKENS))
     unet = UNet2DConditionModel(UNET)
     schedule = DDPMProcess(SCHEDULER)
+    cover = grounding_.coverage(toys, means.shape[-1])
+    tap, hooks = grounding_.tap_cross_attention(unet) if grounding > 0 else (None, [])
     params = list(unet.parameters()) + list(clip.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
     warm = 200
@@ -103,12 +110,20 @@ def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 250
         t = torch.randint(0, 1000, (batch,), generator=g)
         pred = unet(schedule.add_noise(z0, noise, t), t, clip(tok(caps)))
         loss = F.mse_loss(pred, schedule.target(z0, noise, t))
+        stats = {"loss": loss.item()}
+        if tap is not None:
+            ground = grounding_.grounding_loss(tap.probs, grounding_.object_tokens(tok, caps, MAX_TOKENS), cover[idx])
+            tap.probs.clear()
+            loss = loss + grounding * ground
+            stats["ground"] = ground.item()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        bar.update(loss=loss.item())
+        bar.update(**stats)
+    for h in hooks:
+        h.remove()
     model = StableDiffusion(tokenizer=tok, text_encoder=clip.eval(), unet=unet.eval(), vae=vae,
                             scheduler=SCHEDULER, source=str(out))
     save_pretrained(model, out)
@@ -127,7 +142,8 @@ def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 250
     record = {"command": " ".join(sys.argv), "seed": seed, "dataset_images": images,
               **({"vae_and_recognizer_from": str(reuse)} if reuse else {"vae_steps": vae_steps,
                                                                        "recognizer_steps": recognizer_steps}),
-              "unet_steps": unet_steps, "batch": batch, "scheduler": SCHEDULER.to_dict(),
+              "unet_steps": unet_steps, "batch": batch, "grounding": grounding,
+              "held_out_subjects": [world.subject_words(s) for s in world.SUBJECTS], "scheduler": SCHEDULER.to_dict(),
               "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
               "torch": torch.__version__, "wall_time_s": round(time.time() - t_start, 1),
               "recognizer_accuracy_on_held_out_images": rec_acc, "held_out_caption_quality": quality}

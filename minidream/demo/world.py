@@ -1,9 +1,9 @@
 """A tiny procedural world where DreamBooth can be trained, run and measured on a laptop CPU.
 
 Toys — a shape in a colour with a surface pattern, at some position and size — on a plain background,
-32×32 pixels, with captions such as "a red striped star on a gray background". The *subject* is one
-combination that pretraining never shows (a yellow striped star); the class noun is "toy".
-Everything is a deterministic function of a seed.
+32×32 pixels, with captions such as "a red striped star on a gray background". The *subjects* are three
+combinations that pretraining never shows (SUBJECTS; the demo's is the first, a yellow striped star); the class noun
+is "toy". Everything is a deterministic function of a seed.
 
 The palette and the patterns are chosen to lie far apart where the diffusion model works: in the VAE's 8×8
 latent. An earlier world (orange between red and yellow; thin diagonal stripes and dark dots of one 6 px period)
@@ -28,9 +28,39 @@ PATTERNS = ("plain", "striped", "dotted")
 BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128), "blue": (60, 110, 235)}
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "pattern": PATTERNS, "background": tuple(BACKGROUNDS)}
 
-SUBJECT = {"shape": "star", "colour": "yellow", "pattern": "striped"}
-SUBJECT_WORDS = " ".join(SUBJECT[k] for k in ("colour", "pattern", "shape"))  # "yellow striped star"
+# Held out of pretraining, chosen before it: one of each shape, colour and pattern, so DreamBooth is shown on subjects
+# nobody tuned the world for. Each lies at least as far from its nearest other combination (one attribute changed)
+# in the VAE's latent as the first did when the world was tuned for it (0.32; demo-subjects-cpu.json).
+SUBJECTS = (
+    {"shape": "star", "colour": "yellow", "pattern": "striped"},  # `minidream demo`'s
+    {"shape": "heart", "colour": "green", "pattern": "dotted"},
+    {"shape": "triangle", "colour": "red", "pattern": "plain"},
+)
 CLASS_NOUN = "toy"
+
+
+def subject_words(subject: dict) -> str:
+    """"yellow striped star"."""
+    return " ".join(subject[k] for k in ("colour", "pattern", "shape"))
+
+
+def subject_name(subject: dict) -> str:
+    """"yellow-striped-star": the subject's name on the command line and in run folders."""
+    return subject_words(subject).replace(" ", "-")
+
+
+def pick_subjects(text: str) -> tuple[dict, ...]:
+    """"all", or comma-separated subject names or numbers (1 = the demo's) -> those SUBJECTS; ValueError if not."""
+    names = [subject_name(s) for s in SUBJECTS]
+    if text.strip() == "all":
+        return SUBJECTS
+    picked = []
+    for part in (p.strip() for p in text.split(",")):
+        i = int(part) - 1 if part.isdigit() else names.index(part) if part in names else -1
+        if not 0 <= i < len(SUBJECTS):
+            raise ValueError(f"{part!r} is not a subject; give all, 1-{len(SUBJECTS)} or {', '.join(names)}")
+        picked.append(SUBJECTS[i])
+    return tuple(picked)
 
 
 @dataclass(frozen=True)
@@ -43,8 +73,12 @@ class Toy:
     y: float = 0.5
     r: float = 0.33  # radius, as a fraction of the image side
 
+    def matches(self, subject: dict) -> bool:
+        return all(getattr(self, k) == v for k, v in subject.items())
+
     def is_subject(self) -> bool:
-        return all(getattr(self, k) == v for k, v in SUBJECT.items())
+        """One of the held-out subjects."""
+        return any(map(self.matches, SUBJECTS))
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float):
@@ -64,11 +98,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float):
     raise ValueError(shape)
 
 
-def render(toy: Toy, size: int = SIZE) -> Image.Image:
-    """Draw at 4x and downsample, so edges are anti-aliased like a photo's."""
-    s = size * 4
-    bg = BACKGROUNDS[toy.background]
-    img = Image.new("RGB", (s, s), bg)
+def _silhouette(toy: Toy, s: int) -> Image.Image:
+    """The toy's shape, white on black, at s × s."""
     mask = Image.new("L", (s, s), 0)
     d = ImageDraw.Draw(mask)
     cx, cy, r = toy.x * s, toy.y * s, toy.r * s
@@ -79,6 +110,21 @@ def render(toy: Toy, size: int = SIZE) -> Image.Image:
         d.rectangle((cx - q, cy - q, cx + q, cy + q), fill=255)
     else:
         d.polygon(_polygon(toy.shape, cx, cy, r), fill=255)
+    return mask
+
+
+def coverage(toy: Toy, side: int) -> torch.Tensor:
+    """(side, side): the fraction of each cell the toy covers, e.g. of each latent position (side = SIZE / 4)."""
+    s = SIZE * 4
+    mask = torch.frombuffer(bytearray(_silhouette(toy, s).tobytes()), dtype=torch.uint8).view(s, s).float() / 255
+    return torch.nn.functional.avg_pool2d(mask[None, None], s // side)[0, 0]
+
+
+def render(toy: Toy, size: int = SIZE) -> Image.Image:
+    """Draw at 4x and downsample, so edges are anti-aliased like a photo's."""
+    s = size * 4
+    img = Image.new("RGB", (s, s), BACKGROUNDS[toy.background])
+    mask = _silhouette(toy, s)
     base = COLOURS[toy.colour]
     fill = Image.new("RGB", (s, s), base)
     pd = ImageDraw.Draw(fill)
@@ -139,12 +185,12 @@ def pretraining_example(rng: random.Random) -> tuple[Image.Image, str, Toy]:
             return render(toy), caption(toy, rng), toy
 
 
-def subject_images(n: int = 4, seed: int = 0) -> list[Image.Image]:
+def subject_images(subject: dict, n: int = 4, seed: int = 0) -> list[Image.Image]:
     """The subject's "photos": the same toy on different backgrounds, positions and sizes (no blue
     background, so "a sks toy on a blue background" asks for a new context)."""
     rng = random.Random(1000 + seed)
     bgs = ["white", "gray", "black", "white", "gray", "black"]
-    return [render(random_toy(rng, allow_subject=True, background=bgs[i % len(bgs)], **SUBJECT)) for i in range(n)]
+    return [render(random_toy(rng, allow_subject=True, background=bgs[i % len(bgs)], **subject)) for i in range(n)]
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
