@@ -4,7 +4,7 @@ cross-attention mass on the drawn toy over the toy's share of the image, 1.0 = n
 subject of a `minidream eval` folder, its seed-0 runs with and without the prior; the attribute words of the base
 model and of each control model (say, one pretrained with `--grounding 0`), overall and by the resolution of the
 layers they are read at; and demo-attention-maps.png, where "sks" looks before DreamBooth and after it on each
-subject. Writes benchmarks/results/demo-attention-cpu.json."""
+subject. Writes benchmarks/results/demo-attention-cpu.json, keeping the control models an earlier call measured."""
 import argparse
 import json
 import math
@@ -94,11 +94,15 @@ def main(eval_dir: Path, controls: dict[str, str], results: Path = Path("benchma
                 sheet.append((name, images[:6], maps[:6, pos]))
         record["models"][name] = rows
         print(f"{name}: {json.dumps({p: r['tokens'] for p, r in rows.items()})}")
+    out = results / "demo-attention-cpu.json"
+    # controls measured by an earlier call (their models need not be here any more) are kept
+    kept = json.loads(out.read_text()).get("attribute_words", {}) if out.exists() else {}
+    record["attribute_words"] = {k: v for k, v in kept.items() if k != "base model" and k not in controls}
     for name, path in {"base model": str(DEMO_DIR), **controls}.items():
         record["attribute_words"][name] = {"model": path, **by_resolution(load(path, dtype=torch.float32))}
         print(f"{name}, attribute words: {json.dumps(record['attribute_words'][name])}")
     results.mkdir(parents=True, exist_ok=True)
-    (results / "demo-attention-cpu.json").write_text(json.dumps(record, indent=1))
+    out.write_text(json.dumps(record, indent=1))
     attention_sheet(sheet, results / "demo-attention-maps.png")
     return record
 

@@ -31,6 +31,7 @@ def test_world_is_deterministic_and_the_subjects_are_never_pretrained():
 def test_subjects_are_picked_by_number_or_name():
     assert world.pick_subjects("all") == world.SUBJECTS
     assert world.pick_subjects("1, green-dotted-heart") == world.SUBJECTS[:2]
+    assert world.pick_subjects("1,1,Yellow-Striped-Star") == world.SUBJECTS[:1] and world.pick_subjects("ALL")
     for bad in ("0", "4", "blue-star", "", "1,,2"):
         with pytest.raises(ValueError, match="not a subject"):
             world.pick_subjects(bad)
@@ -109,3 +110,25 @@ def test_pretrain_can_keep_the_vae_and_recognizer(tmp_path):
     record = json.loads((out / "PRETRAIN.json").read_text())
     assert record["vae_and_recognizer_from"] == str(DEMO_DIR) and record["unet_steps"] == 2
     assert record["grounding"] == 0.05 and len(record["held_out_subjects"]) == 3
+
+
+def test_eval_claims_read_every_subject_and_seed():
+    """run.claims on made-up runs: one seed's PRES not lowered fails its subject's claim; one run under 0.8 fails
+    the least-fidelity goal while the mean holds."""
+    from minidream.demo.run import claims
+
+    def run(fid, pres, div, looks):
+        return {"subject_fidelity": fid, "PRES": pres, "DIV": div, "attention_localisation": looks}
+    runs = {"a": {"DreamBooth, no prior loss": [run(0.7, 0.5, 0.3, 2), run(0.7, 0.5, 0.3, 2)],
+                  "DreamBooth, prior loss (λ=1)": [run(1.0, 0.0, 0.7, 2.0), run(0.95, 0.6, 0.7, 1.6)]},
+            "b": {"DreamBooth, no prior loss": [run(0.7, 0.5, 0.3, 2), run(0.7, 0.5, 0.3, 2)],
+                  "DreamBooth, prior loss (λ=1)": [run(1.0, 0.0, 0.7, 2.0), run(0.75, 0.0, 0.7, 1.4)]}}
+    words = {"colour": 2.0, "pattern": 1.6, "shape": 1.2}
+    c = claims(runs, words)
+    assert not c["a: prior lowers PRES on every seed"] and c["b: prior lowers PRES on every seed"]
+    assert c["a: prior keeps DIV on every seed (no lower)"]
+    assert c["with the prior, subject fidelity ≥ 0.9 mean"]
+    assert not c["with the prior, subject fidelity ≥ 0.8 on every run"]
+    assert c["with the prior, the identifier localises ≥ 1.5 (mean)"]
+    assert not c["with the prior, the identifier localises ≥ 1.5 on every run"]
+    assert c["base model: colour words localise ≥ 1.5"] and not c["base model: shape words localise ≥ 1.5"]

@@ -56,6 +56,11 @@ def test_grounding_loss_is_one_minus_the_measured_share():
     coarse = torch.full((B, 4, M), 0.25)  # a 2×2 layer looking everywhere alike: 1 - the toy's share
     want = 1 - cover.mean((1, 2))
     assert grounding.grounding_loss([coarse], weights, cover).item() == pytest.approx(want.mean().item(), abs=1e-6)
+    coarse = torch.rand(B, 4, M, generator=g).softmax(1)  # and one that does not: the cover pooled block by block
+    pooled = cover.view(B, 2, 4, 2, 4).mean((2, 4)).flatten(1)  # (B, 4): top-left, top-right, bottom-left, ...
+    inside = (coarse * pooled[..., None]).sum(1) / coarse.sum(1)
+    want = ((1 - inside) * weights).sum() / weights.sum()
+    assert grounding.grounding_loss([coarse], weights, cover).item() == pytest.approx(want.item(), abs=1e-6)
 
 
 def test_coverage_is_the_rendered_toy():

@@ -79,7 +79,9 @@ def subject_mask(images: torch.Tensor) -> torch.Tensor:
 def token_span(tokenizer, prompt: str, word: str) -> range:
     """Where `word`'s tokens sit in the text encoder's input for `prompt` (the start token is position 0)."""
     ids, piece = tokenizer.encode(prompt), tokenizer.encode(word)
-    start = next(i for i in range(len(ids)) if ids[i:i + len(piece)] == piece)
+    start = next((i for i in range(len(ids)) if ids[i:i + len(piece)] == piece), None)
+    if start is None:
+        raise ValueError(f"{word!r} is not in {prompt!r}")
     return range(1 + start, 1 + start + len(piece))
 
 

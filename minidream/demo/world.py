@@ -52,14 +52,15 @@ def subject_name(subject: dict) -> str:
 def pick_subjects(text: str) -> tuple[dict, ...]:
     """"all", or comma-separated subject names or numbers (1 = the demo's) -> those SUBJECTS; ValueError if not."""
     names = [subject_name(s) for s in SUBJECTS]
-    if text.strip() == "all":
+    if text.strip().lower() == "all":
         return SUBJECTS
     picked = []
-    for part in (p.strip() for p in text.split(",")):
+    for part in (p.strip().lower() for p in text.split(",")):
         i = int(part) - 1 if part.isdigit() else names.index(part) if part in names else -1
         if not 0 <= i < len(SUBJECTS):
             raise ValueError(f"{part!r} is not a subject; give all, 1-{len(SUBJECTS)} or {', '.join(names)}")
-        picked.append(SUBJECTS[i])
+        if SUBJECTS[i] not in picked:  # "1,1" is one subject, not two runs of it
+            picked.append(SUBJECTS[i])
     return tuple(picked)
 
 
