@@ -19,9 +19,8 @@ from minidream.demo.evaluation import (IDENTIFIER, INSTANCE_PROMPT, SAMPLING, at
                                        word_ratios)
 from minidream.demo.model import DEMO_DIR
 from minidream.formats.loading import load
-from minidream.inspect.attention_maps import (CrossAttentionStore, attention_maps, capture_cross_attention,
-                                              localisation, token_positions)
-from minidream.sampling.pipeline import generate
+from minidream.inspect.attention_maps import (CrossAttentionStore, attention_maps, localisation, sample_captured,
+                                              token_positions)
 
 
 class ByResolution:
@@ -42,13 +41,7 @@ def by_resolution(model, n: int = 24, seed: int = 301) -> dict:
     prompts, words = attribute_prompts(n, seed)
     side = model.native_resolution
     store = ByResolution(n, (side // model.latent_scale,) * 2)
-    handles = capture_cross_attention(model.denoiser, store)
-    try:
-        images = generate(model, prompts, SAMPLING, generator=torch.Generator("cpu").manual_seed(seed), progress=False)
-    finally:
-        for h in handles:
-            h.remove()
-    masks = subject_mask(images)
+    masks = subject_mask(sample_captured(model, prompts, SAMPLING, seed, store))
     maps = {k: F.interpolate(s.mean(), size=(side, side), mode="bilinear", align_corners=False)
             for k, s in store.stores.items()}
     total = sum(s.total for s in store.stores.values()) / sum(s.calls for s in store.stores.values())

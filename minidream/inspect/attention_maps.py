@@ -58,14 +58,20 @@ def attention_maps(model, prompts: list[str], params: SamplingParams = SamplingP
     height, width = params.height or model.native_resolution, params.width or model.native_resolution
     s = model.latent_scale
     store = CrossAttentionStore(len(prompts), (height // s, width // s))
+    images = sample_captured(model, prompts, params, seed, store)
+    maps = F.interpolate(store.mean(), size=(height, width), mode="bilinear", align_corners=False)
+    return images, maps
+
+
+@torch.no_grad()
+def sample_captured(model, prompts: list[str], params: SamplingParams, seed: int, store) -> torch.Tensor:
+    """The images of `prompts`, sampled with every cross-attention layer reporting to `store` (its add(probs))."""
     handles = capture_cross_attention(model.denoiser, store)
     try:
-        images = generate(model, prompts, params, generator=torch.Generator("cpu").manual_seed(seed), progress=False)
+        return generate(model, prompts, params, generator=torch.Generator("cpu").manual_seed(seed), progress=False)
     finally:
         for h in handles:
             h.remove()
-    maps = F.interpolate(store.mean(), size=(height, width), mode="bilinear", align_corners=False)
-    return images, maps
 
 
 def token_positions(tokenizer, prompt: str) -> list[tuple[int, str]]:
