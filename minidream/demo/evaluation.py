@@ -47,11 +47,23 @@ def eval_noise(n: int = 16, seed: int = 100, classes: int = CLASSES) -> torch.Te
 @torch.no_grad()
 def evaluate_dreambooth(model: StableDiffusion, net: Recognizer, subject: dict, n: int = 16, seed: int = 100,
                         classes: int = CLASSES):
-    """Subject fidelity, prompt fidelity, PRES and DIV from the recogniser's reading of fixed-seed samples, all drawn
-    in one batch (the UNet's cost on CPU is mostly per call, not per image). Returns (metrics, the images)."""
+    """Subject fidelity, prompt fidelity, PRES and DIV from the recogniser's reading of fixed-seed samples.
+    Returns (metrics, the images)."""
+    readings, images = read_samples(model, net, n, seed, classes)
+    return score(readings, subject, n), images
+
+
+@torch.no_grad()
+def read_samples(model: StableDiffusion, net: Recognizer, n: int = 16, seed: int = 100, classes: int = CLASSES):
+    """The evaluation's fixed-seed samples, all drawn in one batch (the UNet's cost on CPU is mostly per call, not per
+    image), and the recogniser's reading of each. Returns (readings, images)."""
     prompts = eval_prompts(n, classes)
     images = generate(model, prompts, SAMPLING, latents=eval_noise(n, seed, classes), progress=False)
-    pred = net.predict(images)
+    return net.predict(images), images
+
+
+def score(pred: list[dict], subject: dict, n: int = 16) -> dict:
+    """evaluate_dreambooth's metrics of `subject` from read_samples' readings (n per instance-prompt group)."""
     subj, toys = pred[:n], pred[n * (1 + len(CONTEXTS)):]
     ctx = {bg: pred[n * (1 + i): n * (2 + i)] for i, bg in enumerate(CONTEXTS)}
     all_subj = subj + [p for ps in ctx.values() for p in ps]
@@ -66,7 +78,7 @@ def evaluate_dreambooth(model: StableDiffusion, net: Recognizer, subject: dict, 
         "PRES": hits(toys) / len(toys),
         "DIV": sum(sum(a[k] != b[k] for k in world.ATTRIBUTES) / len(world.ATTRIBUTES) for a, b in pairs) / len(pairs),
         "samples": {"subject": len(all_subj), "class": len(toys)},
-    }, images
+    }
 
 
 def subject_mask(images: torch.Tensor) -> torch.Tensor:
