@@ -227,7 +227,7 @@ def demo_pretrain(
 @app.command()
 def demo(
     out: Annotated[Path, path_option(help="Run folder.")] = Path("runs/demo"),
-    steps: Annotated[Optional[int], typer.Option(help="DreamBooth steps (default: the demo's, 150).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="DreamBooth steps (default: the demo's, 175).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     prior: Annotated[bool, typer.Option("--prior/--no-prior", help="Prior-preservation loss.")] = True,
     subject: Annotated[str, typer.Option(help="Which held-out subject: 1 (the demo's), 2, 3 or its name, e.g. "
@@ -249,7 +249,8 @@ def demo(
     except TrainError as e:
         fail(str(e))
     typer.echo((out / "report.md").read_text())
-    typer.echo(f"grids: {out / 'before.png'} {out / 'after.png'}")
+    typer.echo(f"grids: {out / 'before.png'} {out / 'after.png'}; "
+               f"where the identifier looks: {out / 'attention.png'}")
 
 
 @app.command()
@@ -357,14 +358,14 @@ def bench(
 @app.command("eval")
 def evaluate(
     out: Annotated[Path, path_option(help="Folder for the runs and the table.")] = Path("runs/eval"),
-    steps: Annotated[Optional[int], typer.Option(help="DreamBooth steps per run (default: the demo's, 150).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="DreamBooth steps per run (default: the demo's, 175).")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each DreamBooth run once per seed.")] = "0,1,2",
     subjects: Annotated[str, typer.Option(help="Held-out subjects: all, or comma-separated numbers or names "
                                                "(1 = the demo's yellow-striped-star).")] = "1",
 ):
     """DreamBooth's claims, measured on the demo world: subject and prompt fidelity, PRES and DIV, and where the
     identifier looks, for the base model and for DreamBooth with and without prior preservation, over held-out
-    subjects and seeds (--subjects all: 3 subjects x 2 runs x the seeds, about 9 minutes on 2 CPU cores)."""
+    subjects and seeds (--subjects all: 3 subjects x 2 runs x the seeds, about 6 minutes on 2 CPU cores)."""
     from minidream.demo.run import run_eval
     if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", seeds):
         fail(f"--seeds {seeds!r}: give comma-separated integers, e.g. 0,1,2")

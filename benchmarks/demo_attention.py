@@ -1,6 +1,6 @@
 """Where the demo model's words look (`python -m benchmarks.demo_attention runs/eval [--control NAME=DIR ...]`, about
-two minutes on 2 CPU cores): every prompt token's attention localisation (demo.evaluation's ratio: the token's
-cross-attention mass on the drawn toy over the toy's share of the image, 1.0 = none) for the base model and, per
+20 s on 2 CPU cores, more per control): every prompt token's attention localisation (demo.evaluation's ratio: the
+token's cross-attention mass on the drawn toy over the toy's share of the image, 1.0 = none) for the base model and, per
 subject of a `minidream eval` folder, its seed-0 runs with and without the prior; the attribute words of the base
 model and of each control model (say, one pretrained with `--grounding 0`), overall and by the resolution of the
 layers they are read at; and demo-attention-maps.png, where "sks" looks before DreamBooth and after it on each
@@ -19,8 +19,8 @@ from minidream.demo.evaluation import (IDENTIFIER, INSTANCE_PROMPT, SAMPLING, at
                                        word_ratios)
 from minidream.demo.model import DEMO_DIR
 from minidream.formats.loading import load
-from minidream.inspect.attention_maps import (CrossAttentionStore, attention_maps, localisation, sample_captured,
-                                              token_positions)
+from minidream.inspect.attention_maps import (CrossAttentionStore, attention_maps, attention_sheet, localisation,
+                                              sample_captured, token_positions)
 
 
 class ByResolution:
@@ -98,29 +98,6 @@ def main(eval_dir: Path, controls: dict[str, str], results: Path = Path("benchma
     out.write_text(json.dumps(record, indent=1))
     attention_sheet(sheet, results / "demo-attention-maps.png")
     return record
-
-
-def attention_sheet(rows: list, path: Path, zoom: int = 3):
-    """A row per model: its samples of "a sks toy", each followed by where "sks" looks (its map laid over it)."""
-    from PIL import Image, ImageDraw
-    from minidream import plots
-    tiles = []
-    for name, images, maps in rows:
-        row = []
-        for image, m in zip(images, maps):
-            big = image.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
-            heat = F.interpolate(m[None, None], scale_factor=zoom, mode="bilinear")[0, 0]
-            row += [Image.fromarray(big.numpy()), plots.overlay(big, heat / heat.max().clamp_min(1e-12))]
-        tiles.append((name, row))
-    side, label = 32 * zoom, 190
-    out = Image.new("RGB", (label + len(tiles[0][1]) * (side + 2), len(tiles) * (side + 4) + 4), "white")
-    d = ImageDraw.Draw(out)
-    for r, (name, row) in enumerate(tiles):
-        y = 4 + r * (side + 4)
-        d.text((4, y + side // 2 - 6), name, fill=plots.INK, font=plots.FONT)
-        for c, tile in enumerate(row):
-            out.paste(tile, (label + c * (side + 2), y))
-    out.save(path)
 
 
 if __name__ == "__main__":

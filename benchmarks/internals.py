@@ -44,8 +44,9 @@ def main(out: Path = Path("runs/internals"), seed: int = 0, results: Path = Path
         (run / "instance").mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(world.subject_images(world.SUBJECTS[0], 4)):
             img.save(run / "instance" / f"subject-{i}.png")
-        # the settings demo-diff-cpu.json was measured at: 300 steps, UNet and text encoder at the same lr
-        cfg = replace(demo_config(run, seed=seed, steps=300), **{"lr": 3e-4, "text_encoder_lr": None, **change})
+        # the settings demo-diff-cpu.json was measured at: 300 steps, UNet and text encoder at the same constant lr
+        cfg = replace(demo_config(run, seed=seed, steps=300),
+                      **{"lr": 3e-4, "text_encoder_lr": None, "lr_schedule": "constant", **change})
         dreambooth(cfg, overwrite=True)
         d = weight_diff.diff(base, load(str(run / "model"), dtype=torch.float32))
         weight_diff.write(d, run / "diff", {"base": str(DEMO_DIR), "tuned": str(run / "model")})

@@ -59,20 +59,39 @@ def test_recognizer_reads_the_world():
 
 def test_dreambooth_binds_the_subject_over_seeds_and_prior_preservation_lowers_pres_keeps_div(tmp_path):
     """Two seeds with prior preservation (what CI can afford) and one without, on the demo's subject. The base model
-    draws the subject in 2 of 80 samples (0.025); with the prior, seeds 0 and 1 reach 0.975 and 0.825, seeds 0-5 of
-    the three subjects 0.725-1.000 (benchmarks/results/demo-seeds-cpu.json, model_34). A DreamBooth that does not
-    bind falls towards the base: 0.7 on the two-seed mean separates the two. Where the identifier looks: 3.01 and 1.63
-    on seeds 0 and 1 (the goal: ≥ 1.5; the base model's "sks" already 2.23, see the README). The prior's side, seed 0,
-    on `minidream eval`'s EVAL_CLASSES (128) class samples: without the prior 56-62% of "a toy" samples are the
-    subject, with it 1-3%; DIV 0.30-0.33 without, 0.65-0.68 with (demo-eval-cpu.json)."""
+    draws the subject in 2 of 80 samples (0.025); with the prior, seeds 0 and 1 reach 0.938 and 0.900, seeds 0-5 of
+    the three subjects 0.850-1.000 (benchmarks/results/demo-seeds-cpu.json, model_34, cosine175). A DreamBooth that
+    does not bind falls towards the base; the issue's goal is >= 0.8 on every run. Where the identifier looks: 2.53
+    and 1.88 on seeds 0 and 1 (the goal: >= 1.5; the base model's "sks" already 2.23, see the README). The prior's
+    side, seeds 0-2, on `minidream eval`'s EVAL_CLASSES (128) class samples: without the prior 44-58% of "a toy" samples
+    are the subject, with it 0-2%; DIV 0.33-0.35 without, 0.64-0.71 with (demo-eval-cpu.json)."""
     with_prior = [run_demo(tmp_path / f"with-{s}", prior=True, seed=s, grids=False, classes=EVAL_CLASSES,
                            localise=True) for s in (0, 1)]
     without = run_demo(tmp_path / "without", prior=False, grids=False, classes=EVAL_CLASSES)
-    mean = sum(r["subject_fidelity"] for r in with_prior) / len(with_prior)
-    assert mean >= 0.7, with_prior
+    assert all(r["subject_fidelity"] >= 0.8 for r in with_prior), with_prior
     assert all(r["attention_localisation"] >= 1.5 for r in with_prior), with_prior
     assert with_prior[0]["PRES"] < without["PRES"], (with_prior[0], without)
     assert with_prior[0]["DIV"] > without["DIV"], (with_prior[0], without)
+
+
+def test_demo_draws_where_the_identifier_looks_before_and_after(tmp_path):
+    """The demo's attention.png: a row per model (base, tuned) of GRID samples, each beside its identifier map; the
+    maps drawn are the maps measured (their localisation over the drawn toys' masks is report.json's number)."""
+    from PIL import Image
+    from minidream.demo.evaluation import identifier_maps, subject_mask
+    from minidream.demo.run import GRID
+    from minidream.inspect.attention_maps import localisation
+    m = run_demo(tmp_path / "demo", steps=2)
+    looks, images, maps = identifier_maps(load(str(DEMO_DIR)))
+    assert m["base_attention_localisation"] == pytest.approx(looks, rel=1e-2)  # the same seed's samples
+    masks = subject_mask(images)
+    each = [r for r in (localisation(maps[i], masks[i]) for i in range(len(maps))) if r == r]  # r != r: none drawn
+    assert abs(sum(each) / len(each) - looks) < 1e-6 and looks > 1.0
+    assert torch.isfinite(torch.tensor(m["attention_localisation"]))
+    tile = world.SIZE * 3
+    assert Image.open(tmp_path / "demo" / "attention.png").size == (190 + 2 * GRID * (tile + 2), 2 * (tile + 4) + 4)
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert f"{looks:.2f} before DreamBooth, {m['attention_localisation']:.2f} after (attention.png)" in report
 
 
 def test_eval_seeds_must_be_integers_and_reuse_a_demo_folder(tmp_path):

@@ -117,9 +117,20 @@ def word_ratios(tokenizer, prompts: list[str], words: list[dict], maps: torch.Te
     return {role: sum(rs) / len(rs) if rs else float("nan") for role, rs in rows.items()}
 
 
+@torch.no_grad()
+def identifier_maps(model: StableDiffusion, n: int = 16, seed: int = 300):
+    """Where the identifier looks (#19) on n samples of the instance prompt: (its localisation, the samples, its
+    attention maps (n, H, W))."""
+    prompts, words = [INSTANCE_PROMPT] * n, [{"identifier": IDENTIFIER}] * n
+    images, maps = attention_maps(model, prompts, SAMPLING, seed=seed)
+    span = token_span(model.tokenizer, INSTANCE_PROMPT, IDENTIFIER)
+    found = word_ratios(model.tokenizer, prompts, words, maps, subject_mask(images))["identifier"]
+    return found, images, maps[:, span.start:span.stop].sum(1)
+
+
 def attention_localisation(model: StableDiffusion, n: int = 16, seed: int = 300) -> float:
-    """Where the identifier looks (#19): its localisation over n samples of the instance prompt."""
-    return localise_words(model, [INSTANCE_PROMPT] * n, [{"identifier": IDENTIFIER}] * n, seed)["identifier"]
+    """The identifier's localisation over n samples of the instance prompt."""
+    return identifier_maps(model, n, seed)[0]
 
 
 def attribute_prompts(n: int = 24, seed: int = 301) -> tuple[list[str], list[dict]]:

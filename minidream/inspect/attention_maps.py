@@ -115,3 +115,25 @@ def write_maps(image: torch.Tensor, maps: torch.Tensor, tokens: list[tuple[int, 
     save_image(sheet, out / "maps.png")
     write_text(out / "maps.json", json.dumps({**meta, "tokens": rows}, indent=1))
     return [out / "maps.png", out / "maps.json"]
+
+
+def attention_sheet(rows: list, path: Path, zoom: int = 3):
+    """A row per (label, images (n, H, W, 3), one word's maps (n, H, W)): each sample, then its map laid over it."""
+    from PIL import Image, ImageDraw
+    tiles = []
+    for name, images, maps in rows:
+        row = []
+        for image, m in zip(images, maps):
+            big = image.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
+            heat = F.interpolate(m[None, None].float(), scale_factor=zoom, mode="bilinear")[0, 0]
+            row += [Image.fromarray(big.numpy()), plots.overlay(big, heat / heat.max().clamp_min(1e-12))]
+        tiles.append((name, row))
+    (w, h), label = tiles[0][1][0].size, 190
+    sheet = Image.new("RGB", (label + len(tiles[0][1]) * (w + 2), len(tiles) * (h + 4) + 4), "white")
+    d = ImageDraw.Draw(sheet)
+    for r, (name, row) in enumerate(tiles):
+        y = 4 + r * (h + 4)
+        d.text((4, y + h // 2 - 6), name, fill=plots.INK, font=plots.FONT)
+        for c, tile in enumerate(row):
+            sheet.paste(tile, (label + c * (w + 2), y))
+    save_image(sheet, path)

@@ -1,0 +1,100 @@
+"""DreamBooth settings of the demo, over subjects and seeds (`python -m benchmarks.demo_sweep --name N --set
+field=value ... --seeds 0-5`): each run is `minidream.demo.run.run_demo` with the prior, demo_config's TrainConfig
+fields replaced as --set names them, measured as the demo measures (subject fidelity over the eval's 80 instance
+samples, PRES and DIV over 32 class samples) plus the identifier's localisation. Adds (or extends) the entry
+`name` of benchmarks/results/demo-seeds-cpu.json's "model_34" settings, with the command that made it and the
+resulting values of the fields a sweep tunes (SWEPT), so an entry still reads right after demo_config changes."""
+import argparse
+import fcntl
+import json
+import platform
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from minidream.demo import world
+from minidream.demo.run import demo_config, run_demo
+from minidream.formats.files import write_text
+from minidream.training.config import TrainConfig
+
+RESULTS = Path("benchmarks/results/demo-seeds-cpu.json")
+SWEPT = ("steps", "lr", "text_encoder_lr", "lr_schedule", "warmup_steps")
+
+
+def parse_changes(pairs: list[str]) -> dict:
+    """--set field=value pairs as TrainConfig field values: a number or true/false as JSON reads it, else text."""
+    changes = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        if key not in TrainConfig.__dataclass_fields__ or not text:
+            raise SystemExit(f"--set {pair!r}: expected field=value with a TrainConfig field")
+        try:
+            changes[key] = json.loads(text)
+        except ValueError:
+            changes[key] = text
+    return changes
+
+
+def swept_values(changes: dict) -> dict:
+    """What the runs trained with: demo_config's values of the SWEPT fields, with `changes` applied."""
+    cfg = replace(demo_config(Path(".")), **changes)
+    return {k: getattr(cfg, k) for k in SWEPT}
+
+
+def seeds_of(text: str) -> list[int]:
+    lo, _, hi = text.partition("-")
+    return list(range(int(lo), int(hi) + 1)) if hi else [int(s) for s in text.split(",")]
+
+
+def record_run(results: Path, name: str, changes: dict, subject: str, seed: int, row: dict):
+    """Adds one run to the entry `name`, under a lock: sweeps of other seeds may run at once (two one-thread
+    processes do ~1.85x the runs of one two-thread process on this 2-core machine)."""
+    with open(Path(tempfile.gettempdir()) / "minidream-demo-sweep.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = json.loads(results.read_text())
+        settings = swept_values(changes)
+        entry = record["model_34"]["settings"].setdefault(name, {"settings": settings, "runs": {}})
+        if entry["settings"] != settings:
+            raise SystemExit(f"{name!r} is already in {results} with other settings: {entry['settings']}")
+        entry.setdefault("commands", [])
+        command = "python -m benchmarks.demo_sweep " + " ".join(sys.argv[1:])
+        if command not in entry["commands"]:
+            entry["commands"].append(command)
+        entry["device"] = f"{platform.machine()} CPU, torch {torch.__version__}"
+        entry["runs"].setdefault(subject, {})[str(seed)] = row
+        write_text(results, json.dumps(record, indent=1))
+        return entry
+
+
+def main(name: str, changes: dict, seeds: list[int], subjects: list[dict], results: Path = RESULTS):
+    with tempfile.TemporaryDirectory() as tmp:
+        for subject in subjects:
+            for s in seeds:
+                m = run_demo(Path(tmp) / f"{world.subject_name(subject)}-{s}", prior=True, seed=s, grids=False,
+                             localise=True, subject=subject, changes=changes)
+                row = {"subject_fidelity": round(m["subject_fidelity"], 4), "PRES": round(m["PRES"], 4),
+                       "DIV": round(m["DIV"], 4), "loc": round(m["attention_localisation"], 3),
+                       "wall_time_s": m["wall_time_s"], "threads": torch.get_num_threads()}
+                entry = record_run(results, name, changes, world.subject_name(subject), s, row)
+                print(f"{name} {world.subject_name(subject)} seed {s}: {row}", flush=True)
+    every = [r for rs in entry["runs"].values() for r in rs.values()]
+    for key in ("subject_fidelity", "loc"):
+        vals = [r[key] for r in every]
+        print(f"{name}: {key} mean {sum(vals) / len(vals):.3f}, least {min(vals):.3f} over {len(vals)} runs")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    ap.add_argument("--seeds", default="0-5")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--subjects", default="all", help="'all' or 1-based indices into world.SUBJECTS, e.g. 2,3")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    picked = world.SUBJECTS if a.subjects == "all" else [world.SUBJECTS[int(i) - 1] for i in a.subjects.split(",")]
+    main(a.name, parse_changes(a.set), seeds_of(a.seeds), picked)
