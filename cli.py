@@ -248,6 +248,8 @@ def demo(
         run_demo(out, prior=prior, seed=seed, subject=picked[0], **({"steps": steps} if steps is not None else {}))
     except TrainError as e:
         fail(str(e))
+    except KeyboardInterrupt:  # the demo starts its folder over each time: nothing in it is lost
+        fail(f"interrupted; {out} holds a partial demo run, which `minidream demo --out {out}` starts over")
     typer.echo((out / "report.md").read_text())
     typer.echo(f"grids: {out / 'before.png'} {out / 'after.png'}; "
                f"where the identifier looks: {out / 'attention.png'}")
@@ -376,6 +378,8 @@ def evaluate(
                          **({"steps": steps} if steps is not None else {}))
     except TrainError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        fail(f"interrupted; the runs finished so far are in {out}, and `minidream eval --out {out}` starts over")
     typer.echo(table["table"])
 
 

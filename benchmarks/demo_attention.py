@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from minidream.demo import world
 from minidream.demo.evaluation import (IDENTIFIER, INSTANCE_PROMPT, SAMPLING, attribute_prompts, subject_mask,
-                                       word_ratios)
+                                       token_span, word_ratios)
 from minidream.demo.model import DEMO_DIR
 from minidream.formats.loading import load
 from minidream.inspect.attention_maps import (CrossAttentionStore, attention_maps, attention_sheet, localisation,
@@ -66,7 +67,7 @@ def token_table(model, prompt: str, n: int, seed: int):
 
 def main(eval_dir: Path, controls: dict[str, str], results: Path = Path("benchmarks/results"), n: int = 16,
          seed: int = 300) -> dict:
-    models = {"base model": str(DEMO_DIR)}
+    t0, models = time.time(), {"base model": str(DEMO_DIR)}
     for subject in world.SUBJECTS:
         name = world.subject_name(subject)
         for label, d in (("no prior loss", "without"), ("prior loss", "with")):
@@ -83,8 +84,8 @@ def main(eval_dir: Path, controls: dict[str, str], results: Path = Path("benchma
             per, share, images, maps = token_table(m, prompt, n, seed)
             rows[prompt] = {"toy_share": share, "tokens": per}
             if prompt == INSTANCE_PROMPT and "no prior" not in name:
-                pos = next(p for p, text in token_positions(m.tokenizer, prompt) if text == IDENTIFIER)
-                sheet.append((name, images[:6], maps[:6, pos]))
+                span = token_span(m.tokenizer, prompt, IDENTIFIER)  # every token of the word, as identifier_maps
+                sheet.append((name, images[:6], maps[:6, span.start:span.stop].sum(1)))
         record["models"][name] = rows
         print(f"{name}: {json.dumps({p: r['tokens'] for p, r in rows.items()})}")
     out = results / "demo-attention-cpu.json"
@@ -95,6 +96,7 @@ def main(eval_dir: Path, controls: dict[str, str], results: Path = Path("benchma
         record["attribute_words"][name] = {"model": path, **by_resolution(load(path, dtype=torch.float32))}
         print(f"{name}, attribute words: {json.dumps(record['attribute_words'][name])}")
     results.mkdir(parents=True, exist_ok=True)
+    record["wall_time_s"] = round(time.time() - t0, 1)
     out.write_text(json.dumps(record, indent=1))
     attention_sheet(sheet, results / "demo-attention-maps.png")
     return record

@@ -1,6 +1,6 @@
 """DreamBooth settings of the demo, over subjects and seeds (`python -m benchmarks.demo_sweep --name N --set
-field=value ... --seeds 0-5`): each run is `minidream.demo.run.run_demo` with the prior, demo_config's TrainConfig
-fields replaced as --set names them, measured as the demo measures (subject fidelity over the eval's 80 instance
+field=value ... --seeds 0-5`): each run is `minidream.demo.run.run_demo` with the prior, demo_config's values of the
+SWEPT fields replaced as --set names them, measured as the demo measures (subject fidelity over the eval's 80 instance
 samples, PRES and DIV over 32 class samples) plus the identifier's localisation. Adds (or extends) the entry
 `name` of benchmarks/results/demo-seeds-cpu.json's "model_34" settings, with the command that made it and the
 resulting values of the fields a sweep tunes (SWEPT), so an entry still reads right after demo_config changes."""
@@ -18,19 +18,19 @@ import torch
 from minidream.demo import world
 from minidream.demo.run import demo_config, run_demo
 from minidream.formats.files import write_text
-from minidream.training.config import TrainConfig
 
 RESULTS = Path("benchmarks/results/demo-seeds-cpu.json")
 SWEPT = ("steps", "lr", "text_encoder_lr", "lr_schedule", "warmup_steps")
 
 
 def parse_changes(pairs: list[str]) -> dict:
-    """--set field=value pairs as TrainConfig field values: a number or true/false as JSON reads it, else text."""
+    """--set field=value pairs, field one of SWEPT (what an entry records, so all it ran with): a number or
+    true/false as JSON reads it, else text."""
     changes = {}
     for pair in pairs:
         key, _, text = pair.partition("=")
-        if key not in TrainConfig.__dataclass_fields__ or not text:
-            raise SystemExit(f"--set {pair!r}: expected field=value with a TrainConfig field")
+        if key not in SWEPT or not text:
+            raise SystemExit(f"--set {pair!r}: expected field=value with field one of {', '.join(SWEPT)}")
         try:
             changes[key] = json.loads(text)
         except ValueError:
@@ -45,13 +45,29 @@ def swept_values(changes: dict) -> dict:
 
 
 def seeds_of(text: str) -> list[int]:
-    lo, _, hi = text.partition("-")
-    return list(range(int(lo), int(hi) + 1)) if hi else [int(s) for s in text.split(",")]
+    """'0-5', '0,2,4' or both: '0-2,4'."""
+    seeds = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise SystemExit(f"--seeds {text!r}: expected seeds such as 0-5 or 0,2,4") from None
+    if not seeds:
+        raise SystemExit(f"--seeds {text!r}: no seeds")
+    return seeds
+
+
+def check_name(results: Path, name: str, changes: dict):
+    """Before any run: an entry of that name must have trained with the same settings."""
+    entry = json.loads(results.read_text())["model_34"]["settings"].get(name)
+    if entry is not None and entry["settings"] != swept_values(changes):
+        raise SystemExit(f"{name!r} is already in {results} with other settings: {entry['settings']}")
 
 
 def record_run(results: Path, name: str, changes: dict, subject: str, seed: int, row: dict):
-    """Adds one run to the entry `name`, under a lock: sweeps of other seeds may run at once (two one-thread
-    processes do ~1.85x the runs of one two-thread process on this 2-core machine)."""
+    """Adds one run to the entry `name`, under a lock: sweeps of other seeds may run at once (on 2 cores, two
+    one-thread processes finish more runs an hour than one two-thread process)."""
     with open(Path(tempfile.gettempdir()) / "minidream-demo-sweep.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         record = json.loads(results.read_text())
@@ -70,6 +86,7 @@ def record_run(results: Path, name: str, changes: dict, subject: str, seed: int,
 
 
 def main(name: str, changes: dict, seeds: list[int], subjects: list[dict], results: Path = RESULTS):
+    check_name(results, name, changes)
     with tempfile.TemporaryDirectory() as tmp:
         for subject in subjects:
             for s in seeds:
@@ -92,9 +109,12 @@ if __name__ == "__main__":
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     ap.add_argument("--seeds", default="0-5")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--subjects", default="all", help="'all' or 1-based indices into world.SUBJECTS, e.g. 2,3")
+    ap.add_argument("--subjects", default="all", help="all, or numbers or names as `minidream eval` takes them")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    picked = world.SUBJECTS if a.subjects == "all" else [world.SUBJECTS[int(i) - 1] for i in a.subjects.split(",")]
+    try:
+        picked = world.pick_subjects(a.subjects)
+    except ValueError as e:
+        raise SystemExit(f"--subjects {a.subjects!r}: {e}") from None
     main(a.name, parse_changes(a.set), seeds_of(a.seeds), picked)

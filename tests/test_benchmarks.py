@@ -149,3 +149,27 @@ def test_minidream_bench_ctrl_c_keeps_what_was_measured(tmp_path):
     doc = json.loads(next((tmp_path / "b").glob("bench-*.json")).read_text())
     assert list(doc["sections"])[:2] == ["attention", "step"]
     assert all("error" not in rows[0] for rows in doc["sections"].values())
+
+
+def test_demo_sweep_records_what_each_run_trained_with(tmp_path):
+    """benchmarks/demo_sweep's bookkeeping, no training: --set takes only the fields an entry records, seeds parse
+    as ranges and lists, an entry keeps the values its runs trained with, and a name reused with other settings is
+    refused before any run."""
+    from benchmarks import demo_sweep as sweep
+    assert sweep.seeds_of("0-2,5") == [0, 1, 2, 5] and sweep.seeds_of("3") == [3]
+    for bad in ("x", "", "1,,2"):
+        with pytest.raises(SystemExit, match="--seeds"):
+            sweep.seeds_of(bad)
+    assert sweep.parse_changes(["steps=200", "lr_schedule=cosine", "lr=1e-4"]) == \
+        {"steps": 200, "lr_schedule": "cosine", "lr": 1e-4}
+    for bad in (["seed=3"], ["batch_size=8"], ["steps="], ["steps"]):
+        with pytest.raises(SystemExit, match="--set"):
+            sweep.parse_changes(bad)
+    results = tmp_path / "seeds.json"
+    results.write_text(json.dumps({"model_34": {"settings": {}}}))
+    entry = sweep.record_run(results, "n", {"steps": 200}, "s", 0, {"subject_fidelity": 1.0})
+    assert entry["settings"] == {**sweep.swept_values({}), "steps": 200} and entry["runs"] == {"s": {"0": {
+        "subject_fidelity": 1.0}}}
+    sweep.check_name(results, "n", {"steps": 200})
+    with pytest.raises(SystemExit, match="other settings"):
+        sweep.check_name(results, "n", {"steps": 100})

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minidream.demo import world
-from minidream.demo.evaluation import EVAL_CLASSES
+from minidream.demo.evaluation import CLASSES, EVAL_CLASSES
 from minidream.demo.model import DEMO_DIR
 from minidream.demo.recognizer import load_recognizer
 from minidream.demo.run import run_demo
@@ -57,41 +57,75 @@ def test_recognizer_reads_the_world():
         assert sum(p[k] == getattr(t, k) for p, t in zip(pred, toys)) / len(toys) >= 0.95, k
 
 
-def test_dreambooth_binds_the_subject_over_seeds_and_prior_preservation_lowers_pres_keeps_div(tmp_path):
+def test_dreambooth_binds_the_subject_over_seeds_and_prior_preservation_lowers_pres_keeps_div(tmp_path, monkeypatch):
     """Two seeds with prior preservation (what CI can afford) and one without, on the demo's subject. The base model
     draws the subject in 2 of 80 samples (0.025); with the prior, seeds 0 and 1 reach 0.938 and 0.900, seeds 0-5 of
     the three subjects 0.850-1.000 (benchmarks/results/demo-seeds-cpu.json, model_34, cosine175). A DreamBooth that
     does not bind falls towards the base; the issue's goal is >= 0.8 on every run. Where the identifier looks: 2.53
     and 1.88 on seeds 0 and 1 (the goal: >= 1.5; the base model's "sks" already 2.23, see the README). The prior's
     side, seeds 0-2, on `minidream eval`'s EVAL_CLASSES (128) class samples: without the prior 44-58% of "a toy" samples
-    are the subject, with it 0-2%; DIV 0.33-0.35 without, 0.64-0.71 with (demo-eval-cpu.json)."""
-    with_prior = [run_demo(tmp_path / f"with-{s}", prior=True, seed=s, grids=False, classes=EVAL_CLASSES,
-                           localise=True) for s in (0, 1)]
+    are the subject, with it 0-2%; DIV 0.33-0.35 without, 0.64-0.71 with (demo-eval-cpu.json). Seed 0 draws the
+    demo's attention.png too, checked against what was measured (check_attention_sheet)."""
+    measured, drawn = capture_attention(monkeypatch)
+    with_prior = [run_demo(tmp_path / f"with-{s}", prior=True, seed=s, grids=s == 0, localise=True,
+                           classes=EVAL_CLASSES if s == 0 else CLASSES) for s in (0, 1)]  # seed 1: no PRES/DIV read
     without = run_demo(tmp_path / "without", prior=False, grids=False, classes=EVAL_CLASSES)
     assert all(r["subject_fidelity"] >= 0.8 for r in with_prior), with_prior
     assert all(r["attention_localisation"] >= 1.5 for r in with_prior), with_prior
     assert with_prior[0]["PRES"] < without["PRES"], (with_prior[0], without)
     assert with_prior[0]["DIV"] > without["DIV"], (with_prior[0], without)
+    check_attention_sheet(tmp_path / "with-0", with_prior[0], measured[:2], drawn)
 
 
-def test_demo_draws_where_the_identifier_looks_before_and_after(tmp_path):
-    """The demo's attention.png: a row per model (base, tuned) of GRID samples, each beside its identifier map; the
-    maps drawn are the maps measured (their localisation over the drawn toys' masks is report.json's number)."""
+def capture_attention(monkeypatch):
+    """Lists that fill with what run_demo's identifier_maps calls returned and what its attention_sheet was given
+    (the real functions run)."""
+    from minidream.demo import run
+    measured, drawn, real_maps, real_sheet = [], [], run.identifier_maps, run.attention_sheet
+
+    def maps_of(model):
+        measured.append(real_maps(model))
+        return measured[-1]
+
+    def sheet_of(rows, path):
+        drawn.append(rows)
+        return real_sheet(rows, path)
+    monkeypatch.setattr(run, "identifier_maps", maps_of)
+    monkeypatch.setattr(run, "attention_sheet", sheet_of)
+    return measured, drawn
+
+
+def check_attention_sheet(out, report: dict, measured: list, drawn: list):
+    """The demo's attention.png: a row per model (base, tuned) of GRID samples, each beside its identifier map. What
+    the sheet draws is what was measured: the first samples and maps of each model's identifier_maps, whose
+    localisation over the drawn toys is report.json's number, and the picture's first tile is the base's sample."""
+    import numpy as np
     from PIL import Image
-    from minidream.demo.evaluation import identifier_maps, subject_mask
+    from minidream.demo.evaluation import subject_mask
     from minidream.demo.run import GRID
     from minidream.inspect.attention_maps import localisation
-    m = run_demo(tmp_path / "demo", steps=2)
-    looks, images, maps = identifier_maps(load(str(DEMO_DIR)))
-    assert m["base_attention_localisation"] == pytest.approx(looks, rel=1e-2)  # the same seed's samples
-    masks = subject_mask(images)
-    each = [r for r in (localisation(maps[i], masks[i]) for i in range(len(maps))) if r == r]  # r != r: none drawn
-    assert abs(sum(each) / len(each) - looks) < 1e-6 and looks > 1.0
-    assert torch.isfinite(torch.tensor(m["attention_localisation"]))
+    (before, after), (rows,) = measured, drawn
+    assert [r[0] for r in rows] == ["before DreamBooth", "after DreamBooth"]
+    for (looks, images, maps), (_, shown, shown_maps) in zip(measured, rows):
+        assert torch.equal(shown, images[:GRID]) and torch.equal(shown_maps, maps[:GRID])
+        each = [localisation(maps[i], mask) for i, mask in enumerate(subject_mask(images))]
+        each = [r for r in each if r == r]  # r != r: no toy drawn, no ratio
+        assert abs(sum(each) / len(each) - looks) < 1e-6
+    assert (report["base_attention_localisation"], report["attention_localisation"]) == (before[0], after[0])
+    assert not torch.equal(before[2], after[2])  # the tuned model's maps, not the base's again
+    sheet = np.array(Image.open(out / "attention.png"))
     tile = world.SIZE * 3
-    assert Image.open(tmp_path / "demo" / "attention.png").size == (190 + 2 * GRID * (tile + 2), 2 * (tile + 4) + 4)
-    report = (tmp_path / "demo" / "report.md").read_text()
-    assert f"{looks:.2f} before DreamBooth, {m['attention_localisation']:.2f} after (attention.png)" in report
+    assert sheet.shape[:2] == (2 * (tile + 4) + 4, 190 + 2 * GRID * (tile + 2))
+    first = before[1][0].repeat_interleave(3, 0).repeat_interleave(3, 1).numpy()
+    assert np.array_equal(sheet[4:4 + tile, 190:190 + tile], first)
+    assert f"{before[0]:.2f} before DreamBooth, {after[0]:.2f} after (attention.png)" in (out / "report.md").read_text()
+
+
+def test_demo_changes_may_not_move_or_relabel_the_run(tmp_path):
+    for own in ({"seed": 3}, {"prior": False}, {"out": str(tmp_path / "x")}, {"model": "elsewhere"}):
+        with pytest.raises(ValueError, match="run_demo's own arguments"):
+            run_demo(tmp_path / "demo", changes=own)
+    assert not (tmp_path / "demo").exists()
 
 
 def test_eval_seeds_must_be_integers_and_reuse_a_demo_folder(tmp_path):

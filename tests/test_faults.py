@@ -242,3 +242,19 @@ def test_ctrl_c_while_the_modules_load_is_one_line(tmp_path):
                                            "written\n"), (p.returncode, err)
         codes.append(p.returncode)
     assert 1 in codes, codes
+
+
+def test_ctrl_c_in_the_demo_is_one_line_and_the_demo_starts_over(tmp_path):
+    """A real SIGINT while the demo measures where "sks" looks on the base model (before training), then on the
+    tuned one (after it): one line each, no traceback; the same folder then gives a whole demo."""
+    out = tmp_path / "demo"
+    for nth in (1, 2):
+        r = cli("demo", "--out", out, "--steps", 2, driver=DRIVER,
+                hook=("minidream.demo.run", "identifier_maps", "SIGINT", nth))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert r.stderr.strip().splitlines()[-1] == (f"error: interrupted; {out} holds a partial demo run, which "
+                                                     f"`minidream demo --out {out}` starts over")
+        assert not (out / "report.json").exists()
+    r = cli("demo", "--out", out, "--steps", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {"before.png", "after.png", "attention.png", "report.json"} <= {p.name for p in out.iterdir()}

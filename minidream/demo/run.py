@@ -1,6 +1,6 @@
-"""The demo (`minidream demo`): DreamBooth on a held-out subject with the embedded model, before/after grids and a
-report; and `minidream eval`, the base model and DreamBooth with and without the prior loss over subjects and seeds.
-"""
+"""The demo (`minidream demo`): DreamBooth on a held-out subject with the embedded model, before/after grids, where
+the identifier looks before and after, and a report; and `minidream eval`, the base model and DreamBooth with and
+without the prior loss over subjects and seeds."""
 import json
 import platform
 import sys
@@ -30,7 +30,7 @@ from minidream.training.dreambooth import dreambooth
 # UNet lr 3e-5 a green dotted heart reached 0.21-0.26; at 100 steps and 1e-4 0.66-0.96, at 150 0.86-0.99 over seeds
 # 0-5 (benchmarks/results/demo-seeds-cpu.json, "model_34"). With the lr decayed on a cosine (below) 175 steps held every
 # one of 18 runs (3 subjects x seeds 0-5) at fidelity >= 0.85 and identifier localisation >= 1.58; a constant lr left a
-# red triangle drawn yellow (0.725) and 150 or 200 cosine steps each let one run fall below a goal ("cosine*" entries).
+# red triangle at 0.725 and 150 or 200 cosine steps each let one run fall below a goal (the "cosine*" entries).
 STEPS = 175
 
 
@@ -46,7 +46,7 @@ def demo_config(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS
     from 0.48 to 0.78 (seeds 0-5, 100 steps); the world whose attributes lie apart in the latent (world.py) took it
     to 0.99 at 50 steps (benchmarks/results/demo-seeds-cpu.json, sweep_4 and world_2). The present demo model
     (cross-attention at 8×8, grounded words) needed more: 175 steps, the UNet at 1e-4 (3x faster than before), and
-    both lrs decayed on a cosine after the warmup, so the last steps refine rather than overshoot the binding."""
+    both lrs decayed on a cosine after the warmup (model_34's sweep, above)."""
     return TrainConfig(
         model=str(model), instance_dir=str(out / "instance"), class_noun=world.CLASS_NOUN, out=str(out),
         instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT, resolution=world.SIZE, flip=0.5, prior=prior,
@@ -72,11 +72,19 @@ def save_grid(images: torch.Tensor, path: Path):
     save_png(grid(big.permute(0, 2, 3, 1).to(torch.uint8), cols=GRID), path, {"rows": list(PROMPTS)})
 
 
+# what run_demo decides itself: a `changes` entry may not move the run elsewhere or relabel its report
+OWN_FIELDS = ("out", "instance_dir", "model", "seed", "prior")
+
+
 def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, grids: bool = True,
              model_dir: Path = DEMO_DIR, localise: bool = False, classes: int = CLASSES,
              subject: dict = world.SUBJECTS[0], changes: dict | None = None) -> dict:
-    """Train DreamBooth on a held-out subject's photos and measure it; writes grids, report.json and report.md.
-    `changes`: TrainConfig fields to set other than demo_config's (benchmarks/demo_sweep.py's settings)."""
+    """Train DreamBooth on a held-out subject's photos and measure it; writes report.json and report.md, and with
+    `grids` before.png, after.png and attention.png (then the identifier's localisation is measured, before and
+    after, whatever `localise` says). `changes`: TrainConfig fields to set other than demo_config's
+    (benchmarks/demo_sweep.py's settings), none of OWN_FIELDS."""
+    if set(changes or {}) & set(OWN_FIELDS):
+        raise ValueError(f"changes {sorted(set(changes) & set(OWN_FIELDS))}: run_demo's own arguments set these")
     t0 = time.time()
     out = Path(out)
     refuse_other_runs(out, model_dir)
@@ -85,19 +93,13 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, g
         img.save(out / "instance" / f"subject-{i}.png")
     net = load_recognizer(model_dir)
     cfg = replace(demo_config(out, prior=prior, seed=seed, steps=steps, model=model_dir), **(changes or {}))
-    rows, looks = grid_rows(), []
-    if grids:  # the base model on the evaluation's starting latents of the grid's rows, and where "sks" looks
-        base = load(cfg.model, dtype=torch.float32)
-        prompts = eval_prompts()
-        save_grid(generate(base, [prompts[i] for i in rows], SAMPLING, latents=eval_noise(classes=classes)[rows],
-                           progress=False), out / "before.png")
-        looks.append(("before DreamBooth", *identifier_maps(base)))
+    looks = [before_dreambooth(cfg.model, out, classes)] if grids else []
     model, _ = dreambooth(cfg, overwrite=True)
     found, images = evaluate_dreambooth(model, net, subject, classes=classes)
     metrics = {"subject": world.subject_words(subject), "prior_preservation": prior, "steps": cfg.steps, "seed": seed,
                **found}
     if grids:
-        save_grid(images[rows], out / "after.png")
+        save_grid(images[grid_rows()], out / "after.png")
         looks.append(("after DreamBooth", *identifier_maps(model)))
         attention_sheet([(name, shown[:GRID], maps[:GRID]) for name, _, shown, maps in looks], out / "attention.png")
         metrics["base_attention_localisation"] = looks[0][1]
@@ -108,6 +110,15 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, g
     write_text(out / "report.json", json.dumps(metrics, indent=2))
     write_text(out / "report.md", report_md(metrics))
     return metrics
+
+
+def before_dreambooth(model_dir: str, out: Path, classes: int) -> tuple:
+    """before.png (the base model on the evaluation's starting latents of the grid's rows) and where "sks" looks on
+    the base model: ("before DreamBooth", localisation, samples, maps). The base model is freed before training."""
+    base, rows, prompts = load(model_dir, dtype=torch.float32), grid_rows(), eval_prompts()
+    save_grid(generate(base, [prompts[i] for i in rows], SAMPLING, latents=eval_noise(classes=classes)[rows],
+                       progress=False), out / "before.png")
+    return ("before DreamBooth", *identifier_maps(base))
 
 
 def report_md(m: dict) -> str:

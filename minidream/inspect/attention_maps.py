@@ -118,7 +118,8 @@ def write_maps(image: torch.Tensor, maps: torch.Tensor, tokens: list[tuple[int, 
 
 
 def attention_sheet(rows: list, path: Path, zoom: int = 3):
-    """A row per (label, images (n, H, W, 3), one word's maps (n, H, W)): each sample, then its map laid over it."""
+    """A row per (label, images (n, H, W, 3), one word's maps (n, H, W)): each sample, then its map laid over it,
+    scaled to that map's own maximum (the picture shows where a word looks; how much is localisation's number)."""
     from PIL import Image, ImageDraw
     tiles = []
     for name, images, maps in rows:
