@@ -58,9 +58,11 @@ def seeds_of(text: str) -> list[int]:
     return seeds
 
 
-def check_name(results: Path, name: str, changes: dict):
-    """Before any run: an entry of that name must have trained with the same settings."""
-    entry = json.loads(results.read_text())["model_34"]["settings"].get(name)
+def check_name(results: Path, name: str, changes: dict, record: dict | None = None):
+    """An entry of that name (in `record`, else in the file) must have trained with the same settings: checked
+    before any run, and again as each run is added."""
+    record = record if record is not None else json.loads(results.read_text())
+    entry = record["model_34"]["settings"].get(name)
     if entry is not None and entry["settings"] != swept_values(changes):
         raise SystemExit(f"{name!r} is already in {results} with other settings: {entry['settings']}")
 
@@ -71,10 +73,8 @@ def record_run(results: Path, name: str, changes: dict, subject: str, seed: int,
     with open(Path(tempfile.gettempdir()) / "minidream-demo-sweep.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         record = json.loads(results.read_text())
-        settings = swept_values(changes)
-        entry = record["model_34"]["settings"].setdefault(name, {"settings": settings, "runs": {}})
-        if entry["settings"] != settings:
-            raise SystemExit(f"{name!r} is already in {results} with other settings: {entry['settings']}")
+        check_name(results, name, changes, record)
+        entry = record["model_34"]["settings"].setdefault(name, {"settings": swept_values(changes), "runs": {}})
         entry.setdefault("commands", [])
         command = "python -m benchmarks.demo_sweep " + " ".join(sys.argv[1:])
         if command not in entry["commands"]:

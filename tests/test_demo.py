@@ -103,7 +103,7 @@ def check_attention_sheet(out, report: dict, measured: list, drawn: list):
     from PIL import Image
     from minidream.demo.evaluation import subject_mask
     from minidream.demo.run import GRID
-    from minidream.inspect.attention_maps import localisation
+    from minidream.inspect.attention_maps import SHEET_LABEL, localisation
     (before, after), (rows,) = measured, drawn
     assert [r[0] for r in rows] == ["before DreamBooth", "after DreamBooth"]
     for (looks, images, maps), (_, shown, shown_maps) in zip(measured, rows):
@@ -115,9 +115,9 @@ def check_attention_sheet(out, report: dict, measured: list, drawn: list):
     assert not torch.equal(before[2], after[2])  # the tuned model's maps, not the base's again
     sheet = np.array(Image.open(out / "attention.png"))
     tile = world.SIZE * 3
-    assert sheet.shape[:2] == (2 * (tile + 4) + 4, 190 + 2 * GRID * (tile + 2))
+    assert sheet.shape[:2] == (2 * (tile + 4) + 4, SHEET_LABEL + 2 * GRID * (tile + 2))
     first = before[1][0].repeat_interleave(3, 0).repeat_interleave(3, 1).numpy()
-    assert np.array_equal(sheet[4:4 + tile, 190:190 + tile], first)
+    assert np.array_equal(sheet[4:4 + tile, SHEET_LABEL:SHEET_LABEL + tile], first)
     assert f"{before[0]:.2f} before DreamBooth, {after[0]:.2f} after (attention.png)" in (out / "report.md").read_text()
 
 

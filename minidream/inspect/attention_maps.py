@@ -117,6 +117,9 @@ def write_maps(image: torch.Tensor, maps: torch.Tensor, tokens: list[tuple[int, 
     return [out / "maps.png", out / "maps.json"]
 
 
+SHEET_LABEL = 190  # px left of attention_sheet's tiles, for each row's name
+
+
 def attention_sheet(rows: list, path: Path, zoom: int = 3):
     """A row per (label, images (n, H, W, 3), one word's maps (n, H, W)): each sample, then its map laid over it,
     scaled to that map's own maximum (the picture shows where a word looks; how much is localisation's number)."""
@@ -129,7 +132,7 @@ def attention_sheet(rows: list, path: Path, zoom: int = 3):
             heat = F.interpolate(m[None, None].float(), scale_factor=zoom, mode="bilinear")[0, 0]
             row += [Image.fromarray(big.numpy()), plots.overlay(big, heat / heat.max().clamp_min(1e-12))]
         tiles.append((name, row))
-    (w, h), label = tiles[0][1][0].size, 190
+    (w, h), label = tiles[0][1][0].size, SHEET_LABEL
     sheet = Image.new("RGB", (label + len(tiles[0][1]) * (w + 2), len(tiles) * (h + 4) + 4), "white")
     d = ImageDraw.Draw(sheet)
     for r, (name, row) in enumerate(tiles):
