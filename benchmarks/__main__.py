@@ -2,7 +2,7 @@
 [--device cpu --res 256]"""
 import argparse
 
-from benchmarks import attention, cpu, memory, sd
+from . import attention, cpu, memory, sd
 
 
 def main():
@@ -23,7 +23,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds for --device cpu")
     a = ap.parse_args()
     if a.what == "report":
-        from benchmarks.report import main as report
+        from .report import main as report
         return report(a.out)  # the tables of the files in --out (default: benchmarks/results)
     if a.what == "memory":  # peak memory per recipe, ours and diffusers' (benchmarks/memory.py)
         wanted = [w for w in a.only.split(",") if w]  # recipes whose name holds one of these

@@ -9,8 +9,8 @@ head for the forward, 2.5x that for the backward: no padding counted), and the r
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import timeit, write
-from kernels.shapes import SD_SHAPES
+from .common import timeit, write
+from minidream.kernels.shapes import SD_SHAPES
 
 SHAPES = SD_SHAPES  # name: (B, H, N, M, D) at 512 px, batch 2 (instance + prior)
 SMOKE_SHAPES = {"tiny-self-d40": (1, 2, 40, 40, 40), "tiny-cross-d80": (1, 1, 24, 77, 80)}
@@ -18,7 +18,7 @@ SMOKE_SHAPES = {"tiny-self-d40": (1, 2, 40, 40, 40), "tiny-cross-d80": (1, 1, 24
 
 def backends():
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from kernels.attention import flash_attention
+    from minidream.kernels.attention import flash_attention
     out = {"triton": flash_attention}
     for name, b in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
                     ("sdpa-cudnn", getattr(SDPBackend, "CUDNN_ATTENTION", None)), ("sdpa-math", SDPBackend.MATH)):

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import attention, sd, step as trainer_step
-from benchmarks.common import device_tag, environment
-from benchmarks.step import log
-from kernels.shapes import SD_SHAPES
+from . import attention, sd, step as trainer_step
+from .common import device_tag, environment
+from .step import log
+from minidream.kernels.shapes import SD_SHAPES
 from minidream.formats.files import write_text
 
 
@@ -95,7 +95,7 @@ def quiet():
 
 def show(name: str, rows: list[dict]):
     """The section's table on the terminal (the README's renderers)."""
-    from benchmarks import report
+    from . import report
     table = {"attention": report.attention_table, "step": report.step_table}.get(name, report.model_table)
     print(f"\n{name}: {SECTIONS[name][0]}\n", flush=True)
     table({"results": rows})

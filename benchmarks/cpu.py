@@ -38,7 +38,7 @@ def peak_rss() -> int:
 def child(side: str, folder: str, mode: str, res: int, warmup: int, steps: int):
     """One side, one mode: warm-up steps, then timed ones; prints one JSON line."""
     torch.manual_seed(0)
-    from benchmarks.step import VARIANTS, make
+    from .step import VARIANTS, make
     if side not in VARIANTS:
         raise SystemExit(f"--child: {side!r} is not one of {', '.join(VARIANTS)}")
     step = make(side, folder, mode, "cpu", res, cache_latents=False)
@@ -77,8 +77,8 @@ SIDES = ("ours", "ours --compile on", "diffusers")
 
 def run(preset: str = "sd15", res: int = 256, rounds: int = 5, warmup: int = 1, steps: int = 1,
         modes=MODES, out=None, sides=SIDES) -> Path:
-    from benchmarks.common import RESULTS, environment
-    from benchmarks.sd import PROMPTS
+    from .common import RESULTS, environment
+    from .sd import PROMPTS
     from minidream.formats.diffusers_layout import save_pretrained
     from minidream.models.stable_diffusion import random_model
     from minidream.models.tokenizer import train_bpe

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from minidream.demo import world
 from minidream.demo.evaluation import (IDENTIFIER, INSTANCE_PROMPT, SAMPLING, attribute_prompts, subject_mask,
                                        token_span, word_ratios)
-from minidream.demo.model import DEMO_DIR
+from minidream.demo.architecture import DEMO_DIR
 from minidream.formats.loading import load
 from minidream.inspect.attention_maps import (CrossAttentionStore, attention_maps, attention_sheet, localisation,
                                               sample_captured, token_positions)

@@ -40,7 +40,7 @@ def lora_step(folder: str, mode: str, res: int, gradient_checkpointing: bool = F
     bf16 runs it); `cache_latents`: its --cache_latents; `compile`: the UNet under torch.compile."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
-    from benchmarks.common import prior_preservation_update, script_noising, script_pixels
+    from .common import prior_preservation_update, script_noising, script_pixels
     if mode != "lora":
         raise ValueError("diffusers' SDXL DreamBooth script trains LoRA only")
     half = torch.bfloat16 if torch.device(device).type == "cuda" else None

@@ -40,7 +40,7 @@ stage() {  # stage SECONDS COMMAND...: run it, but never for longer than SECONDS
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   if [ "$PART" = 1 ]; then
-    stage 60 python3 -m kernels.compile_check --out "$OUT/kernel-compile-gpu-machine.json"
+    stage 60 python3 -m minidream.kernels.compile_check --out "$OUT/kernel-compile-gpu-machine.json"
     stage 120 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_compile.py -p no:cacheprovider
     stage 120 python3 -m benchmarks attention --warmup 5 --repeat 20 --out "$OUT"
   elif [ "$PART" = 2 ]; then

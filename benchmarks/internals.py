@@ -13,7 +13,7 @@ import torch
 
 from minidream.inspect import weight_diff
 from minidream.demo import world
-from minidream.demo.model import DEMO_DIR
+from minidream.demo.architecture import DEMO_DIR
 from minidream.demo.run import demo_config
 from minidream.formats.loading import load
 from minidream.training.dreambooth import dreambooth

@@ -45,7 +45,7 @@ NOTES = {"sdxl": "; diffusers' rows are train_dreambooth_lora_sdxl.py's step (be
 
 def child(recipe: str, folder: str, res: int, steps: int):
     import torch
-    from benchmarks import cpu, diffusers_sdxl, step as trainer_step
+    from . import cpu, diffusers_sdxl, step as trainer_step
     side, mode, settings = RECIPES[recipe]
     torch.manual_seed(0)
     if side == "ours":
@@ -75,9 +75,9 @@ def run_child(recipe: str, folder: str, res: int, steps: int) -> dict:
 
 def run(preset: str = "sd15", res: int = 256, steps: int = 2, recipes=None, out=None) -> Path:
     import torch
-    from benchmarks.common import RESULTS, environment
-    from benchmarks.cpu import cpu_name
-    from benchmarks.sd import PROMPTS
+    from .common import RESULTS, environment
+    from .cpu import cpu_name
+    from .sd import PROMPTS
     from minidream.formats.diffusers_layout import save_pretrained
     from minidream.models.stable_diffusion import random_model
     from minidream.models.tokenizer import train_bpe

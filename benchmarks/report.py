@@ -1,12 +1,12 @@
 """Render the README's results tables from benchmarks/results/*.json only (smoke files are skipped).
 
-Kernel compile checks (`python -m kernels.compile_check`) and GPU benchmarks (`python -m benchmarks`)
+Kernel compile checks (`python -m minidream.kernels.compile_check`) and GPU benchmarks (`python -m benchmarks`)
 each get a table; the demo files (demo-*.json) are rendered in the README's demo section by hand.
 """
 import json
 import sys
 
-from benchmarks.common import RESULTS
+from .common import RESULTS
 
 
 def fmt_ms(r):

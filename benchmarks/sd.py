@@ -11,8 +11,8 @@ import tempfile
 
 import torch
 
-from benchmarks.common import count_flops, peak_memory, peak_tflops, timeit, write
-from minidream.models.attention import set_attention_backend, set_fused_projections
+from .common import count_flops, peak_memory, peak_tflops, timeit, write
+from minidream.models.attention import set_attention_backend
 from minidream.formats.diffusers_layout import clip_config_json, unet_config_json, vae_config_json
 from minidream.models.stable_diffusion import encode_text, random_model, size_conditioning, size_ids
 from minidream.sampling.pipeline import SamplingParams, generate
@@ -73,11 +73,10 @@ def diffusers_twins(ours, device, dtype=torch.float32):
 
 def our_step(ours, mode: str, device, res: int, cache_latents: bool = True, fused: bool = True,
              channels_last: bool = False, attention: str = "sdpa", compile_unet: bool = False,
-             checkpointing: bool = False, fused_qkv: bool = False):
+             checkpointing: bool = False):
     m = copy.deepcopy(ours)
     params = select_trainable(m, mode).params()
     set_attention_backend(m.unet, attention)
-    set_fused_projections(m.unet, fused_qkv)
     m.unet.set_gradient_checkpointing(checkpointing).train()
     if channels_last:
         m.unet.to(memory_format=torch.channels_last)
@@ -111,7 +110,7 @@ def bench_step(ours, device, res, smoke, warmup, repeat):
     """The trainer's own step (benchmarks/step.py: prepare → Stepper) eager, --compile on, --compile graphs (CUDA)
     against diffusers' script step eager and compiled, in interleaved rounds, every mode, cached and uncached
     latents. --smoke: eager variants only, two rounds of one step."""
-    from benchmarks import step as trainer_step
+    from . import step as trainer_step
     from minidream.formats.diffusers_layout import save_pretrained
     modes = ("lora", "attention") if ours.version == "sdxl" else ("unet", "attention", "lora")
     reference = has_reference()
@@ -133,14 +132,11 @@ def bench_levers(ours, device, res, smoke, warmup, repeat):
     variants = {"baseline (sdpa, foreach AdamW)": dict(fused=False), "fused AdamW": dict(fused=True),
                 "channels_last": dict(fused=False, channels_last=True),
                 "triton attention": dict(fused=False, attention="triton"),
-                "fused QKV projections": dict(fused=False, fused_qkv=True),
                 "gradient checkpointing": dict(fused=False, checkpointing=True),
-                "all: fused AdamW + channels_last + triton + fused QKV":
-                    dict(fused=True, channels_last=True, attention="triton", fused_qkv=True)}
+                "all: fused AdamW + channels_last + triton": dict(fused=True, channels_last=True, attention="triton")}
     if device == "cuda":
         variants["torch.compile"] = dict(fused=False, compile_unet=True)
-        variants["all + torch.compile"] = dict(fused=True, channels_last=True, attention="triton", fused_qkv=True,
-                                               compile_unet=True)
+        variants["all + torch.compile"] = dict(fused=True, channels_last=True, attention="triton", compile_unet=True)
     else:  # the Triton interpreter is a correctness tool; timing it through a whole UNet only costs CI minutes
         variants = {k: v for k, v in variants.items() if v.get("attention") != "triton"}
     rows = []

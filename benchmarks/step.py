@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from benchmarks.common import images, prior_preservation_update, script_noising, script_pixels, sync
+from .common import images, prior_preservation_update, script_noising, script_pixels, sync
 
 # name: (side, compile). "graphs" only on CUDA.
 VARIANTS = {"ours": ("ours", "off"), "ours --compile on": ("ours", "on"), "ours --compile graphs": ("ours", "graphs"),
@@ -25,7 +25,7 @@ def ours(folder: str, mode: str, device: str, res: int, cache_latents: bool = Tr
          **settings):
     """The trainer's step: a callable that runs step k, k+1, ... (`settings`: other TrainConfig fields)."""
     from minidream.models.attention import resolve_backend
-    from minidream.training.concepts import plain
+    from minidream.training.dataset import plain
     from minidream.training.config import TrainConfig
     from minidream.training.export import load_base
     from minidream.training.runtime import PRECISIONS, Runtime
@@ -55,7 +55,7 @@ def diffusers(folder: str, mode: str, device: str, res: int, cache_latents: bool
     the UNet under torch.compile."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
-    from benchmarks import diffusers_sdxl
+    from . import diffusers_sdxl
     if diffusers_sdxl.is_sdxl(folder):  # train_dreambooth_lora_sdxl.py
         return diffusers_sdxl.lora_step(folder, mode, res, gradient_checkpointing, device, cache_latents, compile)
     cuda = torch.device(device).type == "cuda"

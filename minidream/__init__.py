@@ -1,6 +1,8 @@
 """minidream: Stable Diffusion and DreamBooth in plain PyTorch. The folders are the layers; each imports only the
 layers before it (tests/test_structure.py reads every folder's "May import" line and enforces it):
 
+    kernels    the fused Triton attention kernels (forward and backward, as torch.library custom ops); they import
+               nothing of minidream
     models     the networks (CLIP text encoder, tokenizer, UNet, VAE, attention), the StableDiffusion container with
                its families and forward process, and the transforms that add to a model (LoRA, a new token)
     sampling   the samplers (one table) and text → image
@@ -10,7 +12,8 @@ layers before it (tests/test_structure.py reads every folder's "May import" line
     inspect    tools that study a model: what fine-tuning changed, where a prompt's tokens look
     demo       the toy world, its embedded model, and DreamBooth's demo and evaluation on it
 
-Shared by all of them, importing none of them: progress (bars), plots (pictures drawn with Pillow), images (PNG
+Shared by all of them, importing none of them: progress (bars), plots (pictures drawn with Pillow), image_files (PNG
 files and grids), options (an option declared once, and its command-line form). The command line (cli.py, with
-the steps its commands share in command_steps.py) sits on top.
+the steps its commands share in cli_common.py) sits on top. The benchmarks live at the repository's root (they
+compare against diffusers, which nothing here may use) and install as minidream.benchmarks, for `minidream bench`.
 """

@@ -1,4 +1,4 @@
 """`python -m minidream`: the same command as `minidream` (what `torchrun -m minidream train ...` runs)."""
-from cli import main
+from minidream.cli import main
 
 main()

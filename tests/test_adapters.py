@@ -15,7 +15,7 @@ KW = dict(safety_checker=None, requires_safety_checker=False)
 
 
 def sample(model, out, prompt, *args):
-    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(model), "--prompt", prompt,
+    r = subprocess.run([sys.executable, "-m", "minidream", "sample", "--model", str(model), "--prompt", prompt,
                         "--steps", "4", "--height", "32", "--width", "32", "--seed", "5", "--guidance", "5",
                         "--out", str(out), "--no-progress", *map(str, args)], capture_output=True, text=True)
     return r

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
+from minidream.cli import app
 from minidream.formats import loading
 from minidream.formats.lora_files import apply_loras
 from minidream.training import TrainError
@@ -299,7 +299,7 @@ def test_demo_refuses_another_runs_folder(sd1_dir, instance_dir, tmp_path):  # n
     out = tmp_path / "run"
     assert run_cli(*train_args(sd1_dir, instance_dir, out, "--steps", 1, "--no-prior")).exit_code == 0
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    r = subprocess.run([sys.executable, "-m", "cli", "demo", "--out", str(out)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "minidream", "demo", "--out", str(out)], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert str(out) in r.stderr.strip().splitlines()[-1]

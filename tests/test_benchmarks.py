@@ -79,7 +79,7 @@ def test_minidream_bench_quick_runs_from_anywhere(tmp_path):
 
 def test_minidream_bench_without_diffusers_runs_ours_alone(tmp_path):
     blocked = ("import sys; sys.modules['diffusers'] = None; sys.argv = ['minidream', 'bench', '--quick', '--device', "
-               "'cpu', '--only', 'step', '--only', 'vae', '--out', 'b']; from cli import main; main()")
+               "'cpu', '--only', 'step', '--only', 'vae', '--out', 'b']; from minidream.cli import main; main()")
     r = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("diffusers/transformers/peft are not installed: ours alone") == 1
@@ -98,7 +98,7 @@ def test_minidream_bench_bad_options_are_one_line(tmp_path, monkeypatch, args, n
     from benchmarks.bench import result_path
     result_path(tmp_path / "taken", "cpu").mkdir(parents=True)  # the JSON's own name taken by a folder
     from typer.testing import CliRunner
-    from cli import app
+    from minidream.cli import app
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(app, ["bench", "--quick", *args])
     assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output

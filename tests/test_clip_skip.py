@@ -36,7 +36,7 @@ def diffusers_image(folder, prompt: str, skip: int, steps: int, seed: int, guida
 
 
 def sample_cli(folder, out, *extra):
-    return subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(folder), "--prompt", "a red toy",
+    return subprocess.run([sys.executable, "-m", "minidream", "sample", "--model", str(folder), "--prompt", "a red toy",
                            "--steps", "4", "--seed", "3", "--height", "32", "--width", "32", "--scheduler", "ddim",
                            "--out", str(out), "--no-progress", *map(str, extra)], capture_output=True, text=True)
 

@@ -91,7 +91,7 @@ def test_ctrl_c_while_sampling_is_one_line_and_leaves_no_empty_folder(sd1_dir, t
     import signal
     import time
     out = tmp_path / "s"
-    p = subprocess.Popen([sys.executable, "-m", "cli", "sample", "--model", str(sd1_dir), "--prompt", "a dog",
+    p = subprocess.Popen([sys.executable, "-m", "minidream", "sample", "--model", str(sd1_dir), "--prompt", "a dog",
                           "--out", str(out), "--device", "cpu", "--steps", "900", "--height", "32", "--width", "32",
                           "--scheduler", "euler"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -121,7 +121,7 @@ def test_inductor_run_trains_as_eager_and_resumes(sd1_dir, instance_dir, tmp_pat
     def train(out, *extra):
         args = [str(a) for a in train_args(sd1_dir, instance_dir, out, "--device", "cpu", "--checkpoint-every", 2,
                                            *extra)]
-        r = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "minidream", *args], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
     train(tmp_path / "eager", "--steps", 4)
     train(tmp_path / "compiled", "--steps", 3, "--compile", "on")

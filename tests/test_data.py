@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from minidream.formats import loading
-from minidream.training.concepts import buckets, nearest_bucket
+from minidream.training.dataset import buckets, nearest_bucket
 from tests.test_train import run_cli, train_args
 
 
@@ -34,11 +34,12 @@ def test_aspect_buckets_and_captions(sd1_dir, tmp_path):
     """Wide and tall photos train in their own buckets (class images drawn at the same shapes), a caption
     file is its image's prompt, and data.json lists all of it."""
     inst = folder(tmp_path / "inst", [(64, 32), (64, 32), (32, 64), (48, 48)],
-                  captions=["a photo of sks dog on grass", None, None, None])
+                  captions=["a photo of sks dog on grass", " \n", None, None])
     out = tmp_path / "run"
     r = run_cli(*train_args(sd1_dir, inst, out, "--aspect-buckets", "--caption-ext", ".txt", "--resolution", 32,
                             "--num-class-images", 4, "--steps", 6, "--cache-latents"))
     assert r.exit_code == 0, r.output
+    assert "1 caption file(s) are empty (1.txt): those images train on the instance prompt" in r.output
     data = json.loads((out / "data.json").read_text())
     images = {(d["kind"], d["file"].split("/")[-1]): d for d in data["images"]}
     assert images[("instance", "0.png")]["prompt"] == "a photo of sks dog on grass"

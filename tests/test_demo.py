@@ -7,7 +7,7 @@ import torch
 
 from minidream.demo import world
 from minidream.demo.evaluation import CLASSES, EVAL_CLASSES
-from minidream.demo.model import DEMO_DIR
+from minidream.demo.architecture import DEMO_DIR
 from minidream.demo.recognizer import load_recognizer
 from minidream.demo.run import run_demo
 from minidream.formats.loading import load
@@ -35,6 +35,14 @@ def test_subjects_are_picked_by_number_or_name():
     for bad in ("0", "4", "blue-star", "", "1,,2"):
         with pytest.raises(ValueError, match="not a subject"):
             world.pick_subjects(bad)
+    # the demo takes one subject: its errors do not offer "all" (which it would refuse)
+    assert world.pick_subjects("2", several=False) == world.SUBJECTS[1:2]
+    for bad in ("all", "1,2"):
+        with pytest.raises(ValueError, match="name one subject"):
+            world.pick_subjects(bad, several=False)
+    with pytest.raises(ValueError, match="not a subject") as e:
+        world.pick_subjects("blue-star", several=False)
+    assert "all" not in str(e.value)
 
 
 def test_demo_model_ships_small_and_loads_through_the_loader():
@@ -130,7 +138,7 @@ def test_demo_changes_may_not_move_or_relabel_the_run(tmp_path):
 
 def test_eval_seeds_must_be_integers_and_reuse_a_demo_folder(tmp_path):
     from typer.testing import CliRunner
-    from cli import app
+    from minidream.cli import app
     r = CliRunner().invoke(app, ["eval", "--seeds", "0,one"])
     assert r.exit_code != 0 and "--seeds" in r.output and len(r.output.strip().splitlines()) == 1
     for args in (["eval", "--subjects", "purple-star"], ["demo", "--subject", "all"], ["demo", "--subject", "9"]):
@@ -149,7 +157,7 @@ def test_pretrain_can_keep_the_vae_and_recognizer(tmp_path):
     """`demo-pretrain --reuse`: the VAE and the recogniser are the given folder's, bit for bit; the tokenizer, text
     encoder and UNet are trained with the shipped model's schedule, and the record names what was reused."""
     from typer.testing import CliRunner
-    from cli import app
+    from minidream.cli import app
     out = tmp_path / "demo"
     r = CliRunner().invoke(app, ["demo-pretrain", "--out", str(out), "--reuse", str(DEMO_DIR), "--images", "64",
                                  "--unet-steps", "2", "--batch", "4"])

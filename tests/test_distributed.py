@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
+from minidream.training.runtime import older_torch
 
 from tests.test_train import instance_dir, run_cli, train_args  # noqa: F401  (instance_dir is a fixture)
 
@@ -142,6 +145,10 @@ def unet_change(base, run) -> torch.Tensor:
     return torch.cat([(b[k] - a[k]).flatten() for k in sorted(a)])
 
 
+OLD_TORCH = pytest.mark.skipif(older_torch("2.13"), reason="--fsdp on the CPU needs torch >= 2.13 (refused below)")
+
+
+@OLD_TORCH
 def test_fsdp_trains_as_one_process_with_the_global_batch_and_resumes_anywhere(sd1_dir, instance_dir, tmp_path):
     """--fsdp: two gloo processes with their shards of the whole UNet (weights, gradients, Adam's moments) train as
     one process with the global batch (the DDP test's bounds); the checkpoints hold the full tensors and resume on
@@ -223,6 +230,7 @@ def test_a_resume_cannot_bring_fused_backward_under_torchrun(sd1_dir, instance_d
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001.safetensors"]
 
 
+@OLD_TORCH
 def test_fsdp_text_encoder_that_stops_training_with_captions(sd1_dir, instance_dir, tmp_path):
     """The sharded text encoder freezes at step 1: every process encodes every caption together (one process
     encoding only its own would leave the other waiting in a gather)."""

@@ -27,7 +27,7 @@ def stopping(*args, **kwargs):
     return original(*args, **kwargs)
 setattr(m, name, stopping)
 sys.argv = ["minidream", *sys.argv[5:]]
-runpy.run_module("cli", run_name="__main__")
+runpy.run_module("minidream", run_name="__main__")
 """
 STEP_DRIVER = """
 import os, runpy, signal, sys
@@ -40,7 +40,7 @@ def stopping(*args):
         os.kill(os.getpid(), getattr(signal, sig))
 register_optimizer_step_pre_hook(stopping)
 sys.argv = ["minidream", *sys.argv[3:]]
-runpy.run_module("cli", run_name="__main__")
+runpy.run_module("minidream", run_name="__main__")
 """
 
 # Fills the disk (a file at FILLER, written until no byte more fits) just before the run opens metrics.jsonl.
@@ -60,14 +60,14 @@ def filling(self, *args, **kwargs):
     original(self, *args, **kwargs)
 Log.__init__ = filling
 sys.argv = ["minidream", *sys.argv[2:]]
-runpy.run_module("cli", run_name="__main__")
+runpy.run_module("minidream", run_name="__main__")
 """
 
 
 def cli(*args, driver=None, hook=()):
     """The CLI in a fresh process, as from a terminal (SIGINT at its default: a background test run inherits it
     ignored)."""
-    head = [sys.executable, "-c", driver, *map(str, hook)] if driver else [sys.executable, "-m", "cli"]
+    head = [sys.executable, "-c", driver, *map(str, hook)] if driver else [sys.executable, "-m", "minidream"]
     return subprocess.run([*head, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=os.getcwd(),
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
@@ -224,6 +224,7 @@ def test_sample_diff_and_maps_on_a_full_disk_are_one_line(sd1_dir, small_disk):
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args[0], r.stderr[-3000:])
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and "No space left on device" in last, (args[0], last)
+        assert str(small_disk.path) in last and "a file:" not in last, (args[0], last)  # the line names where
 
 
 def test_ctrl_c_while_the_modules_load_is_one_line(tmp_path):
@@ -232,7 +233,7 @@ def test_ctrl_c_while_the_modules_load_is_one_line(tmp_path):
     import time
     codes = []
     for delay in (0.3, 0.6):
-        p = subprocess.Popen([sys.executable, "-m", "cli", "train", "--help"], stdout=subprocess.PIPE,
+        p = subprocess.Popen([sys.executable, "-m", "minidream", "train", "--help"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
         time.sleep(delay)
         p.send_signal(signal.SIGINT)

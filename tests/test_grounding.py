@@ -7,7 +7,7 @@ import torch
 
 from minidream.demo import grounding, world
 from minidream.demo.evaluation import subject_mask, token_span
-from minidream.demo.model import DEMO_DIR, MAX_TOKENS
+from minidream.demo.architecture import DEMO_DIR, MAX_TOKENS
 from minidream.inspect.attention_maps import localisation
 from minidream.models.tokenizer import train_bpe
 

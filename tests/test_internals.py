@@ -14,7 +14,7 @@ from tests.test_train import instance_dir, run_cli, train_args  # noqa: F401  (i
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "minidream", *map(str, args)], capture_output=True, text=True)
 
 
 def test_diff_is_zero_exactly_where_nothing_changed_and_the_norm_ratio_where_it_did(sd1_dir, tmp_path):
@@ -118,7 +118,7 @@ def test_localisation_ratio():
 
 def test_demo_identifier_localisation_is_measured():
     from minidream.demo.evaluation import attention_localisation, subject_mask, word_localisation
-    from minidream.demo.model import DEMO_DIR
+    from minidream.demo.architecture import DEMO_DIR
     from minidream.demo.world import Toy, render
     import numpy as np
     img = torch.from_numpy(np.array(render(Toy("star", "yellow", "striped", "blue", r=0.3))))[None]

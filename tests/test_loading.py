@@ -14,7 +14,7 @@ from minidream.formats.loading import ModelError
 
 
 def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "minidream", *args], capture_output=True, text=True, env=env)
 
 
 def test_models_are_memory_mapped_not_copied(sd1_dir):
@@ -121,14 +121,14 @@ def test_info_reports_the_model(sd2_dir):
 
 def test_reference_libraries_are_never_imported_by_the_product():
     """diffusers/transformers are test references only: a full load + sample + CLI run must not import them."""
-    code = ("import sys, cli, minidream.formats.loading, minidream.sampling.pipeline, minidream.formats.single_file, "
-            "minidream.sampling.samplers; "
-            "import kernels; bad = [m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers')]; "
+    code = ("import sys, minidream.cli, minidream.formats.loading, minidream.sampling.pipeline, "
+            "minidream.formats.single_file, minidream.sampling.samplers, minidream.kernels.attention; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     import pathlib
     root = pathlib.Path(__file__).resolve().parents[1]
-    for f in [root / "cli.py", *(root / "minidream").rglob("*.py"), *(root / "kernels").rglob("*.py")]:
+    for f in (root / "minidream").rglob("*.py"):
         text = f.read_text()
         assert not re.search(r"^\s*(import|from) (diffusers|transformers)\b", text, re.M), f

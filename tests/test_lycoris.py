@@ -84,7 +84,7 @@ def test_a_lokr_file_draws_the_image_diffusers_draws_with_it_merged(sd1_dir, tmp
     pipe.set_progress_bar_config(disable=True)
     want = pipe("a red toy", num_inference_steps=3, height=32, width=32, output_type="np",
                 generator=torch.Generator().manual_seed(2)).images[0]
-    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(sd1_dir), "--prompt", "a red toy",
+    r = subprocess.run([sys.executable, "-m", "minidream", "sample", "--model", str(sd1_dir), "--prompt", "a red toy",
                         "--steps", "3", "--seed", "2", "--height", "32", "--width", "32", "--lora", f"{f}:0.8",
                         "--out", str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -98,6 +98,8 @@ def test_a_lokr_file_draws_the_image_diffusers_draws_with_it_merged(sd1_dir, tmp
      "does not match this model"),
     (lambda sd: sd.update({k: torch.full_like(v, 1e25) for k, v in list(sd.items()) if k.endswith("_b")}),
      "overflow"),
+    (lambda sd: sd.update({k: (v * 100).to(torch.int8) for k, v in list(sd.items()) if "hada_" in k}),
+     "hold torch.int8 values, not floating point"),
 ])
 def test_malformed_lycoris_files_are_one_line(sd1_dir, tmp_path, edit, needle):
     from diffusers import UNet2DConditionModel
@@ -109,6 +111,28 @@ def test_malformed_lycoris_files_are_one_line(sd1_dir, tmp_path, edit, needle):
     save_file(sd, f)
     with pytest.raises(ModelError, match=needle):
         apply_loras(loading.load(str(sd1_dir)), [(f, 1.0)])
+
+
+def test_alpha_0_reads_as_alpha_rank_and_says_so(sd1_dir, tmp_path, capsys):
+    """kohya, LyCORIS and A1111 read α = 0 as α = r (ComfyUI's scale 0 would add nothing): the same merge as a file
+    whose α is its rank, with a warning."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    f, g = tmp_path / "zero.safetensors", tmp_path / "rank.safetensors"
+    lycoris_file(UNet2DConditionModel.from_pretrained(sd1_dir / "unet"), f, "loha", False)
+    sd = load_file(f)
+    ranks = {k.removesuffix(".alpha"): sd[k.removesuffix(".alpha") + ".hada_w1_b"].shape[0]
+             for k in sd if k.endswith(".alpha")}
+    save_file({k: torch.zeros_like(v) if k.endswith(".alpha") else v for k, v in sd.items()}, f)
+    save_file({k: torch.tensor(float(ranks[k.removesuffix(".alpha")])) if k.endswith(".alpha") else v
+               for k, v in sd.items()}, g)
+    zero, rank = loading.load(str(sd1_dir)), loading.load(str(sd1_dir))
+    apply_loras(zero, [(f, 1.0)])
+    assert "alpha 0 on" in capsys.readouterr().err
+    apply_loras(rank, [(g, 1.0)])
+    base = loading.load(str(sd1_dir)).unet.state_dict()
+    got, want = zero.unet.state_dict(), rank.unet.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in got) and any(not torch.equal(got[k], base[k]) for k in got)
 
 
 @pytest.mark.parametrize("algo", ["lora", "loha"])

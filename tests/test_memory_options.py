@@ -125,8 +125,8 @@ def test_bad_combinations_are_one_line_and_write_nothing(sd1_dir, instance_dir, 
 def test_a_missing_package_is_one_line_before_any_work(sd1_dir, instance_dir, tmp_path, optimizer, package, extra):
     """The package really not importable in the training process (None in sys.modules, Python's way to block it)."""
     out = tmp_path / "run"
-    code = (f"import sys; sys.modules[{package!r}] = None; import cli; sys.argv = ['minidream'] + sys.argv[1:]; "
-            "cli.main()")
+    code = (f"import sys; sys.modules[{package!r}] = None; import minidream.cli as cli; "
+            "sys.argv = ['minidream'] + sys.argv[1:]; cli.main()")
     args = [str(a) for a in train_args(sd1_dir, instance_dir, out, "--optimizer", optimizer)]
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr

@@ -49,7 +49,7 @@ def test_same_seed_same_image_as_diffusers(sd1_dir, sd2_dir, family, scheduler, 
 def test_cli_sample_writes_pngs_with_metadata(sd1_dir, tmp_path):
     from PIL import Image
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(sd1_dir), "--prompt", "a red toy",
+    r = subprocess.run([sys.executable, "-m", "minidream", "sample", "--model", str(sd1_dir), "--prompt", "a red toy",
                         "--steps", "3", "--num-images", "3", "--batch-size", "2", "--seed", "7", "--height", "32",
                         "--width", "32", "--out", str(out), "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -84,7 +84,7 @@ def test_default_sampler_is_the_models_own(sd1_dir, tmp_path):
                generator=torch.Generator("cpu").manual_seed(3)).images[0]
     want = torch.from_numpy((img * 255).round().astype(np.uint8))
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(d), "--prompt", "a red toy",
+    r = subprocess.run([sys.executable, "-m", "minidream", "sample", "--model", str(d), "--prompt", "a red toy",
                         "--steps", "5", "--seed", "3", "--height", "32", "--width", "32", "--out", str(out),
                         "--no-progress"],
                        capture_output=True, text=True)
@@ -92,7 +92,7 @@ def test_default_sampler_is_the_models_own(sd1_dir, tmp_path):
     im = Image.open(out / "0000.png")
     assert im.text["scheduler"] == "pndm"
     assert (torch.from_numpy(np.array(im)).int() - want.int()).abs().max() <= 1
-    r = subprocess.run([sys.executable, "-m", "cli", "info", str(d)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "minidream", "info", str(d)], capture_output=True, text=True)
     assert "PNDMScheduler: pndm" in r.stdout
 
 
@@ -103,7 +103,7 @@ def test_default_sampler_is_the_models_own(sd1_dir, tmp_path):
     (["--dtype", "fp16", "--device", "cpu"], "--dtype fp16 needs a GPU"),
 ])
 def test_cli_sample_bad_input_is_one_line(sd1_dir, tmp_path, args, needle):
-    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(sd1_dir), "--prompt", "x",
+    r = subprocess.run([sys.executable, "-m", "minidream", "sample", "--model", str(sd1_dir), "--prompt", "x",
                         "--out", str(tmp_path / "o"), *args], capture_output=True, text=True)
     assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr
 
@@ -111,13 +111,13 @@ def test_cli_sample_bad_input_is_one_line(sd1_dir, tmp_path, args, needle):
 def test_cli_sample_refuses_a_file_as_output(sd1_dir, tmp_path):
     f = tmp_path / "file.png"
     f.write_bytes(b"x")
-    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(sd1_dir), "--prompt", "x",
+    r = subprocess.run([sys.executable, "-m", "minidream", "sample", "--model", str(sd1_dir), "--prompt", "x",
                         "--out", str(f)], capture_output=True, text=True)
     assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_sample_warns_about_cut_prompt(sd1_dir, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(sd1_dir), "--prompt", "red " * 90,
+    r = subprocess.run([sys.executable, "-m", "minidream", "sample", "--model", str(sd1_dir), "--prompt", "red " * 90,
                         "--steps", "1", "--height", "16", "--width", "16", "--out", str(tmp_path / "o"),
                         "--no-progress"],
                        capture_output=True, text=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
+from minidream.cli import app
 from minidream.formats import diffusers_layout, loading
 from minidream.formats.files import read_json, read_weights
 from tests.test_train import instance_dir, run_cli, train_args  # noqa: F401  (instance_dir is a fixture)

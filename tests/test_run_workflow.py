@@ -71,6 +71,11 @@ def test_a_kohya_folder_gives_repeats_prompt_and_epochs(sd1_dir, instance_dir, t
     assert json.loads(lines[-1])["step"] == 6
     r = run_cli(*base_args(sd1_dir, tmp_path / "both", "--instance-dir", photos, "--epochs", 2, "--steps", 5))
     assert r.exit_code == 2 and "not both" in r.output and not (tmp_path / "both").exists(), r.output
+    for name in ("0_sks dog", "1_ sks dog"):  # not kohya names (0 repeats; no prompt): the class noun is what lacks
+        bad = kohya_folder(instance_dir, tmp_path / name[:3], name)
+        r = run_cli(*base_args(sd1_dir, tmp_path / "bad", "--instance-dir", bad, "--steps", 1))
+        assert r.exit_code == 2 and "--class-noun is needed" in r.output and repr(name) in r.output, r.output
+        assert "--instance-dir and" not in r.output and not (tmp_path / "bad").exists()
 
 
 def test_repeats_weigh_the_draws(tmp_path):
@@ -78,7 +83,7 @@ def test_repeats_weigh_the_draws(tmp_path):
     import torch
     from PIL import Image
     from minidream.training.batches import weighted
-    from minidream.training.concepts import Example
+    from minidream.training.dataset import Example
     im = Image.new("RGB", (16, 16))
     pool = [Example(im, tmp_path / f"{k}.png", "p", k, (16, 16), repeats=r) for k, r in enumerate((3, 1, 3))]
     assert weighted(pool, [0, 1, 2]) == [0, 0, 0, 1, 2, 2, 2]
@@ -192,7 +197,27 @@ def test_half_masks_and_alpha_masks_train(sd1_dir, instance_dir, tmp_path):  # n
     assert first["dir"] != first["plain"] and abs(first["dir"] - first["alpha"]) < 1e-6
 
 
+def test_a_16_bit_mask_is_scaled_as_photos_are(tmp_path):
+    """A real 16-bit greyscale PNG, half white and half 1.5% grey: the grey half reads near 0, not clipped to 1."""
+    import numpy as np
+    from PIL import Image
+    from minidream.training.photos import load_masks, view
+    photo = tmp_path / "photos" / "a.png"
+    photo.parent.mkdir()
+    Image.new("RGB", (8, 8), (100, 50, 0)).save(photo)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    values = np.full((8, 8), 65535, dtype=np.uint16)
+    values[:, 4:] = 983  # 1.5% of white
+    Image.fromarray(values).save(masks / "a.png")
+    assert Image.open(masks / "a.png").mode.startswith("I")  # what the file holds: 16 bits
+    (mask, where), = load_masks([photo], [Image.open(photo)], str(masks), alpha=False)
+    m = view(Image.open(photo).convert("RGB"), 8, True, False, None, mask)[2]
+    assert where == masks / "a.png" and m[0, :, :4].min() == 1 and m[0, :, 4:].max() < 0.02
+
+
 @pytest.mark.parametrize("case,needle", [
+    ("photos", "is the photos' folder"),
     ("missing", "--mask-dir: no mask"),
     ("size", "give a mask of the photo's size"),
     ("no-alpha", "has no alpha channel"),
@@ -208,7 +233,7 @@ def test_bad_masks_are_one_line_before_anything_is_written(sd1_dir, instance_dir
     else:
         masks_for(instance_dir, masks)
     extra = {"missing": ["--mask-dir", masks], "size": ["--mask-dir", masks], "no-alpha": ["--alpha-mask"],
-             "both": ["--mask-dir", masks, "--alpha-mask"]}[case]
+             "both": ["--mask-dir", masks, "--alpha-mask"], "photos": ["--mask-dir", instance_dir]}[case]
     out = tmp_path / "run"
     r = run_cli(*base_args(sd1_dir, out, "--instance-dir", instance_dir, "--class-noun", "dog", *extra))
     assert r.exit_code == 2 and needle in r.output and not out.exists(), r.output
@@ -254,7 +279,7 @@ def test_validation_grids_rows_and_losses(sd1_dir, instance_dir, tmp_path):  # n
     assert [x["step"] for x in held[1e-3]] == [0, 2, 4] and all("val_loss_prior" in x for x in held[1e-3])
     assert held[1e-3][0] == held[5e-2][0] and held[1e-3][2] != held[5e-2][2]
     # the file's row is `sample` with its settings (the model's own sampler, as the grid's)
-    r = subprocess.run([sys.executable, "-m", "cli", "sample", "--model", str(sd1_dir), "--prompt", "a red dog",
+    r = subprocess.run([sys.executable, "-m", "minidream", "sample", "--model", str(sd1_dir), "--prompt", "a red dog",
                         "--negative-prompt", "blue", "--guidance", "3", "--height", "48", "--width", "32", "--seed",
                         "11", "--steps", "3", "--num-images", "2", "--batch-size", "2", "--out", str(tmp_path / "s"),
                         "--no-progress"], capture_output=True, text=True)
@@ -352,20 +377,25 @@ def test_class_images_that_cannot_cover_the_buckets_are_refused_before_drawing(s
 
 
 def test_resuming_an_earlier_checkpoint_replaces_the_later_line(sd1_dir, instance_dir, tmp_path):  # noqa: F811
-    """--resume FILE of step 2 in a run that reached 4: the later checkpoint is set aside (so --resume latest follows
-    the new line), a snapshot of the resumed step that is missing (a stop while it was written) is written again,
-    and a checkpoint of another run is refused before anything changes."""
+    """--resume FILE of step 2 in a run that reached 6: the later checkpoints and snapshot are set aside (so --resume
+    latest follows the new line), a snapshot of the resumed step that is missing (a stop while it was written) is
+    written again, and a checkpoint of another run is refused before anything changes."""
     import shutil
     args = ["--train", "lora", "--save-as", "lora-diffusers", "--no-prior", "--checkpoint-every", 2, "--keep-last", 0]
     out = tmp_path / "run"
-    assert run_cli(*train_args(sd1_dir, instance_dir, out, *args, "--steps", 4, "--save-every", 2)).exit_code == 0
+    assert run_cli(*train_args(sd1_dir, instance_dir, out, *args, "--steps", 6, "--save-every", 2)).exit_code == 0
     shutil.rmtree(out / "snapshots" / "step-000002")
     r = run_cli("train", "--out", out, "--resume", out / "checkpoints" / "step-000002.safetensors", "--steps", 4)
     assert r.exit_code == 0 and "moved to" in r.output, r.output
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002.safetensors",
                                                                            "step-000004.safetensors"]
-    assert (out / "checkpoints" / "abandoned" / "step-000004.safetensors").is_file()
+    assert sorted(p.name for p in (out / "checkpoints" / "abandoned").iterdir()) == ["step-000004.safetensors",
+                                                                                    "step-000006.safetensors"]
     assert (out / "snapshots" / "step-000002" / LORA).is_file()
+    # the abandoned line's snapshot is set aside too (--keep-snapshots would count it); step 4 now ends the run,
+    # so its export is OUT's, not a snapshot
+    assert (out / "snapshots" / "abandoned" / "step-000004" / LORA).is_file()
+    assert sorted(p.name for p in (out / "snapshots").glob("step-*")) == ["step-000002"]
     other = tmp_path / "other"
     assert run_cli(*train_args(sd1_dir, instance_dir, other, "--train", "attention", "--steps", 1,
                                "--checkpoint-every", 1)).exit_code == 0
@@ -382,15 +412,15 @@ def test_a_run_started_with_relative_paths_resumes_from_anywhere(sd1_dir, instan
     import subprocess
     import sys
     shutil.copytree(instance_dir, tmp_path / "photos")
-    base = [sys.executable, "-m", "cli", "train", "--out", "run", "--resolution", "16", "--steps", "1", "--no-prior",
-            "--checkpoint-every", "0", "--train", "lora", "--save-as", "lora-diffusers"]
+    base = [sys.executable, "-m", "minidream", "train", "--out", "run", "--resolution", "16", "--steps", "1",
+            "--no-prior", "--checkpoint-every", "0", "--train", "lora", "--save-as", "lora-diffusers"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     r = subprocess.run([*base, "--model", str(sd1_dir), "--instance-dir", "photos", "--class-noun", "dog"],
                        cwd=tmp_path, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "run" / "run.json").read_text())["instance_dir"] == str(tmp_path / "photos")
-    r = subprocess.run([sys.executable, "-m", "cli", "train", "--out", str(tmp_path / "run"), "--resume", "latest",
-                        "--steps", "2"], cwd="/", capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-m", "minidream", "train", "--out", str(tmp_path / "run"), "--resume",
+                        "latest", "--steps", "2"], cwd="/", capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "at step 1" in r.stderr, r.stderr
 
 

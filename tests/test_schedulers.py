@@ -4,7 +4,7 @@ import torch
 
 from minidream.models.noise_schedule import SchedulerConfig
 from minidream.models.stable_diffusion import DDPMProcess
-from minidream.sampling.alpha_space import DDIM, DDPM
+from minidream.sampling.timestep_samplers import DDIM, DDPM
 
 CONFIGS = [
     SchedulerConfig(),

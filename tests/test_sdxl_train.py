@@ -69,7 +69,7 @@ def test_size_ids_are_each_views_real_size_and_crop():
 
 @pytest.mark.parametrize("cache", [False, True])
 def test_each_drawn_row_carries_its_views_size_ids(xl_dir, tmp_path, cache):
-    from minidream.training.concepts import Example
+    from minidream.training.dataset import Example
     m = loading.load(str(xl_dir))
     pools = [[Example(Image.new("RGB", (48, 40)), tmp_path / "a.png", "a photo of sks dog", 0, (16, 16))],
              [Example(Image.new("RGB", (16, 16)), tmp_path / "c.png", "a photo of dog", 0, (16, 16))]]

@@ -75,6 +75,8 @@ def test_vectors_past_the_token_limit_are_refused_or_warned(sd1_dir, instance_di
     out = tmp_path / "run"
     r = run_cli(*train_args(sd1_dir, instance_dir, out, "--train", "lora", "--train-token", "--token-vectors", 74))
     assert r.exit_code == 2 and "falls past the text encoder's 77-token limit" in r.output, r.output
+    # the prompt was never given on the command line: the error says which prompt, and blames the vectors
+    assert "--instance-prompt" not in r.output and "--token-vectors 74 makes <sks> that many tokens" in r.output
     assert not (out / "run.json").exists()
     base = loading.load(str(sd1_dir))
     emb = tmp_path / "e.safetensors"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
+from minidream.cli import app
 from minidream.formats import loading
 from minidream.training.step import dreambooth_loss
 from tests.conftest import max_rel_err
@@ -119,7 +119,7 @@ def test_resume_after_kill_is_bit_identical(sd1_dir, instance_dir, tmp_path):
                         "--save-as", "lora-diffusers", "--keep-last", 0, "--flip", 0.5, "--device", "cpu")
 
     def cmd(out):
-        return [sys.executable, "-m", "cli", *[str(out) if a == "OUT" else str(a) for a in common]]
+        return [sys.executable, "-m", "minidream", *[str(out) if a == "OUT" else str(a) for a in common]]
     full = tmp_path / "full"
     assert subprocess.run(cmd(full), capture_output=True).returncode == 0
     cut = tmp_path / "cut"
@@ -134,8 +134,8 @@ def test_resume_after_kill_is_bit_identical(sd1_dir, instance_dir, tmp_path):
         "    if len(steps) == 6:",
         "        os.kill(os.getpid(), signal.SIGKILL)",
         "register_optimizer_step_pre_hook(hook)",
-        "sys.argv[0] = 'cli'",
-        "runpy.run_module('cli', run_name='__main__')"])
+        "sys.argv[0] = 'minidream'",
+        "runpy.run_module('minidream', run_name='__main__')"])
     r = subprocess.run([sys.executable, "-c", kill_at_6th_step, *cmd(cut)[3:]], capture_output=True, cwd=os.getcwd())
     assert r.returncode == -signal.SIGKILL, r.stderr
     names = sorted(p.name for p in (cut / "checkpoints").iterdir())
@@ -258,7 +258,7 @@ def test_ctrl_c_saves_a_checkpoint(sd1_dir, instance_dir, tmp_path):
     args = [str(a) for a in train_args(sd1_dir, instance_dir, out, "--steps", 100000, "--no-prior")]
     # a test run started in the background inherits SIGINT *ignored* (and Python then keeps ignoring it):
     # give the child the default disposition, as in a terminal
-    p = subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "minidream", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     metrics = out / "metrics.jsonl"

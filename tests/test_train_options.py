@@ -233,9 +233,9 @@ def test_sd2_single_file_is_not_guessed(sd2_dir, tmp_path):
 
 def test_the_demo_model_is_package_data():
     """`pip install .` copies what pyproject's package-data globs match: they must cover every file of the demo."""
-    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["weights"]
-    matched = {p for g in globs for p in (ROOT / "weights").glob(g) if p.is_file()}
-    files = {p for p in (ROOT / "weights" / "demo").rglob("*") if p.is_file()}
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["minidream.demo"]
+    matched = {p for g in globs for p in (ROOT / "minidream" / "demo").glob(g) if p.is_file()}
+    files = {p for p in (ROOT / "minidream" / "demo" / "weights").rglob("*") if p.is_file()}
     assert files and files <= matched, sorted(str(p) for p in files - matched)
 
 
@@ -265,7 +265,7 @@ def test_every_option_is_declared_once_and_the_commands_read_it():
     and, for a choice, the keys of the table that implements it; `sample` takes SamplingParams' fields alike."""
     from dataclasses import fields
     import typer.main
-    from cli import app
+    from minidream.cli import app
     from minidream.sampling.pipeline import SamplingParams
     from minidream.sampling.samplers import SAMPLERS
     from minidream.training.config import OPTIONS
@@ -286,3 +286,24 @@ def test_every_option_is_declared_once_and_the_commands_read_it():
     sample = {p.name: p for p in commands["sample"].params}
     assert {f.name for f in fields(SamplingParams)} <= set(sample)
     assert sample["sampler"].opts == ["--scheduler"] and choices(sample["sampler"]) == list(SAMPLERS)
+
+
+def test_options_newer_than_the_torch_floor_say_so(monkeypatch):
+    """pyproject's floor is torch 2.6 (the suite's version-specific parts run on it): what needs more says so in
+    one line — --fsdp on the CPU (2.6's FSDP2 has no CPU streams) and --attention triton (triton 3.2, torch 2.6's,
+    neither compiles nor interprets the kernels). Run for real on 2.6.0 by the session that set the floor."""
+    from types import SimpleNamespace
+    from minidream.models import attention
+    from minidream.training import TrainError, runtime
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")
+    assert runtime.older_torch("2.13") and not runtime.older_torch("2.6")
+    with pytest.raises(TrainError, match=r"--fsdp on the CPU needs torch >= 2.13, .*this is 2.6.0"):
+        runtime.check_processes(SimpleNamespace(fsdp=True, fused_backward=False), SimpleNamespace(size=2),
+                                torch.device("cpu"))
+    runtime.check_processes(SimpleNamespace(fsdp=True, fused_backward=False), SimpleNamespace(size=2),
+                            torch.device("cuda"))  # on GPUs FSDP2 is 2.6's own
+    monkeypatch.setattr(attention, "triton_release_text", lambda: "3.2.0")
+    with pytest.raises(ValueError, match=r"--attention triton needs triton >= 3.6, .*this is 3.2.0"):
+        attention.resolve_backend("triton", "cuda")
+    monkeypatch.setattr(attention, "triton_release_text", lambda: "3.6.0")
+    assert attention.resolve_backend("triton", "cuda") == "triton"

@@ -99,7 +99,7 @@ def test_a_failed_start_writes_nothing(sd1_dir, instance_dir, tmp_path):
         out = tmp_path / f"o{i}"
         env = {"TRITON_INTERPRET": "0"} if "triton" in extra else {}
         from typer.testing import CliRunner
-        from cli import app
+        from minidream.cli import app
         r = CliRunner().invoke(app, [str(a) for a in train_args(sd1_dir, instance_dir, out, *extra)], env=env)
         assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, (needle, r.output)
         assert not out.exists() or not any(out.iterdir()), (needle, list(out.iterdir()))

@@ -8,7 +8,7 @@ import random
 import torch
 
 from minidream.demo import world
-from minidream.demo.model import UNET
+from minidream.demo.architecture import UNET
 from minidream.demo.recognizer import Recognizer
 from minidream.inspect.attention_maps import attention_maps, localisation
 from minidream.models.stable_diffusion import StableDiffusion

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from minidream.demo import grounding as grounding_
 from minidream.demo import world
-from minidream.demo.model import GROUNDING, MAX_TOKENS, SCHEDULER, UNET, VAE
+from minidream.demo.architecture import GROUNDING, MAX_TOKENS, SCHEDULER, UNET, VAE
 from minidream.demo.recognizer import Recognizer, held_out_accuracy, load_recognizer, train_recognizer
 from minidream.formats.diffusers_layout import save_pretrained
 from minidream.formats.files import save_safetensors
@@ -58,6 +58,50 @@ def train_vae(x: torch.Tensor, steps: int, g: torch.Generator) -> AutoencoderKL:
     return vae.eval()
 
 
+def train_denoiser(toys, means, logvars, scale: float, tok, steps: int, batch: int, grounding: float,
+                   g: torch.Generator, rng: random.Random):
+    """The text encoder and UNet, from scratch, on the VAE's latents (their means and log-variances, scaled by
+    `scale`): 10% empty captions for classifier-free guidance; the words naming the toy asked to look at it
+    (grounding.py says why), against its coverage of each latent position. Returns (clip, unet)."""
+    clip = CLIPTextModel(CLIPConfig(vocab_size=len(tok), width=64, layers=2, heads=4, mlp_width=256,
+                                    max_positions=MAX_TOKENS))
+    unet = UNet2DConditionModel(UNET)
+    schedule = DDPMProcess(SCHEDULER)
+    cover = grounding_.coverage(toys, means.shape[-1])
+    tap, hooks = grounding_.tap_cross_attention(unet) if grounding > 0 else (None, [])
+    params = list(unet.parameters()) + list(clip.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    warm = 200
+
+    def lr(s):  # linear warmup, then half a cosine
+        return min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1, s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr)
+    bar = Progress(steps, "unet+clip")
+    for step in range(steps):
+        idx = torch.randint(0, len(means), (batch,), generator=g).tolist()
+        caps = [world.caption(toys[i], rng) if rng.random() > 0.1 else "" for i in idx]
+        z0 = reparameterize(means[idx], logvars[idx], torch.randn(means[idx].shape, generator=g)) * scale
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        pred = unet(schedule.add_noise(z0, noise, t), t, clip(tok(caps)))
+        loss = F.mse_loss(pred, schedule.target(z0, noise, t))
+        stats = {"loss": loss.item()}
+        if tap is not None:
+            ground = grounding_.grounding_loss(tap.probs, grounding_.object_tokens(tok, caps, MAX_TOKENS), cover[idx])
+            tap.probs.clear()
+            loss = loss + grounding * ground
+            stats["ground"] = ground.item()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        bar.update(**stats)
+    for h in hooks:
+        h.remove()
+    return clip, unet
+
+
 def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 2500, unet_steps: int = 4000,
              batch: int = 64, recognizer_steps: int = 1500, reuse: Path | None = None, grounding: float = GROUNDING):
     """The demo model from nothing: tokenizer, VAE, then UNet + text encoder, then the recogniser. `reuse`: a demo
@@ -86,48 +130,12 @@ def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 250
         vae.cfg = VAEConfig(**{**VAE.__dict__, "scaling_factor": 1.0 / means.std().item()})
     scale = vae.cfg.scaling_factor
 
-    # 2. UNet + text encoder, from scratch; 10% empty captions for classifier-free guidance; the words naming the toy
-    # asked to look at it (grounding.py says why), against its coverage of each latent position.
-    clip = CLIPTextModel(CLIPConfig(vocab_size=len(tok), width=64, layers=2, heads=4, mlp_width=256,
-                                    max_positions=MAX_TOKENS))
-    unet = UNet2DConditionModel(UNET)
-    schedule = DDPMProcess(SCHEDULER)
-    cover = grounding_.coverage(toys, means.shape[-1])
-    tap, hooks = grounding_.tap_cross_attention(unet) if grounding > 0 else (None, [])
-    params = list(unet.parameters()) + list(clip.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
-    warm = 200
-
-    def lr(s):  # linear warmup, then half a cosine
-        return min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1, s / unet_steps)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr)
-    bar = Progress(unet_steps, "unet+clip")
-    for step in range(unet_steps):
-        idx = torch.randint(0, len(x), (batch,), generator=g).tolist()
-        caps = [world.caption(toys[i], rng) if rng.random() > 0.1 else "" for i in idx]
-        z0 = reparameterize(means[idx], logvars[idx], torch.randn(means[idx].shape, generator=g)) * scale
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, 1000, (batch,), generator=g)
-        pred = unet(schedule.add_noise(z0, noise, t), t, clip(tok(caps)))
-        loss = F.mse_loss(pred, schedule.target(z0, noise, t))
-        stats = {"loss": loss.item()}
-        if tap is not None:
-            ground = grounding_.grounding_loss(tap.probs, grounding_.object_tokens(tok, caps, MAX_TOKENS), cover[idx])
-            tap.probs.clear()
-            loss = loss + grounding * ground
-            stats["ground"] = ground.item()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        bar.update(**stats)
-    for h in hooks:
-        h.remove()
+    # 2. UNet + text encoder, from scratch
+    clip, unet = train_denoiser(toys, means, logvars, scale, tok, unet_steps, batch, grounding, g, rng)
     model = StableDiffusion(tokenizer=tok, text_encoder=clip.eval(), unet=unet.eval(), vae=vae,
                             scheduler=SCHEDULER, source=str(out))
     save_pretrained(model, out)
-    # The UNet's weights ship in fp16 to keep weights/demo small; loading upcasts them (train, demo: fp32).
+    # The UNet's weights ship in fp16 to keep the shipped demo model small; loading upcasts them (train, demo: fp32).
     save_safetensors({k: v.half() for k, v in unet.state_dict().items()},
                      out / "unet" / "diffusion_pytorch_model.safetensors")
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minidream.demo import world
-from minidream.demo.model import DEMO_DIR
+from minidream.demo.architecture import DEMO_DIR
 from minidream.models.vae import AutoencoderKL, from_uint8, reparameterize, to_uint8
 from minidream.progress import Progress
 

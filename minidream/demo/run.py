@@ -15,11 +15,11 @@ from minidream.demo import world
 from minidream.demo.evaluation import (CLASS_PROMPT, CLASSES, EVAL_CLASSES, IDENTIFIER, INSTANCE_PROMPT, PROMPTS,
                                        SAMPLING, attention_localisation, eval_noise, eval_prompts, evaluate_dreambooth,
                                        identifier_maps, read_samples, score, word_localisation)
-from minidream.demo.model import DEMO_DIR
+from minidream.demo.architecture import DEMO_DIR
 from minidream.demo.recognizer import load_recognizer
 from minidream.formats.files import write_text
 from minidream.formats.loading import load
-from minidream.images import grid, save_png
+from minidream.image_files import grid, save_png
 from minidream.inspect.attention_maps import attention_sheet
 from minidream.sampling.pipeline import generate
 from minidream.training import TrainError

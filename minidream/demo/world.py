@@ -49,16 +49,20 @@ def subject_name(subject: dict) -> str:
     return subject_words(subject).replace(" ", "-")
 
 
-def pick_subjects(text: str) -> tuple[dict, ...]:
-    """"all", or comma-separated subject names or numbers (1 = the demo's) -> those SUBJECTS; ValueError if not."""
+def pick_subjects(text: str, several: bool = True) -> tuple[dict, ...]:
+    """"all", or comma-separated subject names or numbers (1 = the demo's) -> those SUBJECTS; ValueError if not.
+    `several` False: one subject only (what the error offers says so)."""
     names = [subject_name(s) for s in SUBJECTS]
+    one = f"1-{len(SUBJECTS)} or {', '.join(names)}"
+    if not several and (text.strip().lower() == "all" or "," in text):
+        raise ValueError(f"{text!r}: name one subject, {one} (`minidream eval --subjects` takes several)")
     if text.strip().lower() == "all":
         return SUBJECTS
     picked = []
     for part in (p.strip().lower() for p in text.split(",")):
         i = int(part) - 1 if part.isdigit() else names.index(part) if part in names else -1
         if not 0 <= i < len(SUBJECTS):
-            raise ValueError(f"{part!r} is not a subject; give all, 1-{len(SUBJECTS)} or {', '.join(names)}")
+            raise ValueError(f"{part!r} is not a subject; give {'all, ' if several else ''}{one}")
         if SUBJECTS[i] not in picked:  # "1,1" is one subject, not two runs of it
             picked.append(SUBJECTS[i])
     return tuple(picked)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from minidream.formats.files import ModelError, name_some, read_metadata, read_weights, save_safetensors
 from minidream.models.stable_diffusion import FAMILIES
 from minidream.models.tokenizer import vector_names
-from minidream.models.tokens import learned_tokens
+from minidream.models.new_token import learned_tokens
 
 
 # the keys of a learned-token file for a family whose encoders each have one (SDXL: clip_l, clip_g)

@@ -18,7 +18,7 @@ from minidream.formats.diffusers_layout import save_pretrained
 from minidream.formats.embeddings import save_learned_tokens
 from minidream.formats.lora_export import save_lora_diffusers, save_lora_kohya
 from minidream.formats.single_file import save_single_file
-from minidream.models import lora, tokens
+from minidream.models import lora, new_token
 from minidream.models.stable_diffusion import StableDiffusion
 
 
@@ -36,7 +36,7 @@ class Exporter:
 EXPORTERS = {
     "learned-token": Exporter(save_learned_tokens, "learned_embeds.safetensors", False,
                               "the learned token (textual inversion), written whenever one trained",
-                              automatic=lambda m: bool(tokens.learned_tokens(m))),
+                              automatic=lambda m: bool(new_token.learned_tokens(m))),
     "diffusers": Exporter(save_pretrained, "model", True, "a folder that StableDiffusionPipeline loads"),
     "single-file": Exporter(save_single_file, "model.safetensors", True,
                             "the original single-file layout (A1111, ComfyUI; a learned token goes to "
@@ -58,7 +58,7 @@ def make_plain(model: StableDiffusion):
     """Merge LoRA adapters into their (fp32 base) weights and make a learned token a normal embedding row."""
     for net in model.components().values():
         lora.merge_lora(net)
-    tokens.make_plain(model)
+    new_token.make_plain(model)
 
 
 def export(model: StableDiffusion, formats: tuple[str, ...], out: Path, dtype: torch.dtype | None = None,
@@ -69,13 +69,13 @@ def export(model: StableDiffusion, formats: tuple[str, ...], out: Path, dtype: t
     rows = [(name, row) for name, row in EXPORTERS.items()
             if name in formats or (row.automatic is not None and row.automatic(model))]
     written = []
-    vocabulary = {name: t.base.num_embeddings for name, t in tokens.learned_tokens(model).items()}
+    vocabulary = {name: t.base.num_embeddings for name, t in new_token.learned_tokens(model).items()}
     # the adapter files before merging; a file with the base's token table last
     for _, row in sorted(rows, key=lambda r: (r[1].plain, r[1].base_vocabulary)):
         if row.plain:
             make_plain(model)
         if row.base_vocabulary:
-            tokens.cut_to(model, vocabulary)
+            new_token.cut_to(model, vocabulary)
         path = out / row.output
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 # The weights file of each component in the diffusers layout (`<stem>[.variant].safetensors`).
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
@@ -145,18 +146,21 @@ def on_meta():
     """Modules built here are shapes only, their weights to be read from a checkpoint: torch.nn.init's fills are
     skipped (as transformers' no_init_weights does). On meta they fill nothing, and the first `normal_` there
     imports torch._dynamo: 2 s of every `sample`, `info` or `diff` (training pays it anyway: torch's optimizers
-    import it too)."""
-    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
-             "trunc_normal_", "zeros_", "ones_", "constant_")
-    saved = {n: getattr(nn.init, n) for n in names}
-    for n in names:
-        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        for n, f in saved.items():
-            setattr(nn.init, n, f)
+    import it too). The skipping is a torch function mode: it holds for this block and this thread only."""
+    with torch.device("meta"), SkipInitFills():
+        yield
+
+
+class SkipInitFills(TorchFunctionMode):
+    """torch.nn.init's fills return their tensor untouched (nn.init hands itself to an active function mode)."""
+    FILLS = frozenset(getattr(nn.init, n) for n in ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_",
+                                                    "xavier_uniform_", "xavier_normal_", "trunc_normal_", "zeros_",
+                                                    "ones_", "constant_"))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FILLS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 def build(cls, cfg, sd, source, dtype=None):

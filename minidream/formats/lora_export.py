@@ -120,20 +120,9 @@ def kohya_metadata(model) -> dict[str, str]:
             "ss_network_dim": str(first.rank), "ss_network_alpha": f"{first.alpha:g}", "ss_network_dropout": "None",
             "ss_network_args": json.dumps(args) if args else "null",
             **dict(model.family.kohya_metadata),
-            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{modelspec_architecture(model)}/lora",
-            "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if
-            model.family.name == "sdxl" else "diffusers",
-            "modelspec.prediction_type": "v" if v_model(model) else "epsilon"}
-    if v_model(model):
+            "modelspec.sai_model_spec": "1.0.0", **model.modelspec,
+            "modelspec.implementation": model.family.modelspec_implementation}
+    meta["modelspec.architecture"] += "/lora"
+    if model.scheduler.prediction_type == "v_prediction":
         meta["ss_v_parameterization"] = "True"
     return meta
-
-
-def v_model(model) -> bool:
-    return model.scheduler.prediction_type == "v_prediction"
-
-
-def modelspec_architecture(model) -> str:
-    """The family's modelspec name; SD 2.x's v model (768 px) is named apart from the 512 px ε model."""
-    arch = model.family.modelspec
-    return arch.replace("-512", "-768-v") if v_model(model) and arch.endswith("-512") else arch

@@ -22,6 +22,7 @@ Anything else in a file (Tucker LoRA's `lora_mid`, ...) is refused by name.
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -112,6 +113,20 @@ def _peft_alpha(meta: dict, comp: str, name: str, rank: int) -> float | None:
     return alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
 
 
+def checked_values(sd: dict, alphas: dict, file) -> dict:
+    """Factors in floating point (a quantized file is refused in one line); α = 0, which would add nothing, read as
+    α = r as kohya, LyCORIS and A1111 read it (said once). Returns the α that count."""
+    quantized = [k for k, v in sd.items() if not v.is_floating_point() and not k.endswith(".alpha")]
+    if quantized:
+        raise ModelError(f"{file}: {name_some(quantized)} hold {sd[quantized[0]].dtype} values, not floating point "
+                         f"(a quantized LoRA); save it in fp16, bf16 or fp32")
+    zero = [key for key, a in alphas.items() if a == 0]
+    if zero:
+        print(f"warning: {file}: alpha 0 on {len(zero)} module(s), read as alpha = rank (as kohya, LyCORIS and "
+              f"A1111 read it)", file=sys.stderr)
+    return {key: a for key, a in alphas.items() if a != 0}
+
+
 def lora_factors(file: Path, allow_pickle: bool = False) -> dict[tuple[str, str], object]:
     """(component, module name as the file spells it) -> its Delta (lycoris_files.py: LowRank, Hadamard, Kronecker):
     ΔW formed only once the module is known to fit (a crafted pair could ask for terabytes)."""
@@ -125,6 +140,7 @@ def lora_factors(file: Path, allow_pickle: bool = False) -> dict[tuple[str, str]
     if unknown:
         kind = " (LyCORIS Tucker LoRA)" if any("lora_mid" in k for k in unknown) else ""
         raise ModelError(f"{file}: keys this LoRA loader does not know{kind}: {name_some(unknown)}")
+    alphas = checked_values(sd, alphas, file)
     if not pairs and not lycoris:
         raise ModelError(f"{file}: no LoRA weights found (expected diffusers `unet.*.lora_A.weight` or kohya "
                          f"`lora_unet_*` keys)")

@@ -23,7 +23,8 @@ from minidream.formats import diffusers_layout
 from minidream.formats.files import (ModelError, build, on_meta, read_json, read_metadata, read_weights, resolve,
                                      save_safetensors)
 from minidream.models import clip, unet, vae
-from minidream.models.stable_diffusion import FAMILIES, PRESETS, Family, StableDiffusion, TextEncoderSlot
+from minidream.models.stable_diffusion import (FAMILIES, MODELSPEC_PREDICTION, PRESETS, Family, StableDiffusion,
+                                              TextEncoderSlot)
 from minidream.models.noise_schedule import SchedulerConfig
 from minidream.models.tokenizer import CLIPTokenizer
 
@@ -168,14 +169,14 @@ def _meta(cls, cfg):
 
 # SD 2.x-base (512 px, ε-prediction) and SD 2.x (768 px, v-prediction) have identical tensors: only the
 # file's metadata (the "modelspec" keys that Stability's and our exports write) can tell them apart.
-MODELSPEC_SD2 = {"stable-diffusion-v2-512": "sd21-base", "stable-diffusion-v2-768-v": "sd21"}
-PREDICTION = {"epsilon": "sd21-base", "v": "sd21", "v_prediction": "sd21"}
-
-
 def sd2_preset(file: Path) -> str:
     meta = read_metadata(file)
-    preset = (MODELSPEC_SD2.get(meta.get("modelspec.architecture", ""))
-              or PREDICTION.get(meta.get("modelspec.prediction_type", "")))
+    variants = FAMILIES["sd2"].variants
+    by_name = {v.modelspec: v.preset for v in variants}
+    by_prediction = {spelling: v.preset for v in variants
+                     for spelling in (v.prediction, MODELSPEC_PREDICTION[v.prediction])}  # "v" or "v_prediction"
+    preset = (by_name.get(meta.get("modelspec.architecture", ""))
+              or by_prediction.get(meta.get("modelspec.prediction_type", "")))
     if preset is None:
         raise ModelError(f"{file}: an SD 2.x checkpoint, which may be 2.x-base (512 px, epsilon) or 2.x-v (768 px, "
                          f"v-prediction) with the same tensors, and its metadata does not say which; pass --preset "
@@ -297,15 +298,12 @@ def to_single_file(model: StableDiffusion) -> dict[str, torch.Tensor]:
 
 
 def modelspec(model: StableDiffusion) -> dict[str, str]:
-    """The metadata that lets a reader (us, ComfyUI, A1111) tell the family and the prediction type."""
-    v = model.scheduler.prediction_type == "v_prediction"
+    """The metadata that lets a reader (us, ComfyUI, A1111) tell the family and the prediction type; the
+    architecture's name only for a model of the official architecture (a tiny or custom one would mislead)."""
     side = model.native_resolution
-    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.prediction_type": "v" if v else "epsilon",
-            "modelspec.resolution": f"{side}x{side}"}
-    arch = {"sd15": "stable-diffusion-v1", "sd21": "stable-diffusion-v2-768-v", "sd21-base": "stable-diffusion-v2-512",
-            "sdxl": "stable-diffusion-xl-v1-base"}
-    if model.version in arch:
-        meta["modelspec.architecture"] = arch[model.version]
+    meta = {"modelspec.sai_model_spec": "1.0.0", **model.modelspec, "modelspec.resolution": f"{side}x{side}"}
+    if model.variant is None or model.version != model.variant.preset:
+        del meta["modelspec.architecture"]
     return meta
 
 

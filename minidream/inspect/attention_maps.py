@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from minidream import plots
 from minidream.formats.files import write_text
-from minidream.images import save_image, save_png
+from minidream.image_files import save_image, save_png
 from minidream.models.attention import Attention
 from minidream.sampling.pipeline import SamplingParams, generate
 

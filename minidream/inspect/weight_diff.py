@@ -15,8 +15,8 @@ import torch
 
 from minidream import plots
 from minidream.formats.files import write_text
-from minidream.images import save_image
-from minidream.models.tokens import make_plain
+from minidream.image_files import save_image
+from minidream.models.new_token import make_plain
 
 UNET_TYPES = ("self Q", "self K", "self V", "self out", "cross Q", "cross K", "cross V", "cross out",
               "feed-forward", "proj in/out", "norm", "resnet conv", "time proj", "shortcut", "resample", "in/out")

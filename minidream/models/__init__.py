@@ -3,5 +3,6 @@ attention), the StableDiffusion container with its named parts and one row per m
 the noise schedule a model was trained with (noise_schedule), where it runs (device), and the transforms that add to
 a loaded model without the model files knowing (lora, tokens, compile: torch.compile and CUDA graphs).
 
-May import: the shared modules only (minidream.progress, minidream.plots, minidream.images, minidream.options).
+May import: minidream.kernels (the Triton attention backend) and the shared modules (minidream.progress,
+minidream.plots, minidream.image_files, minidream.options).
 """

@@ -85,6 +85,19 @@ class TextEncoderSlot:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One model of a family, told apart by its prediction type: SD 2.x-base (ε, 512 px) and SD 2.x (v, 768 px) have
+    the same tensors."""
+    prediction: str  # the scheduler config's prediction_type
+    preset: str  # our preset of its architecture (--preset)
+    modelspec: str  # its architecture in Stability's model spec (what kohya's files and our exports carry)
+
+
+# the model spec's spelling of a prediction type
+MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     title: str
@@ -93,14 +106,22 @@ class Family:
     conditioned_on: str  # what that is, in words (`minidream info`)
     pipeline: str  # the diffusers pipeline class (model_index.json)
     tokenizer_repo: str  # a single file has no vocabulary: the hub repo whose tokenizer it uses
-    single_file_preset: str | None  # a single file's architecture when it does not say (None: ask)
+    variants: tuple[Variant, ...]  # a single file that does not say which is the only one, or must say it
     forward_process: type = DDPMProcess  # built from the model's noise-schedule config
     size_ids: bool = False  # SDXL's micro-conditioning: each image's sizes and crop (`size_ids`) go to the denoiser
     zero_negative: bool = False  # no negative prompt means zero conditioning unless the model says otherwise
     vae_fp32_decode: bool = False  # an fp16 VAE decodes in fp32 when its config says force_upcast (SDXL's overflows)
     kohya_unet_names: str = "diffusers"  # how kohya LoRA files name the UNet's modules: "diffusers" or "original"
     kohya_metadata: tuple = ()  # (key, value) pairs kohya's networks write for this family
-    modelspec: str = ""  # modelspec's architecture name (Stability's model-spec, as kohya's files carry it)
+    modelspec_implementation: str = "diffusers"  # the model spec's "implementation" of this family's files
+
+    @property
+    def single_file_preset(self) -> str | None:
+        """A single file's architecture when it does not say: the family's only variant (None: ask)."""
+        return self.variants[0].preset if len(self.variants) == 1 else None
+
+    def variant(self, prediction: str) -> Variant | None:
+        return next((v for v in self.variants if v.prediction == prediction), None)
 
 
 def clip_context(model: "StableDiffusion", prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -134,21 +155,22 @@ XL_OPENCLIP_G = TextEncoderSlot("text_encoder_2", original="conditioner.embedder
 FAMILIES = {
     "sd1": Family("sd1", "SD 1.x", (CLIP_L,), clip_context, conditioned_on="the text encoder's last layer",
                   pipeline="StableDiffusionPipeline", tokenizer_repo="openai/clip-vit-large-patch14",
-                  single_file_preset="sd15", modelspec="stable-diffusion-v1",
+                  variants=(Variant("epsilon", "sd15", "stable-diffusion-v1"),),
                   kohya_metadata=(("ss_base_model_version", "sd_v1"), ("ss_v2", "False"))),
     # 2.x-base (ε, 512 px) and 2.x-v (768 px) have the same tensors: a single file must say which (its metadata)
     "sd2": Family("sd2", "SD 2.x", (OPENCLIP_H,), clip_context,
                   conditioned_on="the text encoder's last stored layer (OpenCLIP's penultimate)",
                   pipeline="StableDiffusionPipeline", tokenizer_repo="stabilityai/stable-diffusion-2-1",
-                  single_file_preset=None, modelspec="stable-diffusion-v2-512",  # -768-v for a v model
+                  variants=(Variant("epsilon", "sd21-base", "stable-diffusion-v2-512"),
+                            Variant("v_prediction", "sd21", "stable-diffusion-v2-768-v")),
                   kohya_metadata=(("ss_base_model_version", "sd_v2"), ("ss_v2", "True"))),
     "sdxl": Family("sdxl", "SDXL", (XL_CLIP_L, XL_OPENCLIP_G), sdxl_conditioning,
                    conditioned_on="both encoders' penultimate states + pooled text + size ids",
                    pipeline="StableDiffusionXLPipeline", tokenizer_repo="stabilityai/stable-diffusion-xl-base-1.0",
-                   single_file_preset="sdxl", size_ids=True, zero_negative=True, vae_fp32_decode=True,
-                   kohya_unet_names="original",
+                   variants=(Variant("epsilon", "sdxl", "stable-diffusion-xl-v1-base"),), size_ids=True,
+                   zero_negative=True, vae_fp32_decode=True, kohya_unet_names="original",
                    kohya_metadata=(("ss_base_model_version", "sdxl_base_v1-0"),),
-                   modelspec="stable-diffusion-xl-v1-base"),
+                   modelspec_implementation="https://github.com/Stability-AI/generative-models"),
 }
 
 
@@ -232,11 +254,26 @@ class StableDiffusion:
 
     @property
     def version(self) -> str:
-        """Which preset family the UNet matches: sd15, sd21, sd21-base, sdxl, tiny, tiny-xl or custom."""
+        """Which preset the model matches: sd15, sd21, sd21-base, sdxl, tiny, tiny-xl or custom (a family's
+        variants share a UNet: its prediction type tells them apart)."""
         name = preset_of(self.unet.cfg, unet.PRESETS)
-        if name in ("sd21", "sd21-base"):
-            return "sd21" if self.scheduler.prediction_type == "v_prediction" else "sd21-base"
+        if name in {v.preset for v in self.family.variants} and self.variant is not None:
+            return self.variant.preset
         return name
+
+    @property
+    def variant(self) -> Variant | None:
+        """The family's variant of this prediction type (None: a fine-tune the family never shipped, e.g. a
+        v-prediction SD 1.5)."""
+        return self.family.variant(self.scheduler.prediction_type)
+
+    @property
+    def modelspec(self) -> dict[str, str]:
+        """The model spec's architecture (its variant's, else the family's first: the nearest name there is) and
+        prediction type, which ComfyUI, A1111 and our loader read."""
+        arch = (self.variant or self.family.variants[0]).modelspec
+        return {"modelspec.architecture": arch,
+                "modelspec.prediction_type": MODELSPEC_PREDICTION[self.scheduler.prediction_type]}
 
     @property
     def latent_scale(self) -> int:

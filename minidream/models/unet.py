@@ -108,6 +108,8 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
+        # the Dropout does nothing (p = 0, as SD trained); it holds index 1 so the output layer is `ff.net.2`, the
+        # checkpoint's key
         self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
 
     def forward(self, x):
@@ -176,8 +178,9 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
-        # nearest-neighbour upsampling; bf16 'nearest' is not implemented on every device, hence the cast
-        return self.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype))
+        # nearest-neighbour upsampling, in the input's dtype: torch >= 2.6 has fp16 and bf16 'nearest' on the CPU and
+        # CUDA (diffusers still round-trips bf16 through fp32 for older torch; a copy either way, so the same values)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def run(module, *args, ckpt: bool = False):

@@ -15,7 +15,7 @@ from minidream.models.stable_diffusion import StableDiffusion, encode_text, size
 from minidream.models.vae import to_uint8
 from minidream.options import at_least, first_problem, non_negative, option, text
 from minidream.progress import Progress
-from minidream.sampling.alpha_space import Sampler
+from minidream.sampling.timestep_samplers import Sampler
 from minidream.sampling.samplers import SAMPLERS, make_sampler
 
 
@@ -89,16 +89,16 @@ def generate(model: StableDiffusion, prompts: list[str], params: SamplingParams 
     param = next(model.denoiser.parameters())
     device, dtype = param.device, param.dtype
     B = len(prompts)
-    cfg = params.guidance > 1.0  # Ho & Salimans 2022: ε̃ = ε(∅) + w·(ε(c) - ε(∅)); w = 1 is plain conditioning
+    guided = params.guidance > 1.0  # Ho & Salimans 2022: ε̃ = ε(∅) + w·(ε(c) - ε(∅)); w = 1 is plain conditioning
     cond = encode_text(model, prompts)  # the denoiser's keyword arguments: the CLIP context for SD 1.x/2.x
-    if cfg:
+    if guided:
         if params.negative_prompt is None and model.force_zeros_for_empty_prompt:  # SDXL: zero conditioning
             uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
         else:
             uncond = encode_text(model, [params.negative_prompt or ""] * B)
         cond = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}
     # SDXL's micro-conditioning: drawn as if from a photo of this size, uncropped
-    ids = size_ids((height, width), (0, 0), (height, width)).expand(2 * B if cfg else B, 6).to(device)
+    ids = size_ids((height, width), (0, 0), (height, width)).expand(2 * B if guided else B, 6).to(device)
     cond = {k: v.to(dtype) for k, v in {**cond, **size_conditioning(model, ids)}.items()}
     shape = (B, model.denoiser.cfg.in_channels, height // s, width // s)
     if latents is None:
@@ -109,9 +109,9 @@ def generate(model: StableDiffusion, prompts: list[str], params: SamplingParams 
     bar = Progress(len(sampler.timesteps), "sampling", enabled=progress)
     for t in sampler.timesteps:
         x = sampler.scale_input(latents)
-        x = torch.cat([x] * 2) if cfg else x
+        x = torch.cat([x] * 2) if guided else x
         out = call(model.denoiser, x, t, **cond)  # (copied out of a CUDA graph's memory: --compile graphs)
-        if cfg:
+        if guided:
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + params.guidance * (out_cond - out_uncond)
         latents = sampler.step(out, t, latents, generator=generator)

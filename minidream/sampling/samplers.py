@@ -6,13 +6,13 @@ model's default sampler and both parity tests (step by step and end to end) foll
 from dataclasses import dataclass
 
 from minidream.models.noise_schedule import SchedulerConfig
-from minidream.sampling.alpha_space import DDIM, DDPM, PNDM, Sampler
-from minidream.sampling.sigma_space import DPMSolverPP, Euler, EulerAncestral, Heun, UniPC
+from minidream.sampling.timestep_samplers import DDIM, DDPM, PNDM, Sampler
+from minidream.sampling.sigma_samplers import DPMSolverPP, Euler, EulerAncestral, Heun, UniPC
 
 
 @dataclass(frozen=True)
 class SamplerRow:
-    cls: type  # the implementation, alpha_space.py or sigma_space.py
+    cls: type  # the implementation, timestep_samplers.py or sigma_samplers.py
     options: dict  # its constructor options
     reference: str  # the diffusers scheduler class it reproduces
     defaults: dict  # that class's constructor defaults for the SchedulerConfig fields

@@ -5,7 +5,7 @@ in step.py → batches.py → models/stable_diffusion.py.
     config        every setting, declared once: default, help, check, whether a resume may change it; a resumed
                   run's settings (resume_settings)
     runtime       where the run happens: device, attention backend, precision, process group (distributed)
-    concepts      the run's data as users bring it: concepts (concepts_file), captions, buckets (photos, class_images)
+    dataset       the run's data as users bring it: concepts (concepts_file), captions, buckets (photos, class_images)
     batches       what a step is fed: latents and the prompts' conditioning
     trainable     what trains (a row per --train mode); optim: the optimizers and LR schedules (tables);
                   fused_backward: the update inside backward (a function that transforms the state)

@@ -5,7 +5,7 @@ in its metadata), written to a temporary name and renamed, so a crash or Ctrl-C 
 """
 import json
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -179,12 +179,20 @@ def same_run(out: Path, stored: TrainConfig, source: Path):
                          f"resume it in its own --out, or in a new folder")
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a resumed run picks up."""
+    step: int  # the checkpoint's step (0: a run stopped before its first checkpoint starts again)
+    state: dict | None  # its training state (None before the first checkpoint)
+    processes: int  # the number of processes its --batch-size is for
+    base: str | None  # its base model's fingerprint (None in checkpoints older than the fingerprint)
+
+
 def resume_from(cfg: TrainConfig, out: Path, resume: str, given: set[str] | None,
-                processes: int = 1) -> tuple[TrainConfig, int, dict | None, int, str | None]:
-    """--resume latest|FILE: the checkpoint's settings (with the resumable ones the user gave), its step, its
-    training state, the number of processes its --batch-size is for, and its base model's fingerprint. A run
-    stopped before its first checkpoint (run.json, no checkpoint) starts again from step 0 with its own settings,
-    keeping what it made (its class images)."""
+                processes: int = 1) -> tuple[TrainConfig, Resume]:
+    """--resume latest|FILE: the checkpoint's settings (with the resumable ones the user gave) and where it picks
+    up. A run stopped before its first checkpoint (run.json, no checkpoint) starts again from step 0 with its own
+    settings, keeping what it made (its class images)."""
     found = checkpoints(out) if resume == "latest" else []
     if resume == "latest" and not found:
         if not (out / "run.json").is_file():
@@ -228,4 +236,4 @@ def resume_from(cfg: TrainConfig, out: Path, resume: str, given: set[str] | None
         raise TrainError(f"--steps {cfg.steps} is below the checkpoint's step {meta['step']}; give at least "
                          f"{meta['step']} (a larger --steps trains on)")
     print(f"{what} {source} at step {meta['step']}", file=sys.stderr)
-    return cfg, meta["step"], state, was, meta.get("base")
+    return cfg, Resume(meta["step"], state, was, meta.get("base"))

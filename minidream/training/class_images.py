@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from minidream.images import save_png
+from minidream.image_files import save_png
 from minidream.models.device import DTYPES
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.progress import Progress

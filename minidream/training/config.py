@@ -17,8 +17,8 @@ from minidream.options import (at_least, each_one_of, first_problem, in_range, n
 from minidream.sampling.pipeline import SamplingParams, image_side
 from minidream.sampling.samplers import SAMPLERS
 from minidream.training import TrainError
-from minidream.training.concepts_file import (MAX_CLASS_IMAGES, check_concepts, check_run_concepts, concepts_file,
-                                              folder_named, split_prompt, word)
+from minidream.training.concepts_file import (MAX_CLASS_IMAGES, MAX_REPEATS, check_concepts, check_run_concepts,
+                                              concepts_file, folder_named, split_prompt, word)
 from minidream.training.optim import LR_SCHEDULES, OPTIMIZERS, check_optimizer
 from minidream.training.report import REPORT_TO
 from minidream.training.runtime import PRECISIONS
@@ -334,8 +334,12 @@ def validate(cfg: TrainConfig, resuming: bool = False):
         if not cfg.model:
             raise TrainError("--model is needed: a diffusers folder, hub repo id or single-file checkpoint (to "
                              "continue the run in --out: --resume latest)")
-        if not cfg.concepts and not (cfg.instance_dir and cfg.class_noun):
+        if not cfg.concepts and not cfg.instance_dir:
             raise TrainError("--instance-dir and --class-noun are needed (or --concepts FILE.json)")
+        if not cfg.concepts and not cfg.class_noun:  # a kohya-named folder (`10_sks dog`) would have given it
+            raise TrainError(f"--class-noun is needed: the subject's class (e.g. dog); or name --instance-dir as "
+                             f"kohya does, N_IDENTIFIER CLASS (e.g. 10_sks dog; {Path(cfg.instance_dir).name!r} is "
+                             f"not that: N from 1 to {MAX_REPEATS})")
         if cfg.concepts and (cfg.instance_dir or cfg.class_noun):
             raise TrainError("--concepts names each concept's folder and class: drop --instance-dir and "
                              "--class-noun")

@@ -11,8 +11,8 @@ import torch
 from minidream.models.compile import eager
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import TrainError, distributed, run_folder, runtime
-from minidream.training.checkpoint import Checkpointer, base_fingerprint, per_process_batch, resume_from
-from minidream.training.concepts import TrainingData
+from minidream.training.checkpoint import Checkpointer, Resume, base_fingerprint, per_process_batch, resume_from
+from minidream.training.dataset import TrainingData
 from minidream.training.concepts_file import with_folder_names
 from minidream.training.config import (TrainConfig, absolute_paths, combinations, flag, validate,
                                        validate_resolution)
@@ -36,59 +36,80 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
     with runtime.started(cfg) as rt:  # device, attention, precision; torchrun's processes; SIGTERM as Ctrl-C
         out = Path(cfg.out)
         cfg, start = begin(cfg, out, resume, overwrite, given, rt.group.size)  # resuming: the checkpoint's
-        if start is not None and "steps" in (given or ()) and cfg.epochs:  # --steps given anew replaces --epochs
-            cfg = replace(cfg, epochs=None)
-        if start is not None:  # the settings a resume merged, checked and resolved as the command line's were
-            combinations(cfg)
-            runtime.check_processes(cfg, rt.group)
-            rt = runtime.resumed(rt, cfg)
+        if start is not None:
+            cfg, rt = resumed_settings(cfg, start, given, rt)
         torch.manual_seed(cfg.seed)
         model = load_base(cfg)
         base = base_fingerprint(model)
-        if start is not None and start[3] not in (None, base):  # the checkpoint's base: a moved one is the same
+        if start is not None and start.base not in (None, base):  # the checkpoint's base: a moved one is the same
             raise TrainError(f"--model {cfg.model}: not the base model this run trained on (its weights or "
                              f"architecture differ); give the run's own model")
         cfg = check_against_model(cfg, model)
         data = TrainingData(cfg, out, model, overwrite and not resume)  # the photos, captions, buckets: checked
-        step, state, processes = (start or (None, None, rt.group.size, None))[:3]  # --batch-size: `processes`
-        if cfg.epochs:  # the steps that make --epochs passes over the photos (x repeats) at the run's batch
-            cfg = replace(cfg, steps=data.steps_for(cfg.epochs, cfg.batch_size * processes * cfg.grad_accum))
-            if step is not None and cfg.steps < step:
-                raise TrainError(f"--epochs {cfg.epochs} is {cfg.steps} steps, below the checkpoint's step {step}; "
-                                 f"give more epochs")
-            print(f"--epochs {cfg.epochs}: {cfg.steps} steps ({data.epoch_images()} images an epoch)",
-                  file=sys.stderr)
-        with run_folder.opened(out, cfg, rt, overwrite and not resume, step, processes):
-            with phase("before training (class images, latents)", out):  # what was made is kept
-                rt.place(model)
-                if cfg.prior:  # prior-preservation data, made by the base model before any weight changes
-                    data.make_class_images(model, cfg, rt)
-                if rt.main:
-                    data.write_json(out, cfg)
-                stepper = prepare(cfg, model, rt, data.pools(), data.prompts(),
-                                  per_process_batch(cfg, processes, rt.group.size))
-                if state is not None:
-                    stepper.state.load_state_dict(state)
-            ckpt = Checkpointer(out, cfg, stepper.state, step or 0, rt.group, processes, base)
-            step = loop(cfg, out, stepper, ckpt, step or 0)
-            with phase("after training (the final grid, the exports)", out, ckpt, step):  # the weights are saved first
-                if has_grid(cfg) and (rt.main or cfg.fsdp):  # a sharded UNet samples on every process
-                    with rt.resident(model), eager():  # not the compiled step's graph
-                        validation_grid(model, cfg, out / "samples" / "final.png", write=rt.main)
-                trained = stepper.state.trained(keep=rt.main)  # gathered from every process under --fsdp
-                distributed.report_peak_memory(rt.group, rt.device)
-                written = []
-                if rt.main:
-                    curves(out)
-                    model.denoiser.eval()
-                    written = export(cfg, trained)
-                distributed.barrier(rt.group)  # the processes end together: none leaves while a peer may still send
-                return model, written
+        processes = start.processes if start else rt.group.size  # the count the run's --batch-size is for
+        cfg = steps_of_epochs(cfg, data, processes, start)
+        with run_folder.opened(out, cfg, rt, overwrite and not resume, start and start.step, processes):
+            return train_and_export(cfg, out, model, data, rt, start, processes, base)
+
+
+def resumed_settings(cfg: TrainConfig, start: Resume, given: set[str] | None, rt: runtime.Runtime):
+    """The resume rules that need no model: --steps given anew replaces the run's --epochs; the merged settings
+    are checked as the command line's are; the run's global batch must divide among these processes; the runtime
+    follows the merged settings."""
+    if "steps" in (given or ()) and cfg.epochs:
+        cfg = replace(cfg, epochs=None)
+    combinations(cfg)
+    runtime.check_processes(cfg, rt.group, rt.device)
+    return cfg, runtime.resumed(rt, cfg)
+
+
+def steps_of_epochs(cfg: TrainConfig, data: TrainingData, processes: int, start: Resume | None) -> TrainConfig:
+    """--epochs E: the steps that make E passes over the photos (x repeats) at the run's global batch; a resumed
+    run may not end before its checkpoint."""
+    if not cfg.epochs:
+        return cfg
+    cfg = replace(cfg, steps=data.steps_for(cfg.epochs, cfg.batch_size * processes * cfg.grad_accum))
+    if start is not None and cfg.steps < start.step:
+        raise TrainError(f"--epochs {cfg.epochs} is {cfg.steps} steps, below the checkpoint's step {start.step}; "
+                         f"give more epochs")
+    print(f"--epochs {cfg.epochs}: {cfg.steps} steps ({data.epoch_images()} images an epoch)", file=sys.stderr)
+    return cfg
+
+
+def train_and_export(cfg: TrainConfig, out: Path, model: StableDiffusion, data: TrainingData, rt: runtime.Runtime,
+                     start: Resume | None, processes: int, base: str) -> tuple[StableDiffusion, list[Path]]:
+    """Class images → the training state (restored when resuming) → the loop → the final grid and the exports."""
+    step = start.step if start else 0
+    with phase("before training (class images, latents)", out):  # what was made is kept
+        rt.place(model)
+        if cfg.prior:  # prior-preservation data, made by the base model before any weight changes
+            data.make_class_images(model, cfg, rt)
+        if rt.main:
+            data.write_json(out, cfg)
+        batch = per_process_batch(cfg, processes, rt.group.size)
+        stepper = prepare(cfg, model, rt, data.pools(), data.prompts(), batch)
+        if start is not None and start.state is not None:
+            stepper.state.load_state_dict(start.state)
+    ckpt = Checkpointer(out, cfg, stepper.state, step, rt.group, processes, base)
+    step = loop(cfg, out, stepper, ckpt, step)
+    with phase("after training (the final grid, the exports)", out, ckpt, step):  # the weights are saved first
+        if has_grid(cfg) and (rt.main or cfg.fsdp):  # a sharded UNet samples on every process
+            with rt.resident(model), eager():  # not the compiled step's graph
+                validation_grid(model, cfg, out / "samples" / "final.png", write=rt.main)
+        trained = stepper.state.trained(keep=rt.main)  # gathered from every process under --fsdp
+        distributed.report_peak_memory(rt.group, rt.device)
+        written = []
+        if rt.main:
+            curves(out)
+            model.denoiser.eval()
+            written = export(cfg, trained)
+        distributed.barrier(rt.group)  # the processes end together: none leaves while a peer may still send
+        return model, written
 
 
 def begin(cfg: TrainConfig, out: Path, resume: str | None, overwrite: bool, given: set[str] | None,
-          processes: int = 1):
-    """The run's settings and, resuming, (the checkpoint's step, its training state); else None."""
+          processes: int = 1) -> tuple[TrainConfig, Resume | None]:
+    """The run's settings and, resuming, where it picks up (the checkpoint's); else None."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file; give a folder")
     if not next(p for p in (out, *out.parents) if p.exists()).is_dir():
@@ -98,8 +119,7 @@ def begin(cfg: TrainConfig, out: Path, resume: str | None, overwrite: bool, give
     if resume and overwrite:
         raise TrainError("--resume continues a run and --overwrite starts it over: pass one of them")
     if resume:
-        cfg, step, state, was, base = resume_from(cfg, out, resume, given, processes)
-        return cfg, (step, state, was, base)
+        return resume_from(cfg, out, resume, given, processes)
     if (out / "run.json").exists() and not overwrite:
         raise TrainError(f"--out {out} holds another run (run.json); pass --resume latest to continue it, "
                          f"--overwrite to start over, or choose another folder")

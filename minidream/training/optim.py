@@ -10,7 +10,6 @@ import contextlib
 import importlib
 import importlib.util
 import io
-import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -32,7 +31,7 @@ def adamw8bit(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
     """AdamW with both moments stored in 8 bits, block-wise quantized (Dettmers et al. 2022, arXiv 2110.02861):
     2 bytes of optimizer state per parameter instead of 8. bitsandbytes' kernels, the ones kohya's and diffusers'
     scripts use (tensors under 4096 elements keep 32-bit moments, as bitsandbytes decides)."""
-    bnb = optional_import("bitsandbytes")
+    bnb = importlib.import_module("bitsandbytes")  # installed: check_optimizer said
     return bnb.optim.AdamW8bit(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                                weight_decay=cfg.weight_decay)
 
@@ -48,7 +47,7 @@ def adafactor(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
 def prodigy(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
     """Prodigy (Mishchenko & Defazio 2023, arXiv 2306.06101): Adam whose step size d is estimated as it trains,
     used with --lr 1 (a multiplier of d). prodigyopt, by its authors."""
-    prodigyopt = optional_import("prodigyopt")
+    prodigyopt = importlib.import_module("prodigyopt")
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay"
         return prodigyopt.Prodigy(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                                   weight_decay=cfg.weight_decay, d_coef=cfg.prodigy_d_coef,
@@ -84,17 +83,6 @@ OPTIMIZERS = {
                          package="prodigyopt", extra="prodigy", lr=1.0, per_parameter=False, one_lr=True,
                          evolving=("lr", "d", "d_max", "d_numerator", "d_denom", "d_hat", "k")),
 }
-
-
-def optional_import(name: str):
-    """An optional package, quietly: bitsandbytes logs a warning at import when it looks for the hub's `kernels`
-    package and finds minidream's own kernels/ folder instead (harmless: that is its 4-bit CPU matmul)."""
-    quiet = logging.getLogger(name)
-    level, quiet.level = quiet.level, logging.ERROR
-    try:
-        return importlib.import_module(name)
-    finally:
-        quiet.setLevel(level)
 
 
 def check_optimizer(name: str) -> str | None:

@@ -106,6 +106,9 @@ def load_masks(files: list[Path], images: list, mask_dir: str | None, alpha: boo
     for f, im in zip(files, images):
         where = Path(mask_dir) / f"{f.stem}.png" if mask_dir else f
         flag = "--mask-dir" if mask_dir else "--alpha-mask"
+        if mask_dir and Path(mask_dir).resolve() == f.parent.resolve():
+            raise TrainError(f"--mask-dir {mask_dir} is the photos' folder: each photo would be read as its own "
+                             f"mask; give the folder that holds the masks")
         if mask_dir and not where.is_file():
             raise TrainError(f"--mask-dir: no mask {where} for the photo {f.name}; add it (white = the subject)")
         try:
@@ -113,7 +116,8 @@ def load_masks(files: list[Path], images: list, mask_dir: str | None, alpha: boo
                 m = ImageOps.exif_transpose(m)
                 if alpha and "A" not in m.getbands() and "transparency" not in m.info:
                     raise TrainError(f"--alpha-mask: {f} has no alpha channel; save it as RGBA, or use --mask-dir")
-                m = m.convert("RGBA").getchannel("A") if alpha else m.convert("L")
+                # a mask reads as a photo does (16-bit greyscale scaled, not clipped), then its luminance
+                m = m.convert("RGBA").getchannel("A") if alpha else to_rgb(m, where).convert("L")
         except TrainError:
             raise
         except Exception:

@@ -10,7 +10,7 @@ from typing import Callable
 from PIL import Image
 
 from minidream import plots
-from minidream.images import save_image
+from minidream.image_files import save_image
 from minidream.training import TrainError
 
 

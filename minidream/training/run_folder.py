@@ -5,6 +5,7 @@ files dropped and its later metrics cut back on resume, and run.json written.
 import json
 import os
 import re
+import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -39,7 +40,6 @@ def lock_run(out: Path):
 
 def clear_run(out: Path, cfg: TrainConfig):
     """--overwrite: remove what an earlier run wrote into --out (and only that); a --class-dir elsewhere stays."""
-    import shutil
     for name in run_outputs():
         p = out / name
         if name == "class_images" and cfg.class_dir and Path(cfg.class_dir).resolve() != p.resolve():
@@ -58,7 +58,6 @@ def remove_unfinished(out: Path):
     """What a killed write left in the run's own files and folders: our `.NAME.tmpPID` files and folders
     (checkpoint, export, image) and safetensors' `.tmpXXXXXX`. An export swapped out (`.NAME.tmpPIDold`) whose new
     one never arrived is put back."""
-    import shutil
     mine = [out / name for name in run_outputs() if "/" not in name]
     places = [out, *(p for p in mine if p.is_dir() and not p.is_symlink())]
     found = {x for place in places for x in (place.rglob(".*") if place != out else place.glob(".*"))}
@@ -91,17 +90,24 @@ def truncate_metrics(path: Path, step: int):
     os.replace(tmp, path)
 
 
+STEP = re.compile(r"step-(\d+)(?:\.safetensors)?")  # a checkpoint's file or a snapshot's folder
+
+
 def set_aside_later(out: Path, step: int):
-    """Resumed from an earlier checkpoint: the later ones belong to the line of steps being replaced, and `--resume
-    latest` must not pick them. They are moved to OUT/checkpoints/abandoned/, not deleted."""
-    later = [p for p in (out / "checkpoints").glob("step-*.safetensors") if int(p.stem.split("-")[1]) > step]
-    if not later:
-        return
-    aside = out / "checkpoints" / "abandoned"
-    aside.mkdir(exist_ok=True)
-    for p in later:
-        os.replace(p, aside / p.name)
-    print(f"resumed at step {step}: {len(later)} later checkpoint(s) moved to {aside}", file=sys.stderr)
+    """Resumed from an earlier checkpoint: the later checkpoints and snapshots belong to the line of steps being
+    replaced: `--resume latest` must not pick them, nor --keep-snapshots count them. They are moved to
+    OUT/checkpoints/abandoned/ and OUT/snapshots/abandoned/, not deleted."""
+    for folder, what in (("checkpoints", "checkpoint"), ("snapshots", "snapshot")):
+        later = [p for p in (out / folder).glob("step-*") if (m := STEP.fullmatch(p.name)) and int(m[1]) > step]
+        if not later:
+            continue
+        aside = out / folder / "abandoned"
+        aside.mkdir(exist_ok=True)
+        for p in later:
+            if p.is_dir() and (aside / p.name).is_dir():  # a snapshot of that step abandoned before: the newer stays
+                shutil.rmtree(aside / p.name)
+            os.replace(p, aside / p.name)
+        print(f"resumed at step {step}: {len(later)} later {what}(s) moved to {aside}", file=sys.stderr)
 
 
 def unwritable(out: Path, e: OSError) -> TrainError:

@@ -98,6 +98,11 @@ def class_precision(cfg, device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "fp32"
 
 
+def older_torch(version: str) -> bool:
+    """This torch is older than `version` (its release numbers; a local tag such as +cpu does not count)."""
+    return torch.torch_version.TorchVersion(torch.__version__.split("+")[0]) < version
+
+
 @contextmanager
 def started(cfg):
     """The run's Runtime, with torchrun's processes joined (one process: nothing to join). SIGTERM (torchrun
@@ -112,7 +117,7 @@ def started(cfg):
     on_term = signal.signal(signal.SIGTERM, signal.default_int_handler) \
         if threading.current_thread() is threading.main_thread() else None
     try:
-        check_processes(cfg, group)
+        check_processes(cfg, group, device)
         yield rt
     except TrainError as e:
         distributed.speak(group)
@@ -139,11 +144,14 @@ def resumed(rt: Runtime, cfg) -> Runtime:
     return replace(again, device=rt.device, group=rt.group)
 
 
-def check_processes(cfg, group: ProcessGroup):
-    """The settings that depend on how many processes run (checked again on a resume's merged settings)."""
+def check_processes(cfg, group: ProcessGroup, device: torch.device):
+    """The settings that depend on how many processes run, and where (checked again on a resume's merged settings)."""
     if cfg.fsdp and group.size == 1:
         raise TrainError("--fsdp shards the model across torchrun's processes: run it under torchrun with 2 or "
                          "more (torchrun --nproc-per-node N -m minidream train ...), or drop --fsdp")
+    if cfg.fsdp and device.type == "cpu" and older_torch("2.13"):  # the floor (pyproject) is 2.6
+        raise TrainError(f"--fsdp on the CPU needs torch >= 2.13, the oldest it is tested on (this is "
+                         f"{torch.__version__}; 2.6's FSDP2 has no CPU streams): upgrade torch, or drop --fsdp")
     if cfg.fused_backward and group.size > 1:
         raise TrainError("--fused-backward updates each weight during backward, before torchrun's processes "
                          "average the gradients: train on one process, or drop --fused-backward")

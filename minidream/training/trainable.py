@@ -4,7 +4,7 @@
 `--train unet` unfreezes the whole UNet, `attention` the Q/K/V/out projections of every attention layer, `lora`
 wraps those projections in adapters (models/lora.py; --lora-targets widens them, --lora-blocks picks stages);
 `--train-text-encoder` and `--train-token` add the text encoder (or its adapters) and a new token row
-(models/tokens.py) — for SDXL in both text encoders (pivotal tuning, as diffusers' advanced SDXL script: the new
+(models/new_token.py) — for SDXL in both text encoders (pivotal tuning, as diffusers' advanced SDXL script: the new
 token gets a row in each). Everything else stays frozen, and
 `cast_frozen` may put only the frozen tensors in half precision: what trains keeps its exact fp32 values.
 """
@@ -19,7 +19,7 @@ import torch.nn as nn
 from minidream.models import lora
 from minidream.models.lora import AdapterSpec
 from minidream.models.stable_diffusion import StableDiffusion
-from minidream.models.tokens import add_token
+from minidream.models.new_token import add_token
 from minidream.training import TrainError
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minidream.images import grid, save_png
+from minidream.image_files import grid, save_png
 from minidream.models.stable_diffusion import StableDiffusion, encode_text, size_conditioning
 from minidream.options import first_problem, text
 from minidream.sampling.pipeline import SamplingParams, generate

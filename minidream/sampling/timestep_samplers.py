@@ -1,6 +1,6 @@
 """The samplers that work on ᾱ_t (`alphas_cumprod`) directly: DDIM, DDPM, PNDM, and what every sampler shares
 (`Sampler`: the inference timesteps, the model input, one step). The σ-space samplers (Euler, Heun, DPM-Solver++,
-UniPC) are in sigma_space.py; the table of all of them, which `--scheduler` offers, in samplers.py.
+UniPC) are in sigma_samplers.py; the table of all of them, which `--scheduler` offers, in samplers.py.
 
 The UNet predicts ε ("epsilon") or v = √ᾱ_t ε - √(1-ᾱ_t) x_0 ("v_prediction", Salimans & Ho 2022, §4).
 Timesteps, update rules and random draws follow diffusers' schedulers so the same seed gives the same image.

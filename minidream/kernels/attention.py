@@ -14,9 +14,10 @@ Written for SD's shapes:
   splits the queries into chunks and sums the partial results.
 - the head dim is a compile-time constant and every offset carries an alignment promise, so rows are
   read as 16-byte vectors and the loads pipeline (cp.async) — which triton cannot prove on its own
-  for a head stride of 40 elements. `python -m kernels.compile_check` shows what ptxas made of it.
+  for a head stride of 40 elements. `python -m minidream.kernels.compile_check` shows what ptxas made of it.
 
-File order: kernels → launch plans → custom ops (forward, backward) → public function → reference.
+File order: kernels → launch plans → custom ops (forward, backward) → public function. The tests hold it to the
+definition, `minidream.models.attention.math_attention`.
 """
 import torch
 import triton
@@ -224,9 +225,13 @@ def _interpreting(t: torch.Tensor) -> bool:
 
 def launch_config(kernel: str, n_kv: int, D: int) -> tuple[int, int, int, int]:
     """BLOCK_M, BLOCK_N, num_warps, num_stages of one kernel ("fwd", "dkdv", "dq") on a GPU.
-    Not tuned by timing (no GPU has run them yet): chosen from `python -m kernels.compile_check` so that at
-    sm_90 nothing spills registers and shared memory fits, preferring large tiles; the backward follows the
-    Triton tutorial's shapes (dK/dV: few queries × many keys; dQ: many queries × few keys)."""
+
+    Chosen from `python -m minidream.kernels.compile_check` so that at sm_90 nothing spills registers and shared
+    memory fits, preferring large tiles; the backward follows the Triton tutorial's shapes (dK/dV: few queries ×
+    many keys; dQ: many queries × few keys). Not yet tuned by timing. Measured on one H100 (2026-11-25, bf16,
+    benchmarks/results/attention-NVIDIA_H100_80GB_HBM3.json), forward + backward at SD 1.5's shapes takes
+    0.48–1.37 ms: 0.22–0.53× the best SDPA backend (cuDNN at most shapes), slowest against it at cross-attention
+    with head dim 80 (0.96 vs 0.21 ms) — which is why `--attention auto` picks SDPA."""
     short = n_kv <= 128  # cross-attention's 77 keys: one key block, the loop body runs once
     if kernel == "fwd":
         if D <= 64:
@@ -248,6 +253,7 @@ def launch_config(kernel: str, n_kv: int, D: int) -> tuple[int, int, int, int]:
 
 
 def _config(kernel, q, n_kv, D):
+    """The block sizes (constexprs) and launch options of one kernel for q's device."""
     if _interpreting(q):  # small tiles keep the interpreter fast; warps/stages mean nothing there
         return dict(BLOCK_M=16, BLOCK_N=16), {}
     bm, bn, warps, stages = launch_config(kernel, n_kv, D)
@@ -269,7 +275,7 @@ def _fwd_plan(q, k, v, o, lse, scale):
     args = (q, k, v, o, lse, scale * LOG2E,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), H, N, M, D)
-    grid = (triton.cdiv(N, blocks["BLOCK_M"]), B * H)
+    grid = (triton.cdiv(N, blocks["BLOCK_M"]), B * H)  # a program per block of queries of each (batch, head)
     return _fwd_kernel, grid, args, dict(blocks, D0=d0, D1=d1, ALIGN=_align(q, k, v, o)), options
 
 
@@ -305,10 +311,12 @@ def _bwd_plans(q, k, v, do, lse, delta, dq, dk, dv, scale):
     blocks, options = _config("dkdv", q, M, D)
     s_split = dk.stride(0) if dk.ndim == 5 else 0
     out_strides = (s_split, *dk.stride()[-4:-1], *dv.stride()[-4:-1])
+    # dK/dV: a program per block of keys of each (batch, head) and chunk of the queries (query_chunks says how many)
     dkdv = (_bwd_dkdv_kernel, (triton.cdiv(M, blocks["BLOCK_N"]), B * H, splits),
             (q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale, *strides, *out_strides, H, N, M, chunk, D),
             dict(blocks, D0=d0, D1=d1, **align), options)
     blocks, options = _config("dq", q, M, D)
+    # dQ: a program per block of queries of each (batch, head), as the forward
     dq_ = (_bwd_dq_kernel, (triton.cdiv(N, blocks["BLOCK_M"]), B * H),
            (q, k, v, do, lse, delta, dq, scale * LOG2E, scale, *strides, *dq.stride()[:3], H, N, M, D),
            dict(blocks, D0=d0, D1=d1, **align), options)
@@ -409,10 +417,3 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
                          f"{v.dtype})")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return flash_attention_op(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale))[0]
-
-
-def reference(q, k, v, scale: float | None = None):
-    """The definition, in fp32: what the kernel is tested against."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    p = torch.softmax((q.float() @ k.float().transpose(-2, -1)) * scale, dim=-1)
-    return (p @ v.float()).to(q.dtype)

@@ -74,12 +74,13 @@ def embedding_args(files: list[Path], tokens: list[str]) -> list[tuple[Path, str
 
 
 @contextmanager
-def writing():
-    """A full or read-only disk while the results are written: one line naming the file."""
+def writing(where: Path):
+    """A full or read-only disk while the results are written to `where` (a file or folder): one line naming the
+    file (a full disk's error names none: then `where`)."""
     try:
         yield
     except OSError as e:
-        fail(f"{e.filename or 'a file'}: could not be written ({e.strerror or e})")
+        fail(f"{e.filename or where}: could not be written ({e.strerror or e})")
 
 
 def out_folder(out: Path):
@@ -136,3 +137,37 @@ def device_and_backend(device: str | None, attention: AttentionBackend, dtype: D
     if dtype == DType.fp16 and dev == "cpu":
         fail("--dtype fp16 needs a GPU; use --dtype bf16 or fp32 on CPU")
     return dev, backend
+
+
+def write_samples(m, prompt: str, params: SamplingParams, sampler, out: Path, made: bool, seed: int, num_images: int,
+                  batch_size: int, progress: bool, settings: dict) -> list[Path]:
+    """`sample`'s images, batch k from a CPU generator seeded with seed + k, each PNG with its settings in its text
+    (and a grid of several). Ctrl-C keeps what was written (an --out this run `made` and left empty goes)."""
+    import torch
+    from minidream.image_files import grid, save_png
+    from minidream.sampling.pipeline import generate
+    images, names = [], []
+    try:
+        for k, start in enumerate(range(0, num_images, batch_size)):
+            n = min(batch_size, num_images - start)
+            try:
+                imgs = generate(m, [prompt] * n, params, sampler=sampler, progress=progress,
+                                generator=torch.Generator("cpu").manual_seed(seed + k))
+            except ValueError as e:
+                fail(str(e))
+            for i, img in enumerate(imgs):
+                meta = {"prompt": prompt, "negative_prompt": params.negative_prompt, "seed": seed + k,
+                        "index_in_batch": i, **settings}
+                with writing(out / f"{start + i:04d}.png"):
+                    save_png(img, out / f"{start + i:04d}.png", meta)
+                images.append(img)
+                names.append(out / f"{start + i:04d}.png")
+        if len(images) > 1:
+            with writing(out / "grid.png"):
+                save_png(grid(torch.stack(images)), out / "grid.png", {"prompt": prompt, "seed": seed})
+            names.append(out / "grid.png")
+    except KeyboardInterrupt:  # what was written stays; an --out this run made and left empty goes
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        fail(f"interrupted; {len(names)} file(s) written to {out}" if names else "interrupted; no image was written")
+    return names

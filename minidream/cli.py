@@ -22,10 +22,10 @@ from minidream.options import choice, declared_option, declared_values, path_opt
 from minidream.sampling.pipeline import SamplingParams
 from minidream.training import TrainError
 from minidream.training.config import OPTIONS, TrainConfig
-from minidream.demo.model import GROUNDING
-from minidream.command_steps import (AttentionBackend, DType, adapt, check_sampling, check_seed, clip_skipped,
+from minidream.demo.architecture import GROUNDING
+from minidream.cli_common import (AttentionBackend, DType, adapt, check_sampling, check_seed, clip_skipped,
                                      device_and_backend, embedding_args, fail, load_model, lora_arg, out_folder,
-                                     sampling_params, writing)
+                                     sampling_params, write_samples, writing)
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again (a run saves)
 
@@ -105,10 +105,7 @@ def sample(
     **sampling,
 ):
     """Text to image: writes one PNG per image (settings in the PNG text) and a grid when several."""
-    import torch
-    from minidream.images import grid, save_png
     from minidream.models.attention import set_attention_backend
-    from minidream.sampling.pipeline import generate
     from minidream.sampling.samplers import default_sampler
 
     params = sampling_params(sampling, prompt)
@@ -142,30 +139,7 @@ def sample(
                 "clip_skip": clip_skip, "model": m.source, "dtype": dtype.value,
                 "lora": [f"{f}:{w}" for f, w in loras], "embeddings": [str(f) for f, _ in embeddings],
                 "software": "minidream"}  # in every PNG's text
-    images, names = [], []
-    try:
-        for k, start in enumerate(range(0, num_images, batch_size)):
-            n = min(batch_size, num_images - start)
-            try:
-                imgs = generate(m, [prompt] * n, params, sampler=sampler, progress=progress,
-                                generator=torch.Generator("cpu").manual_seed(seed + k))
-            except ValueError as e:
-                fail(str(e))
-            for i, img in enumerate(imgs):
-                meta = {"prompt": prompt, "negative_prompt": params.negative_prompt, "seed": seed + k,
-                        "index_in_batch": i, **settings}
-                with writing():
-                    save_png(img, out / f"{start + i:04d}.png", meta)
-                images.append(img)
-                names.append(out / f"{start + i:04d}.png")
-        if len(images) > 1:
-            with writing():
-                save_png(grid(torch.stack(images)), out / "grid.png", {"prompt": prompt, "seed": seed})
-            names.append(out / "grid.png")
-    except KeyboardInterrupt:  # what was written stays; an --out this run made and left empty goes
-        if made and not any(out.iterdir()):
-            out.rmdir()
-        fail(f"interrupted; {len(names)} file(s) written to {out}" if names else "interrupted; no image was written")
+    names = write_samples(m, prompt, params, sampler, out, made, seed, num_images, batch_size, progress, settings)
     typer.echo(f"wrote {len(names)} file(s) to {out}")
 
 
@@ -193,7 +167,7 @@ def train(
 @app.command("demo-pretrain")
 def demo_pretrain(
     out: Annotated[Path, path_option(help="Where the demo model is written (diffusers layout).")] = Path(
-        "weights/demo"),
+        "minidream/demo/weights"),
     seed: Annotated[int, typer.Option(help="Seed of the world, the initialisation and every draw.")] = 0,
     images: Annotated[int, typer.Option(help="Rendered pretraining images.")] = 20000,
     vae_steps: Annotated[int, typer.Option(help="VAE training steps (batch 32).")] = 2500,
@@ -218,8 +192,8 @@ def demo_pretrain(
     if reuse is not None and not str(reuse).strip():
         fail("--reuse is empty; name a demo model folder")
     if reuse and not ((reuse / "vae" / "config.json").is_file() and (reuse / "recognizer.safetensors").is_file()):
-        fail(f"--reuse {reuse}: not a demo model folder (it needs vae/ and recognizer.safetensors, as weights/demo "
-             f"has)")
+        fail(f"--reuse {reuse}: not a demo model folder (it needs vae/ and recognizer.safetensors, as the "
+             f"shipped demo model has)")
     typer.echo(json.dumps(pretrain(out, seed, images, vae_steps, unet_steps, batch, recognizer_steps, reuse,
                                     grounding), indent=2))
 
@@ -235,14 +209,12 @@ def demo(
 ):
     """DreamBooth on the embedded toy-world model and a subject it never saw, on CPU in under a minute: before/after
     grids for "a sks toy", "a sks toy on a blue background", "a toy", and a metrics report."""
-    from minidream.demo.model import DEMO_DIR
+    from minidream.demo.architecture import DEMO_DIR
     from minidream.demo.run import run_demo
     if not (DEMO_DIR / "model_index.json").exists():
         fail(f"{DEMO_DIR}: the demo model is missing (it ships with minidream); reinstall, or rebuild it with "
              f"`minidream demo-pretrain --out {DEMO_DIR}`")
-    picked = demo_subjects(subject, "--subject")
-    if len(picked) != 1:
-        fail(f"--subject {subject!r}: name one subject (`minidream eval --subjects` takes several)")
+    picked = demo_subjects(subject, "--subject", several=False)
     check_demo_run(out, steps, [seed], "--seed")
     try:
         run_demo(out, prior=prior, seed=seed, subject=picked[0], **({"steps": steps} if steps is not None else {}))
@@ -275,7 +247,7 @@ def diff(base: ModelArg, tuned: ModelArg,
         d = weight_diff.diff(a, b)
     except ValueError as e:
         fail(f"{base} vs {tuned}: {e}")
-    with writing():
+    with writing(out):
         files = weight_diff.write(d, out, {"base": base, "tuned": tuned, "lora": lora or [],
                                            "embedding": [str(e) for e in embedding or []]})
     typer.echo(weight_diff.markdown(d).split("\n\n")[0])
@@ -306,7 +278,7 @@ def attention_maps(model: Annotated[str, typer.Option(help="Model folder, hub re
         fail(str(e))
     meta = {"model": model, "prompt": prompt, "seed": seed, "steps": params.steps, "guidance": params.guidance,
             "scheduler": params.sampler, "negative_prompt": params.negative_prompt, "eta": params.eta}
-    with writing():
+    with writing(out):
         files = am.write_maps(images[0], maps[0], am.token_positions(m.tokenizer, prompt), out, meta)
     typer.echo(f"wrote {', '.join(map(str, files))}")
 
@@ -322,7 +294,7 @@ def bench(
 ):
     """Benchmark this machine: attention kernels, the DreamBooth step (eager, --compile, CUDA graphs), the UNet
     (MFU), sampling and the VAE, against diffusers where it is installed; tables here, JSON in --out."""
-    from benchmarks.bench import SECTIONS, result_path, run
+    from minidream.benchmarks.bench import SECTIONS, result_path, run
     from minidream.models.device import resolve_device
     unknown = [s for s in only or [] if s not in SECTIONS]
     if unknown:
@@ -342,7 +314,7 @@ def bench(
         out.mkdir(parents=True, exist_ok=True)
         if not os.access(out, os.W_OK):
             fail(f"--out {out}: not writable; give another folder")
-        with writing():
+        with writing(path):
             failed = run(quick, dev, path, only)
     except KeyboardInterrupt:
         if path.exists():
@@ -383,10 +355,10 @@ def evaluate(
     typer.echo(table["table"])
 
 
-def demo_subjects(text: str, flag: str) -> tuple[dict, ...]:
+def demo_subjects(text: str, flag: str, several: bool = True) -> tuple[dict, ...]:
     from minidream.demo.world import pick_subjects
     try:
-        return pick_subjects(text)
+        return pick_subjects(text, several)
     except ValueError as e:
         fail(f"{flag}: {e}")
 

@@ -1,13 +1,14 @@
-"""The demo model: where it ships (weights/demo, beside the package in both installs) and its tiny architecture, the
-same classes as the real models (CLIPTextModel, UNet2DConditionModel, AutoencoderKL) at toy sizes.
+"""The demo model: where it ships (minidream/demo/weights, package data in both installs) and its tiny architecture,
+the same classes as the real models (CLIPTextModel, UNet2DConditionModel, AutoencoderKL) at toy sizes.
 """
+from importlib import resources
 from pathlib import Path
 
 from minidream.models.noise_schedule import SchedulerConfig
 from minidream.models.unet import UNetConfig
 from minidream.models.vae import VAEConfig
 
-DEMO_DIR = Path(__file__).resolve().parents[2] / "weights" / "demo"
+DEMO_DIR = Path(str(resources.files(__package__) / "weights"))  # a folder on disk in every install pip makes
 MAX_TOKENS = 16  # the world's captions are short; fewer positions make every step cheaper
 
 # Cross-attention at every stage, the 8×8 latent's too: the finest maps place a word best (the base model's attribute

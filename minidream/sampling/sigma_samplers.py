@@ -11,7 +11,7 @@ gives the same image.
 import torch
 
 from minidream.models.noise_schedule import SchedulerConfig
-from minidream.sampling.alpha_space import Sampler, check_steps, spacing
+from minidream.sampling.timestep_samplers import Sampler, check_steps, spacing
 
 
 def karras_sigmas(s_min: float, s_max: float, n: int, rho: float = 7.0) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The attention shapes of SD's UNets at 512 px, batch 2 (instance + prior): what the kernels in
-attention.py are written for, what `kernels.compile_check` compiles and `benchmarks.attention` times.
+attention.py are written for, what `minidream.kernels.compile_check` compiles and `benchmarks.attention` times.
 No triton import here, so the benchmarks can read it before choosing a device."""
 
 SD_SHAPES = {  # name: (B, H, N, M, D)

@@ -73,10 +73,15 @@ def caption(image_file: Path, ext: str | None) -> tuple[str | None, Path | None]
 
 def examples(images: list, files: list[Path], concept: int, default_prompt: str, cfg: TrainConfig,
              shapes: list[tuple[int, int]], captions: bool, repeats: int = 1) -> list[Example]:
-    rows = []
+    rows, empty = [], []
     for im, f in zip(images, files):
         text, cf = caption(f, cfg.caption_ext) if captions else (None, None)
+        if cf is not None and text is None:
+            empty.append(cf.name)
         rows.append(Example(im, f, text or default_prompt, concept, nearest_bucket(im.size, shapes), cf, repeats))
+    if empty:
+        print(f"warning: --caption-ext: {len(empty)} caption file(s) are empty ({', '.join(empty[:5])}): those "
+              f"images train on the instance prompt {default_prompt!r}", file=sys.stderr)
     return rows
 
 
@@ -160,29 +165,40 @@ def write_data_json(out: Path, instance: list[Example], klass: list[Example], sh
 def check_prompts(model: StableDiffusion, cfg: TrainConfig, concepts: list, instance: list[Example]):
     """CLIP reads 77 tokens: a prompt cut before its identifier would train on the class alone. With --train-token
     every instance prompt (each caption too) must hold the new token, or the token learns nothing."""
-    pairs = [(what, p, c.identifier) for c in concepts for what, p in (("--instance-prompt", c.instance_prompt),
-                                                                       ("--class-prompt", c.class_prompt))]
-    pairs += [(f"--caption-ext: {e.caption_file}", e.prompt, concepts[e.concept].identifier)
+    pairs = []  # (where the prompt came from, the prompt, its identifier, whether it is an instance prompt)
+    for k, c in enumerate(concepts):
+        pairs += [(prompt_source(cfg, k, "instance"), c.instance_prompt, c.identifier, True),
+                  (prompt_source(cfg, k, "class"), c.class_prompt, c.identifier, False)]
+    pairs += [(f"--caption-ext: {e.caption_file}", e.prompt, concepts[e.concept].identifier, True)
               for e in instance if e.caption_file]
     tokenizer = model.tokenizer
     if cfg.train_token:  # the prompts as they will be read: the new token (and its --token-vectors) counted
         tokenizer = copy.deepcopy(tokenizer)
         if cfg.token not in tokenizer.vocab and cfg.token not in tokenizer.added:
             tokenizer.add_vectors(cfg.token, cfg.token_vectors)
-    for what, prompt, ident in pairs:
+    for what, prompt, ident, instance_side in pairs:
         if text(prompt):
             raise TrainError(f"{what}: {text(prompt)}")
-        instance_side = not what.startswith("--class")
         if cfg.train_token and instance_side and f"<{ident}>" not in prompt:
             raise TrainError(f"{what}: the prompt {prompt!r} does not hold the token <{ident}> that --train-token "
                              f"learns; write <{ident}> where the identifier goes")
         cut = tokenizer.truncated(prompt)
         if cut and instance_side and ident in cut and ident not in prompt[:-len(cut)]:
+            many = f" (--token-vectors {cfg.token_vectors} makes <{ident}> that many tokens: use fewer, or" \
+                if cfg.train_token and cfg.token_vectors > 1 else " ("
             raise TrainError(f"{what}: the identifier {ident!r} falls past the text encoder's "
-                             f"{model.tokenizer.max_length}-token limit; shorten the prompt")
+                             f"{model.tokenizer.max_length}-token limit{many} shorten the prompt)")
         if cut:
             print(f"warning: {what} is longer than {model.tokenizer.max_length} tokens; this part is cut: {cut!r}",
                   file=sys.stderr)
+
+
+def prompt_source(cfg: TrainConfig, k: int, side: str) -> str:
+    """Where concept k's instance or class prompt came from, as an error names it."""
+    if cfg.concepts:
+        return f"--concepts: concept {k}'s {side}_prompt"
+    given = cfg.instance_prompt if side == "instance" else cfg.class_prompt
+    return f"--{side}-prompt" if given else f"the {side} prompt"
 
 
 class TrainingData:

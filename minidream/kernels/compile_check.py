@@ -8,7 +8,7 @@ integers divisible by 16 marked so, integers equal to 1 made constants), compile
 reads back per kernel: registers per thread, local memory (register spills: slow), shared memory
 (must fit the SM's 227 KiB), and whether the dots became Hopper wgmma instructions.
 
-    python -m kernels.compile_check [--arch 90] [--out FILE]
+    python -m minidream.kernels.compile_check [--arch 90] [--out FILE]
 
 It measures no speed; it shows that what a GPU would launch builds and fits.
 """
@@ -24,8 +24,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 
-from kernels import attention as A
-from kernels.shapes import SD_SHAPES
+from minidream.kernels import attention as A
+from minidream.kernels.shapes import SD_SHAPES
 
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # opt-in max per block, bytes
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -119,7 +119,7 @@ def check(shapes: dict, arch: int = 90, dtype=torch.bfloat16) -> list[dict]:
 
 
 def main():
-    ap = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m minidream.kernels.compile_check", description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     a = ap.parse_args()
@@ -131,7 +131,7 @@ def main():
         doc = {"check": "kernel-compile", "target": f"sm_{a.arch}", "triton": triton.__version__,
                "torch": torch.__version__,
                "host": f"cpu ({platform.machine()}), no GPU: compiled ahead of time",
-               "command": " ".join(["python -m kernels.compile_check", *sys.argv[1:]]),
+               "command": " ".join(["python -m minidream.kernels.compile_check", *sys.argv[1:]]),
                "dtype": "bf16", "results": rows}
         with open(a.out, "w") as f:
             json.dump(doc, f, indent=2)
