@@ -436,3 +436,28 @@ def test_a_resume_refuses_another_base_model_but_takes_the_same_one_moved(sd1_di
     shutil.copytree(sd1_dir, moved)
     r = run_cli("train", "--out", out, "--resume", "latest", "--steps", 2, "--model", moved)
     assert r.exit_code == 0, r.output
+
+
+def test_a_grid_that_overflows_is_skipped_and_sure_overflows_are_refused(sd1_dir, instance_dir, tmp_path,  # noqa: F811
+                                                                         capsys):
+    """A validation grid whose sampling really overflows (a UNet output layer scaled to 1e38: its latents go inf)
+    is skipped with a warning, and training goes on; a guidance sure to overflow (1e308) is refused in one line
+    before anything is written, for the class images and for a --validation-file row alike."""
+    from minidream.formats import loading
+    from minidream.training.config import TrainConfig
+    from minidream.training.validation import validation_grid
+    model = loading.load(str(sd1_dir))
+    with torch.no_grad():
+        model.unet.conv_out.weight.mul_(1e38)
+    cfg = TrainConfig(out=str(tmp_path), validation_prompts=("a photo of a dog",), validation_images=1,
+                      validation_steps=2, resolution=16)
+    png = tmp_path / "samples" / "step-000002.png"
+    validation_grid(model, cfg, png)
+    assert "the validation grid step-000002.png was skipped" in capsys.readouterr().err and not png.exists()
+    rows = tmp_path / "rows.json"
+    rows.write_text('[{"prompt": "a dog", "guidance": 1e308}]')
+    for extra, needle in ((["--class-guidance", "1e308"], "--class-guidance must be in [0, 1000]"),
+                          (["--validation-file", rows], "guidance")):
+        out = tmp_path / "run"
+        r = run_cli(*train_args(sd1_dir, instance_dir, out, *extra))
+        assert r.exit_code == 2 and needle in r.output and not out.exists(), r.output

@@ -13,7 +13,7 @@ from minidream.models.compile import call
 from minidream.models.noise_schedule import SchedulerConfig
 from minidream.models.stable_diffusion import StableDiffusion, encode_text, size_conditioning, size_ids
 from minidream.models.vae import to_uint8
-from minidream.options import at_least, first_problem, non_negative, option, text
+from minidream.options import at_least, first_problem, in_range, non_negative, option, text
 from minidream.progress import Progress
 from minidream.sampling.timestep_samplers import Sampler
 from minidream.sampling.samplers import SAMPLERS, make_sampler
@@ -31,12 +31,18 @@ def image_side(v, factor: int = 8):
     return f"must be a positive multiple of {factor}{' for this model' if factor != 8 else ''} (got {v})"
 
 
+# ε(∅) + w·(ε(c) − ε(∅)) past w ≈ 1000 leaves any useful range (SD is used at 1-30) and, larger, overflows: a run
+# whose grids or class images are sure to fail is refused before it starts
+MAX_GUIDANCE = 1000
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """The settings of a sampling run, each declared once (minidream/options.py): `sample` and `attention-maps`
     take them as options."""
     steps: int = option(50, "Denoising steps.", check=at_least(1))
-    guidance: float = option(7.5, "Classifier-free guidance scale; <= 1 turns CFG off.", check=non_negative)
+    guidance: float = option(7.5, "Classifier-free guidance scale; <= 1 turns CFG off.",
+                             check=in_range(0, MAX_GUIDANCE))
     sampler: str | None = option(None, "Sampler; default: the model's own scheduler (scheduler_config.json's class).",
                                  choices=SAMPLERS, flag="--scheduler")
     eta: float = option(0.0, "DDIM eta (0 = deterministic).", check=non_negative)

@@ -52,8 +52,13 @@ def make_class_images(model: StableDiffusion, cfg, concept, rt: Runtime, k: int 
             noise = torch.stack([torch.randn((model.denoiser.cfg.in_channels, shape[1] // s, shape[0] // s),
                                              generator=torch.Generator().manual_seed(seed)) for seed in seeds])
             with autocast(rt.device, None if precision == "fp32" else DTYPES[precision]):
-                imgs = generate(model, [prompt] * len(batch), replace(params, height=shape[1], width=shape[0]),
-                                sampler=sampler, latents=noise, progress=False)
+                try:
+                    imgs = generate(model, [prompt] * len(batch), replace(params, height=shape[1], width=shape[0]),
+                                    sampler=sampler, latents=noise, progress=False)
+                except ValueError as e:  # sampling overflowed: the images made so far stay
+                    raise TrainError(f"the class images for {prompt!r} could not be drawn ({e}); those made are "
+                                     f"kept in {class_dir}; start over (--overwrite) with --class-precision fp32 "
+                                     f"or a lower --class-guidance") from None
             for i, img in zip(batch, imgs):
                 save_png(img, class_dir / f"class-{i:05d}.png", {"prompt": prompt, "index": i})
             bar.update(len(batch))

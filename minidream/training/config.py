@@ -14,7 +14,7 @@ from minidream.models.device import DTYPES
 from minidream.models.stable_diffusion import PRESETS
 from minidream.options import (at_least, each_one_of, first_problem, in_range, non_negative, option, option_flag,
                                path, positive, positive_number, probability, text, texts)
-from minidream.sampling.pipeline import SamplingParams, image_side
+from minidream.sampling.pipeline import MAX_GUIDANCE, SamplingParams, image_side
 from minidream.sampling.samplers import SAMPLERS
 from minidream.training import TrainError
 from minidream.training.concepts_file import (MAX_CLASS_IMAGES, MAX_REPEATS, check_concepts, check_run_concepts,
@@ -134,7 +134,7 @@ class TrainConfig:
                                    check=at_least(0, MAX_CLASS_IMAGES))
     prior_loss_weight: float = option(1.0, "λ, weight of the prior-preservation loss.", check=non_negative)
     class_steps: int = option(50, "Sampling steps for class images.", check=at_least(1))
-    class_guidance: float = option(7.5, "CFG scale for class images.", check=non_negative)
+    class_guidance: float = option(7.5, "CFG scale for class images.", check=in_range(0, MAX_GUIDANCE))
     class_batch_size: int = option(4, "Class images per sampling batch.", check=at_least(1))
     class_precision: str = option("auto", "Precision of class-image sampling (autocast); auto: fp16 on CUDA, fp32 on "
                                   "CPU.", choices=("auto", *DTYPES))

@@ -7,6 +7,7 @@
 - the validation loss (`HeldOutLoss`): the ε-loss on fixed (image, timestep, noise) triples, for the subject's
   photos (how well it fits) and for a fixed set of class images (how far the class drifts from the prior).
 """
+import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -95,8 +96,13 @@ def validation_grid(model: StableDiffusion, cfg, path: Path, write: bool = True)
     with evaluating(model), torch.autocast(weight.device.type, dtype=weight.dtype,
                                            enabled=weight.dtype != torch.float32):
         for prompt, params, seed in wanted:
-            rows.append(generate(model, [prompt] * cfg.validation_images, params, progress=False,
-                                 generator=torch.Generator("cpu").manual_seed(seed)))
+            try:
+                rows.append(generate(model, [prompt] * cfg.validation_images, params, progress=False,
+                                     generator=torch.Generator("cpu").manual_seed(seed)))
+            except ValueError as e:  # its sampling overflowed (fp16, a large guidance): training goes on without it
+                print(f"warning: the validation grid {path.name} was skipped: the row {prompt!r}: {e}",
+                      file=sys.stderr)
+                return
     if write:
         H, W = max(r.shape[1] for r in rows), max(r.shape[2] for r in rows)
         rows = [F.pad(r, (0, 0, 0, W - r.shape[2], 0, H - r.shape[1]), value=255) for r in rows]
