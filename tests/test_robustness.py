@@ -142,9 +142,21 @@ def test_nan_at_sampling_is_an_error_not_a_black_image(sd1_dir, tmp_path):
     r = CliRunner().invoke(app, ["sample", "--model", str(sd1_dir), "--prompt", "a", "--out", str(out), "--steps", 2,
                                  "--lora", str(f), "--no-progress"])  # refused as it is merged
     assert r.exit_code == 2 and str(f) in r.output and "not numbers" in r.output, r.output
-    # a guidance scale that is a finite number, but whose latents are not
+    # a guidance scale sure to overflow is refused before sampling
     r = CliRunner().invoke(app, ["sample", "--model", str(sd1_dir), "--prompt", "a", "--out", str(out), "--steps", 2,
                                  "--guidance", 1e38, "--no-progress"])
+    assert r.exit_code == 2 and "--guidance must be in [0, 1000]" in r.output, r.output
+    # a model whose output overflows (its last convolution scaled to 1e38): finite weights, latents that are not
+    import shutil
+    from safetensors.torch import load_file, save_file
+    big = tmp_path / "big"
+    shutil.copytree(sd1_dir, big)
+    weights = big / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(weights)
+    sd["conv_out.weight"] = sd["conv_out.weight"] * 1e38
+    save_file(sd, weights)
+    r = CliRunner().invoke(app, ["sample", "--model", str(big), "--prompt", "a", "--out", str(out), "--steps", 2,
+                                 "--no-progress"])
     assert r.exit_code == 2 and "NaN/inf latents" in r.output, r.output
     assert not list(out.glob("*.png"))
 
