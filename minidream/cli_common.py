@@ -158,14 +158,16 @@ def write_samples(m, prompt: str, params: SamplingParams, sampler, out: Path, ma
             for i, img in enumerate(imgs):
                 meta = {"prompt": prompt, "negative_prompt": params.negative_prompt, "seed": seed + k,
                         "index_in_batch": i, **settings}
-                with writing(out / f"{start + i:04d}.png"):
-                    save_png(img, out / f"{start + i:04d}.png", meta)
+                png = out / f"{start + i:04d}.png"
+                with writing(png):
+                    save_png(img, png, meta)
                 images.append(img)
-                names.append(out / f"{start + i:04d}.png")
+                names.append(png)
         if len(images) > 1:
-            with writing(out / "grid.png"):
-                save_png(grid(torch.stack(images)), out / "grid.png", {"prompt": prompt, "seed": seed})
-            names.append(out / "grid.png")
+            png = out / "grid.png"
+            with writing(png):
+                save_png(grid(torch.stack(images)), png, {"prompt": prompt, "seed": seed})
+            names.append(png)
     except KeyboardInterrupt:  # what was written stays; an --out this run made and left empty goes
         if made and not any(out.iterdir()):
             out.rmdir()
