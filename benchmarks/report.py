@@ -108,6 +108,15 @@ def memory_table(data):
         print(f"| {r['recipe']} | {r['peak_rss'] / gib:.2f} | {vs} |")
 
 
+def sync_table(data):
+    """The step before and after its losses stayed on the device (benchmarks/results/step-sync-cpu-*.json)."""
+    print("| step | ours s/step, median (min-max) | × diffusers, median (min-max) |\n|---|---|---|")
+    for side, r in data["sides"].items():
+        t, x = r["ours_s_per_step"], r["speedup_vs_diffusers"]
+        print(f"| {side} | {t['median']:.4f} ({t['min']:.4f}-{t['max']:.4f}) | {x['median']:.3f} "
+              f"({x['min']:.3f}-{x['max']:.3f}) |")
+
+
 def main(folder=None):
     from pathlib import Path
     folder = Path(folder or RESULTS)
@@ -127,9 +136,9 @@ def main(folder=None):
             continue
         print(f"\n**{data['benchmark']}** — {data['device']}, torch {data['torch']}, triton {data.get('triton')}, "
               f"diffusers {data.get('diffusers')} ({shown(f)})\n")
-        tables = {"attention": attention_table, "step-cpu": cpu_step_table, "memory-cpu": memory_table}
-        table = step_table if data["benchmark"].startswith("step-") and data["benchmark"] != "step-cpu" else \
-            tables.get(data["benchmark"], model_table)
+        tables = {"attention": attention_table, "step-cpu": cpu_step_table, "memory-cpu": memory_table,
+                  "step-sync-cpu": sync_table}
+        table = tables.get(data["benchmark"], step_table if data["benchmark"].startswith("step-") else model_table)
         table(data)
 
 

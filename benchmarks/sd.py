@@ -13,7 +13,7 @@ import torch
 
 from .common import count_flops, peak_memory, peak_tflops, timeit, write
 from minidream.models.attention import set_attention_backend
-from minidream.formats.diffusers_layout import clip_config_json, unet_config_json, vae_config_json
+from minidream.formats.configs import clip_config_json, unet_config_json, vae_config_json
 from minidream.models.stable_diffusion import encode_text, random_model, size_conditioning, size_ids
 from minidream.sampling.pipeline import SamplingParams, generate
 from minidream.models.tokenizer import train_bpe

@@ -13,7 +13,8 @@ layers before it (tests/test_structure.py reads every folder's "May import" line
     demo       the toy world, its embedded model, and DreamBooth's demo and evaluation on it
 
 Shared by all of them, importing none of them: progress (bars), plots (pictures drawn with Pillow), image_files (PNG
-files and grids), options (an option declared once, and its command-line form). The command line (cli.py, with
-the steps its commands share in cli_common.py) sits on top. The benchmarks live at the repository's root (they
-compare against diffusers, which nothing here may use) and install as minidream.benchmarks, for `minidream bench`.
+files and grids), options (an option declared once, and its command-line form). The command line (cli.py, with every
+command's options declared in cli_options.py and the steps they share in cli_common.py) sits on top. The benchmarks
+live at the repository's root (they compare against diffusers, which nothing here may use) and install as
+minidream.benchmarks, for `minidream bench`.
 """

@@ -3,19 +3,16 @@ LoRAs and embeddings, choosing the device and kernel; each problem is one line (
 before anything is written."""
 import math
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import typer
 
-from minidream.models.device import DTYPES
-from minidream.options import choice, declared_values, first_problem, option_flag, text
-from minidream.models.attention import CHOICES as ATTENTION_BACKENDS
+from minidream.cli_options import Adapters, Loader, Run, Sample
+from minidream.options import declared_values, first_problem, option_flag
 from minidream.sampling.pipeline import SamplingParams
 
 SAMPLING = {f.name: f for f in fields(SamplingParams)}
-DType = choice("DType", DTYPES)
-AttentionBackend = choice("AttentionBackend", ATTENTION_BACKENDS)
 
 
 def fail(msg: str):
@@ -37,14 +34,18 @@ def lora_arg(arg: str, default_scale: float) -> tuple[Path, float]:
     return f, w
 
 
-def sampling_params(sampling: dict, prompt: str) -> SamplingParams:
-    """The sampling options, checked as declared (and the prompt: text the tokenizer can read)."""
-    params = declared_values(SamplingParams, sampling)
-    wrong = first_problem(params) or (("prompt", text(prompt)) if text(prompt) else None)
-    if wrong:
-        name, what = wrong
-        fail(f"{'--prompt' if name == 'prompt' else option_flag(SAMPLING[name])} {what}")
-    return params
+def checked(options: dict, *classes) -> tuple:
+    """The command line's values as instances of `classes` (cli_options.py), each checked by its declarations (and
+    its `problem()`, what its options ask of each other): the first problem is one line naming the option."""
+    made = []
+    for cls in classes:
+        obj = declared_values(cls, options)
+        wrong = obj.problem() if hasattr(obj, "problem") else first_problem(obj)
+        if wrong:
+            name, what = wrong
+            fail(f"{option_flag(next(f for f in fields(cls) if f.name == name))} {what}")
+        made.append(obj)
+    return tuple(made)
 
 
 def check_sampling(params: SamplingParams, m):
@@ -56,16 +57,12 @@ def check_sampling(params: SamplingParams, m):
              else f"{option_flag(SAMPLING[name])} {what}")
 
 
-def check_seed(seed: int, batches: int = 1):
-    if not 0 <= seed <= 2 ** 63 - batches:
-        fail(f"--seed must be in [0, 2^63) for every batch (got {seed})")
-
-
-def embedding_args(files: list[Path], tokens: list[str]) -> list[tuple[Path, str | None]]:
+def embedding_args(names: tuple[str, ...], tokens: tuple[str, ...]) -> list[tuple[Path, str | None]]:
     """--embedding FILE (repeatable), each with the --embedding-token of the same position, if any."""
+    if any(not name.strip() for name in names):
+        fail("--embedding is empty; name a file")
+    files = [Path(f) for f in names]
     for f in files:
-        if not str(f).strip():
-            fail("--embedding is empty; name a file")
         if not f.is_file():
             fail(f"--embedding {f}: no such file")
     if len(tokens) > len(files):
@@ -83,22 +80,11 @@ def writing(where: Path):
         fail(f"{e.filename or where}: could not be written ({e.strerror or e})")
 
 
-def out_folder(out: Path):
-    if not str(out).strip():  # "" would mean the current folder
-        fail("--out is empty; name a folder")
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} is a file; give a folder")
-    if not next(p for p in (out, *out.parents) if p.exists()).is_dir():
-        fail(f"--out {out}: cannot create it (it is below a file); choose another folder")
-
-
-def load_model(model: str, revision=None, variant=None, allow_pickle=False, tokenizer=None, preset=None, config=None,
-               dtype=None):
+def load_model(model: str, loader: Loader, dtype=None):
     from minidream.formats.files import ModelError
     from minidream.formats.loading import load
     try:
-        return load(model, revision=revision, variant=variant, allow_pickle=allow_pickle, tokenizer=tokenizer,
-                    preset=preset, config=config, dtype=dtype)
+        return load(model, dtype=dtype, **asdict(loader))
     except ModelError as e:
         fail(str(e))
 
@@ -110,6 +96,11 @@ def clip_skipped(m, skip: int):
         return with_clip_skip(m, skip)
     except ValueError as e:
         fail(str(e))
+
+
+def adapters(a: Adapters) -> tuple[list[tuple[Path, float]], list[tuple[Path, str | None]]]:
+    """(--lora files with their strengths, --embedding files with their tokens), each file checked to exist."""
+    return [lora_arg(x, a.lora_scale) for x in a.lora], embedding_args(a.embedding, a.embedding_token)
 
 
 def adapt(m, loras: list[tuple[Path, float]], embeddings: list[tuple[Path, str | None]], allow_pickle: bool):
@@ -126,21 +117,32 @@ def adapt(m, loras: list[tuple[Path, float]], embeddings: list[tuple[Path, str |
     return m
 
 
-def device_and_backend(device: str | None, attention: AttentionBackend, dtype: DType) -> tuple[str, str]:
-    from minidream.models.attention import resolve_backend
+def resolved_device(device: str | None) -> str:
+    """--device as a device here: cuda when available, else cpu."""
     from minidream.models.device import resolve_device
     try:
-        dev = resolve_device(device).type
-        backend = resolve_backend(attention.value, dev)
+        return resolve_device(device).type
     except ValueError as e:
         fail(str(e))
-    if dtype == DType.fp16 and dev == "cpu":
+
+
+def device_and_backend(run: Run) -> tuple[str, str]:
+    """The device and the attention kernel the --device, --attention, --dtype and --compile options ask for."""
+    from minidream.models.attention import resolve_backend
+    from minidream.models.compile import check_compile
+    dev = resolved_device(run.device)
+    try:
+        backend = resolve_backend(run.attention, dev)
+    except ValueError as e:
+        fail(str(e))
+    if run.dtype == "fp16" and dev == "cpu":
         fail("--dtype fp16 needs a GPU; use --dtype bf16 or fp32 on CPU")
+    if check_compile(run.compile, dev):
+        fail(f"--compile {check_compile(run.compile, dev)}")
     return dev, backend
 
 
-def write_samples(m, prompt: str, params: SamplingParams, sampler, out: Path, made: bool, seed: int, num_images: int,
-                  batch_size: int, progress: bool, settings: dict) -> list[Path]:
+def write_samples(m, o: Sample, params: SamplingParams, sampler, made: bool, settings: dict) -> list[Path]:
     """`sample`'s images, batch k from a CPU generator seeded with seed + k, each PNG with its settings in its text
     (and a grid of several). Ctrl-C keeps what was written (an --out this run `made` and left empty goes)."""
     import torch
@@ -148,28 +150,28 @@ def write_samples(m, prompt: str, params: SamplingParams, sampler, out: Path, ma
     from minidream.sampling.pipeline import generate
     images, names = [], []
     try:
-        for k, start in enumerate(range(0, num_images, batch_size)):
-            n = min(batch_size, num_images - start)
+        for k, start in enumerate(range(0, o.num_images, o.batch_size)):
+            n = min(o.batch_size, o.num_images - start)
             try:
-                imgs = generate(m, [prompt] * n, params, sampler=sampler, progress=progress,
-                                generator=torch.Generator("cpu").manual_seed(seed + k))
+                imgs = generate(m, [o.prompt] * n, params, sampler=sampler, progress=o.progress,
+                                generator=torch.Generator("cpu").manual_seed(o.seed + k))
             except ValueError as e:
                 fail(str(e))
             for i, img in enumerate(imgs):
-                meta = {"prompt": prompt, "negative_prompt": params.negative_prompt, "seed": seed + k,
+                meta = {"prompt": o.prompt, "negative_prompt": params.negative_prompt, "seed": o.seed + k,
                         "index_in_batch": i, **settings}
-                png = out / f"{start + i:04d}.png"
+                png = o.out / f"{start + i:04d}.png"
                 with writing(png):
                     save_png(img, png, meta)
                 images.append(img)
                 names.append(png)
         if len(images) > 1:
-            png = out / "grid.png"
+            png = o.out / "grid.png"
             with writing(png):
-                save_png(grid(torch.stack(images)), png, {"prompt": prompt, "seed": seed})
+                save_png(grid(torch.stack(images)), png, {"prompt": o.prompt, "seed": o.seed})
             names.append(png)
     except KeyboardInterrupt:  # what was written stays; an --out this run made and left empty goes
-        if made and not any(out.iterdir()):
-            out.rmdir()
-        fail(f"interrupted; {len(names)} file(s) written to {out}" if names else "interrupted; no image was written")
+        if made and not any(o.out.iterdir()):
+            o.out.rmdir()
+        fail(f"interrupted; {len(names)} file(s) written to {o.out}" if names else "interrupted; no image was written")
     return names

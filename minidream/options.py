@@ -6,9 +6,9 @@ SamplingParams (sampling/pipeline.py) are made of these; `training.config.valida
 import inspect
 import math
 import types
-from dataclasses import MISSING, Field, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from enum import Enum
-from typing import Annotated, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +71,50 @@ def _undecodable(s: str) -> bool:
         return True
 
 
+def optional_at_least(n: int, most: int | None = None):
+    """A count that may be left out (None: the command's own default)."""
+    count = at_least(n, most)
+    return lambda v: None if v is None else count(v)
+
+
+def finite(v):
+    return None if math.isfinite(v) else f"must be a finite number (got {v})"
+
+
+def seed_range(v):
+    """A seed: what torch's generators take."""
+    return None if 0 <= v < 2 ** 63 else f"must be in [0, 2^63) (got {v})"
+
+
+def comma_integers(each):
+    """Comma-separated integers ("0,1,2"), each passing `each`."""
+    def check(v):
+        parts = v.split(",")
+        if not all(p.strip().isdigit() for p in parts):
+            return f"{v!r}: give comma-separated integers, e.g. 0,1,2"
+        return next(filter(None, (each(int(p)) for p in parts)), None)
+    return check
+
+
+def device_name(v):
+    if v is None or v.strip():
+        return None
+    return "is empty; give cuda, cuda:N or cpu (or leave it out: cuda when available)"
+
+
+def out_folder(v):
+    """A folder a command writes into (made if missing): not empty, not a file, not below a file."""
+    from pathlib import Path
+    if not str(v).strip():  # "" would mean the current folder
+        return "is empty; name a folder"
+    out = Path(v)
+    if out.exists() and not out.is_dir():
+        return f"{out} is a file; give a folder"
+    if not next(p for p in (out, *out.parents) if p.exists()).is_dir():
+        return f"{out}: cannot create it (it is below a file); choose another folder"
+    return None
+
+
 def path(v):
     """A file or folder the user names: not empty (an empty path would mean the current folder)."""
     return None if v is None or str(v).strip() else "is empty; name a file or folder"
@@ -107,19 +151,28 @@ def option_flag(f: Field) -> str:
 # The declaration
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What an option asks of the others when it is given (set to other than its default): `holds(settings)`, else
+    the run is refused with `why` (formatted with {flag}, the option's, and {cfg}, the settings)."""
+    holds: Callable
+    why: str
+
+
 def option(default=MISSING, help: str = "", *, check=None, choices=None, resumable: bool = False, flag: str = None,
-           cli_type=None, parse=None, added=MISSING, was: str = None):
+           cli_type=None, parse=None, was: str = None, needs: tuple[Needs, ...] = ()):
     """A dataclass field with everything about its option:
     check      a function that says what is wrong with a value (None: nothing); `choices` (a table's keys) makes one
     resumable  a resumed run may take a new value for it; any other, given with a different value, is refused
     flag       the option's name(s) on the command line, when not --field-name (typer's "--on/--off" for a switch)
     cli_type   the command line's type when it differs (Path), `parse` turning it into the field's value
-    added      for a setting added after checkpoints were first written: the value that reproduces a run from before
-    was        the field's name in checkpoints written before it was renamed"""
+    was        the field's name in checkpoints written before it was renamed
+    needs      what it asks of the other settings when given (`Needs`; training.config.combinations checks them)"""
     if choices is not None and check is None:
         check = one_of(tuple(choices), optional=default is None)
     meta = {"help": help, "check": check, "choices": tuple(choices) if choices is not None else None,
-            "resumable": resumable, "flag": flag, "cli_type": cli_type, "parse": parse, "added": added, "was": was}
+            "resumable": resumable, "flag": flag, "cli_type": cli_type, "parse": parse, "was": was,
+            "needs": needs}
     return field(default=default, metadata=meta)
 
 
@@ -169,7 +222,7 @@ def declared_option(f: Field, default=MISSING) -> inspect.Parameter:
 
 
 def declared_values(cls, values: dict):
-    """An instance of `cls` from the command line's values of its fields."""
+    """An instance of `cls` from the command line's values of its fields (`values` may hold other options too)."""
     out = {}
     for f in fields(cls):
         v, meta = values[f.name], f.metadata
@@ -181,16 +234,17 @@ def declared_values(cls, values: dict):
     return cls(**out)
 
 
-def with_options(cls, **defaults):
-    """A command's parameters: its own required ones, the fields of `cls` as options (which it takes as **kwargs),
-    then its own with defaults."""
+def with_options(*classes, **defaults):
+    """A command's parameters: its own required ones, the fields of `classes` as options (which it takes as
+    **kwargs), then its own with defaults. `defaults` overrides a field's own default for this command."""
     def wrap(fn):
         hints = get_type_hints(fn, include_extras=True)
         own = [p.replace(annotation=hints.get(p.name, p.annotation))
                for p in inspect.signature(fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
         first = [p for p in own if p.default is inspect.Parameter.empty]
         last = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is not inspect.Parameter.empty]
-        params = first + [declared_option(f, defaults.get(f.name, MISSING)) for f in fields(cls)] + last
+        declared = [declared_option(f, defaults.get(f.name, MISSING)) for cls in classes for f in fields(cls)]
+        params = first + declared + last
         fn.__signature__ = inspect.Signature(params)
         fn.__annotations__ = {p.name: p.annotation for p in params}
         return fn

@@ -197,14 +197,14 @@ def test_a_full_disk_at_export_keeps_the_trained_weights(sd1_dir, instance_dir, 
 
 
 def test_a_full_disk_at_the_metrics_then_resume(sd1_dir, instance_dir, small_disk, tmp_path):  # noqa: F811
-    """metrics.jsonl cannot take the first line and no checkpoint fits either: one line naming the file, and the
-    run starts again from step 0 once there is room."""
+    """metrics.jsonl cannot take the first lines (written at step 3, the last: --log-every is 10) and no checkpoint
+    fits either: one line naming the file, and the run starts again from step 0 once there is room."""
     args = ["--train", "lora", "--checkpoint-every", 0, "--save-as", "lora-diffusers", "--device", "cpu"]
     ref = tmp_path / "ref"
     assert cli(*train_args(sd1_dir, instance_dir, ref, *args)).returncode == 0
     out, filler = small_disk.path / "run", small_disk.path / "filler"
     r = cli(*train_args(sd1_dir, instance_dir, out, *args), driver=FILL_DRIVER, hook=[filler])
-    stopped(r, f"{out / 'metrics.jsonl'}: No space left on device at step 1", "no checkpoint could be written either")
+    stopped(r, f"{out / 'metrics.jsonl'}: No space left on device at step 3", "no checkpoint could be written either")
     filler.unlink()
     r = cli(*train_args(sd1_dir, instance_dir, out, *args, "--resume", "latest"))
     assert r.returncode == 0 and "starting again from step 0" in r.stderr, r.stderr[-3000:]

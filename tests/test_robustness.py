@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from minidream.cli import app
-from minidream.formats import diffusers_layout, loading
+from minidream.formats import configs, loading
 from minidream.formats.files import read_json, read_weights
 from tests.test_train import instance_dir, run_cli, train_args  # noqa: F401  (instance_dir is a fixture)
 
@@ -52,7 +52,7 @@ def test_config_fuzz_gives_one_line_errors(sd1_dir, tmp_path):
     (tmp_path / "list" / "unet").mkdir(parents=True)
     (tmp_path / "list" / "unet" / "config.json").write_text("[1, 2]")
     with pytest.raises(loading.ModelError, match="expected a JSON object"):
-        diffusers_layout.unet_config(read_json(tmp_path / "list" / "unet" / "config.json"), "x")
+        configs.unet_config(read_json(tmp_path / "list" / "unet" / "config.json"), "x")
 
 
 def test_safetensors_header_fuzz(sd1_dir, tmp_path):

@@ -110,6 +110,23 @@ def test_concepts_take_repeats_from_kohya_folders(sd1_dir, instance_dir, tmp_pat
     assert got == {("instance", "ohwx cat", 5), ("instance", "sks dog", 7), ("class", "cat", 1), ("class", "dog", 1)}
 
 
+def test_kohya_folder_rules_are_one_for_the_command_line_and_a_concepts_entry(tmp_path):
+    """The same kohya-named folder with the same settings gives the same prompts, identifier and repeats whether the
+    command line or a --concepts entry names it (one function reads the names: concepts_file.kohya_rules)."""
+    from minidream.training.concepts_file import concepts, with_folder_names
+    from minidream.training.config import TrainConfig
+    folder, out = tmp_path / "10_ohwx cat", tmp_path / "out"
+    folder.mkdir()
+    expected = {(): ("ohwx cat", "cat", "ohwx", 10), (("class_noun", "kitten"),): ("ohwx kitten", "kitten", "ohwx", 10),
+                (("identifier", "zwx"), ("repeats", 3)): ("zwx cat", "cat", "zwx", 3)}
+    for extra, want in expected.items():
+        line = with_folder_names(TrainConfig(out=str(out), instance_dir=str(folder), **dict(extra)))
+        entry = TrainConfig(out=str(out), concepts=({"instance_dir": str(folder), **dict(extra)},))
+        for cfg in (line, entry):
+            c, = concepts(cfg, out)
+            assert (c.instance_prompt, c.class_prompt, c.identifier, c.repeats) == want, (extra, cfg is line)
+
+
 def masks_for(photos, folder, value=None, size=None):
     """A mask PNG beside each photo's name: all `value`, or the left half white."""
     from PIL import Image

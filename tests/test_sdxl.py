@@ -6,7 +6,7 @@ import gc
 import pytest
 import torch
 
-from minidream.formats import diffusers_layout, loading
+from minidream.formats import configs, diffusers_layout, loading
 from minidream.models import stable_diffusion as model_lib
 from minidream.models.stable_diffusion import encode_text
 from minidream.sampling.pipeline import SamplingParams, generate
@@ -51,7 +51,7 @@ def test_legacy_eos_rule_reads_the_largest_id(tiny_tokenizer):
     torch.manual_seed(0)
     ref = perturb(CLIPTextModelWithProjection(cfg), 3).eval()
     as_projected = {**cfg.to_dict(), "architectures": ["CLIPTextModelWithProjection"]}
-    ours = CLIPTextModel(diffusers_layout.clip_config(as_projected, "config.json"))
+    ours = CLIPTextModel(configs.clip_config(as_projected, "config.json"))
     ours.load_state_dict(diffusers_layout._strip_text_model(ref.state_dict()))
     ids = torch.randint(0, len(tiny_tokenizer), (3, 77), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -144,7 +144,7 @@ def test_real_sdxl_keys_shapes_and_single_file_names():
         c1, c2 = clip.CLIPTextModel(p.text_encoder), clip.CLIPTextModel(p.text_encoder_2)
     shapes = {k: tuple(t.shape) for k, t in u.state_dict().items()}
     assert shapes == {k: tuple(t.shape) for k, t in ref.state_dict().items()}
-    assert model_lib.preset_of(diffusers_layout.unet_config(dict(ref.config), "config.json"), unet.PRESETS) == "sdxl"
+    assert model_lib.preset_of(configs.unet_config(dict(ref.config), "config.json"), unet.PRESETS) == "sdxl"
     tables = [key_table(unet_rows(u.cfg), u.state_dict()), key_table(vae_rows(v.cfg), v.state_dict()),
               key_table(clip_rows(c1.cfg, XL_CLIP_L.original, False), c1.state_dict()),
               key_table(clip_rows(c2.cfg, XL_OPENCLIP_G.original, True), c2.state_dict(), XL_OPENCLIP_G.original)]
@@ -181,7 +181,7 @@ def test_real_sdxl_widths_numeric_forward(tmp_path):
     with torch.no_grad():
         want = ref(x, 400, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
         with torch.device("meta"):
-            ours = unet.UNet2DConditionModel(diffusers_layout.unet_config(dict(ref.config), "config.json"))
+            ours = unet.UNet2DConditionModel(configs.unet_config(dict(ref.config), "config.json"))
         ours.load_state_dict(ref.state_dict(), assign=True)
         del ref
         gc.collect()
@@ -197,7 +197,7 @@ def test_real_sdxl_widths_numeric_forward(tmp_path):
                              bos_token_id=0, pad_token_id=1)
         ref = (CLIPTextModelWithProjection if proj else CLIPTextModel)(cfg).eval()
         d = {**cfg.to_dict(), "architectures": [type(ref).__name__]}
-        ours = clip.CLIPTextModel(diffusers_layout.clip_config(d, "config.json"))
+        ours = clip.CLIPTextModel(configs.clip_config(d, "config.json"))
         ours.load_state_dict(diffusers_layout._strip_text_model(ref.state_dict()))
         with torch.no_grad():
             out = ref(tok, output_hidden_states=True)

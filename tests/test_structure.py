@@ -1,4 +1,5 @@
-"""The shape of the code the README promises: no file over 450 lines, no function over 60, no line over 120
+"""The shape of the code the README promises: no file over 450 lines (cli.py, the commands, over 300: their options
+are declared in cli_options.py and training/config.py), no function over 60, no line over 120
 columns (ruff, which also finds unused imports and undefined names), no import cycle between the package's modules
 (imports inside functions included), and the layers importing one way only, as each folder's docstring says."""
 import ast
@@ -54,6 +55,7 @@ def allowed_layers() -> dict[str, set[str]]:
 def test_no_file_over_450_lines_and_no_function_over_60():
     long_files = {module_name(p): n for p in SOURCES if (n := len(p.read_text().splitlines())) > 450}
     assert not long_files
+    assert len((ROOT / "minidream" / "cli.py").read_text().splitlines()) <= 300
     long_functions = []
     for p in SOURCES:
         for node in ast.walk(ast.parse(p.read_text())):

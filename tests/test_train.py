@@ -251,6 +251,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(sd1_dir, instance_dir, tm
     step = int(r.output.split("at step ")[1].split(";")[0])
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept[-1] == f"step-{step - 1:06d}.safetensors"
+    # the losses read only every 7 steps and at checkpoints (every 3): the same first non-finite step is named,
+    # no checkpoint holds weights a non-finite loss updated, and the good steps' lines are all written
+    late = tmp_path / "late"
+    r = run_cli(*train_args(sd1_dir, instance_dir, late, "--steps", 8, "--checkpoint-every", 3, "--log-every", 7,
+                            "--lr", 1e30, "--keep-last", 0))
+    assert r.exit_code == 2 and f"loss is nan at step {step};" in r.output.replace("inf", "nan"), r.output
+    assert all(int(p.stem.split("-")[1]) < step for p in (late / "checkpoints").glob("*.safetensors"))
+    lines = [json.loads(x) for x in (late / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, step))
 
 
 def test_ctrl_c_saves_a_checkpoint(sd1_dir, instance_dir, tmp_path):

@@ -130,6 +130,8 @@ def test_crafted_checkpoints_are_one_line_and_write_nowhere_else(sd1_dir, instan
     crafted = [({"config": {**meta["config"], "steps": "many"}}, "not usable"),
                ({"config": {**meta["config"], "lr_schedule": "zigzag"}}, "--lr-schedule 'zigzag'"),
                ({"step": -3}, "is not a step count"),
+               # a setting missing from a checkpoint of this settings version: not an older one, a damaged one
+               ({"config": {k: v for k, v in meta["config"].items() if k != "optimizer"}}, "(no optimizer)"),
                ({"config": "nope"}, "not usable"),
                ({"param_groups": [{"lr": "x"}]}, "not usable"),
                ({"config": {**meta["config"], "class_dir": str(elsewhere)}}, "(from the checkpoint) holds 0 of 2")]
@@ -187,7 +189,7 @@ def test_checkpoints_of_earlier_versions_resume_the_same(sd1_dir, instance_dir, 
     with safe_open(str(ck), "pt") as f:
         meta = json.loads(f.metadata()["minidream"])
     config = dict(meta["config"], train=meta["config"].pop("mode"))
-    del config["optimizer"]
+    del config["optimizer"], meta["settings_version"]  # as written before checkpoints carried a version
     save_file(load_file(ck), ck, metadata={"minidream": json.dumps({**meta, "config": config})})
     for folder in (out, old):
         r = run_cli(*train_args(sd1_dir, instance_dir, folder, *args, "--resume", "latest"))

@@ -3,7 +3,7 @@ loaded through minidream's loader from the files diffusers wrote."""
 import pytest
 import torch
 
-from minidream.formats import diffusers_layout
+from minidream.formats import configs, diffusers_layout
 from minidream.models import stable_diffusion as model_lib
 from tests.conftest import max_rel_err, perturb, tiny_unet_kwargs, tiny_vae_kwargs
 
@@ -138,7 +138,7 @@ def test_real_architecture_keys_and_shapes(family):
         sb = {k: tuple(v.shape) for k, v in b.state_dict().items()}
         assert sa == sb
     # the config translation reads the official config into exactly our preset
-    assert model_lib.preset_of(diffusers_layout.unet_config(dict(ref.config), "config.json"), unet.PRESETS) == family
+    assert model_lib.preset_of(configs.unet_config(dict(ref.config), "config.json"), unet.PRESETS) == family
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd21"])

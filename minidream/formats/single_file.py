@@ -15,11 +15,13 @@ named ignore list) and that every shape matches.
 """
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from minidream.formats import diffusers_layout
+from minidream.formats.configs import (PARSE, check_conditioning, clip_config_json, load_tokenizer, read_configs,
+                                       unet_config_json, vae_config_json)
 from minidream.formats.files import (ModelError, build, on_meta, read_json, read_metadata, read_weights, resolve,
                                      save_safetensors)
 from minidream.models import clip, unet, vae
@@ -200,11 +202,11 @@ def token_table_key(slot: TextEncoderSlot) -> str:
 def tokenizers(folder: Path, encoders: int) -> dict:
     """The tokenizer(s) in a folder: its tokenizer/ (and tokenizer_2/) subfolders, or the folder itself. SDXL's
     second tokenizer, when the folder has none, is the first one padding with "!", as the official repo ships."""
-    tok = diffusers_layout.load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder)
+    tok = load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder)
     if encoders == 1:
         return {"tokenizer": tok}
     if (folder / "tokenizer_2").is_dir():
-        return {"tokenizer": tok, "tokenizer_2": diffusers_layout.load_tokenizer(folder / "tokenizer_2")}
+        return {"tokenizer": tok, "tokenizer_2": load_tokenizer(folder / "tokenizer_2")}
     return {"tokenizer": tok, "tokenizer_2": CLIPTokenizer(tok.vocab, tok.merges, "!", tok.max_length, tok.added)}
 
 
@@ -221,46 +223,57 @@ def vocabulary(file: Path, tokenizer: str | None, fam: Family) -> Path:
                          f"the base model's)") from e
 
 
-def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str | None = None,
-                     preset: str | None = None, config: str | None = None) -> StableDiffusion:
-    """The architecture comes from `config` (a diffusers-layout folder or repo id: its component configs,
-    scheduler config and tokenizer), else from `preset` (inferred from the keys when omitted)."""
-    sd = read_weights(file, allow_pickle)
-    fam = family(sd, file)
-    force_zeros = True
+@dataclass(frozen=True)
+class Architecture:
+    """What a single file does not hold: its components' configs, its scheduler, its vocabulary's folder."""
+    configs: dict
+    scheduler: SchedulerConfig
+    force_zeros: bool
+    tokenizer_dir: Path
+    what: str  # where it came from, for an error about the file's keys
+
+
+def architecture_of(file: Path, fam: Family, tokenizer: str | None, preset: str | None,
+                    config: str | None) -> Architecture:
+    """The first of: --config (a diffusers-layout folder or repo id: its configs, scheduler and tokenizer); the
+    architecture our exports write into their metadata; --preset, or the preset the family's keys imply."""
     if config is not None:
         cdir = resolve(config, weights=False)
-        cfgs, scheduler = diffusers_layout.read_configs(cdir)
+        cfgs, scheduler = read_configs(cdir)
         if ("text_encoder_2" in cfgs) != (len(fam.encoders) == 2):
             raise ModelError(f"{file}: an {fam.title} checkpoint, but --config {config} describes "
                              f"{'an SDXL' if 'text_encoder_2' in cfgs else 'an SD 1.x/2.x'} model")
-        if (cdir / "model_index.json").exists():
-            force_zeros = read_json(cdir / "model_index.json").get("force_zeros_for_empty_prompt", True)
-        tok_dir = cdir
-        what = f"the architecture in {config}"
-    elif preset is None and ARCHITECTURE in read_metadata(file):  # our own export says what it is
+        index = read_json(cdir / "model_index.json") if (cdir / "model_index.json").exists() else {}
+        return Architecture(cfgs, scheduler, index.get("force_zeros_for_empty_prompt", True), cdir,
+                            f"the architecture in {config}")
+    if preset is None and ARCHITECTURE in read_metadata(file):  # our own export says what it is
         cfgs, scheduler, force_zeros = architecture(file, read_metadata(file)[ARCHITECTURE])
-        tok_dir = vocabulary(file, tokenizer, fam)
-        what = "the architecture in its metadata (pass --config to override it)"
-    else:
-        preset = preset or fam.single_file_preset or sd2_preset(file)
-        if preset not in PRESETS:
-            raise ModelError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
-        p = PRESETS[preset]
-        cfgs = {"unet": p.unet, "vae": p.vae, "text_encoder": p.text_encoder,
-                **({"text_encoder_2": p.text_encoder_2} if p.text_encoder_2 else {})}
-        scheduler = p.scheduler
-        # The single file has no vocabulary; it comes from --tokenizer or the official hub repo (cached).
-        tok_dir = vocabulary(file, tokenizer, fam)
-        what = f"a {preset} checkpoint (pass --preset or --config)"
-    used: set[str] = set()
-    parts = {}
+        return Architecture(cfgs, scheduler, force_zeros, vocabulary(file, tokenizer, fam),
+                            "the architecture in its metadata (pass --config to override it)")
+    preset = preset or fam.single_file_preset or sd2_preset(file)
+    if preset not in PRESETS:
+        raise ModelError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    cfgs = {"unet": p.unet, "vae": p.vae, "text_encoder": p.text_encoder,
+            **({"text_encoder_2": p.text_encoder_2} if p.text_encoder_2 else {})}
+    return Architecture(cfgs, p.scheduler, True, vocabulary(file, tokenizer, fam),
+                        f"a {preset} checkpoint (pass --preset or --config)")
+
+
+def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str | None = None,
+                     preset: str | None = None, config: str | None = None) -> StableDiffusion:
+    """A single-file checkpoint as one StableDiffusion: its family from its keys, its architecture from
+    `architecture_of`, then every component's weights taken from the file by the key tables, strictly."""
+    sd = read_weights(file, allow_pickle)
+    fam = family(sd, file)
+    arch = architecture_of(file, fam, tokenizer, preset, config)
+    cfgs, used, parts = arch.configs, set(), {}
     texts = [(s.name, clip.CLIPTextModel, clip_rows(cfgs[s.name], s.original, s.openclip),
               s.original if s.openclip else None) for s in fam.encoders if s.name in cfgs]
     for name, cls, rows, openclip in [("unet", unet.UNet2DConditionModel, unet_rows(cfgs["unet"]), None),
                                       ("vae", vae.AutoencoderKL, vae_rows(cfgs["vae"]), None), *texts]:
         shapes = {k: v.shape for k, v in _meta(cls, cfgs[name]).state_dict().items()}
-        weights = _take(sd, key_table(rows, shapes, openclip), shapes, used, file, what)
+        weights = _take(sd, key_table(rows, shapes, openclip), shapes, used, file, arch.what)
         parts[name] = build(cls, cfgs[name], weights, str(file), dtype)
     for s in fam.encoders:
         if s.unused_last_layer:  # the layer after the one the family reads is stored, and unused
@@ -268,11 +281,11 @@ def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str 
     unused = [k for k in sd if k not in used and not IGNORED.match(k)]
     if unused:
         raise ModelError(f"{file}: unexpected key {unused[0]!r}" + (f" and {len(unused) - 1} more" if len(unused) > 1
-                                                                     else "") + f"; is it {what}?")
-    model = StableDiffusion(**tokenizers(tok_dir, len(fam.encoders)), **parts, scheduler=scheduler, source=str(file),
-                            force_zeros_for_empty_prompt=force_zeros and fam.zero_negative)
+                                                                     else "") + f"; is it {arch.what}?")
+    model = StableDiffusion(**tokenizers(arch.tokenizer_dir, len(fam.encoders)), **parts, scheduler=arch.scheduler,
+                            source=str(file), force_zeros_for_empty_prompt=arch.force_zeros and fam.zero_negative)
     te2 = model.text_encoder_2 and model.text_encoder_2.cfg
-    diffusers_layout.check_conditioning(file, model.unet.cfg, model.text_encoder.cfg, te2)
+    check_conditioning(file, model.unet.cfg, model.text_encoder.cfg, te2)
     return model
 
 
@@ -313,20 +326,17 @@ ARCHITECTURE = "minidream.architecture"
 
 def architecture_json(model: StableDiffusion) -> str:
     """What a diffusers folder's configs say, in one JSON string: a file that carries it loads without --config."""
-    d = {"unet": diffusers_layout.unet_config_json(model.unet.cfg),
-         "vae": diffusers_layout.vae_config_json(model.vae.cfg),
-         **{name: diffusers_layout.clip_config_json(te.cfg, tok) for name, tok, te in model.text_encoders()},
+    d = {"unet": unet_config_json(model.unet.cfg), "vae": vae_config_json(model.vae.cfg),
+         **{name: clip_config_json(te.cfg, tok) for name, tok, te in model.text_encoders()},
          "scheduler": model.scheduler.to_dict(), "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt}
     return json.dumps(d)
 
 
 def architecture(file: Path, text: str) -> tuple[dict, SchedulerConfig, bool]:
     """(the component configs, the scheduler config, force_zeros) from an ARCHITECTURE metadata entry."""
-    parse = {"unet": diffusers_layout.unet_config, "vae": diffusers_layout.vae_config,
-             "text_encoder": diffusers_layout.clip_config, "text_encoder_2": diffusers_layout.clip_config}
     try:
         d = json.loads(text)
-        cfgs = {k: f(d[k], file) for k, f in parse.items() if k in d}
+        cfgs = {k: f(d[k], file) for k, f in PARSE.items() if k in d}
         return cfgs, SchedulerConfig.from_dict(d["scheduler"]).check(), bool(d.get("force_zeros_for_empty_prompt"))
     except ModelError:
         raise

@@ -51,6 +51,64 @@ def _store_tile(ptr, rows, row_stride, n_rows, cols, D, value, ALIGN: tl.constex
     tl.store(ptr + row_offsets + cols[None, :], value, mask=(rows[:, None] < n_rows) & (cols[None, :] < D))
 
 
+# A head-dim tile is a pair (the D0 columns, the D1 columns). When D1 == 0 the second is the first again, never
+# read: `if D1 > 0` is decided at compile time (D1 is a constexpr), so the D1 half of each helper is not even built.
+
+@triton.jit
+def _load_pair(ptr, rows, row_stride, n_rows, D, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr):
+    t0 = _load_tile(ptr, rows, row_stride, n_rows, tl.arange(0, D0), D, ALIGN)
+    t1 = t0
+    if D1 > 0:
+        t1 = _load_tile(ptr, rows, row_stride, n_rows, D0 + tl.arange(0, D1), D, ALIGN)
+    return t0, t1
+
+
+@triton.jit
+def _store_pair(ptr, rows, row_stride, n_rows, D, x0, x1, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr):
+    """The fp32 accumulators (x0, x1), cast to the tensor's type and written."""
+    _store_tile(ptr, rows, row_stride, n_rows, tl.arange(0, D0), D, x0.to(ptr.dtype.element_ty), ALIGN)
+    if D1 > 0:
+        _store_tile(ptr, rows, row_stride, n_rows, D0 + tl.arange(0, D1), D, x1.to(ptr.dtype.element_ty), ALIGN)
+
+
+@triton.jit
+def _zeros_pair(ROWS: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+    """fp32 accumulators of a pair."""
+    z0 = tl.zeros([ROWS, D0], dtype=tl.float32)
+    z1 = z0
+    if D1 > 0:
+        z1 = tl.zeros([ROWS, D1], dtype=tl.float32)
+    return z0, z1
+
+
+@triton.jit
+def _dot_t(a0, a1, b0, b1, D1: tl.constexpr):
+    """a bᵀ over the whole head dim: the sum of the two chunks' products, (rows of a, rows of b)."""
+    s = tl.dot(a0, tl.trans(b0))
+    if D1 > 0:
+        s += tl.dot(a1, tl.trans(b1))
+    return s
+
+
+@triton.jit
+def _rescale(acc0, acc1, alpha, D1: tl.constexpr):
+    """acc · alpha per row (the online softmax's correction). With D1 == 0 the second accumulator is passed through
+    untouched, so the compiler drops it from the loop rather than carrying a dead copy."""
+    acc0 = acc0 * alpha[:, None]
+    if D1 > 0:
+        acc1 = acc1 * alpha[:, None]
+    return acc0, acc1
+
+
+@triton.jit
+def _add_dot(acc0, acc1, p, b0, b1, D1: tl.constexpr):
+    """acc + p b for each chunk of b (p cast to b's type: the tensor cores' inputs)."""
+    acc0 += tl.dot(p.to(b0.dtype), b0)
+    if D1 > 0:
+        acc1 += tl.dot(p.to(b1.dtype), b1)
+    return acc0, acc1
+
+
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -63,37 +121,25 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
     V = _head(V, b, h, svb, svh, ALIGN)
     O = _head(O, b, h, sob, soh, ALIGN)  # written in the layout the caller allocated (the UNet's: (B, N, H·D))
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    c0 = tl.arange(0, D0)
-    q0 = _load_tile(Q, rows, sqn, N_Q, c0, D, ALIGN)
-    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    if D1 > 0:
-        c1 = D0 + tl.arange(0, D1)
-        q1 = _load_tile(Q, rows, sqn, N_Q, c1, D, ALIGN)
-        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    q0, q1 = _load_pair(Q, rows, sqn, N_Q, D, D0, D1, ALIGN)
+    acc0, acc1 = _zeros_pair(BLOCK_M, D0, D1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the scores (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(score - max)
     for start in range(0, N_KV, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k0 = _load_tile(K, cols, skn, N_KV, c0, D, ALIGN)
-        s = tl.dot(q0, tl.trans(k0))
-        if D1 > 0:
-            k1 = _load_tile(K, cols, skn, N_KV, c1, D, ALIGN)
-            s += tl.dot(q1, tl.trans(k1))
+        k0, k1 = _load_pair(K, cols, skn, N_KV, D, D0, D1, ALIGN)
+        s = _dot_t(q0, q1, k0, k1, D1)
         s = tl.where(cols[None, :] < N_KV, s * qk_scale, float("-inf"))
         # online softmax: rescale what was accumulated under the old max
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v0 = _load_tile(V, cols, svn, N_KV, c0, D, ALIGN)
-        acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0)
-        if D1 > 0:
-            v1 = _load_tile(V, cols, svn, N_KV, c1, D, ALIGN)
-            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1)
+        v0, v1 = _load_pair(V, cols, svn, N_KV, D, D0, D1, ALIGN)
+        acc0, acc1 = _rescale(acc0, acc1, alpha, D1)
+        acc0, acc1 = _add_dot(acc0, acc1, p, v0, v1, D1)
         m_i = m_new
-    _store_tile(O, rows, son, N_Q, c0, D, (acc0 / l_i[:, None]).to(O.dtype.element_ty), ALIGN)
-    if D1 > 0:
-        _store_tile(O, rows, son, N_Q, c1, D, (acc1 / l_i[:, None]).to(O.dtype.element_ty), ALIGN)
+    _store_pair(O, rows, son, N_Q, D, acc0 / l_i[:, None], acc1 / l_i[:, None], D0, D1, ALIGN)
     tl.store(LSE + bh * N_Q + rows, m_i + tl.math.log2(l_i), mask=rows < N_Q)
 
 
@@ -118,44 +164,26 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
     DK = _head(DK + split * s_split, b, h, sdkb, sdkh, ALIGN)
     DV = _head(DV + split * s_split, b, h, sdvb, sdvh, ALIGN)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c0 = tl.arange(0, D0)
-    k0 = _load_tile(K, cols, skn, N_KV, c0, D, ALIGN)
-    v0 = _load_tile(V, cols, svn, N_KV, c0, D, ALIGN)
-    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
-    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
-    if D1 > 0:
-        c1 = D0 + tl.arange(0, D1)
-        k1 = _load_tile(K, cols, skn, N_KV, c1, D, ALIGN)
-        v1 = _load_tile(V, cols, svn, N_KV, c1, D, ALIGN)
-        dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
-        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    k0, k1 = _load_pair(K, cols, skn, N_KV, D, D0, D1, ALIGN)
+    v0, v1 = _load_pair(V, cols, svn, N_KV, D, D0, D1, ALIGN)
+    dk0, dk1 = _zeros_pair(BLOCK_N, D0, D1)
+    dv0, dv1 = _zeros_pair(BLOCK_N, D0, D1)
     q_start = split * Q_CHUNK
     for start in range(q_start, tl.minimum(q_start + Q_CHUNK, N_Q), BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q0 = _load_tile(Q, rows, sqn, N_Q, c0, D, ALIGN)
-        do0 = _load_tile(DO, rows, sdn, N_Q, c0, D, ALIGN)
-        sT = tl.dot(k0, tl.trans(q0))  # (BLOCK_N, BLOCK_M): scores, transposed
-        dpT = tl.dot(v0, tl.trans(do0))
-        if D1 > 0:
-            q1 = _load_tile(Q, rows, sqn, N_Q, c1, D, ALIGN)
-            do1 = _load_tile(DO, rows, sdn, N_Q, c1, D, ALIGN)
-            sT += tl.dot(k1, tl.trans(q1))
-            dpT += tl.dot(v1, tl.trans(do1))
+        q0, q1 = _load_pair(Q, rows, sqn, N_Q, D, D0, D1, ALIGN)
+        do0, do1 = _load_pair(DO, rows, sdn, N_Q, D, D0, D1, ALIGN)
+        sT = _dot_t(k0, k1, q0, q1, D1)  # (BLOCK_N, BLOCK_M): scores, transposed
+        dpT = _dot_t(v0, v1, do0, do1, D1)
         lse = tl.load(LSE + bh * N_Q + rows, mask=rows < N_Q, other=0.0)
         delta = tl.load(DELTA + bh * N_Q + rows, mask=rows < N_Q, other=0.0)
         pT = tl.math.exp2(sT * qk_scale - lse[None, :])
         pT = tl.where(rows[None, :] < N_Q, pT, 0.0)  # padding queries contribute nothing
         dsT = pT * (dpT - delta[None, :])
-        dv0 += tl.dot(pT.to(do0.dtype), do0)
-        dk0 += tl.dot(dsT.to(q0.dtype), q0)
-        if D1 > 0:
-            dv1 += tl.dot(pT.to(do1.dtype), do1)
-            dk1 += tl.dot(dsT.to(q1.dtype), q1)
-    _store_tile(DV, cols, sdvn, N_KV, c0, D, dv0.to(DV.dtype.element_ty), ALIGN)
-    _store_tile(DK, cols, sdkn, N_KV, c0, D, (dk0 * sm_scale).to(DK.dtype.element_ty), ALIGN)
-    if D1 > 0:
-        _store_tile(DV, cols, sdvn, N_KV, c1, D, dv1.to(DV.dtype.element_ty), ALIGN)
-        _store_tile(DK, cols, sdkn, N_KV, c1, D, (dk1 * sm_scale).to(DK.dtype.element_ty), ALIGN)
+        dv0, dv1 = _add_dot(dv0, dv1, pT, do0, do1, D1)
+        dk0, dk1 = _add_dot(dk0, dk1, dsT, q0, q1, D1)
+    _store_pair(DV, cols, sdvn, N_KV, D, dv0, dv1, D0, D1, ALIGN)
+    _store_pair(DK, cols, sdkn, N_KV, D, dk0 * sm_scale, dk1 * sm_scale, D0, D1, ALIGN)
 
 
 @triton.jit
@@ -173,37 +201,22 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
     DO = _head(DO, b, h, sdb, sdh, ALIGN)
     DQ = _head(DQ, b, h, sdqb, sdqh, ALIGN)  # dQ in q's layout
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    c0 = tl.arange(0, D0)
-    q0 = _load_tile(Q, rows, sqn, N_Q, c0, D, ALIGN)
-    do0 = _load_tile(DO, rows, sdn, N_Q, c0, D, ALIGN)
-    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    if D1 > 0:
-        c1 = D0 + tl.arange(0, D1)
-        q1 = _load_tile(Q, rows, sqn, N_Q, c1, D, ALIGN)
-        do1 = _load_tile(DO, rows, sdn, N_Q, c1, D, ALIGN)
-        dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    q0, q1 = _load_pair(Q, rows, sqn, N_Q, D, D0, D1, ALIGN)
+    do0, do1 = _load_pair(DO, rows, sdn, N_Q, D, D0, D1, ALIGN)
+    dq0, dq1 = _zeros_pair(BLOCK_M, D0, D1)
     lse = tl.load(LSE + bh * N_Q + rows, mask=rows < N_Q, other=0.0)
     delta = tl.load(DELTA + bh * N_Q + rows, mask=rows < N_Q, other=0.0)
     for start in range(0, N_KV, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k0 = _load_tile(K, cols, skn, N_KV, c0, D, ALIGN)
-        v0 = _load_tile(V, cols, svn, N_KV, c0, D, ALIGN)
-        s = tl.dot(q0, tl.trans(k0))
-        dp = tl.dot(do0, tl.trans(v0))
-        if D1 > 0:
-            k1 = _load_tile(K, cols, skn, N_KV, c1, D, ALIGN)
-            v1 = _load_tile(V, cols, svn, N_KV, c1, D, ALIGN)
-            s += tl.dot(q1, tl.trans(k1))
-            dp += tl.dot(do1, tl.trans(v1))
+        k0, k1 = _load_pair(K, cols, skn, N_KV, D, D0, D1, ALIGN)
+        v0, v1 = _load_pair(V, cols, svn, N_KV, D, D0, D1, ALIGN)
+        s = _dot_t(q0, q1, k0, k1, D1)
+        dp = _dot_t(do0, do1, v0, v1, D1)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         p = tl.where(cols[None, :] < N_KV, p, 0.0)
         ds = p * (dp - delta[:, None])
-        dq0 += tl.dot(ds.to(k0.dtype), k0)
-        if D1 > 0:
-            dq1 += tl.dot(ds.to(k1.dtype), k1)
-    _store_tile(DQ, rows, sdqn, N_Q, c0, D, (dq0 * sm_scale).to(DQ.dtype.element_ty), ALIGN)
-    if D1 > 0:
-        _store_tile(DQ, rows, sdqn, N_Q, c1, D, (dq1 * sm_scale).to(DQ.dtype.element_ty), ALIGN)
+        dq0, dq1 = _add_dot(dq0, dq1, ds, k0, k1, D1)
+    _store_pair(DQ, rows, sdqn, N_Q, D, dq0 * sm_scale, dq1 * sm_scale, D0, D1, ALIGN)
 
 
 # ---------------------------------------------------------------------------------------------

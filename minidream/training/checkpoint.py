@@ -13,7 +13,7 @@ import torch
 from minidream.formats.files import save_safetensors
 from minidream.training import TrainError, continue_with
 from minidream.training.config import OPTIONS, TrainConfig, flag
-from minidream.training.resume_settings import resumed_config, short, stored_config
+from minidream.training.resume_settings import SETTINGS_VERSION, resumed_config, short, stored_config
 from minidream.training.distributed import ProcessGroup
 from minidream.training.photos import image_files
 from minidream.training.state import TrainState
@@ -50,8 +50,9 @@ def save_checkpoint(path: Path, step: int, cfg: TrainConfig, state: dict, proces
         where = (v.untyped_storage().data_ptr(), v.device)
         tensors[k] = v.clone() if where in shared else v
         shared.add(where)
-    meta = {"step": step, "config": asdict(cfg), "param_groups": state["optimizer"]["param_groups"],
-            "optim_scalars": scalars, "lr_sched": state["lr_schedule"], "scaler": state["scaler"],
+    meta = {"step": step, "settings_version": SETTINGS_VERSION, "config": asdict(cfg),
+            "param_groups": state["optimizer"]["param_groups"], "optim_scalars": scalars,
+            "lr_sched": state["lr_schedule"], "scaler": state["scaler"],
             "processes": processes, "base": base}
     save_safetensors(tensors, path, metadata={"minidream": json.dumps(meta)})
 

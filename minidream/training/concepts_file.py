@@ -5,7 +5,7 @@ written; their images are concepts.py's.
 
 Folders laid out as kohya's sd-scripts lay them out say what they hold in their names: `10_sks dog` is the photos
 of "sks dog", each seen 10 times an epoch (repeats); a class folder `1_dog` holds images of "dog". `folder_named`
-reads such a name; `with_folder_names` fills in the settings it gives, where the command line left them out.
+reads such a name; `kohya_rules` says what a concept's folder names give where its settings are silent.
 """
 import re
 from dataclasses import dataclass, replace
@@ -36,27 +36,51 @@ def split_prompt(prompt: str) -> tuple[str, str | None]:
     return ident, noun.strip() or None
 
 
+def kohya_rules(instance_dir, class_dir, *, identifier: str | None, class_noun: str | None,
+                instance_prompt: str | None, class_prompt: str | None, repeats: int | None, default_identifier: str,
+                train_token: bool) -> dict:
+    """A concept's identifier, class noun, prompts and repeats: what its settings say, and where they are silent,
+    what its folders' names say, as kohya's sd-scripts reads them (`10_sks dog`: 10 repeats, identifier sks, class
+    noun dog; a class folder `1_dog`: the class prompt "dog", 1 repeat). The one place these rules live: the command
+    line's concept and every --concepts entry are read by it. A kohya-named photo folder gets kohya's prompts
+    ("sks dog" / "dog"; with --train-token "<sks> dog"), any other our template's ("a photo of sks dog")."""
+    named_repeats, named = folder_named(instance_dir) or (None, None)
+    folder_ident, folder_noun = split_prompt(named) if named else (None, None)
+    if folder_ident is not None and word(folder_ident) is not None:  # not a word a prompt can hold as one token
+        folder_ident = None
+    ident = identifier or folder_ident or default_identifier
+    noun = class_noun or folder_noun
+    token = f"<{ident}>" if train_token else ident
+    class_named = folder_named(class_dir)
+    if named:
+        instance_prompt = instance_prompt or (f"{token} {noun}" if noun else token)
+        class_prompt = class_prompt or (class_named[1] if class_named else noun)
+    else:
+        instance_prompt = instance_prompt or f"a photo of {token} {noun}"
+        class_prompt = class_prompt or f"a photo of {noun}"
+    return {"identifier": ident, "class_noun": noun, "instance_prompt": instance_prompt, "class_prompt": class_prompt,
+            "repeats": repeats or named_repeats or 1, "class_repeats": (class_named or (1,))[0]}
+
+
+def concept_noun(c: dict) -> str | None:
+    """A --concepts entry's class noun: its own, or its kohya folder's."""
+    return kohya_rules(c["instance_dir"], None, identifier=c.get("identifier"), class_noun=c.get("class_noun"),
+                       instance_prompt=None, class_prompt=None, repeats=None, default_identifier="sks",
+                       train_token=False)["class_noun"]
+
+
 def with_folder_names(cfg):
     """`cfg` (a TrainConfig) with what a kohya-named --instance-dir (and --class-dir) says, where the command line
-    did not say it: the repeats, the identifier and class noun (`10_sks dog`: sks, dog) and the prompts, written
-    as kohya writes them ("sks dog" / "dog"; with --train-token "<sks> dog")."""
-    named = folder_named(cfg.instance_dir) if not cfg.concepts else None
-    if named is None:
+    did not say it (`kohya_rules`)."""
+    if cfg.concepts or folder_named(cfg.instance_dir) is None:
         return cfg
-    repeats, prompt = named
-    ident, noun = split_prompt(prompt)
-    changes = {"repeats": cfg.repeats or repeats}
-    if word(ident) is None and cfg.identifier == "sks":  # the folder's identifier, unless --identifier gave one
-        changes["identifier"] = ident
-    noun = cfg.class_noun or noun
-    if noun is not None:
-        changes["class_noun"] = noun
-        ident = changes.get("identifier", cfg.identifier)
-        if not cfg.instance_prompt:
-            changes["instance_prompt"] = f"{f'<{ident}>' if cfg.train_token else ident} {noun}"
-        if not cfg.class_prompt:
-            changes["class_prompt"] = (folder_named(cfg.class_dir) or (0, noun))[1]
-    return replace(cfg, **changes)
+    rules = kohya_rules(cfg.instance_dir, cfg.class_dir, identifier=None if cfg.identifier == "sks" else cfg.identifier,
+                        class_noun=cfg.class_noun, instance_prompt=cfg.instance_prompt, class_prompt=cfg.class_prompt,
+                        repeats=cfg.repeats, default_identifier=cfg.identifier, train_token=cfg.train_token)
+    if rules["class_noun"] is None:  # the folder names no class: validate asks for --class-noun
+        return replace(cfg, repeats=rules["repeats"], identifier=rules["identifier"])
+    return replace(cfg, **{k: rules[k] for k in ("repeats", "identifier", "class_noun", "instance_prompt",
+                                                 "class_prompt")})
 
 
 MAX_CLASS_IMAGES = 100_000  # per concept: more would only exhaust the disk and the time
@@ -121,27 +145,22 @@ class Concept:
 
 
 def concepts(cfg, out: Path) -> list[Concept]:
-    """The run's concepts (`cfg`: its TrainConfig): the --concepts entries, or the one the command line describes."""
+    """The run's concepts (`cfg`: its TrainConfig): the --concepts entries, or the one the command line describes
+    (whose kohya folder names `with_folder_names` has read already)."""
     if not cfg.concepts:
         class_dir = Path(cfg.class_dir) if cfg.class_dir else out / "class_images"
         return [Concept(Path(cfg.instance_dir), cfg.prompts[0], cfg.prompts[1], class_dir, cfg.num_class_images,
                         cfg.identifier, cfg.repeats or 1, (folder_named(class_dir) or (1,))[0])]
     rows = []
     for k, c in enumerate(cfg.concepts):
-        repeats, named = folder_named(c["instance_dir"]) or (1, None)
-        folder_ident, folder_noun = split_prompt(named) if named else (None, None)
-        ident = c.get("identifier") or folder_ident or cfg.identifier
-        noun = c.get("class_noun") or folder_noun
-        token = f"<{ident}>" if cfg.train_token else ident
-        kohya = named is not None and "identifier" not in c and "class_noun" not in c
-        instance_prompt = c.get("instance_prompt") or (f"{token} {noun}" if kohya else f"a photo of {token} {noun}")
         class_dir = Path(c["class_dir"]) if c.get("class_dir") else out / "class_images" / f"concept-{k}"
-        class_named = folder_named(class_dir)
-        class_prompt = c.get("class_prompt") or (class_named[1] if kohya and class_named else
-                                                 noun if kohya else f"a photo of {noun}")
-        rows.append(Concept(Path(c["instance_dir"]), instance_prompt, class_prompt, class_dir,
-                            c.get("num_class_images", cfg.num_class_images), ident,
-                            c.get("repeats", cfg.repeats or repeats), (class_named or (1,))[0]))
+        rules = kohya_rules(c["instance_dir"], class_dir, identifier=c.get("identifier"),
+                            class_noun=c.get("class_noun"), instance_prompt=c.get("instance_prompt"),
+                            class_prompt=c.get("class_prompt"), repeats=c.get("repeats", cfg.repeats),
+                            default_identifier=cfg.identifier, train_token=cfg.train_token)
+        rows.append(Concept(Path(c["instance_dir"]), rules["instance_prompt"], rules["class_prompt"], class_dir,
+                            c.get("num_class_images", cfg.num_class_images), rules["identifier"], rules["repeats"],
+                            rules["class_repeats"]))
     return rows
 
 

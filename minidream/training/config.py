@@ -12,13 +12,13 @@ from minidream.models.attention import CHOICES as ATTENTION_BACKENDS
 from minidream.models.compile import COMPILE_HELP, COMPILE_MODES
 from minidream.models.device import DTYPES
 from minidream.models.stable_diffusion import PRESETS
-from minidream.options import (at_least, each_one_of, first_problem, in_range, non_negative, option, option_flag,
-                               path, positive, positive_number, probability, text, texts)
+from minidream.options import (Needs, at_least, each_one_of, first_problem, in_range, non_negative, option, option_flag,
+                               path, positive, positive_number, probability, seed_range, text, texts)
 from minidream.sampling.pipeline import MAX_GUIDANCE, SamplingParams, image_side
 from minidream.sampling.samplers import SAMPLERS
 from minidream.training import TrainError
 from minidream.training.concepts_file import (MAX_CLASS_IMAGES, MAX_REPEATS, check_concepts, check_run_concepts,
-                                              concepts_file, folder_named, split_prompt, word)
+                                              concept_noun, concepts_file, word)
 from minidream.training.optim import LR_SCHEDULES, OPTIMIZERS, check_optimizer
 from minidream.training.report import REPORT_TO
 from minidream.training.runtime import PRECISIONS
@@ -32,10 +32,6 @@ from minidream.training.validation import check_validation_set, validation_file
 
 def beta(v):
     return None if 0 <= v < 1 else f"must be in [0, 1) (got {v})"
-
-
-def seed_range(v):
-    return None if 0 <= v < 2 ** 63 else f"must be in [0, 2^63) (got {v})"
 
 
 def extension(v):
@@ -57,6 +53,28 @@ MAX_RANK = 1024
 
 def optional_rank(v):
     return None if v is None else at_least(1, MAX_RANK)(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a setting asks of the others when given (`needs`; `combinations` checks them)
+
+LORA = (Needs(lambda c: MODES[c.mode].adapters, "{flag} shapes LoRA adapters: it needs --train lora"),)
+CONVOLUTIONS = (*LORA, Needs(lambda c: c.lora_targets == "all", "--conv-rank/--conv-alpha shape the 3x3 "
+                             "convolutions' adapters: they need --lora-targets all"))
+FUSED_BACKWARD = (
+    Needs(lambda c: c.grad_accum == 1, "--fused-backward updates the weights in every backward pass: it cannot "
+          "accumulate gradients; drop --grad-accum (or --fused-backward)"),
+    Needs(lambda c: c.mixed_precision != "fp16", "--fused-backward cannot skip a step whose fp16 gradients "
+          "overflowed (it updates during backward): use --mixed-precision bf16"),
+    Needs(lambda c: OPTIMIZERS[c.optimizer].per_parameter, "--fused-backward needs an optimizer that updates each "
+          "weight from its own gradient; {cfg.optimizer} does not: use adamw, adamw8bit or adafactor"))
+
+
+def one_lr(name: str) -> tuple[Needs]:
+    """A learning rate of its own, which an optimizer with one step size for everything (Prodigy) cannot take."""
+    return (Needs(lambda c: not OPTIMIZERS[c.optimizer].one_lr or getattr(c, name) == c.unet_lr,
+                  "{cfg.optimizer} takes one learning rate for everything it trains (its step size is shared): drop "
+                  "--text-encoder-lr and --token-lr, or give them --lr's value"),)
 
 
 def absolute_paths(cfg: "TrainConfig") -> "TrainConfig":
@@ -103,35 +121,42 @@ class TrainConfig:
                                       "names them (`10_sks dog`) it gives the repeats, identifier and class noun.",
                                       check=path, resumable=True, cli_type=Path, parse=path_text)
     repeats: int | None = option(None, "Times an epoch sees each photo, and its weight in a draw (default: the "
-                                 "folder's N_ prefix, else 1).", check=optional_count, added=None)
+                                 "folder's N_ prefix, else 1).", check=optional_count)
     class_noun: str | None = option(None, "The subject's class, e.g. dog.", check=noun)
     concepts: tuple = option((), "JSON list of concepts (instead of --instance-dir/--class-noun): {instance_dir, "
                              "instance_prompt | identifier + class_noun, class_prompt, class_dir, num_class_images, "
                              "repeats}; a kohya-named instance_dir (10_sks dog) gives its repeats and prompt.",
-                             check=check_concepts, cli_type=Path, parse=concepts_file, added=())
+                             check=check_concepts, cli_type=Path, parse=concepts_file)
     mask_dir: str | None = option(None, "Masked loss: a folder with PHOTO-NAME.png beside each photo's name (white = "
                                   "the subject, black = ignored); the instance loss is averaged over the mask.",
-                                  check=path, resumable=True, cli_type=Path, parse=path_text, added=None)
-    alpha_mask: bool = option(False, "Masked loss from each photo's alpha channel (opaque = the subject).",
-                              added=False)
+                                  check=path, resumable=True, cli_type=Path, parse=path_text,
+                                  needs=(Needs(lambda c: not c.alpha_mask, "--mask-dir and --alpha-mask both give the "
+                                               "loss mask: pass one of them"),
+                                         Needs(lambda c: not c.concepts, "--mask-dir names one folder of masks: with "
+                                               "--concepts, give each photo its mask in its alpha channel "
+                                               "(--alpha-mask)")))
+    alpha_mask: bool = option(False, "Masked loss from each photo's alpha channel (opaque = the subject).")
     caption_ext: str | None = option(None, "A caption file beside an image (IMAGE.EXT, e.g. .txt) is that image's "
-                                     "prompt.", check=extension, added=None)
-    aspect_buckets: bool = option(False, "Aspect-ratio buckets of about --resolution² pixels instead of square crops.",
-                                  added=False)
-    max_aspect: float = option(2.0, "Largest bucket aspect ratio.", check=in_range(1, 10), added=2.0)
+                                     "prompt.", check=extension)
+    aspect_buckets: bool = option(False, "Aspect-ratio buckets of about --resolution² pixels instead of square crops.")
+    max_aspect: float = option(2.0, "Largest bucket aspect ratio.", check=in_range(1, 10))
     identifier: str = option("sks", "Rare token bound to the subject.", check=identifier)
     instance_prompt: str | None = option(None, "Default: 'a photo of IDENTIFIER CLASS'.", check=text)
     class_prompt: str | None = option(None, "Default: 'a photo of CLASS'.", check=text)
     resolution: int | None = option(None, "Training resolution in pixels; default: the model's native one (512 for "
                                     "SD 1.x/2.x-base, 768 for 2.x-v).", check=image_side)
-    center_crop: bool = option(True, "Crop mode.", flag="--center-crop/--random-crop")
+    center_crop: bool = option(True, "Crop mode.", flag="--center-crop/--random-crop",
+                               needs=(Needs(lambda c: not c.cache_latents, "--random-crop has no effect with "
+                                            "--cache-latents (cached latents are centre crops); drop one of them"),))
     flip: float = option(0.0, "Probability of a horizontal flip.", check=probability)
     # prior preservation (the class images)
     prior: bool = option(True, "Class-specific prior-preservation loss.", flag="--prior/--no-prior")
     class_dir: str | None = option(None, "Class images (generated here if too few). Default: OUT/class_images.",
                                    check=path, resumable=True, cli_type=Path, parse=path_text)
     num_class_images: int = option(200, "Class images to have (generated by the base model).",
-                                   check=at_least(0, MAX_CLASS_IMAGES))
+                                   check=at_least(0, MAX_CLASS_IMAGES),
+                                   needs=(Needs(lambda c: not c.prior or c.num_class_images >= 1, "--num-class-images "
+                                                "must be at least 1 with prior preservation (or pass --no-prior)"),))
     prior_loss_weight: float = option(1.0, "λ, weight of the prior-preservation loss.", check=non_negative)
     class_steps: int = option(50, "Sampling steps for class images.", check=at_least(1))
     class_guidance: float = option(7.5, "CFG scale for class images.", check=in_range(0, MAX_GUIDANCE))
@@ -140,45 +165,49 @@ class TrainConfig:
                                   "CPU.", choices=("auto", *DTYPES))
     class_negative_prompt: str = option("", "Negative prompt for the class images.", check=text)
     class_scheduler: str | None = option(None, "Sampler for class images; default: the model's own.",
-                                         choices=SAMPLERS, added="ddim")
+                                         choices=SAMPLERS)
     # what trains
     mode: str = option("unet", MODE_HELP + ".", choices=MODES, flag="--train", was="train")
     lora_rank: int = option(4, "LoRA rank r.", check=at_least(1, MAX_RANK))
     lora_alpha: float = option(4.0, "LoRA alpha (scale alpha/r).", check=positive)
     lora_targets: str = option("attn", "What LoRA adapts in the UNet: " + "; ".join(
-        f"{n}: {row.help}" for n, row in UNET_TARGETS.items()) + ".", choices=UNET_TARGETS, added="attn")
+        f"{n}: {row.help}" for n, row in UNET_TARGETS.items()) + ".", choices=UNET_TARGETS, needs=LORA)
     text_encoder_targets: str = option("attn", "What LoRA adapts in the text encoder(s) (--train-text-encoder): " +
                                        "; ".join(f"{n}: {row.help}" for n, row in TEXT_TARGETS.items()) + ".",
-                                       choices=TEXT_TARGETS, added="attn")
+                                       choices=TEXT_TARGETS,
+                                       needs=(*LORA, Needs(lambda c: c.train_text_encoder, "--text-encoder-targets "
+                                                           "needs --train-text-encoder")))
     lora_blocks: str | None = option(None, "Only these UNet stages, comma-separated: down.N, mid, up.N (SD and "
                                      "SDXL alike; or prefixes of the UNet's module names, e.g. "
-                                     "up_blocks.0.attentions.1). Default: all.", check=check_blocks, added=None)
+                                     "up_blocks.0.attentions.1). Default: all.", check=check_blocks, needs=LORA)
     conv_rank: int | None = option(None, "LoCon rank of the 3x3 convolutions (--lora-targets all; default: "
-                                   "--lora-rank).", check=optional_rank, added=None)
+                                   "--lora-rank).", check=optional_rank, needs=CONVOLUTIONS)
     conv_alpha: float | None = option(None, "LoCon alpha of the 3x3 convolutions (default: --lora-alpha).",
-                                      check=positive_number, added=None)
+                                      check=positive_number, needs=CONVOLUTIONS)
     lora_dropout: float = option(0.0, "Dropout on each adapter's input while training (PEFT's lora_dropout).",
-                                 check=beta, added=0.0)
+                                 check=beta, needs=LORA)
     dora: bool = option(False, "DoRA (weight-decomposed LoRA): train a magnitude per output channel beside the "
-                        "low-rank direction (diffusers' --use_dora).", added=False)
+                        "low-rank direction (diffusers' --use_dora).", needs=LORA)
     train_text_encoder: bool = option(False, "Also train the text encoder (LoRA with --train lora).")
     train_token: bool = option(False, "Learn a new token embedding <IDENTIFIER>, initialised from the class noun.")
     token_vectors: int = option(1, "Vectors of the new token (--train-token): <IDENTIFIER> stands for N embedding rows "
-                                "(textual inversion's multi-vector tokens).", check=at_least(1, 75), added=1)
+                                "(textual inversion's multi-vector tokens).", check=at_least(1, 75),
+                                needs=(Needs(lambda c: c.train_token, "--token-vectors shapes the learned token: it "
+                                             "needs --train-token"),))
     clip_skip: int = option(1, "SD 1.x/2.x: condition on the text encoder's N-th layer from the end, as A1111 and "
                             "kohya number it (1: the last, 2: the penultimate, for community SD 1.x models).",
-                            check=at_least(1), added=1)
+                            check=at_least(1))
     # optimisation
     optimizer: str = option("adamw", "; ".join(f"{n}: {row.help}" for n, row in OPTIMIZERS.items()) + ".",
-                            choices=OPTIMIZERS, check=check_optimizer, added="adamw")
+                            choices=OPTIMIZERS, check=check_optimizer)
     lr: float | None = option(None, "Learning rate. Default per mode: " + ", ".join(
         f"{m} {row.lr:g}" for m, row in MODES.items()) + ".", check=positive_number)
     text_encoder_lr: float | None = option(None, "Learning rate of the text encoder (default: --lr).",
-                                           check=positive_number)
+                                           check=positive_number, needs=one_lr("text_encoder_lr"))
     text_encoder_steps: int = option(0, "Stop training the text encoder after this many steps (0: never).",
                                      check=non_negative)
     token_lr: float | None = option(None, "Learning rate of the new token embedding (default: 5e-3; with prodigy 1).",
-                                    check=positive_number)
+                                    check=positive_number, needs=one_lr("token_lr"))
     lr_schedule: str = option("constant", "After warmup.", choices=LR_SCHEDULES)
     lr_power: float = option(1.0, "Power of the polynomial schedule.", check=positive)
     warmup_steps: int = option(0, "Linear warmup steps.", check=non_negative)
@@ -186,23 +215,20 @@ class TrainConfig:
     adam_beta2: float = option(0.999, "AdamW beta2.", check=beta)
     adam_epsilon: float = option(1e-8, "AdamW epsilon.", check=positive)
     weight_decay: float = option(1e-2, "AdamW weight decay (not applied to a new token).", check=non_negative)
-    adafactor_beta2_decay: float = option(-0.8, "Adafactor: beta2 at step t is 1 - t^decay.", check=decay,
-                                          added=-0.8)
-    prodigy_d_coef: float = option(1.0, "Prodigy: multiplier of the estimated step size d.", check=positive,
-                                   added=1.0)
+    adafactor_beta2_decay: float = option(-0.8, "Adafactor: beta2 at step t is 1 - t^decay.", check=decay)
+    prodigy_d_coef: float = option(1.0, "Prodigy: multiplier of the estimated step size d.", check=positive)
     prodigy_bias_correction: bool = option(False, "Prodigy: Adam's bias correction (its authors advise it for "
-                                           "diffusion models).", added=False)
-    prodigy_safeguard_warmup: bool = option(False, "Prodigy: keep d from growing too fast during warmup.",
-                                            added=False)
+                                           "diffusion models).")
+    prodigy_safeguard_warmup: bool = option(False, "Prodigy: keep d from growing too fast during warmup.")
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0: no clipping; with --fused-backward each "
                                   "parameter's gradient is clipped on its own).", check=non_negative)
     fused_backward: bool = option(False, "Update each parameter inside backward as soon as its gradient is ready, and "
                                   "free the gradient (no memory for all gradients at once; kohya's "
-                                  "--fused_backward_pass).", added=False)
+                                  "--fused_backward_pass).", needs=FUSED_BACKWARD)
     steps: int = option(400, "Optimizer steps.", check=at_least(1), resumable=True)
     epochs: int | None = option(None, "Instead of --steps: passes over the photos (each photo x its repeats once "
                                 "an epoch; --steps is then derived, and recorded in data.json).",
-                                check=optional_count, resumable=True, added=None)
+                                check=optional_count, resumable=True)
     batch_size: int = option(1, "Instance images per step (plus as many class images).", check=at_least(1))
     grad_accum: int = option(1, "Gradient accumulation micro-steps.", check=at_least(1))
     mixed_precision: str = option("no", "Autocast dtype (fp16 needs a GPU); frozen weights run in it, trained ones "
@@ -211,7 +237,9 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "Recompute activations per block in backward.")
     fsdp: bool = option(False, "Under torchrun: shard the UNet (and a training text encoder), their gradients and "
                         "optimizer state across the processes (FSDP2) instead of a whole copy in each.", resumable=True,
-                        added=False)
+                        needs=(Needs(lambda c: c.optimizer == "adamw" and c.mixed_precision == "no", "--fsdp works "
+                                     "with --optimizer adamw and --mixed-precision no for now (a sharded block holds "
+                                     "one dtype; other optimizers keep state not shaped like the weights)"),))
     cache_latents: bool = option(False, "Encode the images with the VAE once.")
     snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (e.g. 5).", check=positive_number)
     noise_offset: float = option(0.0, "Noise offset (e.g. 0.05).", check=non_negative)
@@ -223,7 +251,7 @@ class TrainConfig:
     validation_set: tuple = option((), "JSON list of validation grid rows, each {prompt, negative_prompt, guidance, "
                                    "height, width, seed, steps} (beside --validation-prompt's).",
                                    check=check_validation_set, resumable=True, flag="--validation-file",
-                                   cli_type=Path, parse=validation_file, added=())
+                                   cli_type=Path, parse=validation_file)
     validation_every: int = option(0, "Steps between validation grids and validation losses (0: a grid at the end "
                                    "only).", check=non_negative,
                                    resumable=True)
@@ -231,29 +259,33 @@ class TrainConfig:
                                     resumable=True)
     validation_steps: int = option(25, "Sampling steps for validation images.", check=at_least(1), resumable=True)
     validation_scheduler: str | None = option(None, "Sampler for validation grids; default: the model's own.",
-                                              choices=SAMPLERS, resumable=True, added="ddim")
+                                              choices=SAMPLERS, resumable=True)
     report_to: str = option("none", "Also log to TensorBoard (OUT/tensorboard; pip install "
                             "'minidream[tensorboard]'). OUT/curves.png is always drawn.", choices=REPORT_TO,
-                            resumable=True, added="none")
+                            resumable=True)
+    log_every: int = option(10, "Steps between metrics lines written (each step has its line; the losses are read "
+                            "back from the GPU only then, and at every checkpoint, snapshot and grid).",
+                            check=at_least(1, 10 ** 6), resumable=True)
     checkpoint_every: int = option(100, "Steps between checkpoints (0: only the last step's; the last step always "
                                    "has one, so a larger --steps extends a finished run).", check=non_negative,
                                    resumable=True)
     keep_last: int = option(2, "Checkpoints to keep (0: all).", check=non_negative, resumable=True)
     save_every: int = option(0, "Steps between snapshots: the --save-as exports of that step in OUT/snapshots/"
                              "step-N, to pick the best step by eye (0: none; the final export stays in OUT).",
-                             check=non_negative, resumable=True, added=0)
-    keep_snapshots: int = option(0, "Snapshots to keep, the newest (0: all).", check=non_negative, resumable=True,
-                                 added=0)
+                             check=non_negative, resumable=True)
+    keep_snapshots: int = option(0, "Snapshots to keep, the newest (0: all).", check=non_negative, resumable=True)
     save_as: tuple[str, ...] = option((), "Export formats (repeatable): " + "; ".join(
         f"{n}: {exports.EXPORTERS[n].help}" for n in exports.CHOICES) + ". Default: " + "; ".join(
         f"{'/'.join(row.save_as)} with --train {m}" for m, row in MODES.items()) + ".",
-        choices=exports.CHOICES, check=each_one_of(exports.CHOICES), resumable=True)
+        choices=exports.CHOICES, check=each_one_of(exports.CHOICES), resumable=True,
+        needs=(Needs(lambda c: MODES[c.mode].adapters or not any(exports.EXPORTERS[s].adapters for s in c.save_as),
+                     "--save-as lora-* needs --train lora"),))
     save_precision: str | None = option(None, "Precision of the exported weights (fp16 halves a file); default: "
                                         "fp32, and what did not train bit-identical to the base.", choices=DTYPES,
-                                        resumable=True, added=None)
+                                        resumable=True)
     attention: str = option("auto", "Attention kernel.", choices=ATTENTION_BACKENDS, resumable=True)
     compile: str = option("off", f"Compile the UNet's step with torch.compile: {COMPILE_HELP}.", choices=COMPILE_MODES,
-                          resumable=True, added="off")
+                          resumable=True)
     device: str | None = option(None, "cuda or cpu; default: cuda when available.", resumable=True)
     # loading the base model (the loader options of `minidream sample`)
     revision: str | None = option(None, "Hub revision (branch, tag or commit) to fetch.")
@@ -285,9 +317,7 @@ class TrainConfig:
     @property
     def init_word(self) -> str:
         """What a new token's embedding starts from (--train-token): the class noun (the first concept's)."""
-        nouns = (c.get("class_noun") or split_prompt((folder_named(c["instance_dir"]) or (0, ""))[1])[1]
-                 for c in self.concepts)
-        return self.class_noun or next((n for n in nouns if n), "photo")
+        return self.class_noun or next(filter(None, (concept_noun(c) for c in self.concepts)), "photo")
 
     @property
     def adapters(self) -> Adapters:
@@ -349,52 +379,13 @@ def validate(cfg: TrainConfig, resuming: bool = False):
 
 
 def combinations(cfg: TrainConfig):
-    """What the settings ask of each other: checked on the command line's, and again on those a resume merges
-    (the checkpoint's with the resumable ones given anew)."""
-    if any(exports.EXPORTERS[s].adapters for s in cfg.save_as) and not MODES[cfg.mode].adapters:
-        raise TrainError("--save-as lora-* needs --train lora")
-    lora_only = [n for n in ("lora_targets", "text_encoder_targets", "lora_blocks", "conv_rank", "conv_alpha",
-                             "lora_dropout", "dora") if getattr(cfg, n) != OPTIONS[n].default]
-    if lora_only and not MODES[cfg.mode].adapters:
-        raise TrainError(f"{flag(lora_only[0])} shapes LoRA adapters: it needs --train lora")
-    if cfg.token_vectors > 1 and not cfg.train_token:
-        raise TrainError("--token-vectors shapes the learned token: it needs --train-token")
-    if cfg.text_encoder_targets != "attn" and not cfg.train_text_encoder:
-        raise TrainError("--text-encoder-targets needs --train-text-encoder")
-    if (cfg.conv_rank or cfg.conv_alpha) and cfg.lora_targets != "all":
-        raise TrainError("--conv-rank/--conv-alpha shape the 3x3 convolutions' adapters: they need --lora-targets all")
-    if cfg.prior and cfg.num_class_images < 1:
-        raise TrainError("--num-class-images must be at least 1 with prior preservation (or pass --no-prior)")
-    if cfg.fused_backward:
-        fused_backward_fits(cfg)
-    if cfg.fsdp and (cfg.optimizer != "adamw" or cfg.mixed_precision != "no"):
-        raise TrainError("--fsdp works with --optimizer adamw and --mixed-precision no for now (a sharded block "
-                         "holds one dtype; other optimizers keep state not shaped like the weights)")
-    if cfg.mask_dir and cfg.alpha_mask:
-        raise TrainError("--mask-dir and --alpha-mask both give the loss mask: pass one of them")
-    if cfg.mask_dir and cfg.concepts:
-        raise TrainError("--mask-dir names one folder of masks: with --concepts, give each photo its mask in its "
-                         "alpha channel (--alpha-mask)")
-    if cfg.cache_latents and not cfg.center_crop:
-        raise TrainError("--random-crop has no effect with --cache-latents (cached latents are centre crops); "
-                         "drop one of them")
-    row = OPTIMIZERS[cfg.optimizer]
-    if row.one_lr and any(x is not None and x != cfg.unet_lr for x in (cfg.text_encoder_lr, cfg.token_lr)):
-        raise TrainError(f"{cfg.optimizer} takes one learning rate for everything it trains (its step size is "
-                         f"shared): drop --text-encoder-lr and --token-lr, or give them --lr's value")
-
-
-def fused_backward_fits(cfg: TrainConfig):
-    """--fused-backward updates each weight as its gradient is ready: nothing may need all the gradients first."""
-    if cfg.grad_accum > 1:
-        raise TrainError("--fused-backward updates the weights in every backward pass: it cannot accumulate "
-                         "gradients; drop --grad-accum (or --fused-backward)")
-    if cfg.mixed_precision == "fp16":
-        raise TrainError("--fused-backward cannot skip a step whose fp16 gradients overflowed (it updates during "
-                         "backward): use --mixed-precision bf16")
-    if not OPTIMIZERS[cfg.optimizer].per_parameter:
-        raise TrainError(f"--fused-backward needs an optimizer that updates each weight from its own gradient; "
-                         f"{cfg.optimizer} does not: use adamw, adamw8bit or adafactor")
+    """What the settings ask of each other, read from each given setting's `needs`: checked on the command line's,
+    and again on those a resume merges (the checkpoint's with the resumable ones given anew)."""
+    for f in fields(TrainConfig):
+        if getattr(cfg, f.name) != f.default:
+            wrong = next((need for need in f.metadata["needs"] if not need.holds(cfg)), None)
+            if wrong:
+                raise TrainError(wrong.why.format(flag=option_flag(f), cfg=cfg))
 
 
 def validate_resolution(value: int, factor: int):

@@ -96,13 +96,13 @@ def barrier(group: ProcessGroup):
         _collective(dist.barrier)
 
 
-def mean(values: list[float], group: ProcessGroup, device) -> list[float]:
-    """The mean over processes of a few numbers (the logged losses): what one process would have logged."""
+def mean(values: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """The mean over processes (the logged losses): what one process would have logged."""
     if group.size == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    _collective(dist.all_reduce, t)
-    return (t / group.size).tolist()
+    values = values.clone()
+    _collective(dist.all_reduce, values)
+    return values / group.size
 
 
 def average_gradients(params: list[torch.Tensor], group: ProcessGroup):

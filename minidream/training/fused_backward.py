@@ -9,7 +9,6 @@ optimizer whose update of a parameter reads only that parameter's gradient (Adam
 table's `per_parameter`), not for Prodigy, whose step size sums over every parameter. Clipping the global gradient
 norm needs every gradient first, so --max-grad-norm clips each parameter's gradient on its own, as kohya does.
 """
-import math
 
 import torch
 
@@ -27,7 +26,7 @@ class FusedBackward:
     def update(self, p: torch.Tensor):
         """p's gradient is complete: clip it (its own norm), step p alone, free the gradient."""
         if self.max_grad_norm:
-            self.squares += torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm).item() ** 2
+            self.squares = self.squares + torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm).float() ** 2
         opt = self.optimizer
         groups = opt.param_groups
         opt.param_groups = [{**groups[self.group_of[p]], "params": [p]}]  # a view: its group's settings, p alone
@@ -37,9 +36,10 @@ class FusedBackward:
             opt.param_groups = groups
         p.grad = None
 
-    def grad_norm(self) -> float | None:
-        """The step's gradient norm (the root of the parameters' squared norms, before clipping); starts the next."""
-        norm, self.squares = math.sqrt(self.squares) if self.max_grad_norm else None, 0.0
+    def grad_norm(self) -> torch.Tensor | None:
+        """The step's gradient norm (the root of the parameters' squared norms, before clipping), on the device;
+        starts the next."""
+        norm, self.squares = torch.as_tensor(self.squares).sqrt() if self.max_grad_norm else None, 0.0
         return norm
 
     def remove(self):

@@ -1,15 +1,22 @@
 """The training loop, and how any part of a run stops without losing work.
 
-`loop` repeats the step to --steps, each logging a metrics line and maybe checkpointing and drawing a validation
-grid. Whatever stops a run — Ctrl-C, SIGTERM (runtime.py makes it a Ctrl-C), another process lost, a full disk —
-ends it with one line that says what was kept and how to continue (`--resume latest`): in the loop a checkpoint of
-the last finished step is saved first; before the loop (class images, latents) what was made is kept and a run
-without a checkpoint resumes from step 0; after it (the final grid, the exports) the trained weights are saved first.
-A non-finite loss stops with the last good checkpoint kept.
+`loop` repeats the step to --steps, each giving a metrics line, and maybe checkpoints and draws a validation grid.
+The lines' losses stay on the device until a log step (--log-every) or a step whose weights are kept or sampled
+(`Unsynced`): the accelerator runs ahead of the host in between, as nanoGPT's loop does.
+
+Whatever stops a run — Ctrl-C, SIGTERM (runtime.py makes it a Ctrl-C), another process lost, a full disk — ends it
+with one line that says what was kept and how to continue (`--resume latest`): in the loop a checkpoint of the last
+finished step is saved first; before the loop (class images, latents) what was made is kept and a run without a
+checkpoint resumes from step 0; after it (the final grid, the exports) the trained weights are saved first.
+A non-finite loss stops the run at the first step that had one, with the last good checkpoint kept: the losses
+are read before any checkpoint, snapshot or grid, so none holds weights that a non-finite loss updated.
 """
+import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+import torch
 
 from minidream.models.compile import eager
 from minidream.progress import Progress
@@ -86,24 +93,68 @@ def snapshot_at(cfg: TrainConfig, stepper: Stepper, step: int, bar: Progress):
             bar.write(f"snapshot of step {step}: {snapshot(cfg, trained, step)}")
 
 
+class Unsynced:
+    """The metrics lines of the steps since the losses were last read back from the device: `read` waits for them,
+    averages them over the processes (what one process would have logged), writes them and stops the run at the
+    first non-finite loss. A line's step_s is the wall time from its step's start to the next's (or to the read)."""
+
+    def __init__(self, group: distributed.ProcessGroup, log: Log, bar: Progress):
+        self.group, self.log, self.bar, self.lines = group, log, bar, []
+
+    def add(self, line: dict, began: float):
+        self.lines.append({**line, "began": began})
+
+    def read(self, kept: str, alone: bool = False):
+        """`alone`: without the other processes (a run that stops may have lost one, and the others are not at
+        this call): this process's own losses, each line marked so."""
+        if not self.lines:
+            return
+        lines, self.lines = self.lines, []
+
+        def row(x):  # loss, instance part, prior part, gradient norm
+            norm = x["grad_norm"] if x["grad_norm"] is not None else torch.zeros(())
+            return torch.cat([x["parts"], norm.reshape(1).to(x["parts"])])
+        values = torch.stack([row(x) for x in lines]).double()
+        values = (values if alone else distributed.mean(values, self.group)).tolist()  # the wait for the device
+        ends = [x["began"] for x in lines[1:]] + [time.perf_counter()]
+        for x, (loss, inst, prior, norm), end in zip(lines, values, ends):
+            if not math.isfinite(loss):  # every process sees the same value, so all stop together
+                raise TrainError(f"loss is {loss} at step {x['step']}; stopped, {kept}. "
+                                 "Try a lower --lr or --mixed-precision no")
+            self.log.step({"step": x["step"], "loss": loss, "loss_instance": inst, "loss_prior": prior,
+                           "lr": x["lr"], "grad_norm": None if x["grad_norm"] is None else norm,
+                           "step_s": end - x["began"], **({"this_process_only": True} if alone and
+                                                           self.group.size > 1 else {})})
+            self.bar.stats.update(loss=loss, inst=inst, prior=prior)  # shown at the bar's next update
+
+
+def syncs_at(cfg: TrainConfig, step: int) -> bool:
+    """Where the losses are read: every --log-every steps, and before the weights are kept or sampled (a checkpoint,
+    a snapshot, a validation grid or loss) and at the last step."""
+    every = (cfg.log_every, cfg.checkpoint_every, cfg.save_every, cfg.validation_every)
+    return step == cfg.steps or any(n and step % n == 0 for n in every)
+
+
 def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step: int) -> int:
     """Optimizer steps from `step` to cfg.steps; returns the last step done."""
     main = stepper.runtime.main  # under torchrun only rank 0 logs, checkpoints and validates
     bar = Progress(cfg.steps, "training", start=step, enabled=main)
     held = HeldOutLoss(stepper.batches.pools, cfg.seed, dreambooth_loss) if cfg.validation_every else None
-    log = None
+    log = unsynced = None
     try:
         log = Log(out, cfg.report_to, main)
+        unsynced = Unsynced(stepper.runtime.group, log, bar)
         if step == 0 and (cfg.validation_every or has_grid(cfg)):  # the base model, beside the later grids
             validation(cfg, out, stepper, 0, log, held, bar)
         if not (out / "snapshots" / f"step-{step:06d}").exists():  # a stop while it was written: write it now
             snapshot_at(cfg, stepper, step, bar)
         while step < cfg.steps:
-            t0 = time.perf_counter()
-            line = stepper(step, ckpt.kept())
+            began = time.perf_counter()
+            unsynced.add(stepper(step), began)
             step += 1
-            bar.update(loss=line["loss"], inst=line["loss_instance"], prior=line["loss_prior"])
-            log.step({**line, "step_s": time.perf_counter() - t0})
+            if syncs_at(cfg, step):
+                unsynced.read(ckpt.kept())
+            bar.update()
             stepper.raise_deferred()  # a Ctrl-C that came during the update ends the run here, after step `step`
             if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 ckpt.save(step)  # always the last step: a larger --steps extends a finished run
@@ -113,6 +164,9 @@ def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step
     except STOPS as e:
         bar.close()
         stepper.rewind()
+        if unsynced is not None:  # a non-finite loss among the unread steps stops the run as such, unsaved
+            with suppress(OSError):  # a line that does not fit was reported where it failed
+                unsynced.read(ckpt.kept(), alone=True)
         raise TrainError(f"{why(e)} at step {step}; {saved(ckpt, step)}; {continue_with(out)}") from None
     finally:
         if log is not None:

@@ -1,7 +1,7 @@
 """A resumed run's settings: the checkpoint's (`stored_config`, checked as the command line's are) with the resumable
 ones the user gives anew (`resumed_config`); a changed fixed one is refused in one line. The rules are read from
-the declarations in config.py (`resumable`, `added`, `was`)."""
-from dataclasses import MISSING, replace
+the declarations in config.py (`resumable`, `was`) and from ADDED, what older checkpoints lack."""
+from dataclasses import replace
 from pathlib import Path
 
 from minidream.options import path
@@ -9,15 +9,34 @@ from minidream.training import TrainError
 from minidream.training.config import OPTIONS, TrainConfig, flag, validate
 
 
+# The version of the settings a checkpoint stores ("settings_version" in its metadata; none before version 1).
+SETTINGS_VERSION = 1
+
+# ADDED[v]: the settings added in version v, with the value that reproduces a run whose checkpoint was written
+# before (its settings lack them). A new setting goes under the next version, which SETTINGS_VERSION becomes.
+ADDED = {
+    1: {"repeats": None, "concepts": (), "mask_dir": None, "alpha_mask": False, "caption_ext": None,
+        "aspect_buckets": False, "max_aspect": 2.0, "class_scheduler": "ddim", "lora_targets": "attn",
+        "text_encoder_targets": "attn", "lora_blocks": None, "conv_rank": None, "conv_alpha": None,
+        "lora_dropout": 0.0, "dora": False, "token_vectors": 1, "clip_skip": 1, "optimizer": "adamw",
+        "adafactor_beta2_decay": -0.8, "prodigy_d_coef": 1.0, "prodigy_bias_correction": False,
+        "prodigy_safeguard_warmup": False, "fused_backward": False, "epochs": None, "fsdp": False,
+        "validation_set": (), "validation_scheduler": "ddim", "report_to": "none", "log_every": 10, "save_every": 0,
+        "keep_snapshots": 0, "save_precision": None, "compile": "off"},
+}
+
+
 def stored_config(meta: dict, path: Path) -> TrainConfig:
     """The run's settings from a checkpoint, checked like the command line's (a crafted file gets no further)."""
     try:
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
-        for n, f in OPTIONS.items():  # settings renamed or added since the checkpoint was written
+        for n, f in OPTIONS.items():  # settings renamed since the checkpoint was written
             if f.metadata["was"] in d:
                 d[n] = d.pop(f.metadata["was"])
-            elif n not in d and f.metadata["added"] is not MISSING:
-                d[n] = f.metadata["added"]
+        version = meta.get("settings_version", 0)
+        for v, added in ADDED.items():  # settings added since
+            if version < v:
+                d = {**added, **d}
         missing = [f for f in OPTIONS if f not in d]
         if missing:
             raise TrainError(f"{path}: written by an older minidream (no {', '.join(missing[:4])}"

@@ -14,7 +14,6 @@ One step, in three files: `Stepper` (here) draws latents and conditioning (batch
 weighs the prediction (here); what the denoiser is conditioned on and how latents are noised are the model's
 (models/stable_diffusion.py: `encode_text`, `DDPMProcess`).
 """
-import math
 import sys
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ import torch
 
 from minidream.models.compile import compile_network, step_begins
 from minidream.models.stable_diffusion import DDPMProcess, StableDiffusion
-from minidream.training import TrainError, distributed
+from minidream.training import distributed
 from minidream.training.batches import LatentSource, TextConditioning
 from minidream.training.config import TrainConfig
 from minidream.training.distributed import ProcessGroup
@@ -74,11 +73,11 @@ def training_step(denoiser, process: DDPMProcess, latents, cond: dict, n_instanc
     return dreambooth_loss(pred, process.target(latents, noise, t), n_instance, prior_weight, weights, mask)
 
 
-def apply_gradients(opt, scaler, params: list, max_grad_norm: float) -> float | None:
-    """Clip (the true gradients: unscaled first under fp16) and step; returns the gradient norm."""
+def apply_gradients(opt, scaler, params: list, max_grad_norm: float) -> torch.Tensor | None:
+    """Clip (the true gradients: unscaled first under fp16) and step; returns the gradient norm, on the device."""
     if scaler:
         scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item() if max_grad_norm else None
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
     if scaler:
         scaler.step(opt)
         scaler.update()
@@ -118,14 +117,15 @@ class Stepper:
             self.state.generator.set_state(self.rng_at_start)
             self.done = True
 
-    def __call__(self, step: int, kept: str = "") -> dict:
-        """Step `step` + 1; returns its metrics line."""
+    def __call__(self, step: int) -> dict:
+        """Step `step` + 1; returns its metrics line, whose losses stay on the device: reading them would wait for
+        the accelerator every step (the loop reads them at log and checkpoint time: loop.Unsynced)."""
         cfg, state, rt = self.cfg, self.state, self.runtime
         self.rng_at_start, self.done = state.generator.get_state(), False
         n_inst = self.batch_size or cfg.batch_size
         n_class = n_inst if cfg.prior else 0
         state.optimizer.zero_grad(set_to_none=True)
-        tot = inst = prior = 0.0
+        parts = torch.zeros(3, device=rt.device)  # the loss, its instance part, its prior part
         for _ in range(cfg.grad_accum):
             latents, prompts, sizes, mask = self.batches.draw_step(n_inst, n_class)  # instance rows, then class
             if cfg.lora_dropout:  # dropout draws from torch's global generator: seed it from the run's, per process
@@ -136,33 +136,31 @@ class Stepper:
                 loss, li, lp = training_step(state.model.denoiser, self.process, latents,
                                              {**self.text(step, prompts), **sizes}, n_inst, cfg.prior_loss_weight,
                                              state.generator, cfg.snr_gamma, cfg.noise_offset, rt.group, mask)
-            parts = distributed.mean([loss.item(), li.item(), lp.item()], rt.group, rt.device)  # as one process logs
-            if not math.isfinite(parts[0]):  # every process sees the same value, so all stop together
-                raise TrainError(f"loss is {parts[0]} at step {step + 1}; stopped, {kept}. "
-                                 "Try a lower --lr or --mixed-precision no")
+            parts += torch.stack([loss, li, lp]).detach().float() / cfg.grad_accum
             loss = loss / cfg.grad_accum
-            if self.fused:  # backward is the update (--fused-backward): whole, or not at all
-                with signals_deferred() as came:
-                    loss.backward()
-                    state.lr_schedule.step()
-                    self.done = True
-                self.deferred = bool(came)
+            if self.fused:  # backward is the update (--fused-backward, which takes no --grad-accum)
+                self.update(loss.backward)
             else:
                 (state.scaler.scale(loss) if state.scaler else loss).backward()
-            tot, inst, prior = (tot + parts[0] / cfg.grad_accum, inst + parts[1] / cfg.grad_accum,
-                                prior + parts[2] / cfg.grad_accum)
         if self.fused:
             grad_norm = self.fused.grad_norm()
         else:
             params = state.trainable.params()
             distributed.average_gradients([p for p in params if not is_sharded(p)], rt.group)  # FSDP: its own
-            with signals_deferred() as came:  # the update happens whole, or not at all
-                grad_norm = apply_gradients(state.optimizer, state.scaler, params, cfg.max_grad_norm)
-                state.lr_schedule.step()
-                self.done = True
-            self.deferred = bool(came)
-        return {"step": step + 1, "loss": tot, "loss_instance": inst, "loss_prior": prior,
-                "lr": state.lr_schedule.get_last_lr()[0], "grad_norm": grad_norm}
+            grad_norm = self.update(lambda: apply_gradients(state.optimizer, state.scaler, params, cfg.max_grad_norm))
+        full = getattr(grad_norm, "full_tensor", None)  # a sharded UNet's norm (a DTensor) as a plain tensor
+        return {"step": step + 1, "parts": parts, "lr": state.lr_schedule.get_last_lr()[0],
+                "grad_norm": full() if full else grad_norm}
+
+    def update(self, apply):
+        """The step's update (`apply`) and the LR schedule's, whole or not at all: a Ctrl-C or SIGTERM that comes
+        during it waits until the step is counted (raise_deferred)."""
+        with signals_deferred() as came:
+            out = apply()
+            self.state.lr_schedule.step()
+            self.done = True
+        self.deferred = bool(came)
+        return out
 
 
 def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[list],
