@@ -10,18 +10,17 @@ import sys
 signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting; nothing was written"))
 import json
 import os
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from minidream.cli_common import (adapt, adapters, check_sampling, checked, clip_skipped, device_and_backend, fail,
                                   load_model, resolved_device, write_samples, writing)
-from minidream.cli_options import Adapters, Bench, Demo, Eval, Loader, Maps, Pretrain, Run, Sample
+from minidream.cli_options import Adapters, Bench, Demo, Diff, Eval, Loader, Maps, Pretrain, Run, Sample
 from minidream.sampling.pipeline import SamplingParams
 from minidream.training import TrainError
 from minidream.training.config import TrainConfig
-from minidream.options import declared_values, path_option, with_options
+from minidream.options import declared_values, with_options
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again (a run saves)
 
@@ -154,17 +153,13 @@ def demo(**options):
 
 
 @app.command()
-@with_options(Adapters, Loader)
-def diff(base: ModelArg, tuned: ModelArg,
-         out: Annotated[Path, path_option(help="Folder for diff.json, diff.md and diff.png.")], **options):
+@with_options(Diff, Adapters, Loader)
+def diff(base: ModelArg, tuned: ModelArg, **options):
     """What fine-tuning changed: ‖W_tuned − W_base‖/‖W_base‖ of every tensor, by component, block and layer type
     (--lora/--embedding are applied to TUNED: `diff BASE BASE --lora L` shows what a LoRA changes)."""
     import torch
     from minidream.inspect import weight_diff
-    from minidream.options import out_folder
-    adapters_, loader = checked(options, Adapters, Loader)
-    if out_folder(out):
-        fail(f"--out {out_folder(out)}")
+    o, adapters_, loader = checked(options, Diff, Adapters, Loader)
     loras, embeddings = adapters(adapters_)
     a = load_model(base, loader, dtype=torch.float32)
     b = adapt(load_model(tuned, loader, dtype=torch.float32), loras, embeddings, loader.allow_pickle)
@@ -172,9 +167,9 @@ def diff(base: ModelArg, tuned: ModelArg,
         d = weight_diff.diff(a, b)
     except ValueError as e:
         fail(f"{base} vs {tuned}: {e}")
-    with writing(out):
-        files = weight_diff.write(d, out, {"base": base, "tuned": tuned, "lora": list(adapters_.lora),
-                                           "embedding": list(adapters_.embedding)})
+    with writing(o.out):
+        files = weight_diff.write(d, o.out, {"base": base, "tuned": tuned, "lora": list(adapters_.lora),
+                                             "embedding": list(adapters_.embedding)})
     typer.echo(weight_diff.markdown(d).split("\n\n")[0])
     typer.echo(f"wrote {', '.join(map(str, files))}")
 

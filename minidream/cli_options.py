@@ -81,6 +81,12 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Diff:
+    """`diff`: what fine-tuning changed (its two models are arguments)."""
+    out: Path = option(help="Folder for diff.json, diff.md and diff.png.", check=out_folder, cli_type=Path)
+
+
+@dataclass(frozen=True)
 class Maps:
     """`attention-maps`: where each prompt token looks."""
     model: str = option(help="Model folder, hub repo id or single-file checkpoint.", check=path)

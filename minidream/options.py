@@ -90,7 +90,7 @@ def comma_integers(each):
     """Comma-separated integers ("0,1,2"), each passing `each`."""
     def check(v):
         parts = v.split(",")
-        if not all(p.strip().isdigit() for p in parts):
+        if not all(p.strip().isdecimal() and p.strip().isascii() for p in parts):
             return f"{v!r}: give comma-separated integers, e.g. 0,1,2"
         return next(filter(None, (each(int(p)) for p in parts)), None)
     return check

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,10 +82,9 @@ def test_two_processes_train_as_one_process_with_the_global_batch(sd1_dir, insta
     assert (da - dc).norm() <= 5e-2 * da.norm()
 
 
-def test_a_killed_process_ends_the_run_and_the_checkpoint_resumes_exactly(sd1_dir, instance_dir, tmp_path):
-    out, full = tmp_path / "run", tmp_path / "full"
-    driver = tmp_path / "kill_rank1.py"  # from outside the trainer: rank 1 dies before its 3rd optimizer step
-    driver.write_text("\n".join([
+def kill_rank1_driver(path: Path) -> Path:
+    """The CLI, with rank 1 killed (SIGKILL, from outside the trainer) before its 3rd optimizer step."""
+    path.write_text("\n".join([
         "import os, runpy, signal, sys",
         "from torch.optim.optimizer import register_optimizer_step_pre_hook",
         "steps = []",
@@ -95,6 +95,12 @@ def test_a_killed_process_ends_the_run_and_the_checkpoint_resumes_exactly(sd1_di
         "register_optimizer_step_pre_hook(hook)",
         "sys.argv[0] = 'minidream'",
         "runpy.run_module('minidream', run_name='__main__')"]))
+    return path
+
+
+def test_a_killed_process_ends_the_run_and_the_checkpoint_resumes_exactly(sd1_dir, instance_dir, tmp_path):
+    out, full = tmp_path / "run", tmp_path / "full"
+    driver = kill_rank1_driver(tmp_path / "kill_rank1.py")
     args = lambda o: train_args(sd1_dir, instance_dir, o, "--batch-size", 1, *COMMON, "--steps", 6)  # noqa: E731
     r = torchrun(*args(out), script=str(driver), timeout=240)  # a hang fails here with TimeoutExpired
     assert r.returncode != 0
@@ -182,6 +188,24 @@ def test_fsdp_trains_as_one_process_with_the_global_batch_and_resumes_anywhere(s
         assert [x["step"] for x in lc] == [1, 2, 3] and abs(lc[2]["loss"] - la[2]["loss"]) <= 1e-4 * la[2]["loss"]
         dc = unet_change(sd1_dir, run)
         assert (da - dc).norm() <= 5e-2 * da.norm()
+
+
+@OLD_TORCH
+def test_a_killed_process_under_fsdp_is_the_one_line_too(sd1_dir, instance_dir, tmp_path):
+    """Under --fsdp the lost process shows in FSDP's own gathers (gloo's RuntimeError from inside the forward), not in
+    the trainer's collectives: rank 0 still ends with the one line (or with torchrun's SIGTERM taken as Ctrl-C), no
+    traceback from the trainer, and the last checkpoint resumes."""
+    out = tmp_path / "run"
+    args = train_args(sd1_dir, instance_dir, out, "--batch-size", 1, "--fsdp", *FSDP, "--steps", 5)
+    r = torchrun(*args, script=str(kill_rank1_driver(tmp_path / "kill_rank1.py")), timeout=240)
+    assert r.returncode != 0
+    assert "/minidream/" not in r.stderr, r.stderr[-3000:]  # no frame of ours: no traceback from the trainer
+    line = next((x for x in r.stderr.splitlines() if x.startswith("error: rank 0: ")), None)
+    assert line is None or (("another process stopped" in line or "interrupted" in line) and "--resume latest" in line)
+    assert "step-000002.safetensors" in [p.name for p in (out / "checkpoints").iterdir()]
+    r = torchrun(*args, "--resume", "latest")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
 
 
 def test_fsdp_needs_torchrun_and_says_what_it_cannot_do(sd1_dir, instance_dir, tmp_path):

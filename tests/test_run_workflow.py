@@ -140,6 +140,32 @@ def masks_for(photos, folder, value=None, size=None):
     return folder
 
 
+def test_a_mask_the_centre_crop_hides_is_said(tmp_path, capsys):
+    """A mask white only where the centre crop cuts the photo away trains nothing of it: a warning names the photo
+    (as for an all-black mask file); with --random-crop, which reaches the whole photo, none."""
+    from dataclasses import replace
+    from PIL import Image
+    from minidream.training.concepts_file import concepts
+    from minidream.training.config import TrainConfig
+    from minidream.training.dataset import instance_examples
+    photos, masks, out = tmp_path / "photos", tmp_path / "masks", tmp_path / "out"
+    photos.mkdir()
+    masks.mkdir()
+    for k in range(3):  # 96x32 photos, centre-cropped to their middle 32 columns
+        Image.new("RGB", (96, 32), (k * 40, 100, 100)).save(photos / f"{k}.png")
+        m = Image.new("L", (96, 32), 0)
+        if k:  # 1: white left of the crop only; 2: white inside it
+            m.paste(255, (0, 0, 16, 32) if k == 1 else (40, 0, 56, 32))
+        m.save(masks / f"{k}.png")
+    cfg = TrainConfig(out=str(out), instance_dir=str(photos), class_noun="dog", mask_dir=str(masks), resolution=32)
+    for center, said in ((True, ["1.png"]), (False, [])):
+        run = replace(cfg, center_crop=center)
+        instance_examples(concepts(run, out), run, [(32, 32)])
+        err = capsys.readouterr().err
+        assert [n for n in ("0.png", "1.png", "2.png") if f"mask of {n} is all black inside" in err] == said, err
+        assert "the mask of 0.png is all black:" in err  # the all-black file's own warning
+
+
 def test_a_mask_follows_the_crop_and_the_flip():
     """The mask goes through the photo's resize, crop and mirror: a gray photo that is its own mask stays so."""
     import random

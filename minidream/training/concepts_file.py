@@ -8,7 +8,7 @@ of "sks dog", each seen 10 times an epoch (repeats); a class folder `1_dog` hold
 reads such a name; `kohya_rules` says what a concept's folder names give where its settings are silent.
 """
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from minidream.options import text
@@ -36,14 +36,16 @@ def split_prompt(prompt: str) -> tuple[str, str | None]:
     return ident, noun.strip() or None
 
 
-def kohya_rules(instance_dir, class_dir, *, identifier: str | None, class_noun: str | None,
-                instance_prompt: str | None, class_prompt: str | None, repeats: int | None, default_identifier: str,
-                train_token: bool) -> dict:
+def kohya_rules(instance_dir, class_dir, *, identifier: str | None = None, class_noun: str | None = None,
+                instance_prompt: str | None = None, class_prompt: str | None = None, repeats: int | None = None,
+                default_identifier: str = "sks", train_token: bool = False) -> dict:
     """A concept's identifier, class noun, prompts and repeats: what its settings say, and where they are silent,
     what its folders' names say, as kohya's sd-scripts reads them (`10_sks dog`: 10 repeats, identifier sks, class
     noun dog; a class folder `1_dog`: the class prompt "dog", 1 repeat). The one place these rules live: the command
     line's concept and every --concepts entry are read by it. A kohya-named photo folder gets kohya's prompts
-    ("sks dog" / "dog"; with --train-token "<sks> dog"), any other our template's ("a photo of sks dog")."""
+    ("sks dog" / "dog"; with --train-token "<sks> dog"), any other our template's ("a photo of sks dog"). A folder's
+    identifier that is not one word a prompt can hold (`10_<sks> dog`) is not taken: the default identifier is.
+    `default_identifier`: --identifier's value (its default "sks" when not given)."""
     named_repeats, named = folder_named(instance_dir) or (None, None)
     folder_ident, folder_noun = split_prompt(named) if named else (None, None)
     if folder_ident is not None and word(folder_ident) is not None:  # not a word a prompt can hold as one token
@@ -64,9 +66,8 @@ def kohya_rules(instance_dir, class_dir, *, identifier: str | None, class_noun: 
 
 def concept_noun(c: dict) -> str | None:
     """A --concepts entry's class noun: its own, or its kohya folder's."""
-    return kohya_rules(c["instance_dir"], None, identifier=c.get("identifier"), class_noun=c.get("class_noun"),
-                       instance_prompt=None, class_prompt=None, repeats=None, default_identifier="sks",
-                       train_token=False)["class_noun"]
+    rules = kohya_rules(c["instance_dir"], None, identifier=c.get("identifier"), class_noun=c.get("class_noun"))
+    return rules["class_noun"]
 
 
 def with_folder_names(cfg):
@@ -74,7 +75,8 @@ def with_folder_names(cfg):
     did not say it (`kohya_rules`)."""
     if cfg.concepts or folder_named(cfg.instance_dir) is None:
         return cfg
-    rules = kohya_rules(cfg.instance_dir, cfg.class_dir, identifier=None if cfg.identifier == "sks" else cfg.identifier,
+    given = cfg.identifier != next(f.default for f in fields(cfg) if f.name == "identifier")
+    rules = kohya_rules(cfg.instance_dir, cfg.class_dir, identifier=cfg.identifier if given else None,
                         class_noun=cfg.class_noun, instance_prompt=cfg.instance_prompt, class_prompt=cfg.class_prompt,
                         repeats=cfg.repeats, default_identifier=cfg.identifier, train_token=cfg.train_token)
     if rules["class_noun"] is None:  # the folder names no class: validate asks for --class-noun

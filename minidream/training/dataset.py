@@ -21,7 +21,7 @@ from minidream.training import TrainError
 from minidream.training.class_images import check_class_dir, make_class_images, planned
 from minidream.training.concepts_file import Concept, concepts
 from minidream.training.config import TrainConfig
-from minidream.training.photos import image_files, load_images, load_masks
+from minidream.training.photos import image_files, load_images, load_masks, view
 from minidream.training.runtime import Runtime
 
 
@@ -93,7 +93,21 @@ def instance_examples(concepts: list[Concept], cfg: TrainConfig, shapes: list[tu
         masks = load_masks(files, images, cfg.mask_dir, cfg.alpha_mask)
         found = examples(images, files, k, c.instance_prompt, cfg, shapes, captions=True, repeats=c.repeats)
         rows += [replace(e, mask=m, mask_file=where) for e, (m, where) in zip(found, masks)]
+    if cfg.center_crop:
+        warn_cropped_masks(rows, "--mask-dir" if cfg.mask_dir else "--alpha-mask")
     return rows
+
+
+def warn_cropped_masks(rows: list[Example], flag: str):
+    """A mask whose white lies only where the centre crop cuts the photo away trains nothing of it (loss 0): said,
+    as an all-black mask file is (load_masks). A random crop (--random-crop) reaches every part of the photo."""
+    for e in rows:
+        if e.mask is not None and e.mask.getextrema()[1] > 0:
+            if view(e.image, e.bucket, True, False, None, e.mask)[2].max() == 0:
+                w, h = e.bucket
+                print(f"warning: {flag}: the mask of {e.file.name} is all black inside the centre crop to {w}x{h}: "
+                      f"nothing of that photo is learned; use --random-crop, or a mask inside the crop",
+                      file=sys.stderr)
 
 
 def class_examples(concepts: list[Concept], cfg: TrainConfig, shapes: list[tuple[int, int]]) -> list[Example]:

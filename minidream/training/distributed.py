@@ -12,6 +12,7 @@ takes the same optimizer step and stays bit-identical to the others. Only rank 0
 import datetime
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +36,34 @@ class LostProcess(RuntimeError):
     """Another process died or did not answer within TIMEOUT (a collective failed)."""
 
 
+def _lost(e: RuntimeError) -> LostProcess:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return LostProcess(first.split(". ")[0][:160])
+
+
 def _collective(fn, *args):
     try:
         return fn(*args)
     except RuntimeError as e:  # gloo: "Connection closed by peer"; NCCL: a watchdog timeout or a DistBackendError
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LostProcess(first.split(". ")[0][:160]) from None
+        raise _lost(e) from None
+
+
+# what a collective says when another process is gone: gloo's transport (a plain RuntimeError), NCCL's watchdog
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo", "NCCL")
+
+
+@contextmanager
+def peers_watched():
+    """Inside it, a collective that fails because another process is gone is LostProcess, as `_collective`'s are:
+    also one the model calls itself (FSDP's gathers and reductions, in its hooks), which raises torch's DistError or
+    gloo's RuntimeError from wherever the forward or backward was."""
+    try:
+        yield
+    except RuntimeError as e:
+        gone = isinstance(e, getattr(dist, "DistError", ())) or any(s in str(e) for s in PEER_GONE)
+        if isinstance(e, LostProcess) or not gone:
+            raise
+        raise _lost(e) from None
 
 
 @dataclass(frozen=True)

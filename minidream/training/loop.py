@@ -59,7 +59,8 @@ def saved(ckpt: Checkpointer, step: int) -> str:
 def phase(what: str, out: Path, ckpt: Checkpointer | None = None, step: int = 0):
     """A part of a run outside the loop (`what`: "while making the class images", ...), stopped as the loop is."""
     try:
-        yield
+        with distributed.peers_watched():
+            yield
     except STOPS as e:
         kept = saved(ckpt, step) if ckpt is not None else "what was made is kept"
         raise TrainError(f"{why(e)} {what}; {kept}; {continue_with(out)}") from None
@@ -106,25 +107,29 @@ class Unsynced:
 
     def read(self, kept: str, alone: bool = False):
         """`alone`: without the other processes (a run that stops may have lost one, and the others are not at
-        this call): this process's own losses, each line marked so."""
+        this call): this process's own losses, each line marked so; a non-finite gradient norm then stops the run
+        too (another process's non-finite loss reached these weights through the averaged gradients). The lines
+        are kept until their values are in hand and all checked: a stop during the wait reads them again."""
         if not self.lines:
             return
-        lines, self.lines = self.lines, []
 
         def row(x):  # loss, instance part, prior part, gradient norm
             norm = x["grad_norm"] if x["grad_norm"] is not None else torch.zeros(())
             return torch.cat([x["parts"], norm.reshape(1).to(x["parts"])])
-        values = torch.stack([row(x) for x in lines]).double()
+        values = torch.stack([row(x) for x in self.lines]).double()
         values = (values if alone else distributed.mean(values, self.group)).tolist()  # the wait for the device
-        ends = [x["began"] for x in lines[1:]] + [time.perf_counter()]
-        for x, (loss, inst, prior, norm), end in zip(lines, values, ends):
-            if not math.isfinite(loss):  # every process sees the same value, so all stop together
-                raise TrainError(f"loss is {loss} at step {x['step']}; stopped, {kept}. "
+        for x, (loss, _, _, norm) in zip(self.lines, values):
+            if not math.isfinite(loss) or alone and not math.isfinite(norm):  # all processes see the same mean
+                what = f"loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
+                raise TrainError(f"{what} at step {x['step']}; stopped, {kept}. "
                                  "Try a lower --lr or --mixed-precision no")
+        lines, self.lines = self.lines, []
+        ends = [x["began"] for x in lines[1:]] + [time.perf_counter()]
+        mark = {"this_process_only": True} if alone and self.group.size > 1 else {}
+        for x, (loss, inst, prior, norm), end in zip(lines, values, ends):
             self.log.step({"step": x["step"], "loss": loss, "loss_instance": inst, "loss_prior": prior,
                            "lr": x["lr"], "grad_norm": None if x["grad_norm"] is None else norm,
-                           "step_s": end - x["began"], **({"this_process_only": True} if alone and
-                                                           self.group.size > 1 else {})})
+                           "step_s": end - x["began"], **mark})
             self.bar.stats.update(loss=loss, inst=inst, prior=prior)  # shown at the bar's next update
 
 
@@ -142,30 +147,31 @@ def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step
     held = HeldOutLoss(stepper.batches.pools, cfg.seed, dreambooth_loss) if cfg.validation_every else None
     log = unsynced = None
     try:
-        log = Log(out, cfg.report_to, main)
-        unsynced = Unsynced(stepper.runtime.group, log, bar)
-        if step == 0 and (cfg.validation_every or has_grid(cfg)):  # the base model, beside the later grids
-            validation(cfg, out, stepper, 0, log, held, bar)
-        if not (out / "snapshots" / f"step-{step:06d}").exists():  # a stop while it was written: write it now
-            snapshot_at(cfg, stepper, step, bar)
-        while step < cfg.steps:
-            began = time.perf_counter()
-            unsynced.add(stepper(step), began)
-            step += 1
-            if syncs_at(cfg, step):
-                unsynced.read(ckpt.kept())
-            bar.update()
-            stepper.raise_deferred()  # a Ctrl-C that came during the update ends the run here, after step `step`
-            if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                ckpt.save(step)  # always the last step: a larger --steps extends a finished run
-            snapshot_at(cfg, stepper, step, bar)
-            if cfg.validation_every and step % cfg.validation_every == 0:
-                validation(cfg, out, stepper, step, log, held, bar)
+        with distributed.peers_watched():  # a process lost inside FSDP's hooks stops as any other
+            log = Log(out, cfg.report_to, main)
+            unsynced = Unsynced(stepper.runtime.group, log, bar)
+            if step == 0 and (cfg.validation_every or has_grid(cfg)):  # the base model, beside the later grids
+                validation(cfg, out, stepper, 0, log, held, bar)
+            if not (out / "snapshots" / f"step-{step:06d}").exists():  # a stop while it was written: write it now
+                snapshot_at(cfg, stepper, step, bar)
+            while step < cfg.steps:
+                began = time.perf_counter()
+                unsynced.add(stepper(step), began)
+                step += 1
+                if syncs_at(cfg, step):
+                    unsynced.read(ckpt.kept())
+                bar.update()
+                stepper.raise_deferred()  # a Ctrl-C that came during the update ends the run here, after step `step`
+                if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                    ckpt.save(step)  # always the last step: a larger --steps extends a finished run
+                snapshot_at(cfg, stepper, step, bar)
+                if cfg.validation_every and step % cfg.validation_every == 0:
+                    validation(cfg, out, stepper, step, log, held, bar)
     except STOPS as e:
         bar.close()
         stepper.rewind()
         if unsynced is not None:  # a non-finite loss among the unread steps stops the run as such, unsaved
-            with suppress(OSError):  # a line that does not fit was reported where it failed
+            with suppress(OSError), signals_deferred():  # a line that does not fit was reported where it failed
                 unsynced.read(ckpt.kept(), alone=True)
         raise TrainError(f"{why(e)} at step {step}; {saved(ckpt, step)}; {continue_with(out)}") from None
     finally:
