@@ -32,7 +32,7 @@ def latents(vae, at: list[world.Toy], combo: tuple[str, str, str]) -> torch.Tens
             t = replace(t, background="gray")  # invisible on its own colour
         toys.append(t)
     x = torch.stack([world.to_tensor(world.render(t)) for t in toys])
-    return vae.encode(x)[0] * vae.cfg.scaling_factor
+    return vae.encode(x)[0] * vae.config.scaling_factor
 
 
 def neighbours(vae) -> dict:

@@ -31,7 +31,7 @@ def setup(preset: str, device):
 
 
 def latent_side(ours, res: int) -> int:
-    return res // 2 ** (len(ours.vae.cfg.channels) - 1)
+    return res // 2 ** (len(ours.vae.config.channels) - 1)
 
 
 def conditioning(ours, prompts: list[str], res: int, device) -> dict:
@@ -53,14 +53,15 @@ def diffusers_twins(ours, device, dtype=torch.float32):
     the text encoder(s)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    unet = UNet2DConditionModel(**{k: v for k, v in unet_config_json(ours.unet.cfg).items() if not k.startswith("_")})
+    unet = UNet2DConditionModel(**{k: v for k, v in unet_config_json(ours.unet.config).items()
+                                   if not k.startswith("_")})
     unet.load_state_dict(ours.unet.state_dict())
-    vae = AutoencoderKL(**{k: v for k, v in vae_config_json(ours.vae.cfg).items() if not k.startswith("_")})
+    vae = AutoencoderKL(**{k: v for k, v in vae_config_json(ours.vae.config).items() if not k.startswith("_")})
     vae.load_state_dict(ours.vae.state_dict())
     texts = []
     for _, tok, te in ours.text_encoders():
-        c = clip_config_json(te.cfg, tok)
-        cls = CLIPTextModelWithProjection if te.cfg.projection_dim else CLIPTextModel
+        c = clip_config_json(te.config, tok)
+        cls = CLIPTextModelWithProjection if te.config.projection_dim else CLIPTextModel
         text = cls(CLIPTextConfig(**{k: v for k, v in c.items() if k not in ("architectures", "model_type")}))
         text.load_state_dict({(k if k.startswith("text_projection") else f"text_model.{k}"): v
                               for k, v in te.state_dict().items()}, strict=False)
@@ -189,7 +190,7 @@ def bench_unet(ours, device, res, smoke, warmup, repeat):
     for B in ((1, 2) if smoke else (1, 2, 4) if ours.family.name == "sdxl" else (1, 2, 8)):
         x = torch.randn(B, 4, h, h, device=device)
         cond = conditioning(ours, [PROMPTS[2]] * B, res, device)
-        cond["context"] = torch.randn(B, 77, ours.unet.cfg.context_dim, device=device)
+        cond["context"] = torch.randn(B, 77, ours.unet.config.context_dim, device=device)
         t = torch.full((B,), 500, device=device)
         for kind in ("forward", "forward_backward"):
             def call(net, mode="off", ref=False):

@@ -49,7 +49,7 @@ def test_demo_model_ships_small_and_loads_through_the_loader():
     size = sum(f.stat().st_size for f in DEMO_DIR.rglob("*.safetensors"))
     assert size <= 20 * 2 ** 20
     m = load(str(DEMO_DIR))
-    assert m.unet.cfg.sample_size == 8 and len(m.tokenizer) == m.text_encoder.cfg.vocab_size
+    assert m.unet.config.sample_size == 8 and len(m.tokenizer) == m.text_encoder.config.vocab_size
     record = json.loads((DEMO_DIR / "PRETRAIN.json").read_text())
     assert {"command", "seed", "device", "wall_time_s"} <= record.keys()
 
@@ -167,7 +167,7 @@ def test_pretrain_can_keep_the_vae_and_recognizer(tmp_path):
         a, b = load_file(out / f), load_file(DEMO_DIR / f)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
     m, shipped = load(str(out)), load(str(DEMO_DIR))
-    assert m.vae.cfg == shipped.vae.cfg and m.scheduler == shipped.scheduler
+    assert m.vae.config == shipped.vae.config and m.scheduler == shipped.scheduler
     record = json.loads((out / "PRETRAIN.json").read_text())
     assert record["vae_and_recognizer_from"] == str(DEMO_DIR) and record["unet_steps"] == 2
     assert record["grounding"] == 0.05 and len(record["held_out_subjects"]) == 3

@@ -27,7 +27,7 @@ def test_loads_as_sdxl(pipes):
     _, m = pipes
     assert m.family.name == "sdxl" and m.version == "tiny-xl" and m.force_zeros_for_empty_prompt
     assert m.tokenizer_2.pad_token == "!" and m.tokenizer.pad_token == "<|endoftext|>"
-    assert m.text_encoder_2.cfg.projection_dim == 32 and m.unet.cfg.depth == (1, 1, 2)
+    assert m.text_encoder_2.config.projection_dim == 32 and m.unet.config.depth == (1, 1, 2)
     assert len(m.unet.mid_block.attentions[0].transformer_blocks) == 2
     assert not hasattr(m.unet.down_blocks[0], "attentions") or len(m.unet.down_blocks[0].attentions) == 0
 
@@ -145,9 +145,9 @@ def test_real_sdxl_keys_shapes_and_single_file_names():
     shapes = {k: tuple(t.shape) for k, t in u.state_dict().items()}
     assert shapes == {k: tuple(t.shape) for k, t in ref.state_dict().items()}
     assert model_lib.preset_of(configs.unet_config(dict(ref.config), "config.json"), unet.PRESETS) == "sdxl"
-    tables = [key_table(unet_rows(u.cfg), u.state_dict()), key_table(vae_rows(v.cfg), v.state_dict()),
-              key_table(clip_rows(c1.cfg, XL_CLIP_L.original, False), c1.state_dict()),
-              key_table(clip_rows(c2.cfg, XL_OPENCLIP_G.original, True), c2.state_dict(), XL_OPENCLIP_G.original)]
+    tables = [key_table(unet_rows(u.config), u.state_dict()), key_table(vae_rows(v.config), v.state_dict()),
+              key_table(clip_rows(c1.config, XL_CLIP_L.original, False), c1.state_dict()),
+              key_table(clip_rows(c2.config, XL_OPENCLIP_G.original, True), c2.state_dict(), XL_OPENCLIP_G.original)]
     origs = [o for t in tables for o, how in t.values() if not isinstance(how, tuple)]
     assert len(origs) == len(set(origs))
     allk = {o for t in tables for o, _ in t.values()}

@@ -158,7 +158,7 @@ def test_lora_and_token_exports_give_diffusers_images(xl_dir, instance_dir, tmp_
         for k, v in getattr(folder, name).state_dict().items():
             if k.endswith("token_embedding.weight"):  # the folder's table has the token's row after the base's
                 v = v[:theirs_sd[k].shape[0]]
-                assert v.shape[0] == getattr(folder, name).cfg.vocab_size - 1
+                assert v.shape[0] == getattr(folder, name).config.vocab_size - 1
             assert torch.equal(theirs_sd[k], v), (name, k)
 
 

@@ -73,8 +73,8 @@ def test_real_sd_layouts_round_trip_on_meta():
         with torch.device("meta"):
             u = unet.UNet2DConditionModel(unet.PRESETS[family])
             v, c = vae.AutoencoderKL(vae.PRESETS[family]), clip.CLIPTextModel(clip.PRESETS[family])
-        tables = [key_table(unet_rows(u.cfg), u.state_dict()), key_table(vae_rows(v.cfg), v.state_dict()),
-                  key_table(clip_rows(c.cfg, prefix, openclip), c.state_dict(), prefix if openclip else None)]
+        tables = [key_table(unet_rows(u.config), u.state_dict()), key_table(vae_rows(v.config), v.state_dict()),
+                  key_table(clip_rows(c.config, prefix, openclip), c.state_dict(), prefix if openclip else None)]
         origs = [o for t in tables for o, how in t.values() if not isinstance(how, tuple)]
         assert len(origs) == len(set(origs))
         allk = {o for t in tables for o, _ in t.values()}

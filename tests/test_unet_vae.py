@@ -29,14 +29,14 @@ def test_tiny_unet_parity(tmp_path, sd2):
     ref = ref_unet(tmp_path, sd2)
     ours = diffusers_layout.load_unet(tmp_path)
     for B in (1, 2):
-        x, ctx = unet_inputs(B, ours.cfg)
+        x, ctx = unet_inputs(B, ours.config)
         for t in (0, 1, 500, 999):
             with torch.no_grad():
                 want = ref(x, t, encoder_hidden_states=ctx).sample
                 got = ours(x, torch.full((B,), t), ctx)
             assert max_rel_err(got, want) <= TOL, (B, t)
     # a batch with a different timestep per example
-    x, ctx = unet_inputs(2, ours.cfg, seed=1)
+    x, ctx = unet_inputs(2, ours.config, seed=1)
     t = torch.tensor([3, 801])
     with torch.no_grad():
         assert max_rel_err(ours(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample) <= TOL
@@ -48,7 +48,7 @@ def test_unet_three_stages_attention_first(tmp_path):
                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
     ours = diffusers_layout.load_unet(tmp_path)
-    x, ctx = unet_inputs(2, ours.cfg)
+    x, ctx = unet_inputs(2, ours.config)
     with torch.no_grad():
         assert max_rel_err(ours(x, 10, ctx), ref(x, 10, encoder_hidden_states=ctx).sample) <= TOL
 
@@ -56,7 +56,7 @@ def test_unet_three_stages_attention_first(tmp_path):
 def test_unet_gradients_match(tmp_path):
     ref = ref_unet(tmp_path)
     ours = diffusers_layout.load_unet(tmp_path).requires_grad_(True)
-    x, ctx = unet_inputs(2, ours.cfg)
+    x, ctx = unet_inputs(2, ours.config)
     t = torch.tensor([10, 700])
     target = torch.randn_like(x)
     torch.nn.functional.mse_loss(ref(x, t, encoder_hidden_states=ctx).sample, target).backward()
@@ -70,7 +70,7 @@ def test_unet_gradients_match(tmp_path):
 def test_unet_options_keep_parity(tmp_path, option):
     ref = ref_unet(tmp_path)
     ours = diffusers_layout.load_unet(tmp_path).requires_grad_(True).train()
-    x, ctx = unet_inputs(2, ours.cfg)
+    x, ctx = unet_inputs(2, ours.config)
     if option == "checkpointing":
         ours.set_gradient_checkpointing(True)
     else:
@@ -149,6 +149,6 @@ def test_real_architecture_numeric_forward(tmp_path, family):
     ref = UNet2DConditionModel(**REAL[family]).eval()
     ref.save_pretrained(tmp_path, safe_serialization=True)
     ours = diffusers_layout.load_unet(tmp_path)
-    x, ctx = unet_inputs(1, ours.cfg, size=16)
+    x, ctx = unet_inputs(1, ours.config, size=16)
     with torch.no_grad():
         assert max_rel_err(ours(x, 500, ctx), ref(x, 500, encoder_hidden_states=ctx).sample) <= TOL

@@ -127,8 +127,8 @@ def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 250
         stats = [vae.encode(x[i:i + 256]) for i in range(0, len(x), 256)]
     means, logvars = torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats])
     if not reuse:
-        vae.cfg = VAEConfig(**{**VAE.__dict__, "scaling_factor": 1.0 / means.std().item()})
-    scale = vae.cfg.scaling_factor
+        vae.config = VAEConfig(**{**VAE.__dict__, "scaling_factor": 1.0 / means.std().item()})
+    scale = vae.config.scaling_factor
 
     # 2. UNet + text encoder, from scratch
     clip, unet = train_denoiser(toys, means, logvars, scale, tok, unet_steps, batch, grounding, g, rng)

@@ -17,7 +17,7 @@ from minidream.models.stable_diffusion import PRESETS
 from minidream.models.tokenizer import CLIPTokenizer
 
 
-def check_fields(cfg, file: Path):
+def check_fields(config, file: Path):
     """Garbage in a config.json (a string for a size, a negative count, NaN, a wrong-length list) is named
     here, before it reaches torch as a traceback or an all-black image."""
     def ok(v, t):
@@ -32,14 +32,14 @@ def check_fields(cfg, file: Path):
         if get_origin(t) is tuple:
             return isinstance(v, tuple) and len(v) > 0 and all(ok(x, get_args(t)[0]) for x in v)
         return True
-    for f in fields(cfg):
-        v = getattr(cfg, f.name)
+    for f in fields(config):
+        v = getattr(config, f.name)
         if not ok(v, f.type):
             want = {bool: "true or false", int: "a positive integer", float: "a positive finite number",
                     str: "a string"}
             raise ModelError(f"{file}: {f.name}={v!r} is not valid (expected "
                              f"{want.get(f.type, 'a non-empty list of positive values')})")
-    return cfg
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def unet_config(d: dict, file: Path) -> unet.UNetConfig:
         if any(isinstance(x, (list, tuple)) for x in depth):
             raise ModelError(f"{file}: transformer_layers_per_block per layer (a list of lists) is not supported")
         sizes = d.get("addition_embed_type") == "text_time"  # SDXL's micro-conditioning
-        cfg = check_fields(unet.UNetConfig(
+        config = check_fields(unet.UNetConfig(
             in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), channels=ch, attention=attn,
             heads=heads, layers_per_block=lpb, context_dim=d.get("cross_attention_dim", 1280),
             linear_proj=d.get("use_linear_projection", False), groups=d.get("norm_num_groups", 32),
@@ -100,16 +100,16 @@ def unet_config(d: dict, file: Path) -> unet.UNetConfig:
         raise ModelError(f"{file}: missing field {e}") from None
     except TypeError as e:  # a number where a list belongs, or the reverse
         raise ModelError(f"{file}: a field has the wrong type ({e})") from None
-    if not len(cfg.channels) == len(cfg.attention) == len(cfg.heads) == len(depth):
+    if not len(config.channels) == len(config.attention) == len(config.heads) == len(depth):
         raise ModelError(f"{file}: block_out_channels, down_block_types, attention_head_dim and "
                          f"transformer_layers_per_block differ in length")
-    if sizes and not all(isinstance(v, int) and v > 0 for v in (cfg.add_time_dim, cfg.add_in_dim)):
+    if sizes and not all(isinstance(v, int) and v > 0 for v in (config.add_time_dim, config.add_in_dim)):
         raise ModelError(f"{file}: addition_time_embed_dim and projection_class_embeddings_input_dim must be positive "
-                         f"integers (got {cfg.add_time_dim!r}, {cfg.add_in_dim!r})")
-    if any(c % cfg.groups for c in cfg.channels) or any(c % h for c, h in zip(cfg.channels, cfg.heads)):
-        raise ModelError(f"{file}: block_out_channels {list(cfg.channels)} must divide by norm_num_groups "
-                         f"{cfg.groups} and by the heads {list(cfg.heads)}")
-    return cfg
+                         f"integers (got {config.add_time_dim!r}, {config.add_in_dim!r})")
+    if any(c % config.groups for c in config.channels) or any(c % h for c, h in zip(config.channels, config.heads)):
+        raise ModelError(f"{file}: block_out_channels {list(config.channels)} must divide by norm_num_groups "
+                         f"{config.groups} and by the heads {list(config.heads)}")
+    return config
 
 
 def vae_config(d: dict, file: Path) -> vae.VAEConfig:
@@ -122,31 +122,32 @@ def vae_config(d: dict, file: Path) -> vae.VAEConfig:
     if d.get("out_channels", 3) != d.get("in_channels", 3):
         raise ModelError(f"{file}: in_channels != out_channels is not supported")
     try:
-        cfg = check_fields(vae.VAEConfig(
+        config = check_fields(vae.VAEConfig(
             in_channels=d.get("in_channels", 3), latent_channels=d.get("latent_channels", 4),
             channels=tuple(d.get("block_out_channels", (64,))), layers_per_block=d.get("layers_per_block", 1),
             groups=d.get("norm_num_groups", 32), scaling_factor=d.get("scaling_factor", 0.18215),
             sample_size=d.get("sample_size", 32), force_upcast=d.get("force_upcast", True)), file)
     except TypeError as e:
         raise ModelError(f"{file}: a field has the wrong type ({e})") from None
-    if any(c % cfg.groups for c in cfg.channels):
-        raise ModelError(f"{file}: block_out_channels {list(cfg.channels)} must divide by norm_num_groups {cfg.groups}")
-    return cfg
+    if any(c % config.groups for c in config.channels):
+        raise ModelError(f"{file}: block_out_channels {list(config.channels)} must divide by norm_num_groups "
+                         f"{config.groups}")
+    return config
 
 
 def clip_config(d: dict, file: Path) -> clip.CLIPConfig:
     _require(d, file, {"hidden_act": ["quick_gelu", "gelu"], "model_type": ["clip_text_model"],
                        "architectures": ["CLIPTextModel", "CLIPTextModelWithProjection"]})
     projected = d.get("architectures") == ["CLIPTextModelWithProjection"]  # SDXL's second encoder
-    cfg = check_fields(clip.CLIPConfig(
+    config = check_fields(clip.CLIPConfig(
         vocab_size=d.get("vocab_size", 49408), width=d.get("hidden_size", 512), layers=d.get("num_hidden_layers", 12),
         heads=d.get("num_attention_heads", 8), mlp_width=d.get("intermediate_size", 2048),
         max_positions=d.get("max_position_embeddings", 77), act=d.get("hidden_act", "quick_gelu"),
         eps=d.get("layer_norm_eps", 1e-5), projection_dim=d.get("projection_dim", 512) if projected else None,
         eos_token_id=d.get("eos_token_id") or 49407), file)
-    if cfg.width % cfg.heads:
-        raise ModelError(f"{file}: hidden_size {cfg.width} must divide by num_attention_heads {cfg.heads}")
-    return cfg
+    if config.width % config.heads:
+        raise ModelError(f"{file}: hidden_size {config.width} must divide by num_attention_heads {config.heads}")
+    return config
 
 
 # the reader of each component's config.json

@@ -28,15 +28,15 @@ def _strip_text_model(sd: dict) -> dict:
 
 
 def load_text_encoder(folder: Path, variant=None, allow_pickle=False, dtype=None) -> clip.CLIPTextModel:
-    cfg = clip_config(read_json(folder / "config.json"), folder / "config.json")
+    config = clip_config(read_json(folder / "config.json"), folder / "config.json")
     f = weight_file(folder, "model", variant, allow_pickle)
-    return build(clip.CLIPTextModel, cfg, _strip_text_model(read_weights(f, allow_pickle)), str(f), dtype)
+    return build(clip.CLIPTextModel, config, _strip_text_model(read_weights(f, allow_pickle)), str(f), dtype)
 
 
 def load_unet(folder: Path, variant=None, allow_pickle=False, dtype=None) -> unet.UNet2DConditionModel:
-    cfg = unet_config(read_json(folder / "config.json"), folder / "config.json")
+    config = unet_config(read_json(folder / "config.json"), folder / "config.json")
     f = weight_file(folder, "diffusion_pytorch_model", variant, allow_pickle)
-    return build(unet.UNet2DConditionModel, cfg, read_weights(f, allow_pickle), str(f), dtype)
+    return build(unet.UNet2DConditionModel, config, read_weights(f, allow_pickle), str(f), dtype)
 
 
 # Early diffusers VAE checkpoints named the mid-block attention like the original LDM code.
@@ -44,14 +44,14 @@ _OLD_VAE_ATTN = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".
 
 
 def load_vae(folder: Path, variant=None, allow_pickle=False, dtype=None) -> vae.AutoencoderKL:
-    cfg = vae_config(read_json(folder / "config.json"), folder / "config.json")
+    config = vae_config(read_json(folder / "config.json"), folder / "config.json")
     f = weight_file(folder, "diffusion_pytorch_model", variant, allow_pickle)
     sd = {}
     for k, v in read_weights(f, allow_pickle).items():
         for old, new in _OLD_VAE_ATTN.items():
             k = k.replace(old, new)
         sd[k] = v
-    return build(vae.AutoencoderKL, cfg, sd, str(f), dtype)
+    return build(vae.AutoencoderKL, config, sd, str(f), dtype)
 
 
 def load_pretrained(path: Path, variant=None, allow_pickle=False, dtype=None) -> StableDiffusion:
@@ -93,7 +93,8 @@ PIPELINE_CONFIG = {
 def model_index(model: StableDiffusion) -> dict:
     encoders = {}
     for name, _, te in model.text_encoders():
-        encoders[name] = ["transformers", "CLIPTextModelWithProjection" if te.cfg.projection_dim else "CLIPTextModel"]
+        projected = te.config.projection_dim
+        encoders[name] = ["transformers", "CLIPTextModelWithProjection" if projected else "CLIPTextModel"]
         encoders[tokenizer_name(name)] = ["transformers", "CLIPTokenizer"]
     parts = {"scheduler": ["diffusers", model.scheduler.class_name], **encoders,
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
@@ -118,11 +119,11 @@ def save_pretrained(model: StableDiffusion, folder: Path, dtype: torch.dtype | N
     for comp in ("unet", "vae", "scheduler", *encoders, *map(tokenizer_name, encoders)):
         (folder / comp).mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").write_text(json.dumps(model_index(model), indent=2))
-    (folder / "unet" / "config.json").write_text(json.dumps(unet_config_json(model.unet.cfg), indent=2))
-    (folder / "vae" / "config.json").write_text(json.dumps(vae_config_json(model.vae.cfg), indent=2))
+    (folder / "unet" / "config.json").write_text(json.dumps(unet_config_json(model.unet.config), indent=2))
+    (folder / "vae" / "config.json").write_text(json.dumps(vae_config_json(model.vae.config), indent=2))
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler.to_dict(), indent=2))
     for name, tok, te in model.text_encoders():
-        (folder / name / "config.json").write_text(json.dumps(clip_config_json(te.cfg, tok), indent=2))
+        (folder / name / "config.json").write_text(json.dumps(clip_config_json(te.config, tok), indent=2))
         tok.save(folder / tokenizer_name(name))
         save_safetensors(text_encoder_state(te), folder / name / "model.safetensors", dtype=dtype)
     save_safetensors(model.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors", dtype=dtype)

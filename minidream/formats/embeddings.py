@@ -85,7 +85,7 @@ def add_embedding(model, file: Path, token: str | None = None, allow_pickle: boo
             grown.weight[emb.num_embeddings:] = vec.to(emb.weight)
         grown.requires_grad_(emb.weight.requires_grad)
         te.embeddings.token_embedding = grown
-        te.cfg = replace(te.cfg, vocab_size=grown.num_embeddings)
+        te.config = replace(te.config, vocab_size=grown.num_embeddings)
     return tokens
 
 

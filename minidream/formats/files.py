@@ -163,10 +163,10 @@ class SkipInitFills(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def build(cls, cfg, sd, source, dtype=None):
+def build(cls, config, sd, source, dtype=None):
     try:
         with on_meta():
-            model = cls(cfg)
+            model = cls(config)
     except Exception as e:  # a config that passed the checks but still describes no buildable model
         raise ModelError(f"{source}: its config does not describe a buildable {cls.__name__} ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None

@@ -82,7 +82,7 @@ def kohya_lora_state_dict(model) -> dict[str, torch.Tensor]:
     for prefix, net in nets.items():
         for name, m in loras(net).items():
             if prefix == "lora_unet_" and family.kohya_unet_names == "original":
-                name = unet_original_name(model.unet.cfg, name)
+                name = unet_original_name(model.unet.config, name)
             key = prefix + name.replace(".", "_")
             sd[f"{key}.lora_down.weight"] = m.lora_down.weight.detach().float()
             sd[f"{key}.lora_up.weight"] = m.lora_up.weight.detach().float()

@@ -94,23 +94,23 @@ def _kohya_pairs(sd: dict, file) -> tuple[dict, dict, dict, set]:
 def _peft_alpha(meta: dict, comp: str, name: str, rank: int) -> float | None:
     """α/r of a module as given by the `lora_adapter_metadata` that diffusers writes (PEFT LoraConfig fields,
     prefixed by component), or None when the file has none."""
-    cfg = {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith(comp + ".")}
-    if not cfg:
+    config = {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith(comp + ".")}
+    if not config:
         return None
 
     def pick(key: str, default):
-        patterns = cfg.get(key) or {}
+        patterns = config.get(key) or {}
         if not isinstance(patterns, dict):
             raise TypeError(f"{key} is not an object")
         for p, val in patterns.items():  # a text encoder's module is named with or without text_model.
             if any(re.fullmatch(rf"(.*\.)?{p}", n) for n in (name, f"text_model.{name}")):
                 return val
         return default
-    r = pick("rank_pattern", cfg.get("r", rank))
-    alpha = pick("alpha_pattern", cfg.get("lora_alpha", r))
+    r = pick("rank_pattern", config.get("r", rank))
+    alpha = pick("alpha_pattern", config.get("lora_alpha", r))
     if not r > 0:
         raise ValueError(f"r is {r}")
-    return alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
+    return alpha / (r ** 0.5 if config.get("use_rslora") else r)
 
 
 def checked_values(sd: dict, alphas: dict, file) -> dict:
@@ -192,7 +192,7 @@ def _module_index(nets: dict) -> dict[str, dict[str, str]]:
         names = [n for n, mod in net.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
         index[comp] = {s: n for n in names for s in (n, n.replace(".", "_"))}
     for n in list(index["unet"].values()):
-        index["unet"].setdefault(unet_original_name(nets["unet"].cfg, n).replace(".", "_"), n)
+        index["unet"].setdefault(unet_original_name(nets["unet"].config, n).replace(".", "_"), n)
     return index
 
 

@@ -48,9 +48,9 @@ IGNORED = re.compile(r"^(model_ema\.|betas$|alphas_cumprod|alphas_cumprod_prev$|
                      r"conditioner\.embedders\.1\.model\.(logit_scale|attn_mask)$)")
 
 
-def unet_rows(cfg: unet.UNetConfig):
+def unet_rows(config: unet.UNetConfig):
     """(our prefix, original prefix, renames inside the module) for every UNet module."""
-    lpb, n = cfg.layers_per_block, len(cfg.channels)
+    lpb, n = config.layers_per_block, len(config.channels)
     rows = [("conv_in.", "input_blocks.0.0.", {}), ("time_embedding.linear_1.", "time_embed.0.", {}),
             ("time_embedding.linear_2.", "time_embed.2.", {}), ("conv_norm_out.", "out.0.", {}),
             ("conv_out.", "out.2.", {}),
@@ -68,16 +68,16 @@ def unet_rows(cfg: unet.UNetConfig):
             rows += [(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{b}.0.", RESNET),
                      (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{b}.1.", {})]
         # the upsampler sits after the resnet (and the transformer, where the stage has one)
-        slot = 2 if cfg.attention[n - 1 - i] else 1
+        slot = 2 if config.attention[n - 1 - i] else 1
         rows.append((f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{i * (lpb + 1) + lpb}.{slot}.conv.", {}))
     return [(a, UNET + b, r) for a, b, r in rows]
 
 
-def unet_original_name(cfg: unet.UNetConfig, name: str) -> str:
+def unet_original_name(config: unet.UNetConfig, name: str) -> str:
     """Our UNet module name -> the original checkpoint's, without `model.diffusion_model.` (LoRA files of
     kohya's SDXL networks use these: down_blocks.1.attentions.0.proj_in -> input_blocks.4.1.proj_in)."""
     dotted = name + "."
-    for ours, orig, renames in sorted(unet_rows(cfg), key=lambda row: -len(row[0])):  # longest prefix first
+    for ours, orig, renames in sorted(unet_rows(config), key=lambda row: -len(row[0])):  # longest prefix first
         if dotted.startswith(ours):
             rest = dotted[len(ours):]
             rest = next((renames[k] + rest[len(k):] for k in renames if rest.startswith(k + ".")), rest)
@@ -85,8 +85,8 @@ def unet_original_name(cfg: unet.UNetConfig, name: str) -> str:
     return name
 
 
-def vae_rows(cfg: vae.VAEConfig):
-    n = len(cfg.channels)
+def vae_rows(config: vae.VAEConfig):
+    n = len(config.channels)
     rows = [("quant_conv.", "quant_conv.", {}), ("post_quant_conv.", "post_quant_conv.", {})]
     for part in ("encoder", "decoder"):
         rows += [(f"{part}.conv_in.", f"{part}.conv_in.", {}), (f"{part}.conv_norm_out.", f"{part}.norm_out.", {}),
@@ -95,22 +95,23 @@ def vae_rows(cfg: vae.VAEConfig):
                  (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", VAE_RESNET),
                  (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", VAE_ATTN)]
     for i in range(n):
-        for j in range(cfg.layers_per_block):
+        for j in range(config.layers_per_block):
             rows.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", VAE_RESNET))
         rows.append((f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"encoder.down.{i}.downsample.conv.", {}))
         # the original decoder numbers its stages from the bottom (lowest resolution = highest index)
-        for j in range(cfg.layers_per_block + 1):
+        for j in range(config.layers_per_block + 1):
             rows.append((f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{n - 1 - i}.block.{j}.", VAE_RESNET))
         rows.append((f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{n - 1 - i}.upsample.conv.", {}))
     return [(a, VAE + b, r) for a, b, r in rows]
 
 
-def clip_rows(cfg: clip.CLIPConfig, prefix: str, openclip: bool):
+def clip_rows(config: clip.CLIPConfig, prefix: str, openclip: bool):
     if not openclip:  # transformers' own names under a prefix
         return [("", prefix, {})]
     rows = [("embeddings.token_embedding.", prefix + "token_embedding.", {}),
             ("final_layer_norm.", prefix + "ln_final.", {})]
-    rows += [(f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}.", OPENCLIP_LAYER) for i in range(cfg.layers)]
+    rows += [(f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}.", OPENCLIP_LAYER)
+             for i in range(config.layers)]
     return rows
 
 
@@ -164,9 +165,9 @@ def _take(sd, table, want_shapes, used, file, what: str = ""):
     return out
 
 
-def _meta(cls, cfg):
+def _meta(cls, config):
     with on_meta():
-        return cls(cfg)
+        return cls(config)
 
 
 # SD 2.x-base (512 px, ε-prediction) and SD 2.x (768 px, v-prediction) have identical tensors: only the
@@ -284,8 +285,8 @@ def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str 
                                                                      else "") + f"; is it {arch.what}?")
     model = StableDiffusion(**tokenizers(arch.tokenizer_dir, len(fam.encoders)), **parts, scheduler=arch.scheduler,
                             source=str(file), force_zeros_for_empty_prompt=arch.force_zeros and fam.zero_negative)
-    te2 = model.text_encoder_2 and model.text_encoder_2.cfg
-    check_conditioning(file, model.unet.cfg, model.text_encoder.cfg, te2)
+    te2 = model.text_encoder_2 and model.text_encoder_2.config
+    check_conditioning(file, model.unet.config, model.text_encoder.config, te2)
     return model
 
 
@@ -294,10 +295,10 @@ def to_single_file(model: StableDiffusion) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     chunks: dict[str, list] = {}
     encoders = {name: te for name, _, te in model.text_encoders()}
-    texts = [(encoders[s.name], clip_rows(encoders[s.name].cfg, s.original, s.openclip),
+    texts = [(encoders[s.name], clip_rows(encoders[s.name].config, s.original, s.openclip),
               s.original if s.openclip else None) for s in model.family.encoders]
-    for m, rows, openclip in [(model.unet, unet_rows(model.unet.cfg), None), (model.vae, vae_rows(model.vae.cfg), None),
-                              *texts]:
+    for m, rows, openclip in [(model.unet, unet_rows(model.unet.config), None),
+                              (model.vae, vae_rows(model.vae.config), None), *texts]:
         sd = m.state_dict()
         for k, (orig, how) in key_table(rows, sd, openclip).items():
             t = sd[k].detach()
@@ -326,8 +327,8 @@ ARCHITECTURE = "minidream.architecture"
 
 def architecture_json(model: StableDiffusion) -> str:
     """What a diffusers folder's configs say, in one JSON string: a file that carries it loads without --config."""
-    d = {"unet": unet_config_json(model.unet.cfg), "vae": vae_config_json(model.vae.cfg),
-         **{name: clip_config_json(te.cfg, tok) for name, tok, te in model.text_encoders()},
+    d = {"unet": unet_config_json(model.unet.config), "vae": vae_config_json(model.vae.config),
+         **{name: clip_config_json(te.config, tok) for name, tok, te in model.text_encoders()},
          "scheduler": model.scheduler.to_dict(), "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt}
     return json.dumps(d)
 

@@ -53,13 +53,13 @@ def quick_gelu(x):
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, cfg: CLIPConfig):
+    def __init__(self, config: CLIPConfig):
         super().__init__()
-        self.heads = cfg.heads
-        self.q_proj = nn.Linear(cfg.width, cfg.width)
-        self.k_proj = nn.Linear(cfg.width, cfg.width)
-        self.v_proj = nn.Linear(cfg.width, cfg.width)
-        self.out_proj = nn.Linear(cfg.width, cfg.width)
+        self.heads = config.heads
+        self.q_proj = nn.Linear(config.width, config.width)
+        self.k_proj = nn.Linear(config.width, config.width)
+        self.v_proj = nn.Linear(config.width, config.width)
+        self.out_proj = nn.Linear(config.width, config.width)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -72,23 +72,23 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, cfg: CLIPConfig):
+    def __init__(self, config: CLIPConfig):
         super().__init__()
-        self.act = quick_gelu if cfg.act == "quick_gelu" else F.gelu
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
-        self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)
+        self.act = quick_gelu if config.act == "quick_gelu" else F.gelu
+        self.fc1 = nn.Linear(config.width, config.mlp_width)
+        self.fc2 = nn.Linear(config.mlp_width, config.width)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPConfig):
+    def __init__(self, config: CLIPConfig):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.self_attn = CLIPAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.mlp = CLIPMLP(cfg)
+        self.layer_norm1 = nn.LayerNorm(config.width, eps=config.eps)
+        self.self_attn = CLIPAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.width, eps=config.eps)
+        self.mlp = CLIPMLP(config)
 
     def forward(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
@@ -96,30 +96,30 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEmbeddings(nn.Module):
-    def __init__(self, cfg: CLIPConfig):
+    def __init__(self, config: CLIPConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.position_embedding = nn.Embedding(config.max_positions, config.width)
 
     def forward(self, ids):
         return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: CLIPConfig):
+    def __init__(self, config: CLIPConfig):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.layers))
 
 
 class CLIPTextModel(nn.Module):
-    def __init__(self, cfg: CLIPConfig):
+    def __init__(self, config: CLIPConfig):
         super().__init__()
-        self.cfg = cfg
-        self.embeddings = CLIPEmbeddings(cfg)
-        self.encoder = CLIPEncoder(cfg)
-        self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        if cfg.projection_dim:
-            self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
+        self.config = config
+        self.embeddings = CLIPEmbeddings(config)
+        self.encoder = CLIPEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.width, eps=config.eps)
+        if config.projection_dim:
+            self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
 
     def forward(self, ids: torch.Tensor, skip: int = 1) -> torch.Tensor:
         """ids (B, T) token ids -> (B, T, width) context for the UNet's cross-attention. `skip`: "clip skip" as
@@ -138,6 +138,6 @@ class CLIPTextModel(nn.Module):
         last = self.final_layer_norm(self.encoder.layers[-1](x))
         # the first end token; configs from before transformers fixed eos_token_id (=2) take the largest id,
         # which is the end token unless the prompt holds an added token: kept, as transformers keeps it
-        end = ids.argmax(-1) if self.cfg.eos_token_id == 2 else (ids == self.cfg.eos_token_id).int().argmax(-1)
+        end = ids.argmax(-1) if self.config.eos_token_id == 2 else (ids == self.config.eos_token_id).int().argmax(-1)
         pooled = last[torch.arange(ids.shape[0], device=ids.device), end]
-        return x, (self.text_projection(pooled) if self.cfg.projection_dim else pooled)
+        return x, (self.text_projection(pooled) if self.config.projection_dim else pooled)

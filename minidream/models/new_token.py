@@ -59,7 +59,7 @@ def make_plain(model) -> None:
             plain = nn.Embedding(w.shape[0], w.shape[1], device=w.device, dtype=w.dtype)
             plain.weight = nn.Parameter(w.clone(), requires_grad=False)
             te.embeddings.token_embedding = plain
-            te.cfg = replace(te.cfg, vocab_size=w.shape[0])
+            te.config = replace(te.config, vocab_size=w.shape[0])
 
 
 def cut_to(model, sizes: dict[str, int]) -> None:
@@ -71,4 +71,4 @@ def cut_to(model, sizes: dict[str, int]) -> None:
             plain = nn.Embedding(sizes[name], emb.embedding_dim, device=emb.weight.device, dtype=emb.weight.dtype)
             plain.weight = nn.Parameter(emb.weight.detach()[:sizes[name]].clone(), requires_grad=False)
             te.embeddings.token_embedding = plain
-            te.cfg = replace(te.cfg, vocab_size=sizes[name])
+            te.config = replace(te.config, vocab_size=sizes[name])

@@ -95,10 +95,10 @@ PRESETS = {
 }
 
 
-def alphas_cumprod(cfg: SchedulerConfig) -> torch.Tensor:
-    if cfg.beta_schedule == "scaled_linear":  # LDM's schedule: linear in √β
-        betas = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, cfg.num_train_timesteps,
+def alphas_cumprod(config: SchedulerConfig) -> torch.Tensor:
+    if config.beta_schedule == "scaled_linear":  # LDM's schedule: linear in √β
+        betas = torch.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, config.num_train_timesteps,
                                dtype=torch.float32) ** 2
     else:
-        betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps, dtype=torch.float32)
+        betas = torch.linspace(config.beta_start, config.beta_end, config.num_train_timesteps, dtype=torch.float32)
     return torch.cumprod(1.0 - betas, dim=0)

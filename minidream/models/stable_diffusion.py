@@ -39,13 +39,13 @@ class DDPMProcess:
     it: the regression target (ε, or v = √ᾱ_t ε - √(1-ᾱ_t) x_0 for v-prediction, Salimans & Ho 2022 §4, which SD 2.x
     768 px uses), the signal-to-noise ratio and min-SNR-γ loss weights, and the uniform timestep draw."""
 
-    def __init__(self, cfg: SchedulerConfig):
-        self.cfg = cfg.check()
-        self.alphas_cumprod = alphas_cumprod(cfg)
+    def __init__(self, config: SchedulerConfig):
+        self.config = config.check()
+        self.alphas_cumprod = alphas_cumprod(config)
 
     def draw_timesteps(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
         """t ~ U{0, …, T-1} for n examples (Ho et al. 2020, Algorithm 1)."""
-        return torch.randint(0, self.cfg.num_train_timesteps, (n,), generator=generator, device=device)
+        return torch.randint(0, self.config.num_train_timesteps, (n,), generator=generator, device=device)
 
     def add_noise(self, x0, noise, t):
         a = _at(self.alphas_cumprod, t, x0)
@@ -56,7 +56,7 @@ class DDPMProcess:
         return a.sqrt() * noise - (1 - a).sqrt() * x0
 
     def target(self, x0, noise, t):
-        return noise if self.cfg.prediction_type == "epsilon" else self.velocity(x0, noise, t)
+        return noise if self.config.prediction_type == "epsilon" else self.velocity(x0, noise, t)
 
     def snr(self, t):
         """Signal-to-noise ratio ᾱ_t / (1-ᾱ_t)."""
@@ -67,7 +67,7 @@ class DDPMProcess:
         """Min-SNR-γ (Hang et al. 2023, eq. 7-8): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR+1) for v."""
         snr = self.snr(t)
         clipped = snr.clamp(max=gamma)
-        return clipped / snr if self.cfg.prediction_type == "epsilon" else clipped / (snr + 1)
+        return clipped / snr if self.config.prediction_type == "epsilon" else clipped / (snr + 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,11 +209,11 @@ PRESETS = {name: Preset(unet.PRESETS[name], vae.PRESETS[name],
            for name in ("sd15", "sd21", "sd21-base", "sdxl", "tiny", "tiny-xl")}
 
 
-def preset_of(cfg, presets: dict) -> str:
+def preset_of(config, presets: dict) -> str:
     """The preset a config equals (ignoring the sample size), or 'custom'."""
     def key(c):
         return {f.name: getattr(c, f.name) for f in fields(c) if f.name != "sample_size"}
-    return next((name for name, p in presets.items() if key(p) == key(cfg)), "custom")
+    return next((name for name, p in presets.items() if key(p) == key(config)), "custom")
 
 
 @dataclass
@@ -233,9 +233,9 @@ class StableDiffusion:
     @property
     def family(self) -> Family:
         """The row of FAMILIES this model is: SDXL's UNet takes size ids; SD 2.x's text encoder is OpenCLIP (GELU)."""
-        if self.unet.cfg.add_time_dim is not None:
+        if self.unet.config.add_time_dim is not None:
             return FAMILIES["sdxl"]
-        return FAMILIES["sd2" if self.text_encoder.cfg.act == "gelu" else "sd1"]
+        return FAMILIES["sd2" if self.text_encoder.config.act == "gelu" else "sd1"]
 
     @property
     def denoiser(self) -> unet.UNet2DConditionModel:
@@ -256,7 +256,7 @@ class StableDiffusion:
     def version(self) -> str:
         """Which preset the model matches: sd15, sd21, sd21-base, sdxl, tiny, tiny-xl or custom (a family's
         variants share a UNet: its prediction type tells them apart)."""
-        name = preset_of(self.unet.cfg, unet.PRESETS)
+        name = preset_of(self.unet.config, unet.PRESETS)
         if name in {v.preset for v in self.family.variants} and self.variant is not None:
             return self.variant.preset
         return name
@@ -278,18 +278,18 @@ class StableDiffusion:
     @property
     def latent_scale(self) -> int:
         """Pixels per latent cell: the VAE's downsampling (8 for SD)."""
-        return 2 ** (len(self.vae.cfg.channels) - 1)
+        return 2 ** (len(self.vae.config.channels) - 1)
 
     @property
     def downsampling(self) -> int:
         """Pixels per latent cell at the UNet's deepest stage: the VAE's, then the UNet's downsamplings.
         Image sides must be multiples of it."""
-        return self.latent_scale * 2 ** (len(self.unet.cfg.channels) - 1)
+        return self.latent_scale * 2 ** (len(self.unet.config.channels) - 1)
 
     @property
     def native_resolution(self) -> int:
         """The image side the model was trained at: the UNet's latent size times the VAE's downsampling."""
-        return self.unet.cfg.sample_size * self.latent_scale
+        return self.unet.config.sample_size * self.latent_scale
 
     def components(self) -> dict[str, torch.nn.Module]:
         """The UNet and the text encoder(s) by their diffusers component names (what LoRA files adapt)."""

@@ -136,14 +136,14 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2DModel(nn.Module):
     """The spatial transformer: flatten the feature map into H*W tokens, run the block, fold back."""
 
-    def __init__(self, dim: int, heads: int, depth: int, cfg: UNetConfig):
+    def __init__(self, dim: int, heads: int, depth: int, config: UNetConfig):
         super().__init__()
-        self.linear_proj = cfg.linear_proj
-        self.norm = nn.GroupNorm(cfg.groups, dim, eps=1e-6)
-        self.proj_in = nn.Linear(dim, dim) if cfg.linear_proj else nn.Conv2d(dim, dim, 1)
-        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(dim, heads, cfg.context_dim)
+        self.linear_proj = config.linear_proj
+        self.norm = nn.GroupNorm(config.groups, dim, eps=1e-6)
+        self.proj_in = nn.Linear(dim, dim) if config.linear_proj else nn.Conv2d(dim, dim, 1)
+        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(dim, heads, config.context_dim)
                                                 for _ in range(depth))
-        self.proj_out = nn.Linear(dim, dim) if cfg.linear_proj else nn.Conv2d(dim, dim, 1)
+        self.proj_out = nn.Linear(dim, dim) if config.linear_proj else nn.Conv2d(dim, dim, 1)
 
     def forward(self, x, context):
         B, C, H, W = x.shape
@@ -191,11 +191,12 @@ def run(module, *args, ckpt: bool = False):
 
 
 class DownBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, temb: int, stage: int, downsample: bool, cfg: UNetConfig):
+    def __init__(self, cin: int, cout: int, temb: int, stage: int, downsample: bool, config: UNetConfig):
         super().__init__()
-        n, heads, attn = cfg.layers_per_block, cfg.heads[stage], cfg.attention[stage]
-        self.resnets = nn.ModuleList(ResnetBlock2D(cin if i == 0 else cout, cout, temb, cfg.groups) for i in range(n))
-        self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, cfg.depth_at(stage), cfg)
+        n, heads, attn = config.layers_per_block, config.heads[stage], config.attention[stage]
+        self.resnets = nn.ModuleList(ResnetBlock2D(cin if i == 0 else cout, cout, temb, config.groups)
+                                     for i in range(n))
+        self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, config.depth_at(stage), config)
                                         for _ in range(n) if attn)
         self.downsamplers = nn.ModuleList([Downsample2D(cout)] if downsample else [])
         self.gradient_checkpointing = False
@@ -217,12 +218,13 @@ class DownBlock(nn.Module):
 
 class UpBlock(nn.Module):
     def __init__(self, cin: int, cout: int, skip_channels: list[int], temb: int, stage: int, upsample: bool,
-                 cfg: UNetConfig):
+                 config: UNetConfig):
         super().__init__()
         ins = [cin] + [cout] * (len(skip_channels) - 1)
-        heads, attn = cfg.heads[stage], cfg.attention[stage]  # `stage`: the down stage this one mirrors
-        self.resnets = nn.ModuleList(ResnetBlock2D(c + s, cout, temb, cfg.groups) for c, s in zip(ins, skip_channels))
-        self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, cfg.depth_at(stage), cfg)
+        heads, attn = config.heads[stage], config.attention[stage]  # `stage`: the down stage this one mirrors
+        self.resnets = nn.ModuleList(ResnetBlock2D(c + s, cout, temb, config.groups)
+                                     for c, s in zip(ins, skip_channels))
+        self.attentions = nn.ModuleList(Transformer2DModel(cout, heads, config.depth_at(stage), config)
                                         for _ in skip_channels if attn)
         self.upsamplers = nn.ModuleList([Upsample2D(cout)] if upsample else [])
         self.gradient_checkpointing = False
@@ -240,11 +242,12 @@ class UpBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, ch: int, temb: int, cfg: UNetConfig):
+    def __init__(self, ch: int, temb: int, config: UNetConfig):
         super().__init__()
-        last = len(cfg.channels) - 1  # the middle has the deepest stage's heads and transformer depth
-        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb, cfg.groups), ResnetBlock2D(ch, ch, temb, cfg.groups)])
-        self.attentions = nn.ModuleList([Transformer2DModel(ch, cfg.heads[last], cfg.depth_at(last), cfg)])
+        last = len(config.channels) - 1  # the middle has the deepest stage's heads and transformer depth
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb, config.groups),
+                                      ResnetBlock2D(ch, ch, temb, config.groups)])
+        self.attentions = nn.ModuleList([Transformer2DModel(ch, config.heads[last], config.depth_at(last), config)])
         self.gradient_checkpointing = False
 
     def forward(self, h, temb, context):
@@ -254,36 +257,36 @@ class MidBlock(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
-    def __init__(self, cfg: UNetConfig):
+    def __init__(self, config: UNetConfig):
         super().__init__()
-        self.cfg = cfg
-        ch, n = cfg.channels, len(cfg.channels)
+        self.config = config
+        ch, n = config.channels, len(config.channels)
         temb = 4 * ch[0]
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
-        if cfg.add_time_dim:  # SDXL micro-conditioning: [pooled text, Fourier(size ids)] -> added to the time embedding
-            self.add_embedding = TimestepEmbedding(cfg.add_in_dim, temb)
+        if config.add_time_dim:  # SDXL micro-conditioning: [pooled text, Fourier(size ids)] -> added to the time emb.
+            self.add_embedding = TimestepEmbedding(config.add_in_dim, temb)
 
         # Down: every resnet and downsampler output is kept as a skip for the up path.
         skips, cin = [ch[0]], ch[0]
         self.down_blocks = nn.ModuleList()
         for i, cout in enumerate(ch):
             last = i == n - 1
-            self.down_blocks.append(DownBlock(cin, cout, temb, i, not last, cfg))
-            skips += [cout] * (cfg.layers_per_block + (0 if last else 1))
+            self.down_blocks.append(DownBlock(cin, cout, temb, i, not last, config))
+            skips += [cout] * (config.layers_per_block + (0 if last else 1))
             cin = cout
-        self.mid_block = MidBlock(ch[-1], temb, cfg)
+        self.mid_block = MidBlock(ch[-1], temb, config)
 
         # Up: mirror image; each stage takes layers_per_block + 1 skips, last in first out.
         self.up_blocks = nn.ModuleList()
         for i, cout in enumerate(reversed(ch)):
             j = n - 1 - i  # the down stage this one mirrors
-            take = [skips.pop() for _ in range(cfg.layers_per_block + 1)]
-            self.up_blocks.append(UpBlock(cin, cout, take, temb, j, i < n - 1, cfg))
+            take = [skips.pop() for _ in range(config.layers_per_block + 1)]
+            self.up_blocks.append(UpBlock(cin, cout, take, temb, j, i < n - 1, config))
             cin = cout
 
-        self.conv_norm_out = nn.GroupNorm(cfg.groups, ch[0], eps=1e-5)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.conv_norm_out = nn.GroupNorm(config.groups, ch[0], eps=1e-5)
+        self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
 
     def set_gradient_checkpointing(self, on: bool = True):
         for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
@@ -295,9 +298,9 @@ class UNet2DConditionModel(nn.Module):
         SDXL also takes text_embeds (B, 1280), the pooled text, and time_ids (B, 6), the sizes."""
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
-        temb = self.time_embedding(timestep_embedding(t, self.cfg.channels[0]).to(x.dtype))
-        if self.cfg.add_time_dim:
-            sizes = timestep_embedding(time_ids.reshape(-1), self.cfg.add_time_dim).reshape(B, -1)
+        temb = self.time_embedding(timestep_embedding(t, self.config.channels[0]).to(x.dtype))
+        if self.config.add_time_dim:
+            sizes = timestep_embedding(time_ids.reshape(-1), self.config.add_time_dim).reshape(B, -1)
             temb = temb + self.add_embedding(torch.cat([text_embeds, sizes.to(text_embeds.dtype)], dim=-1).to(x.dtype))
         h = self.conv_in(x)
         skips = [h]

@@ -92,15 +92,15 @@ class Stage(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, config: VAEConfig):
         super().__init__()
-        ch, n = cfg.channels, len(cfg.channels)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        ch, n = config.channels, len(config.channels)
+        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            Stage(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, cfg.groups, down=i < n - 1) for i in range(n))
-        self.mid_block = MidBlock(ch[-1], cfg.groups)
-        self.conv_norm_out = nn.GroupNorm(cfg.groups, ch[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+            Stage(ch[max(i - 1, 0)], ch[i], config.layers_per_block, config.groups, down=i < n - 1) for i in range(n))
+        self.mid_block = MidBlock(ch[-1], config.groups)
+        self.conv_norm_out = nn.GroupNorm(config.groups, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -111,15 +111,15 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, config: VAEConfig):
         super().__init__()
-        ch, n = cfg.channels[::-1], len(cfg.channels)
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], cfg.groups)
+        ch, n = config.channels[::-1], len(config.channels)
+        self.conv_in = nn.Conv2d(config.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], config.groups)
         self.up_blocks = nn.ModuleList(
-            Stage(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, cfg.groups, up=i < n - 1) for i in range(n))
-        self.conv_norm_out = nn.GroupNorm(cfg.groups, ch[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.in_channels, 3, padding=1)
+            Stage(ch[max(i - 1, 0)], ch[i], config.layers_per_block + 1, config.groups, up=i < n - 1) for i in range(n))
+        self.conv_norm_out = nn.GroupNorm(config.groups, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], config.in_channels, 3, padding=1)
 
     def forward(self, z):
         h = self.mid_block(self.conv_in(z))
@@ -129,12 +129,12 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, config: VAEConfig):
         super().__init__()
-        self.cfg = cfg
-        L = cfg.latent_channels
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.config = config
+        L = config.latent_channels
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * L, 2 * L, 1)
         self.post_quant_conv = nn.Conv2d(L, L, 1)
 
@@ -151,7 +151,7 @@ class AutoencoderKL(nn.Module):
 
     def latents(self, mean, logvar, eps):
         """The UNet's latents for a given noise draw eps: z ~ q(z|x), times the scaling factor."""
-        return reparameterize(mean, logvar, eps) * self.cfg.scaling_factor
+        return reparameterize(mean, logvar, eps) * self.config.scaling_factor
 
     def decode(self, z):
         """z (B, 4, h, w) unscaled latents -> images (B, 3, 8h, 8w), roughly in [-1, 1]."""
@@ -159,7 +159,7 @@ class AutoencoderKL(nn.Module):
 
     def decode_latents(self, latents):
         """The UNet's (scaled) latents -> images in about [-1, 1]."""
-        return self.decode(latents / self.cfg.scaling_factor)
+        return self.decode(latents / self.config.scaling_factor)
 
 
 def reparameterize(mean, logvar, eps):

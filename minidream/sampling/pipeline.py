@@ -106,7 +106,7 @@ def generate(model: StableDiffusion, prompts: list[str], params: SamplingParams 
     # SDXL's micro-conditioning: drawn as if from a photo of this size, uncropped
     ids = size_ids((height, width), (0, 0), (height, width)).expand(2 * B if guided else B, 6).to(device)
     cond = {k: v.to(dtype) for k, v in {**cond, **size_conditioning(model, ids)}.items()}
-    shape = (B, model.denoiser.cfg.in_channels, height // s, width // s)
+    shape = (B, model.denoiser.config.in_channels, height // s, width // s)
     if latents is None:
         gdev = generator.device if generator is not None else device
         latents = torch.randn(shape, generator=generator, device=gdev, dtype=dtype)
@@ -134,7 +134,7 @@ def decode(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
     dev = latents.device.type
     autocast_fp16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16
     fp16 = vae_dtype == torch.float16 or autocast_fp16
-    if model.family.vae_fp32_decode and fp16 and model.vae.cfg.force_upcast:  # SDXL's VAE overflows in fp16
+    if model.family.vae_fp32_decode and fp16 and model.vae.config.force_upcast:  # SDXL's VAE overflows in fp16
         try:
             with torch.autocast(dev, enabled=False):
                 return to_uint8(model.vae.float().decode_latents(latents.float()))

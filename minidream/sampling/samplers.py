@@ -53,31 +53,31 @@ SAMPLERS = {
 }
 
 
-def default_sampler(cfg: SchedulerConfig) -> str:
+def default_sampler(config: SchedulerConfig) -> str:
     """The sampler the checkpoint ships (its scheduler_config.json's class and options)."""
-    opts = dict(cfg.extra)
-    name = {row.reference: n for n, row in reversed(SAMPLERS.items())}.get(cfg.class_name)
+    opts = dict(config.extra)
+    name = {row.reference: n for n, row in reversed(SAMPLERS.items())}.get(config.class_name)
     karras = opts.get("use_karras_sigmas")
-    if cfg.class_name == "DPMSolverMultistepScheduler":
+    if config.class_name == "DPMSolverMultistepScheduler":
         sde = opts.get("algorithm_type", "dpmsolver++") == "sde-dpmsolver++"
         name = "dpmpp-2m" + ("-sde" if sde else "") + ("-karras" if karras else "")
     elif karras:
         name = None
     if name not in SAMPLERS:
-        raise ValueError(f"the model's scheduler ({cfg.class_name}{' with Karras sigmas' if karras else ''}) "
+        raise ValueError(f"the model's scheduler ({config.class_name}{' with Karras sigmas' if karras else ''}) "
                          f"is not one minidream implements; name one of {', '.join(SAMPLERS)}")
     return name
 
 
-def make_sampler(name: str | None, cfg: SchedulerConfig, eta: float = 0.0) -> Sampler:
+def make_sampler(name: str | None, config: SchedulerConfig, eta: float = 0.0) -> Sampler:
     """The sampler `name` (None: the model's own) over the model's noise schedule, read as diffusers'
     `<Class>.from_config(model's config)` reads it."""
-    name = name or default_sampler(cfg)
+    name = name or default_sampler(config)
     if name not in SAMPLERS:
         raise ValueError(f"--scheduler {name!r} is not one of {', '.join(SAMPLERS)}")
     row = SAMPLERS[name]
-    for k, v in cfg.extra:
+    for k, v in config.extra:
         if k in row.refuses and v not in row.refuses[k]:
             raise ValueError(f"the model's scheduler config sets {k}={v!r}, which minidream's {name} sampler "
                              f"does not implement")
-    return row.cls(cfg.for_class(row.defaults), eta, **row.options)
+    return row.cls(config.for_class(row.defaults), eta, **row.options)

@@ -52,21 +52,21 @@ class _EDMSampler(Sampler):
     """Euler-family samplers: x = x_0 + σ ε, the UNet sees x/√(σ²+1)."""
 
     def set_timesteps(self, steps: int, device=None):
-        ts = spacing(self.cfg, steps).float()  # fractional timesteps stay fractional, σ interpolated between
+        ts = spacing(self.config, steps).float()  # fractional timesteps stay fractional, σ interpolated between
         table = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self.sigmas = torch.cat([interp(ts, table), torch.zeros(1, dtype=torch.float64)]).float()
         self.timesteps, self.num_inference_steps, self.i = ts.to(device), steps, 0
         s = self.sigmas.max()
         # x = x_0 + σ_max ε has std √(σ_max²+1); diffusers starts from that with leading spacing and from σ_max
         # (k-diffusion's choice) with linspace/trailing. Kept as it is, for the same images.
-        self.init_sigma = s if self.cfg.timestep_spacing in ("linspace", "trailing") else (s ** 2 + 1) ** 0.5
+        self.init_sigma = s if self.config.timestep_spacing in ("linspace", "trailing") else (s ** 2 + 1) ** 0.5
         return self.timesteps
 
     def scale_input(self, x):
         return x / (self.sigmas[self.i] ** 2 + 1) ** 0.5
 
     def _x0(self, out, x, sigma):
-        if self.cfg.prediction_type == "epsilon":
+        if self.config.prediction_type == "epsilon":
             return x - sigma * out
         return out * (-sigma / (sigma ** 2 + 1) ** 0.5) + x / (sigma ** 2 + 1)  # v -> x_0, in x = x_0 + σ ε terms
 
@@ -110,8 +110,8 @@ class Heun(_EDMSampler):
         first = self.dt is None
         s, s_next = self.sigmas[self.i - (0 if first else 1)], self.sigmas[self.i + (1 if first else 0)]
         x0 = self._x0(out, x, s if first else s_next)
-        if self.cfg.clip_sample:
-            x0 = x0.clamp(-self.cfg.clip_sample_range, self.cfg.clip_sample_range)
+        if self.config.clip_sample:
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         if first:  # Euler predictor, slope kept for the correction
             d = (x - x0) / s
             self.d, self.dt, self.x = d, s_next - s, x
@@ -126,18 +126,18 @@ class Heun(_EDMSampler):
 class _VPSolver(Sampler):
     """Multistep solvers on the DDPM latent in λ (DPM-Solver++, UniPC); σ from the model's timesteps or Karras'."""
 
-    def __init__(self, cfg: SchedulerConfig, eta: float = 0.0, karras: bool = False):
-        super().__init__(cfg, eta)
+    def __init__(self, config: SchedulerConfig, eta: float = 0.0, karras: bool = False):
+        super().__init__(config, eta)
         self.karras = karras
 
     def set_timesteps(self, steps: int, device=None):
         table = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         if self.karras:  # over the whole trained range σ(0)..σ(N-1), timesteps read back from σ and rounded
-            check_steps(self.cfg, steps)
+            check_steps(self.config, steps)
             sig = karras_sigmas(table[0].item(), table[-1].item(), steps)
             ts = sigma_to_t(sig, table.log().double()).round()
         else:
-            ts = spacing(self.cfg, steps, solver=True)
+            ts = spacing(self.config, steps, solver=True)
             sig = interp(ts, table)
         self.sigmas = torch.cat([sig, torch.zeros(1, dtype=torch.float64)]).float()  # ends at σ = 0: x_0 itself
         self.timesteps, self.num_inference_steps, self.i = ts.long().to(device), len(ts), 0
@@ -147,7 +147,7 @@ class _VPSolver(Sampler):
     def _x0(self, out, x, sigma):
         """Data prediction x̂_0 from ε or v at the DDPM latent x."""
         a, s = vp(sigma)
-        return (x - s * out) / a if self.cfg.prediction_type == "epsilon" else a * x - s * out
+        return (x - s * out) / a if self.config.prediction_type == "epsilon" else a * x - s * out
 
 
 class DPMSolverPP(_VPSolver):
@@ -155,8 +155,8 @@ class DPMSolverPP(_VPSolver):
     variant (SDE-DPM-Solver++(2M) in the same paper, as diffusers' "sde-dpmsolver++"). First order on the first
     step and on the last (to σ = 0)."""
 
-    def __init__(self, cfg: SchedulerConfig, eta: float = 0.0, karras: bool = False, sde: bool = False):
-        super().__init__(cfg, eta, karras)
+    def __init__(self, config: SchedulerConfig, eta: float = 0.0, karras: bool = False, sde: bool = False):
+        super().__init__(config, eta, karras)
         self.sde = sde
 
     def step(self, out, t, x, generator=None):

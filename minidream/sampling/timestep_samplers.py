@@ -10,24 +10,24 @@ import torch
 from minidream.models.noise_schedule import SchedulerConfig, alphas_cumprod
 
 
-def check_steps(cfg: SchedulerConfig, steps: int):
+def check_steps(config: SchedulerConfig, steps: int):
     """A number of sampling steps the schedule has room for (the caller names its option before the message)."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be at least 1 (got {steps})")
-    if steps > cfg.num_train_timesteps:
-        raise ValueError(f"{steps} steps exceed the model's {cfg.num_train_timesteps} training timesteps")
+    if steps > config.num_train_timesteps:
+        raise ValueError(f"{steps} steps exceed the model's {config.num_train_timesteps} training timesteps")
 
 
-def spacing(cfg: SchedulerConfig, steps: int, solver: bool = False) -> torch.Tensor:
+def spacing(config: SchedulerConfig, steps: int, solver: bool = False) -> torch.Tensor:
     """The inference timesteps, descending, float64, as diffusers spaces them (the three spacings are compared in
     Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"). The multistep solvers
     (DPM-Solver, UniPC) space steps + 1 points and drop the last, t = 0 (`solver`)."""
-    check_steps(cfg, steps)
-    N = cfg.num_train_timesteps
+    check_steps(config, steps)
+    N = config.num_train_timesteps
     n = steps + 1 if solver else steps
-    if cfg.timestep_spacing == "leading":
-        ts = (torch.arange(n, dtype=torch.float64) * (N // n)).round().flip(0)[: steps] + cfg.steps_offset
-    elif cfg.timestep_spacing == "trailing":
+    if config.timestep_spacing == "leading":
+        ts = (torch.arange(n, dtype=torch.float64) * (N // n)).round().flip(0)[: steps] + config.steps_offset
+    elif config.timestep_spacing == "trailing":
         ts = torch.arange(N, 0, -N / steps, dtype=torch.float64).round() - 1
     else:
         ts = torch.linspace(0, N - 1, n, dtype=torch.float64).flip(0)
@@ -37,7 +37,7 @@ def spacing(cfg: SchedulerConfig, steps: int, solver: bool = False) -> torch.Ten
                          f"use fewer")
     if len(set(ts.round().tolist())) < len(ts):  # steps closer than one timestep: a solver divides by zero
         raise ValueError(f"{steps} steps are more than this schedule spaces apart ({N} timesteps, "
-                         f"{cfg.timestep_spacing} spacing); use fewer")
+                         f"{config.timestep_spacing} spacing); use fewer")
     return ts
 
 
@@ -48,10 +48,10 @@ class Sampler:
     history); `set_timesteps` starts it afresh, so one sampler serves many batches."""
     init_sigma = 1.0  # standard deviation of the starting noise (σ-space samplers start from x_T = σ_max ε)
 
-    def __init__(self, cfg: SchedulerConfig, eta: float = 0.0):
+    def __init__(self, config: SchedulerConfig, eta: float = 0.0):
         """eta scales the fresh noise of stochastic samplers that have a knob for it (DDIM's η)."""
-        self.cfg = cfg.check()
-        self.alphas_cumprod = alphas_cumprod(cfg)
+        self.config = config.check()
+        self.alphas_cumprod = alphas_cumprod(config)
         if eta < 0:
             raise ValueError(f"--eta must be >= 0 (got {eta})")
         self.eta = eta
@@ -62,20 +62,20 @@ class Sampler:
 
     def set_timesteps(self, steps: int, device=None):
         self.num_inference_steps = steps
-        self.timesteps = spacing(self.cfg, steps).round().long().to(device)
+        self.timesteps = spacing(self.config, steps).round().long().to(device)
         self.i = 0  # index of the next step, for samplers that keep state between steps
         return self.timesteps
 
     def _x0_eps(self, out, t, x, a_t):
         """The model output read as (predicted x_0, predicted ε)."""
-        if self.cfg.prediction_type == "epsilon":
+        if self.config.prediction_type == "epsilon":
             x0 = (x - (1 - a_t) ** 0.5 * out) / a_t ** 0.5
             eps = out
         else:
             x0 = a_t ** 0.5 * x - (1 - a_t) ** 0.5 * out
             eps = a_t ** 0.5 * out + (1 - a_t) ** 0.5 * x
-        if self.cfg.clip_sample:
-            r = self.cfg.clip_sample_range
+        if self.config.clip_sample:
+            r = self.config.clip_sample_range
             x0 = x0.clamp(-r, r)
         return x0, eps
 
@@ -87,14 +87,14 @@ class Sampler:
 
 
 class DDIM(Sampler):
-    def __init__(self, cfg: SchedulerConfig, eta: float = 0.0):
-        super().__init__(cfg, eta)
+    def __init__(self, config: SchedulerConfig, eta: float = 0.0):
+        super().__init__(config, eta)
         # ᾱ "before" the first step: 1 (a clean image) or ᾱ_0, as the checkpoint's config says.
-        self.final_alpha = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
+        self.final_alpha = torch.tensor(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
 
     def step(self, out, t: int, x, generator=None):
         t = int(t)
-        prev = t - self.cfg.num_train_timesteps // self.num_inference_steps
+        prev = t - self.config.num_train_timesteps // self.num_inference_steps
         # 0-d float32 tensors, so the arithmetic rounds as the reference's does
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha
@@ -140,7 +140,7 @@ class PNDM(Sampler):
         return self.timesteps
 
     def step(self, out, t: int, x, generator=None):
-        t, stride = int(t), self.cfg.num_train_timesteps // self.num_inference_steps
+        t, stride = int(t), self.config.num_train_timesteps // self.num_inference_steps
         prev = t - stride  # diffusers steps a fixed stride, whatever the spacing
         if self.i != 1:
             self.eps = self.eps[-3:] + [out]
@@ -160,9 +160,9 @@ class PNDM(Sampler):
     def _transfer(self, x, t, prev, e):
         """PNDM's transfer part φ: x_t -> x_prev along the DDIM path for the combined output e."""
         a_t = self.alphas_cumprod[t]
-        final = torch.tensor(1.0) if self.cfg.set_alpha_to_one else self.alphas_cumprod[0]
+        final = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
         a_prev = self.alphas_cumprod[prev] if prev >= 0 else final
-        if self.cfg.prediction_type == "v_prediction":
+        if self.config.prediction_type == "v_prediction":
             e = a_t ** 0.5 * e + (1 - a_t) ** 0.5 * x
         denom = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
         return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * e / denom

@@ -25,7 +25,7 @@ def base_fingerprint(model) -> str:
     import hashlib
     parts = []
     for net in model.networks():
-        parts.append(repr(getattr(net, "cfg", type(net).__name__)))
+        parts.append(repr(getattr(net, "config", type(net).__name__)))
         for name, p in net.state_dict().items():
             x = p.detach().flatten()
             parts.append(f"{name}:{float(x[::max(1, x.numel() // 64)].double().sum()):.10e}")

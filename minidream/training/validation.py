@@ -150,7 +150,7 @@ class HeldOutLoss:
         if self.fixed is None:
             self._fix(model)
         dev = next(model.denoiser.parameters()).device
-        T = process.cfg.num_train_timesteps
+        T = process.config.num_train_timesteps
         t = torch.tensor([int((i + 0.5) * T / self.k) for i in range(self.k)], device=dev)  # mid-points of k bands
         with evaluating(model):
             return self._losses(model, autocast, t, dev)
