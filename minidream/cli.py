@@ -52,7 +52,7 @@ def info(model: ModelArg, **options):
     typer.echo(f"sampler    {m.scheduler.class_name}: {own}")
     for name, tok, _ in m.text_encoders():
         typer.echo(f"{name.replace('text_encoder', 'tokenizer'):<12} {len(tok)} tokens, pad {tok.pad_token!r}")
-    for name, mod in (*[(n, te) for n, _, te in m.text_encoders()], ("unet", m.unet), ("vae", m.vae)):
+    for name, mod in (*[(n, te) for n, _, te in m.text_encoders()], ("unet", m.denoiser), ("vae", m.vae)):
         p = next(mod.parameters())
         n = sum(x.numel() for x in mod.parameters())
         typer.echo(f"{name:<14} {n / 1e6:9.2f}M params  {str(p.dtype).removeprefix('torch.')}")
@@ -80,8 +80,8 @@ def sample(**options):
         typer.echo(f"warning: the prompt is longer than {m.tokenizer.max_length} tokens; this part was cut: {cut!r}",
                    err=True)
     m.to(device=dev, dtype=DTYPES[run.dtype])
-    set_attention_backend(m.unet, backend)
-    compile_network(m.unet, run.compile)
+    set_attention_backend(m.denoiser, backend)
+    compile_network(m.denoiser, run.compile)
     made = not o.out.exists()
     try:
         o.out.mkdir(parents=True, exist_ok=True)

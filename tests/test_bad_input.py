@@ -166,7 +166,7 @@ def lora_files(sd1_dir, tmp_path_factory):
     save_file(diffusers_lora_state_dict(m), d / "peft.safetensors", metadata=meta)
     # DoRA on attention, feed-forward and the resnets' convolutions, in both layouts, as our exports write them
     m = loading.load(str(sd1_dir))
-    unet_lora(m.unet, Adapters(AdapterSpec(2, 2.0, conv_rank=3, dora=True), unet="all"))
+    unet_lora(m.unet, Adapters(AdapterSpec(2, 2.0, conv_rank=3, dora=True), targets="all"))
     for p in m.unet.parameters():
         if p.requires_grad:
             p.data = p.data * 1.1 + torch.randn(p.shape, generator=g) * 0.1

@@ -105,6 +105,7 @@ def test_minidream_bench_bad_options_are_one_line(tmp_path, monkeypatch, args, n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "taken"]  # nothing written
 
 
+@pytest.mark.slow  # 84 s on 2 cores for a smoke run (it measures nothing); the suite keeps its time budget
 def test_memory_benchmark_runs_every_recipe_in_its_own_process(tmp_path):
     """Every recipe, ours and diffusers', on the tiny config (keeps the code alive; measures nothing)."""
     r = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--preset", "tiny", "--res", "16", "--steps", "1",

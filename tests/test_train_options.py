@@ -55,7 +55,7 @@ def test_cast_frozen_keeps_trainable_values_exact(sd1_dir):
     trainable = select_trainable(model, "attention")
     cast_frozen(model, torch.bfloat16)
     ref = dict(base.unet.named_parameters())
-    trained = [(n.removeprefix("unet."), p) for n, p in trainable.unet]
+    trained = [(n.removeprefix("unet."), p) for n, p in trainable.denoiser]
     assert trained and all(p.dtype == torch.float32 and torch.equal(p, ref[n]) for n, p in trained)
     frozen = [p for p in model.unet.parameters() if not p.requires_grad]
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)

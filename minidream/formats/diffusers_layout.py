@@ -12,7 +12,7 @@ from minidream.formats.configs import (clip_config, clip_config_json, load_sched
                                        read_configs, unet_config, unet_config_json, vae_config, vae_config_json)
 from minidream.formats.files import ModelError, build, read_json, read_weights, save_safetensors, weight_file
 from minidream.models import clip, unet, vae
-from minidream.models.stable_diffusion import StableDiffusion
+from minidream.models.stable_diffusion import StableDiffusion, family_of
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # what every folder has
 SECOND_ENCODER = ("text_encoder_2", "tokenizer_2")  # a family with two text encoders (SDXL)
@@ -63,7 +63,7 @@ def load_pretrained(path: Path, variant=None, allow_pickle=False, dtype=None) ->
     for comp in COMPONENTS + (SECOND_ENCODER if two else ()):
         if not (path / comp).is_dir():
             raise ModelError(f"{path}: missing component folder {comp}/; is the download complete?")
-    read_configs(path)  # the parts fit together (SDXL's text encoders and UNet) before any weights are read
+    configs, _ = read_configs(path)  # the parts fit together (SDXL's text encoders and UNet) before any weights
     second = {}
     if two:
         second = dict(tokenizer_2=load_tokenizer(path / "tokenizer_2"),
@@ -75,7 +75,7 @@ def load_pretrained(path: Path, variant=None, allow_pickle=False, dtype=None) ->
         unet=load_unet(path / "unet", variant, allow_pickle, dtype),
         vae=load_vae(path / "vae", variant, allow_pickle, dtype),
         scheduler=load_scheduler_config(path / "scheduler"),
-        source=str(path), **second)
+        source=str(path), family=family_of(configs["unet"], configs["text_encoder"]), **second)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,12 +119,12 @@ def save_pretrained(model: StableDiffusion, folder: Path, dtype: torch.dtype | N
     for comp in ("unet", "vae", "scheduler", *encoders, *map(tokenizer_name, encoders)):
         (folder / comp).mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").write_text(json.dumps(model_index(model), indent=2))
-    (folder / "unet" / "config.json").write_text(json.dumps(unet_config_json(model.unet.config), indent=2))
+    (folder / "unet" / "config.json").write_text(json.dumps(unet_config_json(model.denoiser.config), indent=2))
     (folder / "vae" / "config.json").write_text(json.dumps(vae_config_json(model.vae.config), indent=2))
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler.to_dict(), indent=2))
     for name, tok, te in model.text_encoders():
         (folder / name / "config.json").write_text(json.dumps(clip_config_json(te.config, tok), indent=2))
         tok.save(folder / tokenizer_name(name))
         save_safetensors(text_encoder_state(te), folder / name / "model.safetensors", dtype=dtype)
-    save_safetensors(model.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors", dtype=dtype)
+    save_safetensors(model.denoiser.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors", dtype=dtype)
     save_safetensors(model.vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors", dtype=dtype)

@@ -77,12 +77,12 @@ def kohya_lora_state_dict(model) -> dict[str, torch.Tensor]:
     names or (SDXL) the original checkpoint's, as sd-scripts' networks write them."""
     family = model.family
     encoders = {name: te for name, _, te in model.text_encoders()}
-    nets = {"lora_unet_": model.unet, **{slot.kohya: encoders[slot.name] for slot in family.encoders}}
+    nets = {"lora_unet_": model.denoiser, **{slot.kohya: encoders[slot.name] for slot in family.encoders}}
     sd = {}
     for prefix, net in nets.items():
         for name, m in loras(net).items():
             if prefix == "lora_unet_" and family.kohya_unet_names == "original":
-                name = unet_original_name(model.unet.config, name)
+                name = unet_original_name(model.denoiser.config, name)
             key = prefix + name.replace(".", "_")
             sd[f"{key}.lora_down.weight"] = m.lora_down.weight.detach().float()
             sd[f"{key}.lora_up.weight"] = m.lora_up.weight.detach().float()

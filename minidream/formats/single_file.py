@@ -284,9 +284,10 @@ def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str 
         raise ModelError(f"{file}: unexpected key {unused[0]!r}" + (f" and {len(unused) - 1} more" if len(unused) > 1
                                                                      else "") + f"; is it {arch.what}?")
     model = StableDiffusion(**tokenizers(arch.tokenizer_dir, len(fam.encoders)), **parts, scheduler=arch.scheduler,
-                            source=str(file), force_zeros_for_empty_prompt=arch.force_zeros and fam.zero_negative)
+                            source=str(file), force_zeros_for_empty_prompt=arch.force_zeros and fam.zero_negative,
+                            family=fam)
     te2 = model.text_encoder_2 and model.text_encoder_2.config
-    check_conditioning(file, model.unet.config, model.text_encoder.config, te2)
+    check_conditioning(file, model.denoiser.config, model.text_encoder.config, te2)
     return model
 
 
@@ -297,7 +298,7 @@ def to_single_file(model: StableDiffusion) -> dict[str, torch.Tensor]:
     encoders = {name: te for name, _, te in model.text_encoders()}
     texts = [(encoders[s.name], clip_rows(encoders[s.name].config, s.original, s.openclip),
               s.original if s.openclip else None) for s in model.family.encoders]
-    for m, rows, openclip in [(model.unet, unet_rows(model.unet.config), None),
+    for m, rows, openclip in [(model.denoiser, unet_rows(model.denoiser.config), None),
                               (model.vae, vae_rows(model.vae.config), None), *texts]:
         sd = m.state_dict()
         for k, (orig, how) in key_table(rows, sd, openclip).items():
@@ -327,7 +328,7 @@ ARCHITECTURE = "minidream.architecture"
 
 def architecture_json(model: StableDiffusion) -> str:
     """What a diffusers folder's configs say, in one JSON string: a file that carries it loads without --config."""
-    d = {"unet": unet_config_json(model.unet.config), "vae": vae_config_json(model.vae.config),
+    d = {"unet": unet_config_json(model.denoiser.config), "vae": vae_config_json(model.vae.config),
          **{name: clip_config_json(te.config, tok) for name, tok, te in model.text_encoders()},
          "scheduler": model.scheduler.to_dict(), "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt}
     return json.dumps(d)

@@ -57,7 +57,7 @@ def block(component: str, name: str) -> str:
 
 def _tensors(model) -> dict[str, torch.Tensor]:
     make_plain(model)  # a TokenEmbedding (a learned token) as one plain table
-    nets = [("unet", model.unet), *[(name, te) for name, _, te in model.text_encoders()], ("vae", model.vae)]
+    nets = [("unet", model.denoiser), *[(name, te) for name, _, te in model.text_encoders()], ("vae", model.vae)]
     return {f"{comp}.{k}": v for comp, net in nets for k, v in net.state_dict().items()}
 
 

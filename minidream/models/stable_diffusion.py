@@ -216,6 +216,14 @@ def preset_of(config, presets: dict) -> str:
     return next((name for name, p in presets.items() if key(p) == key(config)), "custom")
 
 
+def family_of(denoiser: unet.UNetConfig, text_encoder: clip.CLIPConfig) -> Family:
+    """The family networks of these configs belong to, for a model built without a loader's word on it: SDXL's UNet
+    takes size ids; SD 2.x's text encoder is OpenCLIP's (GELU), SD 1.x's OpenAI's CLIP."""
+    if denoiser.add_time_dim is not None:
+        return FAMILIES["sdxl"]
+    return FAMILIES["sd2" if text_encoder.act == "gelu" else "sd1"]
+
+
 @dataclass
 class StableDiffusion:
     """The parts of a text-to-image model, as loaded."""
@@ -229,13 +237,11 @@ class StableDiffusion:
     text_encoder_2: clip.CLIPTextModel | None = None  # SDXL: OpenCLIP ViT-bigG, with text_projection
     force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt -> zero conditioning, not the empty prompt's
     clip_skip: int = 1  # SD 1.x/2.x: the text encoder layer read, from the end (`with_clip_skip`)
+    family: Family | None = None  # its row of FAMILIES, as the loader found it (None: told by `family_of`)
 
-    @property
-    def family(self) -> Family:
-        """The row of FAMILIES this model is: SDXL's UNet takes size ids; SD 2.x's text encoder is OpenCLIP (GELU)."""
-        if self.unet.config.add_time_dim is not None:
-            return FAMILIES["sdxl"]
-        return FAMILIES["sd2" if self.text_encoder.config.act == "gelu" else "sd1"]
+    def __post_init__(self):
+        if self.family is None:
+            self.family = family_of(self.unet.config, self.text_encoder.config)
 
     @property
     def denoiser(self) -> unet.UNet2DConditionModel:

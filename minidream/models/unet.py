@@ -288,8 +288,15 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.groups, ch[0], eps=1e-5)
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
 
+    def blocks(self) -> dict[str, tuple[str, nn.Module]]:
+        """The stages in the order they run, by the names --lora-blocks takes (down.N, mid, up.N), each with its
+        module-name prefix: what gradient checkpointing, FSDP's sharding and --lora-blocks work block by block."""
+        return {**{f"down.{i}": (f"down_blocks.{i}.", b) for i, b in enumerate(self.down_blocks)},
+                "mid": ("mid_block.", self.mid_block),
+                **{f"up.{i}": (f"up_blocks.{i}.", b) for i, b in enumerate(self.up_blocks)}}
+
     def set_gradient_checkpointing(self, on: bool = True):
-        for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
+        for _, block in self.blocks().values():
             block.gradient_checkpointing = on
         return self
 

@@ -152,7 +152,7 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
     if REPORT_TO[cfg.report_to]:
         REPORT_TO[cfg.report_to].check()
     if MODES[cfg.mode].adapters:  # --lora-blocks names stages of this UNet
-        cfg.adapters.unet_modules(model.denoiser)
+        cfg.adapters.denoiser_modules(model.denoiser)
     if cfg.dora and "lora-kohya" in cfg.save_as:
         print("warning: --dora: lora_kohya.safetensors holds DoRA as LyCORIS writes it (dora_scale per output "
               "channel), which LyCORIS and `minidream sample` merge exactly; A1111 reads only per-input DoRA and "

@@ -26,7 +26,7 @@ def shard(model: StableDiffusion, text_encoders: bool, device: torch.device, pro
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.type, (processes,))
     unet = model.denoiser
-    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+    for _, block in unet.blocks().values():
         fully_shard(block, mesh=mesh)
     fully_shard(unet, mesh=mesh)
     for _, _, te in model.text_encoders() if text_encoders else ():

@@ -109,7 +109,8 @@ class Unsynced:
         """`alone`: without the other processes (a run that stops may have lost one, and the others are not at
         this call): this process's own losses, each line marked so; a non-finite gradient norm then stops the run
         too (another process's non-finite loss reached these weights through the averaged gradients). The lines
-        are kept until their values are in hand and all checked: a stop during the wait reads them again."""
+        are kept until their values are in hand (a stop during the wait reads them again); those before the first
+        non-finite step are written, and the run stops there."""
         if not self.lines:
             return
 
@@ -118,19 +119,21 @@ class Unsynced:
             return torch.cat([x["parts"], norm.reshape(1).to(x["parts"])])
         values = torch.stack([row(x) for x in self.lines]).double()
         values = (values if alone else distributed.mean(values, self.group)).tolist()  # the wait for the device
-        for x, (loss, _, _, norm) in zip(self.lines, values):
-            if not math.isfinite(loss) or alone and not math.isfinite(norm):  # all processes see the same mean
-                what = f"loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
-                raise TrainError(f"{what} at step {x['step']}; stopped, {kept}. "
-                                 "Try a lower --lr or --mixed-precision no")
-        lines, self.lines = self.lines, []
-        ends = [x["began"] for x in lines[1:]] + [time.perf_counter()]
+        bad = next((k for k, (loss, _, _, norm) in enumerate(values)
+                    if not math.isfinite(loss) or alone and not math.isfinite(norm)), len(values))
+        ends = [x["began"] for x in self.lines[1:]] + [time.perf_counter()]
+        lines, self.lines = self.lines[:bad], self.lines[bad:]  # the good steps' lines are written
         mark = {"this_process_only": True} if alone and self.group.size > 1 else {}
         for x, (loss, inst, prior, norm), end in zip(lines, values, ends):
             self.log.step({"step": x["step"], "loss": loss, "loss_instance": inst, "loss_prior": prior,
                            "lr": x["lr"], "grad_norm": None if x["grad_norm"] is None else norm,
                            "step_s": end - x["began"], **mark})
             self.bar.stats.update(loss=loss, inst=inst, prior=prior)  # shown at the bar's next update
+        if self.lines:  # all processes see the same mean, so all stop together
+            loss, norm = values[bad][0], values[bad][3]
+            what = f"loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
+            raise TrainError(f"{what} at step {self.lines[0]['step']}; stopped, {kept}. "
+                             "Try a lower --lr or --mixed-precision no")
 
 
 def syncs_at(cfg: TrainConfig, step: int) -> bool:

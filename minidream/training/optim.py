@@ -128,7 +128,7 @@ def make_optimizer(cfg, trainable: Trainable, device: torch.device):
     """The optimizer over the trainable groups (each its own learning rate; no weight decay on a new token), the
     LR schedule, and for fp16 a gradient scaler."""
     lr = cfg.unet_lr
-    param_groups = [{"params": [p for _, p in trainable.unet], "lr": lr},
+    param_groups = [{"params": [p for _, p in trainable.denoiser], "lr": lr},
                     {"params": [p for _, p in trainable.text_encoder],
                      "lr": lr if OPTIMIZERS[cfg.optimizer].one_lr else cfg.text_encoder_lr or lr},
                     {"params": [p for _, p in trainable.token], "lr": cfg.new_token_lr, "weight_decay": 0.0}]

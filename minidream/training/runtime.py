@@ -67,7 +67,7 @@ class Runtime:
     def place(self, model: StableDiffusion) -> StableDiffusion:
         """The model on this run's device, its UNet and VAE with this run's attention kernel."""
         model.to(self.device)
-        set_attention_backend(model.unet, self.attention)
+        set_attention_backend(model.denoiser, self.attention)
         set_attention_backend(model.vae, self.attention)
         return model
 

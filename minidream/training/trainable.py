@@ -60,16 +60,14 @@ TEXT_TARGETS = {
     "attn": TargetSet(TEXT_ATTENTION, "q/k/v/out of every self-attention layer"),
     "attn-mlp": TargetSet(ending(TEXT_ATTN, TEXT_MLP), "and the MLP (fc1, fc2) of every layer"),
 }
-BLOCK = re.compile(r"(down|up)\.(\d+)|mid")
 
 
-def block_prefix(block: str) -> str:
-    """A --lora-blocks entry as a module-name prefix: down.1 -> down_blocks.1., mid -> mid_block., up.0 ->
-    up_blocks.0.; anything else is taken as a prefix of the UNet's own (diffusers) module names."""
-    m = BLOCK.fullmatch(block)
-    if m and m[1]:
-        return f"{m[1]}_blocks.{m[2]}."
-    return "mid_block." if m else block.rstrip(".") + "."
+def block_prefix(net: nn.Module, block: str) -> str:
+    """A --lora-blocks entry as a module-name prefix: a stage the denoiser names (down.1 -> down_blocks.1., mid ->
+    mid_block., up.0 -> up_blocks.0.: its `blocks()`); anything else is taken as a prefix of its own (diffusers)
+    module names."""
+    stages = net.blocks()
+    return stages[block][0] if block in stages else block.rstrip(".") + "."
 
 
 def check_blocks(v: str | None) -> str | None:
@@ -85,21 +83,21 @@ def check_blocks(v: str | None) -> str | None:
 class Adapters:
     """What LoRA adapts and how (--lora-* options): the target sets, the UNet stages, the adapters' shape."""
     spec: AdapterSpec = AdapterSpec()
-    unet: str = "attn"
+    targets: str = "attn"  # the denoiser's (--lora-targets)
     text_encoder: str = "attn"
     blocks: str | None = None  # comma-separated --lora-blocks entries; None: every stage
 
-    def unet_modules(self, net: nn.Module) -> list[str]:
-        names = _matching(net, UNET_TARGETS[self.unet].pattern)
+    def denoiser_modules(self, net: nn.Module) -> list[str]:
+        names = _matching(net, UNET_TARGETS[self.targets].pattern)
         if self.blocks is None:
             return names
         picked = []
         for block in (b.strip() for b in self.blocks.split(",")):
-            prefix = block_prefix(block)
+            prefix = block_prefix(net, block)
             inside = [n for n in names if n.startswith(prefix) or n == prefix[:-1]]
             if not inside:
-                raise TrainError(f"--lora-blocks {block}: no --lora-targets {self.unet} module of this UNet is in "
-                                 f"it (its stages: {', '.join(_stages(net))})")
+                raise TrainError(f"--lora-blocks {block}: no --lora-targets {self.targets} module of this UNet is in "
+                                 f"it (its stages: {', '.join(net.blocks())})")
             picked += inside
         picked = set(picked)
         return [n for n in names if n in picked]
@@ -107,11 +105,6 @@ class Adapters:
 
 def _matching(net: nn.Module, pattern: re.Pattern) -> list[str]:
     return [n for n, m in net.named_modules() if pattern.fullmatch(n) and isinstance(m, (nn.Linear, nn.Conv2d))]
-
-
-def _stages(net: nn.Module) -> list[str]:
-    down = [f"down.{i}" for i in range(len(net.down_blocks))]
-    return [*down, "mid", *[f"up.{i}" for i in range(len(net.up_blocks))]]
 
 
 def unfreeze(net: nn.Module, adapters: Adapters):
@@ -124,7 +117,7 @@ def unfreeze_unet_attention(net: nn.Module, adapters: Adapters):
 
 
 def unet_lora(net: nn.Module, adapters: Adapters) -> dict[str, lora.LoRA]:
-    return lora.add_lora(net, adapters.unet_modules(net), adapters.spec)
+    return lora.add_lora(net, adapters.denoiser_modules(net), adapters.spec)
 
 
 def text_encoder_lora(net: nn.Module, adapters: Adapters) -> dict[str, lora.LoRA]:
@@ -156,15 +149,15 @@ MODES = {
 @dataclass
 class Trainable:
     """The parameters a run trains, by group (each has its learning rate), named as in the checkpoints."""
-    unet: list[tuple[str, nn.Parameter]]
+    denoiser: list[tuple[str, nn.Parameter]]  # named as its diffusers component ("unet.…")
     text_encoder: list[tuple[str, nn.Parameter]]  # both SDXL encoders in one group (one learning rate)
     token: list[tuple[str, nn.Parameter]]  # the new token's rows
 
     def groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        return {"unet": self.unet, "text_encoder": self.text_encoder, "token": self.token}
+        return {"unet": self.denoiser, "text_encoder": self.text_encoder, "token": self.token}
 
     def named(self) -> list[tuple[str, nn.Parameter]]:
-        return [*self.unet, *self.text_encoder, *self.token]
+        return [*self.denoiser, *self.text_encoder, *self.token]
 
     def params(self) -> list[nn.Parameter]:
         return [p for _, p in self.named()]
@@ -186,7 +179,7 @@ def select_trainable(model: StableDiffusion, mode: str, adapters: Adapters = Ada
     trainable = Trainable([], [], [])
     for name, p in model.denoiser.named_parameters():
         if p.requires_grad:
-            trainable.unet.append((f"unet.{name}", p))
+            trainable.denoiser.append((f"unet.{name}", p))
     for prefix, te in encoders:
         for name, p in te.named_parameters():
             if p.requires_grad:
