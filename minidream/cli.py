@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from minidream.cli_common import (adapt, adapters, check_sampling, checked, clip_skipped, device_and_backend, fail,
+from minidream.cli_common import (adapt, adapter_files, check_sampling, checked, clip_skipped, device_and_backend, fail,
                                   load_model, resolved_device, write_samples, writing)
 from minidream.cli_options import Adapters, Bench, Demo, Diff, Eval, Loader, Maps, Pretrain, Run, Sample
 from minidream.sampling.pipeline import SamplingParams
@@ -67,8 +67,8 @@ def sample(**options):
     from minidream.models.compile import compile_network
     from minidream.models.device import DTYPES
     from minidream.sampling.samplers import default_sampler
-    o, params, run, adapters_, loader = checked(options, Sample, SamplingParams, Run, Adapters, Loader)
-    loras, embeddings = adapters(adapters_)
+    o, params, run, adapters, loader = checked(options, Sample, SamplingParams, Run, Adapters, Loader)
+    loras, embeddings = adapter_files(adapters)
     dev, backend = device_and_backend(run)
     m = clip_skipped(load_model(o.model, loader), o.clip_skip)
     check_sampling(params, m)
@@ -159,8 +159,8 @@ def diff(base: ModelArg, tuned: ModelArg, **options):
     (--lora/--embedding are applied to TUNED: `diff BASE BASE --lora L` shows what a LoRA changes)."""
     import torch
     from minidream.inspect import weight_diff
-    o, adapters_, loader = checked(options, Diff, Adapters, Loader)
-    loras, embeddings = adapters(adapters_)
+    o, adapters, loader = checked(options, Diff, Adapters, Loader)
+    loras, embeddings = adapter_files(adapters)
     a = load_model(base, loader, dtype=torch.float32)
     b = adapt(load_model(tuned, loader, dtype=torch.float32), loras, embeddings, loader.allow_pickle)
     try:
@@ -168,8 +168,8 @@ def diff(base: ModelArg, tuned: ModelArg, **options):
     except ValueError as e:
         fail(f"{base} vs {tuned}: {e}")
     with writing(o.out):
-        files = weight_diff.write(d, o.out, {"base": base, "tuned": tuned, "lora": list(adapters_.lora),
-                                             "embedding": list(adapters_.embedding)})
+        files = weight_diff.write(d, o.out, {"base": base, "tuned": tuned, "lora": list(adapters.lora),
+                                             "embedding": list(adapters.embedding)})
     typer.echo(weight_diff.markdown(d).split("\n\n")[0])
     typer.echo(f"wrote {', '.join(map(str, files))}")
 
@@ -179,8 +179,8 @@ def diff(base: ModelArg, tuned: ModelArg, **options):
 def attention_maps(**options):
     """Where each prompt token looks: cross-attention probabilities averaged over heads, layers and steps."""
     from minidream.inspect import attention_maps as am
-    o, params, adapters_, loader = checked(options, Maps, SamplingParams, Adapters, Loader)
-    m = adapt(load_model(o.model, loader), *adapters(adapters_), loader.allow_pickle)
+    o, params, adapters, loader = checked(options, Maps, SamplingParams, Adapters, Loader)
+    m = adapt(load_model(o.model, loader), *adapter_files(adapters), loader.allow_pickle)
     check_sampling(params, m)
     try:
         images, maps = am.attention_maps(m, [o.prompt], params, o.seed)

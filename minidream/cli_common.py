@@ -98,7 +98,7 @@ def clip_skipped(m, skip: int):
         fail(str(e))
 
 
-def adapters(a: Adapters) -> tuple[list[tuple[Path, float]], list[tuple[Path, str | None]]]:
+def adapter_files(a: Adapters) -> tuple[list[tuple[Path, float]], list[tuple[Path, str | None]]]:
     """(--lora files with their strengths, --embedding files with their tokens), each file checked to exist."""
     return [lora_arg(x, a.lora_scale) for x in a.lora], embedding_args(a.embedding, a.embedding_token)
 

@@ -12,7 +12,7 @@ from minidream.models.attention import CHOICES as ATTENTION_BACKENDS
 from minidream.models.compile import COMPILE_HELP, COMPILE_MODES
 from minidream.models.device import DTYPES
 from minidream.options import (at_least, comma_integers, device_name, each_one_of, finite, first_problem, in_range,
-                               option, optional_at_least, out_folder, path, seed_range, text)
+                               option, optional_at_least, out_folder, path, seed_range, text, texts)
 from minidream.training.config import OPTIONS
 
 DEMO_DIR_DEFAULT = "minidream/demo/weights"
@@ -44,8 +44,7 @@ class Adapters:
     embedding: tuple[str, ...] = option((), "Textual-inversion embedding (ours, diffusers', A1111's); repeat for "
                                         "several.")
     embedding_token: tuple[str, ...] = option((), "Token for the --embedding of the same position; default: the "
-                                              "name in the file.", check=lambda vs: next(filter(None, map(text, vs)),
-                                                                                          None))
+                                              "name in the file.", check=texts)
 
 
 @dataclass(frozen=True)
