@@ -137,8 +137,9 @@ def device_and_backend(run: Run) -> tuple[str, str]:
         fail(str(e))
     if run.dtype == "fp16" and dev == "cpu":
         fail("--dtype fp16 needs a GPU; use --dtype bf16 or fp32 on CPU")
-    if check_compile(run.compile, dev):
-        fail(f"--compile {check_compile(run.compile, dev)}")
+    wrong = check_compile(run.compile, dev)
+    if wrong:
+        fail(f"--compile {wrong}")
     return dev, backend
 
 

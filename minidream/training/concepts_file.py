@@ -30,6 +30,11 @@ def folder_named(folder) -> tuple[int, str] | None:
     return None
 
 
+def folder_repeats(folder) -> int:
+    """How often an epoch sees each image of a folder, as its kohya name says (`1_dog`: 1); 1 when not so named."""
+    return (folder_named(folder) or (1,))[0]
+
+
 def split_prompt(prompt: str) -> tuple[str, str | None]:
     """A kohya folder's prompt as (identifier, class noun): "sks dog" -> ("sks", "dog"); one word: (it, None)."""
     ident, _, noun = prompt.partition(" ")
@@ -61,7 +66,7 @@ def kohya_rules(instance_dir, class_dir, *, identifier: str | None = None, class
         instance_prompt = instance_prompt or f"a photo of {token} {noun}"
         class_prompt = class_prompt or f"a photo of {noun}"
     return {"identifier": ident, "class_noun": noun, "instance_prompt": instance_prompt, "class_prompt": class_prompt,
-            "repeats": repeats or named_repeats or 1, "class_repeats": (class_named or (1,))[0]}
+            "repeats": repeats or named_repeats or 1, "class_repeats": folder_repeats(class_dir)}
 
 
 def concept_noun(c: dict) -> str | None:
@@ -152,7 +157,7 @@ def concepts(cfg, out: Path) -> list[Concept]:
     if not cfg.concepts:
         class_dir = Path(cfg.class_dir) if cfg.class_dir else out / "class_images"
         return [Concept(Path(cfg.instance_dir), cfg.prompts[0], cfg.prompts[1], class_dir, cfg.num_class_images,
-                        cfg.identifier, cfg.repeats or 1, (folder_named(class_dir) or (1,))[0])]
+                        cfg.identifier, cfg.repeats or 1, folder_repeats(class_dir))]
     rows = []
     for k, c in enumerate(cfg.concepts):
         class_dir = Path(c["class_dir"]) if c.get("class_dir") else out / "class_images" / f"concept-{k}"
