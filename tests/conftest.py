@@ -162,3 +162,54 @@ def clip_vocab_dir():
                                     encoding="utf-8")
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return out
+
+
+# SD3's three MMDiT variants at test size: SD3 Medium (joint attention only), SD3.5 Medium (MMDiT-X: a second,
+# image-only attention in the first blocks; qk-norm), SD3.5 Large (qk-norm)
+SD3_VARIANTS = {"sd3-medium": {}, "sd35-medium": {"dual_attention_layers": (0, 1), "qk_norm": "rms_norm"},
+                "sd35-large": {"qk_norm": "rms_norm"}}
+
+
+def tiny_sd3_transformer_kwargs(variant: str = "sd3-medium"):
+    return dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
+                num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=64,
+                pos_embed_max_size=16, **SD3_VARIANTS[variant])
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_tokenizer():
+    from minidream.models.t5_tokenizer import train_unigram
+    return train_unigram(CAPTIONS, 120)
+
+
+def build_sd3_pipeline_dir(folder: Path, tokenizer, t5_tokenizer, variant: str = "sd3-medium", seed: int = 0,
+                           with_t5: bool = True):
+    """A tiny random StableDiffusion3Pipeline written by diffusers' save_pretrained: CLIP-L (32 wide) and CLIP-G
+    (48 wide), both projected to 32; a 3-layer T5 v1.1 96 wide; the 16-channel VAE with its shift; the MMDiT
+    `variant`; flow-matching Euler with shift 3."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+    torch.manual_seed(seed)
+    transformer = perturb(SD3Transformer2DModel(**tiny_sd3_transformer_kwargs(variant)), seed, scale=0.1)
+    vae = perturb(AutoencoderKL(**{**tiny_vae_kwargs(), "latent_channels": 16}, use_quant_conv=False,
+                                use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609), seed + 1)
+    cfg = tiny_clip_config(len(tokenizer))
+    cfg.projection_dim = 32
+    text = perturb(CLIPTextModelWithProjection(cfg), seed + 2)
+    cfg2 = tiny_clip_config(len(tokenizer), sd2=True)
+    cfg2.hidden_size, cfg2.num_attention_heads, cfg2.num_hidden_layers, cfg2.projection_dim = 48, 2, 3, 32
+    text_2 = perturb(CLIPTextModelWithProjection(cfg2), seed + 3)
+    t5 = perturb(T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=96, d_kv=8, d_ff=64, num_layers=3,
+                                         num_heads=4, feed_forward_proj="gated-gelu", is_encoder_decoder=False)),
+                 seed + 4, scale=0.2)
+    tokenizer.save(folder / "_tok")
+    t5_tokenizer.save(folder / "_tok3")
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(folder / "_tok"),
+        text_encoder_2=text_2, tokenizer_2=CLIPTokenizer.from_pretrained(folder / "_tok", pad_token="!"),
+        text_encoder_3=t5 if with_t5 else None,
+        tokenizer_3=T5TokenizerFast.from_pretrained(folder / "_tok3") if with_t5 else None)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

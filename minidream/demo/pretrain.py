@@ -21,7 +21,8 @@ from minidream.formats.diffusers_layout import save_pretrained
 from minidream.formats.files import save_safetensors
 from minidream.formats.loading import load
 from minidream.models.clip import CLIPConfig, CLIPTextModel
-from minidream.models.stable_diffusion import DDPMProcess, StableDiffusion
+from minidream.models.noise_schedule import DDPMProcess
+from minidream.models.stable_diffusion import StableDiffusion
 from minidream.models.tokenizer import train_bpe
 from minidream.models.unet import UNet2DConditionModel
 from minidream.models.vae import AutoencoderKL, VAEConfig, reparameterize

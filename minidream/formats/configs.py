@@ -26,7 +26,7 @@ def check_fields(config, file: Path):
         if t is int:
             return isinstance(v, int) and not isinstance(v, bool) and v > 0
         if t is float:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or signed)
         if t is str:
             return isinstance(v, str)
         if get_origin(t) is tuple:
@@ -34,8 +34,16 @@ def check_fields(config, file: Path):
         return True
     for f in fields(config):
         v = getattr(config, f.name)
+        signed = f.metadata.get("signed", False)
+        if f.metadata.get("indices"):  # a possibly empty list of indices from 0
+            if not (isinstance(v, tuple) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                 for i in v)):
+                raise ModelError(f"{file}: {f.name}={list(v) if isinstance(v, tuple) else v!r} is not valid "
+                                 f"(expected a list of indices, 0 or more)")
+            continue
         if not ok(v, f.type):
-            want = {bool: "true or false", int: "a positive integer", float: "a positive finite number",
+            want = {bool: "true or false", int: "a positive integer",
+                    float: "a finite number" if signed else "a positive finite number",
                     str: "a string"}
             raise ModelError(f"{file}: {f.name}={v!r} is not valid (expected "
                              f"{want.get(f.type, 'a non-empty list of positive values')})")
@@ -115,8 +123,8 @@ def unet_config(d: dict, file: Path) -> unet.UNetConfig:
 def vae_config(d: dict, file: Path) -> vae.VAEConfig:
     _require(d, file, {
         "_class_name": ["AutoencoderKL"], "act_fn": ["silu"], "down_block_types": ["DownEncoderBlock2D"],
-        "up_block_types": ["UpDecoderBlock2D"], "use_quant_conv": [True], "use_post_quant_conv": [True],
-        "mid_block_add_attention": [True], "shift_factor": [None, 0.0], "latents_mean": [None], "latents_std": [None],
+        "up_block_types": ["UpDecoderBlock2D"], "mid_block_add_attention": [True], "latents_mean": [None],
+        "latents_std": [None],
         "force_upcast": [True, False],
     })
     if d.get("out_channels", 3) != d.get("in_channels", 3):
@@ -126,7 +134,9 @@ def vae_config(d: dict, file: Path) -> vae.VAEConfig:
             in_channels=d.get("in_channels", 3), latent_channels=d.get("latent_channels", 4),
             channels=tuple(d.get("block_out_channels", (64,))), layers_per_block=d.get("layers_per_block", 1),
             groups=d.get("norm_num_groups", 32), scaling_factor=d.get("scaling_factor", 0.18215),
-            sample_size=d.get("sample_size", 32), force_upcast=d.get("force_upcast", True)), file)
+            sample_size=d.get("sample_size", 32), force_upcast=d.get("force_upcast", True),
+            shift_factor=d.get("shift_factor") or 0.0, use_quant_conv=d.get("use_quant_conv", True),
+            use_post_quant_conv=d.get("use_post_quant_conv", True)), file)
     except TypeError as e:
         raise ModelError(f"{file}: a field has the wrong type ({e})") from None
     if any(c % config.groups for c in config.channels):
@@ -227,7 +237,10 @@ def vae_config_json(c: vae.VAEConfig) -> dict:
             "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
             "in_channels": c.in_channels, "out_channels": c.in_channels, "latent_channels": c.latent_channels,
             "layers_per_block": c.layers_per_block, "norm_num_groups": c.groups, "sample_size": c.sample_size,
-            "scaling_factor": c.scaling_factor, "force_upcast": c.force_upcast}
+            "scaling_factor": c.scaling_factor, "force_upcast": c.force_upcast,
+            **({"shift_factor": c.shift_factor} if c.shift_factor else {}),
+            **({} if c.use_quant_conv else {"use_quant_conv": False}),
+            **({} if c.use_post_quant_conv else {"use_post_quant_conv": False})}
 
 
 def clip_config_json(c: clip.CLIPConfig, tok: CLIPTokenizer) -> dict:

@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 # The weights file of each component in the diffusers layout (`<stem>[.variant].safetensors`).
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
-                "text_encoder_2": "model"}
+                "text_encoder_2": "model", "transformer": "diffusion_pytorch_model", "text_encoder_3": "model"}
 
 
 class ModelError(Exception):
@@ -46,9 +46,11 @@ def resolve(model: str, revision: str | None = None, allow_pickle: bool = False,
         raise ModelError(f"{model}: no such file or folder, and not a hub repo id (owner/name)")
     from huggingface_hub import snapshot_download
     var = f".{variant}" if variant else ""
-    patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*"]
+    patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*",
+                "tokenizer_3/*"]
     for comp, stem in WEIGHT_STEMS.items() if weights else ():
-        patterns.append(f"{comp}/{stem}{var}.safetensors")
+        patterns += [f"{comp}/{stem}{var}.safetensors", f"{comp}/{stem}{var}-*-of-*.safetensors",
+                     f"{comp}/{stem}{var}.safetensors.index.json"]  # a sharded component: its index and shards
         if allow_pickle:
             patterns.append(f"{comp}/{stem}{var}.bin")
     try:
@@ -60,10 +62,13 @@ def resolve(model: str, revision: str | None = None, allow_pickle: bool = False,
 
 
 def weight_file(folder: Path, stem: str, variant: str | None, allow_pickle: bool) -> Path:
+    """The component's weights: one safetensors file, or the index of its shards (`<stem>.safetensors.index.json`,
+    how the hub stores a large transformer or T5)."""
     names = [f"{stem}.{variant}.safetensors"] if variant else [f"{stem}.safetensors", f"{stem}.fp16.safetensors"]
     for n in names:
-        if (folder / n).exists():
-            return folder / n
+        for f in (folder / n, folder / f"{n}.index.json"):
+            if f.exists():
+                return f
     pickles = [folder / n.replace(".safetensors", ".bin") for n in names]
     for p in pickles:
         if p.exists():
@@ -78,6 +83,8 @@ def read_weights(file: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
     file = Path(file)
     if not file.is_file():  # a FIFO or device would block the reader forever
         raise ModelError(f"{file}: not a regular file")
+    if file.name.endswith(".safetensors.index.json"):
+        return read_shards(file)
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
@@ -101,6 +108,26 @@ def read_weights(file: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
             raise ModelError(f"{file}: holds a {type(sd).__name__}, not a dict of tensors")
         return sd.get("state_dict", sd)
     raise ModelError(f"{file}: unknown weights format; expected .safetensors")
+
+
+def read_shards(index: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded checkpoint, each from the shard its index names (all shards memory-mapped)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelError(f"{index}: no weight_map of tensor names to shard files; download it again")
+    sd = {}
+    for shard in sorted(set(weight_map.values())):
+        f = index.parent / shard
+        if Path(shard).name != shard or not f.exists():
+            raise ModelError(f"{f}: a shard {index.name} names is missing; is the download complete?")
+        if f.suffix != ".safetensors":
+            raise ModelError(f"{f}: shards must be .safetensors")
+        part = read_weights(f)
+        sd.update({k: v for k, v in part.items() if weight_map.get(k) == shard})
+    missing = [k for k in weight_map if k not in sd]
+    if missing:
+        raise ModelError(f"{index}: {name_some(missing)} not in the shard it names; download it again")
+    return sd
 
 
 def read_json(file: Path) -> dict:

@@ -1,11 +1,12 @@
 """`load()`: any model a user names, from disk or the Hugging Face hub, as one StableDiffusion.
 
-A local folder or hub repo id in the diffusers layout goes to `diffusers_layout.py`; an original
-single-file checkpoint (`v1-5-pruned-emaonly.safetensors`) to `single_file.py`, whose architecture comes
+A local folder or hub repo id in the diffusers layout goes to `diffusers_layout.py` (SD3's to `sd3_layout.py`);
+an original single-file checkpoint (`v1-5-pruned-emaonly.safetensors`) to `single_file.py`, whose architecture comes
 from `config` (a diffusers folder or repo), else `preset` (inferred from the keys when omitted), and
 whose vocabulary from `tokenizer`. File finding and reading live in `files.py`.
 """
 from minidream.formats.diffusers_layout import load_pretrained
+from minidream.formats.sd3_layout import is_sd3, load_sd3
 from minidream.formats.files import ModelError, resolve
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.formats.single_file import load_single_file
@@ -27,4 +28,6 @@ def load(model: str, revision: str | None = None, variant: str | None = None, al
         raise ModelError(f"{path}: a model folder has its own configs and tokenizer; {', '.join(ignored)} "
                          f"{'describes' if one else 'describe'} only single-file checkpoints: "
                          f"drop {'it' if one else 'them'}")
+    if is_sd3(path):
+        return load_sd3(path, variant, allow_pickle, dtype)
     return load_pretrained(path, variant, allow_pickle, dtype)

@@ -1,4 +1,4 @@
-"""The one attention layer of the UNet and VAE, and the one function every attention call goes through.
+"""The one attention layer of the UNet, VAE and MMDiT (SD3), and the one function every attention call goes through.
 
 `Attention` holds the Q/K/V/out projections under the diffusers names (`to_q`, `to_k`, `to_v`,
 `to_out.0`): that is what training selection and LoRA address by name. Its `backend` picks the
@@ -80,6 +80,20 @@ def set_attention_backend(model: nn.Module, name: str):
         if isinstance(m, Attention):
             m.backend = name
     return model
+
+
+class RMSNorm(nn.Module):
+    """x / RMS(x) · weight (Zhang & Sennrich 2019), the mean square taken in fp32: T5's layer norm, and SD3.5's
+    per-head qk-norm."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h.to(self.weight.dtype) * self.weight).to(x.dtype)
 
 
 class Attention(nn.Module):

@@ -1,6 +1,6 @@
 """The noise schedule a model was trained with, as its scheduler_config.json states it: `SchedulerConfig` (checked
 on load), the presets the official checkpoints ship, and ᾱ_t (`alphas_cumprod`), from which the forward process
-(`stable_diffusion.DDPMProcess`) and every sampler (minidream/sampling) are computed.
+(`DDPMProcess`) and every sampler (minidream/sampling) are computed.
 
 DDPM (Ho et al. 2020): β_t rises from beta_start to beta_end over num_train_timesteps steps, ᾱ_t = Π(1 - β_s).
 """
@@ -102,3 +102,45 @@ def alphas_cumprod(config: SchedulerConfig) -> torch.Tensor:
     else:
         betas = torch.linspace(config.beta_start, config.beta_end, config.num_train_timesteps, dtype=torch.float32)
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+def _at(a: torch.Tensor, t, like: torch.Tensor):
+    """ᾱ at timesteps t, shaped (B, 1, 1, 1) to multiply a (B, C, H, W) batch."""
+    out = a.to(like.device)[torch.as_tensor(t, device=like.device).long()].to(like.dtype)
+    return out.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class DDPMProcess:
+    """The forward process of DDPM (Ho et al. 2020, eq. 4), x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, and what training reads off
+    it: the regression target (ε, or v = √ᾱ_t ε - √(1-ᾱ_t) x_0 for v-prediction, Salimans & Ho 2022 §4, which SD 2.x
+    768 px uses), the signal-to-noise ratio and min-SNR-γ loss weights, and the uniform timestep draw."""
+
+    def __init__(self, config: SchedulerConfig):
+        self.config = config.check()
+        self.alphas_cumprod = alphas_cumprod(config)
+
+    def draw_timesteps(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        """t ~ U{0, …, T-1} for n examples (Ho et al. 2020, Algorithm 1)."""
+        return torch.randint(0, self.config.num_train_timesteps, (n,), generator=generator, device=device)
+
+    def add_noise(self, x0, noise, t):
+        a = _at(self.alphas_cumprod, t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def velocity(self, x0, noise, t):
+        a = _at(self.alphas_cumprod, t, x0)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def target(self, x0, noise, t):
+        return noise if self.config.prediction_type == "epsilon" else self.velocity(x0, noise, t)
+
+    def snr(self, t):
+        """Signal-to-noise ratio ᾱ_t / (1-ᾱ_t)."""
+        a = self.alphas_cumprod.to(torch.as_tensor(t).device)[t]
+        return a / (1 - a)
+
+    def min_snr_weights(self, t, gamma: float):
+        """Min-SNR-γ (Hang et al. 2023, eq. 7-8): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR+1) for v."""
+        snr = self.snr(t)
+        clipped = snr.clamp(max=gamma)
+        return clipped / snr if self.config.prediction_type == "epsilon" else clipped / (snr + 1)

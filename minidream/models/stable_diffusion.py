@@ -14,60 +14,18 @@ Code that differs by family looks the row up (`model.family`); a new family is a
 architectures minidream implements (the CLI's `--preset` choices).
 """
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
 
-from minidream.models import clip, unet, vae
+from minidream.models import clip, mmdit, t5, unet, vae
+from minidream.models.flow_matching import FlowConfig, FlowProcess
 from minidream.models.noise_schedule import PRESETS as SCHEDULER_PRESETS
-from minidream.models.noise_schedule import SchedulerConfig, alphas_cumprod
+from minidream.models.noise_schedule import DDPMProcess, SchedulerConfig
+from minidream.models.t5_tokenizer import T5Tokenizer
 from minidream.models.tokenizer import CLIPTokenizer
-
-
-# ---------------------------------------------------------------------------------------------
-# The forward process
-
-def _at(a: torch.Tensor, t, like: torch.Tensor):
-    """ᾱ at timesteps t, shaped (B, 1, 1, 1) to multiply a (B, C, H, W) batch."""
-    out = a.to(like.device)[torch.as_tensor(t, device=like.device).long()].to(like.dtype)
-    return out.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-class DDPMProcess:
-    """The forward process of DDPM (Ho et al. 2020, eq. 4), x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, and what training reads off
-    it: the regression target (ε, or v = √ᾱ_t ε - √(1-ᾱ_t) x_0 for v-prediction, Salimans & Ho 2022 §4, which SD 2.x
-    768 px uses), the signal-to-noise ratio and min-SNR-γ loss weights, and the uniform timestep draw."""
-
-    def __init__(self, config: SchedulerConfig):
-        self.config = config.check()
-        self.alphas_cumprod = alphas_cumprod(config)
-
-    def draw_timesteps(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
-        """t ~ U{0, …, T-1} for n examples (Ho et al. 2020, Algorithm 1)."""
-        return torch.randint(0, self.config.num_train_timesteps, (n,), generator=generator, device=device)
-
-    def add_noise(self, x0, noise, t):
-        a = _at(self.alphas_cumprod, t, x0)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
-    def velocity(self, x0, noise, t):
-        a = _at(self.alphas_cumprod, t, x0)
-        return a.sqrt() * noise - (1 - a).sqrt() * x0
-
-    def target(self, x0, noise, t):
-        return noise if self.config.prediction_type == "epsilon" else self.velocity(x0, noise, t)
-
-    def snr(self, t):
-        """Signal-to-noise ratio ᾱ_t / (1-ᾱ_t)."""
-        a = self.alphas_cumprod.to(torch.as_tensor(t).device)[t]
-        return a / (1 - a)
-
-    def min_snr_weights(self, t, gamma: float):
-        """Min-SNR-γ (Hang et al. 2023, eq. 7-8): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR+1) for v."""
-        snr = self.snr(t)
-        clipped = snr.clamp(max=gamma)
-        return clipped / snr if self.config.prediction_type == "epsilon" else clipped / (snr + 1)
+from minidream.models.unet import UNet2DConditionModel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +52,7 @@ class Variant:
 
 
 # the model spec's spelling of a prediction type
-MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
+MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v", "flow": "flow"}
 
 
 @dataclass(frozen=True)
@@ -108,6 +66,8 @@ class Family:
     tokenizer_repo: str  # a single file has no vocabulary: the hub repo whose tokenizer it uses
     variants: tuple[Variant, ...]  # a single file that does not say which is the only one, or must say it
     forward_process: type = DDPMProcess  # built from the model's noise-schedule config
+    denoiser: str = "unet"  # the denoiser's diffusers component name (its folder; LoRA files' prefix)
+    denoiser_presets: dict = field(default_factory=lambda: unet.PRESETS)  # its architectures by preset name
     size_ids: bool = False  # SDXL's micro-conditioning: each image's sizes and crop (`size_ids`) go to the denoiser
     zero_negative: bool = False  # no negative prompt means zero conditioning unless the model says otherwise
     vae_fp32_decode: bool = False  # an fp16 VAE decodes in fp32 when its config says force_upcast (SDXL's overflows)
@@ -120,8 +80,10 @@ class Family:
         """A single file's architecture when it does not say: the family's only variant (None: ask)."""
         return self.variants[0].preset if len(self.variants) == 1 else None
 
-    def variant(self, prediction: str) -> Variant | None:
-        return next((v for v in self.variants if v.prediction == prediction), None)
+    def variant(self, prediction: str, preset: str | None = None) -> Variant | None:
+        """The variant of this prediction type: the one of this denoiser preset where several share it (SD3's)."""
+        same = [v for v in self.variants if v.prediction == prediction]
+        return next((v for v in same if v.preset == preset), same[0] if same else None)
 
 
 def clip_context(model: "StableDiffusion", prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -141,6 +103,27 @@ def sdxl_conditioning(model: "StableDiffusion", prompts: list[str]) -> dict[str,
     return {"context": torch.cat(states, dim=-1), "text_embeds": pooled}
 
 
+def sd3_conditioning(model: "StableDiffusion", prompts: list[str]) -> dict[str, torch.Tensor]:
+    """SD3 (Esser et al. 2024, §4 and Fig. 2a): the text sequence is both CLIPs' penultimate states side by side
+    (B, 77, 768 + 1280), zero-padded to T5's width, followed by T5's last states (B, L, 4096) — zeros when the model
+    runs without T5; the pooled vector is both CLIPs' pooled embeddings side by side (B, 2048)."""
+    p = next(model.text_encoder.parameters())
+    states, pooled = [], []
+    for _, tok, te in model.text_encoders():
+        h, v = te.penultimate_and_pooled(tok(prompts).to(p.device))
+        states.append(h)
+        pooled.append(v)
+    clip_states = torch.cat(states, dim=-1)
+    width, L = model.denoiser.config.joint_attention_dim, model.max_sequence_length
+    if model.text_encoder_3 is None:
+        t5_states = clip_states.new_zeros(len(prompts), L, width)
+    else:
+        t5_param = next(model.text_encoder_3.parameters())
+        t5_states = model.text_encoder_3(model.tokenizer_3(prompts, L).to(t5_param.device)).to(clip_states.dtype)
+    clip_states = torch.nn.functional.pad(clip_states, (0, width - clip_states.shape[-1]))
+    return {"context": torch.cat([clip_states, t5_states], dim=1), "pooled": torch.cat(pooled, dim=-1)}
+
+
 # the text encoders of SD 1.x (OpenAI CLIP ViT-L), SD 2.x (OpenCLIP ViT-H, whose original files keep OpenCLIP's
 # layout and one layer more than SD reads) and SDXL (both of those kinds: ViT-L and OpenCLIP bigG)
 CLIP_L = TextEncoderSlot("text_encoder", original="cond_stage_model.transformer.text_model.", openclip=False,
@@ -151,6 +134,11 @@ XL_CLIP_L = TextEncoderSlot("text_encoder", original="conditioner.embedders.0.tr
                             kohya="lora_te1_text_model_", token_key="clip_l")
 XL_OPENCLIP_G = TextEncoderSlot("text_encoder_2", original="conditioner.embedders.1.model.", openclip=True,
                                 kohya="lora_te2_text_model_", token_key="clip_g")
+# SD3's CLIPs: the same two kinds, both projected, stored in transformers' layout in Stability's single files
+SD3_CLIP_L = TextEncoderSlot("text_encoder", original="text_encoders.clip_l.transformer.text_model.", openclip=False,
+                             kohya="lora_te1_text_model_", token_key="clip_l")
+SD3_CLIP_G = TextEncoderSlot("text_encoder_2", original="text_encoders.clip_g.transformer.text_model.", openclip=False,
+                             kohya="lora_te2_text_model_", token_key="clip_g")
 
 FAMILIES = {
     "sd1": Family("sd1", "SD 1.x", (CLIP_L,), clip_context, conditioned_on="the text encoder's last layer",
@@ -171,6 +159,15 @@ FAMILIES = {
                    zero_negative=True, vae_fp32_decode=True, kohya_unet_names="original",
                    kohya_metadata=(("ss_base_model_version", "sdxl_base_v1-0"),),
                    modelspec_implementation="https://github.com/Stability-AI/generative-models"),
+    # SD3 and SD3.5 share the text encoders, VAE and schedule; their MMDiTs tell the variants apart
+    "sd3": Family("sd3", "SD 3/3.5", (SD3_CLIP_L, SD3_CLIP_G), sd3_conditioning,
+                  conditioned_on="both CLIPs' penultimate states + T5's last states; both CLIPs' pooled",
+                  pipeline="StableDiffusion3Pipeline", tokenizer_repo="stabilityai/stable-diffusion-3-medium-diffusers",
+                  variants=(Variant("flow", "sd3-medium", "stable-diffusion-3-medium"),
+                            Variant("flow", "sd35-medium", "stable-diffusion-3.5-medium"),
+                            Variant("flow", "sd35-large", "stable-diffusion-3.5-large")),
+                  forward_process=FlowProcess, denoiser="transformer", denoiser_presets=mmdit.PRESETS,
+                  kohya_metadata=(("ss_base_model_version", "sd3"),), modelspec_implementation="diffusers"),
 }
 
 
@@ -229,14 +226,18 @@ class StableDiffusion:
     """The parts of a text-to-image model, as loaded."""
     tokenizer: CLIPTokenizer
     text_encoder: clip.CLIPTextModel
-    unet: unet.UNet2DConditionModel
     vae: vae.AutoencoderKL
-    scheduler: SchedulerConfig
+    scheduler: SchedulerConfig | FlowConfig
     source: str
-    tokenizer_2: CLIPTokenizer | None = None  # SDXL: OpenCLIP's vocabulary (the same BPE, pads with "!")
-    text_encoder_2: clip.CLIPTextModel | None = None  # SDXL: OpenCLIP ViT-bigG, with text_projection
+    unet: UNet2DConditionModel | None = None  # SD 1.x/2.x/XL's denoiser
+    transformer: mmdit.SD3Transformer2DModel | None = None  # SD3's denoiser
+    tokenizer_2: CLIPTokenizer | None = None  # SDXL, SD3: OpenCLIP's vocabulary (the same BPE, pads with "!")
+    text_encoder_2: clip.CLIPTextModel | None = None  # SDXL, SD3: OpenCLIP ViT-bigG, with text_projection
+    tokenizer_3: T5Tokenizer | None = None  # SD3: T5's SentencePiece vocabulary
+    text_encoder_3: t5.T5EncoderModel | None = None  # SD3: T5 v1.1 XXL (None: run without it, zeros in its place)
     force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt -> zero conditioning, not the empty prompt's
     clip_skip: int = 1  # SD 1.x/2.x: the text encoder layer read, from the end (`with_clip_skip`)
+    max_sequence_length: int = 256  # SD3: T5's tokens per prompt (--max-sequence-length)
     family: Family | None = None  # its row of FAMILIES, as the loader found it (None: told by `family_of`)
 
     def __post_init__(self):
@@ -244,12 +245,13 @@ class StableDiffusion:
             self.family = family_of(self.unet.config, self.text_encoder.config)
 
     @property
-    def denoiser(self) -> unet.UNet2DConditionModel:
-        """The network the forward process is inverted with: ε_θ(x_t, t, conditioning). SD's is its UNet."""
-        return self.unet
+    def denoiser(self) -> UNet2DConditionModel | mmdit.SD3Transformer2DModel:
+        """The network the forward process is inverted with: ε_θ(x_t, t, conditioning) for SD's UNet, the
+        velocity v_θ(z_σ, σ, conditioning) for SD3's MMDiT."""
+        return self.unet if self.unet is not None else self.transformer
 
     @property
-    def forward_process(self) -> DDPMProcess:
+    def forward_process(self) -> DDPMProcess | FlowProcess:
         return self.family.forward_process(self.scheduler)
 
     def text_encoders(self) -> list[tuple[str, CLIPTokenizer, clip.CLIPTextModel]]:
@@ -262,7 +264,7 @@ class StableDiffusion:
     def version(self) -> str:
         """Which preset the model matches: sd15, sd21, sd21-base, sdxl, tiny, tiny-xl or custom (a family's
         variants share a UNet: its prediction type tells them apart)."""
-        name = preset_of(self.unet.config, unet.PRESETS)
+        name = preset_of(self.denoiser.config, self.family.denoiser_presets)
         if name in {v.preset for v in self.family.variants} and self.variant is not None:
             return self.variant.preset
         return name
@@ -271,7 +273,8 @@ class StableDiffusion:
     def variant(self) -> Variant | None:
         """The family's variant of this prediction type (None: a fine-tune the family never shipped, e.g. a
         v-prediction SD 1.5)."""
-        return self.family.variant(self.scheduler.prediction_type)
+        preset = preset_of(self.denoiser.config, self.family.denoiser_presets)
+        return self.family.variant(self.scheduler.prediction_type, preset)
 
     @property
     def modelspec(self) -> dict[str, str]:
@@ -288,22 +291,23 @@ class StableDiffusion:
 
     @property
     def downsampling(self) -> int:
-        """Pixels per latent cell at the UNet's deepest stage: the VAE's, then the UNet's downsamplings.
-        Image sides must be multiples of it."""
-        return self.latent_scale * 2 ** (len(self.unet.config.channels) - 1)
+        """Pixels per latent cell at the denoiser's coarsest grid: the VAE's, then the denoiser's downsampling
+        (the UNet's stages; the MMDiT's patches). Image sides must be multiples of it."""
+        return self.latent_scale * self.denoiser.downsampling
 
     @property
     def native_resolution(self) -> int:
-        """The image side the model was trained at: the UNet's latent size times the VAE's downsampling."""
-        return self.unet.config.sample_size * self.latent_scale
+        """The image side the model was trained at: the denoiser's latent size times the VAE's downsampling."""
+        return self.denoiser.config.sample_size * self.latent_scale
 
     def components(self) -> dict[str, torch.nn.Module]:
-        """The UNet and the text encoder(s) by their diffusers component names (what LoRA files adapt)."""
-        return {"unet": self.unet, **{name: te for name, _, te in self.text_encoders()}}
+        """The denoiser and the CLIP text encoder(s) by their diffusers component names (what LoRA files adapt)."""
+        return {self.family.denoiser: self.denoiser, **{name: te for name, _, te in self.text_encoders()}}
 
     def networks(self) -> list[torch.nn.Module]:
         """Every network of the model: text encoder(s), denoiser, VAE."""
-        return [*[te for _, _, te in self.text_encoders()], self.denoiser, self.vae]
+        t5_encoder = [self.text_encoder_3] if self.text_encoder_3 is not None else []
+        return [*[te for _, _, te in self.text_encoders()], *t5_encoder, self.denoiser, self.vae]
 
     def to(self, device=None, dtype=None):
         for m in self.networks():

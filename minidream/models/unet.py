@@ -288,6 +288,11 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.groups, ch[0], eps=1e-5)
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
 
+    @property
+    def downsampling(self) -> int:
+        """Latent cells per cell of the deepest stage: image sides must be multiples of it (times the VAE's)."""
+        return 2 ** (len(self.config.channels) - 1)
+
     def blocks(self) -> dict[str, tuple[str, nn.Module]]:
         """The stages in the order they run, by the names --lora-blocks takes (down.N, mid, up.N), each with its
         module-name prefix: what gradient checkpointing, FSDP's sharding and --lora-blocks work block by block."""

@@ -4,7 +4,7 @@ The encoder predicts a diagonal Gaussian q(z|x) (mean, log-variance); SD diffuse
 z * scaling_factor (0.18215; SDXL's VAE 0.13025), which scales the latents to roughly unit variance (LDM §4.3.2).
 Names follow the diffusers checkpoint keys.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,11 @@ class VAEConfig:
     sample_size: int = 512
     # SDXL's VAE overflows fp16 activations: decode in fp32 when the weights are fp16 (diffusers' force_upcast)
     force_upcast: bool = True
+    # SD3's 16-channel VAE: latents are (z - shift_factor) * scaling_factor (centred, then scaled to unit variance),
+    # and it has no 1x1 convolutions around the latent space
+    shift_factor: float = field(default=0.0, metadata={"signed": True})
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
 
 
 PRESETS = {
@@ -34,6 +39,8 @@ PRESETS = {
     "sdxl": VAEConfig(scaling_factor=0.13025, sample_size=1024),
     "tiny": VAEConfig(channels=(32, 64), layers_per_block=1, groups=8, sample_size=32),
     "tiny-xl": VAEConfig(channels=(32, 64), layers_per_block=1, groups=8, scaling_factor=0.13025, sample_size=32),
+    "sd3": VAEConfig(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, sample_size=1024,
+                     use_quant_conv=False, use_post_quant_conv=False),
 }
 
 
@@ -135,8 +142,8 @@ class AutoencoderKL(nn.Module):
         L = config.latent_channels
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * L, 2 * L, 1)
-        self.post_quant_conv = nn.Conv2d(L, L, 1)
+        self.quant_conv = nn.Conv2d(2 * L, 2 * L, 1) if config.use_quant_conv else nn.Identity()
+        self.post_quant_conv = nn.Conv2d(L, L, 1) if config.use_post_quant_conv else nn.Identity()
 
     def encode(self, x):
         """x (B, 3, H, W) in [-1, 1] -> mean, logvar of q(z|x), each (B, 4, H/8, W/8)."""
@@ -150,16 +157,16 @@ class AutoencoderKL(nn.Module):
         return self.latents(mean, logvar, eps)
 
     def latents(self, mean, logvar, eps):
-        """The UNet's latents for a given noise draw eps: z ~ q(z|x), times the scaling factor."""
-        return reparameterize(mean, logvar, eps) * self.config.scaling_factor
+        """The denoiser's latents for a given noise draw eps: z ~ q(z|x), shifted and scaled."""
+        return (reparameterize(mean, logvar, eps) - self.config.shift_factor) * self.config.scaling_factor
 
     def decode(self, z):
         """z (B, 4, h, w) unscaled latents -> images (B, 3, 8h, 8w), roughly in [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
 
     def decode_latents(self, latents):
-        """The UNet's (scaled) latents -> images in about [-1, 1]."""
-        return self.decode(latents / self.config.scaling_factor)
+        """The denoiser's (shifted, scaled) latents -> images in about [-1, 1]."""
+        return self.decode(latents / self.config.scaling_factor + self.config.shift_factor)
 
 
 def reparameterize(mean, logvar, eps):

@@ -5,7 +5,9 @@ model's default sampler and both parity tests (step by step and end to end) foll
 """
 from dataclasses import dataclass
 
+from minidream.models.flow_matching import FlowConfig
 from minidream.models.noise_schedule import SchedulerConfig
+from minidream.sampling.flow_samplers import FlowEuler
 from minidream.sampling.timestep_samplers import DDIM, DDPM, PNDM, Sampler
 from minidream.sampling.sigma_samplers import DPMSolverPP, Euler, EulerAncestral, Heun, UniPC
 
@@ -52,9 +54,29 @@ SAMPLERS = {
     "unipc": SamplerRow(UniPC, {}, "UniPCMultistepScheduler", _LINSPACE, _MULTISTEP),
 }
 
+# the samplers of a rectified-flow model (SD3), under the names users know them by; FlowMatchEulerDiscreteScheduler's
+# options other than the constant shift change the σ schedule or the step, and are refused
+_FLOW_ONLY = {"use_dynamic_shifting": (False,), "invert_sigmas": (False,), "shift_terminal": (None,),
+              "use_karras_sigmas": (False,), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
+              "stochastic_sampling": (False,)}
+FLOW_SAMPLERS = {
+    "euler": SamplerRow(FlowEuler, {}, "FlowMatchEulerDiscreteScheduler", {}, _FLOW_ONLY),
+}
 
-def default_sampler(config: SchedulerConfig) -> str:
+
+def table_of(config: SchedulerConfig | FlowConfig) -> dict[str, SamplerRow]:
+    """The samplers a model's schedule takes: the flow ones for a flow model, else the DDPM ones."""
+    return FLOW_SAMPLERS if isinstance(config, FlowConfig) else SAMPLERS
+
+
+def default_sampler(config: SchedulerConfig | FlowConfig) -> str:
     """The sampler the checkpoint ships (its scheduler_config.json's class and options)."""
+    if isinstance(config, FlowConfig):
+        name = {row.reference: n for n, row in FLOW_SAMPLERS.items()}.get(config.class_name)
+        if name is None:
+            raise ValueError(f"the model's scheduler ({config.class_name}) is not one minidream implements; name "
+                             f"one of {', '.join(FLOW_SAMPLERS)}")
+        return name
     opts = dict(config.extra)
     name = {row.reference: n for n, row in reversed(SAMPLERS.items())}.get(config.class_name)
     karras = opts.get("use_karras_sigmas")
@@ -73,9 +95,11 @@ def make_sampler(name: str | None, config: SchedulerConfig, eta: float = 0.0) ->
     """The sampler `name` (None: the model's own) over the model's noise schedule, read as diffusers'
     `<Class>.from_config(model's config)` reads it."""
     name = name or default_sampler(config)
-    if name not in SAMPLERS:
-        raise ValueError(f"--scheduler {name!r} is not one of {', '.join(SAMPLERS)}")
-    row = SAMPLERS[name]
+    table = table_of(config)
+    if name not in table:
+        kind = " for a flow-matching model (SD3)" if table is FLOW_SAMPLERS else ""
+        raise ValueError(f"--scheduler {name!r} is not one of {', '.join(table)}{kind}")
+    row = table[name]
     for k, v in config.extra:
         if k in row.refuses and v not in row.refuses[k]:
             raise ValueError(f"the model's scheduler config sets {k}={v!r}, which minidream's {name} sampler "

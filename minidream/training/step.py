@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from minidream.models.compile import compile_network, step_begins
-from minidream.models.stable_diffusion import DDPMProcess, StableDiffusion
+from minidream.models.noise_schedule import DDPMProcess
+from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import distributed
 from minidream.training.batches import LatentSource, TextConditioning
 from minidream.training.config import TrainConfig

@@ -1,0 +1,116 @@
+"""SD3 and SD3.5 in the diffusers layout (`StableDiffusion3Pipeline`): `transformer/` (the MMDiT, often sharded),
+`vae/` (16 channels, shifted), `text_encoder/` and `text_encoder_2/` (CLIP-L and CLIP-G, both projected),
+`text_encoder_3/` (T5 v1.1 XXL, sharded; absent or null in model_index.json for a model run without it),
+`tokenizer*/` and `scheduler/` (flow matching). Each config is read and checked into our dataclasses before any
+weights; each component's weights load strictly.
+"""
+from pathlib import Path
+
+from minidream.formats.configs import check_fields, load_tokenizer, vae_config
+from minidream.formats.diffusers_layout import load_text_encoder, load_vae
+from minidream.formats.files import ModelError, build, read_json, read_weights, weight_file
+from minidream.models import mmdit, t5
+from minidream.models.flow_matching import FlowConfig
+from minidream.models.stable_diffusion import FAMILIES, StableDiffusion
+from minidream.models.t5_tokenizer import T5Tokenizer
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+T5_PARTS = ("text_encoder_3", "tokenizer_3")
+
+
+def _require(d: dict, file: Path, expected: dict, what: str):
+    for key, ok in expected.items():
+        if key in d and d[key] not in ok:
+            raise ModelError(f"{file}: {key}={d[key]!r} is not {what} (supported: {ok})")
+
+
+def mmdit_config(d: dict, file: Path) -> mmdit.MMDiTConfig:
+    _require(d, file, {"_class_name": ["SD3Transformer2DModel"], "qk_norm": [None, "rms_norm"]}, "an SD3 MMDiT")
+    defaults = mmdit.MMDiTConfig()
+    try:
+        values = {k: d.get(k, getattr(defaults, k)) for k in defaults.__dataclass_fields__}
+        values["dual_attention_layers"] = tuple(values["dual_attention_layers"])
+        config = mmdit.MMDiTConfig(**values)
+    except TypeError as e:
+        raise ModelError(f"{file}: a field has the wrong type ({e})") from None
+    check_fields(config, file)
+    if config.caption_projection_dim != config.width:
+        raise ModelError(f"{file}: caption_projection_dim {config.caption_projection_dim} must equal "
+                         f"num_attention_heads x attention_head_dim ({config.width}), as in every SD3 model")
+    if not all(0 <= i < config.num_layers for i in config.dual_attention_layers):
+        raise ModelError(f"{file}: dual_attention_layers {list(config.dual_attention_layers)} must be block "
+                         f"indices below num_layers {config.num_layers}")
+    return config
+
+
+def t5_config(d: dict, file: Path) -> t5.T5Config:
+    _require(d, file, {"model_type": ["t5"], "feed_forward_proj": ["gated-gelu"], "dense_act_fn": ["gelu_new"],
+                       "is_gated_act": [True]}, "a T5 v1.1 encoder")
+    defaults = t5.T5Config()
+    try:
+        return check_fields(t5.T5Config(**{k: d.get(k, getattr(defaults, k)) for k in defaults.__dataclass_fields__}),
+                            file)
+    except TypeError as e:
+        raise ModelError(f"{file}: a field has the wrong type ({e})") from None
+
+
+def flow_config(folder: Path) -> FlowConfig:
+    f = folder / "scheduler_config.json"
+    try:
+        return FlowConfig.from_dict(read_json(f)).check()
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{f}: {e}") from None
+
+
+def t5_state(sd: dict) -> dict:
+    """transformers ties `encoder.embed_tokens` to `shared`; a file may hold either name, or both."""
+    tied = sd.pop("encoder.embed_tokens.weight", None)
+    if "shared.weight" not in sd and tied is not None:
+        sd["shared.weight"] = tied
+    return sd
+
+
+def load_t5(folder: Path, variant=None, allow_pickle=False, dtype=None) -> t5.T5EncoderModel:
+    config = t5_config(read_json(folder / "config.json"), folder / "config.json")
+    f = weight_file(folder, "model", variant, allow_pickle)
+    return build(t5.T5EncoderModel, config, t5_state(read_weights(f, allow_pickle)), str(f), dtype)
+
+
+def load_transformer(folder: Path, variant=None, allow_pickle=False, dtype=None) -> mmdit.SD3Transformer2DModel:
+    config = mmdit_config(read_json(folder / "config.json"), folder / "config.json")
+    f = weight_file(folder, "diffusion_pytorch_model", variant, allow_pickle)
+    return build(mmdit.SD3Transformer2DModel, config, read_weights(f, allow_pickle), str(f), dtype)
+
+
+def is_sd3(path: Path) -> bool:
+    """A folder in SD3's layout: its model_index.json names the pipeline, or it has a transformer/."""
+    index = path / "model_index.json"
+    if index.exists():
+        return read_json(index).get("_class_name") == "StableDiffusion3Pipeline"
+    return (path / "transformer").is_dir()
+
+
+def load_sd3(path: Path, variant=None, allow_pickle=False, dtype=None) -> StableDiffusion:
+    index = read_json(path / "model_index.json") if (path / "model_index.json").exists() else {}
+    with_t5 = index.get("text_encoder_3", ["transformers", "T5EncoderModel"])[0] is not None
+    for comp in COMPONENTS + (T5_PARTS if with_t5 else ()):
+        if not (path / comp).is_dir():
+            raise ModelError(f"{path}: missing component folder {comp}/; is the download complete?")
+    configs = {"transformer": mmdit_config(read_json(path / "transformer" / "config.json"),
+                                           path / "transformer" / "config.json"),
+               "vae": vae_config(read_json(path / "vae" / "config.json"), path / "vae" / "config.json")}
+    schedule = flow_config(path / "scheduler")  # every config is read before any weights
+    if configs["vae"].latent_channels != configs["transformer"].in_channels:
+        raise ModelError(f"{path}: the VAE's latent_channels ({configs['vae'].latent_channels}) differ from the "
+                         f"transformer's in_channels ({configs['transformer'].in_channels})")
+    third = {}
+    if with_t5:
+        third = dict(tokenizer_3=T5Tokenizer.from_dir(path / "tokenizer_3"),
+                     text_encoder_3=load_t5(path / "text_encoder_3", variant, allow_pickle, dtype))
+    return StableDiffusion(
+        tokenizer=load_tokenizer(path / "tokenizer"), tokenizer_2=load_tokenizer(path / "tokenizer_2"),
+        text_encoder=load_text_encoder(path / "text_encoder", variant, allow_pickle, dtype),
+        text_encoder_2=load_text_encoder(path / "text_encoder_2", variant, allow_pickle, dtype),
+        transformer=load_transformer(path / "transformer", variant, allow_pickle, dtype),
+        vae=load_vae(path / "vae", variant, allow_pickle, dtype), scheduler=schedule, source=str(path),
+        family=FAMILIES["sd3"], **third)

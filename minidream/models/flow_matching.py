@@ -1,0 +1,88 @@
+"""Rectified flow, the forward process of SD3 (Esser et al. 2024, §2-3), and its schedule as the model's
+scheduler_config.json states it (`FlowConfig`, diffusers' FlowMatchEulerDiscreteScheduler).
+
+The noisy latent is the straight line between data and noise, z_σ = (1 - σ) x_0 + σ ε for σ in [0, 1] (eq. 3
+with a_t = 1 - t, b_t = t); the network predicts its velocity dz/dσ = ε - x_0 (eq. 6's target), and sampling
+integrates that ODE from σ = 1 (pure noise) to 0. The timestep the network sees is t = 1000 σ.
+
+SD3 spends more steps at high noise at its resolution by a shift of every σ (§5.3.2, "resolution-dependent
+shifting", eq. 23): σ' = s σ / (1 + (s - 1) σ), s = 3 for SD3 and SD3.5.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    num_train_timesteps: int = 1000
+    shift: float = 3.0
+    class_name: str = "FlowMatchEulerDiscreteScheduler"
+    given: tuple | None = None  # which fields the file set (None: all, as in a preset)
+    extra: tuple = ()  # the file's other keys, (key, value) pairs: options of its class
+
+    prediction_type = "flow"  # the network predicts the velocity ε - x_0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FlowConfig":
+        names = {"num_train_timesteps", "shift"}
+        own = {k: v for k, v in d.items() if k in names}
+        extra = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()
+                             if k not in names and not k.startswith("_")))
+        return cls(**own, class_name=d.get("_class_name", cls.class_name), given=tuple(sorted(own)), extra=extra)
+
+    def for_class(self, defaults: dict) -> "FlowConfig":
+        return self  # one flow class family, one set of defaults (ours are diffusers')
+
+    def to_dict(self) -> dict:
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name in ("num_train_timesteps", "shift")}
+        return {"_class_name": self.class_name, **own, **dict(self.extra)}
+
+    def check(self):
+        n = self.num_train_timesteps
+        if not (isinstance(n, int) and not isinstance(n, bool) and n > 1):
+            raise ValueError(f"num_train_timesteps={n!r} must be an integer > 1")
+        s = self.shift
+        if not (isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0):
+            raise ValueError(f"shift={s!r} must be a positive number")
+        return self
+
+
+PRESETS = {"sd3": FlowConfig()}
+
+
+def shifted(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """σ' = s σ / (1 + (s - 1) σ) (Esser et al. 2024, eq. 23)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def training_sigmas(config: FlowConfig) -> torch.Tensor:
+    """The N shifted noise levels training draws from, descending: σ_i = shift(i / N) for i = N … 1 (diffusers'
+    scheduler.sigmas, which train_dreambooth_lora_sd3.py indexes)."""
+    N = config.num_train_timesteps
+    return shifted(torch.linspace(1, N, N, dtype=torch.float32).flip(0) / N, config.shift)
+
+
+class FlowProcess:
+    """The forward process training reads: z_σ, the velocity target, and σ drawn per example (uniform over the
+    shifted training levels here; the timestep densities of §3.1 are the trainer's to choose)."""
+
+    def __init__(self, config: FlowConfig):
+        self.config = config.check()
+        self.sigmas = training_sigmas(config)
+
+    def sigma(self, t, like: torch.Tensor) -> torch.Tensor:
+        s = (torch.as_tensor(t, device=like.device) / self.config.num_train_timesteps).to(like.dtype)
+        return s.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def draw_timesteps(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        i = torch.randint(0, self.config.num_train_timesteps, (n,), generator=generator, device=device)
+        return self.sigmas.to(device)[i] * self.config.num_train_timesteps
+
+    def add_noise(self, x0, noise, t):
+        s = self.sigma(t, x0)
+        return (1 - s) * x0 + s * noise
+
+    def target(self, x0, noise, t):
+        return noise - x0
