@@ -14,8 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from minidream.cli_common import (adapt, adapter_files, check_sampling, checked, clip_skipped, device_and_backend, fail,
-                                  load_model, resolved_device, write_samples, writing)
+from minidream.cli_common import (adapt, adapter_files, check_sampling, checked, device_and_backend, fail,
+                                  load_model, resolved_device, text_read, write_samples, writing)
 from minidream.cli_options import Adapters, Bench, Demo, Diff, Eval, Loader, Maps, Pretrain, Run, Sample
 from minidream.sampling.pipeline import SamplingParams
 from minidream.training import TrainError
@@ -43,8 +43,7 @@ def info(model: ModelArg, **options):
     typer.echo(f"version    {m.version}")
     typer.echo(f"family     {m.family.title}: conditioned on {m.family.conditioned_on}; no negative prompt = "
                f"{'zeros' if m.force_zeros_for_empty_prompt else 'the empty prompt'}")
-    typer.echo(f"prediction {m.scheduler.prediction_type} ({m.scheduler.beta_schedule} betas, "
-               f"{m.scheduler.num_train_timesteps} steps, spacing {m.scheduler.timestep_spacing})")
+    typer.echo(f"prediction {m.scheduler.prediction_type} ({m.scheduler.describe()})")
     try:
         own = default_sampler(m.scheduler)
     except ValueError:
@@ -52,7 +51,12 @@ def info(model: ModelArg, **options):
     typer.echo(f"sampler    {m.scheduler.class_name}: {own}")
     for name, tok, _ in m.text_encoders():
         typer.echo(f"{name.replace('text_encoder', 'tokenizer'):<12} {len(tok)} tokens, pad {tok.pad_token!r}")
-    for name, mod in (*[(n, te) for n, _, te in m.text_encoders()], ("unet", m.denoiser), ("vae", m.vae)):
+    if m.family.t5:
+        typer.echo(f"tokenizer_3  {len(m.tokenizer_3)} tokens, {m.max_sequence_length} per prompt" if m.tokenizer_3
+                   else "t5         none: zeros in its place (--no-t5, or the model has none)")
+    t5 = [("text_encoder_3", m.text_encoder_3)] if m.text_encoder_3 is not None else []
+    for name, mod in (*[(n, te) for n, _, te in m.text_encoders()], *t5, (m.family.denoiser, m.denoiser),
+                      ("vae", m.vae)):
         p = next(mod.parameters())
         n = sum(x.numel() for x in mod.parameters())
         typer.echo(f"{name:<14} {n / 1e6:9.2f}M params  {str(p.dtype).removeprefix('torch.')}")
@@ -70,7 +74,7 @@ def sample(**options):
     o, params, run, adapters, loader = checked(options, Sample, SamplingParams, Run, Adapters, Loader)
     loras, embeddings = adapter_files(adapters)
     dev, backend = device_and_backend(run)
-    m = clip_skipped(load_model(o.model, loader), o.clip_skip)
+    m = text_read(load_model(o.model, loader), o.clip_skip, o.max_sequence_length)
     check_sampling(params, m)
     name = params.sampler or default_sampler(m.scheduler)  # the model's own, by name, for the PNGs
     sampler = params.make_sampler(m.scheduler)  # one sampler for every batch

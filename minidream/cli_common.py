@@ -89,11 +89,12 @@ def load_model(model: str, loader: Loader, dtype=None):
         fail(str(e))
 
 
-def clip_skipped(m, skip: int):
-    """The model read at its text encoder's skip-th layer from the end (--clip-skip)."""
-    from minidream.models.stable_diffusion import with_clip_skip
+def text_read(m, skip: int, length: int | None = None):
+    """The model read at its text encoder's skip-th layer from the end (--clip-skip) and, SD3, with `length` T5
+    tokens (--max-sequence-length)."""
+    from minidream.models.stable_diffusion import with_clip_skip, with_t5_length
     try:
-        return with_clip_skip(m, skip)
+        return with_t5_length(with_clip_skip(m, skip), length)
     except ValueError as e:
         fail(str(e))
 

@@ -33,6 +33,7 @@ class Loader:
     tokenizer: str | None = train_option("tokenizer")
     preset: str | None = train_option("preset")
     config: str | None = train_option("config")
+    t5: bool = train_option("t5")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Sample:
     batch_size: int = option(1, "Images per forward pass.", check=at_least(1, 100_000))
     progress: bool = option(True, "Show a progress bar.")
     clip_skip: int = train_option("clip_skip")
+    max_sequence_length: int | None = train_option("max_sequence_length")
 
     def problem(self) -> tuple[str, str] | None:
         """Each option's check, then what they ask of each other: every batch's seed (seed + k) is in range."""

@@ -152,10 +152,10 @@ def lora_files(sd1_dir, tmp_path_factory):
     from minidream.formats.lora_export import (diffusers_lora_state_dict, kohya_lora_state_dict, save_lora_diffusers,
                                                save_lora_kohya)
     from minidream.models.lora import AdapterSpec
-    from minidream.training.trainable import Adapters, unet_lora
+    from minidream.training.trainable import Adapters, denoiser_lora
     d = tmp_path_factory.mktemp("loras")
     m = loading.load(str(sd1_dir))
-    unet_lora(m.unet, Adapters(AdapterSpec(2, 2.0)))
+    denoiser_lora(m.unet, Adapters(AdapterSpec(2, 2.0)), m.family.lora_targets)
     g = torch.Generator().manual_seed(0)
     for p in m.unet.parameters():
         if p.requires_grad:
@@ -166,7 +166,7 @@ def lora_files(sd1_dir, tmp_path_factory):
     save_file(diffusers_lora_state_dict(m), d / "peft.safetensors", metadata=meta)
     # DoRA on attention, feed-forward and the resnets' convolutions, in both layouts, as our exports write them
     m = loading.load(str(sd1_dir))
-    unet_lora(m.unet, Adapters(AdapterSpec(2, 2.0, conv_rank=3, dora=True), targets="all"))
+    denoiser_lora(m.unet, Adapters(AdapterSpec(2, 2.0, conv_rank=3, dora=True), targets="all"), m.family.lora_targets)
     for p in m.unet.parameters():
         if p.requires_grad:
             p.data = p.data * 1.1 + torch.randn(p.shape, generator=g) * 0.1

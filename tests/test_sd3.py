@@ -67,18 +67,25 @@ def test_vae_decode_shifts(pipes):
     assert max_rel_err(got, want) <= 1e-5
 
 
-@pytest.mark.parametrize("guidance, height, width, negative", [
-    (5.0, 16, 16, None),              # CFG with the empty negative prompt, the model's size
-    (1.0, 16, 24, None),              # CFG off, non-square
-    (4.0, 24, 16, "a green cube"),    # a negative prompt through all three encoders
+@pytest.mark.parametrize("guidance, height, width, negative, sampler", [
+    (5.0, 16, 16, None, None),              # CFG with the empty negative prompt, the model's size and sampler
+    (1.0, 16, 24, None, None),              # CFG off, non-square
+    (4.0, 24, 16, "a green cube", None),    # a negative prompt through all three encoders
+    (4.0, 16, 16, None, "heun"),            # flow-matching Heun
 ])
-def test_images_match_sd3_pipeline(pipes, guidance, height, width, negative):
+def test_images_match_sd3_pipeline(pipes, guidance, height, width, negative, sampler):
+    from diffusers import FlowMatchHeunDiscreteScheduler
     ref, m = pipes
+    if sampler:
+        ref = type(ref)(**{**ref.components, "scheduler": FlowMatchHeunDiscreteScheduler.from_config(
+            ref.scheduler.config)})
+        ref.set_progress_bar_config(disable=True)
     want = ref(PROMPTS, negative_prompt=[negative] * 2 if negative is not None else None, num_inference_steps=4,
                guidance_scale=guidance, height=height, width=width, generator=torch.Generator().manual_seed(0),
                output_type="np").images
     want = torch.from_numpy((want * 255).round()).to(torch.uint8)
-    params = SamplingParams(steps=4, guidance=guidance, negative_prompt=negative, height=height, width=width)
+    params = SamplingParams(steps=4, guidance=guidance, negative_prompt=negative, height=height, width=width,
+                            sampler=sampler)
     got = generate(m, PROMPTS, params, generator=torch.Generator().manual_seed(0), progress=False)
     assert got.shape == want.shape
     assert (got.int() - want.int()).abs().max() <= 1
@@ -98,3 +105,84 @@ def test_without_t5_matches_pipeline_without_text_encoder_3(tmp_path, tiny_token
     got = generate(m, PROMPTS, SamplingParams(steps=3, guidance=3.0, height=16, width=16),
                    generator=torch.Generator().manual_seed(0), progress=False)
     assert (got.int() - want.int()).abs().max() <= 1
+
+
+def test_single_file_both_ways(pipes, tmp_path):
+    """Stability's single-file layout: what we write, diffusers' converter reads to the same MMDiT and VAE; what we
+    read of it (--config for the tiny architecture) draws the pipeline's image; the MMDiT's shapes alone name its
+    config; a file without its text encoders takes them from --config's folder; with --no-t5 none is needed."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from safetensors.torch import save_file
+    from minidream.formats.files import ModelError
+    from minidream.formats.sd3_single_file import T5_PREFIX, mmdit_from_keys, to_sd3_single_file
+    ref, m = pipes
+    folder = m.source
+    sd = {k: v.contiguous() for k, v in to_sd3_single_file(m).items()}
+    f = tmp_path / "sd3.safetensors"
+    save_file(sd, f)
+    kw = dict(config=folder, local_files_only=True)
+    theirs_t = SD3Transformer2DModel.from_single_file(str(f), subfolder="transformer", **kw).state_dict()
+    assert all(torch.equal(v, theirs_t[k]) for k, v in ref.transformer.state_dict().items())
+    theirs_v = AutoencoderKL.from_single_file(str(f), subfolder="vae", **kw).state_dict()
+    assert all(torch.equal(v, theirs_v[k]) for k, v in ref.vae.state_dict().items())
+    if m.denoiser.config.qk_norm:  # the head width is the qk-norm's; without one the released models' 64
+        inferred = mmdit_from_keys(sd, f)
+        assert inferred == type(inferred)(**{**m.denoiser.config.__dict__, "sample_size": inferred.sample_size})
+    else:
+        with pytest.raises(ModelError, match="heads of 64"):
+            mmdit_from_keys(sd, f)
+    params = SamplingParams(steps=3, guidance=4.0, height=16, width=24)
+    want = generate(m, PROMPTS, params, generator=torch.Generator().manual_seed(0), progress=False)
+    got = generate(loading.load(str(f), config=folder), PROMPTS, params, generator=torch.Generator().manual_seed(0),
+                   progress=False)
+    assert torch.equal(got, want)
+    bare = tmp_path / "bare.safetensors"  # the MMDiT and VAE only, as sd3.5_medium.safetensors without encoders
+    save_file({k: v for k, v in sd.items() if not k.startswith("text_encoders.")}, bare)
+    got = generate(loading.load(str(bare), config=folder), PROMPTS, params,
+                   generator=torch.Generator().manual_seed(0), progress=False)
+    assert torch.equal(got, want)
+    no_t5 = tmp_path / "no_t5.safetensors"
+    save_file({k: v for k, v in sd.items() if not k.startswith(T5_PREFIX)}, no_t5)
+    assert loading.load(str(no_t5), config=folder, t5=False).text_encoder_3 is None
+
+
+def test_single_file_problems_are_one_line(pipes, tmp_path):
+    from safetensors.torch import save_file
+    from minidream.formats.files import ModelError
+    from minidream.formats.sd3_single_file import to_sd3_single_file
+    _, m = pipes
+    sd = {k: v.contiguous() for k, v in to_sd3_single_file(m).items()}
+    cases = {
+        "extra": ({**sd, "model.diffusion_model.joint_blocks.0.x_block.attn.bogus": torch.zeros(1)}, "unexpected key"),
+        "missing": ({k: v for k, v in sd.items() if "final_layer.linear.weight" not in k}, "missing key"),
+    }
+    for name, (tensors, says) in cases.items():
+        save_file(tensors, tmp_path / f"{name}.safetensors")
+        with pytest.raises(ModelError, match=says):
+            loading.load(str(tmp_path / f"{name}.safetensors"), config=m.source)
+    with pytest.raises(ModelError, match="--preset 'sd15' is not one of"):
+        loading.load(str(tmp_path / "extra.safetensors"), preset="sd15")
+
+
+def test_joint_attention_runs_on_the_triton_kernel():
+    """--attention triton serves the MMDiT's joint attention: head dim 64 over image + 77 CLIP + T5 tokens (a length
+    no block size divides), forward and gradients as SDPA's."""
+    from minidream.models.attention import set_attention_backend
+    from minidream.models.mmdit import MMDiTConfig, SD3Transformer2DModel
+    torch.manual_seed(0)
+    config = MMDiTConfig(sample_size=8, num_layers=2, attention_head_dim=64, num_attention_heads=2,
+                         joint_attention_dim=48, caption_projection_dim=128, pooled_projection_dim=16,
+                         pos_embed_max_size=8, in_channels=4, out_channels=4, dual_attention_layers=(0,),
+                         qk_norm="rms_norm")
+    net = SD3Transformer2DModel(config)
+    g = torch.Generator().manual_seed(1)
+    x, ctx, pooled = torch.randn(1, 4, 8, 6, generator=g), torch.randn(1, 77 + 19, 48, generator=g), torch.randn(1, 16)
+    outs = []
+    for backend in ("sdpa", "triton"):
+        net.zero_grad()
+        out = set_attention_backend(net, backend)(x, torch.tensor([500.0]), ctx, pooled)
+        out.square().mean().backward()
+        outs.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
+    (a, ga), (b, gb) = outs
+    assert max_rel_err(b, a) <= 1e-4
+    assert max(max_rel_err(y, x_) for x_, y in zip(ga, gb) if x_.abs().max() > 0) <= 1e-3

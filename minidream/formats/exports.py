@@ -17,9 +17,21 @@ import torch
 from minidream.formats.diffusers_layout import save_pretrained
 from minidream.formats.embeddings import save_learned_tokens
 from minidream.formats.lora_export import save_lora_diffusers, save_lora_kohya
+from minidream.formats.sd3_layout import save_sd3
+from minidream.formats.sd3_single_file import save_sd3_single_file
 from minidream.formats.single_file import save_single_file
 from minidream.models import lora, new_token
 from minidream.models.stable_diffusion import StableDiffusion
+
+
+def save_folder(model: StableDiffusion, path: Path, dtype: torch.dtype | None = None):
+    """The diffusers layout of the model's family: SD3's (its own components), else SD's."""
+    (save_sd3 if model.family.name == "sd3" else save_pretrained)(model, path, dtype)
+
+
+def save_file(model: StableDiffusion, path: Path, dtype: torch.dtype | None = None):
+    """The family's original single-file layout: Stability's SD3 one, else SD's (LDM's)."""
+    (save_sd3_single_file if model.family.name == "sd3" else save_single_file)(model, path, dtype)
 
 
 @dataclass(frozen=True)
@@ -31,20 +43,25 @@ class Exporter:
     adapters: bool = False  # it writes LoRA adapters, so it needs --train lora; `save` also takes the run's facts
     automatic: Callable[[StableDiffusion], bool] | None = None  # written unasked whenever this holds
     base_vocabulary: bool = False  # a learned token stays out (it is in learned_embeds.safetensors): the base's table
+    families: tuple[str, ...] | None = None  # the model families it writes (None: all)
+
+    def writes(self, family: str) -> bool:
+        return self.families is None or family in self.families
 
 
 EXPORTERS = {
     "learned-token": Exporter(save_learned_tokens, "learned_embeds.safetensors", False,
                               "the learned token (textual inversion), written whenever one trained",
                               automatic=lambda m: bool(new_token.learned_tokens(m))),
-    "diffusers": Exporter(save_pretrained, "model", True, "a folder that StableDiffusionPipeline loads"),
-    "single-file": Exporter(save_single_file, "model.safetensors", True,
+    "diffusers": Exporter(save_folder, "model", True, "a folder that the family's diffusers pipeline loads"),
+    "single-file": Exporter(save_file, "model.safetensors", True,
                             "the original single-file layout (A1111, ComfyUI; a learned token goes to "
                             "learned_embeds.safetensors, as they expect)", base_vocabulary=True),
     "lora-diffusers": Exporter(save_lora_diffusers, "lora/pytorch_lora_weights.safetensors", False,
                                "LoRA for diffusers' load_lora_weights (--train lora)", adapters=True),
     "lora-kohya": Exporter(save_lora_kohya, "lora_kohya.safetensors", False,
-                           "LoRA in kohya's layout, for A1111 and ComfyUI (--train lora)", adapters=True),
+                           "LoRA in kohya's layout, for A1111 and ComfyUI (--train lora)", adapters=True,
+                           families=("sd1", "sd2", "sdxl")),
 }
 CHOICES = tuple(name for name, row in EXPORTERS.items() if row.automatic is None)  # what --save-as offers
 

@@ -7,7 +7,8 @@ whose vocabulary from `tokenizer`. File finding and reading live in `files.py`.
 """
 from minidream.formats.diffusers_layout import load_pretrained
 from minidream.formats.sd3_layout import is_sd3, load_sd3
-from minidream.formats.files import ModelError, resolve
+from minidream.formats.files import ModelError, read_weights, resolve
+from minidream.formats.sd3_single_file import is_sd3_file, load_sd3_single_file
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.formats.single_file import load_single_file
 
@@ -16,12 +17,18 @@ __all__ = ["ModelError", "load"]
 
 def load(model: str, revision: str | None = None, variant: str | None = None, allow_pickle: bool = False,
          dtype=None, tokenizer: str | None = None, preset: str | None = None,
-         config: str | None = None) -> StableDiffusion:
-    """Load a whole model (weights in `dtype`, or as stored); every problem is a one-line ModelError."""
+         config: str | None = None, t5: bool = True) -> StableDiffusion:
+    """Load a whole model (weights in `dtype`, or as stored); every problem is a one-line ModelError. `t5=False`: an SD3
+    model without its T5 encoder (not even read)."""
     path = resolve(model, revision, allow_pickle, variant)
+    if not t5 and not (is_sd3(path) if path.is_dir() else is_sd3_file(read_weights(path, allow_pickle))):
+        raise ModelError(f"--no-t5: {path} is not an SD3 model; only SD3 has a T5 text encoder (drop the flag)")
     if path.is_file():
+        sd = read_weights(path, allow_pickle)
+        if is_sd3_file(sd):
+            return load_sd3_single_file(path, sd, dtype, tokenizer, config, preset, t5)
         return load_single_file(path, allow_pickle=allow_pickle, dtype=dtype, tokenizer=tokenizer, preset=preset,
-                                config=config)
+                                config=config, sd=sd)
     ignored = [f for f, v in (("--preset", preset), ("--config", config), ("--tokenizer", tokenizer)) if v]
     if ignored:  # a folder carries its own configs and tokenizer: say so rather than silently ignore the flag
         one = len(ignored) == 1
@@ -29,5 +36,5 @@ def load(model: str, revision: str | None = None, variant: str | None = None, al
                          f"{'describes' if one else 'describe'} only single-file checkpoints: "
                          f"drop {'it' if one else 'them'}")
     if is_sd3(path):
-        return load_sd3(path, variant, allow_pickle, dtype)
+        return load_sd3(path, variant, allow_pickle, dtype, t5)
     return load_pretrained(path, variant, allow_pickle, dtype)

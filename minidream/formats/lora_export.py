@@ -35,13 +35,14 @@ def diffusers_lora_state_dict(model) -> dict[str, torch.Tensor]:
     """The adapters of the UNet and text encoders under diffusers' names (α/r folded into B)."""
     sd = {}
     for comp, net in model.components().items():
-        prefix = comp if comp == "unet" else f"{comp}.text_model"
+        denoiser = comp == model.family.denoiser
+        prefix = comp if denoiser else f"{comp}.text_model"
         for name, m in loras(net).items():
             sd[f"{prefix}.{name}.lora_A.weight"] = m.lora_down.weight.detach().float()
             sd[f"{prefix}.{name}.lora_B.weight"] = m.lora_up.weight.detach().float() * m.scale
             if m.magnitude is not None:  # PEFT's key; a text encoder's with .weight, which transformers' own
                 # loader (diffusers loads text encoders through it) needs and PEFT's accepts
-                sd[f"{prefix}.{name}.lora_magnitude_vector{'' if comp == 'unet' else '.weight'}"] = _magnitude(m)
+                sd[f"{prefix}.{name}.lora_magnitude_vector{'' if denoiser else '.weight'}"] = _magnitude(m)
     return sd
 
 

@@ -32,6 +32,8 @@ from minidream.formats.files import ModelError, name_some, read_metadata, read_w
 from minidream.formats.lycoris_files import Decomposed, LowRank, lycoris_delta, lycoris_modules
 from minidream.formats.single_file import unet_original_name
 
+# the components a diffusers LoRA file adapts (its keys' first part)
+COMPONENTS = r"(unet|transformer|text_encoder|text_encoder_2)"
 # the text encoder's attention projections under the old attention-processor names
 _TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
@@ -41,7 +43,7 @@ def _diffusers_pairs(sd: dict, file) -> tuple[dict, dict, dict, set]:
     keys used, for diffusers/PEFT key names."""
     pairs, alphas, magnitudes, used = {}, {}, {}, set()
     for k, v in sd.items():
-        m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+)\.(alpha|lora_magnitude_vector(\.weight)?)", k)
+        m = re.fullmatch(rf"{COMPONENTS}\.(.+)\.(alpha|lora_magnitude_vector(\.weight)?)", k)
         if m:
             key = (m[1], m[2].replace(".processor.", ".").removeprefix("text_model."))
             if m[3] == "alpha":
@@ -52,12 +54,12 @@ def _diffusers_pairs(sd: dict, file) -> tuple[dict, dict, dict, set]:
             continue
         n = k.replace(".processor.", ".")
         n = re.sub(r"\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.", lambda g: f".{g[1]}.lora.{g[2]}.", n)
-        m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up|"
+        m = re.fullmatch(rf"{COMPONENTS}\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up|"
                          r"lora_linear_layer\.down|lora_linear_layer\.up)\.weight", n)
         if not m:
             continue
         comp, name = m[1], m[2].removeprefix("text_model.")
-        if comp != "unet":  # the processor names use to_q.. for CLIP's q_proj..
+        if comp.startswith("text_encoder"):  # the processor names use to_q.. for CLIP's q_proj..
             name = re.sub(r"self_attn\.(to_q|to_k|to_v|to_out)$", lambda g: "self_attn." + _TE_PROJ[g[1]], name)
         elif name.endswith(".to_out"):
             name += ".0"
@@ -191,7 +193,7 @@ def _module_index(nets: dict) -> dict[str, dict[str, str]]:
     for comp, net in nets.items():
         names = [n for n, mod in net.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
         index[comp] = {s: n for n in names for s in (n, n.replace(".", "_"))}
-    for n in list(index["unet"].values()):
+    for n in list(index.get("unet", {}).values()):
         index["unet"].setdefault(unet_original_name(nets["unet"].config, n).replace(".", "_"), n)
     return index
 
@@ -203,8 +205,11 @@ def apply_loras(model, loras: list[tuple[Path, float]], allow_pickle: bool = Fal
     for file, s in loras:
         resolved = []
         for (comp, name), delta in lora_factors(file, allow_pickle).items():  # every module fits, first
-            if comp not in nets:
+            if comp == "text_encoder_2" and comp not in nets:
                 raise ModelError(f"{file}: it adapts a second text encoder ({comp}: an SDXL LoRA); this model has one")
+            if comp not in nets:
+                raise ModelError(f"{file}: it adapts a {comp}, which {model.family.title} models do not have: it is a "
+                                 f"LoRA for another model family")
             ours = index[comp].get(name) or index[comp].get(name.replace(".", "_"))
             w = nets[comp].get_submodule(ours).weight if ours else None
             if w is None or not delta.fits(w):

@@ -4,11 +4,15 @@
 `tokenizer*/` and `scheduler/` (flow matching). Each config is read and checked into our dataclasses before any
 weights; each component's weights load strictly.
 """
+import json
+from dataclasses import asdict
 from pathlib import Path
 
-from minidream.formats.configs import check_fields, load_tokenizer, vae_config
-from minidream.formats.diffusers_layout import load_text_encoder, load_vae
-from minidream.formats.files import ModelError, build, read_json, read_weights, weight_file
+import torch
+
+from minidream.formats.configs import check_fields, clip_config_json, load_tokenizer, vae_config, vae_config_json
+from minidream.formats.diffusers_layout import load_text_encoder, load_vae, text_encoder_state, tokenizer_name
+from minidream.formats.files import ModelError, build, read_json, read_weights, save_safetensors, weight_file
 from minidream.models import mmdit, t5
 from minidream.models.flow_matching import FlowConfig
 from minidream.models.stable_diffusion import FAMILIES, StableDiffusion
@@ -90,9 +94,9 @@ def is_sd3(path: Path) -> bool:
     return (path / "transformer").is_dir()
 
 
-def load_sd3(path: Path, variant=None, allow_pickle=False, dtype=None) -> StableDiffusion:
+def load_sd3(path: Path, variant=None, allow_pickle=False, dtype=None, t5: bool = True) -> StableDiffusion:
     index = read_json(path / "model_index.json") if (path / "model_index.json").exists() else {}
-    with_t5 = index.get("text_encoder_3", ["transformers", "T5EncoderModel"])[0] is not None
+    with_t5 = t5 and index.get("text_encoder_3", ["transformers", "T5EncoderModel"])[0] is not None
     for comp in COMPONENTS + (T5_PARTS if with_t5 else ()):
         if not (path / comp).is_dir():
             raise ModelError(f"{path}: missing component folder {comp}/; is the download complete?")
@@ -114,3 +118,49 @@ def load_sd3(path: Path, variant=None, allow_pickle=False, dtype=None) -> Stable
         transformer=load_transformer(path / "transformer", variant, allow_pickle, dtype),
         vae=load_vae(path / "vae", variant, allow_pickle, dtype), scheduler=schedule, source=str(path),
         family=FAMILIES["sd3"], **third)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the layout (the inverse of `load_sd3`): loadable by us and by StableDiffusion3Pipeline.from_pretrained
+
+def t5_config_json(c: t5.T5Config) -> dict:
+    return {"architectures": ["T5EncoderModel"], "model_type": "t5", **asdict(c), "feed_forward_proj": "gated-gelu",
+            "dense_act_fn": "gelu_new", "is_gated_act": True, "is_encoder_decoder": False, "pad_token_id": 0,
+            "eos_token_id": 1, "tie_word_embeddings": False}
+
+
+def model_index(model: StableDiffusion) -> dict:
+    t5_parts = {"text_encoder_3": ["transformers", "T5EncoderModel"],
+                "tokenizer_3": ["transformers", "T5TokenizerFast"]}
+    return {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.30.0",
+            "scheduler": ["diffusers", model.scheduler.class_name],
+            "transformer": ["diffusers", "SD3Transformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"], "feature_extractor": [None, None], "image_encoder": [None, None],
+            **{f"{kind}{n}": ["transformers", cls] for n in ("", "_2")
+               for kind, cls in (("text_encoder", "CLIPTextModelWithProjection"), ("tokenizer", "CLIPTokenizer"))},
+            **(t5_parts if model.text_encoder_3 is not None else {k: [None, None] for k in t5_parts})}
+
+
+def save_sd3(model: StableDiffusion, folder: Path, dtype: torch.dtype | None = None):
+    """Write an SD3 diffusers-layout folder; each weights file atomically (in `dtype`, when given)."""
+    folder = Path(folder)
+    write = {"model_index.json": model_index(model), "scheduler/scheduler_config.json": model.scheduler.to_dict(),
+             "transformer/config.json": {"_class_name": "SD3Transformer2DModel", **asdict(model.denoiser.config)},
+             "vae/config.json": vae_config_json(model.vae.config)}
+    for name, tok, te in model.text_encoders():
+        write[f"{name}/config.json"] = clip_config_json(te.config, tok)
+    if model.text_encoder_3 is not None:
+        write["text_encoder_3/config.json"] = t5_config_json(model.text_encoder_3.config)
+    for rel, content in write.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(json.dumps(content, indent=2))
+    for name, tok, te in model.text_encoders():
+        tok.save(folder / tokenizer_name(name))
+        save_safetensors(text_encoder_state(te), folder / name / "model.safetensors", dtype=dtype)
+    if model.text_encoder_3 is not None:
+        model.tokenizer_3.save(folder / "tokenizer_3")
+        save_safetensors(model.text_encoder_3.state_dict(), folder / "text_encoder_3" / "model.safetensors",
+                         dtype=dtype)
+    save_safetensors(model.denoiser.state_dict(), folder / "transformer" / "diffusion_pytorch_model.safetensors",
+                     dtype=dtype)
+    save_safetensors(model.vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors", dtype=dtype)

@@ -157,6 +157,8 @@ def _take(sd, table, want_shapes, used, file, what: str = ""):
             t = t[:, :, 0, 0]
         elif how == "transpose":
             t = t.T
+        elif how == "swap":  # (shift, scale) halves -> (scale, shift): SD3's adaLN-continuous order
+            t = torch.cat(t.chunk(2, dim=0)[::-1])
         if tuple(t.shape) != tuple(want_shapes[k]):
             raise ModelError(f"{file}: key {orig!r} has shape {list(t.shape)}, expected {list(want_shapes[k])} "
                              f"(for {k}); is it {what}?")
@@ -262,10 +264,11 @@ def architecture_of(file: Path, fam: Family, tokenizer: str | None, preset: str 
 
 
 def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str | None = None,
-                     preset: str | None = None, config: str | None = None) -> StableDiffusion:
+                     preset: str | None = None, config: str | None = None, sd: dict | None = None) -> StableDiffusion:
     """A single-file checkpoint as one StableDiffusion: its family from its keys, its architecture from
-    `architecture_of`, then every component's weights taken from the file by the key tables, strictly."""
-    sd = read_weights(file, allow_pickle)
+    `architecture_of`, then every component's weights taken from the file by the key tables, strictly.
+    `sd`: the file's tensors, when the caller has read them."""
+    sd = read_weights(file, allow_pickle) if sd is None else sd
     fam = family(sd, file)
     arch = architecture_of(file, fam, tokenizer, preset, config)
     cfgs, used, parts = arch.configs, set(), {}

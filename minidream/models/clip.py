@@ -40,6 +40,7 @@ PRESETS = {
     "sdxl": CLIPConfig(layers=12, eos_token_id=2),  # ViT-L: all 12 layers stored, the 11th is read
     "sdxl-2": CLIPConfig(width=1280, layers=32, heads=20, mlp_width=5120, act="gelu", projection_dim=1280,
                          eos_token_id=2),
+    "sd3": CLIPConfig(projection_dim=768, eos_token_id=2),  # SD3's CLIP-L is projected too (pooled: 768 + 1280)
     "tiny": CLIPConfig(vocab_size=1000, width=32, layers=2, heads=4, mlp_width=37),
     "tiny-xl": CLIPConfig(vocab_size=1000, width=32, layers=2, heads=4, mlp_width=37),
     "tiny-xl-2": CLIPConfig(vocab_size=1000, width=48, layers=3, heads=2, mlp_width=64, act="gelu", projection_dim=32,

@@ -39,6 +39,9 @@ class FlowConfig:
         own = {f.name: getattr(self, f.name) for f in fields(self) if f.name in ("num_train_timesteps", "shift")}
         return {"_class_name": self.class_name, **own, **dict(self.extra)}
 
+    def describe(self) -> str:
+        return f"rectified flow, {self.num_train_timesteps} steps, shift {self.shift:g}"
+
     def check(self):
         n = self.num_train_timesteps
         if not (isinstance(n, int) and not isinstance(n, bool) and n > 1):
@@ -64,12 +67,47 @@ def training_sigmas(config: FlowConfig) -> torch.Tensor:
     return shifted(torch.linspace(1, N, N, dtype=torch.float32).flip(0) / N, config.shift)
 
 
-class FlowProcess:
-    """The forward process training reads: z_σ, the velocity target, and σ drawn per example (uniform over the
-    shifted training levels here; the timestep densities of §3.1 are the trainer's to choose)."""
+@dataclass(frozen=True)
+class Density:
+    """How training draws σ and weighs each draw's loss (§3.1, as diffusers' SD3 scripts name the choices):
+    - logit_normal: σ = sigmoid(u), u ~ N(mean, std) (eq. 19; the paper's best, "rf/lognorm(0.00, 1.00)");
+    - mode: u ~ U(0,1) mapped by 1 - u - s·(cos²(πu/2) - 1 + u) (eq. 20, heavier in the middle for s > 0);
+    - cosmap: σ uniform, each loss weighted 2 / (π(1 - 2σ + 2σ²)) (eq. 21's density as a weight);
+    - sigma_sqrt: σ uniform, each loss weighted σ⁻²;
+    - none: σ uniform, unweighted.
+    The draw u in [0, 1) picks one of the N shifted training levels, as diffusers indexes its scheduler."""
+    scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    precondition: bool = True  # regress x̂_0 = z_σ - σ·v on x_0 (EDM-style; diffusers' --precondition_outputs)
 
-    def __init__(self, config: FlowConfig):
-        self.config = config.check()
+    def draw(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        if self.scheme == "logit_normal":
+            u = torch.normal(self.logit_mean, self.logit_std, (n,), generator=generator, device=device)
+            return torch.sigmoid(u)
+        u = torch.rand(n, generator=generator, device=device)
+        if self.scheme == "mode":
+            return 1 - u - self.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+        return u
+
+    def weights(self, sigma: torch.Tensor) -> torch.Tensor | None:
+        if self.scheme == "sigma_sqrt":
+            return sigma.float() ** -2.0
+        if self.scheme == "cosmap":
+            return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma ** 2)).float()
+        return None
+
+
+DENSITIES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
+
+
+class FlowProcess:
+    """The forward process training reads: z_σ, the regression target, σ drawn per example by the density, each
+    example's loss weight, and (preconditioned) the x̂_0 the prediction is read as."""
+
+    def __init__(self, config: FlowConfig, density: Density = Density()):
+        self.config, self.density = config.check(), density
         self.sigmas = training_sigmas(config)
 
     def sigma(self, t, like: torch.Tensor) -> torch.Tensor:
@@ -77,12 +115,21 @@ class FlowProcess:
         return s.reshape(-1, *([1] * (like.ndim - 1)))
 
     def draw_timesteps(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
-        i = torch.randint(0, self.config.num_train_timesteps, (n,), generator=generator, device=device)
+        """t = 1000 σ for σ at the drawn level: the timestep the network sees."""
+        u = self.density.draw(n, generator, device)
+        i = (u * self.config.num_train_timesteps).long().clamp(0, self.config.num_train_timesteps - 1)
         return self.sigmas.to(device)[i] * self.config.num_train_timesteps
 
     def add_noise(self, x0, noise, t):
         s = self.sigma(t, x0)
         return (1 - s) * x0 + s * noise
 
+    def output(self, pred, z, t):
+        """What the prediction is compared with the target as: the velocity, or preconditioned x̂_0 = z - σ v."""
+        return z - self.sigma(t, z) * pred if self.density.precondition else pred
+
     def target(self, x0, noise, t):
-        return noise - x0
+        return x0 if self.density.precondition else noise - x0
+
+    def loss_weights(self, t, snr_gamma: float | None = None) -> torch.Tensor | None:
+        return self.density.weights(torch.as_tensor(t) / self.config.num_train_timesteps)

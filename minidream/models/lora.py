@@ -11,6 +11,7 @@ Functions here transform a loaded model; the model files know nothing about LoRA
 read from are formats/lora_files.py and formats/lora_export.py.
 """
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,18 @@ class AdapterSpec:
     def rank_alpha(self, base: nn.Module) -> tuple[int, float]:
         big_kernel = isinstance(base, nn.Conv2d) and base.kernel_size != (1, 1)
         return (self.conv_rank, self.conv_alpha) if big_kernel else (self.rank, self.alpha)
+
+
+def ending(*parts: str) -> re.Pattern:
+    """Module names that end in one of `parts` (regular expressions)."""
+    return re.compile(rf".*\.({'|'.join(parts)})$")
+
+
+@dataclass(frozen=True)
+class TargetSet:
+    """A --lora-targets / --text-encoder-targets choice: the modules it adapts (Linear or Conv2d, by name)."""
+    pattern: re.Pattern
+    help: str
 
 
 def row_norm(w: torch.Tensor) -> torch.Tensor:

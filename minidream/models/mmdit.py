@@ -285,6 +285,11 @@ class SD3Transformer2DModel(nn.Module):
         """Latent cells per token side: image sides must be multiples of it (times the VAE's)."""
         return self.config.patch_size
 
+    @property
+    def max_latent_side(self) -> int:
+        """The largest latent side the position table covers (the MMDiT crops it; it cannot extend it)."""
+        return self.config.pos_embed_max_size * self.config.patch_size
+
     def blocks(self) -> dict[str, tuple[str, nn.Module]]:
         """The blocks in the order they run, by the names --lora-blocks takes (0, 1, …), each with its module-name
         prefix: what gradient checkpointing, FSDP's sharding and --lora-blocks work block by block."""

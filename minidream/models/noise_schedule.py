@@ -51,6 +51,9 @@ class SchedulerConfig:
         own = {k: getattr(self, k) for k in names if self.given is None or k in self.given}
         return {"_class_name": self.class_name, **own, **dict(self.extra)}
 
+    def describe(self) -> str:
+        return f"{self.beta_schedule} betas, {self.num_train_timesteps} steps, spacing {self.timestep_spacing}"
+
     def check(self):
         def number(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -138,6 +141,14 @@ class DDPMProcess:
         """Signal-to-noise ratio ᾱ_t / (1-ᾱ_t)."""
         a = self.alphas_cumprod.to(torch.as_tensor(t).device)[t]
         return a / (1 - a)
+
+    def output(self, pred, z, t):
+        """What the prediction is compared with the target as: itself (ε or v)."""
+        return pred
+
+    def loss_weights(self, t, snr_gamma: float | None = None) -> torch.Tensor | None:
+        """Each example's loss weight: min-SNR-γ when asked, else none."""
+        return self.min_snr_weights(t, snr_gamma) if snr_gamma else None
 
     def min_snr_weights(self, t, gamma: float):
         """Min-SNR-γ (Hang et al. 2023, eq. 7-8): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR+1) for v."""

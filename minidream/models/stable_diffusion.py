@@ -21,11 +21,42 @@ import torch
 
 from minidream.models import clip, mmdit, t5, unet, vae
 from minidream.models.flow_matching import FlowConfig, FlowProcess
+from minidream.models.lora import TargetSet, ending
 from minidream.models.noise_schedule import PRESETS as SCHEDULER_PRESETS
 from minidream.models.noise_schedule import DDPMProcess, SchedulerConfig
 from minidream.models.t5_tokenizer import T5Tokenizer
 from minidream.models.tokenizer import CLIPTokenizer
 from minidream.models.unet import UNet2DConditionModel
+
+
+# ---------------------------------------------------------------------------------------------
+# What LoRA adapts in each kind of denoiser (--lora-targets; "attn" is also what --train attention trains)
+
+# The UNet's: Q, K, V and out of every self- (attn1) and cross-attention (attn2) layer; kohya's networks adapt every
+# Linear and Conv2d of the transformer blocks (attention, feed-forward, the 1×1 or linear proj_in/proj_out), and with
+# LoCon those of the resnets and the up/downsamplers too (3×3 convs at --conv-rank); the time embedding, conv_in and
+# conv_out stay out, as there.
+UNET_ATTN = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+UNET_FF = r"ff\.net\.(0\.proj|2)|attentions\.\d+\.(proj_in|proj_out)"
+LOCON = r"resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)|(downsamplers|upsamplers)\.0\.conv"
+UNET_TARGETS = {
+    "attn": TargetSet(ending(UNET_ATTN), "Q/K/V/out of every attention layer"),
+    "attn-ff": TargetSet(ending(UNET_ATTN, UNET_FF),
+                         "and the feed-forward layers and proj_in/proj_out of every transformer"),
+    "all": TargetSet(ending(UNET_ATTN, UNET_FF, LOCON),
+                     "and the resnets' convolutions and time projections and the up/downsamplers (LoCon; 3x3 "
+                     "kernels at --conv-rank/--conv-alpha)"),
+}
+# The MMDiT's: both streams' Q/K/V/out of the joint attention (diffusers' SD3 LoRA targets); then MMDiT-X's
+# image-only attention and both streams' MLPs; then the adaLN modulations too (every Linear of the blocks).
+MMDIT_ATTN = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+MMDIT_FF = r"attn2\.(to_q|to_k|to_v|to_out\.0)|ff(_context)?\.net\.(0\.proj|2)"
+MMDIT_TARGETS = {
+    "attn": TargetSet(ending(MMDIT_ATTN), "Q/K/V/out of both streams of every joint attention"),
+    "attn-ff": TargetSet(ending(MMDIT_ATTN, MMDIT_FF), "and SD3.5 Medium's attn2 and both streams' feed-forward"),
+    "all": TargetSet(ending(MMDIT_ATTN, MMDIT_FF, r"norm1(_context)?\.linear"),
+                     "and the adaLN modulation of every block"),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +99,10 @@ class Family:
     forward_process: type = DDPMProcess  # built from the model's noise-schedule config
     denoiser: str = "unet"  # the denoiser's diffusers component name (its folder; LoRA files' prefix)
     denoiser_presets: dict = field(default_factory=lambda: unet.PRESETS)  # its architectures by preset name
+    lora_targets: dict = field(default_factory=lambda: UNET_TARGETS)  # --lora-targets' sets in its denoiser; "attn"
+    # is also what --train attention trains
+    penultimate: bool = False  # its conditioning reads the CLIPs' penultimate layers by design (no --clip-skip)
+    t5: bool = False  # it has a T5 text encoder (--no-t5, --max-sequence-length)
     size_ids: bool = False  # SDXL's micro-conditioning: each image's sizes and crop (`size_ids`) go to the denoiser
     zero_negative: bool = False  # no negative prompt means zero conditioning unless the model says otherwise
     vae_fp32_decode: bool = False  # an fp16 VAE decodes in fp32 when its config says force_upcast (SDXL's overflows)
@@ -156,7 +191,7 @@ FAMILIES = {
                    conditioned_on="both encoders' penultimate states + pooled text + size ids",
                    pipeline="StableDiffusionXLPipeline", tokenizer_repo="stabilityai/stable-diffusion-xl-base-1.0",
                    variants=(Variant("epsilon", "sdxl", "stable-diffusion-xl-v1-base"),), size_ids=True,
-                   zero_negative=True, vae_fp32_decode=True, kohya_unet_names="original",
+                   penultimate=True, zero_negative=True, vae_fp32_decode=True, kohya_unet_names="original",
                    kohya_metadata=(("ss_base_model_version", "sdxl_base_v1-0"),),
                    modelspec_implementation="https://github.com/Stability-AI/generative-models"),
     # SD3 and SD3.5 share the text encoders, VAE and schedule; their MMDiTs tell the variants apart
@@ -167,6 +202,7 @@ FAMILIES = {
                             Variant("flow", "sd35-medium", "stable-diffusion-3.5-medium"),
                             Variant("flow", "sd35-large", "stable-diffusion-3.5-large")),
                   forward_process=FlowProcess, denoiser="transformer", denoiser_presets=mmdit.PRESETS,
+                  lora_targets=MMDIT_TARGETS, penultimate=True, t5=True,
                   kohya_metadata=(("ss_base_model_version", "sd3"),), modelspec_implementation="diffusers"),
 }
 
@@ -296,6 +332,12 @@ class StableDiffusion:
         return self.latent_scale * self.denoiser.downsampling
 
     @property
+    def max_side(self) -> int | None:
+        """The largest image side the denoiser takes (SD3: its position table's), None when it has no limit."""
+        side = getattr(self.denoiser, "max_latent_side", None)
+        return None if side is None else side * self.latent_scale
+
+    @property
     def native_resolution(self) -> int:
         """The image side the model was trained at: the denoiser's latent size times the VAE's downsampling."""
         return self.denoiser.config.sample_size * self.latent_scale
@@ -319,18 +361,29 @@ def with_clip_skip(model: StableDiffusion, skip: int) -> StableDiffusion:
     """The model conditioned on its text encoder's skip-th layer from the end ("clip skip", numbered as A1111 and
     kohya number it: 1 = the last layer, 2 = the penultimate; each through the final LayerNorm). Community SD 1.x
     models (NovelAI's lineage) were trained on the penultimate layer and are used with 2. SDXL already reads its
-    encoders' penultimate layers (its own design), so it takes none."""
+    encoders' penultimate layers (its own design), and so does SD3's conditioning: they take none."""
     if skip < 1:
         raise ValueError(f"--clip-skip must be at least 1 (got {skip}); 1 is the last layer, 2 the penultimate")
     if skip == 1:
         return model
-    if model.family.name == "sdxl":
+    if model.family.penultimate:
         raise ValueError(f"--clip-skip: {model.family.title} already reads its text encoders' penultimate layers; "
                          f"clip skip is for SD 1.x/2.x (drop it)")
     layers = len(model.text_encoder.encoder.layers)
     if not 1 <= skip <= layers:
         raise ValueError(f"--clip-skip {skip}: the text encoder has {layers} layers; give 1 to {layers}")
     model.clip_skip = skip
+    return model
+
+
+def with_t5_length(model: StableDiffusion, length: int | None) -> StableDiffusion:
+    """The model conditioned on `length` T5 tokens per prompt (None: its default, 256 as diffusers'). Longer prompts
+    are cut, shorter ones padded; the padding is attended too, so the length changes the image."""
+    if length is None:
+        return model
+    if not model.family.t5:
+        raise ValueError(f"--max-sequence-length: {model.family.title} has no T5 text encoder; it is for SD3 (drop it)")
+    model.max_sequence_length = length
     return model
 
 

@@ -67,6 +67,9 @@ class SamplingParams:
             wrong = image_side(getattr(self, name), model.downsampling)
             if wrong:
                 return name, wrong
+            side = getattr(self, name)
+            if side is not None and model.max_side is not None and side > model.max_side:
+                return name, f"must be at most {model.max_side} for this model (its position table; got {side})"
         try:
             sampler = self.make_sampler(model.scheduler)
         except ValueError as e:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from minidream.models.flow_matching import FlowConfig
 from minidream.models.noise_schedule import SchedulerConfig
-from minidream.sampling.flow_samplers import FlowEuler
+from minidream.sampling.flow_samplers import FlowEuler, FlowHeun
 from minidream.sampling.timestep_samplers import DDIM, DDPM, PNDM, Sampler
 from minidream.sampling.sigma_samplers import DPMSolverPP, Euler, EulerAncestral, Heun, UniPC
 
@@ -61,6 +61,7 @@ _FLOW_ONLY = {"use_dynamic_shifting": (False,), "invert_sigmas": (False,), "shif
               "stochastic_sampling": (False,)}
 FLOW_SAMPLERS = {
     "euler": SamplerRow(FlowEuler, {}, "FlowMatchEulerDiscreteScheduler", {}, _FLOW_ONLY),
+    "heun": SamplerRow(FlowHeun, {}, "FlowMatchHeunDiscreteScheduler", {}, _FLOW_ONLY),
 }
 
 

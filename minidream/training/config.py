@@ -9,11 +9,13 @@ from pathlib import Path
 
 from minidream.formats import exports
 from minidream.models.attention import CHOICES as ATTENTION_BACKENDS
+from minidream.models.flow_matching import DENSITIES
 from minidream.models.compile import COMPILE_HELP, COMPILE_MODES
 from minidream.models.device import DTYPES
 from minidream.models.stable_diffusion import PRESETS
-from minidream.options import (Needs, at_least, each_one_of, first_problem, in_range, non_negative, option, option_flag,
-                               path, positive, positive_number, probability, seed_range, text, texts)
+from minidream.options import (Needs, at_least, each_one_of, finite, first_problem, in_range, non_negative,
+                               option, option_flag, optional_at_least, path, positive, positive_number, probability,
+                               seed_range, text, texts)
 from minidream.sampling.pipeline import MAX_GUIDANCE, SamplingParams, image_side
 from minidream.sampling.samplers import SAMPLERS
 from minidream.training import TrainError
@@ -197,6 +199,11 @@ class TrainConfig:
     clip_skip: int = option(1, "SD 1.x/2.x: condition on the text encoder's N-th layer from the end, as A1111 and "
                             "kohya number it (1: the last, 2: the penultimate, for community SD 1.x models).",
                             check=at_least(1))
+    max_sequence_length: int | None = option(None, "SD3: T5's tokens per prompt (longer prompts are cut, shorter "
+                                             "padded); default 256, as diffusers.",
+                                             check=optional_at_least(1, 512))
+    t5: bool = option(True, "SD3: --no-t5 runs without the T5 text encoder (not even loaded: zeros in its place, as "
+                         "diffusers with text_encoder_3=None); saves its memory, costs prompt fidelity.")
     # optimisation
     optimizer: str = option("adamw", "; ".join(f"{n}: {row.help}" for n, row in OPTIMIZERS.items()) + ".",
                             choices=OPTIMIZERS, check=check_optimizer)
@@ -241,7 +248,17 @@ class TrainConfig:
                                      "with --optimizer adamw and --mixed-precision no for now (a sharded block holds "
                                      "one dtype; other optimizers keep state not shaped like the weights)"),))
     cache_latents: bool = option(False, "Encode the images with the VAE once.")
-    snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (e.g. 5).", check=positive_number)
+    snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (e.g. 5); DDPM models (SD 1.x/2.x/XL).",
+                                     check=positive_number)
+    weighting_scheme: str = option("logit_normal", "Rectified-flow models (SD3): how training draws the noise level "
+                                   "and weighs its loss (Esser et al. 2024 §3.1; diffusers' names).",
+                                   choices=DENSITIES)
+    logit_mean: float = option(0.0, "Mean of --weighting-scheme logit_normal's normal.", check=finite)
+    logit_std: float = option(1.0, "Standard deviation of --weighting-scheme logit_normal's normal.",
+                              check=positive_number)
+    mode_scale: float = option(1.29, "Scale of --weighting-scheme mode.", check=finite)
+    precondition_outputs: bool = option(True, "Rectified-flow models: regress x0 = z - sigma v on the image latents "
+                                        "(diffusers' default) rather than v on noise - x0.")
     noise_offset: float = option(0.0, "Noise offset (e.g. 0.05).", check=non_negative)
     seed: int = option(0, "Seed of every random draw.", check=seed_range)
     # validation, checkpoints, exports, where it runs

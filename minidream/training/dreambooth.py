@@ -8,13 +8,15 @@ from pathlib import Path
 
 import torch
 
+from minidream.formats.exports import CHOICES, EXPORTERS
 from minidream.models.compile import eager
+from minidream.models.flow_matching import FlowProcess
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import TrainError, distributed, run_folder, runtime
 from minidream.training.checkpoint import Checkpointer, Resume, base_fingerprint, per_process_batch, resume_from
 from minidream.training.dataset import TrainingData
 from minidream.training.concepts_file import with_folder_names
-from minidream.training.config import (TrainConfig, absolute_paths, combinations, flag, validate,
+from minidream.training.config import (OPTIONS, TrainConfig, absolute_paths, combinations, flag, validate,
                                        validate_resolution)
 from minidream.training.export import export as export_trained, load_base
 from minidream.training.loop import loop, phase
@@ -151,8 +153,9 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
             raise TrainError(f"--validation-file: entry {k}: {wrong[0]} {wrong[1]}")
     if REPORT_TO[cfg.report_to]:
         REPORT_TO[cfg.report_to].check()
+    cfg = family_options(cfg, model)
     if MODES[cfg.mode].adapters:  # --lora-blocks names stages of this UNet
-        cfg.adapters.denoiser_modules(model.denoiser)
+        cfg.adapters.denoiser_modules(model.denoiser, model.family.lora_targets)
     if cfg.dora and "lora-kohya" in cfg.save_as:
         print("warning: --dora: lora_kohya.safetensors holds DoRA as LyCORIS writes it (dora_scale per output "
               "channel), which LyCORIS and `minidream sample` merge exactly; A1111 reads only per-input DoRA and "
@@ -163,6 +166,32 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
     if not cfg.train_token and pieces != 1:
         print(f"warning: --identifier {cfg.identifier!r} is {pieces} tokens for this model's tokenizer; DreamBooth "
               f"binds best to a rare word that is a single token (or learn a new one: --train-token)", file=sys.stderr)
+    return cfg
+
+
+# the settings of one forward process, refused on a model trained by the other (their defaults: not given)
+FLOW_ONLY = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
+DDPM_ONLY = ("snr_gamma",)
+
+
+def family_options(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
+    """The settings that apply to some model families only: refused by name on the others; the exports the family
+    has no writer for dropped from the mode's default formats (refused when asked for)."""
+    flow = model.family.forward_process is FlowProcess
+    for name in DDPM_ONLY if flow else FLOW_ONLY:
+        if getattr(cfg, name) != OPTIONS[name].default:
+            raise TrainError(f"{flag(name)}: {model.family.title} is trained by "
+                             f"{'rectified flow' if flow else 'DDPM'}; it applies to "
+                             f"{'DDPM models (SD 1.x/2.x/XL)' if flow else 'rectified-flow models (SD3)'} (drop it)")
+    unwritable = [f for f in cfg.save_as if not EXPORTERS[f].writes(model.family.name)]
+    if unwritable and cfg.save_as == MODES[cfg.mode].save_as:
+        print(f"note: {model.family.title}: {', '.join(unwritable)} not written (minidream has no writer for "
+              f"this family yet)", file=sys.stderr)
+        cfg = replace(cfg, save_as=tuple(f for f in cfg.save_as if f not in unwritable))
+    elif unwritable:
+        choices = [f for f, row in EXPORTERS.items() if f in CHOICES and row.writes(model.family.name)]
+        raise TrainError(f"--save-as {unwritable[0]}: minidream cannot write {model.family.title} models in this "
+                         f"format yet; choose from {', '.join(choices)}")
     return cfg
 
 

@@ -16,7 +16,7 @@ import torch
 from minidream.formats import exports
 from minidream.formats.loading import load
 from minidream.models.device import DTYPES
-from minidream.models.stable_diffusion import StableDiffusion, with_clip_skip
+from minidream.models.stable_diffusion import StableDiffusion, with_clip_skip, with_t5_length
 from minidream.training import TrainError
 from minidream.training.config import TrainConfig
 from minidream.training.trainable import select_trainable
@@ -27,8 +27,9 @@ def load_base(cfg: TrainConfig) -> StableDiffusion:
     skip."""
     try:
         model = load(cfg.model, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle,
-                     dtype=torch.float32, tokenizer=cfg.tokenizer, preset=cfg.preset, config=cfg.config)
-        return with_clip_skip(model, cfg.clip_skip)
+                     dtype=torch.float32, tokenizer=cfg.tokenizer, preset=cfg.preset, config=cfg.config,
+                     t5=cfg.t5)
+        return with_t5_length(with_clip_skip(model, cfg.clip_skip), cfg.max_sequence_length)
     except Exception as e:
         raise TrainError(str(e)) from None
 

@@ -10,7 +10,7 @@ from minidream.training.config import OPTIONS, TrainConfig, flag, validate
 
 
 # The version of the settings a checkpoint stores ("settings_version" in its metadata; none before version 1).
-SETTINGS_VERSION = 1
+SETTINGS_VERSION = 2
 
 # ADDED[v]: the settings added in version v, with the value that reproduces a run whose checkpoint was written
 # before (its settings lack them). A new setting goes under the next version, which SETTINGS_VERSION becomes.
@@ -23,6 +23,8 @@ ADDED = {
         "prodigy_safeguard_warmup": False, "fused_backward": False, "epochs": None, "fsdp": False,
         "validation_set": (), "validation_scheduler": "ddim", "report_to": "none", "log_every": 10, "save_every": 0,
         "keep_snapshots": 0, "save_precision": None, "compile": "off"},
+    2: {"max_sequence_length": None, "t5": True, "weighting_scheme": "logit_normal", "logit_mean": 0.0,
+        "logit_std": 1.0, "mode_scale": 1.29, "precondition_outputs": True},
 }
 
 

@@ -144,7 +144,6 @@ def plain(v):
 
 def found(model: StableDiffusion, named: list[tuple[str, torch.nn.Parameter]]) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters of these names in the model as it is now (after sharding replaced them)."""
-    now = {f"{prefix}.{n}": p for prefix, net in [("unet", model.denoiser), *[(name, te) for name, _, te in
-                                                                              model.text_encoders()]]
-           for n, p in net.named_parameters()}
+    nets = [(model.family.denoiser, model.denoiser), *[(name, te) for name, _, te in model.text_encoders()]]
+    now = {f"{prefix}.{n}": p for prefix, net in nets for n, p in net.named_parameters()}
     return [(name, now[name]) for name, _ in named]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from minidream.models.compile import compile_network, step_begins
+from minidream.models.flow_matching import Density, FlowProcess
 from minidream.models.noise_schedule import DDPMProcess
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import distributed
@@ -69,9 +70,18 @@ def training_step(denoiser, process: DDPMProcess, latents, cond: dict, n_instanc
     if noise_offset:  # (Guttenberg 2023) lets the model shift mean brightness
         noise = noise + noise_offset * mine(torch.randn((total, C, 1, 1), generator=g, device=dev))
     t = mine(process.draw_timesteps(total, g, dev))
-    pred = denoiser(process.add_noise(latents, noise, t), t, **cond)
-    weights = process.min_snr_weights(t, snr_gamma) if snr_gamma else None
+    noisy = process.add_noise(latents, noise, t)
+    pred = process.output(denoiser(noisy, t, **cond), noisy, t)
+    weights = process.loss_weights(t, snr_gamma)
     return dreambooth_loss(pred, process.target(latents, noise, t), n_instance, prior_weight, weights, mask)
+
+
+def training_process(model: StableDiffusion, cfg: TrainConfig) -> DDPMProcess | FlowProcess:
+    """The model's forward process as the run trains it: a rectified-flow model's with the run's σ density."""
+    if model.family.forward_process is FlowProcess:
+        return FlowProcess(model.scheduler, Density(cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std,
+                                                    cfg.mode_scale, cfg.precondition_outputs))
+    return model.forward_process
 
 
 def apply_gradients(opt, scaler, params: list, max_grad_norm: float) -> torch.Tensor | None:
@@ -100,7 +110,7 @@ class Stepper:
     compiled: str = "off"  # how the UNet runs: the --compile mode this run can have (compiled_mode)
 
     def __post_init__(self):
-        self.process = self.state.model.forward_process
+        self.process = training_process(self.state.model, self.cfg)
         self.rng_at_start, self.done, self.deferred = None, True, False
         self.fused = fuse_backward(self.state.optimizer, self.cfg.max_grad_norm) if self.cfg.fused_backward else None
 

@@ -17,49 +17,22 @@ import torch
 import torch.nn as nn
 
 from minidream.models import lora
-from minidream.models.lora import AdapterSpec
-from minidream.models.stable_diffusion import StableDiffusion
+from minidream.models.lora import AdapterSpec, TargetSet, ending
+from minidream.models.stable_diffusion import FAMILIES, StableDiffusion
 from minidream.models.new_token import add_token
 from minidream.training import TrainError
 
 
-def ending(*parts: str) -> re.Pattern:
-    """Module names that end in one of `parts` (regular expressions)."""
-    return re.compile(rf".*\.({'|'.join(parts)})$")
-
-
-# The projections DreamBooth's attention variant trains (and LoRA adapts by default): Q, K, V and out of every self-
-# (attn1) and cross-attention (attn2) layer of the UNet, and of the text encoder's self-attention.
-ATTN = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+# the text encoders' (CLIP's, in every family): q/k/v/out of each self-attention layer, or those and the MLP
 TEXT_ATTN = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
-UNET_ATTENTION, TEXT_ATTENTION = ending(ATTN), ending(TEXT_ATTN)
-
-
-@dataclass(frozen=True)
-class TargetSet:
-    """A --lora-targets / --text-encoder-targets choice: the modules it adapts (Linear or Conv2d, by name)."""
-    pattern: re.Pattern
-    help: str
-
-
-# kohya's networks adapt every Linear and Conv2d of the transformer blocks (attention, feed-forward, the 1×1 or
-# linear proj_in/proj_out), and with LoCon those of the resnets and the up/downsamplers too (3×3 convs at
-# --conv-rank); the time embedding, conv_in and conv_out stay out, as there.
-FEED_FORWARD = r"ff\.net\.(0\.proj|2)|attentions\.\d+\.(proj_in|proj_out)"
-LOCON = r"resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)|(downsamplers|upsamplers)\.0\.conv"
+TEXT_ATTENTION = ending(TEXT_ATTN)
 TEXT_MLP = r"mlp\.(fc1|fc2)"
-UNET_TARGETS = {
-    "attn": TargetSet(UNET_ATTENTION, "Q/K/V/out of every attention layer"),
-    "attn-ff": TargetSet(ending(ATTN, FEED_FORWARD),
-                         "and the feed-forward layers and proj_in/proj_out of every transformer"),
-    "all": TargetSet(ending(ATTN, FEED_FORWARD, LOCON),
-                     "and the resnets' convolutions and time projections and the up/downsamplers (LoCon; 3x3 "
-                     "kernels at --conv-rank/--conv-alpha)"),
-}
 TEXT_TARGETS = {
     "attn": TargetSet(TEXT_ATTENTION, "q/k/v/out of every self-attention layer"),
     "attn-mlp": TargetSet(ending(TEXT_ATTN, TEXT_MLP), "and the MLP (fc1, fc2) of every layer"),
 }
+# the denoiser's are its family's (FAMILIES' lora_targets); the CLI offers the names and describes the UNet's
+UNET_TARGETS = FAMILIES["sd1"].lora_targets
 
 
 def block_prefix(net: nn.Module, block: str) -> str:
@@ -87,8 +60,9 @@ class Adapters:
     text_encoder: str = "attn"
     blocks: str | None = None  # comma-separated --lora-blocks entries; None: every stage
 
-    def denoiser_modules(self, net: nn.Module) -> list[str]:
-        names = _matching(net, UNET_TARGETS[self.targets].pattern)
+    def denoiser_modules(self, net: nn.Module, targets: dict[str, TargetSet]) -> list[str]:
+        """The modules --lora-targets names in this denoiser (`targets`: its family's sets), in --lora-blocks."""
+        names = _matching(net, targets[self.targets].pattern)
         if self.blocks is None:
             return names
         picked = []
@@ -96,8 +70,8 @@ class Adapters:
             prefix = block_prefix(net, block)
             inside = [n for n in names if n.startswith(prefix) or n == prefix[:-1]]
             if not inside:
-                raise TrainError(f"--lora-blocks {block}: no --lora-targets {self.targets} module of this UNet is in "
-                                 f"it (its stages: {', '.join(net.blocks())})")
+                raise TrainError(f"--lora-blocks {block}: no --lora-targets {self.targets} module of this denoiser is "
+                                 f"in it (its blocks: {', '.join(net.blocks())})")
             picked += inside
         picked = set(picked)
         return [n for n in names if n in picked]
@@ -107,17 +81,17 @@ def _matching(net: nn.Module, pattern: re.Pattern) -> list[str]:
     return [n for n, m in net.named_modules() if pattern.fullmatch(n) and isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def unfreeze(net: nn.Module, adapters: Adapters):
+def unfreeze(net: nn.Module, adapters: Adapters, targets: dict | None = None):
     net.requires_grad_(True)
 
 
-def unfreeze_unet_attention(net: nn.Module, adapters: Adapters):
-    for name in _matching(net, UNET_ATTENTION):
+def unfreeze_attention(net: nn.Module, adapters: Adapters, targets: dict[str, TargetSet]):
+    for name in _matching(net, targets["attn"].pattern):
         net.get_submodule(name).requires_grad_(True)
 
 
-def unet_lora(net: nn.Module, adapters: Adapters) -> dict[str, lora.LoRA]:
-    return lora.add_lora(net, adapters.denoiser_modules(net), adapters.spec)
+def denoiser_lora(net: nn.Module, adapters: Adapters, targets: dict[str, TargetSet]) -> dict[str, lora.LoRA]:
+    return lora.add_lora(net, adapters.denoiser_modules(net, targets), adapters.spec)
 
 
 def text_encoder_lora(net: nn.Module, adapters: Adapters) -> dict[str, lora.LoRA]:
@@ -126,7 +100,7 @@ def text_encoder_lora(net: nn.Module, adapters: Adapters) -> dict[str, lora.LoRA
 
 @dataclass(frozen=True)
 class Mode:
-    denoiser: Callable  # (UNet, Adapters): unfreezes or adds what trains in it
+    denoiser: Callable  # (denoiser, Adapters, its family's target sets): unfreezes or adds what trains in it
     text_encoder: Callable  # the same for each text encoder, with --train-text-encoder
     lr: float  # the default learning rate (AdamW)
     save_as: tuple[str, ...]  # the default export formats
@@ -140,8 +114,8 @@ class Mode:
 # for LoRA the adapter files the other tools load.
 MODES = {
     "unet": Mode(unfreeze, unfreeze, 5e-6, ("diffusers",), "whole UNet"),
-    "attention": Mode(unfreeze_unet_attention, unfreeze, 2e-5, ("diffusers",), "Q/K/V/out of every attention layer"),
-    "lora": Mode(unet_lora, text_encoder_lora, 1e-4, ("lora-diffusers", "lora-kohya"),
+    "attention": Mode(unfreeze_attention, unfreeze, 2e-5, ("diffusers",), "Q/K/V/out of every attention layer"),
+    "lora": Mode(denoiser_lora, text_encoder_lora, 1e-4, ("lora-diffusers", "lora-kohya"),
                  "LoRA adapters on those (or --lora-targets)", adapters=True),
 }
 
@@ -149,7 +123,7 @@ MODES = {
 @dataclass
 class Trainable:
     """The parameters a run trains, by group (each has its learning rate), named as in the checkpoints."""
-    denoiser: list[tuple[str, nn.Parameter]]  # named as its diffusers component ("unet.…")
+    denoiser: list[tuple[str, nn.Parameter]]  # named as its diffusers component ("unet.…", "transformer.…")
     text_encoder: list[tuple[str, nn.Parameter]]  # both SDXL encoders in one group (one learning rate)
     token: list[tuple[str, nn.Parameter]]  # the new token's rows
 
@@ -171,7 +145,7 @@ def select_trainable(model: StableDiffusion, mode: str, adapters: Adapters = Ada
     for m in model.networks():
         m.requires_grad_(False)
     row = MODES[mode]
-    row.denoiser(model.denoiser, adapters)
+    row.denoiser(model.denoiser, adapters, model.family.lora_targets)
     for _, te in encoders if train_text_encoder else ():
         row.text_encoder(te, adapters)
     if token:
@@ -179,7 +153,7 @@ def select_trainable(model: StableDiffusion, mode: str, adapters: Adapters = Ada
     trainable = Trainable([], [], [])
     for name, p in model.denoiser.named_parameters():
         if p.requires_grad:
-            trainable.denoiser.append((f"unet.{name}", p))
+            trainable.denoiser.append((f"{model.family.denoiser}.{name}", p))
     for prefix, te in encoders:
         for name, p in te.named_parameters():
             if p.requires_grad:
@@ -196,7 +170,8 @@ def print_summary(trainable: Trainable, model: StableDiffusion):
     for name, params in trainable.groups().items():
         n = sum(p.numel() for _, p in params)
         of = sum(p.numel() for m in total[name] for p in m.parameters())
-        print(f"{name:<14}{n:>14,}{of:>16,}{len(params):>9}", file=sys.stderr)
+        label = model.family.denoiser if name == "unet" else name  # the UNet's group is any denoiser's
+        print(f"{label:<14}{n:>14,}{of:>16,}{len(params):>9}", file=sys.stderr)
 
 
 def cast_frozen(model: StableDiffusion, dtype: torch.dtype):

@@ -163,8 +163,9 @@ class HeldOutLoss:
                 z, noise = z.to(dev), noise.to(dev)
                 sizes = size_conditioning(model, ids[None].expand(self.k, -1).to(dev))
                 cond = {**encode_text(model, [prompt] * self.k), **sizes}
+                noisy = process.add_noise(z, noise, t)
                 with autocast():
-                    pred = model.denoiser(process.add_noise(z, noise, t), t, **cond)
+                    pred = process.output(model.denoiser(noisy, t, **cond), noisy, t)
                 loss, _, _ = self.loss(pred, process.target(z, noise, t), self.k, 0.0,
                                        mask=None if mask is None else mask.to(dev))
                 losses.append(loss.item())

@@ -1,0 +1,258 @@
+"""Stability's SD3 / SD3.5 single files (`sd3.5_medium.safetensors`, `sd3_medium_incl_clips_t5xxlfp16.safetensors`):
+the MMDiT under the original code's names (`model.diffusion_model.joint_blocks.N.x_block…`, Q/K/V fused as one
+`qkv`, the adaLN of the last text stream and of the output in (shift, scale) order), the VAE under
+`first_stage_model.`, and the text encoders, when the file has them, under `text_encoders.clip_l|clip_g|t5xxl.`
+in transformers' own layout.
+
+Its architecture: `--config` (an SD3 diffusers folder or repo: its configs, scheduler and tokenizers — and its text
+encoders, for a file without them), else the MMDiT read off the file's shapes and the released models' VAE, CLIPs and
+T5 (tokenizers from `--tokenizer`, or the family's hub repo). As for SD: the table names every key the file must
+hold, every key is used or the file is refused, no pickle unless asked, one line per problem.
+"""
+import json
+import math
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from minidream.formats.configs import clip_config, clip_config_json, load_tokenizer, vae_config, vae_config_json
+from minidream.formats.diffusers_layout import load_text_encoder
+from minidream.formats.files import ModelError, build, read_json, read_metadata, resolve, save_safetensors
+from minidream.formats.sd3_layout import flow_config, load_t5, mmdit_config, t5_config, t5_config_json
+from minidream.formats.single_file import ARCHITECTURE, _meta, _take, clip_rows, key_table, modelspec, vae_rows
+from minidream.models import clip, mmdit, t5, vae
+from minidream.models.flow_matching import PRESETS as FLOW_PRESETS
+from minidream.models.flow_matching import FlowConfig
+from minidream.models.stable_diffusion import FAMILIES, StableDiffusion
+from minidream.models.t5_tokenizer import T5Tokenizer
+
+DIT = "model.diffusion_model."
+T5_PREFIX = "text_encoders.t5xxl.transformer."
+FAMILY = FAMILIES["sd3"]
+
+# our MMDiT key (a regular expression) -> the original's, with how the tensor is taken: ("chunk", i) of the fused
+# Q/K/V, "swap" (the original's shift, scale halves are diffusers' scale, shift), or None (as is)
+_B = r"transformer_blocks\.(\d+)\."
+_O = "joint_blocks.{0}."
+MMDIT_RULES = [
+    (r"pos_embed\.pos_embed", "pos_embed", None),
+    (r"pos_embed\.proj\.(\w+)", "x_embedder.proj.{0}", None),
+    (r"time_text_embed\.timestep_embedder\.linear_([12])\.(\w+)", "t_embedder.mlp.{0}.{1}", "mlp"),
+    (r"time_text_embed\.text_embedder\.linear_([12])\.(\w+)", "y_embedder.mlp.{0}.{1}", "mlp"),
+    (r"context_embedder\.(\w+)", "context_embedder.{0}", None),
+    (_B + r"attn\.to_([qkv])\.(\w+)", _O + "x_block.attn.qkv.{2}", "qkv"),
+    (_B + r"attn\.add_([qkv])_proj\.(\w+)", _O + "context_block.attn.qkv.{2}", "qkv"),
+    (_B + r"attn2\.to_([qkv])\.(\w+)", _O + "x_block.attn2.qkv.{2}", "qkv"),
+    (_B + r"attn\.to_out\.0\.(\w+)", _O + "x_block.attn.proj.{1}", None),
+    (_B + r"attn2\.to_out\.0\.(\w+)", _O + "x_block.attn2.proj.{1}", None),
+    (_B + r"attn\.to_add_out\.(\w+)", _O + "context_block.attn.proj.{1}", None),
+    (_B + r"attn\.norm_([qk])\.weight", _O + "x_block.attn.ln_{1}.weight", None),
+    (_B + r"attn\.norm_added_([qk])\.weight", _O + "context_block.attn.ln_{1}.weight", None),
+    (_B + r"attn2\.norm_([qk])\.weight", _O + "x_block.attn2.ln_{1}.weight", None),
+    (_B + r"norm1\.linear\.(\w+)", _O + "x_block.adaLN_modulation.1.{1}", None),
+    (_B + r"norm1_context\.linear\.(\w+)", _O + "context_block.adaLN_modulation.1.{1}", "last-swap"),
+    (_B + r"ff\.net\.0\.proj\.(\w+)", _O + "x_block.mlp.fc1.{1}", None),
+    (_B + r"ff\.net\.2\.(\w+)", _O + "x_block.mlp.fc2.{1}", None),
+    (_B + r"ff_context\.net\.0\.proj\.(\w+)", _O + "context_block.mlp.fc1.{1}", None),
+    (_B + r"ff_context\.net\.2\.(\w+)", _O + "context_block.mlp.fc2.{1}", None),
+    (r"proj_out\.(\w+)", "final_layer.linear.{0}", None),
+    (r"norm_out\.linear\.(\w+)", "final_layer.adaLN_modulation.1.{0}", "swap"),
+]
+
+
+def mmdit_table(config: mmdit.MMDiTConfig, our_keys) -> dict[str, tuple[str, object]]:
+    """our key -> (the original key, how to take it); every key of ours has a row (a missing one is a bug here)."""
+    table = {}
+    for k in our_keys:
+        for pattern, theirs, how in MMDIT_RULES:
+            m = re.fullmatch(pattern, k)
+            if m:
+                break
+        else:
+            raise AssertionError(f"no single-file mapping for {k}")
+        groups = list(m.groups())
+        if how == "mlp":  # linear_1, linear_2 are the original's mlp.0, mlp.2 (mlp.1 is the SiLU)
+            groups[0], how = str(2 * int(groups[0]) - 2), None
+        if how == "qkv":
+            how = ("chunk", "qkv".index(groups[1]))
+        if how == "last-swap":
+            how = "swap" if int(groups[0]) == config.num_layers - 1 else None
+        table[k] = (DIT + theirs.format(*groups), how)
+    return table
+
+
+def is_sd3_file(sd: dict) -> bool:
+    return DIT + "joint_blocks.0.x_block.attn.qkv.weight" in sd
+
+
+def encoder_rows(slot, config: clip.CLIPConfig):
+    """A CLIP stored by transformers under the slot's prefix; its projection beside `text_model.`."""
+    return [*clip_rows(config, slot.original, False),
+            ("text_projection.", slot.original.removesuffix("text_model.") + "text_projection.", {})]
+
+
+def mmdit_from_keys(sd: dict, file: Path) -> mmdit.MMDiTConfig:
+    """The MMDiT a file's shapes describe: the head width is the qk-norm's (without one, 64 as in every released
+    model), the native size 128 latents (as in every released one)."""
+    def shape(key):
+        return sd[DIT + key].shape
+    width, joint = shape("context_embedder.weight")
+    patch, channels = shape("x_embedder.proj.weight")[-1], shape("x_embedder.proj.weight")[1]
+    blocks = {int(m[1]) for k in sd for m in [re.match(re.escape(DIT) + r"joint_blocks\.(\d+)\.", k)] if m}
+    dual = sorted({int(m[1]) for k in sd
+                   for m in [re.match(re.escape(DIT) + r"joint_blocks\.(\d+)\.x_block\.attn2\.", k)] if m})
+    table = shape("pos_embed")[1]
+    ln_q = DIT + "joint_blocks.0.x_block.attn.ln_q.weight"
+    head = sd[ln_q].shape[0] if ln_q in sd else 64
+    if math.isqrt(table) ** 2 != table or width % head:
+        raise ModelError(f"{file}: its pos_embed ({table} rows) or width ({width}, heads of {head}) is not an SD3 "
+                         f"MMDiT's; pass --config with its diffusers folder")
+    return mmdit.MMDiTConfig(
+        patch_size=patch, in_channels=channels, out_channels=shape("final_layer.linear.weight")[0] // patch ** 2,
+        num_layers=max(blocks) + 1, num_attention_heads=width // head, attention_head_dim=head,
+        joint_attention_dim=joint,
+        caption_projection_dim=width, pooled_projection_dim=shape("y_embedder.mlp.0.weight")[1],
+        pos_embed_max_size=math.isqrt(table), dual_attention_layers=tuple(dual),
+        qk_norm="rms_norm" if any(".ln_q." in k for k in sd) else None)
+
+
+PARSE = {"transformer": mmdit_config, "vae": vae_config, "text_encoder": clip_config, "text_encoder_2": clip_config,
+         "text_encoder_3": t5_config}
+
+
+def _configs(sd: dict, file: Path, cdir: Path | None, preset: str | None) -> dict:
+    """Each component's config: --config's files; else the architecture our exports write in their metadata; else
+    the MMDiT of --preset or of the file's shapes, and the released models' other parts."""
+    if preset is not None and preset not in mmdit.PRESETS:
+        raise ModelError(f"{file}: an SD3 checkpoint; --preset {preset!r} is not one of {', '.join(mmdit.PRESETS)}")
+    stored = read_metadata(file).get(ARCHITECTURE)
+    if cdir is None and preset is None and stored:
+        try:
+            d = json.loads(stored)
+            return {**{k: f(d[k], file) for k, f in PARSE.items() if k in d},
+                    "scheduler": FlowConfig.from_dict(d["scheduler"]).check()}
+        except ModelError:
+            raise
+        except Exception as e:
+            raise ModelError(f"{file}: its {ARCHITECTURE} metadata is not usable ({type(e).__name__}: {e}); pass "
+                             f"--config or --preset") from None
+    if cdir is None:
+        return {"transformer": mmdit.PRESETS[preset] if preset else mmdit_from_keys(sd, file),
+                "vae": vae.PRESETS["sd3"],
+                "text_encoder": clip.PRESETS["sd3"], "text_encoder_2": clip.PRESETS["sdxl-2"],
+                "text_encoder_3": t5.PRESETS["t5-v1_1-xxl"], "scheduler": FLOW_PRESETS["sd3"]}
+    out = {k: f(read_json(cdir / k / "config.json"), cdir / k / "config.json") for k, f in PARSE.items()
+           if (cdir / k / "config.json").exists()}
+    return {**out, "scheduler": flow_config(cdir / "scheduler")}
+
+
+def _tokenizers(cdir: Path | None, tokenizer: str | None, file: Path) -> dict:
+    folder = cdir
+    if folder is None:
+        try:
+            folder = resolve(tokenizer or FAMILY.tokenizer_repo, weights=False)
+        except ModelError as e:
+            raise ModelError(f"{file}: a single file holds no tokenizer, and the official one "
+                             f"({FAMILY.tokenizer_repo}) is not here and could not be fetched; pass --config (an SD3 "
+                             f"diffusers folder) or --tokenizer FOLDER (one with tokenizer/, tokenizer_2/, "
+                             f"tokenizer_3/)") from e
+    return {"tokenizer": load_tokenizer(folder / "tokenizer"), "tokenizer_2": load_tokenizer(folder / "tokenizer_2"),
+            "tokenizer_3": T5Tokenizer.from_dir(folder / "tokenizer_3") if (folder / "tokenizer_3").is_dir() else None}
+
+
+def _encoder(sd, name, cfgs, cdir, file, used, dtype, what):
+    """A CLIP from the file when it holds one, else from --config's folder."""
+    slot = next(s for s in FAMILY.encoders if s.name == name)
+    if slot.original + "embeddings.token_embedding.weight" in sd:
+        shapes = {k: v.shape for k, v in _meta(clip.CLIPTextModel, cfgs[name]).state_dict().items()}
+        weights = _take(sd, key_table(encoder_rows(slot, cfgs[name]), shapes), shapes, used, file, what)
+        return build(clip.CLIPTextModel, cfgs[name], weights, str(file), dtype)
+    if cdir is not None and (cdir / name).is_dir():
+        return load_text_encoder(cdir / name, dtype=dtype)
+    raise ModelError(f"{file}: holds no {slot.token_key} text encoder ({slot.original}…); pass --config with an SD3 "
+                     f"diffusers folder that has {name}/")
+
+
+def _t5(sd, cfgs, cdir, file, used, dtype, wanted: bool):
+    """T5 from the file when it holds it, else from --config's folder; None with --no-t5 (its keys then unread)."""
+    mine = {k.removeprefix(T5_PREFIX): v for k, v in sd.items() if k.startswith(T5_PREFIX)}
+    used |= {T5_PREFIX + k for k in mine}
+    if not wanted:
+        return None
+    if mine:
+        from minidream.formats.sd3_layout import t5_state
+        return build(t5.T5EncoderModel, cfgs["text_encoder_3"], t5_state(mine), str(file), dtype)
+    if cdir is not None and (cdir / "text_encoder_3").is_dir():
+        return load_t5(cdir / "text_encoder_3", dtype=dtype)
+    raise ModelError(f"{file}: holds no T5 text encoder ({T5_PREFIX}…); pass --config with an SD3 diffusers folder "
+                     f"that has text_encoder_3/, or --no-t5 to run without it")
+
+
+def load_sd3_single_file(file: Path, sd: dict, dtype=None, tokenizer: str | None = None, config: str | None = None,
+                         preset: str | None = None, t5_wanted: bool = True) -> StableDiffusion:
+    """An SD3 single file as one StableDiffusion: configs (`_configs`), the MMDiT and VAE by the key tables, the
+    text encoders from the file or --config's folder; every key of the file used, strictly."""
+    cdir = resolve(config) if config else None
+    what = f"the architecture in {config}" if config else "an SD3 checkpoint (pass --config for another)"
+    cfgs, used = _configs(sd, file, cdir, preset), set()
+    parts = {}
+    for name, cls, table in (("transformer", mmdit.SD3Transformer2DModel, mmdit_table),
+                             ("vae", vae.AutoencoderKL, lambda c, keys: key_table(vae_rows(c), keys))):
+        shapes = {k: v.shape for k, v in _meta(cls, cfgs[name]).state_dict().items()}
+        parts[name] = build(cls, cfgs[name], _take(sd, table(cfgs[name], shapes), shapes, used, file, what),
+                            str(file), dtype)
+    for name in ("text_encoder", "text_encoder_2"):
+        parts[name] = _encoder(sd, name, cfgs, cdir, file, used, dtype, what)
+    text_encoder_3 = _t5(sd, cfgs, cdir, file, used, dtype, t5_wanted)
+    unused = [k for k in sd if k not in used]
+    if unused:
+        raise ModelError(f"{file}: unexpected key {unused[0]!r}" + (f" and {len(unused) - 1} more" if len(unused) > 1
+                                                                     else "") + f"; is it {what}?")
+    toks = _tokenizers(cdir, tokenizer, file)
+    if text_encoder_3 is not None and toks["tokenizer_3"] is None:
+        raise ModelError(f"{file}: T5 needs its tokenizer (tokenizer_3/); pass --config or --tokenizer with one")
+    return StableDiffusion(**{**toks, "tokenizer_3": toks["tokenizer_3"] if text_encoder_3 is not None else None},
+                           **parts, text_encoder_3=text_encoder_3, scheduler=cfgs["scheduler"], source=str(file),
+                           family=FAMILY)
+
+
+def to_sd3_single_file(model: StableDiffusion) -> dict[str, torch.Tensor]:
+    """Our state dicts in Stability's layout (the inverse of the tables): the MMDiT, the VAE, both CLIPs and T5."""
+    out, chunks = {}, {}
+    encoders = {name: te for name, _, te in model.text_encoders()}
+    parts = [(model.denoiser, mmdit_table(model.denoiser.config, model.denoiser.state_dict())),
+             (model.vae, key_table(vae_rows(model.vae.config), model.vae.state_dict()))]
+    parts += [(encoders[s.name], key_table(encoder_rows(s, encoders[s.name].config), encoders[s.name].state_dict()))
+              for s in FAMILY.encoders]
+    for net, table in parts:
+        for k, v in net.state_dict().items():
+            theirs, how = table[k]
+            if isinstance(how, tuple):
+                chunks.setdefault(theirs, [None] * 3)[how[1]] = v
+            elif how == "swap":
+                out[theirs] = torch.cat(v.chunk(2, dim=0)[::-1])
+            elif how == "conv1x1" and v.ndim == 2:
+                out[theirs] = v[:, :, None, None]
+            else:
+                out[theirs] = v
+    out.update({k: torch.cat(parts_, dim=0) for k, parts_ in chunks.items()})
+    if model.text_encoder_3 is not None:
+        out.update({T5_PREFIX + k: v for k, v in model.text_encoder_3.state_dict().items()})
+    return out
+
+
+def architecture_json(model: StableDiffusion) -> str:
+    """What an SD3 folder's configs say, in one JSON string: a file that carries it loads without --config."""
+    d = {"transformer": {"_class_name": "SD3Transformer2DModel", **asdict(model.denoiser.config)},
+         "vae": vae_config_json(model.vae.config), "scheduler": model.scheduler.to_dict(),
+         **{name: clip_config_json(te.config, tok) for name, tok, te in model.text_encoders()}}
+    if model.text_encoder_3 is not None:
+        d["text_encoder_3"] = t5_config_json(model.text_encoder_3.config)
+    return json.dumps(d)
+
+
+def save_sd3_single_file(model: StableDiffusion, file: Path, dtype: torch.dtype | None = None):
+    meta = {**modelspec(model), ARCHITECTURE: architecture_json(model)}
+    save_safetensors(to_sd3_single_file(model), Path(file), metadata=meta, dtype=dtype)
