@@ -31,6 +31,9 @@ def ours(folder: str, mode: str, device: str, res: int, cache_latents: bool = Tr
     from minidream.training.runtime import PRECISIONS, Runtime
     from minidream.training.step import prepare
     settings.setdefault("mixed_precision", "bf16" if torch.device(device).type == "cuda" else "no")
+    from .diffusers_sd3 import is_sd3
+    if is_sd3(folder):  # the T5 length of diffusers' SD3 script (its --max_sequence_length default)
+        settings.setdefault("max_sequence_length", 77)
     cfg = TrainConfig(model=folder, instance_dir="", class_noun="dog", out="", mode=mode, resolution=res,
                       steps=10 ** 6, device=device, cache_latents=cache_latents, compile=compile, **settings)
     dev = torch.device(device)
@@ -55,7 +58,11 @@ def diffusers(folder: str, mode: str, device: str, res: int, cache_latents: bool
     the UNet under torch.compile."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
-    from . import diffusers_sdxl
+    from . import diffusers_sd3, diffusers_sdxl
+    if diffusers_sd3.is_sd3(folder):  # train_dreambooth_lora_sd3.py
+        if compile:
+            raise ValueError("the SD3 reference runs eager")
+        return diffusers_sd3.lora_step(folder, mode, res, device, cache_latents)
     if diffusers_sdxl.is_sdxl(folder):  # train_dreambooth_lora_sdxl.py
         return diffusers_sdxl.lora_step(folder, mode, res, gradient_checkpointing, device, cache_latents, compile)
     cuda = torch.device(device).type == "cuda"
@@ -69,9 +76,9 @@ def diffusers(folder: str, mode: str, device: str, res: int, cache_latents: bool
     text.requires_grad_(False)
     unet.requires_grad_(mode == "unet")
     if mode == "attention":  # diffusers has no such mode; the same projections as ours, unfrozen
-        from minidream.training.trainable import UNET_ATTENTION
+        from minidream.models.stable_diffusion import UNET_TARGETS
         for name, m in unet.named_modules():
-            if UNET_ATTENTION.fullmatch(name):
+            if UNET_TARGETS["attn"].pattern.fullmatch(name):
                 m.requires_grad_(True)
     elif mode == "lora":  # train_dreambooth_lora.py: the frozen UNet in the mixed-precision dtype, adapters added on it
         from peft import LoraConfig

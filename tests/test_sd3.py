@@ -186,3 +186,15 @@ def test_joint_attention_runs_on_the_triton_kernel():
     (a, ga), (b, gb) = outs
     assert max_rel_err(b, a) <= 1e-4
     assert max(max_rel_err(y, x_) for x_, y in zip(ga, gb) if x_.abs().max() > 0) <= 1e-3
+
+
+@pytest.mark.parametrize("command", [
+    ["diff", "{m}", "{m}", "--out", "{out}"],
+    ["attention-maps", "--model", "{m}", "--prompt", "a dog", "--out", "{out}", "--steps", "1"],
+])
+def test_inspection_commands_refuse_sd3_in_one_line(pipes, tmp_path, command):
+    from tests.test_train import run_cli
+    _, m = pipes
+    r = run_cli(*[a.format(m=m.source, out=tmp_path / "out") for a in command])
+    assert r.exit_code != 0 and "not" in r.output and "Traceback" not in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -55,6 +55,9 @@ def capture_cross_attention(unet: torch.nn.Module, store: CrossAttentionStore) -
 @torch.no_grad()
 def attention_maps(model, prompts: list[str], params: SamplingParams = SamplingParams(steps=20), seed: int = 0):
     """(images (B, H, W, 3) uint8, maps (B, 77, H, W) float: each token's mean attention probability)."""
+    if model.family.denoiser != "unet":  # the hooks read the UNet's cross-attention (attn2)
+        raise ValueError(f"attention maps read the UNet's cross-attention; {model.family.title}'s joint attention "
+                         f"is not captured yet")
     height, width = params.height or model.native_resolution, params.width or model.native_resolution
     s = model.latent_scale
     store = CrossAttentionStore(len(prompts), (height // s, width // s))

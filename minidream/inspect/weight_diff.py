@@ -63,6 +63,9 @@ def _tensors(model) -> dict[str, torch.Tensor]:
 
 def diff(base, tuned) -> dict:
     """{"tensors": {name: {...}}, "groups": {...}} between two loaded models of the same architecture."""
+    if base.family.denoiser != "unet":  # its blocks and layer types are the UNet's
+        raise ValueError(f"diff reads the UNet's stages and layer types; {base.family.title}'s MMDiT is not "
+                         f"charted yet")
     a, b = _tensors(base), _tensors(tuned)
     missing = sorted(set(a) ^ set(b))
     if missing:
