@@ -83,6 +83,10 @@ def sample(**options):
     if cut:
         typer.echo(f"warning: the prompt is longer than {m.tokenizer.max_length} tokens; this part was cut: {cut!r}",
                    err=True)
+    cut = m.tokenizer_3 and m.tokenizer_3.truncated(o.prompt, m.max_sequence_length)
+    if cut:  # SD3's T5 reads more of it (--max-sequence-length), but not all
+        typer.echo(f"warning: the prompt is longer than T5's {m.max_sequence_length} tokens; this part was cut "
+                   f"there: {cut!r}", err=True)
     m.to(device=dev, dtype=DTYPES[run.dtype])
     set_attention_backend(m.denoiser, backend)
     compile_network(m.denoiser, run.compile)

@@ -1,6 +1,8 @@
 """SD3 and SD3.5 at parity with diffusers' StableDiffusion3Pipeline, on tiny random pipelines of each MMDiT variant
 built by diffusers: the MMDiT, T5, the text conditioning (both CLIPs + T5, padded and joined), the shifted VAE,
 flow-matching Euler, and whole images (CFG on and off, non-square, negative prompts, without T5)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -198,3 +200,99 @@ def test_inspection_commands_refuse_sd3_in_one_line(pipes, tmp_path, command):
     r = run_cli(*[a.format(m=m.source, out=tmp_path / "out") for a in command])
     assert r.exit_code != 0 and "not" in r.output and "Traceback" not in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def _copy(folder, tmp_path):
+    import shutil
+    return Path(shutil.copytree(folder, tmp_path / "copy"))
+
+
+def test_t5_never_runs_in_fp16(pipes):
+    """T5 v1.1 overflows fp16: a model put in fp16 (sample --dtype fp16, --mixed-precision fp16) keeps T5 in fp32."""
+    from minidream.training.trainable import cast_frozen
+    _, m = pipes
+    fresh = loading.load(m.source)
+    fresh.to(dtype=torch.float16)
+    assert next(fresh.text_encoder_3.parameters()).dtype == torch.float32
+    assert next(fresh.text_encoder.parameters()).dtype == torch.float16
+    fresh = loading.load(m.source)
+    cast_frozen(fresh, torch.float16)
+    assert next(fresh.text_encoder_3.parameters()).dtype == torch.float32
+    assert next(fresh.denoiser.parameters()).dtype == torch.float16
+
+
+def test_sharded_weights_load_and_missing_shards_are_named(pipes, tmp_path):
+    import json
+    from safetensors.torch import load_file, save_file
+    from minidream.formats.files import ModelError, weight_file
+    _, m = pipes
+    folder = _copy(m.source, tmp_path)
+    sub = folder / "transformer"
+    sd = load_file(str(sub / "diffusion_pytorch_model.safetensors"))
+    keys = sorted(sd)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[:len(keys) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, part in shards.items():
+        save_file({k: sd[k] for k in part}, sub / name)
+    (sub / "diffusion_pytorch_model.safetensors").unlink()
+    index = sub / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {k: n for n, part in shards.items() for k in part}}))
+    got = loading.load(str(folder)).denoiser.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in m.denoiser.state_dict().items())
+    (sub / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text("{}")  # how diffusers names a variant's
+    assert weight_file(sub, "diffusion_pytorch_model", "fp16", False).name.endswith(".index.fp16.json")
+    (sub / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelError, match="a shard .* names is missing"):
+        loading.load(str(folder))
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda f: _edit_json(f / "model_index.json", text_encoder_3=None), None),  # saved without T5: loads without
+    (lambda f: (f / "tokenizer_3" / "tokenizer.json").unlink(), "not a readable T5 tokenizer"),
+    (lambda f: _edit_json(f / "transformer" / "config.json", pooled_projection_dim=48), "do not fit together"),
+    (lambda f: _edit_json(f / "scheduler" / "scheduler_config.json", use_dynamic_shifting=True),
+     "use_dynamic_shifting=True is not supported"),
+    (lambda f: _edit_json(f / "transformer" / "config.json", qk_norm="layer_norm"), "qk_norm='layer_norm'"),
+])
+def test_folder_problems_are_one_line(pipes, tmp_path, change, says):
+    from minidream.formats.files import ModelError
+    _, m = pipes
+    folder = _copy(m.source, tmp_path)
+    change(folder)
+    if says is None:
+        assert loading.load(str(folder)).text_encoder_3 is None
+        return
+    with pytest.raises(ModelError, match=says) as e:
+        loading.load(str(folder))
+    assert "\n" not in str(e.value)
+
+
+def _edit_json(file, **changes):
+    import json
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+def test_single_file_edge_cases(pipes, tmp_path, sd1_dir):
+    """CLIP-L's projection left out (some of Stability's files): the identity; --config of another family, and an
+    MMDiT cut short without --config: one line each; a kohya-layout SD3 LoRA: said so, in one line."""
+    from safetensors.torch import save_file
+    from minidream.formats.files import ModelError
+    from minidream.formats.lora_files import apply_loras
+    from minidream.formats.sd3_single_file import DIT, to_sd3_single_file
+    _, m = pipes
+    sd = {k: v.contiguous() for k, v in to_sd3_single_file(m).items()}
+    f = tmp_path / "no-proj.safetensors"
+    save_file({k: v for k, v in sd.items() if k != "text_encoders.clip_l.transformer.text_projection.weight"}, f)
+    proj = loading.load(str(f), config=m.source).text_encoder.text_projection.weight
+    assert torch.equal(proj, torch.eye(proj.shape[0]))
+    with pytest.raises(ModelError, match="not an SD3 diffusers folder"):
+        loading.load(str(f), config=str(sd1_dir))
+    cut = tmp_path / "cut.safetensors"
+    save_file({k: v for k, v in sd.items() if k != DIT + "context_embedder.weight"}, cut)
+    with pytest.raises(ModelError, match="missing key 'model.diffusion_model.context_embedder.weight'"):
+        loading.load(str(cut))
+    kohya = tmp_path / "kohya.safetensors"
+    save_file({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.zeros(2, 32),
+               "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.zeros(96, 2)}, kohya)
+    with pytest.raises(ModelError, match="kohya-layout SD 3/3.5 one"):
+        apply_loras(loading.load(m.source), [(kohya, 1.0)])

@@ -170,6 +170,7 @@ def test_resume_is_bit_exact(sd3_dir, instance_dir, tmp_path):
 
 @pytest.mark.parametrize("model, flag, value, says", [
     ("sd3", "--snr-gamma", 5, "--snr-gamma: SD 3/3.5 is trained by rectified flow"),
+    ("sd3", "--noise-offset", 0.05, "--noise-offset: SD 3/3.5 is trained by rectified flow"),
     ("sd1", "--weighting-scheme", "mode", "--weighting-scheme: SD 1.x is trained by DDPM"),
     ("sd1", "--no-t5", None, "--no-t5:"),
     ("sd1", "--max-sequence-length", 77, "--max-sequence-length: SD 1.x has no T5 text encoder"),

@@ -53,20 +53,23 @@ def check_fields(config, file: Path):
 # ---------------------------------------------------------------------------------------------
 # Reading each component's config.json into our frozen dataclasses
 
-def _require(d: dict, file: Path, expected: dict):
-    """Fail on any config value that describes an architecture we do not implement."""
+def require(d: dict, file: Path, expected: dict, what: str | None = None):
+    """Fail on any config value that describes an architecture we do not implement (`what`: the one expected, e.g.
+    "an SD3 MMDiT"; None: an SD 1.x/2.x/XL part)."""
     for key, ok in expected.items():
         if key not in d or d[key] is None and None in ok:
             continue
         v = d[key]
         vals = v if isinstance(v, (list, tuple)) else [v]
         if not all(x in ok for x in vals):
+            if what:
+                raise ModelError(f"{file}: {key}={v!r} is not {what} (supported: {ok})")
             raise ModelError(f"{file}: {key}={v!r} is not a Stable Diffusion 1.x/2.x/XL architecture "
                              f"(supported: {ok}); minidream's presets are {', '.join(PRESETS)}")
 
 
 def unet_config(d: dict, file: Path) -> unet.UNetConfig:
-    _require(d, file, {
+    require(d, file, {
         "_class_name": ["UNet2DConditionModel"], "class_embed_type": [None], "addition_embed_type": [None, "text_time"],
         "encoder_hid_dim": [None], "time_cond_proj_dim": [None], "dual_cross_attention": [False],
         "only_cross_attention": [False], "resnet_time_scale_shift": ["default"], "act_fn": ["silu"],
@@ -121,7 +124,7 @@ def unet_config(d: dict, file: Path) -> unet.UNetConfig:
 
 
 def vae_config(d: dict, file: Path) -> vae.VAEConfig:
-    _require(d, file, {
+    require(d, file, {
         "_class_name": ["AutoencoderKL"], "act_fn": ["silu"], "down_block_types": ["DownEncoderBlock2D"],
         "up_block_types": ["UpDecoderBlock2D"], "mid_block_add_attention": [True], "latents_mean": [None],
         "latents_std": [None],
@@ -146,7 +149,7 @@ def vae_config(d: dict, file: Path) -> vae.VAEConfig:
 
 
 def clip_config(d: dict, file: Path) -> clip.CLIPConfig:
-    _require(d, file, {"hidden_act": ["quick_gelu", "gelu"], "model_type": ["clip_text_model"],
+    require(d, file, {"hidden_act": ["quick_gelu", "gelu"], "model_type": ["clip_text_model"],
                        "architectures": ["CLIPTextModel", "CLIPTextModelWithProjection"]})
     projected = d.get("architectures") == ["CLIPTextModelWithProjection"]  # SDXL's second encoder
     config = check_fields(clip.CLIPConfig(

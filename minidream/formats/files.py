@@ -35,10 +35,10 @@ def name_some(keys, n: int = 4) -> str:
 # Finding the files
 
 def resolve(model: str, revision: str | None = None, allow_pickle: bool = False, variant: str | None = None,
-            weights: bool = True) -> Path:
+            weights: bool = True, t5: bool = True) -> Path:
     """A local folder or single file as is; otherwise a hub repo id, fetched (configs, tokenizers and
     the component weights only; weights=False: no weights, for a single file's --config or vocabulary) into the
-    standard Hugging Face cache. HF_HUB_OFFLINE=1 serves the cache."""
+    standard Hugging Face cache (t5=False: not SD3's T5 either). HF_HUB_OFFLINE=1 serves the cache."""
     path = Path(model).expanduser()
     if path.exists():
         return path
@@ -49,8 +49,10 @@ def resolve(model: str, revision: str | None = None, allow_pickle: bool = False,
     patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*",
                 "tokenizer_3/*"]
     for comp, stem in WEIGHT_STEMS.items() if weights else ():
+        if comp == "text_encoder_3" and not t5:
+            continue
         patterns += [f"{comp}/{stem}{var}.safetensors", f"{comp}/{stem}{var}-*-of-*.safetensors",
-                     f"{comp}/{stem}{var}.safetensors.index.json"]  # a sharded component: its index and shards
+                     f"{comp}/{stem}.safetensors.index{var}.json"]  # a sharded component: its index and shards
         if allow_pickle:
             patterns.append(f"{comp}/{stem}{var}.bin")
     try:
@@ -63,10 +65,12 @@ def resolve(model: str, revision: str | None = None, allow_pickle: bool = False,
 
 def weight_file(folder: Path, stem: str, variant: str | None, allow_pickle: bool) -> Path:
     """The component's weights: one safetensors file, or the index of its shards (`<stem>.safetensors.index.json`,
-    how the hub stores a large transformer or T5)."""
-    names = [f"{stem}.{variant}.safetensors"] if variant else [f"{stem}.safetensors", f"{stem}.fp16.safetensors"]
-    for n in names:
-        for f in (folder / n, folder / f"{n}.index.json"):
+    how the hub stores a large transformer or T5; a variant's as diffusers and transformers name it,
+    `<stem>.safetensors.index.fp16.json`)."""
+    variants = [variant] if variant else [None, "fp16"]
+    names = [f"{stem}{'.' + v if v else ''}.safetensors" for v in variants]
+    for v, n in zip(variants, names):
+        for f in (folder / n, folder / f"{stem}.safetensors.index{'.' + v if v else ''}.json"):
             if f.exists():
                 return f
     pickles = [folder / n.replace(".safetensors", ".bin") for n in names]
@@ -83,7 +87,7 @@ def read_weights(file: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
     file = Path(file)
     if not file.is_file():  # a FIFO or device would block the reader forever
         raise ModelError(f"{file}: not a regular file")
-    if file.name.endswith(".safetensors.index.json"):
+    if ".safetensors.index" in file.name and file.suffix == ".json":
         return read_shards(file)
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file

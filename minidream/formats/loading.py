@@ -20,11 +20,11 @@ def load(model: str, revision: str | None = None, variant: str | None = None, al
          config: str | None = None, t5: bool = True) -> StableDiffusion:
     """Load a whole model (weights in `dtype`, or as stored); every problem is a one-line ModelError. `t5=False`: an SD3
     model without its T5 encoder (not even read)."""
-    path = resolve(model, revision, allow_pickle, variant)
-    if not t5 and not (is_sd3(path) if path.is_dir() else is_sd3_file(read_weights(path, allow_pickle))):
+    path = resolve(model, revision, allow_pickle, variant, t5=t5)
+    sd = read_weights(path, allow_pickle) if path.is_file() else None  # memory-mapped: read once
+    if not t5 and not (is_sd3(path) if sd is None else is_sd3_file(sd)):
         raise ModelError(f"--no-t5: {path} is not an SD3 model; only SD3 has a T5 text encoder (drop the flag)")
-    if path.is_file():
-        sd = read_weights(path, allow_pickle)
+    if sd is not None:
         if is_sd3_file(sd):
             return load_sd3_single_file(path, sd, dtype, tokenizer, config, preset, t5)
         return load_single_file(path, allow_pickle=allow_pickle, dtype=dtype, tokenizer=tokenizer, preset=preset,

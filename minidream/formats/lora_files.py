@@ -207,6 +207,10 @@ def apply_loras(model, loras: list[tuple[Path, float]], allow_pickle: bool = Fal
         for (comp, name), delta in lora_factors(file, allow_pickle).items():  # every module fits, first
             if comp == "text_encoder_2" and comp not in nets:
                 raise ModelError(f"{file}: it adapts a second text encoder ({comp}: an SDXL LoRA); this model has one")
+            if comp == "unet" and model.family.denoiser == "transformer":
+                raise ModelError(f"{file}: it adapts a UNet: a LoRA for SD 1.x/2.x/XL, or a kohya-layout "
+                                 f"{model.family.title} one (lora_unet_joint_blocks_…), which minidream does not read "
+                                 f"yet (it reads diffusers' layout, transformer.…)")
             if comp not in nets:
                 raise ModelError(f"{file}: it adapts a {comp}, which {model.family.title} models do not have: it is a "
                                  f"LoRA for another model family")

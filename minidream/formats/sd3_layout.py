@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from minidream.formats.configs import check_fields, clip_config_json, load_tokenizer, vae_config, vae_config_json
+from minidream.formats.configs import (check_fields, clip_config, clip_config_json, load_tokenizer, require,
+                                       vae_config, vae_config_json)
 from minidream.formats.diffusers_layout import load_text_encoder, load_vae, text_encoder_state, tokenizer_name
 from minidream.formats.files import ModelError, build, read_json, read_weights, save_safetensors, weight_file
 from minidream.models import mmdit, t5
@@ -22,14 +23,8 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
 
 
-def _require(d: dict, file: Path, expected: dict, what: str):
-    for key, ok in expected.items():
-        if key in d and d[key] not in ok:
-            raise ModelError(f"{file}: {key}={d[key]!r} is not {what} (supported: {ok})")
-
-
 def mmdit_config(d: dict, file: Path) -> mmdit.MMDiTConfig:
-    _require(d, file, {"_class_name": ["SD3Transformer2DModel"], "qk_norm": [None, "rms_norm"]}, "an SD3 MMDiT")
+    require(d, file, {"_class_name": ["SD3Transformer2DModel"], "qk_norm": [None, "rms_norm"]}, "an SD3 MMDiT")
     defaults = mmdit.MMDiTConfig()
     try:
         values = {k: d.get(k, getattr(defaults, k)) for k in defaults.__dataclass_fields__}
@@ -48,8 +43,8 @@ def mmdit_config(d: dict, file: Path) -> mmdit.MMDiTConfig:
 
 
 def t5_config(d: dict, file: Path) -> t5.T5Config:
-    _require(d, file, {"model_type": ["t5"], "feed_forward_proj": ["gated-gelu"], "dense_act_fn": ["gelu_new"],
-                       "is_gated_act": [True]}, "a T5 v1.1 encoder")
+    require(d, file, {"model_type": ["t5"], "feed_forward_proj": ["gated-gelu"], "dense_act_fn": ["gelu_new"],
+                      "is_gated_act": [True]}, "a T5 v1.1 encoder")
     defaults = t5.T5Config()
     try:
         return check_fields(t5.T5Config(**{k: d.get(k, getattr(defaults, k)) for k in defaults.__dataclass_fields__}),
@@ -88,28 +83,60 @@ def load_transformer(folder: Path, variant=None, allow_pickle=False, dtype=None)
 
 def is_sd3(path: Path) -> bool:
     """A folder in SD3's layout: its model_index.json names the pipeline, or it has a transformer/."""
+    path = Path(path)
     index = path / "model_index.json"
     if index.exists():
         return read_json(index).get("_class_name") == "StableDiffusion3Pipeline"
     return (path / "transformer").is_dir()
 
 
+def load_t5_tokenizer(folder: Path) -> T5Tokenizer:
+    try:
+        return T5Tokenizer.from_dir(folder)
+    except Exception as e:  # no tokenizer.json (only spiece.model), an unreadable one, no <pad> or </s>
+        raise ModelError(f"{folder}: not a readable T5 tokenizer ({str(e).splitlines()[0] if str(e) else e!r}); it "
+                         f"needs tokenizer.json, as the SD3 repos ship") from None
+
+
+def check_parts(source, configs: dict):
+    """The parts fit together before any weights: the latents' channels, the pooled width (both CLIPs' projections
+    side by side), the text width (T5's; the CLIPs' states are padded to it, so they must not be wider)."""
+    net, clips = configs["transformer"], [configs.get(k) for k in ("text_encoder", "text_encoder_2")]
+    problems = []
+    if "vae" in configs and configs["vae"].latent_channels != net.in_channels:
+        problems.append(f"the VAE's latent_channels ({configs['vae'].latent_channels}) differ from the transformer's "
+                        f"in_channels ({net.in_channels})")
+    if all(clips) and sum(c.projection_dim or c.width for c in clips) != net.pooled_projection_dim:
+        problems.append(f"the CLIPs' projections ({' + '.join(str(c.projection_dim) for c in clips)}) are not the "
+                        f"transformer's pooled_projection_dim ({net.pooled_projection_dim})")
+    if all(clips) and sum(c.width for c in clips) > net.joint_attention_dim:
+        problems.append(f"the CLIPs' widths ({' + '.join(str(c.width) for c in clips)}) exceed the transformer's "
+                        f"joint_attention_dim ({net.joint_attention_dim})")
+    if configs.get("text_encoder_3") and configs["text_encoder_3"].d_model != net.joint_attention_dim:
+        problems.append(f"T5's d_model ({configs['text_encoder_3'].d_model}) is not the transformer's "
+                        f"joint_attention_dim ({net.joint_attention_dim})")
+    if problems:
+        raise ModelError(f"{source}: its parts do not fit together: {problems[0]}")
+
+
 def load_sd3(path: Path, variant=None, allow_pickle=False, dtype=None, t5: bool = True) -> StableDiffusion:
     index = read_json(path / "model_index.json") if (path / "model_index.json").exists() else {}
-    with_t5 = t5 and index.get("text_encoder_3", ["transformers", "T5EncoderModel"])[0] is not None
+    entry = index.get("text_encoder_3", ["transformers", "T5EncoderModel"])  # [null, null] or null: saved without T5
+    with_t5 = t5 and isinstance(entry, list) and bool(entry) and entry[0] is not None
     for comp in COMPONENTS + (T5_PARTS if with_t5 else ()):
         if not (path / comp).is_dir():
             raise ModelError(f"{path}: missing component folder {comp}/; is the download complete?")
     configs = {"transformer": mmdit_config(read_json(path / "transformer" / "config.json"),
                                            path / "transformer" / "config.json"),
                "vae": vae_config(read_json(path / "vae" / "config.json"), path / "vae" / "config.json")}
-    schedule = flow_config(path / "scheduler")  # every config is read before any weights
-    if configs["vae"].latent_channels != configs["transformer"].in_channels:
-        raise ModelError(f"{path}: the VAE's latent_channels ({configs['vae'].latent_channels}) differ from the "
-                         f"transformer's in_channels ({configs['transformer'].in_channels})")
+    for name in ("text_encoder", "text_encoder_2", *(("text_encoder_3",) if with_t5 else ())):
+        f = path / name / "config.json"
+        configs[name] = (t5_config if name == "text_encoder_3" else clip_config)(read_json(f), f)
+    schedule = flow_config(path / "scheduler")  # every config is read, and the parts checked, before any weights
+    check_parts(path, configs)
     third = {}
     if with_t5:
-        third = dict(tokenizer_3=T5Tokenizer.from_dir(path / "tokenizer_3"),
+        third = dict(tokenizer_3=load_t5_tokenizer(path / "tokenizer_3"),
                      text_encoder_3=load_t5(path / "text_encoder_3", variant, allow_pickle, dtype))
     return StableDiffusion(
         tokenizer=load_tokenizer(path / "tokenizer"), tokenizer_2=load_tokenizer(path / "tokenizer_2"),

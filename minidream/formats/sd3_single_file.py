@@ -20,13 +20,13 @@ import torch
 from minidream.formats.configs import clip_config, clip_config_json, load_tokenizer, vae_config, vae_config_json
 from minidream.formats.diffusers_layout import load_text_encoder
 from minidream.formats.files import ModelError, build, read_json, read_metadata, resolve, save_safetensors
-from minidream.formats.sd3_layout import flow_config, load_t5, mmdit_config, t5_config, t5_config_json
+from minidream.formats.sd3_layout import (check_parts, flow_config, load_t5, load_t5_tokenizer, mmdit_config,
+                                          t5_config, t5_config_json, t5_state)
 from minidream.formats.single_file import ARCHITECTURE, _meta, _take, clip_rows, key_table, modelspec, vae_rows
 from minidream.models import clip, mmdit, t5, vae
 from minidream.models.flow_matching import PRESETS as FLOW_PRESETS
 from minidream.models.flow_matching import FlowConfig
 from minidream.models.stable_diffusion import FAMILIES, StableDiffusion
-from minidream.models.t5_tokenizer import T5Tokenizer
 
 DIT = "model.diffusion_model."
 T5_PREFIX = "text_encoders.t5xxl.transformer."
@@ -97,6 +97,8 @@ def mmdit_from_keys(sd: dict, file: Path) -> mmdit.MMDiTConfig:
     """The MMDiT a file's shapes describe: the head width is the qk-norm's (without one, 64 as in every released
     model), the native size 128 latents (as in every released one)."""
     def shape(key):
+        if DIT + key not in sd:
+            raise ModelError(f"{file}: missing key {DIT + key!r}; not a whole SD3 MMDiT (or pass --config)")
         return sd[DIT + key].shape
     width, joint = shape("context_embedder.weight")
     patch, channels = shape("x_embedder.proj.weight")[-1], shape("x_embedder.proj.weight")[1]
@@ -131,8 +133,8 @@ def _configs(sd: dict, file: Path, cdir: Path | None, preset: str | None) -> dic
     if cdir is None and preset is None and stored:
         try:
             d = json.loads(stored)
-            return {**{k: f(d[k], file) for k, f in PARSE.items() if k in d},
-                    "scheduler": FlowConfig.from_dict(d["scheduler"]).check()}
+            return {**{k: f(d[k], file) for k, f in PARSE.items() if k in d or k == "transformer"},
+                    "vae": vae_config(d["vae"], file), "scheduler": FlowConfig.from_dict(d["scheduler"]).check()}
         except ModelError:
             raise
         except Exception as e:
@@ -145,6 +147,10 @@ def _configs(sd: dict, file: Path, cdir: Path | None, preset: str | None) -> dic
                 "text_encoder_3": t5.PRESETS["t5-v1_1-xxl"], "scheduler": FLOW_PRESETS["sd3"]}
     out = {k: f(read_json(cdir / k / "config.json"), cdir / k / "config.json") for k, f in PARSE.items()
            if (cdir / k / "config.json").exists()}
+    missing = [k for k in ("transformer", "vae", "text_encoder", "text_encoder_2") if k not in out]
+    if missing or not (cdir / "scheduler" / "scheduler_config.json").exists():
+        raise ModelError(f"--config {cdir}: not an SD3 diffusers folder (no {(missing or ['scheduler'])[0]}/"
+                         f"{'config.json' if missing else 'scheduler_config.json'})")
     return {**out, "scheduler": flow_config(cdir / "scheduler")}
 
 
@@ -159,13 +165,17 @@ def _tokenizers(cdir: Path | None, tokenizer: str | None, file: Path) -> dict:
                              f"diffusers folder) or --tokenizer FOLDER (one with tokenizer/, tokenizer_2/, "
                              f"tokenizer_3/)") from e
     return {"tokenizer": load_tokenizer(folder / "tokenizer"), "tokenizer_2": load_tokenizer(folder / "tokenizer_2"),
-            "tokenizer_3": T5Tokenizer.from_dir(folder / "tokenizer_3") if (folder / "tokenizer_3").is_dir() else None}
+            "tokenizer_3": load_t5_tokenizer(folder / "tokenizer_3") if (folder / "tokenizer_3").is_dir() else None}
 
 
 def _encoder(sd, name, cfgs, cdir, file, used, dtype, what):
     """A CLIP from the file when it holds one, else from --config's folder."""
     slot = next(s for s in FAMILY.encoders if s.name == name)
     if slot.original + "embeddings.token_embedding.weight" in sd:
+        projection = slot.original.removesuffix("text_model.") + "text_projection.weight"
+        width = cfgs[name].width
+        if projection not in sd and cfgs[name].projection_dim == width:  # some of Stability's files leave CLIP-L's
+            sd = {**sd, projection: torch.eye(width)}                    # out: it is the identity (as diffusers)
         shapes = {k: v.shape for k, v in _meta(clip.CLIPTextModel, cfgs[name]).state_dict().items()}
         weights = _take(sd, key_table(encoder_rows(slot, cfgs[name]), shapes), shapes, used, file, what)
         return build(clip.CLIPTextModel, cfgs[name], weights, str(file), dtype)
@@ -182,8 +192,8 @@ def _t5(sd, cfgs, cdir, file, used, dtype, wanted: bool):
     if not wanted:
         return None
     if mine:
-        from minidream.formats.sd3_layout import t5_state
-        return build(t5.T5EncoderModel, cfgs["text_encoder_3"], t5_state(mine), str(file), dtype)
+        config = cfgs.get("text_encoder_3") or t5.PRESETS["t5-v1_1-xxl"]  # the one SD3 ships
+        return build(t5.T5EncoderModel, config, t5_state(mine), str(file), dtype)
     if cdir is not None and (cdir / "text_encoder_3").is_dir():
         return load_t5(cdir / "text_encoder_3", dtype=dtype)
     raise ModelError(f"{file}: holds no T5 text encoder ({T5_PREFIX}…); pass --config with an SD3 diffusers folder "
@@ -194,9 +204,11 @@ def load_sd3_single_file(file: Path, sd: dict, dtype=None, tokenizer: str | None
                          preset: str | None = None, t5_wanted: bool = True) -> StableDiffusion:
     """An SD3 single file as one StableDiffusion: configs (`_configs`), the MMDiT and VAE by the key tables, the
     text encoders from the file or --config's folder; every key of the file used, strictly."""
-    cdir = resolve(config) if config else None
+    encoders_inside = FAMILY.encoders[0].original + "embeddings.token_embedding.weight" in sd
+    cdir = resolve(config, weights=not encoders_inside) if config else None  # its weights: only to take encoders
     what = f"the architecture in {config}" if config else "an SD3 checkpoint (pass --config for another)"
     cfgs, used = _configs(sd, file, cdir, preset), set()
+    check_parts(file, cfgs)
     parts = {}
     for name, cls, table in (("transformer", mmdit.SD3Transformer2DModel, mmdit_table),
                              ("vae", vae.AutoencoderKL, lambda c, keys: key_table(vae_rows(c), keys))):

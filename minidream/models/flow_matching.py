@@ -49,6 +49,10 @@ class FlowConfig:
         s = self.shift
         if not (isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0):
             raise ValueError(f"shift={s!r} must be a positive number")
+        extra = dict(self.extra)  # options that change the σ levels themselves, for training and every sampler
+        for key, plain in (("use_dynamic_shifting", False), ("invert_sigmas", False), ("shift_terminal", None)):
+            if extra.get(key, plain) not in (plain, 0):
+                raise ValueError(f"{key}={extra[key]!r} is not supported (a constant shift: {key}={plain})")
         return self
 
 

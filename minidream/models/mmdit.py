@@ -105,25 +105,15 @@ class PatchEmbed(nn.Module):
         return x + self.cropped(h, w).to(x.dtype)
 
 
-class TextProjection(nn.Module):
-    """The pooled text (B, 2048) -> (B, width), a two-layer MLP (diffusers' PixArtAlphaTextProjection)."""
-
-    def __init__(self, cin: int, width: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(cin, width)
-        self.linear_2 = nn.Linear(width, width)
-
-    def forward(self, x):
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
 class TimeTextEmbed(nn.Module):
-    """The conditioning vector y (§4: "timestep and pooled text"), added: MLP(sinusoid(t)) + MLP(pooled)."""
+    """The conditioning vector y (§4: "timestep and pooled text"), added: MLP(sinusoid(t)) + MLP(pooled), each MLP
+    linear → SiLU → linear (diffusers names the pooled one PixArtAlphaTextProjection; it is the UNet's
+    TimestepEmbedding)."""
 
     def __init__(self, config: MMDiTConfig):
         super().__init__()
         self.timestep_embedder = TimestepEmbedding(256, config.width)
-        self.text_embedder = TextProjection(config.pooled_projection_dim, config.width)
+        self.text_embedder = TimestepEmbedding(config.pooled_projection_dim, config.width)
 
     def forward(self, t, pooled):
         return self.timestep_embedder(timestep_embedding(t, 256).to(pooled.dtype)) + self.text_embedder(pooled)

@@ -138,6 +138,11 @@ def sdxl_conditioning(model: "StableDiffusion", prompts: list[str]) -> dict[str,
     return {"context": torch.cat(states, dim=-1), "text_embeds": pooled}
 
 
+def t5_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """T5 v1.1 overflows fp16 (it was trained in bf16): asked for fp16, it stays in fp32."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def sd3_conditioning(model: "StableDiffusion", prompts: list[str]) -> dict[str, torch.Tensor]:
     """SD3 (Esser et al. 2024, §4 and Fig. 2a): the text sequence is both CLIPs' penultimate states side by side
     (B, 77, 768 + 1280), zero-padded to T5's width, followed by T5's last states (B, L, 4096) — zeros when the model
@@ -154,7 +159,9 @@ def sd3_conditioning(model: "StableDiffusion", prompts: list[str]) -> dict[str, 
         t5_states = clip_states.new_zeros(len(prompts), L, width)
     else:
         t5_param = next(model.text_encoder_3.parameters())
-        t5_states = model.text_encoder_3(model.tokenizer_3(prompts, L).to(t5_param.device)).to(clip_states.dtype)
+        with torch.autocast(t5_param.device.type, enabled=False):  # in its own dtype, never fp16 (t5_dtype)
+            t5_states = model.text_encoder_3(model.tokenizer_3(prompts, L).to(t5_param.device))
+        t5_states = t5_states.to(clip_states.device, clip_states.dtype)
     clip_states = torch.nn.functional.pad(clip_states, (0, width - clip_states.shape[-1]))
     return {"context": torch.cat([clip_states, t5_states], dim=1), "pooled": torch.cat(pooled, dim=-1)}
 
@@ -353,7 +360,7 @@ class StableDiffusion:
 
     def to(self, device=None, dtype=None):
         for m in self.networks():
-            m.to(device=device, dtype=dtype)
+            m.to(device=device, dtype=t5_dtype(dtype) if m is self.text_encoder_3 else dtype)
         return self
 
 

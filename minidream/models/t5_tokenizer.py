@@ -15,6 +15,7 @@ PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 class T5Tokenizer:
     def __init__(self, tok: Tokenizer):
         self.tok = tok
+        self.calls: dict[int, Tokenizer] = {}  # per length, a copy that pads and cuts to it (`__call__`)
         missing = [t for t in (PAD, EOS) if tok.token_to_id(t) is None]
         if missing:
             raise ValueError(f"not a T5 vocabulary: it has no {' or '.join(missing)} token")
@@ -38,14 +39,19 @@ class T5Tokenizer:
 
     def __call__(self, prompts: list[str], length: int) -> torch.Tensor:
         """(B, length) ids: each prompt's tokens and `</s>`, cut (keeping `</s>`) or padded to `length`."""
-        tok = Tokenizer.from_str(self.tok.to_str())  # the settings below are the call's, not the stored file's
-        tok.enable_truncation(length)
-        tok.enable_padding(length=length, pad_id=self.pad_id, pad_token=PAD)
-        return torch.tensor([e.ids for e in tok.encode_batch(prompts, add_special_tokens=True)], dtype=torch.long)
+        if length not in self.calls:  # the settings are the call's, not the stored file's
+            tok = self.calls[length] = Tokenizer.from_str(self.tok.to_str())
+            tok.enable_truncation(length)
+            tok.enable_padding(length=length, pad_id=self.pad_id, pad_token=PAD)
+        batch = self.calls[length].encode_batch(prompts, add_special_tokens=True)
+        return torch.tensor([e.ids for e in batch], dtype=torch.long)
 
     def truncated(self, prompt: str, length: int) -> str | None:
         """The part of `prompt` beyond `length` - 1 tokens (the last position is `</s>`), or None when it fits."""
-        enc = self.tok.encode(prompt, add_special_tokens=False)
+        plain = Tokenizer.from_str(self.tok.to_str())  # whatever truncation or padding the stored file sets: none
+        plain.no_truncation()
+        plain.no_padding()
+        enc = plain.encode(prompt, add_special_tokens=False)
         return prompt[enc.offsets[length - 1][0]:] if len(enc.ids) > length - 1 else None
 
 

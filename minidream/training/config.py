@@ -12,6 +12,7 @@ from minidream.models.attention import CHOICES as ATTENTION_BACKENDS
 from minidream.models.flow_matching import DENSITIES
 from minidream.models.compile import COMPILE_HELP, COMPILE_MODES
 from minidream.models.device import DTYPES
+from minidream.models.mmdit import PRESETS as MMDIT_PRESETS
 from minidream.models.stable_diffusion import PRESETS
 from minidream.options import (Needs, at_least, each_one_of, finite, first_problem, in_range, non_negative,
                                option, option_flag, optional_at_least, path, positive, positive_number, probability,
@@ -108,6 +109,9 @@ def identifier(v):
 
 
 MODE_HELP = "; ".join(f"{name}: {row.help}" for name, row in MODES.items())
+
+
+SD3_PRESETS = [name for name in MMDIT_PRESETS if not name.startswith("tiny")]  # the released MMDiTs
 
 
 @dataclass(frozen=True)
@@ -311,8 +315,8 @@ class TrainConfig:
                                 flag="--allow-pickle")
     tokenizer: str | None = option(None, "For single-file checkpoints: folder or hub repo with the tokenizer "
                                    "(default: the official one).")
-    preset: str | None = option(None, f"For single-file checkpoints: the architecture ({', '.join(PRESETS)}); "
-                                "inferred when omitted.")
+    preset: str | None = option(None, f"For single-file checkpoints: the architecture ({', '.join(PRESETS)}; SD3: "
+                                f"{', '.join(SD3_PRESETS)}); inferred when omitted.")
     config: str | None = option(None, "For single-file checkpoints: a diffusers-layout folder or repo id whose "
                                 "configs and tokenizer describe it.")
 

@@ -171,7 +171,7 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
 
 # the settings of one forward process, refused on a model trained by the other (their defaults: not given)
 FLOW_ONLY = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
-DDPM_ONLY = ("snr_gamma",)
+DDPM_ONLY = ("snr_gamma", "noise_offset")  # min-SNR needs DDPM's SNR; offset noise mends DDPM's never-pure noise
 
 
 def family_options(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
@@ -197,4 +197,4 @@ def family_options(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
 
 def export(cfg: TrainConfig, trained: dict[str, torch.Tensor]) -> list[Path]:
     """The exports, from a fresh fp32 base with the trained tensors written in."""
-    return export_trained(load_base(cfg), trained, cfg, Path(cfg.out))
+    return export_trained(load_base(cfg, whole=True), trained, cfg, Path(cfg.out))

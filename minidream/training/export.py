@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from minidream.formats import exports
-from minidream.formats.loading import load
+from minidream.formats.loading import ModelError, load
 from minidream.models.device import DTYPES
 from minidream.models.stable_diffusion import StableDiffusion, with_clip_skip, with_t5_length
 from minidream.training import TrainError
@@ -22,13 +22,19 @@ from minidream.training.config import TrainConfig
 from minidream.training.trainable import select_trainable
 
 
-def load_base(cfg: TrainConfig) -> StableDiffusion:
+def load_base(cfg: TrainConfig, whole: bool = False) -> StableDiffusion:
     """The base model in fp32 (master weights, whatever the file stores), with the run's loader options and clip
-    skip."""
+    skip; `whole`: with SD3's T5 even after --no-t5 where the base has one (an export writes it untouched)."""
+    def loaded(t5: bool):
+        return load(cfg.model, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle,
+                    dtype=torch.float32, tokenizer=cfg.tokenizer, preset=cfg.preset, config=cfg.config, t5=t5)
     try:
-        model = load(cfg.model, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle,
-                     dtype=torch.float32, tokenizer=cfg.tokenizer, preset=cfg.preset, config=cfg.config,
-                     t5=cfg.t5)
+        try:
+            model = loaded(cfg.t5 or whole)
+        except ModelError:
+            if cfg.t5 or not whole:
+                raise
+            model = loaded(False)  # a base without T5 anywhere (a single file the run read with --no-t5)
         return with_t5_length(with_clip_skip(model, cfg.clip_skip), cfg.max_sequence_length)
     except Exception as e:
         raise TrainError(str(e)) from None
@@ -108,7 +114,7 @@ def snapshot(cfg: TrainConfig, trained: dict[str, torch.Tensor], step: int) -> P
     tmp.mkdir(parents=True)
     try:
         with torch.random.fork_rng(devices=[]):  # building the base draws initial weights: keep the run's RNG
-            export(load_base(cfg), trained, cfg, tmp, step)
+            export(load_base(cfg, whole=True), trained, cfg, tmp, step)
         if folder.exists():  # a resumed run redoing this step writes it again (the same tensors)
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -147,7 +147,8 @@ def loop(cfg: TrainConfig, out: Path, stepper: Stepper, ckpt: Checkpointer, step
     """Optimizer steps from `step` to cfg.steps; returns the last step done."""
     main = stepper.runtime.main  # under torchrun only rank 0 logs, checkpoints and validates
     bar = Progress(cfg.steps, "training", start=step, enabled=main)
-    held = HeldOutLoss(stepper.batches.pools, cfg.seed, dreambooth_loss) if cfg.validation_every else None
+    held = HeldOutLoss(stepper.batches.pools, cfg.seed, dreambooth_loss,
+                       process=stepper.process) if cfg.validation_every else None
     log = unsynced = None
     try:
         with distributed.peers_watched():  # a process lost inside FSDP's hooks stops as any other

@@ -195,6 +195,8 @@ def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[l
         text.encode_all()
         for _, _, te in model.text_encoders():
             rt.offload(te)
+        if model.text_encoder_3 is not None:  # T5 too (SD3): a validation grid brings it back (resident)
+            rt.offload(model.text_encoder_3)
     if cfg.cache_latents:
         rt.offload(model.vae)
     return Stepper(cfg, state, batches, text, rt, batch_size, compiled)

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from minidream.models import lora
 from minidream.models.lora import AdapterSpec, TargetSet, ending
-from minidream.models.stable_diffusion import FAMILIES, StableDiffusion
+from minidream.models.stable_diffusion import FAMILIES, StableDiffusion, t5_dtype
 from minidream.models.new_token import add_token
 from minidream.training import TrainError
 
@@ -179,9 +179,10 @@ def cast_frozen(model: StableDiffusion, dtype: torch.dtype):
     their fp32 values untouched (master weights), so nothing that trains starts from rounded values.
     The exports never read these rounded copies: they start again from the base file (training/export.py)."""
     for m in model.networks():
+        to = t5_dtype(dtype) if m is model.text_encoder_3 else dtype  # T5 overflows fp16
         for p in m.parameters():
             if not p.requires_grad and p.is_floating_point():
-                p.data = p.data.to(dtype)
+                p.data = p.data.to(to)
         for b in m.buffers():
             if b.is_floating_point():
-                b.data = b.data.to(dtype)
+                b.data = b.data.to(to)

@@ -119,10 +119,11 @@ class HeldOutLoss:
     spread over the schedule, with fixed noise. The training loss is noisy (a random timestep per image); this one
     changes only with the weights, so a falling instance loss shows the fit and a rising prior loss the drift."""
 
-    def __init__(self, pools: list[list], seed: int, loss, timesteps: int = 4, classes: int = 8):
-        """`loss`: the training loss (step.dreambooth_loss), here on one part at a time (masked where masked)."""
+    def __init__(self, pools: list[list], seed: int, loss, timesteps: int = 4, classes: int = 8, process=None):
+        """`loss`: the training loss (step.dreambooth_loss), here on one part at a time (masked where masked);
+        `process`: the forward process as the run trains it (None: the model's own)."""
         self.sets = {"instance": pools[0], "prior": pools[1][:classes]}
-        self.seed, self.loss, self.k, self.fixed = seed, loss, timesteps, None
+        self.seed, self.loss, self.k, self.fixed, self.process = seed, loss, timesteps, None, process
 
     def _fix(self, model: StableDiffusion):
         """The latents (the VAE's mean), timesteps and noise, drawn once from their own generator."""
@@ -146,7 +147,7 @@ class HeldOutLoss:
     @torch.no_grad()
     def __call__(self, model: StableDiffusion, autocast) -> dict[str, float]:
         """{"val_loss_instance": ..., "val_loss_prior": ...} (the prior only with class images)."""
-        process = model.forward_process
+        process = self.process or model.forward_process
         if self.fixed is None:
             self._fix(model)
         dev = next(model.denoiser.parameters()).device
@@ -156,7 +157,7 @@ class HeldOutLoss:
             return self._losses(model, autocast, t, dev)
 
     def _losses(self, model: StableDiffusion, autocast, t: torch.Tensor, dev) -> dict[str, float]:
-        process, out = model.forward_process, {}
+        process, out = self.process or model.forward_process, {}
         for name, rows in self.fixed.items():
             losses = []
             for z, noise, prompt, ids, mask in rows:
