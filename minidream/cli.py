@@ -76,6 +76,7 @@ def sample(**options):
     dev, backend = device_and_backend(run)
     m = text_read(load_model(o.model, loader), o.clip_skip, o.max_sequence_length)
     check_sampling(params, m)
+    params = params.for_model(m)  # the PNGs say the steps and guidance used
     name = params.sampler or default_sampler(m.scheduler)  # the model's own, by name, for the PNGs
     sampler = params.make_sampler(m.scheduler)  # one sampler for every batch
     adapt(m, loras, embeddings, loader.allow_pickle)
@@ -190,6 +191,7 @@ def attention_maps(**options):
     o, params, adapters, loader = checked(options, Maps, SamplingParams, Adapters, Loader)
     m = adapt(load_model(o.model, loader), *adapter_files(adapters), loader.allow_pickle)
     check_sampling(params, m)
+    params = params.for_model(m)  # the metadata says the guidance used
     try:
         images, maps = am.attention_maps(m, [o.prompt], params, o.seed)
     except ValueError as e:

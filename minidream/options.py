@@ -73,8 +73,12 @@ def _undecodable(s: str) -> bool:
 
 def optional_at_least(n: int, most: int | None = None):
     """A count that may be left out (None: the command's own default)."""
-    count = at_least(n, most)
-    return lambda v: None if v is None else count(v)
+    return optional(at_least(n, most))
+
+
+def optional(check):
+    """A check that also lets None (the command's own default) through."""
+    return lambda v: None if v is None else check(v)
 
 
 def finite(v):

@@ -296,3 +296,13 @@ def test_single_file_edge_cases(pipes, tmp_path, sd1_dir):
                "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.zeros(96, 2)}, kohya)
     with pytest.raises(ModelError, match="kohya-layout SD 3/3.5 one"):
         apply_loras(loading.load(m.source), [(kohya, 1.0)])
+
+
+def test_the_pipelines_own_defaults(pipes):
+    """Nothing given but the prompts and a size: the steps (28) and guidance (7.0) of StableDiffusion3Pipeline."""
+    ref, m = pipes
+    want = ref(PROMPTS, height=16, width=16, generator=torch.Generator().manual_seed(0), output_type="np").images
+    want = torch.from_numpy((want * 255).round()).to(torch.uint8)
+    got = generate(m, PROMPTS, SamplingParams(height=16, width=16), generator=torch.Generator().manual_seed(0),
+                   progress=False)
+    assert (got.int() - want.int()).abs().max() <= 1

@@ -101,6 +101,9 @@ class Family:
     denoiser_presets: dict = field(default_factory=lambda: unet.PRESETS)  # its architectures by preset name
     lora_targets: dict = field(default_factory=lambda: UNET_TARGETS)  # --lora-targets' sets in its denoiser; "attn"
     # is also what --train attention trains
+    # what `sample` uses when --steps / --guidance are not given: its diffusers pipeline's defaults
+    default_steps: int = 50
+    default_guidance: float = 7.5
     penultimate: bool = False  # its conditioning reads the CLIPs' penultimate layers by design (no --clip-skip)
     t5: bool = False  # it has a T5 text encoder (--no-t5, --max-sequence-length)
     size_ids: bool = False  # SDXL's micro-conditioning: each image's sizes and crop (`size_ids`) go to the denoiser
@@ -209,7 +212,7 @@ FAMILIES = {
                             Variant("flow", "sd35-medium", "stable-diffusion-3.5-medium"),
                             Variant("flow", "sd35-large", "stable-diffusion-3.5-large")),
                   forward_process=FlowProcess, denoiser="transformer", denoiser_presets=mmdit.PRESETS,
-                  lora_targets=MMDIT_TARGETS, penultimate=True, t5=True,
+                  lora_targets=MMDIT_TARGETS, penultimate=True, t5=True, default_steps=28, default_guidance=7.0,
                   kohya_metadata=(("ss_base_model_version", "sd3"),), modelspec_implementation="diffusers"),
 }
 

@@ -5,7 +5,7 @@ StableDiffusionPipeline (StableDiffusionXLPipeline) with generator=torch.Generat
 `SamplingParams` are the settings of a sampling run; `sample`, the validation grids, the class images, the
 attention maps and the demo all pass one.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -13,7 +13,7 @@ from minidream.models.compile import call
 from minidream.models.noise_schedule import SchedulerConfig
 from minidream.models.stable_diffusion import StableDiffusion, encode_text, size_conditioning, size_ids
 from minidream.models.vae import to_uint8
-from minidream.options import at_least, first_problem, in_range, non_negative, option, text
+from minidream.options import first_problem, in_range, non_negative, option, optional, optional_at_least, text
 from minidream.progress import Progress
 from minidream.sampling.timestep_samplers import Sampler
 from minidream.sampling.samplers import SAMPLERS, make_sampler
@@ -40,9 +40,10 @@ MAX_GUIDANCE = 1000
 class SamplingParams:
     """The settings of a sampling run, each declared once (minidream/options.py): `sample` and `attention-maps`
     take them as options."""
-    steps: int = option(50, "Denoising steps.", check=at_least(1))
-    guidance: float = option(7.5, "Classifier-free guidance scale; <= 1 turns CFG off.",
-                             check=in_range(0, MAX_GUIDANCE))
+    steps: int | None = option(None, "Denoising steps; default: the model's pipeline's (50; SD3 28).",
+                               check=optional_at_least(1))
+    guidance: float | None = option(None, "Classifier-free guidance scale; <= 1 turns CFG off. Default: the model's "
+                                    "pipeline's (7.5; SD3 7.0).", check=optional(in_range(0, MAX_GUIDANCE)))
     sampler: str | None = option(None, "Sampler; default: the model's own scheduler (scheduler_config.json's class).",
                                  choices=SAMPLERS, flag="--scheduler")
     eta: float = option(0.0, "DDIM eta (0 = deterministic).", check=non_negative)
@@ -52,6 +53,11 @@ class SamplingParams:
                                 check=image_side)
     width: int | None = option(None, "Image width in pixels (multiple of 8); default: the model's.",
                                check=image_side)
+
+    def for_model(self, model: StableDiffusion) -> "SamplingParams":
+        """These settings with what they leave out (steps, guidance) as the model's family samples by default."""
+        return replace(self, steps=self.steps or model.family.default_steps,
+                       guidance=model.family.default_guidance if self.guidance is None else self.guidance)
 
     def make_sampler(self, schedule: SchedulerConfig) -> Sampler:
         """The sampler these settings name, over a model's noise schedule (ValueError when it cannot be had)."""
@@ -63,6 +69,7 @@ class SamplingParams:
         wrong = first_problem(self)
         if wrong or model is None:
             return wrong
+        self = self.for_model(model)
         for name in ("height", "width"):
             wrong = image_side(getattr(self, name), model.downsampling)
             if wrong:
@@ -87,6 +94,7 @@ def generate(model: StableDiffusion, prompts: list[str], params: SamplingParams 
              latents: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
     """Images (B, H, W, 3) uint8 for B prompts. `sampler`: one already made from `params` (a caller that samples
     many batches makes it once); `latents`: the starting noise (else drawn from `generator`)."""
+    params = params.for_model(model)
     s = model.latent_scale
     height = params.height or model.native_resolution
     width = params.width or model.native_resolution
