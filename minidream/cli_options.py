@@ -34,6 +34,7 @@ class Loader:
     preset: str | None = train_option("preset")
     config: str | None = train_option("config")
     t5: bool = train_option("t5")
+    text_encoders: tuple[str, ...] = train_option("text_encoders")
 
 
 @dataclass(frozen=True)

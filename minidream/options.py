@@ -124,6 +124,10 @@ def path(v):
     return None if v is None or str(v).strip() else "is empty; name a file or folder"
 
 
+def paths(vs):
+    return next((path(v) for v in vs if path(v)), None)
+
+
 def typed_path(s: str):
     """A path as typed: "" stays "" for the checks to refuse (as a Path it would be ".", the current folder)."""
     from pathlib import Path

@@ -274,7 +274,7 @@ def _edit_json(file, **changes):
 
 def test_single_file_edge_cases(pipes, tmp_path, sd1_dir):
     """CLIP-L's projection left out (some of Stability's files): the identity; --config of another family, and an
-    MMDiT cut short without --config: one line each; a kohya-layout SD3 LoRA: said so, in one line."""
+    MMDiT cut short without --config: one line each; an SD 1.x LoRA (kohya's or diffusers' layout): one line."""
     from safetensors.torch import save_file
     from minidream.formats.files import ModelError
     from minidream.formats.lora_files import apply_loras
@@ -291,10 +291,14 @@ def test_single_file_edge_cases(pipes, tmp_path, sd1_dir):
     save_file({k: v for k, v in sd.items() if k != DIT + "context_embedder.weight"}, cut)
     with pytest.raises(ModelError, match="missing key 'model.diffusion_model.context_embedder.weight'"):
         loading.load(str(cut))
-    kohya = tmp_path / "kohya.safetensors"
-    save_file({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.zeros(2, 32),
-               "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.zeros(96, 2)}, kohya)
-    with pytest.raises(ModelError, match="kohya-layout SD 3/3.5 one"):
+    kohya = tmp_path / "kohya.safetensors"  # an SD 1.x LoRA in kohya's layout, then in diffusers'
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 2)}, kohya)
+    with pytest.raises(ModelError, match="transformer:down_blocks_0_attentions_0_proj_in does not match this model"):
+        apply_loras(loading.load(m.source), [(kohya, 1.0)])
+    save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 32),
+               "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.zeros(32, 2)}, kohya)
+    with pytest.raises(ModelError, match="it adapts a UNet: a LoRA for SD 1.x/2.x/XL"):
         apply_loras(loading.load(m.source), [(kohya, 1.0)])
 
 

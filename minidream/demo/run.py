@@ -94,7 +94,7 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, g
     net = load_recognizer(model_dir)
     cfg = replace(demo_config(out, prior=prior, seed=seed, steps=steps, model=model_dir), **(changes or {}))
     looks = [before_dreambooth(cfg.model, out, classes)] if grids else []
-    model, _ = dreambooth(cfg, overwrite=True)
+    model, _ = dreambooth(cfg, overwrite=True, keep_model=True)  # sampled below
     found, images = evaluate_dreambooth(model, net, subject, classes=classes)
     metrics = {"subject": world.subject_words(subject), "prior_preservation": prior, "steps": cfg.steps, "seed": seed,
                **found}

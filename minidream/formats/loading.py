@@ -17,16 +17,19 @@ __all__ = ["ModelError", "load"]
 
 def load(model: str, revision: str | None = None, variant: str | None = None, allow_pickle: bool = False,
          dtype=None, tokenizer: str | None = None, preset: str | None = None,
-         config: str | None = None, t5: bool = True) -> StableDiffusion:
+         config: str | None = None, t5: bool = True, text_encoders: tuple[str, ...] = ()) -> StableDiffusion:
     """Load a whole model (weights in `dtype`, or as stored); every problem is a one-line ModelError. `t5=False`: an SD3
-    model without its T5 encoder (not even read)."""
+    model without its T5 encoder (not even read). `text_encoders`: an SD3 single file's, as separate files."""
     path = resolve(model, revision, allow_pickle, variant, t5=t5)
     sd = read_weights(path, allow_pickle) if path.is_file() else None  # memory-mapped: read once
     if not t5 and not (is_sd3(path) if sd is None else is_sd3_file(sd)):
         raise ModelError(f"--no-t5: {path} is not an SD3 model; only SD3 has a T5 text encoder (drop the flag)")
+    if text_encoders and not (sd is not None and is_sd3_file(sd)):
+        raise ModelError(f"--text-encoders: {path} is not an SD3 single file; only those take their text encoders "
+                         f"as separate files (drop the flag)")
     if sd is not None:
         if is_sd3_file(sd):
-            return load_sd3_single_file(path, sd, dtype, tokenizer, config, preset, t5)
+            return load_sd3_single_file(path, sd, dtype, tokenizer, config, preset, t5, text_encoders)
         return load_single_file(path, allow_pickle=allow_pickle, dtype=dtype, tokenizer=tokenizer, preset=preset,
                                 config=config, sd=sd)
     ignored = [f for f, v in (("--preset", preset), ("--config", config), ("--tokenizer", tokenizer)) if v]

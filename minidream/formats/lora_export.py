@@ -12,7 +12,8 @@
   merges exactly; A1111 reads only the per-input layout and ComfyUI divides this one by ‖W‖, not ‖W + ΔW‖, so the
   trainer warns that the diffusers file or the merged model is the exact DoRA export); text encoders
   under each family's kohya prefix (`lora_te_text_model_`; SDXL `lora_te1_`, `lora_te2_`, and the UNet's modules
-  under the original checkpoint's names, `lora_unet_input_blocks_4_1_...`, as kohya's SDXL networks write). The
+  under the original checkpoint's names, `lora_unet_input_blocks_4_1_...`, as kohya's SDXL networks write; SD3's
+  MMDiT under the original's, its Q, K, V adapters one fused `qkv` pair: kohya_names.py). The
   ss_* metadata kohya's trainer writes (network, dims, args, base model, resolution, steps, learning rates, times,
   caption tag frequencies) and a modelspec block (what model sites and A1111's extra-networks page show).
 """
@@ -21,7 +22,7 @@ import json
 import torch
 
 from minidream.formats.files import save_safetensors
-from minidream.formats.single_file import unet_original_name
+from minidream.formats.kohya_names import kohya_denoiser_pairs
 from minidream.models.lora import LoRA, loras
 
 
@@ -76,22 +77,17 @@ def save_lora_diffusers(model, path, dtype: torch.dtype | None = None, info: dic
 def kohya_lora_state_dict(model) -> dict[str, torch.Tensor]:
     """The adapters under kohya's names: the family's prefix per text encoder, the UNet's modules under diffusers'
     names or (SDXL) the original checkpoint's, as sd-scripts' networks write them."""
-    family = model.family
     encoders = {name: te for name, _, te in model.text_encoders()}
-    nets = {"lora_unet_": model.denoiser, **{slot.kohya: encoders[slot.name] for slot in family.encoders}}
-    sd = {}
-    for prefix, net in nets.items():
-        for name, m in loras(net).items():
-            if prefix == "lora_unet_" and family.kohya_unet_names == "original":
-                name = unet_original_name(model.denoiser.config, name)
-            key = prefix + name.replace(".", "_")
-            sd[f"{key}.lora_down.weight"] = m.lora_down.weight.detach().float()
-            sd[f"{key}.lora_up.weight"] = m.lora_up.weight.detach().float()
-            sd[f"{key}.alpha"] = torch.tensor(float(m.alpha))
+    pairs = {f"lora_unet_{name}": pair for name, pair in kohya_denoiser_pairs(model).items()}
+    for slot in model.family.encoders:
+        for name, m in loras(encoders[slot.name]).items():
+            pair = {"lora_down": m.lora_down.weight.detach().float(), "lora_up": m.lora_up.weight.detach().float(),
+                    "alpha": torch.tensor(float(m.alpha))}
             if m.magnitude is not None:
-                w = m.base.weight
-                sd[f"{key}.dora_scale"] = m.magnitude.detach().float().view(-1, *[1] * (w.dim() - 1))
-    return sd
+                pair["dora_scale"] = m.magnitude.detach().float().view(-1, 1)
+            pairs[slot.kohya + name.replace(".", "_")] = pair
+    return {f"{key}.{part}{'' if part in ('alpha', 'dora_scale') else '.weight'}": v
+            for key, pair in pairs.items() for part, v in pair.items()}
 
 
 def save_lora_kohya(model, path, dtype: torch.dtype | None = None, info: dict | None = None):

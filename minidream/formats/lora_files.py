@@ -26,11 +26,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from minidream.formats.files import ModelError, name_some, read_metadata, read_weights
-from minidream.formats.lycoris_files import Decomposed, LowRank, lycoris_delta, lycoris_modules
-from minidream.formats.single_file import unet_original_name
+from minidream.formats.kohya_names import Part, adapted_modules, kohya_spellings
+from minidream.formats.lycoris_files import (KOHYA_COMPONENTS, Decomposed, LowRank, kohya_module, lycoris_delta,
+                                             lycoris_modules)
 
 # the components a diffusers LoRA file adapts (its keys' first part)
 COMPONENTS = r"(unet|transformer|text_encoder|text_encoder_2)"
@@ -78,11 +78,11 @@ def _alpha(v: torch.Tensor, key: str, file) -> float:
 def _kohya_pairs(sd: dict, file) -> tuple[dict, dict, dict, set]:
     pairs, alphas, magnitudes, used = {}, {}, {}, set()
     for k, v in sd.items():
-        m = re.fullmatch(r"lora_(unet|te|te1|te2)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale)", k)
+        m = re.fullmatch(rf"lora_({'|'.join(KOHYA_COMPONENTS)})_(.+)\.(lora_down\.weight|lora_up\.weight|alpha|"
+                         r"dora_scale)", k)
         if not m:
             continue
-        comp = {"unet": "unet", "te2": "text_encoder_2"}.get(m[1], "text_encoder")
-        name = m[2].removeprefix("text_model_") if comp != "unet" else m[2]
+        comp, name = kohya_module(m[1], m[2])
         if m[3] == "alpha":
             alphas[(comp, name)] = _alpha(v, k, file)
         elif m[3] == "dora_scale":
@@ -186,47 +186,57 @@ def lora_factors(file: Path, allow_pickle: bool = False) -> dict[tuple[str, str]
     return out
 
 
-def _module_index(nets: dict) -> dict[str, dict[str, str]]:
-    """Per component, every spelling of a module name a LoRA file may use -> our module name: dotted, kohya's
-    underscores, and (UNet) the original checkpoint's input_blocks/middle_block/output_blocks names."""
-    index = {}
-    for comp, net in nets.items():
-        names = [n for n, mod in net.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
-        index[comp] = {s: n for n in names for s in (n, n.replace(".", "_"))}
-    for n in list(index.get("unet", {}).values()):
-        index["unet"].setdefault(unet_original_name(nets["unet"].config, n).replace(".", "_"), n)
+def _module_index(model, nets: dict) -> dict[str, dict[str, list]]:
+    """Per component, every spelling of a module name a LoRA file may use -> [(our module, its Part)]: dotted and
+    kohya's underscores; a kohya file's denoiser (`lora_unet_`) also by the original checkpoint's names
+    (kohya_names.py: one of SD3's fused modules is several of ours)."""
+    index = {comp: {s: [(n, Part(n))] for n in adapted_modules(net) for s in (n, n.replace(".", "_"))}
+             for comp, net in nets.items()}
+    index["denoiser"] = kohya_spellings(model)
     return index
 
 
 def apply_loras(model, loras: list[tuple[Path, float]], allow_pickle: bool = False):
-    """Merge each (file, strength) into the UNet and text encoder weights: W += s·ΔW, in order."""
-    nets = model.components()
-    index = _module_index(nets)
+    """Merge each (file, strength) into the denoiser and text encoder weights: W += s·ΔW, in order."""
+    t5 = {"text_encoder_3": model.text_encoder_3} if model.text_encoder_3 is not None else {}  # kohya's lora_te3_
+    nets = {**model.components(), **t5}
+    index = _module_index(model, nets)
     for file, s in loras:
         resolved = []
         for (comp, name), delta in lora_factors(file, allow_pickle).items():  # every module fits, first
-            if comp == "text_encoder_2" and comp not in nets:
-                raise ModelError(f"{file}: it adapts a second text encoder ({comp}: an SDXL LoRA); this model has one")
-            if comp == "unet" and model.family.denoiser == "transformer":
-                raise ModelError(f"{file}: it adapts a UNet: a LoRA for SD 1.x/2.x/XL, or a kohya-layout "
-                                 f"{model.family.title} one (lora_unet_joint_blocks_…), which minidream does not read "
-                                 f"yet (it reads diffusers' layout, transformer.…)")
-            if comp not in nets:
-                raise ModelError(f"{file}: it adapts a {comp}, which {model.family.title} models do not have: it is a "
-                                 f"LoRA for another model family")
-            ours = index[comp].get(name) or index[comp].get(name.replace(".", "_"))
-            w = nets[comp].get_submodule(ours).weight if ours else None
-            if w is None or not delta.fits(w):
-                shape = f" ({delta.describe()} vs weight {list(w.shape)})" if w is not None else ""
-                raise ModelError(f"{file}: LoRA module {comp}:{name} does not match this model{shape}")
-            resolved.append((w, delta))
-            # a bound on every |ΔW| entry from the factors alone: a file that would overflow the weights (or holds
-            # inf/NaN) is refused before any module changes
-            bound = abs(s) * delta.bound()
-            if not bound < torch.finfo(w.dtype).max / 2:
-                raise ModelError(f"{file}: LoRA module {comp}:{name} at strength {s} would make the weights "
-                                 f"overflow or not numbers (its factors reach {bound:.3g})")
+            for w, d in _targets(model, nets, index, file, comp, name, delta):
+                resolved.append((w, d))
+                # a bound on every |ΔW| entry from the factors alone: a file that would overflow the weights (or
+                # holds inf/NaN) is refused before any module changes
+                bound = abs(s) * d.bound()
+                if not bound < torch.finfo(w.dtype).max / 2:
+                    raise ModelError(f"{file}: LoRA module {comp}:{name} at strength {s} would make the weights "
+                                     f"overflow or not numbers (its factors reach {bound:.3g})")
         with torch.no_grad():
             for w, delta in resolved:
                 w += delta.at(w, s).to(w.dtype)  # ΔW at the file's own scale (α/r), then the strength
     return model
+
+
+def _targets(model, nets: dict, index: dict, file, comp: str, name: str, delta) -> list[tuple[torch.Tensor, object]]:
+    """The weights a file's module changes, each with its share of the change; one line for what does not fit."""
+    family = model.family
+    if comp == "text_encoder_2" and comp not in nets:
+        raise ModelError(f"{file}: it adapts a second text encoder ({comp}: an SDXL LoRA); this model has one")
+    if comp == "unet" and family.denoiser == "transformer":
+        raise ModelError(f"{file}: it adapts a UNet: a LoRA for SD 1.x/2.x/XL, not for {family.title}")
+    if comp not in index:
+        t5 = " (or it adapts T5: load the model with its T5)" if comp == "text_encoder_3" else ""
+        raise ModelError(f"{file}: it adapts a {comp}, which this {family.title} model does not have: it is a LoRA "
+                         f"for another model family{t5}")
+    shown = family.denoiser if comp == "denoiser" else comp
+    net = model.denoiser if comp == "denoiser" else nets[comp]
+    found = index[comp].get(name) or index[comp].get(name.replace(".", "_")) or []
+    shares = [(net.get_submodule(ours).weight, part.of(delta)) for ours, part in found]
+    for _, share in shares:
+        if isinstance(share, str):
+            raise ModelError(f"{file}: LoRA module {shown}:{name} {share}")
+    if not shares or any(share is None or not share.fits(w) for w, share in shares):
+        shape = f" ({delta.describe()} vs weight {list(shares[0][0].shape)})" if shares else ""
+        raise ModelError(f"{file}: LoRA module {shown}:{name} does not match this model{shape}")
+    return shares

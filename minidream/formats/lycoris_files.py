@@ -26,7 +26,17 @@ from minidream.models.lora import row_norm
 
 PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
          "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-KEY = re.compile(rf"lora_(unet|te|te1|te2)_(.+)\.({'|'.join(PARTS)})")
+# kohya's key prefixes -> our components: lora_unet_ is the denoiser whatever the family calls it (SD3's MMDiT too),
+# lora_te_ / lora_te1_ the first CLIP, lora_te2_ the second, lora_te3_ SD3's T5 (which kohya's SD3 network may train)
+KOHYA_COMPONENTS = {"unet": "denoiser", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2",
+                    "te3": "text_encoder_3"}
+KEY = re.compile(rf"lora_({'|'.join(KOHYA_COMPONENTS)})_(.+)\.({'|'.join(PARTS)})")
+
+
+def kohya_module(prefix: str, name: str) -> tuple[str, str]:
+    """(component, module name) of a kohya key's prefix and name (a CLIP's without `text_model_`)."""
+    comp = KOHYA_COMPONENTS[prefix]
+    return comp, name if comp == "denoiser" else name.removeprefix("text_model_")
 
 
 def peak(x: torch.Tensor) -> float:
@@ -224,9 +234,7 @@ def lycoris_modules(sd: dict) -> tuple[dict, set]:
         m = KEY.fullmatch(k)
         if not m:
             continue
-        comp = {"unet": "unet", "te2": "text_encoder_2"}.get(m[1], "text_encoder")
-        name = m[2].removeprefix("text_model_") if comp != "unet" else m[2]
-        modules.setdefault((comp, name), {})[m[3]] = v.float()
+        modules.setdefault(kohya_module(m[1], m[2]), {})[m[3]] = v.float()
         used.add(k)
     return modules, used
 

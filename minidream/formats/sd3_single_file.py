@@ -19,7 +19,8 @@ import torch
 
 from minidream.formats.configs import clip_config, clip_config_json, load_tokenizer, vae_config, vae_config_json
 from minidream.formats.diffusers_layout import load_text_encoder
-from minidream.formats.files import ModelError, build, read_json, read_metadata, resolve, save_safetensors
+from minidream.formats.files import (ModelError, build, read_json, read_metadata, read_weights, resolve,
+                                    save_safetensors)
 from minidream.formats.sd3_layout import (check_parts, flow_config, load_t5, load_t5_tokenizer, mmdit_config,
                                           t5_config, t5_config_json, t5_state)
 from minidream.formats.single_file import ARCHITECTURE, _meta, _take, clip_rows, key_table, modelspec, vae_rows
@@ -200,14 +201,39 @@ def _t5(sd, cfgs, cdir, file, used, dtype, wanted: bool):
                      f"that has text_encoder_3/, or --no-t5 to run without it")
 
 
+def with_separate_encoders(sd: dict, files: tuple[str, ...], file: Path, cfgs: dict) -> dict:
+    """ComfyUI keeps SD3's text encoders as files of their own (clip_l.safetensors, clip_g.safetensors,
+    t5xxl_fp16.safetensors), each in transformers' layout: each is told apart by its keys and width, then read as if
+    the single file held it (under its `text_encoders.` prefix), by the same tables."""
+    sd, by_width = dict(sd), {cfgs[slot.name].width: slot for slot in FAMILY.encoders}
+    for f in files:
+        part = read_weights(Path(f))
+        token = part.get("text_model.embeddings.token_embedding.weight")
+        if any(k.startswith("encoder.block.") for k in part):
+            prefix, kind = T5_PREFIX, "T5 (t5xxl)"
+        elif token is not None and token.dim() == 2 and token.shape[1] in by_width:  # CLIP-L: 768, CLIP-G: 1280
+            slot = by_width[token.shape[1]]
+            prefix, kind = slot.original.removesuffix("text_model."), f"CLIP ({slot.token_key})"
+        else:
+            raise ModelError(f"--text-encoders {f}: not a CLIP-L, CLIP-G or T5 text encoder in transformers' layout "
+                             f"(ComfyUI's clip_l, clip_g, t5xxl files)")
+        if any(k.startswith(prefix) for k in sd):
+            raise ModelError(f"--text-encoders {f}: a {kind} is already given (in {file} or another file); give "
+                             f"each text encoder once")
+        sd.update({prefix + k: v for k, v in part.items() if not k.endswith("position_ids")})
+    return sd
+
+
 def load_sd3_single_file(file: Path, sd: dict, dtype=None, tokenizer: str | None = None, config: str | None = None,
-                         preset: str | None = None, t5_wanted: bool = True) -> StableDiffusion:
+                         preset: str | None = None, t5_wanted: bool = True,
+                         text_encoders: tuple[str, ...] = ()) -> StableDiffusion:
     """An SD3 single file as one StableDiffusion: configs (`_configs`), the MMDiT and VAE by the key tables, the
-    text encoders from the file or --config's folder; every key of the file used, strictly."""
-    encoders_inside = FAMILY.encoders[0].original + "embeddings.token_embedding.weight" in sd
+    text encoders from the file, the separate files (ComfyUI's) or --config's folder; every key used, strictly."""
+    encoders_inside = text_encoders or FAMILY.encoders[0].original + "embeddings.token_embedding.weight" in sd
     cdir = resolve(config, weights=not encoders_inside) if config else None  # its weights: only to take encoders
     what = f"the architecture in {config}" if config else "an SD3 checkpoint (pass --config for another)"
     cfgs, used = _configs(sd, file, cdir, preset), set()
+    sd = with_separate_encoders(sd, text_encoders, file, cfgs)
     check_parts(file, cfgs)
     parts = {}
     for name, cls, table in (("transformer", mmdit.SD3Transformer2DModel, mmdit_table),

@@ -213,7 +213,8 @@ FAMILIES = {
                             Variant("flow", "sd35-large", "stable-diffusion-3.5-large")),
                   forward_process=FlowProcess, denoiser="transformer", denoiser_presets=mmdit.PRESETS,
                   lora_targets=MMDIT_TARGETS, penultimate=True, t5=True, default_steps=28, default_guidance=7.0,
-                  kohya_metadata=(("ss_base_model_version", "sd3"),), modelspec_implementation="diffusers"),
+                  kohya_unet_names="original", kohya_metadata=(("ss_base_model_version", "sd3"),),
+                  modelspec_implementation="diffusers"),
 }
 
 
@@ -352,14 +353,18 @@ class StableDiffusion:
         """The image side the model was trained at: the denoiser's latent size times the VAE's downsampling."""
         return self.denoiser.config.sample_size * self.latent_scale
 
+    def text_networks(self) -> list[torch.nn.Module]:
+        """Every text encoder: the CLIP(s) and T5 (SD3)."""
+        t5_encoder = [self.text_encoder_3] if self.text_encoder_3 is not None else []
+        return [*[te for _, _, te in self.text_encoders()], *t5_encoder]
+
     def components(self) -> dict[str, torch.nn.Module]:
         """The denoiser and the CLIP text encoder(s) by their diffusers component names (what LoRA files adapt)."""
         return {self.family.denoiser: self.denoiser, **{name: te for name, _, te in self.text_encoders()}}
 
     def networks(self) -> list[torch.nn.Module]:
         """Every network of the model: text encoder(s), denoiser, VAE."""
-        t5_encoder = [self.text_encoder_3] if self.text_encoder_3 is not None else []
-        return [*[te for _, _, te in self.text_encoders()], *t5_encoder, self.denoiser, self.vae]
+        return [*self.text_networks(), self.denoiser, self.vae]
 
     def to(self, device=None, dtype=None):
         for m in self.networks():

@@ -1,10 +1,31 @@
 """The samplers of rectified-flow models (SD3): they integrate dz/dσ = v_θ(z, σ) from σ = 1 (noise) to 0 over the
 model's shifted σ schedule (models/flow_matching.py). Timesteps, σ and update rules follow diffusers' flow-matching
 schedulers, so the same seed gives the same image.
+
+DPM-Solver++(2M) and UniPC are sigma_samplers.py's, on the flow latent: z_σ = (1-σ) x_0 + σ ε is a latent
+α_t x_0 + σ_t ε with α_t = 1 - σ, σ_t = σ, and the velocity v = ε - x_0 gives x̂_0 = z - σ v; the update rules,
+written in λ = log(α_t/σ_t), hold as they are. Their σ schedules are diffusers' `use_flow_sigmas` ones, which
+differ from Euler's (and from each other's) in where they start.
 """
 import torch
 
 from minidream.models.flow_matching import FlowConfig, shifted
+from minidream.sampling.sigma_samplers import DPMSolverPP, UniPC
+
+
+def _check_steps(steps):
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be at least 1 (got {steps})")
+
+
+def np_linspace(start: float, stop: float, num: int) -> torch.Tensor:
+    """numpy's linspace (float64), bit for bit: diffusers spaces the multistep solvers' flow σ with it,
+    and torch.linspace rounds differently in the last bit, enough to move a truncated timestep."""
+    if num == 1:
+        return torch.tensor([start], dtype=torch.float64)
+    y = torch.arange(num, dtype=torch.float64) * ((stop - start) / (num - 1)) + start
+    y[-1] = stop
+    return y
 
 
 class FlowSampler:
@@ -21,11 +42,10 @@ class FlowSampler:
     def set_timesteps(self, steps: int, device=None):
         """`steps` σ evenly spaced in t from σ_max to σ_min of the training levels, then shifted; σ = 0 last."""
         N = self.config.num_train_timesteps
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be at least 1 (got {steps})")
+        _check_steps(steps)
         s_max = shifted(torch.tensor(1.0), self.config.shift).item()  # diffusers' sigma_max, sigma_min (float32)
         s_min = shifted(torch.tensor(1.0 / N), self.config.shift).item()
-        ts = torch.linspace(s_max * N, s_min * N, steps, dtype=torch.float64)  # diffusers' np.linspace, float64
+        ts = np_linspace(s_max * N, s_min * N, steps)  # diffusers' np.linspace, float64
         sigmas = shifted(ts / N, self.config.shift).float()
         self.timesteps = (sigmas * N).to(device)
         self.sigmas = torch.cat([sigmas, torch.zeros(1)]).to(device)
@@ -64,3 +84,49 @@ class FlowHeun(FlowSampler):
         else:
             self.i += 1
         return (z + dt * out).to(out.dtype)
+
+
+class _FlowMultistep(FlowSampler):
+    """A multistep solver of sigma_samplers.py on the flow latent (diffusers' `use_flow_sigmas=True,
+    prediction_type="flow_prediction", flow_shift=<the model's shift>`). Before the solver in the method order:
+    FlowSampler's constructor (a flow schedule has no ᾱ_t table), model input (z itself) and starting noise (unit),
+    then the σ below; the solver's `step` then runs unchanged. The timesteps are 1000 σ truncated to integers, as
+    diffusers casts them."""
+
+    def vp(self, sigma):
+        """z_σ = (1-σ) x_0 + σ ε: α_t = 1 - σ, σ_t = σ, so λ = log((1-σ)/σ), +∞ at σ = 0 as before."""
+        return 1 - sigma, sigma
+
+    def _x0(self, out, x, sigma):
+        """x̂_0 from the velocity v = ε - x_0: z - σ v = (1-σ) x_0 + σ ε - σ ε + σ x_0."""
+        return x - sigma * out
+
+    def set_timesteps(self, steps: int, device=None):
+        _check_steps(steps)
+        sig = self.flow_sigmas(steps, self.config.num_train_timesteps, self.config.shift)
+        return self._start(sig, (sig * self.config.num_train_timesteps).long(), device)
+
+
+class FlowDPMSolverPP(_FlowMultistep, DPMSolverPP):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) on the flow ODE: diffusers' DPMSolverMultistepScheduler,
+    first order on the first step and on the last (to σ = 0, where it returns x̂_0)."""
+
+    @staticmethod
+    def flow_sigmas(steps, N, shift):
+        """shift(1 - α) for α = linspace(1, 1/N, n + 1), descending, the last (σ = 0) dropped:
+        σ_max = shift(1 - 1/N)."""
+        return shifted(1.0 - np_linspace(1, 1 / N, steps + 1), shift).flip(0)[:-1]
+
+
+class FlowUniPC(_FlowMultistep, UniPC):
+    """UniPC (Zhao et al. 2023; B(h) = e^h - 1, order 2, corrector on every step but the first) on the flow ODE:
+    diffusers' UniPCMultistepScheduler."""
+
+    @staticmethod
+    def flow_sigmas(steps, N, shift):
+        """shift(linspace(1, 1/N, n + 1)) without its last point: σ_max = 1, moved just below it, where α_t = 0
+        would make λ = -∞ (as diffusers does, by 1e-6)."""
+        sig = shifted(np_linspace(1, 1 / N, steps + 1)[:-1], shift)
+        if abs(sig[0].item() - 1) < 1e-6:
+            sig[0] -= 1e-6
+        return sig

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from minidream.models.flow_matching import FlowConfig
 from minidream.models.noise_schedule import SchedulerConfig
-from minidream.sampling.flow_samplers import FlowEuler, FlowHeun
+from minidream.sampling.flow_samplers import FlowDPMSolverPP, FlowEuler, FlowHeun, FlowUniPC
 from minidream.sampling.timestep_samplers import DDIM, DDPM, PNDM, Sampler
 from minidream.sampling.sigma_samplers import DPMSolverPP, Euler, EulerAncestral, Heun, UniPC
 
@@ -59,9 +59,22 @@ SAMPLERS = {
 _FLOW_ONLY = {"use_dynamic_shifting": (False,), "invert_sigmas": (False,), "shift_terminal": (None,),
               "use_karras_sigmas": (False,), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
               "stochastic_sampling": (False,)}
+# The multistep solvers are the reference as diffusers documents them for flow models (Wan, SANA) and as the SD3
+# pipeline runs them: `<Class>.from_config(pipe.scheduler.config, use_flow_sigmas=True,
+# prediction_type="flow_prediction", flow_shift=<the model's shift>)`, then set_timesteps(steps). They read the shift
+# from `shift` (FlowConfig), so a file that sets flow_shift is refused rather than read as something else; the
+# options below that change their σ or their update are refused.
+_FLOW_MULTISTEP = {**_MULTISTEP, "use_karras_sigmas": (False,), "solver_order": (2,), "use_flow_sigmas": (True,),
+                   "prediction_type": ("flow_prediction",), "flow_shift": ()}
 FLOW_SAMPLERS = {
     "euler": SamplerRow(FlowEuler, {}, "FlowMatchEulerDiscreteScheduler", {}, _FLOW_ONLY),
     "heun": SamplerRow(FlowHeun, {}, "FlowMatchHeunDiscreteScheduler", {}, _FLOW_ONLY),
+    "dpmpp-2m": SamplerRow(FlowDPMSolverPP, {}, "DPMSolverMultistepScheduler", {},
+                           {**_FLOW_MULTISTEP, "algorithm_type": ("dpmsolver++",), "solver_type": ("midpoint",),
+                            "use_lu_lambdas": (False,)}),
+    "unipc": SamplerRow(FlowUniPC, {}, "UniPCMultistepScheduler", {},
+                        {**_FLOW_MULTISTEP, "solver_type": ("bh2",), "predict_x0": (True,),
+                         "lower_order_final": (True,), "disable_corrector": ((),), "solver_p": (None,)}),
 }
 
 

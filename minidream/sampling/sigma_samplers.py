@@ -42,12 +42,6 @@ def vp(sigma):
     return alpha, sigma * alpha
 
 
-def lam(sigma):
-    """λ = log(α_t/σ_t), the half log-SNR that DPM-Solver and UniPC step in (+∞ at σ = 0)."""
-    a, s = vp(sigma)
-    return a.log() - s.log()
-
-
 class _EDMSampler(Sampler):
     """Euler-family samplers: x = x_0 + σ ε, the UNet sees x/√(σ²+1)."""
 
@@ -124,11 +118,22 @@ class Heun(_EDMSampler):
 
 
 class _VPSolver(Sampler):
-    """Multistep solvers on the DDPM latent in λ (DPM-Solver++, UniPC); σ from the model's timesteps or Karras'."""
+    """Multistep solvers on the DDPM latent in λ (DPM-Solver++, UniPC); σ from the model's timesteps or Karras'.
+    The update rules read the schedule only through `vp` (σ -> α_t, σ_t) and `_x0`, so the same rules step a
+    rectified flow's latent z = (1-σ) x_0 + σ ε, α_t = 1 - σ (flow_samplers.py)."""
+    karras = False  # the flow subclasses do not run this constructor (no ᾱ_t): they read the class defaults
 
     def __init__(self, config: SchedulerConfig, eta: float = 0.0, karras: bool = False):
         super().__init__(config, eta)
         self.karras = karras
+
+    def vp(self, sigma):
+        return vp(sigma)
+
+    def lam(self, sigma):
+        """λ = log(α_t/σ_t), the half log-SNR that DPM-Solver and UniPC step in (+∞ at σ = 0)."""
+        a, s = self.vp(sigma)
+        return a.log() - s.log()
 
     def set_timesteps(self, steps: int, device=None):
         table = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
@@ -139,8 +144,12 @@ class _VPSolver(Sampler):
         else:
             ts = spacing(self.config, steps, solver=True)
             sig = interp(ts, table)
+        return self._start(sig, ts.long(), device)
+
+    def _start(self, sig, timesteps, device):
+        """A fresh run over the σ `sig` (float64) and their timesteps."""
         self.sigmas = torch.cat([sig, torch.zeros(1, dtype=torch.float64)]).float()  # ends at σ = 0: x_0 itself
-        self.timesteps, self.num_inference_steps, self.i = ts.long().to(device), len(ts), 0
+        self.timesteps, self.num_inference_steps, self.i = timesteps.to(device), len(timesteps), 0
         self.x0s = []  # the last data predictions, newest last
         return self.timesteps
 
@@ -154,6 +163,7 @@ class DPMSolverPP(_VPSolver):
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2, midpoint form) and, with `sde`, its SDE
     variant (SDE-DPM-Solver++(2M) in the same paper, as diffusers' "sde-dpmsolver++"). First order on the first
     step and on the last (to σ = 0)."""
+    sde = False  # as `karras`: the default of the flow subclass, which has no SDE variant
 
     def __init__(self, config: SchedulerConfig, eta: float = 0.0, karras: bool = False, sde: bool = False):
         super().__init__(config, eta, karras)
@@ -165,11 +175,11 @@ class DPMSolverPP(_VPSolver):
         self.x0s = (self.x0s + [x0])[-2:]
         x = x.float()
         noise = self._noise(x, generator) if self.sde else None  # drawn every step, the last too, as diffusers does
-        (a_t, s_t), (_, s_s) = vp(sig[i + 1]), vp(sig[i])
-        h = lam(sig[i + 1]) - lam(sig[i])  # +∞ on the last step: the update below is then x̂_0 exactly
+        (a_t, s_t), (_, s_s) = self.vp(sig[i + 1]), self.vp(sig[i])
+        h = self.lam(sig[i + 1]) - self.lam(sig[i])  # +∞ on the last step: the update below is then x̂_0 exactly
         D = x0
         if len(self.x0s) == 2 and i < len(self.timesteps) - 1:  # second order: extrapolate x̂_0 in λ
-            r = (lam(sig[i]) - lam(sig[i - 1])) / h
+            r = (self.lam(sig[i]) - self.lam(sig[i - 1])) / h
             D = x0 + 0.5 * (x0 - self.x0s[0]) / r
         if self.sde:
             x = (s_t / s_s * torch.exp(-h)) * x + (a_t * (1 - torch.exp(-2 * h))) * D \
@@ -185,20 +195,20 @@ class UniPC(_VPSolver):
     current latent with the model output just computed there (UniC), then predicts the next (UniP);
     the last step is first order."""
 
-    def set_timesteps(self, steps: int, device=None):
+    def _start(self, sig, timesteps, device):
         self.order, self.last_x = 0, None
-        return super().set_timesteps(steps, device)
+        return super()._start(sig, timesteps, device)
 
     def _update(self, x, s0, t, order, m0, m1=None, m_t=None):
         """x at step s0 -> step t with the data predictions m0 (at s0), m1 (at s0 - 1) and, correcting, m_t (at t)."""
         sig = self.sigmas
-        (a_t, s_t), (_, s_s) = vp(sig[t]), vp(sig[s0])
-        h = lam(sig[t]) - lam(sig[s0])
+        (a_t, s_t), (_, s_s) = self.vp(sig[t]), self.vp(sig[s0])
+        h = self.lam(sig[t]) - self.lam(sig[s0])
         phi1 = torch.expm1(-h)  # B(h) too (bh2)
         x_lin = s_t / s_s * x - a_t * phi1 * m0  # the first-order (DDIM) part
         D1, rk = None, None
         if order == 2:
-            rk = (lam(sig[s0 - 1]) - lam(sig[s0])) / h
+            rk = (self.lam(sig[s0 - 1]) - self.lam(sig[s0])) / h
             D1 = (m1 - m0) / rk
         if m_t is None:  # predictor: ρ = 1/2 at order 2
             return (x_lin - a_t * phi1 * 0.5 * D1 if order == 2 else x_lin).to(x.dtype)

@@ -15,8 +15,8 @@ from minidream.models.device import DTYPES
 from minidream.models.mmdit import PRESETS as MMDIT_PRESETS
 from minidream.models.stable_diffusion import PRESETS
 from minidream.options import (Needs, at_least, each_one_of, finite, first_problem, in_range, non_negative,
-                               option, option_flag, optional_at_least, path, positive, positive_number, probability,
-                               seed_range, text, texts)
+                               option, option_flag, optional_at_least, path, paths, positive, positive_number,
+                               probability, seed_range, text, texts)
 from minidream.sampling.pipeline import MAX_GUIDANCE, SamplingParams, image_side
 from minidream.sampling.samplers import SAMPLERS
 from minidream.training import TrainError
@@ -319,6 +319,9 @@ class TrainConfig:
                                 f"{', '.join(SD3_PRESETS)}); inferred when omitted.")
     config: str | None = option(None, "For single-file checkpoints: a diffusers-layout folder or repo id whose "
                                 "configs and tokenizer describe it.")
+    text_encoders: tuple[str, ...] = option((), "For an SD3 single file without its text encoders: ComfyUI's "
+                                            "separate files (clip_l, clip_g, t5xxl .safetensors), in any order; "
+                                            "repeat the flag.", check=paths)
 
     def __post_init__(self):
         if not self.save_as and self.mode in MODES:  # (): the mode's own formats

@@ -27,10 +27,11 @@ from minidream.training.validation import grid_rows, has_grid, validation_grid
 
 
 def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
-               given: set[str] | None = None) -> tuple[StableDiffusion, list[Path]]:
+               given: set[str] | None = None, keep_model: bool = False) -> tuple[StableDiffusion, list[Path]]:
     """Run DreamBooth; returns (the trained model, the files written). Every input is checked before anything is
     written. `given`: the settings the user named (the CLI knows); on resume only those may override the
-    checkpoint's resumable settings (None: all of them come from cfg)."""
+    checkpoint's resumable settings (None: all of them come from cfg). `keep_model`: the caller samples with the
+    returned model (the demo); otherwise the frozen parts no later phase reads are released (step.prepare)."""
     if given is not None and {"steps", "epochs"} <= given:
         raise TrainError("--epochs sets the steps: give --steps or --epochs, not both")
     cfg = with_folder_names(absolute_paths(cfg))  # a kohya-named --instance-dir (`10_sks dog`): repeats, class
@@ -51,7 +52,7 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
         processes = start.processes if start else rt.group.size  # the count the run's --batch-size is for
         cfg = steps_of_epochs(cfg, data, processes, start)
         with run_folder.opened(out, cfg, rt, overwrite and not resume, start and start.step, processes):
-            return train_and_export(cfg, out, model, data, rt, start, processes, base)
+            return train_and_export(cfg, out, model, data, rt, start, processes, base, keep_model)
 
 
 def resumed_settings(cfg: TrainConfig, start: Resume, given: set[str] | None, rt: runtime.Runtime):
@@ -79,7 +80,8 @@ def steps_of_epochs(cfg: TrainConfig, data: TrainingData, processes: int, start:
 
 
 def train_and_export(cfg: TrainConfig, out: Path, model: StableDiffusion, data: TrainingData, rt: runtime.Runtime,
-                     start: Resume | None, processes: int, base: str) -> tuple[StableDiffusion, list[Path]]:
+                     start: Resume | None, processes: int, base: str,
+                     keep_model: bool = False) -> tuple[StableDiffusion, list[Path]]:
     """Class images → the training state (restored when resuming) → the loop → the final grid and the exports."""
     step = start.step if start else 0
     with phase("before training (class images, latents)", out):  # what was made is kept
@@ -89,7 +91,7 @@ def train_and_export(cfg: TrainConfig, out: Path, model: StableDiffusion, data: 
         if rt.main:
             data.write_json(out, cfg)
         batch = per_process_batch(cfg, processes, rt.group.size)
-        stepper = prepare(cfg, model, rt, data.pools(), data.prompts(), batch)
+        stepper = prepare(cfg, model, rt, data.pools(), data.prompts(), batch, keep_model)
         if start is not None and start.state is not None:
             stepper.state.load_state_dict(start.state)
     ckpt = Checkpointer(out, cfg, stepper.state, step, rt.group, processes, base)

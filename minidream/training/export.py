@@ -27,7 +27,8 @@ def load_base(cfg: TrainConfig, whole: bool = False) -> StableDiffusion:
     skip; `whole`: with SD3's T5 even after --no-t5 where the base has one (an export writes it untouched)."""
     def loaded(t5: bool):
         return load(cfg.model, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle,
-                    dtype=torch.float32, tokenizer=cfg.tokenizer, preset=cfg.preset, config=cfg.config, t5=t5)
+                    dtype=torch.float32, tokenizer=cfg.tokenizer, preset=cfg.preset, config=cfg.config, t5=t5,
+                    text_encoders=cfg.text_encoders)
     try:
         try:
             model = loaded(cfg.t5 or whole)

@@ -32,6 +32,7 @@ from minidream.training.fused_backward import fuse_backward
 from minidream.training.runtime import Runtime, signals_deferred
 from minidream.training.state import TrainState
 from minidream.training.trainable import cast_frozen
+from minidream.training.validation import has_grid
 
 
 def dreambooth_loss(pred, target, n_instance: int, prior_weight: float, weights=None, mask=None):
@@ -175,9 +176,10 @@ class Stepper:
 
 
 def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[list],
-            prompts: list[str] | None = None, batch_size: int | None = None) -> Stepper:
+            prompts: list[str] | None = None, batch_size: int | None = None, keep_model: bool = False) -> Stepper:
     """What trains (selected, the rest frozen and maybe in half precision), the optimizer and the data, on a model
-    already on the run's device: the step, ready to call."""
+    already on the run's device: the step, ready to call. `keep_model`: the caller samples with the model after the
+    run; otherwise a frozen part that no later phase reads (no validation grid or loss) is released."""
     state = TrainState.create(cfg, model, rt.device, rt.group.size)
     if rt.precision is not None:  # frozen weights in half precision; what trains keeps its exact fp32 values
         cast_frozen(model, rt.precision)
@@ -190,15 +192,16 @@ def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[l
     batches = LatentSource(model, cfg, pools, rt.device, state.generator, rt.group)
     text = TextConditioning(model, cfg, state.trainable, prompts or list(cfg.prompts),
                             [e.prompt for pool in pools for e in pool])
-    # what the step no longer needs leaves the accelerator (validation grids bring it back: Runtime.resident)
+    # what the step no longer needs leaves the accelerator (validation grids bring it back: Runtime.resident), or
+    # is released when nothing after the step reads it (the frozen CLIPs alone are SD3.5's largest part after T5)
+    later = keep_model or has_grid(cfg) or bool(cfg.validation_every)
+    away = rt.offload if later else rt.release
     if text.frozen:
         text.encode_all()
-        for _, _, te in model.text_encoders():
-            rt.offload(te)
-        if model.text_encoder_3 is not None:  # T5 too (SD3): a validation grid brings it back (resident)
-            rt.offload(model.text_encoder_3)
+        for te in model.text_networks():
+            away(te)
     if cfg.cache_latents:
-        rt.offload(model.vae)
+        away(model.vae)
     return Stepper(cfg, state, batches, text, rt, batch_size, compiled)
 
 
