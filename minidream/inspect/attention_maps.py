@@ -1,10 +1,11 @@
-"""Where each prompt token looks: the UNet's cross-attention probabilities softmax(QKᵀ/√d) of every text token,
-averaged over heads, layers and sampling steps and upsampled to the image, as DAAM (Tang et al. 2023) and
-prompt-to-prompt (Hertz et al. 2022) read them.
+"""Where each prompt token looks: the probabilities softmax(QKᵀ/√d) with which image queries attend to each text
+token, averaged over heads, layers and sampling steps and upsampled to the image, as DAAM (Tang et al. 2023) and
+prompt-to-prompt (Hertz et al. 2022) read them: a UNet's cross-attention layers (attn2), an MMDiT's joint attention
+(SD3: the image rows of the softmax over [image; text], at the CLIP tokens' columns, which lead the text).
 
-`capture_cross_attention` is a transform: it puts forward hooks on every cross-attention layer (`attn2`) of a
-UNet and returns their handles; the model code knows nothing of it. The hooks recompute Q and K from the
-layer's own inputs, so any attention backend (SDPA, Triton) samples unchanged.
+`capture_cross_attention` is a transform: it puts forward hooks on those layers and returns their handles; the
+model code knows nothing of it. The hooks recompute Q and K from the layer's own inputs, so any attention backend
+(SDPA, Triton) samples unchanged.
 """
 import json
 from pathlib import Path
@@ -16,20 +17,21 @@ from minidream import plots
 from minidream.formats.files import write_text
 from minidream.image_files import save_image, save_png
 from minidream.models.attention import Attention
+from minidream.models.mmdit import JointAttention
 from minidream.sampling.pipeline import SamplingParams, generate
 
 
 class CrossAttentionStore:
-    """Running sum of cross-attention maps (B, 77, h, w) at the latent resolution, over layers and steps."""
+    """Running sum of cross-attention maps (B, tokens, h, w) at the latent resolution, over layers and steps."""
 
-    def __init__(self, batch: int, latent_hw: tuple[int, int]):
-        self.batch, self.hw, self.total, self.calls = batch, latent_hw, None, 0
+    def __init__(self, batch: int, latent_hw: tuple[int, int], tokens: int = 77):
+        self.batch, self.hw, self.tokens, self.total, self.calls = batch, latent_hw, tokens, None, 0
 
     def add(self, probs: torch.Tensor):
         """probs (B', N, M), averaged over heads; the last `batch` rows are the conditional branch of CFG."""
         probs = probs[-self.batch:]
         H, W = self.hw
-        f = round((H * W / probs.shape[1]) ** 0.5)  # this layer's downsampling from the latent
+        f = round((H * W / probs.shape[1]) ** 0.5)  # this layer's downsampling from the latent (an MMDiT's patch)
         m = probs.transpose(1, 2).reshape(self.batch, -1, H // f, W // f)
         m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
         self.total = m if self.total is None else self.total + m
@@ -39,25 +41,37 @@ class CrossAttentionStore:
         return self.total / max(self.calls, 1)
 
 
-def capture_cross_attention(unet: torch.nn.Module, store: CrossAttentionStore) -> list:
-    """Hook every cross-attention layer of `unet` to add its probabilities to `store`; returns the handles
-    (call .remove() on each to undo)."""
-    def hook(attn: Attention, args, output):
+def probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(QKᵀ/√d) averaged over heads: q (B, heads, N, d), k (B, heads, M, d) -> (B, N, M)."""
+    return ((q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)).softmax(-1).mean(1)
+
+
+def capture_cross_attention(denoiser: torch.nn.Module, store: CrossAttentionStore) -> list:
+    """Hook every layer of `denoiser` where image queries meet the text to add its probabilities to `store`;
+    returns the handles (call .remove() on each to undo)."""
+    def cross(attn: Attention, args, output):  # a UNet's attn2: the keys are the text's
         x, context = args[0], args[1]
         B, N, _ = x.shape
-        q = attn.to_q(x).float().view(B, N, attn.heads, -1).transpose(1, 2)
-        k = attn.to_k(context).float().view(B, context.shape[1], attn.heads, -1).transpose(1, 2)
-        store.add(((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1).mean(1))
-    return [m.register_forward_hook(hook) for name, m in unet.named_modules()
-            if isinstance(m, Attention) and name.endswith("attn2")]
+        q = attn.to_q(x).view(B, N, attn.heads, -1).transpose(1, 2)
+        k = attn.to_k(context).view(B, context.shape[1], attn.heads, -1).transpose(1, 2)
+        store.add(probabilities(q, k))
+
+    def joint(attn: JointAttention, args, output):  # one softmax over image and text keys: the text's columns
+        x, context = args[0], args[1]
+        q, k, _ = attn.heads_of(x, attn.to_q, attn.to_k, attn.to_v, "norm_q", "norm_k")
+        _, ck, _ = attn.heads_of(context, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, "norm_added_q",
+                                 "norm_added_k")
+        N = x.shape[1]
+        store.add(probabilities(q, torch.cat([k, ck], dim=2))[:, :, N:N + store.tokens])
+    return [m.register_forward_hook(joint if isinstance(m, JointAttention) else cross)
+            for name, m in denoiser.named_modules()
+            if isinstance(m, JointAttention) and hasattr(m, "add_k_proj")
+            or isinstance(m, Attention) and not isinstance(m, JointAttention) and name.endswith("attn2")]
 
 
 @torch.no_grad()
 def attention_maps(model, prompts: list[str], params: SamplingParams = SamplingParams(steps=20), seed: int = 0):
     """(images (B, H, W, 3) uint8, maps (B, 77, H, W) float: each token's mean attention probability)."""
-    if model.family.denoiser != "unet":  # the hooks read the UNet's cross-attention (attn2)
-        raise ValueError(f"attention maps read the UNet's cross-attention; {model.family.title}'s joint attention "
-                         f"is not captured yet")
     height, width = params.height or model.native_resolution, params.width or model.native_resolution
     s = model.latent_scale
     store = CrossAttentionStore(len(prompts), (height // s, width // s))
