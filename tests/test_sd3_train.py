@@ -187,3 +187,25 @@ def test_options_of_other_families_are_refused_by_name(sd3_dir, sd1_dir, instanc
     r = run_cli(*train_args(folder, instance_dir, out, flag, *values))
     assert r.exit_code != 0 and says in r.output, r.output
     assert "Traceback" not in r.output
+
+
+def test_t5_runs_once_per_prompt_while_the_clips_train(sd3_dir):
+    """While the CLIPs (or a token) train, each step re-encodes its prompts; T5 is frozen and each prompt's T5
+    states are kept (RowMemo): T5 runs once per distinct prompt, each alone, and the conditioning is encode_text's."""
+    from minidream.training.batches import RowMemo, TextConditioning
+    from minidream.training.trainable import Trainable
+    m, fresh = loading.load(str(sd3_dir)), loading.load(str(sd3_dir))
+    clip_weight = m.text_encoder.encoder.layers[0].self_attn.q_proj.weight
+    cfg = type("C", (), {"text_encoder_steps": 0})()
+    text = TextConditioning(m, cfg, Trainable([], [("q", clip_weight.requires_grad_(True))], []),
+                            ["a photo of sks dog", "a photo of dog"])
+    assert isinstance(m.text_encoder_3, RowMemo)
+    calls = []
+    m.text_encoder_3.encoder.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    prompts = ["a photo of sks dog", "a photo of dog", "a photo of sks dog on grass"]
+    for step in range(3):
+        got = text(step, prompts)
+    assert calls == [1, 1, 1]
+    with torch.no_grad():
+        want = encode_text(fresh, prompts)
+    assert max_rel_err(got["context"], want["context"]) <= 1e-5 and max_rel_err(got["pooled"], want["pooled"]) <= 1e-5

@@ -107,11 +107,29 @@ class LatentSource:
         return self.model.vae.latents(mean, logvar, eps).float(), ids, grid
 
 
+class RowMemo(torch.nn.Module):
+    """A frozen encoder made to encode each distinct input row (a prompt's token ids) once: SD3's T5 (never
+    trained) then runs once per prompt while the CLIPs or a new token train and run every step. A row is encoded
+    alone, so its states never depend on which rows shared its batch (a resumed run stays exact)."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder, self.rows = encoder, {}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        keys = [tuple(row.tolist()) for row in ids]
+        with torch.no_grad():
+            for key in dict.fromkeys(k for k in keys if k not in self.rows):
+                self.rows[key] = self.encoder(torch.tensor([key], device=ids.device))[0]
+        return torch.stack([self.rows[k] for k in keys])
+
+
 class TextConditioning:
     """The denoiser's conditioning for each row's prompt. Recomputed each step while the text encoder (or a new
-    token) trains, else computed once per prompt. The run's own prompts (each concept's instance and class
-    prompt) are always encoded together, in that order, captions after them. --text-encoder-steps N (kohya's
-    --stop_text_encoder_training) freezes the text encoder from step N on."""
+    token) trains, else computed once per prompt (SD3's T5, always frozen, once per prompt either way: RowMemo).
+    The run's own prompts (each concept's instance and class prompt) are always encoded together, in that order,
+    captions after them. --text-encoder-steps N (kohya's --stop_text_encoder_training) freezes the text encoder
+    from step N on."""
 
     def __init__(self, model: StableDiffusion, cfg, trainable: Trainable, prompts: list[str],
                  every: list[str] = ()):
@@ -120,6 +138,8 @@ class TextConditioning:
         self.te_params = [p for _, p in trainable.text_encoder]
         self.token_trains = bool(trainable.token)
         self.fixed = {}
+        if not self.frozen and model.text_encoder_3 is not None and not isinstance(model.text_encoder_3, RowMemo):
+            model.text_encoder_3 = RowMemo(model.text_encoder_3)
 
     @property
     def frozen(self) -> bool:
