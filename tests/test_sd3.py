@@ -1,6 +1,7 @@
 """SD3 and SD3.5 at parity with diffusers' StableDiffusion3Pipeline, on tiny random pipelines of each MMDiT variant
 built by diffusers: the MMDiT, T5, the text conditioning (both CLIPs + T5, padded and joined), the shifted VAE,
 flow-matching Euler, and whole images (CFG on and off, non-square, negative prompts, without T5)."""
+import json
 from pathlib import Path
 
 import pytest
@@ -190,12 +191,24 @@ def test_joint_attention_runs_on_the_triton_kernel():
     assert max(max_rel_err(y, x_) for x_, y in zip(ga, gb) if x_.abs().max() > 0) <= 1e-3
 
 
-def test_diff_refuses_sd3_in_one_line(pipes, tmp_path):
+def test_diff_charts_the_mmdit(pipes, tmp_path):
+    """diff BASE BASE --lora L, L on the image stream's Q and the text stream's out of block 0: exactly those two
+    groups change (block 00), nothing else; the chart is drawn."""
+    from safetensors.torch import save_file
     from tests.test_train import run_cli
     _, m = pipes
-    r = run_cli("diff", m.source, m.source, "--out", tmp_path / "out")
-    assert r.exit_code != 0 and "not" in r.output and "Traceback" not in r.output, r.output
-    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    width, g = m.denoiser.config.width, torch.Generator().manual_seed(3)
+    lora = tmp_path / "lora.safetensors"
+    save_file({f"transformer.transformer_blocks.0.attn.{name}.lora_{side}.weight": torch.randn(shape, generator=g)
+               for name in ("to_q", "to_add_out") for side, shape in (("A", (2, width)), ("B", (width, 2)))}, lora)
+    r = run_cli("diff", m.source, m.source, "--lora", lora, "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "out" / "diff.json").read_text())
+    changed = {(k, kind) for k, kinds in d["groups"]["by_block_type"]["transformer"].items()
+               for kind, s in kinds.items() if s["rel_change"] > 0}
+    assert changed == {("block 00", "image Q"), ("block 00", "text out")}
+    assert all(s["changed"] == 0 for c in ("text_encoder", "vae") for s in d["groups"]["by_type"][c].values())
+    assert (tmp_path / "out" / "diff.png").is_file()
 
 
 def test_attention_maps_read_the_joint_attention(pipes, tmp_path):

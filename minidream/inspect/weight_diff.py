@@ -1,7 +1,8 @@
-"""What fine-tuning changed, tensor by tensor: ‖W_tuned − W_base‖ / ‖W_base‖ for every tensor of the UNet, the
-text encoder and the VAE (exactly 0 when a tensor is bit-identical), grouped by component, block and layer type
-(self- vs cross-attention and their Q/K/V/out, feed-forward, proj in/out, the resnets' 3x3 convs, time projections
-and shortcuts, up/downsamplers, norm, embedding rows: each a --lora-targets choice's own group).
+"""What fine-tuning changed, tensor by tensor: ‖W_tuned − W_base‖ / ‖W_base‖ for every tensor of the denoiser, the
+text encoders and the VAE (exactly 0 when a tensor is bit-identical), grouped by component, block and layer type
+(a UNet's self- vs cross-attention and their Q/K/V/out, feed-forward, proj in/out, the resnets' 3x3 convs, time
+projections and shortcuts, up/downsamplers, norm; an MMDiT's image and text streams' Q/K/V/out, MLPs and
+modulations; embedding rows: each a --lora-targets choice's own group).
 
 DreamBooth's claim that fine-tuning "changes almost every layer" and the folklore that the cross-attention
 K/V carry the identifier can both be read off `minidream diff BASE TUNED`.
@@ -21,10 +22,29 @@ from minidream.models.new_token import make_plain
 UNET_TYPES = ("self Q", "self K", "self V", "self out", "cross Q", "cross K", "cross V", "cross out",
               "feed-forward", "proj in/out", "norm", "resnet conv", "time proj", "shortcut", "resample", "in/out")
 TEXT_TYPES = ("self Q", "self K", "self V", "self out", "mlp", "norm", "token rows", "positions")
+# the MMDiT's (SD3): each stream's share of the joint attention, MMDiT-X's image-only attn2, each stream's MLP, the
+# adaLN modulations (norm1, norm1_context, norm_out), the qk-norms, and the embedders and output around the blocks
+MMDIT_TYPES = ("image Q", "image K", "image V", "image out", "text Q", "text K", "text V", "text out", "attn2",
+               "image mlp", "text mlp", "modulation", "qk-norm", "in/out")
+_MMDIT_ATTN = {"to_q": "image Q", "to_k": "image K", "to_v": "image V", "to_out": "image out", "add_q_proj": "text Q",
+               "add_k_proj": "text K", "add_v_proj": "text V", "to_add_out": "text out"}
+
+
+def mmdit_layer_type(name: str) -> str:
+    m = re.search(r"\.attn\.(to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out)\.", name)
+    if m:
+        return _MMDIT_ATTN[m[1]]
+    for pattern, kind in ((r"\.attn2\.(to_|add)", "attn2"), (r"\.ff_context\.", "text mlp"), (r"\.ff\.", "image mlp"),
+                          (r"norm1(_context)?\.linear|norm_out\.linear", "modulation"), (r"\.norm_", "qk-norm")):
+        if re.search(pattern, name):
+            return kind
+    return "in/out"  # pos_embed, time_text_embed, context_embedder, proj_out
 
 
 def layer_type(component: str, name: str) -> str:
     """The kind of layer a tensor belongs to, from its (diffusers / transformers) key."""
+    if component == "transformer":
+        return mmdit_layer_type(name)
     m = re.search(r"(attn1|attn2|self_attn)\.(to_q|to_k|to_v|to_out|q_proj|k_proj|v_proj|out_proj)", name)
     if m:
         kind = "cross" if m[1] == "attn2" else "self"
@@ -44,7 +64,10 @@ def layer_type(component: str, name: str) -> str:
 
 
 def block(component: str, name: str) -> str:
-    """Where in the network: UNet stage (down 0 … mid … up n), text-encoder layer, VAE encoder/decoder."""
+    """Where in the network: UNet stage (down 0 … mid … up n), MMDiT block, text-encoder layer, VAE part."""
+    if component == "transformer":
+        m = re.match(r"transformer_blocks\.(\d+)\.", name)
+        return f"block {int(m[1]):02d}" if m else "out" if name.startswith(("norm_out", "proj_out")) else "in"
     if component == "unet":
         m = re.match(r"(down|up)_blocks\.(\d+)", name)
         return f"{m[1]} {m[2]}" if m else "mid" if name.startswith("mid_block") else \
@@ -57,15 +80,13 @@ def block(component: str, name: str) -> str:
 
 def _tensors(model) -> dict[str, torch.Tensor]:
     make_plain(model)  # a TokenEmbedding (a learned token) as one plain table
-    nets = [("unet", model.denoiser), *[(name, te) for name, _, te in model.text_encoders()], ("vae", model.vae)]
+    nets = [(model.family.denoiser, model.denoiser), *[(name, te) for name, _, te in model.text_encoders()],
+            ("vae", model.vae)]
     return {f"{comp}.{k}": v for comp, net in nets for k, v in net.state_dict().items()}
 
 
 def diff(base, tuned) -> dict:
     """{"tensors": {name: {...}}, "groups": {...}} between two loaded models of the same architecture."""
-    if base.family.denoiser != "unet":  # its blocks and layer types are the UNet's
-        raise ValueError(f"diff reads the UNet's stages and layer types; {base.family.title}'s MMDiT is not "
-                         f"charted yet")
     a, b = _tensors(base), _tensors(tuned)
     missing = sorted(set(a) ^ set(b))
     if missing:
@@ -124,10 +145,10 @@ def markdown(d: dict) -> str:
 
 
 def picture(d: dict):
-    """The UNet by depth × layer type, then the text encoder by layer × type, as heat strips."""
+    """The denoiser by depth × layer type, then the text encoders by layer × type, as heat strips."""
     by = d["groups"]["by_block_type"]
     cells = {c: {(blk, kind): s["rel_change"] for blk, kinds in by.get(c, {}).items() for kind, s in kinds.items()}
-             for c in ("unet", "text_encoder", "text_encoder_2")}
+             for c in ("unet", "transformer", "text_encoder", "text_encoder_2")}
     order = {c: list(by.get(c, {})) for c in cells}
 
     def depth(b):  # in, down 0.., mid, up 0.., out
@@ -137,8 +158,12 @@ def picture(d: dict):
     vals = [v for c in cells.values() for v in c.values() if v > 0]  # the colour scale: whole decades around the data
     lo, hi = (10 ** math.floor(math.log10(min(vals))), 10 ** math.ceil(math.log10(max(vals)))) if vals else (1e-6, 1.0)
     hi = max(hi, lo * 10)
-    unet_rows = sorted(order["unet"], key=depth)
-    strips = [plots.heat_strip(cells["unet"], unet_rows, list(UNET_TYPES), "UNet: stage x layer type", lo, hi)]
+    if order["transformer"]:  # in, block 00.., out
+        rows = sorted(order["transformer"], key=lambda b: (b != "in", b == "out", b))
+        strips = [plots.heat_strip(cells["transformer"], rows, list(MMDIT_TYPES), "MMDiT: block x layer type", lo, hi)]
+    else:
+        rows = sorted(order["unet"], key=depth)
+        strips = [plots.heat_strip(cells["unet"], rows, list(UNET_TYPES), "UNet: stage x layer type", lo, hi)]
     for c in ("text_encoder", "text_encoder_2"):
         text_rows = sorted(order[c], key=lambda b: (b != "embeddings", b == "final norm", b))
         if text_rows:
