@@ -41,7 +41,7 @@ def make_class_images(model: StableDiffusion, cfg, concept, rt: Runtime, k: int 
     print(f"generating {missing} class images for {prompt!r} into {class_dir} ({precision})", file=sys.stderr)
     size = lambda i: sizes[i % len(sizes)] if sizes else (cfg.resolution, cfg.resolution)  # noqa: E731
     s = model.latent_scale
-    params = cfg.class_sampling
+    params = cfg.class_sampling.for_model(model)  # left out: the steps and guidance of the family's pipeline
     sampler = params.make_sampler(model.scheduler)
     bar = Progress(len(mine), "class images")  # this process's share (all of them on one process)
     for shape in sorted({size(i) for i in mine}):

@@ -15,7 +15,7 @@ from minidream.models.device import DTYPES
 from minidream.models.mmdit import PRESETS as MMDIT_PRESETS
 from minidream.models.stable_diffusion import PRESETS
 from minidream.options import (Needs, at_least, each_one_of, finite, first_problem, in_range, non_negative,
-                               option, option_flag, optional_at_least, path, paths, positive, positive_number,
+                               option, option_flag, optional, optional_at_least, path, paths, positive, positive_number,
                                probability, seed_range, text, texts)
 from minidream.sampling.pipeline import MAX_GUIDANCE, SamplingParams, image_side
 from minidream.sampling.samplers import SAMPLERS
@@ -164,8 +164,10 @@ class TrainConfig:
                                    needs=(Needs(lambda c: not c.prior or c.num_class_images >= 1, "--num-class-images "
                                                 "must be at least 1 with prior preservation (or pass --no-prior)"),))
     prior_loss_weight: float = option(1.0, "λ, weight of the prior-preservation loss.", check=non_negative)
-    class_steps: int = option(50, "Sampling steps for class images.", check=at_least(1))
-    class_guidance: float = option(7.5, "CFG scale for class images.", check=in_range(0, MAX_GUIDANCE))
+    class_steps: int | None = option(None, "Sampling steps for class images; default: the family's pipeline's (50; "
+                                     "SD3: 28).", check=optional_at_least(1))
+    class_guidance: float | None = option(None, "CFG scale for class images; default: the family's pipeline's (7.5; "
+                                          "SD3: 7.0).", check=optional(in_range(0, MAX_GUIDANCE)))
     class_batch_size: int = option(4, "Class images per sampling batch.", check=at_least(1))
     class_precision: str = option("auto", "Precision of class-image sampling (autocast); auto: fp16 on CUDA, fp32 on "
                                   "CPU.", choices=("auto", *DTYPES))
