@@ -54,13 +54,17 @@ def test_flow_multistep_matches_diffusers(name, shift, steps):
 
 
 def test_flow_multistep_rows():
-    """A model whose own scheduler is one of them samples with it; options they do not implement are refused."""
-    config, base = flow_config(3.0)
+    """A model whose own scheduler is one of them samples with it, at its flow_shift; options they do not implement
+    are refused."""
+    config, base = flow_config(2.0)
     for name in MULTISTEP:
-        own = FlowConfig.from_dict(json.loads(swapped_in(name, base).to_json_string()))
-        assert default_sampler(own) == name
-        with pytest.raises(ValueError, match="flow_shift"):  # read as `shift` it would be the wrong one
-            make_sampler(name, own)
+        theirs = swapped_in(name, base)
+        own = FlowConfig.from_dict(json.loads(theirs.to_json_string()))
+        assert default_sampler(own) == name and own.shift == 2.0
+        ours = make_sampler(name, own)
+        ours.set_timesteps(7)
+        theirs.set_timesteps(7)
+        assert torch.equal(ours.sigmas, theirs.sigmas) and torch.equal(ours.timesteps, theirs.timesteps)
         for key, value in (("solver_order", 3), ("use_karras_sigmas", True), ("final_sigmas_type", "sigma_min")):
             with pytest.raises(ValueError, match=key):
                 make_sampler(name, FlowConfig.from_dict({**config.to_dict(), key: value}))

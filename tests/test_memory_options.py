@@ -226,3 +226,22 @@ def test_crafted_optimizer_settings_are_refused_in_one_line(sd1_dir, instance_di
     r = run_cli(*train_args(sd1_dir, instance_dir, out, *args, "--resume", "latest"))
     assert r.exit_code == 0, r.output
     assert checkpoint_meta(out / "checkpoints" / "step-000003.safetensors")["param_groups"][0]["lr"] != 2.0
+
+
+def test_frozen_parts_no_later_phase_reads_are_released(sd1_dir, instance_dir, tmp_path):
+    """A LoRA run's frozen text encoder (and, with cached latents, the VAE) gives its memory back once the prompts
+    are encoded, unless a later phase reads it: a validation grid, or the caller (the demo samples with the model)."""
+    from dataclasses import replace
+    from minidream.training.config import TrainConfig
+    from minidream.training.dreambooth import dreambooth
+    cfg = TrainConfig(model=str(sd1_dir), instance_dir=str(instance_dir), class_noun="dog", out=str(tmp_path / "a"),
+                      resolution=16, num_class_images=2, class_steps=2, class_batch_size=2, steps=1,
+                      checkpoint_every=0, cache_latents=True, device="cpu", mode="lora")
+
+    def released(model):
+        return [next(net.parameters()).is_meta for net in (model.text_encoder, model.vae)]
+    model, written = dreambooth(cfg)
+    assert released(model) == [True, True] and written  # the exports read the base from its files
+    grid = replace(cfg, out=str(tmp_path / "b"), validation_prompts=("a photo of sks dog",), validation_steps=2)
+    assert released(dreambooth(grid)[0]) == [False, False]
+    assert released(dreambooth(replace(cfg, out=str(tmp_path / "c")), keep_model=True)[0]) == [False, False]

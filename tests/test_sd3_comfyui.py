@@ -5,6 +5,8 @@ modules under the original MMDiT's names (`lora_unet_joint_blocks_0_x_block_attn
 original checkpoint's weight (W += α/r · up·down, as ComfyUI merges it), read by diffusers' SD3 single-file
 converter, and the text encoders' pairs merged into transformers' modules; `sample --lora` must give that model and
 its image."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -98,11 +100,11 @@ def test_kohya_sd3_lora_reads_as_comfyui_merges_it(pipes, tmp_path):  # noqa: F8
     assert (got.int() - image.int()).abs().max() <= 1
 
 
-@pytest.mark.parametrize("targets, dora", [("attn", False), ("all", False), ("all", True)])
+@pytest.mark.parametrize("targets, dora", [("attn", False), ("all", False), ("all", True), ("attn", "mixed")])
 def test_kohya_sd3_lora_we_write_merges_to_our_model(pipes, tmp_path, targets, dora):  # noqa: F811
     """Adapters on diffusers' SD3 targets (Q, K, V separately; `all`: the adaLN modulations too), written in
     kohya's layout: merged into Stability's single file as ComfyUI merges it, diffusers' converter gives our merged
-    MMDiT; read back by `sample --lora`, the same weights (DoRA too)."""
+    MMDiT; read back by `sample --lora`, the same weights (DoRA too, and DoRA beside plain LoRA in one fused Q/K/V)."""
     from safetensors.torch import save_file
     from minidream.formats.lora_export import kohya_lora_state_dict
     from minidream.models import lora as lora_lib
@@ -112,7 +114,9 @@ def test_kohya_sd3_lora_we_write_merges_to_our_model(pipes, tmp_path, targets, d
     adapted = loading.load(str(folder))
     names = [n for n, mod in adapted.denoiser.named_modules()
              if isinstance(mod, torch.nn.Linear) and MMDIT_TARGETS[targets].pattern.search(n)]
-    adapters = lora_lib.add_lora(adapted.denoiser, names, lora_lib.AdapterSpec(rank=2, alpha=3.0, dora=dora))
+    spec = lora_lib.AdapterSpec(rank=2, alpha=3.0, dora=bool(dora))
+    adapters = lora_lib.add_lora(adapted.denoiser, names[::2], spec)  # "mixed": Q and V DoRA, K plain, ...
+    adapters |= lora_lib.add_lora(adapted.denoiser, names[1::2], replace(spec, dora=dora is True))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for a in adapters.values():

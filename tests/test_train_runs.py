@@ -189,7 +189,7 @@ def test_checkpoints_of_earlier_versions_resume_the_same(sd1_dir, instance_dir, 
     with safe_open(str(ck), "pt") as f:
         meta = json.loads(f.metadata()["minidream"])
     config = dict(meta["config"], train=meta["config"].pop("mode"))
-    del config["optimizer"], meta["settings_version"]  # as written before checkpoints carried a version
+    del config["optimizer"], config["text_encoders"], meta["settings_version"]  # as before versions and these
     save_file(load_file(ck), ck, metadata={"minidream": json.dumps({**meta, "config": config})})
     for folder in (out, old):
         r = run_cli(*train_args(sd1_dir, instance_dir, folder, *args, "--resume", "latest"))
@@ -197,6 +197,28 @@ def test_checkpoints_of_earlier_versions_resume_the_same(sd1_dir, instance_dir, 
     a, b = (load_file(d / "lora" / "pytorch_lora_weights.safetensors") for d in (out, old))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((old / "run.json").read_text())["mode"] == "lora"
+
+
+# the settings of version 0 (checkpoints before settings_version): every later one is in resume_settings.ADDED
+VERSION_0 = {
+    "adam_beta1", "adam_beta2", "adam_epsilon", "allow_pickle", "attention", "batch_size", "cache_latents",
+    "center_crop", "checkpoint_every", "class_batch_size", "class_dir", "class_guidance", "class_negative_prompt",
+    "class_noun", "class_precision", "class_prompt", "class_steps", "config", "device", "flip", "grad_accum",
+    "gradient_checkpointing", "identifier", "instance_dir", "instance_prompt", "keep_last", "lora_alpha", "lora_rank",
+    "lr", "lr_power", "lr_schedule", "max_grad_norm", "mixed_precision", "mode", "model", "noise_offset",
+    "num_class_images", "out", "preset", "prior", "prior_loss_weight", "resolution", "revision", "save_as", "seed",
+    "snr_gamma", "steps", "text_encoder_lr", "text_encoder_steps", "tf32", "token_lr", "tokenizer",
+    "train_text_encoder", "train_token", "validation_every", "validation_images", "validation_prompts",
+    "validation_steps", "variant", "warmup_steps", "weight_decay"}
+
+
+def test_every_new_setting_says_what_older_checkpoints_ran_with():
+    """A setting added to TrainConfig needs its ADDED row (the value older checkpoints ran with), or every older
+    checkpoint stops resuming (it lacks the key)."""
+    from minidream.training.config import OPTIONS
+    from minidream.training.resume_settings import ADDED, SETTINGS_VERSION
+    later = [k for v in ADDED.values() for k in v]
+    assert set(OPTIONS) == VERSION_0 | set(later) and len(later) == len(set(later)) and max(ADDED) == SETTINGS_VERSION
 
 
 def test_a_finished_run_extends_from_its_last_step(sd1_dir, instance_dir, tmp_path):

@@ -123,8 +123,9 @@ def _pair(members: list, adapted: list) -> dict[str, torch.Tensor]:
         ups.append((up, w.shape[0]))
         if isinstance(m, LoRA):
             downs.append(m.lora_down.weight.detach().float())
+        # DoRA's m where it has one; else the norms of the rows as they are (W + ΔW), which DoRA leaves unchanged
         norms.append(m.magnitude.detach().float() if isinstance(m, LoRA) and m.magnitude is not None
-                     else row_norm(w.detach().float()))
+                     else row_norm((m.merged() if isinstance(m, LoRA) else w).detach().float()))
     rank = sum(d.shape[0] for d in downs)
     blocks, col = [], 0
     for up, rows in ups:
@@ -136,6 +137,6 @@ def _pair(members: list, adapted: list) -> dict[str, torch.Tensor]:
     first = adapted[0][0]
     pair = {"lora_down": torch.cat(downs), "lora_up": lora_up.view(-1, rank, *[1] * (first.lora_up.weight.dim() - 2)),
             "alpha": torch.tensor(float(scale * rank))}
-    if first.magnitude is not None:
+    if any(m.magnitude is not None for m, _ in adapted):
         pair["dora_scale"] = magnitude.view(-1, *[1] * (first.base.weight.dim() - 1))
     return pair

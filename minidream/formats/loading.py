@@ -29,7 +29,7 @@ def load(model: str, revision: str | None = None, variant: str | None = None, al
                          f"as separate files (drop the flag)")
     if sd is not None:
         if is_sd3_file(sd):
-            return load_sd3_single_file(path, sd, dtype, tokenizer, config, preset, t5, text_encoders)
+            return load_sd3_single_file(path, sd, dtype, tokenizer, config, preset, t5, text_encoders, allow_pickle)
         return load_single_file(path, allow_pickle=allow_pickle, dtype=dtype, tokenizer=tokenizer, preset=preset,
                                 config=config, sd=sd)
     ignored = [f for f, v in (("--preset", preset), ("--config", config), ("--tokenizer", tokenizer)) if v]

@@ -7,11 +7,12 @@ Read: W' = W + s·(α/r)·B A for a file at strength s.
   likewise), and the older attention-processor names (`attn1.processor.to_q_lora.down.weight`, `.lora.down.`,
   `.lora_linear_layer.down.`); α and r from the file's `lora_adapter_metadata` (PEFT's r, lora_alpha, rank_pattern,
   alpha_pattern, use_rslora) or `<module>.alpha` keys, else α = r.
-- kohya / LyCORIS LoCon: `lora_unet_<module>` and `lora_te_<module>` (or `lora_te1_`, SDXL's `lora_te2_`) with
-  `.lora_down.weight`, `.lora_up.weight` and `.alpha`; modules named as in diffusers (kohya's SD 1.x/2.x networks) or
-  as in the original UNet (`input_blocks_4_1_proj_in`). A convolution's adapter (3×3 resnet convs, 1×1
-  proj_in/out, up/downsamplers) is a down conv (r, in, kh, kw) then a 1×1 up conv (out, r): the merged ΔW sums
-  over r and keeps the kernel.
+- kohya / LyCORIS LoCon: `lora_unet_<module>` and `lora_te_<module>` (or `lora_te1_`, SDXL's and SD3's `lora_te2_`,
+  SD3's T5 `lora_te3_`) with `.lora_down.weight`, `.lora_up.weight` and `.alpha`; modules named as in diffusers
+  (kohya's SD 1.x/2.x networks) or as in the original checkpoint (`input_blocks_4_1_proj_in`; SD3's
+  `joint_blocks_0_x_block_attn_qkv`, one pair for three of our modules: kohya_names.py). A convolution's adapter
+  (3×3 resnet convs, 1×1 proj_in/out, up/downsamplers) is a down conv (r, in, kh, kw) then a 1×1 up conv (out, r):
+  the merged ΔW sums over r and keeps the kernel.
 - LyCORIS LoHa (`hada_w1_a/b`, `hada_w2_a/b`, Tucker `hada_t1/t2`) and LoKr (`lokr_w1` or `lokr_w1_a/b`, `lokr_w2`
   or `lokr_w2_a/b`, Tucker `lokr_t2`) under kohya's names, linear and conv: lycoris_files.py, scaled as A1111 and
   ComfyUI scale them.
@@ -210,7 +211,8 @@ def apply_loras(model, loras: list[tuple[Path, float]], allow_pickle: bool = Fal
                 # holds inf/NaN) is refused before any module changes
                 bound = abs(s) * d.bound()
                 if not bound < torch.finfo(w.dtype).max / 2:
-                    raise ModelError(f"{file}: LoRA module {comp}:{name} at strength {s} would make the weights "
+                    shown = model.family.denoiser if comp == "denoiser" else comp
+                    raise ModelError(f"{file}: LoRA module {shown}:{name} at strength {s} would make the weights "
                                      f"overflow or not numbers (its factors reach {bound:.3g})")
         with torch.no_grad():
             for w, delta in resolved:
@@ -226,9 +228,11 @@ def _targets(model, nets: dict, index: dict, file, comp: str, name: str, delta) 
     if comp == "unet" and family.denoiser == "transformer":
         raise ModelError(f"{file}: it adapts a UNet: a LoRA for SD 1.x/2.x/XL, not for {family.title}")
     if comp not in index:
-        t5 = " (or it adapts T5: load the model with its T5)" if comp == "text_encoder_3" else ""
+        if comp == "text_encoder_3" and family.t5:
+            raise ModelError(f"{file}: it adapts T5 (lora_te3_), which this model was loaded without (--no-t5); "
+                             f"load it with its T5")
         raise ModelError(f"{file}: it adapts a {comp}, which this {family.title} model does not have: it is a LoRA "
-                         f"for another model family{t5}")
+                         f"for another model family")
     shown = family.denoiser if comp == "denoiser" else comp
     net = model.denoiser if comp == "denoiser" else nets[comp]
     found = index[comp].get(name) or index[comp].get(name.replace(".", "_")) or []

@@ -182,8 +182,9 @@ def _encoder(sd, name, cfgs, cdir, file, used, dtype, what):
         return build(clip.CLIPTextModel, cfgs[name], weights, str(file), dtype)
     if cdir is not None and (cdir / name).is_dir():
         return load_text_encoder(cdir / name, dtype=dtype)
-    raise ModelError(f"{file}: holds no {slot.token_key} text encoder ({slot.original}…); pass --config with an SD3 "
-                     f"diffusers folder that has {name}/")
+    raise ModelError(f"{file}: holds no {slot.token_key} text encoder ({slot.original}…); give its file with "
+                     f"--text-encoders (ComfyUI's {slot.token_key}), or --config with an SD3 diffusers folder that has "
+                     f"{name}/")
 
 
 def _t5(sd, cfgs, cdir, file, used, dtype, wanted: bool):
@@ -197,17 +198,20 @@ def _t5(sd, cfgs, cdir, file, used, dtype, wanted: bool):
         return build(t5.T5EncoderModel, config, t5_state(mine), str(file), dtype)
     if cdir is not None and (cdir / "text_encoder_3").is_dir():
         return load_t5(cdir / "text_encoder_3", dtype=dtype)
-    raise ModelError(f"{file}: holds no T5 text encoder ({T5_PREFIX}…); pass --config with an SD3 diffusers folder "
-                     f"that has text_encoder_3/, or --no-t5 to run without it")
+    raise ModelError(f"{file}: holds no T5 text encoder ({T5_PREFIX}…); give its file with --text-encoders (ComfyUI's "
+                     f"t5xxl), or --config with an SD3 diffusers folder that has text_encoder_3/, or --no-t5 to run "
+                     f"without it")
 
 
-def with_separate_encoders(sd: dict, files: tuple[str, ...], file: Path, cfgs: dict) -> dict:
+def with_separate_encoders(sd: dict, files: tuple[str, ...], file: Path, cfgs: dict,
+                           allow_pickle: bool = False) -> tuple[dict, dict]:
     """ComfyUI keeps SD3's text encoders as files of their own (clip_l.safetensors, clip_g.safetensors,
     t5xxl_fp16.safetensors), each in transformers' layout: each is told apart by its keys and width, then read as if
-    the single file held it (under its `text_encoders.` prefix), by the same tables."""
-    sd, by_width = dict(sd), {cfgs[slot.name].width: slot for slot in FAMILY.encoders}
+    the single file held it (under its `text_encoders.` prefix), by the same tables. Returns the weights and each
+    added prefix's file (to name it in an error)."""
+    sd, by_width, origins = dict(sd), {cfgs[slot.name].width: slot for slot in FAMILY.encoders}, {}
     for f in files:
-        part = read_weights(Path(f))
+        part = read_weights(Path(f), allow_pickle)
         token = part.get("text_model.embeddings.token_embedding.weight")
         if any(k.startswith("encoder.block.") for k in part):
             prefix, kind = T5_PREFIX, "T5 (t5xxl)"
@@ -221,19 +225,20 @@ def with_separate_encoders(sd: dict, files: tuple[str, ...], file: Path, cfgs: d
             raise ModelError(f"--text-encoders {f}: a {kind} is already given (in {file} or another file); give "
                              f"each text encoder once")
         sd.update({prefix + k: v for k, v in part.items() if not k.endswith("position_ids")})
-    return sd
+        origins[prefix] = f
+    return sd, origins
 
 
 def load_sd3_single_file(file: Path, sd: dict, dtype=None, tokenizer: str | None = None, config: str | None = None,
-                         preset: str | None = None, t5_wanted: bool = True,
-                         text_encoders: tuple[str, ...] = ()) -> StableDiffusion:
+                         preset: str | None = None, t5_wanted: bool = True, text_encoders: tuple[str, ...] = (),
+                         allow_pickle: bool = False) -> StableDiffusion:
     """An SD3 single file as one StableDiffusion: configs (`_configs`), the MMDiT and VAE by the key tables, the
     text encoders from the file, the separate files (ComfyUI's) or --config's folder; every key used, strictly."""
     encoders_inside = text_encoders or FAMILY.encoders[0].original + "embeddings.token_embedding.weight" in sd
     cdir = resolve(config, weights=not encoders_inside) if config else None  # its weights: only to take encoders
     what = f"the architecture in {config}" if config else "an SD3 checkpoint (pass --config for another)"
     cfgs, used = _configs(sd, file, cdir, preset), set()
-    sd = with_separate_encoders(sd, text_encoders, file, cfgs)
+    sd, origins = with_separate_encoders(sd, text_encoders, file, cfgs, allow_pickle)
     check_parts(file, cfgs)
     parts = {}
     for name, cls, table in (("transformer", mmdit.SD3Transformer2DModel, mmdit_table),
@@ -246,8 +251,10 @@ def load_sd3_single_file(file: Path, sd: dict, dtype=None, tokenizer: str | None
     text_encoder_3 = _t5(sd, cfgs, cdir, file, used, dtype, t5_wanted)
     unused = [k for k in sd if k not in used]
     if unused:
-        raise ModelError(f"{file}: unexpected key {unused[0]!r}" + (f" and {len(unused) - 1} more" if len(unused) > 1
-                                                                     else "") + f"; is it {what}?")
+        prefix = next((p for p in origins if unused[0].startswith(p)), "")  # a key of a --text-encoders file
+        source = f"--text-encoders {origins[prefix]}" if prefix else file
+        raise ModelError(f"{source}: unexpected key {unused[0].removeprefix(prefix)!r}" + (
+            f" and {len(unused) - 1} more" if len(unused) > 1 else "") + f"; is it {what}?")
     toks = _tokenizers(cdir, tokenizer, file)
     if text_encoder_3 is not None and toks["tokenizer_3"] is None:
         raise ModelError(f"{file}: T5 needs its tokenizer (tokenizer_3/); pass --config or --tokenizer with one")

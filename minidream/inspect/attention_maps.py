@@ -57,12 +57,13 @@ def capture_cross_attention(denoiser: torch.nn.Module, store: CrossAttentionStor
         store.add(probabilities(q, k))
 
     def joint(attn: JointAttention, args, output):  # one softmax over image and text keys: the text's columns
-        x, context = args[0], args[1]
+        x, context = args[0][-store.batch:], args[1][-store.batch:]  # CFG's conditional rows
         q, k, _ = attn.heads_of(x, attn.to_q, attn.to_k, attn.to_v, "norm_q", "norm_k")
         _, ck, _ = attn.heads_of(context, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, "norm_added_q",
                                  "norm_added_k")
-        N = x.shape[1]
-        store.add(probabilities(q, torch.cat([k, ck], dim=2))[:, :, N:N + store.tokens])
+        keys, N, H = torch.cat([k, ck], dim=2), x.shape[1], q.shape[1]
+        # a head at a time: the whole (B, heads, N, N + M) table would be gigabytes at 1024 px
+        store.add(sum(probabilities(q[:, h:h + 1], keys[:, h:h + 1])[:, :, N:N + store.tokens] for h in range(H)) / H)
     return [m.register_forward_hook(joint if isinstance(m, JointAttention) else cross)
             for name, m in denoiser.named_modules()
             if isinstance(m, JointAttention) and hasattr(m, "add_k_proj")

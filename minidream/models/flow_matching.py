@@ -28,6 +28,8 @@ class FlowConfig:
     def from_dict(cls, d: dict) -> "FlowConfig":
         names = {"num_train_timesteps", "shift"}
         own = {k: v for k, v in d.items() if k in names}
+        if "flow_shift" in d and "shift" not in d:  # the multistep solvers' name for it (with use_flow_sigmas)
+            own["shift"] = d["flow_shift"]
         extra = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()
                              if k not in names and not k.startswith("_")))
         return cls(**own, class_name=d.get("_class_name", cls.class_name), given=tuple(sorted(own)), extra=extra)

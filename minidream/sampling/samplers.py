@@ -61,11 +61,11 @@ _FLOW_ONLY = {"use_dynamic_shifting": (False,), "invert_sigmas": (False,), "shif
               "stochastic_sampling": (False,)}
 # The multistep solvers are the reference as diffusers documents them for flow models (Wan, SANA) and as the SD3
 # pipeline runs them: `<Class>.from_config(pipe.scheduler.config, use_flow_sigmas=True,
-# prediction_type="flow_prediction", flow_shift=<the model's shift>)`, then set_timesteps(steps). They read the shift
-# from `shift` (FlowConfig), so a file that sets flow_shift is refused rather than read as something else; the
-# options below that change their σ or their update are refused.
+# prediction_type="flow_prediction", flow_shift=<the model's shift>)`, then set_timesteps(steps); a model that ships
+# one of them has its shift read from flow_shift (FlowConfig.from_dict). The options below that change their σ or
+# their update are refused.
 _FLOW_MULTISTEP = {**_MULTISTEP, "use_karras_sigmas": (False,), "solver_order": (2,), "use_flow_sigmas": (True,),
-                   "prediction_type": ("flow_prediction",), "flow_shift": ()}
+                   "prediction_type": ("flow_prediction",)}
 FLOW_SAMPLERS = {
     "euler": SamplerRow(FlowEuler, {}, "FlowMatchEulerDiscreteScheduler", {}, _FLOW_ONLY),
     "heun": SamplerRow(FlowHeun, {}, "FlowMatchHeunDiscreteScheduler", {}, _FLOW_ONLY),

@@ -146,6 +146,18 @@ class TextConditioning:
         """Neither the text encoder nor a new token trains: each prompt's conditioning is computed once."""
         return not (self.token_trains or (self.te_params and self.te_params[0].requires_grad))
 
+    def encode_t5(self):
+        """Every prompt the run will draw, through T5 now (RowMemo): the step then no longer needs T5."""
+        memo, L = self.model.text_encoder_3, self.model.max_sequence_length
+        if isinstance(memo, RowMemo):
+            prompts = list(dict.fromkeys(self.base + self.every))
+            memo(self.model.tokenizer_3(prompts, L).to(next(memo.parameters()).device))
+
+    def unwrap(self):
+        """The model's own T5 back in its place (the RowMemo's states go with it)."""
+        if isinstance(self.model.text_encoder_3, RowMemo):
+            self.model.text_encoder_3 = self.model.text_encoder_3.encoder
+
     def encode_all(self):
         """Every prompt the run will draw, encoded now (frozen): the text encoders are then no longer needed. (Under
         --fsdp a trained encoder is sharded: every process must encode the same prompts together.)"""

@@ -91,7 +91,8 @@ def absolute_paths(cfg: "TrainConfig") -> "TrainConfig":
                      for c in cfg.concepts if isinstance(c, dict))
     model = full(cfg.model) if cfg.model and Path(cfg.model).expanduser().exists() else cfg.model
     return replace(cfg, instance_dir=full(cfg.instance_dir), class_dir=full(cfg.class_dir), mask_dir=full(cfg.mask_dir),
-                   model=model, concepts=concepts if len(concepts) == len(cfg.concepts) else cfg.concepts)
+                   model=model, concepts=concepts if len(concepts) == len(cfg.concepts) else cfg.concepts,
+                   text_encoders=tuple(full(p) for p in cfg.text_encoders))
 
 
 def path_text(p) -> str | None:

@@ -108,6 +108,7 @@ def train_and_export(cfg: TrainConfig, out: Path, model: StableDiffusion, data: 
             model.denoiser.eval()
             written = export(cfg, trained)
         distributed.barrier(rt.group)  # the processes end together: none leaves while a peer may still send
+        stepper.text.unwrap()
         return model, written
 
 

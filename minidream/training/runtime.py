@@ -74,7 +74,7 @@ class Runtime:
         """The model on this run's device, its UNet and VAE with this run's attention kernel."""
         model.to(self.device)
         if self.device.type == "cpu":  # oneDNN's convolutions run faster on channels-last tensors (the VAE's
-            model.vae.to(memory_format=torch.channels_last)  # encode: -10% here, benchmarks/results/step-cpu-sd35-*)
+            model.vae.to(memory_format=torch.channels_last)  # encode; docs/benchmarks.md, the SD3.5 step)
         set_attention_backend(model.denoiser, self.attention)
         set_attention_backend(model.vae, self.attention)
         return model
