@@ -166,5 +166,9 @@ def test_comfyui_separate_text_encoders(pipes, tmp_path):  # noqa: F811
     twice = (str(files["text_encoder"]), str(files["text_encoder"]))
     with pytest.raises(ModelError, match="already given"):
         loading.load(str(bare), tokenizer=str(folder), text_encoders=twice)
+    with pytest.raises(ModelError, match="no such file"):
+        loading.load(str(bare), tokenizer=str(folder), text_encoders=(str(tmp_path / "nope.safetensors"),))
+    with pytest.raises(ModelError, match="which --no-t5 leaves unread"):
+        loading.load(str(bare), tokenizer=str(folder), text_encoders=(str(files["text_encoder_3"]),), t5=False)
     with pytest.raises(ModelError, match="only those take"):
         loading.load(str(folder), text_encoders=(str(files["text_encoder"]),))

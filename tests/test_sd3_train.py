@@ -177,6 +177,8 @@ def test_resume_is_bit_exact(sd3_dir, instance_dir, tmp_path):
     ("sd1", "--no-t5", None, "--no-t5:"),
     ("sd1", "--max-sequence-length", 77, "--max-sequence-length: SD 1.x has no T5 text encoder"),
     ("sd1", "--text-encoders", "clip_l.safetensors", "--text-encoders: "),
+    ("sd3", "--resolution", 72, "--resolution 72: this model's position table reaches 64 px a side"),
+    ("sd3", "--aspect-buckets", ["--max-aspect", 4, "--resolution", 48], "its widest --aspect-buckets shape"),
     ("sd3", "--clip-skip", 2, "--clip-skip: SD 3/3.5 already reads"),
 ])
 def test_options_of_other_families_are_refused_by_name(sd3_dir, sd1_dir, instance_dir, tmp_path, model, flag, value,

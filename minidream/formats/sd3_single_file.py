@@ -203,14 +203,16 @@ def _t5(sd, cfgs, cdir, file, used, dtype, wanted: bool):
                      f"without it")
 
 
-def with_separate_encoders(sd: dict, files: tuple[str, ...], file: Path, cfgs: dict,
-                           allow_pickle: bool = False) -> tuple[dict, dict]:
+def with_separate_encoders(sd: dict, files: tuple[str, ...], file: Path, cfgs: dict, allow_pickle: bool = False,
+                           t5_wanted: bool = True) -> tuple[dict, dict]:
     """ComfyUI keeps SD3's text encoders as files of their own (clip_l.safetensors, clip_g.safetensors,
     t5xxl_fp16.safetensors), each in transformers' layout: each is told apart by its keys and width, then read as if
     the single file held it (under its `text_encoders.` prefix), by the same tables. Returns the weights and each
     added prefix's file (to name it in an error)."""
     sd, by_width, origins = dict(sd), {cfgs[slot.name].width: slot for slot in FAMILY.encoders}, {}
     for f in files:
+        if not Path(f).is_file():
+            raise ModelError(f"--text-encoders {f}: {'not a file' if Path(f).exists() else 'no such file'}")
         part = read_weights(Path(f), allow_pickle)
         token = part.get("text_model.embeddings.token_embedding.weight")
         if any(k.startswith("encoder.block.") for k in part):
@@ -221,6 +223,8 @@ def with_separate_encoders(sd: dict, files: tuple[str, ...], file: Path, cfgs: d
         else:
             raise ModelError(f"--text-encoders {f}: not a CLIP-L, CLIP-G or T5 text encoder in transformers' layout "
                              f"(ComfyUI's clip_l, clip_g, t5xxl files)")
+        if prefix == T5_PREFIX and not t5_wanted:
+            raise ModelError(f"--text-encoders {f}: a T5 file, which --no-t5 leaves unread; drop one of the two")
         if any(k.startswith(prefix) for k in sd):
             raise ModelError(f"--text-encoders {f}: a {kind} is already given (in {file} or another file); give "
                              f"each text encoder once")
@@ -238,7 +242,7 @@ def load_sd3_single_file(file: Path, sd: dict, dtype=None, tokenizer: str | None
     cdir = resolve(config, weights=not encoders_inside) if config else None  # its weights: only to take encoders
     what = f"the architecture in {config}" if config else "an SD3 checkpoint (pass --config for another)"
     cfgs, used = _configs(sd, file, cdir, preset), set()
-    sd, origins = with_separate_encoders(sd, text_encoders, file, cfgs, allow_pickle)
+    sd, origins = with_separate_encoders(sd, text_encoders, file, cfgs, allow_pickle, t5_wanted)
     check_parts(file, cfgs)
     parts = {}
     for name, cls, table in (("transformer", mmdit.SD3Transformer2DModel, mmdit_table),

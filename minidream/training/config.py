@@ -324,7 +324,8 @@ class TrainConfig:
                                 "configs and tokenizer describe it.")
     text_encoders: tuple[str, ...] = option((), "For an SD3 single file without its text encoders: ComfyUI's "
                                             "separate files (clip_l, clip_g, t5xxl .safetensors), in any order; "
-                                            "repeat the flag.", check=paths)
+                                            "repeat the flag (resuming: the run's own, or the same files moved).",
+                                            check=paths, resumable=True)
 
     def __post_init__(self):
         if not self.save_as and self.mode in MODES:  # (): the mode's own formats

@@ -14,7 +14,7 @@ from minidream.models.flow_matching import FlowProcess
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import TrainError, distributed, run_folder, runtime
 from minidream.training.checkpoint import Checkpointer, Resume, base_fingerprint, per_process_batch, resume_from
-from minidream.training.dataset import TrainingData
+from minidream.training.dataset import TrainingData, buckets
 from minidream.training.concepts_file import with_folder_names
 from minidream.training.config import (OPTIONS, TrainConfig, absolute_paths, combinations, flag, validate,
                                        validate_resolution)
@@ -138,6 +138,18 @@ VALIDATION_SAMPLING = {"steps": "validation_steps", "sampler": "validation_sched
                        "width": "resolution"}
 
 
+def check_position_table(cfg: TrainConfig, model: StableDiffusion):
+    """An MMDiT's position table bounds the image sides it trains on: --resolution, and the widest aspect bucket."""
+    if model.max_side is None:
+        return
+    shapes = buckets(cfg.resolution, model.downsampling, cfg.max_aspect) if cfg.aspect_buckets else []
+    largest = max([cfg.resolution, *(max(s) for s in shapes)])
+    if largest > model.max_side:
+        by = f" (its widest --aspect-buckets shape has a side of {largest} px)" if largest > cfg.resolution else ""
+        raise TrainError(f"--resolution {cfg.resolution}{by}: this model's position table reaches {model.max_side} "
+                         f"px a side; give a lower --resolution{' or --max-aspect' if by else ''}")
+
+
 def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
     """The settings that need the model: the resolution (by default the model's own, stored in run.json for
     resume), the samplers, the identifier; and a missing --report-to package, before any work."""
@@ -145,6 +157,7 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
         cfg = replace(cfg, resolution=model.native_resolution)
         print(f"--resolution {cfg.resolution} (the model's native resolution)", file=sys.stderr)
     validate_resolution(cfg.resolution, model.downsampling)
+    check_position_table(cfg, model)
     for params, used, names in ((cfg.class_sampling, cfg.prior, CLASS_SAMPLING),
                                 (cfg.validation_sampling, cfg.validation_prompts, VALIDATION_SAMPLING)):
         wrong = params.problem(model) if used else None  # its own scheduler may be one we lack; its timesteps
