@@ -80,3 +80,21 @@ def test_a_mask_weighs_the_flow_loss(sd3_dir, instance_dir, tmp_path):  # noqa: 
         assert r.exit_code == 0, r.output
     a, b, c = (change(None, run, LORA) for run in (plain, white, half))
     assert torch.equal(a, b) and (a - c).norm() > 1e-3 * a.norm()
+
+
+def test_one_run_with_the_rest_of_the_options(sd3_dir, instance_dir, tmp_path):  # noqa: F811
+    """Aspect buckets, captions, a validation grid and the held-out loss, snapshots, fused backward with Adafactor,
+    in one SD3 run: it trains and writes what each promises."""
+    import shutil
+    photos, out = tmp_path / "photos", tmp_path / "run"
+    shutil.copytree(instance_dir, photos)
+    for p in photos.glob("*.png"):
+        p.with_suffix(".txt").write_text(f"a photo of sks dog, number {p.stem}")
+    r = run_cli(*train_args(sd3_dir, photos, out, "--train", "lora", "--device", "cpu", "--aspect-buckets",
+                            "--caption-ext", ".txt", "--validation-prompt", "a photo of sks dog", "--validation-every",
+                            2, "--validation-steps", 2, "--save-every", 2, "--steps", 4, "--fused-backward",
+                            "--optimizer", "adafactor", "--save-as", "lora-diffusers"))
+    assert r.exit_code == 0, r.output
+    assert (out / "samples" / "step-000002.png").is_file() and (out / "samples" / "final.png").is_file()
+    assert any("val_loss_instance" in line for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert any((out / "snapshots").iterdir()) and (out / LORA).is_file()

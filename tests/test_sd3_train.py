@@ -106,6 +106,8 @@ def test_lora_exports_give_diffusers_images(sd3_dir, instance_dir, tmp_path):
     assert (got.int() - want.int()).abs().max() <= 1
     kohya = ours(sd3_dir, tmp_path / "with-kohya", "a photo of dog", "--lora", out / "lora_kohya.safetensors")
     assert (kohya.int() - want.int()).abs().max() <= 1  # kohya's layout (tests/test_sd3_comfyui.py), the same
+    from minidream.formats.files import read_metadata
+    assert read_metadata(out / "lora_kohya.safetensors")["ss_network_module"] == "networks.lora_sd3"
     base = theirs(StableDiffusion3Pipeline.from_pretrained(sd3_dir), "a photo of dog")
     assert (got.int() - base.int()).abs().max() > 1  # the LoRA changed the image
     prompt = "a photo of <sks> dog"

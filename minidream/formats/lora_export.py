@@ -113,7 +113,7 @@ def kohya_metadata(model) -> dict[str, str]:
     dropout = getattr(first.dropout, "p", 0.0)
     if dropout:  # PEFT's dropout of the adapter's input (kohya's ss_network_dropout is one after lora_down)
         args.update(lora_dropout=f"{dropout:g}")
-    meta = {"ss_network_module": "lycoris.kohya" if dora else "networks.lora",
+    meta = {"ss_network_module": "lycoris.kohya" if dora else model.family.kohya_network,
             "ss_network_dim": str(first.rank), "ss_network_alpha": f"{first.alpha:g}", "ss_network_dropout": "None",
             "ss_network_args": json.dumps(args) if args else "null",
             **dict(model.family.kohya_metadata),

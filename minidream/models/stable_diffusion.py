@@ -111,6 +111,7 @@ class Family:
     vae_fp32_decode: bool = False  # an fp16 VAE decodes in fp32 when its config says force_upcast (SDXL's overflows)
     kohya_unet_names: str = "diffusers"  # how kohya LoRA files name the UNet's modules: "diffusers" or "original"
     kohya_metadata: tuple = ()  # (key, value) pairs kohya's networks write for this family
+    kohya_network: str = "networks.lora"  # the sd-scripts network module its LoRA files name (ss_network_module)
     modelspec_implementation: str = "diffusers"  # the model spec's "implementation" of this family's files
 
     @property
@@ -214,6 +215,7 @@ FAMILIES = {
                   forward_process=FlowProcess, denoiser="transformer", denoiser_presets=mmdit.PRESETS,
                   lora_targets=MMDIT_TARGETS, penultimate=True, t5=True, default_steps=28, default_guidance=7.0,
                   kohya_unet_names="original", kohya_metadata=(("ss_base_model_version", "sd3"),),
+                  kohya_network="networks.lora_sd3",
                   modelspec_implementation="diffusers"),
 }
 
