@@ -98,16 +98,16 @@ def kohya_denoiser_pairs(model) -> dict[str, dict[str, torch.Tensor]]:
     and dora_scale (per output row, LyCORIS' wd_on_out). Several of ours that are one original module (SD3's
     Q, K, V) are one pair: the downs stacked, the ups block-diagonal in the original's row order, each up
     carrying its own α/r over the pair's (α = that scale × the stacked rank), which is exact; a row block without
-    an adapter is zero, its DoRA magnitude the base rows' norms, which leaves it unchanged."""
+    an adapter is zero; where some have DoRA, the others' magnitudes are their rows' norms (of W, or W + ΔW), which
+    DoRA leaves as they are."""
     original = model.family.kohya_unet_names == "original"
     parts = original_parts(model) if original else {n: Part(n) for n in adapted_modules(model.denoiser)}
     groups = {}
     for name, part in parts.items():
         groups.setdefault(part.original, []).append((model.denoiser.get_submodule(name), part))
     out = {}
-    for members in groups.values():
-        members.sort(key=lambda member: member[1].chunk or (0, 1))  # Q, K, V
     for name, members in groups.items():
+        members.sort(key=lambda member: member[1].chunk or (0, 1))  # Q, K, V
         adapted = [(m, part) for m, part in members if isinstance(m, LoRA)]
         if adapted:
             out[name.replace(".", "_")] = _pair(members, adapted)
