@@ -14,7 +14,7 @@ import torch
 from .common import count_flops, peak_memory, peak_tflops, timeit, write
 from minidream.models.attention import set_attention_backend
 from minidream.formats.configs import clip_config_json, unet_config_json, vae_config_json
-from minidream.models.stable_diffusion import encode_text, random_model, size_conditioning, size_ids
+from minidream.models.stable_diffusion import encode_text, random_model, image_conditioning, size_ids
 from minidream.sampling.pipeline import SamplingParams, generate
 from minidream.models.tokenizer import train_bpe
 from minidream.training.step import training_step
@@ -39,7 +39,7 @@ def conditioning(ours, prompts: list[str], res: int, device) -> dict:
     with torch.no_grad():
         cond = encode_text(ours, prompts)
     ids = size_ids((res, res), (0, 0), (res, res)).expand(len(prompts), 6).to(device)
-    return {**cond, **size_conditioning(ours, ids)}
+    return {**cond, **image_conditioning(ours, ids)}
 
 
 def diffusers_kwargs(cond: dict) -> dict:

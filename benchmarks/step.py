@@ -76,7 +76,7 @@ def diffusers(folder: str, mode: str, device: str, res: int, cache_latents: bool
     text.requires_grad_(False)
     unet.requires_grad_(mode == "unet")
     if mode == "attention":  # diffusers has no such mode; the same projections as ours, unfrozen
-        from minidream.models.stable_diffusion import UNET_TARGETS
+        from minidream.models.lora_targets import UNET_TARGETS
         for name, m in unet.named_modules():
             if UNET_TARGETS["attn"].pattern.fullmatch(name):
                 m.requires_grad_(True)

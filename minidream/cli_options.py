@@ -35,6 +35,7 @@ class Loader:
     config: str | None = train_option("config")
     t5: bool = train_option("t5")
     text_encoders: tuple[str, ...] = train_option("text_encoders")
+    vae: str | None = train_option("vae")
 
 
 @dataclass(frozen=True)

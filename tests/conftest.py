@@ -213,3 +213,35 @@ def build_sd3_pipeline_dir(folder: Path, tokenizer, t5_tokenizer, variant: str =
         tokenizer_3=T5TokenizerFast.from_pretrained(folder / "_tok3") if with_t5 else None)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def tiny_flux_transformer_kwargs(dev: bool = True):
+    return dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=96, pooled_projection_dim=32, guidance_embeds=dev,
+                axes_dims_rope=(4, 6, 6))
+
+
+def build_flux_pipeline_dir(folder: Path, tokenizer, t5_tokenizer, dev: bool = True, seed: int = 0):
+    """A tiny random FluxPipeline written by diffusers' save_pretrained: CLIP-L 32 wide (unprojected), a 3-layer
+    T5 v1.1 96 wide, the 16-channel VAE with Flux's scale and shift, a transformer of 2 double and 2 single blocks
+    ([dev]: with the guidance embedder), and the scheduler of [dev] (shift by image size) or [schnell] (none)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+    torch.manual_seed(seed)
+    transformer = perturb(FluxTransformer2DModel(**tiny_flux_transformer_kwargs(dev)), seed, scale=0.1)
+    vae = perturb(AutoencoderKL(**{**tiny_vae_kwargs(), "latent_channels": 16}, use_quant_conv=False,
+                                use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159), seed + 1)
+    text = perturb(CLIPTextModel(tiny_clip_config(len(tokenizer))), seed + 2)
+    t5 = perturb(T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=96, d_kv=8, d_ff=64, num_layers=3,
+                                         num_heads=4, feed_forward_proj="gated-gelu", is_encoder_decoder=False)),
+                 seed + 4, scale=0.2)
+    shift = dict(use_dynamic_shifting=True, shift=3.0) if dev else dict(use_dynamic_shifting=False, shift=1.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                                max_shift=1.15, **shift)
+    tokenizer.save(folder / "_tok")
+    t5_tokenizer.save(folder / "_tok2")
+    pipe = FluxPipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text,
+                        tokenizer=CLIPTokenizer.from_pretrained(folder / "_tok"), text_encoder_2=t5,
+                        tokenizer_2=T5TokenizerFast.from_pretrained(folder / "_tok2"))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -75,11 +75,20 @@ def test_vae_decode_shifts(pipes):
     (1.0, 16, 24, None, None),              # CFG off, non-square
     (4.0, 24, 16, "a green cube", None),    # a negative prompt through all three encoders
     (4.0, 16, 16, None, "heun"),            # flow-matching Heun
+    (4.0, 32, 16, None, "dynamic"),         # Euler with the shift by image size (use_dynamic_shifting)
 ])
 def test_images_match_sd3_pipeline(pipes, guidance, height, width, negative, sampler):
+    from dataclasses import replace
     from diffusers import FlowMatchHeunDiscreteScheduler
+    from minidream.models.flow_matching import FlowConfig
     ref, m = pipes
-    if sampler:
+    if sampler == "dynamic":
+        ref = type(ref)(**{**ref.components, "scheduler": type(ref.scheduler).from_config(
+            ref.scheduler.config, use_dynamic_shifting=True, base_image_seq_len=2, max_image_seq_len=8)})
+        ref.set_progress_bar_config(disable=True)
+        m = replace(m, scheduler=FlowConfig.from_dict(dict(ref.scheduler.config)).check())
+        sampler = None
+    elif sampler:
         ref = type(ref)(**{**ref.components, "scheduler": FlowMatchHeunDiscreteScheduler.from_config(
             ref.scheduler.config)})
         ref.set_progress_bar_config(disable=True)
@@ -297,8 +306,8 @@ def test_sharded_weights_load_and_missing_shards_are_named(pipes, tmp_path):
     (lambda f: _edit_json(f / "model_index.json", text_encoder_3=None), None),  # saved without T5: loads without
     (lambda f: (f / "tokenizer_3" / "tokenizer.json").unlink(), "not a readable T5 tokenizer"),
     (lambda f: _edit_json(f / "transformer" / "config.json", pooled_projection_dim=48), "do not fit together"),
-    (lambda f: _edit_json(f / "scheduler" / "scheduler_config.json", use_dynamic_shifting=True),
-     "use_dynamic_shifting=True is not supported"),
+    (lambda f: _edit_json(f / "scheduler" / "scheduler_config.json", invert_sigmas=True),
+     "invert_sigmas=True is not supported"),
     (lambda f: _edit_json(f / "transformer" / "config.json", qk_norm="layer_norm"), "qk_norm='layer_norm'"),
 ])
 def test_folder_problems_are_one_line(pipes, tmp_path, change, says):

@@ -108,7 +108,7 @@ def test_kohya_sd3_lora_we_write_merges_to_our_model(pipes, tmp_path, targets, d
     from safetensors.torch import save_file
     from minidream.formats.lora_export import kohya_lora_state_dict
     from minidream.models import lora as lora_lib
-    from minidream.models.stable_diffusion import MMDIT_TARGETS
+    from minidream.models.lora_targets import MMDIT_TARGETS
     ref, m = pipes
     folder = m.source
     adapted = loading.load(str(folder))

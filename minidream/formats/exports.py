@@ -17,6 +17,8 @@ import torch
 from minidream.formats.diffusers_layout import save_pretrained
 from minidream.formats.embeddings import save_learned_tokens
 from minidream.formats.lora_export import save_lora_diffusers, save_lora_kohya
+from minidream.formats.flux_layout import save_flux
+from minidream.formats.flux_single_file import save_flux_single_file
 from minidream.formats.sd3_layout import save_sd3
 from minidream.formats.sd3_single_file import save_sd3_single_file
 from minidream.formats.single_file import save_single_file
@@ -25,13 +27,14 @@ from minidream.models.stable_diffusion import StableDiffusion
 
 
 def save_folder(model: StableDiffusion, path: Path, dtype: torch.dtype | None = None):
-    """The diffusers layout of the model's family: SD3's (its own components), else SD's."""
-    (save_sd3 if model.family.name == "sd3" else save_pretrained)(model, path, dtype)
+    """The diffusers layout of the model's family: SD3's and Flux's (their own components), else SD's."""
+    {"sd3": save_sd3, "flux": save_flux}.get(model.family.name, save_pretrained)(model, path, dtype)
 
 
 def save_file(model: StableDiffusion, path: Path, dtype: torch.dtype | None = None):
-    """The family's original single-file layout: Stability's SD3 one, else SD's (LDM's)."""
-    (save_sd3_single_file if model.family.name == "sd3" else save_single_file)(model, path, dtype)
+    """The family's original single-file layout: Stability's SD3 one, BFL's Flux transformer, else SD's (LDM's)."""
+    writer = {"sd3": save_sd3_single_file, "flux": save_flux_single_file}.get(model.family.name, save_single_file)
+    writer(model, path, dtype)
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,13 @@ EXPORTERS = {
     "diffusers": Exporter(save_folder, "model", True, "a folder that the family's diffusers pipeline loads"),
     "single-file": Exporter(save_file, "model.safetensors", True,
                             "the original single-file layout (A1111, ComfyUI; a learned token goes to "
-                            "learned_embeds.safetensors, as they expect)", base_vocabulary=True),
+                            "learned_embeds.safetensors, as they expect; Flux: BFL's transformer file)",
+                            base_vocabulary=True),
     "lora-diffusers": Exporter(save_lora_diffusers, "lora/pytorch_lora_weights.safetensors", False,
                                "LoRA for diffusers' load_lora_weights (--train lora)", adapters=True),
     "lora-kohya": Exporter(save_lora_kohya, "lora_kohya.safetensors", False,
-                           "LoRA in kohya's layout, for A1111 and ComfyUI (--train lora)", adapters=True),
+                           "LoRA in kohya's layout, for A1111 and ComfyUI (--train lora)", adapters=True,
+                           families=("sd1", "sd2", "sdxl", "sd3")),
 }
 CHOICES = tuple(name for name, row in EXPORTERS.items() if row.automatic is None)  # what --save-as offers
 

@@ -151,8 +151,9 @@ def _take(sd, table, want_shapes, used, file, what: str = ""):
             raise ModelError(f"{file}: missing key {orig!r} (for {k}, expected shape {list(want_shapes[k])}); "
                              f"is it {what}?")
         t = sd[orig]
-        if isinstance(how, tuple):
-            t = t.chunk(3, dim=0)[how[1]]
+        if isinstance(how, tuple):  # ("chunk", i): the i-th third; ("chunk", i, j, n): blocks i..j-1 of n
+            i, j, n = (how[1], how[1] + 1, 3) if len(how) == 2 else how[1:]
+            t = torch.cat(t.chunk(n, dim=0)[i:j])
         elif how == "conv1x1" and t.ndim == 4:
             t = t[:, :, 0, 0]
         elif how == "transpose":

@@ -133,6 +133,14 @@ class CLIPTextModel(nn.Module):
     def penultimate_and_pooled(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """SDXL's reading: (B, T, width) states after the last-but-one layer, not normed, and (B, proj) the
         final-normed state at each prompt's end token, projected (unprojected without text_projection)."""
+        return self._read(ids)[1:]
+
+    def final_and_pooled(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, width) the last layer's states, final-normed, and the pooled state (Flux reads CLIP-L's)."""
+        last, _, pooled = self._read(ids)
+        return last, pooled
+
+    def _read(self, ids):
         x = self.embeddings(ids)
         for layer in self.encoder.layers[:-1]:
             x = layer(x)
@@ -141,4 +149,4 @@ class CLIPTextModel(nn.Module):
         # which is the end token unless the prompt holds an added token: kept, as transformers keeps it
         end = ids.argmax(-1) if self.config.eos_token_id == 2 else (ids == self.config.eos_token_id).int().argmax(-1)
         pooled = last[torch.arange(ids.shape[0], device=ids.device), end]
-        return x, (self.text_projection(pooled) if self.config.projection_dim else pooled)
+        return last, x, (self.text_projection(pooled) if self.config.projection_dim else pooled)

@@ -6,7 +6,9 @@ with a_t = 1 - t, b_t = t); the network predicts its velocity dz/dσ = ε - x_0 
 integrates that ODE from σ = 1 (pure noise) to 0. The timestep the network sees is t = 1000 σ.
 
 SD3 spends more steps at high noise at its resolution by a shift of every σ (§5.3.2, "resolution-dependent
-shifting", eq. 23): σ' = s σ / (1 + (s - 1) σ), s = 3 for SD3 and SD3.5.
+shifting", eq. 23): σ' = s σ / (1 + (s - 1) σ), s = 3 for SD3 and SD3.5. Flux.1 [dev] makes the shift depend on the
+image's size when it samples (`use_dynamic_shifting`): σ' = e^μ / (e^μ + 1/σ - 1), the same map with s = e^μ, μ
+linear in the image's token count from base_shift at 256 tokens to max_shift at 4096; it trains unshifted.
 """
 import math
 from dataclasses import dataclass, fields
@@ -21,6 +23,9 @@ class FlowConfig:
     class_name: str = "FlowMatchEulerDiscreteScheduler"
     given: tuple | None = None  # which fields the file set (None: all, as in a preset)
     extra: tuple = ()  # the file's other keys, (key, value) pairs: options of its class
+    # how its pipeline spaces the sampling σ before the shift: the training levels' timesteps evenly (SD3), or
+    # σ = linspace(1, 1/n, n) (Flux's pipeline passes these); set by the loader, never in the file
+    pipeline_sigmas: bool = False
 
     prediction_type = "flow"  # the network predicts the velocity ε - x_0
 
@@ -42,7 +47,8 @@ class FlowConfig:
         return {"_class_name": self.class_name, **own, **dict(self.extra)}
 
     def describe(self) -> str:
-        return f"rectified flow, {self.num_train_timesteps} steps, shift {self.shift:g}"
+        shift = "shift by image size (mu)" if self.dynamic else f"shift {self.shift:g}"
+        return f"rectified flow, {self.num_train_timesteps} steps, {shift}"
 
     def check(self):
         n = self.num_train_timesteps
@@ -52,13 +58,38 @@ class FlowConfig:
         if not (isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0):
             raise ValueError(f"shift={s!r} must be a positive number")
         extra = dict(self.extra)  # options that change the σ levels themselves, for training and every sampler
-        for key, plain in (("use_dynamic_shifting", False), ("invert_sigmas", False), ("shift_terminal", None)):
+        for key, plain in (("invert_sigmas", False), ("shift_terminal", None)):
             if extra.get(key, plain) not in (plain, 0):
                 raise ValueError(f"{key}={extra[key]!r} is not supported (a constant shift: {key}={plain})")
+        for key in ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len"):
+            v = extra.get(key, 1)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise ValueError(f"{key}={v!r} must be a number")
+        if self.dynamic and extra.get("max_image_seq_len", 4096) == extra.get("base_image_seq_len", 256):
+            raise ValueError("max_image_seq_len must differ from base_image_seq_len (the shift is linear between)")
         return self
 
+    @property
+    def dynamic(self) -> bool:
+        """The shift depends on the image's size (Flux.1 [dev]); `shift` is then unused."""
+        return bool(dict(self.extra).get("use_dynamic_shifting", False))
 
-PRESETS = {"sd3": FlowConfig()}
+    def mu(self, tokens: int) -> float:
+        """μ for an image of `tokens` tokens: linear from base_shift at base_image_seq_len tokens to max_shift at
+        max_image_seq_len (diffusers' calculate_shift, with FluxPipeline's defaults)."""
+        o = dict(self.extra)
+        x0, x1 = o.get("base_image_seq_len", 256), o.get("max_image_seq_len", 4096)
+        y0, y1 = o.get("base_shift", 0.5), o.get("max_shift", 1.15)
+        m = (y1 - y0) / (x1 - x0)
+        return tokens * m + (y0 - m * x0)
+
+
+_FLUX_SHIFT = (("base_image_seq_len", 256), ("base_shift", 0.5), ("max_image_seq_len", 4096), ("max_shift", 1.15))
+PRESETS = {"sd3": FlowConfig(),
+           "flux-dev": FlowConfig(shift=3.0, extra=(*_FLUX_SHIFT, ("use_dynamic_shifting", True)),
+                                  pipeline_sigmas=True),
+           "flux-schnell": FlowConfig(shift=1.0, extra=(*_FLUX_SHIFT, ("use_dynamic_shifting", False)),
+                                      pipeline_sigmas=True)}
 
 
 def shifted(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -66,11 +97,19 @@ def shifted(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+def time_shifted(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
+    """σ' = e^μ / (e^μ + 1/σ - 1): eq. 23's shift with s = e^μ (Flux's resolution-dependent shift)."""
+    e = math.exp(mu)
+    return e / (e + (1 / sigmas - 1))
+
+
 def training_sigmas(config: FlowConfig) -> torch.Tensor:
     """The N shifted noise levels training draws from, descending: σ_i = shift(i / N) for i = N … 1 (diffusers'
-    scheduler.sigmas, which train_dreambooth_lora_sd3.py indexes)."""
+    scheduler.sigmas, which train_dreambooth_lora_sd3.py indexes); unshifted where the shift is dynamic (Flux
+    [dev], as train_dreambooth_lora_flux.py indexes them)."""
     N = config.num_train_timesteps
-    return shifted(torch.linspace(1, N, N, dtype=torch.float32).flip(0) / N, config.shift)
+    sigmas = torch.linspace(1, N, N, dtype=torch.float32).flip(0) / N
+    return sigmas if config.dynamic else shifted(sigmas, config.shift)
 
 
 @dataclass(frozen=True)

@@ -19,44 +19,14 @@ from typing import Callable
 
 import torch
 
-from minidream.models import clip, mmdit, t5, unet, vae
+from minidream.models import clip, flux, mmdit, t5, unet, vae
 from minidream.models.flow_matching import FlowConfig, FlowProcess
-from minidream.models.lora import TargetSet, ending
+from minidream.models.lora_targets import FLUX_TARGETS, MMDIT_TARGETS, UNET_TARGETS
 from minidream.models.noise_schedule import PRESETS as SCHEDULER_PRESETS
 from minidream.models.noise_schedule import DDPMProcess, SchedulerConfig
 from minidream.models.t5_tokenizer import T5Tokenizer
 from minidream.models.tokenizer import CLIPTokenizer
 from minidream.models.unet import UNet2DConditionModel
-
-
-# ---------------------------------------------------------------------------------------------
-# What LoRA adapts in each kind of denoiser (--lora-targets; "attn" is also what --train attention trains)
-
-# The UNet's: Q, K, V and out of every self- (attn1) and cross-attention (attn2) layer; kohya's networks adapt every
-# Linear and Conv2d of the transformer blocks (attention, feed-forward, the 1×1 or linear proj_in/proj_out), and with
-# LoCon those of the resnets and the up/downsamplers too (3×3 convs at --conv-rank); the time embedding, conv_in and
-# conv_out stay out, as there.
-UNET_ATTN = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"
-UNET_FF = r"ff\.net\.(0\.proj|2)|attentions\.\d+\.(proj_in|proj_out)"
-LOCON = r"resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)|(downsamplers|upsamplers)\.0\.conv"
-UNET_TARGETS = {
-    "attn": TargetSet(ending(UNET_ATTN), "Q/K/V/out of every attention layer"),
-    "attn-ff": TargetSet(ending(UNET_ATTN, UNET_FF),
-                         "and the feed-forward layers and proj_in/proj_out of every transformer"),
-    "all": TargetSet(ending(UNET_ATTN, UNET_FF, LOCON),
-                     "and the resnets' convolutions and time projections and the up/downsamplers (LoCon; 3x3 "
-                     "kernels at --conv-rank/--conv-alpha)"),
-}
-# The MMDiT's: both streams' Q/K/V/out of the joint attention (diffusers' SD3 LoRA targets); then MMDiT-X's
-# image-only attention and both streams' MLPs; then the adaLN modulations too (every Linear of the blocks).
-MMDIT_ATTN = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-MMDIT_FF = r"attn2\.(to_q|to_k|to_v|to_out\.0)|ff(_context)?\.net\.(0\.proj|2)"
-MMDIT_TARGETS = {
-    "attn": TargetSet(ending(MMDIT_ATTN), "Q/K/V/out of both streams of every joint attention"),
-    "attn-ff": TargetSet(ending(MMDIT_ATTN, MMDIT_FF), "and SD3.5 Medium's attn2 and both streams' feed-forward"),
-    "all": TargetSet(ending(MMDIT_ATTN, MMDIT_FF, r"norm1(_context)?\.linear"),
-                     "and the adaLN modulation of every block"),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +83,7 @@ class Family:
     kohya_metadata: tuple = ()  # (key, value) pairs kohya's networks write for this family
     kohya_network: str = "networks.lora"  # the sd-scripts network module its LoRA files name (ss_network_module)
     modelspec_implementation: str = "diffusers"  # the model spec's "implementation" of this family's files
+    distilled_guidance: bool = False  # the guidance scale is the denoiser's input, not CFG's (Flux.1 [dev])
 
     @property
     def single_file_preset(self) -> str | None:
@@ -170,6 +141,17 @@ def sd3_conditioning(model: "StableDiffusion", prompts: list[str]) -> dict[str, 
     return {"context": torch.cat([clip_states, t5_states], dim=1), "pooled": torch.cat(pooled, dim=-1)}
 
 
+def flux_conditioning(model: "StableDiffusion", prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Flux.1: the text sequence is T5's last states (B, L, 4096); the pooled vector CLIP-L's pooled output, the
+    final-normed state at the end token, unprojected (B, 768)."""
+    p = next(model.text_encoder.parameters())
+    _, pooled = model.text_encoder.final_and_pooled(model.tokenizer(prompts).to(p.device))
+    t5_param = next(model.text_encoder_3.parameters())
+    with torch.autocast(t5_param.device.type, enabled=False):  # in its own dtype, never fp16 (t5_dtype)
+        states = model.text_encoder_3(model.tokenizer_3(prompts, model.max_sequence_length).to(t5_param.device))
+    return {"context": states.to(pooled.device, pooled.dtype), "pooled": pooled}
+
+
 # the text encoders of SD 1.x (OpenAI CLIP ViT-L), SD 2.x (OpenCLIP ViT-H, whose original files keep OpenCLIP's
 # layout and one layer more than SD reads) and SDXL (both of those kinds: ViT-L and OpenCLIP bigG)
 CLIP_L = TextEncoderSlot("text_encoder", original="cond_stage_model.transformer.text_model.", openclip=False,
@@ -185,6 +167,9 @@ SD3_CLIP_L = TextEncoderSlot("text_encoder", original="text_encoders.clip_l.tran
                              kohya="lora_te1_text_model_", token_key="clip_l")
 SD3_CLIP_G = TextEncoderSlot("text_encoder_2", original="text_encoders.clip_g.transformer.text_model.", openclip=False,
                              kohya="lora_te2_text_model_", token_key="clip_g")
+# Flux's CLIP-L (unprojected; ComfyUI's clip_l file) and its T5, which diffusers' Flux folder names text_encoder_2
+FLUX_CLIP_L = TextEncoderSlot("text_encoder", original="text_encoders.clip_l.transformer.text_model.", openclip=False,
+                              kohya="lora_te1_text_model_", token_key="clip_l")
 
 FAMILIES = {
     "sd1": Family("sd1", "SD 1.x", (CLIP_L,), clip_context, conditioned_on="the text encoder's last layer",
@@ -217,6 +202,17 @@ FAMILIES = {
                   kohya_unet_names="original", kohya_metadata=(("ss_base_model_version", "sd3"),),
                   kohya_network="networks.lora_sd3",
                   modelspec_implementation="diffusers"),
+    # dev (guidance-distilled) and schnell (timestep-distilled) share every tensor but the guidance embedder
+    "flux": Family("flux", "Flux.1", (FLUX_CLIP_L,), flux_conditioning,
+                   conditioned_on="T5's last states; CLIP-L's pooled (+ the guidance scale, [dev])",
+                   pipeline="FluxPipeline", tokenizer_repo="black-forest-labs/FLUX.1-dev",
+                   variants=(Variant("flow", "flux-dev", "flux-1-dev"), Variant("flow", "flux-schnell",
+                                                                                 "flux-1-schnell")),
+                   forward_process=FlowProcess, denoiser="transformer", denoiser_presets=flux.PRESETS,
+                   lora_targets=FLUX_TARGETS, t5=True, default_steps=28, default_guidance=3.5,
+                   kohya_unet_names="original", kohya_metadata=(("ss_base_model_version", "flux1"),),
+                   kohya_network="networks.lora_flux", modelspec_implementation="https://github.com/"
+                   "black-forest-labs/flux", distilled_guidance=True),
 }
 
 
@@ -226,9 +222,16 @@ def size_ids(original: tuple[int, int], crop: tuple[int, int], target: tuple[int
     return torch.tensor([*original, *crop, *target], dtype=torch.float32)
 
 
-def size_conditioning(model: "StableDiffusion", ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The denoiser's keyword arguments for each row's size ids (B, 6): `time_ids` where the family reads them."""
-    return {"time_ids": ids} if model.family.size_ids else {}
+def image_conditioning(model: "StableDiffusion", ids: torch.Tensor,
+                       guidance: float | None = None) -> dict[str, torch.Tensor]:
+    """The denoiser's keyword arguments for each row beside its text, given the rows' size ids (B, 6): SDXL's
+    `time_ids`; Flux.1 [dev]'s guidance scale (`guidance`, else the one it trains with: model.guidance)."""
+    if model.family.size_ids:
+        return {"time_ids": ids}
+    if model.guidance_embedded:
+        return {"guidance": torch.full((len(ids),), model.guidance if guidance is None else guidance,
+                                       device=ids.device)}
+    return {}
 
 
 def encode_text(model: "StableDiffusion", prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -279,14 +282,16 @@ class StableDiffusion:
     scheduler: SchedulerConfig | FlowConfig
     source: str
     unet: UNet2DConditionModel | None = None  # SD 1.x/2.x/XL's denoiser
-    transformer: mmdit.SD3Transformer2DModel | None = None  # SD3's denoiser
+    transformer: mmdit.SD3Transformer2DModel | flux.FluxTransformer2DModel | None = None  # SD3's, Flux's denoiser
     tokenizer_2: CLIPTokenizer | None = None  # SDXL, SD3: OpenCLIP's vocabulary (the same BPE, pads with "!")
     text_encoder_2: clip.CLIPTextModel | None = None  # SDXL, SD3: OpenCLIP ViT-bigG, with text_projection
-    tokenizer_3: T5Tokenizer | None = None  # SD3: T5's SentencePiece vocabulary
-    text_encoder_3: t5.T5EncoderModel | None = None  # SD3: T5 v1.1 XXL (None: run without it, zeros in its place)
+    tokenizer_3: T5Tokenizer | None = None  # SD3, Flux: T5's SentencePiece vocabulary
+    # SD3, Flux (whose diffusers folder names it text_encoder_2): T5 v1.1 XXL (None, SD3: zeros in its place)
+    text_encoder_3: t5.T5EncoderModel | None = None
     force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt -> zero conditioning, not the empty prompt's
     clip_skip: int = 1  # SD 1.x/2.x: the text encoder layer read, from the end (`with_clip_skip`)
-    max_sequence_length: int = 256  # SD3: T5's tokens per prompt (--max-sequence-length)
+    max_sequence_length: int = 256  # SD3, Flux: T5's tokens per prompt (--max-sequence-length; Flux [dev] 512)
+    guidance: float = 3.5  # Flux.1 [dev]: the guidance scale its embedding is fed while training (diffusers')
     family: Family | None = None  # its row of FAMILIES, as the loader found it (None: told by `family_of`)
 
     def __post_init__(self):
@@ -298,6 +303,17 @@ class StableDiffusion:
         """The network the forward process is inverted with: ε_θ(x_t, t, conditioning) for SD's UNet, the
         velocity v_θ(z_σ, σ, conditioning) for SD3's MMDiT."""
         return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """The guidance scale is the denoiser's input (Flux.1 [dev]; [schnell] has none)."""
+        return self.family.distilled_guidance and self.denoiser.config.guidance_embeds
+
+    @property
+    def default_steps(self) -> int:
+        """`sample`'s steps when none are given: its pipeline's (Flux.1 [schnell], timestep-distilled: 4)."""
+        schnell = self.family.distilled_guidance and not self.guidance_embedded
+        return 4 if schnell else self.family.default_steps
 
     @property
     def forward_process(self) -> DDPMProcess | FlowProcess:

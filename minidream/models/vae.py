@@ -41,6 +41,8 @@ PRESETS = {
     "tiny-xl": VAEConfig(channels=(32, 64), layers_per_block=1, groups=8, scaling_factor=0.13025, sample_size=32),
     "sd3": VAEConfig(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, sample_size=1024,
                      use_quant_conv=False, use_post_quant_conv=False),
+    "flux": VAEConfig(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, sample_size=1024,
+                      use_quant_conv=False, use_post_quant_conv=False),
 }
 
 

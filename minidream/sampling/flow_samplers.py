@@ -9,7 +9,7 @@ differ from Euler's (and from each other's) in where they start.
 """
 import torch
 
-from minidream.models.flow_matching import FlowConfig, shifted
+from minidream.models.flow_matching import FlowConfig, shifted, time_shifted
 from minidream.sampling.sigma_samplers import DPMSolverPP, UniPC
 
 
@@ -39,14 +39,21 @@ class FlowSampler:
     def scale_input(self, x):
         return x
 
-    def set_timesteps(self, steps: int, device=None):
-        """`steps` σ evenly spaced in t from σ_max to σ_min of the training levels, then shifted; σ = 0 last."""
-        N = self.config.num_train_timesteps
+    def set_timesteps(self, steps: int, device=None, image_tokens: int | None = None):
+        """`steps` σ evenly spaced in t from σ_max to σ_min of the training levels (or, as Flux's pipeline passes
+        them, linspace(1, 1/n, n) in float32), then shifted — by the image's size (`image_tokens`) where the
+        shift is dynamic; σ = 0 last."""
+        c, N = self.config, self.config.num_train_timesteps
         _check_steps(steps)
-        s_max = shifted(torch.tensor(1.0), self.config.shift).item()  # diffusers' sigma_max, sigma_min (float32)
-        s_min = shifted(torch.tensor(1.0 / N), self.config.shift).item()
-        ts = np_linspace(s_max * N, s_min * N, steps)  # diffusers' np.linspace, float64
-        sigmas = shifted(ts / N, self.config.shift).float()
+        if c.dynamic and image_tokens is None:
+            raise ValueError("this model's shift depends on the image size: set_timesteps needs image_tokens")
+        shift = (lambda s: time_shifted(s, c.mu(image_tokens))) if c.dynamic else (lambda s: shifted(s, c.shift))
+        if c.pipeline_sigmas:
+            sigmas = shift(np_linspace(1.0, 1 / steps, steps).float())
+        else:
+            s_max, s_min = (1.0, 1.0 / N) if c.dynamic else (  # diffusers' sigma_max, sigma_min (float32)
+                shifted(torch.tensor(1.0), c.shift).item(), shifted(torch.tensor(1.0 / N), c.shift).item())
+            sigmas = shift(np_linspace(s_max * N, s_min * N, steps) / N).float()  # diffusers' np.linspace, float64
         self.timesteps = (sigmas * N).to(device)
         self.sigmas = torch.cat([sigmas, torch.zeros(1)]).to(device)
         self.i = 0
@@ -67,8 +74,8 @@ class FlowHeun(FlowSampler):
     mean of both velocities. Each σ but the first is visited twice (2n - 1 network calls); the last step, to σ = 0,
     is plain Euler."""
 
-    def set_timesteps(self, steps: int, device=None):
-        super().set_timesteps(steps, device)
+    def set_timesteps(self, steps: int, device=None, image_tokens: int | None = None):
+        super().set_timesteps(steps, device, image_tokens)
         self.timesteps = torch.cat([self.timesteps[:1], self.timesteps[1:].repeat_interleave(2)])
         self.pending = None  # (z at σ, v at σ, σ_next - σ) between a step's two calls
 
@@ -101,7 +108,7 @@ class _FlowMultistep(FlowSampler):
         """x̂_0 from the velocity v = ε - x_0: z - σ v = (1-σ) x_0 + σ ε - σ ε + σ x_0."""
         return x - sigma * out
 
-    def set_timesteps(self, steps: int, device=None):
+    def set_timesteps(self, steps: int, device=None, image_tokens: int | None = None):
         _check_steps(steps)
         sig = self.flow_sigmas(steps, self.config.num_train_timesteps, self.config.shift)
         return self._start(sig, (sig * self.config.num_train_timesteps).long(), device)

@@ -11,7 +11,8 @@ import torch
 
 from minidream.models.compile import call
 from minidream.models.noise_schedule import SchedulerConfig
-from minidream.models.stable_diffusion import StableDiffusion, encode_text, size_conditioning, size_ids
+from minidream.models.flow_matching import FlowConfig
+from minidream.models.stable_diffusion import StableDiffusion, encode_text, image_conditioning, size_ids
 from minidream.models.vae import to_uint8
 from minidream.options import first_problem, in_range, non_negative, option, optional, optional_at_least, text
 from minidream.progress import Progress
@@ -42,8 +43,12 @@ class SamplingParams:
     take them as options."""
     steps: int | None = option(None, "Denoising steps; default: the model's pipeline's (50; SD3 28).",
                                check=optional_at_least(1))
-    guidance: float | None = option(None, "Classifier-free guidance scale; <= 1 turns CFG off. Default: the model's "
-                                    "pipeline's (7.5; SD3 7.0).", check=optional(in_range(0, MAX_GUIDANCE)))
+    guidance: float | None = option(None, "Classifier-free guidance scale; <= 1 turns CFG off. Flux.1 [dev]: the "
+                                    "guidance its embedding is fed (one pass; CFG is --true-cfg). Default: the "
+                                    "model's pipeline's (7.5; SD3 7.0; Flux 3.5).",
+                                    check=optional(in_range(0, MAX_GUIDANCE)))
+    true_cfg: float = option(1.0, "Flux: classifier-free guidance with --negative-prompt at this scale, two passes "
+                             "a step (FluxPipeline's true_cfg_scale); 1 = off.", check=in_range(0, MAX_GUIDANCE))
     sampler: str | None = option(None, "Sampler; default: the model's own scheduler (scheduler_config.json's class).",
                                  choices=SAMPLERS, flag="--scheduler")
     eta: float = option(0.0, "DDIM eta (0 = deterministic).", check=non_negative)
@@ -56,7 +61,7 @@ class SamplingParams:
 
     def for_model(self, model: StableDiffusion) -> "SamplingParams":
         """These settings with what they leave out (steps, guidance) as the model's family samples by default."""
-        return replace(self, steps=self.steps or model.family.default_steps,
+        return replace(self, steps=self.steps or model.default_steps,
                        guidance=model.family.default_guidance if self.guidance is None else self.guidance)
 
     def make_sampler(self, schedule: SchedulerConfig) -> Sampler:
@@ -70,6 +75,10 @@ class SamplingParams:
         if wrong or model is None:
             return wrong
         self = self.for_model(model)
+        if self.true_cfg != 1.0 and not model.family.distilled_guidance:
+            return "true_cfg", f"is for Flux ({model.family.title} takes CFG from --guidance); drop it"
+        if self.true_cfg > 1.0 and self.negative_prompt is None:
+            return "true_cfg", "needs --negative-prompt (its unconditional branch, as FluxPipeline's)"
         for name in ("height", "width"):
             wrong = image_side(getattr(self, name), model.downsampling)
             if wrong:
@@ -82,10 +91,18 @@ class SamplingParams:
         except ValueError as e:
             return "sampler", str(e)
         try:
-            sampler.set_timesteps(self.steps)
+            sampler.set_timesteps(self.steps, **schedule_size(model, self.height or model.native_resolution,
+                                                              self.width or model.native_resolution))
         except ValueError as e:
             return "steps", str(e)
         return None
+
+
+def schedule_size(model: StableDiffusion, height: int, width: int) -> dict:
+    """What a flow sampler's set_timesteps takes of the image: its token count (Flux's shift depends on it)."""
+    if not isinstance(model.scheduler, FlowConfig):
+        return {}
+    return {"image_tokens": (height // model.downsampling) * (width // model.downsampling)}
 
 
 @torch.no_grad()
@@ -106,7 +123,11 @@ def generate(model: StableDiffusion, prompts: list[str], params: SamplingParams 
     param = next(model.denoiser.parameters())
     device, dtype = param.device, param.dtype
     B = len(prompts)
-    guided = params.guidance > 1.0  # Ho & Salimans 2022: ε̃ = ε(∅) + w·(ε(c) - ε(∅)); w = 1 is plain conditioning
+    # Ho & Salimans 2022: ε̃ = ε(∅) + w·(ε(c) - ε(∅)); w = 1 is plain conditioning. Flux [dev] was distilled to
+    # draw guided in one pass (its guidance is an input): CFG there is only with a negative prompt (--true-cfg)
+    distilled = model.family.distilled_guidance
+    scale = params.true_cfg if distilled else params.guidance
+    guided = scale > 1.0 and (params.negative_prompt is not None or not distilled)
     cond = encode_text(model, prompts)  # the denoiser's keyword arguments: the CLIP context for SD 1.x/2.x
     if guided:
         if params.negative_prompt is None and model.force_zeros_for_empty_prompt:  # SDXL: zero conditioning
@@ -116,12 +137,12 @@ def generate(model: StableDiffusion, prompts: list[str], params: SamplingParams 
         cond = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}
     # SDXL's micro-conditioning: drawn as if from a photo of this size, uncropped
     ids = size_ids((height, width), (0, 0), (height, width)).expand(2 * B if guided else B, 6).to(device)
-    cond = {k: v.to(dtype) for k, v in {**cond, **size_conditioning(model, ids)}.items()}
-    shape = (B, model.denoiser.config.in_channels, height // s, width // s)
+    cond = {k: v.to(dtype) for k, v in {**cond, **image_conditioning(model, ids, params.guidance)}.items()}
+    shape = (B, model.vae.config.latent_channels, height // s, width // s)
     if latents is None:
         gdev = generator.device if generator is not None else device
         latents = torch.randn(shape, generator=generator, device=gdev, dtype=dtype)
-    sampler.set_timesteps(params.steps, device=device)
+    sampler.set_timesteps(params.steps, device=device, **schedule_size(model, height, width))
     latents = latents.to(device=device, dtype=dtype) * sampler.init_sigma  # σ-space samplers start from σ_max ε
     bar = Progress(len(sampler.timesteps), "sampling", enabled=progress)
     for t in sampler.timesteps:
@@ -130,7 +151,7 @@ def generate(model: StableDiffusion, prompts: list[str], params: SamplingParams 
         out = call(model.denoiser, x, t, **cond)  # (copied out of a CUDA graph's memory: --compile graphs)
         if guided:
             out_uncond, out_cond = out.chunk(2)
-            out = out_uncond + params.guidance * (out_cond - out_uncond)
+            out = out_uncond + scale * (out_cond - out_uncond)
         latents = sampler.step(out, t, latents, generator=generator)
         bar.update()
     bar.close()

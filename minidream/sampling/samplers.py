@@ -56,7 +56,7 @@ SAMPLERS = {
 
 # the samplers of a rectified-flow model (SD3), under the names users know them by; FlowMatchEulerDiscreteScheduler's
 # options other than the constant shift change the σ schedule or the step, and are refused
-_FLOW_ONLY = {"use_dynamic_shifting": (False,), "invert_sigmas": (False,), "shift_terminal": (None,),
+_FLOW_ONLY = {"invert_sigmas": (False,), "shift_terminal": (None,),
               "use_karras_sigmas": (False,), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
               "stochastic_sampling": (False,)}
 # The multistep solvers are the reference as diffusers documents them for flow models (Wan, SANA) and as the SD3
@@ -64,11 +64,13 @@ _FLOW_ONLY = {"use_dynamic_shifting": (False,), "invert_sigmas": (False,), "shif
 # prediction_type="flow_prediction", flow_shift=<the model's shift>)`, then set_timesteps(steps); a model that ships
 # one of them has its shift read from flow_shift (FlowConfig.from_dict). The options below that change their σ or
 # their update are refused.
-_FLOW_MULTISTEP = {**_MULTISTEP, "use_karras_sigmas": (False,), "solver_order": (2,), "use_flow_sigmas": (True,),
+_FLOW_MULTISTEP = {**_MULTISTEP, "use_dynamic_shifting": (False,), "use_karras_sigmas": (False,),
+                   "solver_order": (2,), "use_flow_sigmas": (True,),
                    "prediction_type": ("flow_prediction",)}
 FLOW_SAMPLERS = {
     "euler": SamplerRow(FlowEuler, {}, "FlowMatchEulerDiscreteScheduler", {}, _FLOW_ONLY),
-    "heun": SamplerRow(FlowHeun, {}, "FlowMatchHeunDiscreteScheduler", {}, _FLOW_ONLY),
+    "heun": SamplerRow(FlowHeun, {}, "FlowMatchHeunDiscreteScheduler", {},
+                       {**_FLOW_ONLY, "use_dynamic_shifting": (False,)}),
     "dpmpp-2m": SamplerRow(FlowDPMSolverPP, {}, "DPMSolverMultistepScheduler", {},
                            {**_FLOW_MULTISTEP, "algorithm_type": ("dpmsolver++",), "solver_type": ("midpoint",),
                             "use_lu_lambdas": (False,)}),

@@ -9,7 +9,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from minidream.models.stable_diffusion import StableDiffusion, encode_text, size_conditioning
+from minidream.models.stable_diffusion import StableDiffusion, encode_text, image_conditioning
 from minidream.training.distributed import ProcessGroup
 from minidream.training.photos import view
 from minidream.training.trainable import Trainable
@@ -77,7 +77,7 @@ class LatentSource:
             prompts += [self.pools[1][i].prompt for i in klass][self.group.rows(n_class)]
             if masks is not None:  # the prior loss is over the whole image
                 masks = torch.cat([masks, torch.ones(len(latents), *masks.shape[1:], device=masks.device)])
-        return torch.cat(rows), prompts, size_conditioning(self.model, torch.cat(ids).to(self.device)), masks
+        return torch.cat(rows), prompts, image_conditioning(self.model, torch.cat(ids).to(self.device)), masks
 
     def _latents(self, pool: int, idx: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(n, 4, h, w) latents scaled for the UNet of this process's n of the globally drawn examples `idx`,

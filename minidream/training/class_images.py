@@ -49,7 +49,7 @@ def make_class_images(model: StableDiffusion, cfg, concept, rt: Runtime, k: int 
         for start in range(0, len(same), cfg.class_batch_size):
             batch = same[start:start + cfg.class_batch_size]
             seeds = [cfg.seed * 1_000_003 + k * 100_000_007 + i for i in batch]
-            noise = torch.stack([torch.randn((model.denoiser.config.in_channels, shape[1] // s, shape[0] // s),
+            noise = torch.stack([torch.randn((model.vae.config.latent_channels, shape[1] // s, shape[0] // s),
                                              generator=torch.Generator().manual_seed(seed)) for seed in seeds])
             with autocast(rt.device, None if precision == "fp32" else DTYPES[precision]):
                 try:

@@ -12,6 +12,7 @@ from minidream.models.attention import CHOICES as ATTENTION_BACKENDS
 from minidream.models.flow_matching import DENSITIES
 from minidream.models.compile import COMPILE_HELP, COMPILE_MODES
 from minidream.models.device import DTYPES
+from minidream.models.flux import PRESETS as FLUX_NETS
 from minidream.models.mmdit import PRESETS as MMDIT_PRESETS
 from minidream.models.stable_diffusion import PRESETS
 from minidream.options import (Needs, at_least, each_one_of, finite, first_problem, in_range, non_negative,
@@ -92,7 +93,7 @@ def absolute_paths(cfg: "TrainConfig") -> "TrainConfig":
     model = full(cfg.model) if cfg.model and Path(cfg.model).expanduser().exists() else cfg.model
     return replace(cfg, instance_dir=full(cfg.instance_dir), class_dir=full(cfg.class_dir), mask_dir=full(cfg.mask_dir),
                    model=model, concepts=concepts if len(concepts) == len(cfg.concepts) else cfg.concepts,
-                   text_encoders=tuple(full(p) for p in cfg.text_encoders))
+                   text_encoders=tuple(full(p) for p in cfg.text_encoders), vae=full(cfg.vae))
 
 
 def path_text(p) -> str | None:
@@ -113,6 +114,7 @@ MODE_HELP = "; ".join(f"{name}: {row.help}" for name, row in MODES.items())
 
 
 SD3_PRESETS = [name for name in MMDIT_PRESETS if not name.startswith("tiny")]  # the released MMDiTs
+FLUX_PRESETS = [name for name in FLUX_NETS if not name.startswith("tiny")]  # the released Flux transformers
 
 
 @dataclass(frozen=True)
@@ -319,13 +321,16 @@ class TrainConfig:
     tokenizer: str | None = option(None, "For single-file checkpoints: folder or hub repo with the tokenizer "
                                    "(default: the official one).")
     preset: str | None = option(None, f"For single-file checkpoints: the architecture ({', '.join(PRESETS)}; SD3: "
-                                f"{', '.join(SD3_PRESETS)}); inferred when omitted.")
+                                f"{', '.join(SD3_PRESETS)}; Flux: {', '.join(FLUX_PRESETS)}); inferred when omitted.")
     config: str | None = option(None, "For single-file checkpoints: a diffusers-layout folder or repo id whose "
                                 "configs and tokenizer describe it.")
-    text_encoders: tuple[str, ...] = option((), "For an SD3 single file without its text encoders: ComfyUI's "
+    text_encoders: tuple[str, ...] = option((), "For an SD3 or Flux single file without its text encoders: ComfyUI's "
                                             "separate files (clip_l, clip_g, t5xxl .safetensors), in any order; "
                                             "repeat the flag (resuming: the run's own, or the same files moved).",
                                             check=paths, resumable=True)
+    vae: str | None = option(None, "For a Flux single file (the transformer alone): its VAE file, ae.safetensors "
+                             "(resuming: the run's own, or the same file moved).", check=optional(path),
+                             resumable=True)
 
     def __post_init__(self):
         if not self.save_as and self.mode in MODES:  # (): the mode's own formats

@@ -28,7 +28,7 @@ def load_base(cfg: TrainConfig, whole: bool = False) -> StableDiffusion:
     def loaded(t5: bool):
         return load(cfg.model, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle,
                     dtype=torch.float32, tokenizer=cfg.tokenizer, preset=cfg.preset, config=cfg.config, t5=t5,
-                    text_encoders=cfg.text_encoders)
+                    text_encoders=cfg.text_encoders, vae=cfg.vae)
     try:
         try:
             model = loaded(cfg.t5 or whole)

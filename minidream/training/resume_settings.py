@@ -10,7 +10,7 @@ from minidream.training.config import OPTIONS, TrainConfig, flag, validate
 
 
 # The version of the settings a checkpoint stores ("settings_version" in its metadata; none before version 1).
-SETTINGS_VERSION = 3
+SETTINGS_VERSION = 4
 
 # ADDED[v]: the settings added in version v, with the value that reproduces a run whose checkpoint was written
 # before (its settings lack them). A new setting goes under the next version, which SETTINGS_VERSION becomes.
@@ -26,6 +26,7 @@ ADDED = {
     2: {"max_sequence_length": None, "t5": True, "weighting_scheme": "logit_normal", "logit_mean": 0.0,
         "logit_std": 1.0, "mode_scale": 1.29, "precondition_outputs": True},
     3: {"text_encoders": ()},
+    4: {"vae": None},
 }
 
 

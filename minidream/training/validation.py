@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from minidream.image_files import grid, save_png
-from minidream.models.stable_diffusion import StableDiffusion, encode_text, size_conditioning
+from minidream.models.stable_diffusion import StableDiffusion, encode_text, image_conditioning
 from minidream.options import first_problem, text
 from minidream.sampling.pipeline import SamplingParams, generate
 from minidream.training import json_rows
@@ -162,7 +162,7 @@ class HeldOutLoss:
             losses = []
             for z, noise, prompt, ids, mask in rows:
                 z, noise = z.to(dev), noise.to(dev)
-                sizes = size_conditioning(model, ids[None].expand(self.k, -1).to(dev))
+                sizes = image_conditioning(model, ids[None].expand(self.k, -1).to(dev))
                 cond = {**encode_text(model, [prompt] * self.k), **sizes}
                 noisy = process.add_noise(z, noise, t)
                 with autocast():
