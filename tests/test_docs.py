@@ -21,7 +21,7 @@ def train_options() -> dict:
 def shown_default(p) -> str:
     """A default as the guide's table writes it: a switch's name, on/off, the value in backticks, or — for none."""
     d = p.default
-    if getattr(p, "is_flag", False):
+    if getattr(p, "is_flag", False) and d is not None:
         return f"`{(p.opts if d else p.secondary_opts)[0]}`" if p.secondary_opts else ("on" if d else "off")
     if d is None or d == () or d == "":
         return "—"

@@ -64,8 +64,7 @@ EXPORTERS = {
     "lora-diffusers": Exporter(save_lora_diffusers, "lora/pytorch_lora_weights.safetensors", False,
                                "LoRA for diffusers' load_lora_weights (--train lora)", adapters=True),
     "lora-kohya": Exporter(save_lora_kohya, "lora_kohya.safetensors", False,
-                           "LoRA in kohya's layout, for A1111 and ComfyUI (--train lora)", adapters=True,
-                           families=("sd1", "sd2", "sdxl", "sd3")),
+                           "LoRA in kohya's layout, for A1111 and ComfyUI (--train lora)", adapters=True),
 }
 CHOICES = tuple(name for name, row in EXPORTERS.items() if row.automatic is None)  # what --save-as offers
 

@@ -1,15 +1,18 @@
 """The denoiser's module names in kohya-layout LoRA files (`lora_unet_<module with underscores>`), for reading and
 writing them: kohya's SD 1.x/2.x networks spell diffusers' names; its SDXL networks the original checkpoint's
 (`input_blocks_4_1_proj_in`); its SD3 network (sd-scripts' networks/lora_sd3.py, which ComfyUI reads) the original
-MMDiT's (`joint_blocks_0_x_block_attn_qkv`), where one module may be several of ours: Q, K and V are one fused
-`qkv` layer, and the last text block's and the output's adaLN modulations hold (shift, scale) where diffusers holds
-(scale, shift). A `Part` says which rows of the original module's weight change are one of our modules'.
+MMDiT's (`joint_blocks_0_x_block_attn_qkv`), its Flux network BFL's (`double_blocks_0_img_attn_qkv`,
+`single_blocks_0_linear1`). There one module may be several of ours: Q, K and V are one fused `qkv` layer (Flux's
+`linear1` is Q, K, V and the MLP's input), and the last text block's and the output's adaLN modulations hold
+(shift, scale) where diffusers holds (scale, shift). A `Part` says which rows of the original module's weight change
+are one of our modules'.
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from minidream.formats.flux_single_file import flux_table
 from minidream.formats.lycoris_files import Decomposed, LowRank
 from minidream.formats.sd3_single_file import DIT, mmdit_table
 from minidream.formats.single_file import unet_original_name
@@ -19,21 +22,28 @@ from minidream.models.lora import LoRA, row_norm
 @dataclass(frozen=True)
 class Part:
     original: str  # the original module, dotted, without the checkpoint's prefix
-    chunk: tuple[int, int] | None = None  # (i, n): ours is the i-th of n equal row blocks (a fused Q/K/V)
+    # (i, j, n): ours is row blocks i..j-1 of n equal ones (SD3's fused Q/K/V: (0, 1, 3)…; Flux's linear1, Q, K, V
+    # and the MLP's input: (0, 1, 7) … (3, 7, 7))
+    chunk: tuple[int, int, int] | None = None
     swap: bool = False  # ours holds the original's two row halves in the other order
 
     def rows(self, x: torch.Tensor) -> torch.Tensor | None:
         """Our rows of a tensor laid out by the original's output rows (None: they do not split so)."""
         if self.chunk:
-            i, n = self.chunk
+            i, j, n = self.chunk
             if x.shape[0] % n:
                 return None
-            x = x.chunk(n)[i]
+            x = torch.cat(x.chunk(n)[i:j])
         if self.swap:
             if x.shape[0] % 2:
                 return None
             x = torch.cat(x.chunk(2)[::-1])
         return x
+
+    def original_rows(self, rows: int) -> int:
+        """The original module's rows, given ours."""
+        i, j, n = self.chunk or (0, 1, 1)
+        return rows * n // (j - i)
 
     def to_original(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of ours (a whole fused module's, in order) in the original's order: a swap is its own inverse."""
@@ -69,14 +79,18 @@ def adapted_modules(net: nn.Module) -> list[str]:
 
 
 def original_parts(model) -> dict[str, Part]:
-    """Our denoiser's module -> where it is in the original checkpoint (kohya's SDXL and SD3 files name it so)."""
+    """Our denoiser's module -> where it is in the original checkpoint (kohya's SDXL, SD3 and Flux files name it so)."""
     names = adapted_modules(model.denoiser)
     if model.family.denoiser == "unet":
         return {n: Part(unet_original_name(model.denoiser.config, n)) for n in names}
+    keys = [n + ".weight" for n in names]
+    table = flux_table(keys) if model.family.name == "flux" else mmdit_table(model.denoiser.config, keys)
     parts = {}
-    for key, (theirs, how) in mmdit_table(model.denoiser.config, [n + ".weight" for n in names]).items():
+    for key, (theirs, how) in table.items():
         original = theirs.removeprefix(DIT).removesuffix(".weight")
-        chunk = (how[1], 3) if isinstance(how, tuple) else None
+        chunk = None
+        if isinstance(how, tuple):  # ("chunk", i): SD3's thirds; ("chunk", i, j, n)
+            chunk = (how[1], how[1] + 1, 3) if len(how) == 2 else how[1:]
         parts[key.removesuffix(".weight")] = Part(original, chunk, how == "swap")
     return parts
 
@@ -107,7 +121,7 @@ def kohya_denoiser_pairs(model) -> dict[str, dict[str, torch.Tensor]]:
         groups.setdefault(part.original, []).append((model.denoiser.get_submodule(name), part))
     out = {}
     for name, members in groups.items():
-        members.sort(key=lambda member: member[1].chunk or (0, 1))  # Q, K, V
+        members.sort(key=lambda member: member[1].chunk or (0, 1, 1))  # Q, K, V (, the MLP's input)
         adapted = [(m, part) for m, part in members if isinstance(m, LoRA)]
         if adapted:
             out[name.replace(".", "_")] = _pair(members, adapted)

@@ -241,7 +241,8 @@ def _targets(model, nets: dict, index: dict, file, comp: str, name: str, delta) 
         if isinstance(share, str):
             raise ModelError(f"{file}: LoRA module {shown}:{name} {share}")
     if not shares or any(share is None or not share.fits(w) for w, share in shares):
-        w, n = (shares[0][0], (found[0][1].chunk or (0, 1))[1]) if shares else (None, 1)
-        shape = f" ({delta.describe()} vs weight {[w.shape[0] * n, *w.shape[1:]]})" if w is not None else ""
+        w = shares[0][0] if shares else None
+        rows = found[0][1].original_rows(w.shape[0]) if shares else 0
+        shape = f" ({delta.describe()} vs weight {[rows, *w.shape[1:]]})" if w is not None else ""
         raise ModelError(f"{file}: LoRA module {shown}:{name} does not match this model{shape}")
     return shares

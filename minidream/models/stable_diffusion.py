@@ -84,6 +84,8 @@ class Family:
     kohya_network: str = "networks.lora"  # the sd-scripts network module its LoRA files name (ss_network_module)
     modelspec_implementation: str = "diffusers"  # the model spec's "implementation" of this family's files
     distilled_guidance: bool = False  # the guidance scale is the denoiser's input, not CFG's (Flux.1 [dev])
+    # a flow model's training defaults (--weighting-scheme, --precondition-outputs): its diffusers script's
+    flow_training: tuple = ()
 
     @property
     def single_file_preset(self) -> str | None:
@@ -200,8 +202,8 @@ FAMILIES = {
                   forward_process=FlowProcess, denoiser="transformer", denoiser_presets=mmdit.PRESETS,
                   lora_targets=MMDIT_TARGETS, penultimate=True, t5=True, default_steps=28, default_guidance=7.0,
                   kohya_unet_names="original", kohya_metadata=(("ss_base_model_version", "sd3"),),
-                  kohya_network="networks.lora_sd3",
-                  modelspec_implementation="diffusers"),
+                  kohya_network="networks.lora_sd3", modelspec_implementation="diffusers",
+                  flow_training=(("weighting_scheme", "logit_normal"), ("precondition_outputs", True))),
     # dev (guidance-distilled) and schnell (timestep-distilled) share every tensor but the guidance embedder
     "flux": Family("flux", "Flux.1", (FLUX_CLIP_L,), flux_conditioning,
                    conditioned_on="T5's last states; CLIP-L's pooled (+ the guidance scale, [dev])",
@@ -212,7 +214,8 @@ FAMILIES = {
                    lora_targets=FLUX_TARGETS, t5=True, default_steps=28, default_guidance=3.5,
                    kohya_unet_names="original", kohya_metadata=(("ss_base_model_version", "flux1"),),
                    kohya_network="networks.lora_flux", modelspec_implementation="https://github.com/"
-                   "black-forest-labs/flux", distilled_guidance=True),
+                   "black-forest-labs/flux", distilled_guidance=True,
+                   flow_training=(("weighting_scheme", "none"), ("precondition_outputs", False))),
 }
 
 

@@ -259,15 +259,21 @@ class TrainConfig:
     cache_latents: bool = option(False, "Encode the images with the VAE once.")
     snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (e.g. 5); DDPM models (SD 1.x/2.x/XL).",
                                      check=positive_number)
-    weighting_scheme: str = option("logit_normal", "Rectified-flow models (SD3): how training draws the noise level "
-                                   "and weighs its loss (Esser et al. 2024 §3.1; diffusers' names).",
-                                   choices=DENSITIES)
+    weighting_scheme: str | None = option(None, "Rectified-flow models (SD3, Flux): how training draws the noise "
+                                          "level and weighs its loss (Esser et al. 2024 §3.1; diffusers' names); "
+                                          "default: as diffusers' script for the family (SD3 logit_normal, Flux "
+                                          "none).", choices=DENSITIES)
     logit_mean: float = option(0.0, "Mean of --weighting-scheme logit_normal's normal.", check=finite)
     logit_std: float = option(1.0, "Standard deviation of --weighting-scheme logit_normal's normal.",
                               check=positive_number)
     mode_scale: float = option(1.29, "Scale of --weighting-scheme mode.", check=finite)
-    precondition_outputs: bool = option(True, "Rectified-flow models: regress x0 = z - sigma v on the image latents "
-                                        "(diffusers' default) rather than v on noise - x0.")
+    precondition_outputs: bool | None = option(None, "Rectified-flow models: regress x0 = z - sigma v on the image "
+                                               "latents rather than v on noise - x0; default: as diffusers' script "
+                                               "for the family (SD3 yes, Flux no).",
+                                               flag="--precondition-outputs/--no-precondition-outputs")
+    guidance_scale: float = option(3.5, "Flux.1 [dev]: the guidance scale its guidance embedding is fed while "
+                                   "training (diffusers' and kohya's --guidance_scale).",
+                                   check=in_range(0, MAX_GUIDANCE))
     noise_offset: float = option(0.0, "Noise offset (e.g. 0.05).", check=non_negative)
     seed: int = option(0, "Seed of every random draw.", check=seed_range)
     # validation, checkpoints, exports, where it runs

@@ -194,11 +194,17 @@ def family_options(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
     """The settings that apply to some model families only: refused by name on the others; the exports the family
     has no writer for dropped from the mode's default formats (refused when asked for)."""
     flow = model.family.forward_process is FlowProcess
+    if cfg.guidance_scale != OPTIONS["guidance_scale"].default and not model.guidance_embedded:
+        schnell = " [schnell]" if model.family.distilled_guidance else ""
+        raise TrainError(f"--guidance-scale: {model.family.title}{schnell} takes no guidance scale; it is for "
+                         f"Flux.1 [dev] (drop it)")
     for name in DDPM_ONLY if flow else FLOW_ONLY:
         if getattr(cfg, name) != OPTIONS[name].default:
             raise TrainError(f"{flag(name)}: {model.family.title} is trained by "
                              f"{'rectified flow' if flow else 'DDPM'}; it applies to "
                              f"{'DDPM models (SD 1.x/2.x/XL)' if flow else 'rectified-flow models (SD3)'} (drop it)")
+    given = {k: v for k, v in model.family.flow_training if getattr(cfg, k) is None}
+    cfg = replace(cfg, **given)  # the family's defaults (diffusers' script's), stored in run.json as they are
     unwritable = [f for f in cfg.save_as if not EXPORTERS[f].writes(model.family.name)]
     if unwritable and cfg.save_as == MODES[cfg.mode].save_as:
         print(f"note: {model.family.title}: {', '.join(unwritable)} not written (minidream has no writer for "

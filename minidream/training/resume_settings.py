@@ -26,7 +26,7 @@ ADDED = {
     2: {"max_sequence_length": None, "t5": True, "weighting_scheme": "logit_normal", "logit_mean": 0.0,
         "logit_std": 1.0, "mode_scale": 1.29, "precondition_outputs": True},
     3: {"text_encoders": ()},
-    4: {"vae": None},
+    4: {"vae": None, "guidance_scale": 3.5},
 }
 
 

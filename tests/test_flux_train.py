@@ -1,0 +1,170 @@
+"""DreamBooth on Flux.1: the objective of diffusers' train_dreambooth_lora_flux.py (the unshifted σ levels of [dev]'s
+scheduler, its default uniform draw and unweighted velocity loss, the guidance input) with the same loss and
+gradients; LoRA on diffusers' Flux targets with the exports read back (the diffusers file by FluxPipeline's
+load_lora_weights, the kohya file in BFL's names by diffusers' converter and by us, its fused Q/K/V and linear1
+exact); bit-exact resume; what applies to [dev] only refused on [schnell]."""
+import pytest
+import torch
+
+from minidream.formats import loading
+from minidream.models import flux
+from minidream.models.flow_matching import Density, FlowProcess
+from minidream.models.stable_diffusion import encode_text
+from minidream.training.step import dreambooth_loss
+from tests.conftest import build_flux_pipeline_dir, max_rel_err
+from tests.test_adapters import ours, theirs
+from tests.test_train import instance_dir, run_cli, train_args  # noqa: F401 (instance_dir is a fixture)
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory, tiny_tokenizer, tiny_t5_tokenizer):
+    return build_flux_pipeline_dir(tmp_path_factory.mktemp("flux-dev"), tiny_tokenizer, tiny_t5_tokenizer, seed=50)
+
+
+def flux_args(folder, instance, out, *extra):
+    return train_args(folder, instance, out, "--resolution", 32, *extra)
+
+
+def test_timestep_draws_match_diffusers():
+    """[dev]'s scheduler shifts by image size when it samples; training indexes its unshifted levels."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+    from minidream.models.flow_matching import PRESETS
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    u = compute_density_for_timestep_sampling("none", 64, generator=torch.Generator().manual_seed(3))
+    want = sched.timesteps[(u * 1000).long()]
+    got = FlowProcess(PRESETS["flux-dev"], Density("none")).draw_timesteps(64, torch.Generator().manual_seed(3), "cpu")
+    assert torch.equal(got, want)
+
+
+def test_one_step_matches_diffusers_flux_loss_and_gradients(flux_dir):
+    """Same latents, noise and timesteps: our loss parts and transformer gradients equal those of diffusers'
+    transformer with train_dreambooth_lora_flux.py's objective (packed z = (1-σ)x + σn at timestep t/1000, guidance
+    3.5; v against n - x, unweighted; instance + λ·prior)."""
+    from diffusers import FluxPipeline
+    ref = FluxPipeline.from_pretrained(flux_dir)
+    m = loading.load(str(flux_dir))
+    ref.transformer.requires_grad_(True)
+    m.denoiser.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(4, 16, 4, 6, generator=g), torch.randn(4, 16, 4, 6, generator=g)
+    t = torch.tensor([5.0, 300.0, 650.0, 990.0])
+    prompts = ["a photo of sks dog"] * 2 + ["a photo of dog"] * 2
+    sigma = (t / 1000).view(-1, 1, 1, 1)
+    noisy = (1 - sigma) * x + sigma * noise
+    with torch.no_grad():
+        ctx, pooled, text_ids = ref.encode_prompt(prompts, None, max_sequence_length=512)
+    pred = ref.transformer(flux.pack(noisy), timestep=t / 1000, guidance=torch.full((4,), 3.5),
+                           encoder_hidden_states=ctx, pooled_projections=pooled, txt_ids=text_ids,
+                           img_ids=flux.image_ids(2, 3)).sample
+    per_example = ((flux.unpack(pred, 4, 6) - (noise - x)) ** 2).reshape(4, -1).mean(1)
+    ref_inst, ref_prior = per_example[:2].mean(), per_example[2:].mean()
+    (ref_inst + 0.7 * ref_prior).backward()
+
+    process = FlowProcess(m.scheduler, Density("none", precondition=False))
+    with torch.no_grad():
+        cond = encode_text(m, prompts)
+    z = process.add_noise(x, noise, t)
+    out = process.output(m.denoiser(z, t, **cond, guidance=torch.full((4,), 3.5)), z, t)
+    loss, inst, prior = dreambooth_loss(out, process.target(x, noise, t), 2, 0.7, process.loss_weights(t))
+    loss.backward()
+    for a, b in ((inst, ref_inst), (prior, ref_prior)):
+        assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item())
+    theirs_p = dict(ref.transformer.named_parameters())
+    for name, p in m.denoiser.named_parameters():
+        if theirs_p[name].grad is not None and theirs_p[name].grad.abs().max() > 0:
+            assert max_rel_err(p.grad, theirs_p[name].grad) <= 1e-4, name
+
+
+def kohya_delta(pair: dict, name: str) -> torch.Tensor:
+    down, up = pair[f"{name}.lora_down.weight"], pair[f"{name}.lora_up.weight"]
+    return (up @ down) * (pair[f"{name}.alpha"] / down.shape[0])
+
+
+def peft_delta(sd: dict, module: str) -> torch.Tensor:
+    return sd[f"transformer.{module}.lora_B.weight"] @ sd[f"transformer.{module}.lora_A.weight"]
+
+
+def test_lora_exports_give_diffusers_images(flux_dir, instance_dir, tmp_path):
+    """train --train lora --lora-targets all --train-text-encoder on Flux.1 [dev]: the diffusers LoRA file loads in
+    FluxPipeline.load_lora_weights and draws what `sample --lora` draws; the kohya file holds each fused BFL module
+    (qkv, linear1) as one pair whose product is exactly the parts' changes side by side, and draws the same image
+    through `sample --lora`; the merged folder and BFL's file draw it too."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+    out = tmp_path / "run"
+    r = run_cli(*flux_args(flux_dir, instance_dir, out, "--train", "lora", "--lora-targets", "all",
+                           "--train-text-encoder", "--lr", 3e-2, "--save-as", "lora-diffusers", "--save-as",
+                           "lora-kohya", "--save-as", "diffusers", "--save-as", "single-file"))
+    assert r.exit_code == 0, r.output
+    lora = out / "lora" / "pytorch_lora_weights.safetensors"
+    peft, kohya = load_file(str(lora)), load_file(str(out / "lora_kohya.safetensors"))
+    assert {k.split(".")[0] for k in peft} == {"transformer", "text_encoder"}
+    assert any(".single_transformer_blocks.0.proj_mlp." in k for k in peft)
+    fused = kohya_delta(kohya, "lora_unet_single_blocks_1_linear1")
+    parts = [f"single_transformer_blocks.1.{p}" for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
+    assert max_rel_err(fused, torch.cat([peft_delta(peft, p) for p in parts])) <= 1e-5
+    fused = kohya_delta(kohya, "lora_unet_double_blocks_0_txt_attn_qkv")
+    parts = [f"transformer_blocks.0.attn.add_{p}_proj" for p in "qkv"]
+    assert max_rel_err(fused, torch.cat([peft_delta(peft, p) for p in parts])) <= 1e-5
+    pipe = FluxPipeline.from_pretrained(flux_dir)
+    pipe.load_lora_weights(str(lora))
+    prompt = "a photo of dog"
+    want = theirs(pipe, prompt)
+    got = ours(flux_dir, tmp_path / "with-lora", prompt, "--lora", lora)
+    assert (got.int() - want.int()).abs().max() <= 1
+    base = theirs(FluxPipeline.from_pretrained(flux_dir), prompt)
+    assert (got.int() - base.int()).abs().max() > 1  # the LoRA changed the image
+    got = ours(flux_dir, tmp_path / "with-kohya", prompt, "--lora", out / "lora_kohya.safetensors")
+    assert (got.int() - want.int()).abs().max() <= 1
+    merged = theirs(FluxPipeline.from_pretrained(out / "model"), prompt)
+    assert (merged.int() - want.int()).abs().max() <= 1
+    got = ours(out / "model.safetensors", tmp_path / "bfl", prompt, "--config", out / "model")
+    assert (got.int() - want.int()).abs().max() <= 1
+
+
+def test_kohya_file_read_by_diffusers_converter(flux_dir, instance_dir, tmp_path):
+    """Our kohya file in BFL's names, read by diffusers' kohya-Flux converter (through load_lora_weights), draws what
+    our diffusers file draws. (Its converter knows the released widths only for the single blocks' linear1, so the
+    LoRA here is on the double blocks: --lora-blocks, which names double.N and single.N.)"""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+    from minidream.formats.files import read_metadata
+    out = tmp_path / "run"
+    r = run_cli(*flux_args(flux_dir, instance_dir, out, "--train", "lora", "--lora-targets", "attn-ff",
+                           "--lora-blocks", "double.0,double.1", "--lr", 3e-2, "--save-as", "lora-diffusers",
+                           "--save-as", "lora-kohya"))
+    assert r.exit_code == 0, r.output
+    kohya = out / "lora_kohya.safetensors"
+    assert {k.split(".")[0].split("_")[4] for k in load_file(str(kohya))} == {"0", "1"}
+    assert read_metadata(kohya)["ss_network_module"] == "networks.lora_flux"
+    want, got = (FluxPipeline.from_pretrained(flux_dir) for _ in range(2))
+    want.load_lora_weights(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+    got.load_lora_weights(str(kohya))
+    assert (theirs(got, "a photo of dog").int() - theirs(want, "a photo of dog").int()).abs().max() <= 1
+    r = run_cli(*flux_args(flux_dir, instance_dir, tmp_path / "bad", "--train", "lora", "--lora-blocks", "single.9"))
+    assert r.exit_code != 0 and "--lora-blocks" in r.output and "single.9" in r.output, r.output
+
+
+def test_resume_is_bit_exact(flux_dir, instance_dir, tmp_path):
+    """A run stopped at step 2 and resumed to 4 ends bit-identical to one that ran 4 steps."""
+    from safetensors.torch import load_file
+    common = ["--train", "lora", "--train-text-encoder", "--checkpoint-every", 2, "--save-as", "lora-diffusers"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run_cli(*flux_args(flux_dir, instance_dir, full, *common, "--steps", 4)).exit_code == 0
+    assert run_cli(*flux_args(flux_dir, instance_dir, cut, *common, "--steps", 2)).exit_code == 0
+    r = run_cli(*flux_args(flux_dir, instance_dir, cut, *common, "--steps", 4, "--resume", "latest"))
+    assert r.exit_code == 0, r.output
+    a, b = (load_file(d / "lora" / "pytorch_lora_weights.safetensors") for d in (full, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_schnell_trains_and_refuses_a_guidance_scale(tmp_path, instance_dir, tiny_tokenizer, tiny_t5_tokenizer):
+    schnell = build_flux_pipeline_dir(tmp_path / "schnell", tiny_tokenizer, tiny_t5_tokenizer, dev=False, seed=51)
+    r = run_cli(*flux_args(schnell, instance_dir, tmp_path / "bad", "--train", "lora", "--guidance-scale", 1))
+    assert r.exit_code != 0 and "--guidance-scale: Flux.1 [schnell] takes no guidance scale" in r.output, r.output
+    r = run_cli(*flux_args(schnell, instance_dir, tmp_path / "run", "--train", "lora", "--save-as", "lora-diffusers"))
+    assert r.exit_code == 0, r.output
+    import json
+    stored = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert stored["weighting_scheme"] == "none" and stored["precondition_outputs"] is False
