@@ -9,6 +9,7 @@ generated C++; cached across processes after the first); only the steps after th
 
     python -m benchmarks sd --device cpu --res 256      # -> benchmarks/results/step-cpu-sd15-256-<cpu>.json
     python -m benchmarks.cpu --preset sd35-medium --mode lora --no-compile   # SD3.5 Medium's width, 4 blocks
+    python -m benchmarks.cpu --preset flux-dev --layers 1 --mode lora --no-compile   # Flux [dev]'s width, 1 + 2
 """
 import argparse
 import json
@@ -86,6 +87,9 @@ def make_model(folder: str, preset: str, layers: int):
     if preset == "sd35-medium":
         from .diffusers_sd3 import make_folder
         return make_folder(folder, layers)
+    if preset == "flux-dev":
+        from .diffusers_flux import make_folder
+        return make_folder(folder, layers)
     save_pretrained(random_model(preset, tokenizer=train_bpe(PROMPTS * 4, 300), seed=0), folder)
 
 
@@ -123,7 +127,9 @@ def run(preset: str = "sd15", res: int = 256, rounds: int = 5, warmup: int = 1, 
             print(f"{mode}: speedup {row['speedup']:.3f} (rounds {min(ratios):.3f}-{max(ratios):.3f})", file=sys.stderr)
     env = environment("cpu")
     env.update(device=f"cpu: {cpu_name()}, {os.cpu_count()} cores", torch_threads=torch.get_num_threads())
-    depth = {"mmdit_blocks": layers, "mmdit_blocks_of_the_real_model": 24} if preset == "sd35-medium" else {}
+    depth = {"sd35-medium": {"mmdit_blocks": layers, "mmdit_blocks_of_the_real_model": 24},
+             "flux-dev": {"double_blocks": layers, "single_blocks": 2 * layers,
+                          "blocks_of_the_real_model": "19 double, 38 single"}}.get(preset, {})
     path = Path(out or RESULTS) / f"step-cpu-{preset}-{res}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": "step-cpu", **env, "preset": preset, **depth, "warmup_steps": warmup,
@@ -139,8 +145,11 @@ def main():
     ap.add_argument("--folder")
     ap.add_argument("--mode", default=None, help="one of " + ", ".join(MODES) + " (default: all)")
     ap.add_argument("--preset", default="sd15", help="a random model's preset, or sd35-medium (SD3.5 Medium's width "
-                    "at --layers blocks, LoRA only, against train_dreambooth_lora_sd3.py)")
-    ap.add_argument("--layers", type=int, default=4, help="sd35-medium: MMDiT blocks (the real model has 24)")
+                    "at --layers blocks, LoRA only, against train_dreambooth_lora_sd3.py), or flux-dev (Flux.1 "
+                    "[dev]'s width at --layers double and 2 x --layers single blocks, against "
+                    "train_dreambooth_lora_flux.py)")
+    ap.add_argument("--layers", type=int, default=4, help="sd35-medium: MMDiT blocks (the real model has 24); "
+                    "flux-dev: double blocks (19; single: twice as many, of 38)")
     ap.add_argument("--res", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)

@@ -9,13 +9,18 @@ from pathlib import Path
 
 import torch
 
-from minidream.formats.sd3_layout import is_sd3  # noqa: F401 (benchmarks.step asks here)
+from minidream.formats.sd3_layout import is_sd3
 
 # SD3.5 Medium's MMDiT (width 1536, 24 heads of 64, MMDiT-X's attn2 in the first blocks, qk-norm) at `layers` of
 # its 24 blocks: the same per-block work at a depth a 2-core CPU times in minutes
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                    pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm")
+
+
+def is_model(folder: str) -> bool:
+    """An SD3 pipeline folder (this module's reference step)."""
+    return is_sd3(folder)
 
 
 def make_folder(folder: str, layers: int = 4, seed: int = 0):

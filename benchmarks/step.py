@@ -31,9 +31,12 @@ def ours(folder: str, mode: str, device: str, res: int, cache_latents: bool = Tr
     from minidream.training.runtime import PRECISIONS, Runtime
     from minidream.training.step import prepare
     settings.setdefault("mixed_precision", "bf16" if torch.device(device).type == "cuda" else "no")
+    from .diffusers_flux import is_flux
     from .diffusers_sd3 import is_sd3
     if is_sd3(folder):  # the T5 length of diffusers' SD3 script (its --max_sequence_length default)
         settings.setdefault("max_sequence_length", 77)
+    if is_flux(folder):  # the LoRA targets of diffusers' Flux script (attention and feed-forward)
+        settings.setdefault("lora_targets", "attn-ff")
     cfg = TrainConfig(model=folder, instance_dir="", class_noun="dog", out="", mode=mode, resolution=res,
                       steps=10 ** 6, device=device, cache_latents=cache_latents, compile=compile, **settings)
     dev = torch.device(device)
@@ -58,11 +61,12 @@ def diffusers(folder: str, mode: str, device: str, res: int, cache_latents: bool
     the UNet under torch.compile."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
-    from . import diffusers_sd3, diffusers_sdxl
-    if diffusers_sd3.is_sd3(folder):  # train_dreambooth_lora_sd3.py
-        if compile:
-            raise ValueError("the SD3 reference runs eager")
-        return diffusers_sd3.lora_step(folder, mode, res, device, cache_latents)
+    from . import diffusers_flux, diffusers_sd3, diffusers_sdxl
+    for family in (diffusers_flux, diffusers_sd3):  # train_dreambooth_lora_flux.py, train_dreambooth_lora_sd3.py
+        if family.is_model(folder):
+            if compile:
+                raise ValueError(f"the {family.__name__} reference runs eager")
+            return family.lora_step(folder, mode, res, device, cache_latents)
     if diffusers_sdxl.is_sdxl(folder):  # train_dreambooth_lora_sdxl.py
         return diffusers_sdxl.lora_step(folder, mode, res, gradient_checkpointing, device, cache_latents, compile)
     cuda = torch.device(device).type == "cuda"

@@ -96,7 +96,8 @@ def sample(**options):
         o.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"--out {o.out}: cannot create it ({e.strerror})")
-    settings = {"steps": params.steps, "guidance": params.guidance, "scheduler": name, "eta": params.eta,
+    settings = {"steps": params.steps, "guidance": params.guidance, "true_cfg": params.true_cfg, "scheduler": name,
+                "eta": params.eta,
                 "clip_skip": o.clip_skip, "model": m.source, "dtype": run.dtype,
                 "lora": [f"{f}:{w}" for f, w in loras], "embeddings": [str(f) for f, _ in embeddings],
                 "software": "minidream"}  # in every PNG's text

@@ -34,6 +34,7 @@ def test_loads_as_flux(pipes):
     assert m.default_steps == (28 if dev else 4) and m.scheduler.dynamic == dev
     assert m.vae.config.shift_factor == 0.1159 and m.vae.config.scaling_factor == 0.3611
     assert list(m.components()) == ["transformer", "text_encoder"]
+    assert m.native_resolution == 1024  # FluxPipeline's default size (its default_sample_size x the VAE's 8)
 
 
 def test_transformer_matches(pipes):
@@ -79,8 +80,8 @@ def test_images_match_flux_pipeline(pipes, guidance, height, width, negative, tr
                num_inference_steps=steps, height=height, width=width, max_sequence_length=m.max_sequence_length,
                generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
     want = torch.from_numpy((want * 255).round()).to(torch.uint8)
-    params = SamplingParams(steps=None if guidance is None else 3, guidance=guidance, negative_prompt=negative,
-                            height=height, width=width, true_cfg=true_cfg)
+    params = SamplingParams(steps=None if guidance is None else 3, negative_prompt=negative, height=height,
+                            width=width, true_cfg=true_cfg, guidance=guidance if m.guidance_embedded else None)
     assert params.problem(m) is None
     got = generate(m, PROMPTS, params, generator=torch.Generator().manual_seed(0), progress=False)
     assert got.shape == want.shape
@@ -132,3 +133,60 @@ def test_bfl_names_are_what_diffusers_converter_reads(preset):
     written = bfl_state(ours.state_dict())
     got = convert_flux_transformer_checkpoint_to_diffusers(dict(written))
     assert {k: tuple(v.shape) for k, v in got.items()} == {k: tuple(v.shape) for k, v in want.items()}
+
+
+def test_bf16_rounds_the_timestep_and_guidance_as_the_pipeline(pipes):
+    """In bf16 the pipeline rounds t to the latents' dtype, then t/1000 and the guidance to the hidden states': the
+    embedding's fast sinusoids see that rounding, so ours is the same (both models in bf16, the pipeline's call)."""
+    import copy
+    ref, m = pipes
+    theirs, ours = copy.deepcopy(ref.transformer).to(torch.bfloat16), copy.deepcopy(m.denoiser).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 16, 8, 8, generator=g).bfloat16(), torch.randn(1, 9, 96, generator=g).bfloat16()
+    pooled, guidance = torch.randn(1, 32, generator=g).bfloat16(), torch.tensor([3.5])
+    guidance = guidance if ref.transformer.config.guidance_embeds else None
+    for t in (torch.tensor([964.2857]), torch.tensor([517.8571])):  # [dev]'s 28-step timesteps that bf16 moves
+        with torch.no_grad():
+            want = theirs(hidden_states=flux.pack(x), timestep=t.to(torch.bfloat16) / 1000, guidance=guidance,
+                          encoder_hidden_states=ctx, pooled_projections=pooled, txt_ids=torch.zeros(9, 3),
+                          img_ids=flux.image_ids(4, 4)).sample
+            got = flux.pack(ours(x, t, ctx, pooled, guidance))
+        assert max_rel_err(got.float(), want.float()) <= 2e-2
+
+
+def test_what_flux_does_not_take_is_refused_by_name(pipes, tmp_path):
+    from tests.test_train import run_cli
+    ref, m = pipes
+    dev = ref.transformer.config.guidance_embeds
+    cases = [(["--clip-skip", 2], "--clip-skip: Flux.1 reads CLIP-L's pooled output only"),
+             (["--negative-prompt", "x"], "--negative-prompt is read by Flux only with --true-cfg above 1"),
+             (["--true-cfg", 3], "--true-cfg needs --negative-prompt")]
+    if not dev:
+        cases.append((["--guidance", 3], "--guidance is not read by Flux.1 [schnell]"))
+    for args, says in cases:
+        r = run_cli("sample", "--model", m.source, "--prompt", "a dog", "--out", tmp_path / "out", *args)
+        assert r.exit_code != 0 and says in r.output, r.output
+        assert not (tmp_path / "out").exists()
+    r = run_cli("attention-maps", "--model", m.source, "--prompt", "a dog", "--out", tmp_path / "maps")
+    assert r.exit_code != 0 and "Flux.1's attention is not captured yet" in r.output, r.output
+
+
+def test_diff_charts_double_and_single_blocks(pipes, tmp_path):
+    """diff BASE BASE --lora L, L on block 0's text-stream Q and single block 1's MLP input: exactly those groups
+    change, named as Flux's blocks are."""
+    import json
+    from safetensors.torch import save_file
+    from tests.test_train import run_cli
+    _, m = pipes
+    width, g = m.denoiser.config.width, torch.Generator().manual_seed(3)
+    lora = tmp_path / "lora.safetensors"
+    save_file({f"transformer.{name}.lora_{side}.weight": torch.randn(shape(rows), generator=g)
+               for name, rows in (("transformer_blocks.0.attn.add_q_proj", width),
+                                  ("single_transformer_blocks.1.proj_mlp", 4 * width))
+               for side, shape in (("A", lambda r: (2, width)), ("B", lambda r: (r, 2)))}, lora)
+    r = run_cli("diff", m.source, m.source, "--lora", lora, "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "out" / "diff.json").read_text())
+    changed = {(k, kind) for k, kinds in d["groups"]["by_block_type"]["transformer"].items()
+               for kind, s in kinds.items() if s["rel_change"] > 0}
+    assert changed == {("block 00", "text Q"), ("single 01", "single mlp")}

@@ -168,3 +168,24 @@ def test_schnell_trains_and_refuses_a_guidance_scale(tmp_path, instance_dir, tin
     import json
     stored = json.loads((tmp_path / "run" / "run.json").read_text())
     assert stored["weighting_scheme"] == "none" and stored["precondition_outputs"] is False
+
+
+def test_xlabs_lora_draws_what_diffusers_draws(flux_dir, tmp_path):
+    """An XLabs Flux LoRA (fused Q/K/V and output pairs per stream, the single blocks' Q/K/V), read by diffusers'
+    FluxPipeline.load_lora_weights and by `sample --lora`: the same image."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+    g, sd = torch.Generator().manual_seed(7), {}
+    for i in range(2):
+        for name, rows in (("qkv_lora1", 96), ("qkv_lora2", 96), ("proj_lora1", 32), ("proj_lora2", 32)):
+            sd[f"double_blocks.{i}.processor.{name}.down.weight"] = torch.randn(4, 32, generator=g) * 0.3
+            sd[f"double_blocks.{i}.processor.{name}.up.weight"] = torch.randn(rows, 4, generator=g) * 0.3
+        sd[f"single_blocks.{i}.processor.qkv_lora.down.weight"] = torch.randn(4, 32, generator=g) * 0.3
+        sd[f"single_blocks.{i}.processor.qkv_lora.up.weight"] = torch.randn(96, 4, generator=g) * 0.3
+    save_file(sd, str(tmp_path / "xlabs.safetensors"))
+    pipe = FluxPipeline.from_pretrained(flux_dir)
+    pipe.load_lora_weights(str(tmp_path / "xlabs.safetensors"))
+    want = theirs(pipe, "a photo of dog")
+    got = ours(flux_dir, tmp_path / "ours", "a photo of dog", "--lora", tmp_path / "xlabs.safetensors")
+    assert (got.int() - want.int()).abs().max() <= 1
+    assert (want.int() - theirs(FluxPipeline.from_pretrained(flux_dir), "a photo of dog").int()).abs().max() > 1

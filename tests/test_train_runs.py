@@ -173,7 +173,8 @@ def test_overwrite_removes_what_every_exporter_writes(tmp_path):
 
 def test_checkpoints_of_earlier_versions_resume_the_same(sd1_dir, instance_dir, tmp_path):
     """A checkpoint written before the --train setting was renamed (config key "train") and before --optimizer
-    existed resumes exactly as the same checkpoint in today's layout."""
+    existed, with the flow defaults that versions 2-3 stored in every run, resumes exactly as the same checkpoint in
+    today's layout."""
     import shutil
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -190,6 +191,8 @@ def test_checkpoints_of_earlier_versions_resume_the_same(sd1_dir, instance_dir, 
         meta = json.loads(f.metadata()["minidream"])
     config = dict(meta["config"], train=meta["config"].pop("mode"))
     del config["optimizer"], config["text_encoders"], meta["settings_version"]  # as before versions and these
+    del config["vae"], config["guidance_scale"]
+    config.update(weighting_scheme="logit_normal", precondition_outputs=True)  # the defaults versions 2-3 stored
     save_file(load_file(ck), ck, metadata={"minidream": json.dumps({**meta, "config": config})})
     for folder in (out, old):
         r = run_cli(*train_args(sd1_dir, instance_dir, folder, *args, "--resume", "latest"))

@@ -163,7 +163,10 @@ def _separate(files: tuple[str, ...], allow_pickle: bool) -> dict[str, tuple[str
         if any(k.startswith("encoder.block.") for k in part):
             name, weights = "text_encoder_2", t5_state(dict(part))
         elif {"text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight"} & set(part):
+            # a clip_l file made for SD3 also holds CLIP-L's projection, which Flux (reading the pooled state)
+            # never uses
             name, weights = "text_encoder", _strip_text_model(part)
+            weights.pop("text_projection.weight", None)
         else:
             raise ModelError(f"--text-encoders {f}: not a CLIP-L or T5 text encoder in transformers' layout "
                              f"(ComfyUI's clip_l, t5xxl files)")

@@ -10,12 +10,14 @@ Read: W' = W + s·(α/r)·B A for a file at strength s.
 - kohya / LyCORIS LoCon: `lora_unet_<module>` and `lora_te_<module>` (or `lora_te1_`, SDXL's and SD3's `lora_te2_`,
   SD3's T5 `lora_te3_`) with `.lora_down.weight`, `.lora_up.weight` and `.alpha`; modules named as in diffusers
   (kohya's SD 1.x/2.x networks) or as in the original checkpoint (`input_blocks_4_1_proj_in`; SD3's
-  `joint_blocks_0_x_block_attn_qkv`, one pair for three of our modules: kohya_names.py). A convolution's adapter
+  `joint_blocks_0_x_block_attn_qkv`, Flux's `double_blocks_0_img_attn_qkv` and `single_blocks_0_linear1`, one pair
+  for several of our modules: kohya_names.py). A convolution's adapter
   (3×3 resnet convs, 1×1 proj_in/out, up/downsamplers) is a down conv (r, in, kh, kw) then a 1×1 up conv (out, r):
   the merged ΔW sums over r and keeps the kernel.
 - LyCORIS LoHa (`hada_w1_a/b`, `hada_w2_a/b`, Tucker `hada_t1/t2`) and LoKr (`lokr_w1` or `lokr_w1_a/b`, `lokr_w2`
   or `lokr_w2_a/b`, Tucker `lokr_t2`) under kohya's names, linear and conv: lycoris_files.py, scaled as A1111 and
   ComfyUI scale them.
+- XLabs' Flux LoRAs (`double_blocks.0.processor.qkv_lora1.down.weight`, …): read in diffusers' names (`_from_xlabs`).
 - DoRA: diffusers' `<module>.lora_magnitude_vector`, kohya/LyCORIS' `<module>.dora_scale` beside any of these
   (lycoris_files.Decomposed).
 Anything else in a file (Tucker LoRA's `lora_mid`, ...) is refused by name.
@@ -130,12 +132,41 @@ def checked_values(sd: dict, alphas: dict, file) -> dict:
     return {key: a for key, a in alphas.items() if a != 0}
 
 
+# XLabs' Flux LoRAs (x-flux): per block a fused Q/K/V pair and an output pair, `…_lora1` the image stream's and
+# `…_lora2` the text's (the single blocks': one of each), at scale 1
+XLABS = re.compile(r"(diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.(qkv|proj)_lora(\d?)\.(down|up)"
+                   r"\.weight")
+XLABS_MODULES = {("double", "qkv", "1"): ("attn.to_q", "attn.to_k", "attn.to_v"),
+                 ("double", "qkv", "2"): ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                 ("double", "proj", "1"): ("attn.to_out.0",), ("double", "proj", "2"): ("attn.to_add_out",),
+                 ("single", "qkv", ""): ("attn.to_q", "attn.to_k", "attn.to_v"), ("single", "proj", ""): ("proj_out",)}
+
+
+def _from_xlabs(sd: dict, file) -> dict:
+    """An XLabs file in diffusers' names, as diffusers reads it: a fused pair's up split in equal row blocks, one per
+    module, each over the same down (exact: the blocks of up·down are the modules' changes)."""
+    out = {}
+    for k, v in sd.items():
+        m = XLABS.fullmatch(k)
+        modules = XLABS_MODULES.get((m[2], m[4], m[5])) if m else None
+        if modules is None:
+            raise ModelError(f"{file}: {k}: not a key of XLabs' Flux LoRA layout (nor of another this loader knows)")
+        block = "transformer_blocks" if m[2] == "double" else "single_transformer_blocks"
+        parts = [v] * len(modules) if m[6] == "down" else v.chunk(len(modules))
+        for module, part in zip(modules, parts):
+            side = "lora_A" if m[6] == "down" else "lora_B"
+            out[f"transformer.{block}.{m[3]}.{module}.{side}.weight"] = part
+    return out
+
+
 def lora_factors(file: Path, allow_pickle: bool = False) -> dict[tuple[str, str], object]:
     """(component, module name as the file spells it) -> its Delta (lycoris_files.py: LowRank, Hadamard, Kronecker):
     ΔW formed only once the module is known to fit (a crafted pair could ask for terabytes)."""
     sd = read_weights(Path(file), allow_pickle)
     if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ModelError(f"{file}: not a LoRA file (expected a flat dict of tensors)")
+    if any(XLABS.fullmatch(k) for k in sd):
+        sd = _from_xlabs(sd, file)
     kohya = any(k.startswith("lora_") for k in sd)
     pairs, alphas, magnitudes, used = (_kohya_pairs if kohya else _diffusers_pairs)(sd, file)
     lycoris, more = lycoris_modules(sd) if kohya else ({}, set())

@@ -85,6 +85,9 @@ def attention_maps(model, prompts: list[str], params: SamplingParams = SamplingP
 def sample_captured(model, prompts: list[str], params: SamplingParams, seed: int, store) -> torch.Tensor:
     """The images of `prompts`, sampled with every cross-attention layer reporting to `store` (its add(probs))."""
     handles = capture_cross_attention(model.denoiser, store)
+    if not handles:  # Flux: its text is T5's tokens, which the maps (CLIP's 77 positions) do not name yet
+        raise ValueError(f"attention-maps: {model.family.title}'s attention is not captured yet (it reads its prompt "
+                         f"through T5's tokens); SD 1.x/2.x/XL and SD3 are")
     try:
         return generate(model, prompts, params, generator=torch.Generator("cpu").manual_seed(seed), progress=False)
     finally:

@@ -22,20 +22,28 @@ from minidream.models.new_token import make_plain
 UNET_TYPES = ("self Q", "self K", "self V", "self out", "cross Q", "cross K", "cross V", "cross out",
               "feed-forward", "proj in/out", "norm", "resnet conv", "time proj", "shortcut", "resample", "in/out")
 TEXT_TYPES = ("self Q", "self K", "self V", "self out", "mlp", "norm", "token rows", "positions")
-# the MMDiT's (SD3): each stream's share of the joint attention, MMDiT-X's image-only attn2, each stream's MLP, the
-# adaLN modulations (norm1, norm1_context, norm_out), the qk-norms, and the embedders and output around the blocks
+# the MMDiT's (SD3, Flux): each stream's share of the joint attention, MMDiT-X's image-only attn2, each stream's MLP,
+# Flux's single blocks (Q/K/V over [text; image], the parallel MLP, the joined output), the adaLN modulations (norm1,
+# norm1_context, norm, norm_out), the qk-norms, and the embedders and output around the blocks
 MMDIT_TYPES = ("image Q", "image K", "image V", "image out", "text Q", "text K", "text V", "text out", "attn2",
-               "image mlp", "text mlp", "modulation", "qk-norm", "in/out")
+               "image mlp", "text mlp", "single Q", "single K", "single V", "single mlp", "single out", "modulation",
+               "qk-norm", "in/out")
+_SINGLE = {"attn.to_q": "single Q", "attn.to_k": "single K", "attn.to_v": "single V", "proj_mlp": "single mlp",
+           "proj_out": "single out"}
 _MMDIT_ATTN = {"to_q": "image Q", "to_k": "image K", "to_v": "image V", "to_out": "image out", "add_q_proj": "text Q",
                "add_k_proj": "text K", "add_v_proj": "text V", "to_add_out": "text out"}
 
 
 def mmdit_layer_type(name: str) -> str:
+    m = re.match(r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out)\.", name)
+    if m:
+        return _SINGLE[m[1]]
     m = re.search(r"\.attn\.(to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out)\.", name)
     if m:
         return _MMDIT_ATTN[m[1]]
     for pattern, kind in ((r"\.attn2\.(to_|add)", "attn2"), (r"\.ff_context\.", "text mlp"), (r"\.ff\.", "image mlp"),
-                          (r"norm1(_context)?\.linear|norm_out\.linear", "modulation"), (r"\.norm_", "qk-norm")):
+                          (r"norm1(_context)?\.linear|norm_out\.linear|\.norm\.linear", "modulation"),
+                          (r"\.norm_", "qk-norm")):
         if re.search(pattern, name):
             return kind
     return "in/out"  # pos_embed, time_text_embed, context_embedder, proj_out
@@ -66,8 +74,10 @@ def layer_type(component: str, name: str) -> str:
 def block(component: str, name: str) -> str:
     """Where in the network: UNet stage (down 0 … mid … up n), MMDiT block, text-encoder layer, VAE part."""
     if component == "transformer":
-        m = re.match(r"transformer_blocks\.(\d+)\.", name)
-        return f"block {int(m[1]):02d}" if m else "out" if name.startswith(("norm_out", "proj_out")) else "in"
+        m = re.match(r"(single_)?transformer_blocks\.(\d+)\.", name)  # Flux: double blocks, then single ones
+        if m:
+            return f"{'single' if m[1] else 'block'} {int(m[2]):02d}"
+        return "out" if name.startswith(("norm_out", "proj_out")) else "in"
     if component == "unet":
         m = re.match(r"(down|up)_blocks\.(\d+)", name)
         return f"{m[1]} {m[2]}" if m else "mid" if name.startswith("mid_block") else \
@@ -158,9 +168,10 @@ def picture(d: dict):
     vals = [v for c in cells.values() for v in c.values() if v > 0]  # the colour scale: whole decades around the data
     lo, hi = (10 ** math.floor(math.log10(min(vals))), 10 ** math.ceil(math.log10(max(vals)))) if vals else (1e-6, 1.0)
     hi = max(hi, lo * 10)
-    if order["transformer"]:  # in, block 00.., out
+    if order["transformer"]:  # in, block 00.., (Flux: single 00..,) out; the layer types this MMDiT has
         rows = sorted(order["transformer"], key=lambda b: (b != "in", b == "out", b))
-        strips = [plots.heat_strip(cells["transformer"], rows, list(MMDIT_TYPES), "MMDiT: block x layer type", lo, hi)]
+        types = [t for t in MMDIT_TYPES if any(kind == t for _, kind in cells["transformer"])]
+        strips = [plots.heat_strip(cells["transformer"], rows, types, "MMDiT: block x layer type", lo, hi)]
     else:
         rows = sorted(order["unet"], key=depth)
         strips = [plots.heat_strip(cells["unet"], rows, list(UNET_TYPES), "UNet: stage x layer type", lo, hi)]

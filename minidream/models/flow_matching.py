@@ -58,7 +58,7 @@ class FlowConfig:
         if not (isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0):
             raise ValueError(f"shift={s!r} must be a positive number")
         extra = dict(self.extra)  # options that change the σ levels themselves, for training and every sampler
-        for key, plain in (("invert_sigmas", False), ("shift_terminal", None)):
+        for key, plain in (("invert_sigmas", False), ("shift_terminal", None), ("time_shift_type", "exponential")):
             if extra.get(key, plain) not in (plain, 0):
                 raise ValueError(f"{key}={extra[key]!r} is not supported (a constant shift: {key}={plain})")
         for key in ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len"):

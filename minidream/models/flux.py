@@ -44,7 +44,7 @@ class FluxConfig:
     pooled_projection_dim: int = 768  # CLIP-L's pooled width
     guidance_embeds: bool = False  # [dev]: the guidance scale is an input
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)  # a head's channels per position axis (t, h, w)
-    sample_size: int = 64  # the packed latent side of a 1024 px image (for our default size; not a diffusers key)
+    sample_size: int = 128  # the latent side of its default 1024 px image (FluxPipeline's; not in its config.json)
 
     @property
     def width(self) -> int:
@@ -57,7 +57,7 @@ PRESETS = {
     # the layout at test size
     "tiny-flux": FluxConfig(in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                            guidance_embeds=True, axes_dims_rope=(4, 6, 6), sample_size=8),
+                            guidance_embeds=True, axes_dims_rope=(4, 6, 6), sample_size=16),
 }
 
 
@@ -263,12 +263,14 @@ class FluxTransformer2DModel(nn.Module):
         B, _, H, W = x.shape
         if self.config.guidance_embeds and guidance is None:
             raise ValueError("Flux.1 [dev] takes the guidance scale as an input: pass guidance")
-        # σ, then ×1000 in the model's dtype, as the reference rounds it
-        t = (torch.as_tensor(t, device=x.device).reshape(-1).expand(B) / 1000).to(x.dtype) * 1000
-        if guidance is not None:
-            guidance = torch.as_tensor(guidance, device=x.device).reshape(-1).expand(B).to(x.dtype) * 1000
-        y = self.time_text_embed(t, guidance, pooled)
         h, context = self.x_embedder(pack(x)), self.context_embedder(context)
+        # t and the guidance rounded as the reference rounds them (the embedding's fast sinusoids see the rounding):
+        # the timestep to the latents' dtype (the pipeline), then σ = t/1000 to the hidden states' (the transformer)
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B).to(x.dtype)
+        t = (t / 1000).to(h.dtype) * 1000
+        if guidance is not None:
+            guidance = torch.as_tensor(guidance, device=x.device).reshape(-1).expand(B).to(h.dtype) * 1000
+        y = self.time_text_embed(t, guidance, pooled)
         ids = torch.cat([torch.zeros(context.shape[1], 3, device=x.device), image_ids(H // 2, W // 2, x.device)])
         cos, sin = rope(ids.to(x.dtype), self.config.axes_dims_rope)
         for _, block in self.blocks().values():

@@ -86,6 +86,9 @@ class Family:
     distilled_guidance: bool = False  # the guidance scale is the denoiser's input, not CFG's (Flux.1 [dev])
     # a flow model's training defaults (--weighting-scheme, --precondition-outputs): its diffusers script's
     flow_training: tuple = ()
+    default_lora_targets: str = "attn"  # --lora-targets left out (Flux: diffusers' Flux script's targets)
+    bf16_only: bool = False  # its activations overflow fp16 (Flux: black images): its half precision is bf16
+    text_in_single_file: bool = True  # its single file holds the text encoders (BFL's: the transformer alone)
 
     @property
     def single_file_preset(self) -> str | None:
@@ -215,7 +218,8 @@ FAMILIES = {
                    kohya_unet_names="original", kohya_metadata=(("ss_base_model_version", "flux1"),),
                    kohya_network="networks.lora_flux", modelspec_implementation="https://github.com/"
                    "black-forest-labs/flux", distilled_guidance=True,
-                   flow_training=(("weighting_scheme", "none"), ("precondition_outputs", False))),
+                   flow_training=(("weighting_scheme", "none"), ("precondition_outputs", False)),
+                   default_lora_targets="attn-ff", bf16_only=True, text_in_single_file=False),
 }
 
 
@@ -405,6 +409,9 @@ def with_clip_skip(model: StableDiffusion, skip: int) -> StableDiffusion:
     if model.family.penultimate:
         raise ValueError(f"--clip-skip: {model.family.title} already reads its text encoders' penultimate layers; "
                          f"clip skip is for SD 1.x/2.x (drop it)")
+    if model.family.distilled_guidance:
+        raise ValueError(f"--clip-skip: {model.family.title} reads CLIP-L's pooled output only, which no layer "
+                         f"choice changes; clip skip is for SD 1.x/2.x (drop it)")
     layers = len(model.text_encoder.encoder.layers)
     if not 1 <= skip <= layers:
         raise ValueError(f"--clip-skip {skip}: the text encoder has {layers} layers; give 1 to {layers}")

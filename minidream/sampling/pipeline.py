@@ -64,6 +64,19 @@ class SamplingParams:
         return replace(self, steps=self.steps or model.default_steps,
                        guidance=model.family.default_guidance if self.guidance is None else self.guidance)
 
+    def guidance_problem(self, model: StableDiffusion) -> tuple[str, str] | None:
+        """What Flux's guidance settings ask that the model does not take: CFG is --true-cfg there (with a negative
+        prompt, which is read nowhere else), and [schnell] has no guidance input."""
+        if not model.family.distilled_guidance:
+            return ("true_cfg", f"is for Flux ({model.family.title} takes CFG from --guidance); drop it") \
+                if self.true_cfg != 1.0 else None
+        if self.guidance is not None and not model.guidance_embedded:
+            return "guidance", f"is not read by {model.family.title} [schnell], which has no guidance input; drop it"
+        if (self.true_cfg > 1.0) != (self.negative_prompt is not None):
+            return ("true_cfg", "needs --negative-prompt (its unconditional branch, as FluxPipeline's)") \
+                if self.true_cfg > 1.0 else ("negative_prompt", "is read by Flux only with --true-cfg above 1")
+        return None
+
     def make_sampler(self, schedule: SchedulerConfig) -> Sampler:
         """The sampler these settings name, over a model's noise schedule (ValueError when it cannot be had)."""
         return make_sampler(self.sampler, schedule, self.eta)
@@ -74,11 +87,10 @@ class SamplingParams:
         wrong = first_problem(self)
         if wrong or model is None:
             return wrong
+        wrong = self.guidance_problem(model)
+        if wrong:
+            return wrong
         self = self.for_model(model)
-        if self.true_cfg != 1.0 and not model.family.distilled_guidance:
-            return "true_cfg", f"is for Flux ({model.family.title} takes CFG from --guidance); drop it"
-        if self.true_cfg > 1.0 and self.negative_prompt is None:
-            return "true_cfg", "needs --negative-prompt (its unconditional branch, as FluxPipeline's)"
         for name in ("height", "width"):
             wrong = image_side(getattr(self, name), model.downsampling)
             if wrong:

@@ -37,11 +37,15 @@ def make_class_images(model: StableDiffusion, cfg, concept, rt: Runtime, k: int 
     if missing <= 0:
         return
     mine = free[group.rank::group.size]
-    precision = class_precision(cfg, rt.device)
-    print(f"generating {missing} class images for {prompt!r} into {class_dir} ({precision})", file=sys.stderr)
+    precision = class_precision(cfg, rt.device, model.family.bf16_only)
+    params = cfg.class_sampling.for_model(model)  # left out: the steps and guidance of the family's pipeline
+    guided = params.true_cfg > 1 if model.family.distilled_guidance else params.guidance > 1  # two passes a step
+    calls = params.steps * (2 if guided else 1)
+    print(f"generating {missing} class images for {prompt!r} into {class_dir} ({precision}; each image is {calls} "
+          f"passes of the {model.family.denoiser}: --class-steps, or images of your own in --class-dir, shorten it)",
+          file=sys.stderr)
     size = lambda i: sizes[i % len(sizes)] if sizes else (cfg.resolution, cfg.resolution)  # noqa: E731
     s = model.latent_scale
-    params = cfg.class_sampling.for_model(model)  # left out: the steps and guidance of the family's pipeline
     sampler = params.make_sampler(model.scheduler)
     bar = Progress(len(mine), "class images")  # this process's share (all of them on one process)
     for shape in sorted({size(i) for i in mine}):

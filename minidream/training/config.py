@@ -181,8 +181,9 @@ class TrainConfig:
     mode: str = option("unet", MODE_HELP + ".", choices=MODES, flag="--train", was="train")
     lora_rank: int = option(4, "LoRA rank r.", check=at_least(1, MAX_RANK))
     lora_alpha: float = option(4.0, "LoRA alpha (scale alpha/r).", check=positive)
-    lora_targets: str = option("attn", "What LoRA adapts in the UNet: " + "; ".join(
-        f"{n}: {row.help}" for n, row in UNET_TARGETS.items()) + ".", choices=UNET_TARGETS, needs=LORA)
+    lora_targets: str | None = option(None, "What LoRA adapts in the denoiser: " + "; ".join(
+        f"{n}: {row.help}" for n, row in UNET_TARGETS.items()) + " (an MMDiT's: docs/sd3.md, docs/flux.md). Default: "
+        "the family's (attn; Flux attn-ff, diffusers' Flux targets).", choices=UNET_TARGETS, needs=LORA)
     text_encoder_targets: str = option("attn", "What LoRA adapts in the text encoder(s) (--train-text-encoder): " +
                                        "; ".join(f"{n}: {row.help}" for n, row in TEXT_TARGETS.items()) + ".",
                                        choices=TEXT_TARGETS,
@@ -190,7 +191,8 @@ class TrainConfig:
                                                            "needs --train-text-encoder")))
     lora_blocks: str | None = option(None, "Only these UNet stages, comma-separated: down.N, mid, up.N (SD and "
                                      "SDXL alike; or prefixes of the UNet's module names, e.g. "
-                                     "up_blocks.0.attentions.1). Default: all.", check=check_blocks, needs=LORA)
+                                     "up_blocks.0.attentions.1); SD3's blocks 0, 1, …; Flux's double.N, single.N. "
+                                     "Default: all.", check=check_blocks, needs=LORA)
     conv_rank: int | None = option(None, "LoCon rank of the 3x3 convolutions (--lora-targets all; default: "
                                    "--lora-rank).", check=optional_rank, needs=CONVOLUTIONS)
     conv_alpha: float | None = option(None, "LoCon alpha of the 3x3 convolutions (default: --lora-alpha).",
@@ -208,8 +210,9 @@ class TrainConfig:
     clip_skip: int = option(1, "SD 1.x/2.x: condition on the text encoder's N-th layer from the end, as A1111 and "
                             "kohya number it (1: the last, 2: the penultimate, for community SD 1.x models).",
                             check=at_least(1))
-    max_sequence_length: int | None = option(None, "SD3: T5's tokens per prompt (longer prompts are cut, shorter "
-                                             "padded); default 256, as diffusers.",
+    max_sequence_length: int | None = option(None, "SD3, Flux: T5's tokens per prompt (longer prompts are cut, "
+                                             "shorter padded); default: SD3 256 (as diffusers), Flux [dev] 512, "
+                                             "[schnell] 256.",
                                              check=optional_at_least(1, 512))
     t5: bool = option(True, "SD3: --no-t5 runs without the T5 text encoder (not even loaded: zeros in its place, as "
                          "diffusers with text_encoder_3=None); saves its memory, costs prompt fidelity.")
@@ -391,6 +394,13 @@ OPTIONS = {f.name: f for f in fields(TrainConfig)}
 def flag(name: str) -> str:
     """A setting's option on the command line."""
     return option_flag(OPTIONS[name])
+
+
+def family_defaults(cfg: TrainConfig, family) -> TrainConfig:
+    """What the run leaves to the model's family, filled in: the flow objective of its diffusers script, its LoRA
+    targets (stored so in run.json)."""
+    wanted = (*family.flow_training, ("lora_targets", family.default_lora_targets))
+    return replace(cfg, **{k: v for k, v in wanted if getattr(cfg, k) is None})
 
 
 def validate(cfg: TrainConfig, resuming: bool = False):

@@ -16,8 +16,8 @@ from minidream.training import TrainError, distributed, run_folder, runtime
 from minidream.training.checkpoint import Checkpointer, Resume, base_fingerprint, per_process_batch, resume_from
 from minidream.training.dataset import TrainingData, buckets
 from minidream.training.concepts_file import with_folder_names
-from minidream.training.config import (OPTIONS, TrainConfig, absolute_paths, combinations, flag, validate,
-                                       validate_resolution)
+from minidream.training.config import (OPTIONS, TrainConfig, absolute_paths, combinations, family_defaults, flag,
+                                       validate, validate_resolution)
 from minidream.training.export import export as export_trained, load_base
 from minidream.training.loop import loop, phase
 from minidream.training.report import REPORT_TO, curves
@@ -200,11 +200,13 @@ def family_options(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
                          f"Flux.1 [dev] (drop it)")
     for name in DDPM_ONLY if flow else FLOW_ONLY:
         if getattr(cfg, name) != OPTIONS[name].default:
+            others = "DDPM models (SD 1.x/2.x/XL)" if flow else "rectified-flow models (SD3, Flux)"
             raise TrainError(f"{flag(name)}: {model.family.title} is trained by "
-                             f"{'rectified flow' if flow else 'DDPM'}; it applies to "
-                             f"{'DDPM models (SD 1.x/2.x/XL)' if flow else 'rectified-flow models (SD3)'} (drop it)")
-    given = {k: v for k, v in model.family.flow_training if getattr(cfg, k) is None}
-    cfg = replace(cfg, **given)  # the family's defaults (diffusers' script's), stored in run.json as they are
+                             f"{'rectified flow' if flow else 'DDPM'}; it applies to {others} (drop it)")
+    cfg = family_defaults(cfg, model.family)
+    if "single-file" in cfg.save_as and cfg.train_text_encoder and not model.family.text_in_single_file:
+        print(f"warning: {model.family.title}'s single file holds the transformer alone: the trained text encoder is "
+              f"in the other exports only (--save-as diffusers, or the LoRA files)", file=sys.stderr)
     unwritable = [f for f in cfg.save_as if not EXPORTERS[f].writes(model.family.name)]
     if unwritable and cfg.save_as == MODES[cfg.mode].save_as:
         print(f"note: {model.family.title}: {', '.join(unwritable)} not written (minidream has no writer for "

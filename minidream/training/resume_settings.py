@@ -23,11 +23,14 @@ ADDED = {
         "prodigy_safeguard_warmup": False, "fused_backward": False, "epochs": None, "fsdp": False,
         "validation_set": (), "validation_scheduler": "ddim", "report_to": "none", "log_every": 10, "save_every": 0,
         "keep_snapshots": 0, "save_precision": None, "compile": "off"},
-    2: {"max_sequence_length": None, "t5": True, "weighting_scheme": "logit_normal", "logit_mean": 0.0,
-        "logit_std": 1.0, "mode_scale": 1.29, "precondition_outputs": True},
+    2: {"max_sequence_length": None, "t5": True, "weighting_scheme": None, "logit_mean": 0.0,
+        "logit_std": 1.0, "mode_scale": 1.29, "precondition_outputs": None},
     3: {"text_encoders": ()},
     4: {"vae": None, "guidance_scale": 3.5},
 }
+# CHANGED[v]: settings whose default became "the family's" (None) in version v, with the default before: an older
+# run stored that value whether or not it was given, and it reads as the family's (SD3's was it; DDPM's ignore it)
+CHANGED = {4: {"weighting_scheme": "logit_normal", "precondition_outputs": True}}
 
 
 def stored_config(meta: dict, path: Path) -> TrainConfig:
@@ -41,6 +44,9 @@ def stored_config(meta: dict, path: Path) -> TrainConfig:
         for v, added in ADDED.items():  # settings added since
             if version < v:
                 d = {**added, **d}
+        for v, changed in CHANGED.items():  # defaults that became the family's since
+            if version < v:
+                d.update({k: None for k, old in changed.items() if d.get(k) == old})
         missing = [f for f in OPTIONS if f not in d]
         if missing:
             raise TrainError(f"{path}: written by an older minidream (no {', '.join(missing[:4])}"

@@ -99,11 +99,12 @@ def resolve(cfg) -> Runtime:
     return Runtime(device, backend, PRECISIONS[cfg.mixed_precision])
 
 
-def class_precision(cfg, device: torch.device) -> str:
-    """--class-precision: auto is fp16 on CUDA (as diffusers' script), else fp32."""
+def class_precision(cfg, device: torch.device, bf16_only: bool = False) -> str:
+    """--class-precision: auto is fp16 on CUDA (as diffusers' script), bf16 for a model trained in it whose
+    activations overflow fp16 (Flux: black images, diffusers#9096), else fp32."""
     if cfg.class_precision != "auto":
         return cfg.class_precision
-    return "fp16" if device.type == "cuda" else "fp32"
+    return ("bf16" if bf16_only else "fp16") if device.type == "cuda" else "fp32"
 
 
 def older_torch(version: str) -> bool:

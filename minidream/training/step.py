@@ -25,7 +25,7 @@ from minidream.models.noise_schedule import DDPMProcess
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import distributed
 from minidream.training.batches import LatentSource, TextConditioning
-from minidream.training.config import TrainConfig
+from minidream.training.config import TrainConfig, family_defaults
 from minidream.training.distributed import ProcessGroup
 from minidream.training.fsdp import is_sharded
 from minidream.training.fused_backward import fuse_backward
@@ -80,6 +80,7 @@ def training_step(denoiser, process: DDPMProcess, latents, cond: dict, n_instanc
 def training_process(model: StableDiffusion, cfg: TrainConfig) -> DDPMProcess | FlowProcess:
     """The model's forward process as the run trains it: a rectified-flow model's with the run's σ density."""
     if model.family.forward_process is FlowProcess:
+        cfg = family_defaults(cfg, model.family)
         return FlowProcess(model.scheduler, Density(cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std,
                                                     cfg.mode_scale, cfg.precondition_outputs))
     return model.forward_process
@@ -180,6 +181,7 @@ def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[l
     """What trains (selected, the rest frozen and maybe in half precision), the optimizer and the data, on a model
     already on the run's device: the step, ready to call. `keep_model`: the caller samples with the model after the
     run; otherwise a frozen part that no later phase reads (no validation grid or loss) is released."""
+    cfg = family_defaults(cfg, model.family)  # (the CLI's run has them already: dreambooth.family_options)
     state = TrainState.create(cfg, model, rt.device, rt.group.size)
     if rt.precision is not None:  # frozen weights in half precision; what trains keeps its exact fp32 values
         cast_frozen(model, rt.precision)
