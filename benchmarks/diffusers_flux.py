@@ -47,8 +47,9 @@ def make_folder(folder: str, layers: int = 1, seed: int = 0):
     tok, t5_tok = train_bpe(PROMPTS * 4, 300), train_unigram(PROMPTS * 4, 100)
     tok.save(Path(folder) / "_tok")
     t5_tok.save(Path(folder) / "_tok2")
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                                        pad_token_id=tok.pad_id))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
+                                        num_attention_heads=12, num_hidden_layers=12, bos_token_id=tok.bos_id,
+                                        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=4096, d_kv=64, d_ff=10240, num_layers=1,
                                  num_heads=64, feed_forward_proj="gated-gelu", is_encoder_decoder=False))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,

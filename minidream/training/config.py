@@ -399,7 +399,8 @@ def flag(name: str) -> str:
 def family_defaults(cfg: TrainConfig, family) -> TrainConfig:
     """What the run leaves to the model's family, filled in: the flow objective of its diffusers script, its LoRA
     targets (stored so in run.json)."""
-    wanted = (*family.flow_training, ("lora_targets", family.default_lora_targets))
+    adapters = (("lora_targets", family.default_lora_targets),) if MODES[cfg.mode].adapters else ()
+    wanted = (*family.flow_training, *adapters)
     return replace(cfg, **{k: v for k, v in wanted if getattr(cfg, k) is None})
 
 

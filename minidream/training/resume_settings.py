@@ -30,7 +30,7 @@ ADDED = {
 }
 # CHANGED[v]: settings whose default became "the family's" (None) in version v, with the default before: an older
 # run stored that value whether or not it was given, and it reads as the family's (SD3's was it; DDPM's ignore it)
-CHANGED = {4: {"weighting_scheme": "logit_normal", "precondition_outputs": True}}
+CHANGED = {4: {"weighting_scheme": "logit_normal", "precondition_outputs": True, "lora_targets": "attn"}}
 
 
 def stored_config(meta: dict, path: Path) -> TrainConfig:
