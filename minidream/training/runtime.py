@@ -75,6 +75,8 @@ class Runtime:
         model.to(self.device)
         if self.device.type == "cpu":  # oneDNN's convolutions run faster on channels-last tensors (the VAE's
             model.vae.to(memory_format=torch.channels_last)  # encode; docs/benchmarks.md, the SD3.5 step)
+            for t in (*model.vae.parameters(), *model.vae.buffers()):  # what did not move still maps the file,
+                t.data = t.data.clone()  # whose pages the conversion read: owned copies let the mapping go
         set_attention_backend(model.denoiser, self.attention)
         set_attention_backend(model.vae, self.attention)
         return model
