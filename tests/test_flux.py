@@ -34,7 +34,7 @@ def test_loads_as_flux(pipes):
     assert m.default_steps == (28 if dev else 4) and m.scheduler.dynamic == dev
     assert m.vae.config.shift_factor == 0.1159 and m.vae.config.scaling_factor == 0.3611
     assert list(m.components()) == ["transformer", "text_encoder"]
-    assert m.native_resolution == 1024  # FluxPipeline's default size (its default_sample_size x the VAE's 8)
+    assert m.native_resolution == 128 * m.latent_scale  # FluxPipeline's default: default_sample_size x the VAE's scale
 
 
 def test_transformer_matches(pipes):
@@ -116,7 +116,8 @@ def test_bfl_single_file_both_ways(pipes, tmp_path):
     params = SamplingParams(steps=2, height=32, width=32)
     images = [generate(x, PROMPTS[:1], params, generator=torch.Generator().manual_seed(1), progress=False)
               for x in (m, one, two)]
-    assert torch.equal(images[0], images[1]) and torch.equal(images[0], images[2])
+    # the same weights, but in other memory (the file's fused tensors split): the matmuls may round differently
+    assert all((images[0].int() - other.int()).abs().max() <= 1 for other in images[1:])
 
 
 @pytest.mark.parametrize("preset", ["flux-dev", "flux-schnell"])
