@@ -130,6 +130,16 @@ def max_rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+def assert_same_loss_and_grads(parts, ref_parts, ours: torch.nn.Module, theirs: torch.nn.Module):
+    """Loss parts within 1e-5 of the reference's and every gradient the reference has within 1e-4 of its scale."""
+    for a, b in zip(parts, ref_parts):
+        assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item())
+    theirs_p = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        if theirs_p[name].grad is not None and theirs_p[name].grad.abs().max() > 0:
+            assert max_rel_err(p.grad, theirs_p[name].grad) <= 1e-4, name
+
+
 @pytest.fixture(scope="session")
 def clip_vocab_dir():
     """The real CLIP BPE vocabulary (49,408 tokens), taken from the open_clip_torch wheel, where it ships,

@@ -9,7 +9,7 @@ from minidream.formats import loading
 from minidream.models.flow_matching import Density, FlowProcess
 from minidream.models.stable_diffusion import encode_text
 from minidream.training.step import dreambooth_loss
-from tests.conftest import build_sd3_pipeline_dir, max_rel_err
+from tests.conftest import assert_same_loss_and_grads, build_sd3_pipeline_dir, max_rel_err
 from tests.test_adapters import ours, theirs
 from tests.test_train import instance_dir, run_cli, train_args  # noqa: F401 (instance_dir is a fixture)
 
@@ -69,12 +69,7 @@ def test_one_step_matches_diffusers_sd3_loss_and_gradients(sd3_dir, scheme, prec
     out = process.output(m.denoiser(z, t, **cond), z, t)
     loss, inst, prior = dreambooth_loss(out, process.target(x, noise, t), 2, 0.7, process.loss_weights(t))
     loss.backward()
-    for a, b in ((inst, ref_inst), (prior, ref_prior)):
-        assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item())
-    theirs_p = dict(ref.transformer.named_parameters())
-    for name, p in m.denoiser.named_parameters():
-        if theirs_p[name].grad is not None and theirs_p[name].grad.abs().max() > 0:
-            assert max_rel_err(p.grad, theirs_p[name].grad) <= 1e-4, name
+    assert_same_loss_and_grads((inst, prior), (ref_inst, ref_prior), m.denoiser, ref.transformer)
 
 
 def test_lora_exports_give_diffusers_images(sd3_dir, instance_dir, tmp_path):

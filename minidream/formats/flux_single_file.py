@@ -10,7 +10,6 @@ layout, or diffusers'); or all of them, with the configs and tokenizers, from `-
 The table names every key the file must hold; every key is used or the file is refused; no pickle unless asked.
 """
 import json
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from minidream.formats.flux_layout import (RELEASED, check_parts, flux_config, f
                                            transformer_config_json)
 from minidream.formats.sd3_layout import load_t5, load_t5_tokenizer, t5_config
 from minidream.formats.sd3_layout import t5_config_json, t5_state
-from minidream.formats.single_file import ARCHITECTURE, VAE, _meta, _take, key_table, modelspec, vae_rows
+from minidream.formats.single_file import (ARCHITECTURE, VAE, _meta, _take, key_table, match_rule, modelspec,
+                                          vae_rows, vocabulary_folder)
 from minidream.formats.configs import clip_config, clip_config_json, load_tokenizer
 from minidream.models import clip, flux, t5, vae
 from minidream.models.flow_matching import PRESETS as FLOW_PRESETS
@@ -68,13 +68,7 @@ def flux_table(our_keys) -> dict[str, tuple[str, object]]:
     """our key -> (BFL's key, how to take it); every key of ours has a row (a missing one is a bug here)."""
     table = {}
     for k in our_keys:
-        for pattern, theirs, how in FLUX_RULES:
-            m = re.fullmatch(pattern, k)
-            if m:
-                break
-        else:
-            raise AssertionError(f"no Flux single-file mapping for {k}")
-        groups = list(m.groups())
+        theirs, groups, how = match_rule(FLUX_RULES, k)
         if how == "mlp":  # linear_1, linear_2 are BFL's in_layer, out_layer
             groups[0], groups[1], how = _EMBEDDERS[groups[0]], ("in_layer", "out_layer")[int(groups[1]) - 1], None
         elif how == "qk":  # norm_q, norm_k are BFL's query_norm, key_norm
@@ -218,14 +212,7 @@ def _vae(vae_file: str | None, config: vae.VAEConfig, cdir: Path | None, file: P
 
 
 def _tokenizers(cdir: Path | None, tokenizer: str | None, file: Path) -> dict:
-    folder = cdir
-    if folder is None:
-        try:
-            folder = resolve(tokenizer or FAMILY.tokenizer_repo, weights=False)
-        except ModelError as e:
-            raise ModelError(f"{file}: a single file holds no tokenizer, and the official one "
-                             f"({FAMILY.tokenizer_repo}) is not here and could not be fetched; pass --config (a Flux "
-                             f"diffusers folder) or --tokenizer FOLDER (one with tokenizer/ and tokenizer_2/)") from e
+    folder = vocabulary_folder(cdir, tokenizer, file, FAMILY, "tokenizer/ and tokenizer_2/")
     return {"tokenizer": load_tokenizer(folder / "tokenizer"), "tokenizer_3": load_t5_tokenizer(folder / "tokenizer_2")}
 
 

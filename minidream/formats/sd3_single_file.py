@@ -23,7 +23,8 @@ from minidream.formats.files import (ModelError, build, read_json, read_metadata
                                     save_safetensors)
 from minidream.formats.sd3_layout import (check_parts, flow_config, load_t5, load_t5_tokenizer, mmdit_config,
                                           t5_config, t5_config_json, t5_state)
-from minidream.formats.single_file import ARCHITECTURE, _meta, _take, clip_rows, key_table, modelspec, vae_rows
+from minidream.formats.single_file import (ARCHITECTURE, _meta, _take, clip_rows, key_table, match_rule, modelspec,
+                                          vae_rows, vocabulary_folder)
 from minidream.models import clip, mmdit, t5, vae
 from minidream.models.flow_matching import PRESETS as FLOW_PRESETS
 from minidream.models.flow_matching import FlowConfig
@@ -67,13 +68,7 @@ def mmdit_table(config: mmdit.MMDiTConfig, our_keys) -> dict[str, tuple[str, obj
     """our key -> (the original key, how to take it); every key of ours has a row (a missing one is a bug here)."""
     table = {}
     for k in our_keys:
-        for pattern, theirs, how in MMDIT_RULES:
-            m = re.fullmatch(pattern, k)
-            if m:
-                break
-        else:
-            raise AssertionError(f"no single-file mapping for {k}")
-        groups = list(m.groups())
+        theirs, groups, how = match_rule(MMDIT_RULES, k)
         if how == "mlp":  # linear_1, linear_2 are the original's mlp.0, mlp.2 (mlp.1 is the SiLU)
             groups[0], how = str(2 * int(groups[0]) - 2), None
         if how == "qkv":
@@ -156,15 +151,7 @@ def _configs(sd: dict, file: Path, cdir: Path | None, preset: str | None) -> dic
 
 
 def _tokenizers(cdir: Path | None, tokenizer: str | None, file: Path) -> dict:
-    folder = cdir
-    if folder is None:
-        try:
-            folder = resolve(tokenizer or FAMILY.tokenizer_repo, weights=False)
-        except ModelError as e:
-            raise ModelError(f"{file}: a single file holds no tokenizer, and the official one "
-                             f"({FAMILY.tokenizer_repo}) is not here and could not be fetched; pass --config (an SD3 "
-                             f"diffusers folder) or --tokenizer FOLDER (one with tokenizer/, tokenizer_2/, "
-                             f"tokenizer_3/)") from e
+    folder = vocabulary_folder(cdir, tokenizer, file, FAMILY, "tokenizer/, tokenizer_2/, tokenizer_3/")
     return {"tokenizer": load_tokenizer(folder / "tokenizer"), "tokenizer_2": load_tokenizer(folder / "tokenizer_2"),
             "tokenizer_3": load_t5_tokenizer(folder / "tokenizer_3") if (folder / "tokenizer_3").is_dir() else None}
 

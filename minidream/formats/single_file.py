@@ -144,6 +144,29 @@ def key_table(rows, our_keys, openclip: str | None = None) -> dict[str, tuple[st
     return table
 
 
+def match_rule(rules, key: str) -> tuple[str, list, object]:
+    """(their key's template, the groups, how to take it) of the first row of a layout's rules, (our key's pattern,
+    their key, how), whose pattern matches `key` in full; a key of ours without a row is a bug in the rules."""
+    for pattern, theirs, how in rules:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return theirs, list(m.groups()), how
+    raise AssertionError(f"no single-file mapping for {key}")
+
+
+def vocabulary_folder(cdir: Path | None, tokenizer: str | None, file: Path, fam: Family, folders: str) -> Path:
+    """Where a single file's tokenizers are: --config's folder, else --tokenizer's, else the family's hub repo
+    (`folders`: the subfolders it must have, for the one-line error)."""
+    if cdir is not None:
+        return cdir
+    try:
+        return resolve(tokenizer or fam.tokenizer_repo, weights=False)
+    except ModelError as e:
+        raise ModelError(f"{file}: a single file holds no tokenizer, and the official one ({fam.tokenizer_repo}) is "
+                         f"not here and could not be fetched; pass --config (a {fam.title} diffusers folder) or "
+                         f"--tokenizer FOLDER (one with {folders})") from e
+
+
 def _take(sd, table, want_shapes, used, file, what: str = ""):
     out = {}
     for k, (orig, how) in table.items():
