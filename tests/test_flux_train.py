@@ -184,3 +184,24 @@ def test_xlabs_lora_draws_what_diffusers_draws(flux_dir, tmp_path):
     got = ours(flux_dir, tmp_path / "ours", "a photo of dog", "--lora", tmp_path / "xlabs.safetensors")
     assert (got.int() - want.int()).abs().max() <= 1
     assert (want.int() - theirs(FluxPipeline.from_pretrained(flux_dir), "a photo of dog").int()).abs().max() > 1
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "sigmoid", "shift", "flux_shift"])
+def test_kohya_timestep_sampling_is_its_formula(sampling):
+    """kohya's --timestep_sampling (flux_train_utils.get_noisy_model_input_and_timesteps): σ drawn from the same
+    generator by its formula, t = 1000 σ (flux_shift: μ of the packed latent's (h/2)(w/2) tokens, 0.5 at 256 and
+    1.15 at 4096)."""
+    import math
+    from minidream.models.flow_matching import PRESETS
+    density = Density("none", precondition=False, sampling=sampling, sigmoid_scale=1.3, discrete_flow_shift=3.1582)
+    got = FlowProcess(PRESETS["flux-dev"], density).draw_timesteps(16, torch.Generator().manual_seed(5), "cpu",
+                                                                   (128, 96))
+    g = torch.Generator().manual_seed(5)
+    sigma = torch.rand(16, generator=g) if sampling == "uniform" else torch.sigmoid(1.3 * torch.randn(16, generator=g))
+    if sampling == "shift":
+        sigma = sigma * 3.1582 / (1 + 2.1582 * sigma)
+    if sampling == "flux_shift":
+        m = (1.15 - 0.5) / (4096 - 256)
+        mu = 64 * 48 * m + (0.5 - m * 256)
+        sigma = math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
+    assert torch.allclose(got, sigma * 1000, rtol=1e-6)

@@ -120,12 +120,33 @@ class Density:
     - cosmap: σ uniform, each loss weighted 2 / (π(1 - 2σ + 2σ²)) (eq. 21's density as a weight);
     - sigma_sqrt: σ uniform, each loss weighted σ⁻²;
     - none: σ uniform, unweighted.
-    The draw u in [0, 1) picks one of the N shifted training levels, as diffusers indexes its scheduler."""
+    The draw u in [0, 1) picks one of the N shifted training levels, as diffusers indexes its scheduler.
+
+    kohya's `timestep_sampling` draws σ itself instead, continuous (`sampling`; "sigma": by the scheme; the loss is
+    weighted by the scheme either way, as there):
+    - uniform: σ ~ U(0, 1); sigmoid: σ = sigmoid(s·z), z ~ N(0, 1), s = sigmoid_scale (as x-flux);
+    - shift: that σ shifted by eq. 23 with s = discrete_flow_shift;
+    - flux_shift: that σ shifted by the image's size, as Flux samples (μ from its packed token count)."""
     scheme: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
     precondition: bool = True  # regress x̂_0 = z_σ - σ·v on x_0 (EDM-style; diffusers' --precondition_outputs)
+    sampling: str = "sigma"
+    sigmoid_scale: float = 1.0
+    discrete_flow_shift: float = 3.0
+
+    def continuous(self, n: int, generator: torch.Generator, device, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """kohya's σ draws (`sampling` other than "sigma")."""
+        if self.sampling == "uniform":
+            return torch.rand(n, generator=generator, device=device)
+        sigma = torch.sigmoid(self.sigmoid_scale * torch.randn(n, generator=generator, device=device))
+        if self.sampling == "shift":
+            return shifted(sigma, self.discrete_flow_shift)
+        if self.sampling == "flux_shift":  # Flux's μ for (h/2)(w/2) tokens: 0.5 at 256, 1.15 at 4096
+            tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2)
+            return time_shifted(sigma, 0.5 + (tokens - 256) * (1.15 - 0.5) / (4096 - 256))
+        return sigma
 
     def draw(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
         if self.scheme == "logit_normal":
@@ -145,6 +166,7 @@ class Density:
 
 
 DENSITIES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
+SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")  # kohya's --timestep_sampling
 
 
 class FlowProcess:
@@ -159,8 +181,11 @@ class FlowProcess:
         s = (torch.as_tensor(t, device=like.device) / self.config.num_train_timesteps).to(like.dtype)
         return s.reshape(-1, *([1] * (like.ndim - 1)))
 
-    def draw_timesteps(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
-        """t = 1000 σ for σ at the drawn level: the timestep the network sees."""
+    def draw_timesteps(self, n: int, generator: torch.Generator, device,
+                       latent_hw: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """t = 1000 σ for σ at the drawn level (or drawn itself, kohya's way): the timestep the network sees."""
+        if self.density.sampling != "sigma":
+            return self.density.continuous(n, generator, device, latent_hw) * self.config.num_train_timesteps
         u = self.density.draw(n, generator, device)
         i = (u * self.config.num_train_timesteps).long().clamp(0, self.config.num_train_timesteps - 1)
         return self.sigmas.to(device)[i] * self.config.num_train_timesteps

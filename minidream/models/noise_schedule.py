@@ -122,7 +122,7 @@ class DDPMProcess:
         self.config = config.check()
         self.alphas_cumprod = alphas_cumprod(config)
 
-    def draw_timesteps(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+    def draw_timesteps(self, n: int, generator: torch.Generator, device, latent_hw=None) -> torch.Tensor:
         """t ~ U{0, …, T-1} for n examples (Ho et al. 2020, Algorithm 1)."""
         return torch.randint(0, self.config.num_train_timesteps, (n,), generator=generator, device=device)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from minidream.formats import exports
 from minidream.models.attention import CHOICES as ATTENTION_BACKENDS
-from minidream.models.flow_matching import DENSITIES
+from minidream.models.flow_matching import DENSITIES, SAMPLINGS
 from minidream.models.compile import COMPILE_HELP, COMPILE_MODES
 from minidream.models.device import DTYPES
 from minidream.models.flux import PRESETS as FLUX_NETS
@@ -274,6 +274,15 @@ class TrainConfig:
                                                "latents rather than v on noise - x0; default: as diffusers' script "
                                                "for the family (SD3 yes, Flux no).",
                                                flag="--precondition-outputs/--no-precondition-outputs")
+    timestep_sampling: str = option("sigma", "Rectified-flow models: kohya's --timestep_sampling. sigma: by "
+                                    "--weighting-scheme (diffusers'); uniform, sigmoid (sigmoid of N(0, 1) x "
+                                    "--sigmoid-scale), shift (that, shifted by --discrete-flow-shift), flux_shift "
+                                    "(shifted by the image's size, as Flux samples): sigma drawn itself.",
+                                    choices=SAMPLINGS)
+    sigmoid_scale: float = option(1.0, "Scale of --timestep-sampling sigmoid/shift/flux_shift's normal draw.",
+                                  check=positive_number)
+    discrete_flow_shift: float = option(3.0, "The shift of --timestep-sampling shift (kohya's; 3.1582 is common for "
+                                        "Flux).", check=positive_number)
     guidance_scale: float = option(3.5, "Flux.1 [dev]: the guidance scale its guidance embedding is fed while "
                                    "training (diffusers' and kohya's --guidance_scale).",
                                    check=in_range(0, MAX_GUIDANCE))
@@ -394,14 +403,6 @@ OPTIONS = {f.name: f for f in fields(TrainConfig)}
 def flag(name: str) -> str:
     """A setting's option on the command line."""
     return option_flag(OPTIONS[name])
-
-
-def family_defaults(cfg: TrainConfig, family) -> TrainConfig:
-    """What the run leaves to the model's family, filled in: the flow objective of its diffusers script, its LoRA
-    targets (stored so in run.json)."""
-    adapters = (("lora_targets", family.default_lora_targets),) if MODES[cfg.mode].adapters else ()
-    wanted = (*family.flow_training, *adapters)
-    return replace(cfg, **{k: v for k, v in wanted if getattr(cfg, k) is None})
 
 
 def validate(cfg: TrainConfig, resuming: bool = False):

@@ -16,12 +16,12 @@ from minidream.training import TrainError, distributed, run_folder, runtime
 from minidream.training.checkpoint import Checkpointer, Resume, base_fingerprint, per_process_batch, resume_from
 from minidream.training.dataset import TrainingData, buckets
 from minidream.training.concepts_file import with_folder_names
-from minidream.training.config import (OPTIONS, TrainConfig, absolute_paths, combinations, family_defaults, flag,
-                                       validate, validate_resolution)
+from minidream.training.config import (OPTIONS, TrainConfig, absolute_paths, combinations, flag, validate,
+                                       validate_resolution)
 from minidream.training.export import export as export_trained, load_base
 from minidream.training.loop import loop, phase
 from minidream.training.report import REPORT_TO, curves
-from minidream.training.step import prepare
+from minidream.training.step import family_defaults, prepare
 from minidream.training.trainable import MODES
 from minidream.training.validation import grid_rows, has_grid, validation_grid
 
@@ -186,7 +186,8 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
 
 
 # the settings of one forward process, refused on a model trained by the other (their defaults: not given)
-FLOW_ONLY = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
+FLOW_ONLY = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs", "timestep_sampling",
+             "sigmoid_scale", "discrete_flow_shift")
 DDPM_ONLY = ("snr_gamma", "noise_offset")  # min-SNR needs DDPM's SNR; offset noise mends DDPM's never-pure noise
 
 

@@ -15,7 +15,7 @@ weighs the prediction (here); what the denoiser is conditioned on and how latent
 (models/stable_diffusion.py: `encode_text`, `DDPMProcess`).
 """
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,13 +25,13 @@ from minidream.models.noise_schedule import DDPMProcess
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import distributed
 from minidream.training.batches import LatentSource, TextConditioning
-from minidream.training.config import TrainConfig, family_defaults
+from minidream.training.config import TrainConfig
 from minidream.training.distributed import ProcessGroup
 from minidream.training.fsdp import is_sharded
 from minidream.training.fused_backward import fuse_backward
 from minidream.training.runtime import Runtime, signals_deferred
 from minidream.training.state import TrainState
-from minidream.training.trainable import cast_frozen
+from minidream.training.trainable import MODES, cast_frozen
 from minidream.training.validation import has_grid
 
 
@@ -70,11 +70,19 @@ def training_step(denoiser, process: DDPMProcess, latents, cond: dict, n_instanc
     noise = mine(torch.randn((total, *latents.shape[1:]), generator=g, device=dev))
     if noise_offset:  # (Guttenberg 2023) lets the model shift mean brightness
         noise = noise + noise_offset * mine(torch.randn((total, C, 1, 1), generator=g, device=dev))
-    t = mine(process.draw_timesteps(total, g, dev))
+    t = mine(process.draw_timesteps(total, g, dev, latents.shape[-2:]))
     noisy = process.add_noise(latents, noise, t)
     pred = process.output(denoiser(noisy, t, **cond), noisy, t)
     weights = process.loss_weights(t, snr_gamma)
     return dreambooth_loss(pred, process.target(latents, noise, t), n_instance, prior_weight, weights, mask)
+
+
+def family_defaults(cfg: TrainConfig, family) -> TrainConfig:
+    """What the run leaves to the model's family, filled in: the flow objective of its diffusers script, its LoRA
+    targets (stored so in run.json)."""
+    adapters = (("lora_targets", family.default_lora_targets),) if MODES[cfg.mode].adapters else ()
+    wanted = (*family.flow_training, *adapters)
+    return replace(cfg, **{k: v for k, v in wanted if getattr(cfg, k) is None})
 
 
 def training_process(model: StableDiffusion, cfg: TrainConfig) -> DDPMProcess | FlowProcess:
@@ -82,7 +90,8 @@ def training_process(model: StableDiffusion, cfg: TrainConfig) -> DDPMProcess | 
     if model.family.forward_process is FlowProcess:
         cfg = family_defaults(cfg, model.family)
         return FlowProcess(model.scheduler, Density(cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std,
-                                                    cfg.mode_scale, cfg.precondition_outputs))
+                                                    cfg.mode_scale, cfg.precondition_outputs, cfg.timestep_sampling,
+                                                    cfg.sigmoid_scale, cfg.discrete_flow_shift))
     return model.forward_process
 
 
