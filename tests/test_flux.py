@@ -160,7 +160,7 @@ def test_what_flux_does_not_take_is_refused_by_name(pipes, tmp_path):
     ref, m = pipes
     dev = ref.transformer.config.guidance_embeds
     cases = [(["--clip-skip", 2], "--clip-skip: Flux.1 reads CLIP-L's pooled output only"),
-             (["--negative-prompt", "x"], "--negative-prompt is read by Flux only with --true-cfg above 1"),
+             (["--negative-prompt", "x"], "--negative-prompt is read by Flux only with true CFG"),
              (["--true-cfg", 3], "--true-cfg needs --negative-prompt")]
     if not dev:
         cases.append((["--guidance", 3], "--guidance is not read by Flux.1 [schnell]"))

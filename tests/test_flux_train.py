@@ -156,8 +156,9 @@ def test_resume_is_bit_exact(flux_dir, instance_dir, tmp_path):
 
 def test_schnell_trains_and_refuses_a_guidance_scale(tmp_path, instance_dir, tiny_tokenizer, tiny_t5_tokenizer):
     schnell = build_flux_pipeline_dir(tmp_path / "schnell", tiny_tokenizer, tiny_t5_tokenizer, dev=False, seed=51)
-    r = run_cli(*flux_args(schnell, instance_dir, tmp_path / "bad", "--train", "lora", "--guidance-scale", 1))
-    assert r.exit_code != 0 and "--guidance-scale: Flux.1 [schnell] takes no guidance scale" in r.output, r.output
+    for value in (1, 3.5):  # 3.5: [dev]'s default, given
+        r = run_cli(*flux_args(schnell, instance_dir, tmp_path / "bad", "--train", "lora", "--guidance-scale", value))
+        assert r.exit_code != 0 and "--guidance-scale: Flux.1 [schnell] takes no guidance scale" in r.output, r.output
     r = run_cli(*flux_args(schnell, instance_dir, tmp_path / "run", "--train", "lora", "--save-as", "lora-diffusers"))
     assert r.exit_code == 0, r.output
     import json
@@ -205,3 +206,17 @@ def test_kohya_timestep_sampling_is_its_formula(sampling):
         mu = 64 * 48 * m + (0.5 - m * 256)
         sigma = math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
     assert torch.allclose(got, sigma * 1000, rtol=1e-6)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--train-text-encoder", "--save-as", "single-file"], "the trained text encoder would be written nowhere"),
+    (["--sigmoid-scale", 2], "--sigmoid-scale scales --timestep-sampling sigmoid, shift or flux_shift"),
+    (["--timestep-sampling", "sigmoid", "--discrete-flow-shift", 2], "is the shift of --timestep-sampling shift"),
+    (["--timestep-sampling", "shift", "--discrete-flow-shift", 1e300], "--discrete-flow-shift must be in"),
+    (["--lora-blocks", "double.-1"], "Flux: double.N, single.N"),
+    (["--class-negative-prompt", "blurry"], "is read by Flux only with true CFG"),
+])
+def test_what_a_flux_run_cannot_use_is_refused_before_it_starts(flux_dir, instance_dir, tmp_path, args, says):
+    r = run_cli(*flux_args(flux_dir, instance_dir, tmp_path / "run", "--train", "lora", *args))
+    assert r.exit_code != 0 and says in r.output, r.output
+    assert not (tmp_path / "run" / "run.json").exists()

@@ -202,8 +202,11 @@ def _vae(vae_file: str | None, config: vae.VAEConfig, cdir: Path | None, file: P
         return build(vae.AutoencoderKL, config, sd, f"--vae {vae_file}", dtype)
     sd, used = {VAE + k.removeprefix(VAE): v for k, v in sd.items()}, set()
     shapes = {k: v.shape for k, v in _meta(vae.AutoencoderKL, config).state_dict().items()}
-    weights = _take(sd, key_table(vae_rows(config), shapes), shapes, used, f"--vae {vae_file}",
-                    "a Flux autoencoder (ae.safetensors)")
+    try:
+        weights = _take(sd, key_table(vae_rows(config), shapes), shapes, used, f"--vae {vae_file}",
+                        "a Flux autoencoder (ae.safetensors)")
+    except ModelError as e:  # keys named as ae.safetensors names them (the table's prefix is the SD single file's)
+        raise ModelError(str(e).replace(f"'{VAE}", "'")) from None
     unused = [k for k in sd if k not in used]
     if unused:
         raise ModelError(f"--vae {vae_file}: unexpected key {unused[0].removeprefix(VAE)!r}; is it Flux's "
@@ -227,11 +230,16 @@ def load_flux_single_file(file: Path, sd: dict, dtype=None, tokenizer: str | Non
     cfgs = _configs(sd, prefix, file, cdir, preset)
     check_parts(file, cfgs)
     shapes = {k: v.shape for k, v in _meta(flux.FluxTransformer2DModel, cfgs["transformer"]).state_dict().items()}
-    mine, used = {k.removeprefix(prefix): v for k, v in sd.items()}, set()
+    bundled = [k for k in sd if k.startswith(("text_encoders.", "vae.", "first_stage_model.", "cond_stage_model."))]
+    if bundled:  # ComfyUI's all-in-one checkpoints
+        raise ModelError(f"{file}: it holds text encoders or a VAE beside the transformer ({bundled[0]!r}, …); "
+                         f"minidream reads Flux's transformer file alone: give the others with --text-encoders and "
+                         f"--vae, or --config")
+    mine, used = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}, set()
     weights = _take(mine, flux_table(shapes), shapes, used, file, what)
-    unused = [k for k in mine if k not in used]
+    unused = [prefix + k for k in mine if k not in used] + [k for k in sd if not k.startswith(prefix)]
     if unused:
-        raise ModelError(f"{file}: unexpected key {prefix + unused[0]!r}" + (
+        raise ModelError(f"{file}: unexpected key {unused[0]!r}" + (
             f" and {len(unused) - 1} more" if len(unused) > 1 else "") + f"; is it {what}?")
     parts = {"transformer": build(flux.FluxTransformer2DModel, cfgs["transformer"], weights, str(file), dtype),
              **_encoders(text_encoders, cfgs, cdir, file, allow_pickle, dtype),

@@ -31,15 +31,15 @@ def load(model: str, revision: str | None = None, variant: str | None = None, al
     if not t5 and (is_flux(path) or flux_file):
         raise ModelError(f"--no-t5: {path} is a Flux model, whose text is read by T5 only; drop the flag")
     if vae and not flux_file:
-        raise ModelError(f"--vae: {path} is not a Flux single file; only those take their VAE as a separate file "
-                         f"(drop the flag)")
+        raise ModelError(f"--vae: {path} is not a Flux transformer file in Black Forest Labs' layout "
+                         f"(double_blocks.N.…); only those take their VAE as a separate file")
     if flux_file:
         return load_flux_single_file(path, sd, dtype, tokenizer, config, preset, text_encoders, vae, allow_pickle)
     if not t5 and not (is_sd3(path) if sd is None else is_sd3_file(sd)):
         raise ModelError(f"--no-t5: {path} is not an SD3 model; only SD3 has a T5 text encoder (drop the flag)")
     if text_encoders and not (sd is not None and is_sd3_file(sd)):
-        raise ModelError(f"--text-encoders: {path} is not an SD3 single file; only those take their text encoders "
-                         f"as separate files (drop the flag)")
+        raise ModelError(f"--text-encoders: {path} is not an SD3 or Flux single file; only those take their text "
+                         f"encoders as separate files (drop the flag)")
     if sd is not None:
         if is_sd3_file(sd):
             return load_sd3_single_file(path, sd, dtype, tokenizer, config, preset, t5, text_encoders, allow_pickle)

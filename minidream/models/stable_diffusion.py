@@ -317,6 +317,12 @@ class StableDiffusion:
         return self.family.distilled_guidance and self.denoiser.config.guidance_embeds
 
     @property
+    def default_guidance(self) -> float:
+        """`sample`'s guidance when none is given: its pipeline's ([schnell], with no guidance input: 0, none)."""
+        schnell = self.family.distilled_guidance and not self.guidance_embedded
+        return 0.0 if schnell else self.family.default_guidance
+
+    @property
     def default_steps(self) -> int:
         """`sample`'s steps when none are given: its pipeline's (Flux.1 [schnell], timestep-distilled: 4)."""
         schnell = self.family.distilled_guidance and not self.guidance_embedded
@@ -425,7 +431,8 @@ def with_t5_length(model: StableDiffusion, length: int | None) -> StableDiffusio
     if length is None:
         return model
     if not model.family.t5:
-        raise ValueError(f"--max-sequence-length: {model.family.title} has no T5 text encoder; it is for SD3 (drop it)")
+        raise ValueError(f"--max-sequence-length: {model.family.title} has no T5 text encoder; it is for SD3 and Flux "
+                         f"(drop it)")
     model.max_sequence_length = length
     return model
 

@@ -62,7 +62,7 @@ class SamplingParams:
     def for_model(self, model: StableDiffusion) -> "SamplingParams":
         """These settings with what they leave out (steps, guidance) as the model's family samples by default."""
         return replace(self, steps=self.steps or model.default_steps,
-                       guidance=model.family.default_guidance if self.guidance is None else self.guidance)
+                       guidance=model.default_guidance if self.guidance is None else self.guidance)
 
     def guidance_problem(self, model: StableDiffusion) -> tuple[str, str] | None:
         """What Flux's guidance settings ask that the model does not take: CFG is --true-cfg there (with a negative
@@ -74,7 +74,8 @@ class SamplingParams:
             return "guidance", f"is not read by {model.family.title} [schnell], which has no guidance input; drop it"
         if (self.true_cfg > 1.0) != (self.negative_prompt is not None):
             return ("true_cfg", "needs --negative-prompt (its unconditional branch, as FluxPipeline's)") \
-                if self.true_cfg > 1.0 else ("negative_prompt", "is read by Flux only with --true-cfg above 1")
+                if self.true_cfg > 1.0 else ("negative_prompt", "is read by Flux only with true CFG (sample's "
+                                                             "--true-cfg above 1); drop it")
         return None
 
     def make_sampler(self, schedule: SchedulerConfig) -> Sampler:

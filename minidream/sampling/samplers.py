@@ -113,7 +113,8 @@ def make_sampler(name: str | None, config: SchedulerConfig, eta: float = 0.0) ->
     name = name or default_sampler(config)
     table = table_of(config)
     if name not in table:
-        kind = " for a flow-matching model (SD3)" if table is FLOW_SAMPLERS else ""
+        kind = " for a flow-matching model (SD3, Flux; Flux.1 [dev]'s shift by image size: euler)" \
+            if table is FLOW_SAMPLERS else ""
         raise ValueError(f"--scheduler {name!r} is not one of {', '.join(table)}{kind}")
     row = table[name]
     for k, v in config.extra:

@@ -280,12 +280,16 @@ class TrainConfig:
                                     "(shifted by the image's size, as Flux samples): sigma drawn itself.",
                                     choices=SAMPLINGS)
     sigmoid_scale: float = option(1.0, "Scale of --timestep-sampling sigmoid/shift/flux_shift's normal draw.",
-                                  check=positive_number)
+                                  check=in_range(1e-3, 100), needs=(Needs(lambda c: c.timestep_sampling in (
+                                      "sigmoid", "shift", "flux_shift"), "{flag} scales --timestep-sampling sigmoid, "
+                                      "shift or flux_shift's draw"),))
     discrete_flow_shift: float = option(3.0, "The shift of --timestep-sampling shift (kohya's; 3.1582 is common for "
-                                        "Flux).", check=positive_number)
-    guidance_scale: float = option(3.5, "Flux.1 [dev]: the guidance scale its guidance embedding is fed while "
-                                   "training (diffusers' and kohya's --guidance_scale).",
-                                   check=in_range(0, MAX_GUIDANCE))
+                                        "Flux).", check=in_range(1e-3, 100), needs=(Needs(
+                                            lambda c: c.timestep_sampling == "shift",
+                                            "{flag} is the shift of --timestep-sampling shift"),))
+    guidance_scale: float | None = option(None, "Flux.1 [dev]: the guidance scale its guidance embedding is fed "
+                                          "while training (diffusers' and kohya's --guidance_scale); default 3.5.",
+                                          check=optional(in_range(0, MAX_GUIDANCE)))
     noise_offset: float = option(0.0, "Noise offset (e.g. 0.05).", check=non_negative)
     seed: int = option(0, "Seed of every random draw.", check=seed_range)
     # validation, checkpoints, exports, where it runs

@@ -195,7 +195,7 @@ def family_options(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
     """The settings that apply to some model families only: refused by name on the others; the exports the family
     has no writer for dropped from the mode's default formats (refused when asked for)."""
     flow = model.family.forward_process is FlowProcess
-    if cfg.guidance_scale != OPTIONS["guidance_scale"].default and not model.guidance_embedded:
+    if cfg.guidance_scale is not None and not model.guidance_embedded:
         schnell = " [schnell]" if model.family.distilled_guidance else ""
         raise TrainError(f"--guidance-scale: {model.family.title}{schnell} takes no guidance scale; it is for "
                          f"Flux.1 [dev] (drop it)")
@@ -206,8 +206,12 @@ def family_options(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
                              f"{'rectified flow' if flow else 'DDPM'}; it applies to {others} (drop it)")
     cfg = family_defaults(cfg, model.family)
     if "single-file" in cfg.save_as and cfg.train_text_encoder and not model.family.text_in_single_file:
+        if set(cfg.save_as) <= {"single-file", "learned-token"}:
+            raise TrainError(f"--save-as single-file: {model.family.title}'s single file holds the transformer alone, "
+                             f"so the trained text encoder would be written nowhere; add --save-as diffusers (or a "
+                             f"LoRA format)")
         print(f"warning: {model.family.title}'s single file holds the transformer alone: the trained text encoder is "
-              f"in the other exports only (--save-as diffusers, or the LoRA files)", file=sys.stderr)
+              f"in the other exports only", file=sys.stderr)
     unwritable = [f for f in cfg.save_as if not EXPORTERS[f].writes(model.family.name)]
     if unwritable and cfg.save_as == MODES[cfg.mode].save_as:
         print(f"note: {model.family.title}: {', '.join(unwritable)} not written (minidream has no writer for "

@@ -36,7 +36,7 @@ def load_base(cfg: TrainConfig, whole: bool = False) -> StableDiffusion:
             if cfg.t5 or not whole:
                 raise
             model = loaded(False)  # a base without T5 anywhere (a single file the run read with --no-t5)
-        model.guidance = cfg.guidance_scale  # Flux.1 [dev]'s guidance input while training
+        model.guidance = 3.5 if cfg.guidance_scale is None else cfg.guidance_scale  # Flux.1 [dev]'s, as diffusers
         return with_t5_length(with_clip_skip(model, cfg.clip_skip), cfg.max_sequence_length)
     except Exception as e:
         raise TrainError(str(e)) from None

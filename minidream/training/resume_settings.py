@@ -26,7 +26,7 @@ ADDED = {
     2: {"max_sequence_length": None, "t5": True, "weighting_scheme": None, "logit_mean": 0.0,
         "logit_std": 1.0, "mode_scale": 1.29, "precondition_outputs": None},
     3: {"text_encoders": ()},
-    4: {"vae": None, "guidance_scale": 3.5, "timestep_sampling": "sigma", "sigmoid_scale": 1.0,
+    4: {"vae": None, "guidance_scale": None, "timestep_sampling": "sigma", "sigmoid_scale": 1.0,
         "discrete_flow_shift": 3.0},
 }
 # CHANGED[v]: settings whose default became "the family's" (None) in version v, with the default before: an older

@@ -48,7 +48,8 @@ def check_blocks(v: str | None) -> str | None:
         return None
     entries = [b.strip() for b in v.split(",")]
     if not all(entries) or not all(re.fullmatch(r"[a-z_0-9.]+", b) for b in entries):
-        return f"{v!r}: give stages as down.N, mid, up.N (or UNet module prefixes), separated by commas"
+        return (f"{v!r}: give stages as down.N, mid, up.N (or UNet module prefixes; SD3: block numbers; Flux: "
+                f"double.N, single.N), separated by commas")
     return None
 
 
