@@ -31,7 +31,7 @@ def test_loads_as_flux(pipes):
     dev = ref.transformer.config.guidance_embeds
     assert m.family.name == "flux" and m.denoiser is m.transformer and m.unet is None
     assert m.guidance_embedded == dev and m.max_sequence_length == (512 if dev else 256)
-    assert m.default_steps == (28 if dev else 4) and m.scheduler.dynamic == dev
+    assert m.pipeline_defaults == ((28, 3.5) if dev else (4, 0.0)) and m.scheduler.dynamic == dev
     assert m.vae.config.shift_factor == 0.1159 and m.vae.config.scaling_factor == 0.3611
     assert list(m.components()) == ["transformer", "text_encoder"]
     assert m.native_resolution == 128 * m.latent_scale  # FluxPipeline's default: default_sample_size x the VAE's scale
@@ -75,7 +75,7 @@ def test_text_conditioning_matches_encode_prompt(pipes, length):
 def test_images_match_flux_pipeline(pipes, guidance, height, width, negative, true_cfg):
     ref, m = pipes
     kwargs = {} if guidance is None else {"guidance_scale": guidance}
-    steps = m.default_steps if guidance is None else 3
+    steps = m.pipeline_defaults[0] if guidance is None else 3
     want = ref(PROMPTS, negative_prompt=[negative] * 2 if negative else None, true_cfg_scale=true_cfg,
                num_inference_steps=steps, height=height, width=width, max_sequence_length=m.max_sequence_length,
                generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images

@@ -317,16 +317,12 @@ class StableDiffusion:
         return self.family.distilled_guidance and self.denoiser.config.guidance_embeds
 
     @property
-    def default_guidance(self) -> float:
-        """`sample`'s guidance when none is given: its pipeline's ([schnell], with no guidance input: 0, none)."""
-        schnell = self.family.distilled_guidance and not self.guidance_embedded
-        return 0.0 if schnell else self.family.default_guidance
-
-    @property
-    def default_steps(self) -> int:
-        """`sample`'s steps when none are given: its pipeline's (Flux.1 [schnell], timestep-distilled: 4)."""
-        schnell = self.family.distilled_guidance and not self.guidance_embedded
-        return 4 if schnell else self.family.default_steps
+    def pipeline_defaults(self) -> tuple[int, float]:
+        """`sample`'s steps and guidance when none are given: its pipeline's (Flux.1 [schnell], timestep-distilled
+        and without a guidance input: 4 steps, no guidance)."""
+        if self.family.distilled_guidance and not self.guidance_embedded:
+            return 4, 0.0
+        return self.family.default_steps, self.family.default_guidance
 
     @property
     def forward_process(self) -> DDPMProcess | FlowProcess:

@@ -61,8 +61,8 @@ class SamplingParams:
 
     def for_model(self, model: StableDiffusion) -> "SamplingParams":
         """These settings with what they leave out (steps, guidance) as the model's family samples by default."""
-        return replace(self, steps=self.steps or model.default_steps,
-                       guidance=model.default_guidance if self.guidance is None else self.guidance)
+        steps, guidance = model.pipeline_defaults
+        return replace(self, steps=self.steps or steps, guidance=guidance if self.guidance is None else self.guidance)
 
     def guidance_problem(self, model: StableDiffusion) -> tuple[str, str] | None:
         """What Flux's guidance settings ask that the model does not take: CFG is --true-cfg there (with a negative
