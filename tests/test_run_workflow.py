@@ -328,9 +328,10 @@ def test_validation_grids_rows_and_losses(sd1_dir, instance_dir, tmp_path):  # n
                         "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     import numpy as np
-    for col in range(2):
-        want = torch.from_numpy(np.array(Image.open(tmp_path / "s" / f"{col:04d}.png")))
-        assert torch.equal(cell(runs[1e-3] / "samples" / "step-000000.png", 1, col, (48, 32)), want)
+    for col in range(2):  # within 1/255: the trainer's process and `sample`'s may split a matmul differently
+        want = torch.from_numpy(np.array(Image.open(tmp_path / "s" / f"{col:04d}.png"))).int()
+        got = cell(runs[1e-3] / "samples" / "step-000000.png", 1, col, (48, 32)).int()
+        assert (got - want).abs().max() <= 1
     # validation changes nothing that trains
     plain = tmp_path / "plain"
     assert run_cli(*train_args(sd1_dir, instance_dir, plain, "--train", "lora", "--save-as", "lora-diffusers",
