@@ -76,6 +76,22 @@ def optional_at_least(n: int, most: int | None = None):
     return optional(at_least(n, most))
 
 
+def beta(v):
+    return None if 0 <= v < 1 else f"must be in [0, 1) (got {v})"
+
+
+def extension(v):
+    return None if v is None or (v.strip(".") and "/" not in v) else f"{v!r}: give a file extension such as .txt"
+
+
+def decay(v):
+    return None if -1 <= v <= 0 else f"must be in [-1, 0] (got {v})"
+
+
+def optional_count(v):
+    return None if v is None else at_least(1, 10 ** 6)(v)
+
+
 def optional(check):
     """A check that also lets None (the command's own default) through."""
     return lambda v: None if v is None else check(v)

@@ -234,7 +234,8 @@ def tiny_flux_transformer_kwargs(dev: bool = True):
 def build_flux_pipeline_dir(folder: Path, tokenizer, t5_tokenizer, dev: bool = True, seed: int = 0):
     """A tiny random FluxPipeline written by diffusers' save_pretrained: CLIP-L 32 wide (unprojected), a 3-layer
     T5 v1.1 96 wide, the 16-channel VAE with Flux's scale and shift, a transformer of 2 double and 2 single blocks
-    ([dev]: with the guidance embedder), and the scheduler of [dev] (shift by image size) or [schnell] (none)."""
+    ([dev]: with the guidance embedder), and the scheduler of [dev] (shift by image size) or [schnell] (none). T5's
+    table has rows past its vocabulary, as the released T5's (32128 for 32100 pieces)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
     torch.manual_seed(seed)
@@ -242,7 +243,7 @@ def build_flux_pipeline_dir(folder: Path, tokenizer, t5_tokenizer, dev: bool = T
     vae = perturb(AutoencoderKL(**{**tiny_vae_kwargs(), "latent_channels": 16}, use_quant_conv=False,
                                 use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159), seed + 1)
     text = perturb(CLIPTextModel(tiny_clip_config(len(tokenizer))), seed + 2)
-    t5 = perturb(T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=96, d_kv=8, d_ff=64, num_layers=3,
+    t5 = perturb(T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer) + 8, d_model=96, d_kv=8, d_ff=64, num_layers=3,
                                          num_heads=4, feed_forward_proj="gated-gelu", is_encoder_decoder=False)),
                  seed + 4, scale=0.2)
     shift = dict(use_dynamic_shifting=True, shift=3.0) if dev else dict(use_dynamic_shifting=False, shift=1.0)

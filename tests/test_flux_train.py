@@ -142,16 +142,73 @@ def test_kohya_file_read_by_diffusers_converter(flux_dir, instance_dir, tmp_path
 
 
 def test_resume_is_bit_exact(flux_dir, instance_dir, tmp_path):
-    """A run stopped at step 2 and resumed to 4 ends bit-identical to one that ran 4 steps."""
+    """A run stopped at step 2 and resumed to 4 ends bit-identical to one that ran 4 steps (CLIP LoRA, a token
+    learned in CLIP and T5)."""
     from safetensors.torch import load_file
-    common = ["--train", "lora", "--train-text-encoder", "--checkpoint-every", 2, "--save-as", "lora-diffusers"]
+    common = ["--train", "lora", "--train-text-encoder", "--train-token", "--train-token-t5", "--checkpoint-every", 2,
+              "--save-as", "lora-diffusers"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert run_cli(*flux_args(flux_dir, instance_dir, full, *common, "--steps", 4)).exit_code == 0
     assert run_cli(*flux_args(flux_dir, instance_dir, cut, *common, "--steps", 2)).exit_code == 0
     r = run_cli(*flux_args(flux_dir, instance_dir, cut, *common, "--steps", 4, "--resume", "latest"))
     assert r.exit_code == 0, r.output
-    a, b = (load_file(d / "lora" / "pytorch_lora_weights.safetensors") for d in (full, cut))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("lora/pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
+        a, b = (load_file(d / name) for d in (full, cut))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "t5" in a
+
+
+def test_t5_tokenizer_reads_a_learned_token_as_transformers_does(tiny_t5_tokenizer, tmp_path):
+    """A two-vector token in T5 (--train-token-t5): `<tok>` in a prompt gives the ids T5TokenizerFast gives
+    `<s0><s1>` added as diffusers' advanced Flux script adds them, cut and padded alike; saved, it reads back."""
+    from transformers import T5TokenizerFast
+    from minidream.models.t5_tokenizer import T5Tokenizer
+    tiny_t5_tokenizer.save(tmp_path / "tok")
+    ref, tok = T5TokenizerFast.from_pretrained(tmp_path / "tok"), T5Tokenizer.from_dir(tmp_path / "tok")
+    ref.add_special_tokens({"additional_special_tokens": ["<s0>", "<s1>"]})
+    tok.add_vectors("<s0>", 2)
+    for prompt in ["a photo of <s0> dog", "<s0> in the snow ", "a  red<s0>dog, a cat " * 4, "a dog"]:
+        want = ref(prompt.replace("<s0>", "<s0><s1>"), padding="max_length", max_length=16, truncation=True)
+        assert tok([prompt], 16)[0].tolist() == want.input_ids
+    tok.save(tmp_path / "saved")
+    back = T5Tokenizer.from_dir(tmp_path / "saved")
+    assert torch.equal(back(["a photo of <s0> dog"], 16), tok(["a photo of <s0> dog"], 16))
+
+
+def test_t5_learns_the_token_and_diffusers_draws_it(flux_dir, instance_dir, tmp_path):
+    """--train-token --train-token-t5 --token-vectors 2 (diffusers' advanced Flux script's pivotal tuning with
+    --enable_t5_ti): the learned-token file holds clip_l and t5 rows, which FluxPipeline's load_textual_inversion
+    reads into each encoder (as that script's README loads them) to draw, with the LoRA, what `sample --lora
+    --embedding` draws; the merged folder's T5 keeps the base's table size, every row the token does not take
+    bit-identical."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+    out = tmp_path / "run"
+    r = run_cli(*flux_args(flux_dir, instance_dir, out, "--train", "lora", "--train-token", "--train-token-t5",
+                           "--token-vectors", 2, "--lr", 3e-2, "--token-lr", 5e-2, "--save-as", "lora-diffusers",
+                           "--save-as", "diffusers"))
+    assert r.exit_code == 0, r.output
+    rows = load_file(str(out / "learned_embeds.safetensors"))
+    assert rows.keys() == {"clip_l", "t5"} and rows["t5"].shape == (2, 96) and rows["clip_l"].shape == (2, 32)
+    assert not torch.equal(rows["t5"][0], rows["t5"][1])  # both rows started at "dog"'s mean, and trained
+    base_t5 = load_file(str(next((flux_dir / "text_encoder_2").glob("*.safetensors"))))["shared.weight"]
+    merged_t5 = load_file(str(next((out / "model" / "text_encoder_2").glob("*.safetensors"))))["shared.weight"]
+    first = base_t5.shape[0] - 8  # the tokenizer's size: the token takes the first spare rows
+    assert merged_t5.shape == base_t5.shape and torch.equal(merged_t5[first:first + 2], rows["t5"])
+    assert torch.equal(merged_t5[:first], base_t5[:first]) and torch.equal(merged_t5[first + 2:], base_t5[first + 2:])
+    pipe = FluxPipeline.from_pretrained(flux_dir)
+    pipe.load_lora_weights(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+    tokens = ["<sks>", "<sks>_1"]
+    pipe.load_textual_inversion(rows["clip_l"], token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(rows["t5"], token=tokens, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    prompt = "a photo of <sks> dog"
+    want = theirs(pipe, prompt)
+    got = ours(flux_dir, tmp_path / "ours", prompt, "--lora", out / "lora" / "pytorch_lora_weights.safetensors",
+               "--embedding", out / "learned_embeds.safetensors")
+    assert (got.int() - want.int()).abs().max() <= 1
+    merged = ours(out / "model", tmp_path / "merged", prompt)
+    assert (merged.int() - want.int()).abs().max() <= 1
 
 
 def test_schnell_trains_and_refuses_a_guidance_scale(tmp_path, instance_dir, tiny_tokenizer, tiny_t5_tokenizer):
@@ -215,6 +272,8 @@ def test_kohya_timestep_sampling_is_its_formula(sampling):
     (["--timestep-sampling", "shift", "--discrete-flow-shift", 1e300], "--discrete-flow-shift must be in"),
     (["--lora-blocks", "double.-1"], "Flux: double.N, single.N"),
     (["--class-negative-prompt", "blurry"], "is read by Flux only with true CFG"),
+    (["--train-token-t5"], "--train-token-t5 learns the token's T5 row: it needs --train-token"),
+    (["--train-token", "--train-token-t5", "--no-t5"], "--train-token-t5 learns a row in T5: drop --no-t5"),
 ])
 def test_what_a_flux_run_cannot_use_is_refused_before_it_starts(flux_dir, instance_dir, tmp_path, args, says):
     r = run_cli(*flux_args(flux_dir, instance_dir, tmp_path / "run", "--train", "lora", *args))

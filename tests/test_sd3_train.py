@@ -73,16 +73,17 @@ def test_one_step_matches_diffusers_sd3_loss_and_gradients(sd3_dir, scheme, prec
 
 
 def test_lora_exports_give_diffusers_images(sd3_dir, instance_dir, tmp_path):
-    """train --train lora --train-text-encoder --train-token on SD3.5 Medium's layout: the adapters sit on diffusers'
-    SD3 targets and both CLIPs'; the diffusers LoRA file loads in StableDiffusion3Pipeline.load_lora_weights and
-    draws the image `sample --lora` draws, and so does the kohya file; the merged folder (the token a row of both
-    CLIPs) loads in StableDiffusion3Pipeline.from_pretrained and draws what `sample --lora --embedding` draws, and
-    so does the single file."""
+    """train --train lora --train-text-encoder --train-token --train-token-t5 on SD3.5 Medium's layout: the adapters
+    sit on diffusers' SD3 targets and both CLIPs'; the diffusers LoRA file loads in
+    StableDiffusion3Pipeline.load_lora_weights and draws the image `sample --lora` draws, and so does the kohya file;
+    the merged folder (the token a row of both CLIPs and of T5) loads in StableDiffusion3Pipeline.from_pretrained and
+    draws what `sample --lora --embedding` draws, and so does the single file (T5 in it the base's, bit-identical)."""
     from diffusers import StableDiffusion3Pipeline
     from safetensors.torch import load_file
     out = tmp_path / "run"
     r = run_cli(*train_args(sd3_dir, instance_dir, out, "--train", "lora", "--train-text-encoder", "--train-token",
-                            "--lr", 3e-2, "--token-lr", 0.1, "--save-as", "lora-diffusers", "--save-as", "diffusers",
+                            "--train-token-t5", "--lr", 3e-2, "--token-lr", 0.1, "--save-as", "lora-diffusers",
+                            "--save-as", "diffusers",
                             "--save-as", "single-file", "--save-as", "lora-kohya"))
     assert r.exit_code == 0, r.output
     lora = out / "lora" / "pytorch_lora_weights.safetensors"
@@ -93,7 +94,10 @@ def test_lora_exports_give_diffusers_images(sd3_dir, instance_dir, tmp_path):
     assert all(k.startswith("transformer.transformer_blocks.") for k in denoiser)
     assert {k.split(".")[0] for k in keys} == {"transformer", "text_encoder", "text_encoder_2"}
     emb = load_file(str(out / "learned_embeds.safetensors"))
-    assert set(emb) == {"clip_l", "clip_g"} and emb["clip_l"].shape == (1, 32) and emb["clip_g"].shape == (1, 48)
+    assert set(emb) == {"clip_l", "clip_g", "t5"} and emb["clip_l"].shape == (1, 32) and emb["t5"].shape == (1, 96)
+    single, base_t5 = load_file(str(out / "model.safetensors")), load_file(str(next(
+        (sd3_dir / "text_encoder_3").glob("*.safetensors"))))["shared.weight"]
+    assert torch.equal(single["text_encoders.t5xxl.transformer.shared.weight"], base_t5)  # the token is elsewhere
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir)
     pipe.load_lora_weights(str(lora))
     want = theirs(pipe, "a photo of dog")
@@ -174,6 +178,7 @@ def test_resume_is_bit_exact(sd3_dir, instance_dir, tmp_path):
     ("sd1", "--no-t5", None, "--no-t5:"),
     ("sd1", "--max-sequence-length", 77, "--max-sequence-length: SD 1.x has no T5 text encoder"),
     ("sd1", "--text-encoders", "clip_l.safetensors", "--text-encoders: "),
+    ("sd1", "--train-token-t5", ["--train-token"], "--train-token-t5: this SD 1.x model has no T5 text encoder"),
     ("sd3", "--resolution", 72, "--resolution 72: this model's position table reaches 64 px a side"),
     ("sd3", "--aspect-buckets", ["--max-aspect", 4, "--resolution", 48], "its widest --aspect-buckets shape"),
     ("sd3", "--clip-skip", 2, "--clip-skip: SD 3/3.5 already reads"),

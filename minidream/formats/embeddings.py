@@ -1,7 +1,8 @@
 """Textual-inversion embeddings: others' read and added to a loaded model's vocabulary (`add_embedding`: ours,
 diffusers', A1111's, SDXL's two-encoder files), and the token a run learned written (`save_learned_tokens`) in
 the format diffusers' `load_textual_inversion` reads: {token: vector} for one text encoder, {"clip_l", "clip_g"}
-rows for SDXL (diffusers' advanced SDXL script's format), the token in the metadata.
+rows for SDXL (diffusers' advanced SDXL script's format), {"clip_l", "t5"} for Flux (its advanced Flux script's,
+"t5" where T5 learned the token too), the token in the metadata.
 """
 from dataclasses import replace
 from pathlib import Path
@@ -12,12 +13,14 @@ import torch.nn as nn
 from minidream.formats.files import ModelError, name_some, read_metadata, read_weights, save_safetensors
 from minidream.models.stable_diffusion import FAMILIES
 from minidream.models.tokenizer import vector_names
-from minidream.models.new_token import learned_tokens
+from minidream.models.new_token import learned_tokens, set_table, with_rows
 
 
-# the keys of a learned-token file for a family whose encoders each have one (SDXL: clip_l, clip_g)
-MULTI_ENCODER_KEYS = [tuple(s.token_key for s in f.encoders) for f in FAMILIES.values()
-                      if all(s.token_key for s in f.encoders)]
+# the keys of a learned-token file for a family whose encoders each have one (SDXL: clip_l, clip_g), and with T5's
+# rows (SD3, Flux: a run with --train-token-t5)
+T5_KEY = "t5"
+MULTI_ENCODER_KEYS = [tuple(s.token_key for s in f.encoders) + t5 for f in FAMILIES.values()
+                      if all(s.token_key for s in f.encoders) for t5 in ((), (T5_KEY,))[:1 + f.t5]]
 
 
 def read_embedding(file: Path, allow_pickle: bool = False) -> tuple[str | None, dict[str | None, torch.Tensor]]:
@@ -51,6 +54,7 @@ def add_embedding(model, file: Path, token: str | None = None, allow_pickle: boo
     Returns the tokens."""
     named, by_key = read_embedding(file, allow_pickle)
     token = token or named or Path(file).stem
+    t5_rows = by_key.pop(T5_KEY, None)  # T5's rows (SD3, Flux): added where the model has T5 (not after --no-t5)
     encoders = model.text_encoders()
     keys = [slot.token_key for slot in model.family.encoders]  # None: one encoder, the file's one vector set
     if set(by_key) != set(keys):
@@ -86,7 +90,22 @@ def add_embedding(model, file: Path, token: str | None = None, allow_pickle: boo
         grown.requires_grad_(emb.weight.requires_grad)
         te.embeddings.token_embedding = grown
         te.config = replace(te.config, vocab_size=grown.num_embeddings)
+    if t5_rows is not None and model.text_encoder_3 is not None:
+        add_t5_rows(model, file, token, t5_rows)
     return tokens
+
+
+def add_t5_rows(model, file: Path, token: str, vec: torch.Tensor):
+    """The token's T5 rows, at the ids T5's tokenizer gives it (its table's spare rows first: new_token.with_rows)."""
+    t5, tok = model.text_encoder_3, model.tokenizer_3
+    if vec.shape[1] != t5.shared.embedding_dim:
+        raise ModelError(f"{file}: its T5 rows are {vec.shape[1]} wide; this model's T5 is {t5.shared.embedding_dim}")
+    first = len(tok)
+    try:
+        tok.add_vectors(token, len(vec))
+    except ValueError as e:
+        raise ModelError(f"{file}: in T5's vocabulary, {e}; name another with --embedding-token") from None
+    set_table(t5, "shared", t5, with_rows(t5.shared.weight.detach(), first, vec.to(t5.shared.weight)))
 
 
 def save_learned_tokens(model, path: Path, dtype: torch.dtype | None = None):
@@ -98,4 +117,6 @@ def save_learned_tokens(model, path: Path, dtype: torch.dtype | None = None):
     for slot in model.family.encoders:
         new = learned[slot.name].new.detach().float()
         rows[slot.token_key or token] = new if slot.token_key or len(new) > 1 else new[0]
+    if "text_encoder_3" in learned:
+        rows[T5_KEY] = learned["text_encoder_3"].new.detach().float()
     save_safetensors(rows, path, metadata={"token": token}, dtype=dtype)

@@ -89,7 +89,7 @@ def export(model: StableDiffusion, formats: tuple[str, ...], out: Path, dtype: t
     rows = [(name, row) for name, row in EXPORTERS.items()
             if name in formats or (row.automatic is not None and row.automatic(model))]
     written = []
-    vocabulary = {name: t.base.num_embeddings for name, t in new_token.learned_tokens(model).items()}
+    vocabulary = new_token.base_rows(model)
     # the adapter files before merging; a file with the base's token table last
     for _, row in sorted(rows, key=lambda r: (r[1].plain, r[1].base_vocabulary)):
         if row.plain:

@@ -40,12 +40,8 @@ class CLIPTokenizer:
         # prompt stands for "<tok> <tok>_1 …", as diffusers' textual-inversion loader rewrites prompts
         self.expand: dict[int, list[int]] = {}
         for token in sorted(added or {}, key=(added or {}).get):
-            # a saved multi-vector token's `<tok>_1`, `<tok>_2`, … (in order) join `<tok>`, as diffusers'
-            # maybe_convert_prompt joins any added token's such siblings
-            m = re.fullmatch(r"(.+)_(\d+)", token)
-            first = self.added.get(m[1]) if m else None
-            joins = first is not None and int(m[2]) == len(self.expand.get(first, [first]))
-            self.add_token(token, vector_of=m[1] if joins else None)
+            self.add_token(token)
+        self.expand = joined_vectors(self.added)
         self.bos_id, self.eos_id = vocab[BOS], vocab[EOS]
         self.pad_id = self.token_id(pad_token)
 
@@ -147,6 +143,18 @@ class CLIPTokenizer:
             if used > keep:
                 return prompt[enc.offsets[i][0]:]
         return None
+
+
+def joined_vectors(added: dict[str, int]) -> dict[int, list[int]]:
+    """{first id: every id} of each multi-vector token among `added` ({token: id}): a saved token's `<tok>_1`,
+    `<tok>_2`, … (in order) join `<tok>`, as diffusers' maybe_convert_prompt joins any added token's such siblings."""
+    expand: dict[int, list[int]] = {}
+    for token in sorted(added, key=added.get):
+        m = re.fullmatch(r"(.+)_(\d+)", token)
+        first = added.get(m[1]) if m else None
+        if first is not None and int(m[2]) == len(expand.get(first, [first])):
+            expand[first] = [*expand.get(first, [first]), added[token]]
+    return expand
 
 
 def vector_names(token: str, n: int) -> list[str]:

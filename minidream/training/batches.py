@@ -126,7 +126,8 @@ class RowMemo(torch.nn.Module):
 
 class TextConditioning:
     """The denoiser's conditioning for each row's prompt. Recomputed each step while the text encoder (or a new
-    token) trains, else computed once per prompt (SD3's T5, always frozen, once per prompt either way: RowMemo).
+    token) trains, else computed once per prompt (SD3's T5, always frozen, once per prompt either way: RowMemo;
+    unless it learns the token's row, --train-token-t5).
     The run's own prompts (each concept's instance and class prompt) are always encoded together, in that order,
     captions after them. --text-encoder-steps N (kohya's --stop_text_encoder_training) freezes the text encoder
     from step N on."""
@@ -137,8 +138,10 @@ class TextConditioning:
         self.model, self.cfg, self.base, self.every = model, cfg, list(dict.fromkeys(prompts)), list(every)
         self.te_params = [p for _, p in trainable.text_encoder]
         self.token_trains = bool(trainable.token)
+        self.t5_learns = any(name.startswith("text_encoder_3.") for name, _ in trainable.token)  # --train-token-t5
         self.fixed = {}
-        if not self.frozen and model.text_encoder_3 is not None and not isinstance(model.text_encoder_3, RowMemo):
+        if not self.frozen and model.text_encoder_3 is not None and not isinstance(model.text_encoder_3, RowMemo) \
+                and not self.t5_learns:
             model.text_encoder_3 = RowMemo(model.text_encoder_3)
 
     @property

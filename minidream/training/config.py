@@ -15,9 +15,9 @@ from minidream.models.device import DTYPES
 from minidream.models.flux import PRESETS as FLUX_NETS
 from minidream.models.mmdit import PRESETS as MMDIT_PRESETS
 from minidream.models.stable_diffusion import PRESETS
-from minidream.options import (Needs, at_least, each_one_of, finite, first_problem, in_range, non_negative,
-                               option, option_flag, optional, optional_at_least, path, paths, positive, positive_number,
-                               probability, seed_range, text, texts)
+from minidream.options import (Needs, at_least, beta, decay, each_one_of, extension, finite, first_problem, in_range,
+                               non_negative, option, option_flag, optional, optional_at_least, optional_count, path,
+                               paths, positive, positive_number, probability, seed_range, text, texts)
 from minidream.sampling.pipeline import MAX_GUIDANCE, SamplingParams, image_side
 from minidream.sampling.samplers import SAMPLERS
 from minidream.training import TrainError
@@ -32,23 +32,7 @@ from minidream.training.validation import check_validation_set, validation_file
 
 
 # ---------------------------------------------------------------------------------------------
-# The checks only a training setting has (the common ones are minidream/options.py's)
-
-def beta(v):
-    return None if 0 <= v < 1 else f"must be in [0, 1) (got {v})"
-
-
-def extension(v):
-    return None if v is None or (v.strip(".") and "/" not in v) else f"{v!r}: give a file extension such as .txt"
-
-
-def decay(v):
-    return None if -1 <= v <= 0 else f"must be in [-1, 0] (got {v})"
-
-
-def optional_count(v):
-    return None if v is None else at_least(1, 10 ** 6)(v)
-
+# The check only a training setting has (the common ones are minidream/options.py's)
 
 # a rank past the widest layer's width adds parameters and no expressiveness (SD's widest input is 2560, SDXL's
 # feed-forward 5120): 1024 is beyond what anyone trains (kohya's large LoRAs are 128-256)
@@ -207,6 +191,11 @@ class TrainConfig:
                                 "(textual inversion's multi-vector tokens).", check=at_least(1, 75),
                                 needs=(Needs(lambda c: c.train_token, "--token-vectors shapes the learned token: it "
                                              "needs --train-token"),))
+    train_token_t5: bool = option(False, "SD3, Flux: the new token gets a row in T5 too, which trains (diffusers' "
+                                  "--enable_t5_ti); T5 then runs every step.",
+                                  needs=(Needs(lambda c: c.train_token, "--train-token-t5 learns the token's T5 row: "
+                                               "it needs --train-token"),
+                                         Needs(lambda c: c.t5, "--train-token-t5 learns a row in T5: drop --no-t5")))
     clip_skip: int = option(1, "SD 1.x/2.x: condition on the text encoder's N-th layer from the end, as A1111 and "
                             "kohya number it (1: the last, 2: the penultimate, for community SD 1.x models).",
                             check=at_least(1))

@@ -204,6 +204,9 @@ def family_options(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
             others = "DDPM models (SD 1.x/2.x/XL)" if flow else "rectified-flow models (SD3, Flux)"
             raise TrainError(f"{flag(name)}: {model.family.title} is trained by "
                              f"{'rectified flow' if flow else 'DDPM'}; it applies to {others} (drop it)")
+    if cfg.train_token_t5 and model.text_encoder_3 is None:
+        raise TrainError(f"--train-token-t5: this {model.family.title} model has no T5 text encoder (it is for SD3 and "
+                         f"Flux with their T5; drop it)")
     cfg = family_defaults(cfg, model.family)
     if "single-file" in cfg.save_as and cfg.train_text_encoder and not model.family.text_in_single_file:
         if set(cfg.save_as) <= {"single-file", "learned-token"}:

@@ -46,7 +46,7 @@ def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg: T
     """The base model with the run's trainable structure (adapters, new token) and its trained values."""
     with torch.random.fork_rng(devices=[]):  # adapter init draws are overwritten below; keep the caller's RNG
         trainable = select_trainable(base, cfg.mode, cfg.adapters, cfg.train_text_encoder,
-                                     cfg.token, cfg.init_word, cfg.token_vectors)
+                                     cfg.token, cfg.init_word, cfg.token_vectors, cfg.train_token_t5)
     params = dict(trainable.named())
     if params.keys() != trained.keys():
         raise RuntimeError(f"trained tensors do not match the run's selection: "

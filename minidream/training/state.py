@@ -30,7 +30,7 @@ class TrainState:
         the run's generator."""
         def select():
             return select_trainable(model, cfg.mode, cfg.adapters, cfg.train_text_encoder,
-                                    cfg.token, cfg.init_word, cfg.token_vectors)
+                                    cfg.token, cfg.init_word, cfg.token_vectors, cfg.train_token_t5)
         trainable = select()
         print_summary(trainable, model)
         if cfg.fsdp:  # sharding replaces the parameters: what trains is found again, by name

@@ -211,8 +211,8 @@ def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[l
         text.encode_all()
         for te in model.text_networks():
             away(te)
-    elif model.text_encoder_3 is not None:  # the CLIPs train, T5 never: every prompt's T5 states now, then T5 leaves
-        text.encode_t5()                     # the accelerator (a grid's new prompt brings it back: resident)
+    elif model.text_encoder_3 is not None and not text.t5_learns:  # the CLIPs train, T5 not: its states now, then
+        text.encode_t5()  # T5 leaves the accelerator (a grid's new prompt brings it back: resident)
         rt.offload(model.text_encoder_3)
     if cfg.cache_latents:
         away(model.vae)

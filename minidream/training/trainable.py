@@ -19,7 +19,7 @@ import torch.nn as nn
 from minidream.models import lora
 from minidream.models.lora import AdapterSpec, TargetSet, ending
 from minidream.models.stable_diffusion import FAMILIES, StableDiffusion, t5_dtype
-from minidream.models.new_token import add_token
+from minidream.models.new_token import add_token, learned_tokens
 from minidream.training import TrainError
 
 
@@ -140,8 +140,8 @@ class Trainable:
 
 def select_trainable(model: StableDiffusion, mode: str, adapters: Adapters = Adapters(),
                      train_text_encoder: bool = False, token: str | None = None, init_word: str | None = None,
-                     token_vectors: int = 1) -> Trainable:
-    """Freeze everything, then unfreeze (or add) what --train / --train-text-encoder / --train-token ask for."""
+                     token_vectors: int = 1, token_t5: bool = False) -> Trainable:
+    """Freeze everything, then unfreeze (or add) what --train / --train-text-encoder / --train-token(-t5) ask for."""
     encoders = [(name, te) for name, _, te in model.text_encoders()]
     for m in model.networks():
         m.requires_grad_(False)
@@ -150,7 +150,7 @@ def select_trainable(model: StableDiffusion, mode: str, adapters: Adapters = Ada
     for _, te in encoders if train_text_encoder else ():
         row.text_encoder(te, adapters)
     if token:
-        add_token(model, token, init_word, token_vectors)
+        add_token(model, token, init_word, token_vectors, t5=token_t5)
     trainable = Trainable([], [], [])
     for name, p in model.denoiser.named_parameters():
         if p.requires_grad:
@@ -160,13 +160,15 @@ def select_trainable(model: StableDiffusion, mode: str, adapters: Adapters = Ada
             if p.requires_grad:
                 group = trainable.token if name.endswith("token_embedding.new") else trainable.text_encoder
                 group.append((f"{prefix}.{name}", p))
+    if token and token_t5:  # T5 learns the token's row, nothing else (it is never trained)
+        trainable.token.append(("text_encoder_3.shared.new", model.text_encoder_3.shared.new))
     return trainable
 
 
 def print_summary(trainable: Trainable, model: StableDiffusion):
     encoders = [te for _, _, te in model.text_encoders()]
     total = {"unet": [model.denoiser], "text_encoder": encoders,
-             "token": [te.embeddings.token_embedding for te in encoders]}
+             "token": list(learned_tokens(model).values()) or [te.embeddings.token_embedding for te in encoders]}
     print(f"{'component':<14}{'trainable':>14}{'of':>16}{'tensors':>9}", file=sys.stderr)
     for name, params in trainable.groups().items():
         n = sum(p.numel() for _, p in params)
