@@ -161,7 +161,9 @@ def test_what_flux_does_not_take_is_refused_by_name(pipes, tmp_path):
     dev = ref.transformer.config.guidance_embeds
     cases = [(["--clip-skip", 2], "--clip-skip: Flux.1 reads CLIP-L's pooled output only"),
              (["--negative-prompt", "x"], "--negative-prompt is read by Flux only with true CFG"),
-             (["--true-cfg", 3], "--true-cfg needs --negative-prompt")]
+             (["--true-cfg", 3], "--true-cfg needs --negative-prompt"),
+             (["--true-cfg", 0.5, "--negative-prompt", "x"], "--true-cfg must be in [1, "),
+             (["--eta", 0.5], "--eta is DDIM's noise scale; this sampler (FlowEuler) has none (drop it)")]
     if not dev:
         cases.append((["--guidance", 3], "--guidance is not read by Flux.1 [schnell]"))
     for args, says in cases:

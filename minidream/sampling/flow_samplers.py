@@ -32,6 +32,7 @@ class FlowSampler:
     """The `Sampler` interface (timestep_samplers.py) over a flow schedule: the network's input is the latent
     itself and sampling starts from unit noise (σ_max = 1)."""
     init_sigma = 1.0
+    reads_eta = False  # none of them draws noise
 
     def __init__(self, config: FlowConfig, eta: float = 0.0):
         self.config = config.check()

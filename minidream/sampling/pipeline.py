@@ -48,7 +48,7 @@ class SamplingParams:
                                     "model's pipeline's (7.5; SD3 7.0; Flux 3.5).",
                                     check=optional(in_range(0, MAX_GUIDANCE)))
     true_cfg: float = option(1.0, "Flux: classifier-free guidance with --negative-prompt at this scale, two passes "
-                             "a step (FluxPipeline's true_cfg_scale); 1 = off.", check=in_range(0, MAX_GUIDANCE))
+                             "a step (FluxPipeline's true_cfg_scale); 1 = off.", check=in_range(1, MAX_GUIDANCE))
     sampler: str | None = option(None, "Sampler; default: the model's own scheduler (scheduler_config.json's class).",
                                  choices=SAMPLERS, flag="--scheduler")
     eta: float = option(0.0, "DDIM eta (0 = deterministic).", check=non_negative)
@@ -103,6 +103,9 @@ class SamplingParams:
             sampler = self.make_sampler(model.scheduler)
         except ValueError as e:
             return "sampler", str(e)
+        if self.eta and not sampler.reads_eta:
+            other = "" if isinstance(model.scheduler, FlowConfig) else ", or --scheduler ddim"
+            return "eta", f"is DDIM's noise scale; this sampler ({type(sampler).__name__}) has none (drop it{other})"
         try:
             sampler.set_timesteps(self.steps, **schedule_size(model, self.height or model.native_resolution,
                                                               self.width or model.native_resolution))

@@ -48,6 +48,8 @@ class Sampler:
     history); `set_timesteps` starts it afresh, so one sampler serves many batches."""
     init_sigma = 1.0  # standard deviation of the starting noise (σ-space samplers start from x_T = σ_max ε)
 
+    reads_eta = False  # whether --eta means anything to it (DDIM's η only)
+
     def __init__(self, config: SchedulerConfig, eta: float = 0.0):
         """eta scales the fresh noise of stochastic samplers that have a knob for it (DDIM's η)."""
         self.config = config.check()
@@ -87,6 +89,7 @@ class Sampler:
 
 
 class DDIM(Sampler):
+    reads_eta = True
     def __init__(self, config: SchedulerConfig, eta: float = 0.0):
         super().__init__(config, eta)
         # ᾱ "before" the first step: 1 (a clean image) or ᾱ_0, as the checkpoint's config says.

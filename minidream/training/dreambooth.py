@@ -20,6 +20,7 @@ from minidream.training.config import (OPTIONS, TrainConfig, absolute_paths, com
                                        validate_resolution)
 from minidream.training.export import export as export_trained, load_base
 from minidream.training.loop import loop, phase
+from minidream.training.resume_settings import short
 from minidream.training.report import REPORT_TO, curves
 from minidream.training.step import family_defaults, prepare
 from minidream.training.trainable import MODES
@@ -45,8 +46,10 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
         model = load_base(cfg)
         base = base_fingerprint(model)
         if start is not None and start.base not in (None, base):  # the checkpoint's base: a moved one is the same
-            raise TrainError(f"--model {cfg.model}: not the base model this run trained on (its weights or "
-                             f"architecture differ); give the run's own model")
+            files = [f"{flag(k)} {short(getattr(cfg, k))}" for k in ("model", "text_encoders", "vae", "config")
+                     if getattr(cfg, k)]  # the base is all of them (a ComfyUI user's VAE is a file of its own)
+            raise TrainError(f"{', '.join(files)}: not the base model this run trained on (its weights or "
+                             f"architecture differ); give the run's own files")
         cfg = check_against_model(cfg, model)
         data = TrainingData(cfg, out, model, overwrite and not resume)  # the photos, captions, buckets: checked
         processes = start.processes if start else rt.group.size  # the count the run's --batch-size is for
@@ -208,6 +211,8 @@ def family_options(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
         raise TrainError(f"--train-token-t5: this {model.family.title} model has no T5 text encoder (it is for SD3 and "
                          f"Flux with their T5; drop it)")
     cfg = family_defaults(cfg, model.family)
+    if model.family.t5 and cfg.max_sequence_length is None:  # the variant's (Flux [dev] 512), stored as it ran
+        cfg = replace(cfg, max_sequence_length=model.max_sequence_length)
     if "single-file" in cfg.save_as and cfg.train_text_encoder and not model.family.text_in_single_file:
         if set(cfg.save_as) <= {"single-file", "learned-token"}:
             raise TrainError(f"--save-as single-file: {model.family.title}'s single file holds the transformer alone, "
