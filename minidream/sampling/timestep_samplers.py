@@ -90,6 +90,7 @@ class Sampler:
 
 class DDIM(Sampler):
     reads_eta = True
+
     def __init__(self, config: SchedulerConfig, eta: float = 0.0):
         super().__init__(config, eta)
         # ᾱ "before" the first step: 1 (a clean image) or ᾱ_0, as the checkpoint's config says.
