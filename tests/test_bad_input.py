@@ -271,7 +271,7 @@ SAMPLE_CASES = [
     (["--width", "100000"], "--width"),
     (["--num-images", "0"], "--num-images"),
     (["--eta", "inf"], "--eta"),
-    (["--eta", "0.5", "--scheduler", "euler"], "--eta is DDIM's noise scale; this sampler (Euler) has none (drop it, or"),
+    (["--eta", "0.5", "--scheduler", "euler"], "this sampler (Euler) has none (drop it, or --scheduler ddim)"),
     (["--prompt", "\udcff"], "--prompt"),
     (["--lora", "missing.safetensors"], "no such file"),
     (["--lora", "x.safetensors:nan"], "finite number"),
