@@ -14,6 +14,7 @@ from minidream.models.compile import COMPILE_HELP, COMPILE_MODES
 from minidream.models.device import DTYPES
 from minidream.models.flux import PRESETS as FLUX_NETS
 from minidream.models.mmdit import PRESETS as MMDIT_PRESETS
+from minidream.models.quantize import FORMATS as QUANT_FORMATS, check_format
 from minidream.models.stable_diffusion import PRESETS
 from minidream.options import (Needs, at_least, beta, decay, each_one_of, extension, finite, first_problem, in_range,
                                non_negative, option, option_flag, optional, optional_at_least, optional_count, path,
@@ -248,6 +249,14 @@ class TrainConfig:
                         needs=(Needs(lambda c: c.optimizer == "adamw" and c.mixed_precision == "no", "--fsdp works "
                                      "with --optimizer adamw and --mixed-precision no for now (a sharded block holds "
                                      "one dtype; other optimizers keep state not shaped like the weights)"),))
+    quantize_base: str | None = option(None, "The frozen weights of the denoiser and text encoders kept in fewer "
+                                       "bits, each layer made dense only while it computes: " + "; ".join(
+        f"{n}: {row.help}" for n, row in QUANT_FORMATS.items()) + ". The exports still read the base files.",
+        choices=QUANT_FORMATS, check=check_format, needs=(
+            Needs(lambda c: c.mode != "unet", "--quantize-base keeps frozen weights in fewer bits, and --train unet "
+                                              "trains them all: use --train lora or attention"),
+            Needs(lambda c: not c.fsdp, "--quantize-base and --fsdp do not go together yet (a sharded block holds "
+                                        "one dtype)")))
     cache_latents: bool = option(False, "Encode the images with the VAE once.")
     snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (e.g. 5); DDPM models (SD 1.x/2.x/XL).",
                                      check=positive_number)

@@ -22,6 +22,7 @@ import torch
 from minidream.models.compile import compile_network, step_begins
 from minidream.models.flow_matching import Density, FlowProcess
 from minidream.models.noise_schedule import DDPMProcess
+from minidream.models.quantize import quantize_frozen
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import distributed
 from minidream.training.batches import LatentSource, TextConditioning
@@ -192,6 +193,11 @@ def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[l
     run; otherwise a frozen part that no later phase reads (no validation grid or loss) is released."""
     cfg = family_defaults(cfg, model.family)  # (the CLI's run has them already: dreambooth.family_options)
     state = TrainState.create(cfg, model, rt.device, rt.group.size)
+    if cfg.quantize_base:  # the frozen linears in fewer bits, quantized from the weights as loaded
+        before, after = quantize_frozen(model, cfg.quantize_base)
+        if rt.main:
+            print(f"--quantize-base {cfg.quantize_base}: the frozen linear weights {before / 2 ** 20:,.1f} -> "
+                  f"{after / 2 ** 20:,.1f} MiB", file=sys.stderr)
     if rt.precision is not None:  # frozen weights in half precision; what trains keeps its exact fp32 values
         cast_frozen(model, rt.precision)
     model.denoiser.set_gradient_checkpointing(cfg.gradient_checkpointing)

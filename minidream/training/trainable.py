@@ -186,6 +186,8 @@ def cast_frozen(model: StableDiffusion, dtype: torch.dtype):
         for p in m.parameters():
             if not p.requires_grad and p.is_floating_point():
                 p.data = p.data.to(to)
-        for b in m.buffers():
-            if b.is_floating_point():
-                b.data = b.data.to(to)
+        for part in m.modules():
+            kept = getattr(part, "kept", ())  # a quantized layer's stored bits and scales (models/quantize.py)
+            for name, b in part.named_buffers(recurse=False):
+                if b.is_floating_point() and name not in kept:
+                    b.data = b.data.to(to)

@@ -1,0 +1,153 @@
+"""A frozen base kept in 8 or 4 bits (--quantize-base): a model transform that replaces each frozen nn.Linear of the
+denoiser and the text encoders by a QuantizedLinear holding its weight in the format's few bits and scales.
+
+A call dequantizes that layer's weight alone to the compute dtype, multiplies, and lets the copy go; the backward
+pass dequantizes it again instead of keeping it (`_Dequantized`), so one layer's full-precision weight is alive at
+a time, never the model's. What trains (LoRA's factors, DoRA's magnitudes, attention projections, a token's rows)
+is not touched, and the exports read the base files again (training/export.py): the quantization reaches no written
+file. QLoRA (Dettmers et al. 2023) trains adapters on a 4-bit base this way; nf4 is its format.
+"""
+import importlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448: e4m3's largest finite value
+
+
+def fp8_rows(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """float8 e4m3 with one fp32 scale per output row: each row's largest |w| maps to e4m3's largest value, so a
+    row of small weights keeps e4m3's 3 mantissa bits rather than sinking into its subnormals."""
+    scale = (w.detach().float().abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+    return {"qweight": (w.detach().float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), "scale": scale}
+
+
+def fp8_dense(q: dict[str, torch.Tensor], dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    # every e4m3 value is exact in bf16 (3 mantissa bits of its 7): one rounding, the multiply by the scale
+    return q["qweight"].to(dtype) * q["scale"].to(dtype)[:, None]
+
+
+def bnb_functional():
+    """bitsandbytes.functional, imported quietly (on some CPUs its import warns of an optional kernel package that
+    these formats never call)."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    return importlib.import_module("bitsandbytes.functional")
+
+
+def int8_rows(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """int8 with one absmax per output row: bitsandbytes' vector-wise quantization, as LLM.int8() stores weights."""
+    q, absmax, _ = bnb_functional().int8_vectorwise_quant(w.detach().float().contiguous())
+    return {"qweight": q, "scale": absmax.float()}
+
+
+def int8_dense(q: dict[str, torch.Tensor], dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    return (q["qweight"].float() * (q["scale"] / 127)[:, None]).to(dtype)
+
+
+def nf4_blocks(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """4-bit NormalFloat (QLoRA §3: 16 levels at the quantiles of a normal), one absmax per block of 64 weights,
+    two weights a byte: bitsandbytes' quantize_4bit."""
+    packed, state = bnb_functional().quantize_4bit(w.detach().float().contiguous(), blocksize=64, quant_type="nf4")
+    return {"qweight": packed, "scale": state.absmax.float(), "code": state.code.float()}
+
+
+def nf4_dense(q: dict[str, torch.Tensor], dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    bnb = bnb_functional()
+    state = bnb.QuantState(q["scale"], shape=shape, code=q["code"], blocksize=64, quant_type="nf4", dtype=torch.float32)
+    return bnb.dequantize_4bit(q["qweight"], state).to(dtype)
+
+
+@dataclass(frozen=True)
+class Format:
+    help: str
+    quantize: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    dense: Callable[..., torch.Tensor]  # (stored tensors, dtype, the weight's shape) -> the weight
+    bits: int
+    package: str | None = None  # the optional package it needs (an extra of ours)
+
+
+FORMATS = {
+    "fp8": Format("float8 e4m3, a scale per row (torch alone)", fp8_rows, fp8_dense, 8),
+    "int8": Format("int8, an absmax per row (bitsandbytes, the [bnb] extra)", int8_rows, int8_dense, 8,
+                   "bitsandbytes"),
+    "nf4": Format("4-bit NormalFloat, an absmax per 64 weights, QLoRA's format (bitsandbytes, the [bnb] extra)",
+                  nf4_blocks, nf4_dense, 4, "bitsandbytes"),
+}
+
+
+def check_format(name: str | None) -> str | None:
+    """The check of --quantize-base: a FORMATS row, its package installed (else the command that installs it)."""
+    if name is None:
+        return None
+    if name not in FORMATS:
+        return f"must be one of {', '.join(FORMATS)} (got {name!r})"
+    package = FORMATS[name].package
+    if package and importlib.util.find_spec(package) is None:
+        return f"{name} needs the {package} package: pip install 'minidream[bnb]'"
+    return None
+
+
+class _Dequantized(torch.autograd.Function):
+    """y = x Wᵀ + b with W dequantized in the forward pass and again in the backward one: autograd keeps the few
+    stored bits, not the dense weight (W and b are frozen: only x gets a gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, layer, bias):
+        ctx.layer = layer
+        return F.linear(x, layer.dense(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.dense(grad.dtype), None, None
+
+
+class QuantizedLinear(nn.Linear):
+    """A frozen nn.Linear whose weight is stored in a FORMATS row's bits (buffers `qweight`, `scale`, and nf4's
+    `code`) and read back densely one layer at a time. `weight` is that dense weight in fp32 (what LoRA's DoRA norm
+    reads); the bias stays as it was."""
+    kept = ("qweight", "scale", "code")  # stored tensors whose dtype is the format's: cast_frozen leaves them be
+
+    def __init__(self, base: nn.Linear, fmt: str):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.fmt = base.in_features, base.out_features, fmt
+        for name, t in FORMATS[fmt].quantize(base.weight).items():
+            self.register_buffer(name, t)
+        self.bias = base.bias
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        stored = {name: getattr(self, name) for name in self.kept if hasattr(self, name)}
+        return FORMATS[self.fmt].dense(stored, dtype, torch.Size((self.out_features, self.in_features)))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dense(torch.float32)
+
+    def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type):  # the dtype autocast would have run F.linear in
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return _Dequantized.apply(x, self, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"{self.fmt}"
+
+
+def quantize_frozen(model, fmt: str) -> tuple[int, int]:
+    """Every frozen nn.Linear of the denoiser and the text encoders (the base layers inside LoRA adapters among them)
+    replaced by a QuantizedLinear; returns the bytes of their weights before and after."""
+    before = after = 0
+    for net in [model.denoiser, *model.text_networks()]:
+        for name, m in list(net.named_modules()):
+            if type(m) is nn.Linear and not any(p.requires_grad for p in m.parameters()):
+                q = QuantizedLinear(m, fmt)
+                before += m.weight.numel() * m.weight.element_size()
+                after += sum(getattr(q, k).numel() * getattr(q, k).element_size() for k in q.kept if hasattr(q, k))
+                parent, _, child = name.rpartition(".")
+                setattr(net.get_submodule(parent) if parent else net, child, q)
+    return before, after
