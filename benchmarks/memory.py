@@ -7,6 +7,7 @@ the optimizer state, the gradients and the activations); on CUDA it would be tor
 (not measured yet: no GPU in the session that wrote this).
 
     python -m benchmarks memory --res 256     # -> benchmarks/results/memory-cpu-sd15-256.json
+    python -m benchmarks memory --whole --res 256 --only adafactor   # the whole command: benchmarks/whole_run.py
 """
 import argparse
 import json
@@ -124,11 +125,20 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=2, help="steps per recipe (the optimizer state exists after one)")
     ap.add_argument("--only", default="", help="comma-separated: the recipes whose name contains one of these")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--whole", action="store_true", help="the whole `minidream train` command of our recipes "
+                    "(loading, class images, steps, checkpoint, exports; benchmarks/whole_run.py)")
     a = ap.parse_args(argv)
     if a.child:
         return child(a.child, a.folder, a.res, a.steps)
     wanted = [w for w in a.only.split(",") if w]
-    run(a.preset, a.res, a.steps, [r for r in RECIPES if not wanted or any(w in r for w in wanted)], a.out)
+    chosen = [r for r in RECIPES if not wanted or any(w in r for w in wanted)]
+    if a.whole:
+        from . import whole_run
+        from .common import RESULTS
+        ours = {r: RECIPES[r][1:] for r in chosen if RECIPES[r][0] == "ours"}
+        return whole_run.run(a.preset, a.res, a.steps, ours, a.out,
+                             Path(a.out or RESULTS) / f"memory-cpu-{a.preset}-{a.res}.json")
+    run(a.preset, a.res, a.steps, chosen, a.out)
 
 
 if __name__ == "__main__":

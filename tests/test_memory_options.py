@@ -230,7 +230,8 @@ def test_crafted_optimizer_settings_are_refused_in_one_line(sd1_dir, instance_di
 
 def test_frozen_parts_no_later_phase_reads_are_released(sd1_dir, instance_dir, tmp_path):
     """A LoRA run's frozen text encoder (and, with cached latents, the VAE) gives its memory back once the prompts
-    are encoded, unless a later phase reads it: a validation grid, or the caller (the demo samples with the model)."""
+    are encoded, unless a later phase reads it: a validation grid (the final one is drawn), or the caller (the demo
+    samples with the model). Before the exports, which read the base from its files, the whole model goes."""
     from dataclasses import replace
     from minidream.training.config import TrainConfig
     from minidream.training.dreambooth import dreambooth
@@ -239,9 +240,9 @@ def test_frozen_parts_no_later_phase_reads_are_released(sd1_dir, instance_dir, t
                       checkpoint_every=0, cache_latents=True, device="cpu", mode="lora")
 
     def released(model):
-        return [next(net.parameters()).is_meta for net in (model.text_encoder, model.vae)]
+        return [next(net.parameters()).is_meta for net in (model.text_encoder, model.vae, model.denoiser)]
     model, written = dreambooth(cfg)
-    assert released(model) == [True, True] and written  # the exports read the base from its files
+    assert released(model) == [True, True, True] and written  # the exports read the base from its files
     grid = replace(cfg, out=str(tmp_path / "b"), validation_prompts=("a photo of sks dog",), validation_steps=2)
-    assert released(dreambooth(grid)[0]) == [False, False]
-    assert released(dreambooth(replace(cfg, out=str(tmp_path / "c")), keep_model=True)[0]) == [False, False]
+    assert released(dreambooth(grid)[0]) == [True, True, True] and (tmp_path / "b" / "samples" / "final.png").exists()
+    assert released(dreambooth(replace(cfg, out=str(tmp_path / "c")), keep_model=True)[0]) == [False, False, False]

@@ -51,9 +51,11 @@ def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg: T
     if params.keys() != trained.keys():
         raise RuntimeError(f"trained tensors do not match the run's selection: "
                            f"{sorted(params.keys() ^ trained.keys())[:3]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(trained[name])
+    for name, p in params.items():  # taken as they are, not copied in: the base's own pages of them are never read
+        t = trained[name]
+        if t.shape != p.shape:
+            raise RuntimeError(f"trained tensor {name} is {tuple(t.shape)}, the run's selection {tuple(p.shape)}")
+        p.data = t.detach().to(p.device, p.dtype)
     return base
 
 

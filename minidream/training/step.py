@@ -126,6 +126,17 @@ class Stepper:
         self.rng_at_start, self.done, self.deferred = None, True, False
         self.fused = fuse_backward(self.state.optimizer, self.cfg.max_grad_norm) if self.cfg.fused_backward else None
 
+    def release(self, model: StableDiffusion):
+        """What only training needed, given back before the exports read a fresh base: the optimizer's state, the
+        gradients and the model's weights (the trained values live on in the tensors `TrainState.trained` gave;
+        a sharded model's weights stay, freed with it)."""
+        self.state.optimizer.state.clear()
+        for p in self.state.trainable.params():
+            p.grad = None
+        if not self.cfg.fsdp:
+            for net in model.networks():
+                self.runtime.release(net)
+
     def raise_deferred(self):
         """A Ctrl-C or SIGTERM that came during the last update, now that the step is counted."""
         if self.deferred:
