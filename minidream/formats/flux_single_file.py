@@ -17,14 +17,14 @@ import torch
 
 from minidream.formats.configs import vae_config, vae_config_json
 from minidream.formats.diffusers_layout import _strip_text_model, load_text_encoder, load_vae
-from minidream.formats.files import (ModelError, build, read_json, read_metadata, read_weights, resolve,
+from minidream.formats.files import (ModelError, build, read_json, read_weights, resolve,
                                      save_safetensors)
 from minidream.formats.flux_layout import (RELEASED, check_parts, flux_config, flux_model, schedule_of,
                                            transformer_config_json)
 from minidream.formats.sd3_layout import load_t5, load_t5_tokenizer, t5_config
 from minidream.formats.sd3_layout import t5_config_json, t5_state
 from minidream.formats.single_file import (ARCHITECTURE, VAE, _meta, _take, key_table, match_rule, modelspec,
-                                          vae_rows, vocabulary_folder)
+                                          stored_architecture, vae_rows, vocabulary_folder)
 from minidream.formats.configs import clip_config, clip_config_json, load_tokenizer
 from minidream.models import clip, flux, t5, vae
 from minidream.models.flow_matching import PRESETS as FLOW_PRESETS
@@ -123,17 +123,11 @@ def _configs(sd: dict, prefix: str, file: Path, cdir: Path | None, preset: str |
     metadata; else the transformer of --preset or of the file's shapes, the released models' other parts."""
     if preset is not None and preset not in flux.PRESETS:
         raise ModelError(f"{file}: a Flux.1 checkpoint; --preset {preset!r} is not one of {', '.join(flux.PRESETS)}")
-    stored = read_metadata(file).get(ARCHITECTURE)
-    if cdir is None and preset is None and stored:
-        try:
-            d = json.loads(stored)
-            return {**{k: f(d[k], file) for k, f in PARSE.items()},
-                    "scheduler": replace(FlowConfig.from_dict(d["scheduler"]).check(), pipeline_sigmas=True)}
-        except ModelError:
-            raise
-        except Exception as e:
-            raise ModelError(f"{file}: its {ARCHITECTURE} metadata is not usable ({type(e).__name__}: {e}); pass "
-                             f"--config or --preset") from None
+    stored = None if cdir is not None or preset is not None else stored_architecture(file, lambda d: {
+        **{k: f(d[k], file) for k, f in PARSE.items()},
+        "scheduler": replace(FlowConfig.from_dict(d["scheduler"]).check(), pipeline_sigmas=True)})
+    if stored is not None:
+        return stored
     if cdir is None:
         net = flux.PRESETS[preset] if preset else flux_from_keys(sd, prefix, file)
         return {"transformer": net, **RELEASED,

@@ -19,12 +19,12 @@ import torch
 
 from minidream.formats.configs import clip_config, clip_config_json, load_tokenizer, vae_config, vae_config_json
 from minidream.formats.diffusers_layout import load_text_encoder
-from minidream.formats.files import (ModelError, build, read_json, read_metadata, read_weights, resolve,
+from minidream.formats.files import (ModelError, build, read_json, read_weights, resolve,
                                     save_safetensors)
 from minidream.formats.sd3_layout import (check_parts, flow_config, load_t5, load_t5_tokenizer, mmdit_config,
                                           t5_config, t5_config_json, t5_state)
 from minidream.formats.single_file import (ARCHITECTURE, _meta, _take, clip_rows, key_table, match_rule, modelspec,
-                                          vae_rows, vocabulary_folder)
+                                          stored_architecture, vae_rows, vocabulary_folder)
 from minidream.models import clip, mmdit, t5, vae
 from minidream.models.flow_matching import PRESETS as FLOW_PRESETS
 from minidream.models.flow_matching import FlowConfig
@@ -125,17 +125,11 @@ def _configs(sd: dict, file: Path, cdir: Path | None, preset: str | None) -> dic
     the MMDiT of --preset or of the file's shapes, and the released models' other parts."""
     if preset is not None and preset not in mmdit.PRESETS:
         raise ModelError(f"{file}: an SD3 checkpoint; --preset {preset!r} is not one of {', '.join(mmdit.PRESETS)}")
-    stored = read_metadata(file).get(ARCHITECTURE)
-    if cdir is None and preset is None and stored:
-        try:
-            d = json.loads(stored)
-            return {**{k: f(d[k], file) for k, f in PARSE.items() if k in d or k == "transformer"},
-                    "vae": vae_config(d["vae"], file), "scheduler": FlowConfig.from_dict(d["scheduler"]).check()}
-        except ModelError:
-            raise
-        except Exception as e:
-            raise ModelError(f"{file}: its {ARCHITECTURE} metadata is not usable ({type(e).__name__}: {e}); pass "
-                             f"--config or --preset") from None
+    stored = None if cdir is not None or preset is not None else stored_architecture(file, lambda d: {
+        **{k: f(d[k], file) for k, f in PARSE.items() if k in d or k == "transformer"},
+        "vae": vae_config(d["vae"], file), "scheduler": FlowConfig.from_dict(d["scheduler"]).check()})
+    if stored is not None:
+        return stored
     if cdir is None:
         return {"transformer": mmdit.PRESETS[preset] if preset else mmdit_from_keys(sd, file),
                 "vae": vae.PRESETS["sd3"],

@@ -353,6 +353,21 @@ def modelspec(model: StableDiffusion) -> dict[str, str]:
 ARCHITECTURE = "minidream.architecture"
 
 
+def stored_architecture(file: Path, parse) -> dict | None:
+    """`parse` of the architecture our exports write into a single file's metadata (None where it has none): the
+    SD3 and Flux files' configs. Metadata that does not parse is one line naming the file."""
+    stored = read_metadata(file).get(ARCHITECTURE)
+    if not stored:
+        return None
+    try:
+        return parse(json.loads(stored))
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"{file}: its {ARCHITECTURE} metadata is not usable ({type(e).__name__}: {e}); pass "
+                         f"--config or --preset") from None
+
+
 def architecture_json(model: StableDiffusion) -> str:
     """What a diffusers folder's configs say, in one JSON string: a file that carries it loads without --config."""
     d = {"unet": unet_config_json(model.denoiser.config), "vae": vae_config_json(model.vae.config),
