@@ -211,7 +211,8 @@ def test_a_killed_process_under_fsdp_is_the_one_line_too(sd1_dir, instance_dir, 
 def test_fsdp_needs_torchrun_and_says_what_it_cannot_do(sd1_dir, instance_dir, tmp_path):
     for extra, needle in ((["--fsdp"], "run it under torchrun"),
                           (["--fsdp", "--mixed-precision", "bf16"], "--fsdp works with --optimizer adamw"),
-                          (["--fsdp", "--optimizer", "adafactor"], "--fsdp works with --optimizer adamw")):
+                          (["--fsdp", "--optimizer", "adafactor"], "--fsdp works with --optimizer adamw"),
+                          (["--fsdp", "--train-token"], "--fsdp and --train-token do not go together yet")):
         out = tmp_path / "run"
         r = run_cli(*train_args(sd1_dir, instance_dir, out, *extra))
         assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output

@@ -19,8 +19,8 @@ from minidream.models.new_token import learned_tokens, set_table, with_rows
 # the keys of a learned-token file for a family whose encoders each have one (SDXL: clip_l, clip_g), and with T5's
 # rows (SD3, Flux: a run with --train-token-t5)
 T5_KEY = "t5"
-MULTI_ENCODER_KEYS = [tuple(s.token_key for s in f.encoders) + t5 for f in FAMILIES.values()
-                      if all(s.token_key for s in f.encoders) for t5 in ((), (T5_KEY,))[:1 + f.t5]]
+MULTI_ENCODER_KEYS = [tuple(s.token_key for s in f.encoders) + with_t5 for f in FAMILIES.values()
+                      if all(s.token_key for s in f.encoders) for with_t5 in ([(), (T5_KEY,)] if f.t5 else [()])]
 
 
 def read_embedding(file: Path, allow_pickle: bool = False) -> tuple[str | None, dict[str | None, torch.Tensor]]:
@@ -55,6 +55,9 @@ def add_embedding(model, file: Path, token: str | None = None, allow_pickle: boo
     named, by_key = read_embedding(file, allow_pickle)
     token = token or named or Path(file).stem
     t5_rows = by_key.pop(T5_KEY, None)  # T5's rows (SD3, Flux): added where the model has T5 (not after --no-t5)
+    t5_rows = t5_rows if model.text_encoder_3 is not None else None
+    if t5_rows is not None:  # checked before anything changes
+        check_t5_rows(model, file, token, t5_rows)
     encoders = model.text_encoders()
     keys = [slot.token_key for slot in model.family.encoders]  # None: one encoder, the file's one vector set
     if set(by_key) != set(keys):
@@ -90,22 +93,24 @@ def add_embedding(model, file: Path, token: str | None = None, allow_pickle: boo
         grown.requires_grad_(emb.weight.requires_grad)
         te.embeddings.token_embedding = grown
         te.config = replace(te.config, vocab_size=grown.num_embeddings)
-    if t5_rows is not None and model.text_encoder_3 is not None:
-        add_t5_rows(model, file, token, t5_rows)
+    if t5_rows is not None:  # at the ids T5's tokenizer gives the token (its table's spare rows first)
+        t5, first = model.text_encoder_3, len(model.tokenizer_3)
+        model.tokenizer_3.add_vectors(token, len(t5_rows))
+        set_table(t5, "shared", t5, with_rows(t5.shared.weight.detach(), first, t5_rows.to(t5.shared.weight)))
     return tokens
 
 
-def add_t5_rows(model, file: Path, token: str, vec: torch.Tensor):
-    """The token's T5 rows, at the ids T5's tokenizer gives it (its table's spare rows first: new_token.with_rows)."""
-    t5, tok = model.text_encoder_3, model.tokenizer_3
-    if vec.shape[1] != t5.shared.embedding_dim:
-        raise ModelError(f"{file}: its T5 rows are {vec.shape[1]} wide; this model's T5 is {t5.shared.embedding_dim}")
-    first = len(tok)
-    try:
-        tok.add_vectors(token, len(vec))
-    except ValueError as e:
-        raise ModelError(f"{file}: in T5's vocabulary, {e}; name another with --embedding-token") from None
-    set_table(t5, "shared", t5, with_rows(t5.shared.weight.detach(), first, vec.to(t5.shared.weight)))
+def check_t5_rows(model, file: Path, token: str, vec: torch.Tensor):
+    """What the token's T5 rows must be: as wide as this T5, finite, their names new to its vocabulary."""
+    width = model.text_encoder_3.shared.embedding_dim
+    if vec.shape[1] != width:
+        raise ModelError(f"{file}: its T5 rows are {vec.shape[1]} wide; this model's T5 is {width}")
+    if not bool(torch.isfinite(vec).all()):
+        raise ModelError(f"{file}: its T5 rows hold NaN or infinite values (a broken embedding)")
+    taken = [t for t in vector_names(token, len(vec)) if model.tokenizer_3.tok.token_to_id(t) is not None]
+    if taken:
+        raise ModelError(f"{file}: token {taken[0]!r} is already in T5's vocabulary; name another with "
+                         f"--embedding-token")
 
 
 def save_learned_tokens(model, path: Path, dtype: torch.dtype | None = None):

@@ -105,7 +105,9 @@ class LoRA(nn.Module):
     def _no_bias(self, x):
         if isinstance(self.base, nn.Conv2d):
             return self.base._conv_forward(x, self.base.weight, None)
-        return F.linear(x, self.base.weight.to(x.dtype))  # (a quantized base's `weight` is dense fp32)
+        if hasattr(self.base, "without_bias"):  # a quantized base: its weight made dense for this call only
+            return self.base.without_bias(x)
+        return F.linear(x, self.base.weight)
 
     def delta(self) -> torch.Tensor:
         """(α/r)·B A in the base weight's shape (fp32): what the adapter adds to the weight's direction."""

@@ -38,6 +38,8 @@ def with_rows(table: torch.Tensor, first: int, rows: torch.Tensor) -> torch.Tens
     """`table` with `rows` in place from row `first` on, grown where they reach past its end. T5's spare rows (past
     its vocabulary) are never read, so the token's rows replace them and every row its tokenizer reaches is kept:
     the same model as transformers' resize_token_embeddings(len(tokenizer)) gives, at the base's table size."""
+    if first > len(table):  # a tokenizer longer than its table: the new ids would not be the new rows
+        raise ValueError(f"the tokenizer's next id ({first}) is past its embedding table's {len(table)} rows")
     return torch.cat([table[:first], rows, table[first + len(rows):]])
 
 

@@ -25,12 +25,13 @@ def fp8_rows(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """float8 e4m3 with one fp32 scale per output row: each row's largest |w| maps to e4m3's largest value, so a
     row of small weights keeps e4m3's 3 mantissa bits rather than sinking into its subnormals."""
     scale = (w.detach().float().abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
-    return {"qweight": (w.detach().float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), "scale": scale}
+    q = (w.detach().float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return {"qweight": q.view(torch.uint8), "scale": scale}  # kept as bytes: a module.to(dtype) cannot widen them
 
 
 def fp8_dense(q: dict[str, torch.Tensor], dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-    # every e4m3 value is exact in bf16 (3 mantissa bits of its 7): one rounding, the multiply by the scale
-    return q["qweight"].to(dtype) * q["scale"].to(dtype)[:, None]
+    # the product in fp32, then one rounding: a small row's scale in fp16 would sink into its subnormals
+    return (q["qweight"].view(FP8).float() * q["scale"][:, None]).to(dtype)
 
 
 def bnb_functional():
@@ -129,20 +130,28 @@ class QuantizedLinear(nn.Linear):
         return self.dense(torch.float32)
 
     def forward(self, x):
+        return _Dequantized.apply(self.compute_input(x), self, self.bias)
+
+    def without_bias(self, x):
+        """W x alone (DoRA's term with dropout), the weight dense for this call only."""
+        return _Dequantized.apply(self.compute_input(x), self, None)
+
+    @staticmethod
+    def compute_input(x):
         if torch.is_autocast_enabled(x.device.type):  # the dtype autocast would have run F.linear in
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        return _Dequantized.apply(x, self, self.bias)
+            return x.to(torch.get_autocast_dtype(x.device.type))
+        return x
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
                f"{self.fmt}"
 
 
-def quantize_frozen(model, fmt: str) -> tuple[int, int]:
-    """Every frozen nn.Linear of the denoiser and the text encoders (the base layers inside LoRA adapters among them)
-    replaced by a QuantizedLinear; returns the bytes of their weights before and after."""
+def quantize_frozen(networks: list[nn.Module], fmt: str) -> tuple[int, int]:
+    """Every frozen nn.Linear of these networks (the base layers inside LoRA adapters among them) replaced by a
+    QuantizedLinear; returns the bytes of their weights before and after."""
     before = after = 0
-    for net in [model.denoiser, *model.text_networks()]:
+    for net in networks:
         for name, m in list(net.named_modules()):
             if type(m) is nn.Linear and not any(p.requires_grad for p in m.parameters()):
                 q = QuantizedLinear(m, fmt)

@@ -248,7 +248,9 @@ class TrainConfig:
                         "optimizer state across the processes (FSDP2) instead of a whole copy in each.", resumable=True,
                         needs=(Needs(lambda c: c.optimizer == "adamw" and c.mixed_precision == "no", "--fsdp works "
                                      "with --optimizer adamw and --mixed-precision no for now (a sharded block holds "
-                                     "one dtype; other optimizers keep state not shaped like the weights)"),))
+                                     "one dtype; other optimizers keep state not shaped like the weights)"),
+                               Needs(lambda c: not c.train_token, "--fsdp and --train-token do not go together yet "
+                                     "(the token's row is whole, the model sharded); drop one")))
     quantize_base: str | None = option(None, "The frozen weights of the denoiser and text encoders kept in fewer "
                                        "bits, each layer made dense only while it computes: " + "; ".join(
         f"{n}: {row.help}" for n, row in QUANT_FORMATS.items()) + ". The exports still read the base files.",

@@ -105,7 +105,8 @@ def train_and_export(cfg: TrainConfig, out: Path, model: StableDiffusion, data: 
                 validation_grid(model, cfg, out / "samples" / "final.png", write=rt.main)
         trained = stepper.state.trained(keep=rt.main)  # gathered from every process under --fsdp
         distributed.report_peak_memory(rt.group, rt.device)
-        if not keep_model:  # the last checkpoint is written: the exports need only `trained` and the base files
+        if not keep_model and not cfg.fsdp:  # the exports need only `trained` and the base files: once the
+            ckpt.keep(step)                  # last step's checkpoint is on disk, what training held goes
             stepper.release(model)
         written = []
         if rt.main:

@@ -145,5 +145,7 @@ def plain(v):
 def found(model: StableDiffusion, named: list[tuple[str, torch.nn.Parameter]]) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters of these names in the model as it is now (after sharding replaced them)."""
     nets = [(model.family.denoiser, model.denoiser), *[(name, te) for name, _, te in model.text_encoders()]]
+    if any(name.startswith("text_encoder_3.") for name, _ in named):  # a token's T5 row (--train-token-t5)
+        nets.append(("text_encoder_3", model.text_encoder_3))
     now = {f"{prefix}.{n}": p for prefix, net in nets for n, p in net.named_parameters()}
     return [(name, now[name]) for name, _ in named]

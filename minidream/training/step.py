@@ -128,14 +128,13 @@ class Stepper:
 
     def release(self, model: StableDiffusion):
         """What only training needed, given back before the exports read a fresh base: the optimizer's state, the
-        gradients and the model's weights (the trained values live on in the tensors `TrainState.trained` gave;
-        a sharded model's weights stay, freed with it)."""
+        gradients and the model's weights (the trained values live on in the tensors `TrainState.trained` gave).
+        Called once the last checkpoint is on disk: nothing can be saved from the state after this."""
         self.state.optimizer.state.clear()
         for p in self.state.trainable.params():
             p.grad = None
-        if not self.cfg.fsdp:
-            for net in model.networks():
-                self.runtime.release(net)
+        for net in model.networks():
+            self.runtime.release(net)
 
     def raise_deferred(self):
         """A Ctrl-C or SIGTERM that came during the last update, now that the step is counted."""
@@ -205,10 +204,10 @@ def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[l
     cfg = family_defaults(cfg, model.family)  # (the CLI's run has them already: dreambooth.family_options)
     state = TrainState.create(cfg, model, rt.device, rt.group.size)
     if cfg.quantize_base:  # the frozen linears in fewer bits, quantized from the weights as loaded
-        before, after = quantize_frozen(model, cfg.quantize_base)
+        before, after = quantize_frozen(networks_in_step(model, state.trainable), cfg.quantize_base)
         if rt.main:
-            print(f"--quantize-base {cfg.quantize_base}: the frozen linear weights {before / 2 ** 20:,.1f} -> "
-                  f"{after / 2 ** 20:,.1f} MiB", file=sys.stderr)
+            print(f"--quantize-base {cfg.quantize_base}: the frozen linear weights the step runs, "
+                  f"{before / 2 ** 20:,.1f} MiB as loaded -> {after / 2 ** 20:,.1f} MiB", file=sys.stderr)
     if rt.precision is not None:  # frozen weights in half precision; what trains keeps its exact fp32 values
         cast_frozen(model, rt.precision)
     model.denoiser.set_gradient_checkpointing(cfg.gradient_checkpointing)
@@ -228,12 +227,25 @@ def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[l
         text.encode_all()
         for te in model.text_networks():
             away(te)
-    elif model.text_encoder_3 is not None and not text.t5_learns:  # the CLIPs train, T5 not: its states now, then
-        text.encode_t5()  # T5 leaves the accelerator (a grid's new prompt brings it back: resident)
+    elif model.text_encoder_3 is not None and not text.t5_learns:
+        # the CLIPs train, T5 not: its states now, then T5 leaves the accelerator (a grid's new prompt brings it
+        # back: resident)
+        text.encode_t5()
         rt.offload(model.text_encoder_3)
     if cfg.cache_latents:
         away(model.vae)
     return Stepper(cfg, state, batches, text, rt, batch_size, compiled)
+
+
+def networks_in_step(model: StableDiffusion, trainable) -> list[torch.nn.Module]:
+    """What the step runs: the denoiser; the CLIPs while they or a new token train; T5 while the token's T5 row
+    trains. Frozen text is encoded once before the steps, by the encoders as loaded (--quantize-base spares them)."""
+    nets = [model.denoiser]
+    if trainable.text_encoder or trainable.token:
+        nets += [te for _, _, te in model.text_encoders()]
+    if any(name.startswith("text_encoder_3.") for name, _ in trainable.token):
+        nets.append(model.text_encoder_3)
+    return nets
 
 
 def compiled_mode(cfg: TrainConfig, rt: Runtime) -> str:
