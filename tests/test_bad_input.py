@@ -271,6 +271,7 @@ SAMPLE_CASES = [
     (["--width", "100000"], "--width"),
     (["--num-images", "0"], "--num-images"),
     (["--eta", "inf"], "--eta"),
+    (["--eta", "1.5", "--scheduler", "ddim"], "--eta must be in [0, 1]"),
     (["--eta", "0.5", "--scheduler", "euler"], "this sampler (Euler) has none (drop it, or --scheduler ddim)"),
     (["--prompt", "\udcff"], "--prompt"),
     (["--lora", "missing.safetensors"], "no such file"),

@@ -275,6 +275,9 @@ def test_kohya_timestep_sampling_is_its_formula(sampling):
     (["--class-negative-prompt", "blurry"], "is read by Flux only with true CFG"),
     (["--train-token-t5"], "--train-token-t5 learns the token's T5 row: it needs --train-token"),
     (["--train-token", "--train-token-t5", "--no-t5"], "--train-token-t5 learns a row in T5: drop --no-t5"),
+    (["--train-token", "--train-token-t5", "--max-sequence-length", 4], "<sks> falls past T5's 4 tokens"),
+    (["--train-token", "--train-token-t5", "--identifier", "pad"], "<pad> (the token --train-token learns) is "
+                                                                   "already in this model's vocabulary"),
 ])
 def test_what_a_flux_run_cannot_use_is_refused_before_it_starts(flux_dir, instance_dir, tmp_path, args, says):
     r = run_cli(*flux_args(flux_dir, instance_dir, tmp_path / "run", "--train", "lora", *args))

@@ -63,8 +63,9 @@ def add_embedding(model, file: Path, token: str | None = None, allow_pickle: boo
     if set(by_key) != set(keys):
         fam = next(f for f in FAMILIES.values() if {s.token_key for s in f.encoders} == set(by_key))
         kind = f"{fam.title} ({' + '.join(s.token_key for s in fam.encoders)})" if None not in by_key \
-            else "one text encoder"
-        raise ModelError(f"{file}: an embedding for {kind}, but this model has {len(encoders)} text encoder(s)")
+            else "one text encoder ({token: vector}: SD 1.x/2.x)"
+        wanted = "{token: vector}" if None in keys else " + ".join(keys) + (" (+ t5)" if model.family.t5 else "")
+        raise ModelError(f"{file}: an embedding for {kind}; {model.family.title} reads {wanted}")
     vecs = [by_key[k] for k in keys]
     if not all(bool(torch.isfinite(v).all()) for v in vecs):
         raise ModelError(f"{file}: its vectors hold NaN or infinite values (a broken embedding)")

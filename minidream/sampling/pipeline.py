@@ -14,7 +14,7 @@ from minidream.models.noise_schedule import SchedulerConfig
 from minidream.models.flow_matching import FlowConfig
 from minidream.models.stable_diffusion import StableDiffusion, encode_text, image_conditioning, size_ids
 from minidream.models.vae import to_uint8
-from minidream.options import first_problem, in_range, non_negative, option, optional, optional_at_least, text
+from minidream.options import first_problem, in_range, option, optional, optional_at_least, text
 from minidream.progress import Progress
 from minidream.sampling.timestep_samplers import Sampler
 from minidream.sampling.samplers import SAMPLERS, make_sampler
@@ -51,7 +51,8 @@ class SamplingParams:
                              "a step (FluxPipeline's true_cfg_scale); 1 = off.", check=in_range(1, MAX_GUIDANCE))
     sampler: str | None = option(None, "Sampler; default: the model's own scheduler (scheduler_config.json's class).",
                                  choices=SAMPLERS, flag="--scheduler")
-    eta: float = option(0.0, "DDIM eta (0 = deterministic).", check=non_negative)
+    eta: float = option(0.0, "DDIM eta (0 = deterministic, 1 = DDPM's variance; more has no variance to take).",
+                        check=in_range(0, 1))
     negative_prompt: str | None = option(None, "Negative prompt (the unconditional branch of CFG); default none: the "
                                          "empty prompt, for SDXL zeros (as diffusers).", check=text)
     height: int | None = option(None, "Image height in pixels (multiple of 8); default: the model's.",

@@ -251,9 +251,9 @@ class TrainConfig:
                                      "one dtype; other optimizers keep state not shaped like the weights)"),
                                Needs(lambda c: not c.train_token, "--fsdp and --train-token do not go together yet "
                                      "(the token's row is whole, the model sharded); drop one")))
-    quantize_base: str | None = option(None, "The frozen weights of the denoiser and text encoders kept in fewer "
-                                       "bits, each layer made dense only while it computes: " + "; ".join(
-        f"{n}: {row.help}" for n, row in QUANT_FORMATS.items()) + ". The exports still read the base files.",
+    quantize_base: str | None = option(None, "The frozen linears the step runs (the denoiser's; a text encoder's "
+                                       "while it trains) kept in fewer bits, dense only while they compute: " +
+        "; ".join(f"{n}: {row.help}" for n, row in QUANT_FORMATS.items()) + ". The exports still read the base files.",
         choices=QUANT_FORMATS, check=check_format, needs=(
             Needs(lambda c: c.mode != "unet", "--quantize-base keeps frozen weights in fewer bits, and --train unet "
                                               "trains them all: use --train lora or attention"),

@@ -14,9 +14,12 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from minidream.formats.files import write_text
 from minidream.options import text
 from minidream.models.stable_diffusion import StableDiffusion
+from minidream.models.t5_tokenizer import T5Tokenizer
 from minidream.training import TrainError
 from minidream.training.class_images import check_class_dir, make_class_images, planned
 from minidream.training.concepts_file import Concept, concepts
@@ -185,11 +188,16 @@ def check_prompts(model: StableDiffusion, cfg: TrainConfig, concepts: list, inst
                   (prompt_source(cfg, k, "class"), c.class_prompt, c.identifier, False)]
     pairs += [(f"--caption-ext: {e.caption_file}", e.prompt, concepts[e.concept].identifier, True)
               for e in instance if e.caption_file]
-    tokenizer = model.tokenizer
+    tokenizer, t5 = model.tokenizer, None
     if cfg.train_token:  # the prompts as they will be read: the new token (and its --token-vectors) counted
         tokenizer = copy.deepcopy(tokenizer)
-        if cfg.token not in tokenizer.vocab and cfg.token not in tokenizer.added:
-            tokenizer.add_vectors(cfg.token, cfg.token_vectors)
+        t5 = T5Tokenizer(Tokenizer.from_str(model.tokenizer_3.tok.to_str())) if cfg.train_token_t5 else None
+        for tok in filter(None, (tokenizer, t5)):
+            try:
+                tok.add_vectors(cfg.token, cfg.token_vectors)
+            except ValueError:
+                raise TrainError(f"--identifier {cfg.identifier!r}: {cfg.token} (the token --train-token learns) is "
+                                 f"already in this model's vocabulary; choose another identifier") from None
     for what, prompt, ident, instance_side in pairs:
         if text(prompt):
             raise TrainError(f"{what}: {text(prompt)}")
@@ -197,14 +205,23 @@ def check_prompts(model: StableDiffusion, cfg: TrainConfig, concepts: list, inst
             raise TrainError(f"{what}: the prompt {prompt!r} does not hold the token <{ident}> that --train-token "
                              f"learns; write <{ident}> where the identifier goes")
         cut = tokenizer.truncated(prompt)
+        many = f"--token-vectors {cfg.token_vectors} makes <{ident}> that many tokens: use fewer, or shorten the " \
+            f"prompt" if cfg.train_token and cfg.token_vectors > 1 else "shorten the prompt"
         if cut and instance_side and ident in cut and ident not in prompt[:-len(cut)]:
-            many = f" (--token-vectors {cfg.token_vectors} makes <{ident}> that many tokens: use fewer, or" \
-                if cfg.train_token and cfg.token_vectors > 1 else " ("
             raise TrainError(f"{what}: the identifier {ident!r} falls past the text encoder's "
-                             f"{model.tokenizer.max_length}-token limit{many} shorten the prompt)")
+                             f"{model.tokenizer.max_length}-token limit ({many})")
+        if t5 is not None and instance_side and past_t5(t5, prompt, cfg.token, model.max_sequence_length):
+            raise TrainError(f"{what}: <{ident}> falls past T5's {model.max_sequence_length} tokens, so its T5 row "
+                             f"would never train (--train-token-t5): raise --max-sequence-length, or {many}")
         if cut:
             print(f"warning: {what} is longer than {model.tokenizer.max_length} tokens; this part is cut: {cut!r}",
                   file=sys.stderr)
+
+
+def past_t5(t5: T5Tokenizer, prompt: str, token: str, length: int) -> bool:
+    """Whether T5 cuts the prompt (its last place is `</s>`) before the end of the token's rows."""
+    ids, rows = t5.encode(prompt), t5.expand.get(t5.tok.token_to_id(token), [t5.tok.token_to_id(token)])
+    return rows[0] in ids and ids.index(rows[0]) + len(rows) > length - 1
 
 
 def prompt_source(cfg: TrainConfig, k: int, side: str) -> str:

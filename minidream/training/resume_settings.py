@@ -70,6 +70,11 @@ def short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def shown(value) -> str:
+    """A stored setting as the user would have given it: a switch on or off, none for a default left to the model."""
+    return "none" if value is None else "on" if value is True else "off" if value is False else short(value)
+
+
 def resumed_config(cfg: TrainConfig, stored: TrainConfig, given: set[str] | None) -> TrainConfig:
     """The checkpoint's settings, with the resumable ones the user gave; a changed fixed one is refused.
     `given`: the settings the user named (None: every resumable one comes from `cfg`)."""
@@ -77,9 +82,9 @@ def resumed_config(cfg: TrainConfig, stored: TrainConfig, given: set[str] | None
     given = resumable if given is None else given & set(OPTIONS)
     fixed = sorted(k for k in given if k not in resumable and getattr(cfg, k) != getattr(stored, k))
     if fixed:
-        was = ", ".join(f"{flag(k)} {short(getattr(stored, k))}" for k in fixed)
+        was = ", ".join(f"{flag(k)} {shown(getattr(stored, k))}" for k in fixed)
         raise TrainError(f"--resume: {', '.join(flag(k) for k in fixed)} cannot change in a resumed run (it has "
-                         f"{was}); drop them, or start a new run with --overwrite")
+                         f"{was}); drop {'it' if len(fixed) == 1 else 'them'}, or start a new run with --overwrite")
     added = sorted(k for k in given & resumable if OPTIONS[k].metadata.get("check") is path and
                    getattr(stored, k) is None and getattr(cfg, k) is not None)
     if added:  # a folder may be given anew where it moved, not added: the run trained without it
