@@ -13,7 +13,7 @@ import torch.nn as nn
 from minidream.formats.files import ModelError, name_some, read_metadata, read_weights, save_safetensors
 from minidream.models.stable_diffusion import FAMILIES
 from minidream.models.tokenizer import vector_names
-from minidream.models.new_token import learned_tokens, set_table, with_rows
+from minidream.models.new_token import learned_tokens, set_table, token_tables, with_rows
 
 
 # the keys of a learned-token file for a family whose encoders each have one (SDXL: clip_l, clip_g), and with T5's
@@ -95,9 +95,9 @@ def add_embedding(model, file: Path, token: str | None = None, allow_pickle: boo
         te.embeddings.token_embedding = grown
         te.config = replace(te.config, vocab_size=grown.num_embeddings)
     if t5_rows is not None:  # at the ids T5's tokenizer gives the token (its table's spare rows first)
-        t5, first = model.text_encoder_3, len(model.tokenizer_3)
+        t5, first = next(t for t in token_tables(model) if t.name == "text_encoder_3"), len(model.tokenizer_3)
         model.tokenizer_3.add_vectors(token, len(t5_rows))
-        set_table(t5, "shared", t5, with_rows(t5.shared.weight.detach(), first, t5_rows.to(t5.shared.weight)))
+        set_table(t5, with_rows(t5.table.weight.detach(), first, t5_rows.to(t5.table.weight)))
     return tokens
 
 

@@ -5,6 +5,7 @@ SD3's and Flux's T5 can learn the token too (diffusers' advanced scripts' --enab
 its vocabulary (32128 for 32100 pieces), and the new token takes the first of them, as transformers gives it.
 """
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -43,12 +44,26 @@ def with_rows(table: torch.Tensor, first: int, rows: torch.Tensor) -> torch.Tens
     return torch.cat([table[:first], rows, table[first + len(rows):]])
 
 
-def token_tables(model, t5: bool = True) -> list[tuple[str, object, nn.Module, str]]:
-    """(name, tokenizer, module, attribute) of each token table a new token can have a row in: every CLIP's
-    (`embeddings.token_embedding`), and T5's (`shared`) with `t5` where the model has one."""
-    tables = [(name, tok, te.embeddings, "token_embedding") for name, tok, te in model.text_encoders()]
+class TokenTable(NamedTuple):
+    """A token table a new token can have a row in: the text encoder's name, its tokenizer, the encoder (whose
+    config says the table's size) and where the table sits (`getattr(owner, attr)`)."""
+    name: str
+    tokenizer: object
+    encoder: nn.Module
+    owner: nn.Module
+    attr: str
+
+    @property
+    def table(self) -> nn.Module:
+        return getattr(self.owner, self.attr)
+
+
+def token_tables(model, t5: bool = True) -> list[TokenTable]:
+    """Every CLIP's table (`embeddings.token_embedding`), and T5's (`shared`) with `t5` where the model has one."""
+    tables = [TokenTable(name, tok, te, te.embeddings, "token_embedding") for name, tok, te in model.text_encoders()]
     if t5 and isinstance(getattr(model, "text_encoder_3", None), nn.Module) and hasattr(model.text_encoder_3, "shared"):
-        tables.append(("text_encoder_3", model.tokenizer_3, model.text_encoder_3, "shared"))
+        tables.append(TokenTable("text_encoder_3", model.tokenizer_3, model.text_encoder_3, model.text_encoder_3,
+                                 "shared"))
     return tables
 
 
@@ -58,35 +73,32 @@ def add_token(model, token: str, init_word: str, vectors: int = 1, t5: bool = Fa
     is `token`, `token_1`, … `token_{n-1}`, which a prompt's `token` stands for all together (diffusers' convention;
     A1111 keeps the n rows under one name, which its prompts' name stands for too), each row starting from the same
     init, as diffusers' textual-inversion script starts them."""
-    for _, tok, owner, attr in token_tables(model, t5):
-        emb = getattr(owner, attr)
+    for t in token_tables(model, t5):
+        emb, tok = t.table, t.tokenizer
         init = emb.weight[tok.encode(init_word)].mean(0, keepdim=True)
         first = len(tok)  # the id the tokenizer gives the new token
         tok.add_vectors(token, vectors)
-        setattr(owner, attr, TokenEmbedding(emb, init.expand(vectors, -1), token, first))
+        setattr(t.owner, t.attr, TokenEmbedding(emb, init.expand(vectors, -1), token, first))
 
 
 def learned_tokens(model) -> dict[str, TokenEmbedding]:
     """The learned-token tables by text encoder name (empty when no token was added)."""
-    return {name: getattr(owner, attr) for name, _, owner, attr in token_tables(model)
-            if isinstance(getattr(owner, attr), TokenEmbedding)}
+    return {t.name: t.table for t in token_tables(model) if isinstance(t.table, TokenEmbedding)}
 
 
-def set_table(owner: nn.Module, attr: str, config_owner: nn.Module, weight: torch.Tensor):
-    """A plain, frozen nn.Embedding of `weight` in place of `owner.attr`, its encoder's config saying its size."""
+def set_table(t: TokenTable, weight: torch.Tensor):
+    """A plain, frozen nn.Embedding of `weight` in the table's place, its encoder's config saying its size."""
     plain = nn.Embedding(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
     plain.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-    setattr(owner, attr, plain)
-    config_owner.config = replace(config_owner.config, vocab_size=weight.shape[0])
+    setattr(t.owner, t.attr, plain)
+    t.encoder.config = replace(t.encoder.config, vocab_size=weight.shape[0])
 
 
 def make_plain(model) -> None:
     """Turn each TokenEmbedding back into a plain nn.Embedding (for export and comparison)."""
-    encoders = {name: te for name, _, te in model.text_encoders()}
-    for name, _, owner, attr in token_tables(model):
-        emb = getattr(owner, attr)
-        if isinstance(emb, TokenEmbedding):
-            set_table(owner, attr, encoders.get(name, owner), emb.weight.detach())
+    for t in token_tables(model):
+        if isinstance(t.table, TokenEmbedding):
+            set_table(t, t.table.weight.detach())
 
 
 def base_rows(model) -> dict[str, tuple[int, torch.Tensor]]:
@@ -98,9 +110,8 @@ def base_rows(model) -> dict[str, tuple[int, torch.Tensor]]:
 def cut_to(model, rows: dict[str, tuple[int, torch.Tensor]]) -> None:
     """Each named (plain) token table back to the base's (`base_rows`): the base model's vocabulary, the learned
     tokens written elsewhere (a single file for A1111/ComfyUI loads with the base's config)."""
-    encoders = {name: te for name, _, te in model.text_encoders()}
-    for name, _, owner, attr in token_tables(model):
-        if name in rows:
-            first, tail = rows[name]
-            table = getattr(owner, attr).weight.detach()
-            set_table(owner, attr, encoders.get(name, owner), torch.cat([table[:first], tail.to(table)]))
+    for t in token_tables(model):
+        if t.name in rows:
+            first, tail = rows[t.name]
+            table = t.table.weight.detach()
+            set_table(t, torch.cat([table[:first], tail.to(table)]))

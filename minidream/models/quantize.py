@@ -69,16 +69,15 @@ class Format:
     help: str
     quantize: Callable[[torch.Tensor], dict[str, torch.Tensor]]
     dense: Callable[..., torch.Tensor]  # (stored tensors, dtype, the weight's shape) -> the weight
-    bits: int
     package: str | None = None  # the optional package it needs (an extra of ours)
 
 
 FORMATS = {
-    "fp8": Format("float8 e4m3, a scale per row (torch alone)", fp8_rows, fp8_dense, 8),
-    "int8": Format("int8, an absmax per row (bitsandbytes, the [bnb] extra)", int8_rows, int8_dense, 8,
+    "fp8": Format("float8 e4m3, a scale per row (torch alone)", fp8_rows, fp8_dense),
+    "int8": Format("int8, an absmax per row (bitsandbytes, the [bnb] extra)", int8_rows, int8_dense,
                    "bitsandbytes"),
     "nf4": Format("4-bit NormalFloat, an absmax per 64 weights, QLoRA's format (bitsandbytes, the [bnb] extra)",
-                  nf4_blocks, nf4_dense, 4, "bitsandbytes"),
+                  nf4_blocks, nf4_dense, "bitsandbytes"),
 }
 
 
@@ -121,9 +120,12 @@ class QuantizedLinear(nn.Linear):
             self.register_buffer(name, t)
         self.bias = base.bias
 
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The tensors the format keeps (what the layer's weight takes in memory)."""
+        return {name: getattr(self, name) for name in self.kept if hasattr(self, name)}
+
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        stored = {name: getattr(self, name) for name in self.kept if hasattr(self, name)}
-        return FORMATS[self.fmt].dense(stored, dtype, torch.Size((self.out_features, self.in_features)))
+        return FORMATS[self.fmt].dense(self.stored(), dtype, torch.Size((self.out_features, self.in_features)))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -156,7 +158,7 @@ def quantize_frozen(networks: list[nn.Module], fmt: str) -> tuple[int, int]:
             if type(m) is nn.Linear and not any(p.requires_grad for p in m.parameters()):
                 q = QuantizedLinear(m, fmt)
                 before += m.weight.numel() * m.weight.element_size()
-                after += sum(getattr(q, k).numel() * getattr(q, k).element_size() for k in q.kept if hasattr(q, k))
+                after += sum(t.numel() * t.element_size() for t in q.stored().values())
                 parent, _, child = name.rpartition(".")
                 setattr(net.get_submodule(parent) if parent else net, child, q)
     return before, after

@@ -138,7 +138,7 @@ class TextConditioning:
         self.model, self.cfg, self.base, self.every = model, cfg, list(dict.fromkeys(prompts)), list(every)
         self.te_params = [p for _, p in trainable.text_encoder]
         self.token_trains = bool(trainable.token)
-        self.t5_learns = any(name.startswith("text_encoder_3.") for name, _ in trainable.token)  # --train-token-t5
+        self.t5_learns = trainable.t5_row
         self.fixed = {}
         if not self.frozen and model.text_encoder_3 is not None and not isinstance(model.text_encoder_3, RowMemo) \
                 and not self.t5_learns:

@@ -14,8 +14,6 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
 from minidream.formats.files import write_text
 from minidream.options import text
 from minidream.models.stable_diffusion import StableDiffusion
@@ -191,7 +189,7 @@ def check_prompts(model: StableDiffusion, cfg: TrainConfig, concepts: list, inst
     tokenizer, t5 = model.tokenizer, None
     if cfg.train_token:  # the prompts as they will be read: the new token (and its --token-vectors) counted
         tokenizer = copy.deepcopy(tokenizer)
-        t5 = T5Tokenizer(Tokenizer.from_str(model.tokenizer_3.tok.to_str())) if cfg.train_token_t5 else None
+        t5 = copy.deepcopy(model.tokenizer_3) if cfg.train_token_t5 else None
         for tok in filter(None, (tokenizer, t5)):
             try:
                 tok.add_vectors(cfg.token, cfg.token_vectors)

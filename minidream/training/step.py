@@ -243,7 +243,7 @@ def networks_in_step(model: StableDiffusion, trainable) -> list[torch.nn.Module]
     nets = [model.denoiser]
     if trainable.text_encoder or trainable.token:
         nets += [te for _, _, te in model.text_encoders()]
-    if any(name.startswith("text_encoder_3.") for name, _ in trainable.token):
+    if trainable.t5_row:
         nets.append(model.text_encoder_3)
     return nets
 

@@ -137,6 +137,11 @@ class Trainable:
     def params(self) -> list[nn.Parameter]:
         return [p for _, p in self.named()]
 
+    @property
+    def t5_row(self) -> bool:
+        """The new token has a row in T5 that trains (--train-token-t5)."""
+        return any(name.startswith("text_encoder_3.") for name, _ in self.token)
+
 
 def select_trainable(model: StableDiffusion, mode: str, adapters: Adapters = Adapters(),
                      train_text_encoder: bool = False, token: str | None = None, init_word: str | None = None,
