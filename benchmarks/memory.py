@@ -36,6 +36,40 @@ RECIPES = {
     "diffusers lora, --gradient_checkpointing": ("diffusers", "lora", {"gradient_checkpointing": True}),
 }
 
+# Flux.1 [dev] at its real width on a proxy of 2 double and 4 single blocks (of 19 and 38:
+# benchmarks/diffusers_flux.py), stored in bf16 as the released files are: the LoRA recipes a 24 GB card runs, and
+# diffusers' script at its defaults
+FLUX_RECIPES = {
+    "ours lora, bf16 + checkpointing": ("ours", "lora", {"mixed_precision": "bf16", "gradient_checkpointing": True}),
+    **{f"ours lora, bf16 + checkpointing, {fmt} base": (
+        "ours", "lora", {"mixed_precision": "bf16", "gradient_checkpointing": True, "quantize_base": fmt})
+       for fmt in ("fp8", "int8", "nf4")},
+    "diffusers lora": ("diffusers", "lora", {}),
+}
+# the row each preset's others are measured against: diffusers' default step
+REFERENCE = {"flux-dev": "diffusers lora"}
+
+
+def recipes_of(preset: str) -> dict:
+    return FLUX_RECIPES if preset == "flux-dev" else RECIPES
+
+
+def model_folder(preset: str, folder: str):
+    """The preset's random model, written in the diffusers layout (Flux: in bf16, as Black Forest Labs ships it)."""
+    if preset == "flux-dev":
+        from safetensors.torch import load_file, save_file
+        import torch
+        from .diffusers_flux import make_folder
+        make_folder(folder, layers=2)
+        for f in Path(folder).glob("*/*.safetensors"):
+            save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(f))
+        return
+    from .sd import PROMPTS
+    from minidream.formats.diffusers_layout import save_pretrained
+    from minidream.models.stable_diffusion import random_model
+    from minidream.models.tokenizer import train_bpe
+    save_pretrained(random_model(preset, tokenizer=train_bpe(PROMPTS * 4, 300), seed=0), folder)
+
 
 # what a preset's file lacks, and why
 NOTES = {"sdxl": "; diffusers' rows are train_dreambooth_lora_sdxl.py's step (benchmarks/diffusers_sdxl.py): diffusers "
@@ -46,11 +80,13 @@ NOTES = {"sdxl": "; diffusers' rows are train_dreambooth_lora_sdxl.py's step (be
 
 def child(recipe: str, folder: str, res: int, steps: int):
     import torch
-    from . import cpu, diffusers_sdxl, step as trainer_step
-    side, mode, settings = RECIPES[recipe]
+    from . import cpu, diffusers_flux, diffusers_sdxl, step as trainer_step
+    side, mode, settings = {**RECIPES, **FLUX_RECIPES}[recipe]
     torch.manual_seed(0)
     if side == "ours":
         step = trainer_step.ours(folder, mode, "cpu", res, cache_latents=False, **settings)
+    elif diffusers_flux.is_flux(folder):
+        step = diffusers_flux.lora_step(folder, mode, res)
     elif diffusers_sdxl.is_sdxl(folder):
         step = diffusers_sdxl.lora_step(folder, mode, res, **settings)
     else:
@@ -78,23 +114,20 @@ def run(preset: str = "sd15", res: int = 256, steps: int = 2, recipes=None, out=
     import torch
     from .common import RESULTS, environment
     from .cpu import cpu_name
-    from .sd import PROMPTS
-    from minidream.formats.diffusers_layout import save_pretrained
-    from minidream.models.stable_diffusion import random_model
-    from minidream.models.tokenizer import train_bpe
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        save_pretrained(random_model(preset, tokenizer=train_bpe(PROMPTS * 4, 300), seed=0), d)
-        for name in recipes or RECIPES:
+        model_folder(preset, d)
+        for name in recipes or recipes_of(preset):
             if RECIPES[name][0] == "diffusers" and RECIPES[name][1] != "lora" and preset in ("sdxl", "tiny-xl"):
                 print(f"{name}: skipped (diffusers' SDXL DreamBooth script trains LoRA only)", file=sys.stderr)
                 continue
             got = run_child(name, d, res, steps)
-            side, mode, settings = RECIPES[name]
+            side, mode, settings = recipes_of(preset)[name]
             rows.append({"recipe": name, "side": side, "mode": mode, "settings": settings, **got})
             print(f"{name}: peak RSS {got['peak_rss'] / 2 ** 30:.2f} GiB ({got['step_s']:.1f} s/step)",
                   file=sys.stderr)
-    base = next((r["peak_rss"] for r in rows if r["recipe"] == "diffusers unet"), None)  # (SDXL: none)
+    reference = REFERENCE.get(preset, "diffusers unet")
+    base = next((r["peak_rss"] for r in rows if r["recipe"] == reference), None)  # (SDXL: none)
     for r in rows:
         r["vs_diffusers_unet"] = r["peak_rss"] / base if base else None
     env = environment("cpu")
@@ -118,9 +151,10 @@ def run(preset: str = "sd15", res: int = 256, steps: int = 2, recipes=None, out=
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks memory", description=__doc__.split("\n")[0])
-    ap.add_argument("--child", choices=list(RECIPES))
+    ap.add_argument("--child", choices=[*RECIPES, *FLUX_RECIPES])
     ap.add_argument("--folder")
-    ap.add_argument("--preset", default="sd15", choices=["sd15", "sd21", "sdxl", "tiny", "tiny-xl"])
+    ap.add_argument("--preset", default="sd15", choices=["sd15", "sd21", "sdxl", "tiny", "tiny-xl", "flux-dev"],
+                    help="flux-dev: Flux.1 [dev]'s width, 2 double and 4 single blocks, bf16 files, its own recipes")
     ap.add_argument("--res", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2, help="steps per recipe (the optimizer state exists after one)")
     ap.add_argument("--only", default="", help="comma-separated: the recipes whose name contains one of these")
@@ -131,13 +165,15 @@ def main(argv=None):
     if a.child:
         return child(a.child, a.folder, a.res, a.steps)
     wanted = [w for w in a.only.split(",") if w]
-    chosen = [r for r in RECIPES if not wanted or any(w in r for w in wanted)]
+    table = recipes_of(a.preset)
+    chosen = [r for r in table if not wanted or any(w in r for w in wanted)]
     if a.whole:
         from . import whole_run
         from .common import RESULTS
-        ours = {r: RECIPES[r][1:] for r in chosen if RECIPES[r][0] == "ours"}
+        ours = {r: table[r][1:] for r in chosen if table[r][0] == "ours"}
         return whole_run.run(a.preset, a.res, a.steps, ours, a.out,
-                             Path(a.out or RESULTS) / f"memory-cpu-{a.preset}-{a.res}.json")
+                             Path(a.out or RESULTS) / f"memory-cpu-{a.preset}-{a.res}.json",
+                             REFERENCE.get(a.preset, "diffusers unet"))
     run(a.preset, a.res, a.steps, chosen, a.out)
 
 

@@ -88,21 +88,19 @@ def whole_run(mode: str, settings: dict, folder: str, res: int, steps: int) -> d
         return got
 
 
-def run(preset: str, res: int, steps: int, recipes: dict, out=None, step_rows: Path | None = None) -> Path:
+def run(preset: str, res: int, steps: int, recipes: dict, out=None, step_rows: Path | None = None,
+        reference: str = "diffusers unet") -> Path:
     """Each recipe's whole command in its own child; written beside the step-only peaks of the same recipes (the
-    step file `step_rows`, when it exists) and diffusers' default step's."""
+    step file `step_rows`, when it exists) and diffusers' default step's (its row `reference`)."""
     import torch
     from .common import RESULTS, environment
     from .cpu import cpu_name
-    from .sd import PROMPTS
-    from minidream.formats.diffusers_layout import save_pretrained
-    from minidream.models.stable_diffusion import random_model
-    from minidream.models.tokenizer import train_bpe
+    from .memory import model_folder
     steps_file = json.loads(step_rows.read_text()) if step_rows and step_rows.exists() else {"results": []}
     step_peak = {r["recipe"]: r["peak_rss"] for r in steps_file["results"]}
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        save_pretrained(random_model(preset, tokenizer=train_bpe(PROMPTS * 4, 300), seed=0), d)
+        model_folder(preset, d)
         for name, (mode, settings) in recipes.items():
             cmd = [sys.executable, "-m", "benchmarks.whole_run", mode, json.dumps(settings), d, str(res), str(steps)]
             r = subprocess.run(cmd, capture_output=True, text=True)
@@ -111,7 +109,7 @@ def run(preset: str, res: int, steps: int, recipes: dict, out=None, step_rows: P
             got = json.loads(r.stdout.strip().splitlines()[-1])
             rows.append({"recipe": name, "mode": mode, "settings": settings, **got,
                          "step_peak_rss": step_peak.get(name), "diffusers_default_step_peak_rss":
-                         step_peak.get("diffusers unet")})
+                         step_peak.get(reference)})
             print(f"{name}: whole run {got['peak_rss'] / 2 ** 30:.2f} GiB; by phase " + ", ".join(
                 f"{k} {v / 2 ** 30:.2f}" for k, v in got["phase_peak_rss"].items()), file=sys.stderr)
     env = environment("cpu")

@@ -6,9 +6,12 @@ Models are built on the `meta` device and take the memory-mapped safetensors ten
 parameters (`assign=True`): no random init, no second copy in RAM. Only safetensors load unless
 the caller passes allow_pickle=True (then `torch.load(weights_only=True)`, which refuses code).
 """
+import ctypes
 import json
+import mmap
 import os
 import re
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -132,6 +135,39 @@ def read_shards(index: Path) -> dict[str, torch.Tensor]:
     if missing:
         raise ModelError(f"{index}: {name_some(missing)} not in the shard it names; download it again")
     return sd
+
+
+def mapped_files() -> list[tuple[int, int]]:
+    """The address ranges where this process maps a safetensors file (/proc/self/maps: Linux)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].endswith(".safetensors"):
+            start, end = fields[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def give_back_pages(tensors: list[torch.Tensor]):
+    """The pages of the file a memory-mapped tensor was read from, handed back to the kernel now (madvise
+    MADV_DONTNEED) rather than when the whole file's mapping goes: a layer quantized or cast as it loads keeps its
+    new copy only. Only ranges inside a mapped safetensors file are touched, whose pages are the file's, clean and
+    read-only: a later read of them (nothing should) faults them in again from the file, never zeros."""
+    if sys.platform != "linux" or not tensors:
+        return
+    files, page = mapped_files(), mmap.PAGESIZE
+    for t in tensors:
+        lo = t.data_ptr()
+        hi = lo + t.numel() * t.element_size()
+        if t.device.type != "cpu" or not any(a <= lo and hi <= b for a, b in files):
+            continue
+        start, end = -(-lo // page) * page, hi // page * page  # whole pages only: a neighbour keeps its edges
+        if end > start:
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
 
 
 def read_json(file: Path) -> dict:

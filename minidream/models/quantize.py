@@ -29,9 +29,15 @@ def fp8_rows(w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"qweight": q.view(torch.uint8), "scale": scale}  # kept as bytes: a module.to(dtype) cannot widen them
 
 
+def scaled(stored: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """stored × scale per row in `dtype`, with one allocation: the stored values convert exactly (e4m3 and int8 fit in
+    bf16 and fp16), and the in-place product is computed in fp32 and rounded once (a small row's scale in fp16 would
+    sink into its subnormals); no fp32 copy of the weight is made."""
+    return stored.to(dtype).mul_(scale[:, None])
+
+
 def fp8_dense(q: dict[str, torch.Tensor], dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-    # the product in fp32, then one rounding: a small row's scale in fp16 would sink into its subnormals
-    return (q["qweight"].view(FP8).float() * q["scale"][:, None]).to(dtype)
+    return scaled(q["qweight"].view(FP8), q["scale"], dtype)
 
 
 def bnb_functional():
@@ -48,7 +54,7 @@ def int8_rows(w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def int8_dense(q: dict[str, torch.Tensor], dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-    return (q["qweight"].float() * (q["scale"] / 127)[:, None]).to(dtype)
+    return scaled(q["qweight"], q["scale"] / 127, dtype)
 
 
 def nf4_blocks(w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -60,8 +66,9 @@ def nf4_blocks(w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def nf4_dense(q: dict[str, torch.Tensor], dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
     bnb = bnb_functional()
-    state = bnb.QuantState(q["scale"], shape=shape, code=q["code"], blocksize=64, quant_type="nf4", dtype=torch.float32)
-    return bnb.dequantize_4bit(q["qweight"], state).to(dtype)
+    # straight to `dtype` (the same values as through fp32: each is a level times its block's absmax, rounded once)
+    state = bnb.QuantState(q["scale"], shape=shape, code=q["code"], blocksize=64, quant_type="nf4", dtype=dtype)
+    return bnb.dequantize_4bit(q["qweight"], state)
 
 
 @dataclass(frozen=True)
@@ -149,9 +156,11 @@ class QuantizedLinear(nn.Linear):
                f"{self.fmt}"
 
 
-def quantize_frozen(networks: list[nn.Module], fmt: str) -> tuple[int, int]:
+def quantize_frozen(networks: list[nn.Module], fmt: str,
+                    replaced: Callable[[torch.Tensor], None] | None = None) -> tuple[int, int]:
     """Every frozen nn.Linear of these networks (the base layers inside LoRA adapters among them) replaced by a
-    QuantizedLinear; returns the bytes of their weights before and after."""
+    QuantizedLinear; returns the bytes of their weights before and after. `replaced` is handed each dense weight
+    once its layer is quantized (the loader gives back the file's pages it was read from)."""
     before = after = 0
     for net in networks:
         for name, m in list(net.named_modules()):
@@ -161,4 +170,6 @@ def quantize_frozen(networks: list[nn.Module], fmt: str) -> tuple[int, int]:
                 after += sum(t.numel() * t.element_size() for t in q.stored().values())
                 parent, _, child = name.rpartition(".")
                 setattr(net.get_submodule(parent) if parent else net, child, q)
+                if replaced is not None:
+                    replaced(m.weight)
     return before, after

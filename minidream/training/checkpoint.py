@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from minidream.formats.files import save_safetensors
+from minidream.formats.files import give_back_pages, save_safetensors
 from minidream.training import TrainError, continue_with
 from minidream.training.config import OPTIONS, TrainConfig, flag
 from minidream.training.resume_settings import SETTINGS_VERSION, resumed_config, short, stored_config
@@ -26,9 +26,12 @@ def base_fingerprint(model) -> str:
     parts = []
     for net in model.networks():
         parts.append(repr(getattr(net, "config", type(net).__name__)))
-        for name, p in net.state_dict().items():
+        state = net.state_dict()
+        for name, p in state.items():
             x = p.detach().flatten()
             parts.append(f"{name}:{float(x[::max(1, x.numel() // 64)].double().sum()):.10e}")
+        give_back_pages(list(state.values()))  # a read sample maps its neighbours too: a memory-mapped base
+        # would be mostly in memory after it, before the run has chosen what to hold (training/holding.py)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

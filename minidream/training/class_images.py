@@ -23,8 +23,8 @@ from minidream.training.runtime import Runtime, autocast, class_precision
 def make_class_images(model: StableDiffusion, cfg, concept, rt: Runtime, k: int = 0,
                       sizes: list[tuple[int, int]] | None = None):
     """Top up the concept's class dir to its number of class images of its class prompt, drawn by the base model
-    (under autocast in --class-precision: the weights stay fp32). Existing images are kept, so an interrupted
-    generation resumes where it stopped. Image i starts from noise seeded by i alone (and --seed, and the
+    (under autocast in --class-precision; a base held in half precision: in that). Existing images are kept, so an
+    interrupted generation resumes where it stopped. Image i starts from noise seeded by i alone (and --seed, and the
     concept's index), so the set does not depend on the batch size or on how many processes share the work.
     With buckets, image i is drawn at sizes[i % len(sizes)] (the shapes of the concept's instance images)."""
     class_dir, prompt, wanted, group = concept.class_dir, concept.class_prompt, concept.num_class_images, rt.group
@@ -38,6 +38,9 @@ def make_class_images(model: StableDiffusion, cfg, concept, rt: Runtime, k: int 
         return
     mine = free[group.rank::group.size]
     precision = class_precision(cfg, rt.device, model.family.bf16_only)
+    held = next(model.denoiser.parameters()).dtype  # a LoRA run's frozen base may be held in half already
+    if precision == "fp32" and held != torch.float32:  # (training/holding.py): it draws in that
+        precision = next(name for name, dtype in DTYPES.items() if dtype == held)
     params = cfg.class_sampling.for_model(model)  # left out: the steps and guidance of the family's pipeline
     guided = params.true_cfg > 1 if model.family.distilled_guidance else params.guidance > 1  # two passes a step
     calls = params.steps * (2 if guided else 1)

@@ -18,7 +18,8 @@ from minidream.training.dataset import TrainingData, buckets
 from minidream.training.concepts_file import with_folder_names
 from minidream.training.config import (OPTIONS, TrainConfig, absolute_paths, combinations, flag, validate,
                                        validate_resolution)
-from minidream.training.export import export as export_trained, load_base
+from minidream.training.export import base_for_exports, export as export_trained, load_base
+from minidream.training.holding import hold
 from minidream.training.loop import loop, phase
 from minidream.training.resume_settings import short
 from minidream.training.report import REPORT_TO, curves
@@ -43,7 +44,7 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
         if start is not None:
             cfg, rt = resumed_settings(cfg, start, given, rt)
         torch.manual_seed(cfg.seed)
-        model = load_base(cfg)
+        model = load_base(cfg, dtype=None)  # as stored, memory-mapped: `hold` reads it into the run's form
         base = base_fingerprint(model)
         if start is not None and start.base not in (None, base):  # the checkpoint's base: a moved one is the same
             files = [f"{flag(k)} {short(getattr(cfg, k))}" for k in ("model", "text_encoders", "vae", "config")
@@ -51,6 +52,7 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
             raise TrainError(f"{', '.join(files)}: not the base model this run trained on (its weights or "
                              f"architecture differ); give the run's own files")
         cfg = check_against_model(cfg, model)
+        model = hold(model, cfg, rt.precision, rt.main)
         data = TrainingData(cfg, out, model, overwrite and not resume)  # the photos, captions, buckets: checked
         processes = start.processes if start else rt.group.size  # the count the run's --batch-size is for
         cfg = steps_of_epochs(cfg, data, processes, start)
@@ -236,5 +238,5 @@ def family_options(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
 
 
 def export(cfg: TrainConfig, trained: dict[str, torch.Tensor]) -> list[Path]:
-    """The exports, from a fresh fp32 base with the trained tensors written in."""
-    return export_trained(load_base(cfg, whole=True), trained, cfg, Path(cfg.out))
+    """The exports, from a fresh base with the trained tensors written in."""
+    return export_trained(base_for_exports(cfg), trained, cfg, Path(cfg.out))

@@ -22,12 +22,13 @@ from minidream.training.config import TrainConfig
 from minidream.training.trainable import select_trainable
 
 
-def load_base(cfg: TrainConfig, whole: bool = False) -> StableDiffusion:
-    """The base model in fp32 (master weights, whatever the file stores), with the run's loader options and clip
-    skip; `whole`: with SD3's T5 even after --no-t5 where the base has one (an export writes it untouched)."""
+def load_base(cfg: TrainConfig, whole: bool = False, dtype: torch.dtype | None = torch.float32) -> StableDiffusion:
+    """The base model in `dtype` (fp32: master weights, whatever the file stores; None: as stored, memory-mapped,
+    nothing read until used), with the run's loader options and clip skip; `whole`: with SD3's T5 even after
+    --no-t5 where the base has one (an export writes it untouched)."""
     def loaded(t5: bool):
         return load(cfg.model, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle,
-                    dtype=torch.float32, tokenizer=cfg.tokenizer, preset=cfg.preset, config=cfg.config, t5=t5,
+                    dtype=dtype, tokenizer=cfg.tokenizer, preset=cfg.preset, config=cfg.config, t5=t5,
                     text_encoders=cfg.text_encoders, vae=cfg.vae)
     try:
         try:
@@ -40,6 +41,13 @@ def load_base(cfg: TrainConfig, whole: bool = False) -> StableDiffusion:
         return with_t5_length(with_clip_skip(model, cfg.clip_skip), cfg.max_sequence_length)
     except Exception as e:
         raise TrainError(str(e)) from None
+
+
+def base_for_exports(cfg: TrainConfig) -> StableDiffusion:
+    """The base the exports start from: in fp32 when one writes a whole model (adapters are merged into fp32
+    weights); else as stored, memory-mapped, since an adapter or token file reads no base weight."""
+    whole = any(exports.EXPORTERS[f].plain for f in cfg.save_as)
+    return load_base(cfg, whole=True, dtype=torch.float32 if whole else None)
 
 
 def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg: TrainConfig) -> StableDiffusion:
@@ -55,7 +63,7 @@ def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg: T
         t = trained[name]
         if t.shape != p.shape:
             raise RuntimeError(f"trained tensor {name} is {tuple(t.shape)}, the run's selection {tuple(p.shape)}")
-        p.data = t.detach().to(p.device, p.dtype)
+        p.data = t.detach().to(p.device)  # in fp32 (masters), whatever the base was read in
     return base
 
 
@@ -118,7 +126,7 @@ def snapshot(cfg: TrainConfig, trained: dict[str, torch.Tensor], step: int) -> P
     tmp.mkdir(parents=True)
     try:
         with torch.random.fork_rng(devices=[]):  # building the base draws initial weights: keep the run's RNG
-            export(load_base(cfg, whole=True), trained, cfg, tmp, step)
+            export(base_for_exports(cfg), trained, cfg, tmp, step)
         if folder.exists():  # a resumed run redoing this step writes it again (the same tensors)
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -203,9 +203,9 @@ def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[l
     run; otherwise a frozen part that no later phase reads (no validation grid or loss) is released."""
     cfg = family_defaults(cfg, model.family)  # (the CLI's run has them already: dreambooth.family_options)
     state = TrainState.create(cfg, model, rt.device, rt.group.size)
-    if cfg.quantize_base:  # the frozen linears in fewer bits, quantized from the weights as loaded
+    if cfg.quantize_base:  # the frozen linears in fewer bits (what the load did not quantize: training/holding.py)
         before, after = quantize_frozen(networks_in_step(model, state.trainable), cfg.quantize_base)
-        if rt.main:
+        if rt.main and before:
             print(f"--quantize-base {cfg.quantize_base}: the frozen linear weights the step runs, "
                   f"{before / 2 ** 20:,.1f} MiB as loaded -> {after / 2 ** 20:,.1f} MiB", file=sys.stderr)
     if rt.precision is not None:  # frozen weights in half precision; what trains keeps its exact fp32 values

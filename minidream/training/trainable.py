@@ -20,6 +20,7 @@ from minidream.models import lora
 from minidream.models.lora import AdapterSpec, TargetSet, ending
 from minidream.models.stable_diffusion import FAMILIES, StableDiffusion, t5_dtype
 from minidream.models.new_token import add_token, learned_tokens
+from minidream.models.quantize import QuantizedLinear
 from minidream.training import TrainError
 
 
@@ -177,9 +178,15 @@ def print_summary(trainable: Trainable, model: StableDiffusion):
     print(f"{'component':<14}{'trainable':>14}{'of':>16}{'tensors':>9}", file=sys.stderr)
     for name, params in trainable.groups().items():
         n = sum(p.numel() for _, p in params)
-        of = sum(p.numel() for m in total[name] for p in m.parameters())
+        of = sum(weights(m) for m in total[name])
         label = model.family.denoiser if name == "unet" else name  # the UNet's group is any denoiser's
         print(f"{label:<14}{n:>14,}{of:>16,}{len(params):>9}", file=sys.stderr)
+
+
+def weights(net: nn.Module) -> int:
+    """The network's weight count: its parameters, and the weights its quantized layers keep as buffers."""
+    quantized = sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, QuantizedLinear))
+    return sum(p.numel() for p in net.parameters()) + quantized
 
 
 def cast_frozen(model: StableDiffusion, dtype: torch.dtype):
