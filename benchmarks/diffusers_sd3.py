@@ -16,6 +16,10 @@ from minidream.formats.sd3_layout import is_sd3
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                    pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm")
+# SD3.5 Large's (width 2432, 38 heads of 64, qk-norm, no attn2): the memory benchmark's proxy, at a few of its 38
+SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                  pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm")
 
 
 def is_model(folder: str) -> bool:
@@ -23,17 +27,18 @@ def is_model(folder: str) -> bool:
     return is_sd3(folder)
 
 
-def make_folder(folder: str, layers: int = 4, seed: int = 0):
-    """A random SD3.5 Medium-width pipeline with `layers` blocks (the first half with attn2), its VAE, CLIP-L and
-    CLIP-G at their real sizes and no T5, written by diffusers' save_pretrained."""
+def make_folder(folder: str, layers: int = 4, seed: int = 0, large: bool = False):
+    """A random SD3.5 Medium-width pipeline with `layers` blocks (the first half with attn2; `large`: SD3.5 Large's
+    width, no attn2), its VAE, CLIP-L and CLIP-G at their real sizes and no T5, written by diffusers'
+    save_pretrained."""
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
     from minidream.models.tokenizer import train_bpe
     from .sd import PROMPTS
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(**SD35_MEDIUM, num_layers=layers,
-                                        dual_attention_layers=tuple(range(layers // 2)))
+    transformer = SD3Transformer2DModel(**SD35_LARGE, num_layers=layers) if large else SD3Transformer2DModel(
+        **SD35_MEDIUM, num_layers=layers, dual_attention_layers=tuple(range(layers // 2)))
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=16, layers_per_block=2,
                         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                         use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)

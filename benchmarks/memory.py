@@ -46,21 +46,27 @@ FLUX_RECIPES = {
        for fmt in ("fp8", "int8", "nf4")},
     "diffusers lora": ("diffusers", "lora", {}),
 }
+# SD3.5 Large the same way: its width at 6 of its 38 blocks (benchmarks/diffusers_sd3.py; CLIP-L and -G, no T5,
+# as that module's reference step), bf16 files; diffusers' side is train_dreambooth_lora_sd3.py's step
+LARGE_PROXIES = ("flux-dev", "sd35-large")
 # the row each preset's others are measured against: diffusers' default step
-REFERENCE = {"flux-dev": "diffusers lora"}
+REFERENCE = {"flux-dev": "diffusers lora", "sd35-large": "diffusers lora"}
 
 
 def recipes_of(preset: str) -> dict:
-    return FLUX_RECIPES if preset == "flux-dev" else RECIPES
+    return FLUX_RECIPES if preset in LARGE_PROXIES else RECIPES
 
 
 def model_folder(preset: str, folder: str):
-    """The preset's random model, written in the diffusers layout (Flux: in bf16, as Black Forest Labs ships it)."""
-    if preset == "flux-dev":
+    """The preset's random model, written in the diffusers layout (the large models in bf16, as they ship)."""
+    if preset in LARGE_PROXIES:
         from safetensors.torch import load_file, save_file
         import torch
-        from .diffusers_flux import make_folder
-        make_folder(folder, layers=2)
+        from . import diffusers_flux, diffusers_sd3
+        if preset == "flux-dev":
+            diffusers_flux.make_folder(folder, layers=2)
+        else:
+            diffusers_sd3.make_folder(folder, layers=6, large=True)
         for f in Path(folder).glob("*/*.safetensors"):
             save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(f))
         return
@@ -80,13 +86,15 @@ NOTES = {"sdxl": "; diffusers' rows are train_dreambooth_lora_sdxl.py's step (be
 
 def child(recipe: str, folder: str, res: int, steps: int):
     import torch
-    from . import cpu, diffusers_flux, diffusers_sdxl, step as trainer_step
+    from . import cpu, diffusers_flux, diffusers_sd3, diffusers_sdxl, step as trainer_step
     side, mode, settings = {**RECIPES, **FLUX_RECIPES}[recipe]
     torch.manual_seed(0)
     if side == "ours":
         step = trainer_step.ours(folder, mode, "cpu", res, cache_latents=False, **settings)
     elif diffusers_flux.is_flux(folder):
         step = diffusers_flux.lora_step(folder, mode, res)
+    elif diffusers_sd3.is_sd3(folder):
+        step = diffusers_sd3.lora_step(folder, mode, res)
     elif diffusers_sdxl.is_sdxl(folder):
         step = diffusers_sdxl.lora_step(folder, mode, res, **settings)
     else:
@@ -153,8 +161,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks memory", description=__doc__.split("\n")[0])
     ap.add_argument("--child", choices=[*RECIPES, *FLUX_RECIPES])
     ap.add_argument("--folder")
-    ap.add_argument("--preset", default="sd15", choices=["sd15", "sd21", "sdxl", "tiny", "tiny-xl", "flux-dev"],
-                    help="flux-dev: Flux.1 [dev]'s width, 2 double and 4 single blocks, bf16 files, its own recipes")
+    ap.add_argument("--preset", default="sd15", choices=["sd15", "sd21", "sdxl", "tiny", "tiny-xl", *LARGE_PROXIES],
+                    help="flux-dev: Flux.1 [dev]'s width, 2 double and 4 single blocks; sd35-large: SD3.5 Large's "
+                         "width, 6 blocks; bf16 files, LoRA recipes")
     ap.add_argument("--res", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2, help="steps per recipe (the optimizer state exists after one)")
     ap.add_argument("--only", default="", help="comma-separated: the recipes whose name contains one of these")

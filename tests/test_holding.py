@@ -85,3 +85,69 @@ def test_a_bf16_base_exports_its_lora_in_fp32(sd1_dir, instance_dir, tmp_path):
     name = next(iter(down))
     key = name.replace("lora_down.weight", "lora_A.weight")
     assert torch.equal(lora[key], down[name]), (key, name)
+
+
+def test_frozen_text_encoders_go_before_the_denoiser_is_placed(flux_dir, instance_dir, tmp_path, monkeypatch):
+    """A Flux LoRA run with class images and a validation grid: every prompt it uses is encoded first and the text
+    encoders (T5 among them) are released before the transformer is placed on the device; its class images, losses
+    and grid equal those of the same run with the encoders kept (the demo's path, keep_model)."""
+    import json
+    from minidream.training.config import TrainConfig
+    from minidream.training.dreambooth import dreambooth
+    from minidream.training.runtime import Runtime
+    seen = []
+    place = Runtime.place
+
+    def watched(self, model):
+        seen.append([any(p.is_meta for p in net.parameters()) for net in model.text_networks()])
+        return place(self, model)
+    monkeypatch.setattr(Runtime, "place", watched)
+    cfg = TrainConfig(model=str(flux_dir), instance_dir=str(instance_dir), class_noun="dog", out=str(tmp_path / "a"),
+                      resolution=32, num_class_images=2, class_steps=2, class_batch_size=2, steps=3,
+                      checkpoint_every=0, device="cpu", mode="lora", validation_prompts=("a sks dog on grass",),
+                      validation_steps=2, validation_every=2, mixed_precision="bf16", save_as=("lora-diffusers",))
+    dreambooth(cfg)
+    dreambooth(replace(cfg, out=str(tmp_path / "b")), keep_model=True)
+    assert seen == [[True, True], [False, False]]
+
+    def losses(run):
+        rows = map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+        return [{k: v for k, v in r.items() if "loss" in k} for r in rows]
+    assert losses("a") == losses("b") and losses("a")
+    from PIL import Image
+    for name in ("class_images/class-00000.png", "class_images/class-00001.png", "samples/final.png"):
+        a, b = (torch.frombuffer(bytearray(Image.open(tmp_path / r / name).tobytes()), dtype=torch.uint8).int()
+                for r in "ab")
+        assert (a - b).abs().max() <= 1, name
+
+
+def test_text_encoder_outputs_on_disk_are_read_again_on_resume(sd1_dir, instance_dir, tmp_path, monkeypatch):
+    """--cache-text-encoder-outputs disk: OUT/text_cache holds one file per prompt; a resumed run encodes nothing
+    (it reads them) and ends as the uninterrupted run does; a run with a new prompt encodes that one alone."""
+    from minidream.models.text_memo import TextMemo
+    encoded = []
+    add = TextMemo.add
+
+    def counted(self, model, prompts):
+        encoded.append(list(prompts))
+        return add(self, model, prompts)
+    monkeypatch.setattr(TextMemo, "add", counted)
+    args = ["--train", "lora", "--cache-text-encoder-outputs", "disk", "--checkpoint-every", 2,
+            "--validation-prompt", "a sks dog on the moon", "--validation-steps", 2]
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert run_cli(*train_args(sd1_dir, instance_dir, whole, *args, "--steps", 4)).exit_code == 0
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, *args, "--steps", 2))
+    assert r.exit_code == 0, r.output
+    files = sorted((out / "text_cache").glob("*.safetensors"))
+    assert encoded[-1] and len(files) == len({p for batch in encoded[-2:] for p in batch})
+    encoded.clear()
+    r = run_cli("train", "--out", out, "--resume", "latest", "--steps", 4)
+    assert r.exit_code == 0, r.output
+    assert encoded == []
+    last = [load_file(str(run / "checkpoints" / "step-000004.safetensors")) for run in (whole, out)]
+    assert last[0].keys() == last[1].keys() and all(torch.equal(last[0][k], last[1][k]) for k in last[0])
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, *args, "--steps", 2, "--overwrite",
+                            "--validation-prompt", "a sks dog in the snow"))
+    assert r.exit_code == 0, r.output
+    assert encoded == [["a sks dog in the snow"]]
+    assert len(list((out / "text_cache").glob("*.safetensors"))) == len(files) + 1

@@ -124,3 +124,31 @@ def test_what_a_quantized_base_cannot_do_is_refused(sd1_dir, instance_dir, tmp_p
     r = run_cli(*train_args(sd1_dir, instance_dir, tmp_path / "run", *args))
     assert r.exit_code != 0 and says in r.output, r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_fp8_layers_multiply_in_fp8_where_the_device_can(monkeypatch):
+    """On fp8 tensor cores (Ada, Hopper) a fp8 layer's forward pass is one torch._scaled_mm with row-wise scales
+    (x rounded to e4m3 per row): here forced on the CPU, whose torch runs the same op. Within 3% of the dense
+    weight's product (x's 3 mantissa bits), backward the dense one's exactly; a size that is no multiple of 16, or
+    fp32, takes the dense path."""
+    from minidream.models import quantize
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 96).requires_grad_(False)
+    q = QuantizedLinear(dense, "fp8")
+    x = torch.randn(3, 7, 256, dtype=torch.bfloat16, requires_grad=True)
+    want = nn.functional.linear(x, q.dense(torch.bfloat16), dense.bias.to(torch.bfloat16))
+    called = []
+    monkeypatch.setattr(quantize, "fp8_tensor_cores", lambda device: True)
+    scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: called.append(1) or scaled_mm(*a, **k))
+    y = q(x)
+    assert called and y.dtype == torch.bfloat16 and y.shape == want.shape
+    assert ((y.float() - want.float()).norm() / want.float().norm()) < 0.03
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gw,) = torch.autograd.grad(want, x, g)
+    assert torch.equal(gx, gw)
+    called.clear()
+    q(x.float())
+    QuantizedLinear(nn.Linear(250, 96).requires_grad_(False), "fp8")(x[..., :250])
+    assert not called

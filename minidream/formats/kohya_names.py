@@ -130,16 +130,18 @@ def kohya_denoiser_pairs(model) -> dict[str, dict[str, torch.Tensor]]:
 
 def _pair(members: list, adapted: list) -> dict[str, torch.Tensor]:
     scale = adapted[0][0].scale
+    dora = any(m.magnitude is not None for m, _ in adapted)
     ups, downs, norms = [], [], []
     for m, part in members:  # in the original's row order: Q, K, V
-        w = m.base.weight if isinstance(m, LoRA) else m.weight
+        base = m.base if isinstance(m, LoRA) else m
         up = m.lora_up.weight.detach().float().flatten(1) * (m.scale / scale) if isinstance(m, LoRA) else None
-        ups.append((up, w.shape[0]))
+        ups.append((up, base.out_features if isinstance(base, nn.Linear) else base.out_channels))
         if isinstance(m, LoRA):
             downs.append(m.lora_down.weight.detach().float())
-        # DoRA's m where it has one; else the norms of the rows as they are (W + ΔW), which DoRA leaves unchanged
-        norms.append(m.magnitude.detach().float() if isinstance(m, LoRA) and m.magnitude is not None
-                     else row_norm((m.merged() if isinstance(m, LoRA) else w).detach().float()))
+        if dora:  # DoRA's m where it has one; else the norms of the rows as they are (W + ΔW), which DoRA leaves
+            # unchanged (without DoRA no base weight is read: the export of a quantized or memory-mapped base)
+            norms.append(m.magnitude.detach().float() if isinstance(m, LoRA) and m.magnitude is not None
+                         else row_norm((m.merged() if isinstance(m, LoRA) else base.weight).detach().float()))
     rank = sum(d.shape[0] for d in downs)
     blocks, col = [], 0
     for up, rows in ups:
@@ -147,10 +149,11 @@ def _pair(members: list, adapted: list) -> dict[str, torch.Tensor]:
         if up is not None:
             block[:, col:col + up.shape[1]], col = up, col + up.shape[1]
         blocks.append(block)
-    lora_up, magnitude = (members[0][1].to_original(torch.cat(x)) for x in (blocks, norms))
+    lora_up = members[0][1].to_original(torch.cat(blocks))
     first = adapted[0][0]
     pair = {"lora_down": torch.cat(downs), "lora_up": lora_up.view(-1, rank, *[1] * (first.lora_up.weight.dim() - 2)),
             "alpha": torch.tensor(float(scale * rank))}
-    if any(m.magnitude is not None for m, _ in adapted):
-        pair["dora_scale"] = magnitude.view(-1, *[1] * (first.base.weight.dim() - 1))
+    if dora:
+        magnitude = members[0][1].to_original(torch.cat(norms))
+        pair["dora_scale"] = magnitude.view(-1, *[1] * (first.lora_up.weight.dim() - 1))
     return pair

@@ -60,7 +60,8 @@ class LoRA(nn.Module):
                  dora: bool = False):
         super().__init__()
         self.base, self.rank, self.alpha = base, rank, alpha
-        device = base.weight.device
+        # where the base lives, read without its weight (a quantized one would be made dense for it)
+        device = next(t.device for t in (*base.parameters(recurse=False), *base.buffers(recurse=False)))
         if isinstance(base, nn.Conv2d):
             self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
                                        bias=False, device=device)

@@ -100,13 +100,42 @@ def check_format(name: str | None) -> str | None:
     return None
 
 
+def fp8_tensor_cores(device: torch.device) -> bool:
+    """The device multiplies fp8 natively (Ada and Hopper GPUs, compute capability 8.9 and up); elsewhere a fp8
+    weight is made dense instead."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def scaled_mm_takes(x: torch.Tensor, layer) -> bool:
+    """torch._scaled_mm can run this fp8 layer: on fp8 tensor cores, in bf16 (its row-wise scales' output), with
+    both sides a multiple of 16 (its kernels' tiles)."""
+    return (layer.fmt == "fp8" and x.dtype == torch.bfloat16 and fp8_tensor_cores(x.device)
+            and layer.in_features % 16 == 0 and layer.out_features % 16 == 0)
+
+
+def fp8_matmul(x: torch.Tensor, layer, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x Wᵀ (+ b) as one fp8 matmul: x quantized to e4m3 row by row (each row's largest |x| at e4m3's largest),
+    W as stored, both rows' scales applied to the fp32 accumulator (torch._scaled_mm's row-wise scaling). No dense
+    copy of W is made; x's rounding to 3 mantissa bits is the price (the backward pass uses the dense W)."""
+    rows = x.reshape(-1, x.shape[-1])
+    sx = (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    xq = (rows.float() / sx).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    y = torch._scaled_mm(xq, layer.qweight.view(FP8).t(), scale_a=sx, scale_b=layer.scale[None, :].float(),
+                         out_dtype=x.dtype)
+    y = y if bias is None else y + bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
 class _Dequantized(torch.autograd.Function):
     """y = x Wᵀ + b with W dequantized in the forward pass and again in the backward one: autograd keeps the few
-    stored bits, not the dense weight (W and b are frozen: only x gets a gradient)."""
+    stored bits, not the dense weight (W and b are frozen: only x gets a gradient). On fp8 tensor cores the
+    forward pass is one fp8 matmul instead (`fp8_matmul`)."""
 
     @staticmethod
     def forward(ctx, x, layer, bias):
         ctx.layer = layer
+        if scaled_mm_takes(x, layer):
+            return fp8_matmul(x, layer, bias)
         return F.linear(x, layer.dense(x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod

@@ -242,8 +242,10 @@ def image_conditioning(model: "StableDiffusion", ids: torch.Tensor,
 
 
 def encode_text(model: "StableDiffusion", prompts: list[str]) -> dict[str, torch.Tensor]:
-    """The denoiser's text conditioning for `prompts`, as keyword arguments of its forward (the family's own)."""
-    return model.family.conditioning(model, prompts)
+    """The denoiser's text conditioning for `prompts`, as keyword arguments of its forward (the family's own); a
+    model that remembers its prompts (models/text_memo.py) reads them there, its text encoders no longer needed."""
+    memo = getattr(model, "text_memo", None)
+    return memo.conditioning(prompts) if memo is not None else model.family.conditioning(model, prompts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -197,3 +197,18 @@ def check_run_concepts(cfg, out: Path):
     if cfg.train_token and len({c.identifier for c in rows}) > 1:
         raise TrainError(f"--train-token learns one token; the concepts name {len({c.identifier for c in rows})} "
                          f"identifiers ({', '.join(sorted({c.identifier for c in rows}))}): use one")
+
+
+def absolute_paths(cfg):
+    """The run's local paths made absolute, as run.json and the checkpoints store them: the printed `--resume latest`
+    command works from any folder. (A hub repo id, which is no local path, stays as it is.)"""
+    import os
+
+    def full(p):
+        return os.path.abspath(p) if isinstance(p, str) and p.strip() else p
+    concepts = tuple({**c, **{k: full(c[k]) for k in ("instance_dir", "class_dir") if k in c}}
+                     for c in cfg.concepts if isinstance(c, dict))
+    model = full(cfg.model) if cfg.model and Path(cfg.model).expanduser().exists() else cfg.model
+    return replace(cfg, instance_dir=full(cfg.instance_dir), class_dir=full(cfg.class_dir), mask_dir=full(cfg.mask_dir),
+                   model=model, concepts=concepts if len(concepts) == len(cfg.concepts) else cfg.concepts,
+                   text_encoders=tuple(full(p) for p in cfg.text_encoders), vae=full(cfg.vae))

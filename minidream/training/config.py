@@ -4,7 +4,7 @@ carries its default, the help of its command-line option, its check, and whether
 option's values come from the table that implements them (the --train modes, optimizers, LR schedules, samplers,
 export formats, ...). Adding an option is one field here, and its use where it acts.
 """
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from minidream.formats import exports
@@ -26,6 +26,7 @@ from minidream.training.concepts_file import (MAX_CLASS_IMAGES, MAX_REPEATS, che
                                               concept_noun, concepts_file, word)
 from minidream.training.optim import LR_SCHEDULES, OPTIMIZERS, check_optimizer
 from minidream.training.report import REPORT_TO
+from minidream.training.text_cache import TEXT_CACHES
 from minidream.training.runtime import PRECISIONS
 from minidream.models.lora import AdapterSpec
 from minidream.training.trainable import MODES, TEXT_TARGETS, UNET_TARGETS, Adapters, check_blocks
@@ -64,21 +65,6 @@ def one_lr(name: str) -> tuple[Needs]:
     return (Needs(lambda c: not OPTIMIZERS[c.optimizer].one_lr or getattr(c, name) == c.unet_lr,
                   "{cfg.optimizer} takes one learning rate for everything it trains (its step size is shared): drop "
                   "--text-encoder-lr and --token-lr, or give them --lr's value"),)
-
-
-def absolute_paths(cfg: "TrainConfig") -> "TrainConfig":
-    """The run's local paths made absolute, as run.json and the checkpoints store them: the printed `--resume latest`
-    command works from any folder. (A hub repo id, which is no local path, stays as it is.)"""
-    import os
-
-    def full(p):
-        return os.path.abspath(p) if isinstance(p, str) and p.strip() else p
-    concepts = tuple({**c, **{k: full(c[k]) for k in ("instance_dir", "class_dir") if k in c}}
-                     for c in cfg.concepts if isinstance(c, dict))
-    model = full(cfg.model) if cfg.model and Path(cfg.model).expanduser().exists() else cfg.model
-    return replace(cfg, instance_dir=full(cfg.instance_dir), class_dir=full(cfg.class_dir), mask_dir=full(cfg.mask_dir),
-                   model=model, concepts=concepts if len(concepts) == len(cfg.concepts) else cfg.concepts,
-                   text_encoders=tuple(full(p) for p in cfg.text_encoders), vae=full(cfg.vae))
 
 
 def path_text(p) -> str | None:
@@ -259,6 +245,19 @@ class TrainConfig:
                                               "trains them all: use --train lora or attention"),
             Needs(lambda c: not c.fsdp, "--quantize-base and --fsdp do not go together yet (a sharded block holds "
                                         "one dtype)")))
+    blocks_to_swap: int = option(0, "SD3 and Flux under LoRA: the frozen weights of the transformer's last N blocks "
+                                 "kept in CPU memory, each copied to the GPU just before its block runs (kohya's "
+                                 "--blocks_to_swap): less GPU memory, some time.", check=at_least(0, 10 ** 4),
+                                 resumable=True, needs=(
+            Needs(lambda c: MODES[c.mode].adapters and not c.dora, "--blocks-to-swap moves frozen blocks to the GPU "
+                                                                   "and back: it needs --train lora (without --dora)"),
+            Needs(lambda c: not c.fsdp, "--blocks-to-swap and --fsdp both place the model's blocks: use one")))
+    cache_text_encoder_outputs: str = option("memory", "Frozen text encoders' outputs: every prompt of the run is "
+                                             "encoded before the denoiser loads, then the encoders are freed; kept in "
+                                             "memory, or also in OUT/text_cache, which a resumed run reads instead.",
+                                             choices=TEXT_CACHES, resumable=True, needs=(Needs(
+        lambda c: not (c.train_text_encoder or c.train_token or c.train_token_t5), "--cache-text-encoder-outputs disk "
+        "keeps what frozen text encoders output: not with --train-text-encoder or --train-token(-t5)"),))
     cache_latents: bool = option(False, "Encode the images with the VAE once.")
     snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (e.g. 5); DDPM models (SD 1.x/2.x/XL).",
                                      check=positive_number)

@@ -9,14 +9,17 @@ from pathlib import Path
 import torch
 
 from minidream.formats.exports import CHOICES, EXPORTERS
+from minidream.formats.files import give_back_pages
+from minidream.models.block_swap import swap_blocks
 from minidream.models.compile import eager
 from minidream.models.flow_matching import FlowProcess
 from minidream.models.stable_diffusion import StableDiffusion
+from minidream.models.text_memo import TextMemo, remember
 from minidream.training import TrainError, distributed, run_folder, runtime
 from minidream.training.checkpoint import Checkpointer, Resume, base_fingerprint, per_process_batch, resume_from
 from minidream.training.dataset import TrainingData, buckets
-from minidream.training.concepts_file import with_folder_names
-from minidream.training.config import (OPTIONS, TrainConfig, absolute_paths, combinations, flag, validate,
+from minidream.training.concepts_file import absolute_paths, with_folder_names
+from minidream.training.config import (OPTIONS, TrainConfig, combinations, flag, validate,
                                        validate_resolution)
 from minidream.training.export import base_for_exports, export as export_trained, load_base
 from minidream.training.holding import hold
@@ -24,6 +27,7 @@ from minidream.training.loop import loop, phase
 from minidream.training.resume_settings import short
 from minidream.training.report import REPORT_TO, curves
 from minidream.training.step import family_defaults, prepare
+from minidream.training.text_cache import read_cached, write_cached
 from minidream.training.trainable import MODES
 from minidream.training.validation import grid_rows, has_grid, validation_grid
 
@@ -53,6 +57,8 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
                              f"architecture differ); give the run's own files")
         cfg = check_against_model(cfg, model)
         model = hold(model, cfg, rt.precision, rt.main)
+        if cfg.blocks_to_swap:  # the last blocks' frozen weights stay in CPU memory (models/block_swap.py)
+            swap_blocks(model.denoiser, cfg.blocks_to_swap, rt.device)
         data = TrainingData(cfg, out, model, overwrite and not resume)  # the photos, captions, buckets: checked
         processes = start.processes if start else rt.group.size  # the count the run's --batch-size is for
         cfg = steps_of_epochs(cfg, data, processes, start)
@@ -90,6 +96,8 @@ def train_and_export(cfg: TrainConfig, out: Path, model: StableDiffusion, data: 
     """Class images → the training state (restored when resuming) → the loop → the final grid and the exports."""
     step = start.step if start else 0
     with phase("before training (class images, latents)", out):  # what was made is kept
+        if not keep_model and not (cfg.train_text_encoder or cfg.train_token or cfg.train_token_t5):
+            encode_prompts_first(model, cfg, data, rt, base)
         rt.place(model)
         if cfg.prior:  # prior-preservation data, made by the base model before any weight changes
             data.make_class_images(model, cfg, rt)
@@ -118,6 +126,33 @@ def train_and_export(cfg: TrainConfig, out: Path, model: StableDiffusion, data: 
         distributed.barrier(rt.group)  # the processes end together: none leaves while a peer may still send
         stepper.text.unwrap()
         return model, written
+
+
+def encode_prompts_first(model: StableDiffusion, cfg: TrainConfig, data: TrainingData, rt: runtime.Runtime,
+                         base: str):
+    """Frozen text encoders, done with before the denoiser takes the device: every prompt the run will use is
+    encoded now and remembered (models/text_memo.py), then the encoders are released. The run's own prompts and the
+    captions go as one batch, as the step would encode them (batches.TextConditioning); then what sampling adds:
+    the class images' and the grids' prompts and their negative prompts ("": classifier-free guidance's
+    unconditional row). With --cache-text-encoder-outputs disk, what OUT/text_cache holds is read instead."""
+    base_prompts = list(dict.fromkeys(data.prompts()))
+    rows = grid_rows(cfg)
+    batches = [base_prompts + [e.prompt for e in data.instance if e.prompt not in base_prompts],
+               ([cfg.class_negative_prompt] if cfg.prior else []) + [p for p, _, _ in rows]
+               + [params.negative_prompt or "" for _, params, _ in rows] + [""]]
+    model.text_memo = memo = TextMemo()
+    disk = Path(cfg.out) / "text_cache" if cfg.cache_text_encoder_outputs == "disk" else None
+    if disk is not None:
+        read_cached(memo, disk, model, base, [p for b in batches for p in b], rt.device)
+    if any(p not in memo.rows for b in batches for p in b):
+        for te in model.text_networks():
+            te.to(rt.device)
+        remember(model, batches)
+        if disk is not None and rt.main:
+            write_cached(memo, disk, model, base, [p for b in batches for p in b])
+    for te in model.text_networks():
+        give_back_pages([*te.parameters(), *te.buffers()])
+        rt.release(te)
 
 
 def begin(cfg: TrainConfig, out: Path, resume: str | None, overwrite: bool, given: set[str] | None,
@@ -158,6 +193,18 @@ def check_position_table(cfg: TrainConfig, model: StableDiffusion):
                          f"px a side; give a lower --resolution{' or --max-aspect' if by else ''}")
 
 
+def check_block_swap(cfg: TrainConfig, model: StableDiffusion):
+    """--blocks-to-swap N: a transformer's blocks (SD3's, Flux's), at most as many as it has."""
+    if not cfg.blocks_to_swap:
+        return
+    if model.family.name not in ("sd3", "flux"):
+        raise TrainError(f"--blocks-to-swap: {model.family.title}'s UNet is not swapped block by block; it is for "
+                         f"SD3 and Flux (drop it)")
+    n = len(model.denoiser.blocks())
+    if cfg.blocks_to_swap > n:
+        raise TrainError(f"--blocks-to-swap {cfg.blocks_to_swap}: this transformer has {n} blocks; give at most {n}")
+
+
 def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
     """The settings that need the model: the resolution (by default the model's own, stored in run.json for
     resume), the samplers, the identifier; and a missing --report-to package, before any work."""
@@ -166,6 +213,7 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
         print(f"--resolution {cfg.resolution} (the model's native resolution)", file=sys.stderr)
     validate_resolution(cfg.resolution, model.downsampling)
     check_position_table(cfg, model)
+    check_block_swap(cfg, model)
     for params, used, names in ((cfg.class_sampling, cfg.prior, CLASS_SAMPLING),
                                 (cfg.validation_sampling, cfg.validation_prompts, VALIDATION_SAMPLING)):
         wrong = params.problem(model) if used else None  # its own scheduler may be one we lack; its timesteps

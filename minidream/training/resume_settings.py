@@ -10,7 +10,7 @@ from minidream.training.config import OPTIONS, TrainConfig, flag, validate
 
 
 # The version of the settings a checkpoint stores ("settings_version" in its metadata; none before version 1).
-SETTINGS_VERSION = 5
+SETTINGS_VERSION = 6
 
 # ADDED[v]: the settings added in version v, with the value that reproduces a run whose checkpoint was written
 # before (its settings lack them). A new setting goes under the next version, which SETTINGS_VERSION becomes.
@@ -29,6 +29,7 @@ ADDED = {
     4: {"vae": None, "guidance_scale": None, "timestep_sampling": "sigma", "sigmoid_scale": 1.0,
         "discrete_flow_shift": 3.0},
     5: {"train_token_t5": False, "quantize_base": None},
+    6: {"blocks_to_swap": 0, "cache_text_encoder_outputs": "memory"},
 }
 # CHANGED[v]: settings whose default became "the family's" (None) in version v, with the default before: an older
 # run stored that value whether or not it was given, and it reads as the family's (SD3's was it; DDPM's ignore it)

@@ -47,7 +47,7 @@ class Runtime:
     def offload(self, part: torch.nn.Module):
         """A frozen part that the step no longer needs leaves the accelerator for the CPU's memory (on the CPU:
         nothing to do). `resident` brings it back when it is needed again."""
-        if self.device.type != "cpu":
+        if self.device.type != "cpu" and not released(part):
             part.to("cpu")
 
     @staticmethod
@@ -71,8 +71,11 @@ class Runtime:
                 m.to("cpu")
 
     def place(self, model: StableDiffusion) -> StableDiffusion:
-        """The model on this run's device, its UNet and VAE with this run's attention kernel."""
-        model.to(self.device)
+        """The model on this run's device (the networks it still has), its UNet and VAE with this run's attention
+        kernel."""
+        for net in model.networks():
+            if not released(net):
+                net.to(self.device)
         if self.device.type == "cpu":  # oneDNN's convolutions run faster on channels-last tensors (the VAE's
             model.vae.to(memory_format=torch.channels_last)  # encode; docs/benchmarks.md, the SD3.5 step)
             for t in (*model.vae.parameters(), *model.vae.buffers()):  # what did not move still maps the file,
@@ -80,6 +83,11 @@ class Runtime:
         set_attention_backend(model.denoiser, self.attention)
         set_attention_backend(model.vae, self.attention)
         return model
+
+
+def released(net: torch.nn.Module) -> bool:
+    """The network gave its memory back (Runtime.release): shapes only."""
+    return any(p.is_meta for p in net.parameters())
 
 
 def resolve(cfg) -> Runtime:

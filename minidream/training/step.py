@@ -135,6 +135,9 @@ class Stepper:
             p.grad = None
         for net in model.networks():
             self.runtime.release(net)
+        swap = getattr(model.denoiser, "block_swap", None)
+        if swap is not None:  # (--blocks-to-swap) its blocks' weights, kept in CPU memory
+            swap.release()
 
     def raise_deferred(self):
         """A Ctrl-C or SIGTERM that came during the last update, now that the step is counted."""
@@ -255,6 +258,10 @@ def compiled_mode(cfg: TrainConfig, rt: Runtime) -> str:
             print(f"note: --compile {cfg.compile}: {why}", file=sys.stderr)
     if cfg.compile != "off" and cfg.fsdp:
         say("the sharded UNet (--fsdp) gathers its blocks in hooks that are not traced yet; it runs eager")
+        return "off"
+    if cfg.compile != "off" and cfg.blocks_to_swap:
+        say("the swapped blocks (--blocks-to-swap) change their weights between calls, which a compiled graph "
+            "does not follow; the transformer runs eager")
         return "off"
     if cfg.compile != "off" and cfg.fused_backward:  # the memory the user asked for comes first
         say("a compiled backward hands over every gradient at once, which is what --fused-backward avoids; the "
