@@ -1,7 +1,7 @@
 """--blocks-to-swap N (models/block_swap.py): the swapped blocks' weights are empty outside their block's calls, and
 the model computes the same loss and gradients with them swapped, with and without gradient checkpointing; a run
-with it trains bit-identically to one without (losses, weights, optimizer state after 3 steps); what it cannot do
-is refused in one line."""
+with it (and checkpointing, which it needs) trains bit-identically to one without (losses, weights, optimizer state
+after 3 steps); what it cannot do is refused in one line."""
 import copy
 import json
 
@@ -50,13 +50,12 @@ def test_swapped_blocks_compute_the_same_and_stay_empty_between_calls(flux_dir, 
         assert swap.stored[i] and not swap.ready
 
 
-@pytest.mark.parametrize("checkpointing", [[], ["--gradient-checkpointing"]])
-def test_a_run_with_swapped_blocks_trains_as_one_without(flux_dir, instance_dir, tmp_path, checkpointing):
+def test_a_run_with_swapped_blocks_trains_as_one_without(flux_dir, instance_dir, tmp_path):
     runs = {}
     for name, extra in (("plain", []), ("swapped", ["--blocks-to-swap", 3])):
         out = tmp_path / name
         r = run_cli(*flux_args(flux_dir, instance_dir, out, "--train", "lora", "--lr", 1e-2, "--checkpoint-every", 3,
-                               "--save-as", "lora-diffusers", *checkpointing, *extra))
+                               "--save-as", "lora-diffusers", "--gradient-checkpointing", *extra))
         assert r.exit_code == 0, r.output
         losses = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
         runs[name] = ([{k: v for k, v in row.items() if "loss" in k} for row in losses],
@@ -67,12 +66,17 @@ def test_a_run_with_swapped_blocks_trains_as_one_without(flux_dir, instance_dir,
     assert json.loads((tmp_path / "swapped" / "run.json").read_text())["blocks_to_swap"] == 3
 
 
+SWAP = ["--blocks-to-swap", 2, "--gradient-checkpointing"]
+
+
 @pytest.mark.parametrize("args, says", [
-    (["--train", "unet", "--blocks-to-swap", 2], "--blocks-to-swap moves frozen blocks to the GPU and back: it needs "
-                                                 "--train lora"),
-    (["--train", "lora", "--dora", "--blocks-to-swap", 2], "(without --dora)"),
+    (["--train", "unet", *SWAP], "--blocks-to-swap moves frozen blocks to the GPU and back: it needs --train lora"),
+    (["--train", "lora", "--dora", *SWAP], "(without --dora)"),
+    (["--train", "lora", "--blocks-to-swap", 2], "--blocks-to-swap needs --gradient-checkpointing"),
+    (["--train", "lora", "--prior", "--class-precision", "fp32", *SWAP], "drop --class-precision fp32"),
     (["--train", "lora", "--blocks-to-swap", -1], "--blocks-to-swap"),
-    (["--train", "lora", "--blocks-to-swap", 99], "--blocks-to-swap 99: this transformer has 4 blocks; give at most 4"),
+    (["--train", "lora", "--blocks-to-swap", 99, "--gradient-checkpointing"],
+     "--blocks-to-swap 99: this transformer has 4 blocks; give at most 4"),
 ])
 def test_what_block_swap_cannot_do_is_refused(flux_dir, instance_dir, tmp_path, args, says):
     r = run_cli(*flux_args(flux_dir, instance_dir, tmp_path / "run", *args))
@@ -81,6 +85,7 @@ def test_what_block_swap_cannot_do_is_refused(flux_dir, instance_dir, tmp_path, 
 
 
 def test_block_swap_is_for_transformers(sd1_dir, instance_dir, tmp_path):
-    r = run_cli(*train_args(sd1_dir, instance_dir, tmp_path / "run", "--train", "lora", "--blocks-to-swap", 1))
+    r = run_cli(*train_args(sd1_dir, instance_dir, tmp_path / "run", "--train", "lora", "--blocks-to-swap", 1,
+                            "--gradient-checkpointing"))
     assert r.exit_code != 0 and "--blocks-to-swap: " in r.output and "it is for SD3 and Flux" in r.output, r.output
     assert not (tmp_path / "run").exists()

@@ -28,7 +28,8 @@ def rss() -> int:
 @pytest.mark.skipif(not hasattr(torch, "frombuffer") or not shutil.which("true"), reason="Linux only")
 def test_pages_given_back_leave_memory_and_read_the_same(tmp_path):
     """A mapped file's tensor, read whole, then given back: the process's memory drops by its size and the tensor
-    still reads its values (from the file again); a tensor of the process's own memory is left alone."""
+    still reads its values (from the file again); a page written in place and a tensor of the process's own memory
+    are left alone."""
     file = tmp_path / "w.safetensors"
     want = torch.randn(64, 2 ** 18)  # 64 MiB
     save_file({"w": want}, str(file))
@@ -41,6 +42,9 @@ def test_pages_given_back_leave_memory_and_read_the_same(tmp_path):
     own = want.clone()
     give_back_pages([own])
     assert torch.equal(own, want)
+    w[3, 5] = 7.0  # a page written in place keeps what was written
+    give_back_pages([w])
+    assert w[3, 5] == 7.0 and torch.equal(w[4:], want[4:])
 
 
 def test_a_settled_base_is_the_one_the_step_built(flux_dir):

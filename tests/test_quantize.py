@@ -16,7 +16,7 @@ from tests.conftest import build_flux_pipeline_dir
 from tests.test_train import instance_dir, run_cli, train_args  # noqa: F401 (instance_dir is a fixture)
 
 # relative error ||W_q - W|| / ||W|| of normal weights (std 0.02) with one outlier, and the stored bytes per bf16 byte
-ROUNDING = {"fp8": (0.03, 0.51), "int8": (0.01, 0.51), "nf4": (0.10, 0.29)}
+ROUNDING = {"fp8": (0.03, 0.51), "fp8-matmul": (0.03, 0.51), "int8": (0.01, 0.51), "nf4": (0.10, 0.29)}
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +127,14 @@ def test_what_a_quantized_base_cannot_do_is_refused(sd1_dir, instance_dir, tmp_p
 
 
 def test_fp8_layers_multiply_in_fp8_where_the_device_can(monkeypatch):
-    """On fp8 tensor cores (Ada, Hopper) a fp8 layer's forward pass is one torch._scaled_mm with row-wise scales
-    (x rounded to e4m3 per row): here forced on the CPU, whose torch runs the same op. Within 3% of the dense
-    weight's product (x's 3 mantissa bits), backward the dense one's exactly; a size that is no multiple of 16, or
-    fp32, takes the dense path."""
+    """--quantize-base fp8-matmul: on Hopper's fp8 tensor cores a layer's forward pass is one torch._scaled_mm with
+    row-wise scales (x rounded to e4m3 per row): here forced on the CPU, whose torch runs the same op. Within 3% of
+    the dense weight's product (x's 3 mantissa bits), backward the dense one's exactly; a size that is no multiple
+    of 16, fp32, or plain fp8 takes the dense path."""
     from minidream.models import quantize
     torch.manual_seed(0)
     dense = nn.Linear(256, 96).requires_grad_(False)
-    q = QuantizedLinear(dense, "fp8")
+    q = QuantizedLinear(dense, "fp8-matmul")
     x = torch.randn(3, 7, 256, dtype=torch.bfloat16, requires_grad=True)
     want = nn.functional.linear(x, q.dense(torch.bfloat16), dense.bias.to(torch.bfloat16))
     called = []
@@ -150,5 +150,6 @@ def test_fp8_layers_multiply_in_fp8_where_the_device_can(monkeypatch):
     assert torch.equal(gx, gw)
     called.clear()
     q(x.float())
-    QuantizedLinear(nn.Linear(250, 96).requires_grad_(False), "fp8")(x[..., :250])
+    QuantizedLinear(nn.Linear(250, 96).requires_grad_(False), "fp8-matmul")(x[..., :250])
+    QuantizedLinear(dense, "fp8")(x)  # fp8 alone: weights only, the dense product
     assert not called

@@ -109,7 +109,7 @@ def test_resolution_must_divide_by_the_models_downsampling():
     """SD 1.x/2.x: VAE ×8 and three UNet downsamplings: 520 px gives an odd latent side deep inside the UNet."""
     import pytest
     from minidream.training import TrainError
-    from minidream.training.config import validate_resolution
+    from minidream.training.dreambooth import validate_resolution
     validate_resolution(512, 64)
     for bad in (520, 40):
         with pytest.raises(TrainError, match="multiple of 64 for this model"):

@@ -137,6 +137,9 @@ def read_shards(index: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+MADV_PAGEOUT = 21  # Linux's madvise advice: reclaim these pages now (never discards what was written)
+
+
 def mapped_files() -> list[tuple[int, int]]:
     """The address ranges where this process maps a safetensors file (/proc/self/maps: Linux)."""
     try:
@@ -153,10 +156,11 @@ def mapped_files() -> list[tuple[int, int]]:
 
 
 def give_back_pages(tensors: list[torch.Tensor]):
-    """The pages of the file a memory-mapped tensor was read from, handed back to the kernel now (madvise
-    MADV_DONTNEED) rather than when the whole file's mapping goes: a layer quantized or cast as it loads keeps its
-    new copy only. Only ranges inside a mapped safetensors file are touched, whose pages are the file's, clean and
-    read-only: a later read of them (nothing should) faults them in again from the file, never zeros."""
+    """The pages of the file a memory-mapped tensor was read from, handed back to the kernel now rather than when the
+    whole file's mapping goes: a layer quantized or cast as it loads keeps its new copy only. MADV_PAGEOUT reclaims
+    a page only if that loses nothing (a page read from the file is read again if touched; one written in place
+    stays, as there is no swap for it), and only ranges inside a mapped safetensors file are advised (Linux 5.4+;
+    elsewhere nothing happens: the pages go with the mapping)."""
     if sys.platform != "linux" or not tensors:
         return
     files, page = mapped_files(), mmap.PAGESIZE
@@ -167,7 +171,7 @@ def give_back_pages(tensors: list[torch.Tensor]):
             continue
         start, end = -(-lo // page) * page, hi // page * page  # whole pages only: a neighbour keeps its edges
         if end > start:
-            ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
 
 
 def read_json(file: Path) -> dict:

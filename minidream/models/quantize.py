@@ -81,6 +81,9 @@ class Format:
 
 FORMATS = {
     "fp8": Format("float8 e4m3, a scale per row (torch alone)", fp8_rows, fp8_dense),
+    "fp8-matmul": Format("fp8, and on Hopper GPUs each layer's input rounded to e4m3 too, for one fp8 matmul "
+                         "(torch._scaled_mm: no dense copy, about 3 percent off the dense product; elsewhere as fp8)",
+                         fp8_rows, fp8_dense),
     "int8": Format("int8, an absmax per row (bitsandbytes, the [bnb] extra)", int8_rows, int8_dense,
                    "bitsandbytes"),
     "nf4": Format("4-bit NormalFloat, an absmax per 64 weights, QLoRA's format (bitsandbytes, the [bnb] extra)",
@@ -101,15 +104,19 @@ def check_format(name: str | None) -> str | None:
 
 
 def fp8_tensor_cores(device: torch.device) -> bool:
-    """The device multiplies fp8 natively (Ada and Hopper GPUs, compute capability 8.9 and up); elsewhere a fp8
-    weight is made dense instead."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    """The device multiplies fp8 with row-wise scales (Hopper GPUs, compute capability 9.0: torch's row-wise
+    _scaled_mm kernels need it), and has not refused to (`SCALED_MM_FAILED`)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0) \
+        and device not in SCALED_MM_FAILED
+
+
+SCALED_MM_FAILED = set()  # the devices whose torch refused a row-wise fp8 matmul once: the dense path from then on
 
 
 def scaled_mm_takes(x: torch.Tensor, layer) -> bool:
-    """torch._scaled_mm can run this fp8 layer: on fp8 tensor cores, in bf16 (its row-wise scales' output), with
-    both sides a multiple of 16 (its kernels' tiles)."""
-    return (layer.fmt == "fp8" and x.dtype == torch.bfloat16 and fp8_tensor_cores(x.device)
+    """torch._scaled_mm runs this layer (--quantize-base fp8-matmul): on fp8 tensor cores, in bf16 (its row-wise
+    scales' output), with both sides a multiple of 16 (its kernels' tiles)."""
+    return (layer.fmt == "fp8-matmul" and x.dtype == torch.bfloat16 and fp8_tensor_cores(x.device)
             and layer.in_features % 16 == 0 and layer.out_features % 16 == 0)
 
 
@@ -135,7 +142,10 @@ class _Dequantized(torch.autograd.Function):
     def forward(ctx, x, layer, bias):
         ctx.layer = layer
         if scaled_mm_takes(x, layer):
-            return fp8_matmul(x, layer, bias)
+            try:
+                return fp8_matmul(x, layer, bias)
+            except RuntimeError:  # this torch or GPU has no row-wise kernel after all: dense, as fp8
+                SCALED_MM_FAILED.add(x.device)
         return F.linear(x, layer.dense(x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
@@ -185,20 +195,22 @@ class QuantizedLinear(nn.Linear):
                f"{self.fmt}"
 
 
-def quantize_frozen(networks: list[nn.Module], fmt: str,
-                    replaced: Callable[[torch.Tensor], None] | None = None) -> tuple[int, int]:
+def quantize_frozen(networks: list[nn.Module], fmt: str, replaced: Callable[[torch.Tensor], None] | None = None,
+                    device: torch.device | None = None) -> tuple[int, int]:
     """Every frozen nn.Linear of these networks (the base layers inside LoRA adapters among them) replaced by a
-    QuantizedLinear; returns the bytes of their weights before and after. `replaced` is handed each dense weight
-    once its layer is quantized (the loader gives back the file's pages it was read from)."""
+    QuantizedLinear (made on `device`, one layer at a time: None, where it is); returns the bytes of their weights
+    before and after. `replaced` is handed each dense weight once its layer is quantized (the loader gives back the
+    file's pages it was read from)."""
     before = after = 0
     for net in networks:
         for name, m in list(net.named_modules()):
             if type(m) is nn.Linear and not any(p.requires_grad for p in m.parameters()):
-                q = QuantizedLinear(m, fmt)
-                before += m.weight.numel() * m.weight.element_size()
+                read = m.weight.data
+                q = QuantizedLinear(m.to(device) if device is not None else m, fmt)
+                before += read.numel() * read.element_size()
                 after += sum(t.numel() * t.element_size() for t in q.stored().values())
                 parent, _, child = name.rpartition(".")
                 setattr(net.get_submodule(parent) if parent else net, child, q)
                 if replaced is not None:
-                    replaced(m.weight)
+                    replaced(read)
     return before, after

@@ -251,6 +251,11 @@ class TrainConfig:
                                  resumable=True, needs=(
             Needs(lambda c: MODES[c.mode].adapters and not c.dora, "--blocks-to-swap moves frozen blocks to the GPU "
                                                                    "and back: it needs --train lora (without --dora)"),
+            Needs(lambda c: c.gradient_checkpointing, "--blocks-to-swap needs --gradient-checkpointing (without it "
+                                                      "backward keeps every block's weights on the GPU)"),
+            Needs(lambda c: not (c.prior and c.class_precision == "fp32"), "--blocks-to-swap holds the swapped "
+                                                                           "weights in --mixed-precision's dtype; "
+                                                                           "drop --class-precision fp32"),
             Needs(lambda c: not c.fsdp, "--blocks-to-swap and --fsdp both place the model's blocks: use one")))
     cache_text_encoder_outputs: str = option("memory", "Frozen text encoders' outputs: every prompt of the run is "
                                              "encoded before the denoiser loads, then the encoders are freed; kept in "
@@ -440,10 +445,3 @@ def combinations(cfg: TrainConfig):
             wrong = next((need for need in f.metadata["needs"] if not need.holds(cfg)), None)
             if wrong:
                 raise TrainError(wrong.why.format(flag=option_flag(f), cfg=cfg))
-
-
-def validate_resolution(value: int, factor: int):
-    """Once the model is known: the resolution is a multiple of its whole downsampling factor."""
-    wrong = image_side(value, factor)
-    if wrong:
-        raise TrainError(f"--resolution {wrong}")

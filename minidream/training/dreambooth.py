@@ -15,12 +15,12 @@ from minidream.models.compile import eager
 from minidream.models.flow_matching import FlowProcess
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.models.text_memo import TextMemo, remember
+from minidream.sampling.pipeline import image_side
 from minidream.training import TrainError, distributed, run_folder, runtime
 from minidream.training.checkpoint import Checkpointer, Resume, base_fingerprint, per_process_batch, resume_from
 from minidream.training.dataset import TrainingData, buckets
 from minidream.training.concepts_file import absolute_paths, with_folder_names
-from minidream.training.config import (OPTIONS, TrainConfig, combinations, flag, validate,
-                                       validate_resolution)
+from minidream.training.config import OPTIONS, TrainConfig, combinations, flag, validate
 from minidream.training.export import base_for_exports, export as export_trained, load_base
 from minidream.training.holding import hold
 from minidream.training.loop import loop, phase
@@ -56,9 +56,6 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
             raise TrainError(f"{', '.join(files)}: not the base model this run trained on (its weights or "
                              f"architecture differ); give the run's own files")
         cfg = check_against_model(cfg, model)
-        model = hold(model, cfg, rt.precision, rt.main)
-        if cfg.blocks_to_swap:  # the last blocks' frozen weights stay in CPU memory (models/block_swap.py)
-            swap_blocks(model.denoiser, cfg.blocks_to_swap, rt.device)
         data = TrainingData(cfg, out, model, overwrite and not resume)  # the photos, captions, buckets: checked
         processes = start.processes if start else rt.group.size  # the count the run's --batch-size is for
         cfg = steps_of_epochs(cfg, data, processes, start)
@@ -97,7 +94,11 @@ def train_and_export(cfg: TrainConfig, out: Path, model: StableDiffusion, data: 
     step = start.step if start else 0
     with phase("before training (class images, latents)", out):  # what was made is kept
         if not keep_model and not (cfg.train_text_encoder or cfg.train_token or cfg.train_token_t5):
-            encode_prompts_first(model, cfg, data, rt, base)
+            hold(model, cfg, rt.precision, rt.main, model.text_networks())
+            encode_prompts_first(model, cfg, data, rt, base)  # the text encoders are done with before the
+        hold(model, cfg, rt.precision, rt.main, device=rt.device)  # denoiser is read (training/holding.py)
+        if cfg.blocks_to_swap:  # the last blocks' frozen weights stay in CPU memory (models/block_swap.py)
+            swap_blocks(model.denoiser, cfg.blocks_to_swap, rt.device)
         rt.place(model)
         if cfg.prior:  # prior-preservation data, made by the base model before any weight changes
             data.make_class_images(model, cfg, rt)
@@ -179,6 +180,13 @@ CLASS_SAMPLING = {"steps": "class_steps", "guidance": "class_guidance", "sampler
                   "negative_prompt": "class_negative_prompt", "height": "resolution", "width": "resolution"}
 VALIDATION_SAMPLING = {"steps": "validation_steps", "sampler": "validation_scheduler", "height": "resolution",
                        "width": "resolution"}
+
+
+def validate_resolution(value: int, factor: int):
+    """Once the model is known: the resolution is a multiple of its whole downsampling factor."""
+    wrong = image_side(value, factor)
+    if wrong:
+        raise TrainError(f"--resolution {wrong}")
 
 
 def check_position_table(cfg: TrainConfig, model: StableDiffusion):

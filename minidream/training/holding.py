@@ -25,17 +25,17 @@ from minidream.training.trainable import MODES
 def frozen_networks(model: StableDiffusion, cfg) -> list[nn.Module]:
     """The networks no parameter of which trains (adapters added later aside): the VAE; the denoiser under LoRA; a
     CLIP unless it trains whole or learns a token's row (which starts from its fp32 values); T5 unless it learns
-    one. An explicit --class-precision fp32 keeps the class-image draw's networks as loaded (fp32) until the step."""
+    one. Kept as loaded (fp32) until the step: a network whose DoRA magnitudes start from its weights' norms (the
+    file's values, as before), and the networks an explicit --class-precision fp32 draws class images with (the
+    denoiser and the VAE; the text is encoded once, in the step's precision)."""
     adapters = MODES[cfg.mode].adapters
     drawn_in_fp32 = cfg.prior and cfg.class_precision == "fp32"
-    frozen = [model.vae] if not drawn_in_fp32 else []
-    if adapters and not drawn_in_fp32:
+    frozen = [] if drawn_in_fp32 else [model.vae]
+    if adapters and not cfg.dora and not drawn_in_fp32:
         frozen.append(model.denoiser)
-    clip_trains = (cfg.train_text_encoder and not adapters) or cfg.train_token
-    for _, _, te in model.text_encoders():
-        if not clip_trains and not drawn_in_fp32:
-            frozen.append(te)
-    if model.text_encoder_3 is not None and not cfg.train_token_t5 and not drawn_in_fp32:
+    clip_trains = (cfg.train_text_encoder and (not adapters or cfg.dora)) or cfg.train_token
+    frozen += [te for _, _, te in model.text_encoders() if not clip_trains]
+    if model.text_encoder_3 is not None and not cfg.train_token_t5:
         frozen.append(model.text_encoder_3)
     return frozen
 
@@ -65,17 +65,21 @@ def cast_network(net: nn.Module, dtype: torch.dtype):
                 give_back_pages([old])
 
 
-def hold(model: StableDiffusion, cfg, precision: torch.dtype | None, main: bool = True) -> StableDiffusion:
-    """The model, loaded as stored, in the form the run keeps it (the module docstring)."""
-    frozen = frozen_networks(model, cfg)
+def hold(model: StableDiffusion, cfg, precision: torch.dtype | None, main: bool = True,
+         only: list[nn.Module] | None = None, device: torch.device | None = None) -> StableDiffusion:
+    """The model, loaded as stored, in the form the run keeps it (the module docstring); `only`: these networks
+    (the text encoders, settled and done with before the denoiser is read). Layers are quantized on `device` (the
+    run's: bitsandbytes' kernels there, and the layer stays)."""
+    nets = [net for net in model.networks() if only is None or any(net is o for o in only)]
+    frozen = [net for net in frozen_networks(model, cfg) if any(net is n for n in nets)]
     quantized = quantized_at_load(model, cfg, frozen)
     if quantized:
-        before, after = quantize_frozen(quantized, cfg.quantize_base, lambda w: give_back_pages([w]))
+        before, after = quantize_frozen(quantized, cfg.quantize_base, lambda w: give_back_pages([w]), device)
         if main:
             print(f"--quantize-base {cfg.quantize_base}: the frozen linear weights the step runs, "
                   f"{before / 2 ** 20:,.1f} MiB as stored -> {after / 2 ** 20:,.1f} MiB", file=sys.stderr)
     half = precision or torch.float32
-    for net in model.networks():
+    for net in nets:
         if any(net is f for f in frozen):
             cast_network(net, t5_dtype(half) if net is model.text_encoder_3 else half)
         else:

@@ -17,9 +17,13 @@ TEXT_CACHES = {"memory": "in memory, for this run", "disk": "also in OUT/text_ca
 
 
 def entry(folder: Path, model: StableDiffusion, base: str, prompt: str) -> Path:
-    """The prompt's file: its name a hash of the prompt and of what its conditioning depends on."""
+    """The prompt's file: its name a hash of the prompt, its token ids (another --tokenizer reads it otherwise) and
+    what else its conditioning depends on."""
     dtypes = [str(next(te.parameters()).dtype) for te in model.text_networks()]
-    key = json.dumps([base, model.family.name, dtypes, model.clip_skip, model.max_sequence_length, prompt])
+    ids = [tok([prompt]).tolist() for _, tok, _ in model.text_encoders()]
+    if model.tokenizer_3 is not None:
+        ids.append(model.tokenizer_3([prompt], model.max_sequence_length).tolist())
+    key = json.dumps([1, base, model.family.name, dtypes, model.clip_skip, model.max_sequence_length, ids, prompt])
     return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
 
 
