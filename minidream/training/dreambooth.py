@@ -94,9 +94,11 @@ def train_and_export(cfg: TrainConfig, out: Path, model: StableDiffusion, data: 
     step = start.step if start else 0
     with phase("before training (class images, latents)", out):  # what was made is kept
         if not keep_model and not (cfg.train_text_encoder or cfg.train_token or cfg.train_token_t5):
-            hold(model, cfg, rt.precision, rt.main, model.text_networks())
-            encode_prompts_first(model, cfg, data, rt, base)  # the text encoders are done with before the
-        hold(model, cfg, rt.precision, rt.main, device=rt.device)  # denoiser is read (training/holding.py)
+            hold(model, cfg, rt.precision, rt.main, model.text_networks())  # done with before the denoiser
+            encode_prompts_first(model, cfg, data, rt, base)  # is read
+        # the rest in the form the run keeps it (training/holding.py), quantized on the device unless its blocks
+        # are to stay off it
+        hold(model, cfg, rt.precision, rt.main, device=None if cfg.blocks_to_swap else rt.device)
         if cfg.blocks_to_swap:  # the last blocks' frozen weights stay in CPU memory (models/block_swap.py)
             swap_blocks(model.denoiser, cfg.blocks_to_swap, rt.device)
         rt.place(model)
