@@ -155,3 +155,8 @@ def test_text_encoder_outputs_on_disk_are_read_again_on_resume(sd1_dir, instance
     assert r.exit_code == 0, r.output
     assert encoded == [["a sks dog in the snow"]]
     assert len(list((out / "text_cache").glob("*.safetensors"))) == len(files) + 1
+    files[0].write_bytes(files[0].read_bytes()[:40])  # a damaged entry: encoded again and written whole
+    encoded.clear()
+    r = run_cli("train", "--out", out, "--resume", "latest", "--steps", 3)
+    assert r.exit_code == 0, r.output
+    assert len(encoded) == 1 and len(files[0].read_bytes()) > 40

@@ -143,16 +143,18 @@ def encode_prompts_first(model: StableDiffusion, cfg: TrainConfig, data: Trainin
     batches = [base_prompts + [e.prompt for e in data.instance if e.prompt not in base_prompts],
                ([cfg.class_negative_prompt] if cfg.prior else []) + [p for p, _, _ in rows]
                + [params.negative_prompt or "" for _, params, _ in rows] + [""]]
+    every = list(dict.fromkeys(p for b in batches for p in b))
     model.text_memo = memo = TextMemo()
     disk = Path(cfg.out) / "text_cache" if cfg.cache_text_encoder_outputs == "disk" else None
     if disk is not None:
-        read_cached(memo, disk, model, base, [p for b in batches for p in b], rt.device)
-    if any(p not in memo.rows for b in batches for p in b):
+        read_cached(memo, disk, model, base, every, rt.device)
+    missing = [p for p in every if p not in memo.rows]
+    if missing:
         for te in model.text_networks():
             te.to(rt.device)
         remember(model, batches)
         if disk is not None and rt.main:
-            write_cached(memo, disk, model, base, [p for b in batches for p in b])
+            write_cached(memo, disk, model, base, missing)
     for te in model.text_networks():
         give_back_pages([*te.parameters(), *te.buffers()])
         rt.release(te)

@@ -45,8 +45,6 @@ def read_cached(memo: TextMemo, folder: Path, model: StableDiffusion, base: str,
 
 
 def write_cached(memo: TextMemo, folder: Path, model: StableDiffusion, base: str, prompts: list[str]):
-    """The prompts' rows not on disk yet, one file each."""
+    """The prompts' rows, one file each (those read_cached could not read: missing, or unreadable and replaced)."""
     for prompt in dict.fromkeys(prompts):
-        file = entry(folder, model, base, prompt)
-        if not file.exists():
-            save_safetensors(memo.rows[prompt], file, metadata={"prompt": prompt})
+        save_safetensors(memo.rows[prompt], entry(folder, model, base, prompt), metadata={"prompt": prompt})
