@@ -91,6 +91,8 @@ def test_a_bf16_base_exports_its_lora_in_fp32(sd1_dir, instance_dir, tmp_path):
     assert torch.equal(lora[key], down[name]), (key, name)
 
 
+@pytest.mark.slow  # 24 s on 2 cores (two Flux runs with class images and grids); the suite keeps its budget:
+# every frozen-text run of the suite goes through the memo, and the disk-cache test checks a resume's bits
 def test_frozen_text_encoders_go_before_the_denoiser_is_placed(flux_dir, instance_dir, tmp_path, monkeypatch):
     """A Flux LoRA run with class images and a validation grid: every prompt it uses is encoded first and the text
     encoders (T5 among them) are released before the transformer is placed on the device; its class images, losses
