@@ -15,12 +15,14 @@ from typing import Annotated, Optional
 import typer
 
 from minidream.cli_common import (adapt, adapter_files, check_sampling, checked, device_and_backend, fail,
-                                  load_model, resolved_device, text_read, write_samples, writing)
-from minidream.cli_options import Adapters, Bench, Demo, Diff, Eval, Loader, Maps, Pretrain, Run, Sample
+                                  load_model, resolved_device, text_read, with_run_file, write_samples, writing)
+from minidream.cli_options import (Adapters, Bench, Demo, Diff, Eval, Loader, Maps, MovedConfig, Pretrain, Run,
+                                   Sample)
 from minidream.sampling.pipeline import SamplingParams
 from minidream.training import TrainError
-from minidream.training.config import TrainConfig
+from minidream.training.config import TrainConfig, combinations, validate
 from minidream.options import declared_values, with_options
+from minidream.run_files import RunFile, to_toml
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again (a run saves)
 
@@ -34,7 +36,7 @@ ModelArg = Annotated[str, typer.Argument(help="Model: a diffusers-layout folder,
 # The commands
 
 @app.command()
-@with_options(Loader)
+@with_options(Loader, MovedConfig)
 def info(model: ModelArg, **options):
     """Load a model and print what it is: version, parameter counts, dtype, prediction type."""
     from minidream.sampling.samplers import default_sampler
@@ -63,18 +65,30 @@ def info(model: ModelArg, **options):
     typer.echo(f"resolution {m.native_resolution} px native")
 
 
+SAMPLE = (Sample, SamplingParams, Run, Adapters, Loader)
+
+
 @app.command()
-@with_options(Sample, SamplingParams, Run, Adapters, Loader)
-def sample(**options):
+@with_options(*SAMPLE, RunFile, model=None, prompt=None, out=None)
+def sample(ctx: typer.Context, **options):
     """Text to image: writes one PNG per image (settings in the PNG text) and a grid when several."""
     from minidream.models.attention import set_attention_backend
     from minidream.models.compile import compile_network
     from minidream.models.device import DTYPES
-    from minidream.sampling.samplers import default_sampler
-    o, params, run, adapters, loader = checked(options, Sample, SamplingParams, Run, Adapters, Loader)
+    from minidream.models.flow_matching import FlowConfig
+    from minidream.sampling.samplers import default_sampler, zero_snr_schedule
+    options, _ = with_run_file(ctx, options, SAMPLE)
+    o, params, run, adapters, loader = checked(options, *SAMPLE)
+    if options["print_config"]:
+        return typer.echo(to_toml(o, params, run, adapters, loader), nl=False)
     loras, embeddings = adapter_files(adapters)
     dev, backend = device_and_backend(run)
     m = text_read(load_model(o.model, loader), o.clip_skip, o.max_sequence_length)
+    if o.zero_terminal_snr:
+        if isinstance(m.scheduler, FlowConfig):
+            fail(f"--zero-terminal-snr: {m.family.title} is a rectified flow, which reaches pure noise already; "
+                 f"drop it")
+        m.scheduler = zero_snr_schedule(m.scheduler)
     check_sampling(params, m)
     params = params.for_model(m)  # the PNGs say the steps and guidance used
     name = params.sampler or default_sampler(m.scheduler)  # the model's own, by name, for the PNGs
@@ -97,7 +111,8 @@ def sample(**options):
     except OSError as e:
         fail(f"--out {o.out}: cannot create it ({e.strerror})")
     settings = {"steps": params.steps, "guidance": params.guidance, "true_cfg": params.true_cfg, "scheduler": name,
-                "eta": params.eta,
+                "eta": params.eta, "guidance_rescale": params.guidance_rescale,
+                "zero_terminal_snr": o.zero_terminal_snr,
                 "clip_skip": o.clip_skip, "model": m.source, "dtype": run.dtype,
                 "lora": [f"{f}:{w}" for f, w in loras], "embeddings": [str(f) for f, _ in embeddings],
                 "software": "minidream"}  # in every PNG's text
@@ -106,7 +121,7 @@ def sample(**options):
 
 
 @app.command("train")
-@with_options(TrainConfig)
+@with_options(TrainConfig, RunFile, out=None)
 def train(
     ctx: typer.Context,
     resume: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint file to continue from.")] = None,
@@ -115,11 +130,16 @@ def train(
 ):
     """DreamBooth: bind IDENTIFIER to the subject in --instance-dir, with prior preservation."""
     from minidream.training.dreambooth import dreambooth
-    # which settings the user named: on --resume only those may override (or conflict with) the checkpoint's
-    given = {p for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", None) == "COMMANDLINE"}
+    # which settings the user named (here or in --config's run file): on --resume only those may override (or
+    # conflict with) the checkpoint's
+    settings, given = with_run_file(ctx, settings, (TrainConfig,))
     try:
-        _, written = dreambooth(declared_values(TrainConfig, settings), resume=resume, overwrite=overwrite,
-                                given=given)
+        cfg = declared_values(TrainConfig, settings)
+        if settings["print_config"]:  # each setting checked alone and against the others (the run's other checks
+            validate(cfg, resuming=True)  # need its files: a run file may name them later)
+            combinations(cfg)
+            return typer.echo(to_toml(cfg), nl=False)
+        _, written = dreambooth(cfg, resume=resume, overwrite=overwrite, given=given)
     except TrainError as e:
         fail(str(e))
     for w in written:
@@ -163,7 +183,7 @@ def demo(**options):
 
 
 @app.command()
-@with_options(Diff, Adapters, Loader)
+@with_options(Diff, Adapters, Loader, MovedConfig)
 def diff(base: ModelArg, tuned: ModelArg, **options):
     """What fine-tuning changed: ‖W_tuned − W_base‖/‖W_base‖ of every tensor, by component, block and layer type
     (--lora/--embedding are applied to TUNED: `diff BASE BASE --lora L` shows what a LoRA changes)."""
@@ -185,7 +205,7 @@ def diff(base: ModelArg, tuned: ModelArg, **options):
 
 
 @app.command("attention-maps")
-@with_options(Maps, SamplingParams, Adapters, Loader, steps=20)
+@with_options(Maps, SamplingParams, Adapters, Loader, MovedConfig, steps=20)
 def attention_maps(**options):
     """Where each prompt token looks: cross-attention probabilities averaged over heads, layers and steps."""
     from minidream.inspect import attention_maps as am
@@ -245,7 +265,8 @@ def evaluate(**options):
     o, = checked(options, Eval)
     picked = demo_subjects(o.subjects, "--subjects")
     try:
-        table = run_eval(o.out, tuple(map(int, o.seeds.split(","))), subjects=picked, **steps_given(o.steps))
+        table = run_eval(o.out, tuple(map(int, o.seeds.split(","))), subjects=picked, recipe=o.recipe,
+                         **steps_given(o.steps))
     except TrainError as e:
         fail(str(e))
     except KeyboardInterrupt:

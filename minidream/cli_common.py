@@ -3,7 +3,7 @@ LoRAs and embeddings, choosing the device and kernel; each problem is one line (
 before anything is written."""
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import typer
@@ -38,6 +38,8 @@ def checked(options: dict, *classes) -> tuple:
     """The command line's values as instances of `classes` (cli_options.py), each checked by its declarations (and
     its `problem()`, what its options ask of each other): the first problem is one line naming the option."""
     made = []
+    if options.get("config") is not None and "print_config" not in options:  # (with run files: with_run_file)
+        options = moved_config(options)
     for cls in classes:
         obj = declared_values(cls, options)
         wrong = obj.problem() if hasattr(obj, "problem") else first_problem(obj)
@@ -46,6 +48,44 @@ def checked(options: dict, *classes) -> tuple:
             fail(f"{option_flag(next(f for f in fields(cls) if f.name == name))} {what}")
         made.append(obj)
     return tuple(made)
+
+
+def with_run_file(ctx: typer.Context, options: dict, classes) -> tuple[dict, set[str]]:
+    """The command line's options merged with --config's run file (the command line wins; run_files.py), or the old
+    --config (a single file's architecture) read as --original-config; then each option that has no default must
+    be in one of them. Also the options the user gave, in either."""
+    from minidream.run_files import RunFileError, is_run_file, merged
+    given = {p for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", None) == "COMMANDLINE"}
+    value = options.get("config")
+    if value is not None and not str(value).strip():
+        fail("--config is empty; name a run file (TOML)")
+    if value is not None and not is_run_file(value):
+        options, given = moved_config(options), given | {"original_config"}
+    elif value is not None:
+        try:
+            options, given = merged(options, given, value, classes)
+        except RunFileError as e:
+            fail(str(e))
+    for cls in classes:
+        needed = next((f for f in fields(cls) if f.default is MISSING and options.get(f.name) is None), None)
+        if needed is not None:
+            fail(f"{option_flag(needed)} is needed (on the command line or in a --config run file)")
+    return options, given
+
+
+def moved_config(options: dict) -> dict:
+    """--config FOLDER, as before it was --original-config (a single file's architecture): read as that, with a note."""
+    from minidream.run_files import is_run_file
+    value = options["config"]
+    if options.get("original_config") is not None:
+        fail(f"--config {value} and --original-config: --config is the old name of --original-config; give that "
+             f"alone")
+    if is_run_file(value):
+        fail(f"--config {value}: run files are read by train and sample; this command's --config is the old name of "
+             f"--original-config (a single file's architecture: a folder or repo id)")
+    typer.echo(f"note: --config {value}: read as --original-config (a single file's architecture), its name now; "
+               f"--config of train and sample takes a run file", err=True)
+    return {**options, "original_config": value}
 
 
 def check_sampling(params: SamplingParams, m):
@@ -84,7 +124,8 @@ def load_model(model: str, loader: Loader, dtype=None):
     from minidream.formats.files import ModelError
     from minidream.formats.loading import load
     try:
-        return load(model, dtype=dtype, **asdict(loader))
+        options = asdict(loader)
+        return load(model, dtype=dtype, config=options.pop("original_config"), **options)
     except ModelError as e:
         fail(str(e))
 

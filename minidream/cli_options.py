@@ -32,10 +32,16 @@ class Loader:
     allow_pickle: bool = train_option("allow_pickle")
     tokenizer: str | None = train_option("tokenizer")
     preset: str | None = train_option("preset")
-    config: str | None = train_option("config")
+    original_config: str | None = train_option("original_config")
     t5: bool = train_option("t5")
     text_encoders: tuple[str, ...] = train_option("text_encoders")
     vae: str | None = train_option("vae")
+
+
+@dataclass(frozen=True)
+class MovedConfig:
+    """--config as the commands without run files (run_files.py) still take it: the old name of --original-config."""
+    config: str | None = option(None, "The old name of --original-config (a single file's architecture).")
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,9 @@ class Sample:
     progress: bool = option(True, "Show a progress bar.")
     clip_skip: int = train_option("clip_skip")
     max_sequence_length: int | None = train_option("max_sequence_length")
+    zero_terminal_snr: bool = option(False, "SD 1.x/2.x/XL: sample on the model's schedule rescaled to zero terminal "
+                                     "SNR (trailing timesteps), as a LoRA or token trained with --zero-terminal-snr "
+                                     "on this base expects.")
 
     def problem(self) -> tuple[str, str] | None:
         """Each option's check, then what they ask of each other: every batch's seed (seed + k) is in range."""
@@ -117,6 +126,9 @@ class Eval:
                         check=comma_integers(seed_range))
     subjects: str = option("1", "Held-out subjects: all, or comma-separated numbers or names (1 = the demo's "
                            "yellow-striped-star).")
+    recipe: str = option("whole", "What trains: whole (the demo's UNet and text encoder: with and without the "
+                         "prior) or lora (LoRA without the prior, with it from class images, from the model).",
+                         choices=("whole", "lora"))
 
 
 @dataclass(frozen=True)

@@ -184,19 +184,20 @@ class Needs:
 
 
 def option(default=MISSING, help: str = "", *, check=None, choices=None, resumable: bool = False, flag: str = None,
-           cli_type=None, parse=None, was: str = None, needs: tuple[Needs, ...] = ()):
+           cli_type=None, parse=None, was: str = None, needs: tuple[Needs, ...] = (), panel: str | None = None):
     """A dataclass field with everything about its option:
     check      a function that says what is wrong with a value (None: nothing); `choices` (a table's keys) makes one
     resumable  a resumed run may take a new value for it; any other, given with a different value, is refused
     flag       the option's name(s) on the command line, when not --field-name (typer's "--on/--off" for a switch)
     cli_type   the command line's type when it differs (Path), `parse` turning it into the field's value
     was        the field's name in checkpoints written before it was renamed
-    needs      what it asks of the other settings when given (`Needs`; training.config.combinations checks them)"""
+    needs      what it asks of the other settings when given (`Needs`; training.config.combinations checks them)
+    panel      the heading --help shows it under (None: the command's options)"""
     if choices is not None and check is None:
         check = one_of(tuple(choices), optional=default is None)
     meta = {"help": help, "check": check, "choices": tuple(choices) if choices is not None else None,
             "resumable": resumable, "flag": flag, "cli_type": cli_type, "parse": parse, "was": was,
-            "needs": needs}
+            "needs": needs, "panel": panel}
     return field(default=default, metadata=meta)
 
 
@@ -242,7 +243,8 @@ def declared_option(f: Field, default=MISSING) -> inspect.Parameter:
     flags = [meta["flag"]] if meta["flag"] else []
     declare = path_option if meta["cli_type"] is not None else typer.Option
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                             annotation=Annotated[t, declare(*flags, help=meta["help"])])
+                             annotation=Annotated[t, declare(*flags, help=meta["help"],
+                                                             rich_help_panel=meta.get("panel"))])
 
 
 def declared_values(cls, values: dict):

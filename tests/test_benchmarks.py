@@ -25,6 +25,7 @@ def test_benchmarks_smoke(tmp_path):
     assert all(r["flops"] > 0 for r in unet["results"])
 
 
+@pytest.mark.slow  # 15 s (the SD benchmark's smoke test runs in the fast suite)
 def test_sdxl_benchmarks_smoke(tmp_path):
     """`--preset sdxl` (what the GPU session runs at 1024 px) at the tiny-xl size: both sides conditioned as SDXL."""
     r = subprocess.run([sys.executable, "-m", "benchmarks", "sd", "--smoke", "--preset", "sdxl", "--only",

@@ -121,3 +121,42 @@ def test_bad_data_is_one_line(sd1_dir, tmp_path):
         r = run_cli("train", "--model", sd1_dir, "--out", out, "--resolution", 16, "--steps", 1, "--class-steps", 1,
                     *args)
         assert r.exit_code != 0 and needle in r.output and "Traceback" not in r.output, (args, r.output)
+
+
+def test_shuffled_tags_and_caption_dropout_follow_their_rule():
+    """--shuffle-tags keeps the first --keep-tokens tags and permutes the rest; --caption-dropout empties a prompt
+    with its probability; both draw from the run's generator, and only when asked (a run without them draws what
+    it always drew)."""
+    from types import SimpleNamespace
+    from minidream.training.batches import varied
+    prompts = ["sks, dog, red collar, grass, sunny", "sks, dog", "a photo of sks dog"] * 200
+    g = torch.Generator().manual_seed(0)
+    off = SimpleNamespace(shuffle_tags=False, keep_tokens=0, caption_dropout=0.0)
+    state = g.get_state()
+    assert varied(prompts, off, g) == prompts and torch.equal(g.get_state(), state)
+    on = SimpleNamespace(shuffle_tags=True, keep_tokens=1, caption_dropout=0.25)
+    got = varied(prompts, on, g)
+    kept = [(p, q) for p, q in zip(prompts, got) if q]
+    assert 0.2 < 1 - len(kept) / len(got) < 0.3  # dropped about a quarter
+    for p, q in kept:
+        tags, shuffled = p.split(", "), q.split(", ")
+        assert shuffled[0] == tags[0] and sorted(shuffled) == sorted(tags)
+    orders = {q for p, q in kept if p.startswith("sks, dog, red")}
+    assert len(orders) > 10  # 4! orders of the tags after the first
+    again = varied(prompts, on, torch.Generator().manual_seed(0).set_state(state))
+    assert again == got
+
+
+def test_a_run_with_shuffled_tags_and_caption_dropout(sd1_dir, tmp_path):
+    inst = folder(tmp_path / "inst", [(32, 32)] * 3, captions=["sks, dog, grass, sun", "sks, dog, sofa", None])
+    out = tmp_path / "run"
+    r = run_cli(*train_args(sd1_dir, inst, out, "--caption-ext", ".txt", "--shuffle-tags", "--keep-tokens", 1,
+                            "--caption-dropout", 0.3, "--train", "lora", "--no-prior", "--steps", 4))
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "data.json").read_text())
+    assert data["captions"] == {"dropout": 0.3, "shuffle_tags": True, "keep_tokens": 1}
+    r = run_cli(*train_args(sd1_dir, inst, tmp_path / "bad", "--shuffle-tags", "--cache-text-encoder-outputs",
+                            "disk"))
+    assert r.exit_code != 0 and "--shuffle-tags makes a new prompt each step" in r.output
+    r = run_cli(*train_args(sd1_dir, inst, tmp_path / "bad", "--keep-tokens", 2))
+    assert r.exit_code != 0 and "--keep-tokens keeps tags in place under --shuffle-tags" in r.output

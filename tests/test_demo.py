@@ -153,6 +153,7 @@ def test_eval_seeds_must_be_integers_and_reuse_a_demo_folder(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # 17 s
 def test_pretrain_can_keep_the_vae_and_recognizer(tmp_path):
     """`demo-pretrain --reuse`: the VAE and the recogniser are the given folder's, bit for bit; the tokenizer, text
     encoder and UNet are trained with the shipped model's schedule, and the record names what was reused."""

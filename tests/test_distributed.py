@@ -191,6 +191,7 @@ def test_fsdp_trains_as_one_process_with_the_global_batch_and_resumes_anywhere(s
 
 
 @OLD_TORCH
+@pytest.mark.slow  # 17 s (a killed process without --fsdp is tested in the fast suite)
 def test_a_killed_process_under_fsdp_is_the_one_line_too(sd1_dir, instance_dir, tmp_path):
     """Under --fsdp the lost process shows in FSDP's own gathers (gloo's RuntimeError from inside the forward), not in
     the trainer's collectives: rank 0 still ends with the one line (or with torchrun's SIGTERM taken as Ctrl-C), no
@@ -219,6 +220,7 @@ def test_fsdp_needs_torchrun_and_says_what_it_cannot_do(sd1_dir, instance_dir, t
         assert not out.exists()
 
 
+@pytest.mark.slow  # 15 s (the other torchrun runs make class images too)
 def test_a_slow_process_makes_the_same_class_images(sd1_dir, instance_dir, tmp_path):
     """Rank 1 held back after the processes agree to start writing (as a loaded machine does): each still draws
     the indices both listed before any write, so the run has exactly images 0..n-1, each once."""

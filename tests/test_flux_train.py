@@ -114,7 +114,7 @@ def test_lora_exports_give_diffusers_images(flux_dir, instance_dir, tmp_path):
     assert (got.int() - want.int()).abs().max() <= 1
     merged = theirs(FluxPipeline.from_pretrained(out / "model"), prompt)
     assert (merged.int() - want.int()).abs().max() <= 1
-    got = ours(out / "model.safetensors", tmp_path / "bfl", prompt, "--config", out / "model")
+    got = ours(out / "model.safetensors", tmp_path / "bfl", prompt, "--original-config", out / "model")
     assert (got.int() - want.int()).abs().max() <= 1
 
 

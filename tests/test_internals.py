@@ -152,3 +152,26 @@ def test_curves_and_tensorboard(sd1_dir, instance_dir, tmp_path):  # noqa: F811
     ev.Reload()
     assert len(ev.Scalars("train/loss_instance")) == 4 and len(ev.Images("validation")) == 3  # steps 0, 2, 4
     assert len(ev.Scalars("validation/val_loss_prior")) == 3
+
+
+def test_report_to_wandb_offline(sd1_dir, instance_dir, tmp_path, monkeypatch):  # noqa: F811
+    """--report-to wandb (WANDB_MODE=offline, no account): the metrics, the grids and the run's settings in the W&B
+    run's file under OUT/wandb; a resumed run logs on into the same W&B run (its id kept in OUT/wandb/run-id)."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    r = run_cli(*train_args(sd1_dir, instance_dir, out, "--steps", 2, "--report-to", "wandb", "--checkpoint-every",
+                            2, "--validation-prompt", "a dog", "--validation-images", 1, "--validation-steps", 2))
+    assert r.exit_code == 0, r.output
+    run_id = (out / "wandb" / "run-id").read_text()
+    files = list((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 1
+    data = files[0].read_bytes()
+    for key in (b"train/loss_instance", b"train/lr", b"lora_rank", b"prior_loss_weight"):  # metrics, settings
+        assert key in data, key
+    assert list((out / "wandb").glob("offline-run-*/files/media/images/validation_*.png"))
+    r = run_cli("train", "--out", out, "--resume", "latest", "--steps", 3)
+    assert r.exit_code == 0, r.output
+    assert (out / "wandb" / "run-id").read_text() == run_id
+    assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # the same W&B run, continued

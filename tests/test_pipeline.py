@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,7 +12,8 @@ from minidream.sampling.pipeline import SamplingParams, generate
 from minidream.sampling.samplers import SAMPLERS
 
 
-def reference_images(folder, prompt, scheduler, guidance, steps, seed, n=1, negative=None, eta=0.0, size=32):
+def reference_images(folder, prompt, scheduler, guidance, steps, seed, n=1, negative=None, eta=0.0, size=32,
+                     rescale=0.0):
     import numpy as np
     from diffusers import StableDiffusionPipeline
     from tests.test_samplers import reference
@@ -20,7 +23,7 @@ def reference_images(folder, prompt, scheduler, guidance, steps, seed, n=1, nega
     extra = {"eta": eta} if scheduler == "ddim" else {}
     out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance, height=size,
                width=size, num_images_per_prompt=n, generator=torch.Generator("cpu").manual_seed(seed),
-               output_type="np", **extra).images
+               output_type="np", guidance_rescale=rescale, **extra).images
     return torch.from_numpy((out * 255).round().astype(np.uint8))
 
 
@@ -44,6 +47,42 @@ def test_same_seed_same_image_as_diffusers(sd1_dir, sd2_dir, family, scheduler, 
     assert got.shape == want.shape == (2, 32, 32, 3)
     assert got.float().std() > 5  # the images are not blank, so equality means something
     assert (got.int() - want.int()).abs().max().item() <= 1
+
+
+def zero_snr_copy(folder, tmp_path, **options):
+    """The model with its schedule rescaled to zero terminal SNR, sampled from t = T (Lin et al. 2024)."""
+    import json
+    import shutil
+    out = tmp_path / "zsnr"
+    shutil.copytree(folder, out)
+    f = out / "scheduler" / "scheduler_config.json"
+    d = json.loads(f.read_text())
+    f.write_text(json.dumps({**d, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", **options}))
+    return out
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler-a", "dpmpp-2m", "unipc"])
+def test_zero_terminal_snr_model_with_guidance_rescale_as_diffusers(sd2_dir, tmp_path, scheduler):
+    """A v-prediction model on a zero-terminal-SNR schedule, with guidance_rescale 0.7: the same pixels."""
+    folder = zero_snr_copy(sd2_dir, tmp_path)
+    want = reference_images(folder, "a red striped star", scheduler, 6.0, steps=8, seed=3, n=2, rescale=0.7)
+    m = loading.load(str(folder))
+    assert m.scheduler.rescale_betas_zero_snr
+    params = SamplingParams(steps=8, guidance=6.0, sampler=scheduler, height=32, width=32, guidance_rescale=0.7)
+    assert params.problem(m) is None
+    got = generate(m, ["a red striped star"] * 2, params, generator=torch.Generator("cpu").manual_seed(3),
+                   progress=False)
+    plain = generate(m, ["a red striped star"] * 2, replace(params, guidance_rescale=0.0),
+                     generator=torch.Generator("cpu").manual_seed(3), progress=False)
+    assert got.float().std() > 5 and (got.int() - plain.int()).abs().max() > 2  # the rescale changes the image
+    assert (got.int() - want.int()).abs().max().item() <= 1
+
+
+def test_guidance_rescale_is_refused_where_it_does_nothing(sd2_dir):
+    m = loading.load(str(sd2_dir))
+    assert SamplingParams(guidance=1.0, guidance_rescale=0.7).problem(m)[0] == "guidance_rescale"
+    assert SamplingParams(guidance_rescale=1.5).problem(m)[0] == "guidance_rescale"
+    assert SamplingParams(guidance_rescale=0.7).problem(m) is None
 
 
 def test_cli_sample_writes_pngs_with_metadata(sd1_dir, tmp_path):
@@ -123,3 +162,16 @@ def test_cli_sample_warns_about_cut_prompt(sd1_dir, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "longer than 77 tokens" in r.stderr and "red red" in r.stderr
+
+
+def test_sample_zero_terminal_snr_rescales_the_models_schedule(sd2_dir, tmp_path):
+    """`sample --zero-terminal-snr` (for a LoRA trained so on this base) draws what the model whose scheduler config
+    says so draws; refused on a flow model."""
+    from PIL import Image
+    from tests.test_train import run_cli
+    folder = zero_snr_copy(sd2_dir, tmp_path)
+    args = ["--prompt", "a red star", "--steps", 3, "--height", 32, "--width", 32, "--seed", 2]
+    assert run_cli("sample", "--model", sd2_dir, "--zero-terminal-snr", "--out", tmp_path / "a", *args).exit_code == 0
+    assert run_cli("sample", "--model", folder, "--out", tmp_path / "b", *args).exit_code == 0
+    a, b = (Image.open(next((tmp_path / d).glob("*.png"))) for d in "ab")
+    assert list(a.getdata()) == list(b.getdata())

@@ -241,7 +241,7 @@ def test_sample_device_and_backend_errors_are_one_line(sd1_dir, tmp_path):
 
 
 def test_single_file_options_on_a_folder_are_refused_not_ignored(sd1_dir, instance_dir, tmp_path):
-    for flag in ("--preset", "--config", "--tokenizer"):
+    for flag in ("--preset", "--original-config", "--tokenizer"):
         r = CliRunner().invoke(app, ["sample", "--model", str(sd1_dir), "--prompt", "a", "--out", str(tmp_path / "o"),
                                      "--steps", 1, "--no-progress", flag, "sd15"])
         assert r.exit_code == 2 and f"{flag} describes only single-file checkpoints" in r.output, r.output

@@ -22,7 +22,15 @@ CONFIGS = {
     "linspace-linear": {"_class_name": "EulerDiscreteScheduler", "beta_schedule": "linear", "beta_start": 0.0001,
                         "beta_end": 0.02, "timestep_spacing": "linspace", "prediction_type": "v_prediction"},
     "ddim-defaults": {"_class_name": "DDIMScheduler"},  # every field from the class defaults (clip_sample=True, ...)
+    # Lin et al. 2024: ᾱ_T = 0, sampled from t = T (the v-prediction SDXL fine-tunes built on it ship this)
+    "zero-snr-v": {**SD, "_class_name": "EulerDiscreteScheduler", "rescale_betas_zero_snr": True,
+                   "timestep_spacing": "trailing", "prediction_type": "v_prediction", "steps_offset": 0},
+    "zero-snr-eps-leading": {**SD, "_class_name": "DDIMScheduler", "rescale_betas_zero_snr": True},
 }
+# what a zero-terminal-SNR schedule is refused by: PNDM and Heun ignore it in diffusers; an ε-model's x̂_0 at ᾱ_T = 0
+# is a division by zero for the samplers that step on ᾱ_t itself (diffusers' draws NaN)
+REFUSED = {("zero-snr-v", "pndm"), ("zero-snr-v", "heun"), ("zero-snr-eps-leading", "pndm"),
+           ("zero-snr-eps-leading", "heun")}
 OPTIONS = {"pndm": {"skip_prk_steps": True}, "dpmpp-2m-karras": {"use_karras_sigmas": True},
            "dpmpp-2m-sde-karras": {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}}
 
@@ -52,6 +60,10 @@ def run(sampler_step, scale, timesteps, init, x, seed):
 @pytest.mark.parametrize("steps", [1, 4, 13])
 def test_sampler_matches_diffusers(name, config, steps):
     d = CONFIGS[config]
+    if (config, name) in REFUSED:
+        with pytest.raises(ValueError, match="rescale_betas_zero_snr=True"):
+            make_sampler(name, SchedulerConfig.from_dict(d))
+        return
     if config == "ddim-defaults" and name in ("ddim", "ddpm"):
         pass  # the class defaults clip x̂_0 to [-1, 1]: tested here too
     ref = reference(name, d)
@@ -106,9 +118,29 @@ def test_unimplemented_model_scheduler_says_what_to_pick(d, needle):
 
 
 def test_unimplemented_schedule_options_are_refused():
-    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):  # the schedule itself: at load time
-        SchedulerConfig.from_dict({**SD, "rescale_betas_zero_snr": True}).check()
+    with pytest.raises(ValueError, match="trained_betas"):  # the schedule itself: at load time
+        SchedulerConfig.from_dict({**SD, "trained_betas": [0.1] * 1000}).check()
     fixed_log = SchedulerConfig.from_dict({"_class_name": "DDPMScheduler", "variance_type": "fixed_small_log"})
     make_sampler("euler", fixed_log)  # Euler does not read variance_type
     with pytest.raises(ValueError, match="variance_type='fixed_small_log'"):
         make_sampler("ddpm", fixed_log)
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_zero_snr_epsilon_model_is_refused_by_samplers_that_divide_by_alpha(name):
+    """diffusers' DDIM/DDPM draw NaN for it (x̂_0 = (x - ε)/√ᾱ_T, ᾱ_T = 0): refused, naming what works."""
+    config = SchedulerConfig.from_dict({**SD, "_class_name": "DDIMScheduler", "rescale_betas_zero_snr": True,
+                                        "timestep_spacing": "trailing"})
+    with pytest.raises(ValueError, match="choose euler"):
+        make_sampler(name, config).set_timesteps(10)
+
+
+def test_zero_snr_alphas_match_diffusers():
+    """ᾱ_t of a rescaled schedule: 0 at the last step (DDIM), 2^-24 for the σ-space samplers (σ_T finite)."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+    config = SchedulerConfig.from_dict({**SD, "rescale_betas_zero_snr": True})
+    ddim, euler = DDIMScheduler.from_config(CONFIGS["zero-snr-v"]), EulerDiscreteScheduler.from_config(
+        CONFIGS["zero-snr-v"])
+    assert make_sampler("ddim", config).alphas_cumprod[-1] == 0 == ddim.alphas_cumprod[-1]
+    assert torch.allclose(make_sampler("ddim", config).alphas_cumprod, ddim.alphas_cumprod, rtol=1e-6, atol=0)
+    assert torch.equal(make_sampler("euler", config).alphas_cumprod, euler.alphas_cumprod)

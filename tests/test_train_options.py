@@ -197,7 +197,7 @@ def test_train_takes_the_loader_options(sd1_dir, instance_dir, tmp_path):
     f = tmp_path / "base.safetensors"
     save_single_file(loading.load(str(sd1_dir)), f)
     outs = {}
-    for name, model, extra in (("folder", sd1_dir, []), ("file", f, ["--config", sd1_dir])):
+    for name, model, extra in (("folder", sd1_dir, []), ("file", f, ["--original-config", sd1_dir])):
         outs[name] = tmp_path / name
         r = run_cli(*train_args(model, instance_dir, outs[name], "--train", "lora", "--save-as", "lora-diffusers",
                                 "--no-prior", "--device", "cpu", *extra))  # CPU: CUDA runs differ run to run
@@ -209,7 +209,7 @@ def test_train_takes_the_loader_options(sd1_dir, instance_dir, tmp_path):
     # can amplify on near-zero gradients): the trained adapters agree as a whole
     diff = max(((b[k] - a[k]).norm() / a[k].norm().clamp_min(1e-12)).item() for k in a if "lora_B" in k)
     assert diff <= 1e-2, diff
-    assert json.loads((outs["file"] / "run.json").read_text())["config"] == str(sd1_dir)
+    assert json.loads((outs["file"] / "run.json").read_text())["original_config"] == str(sd1_dir)
 
 
 def test_sd2_single_file_is_not_guessed(sd2_dir, tmp_path):
@@ -277,7 +277,7 @@ def test_every_option_is_declared_once_and_the_commands_read_it():
         return [m.value for m in t] if hasattr(t, "__members__") else list(t.choices)
     commands = typer.main.get_command(app).commands
     train = {p.name: p for p in commands["train"].params}
-    assert set(train) == set(OPTIONS) | {"resume", "overwrite"}
+    assert set(train) == set(OPTIONS) | {"resume", "overwrite", "config", "print_config"}  # (run files' own)
     for name, f in OPTIONS.items():
         assert f.metadata["help"] and train[name].help == f.metadata["help"], name
         if f.metadata["choices"] is not None:

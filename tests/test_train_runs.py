@@ -203,10 +203,11 @@ def test_checkpoints_of_earlier_versions_resume_the_same(sd1_dir, instance_dir, 
 
 
 # the settings of version 0 (checkpoints before settings_version): every later one is in resume_settings.ADDED
+# (by today's names: original_config was config, which a checkpoint's settings are read from: its `was`)
 VERSION_0 = {
     "adam_beta1", "adam_beta2", "adam_epsilon", "allow_pickle", "attention", "batch_size", "cache_latents",
     "center_crop", "checkpoint_every", "class_batch_size", "class_dir", "class_guidance", "class_negative_prompt",
-    "class_noun", "class_precision", "class_prompt", "class_steps", "config", "device", "flip", "grad_accum",
+    "class_noun", "class_precision", "class_prompt", "class_steps", "original_config", "device", "flip", "grad_accum",
     "gradient_checkpointing", "identifier", "instance_dir", "instance_prompt", "keep_last", "lora_alpha", "lora_rank",
     "lr", "lr_power", "lr_schedule", "max_grad_norm", "mixed_precision", "mode", "model", "noise_offset",
     "num_class_images", "out", "preset", "prior", "prior_loss_weight", "resolution", "revision", "save_as", "seed",

@@ -141,7 +141,7 @@ def test_real_architecture_keys_and_shapes(family):
     assert model_lib.preset_of(configs.unet_config(dict(ref.config), "config.json"), unet.PRESETS) == family
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd21"])
+@pytest.mark.parametrize("family", ["sd15", pytest.param("sd21", marks=pytest.mark.slow)])  # (18 s; sd15 runs)
 def test_real_architecture_numeric_forward(tmp_path, family):
     """Full widths and depths, random weights, one forward on a 16x16 latent."""
     from diffusers import UNet2DConditionModel

@@ -159,17 +159,30 @@ def _spread(rows: list[dict], key: str) -> dict:
     return {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals), "each": vals}
 
 
-RUNS = {"DreamBooth, no prior loss": ("without-prior", False), "DreamBooth, prior loss (λ=1)": ("with-prior", True)}
+# The runs `minidream eval` compares, by --recipe: label -> (folder, prior preservation, changes to demo_config). The
+# first is without the prior; the claims are checked of each later one against it. LoRA (rank 8 on the UNet's
+# attention and the text encoder, lr 1e-3 for both): the prior from class images, or from the model itself.
+LORA = {"mode": "lora", "lora_rank": 8, "lora_alpha": 8.0, "lr": 1e-3, "text_encoder_lr": 1e-3,
+        "save_as": ("lora-diffusers",)}
+RECIPES = {
+    "whole": {"DreamBooth, no prior loss": ("without-prior", False, {}),
+              "DreamBooth, prior loss (λ=1)": ("with-prior", True, {})},
+    "lora": {"LoRA, no prior loss": ("lora-without-prior", False, LORA),
+             "LoRA, prior from class images": ("lora-class-images", True, LORA),
+             "LoRA, prior from the model (--prior-source model)": ("lora-model-prior", True,
+                                                                    {**LORA, "prior_source": "model"})},
+}
+RUNS = RECIPES["whole"]
 KEYS = ("subject_fidelity", "prompt_fidelity", "PRES", "DIV", "attention_localisation")
 
 
 def run_eval(out: Path, seeds: tuple[int, ...] = (0, 1, 2), steps: int = STEPS, classes: int = EVAL_CLASSES,
-             subjects: tuple[dict, ...] = world.SUBJECTS[:1]) -> dict:
+             subjects: tuple[dict, ...] = world.SUBJECTS[:1], recipe: str = "whole") -> dict:
     """The base model, and DreamBooth with and without the prior-preservation loss (paper, Table 3), on each subject,
     each DreamBooth run once per seed (its class images, noise and draws): mean, min and every seed's value; PRES and
     DIV from EVAL_CLASSES class-prompt samples. Runs go to out/<subject>/<with|without>-prior-seed<s>."""
-    out = Path(out)
-    total = len(RUNS) * len(seeds) * len(subjects)
+    out, runs_of = Path(out), RECIPES[recipe]
+    total = len(runs_of) * len(seeds) * len(subjects)
     print(f"eval: the base model, then {total} DreamBooth runs (each with its own progress)", file=sys.stderr)
     base_model, net = load(str(DEMO_DIR), dtype=torch.float32), load_recognizer()
     words = {"identifier": attention_localisation(base_model), **word_localisation(base_model)}
@@ -179,34 +192,40 @@ def run_eval(out: Path, seeds: tuple[int, ...] = (0, 1, 2), steps: int = STEPS, 
         name = world.subject_name(subject)
         runs[name] = {"base model": {**score(base_readings, subject), "prior_preservation": None,
                                      "attention_localisation": words["identifier"]}}
-        for label, (d, p) in RUNS.items():
+        for label, (d, p, changes) in runs_of.items():
             runs[name][label] = []
             for s in seeds:
                 done += 1
                 print(f"eval: run {done}/{total}: {name}, {label}, seed {s}", file=sys.stderr)
                 runs[name][label].append(run_demo(out / name / f"{d}-seed{s}", prior=p, seed=s, steps=steps,
-                                                  grids=False, localise=True, classes=classes, subject=subject))
+                                                  grids=False, localise=True, classes=classes, subject=subject,
+                                                  changes=changes))
     rows = {name: {model: {k: _spread(rs if isinstance(rs, list) else [rs], k) for k in KEYS}
                    for model, rs in by_model.items()} for name, by_model in runs.items()}
-    checks = claims(runs, words)
+    checks = claims(runs, words, list(runs_of))
     table = eval_table(seeds, rows, words, checks)
     write_text(out / "eval.md", table)
-    record = {"seeds": list(seeds), "steps": steps, "subjects": list(runs), "base_model_word_localisation": words,
+    record = {"recipe": recipe, "seeds": list(seeds), "steps": steps, "subjects": list(runs),
+              "base_model_word_localisation": words,
               "rows": rows, "checks": checks, "runs": runs}
     write_text(out / "eval.json", json.dumps(record, indent=2))
     return {"rows": rows, "checks": checks, "table": table}
 
 
-def claims(runs: dict, words: dict) -> dict:
-    """The paper's claims per subject (the prior lowers PRES and keeps DIV on every seed), and #34's goals over every
-    subject and seed with the prior: subject fidelity ≥ 0.9 mean and ≥ 0.8 least, the identifier localising ≥ 1.5,
-    and, on the base model, its attribute words ≥ 1.5."""
-    without, with_prior = RUNS  # their labels
+def claims(runs: dict, words: dict, labels: list[str] = list(RUNS)) -> dict:
+    """The paper's claims per subject (each prior lowers PRES and keeps DIV on every seed, against the first run of
+    `labels`, without it), and #34's goals over every subject and seed with the prior (the second run): subject
+    fidelity ≥ 0.9 mean and ≥ 0.8 least, the identifier localising ≥ 1.5, and, on the base model, its attribute
+    words ≥ 1.5."""
+    without, with_prior, *others = labels
     checks = {}
     for name, by_model in runs.items():
-        no, yes = by_model[without], by_model[with_prior]
-        checks[f"{name}: prior lowers PRES on every seed"] = all(b["PRES"] < a["PRES"] for a, b in zip(no, yes))
-        checks[f"{name}: prior keeps DIV on every seed (no lower)"] = all(b["DIV"] >= a["DIV"] for a, b in zip(no, yes))
+        no = by_model[without]
+        for label in (with_prior, *others):
+            yes, which = by_model[label], "prior" if not others else label
+            checks[f"{name}: {which} lowers PRES on every seed"] = all(b["PRES"] < a["PRES"] for a, b in zip(no, yes))
+            checks[f"{name}: {which} keeps DIV on every seed (no lower)"] = all(
+                b["DIV"] >= a["DIV"] for a, b in zip(no, yes))
     prior = [r for by_model in runs.values() for r in by_model[with_prior]]
     fidelity = [r["subject_fidelity"] for r in prior]
     looks = [r["attention_localisation"] for r in prior]

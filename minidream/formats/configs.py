@@ -2,8 +2,8 @@
 frozen config dataclasses (`unet_config`, `vae_config`, `clip_config`; `read_configs` for a whole folder), and our
 dataclasses written back as diffusers writes them (`*_config_json`). The diffusers layout (diffusers_layout.py) reads
 and writes its folders with these; a single-file checkpoint (single_file.py) takes its architecture from them too
-(--config's folder, or the configs our exports carry in their metadata). Also the tokenizer and scheduler a folder
-holds: everything about a model but its weights.
+(--original-config's folder, or the configs our exports carry in their metadata). Also the tokenizer and scheduler a
+folder holds: everything about a model but its weights.
 """
 import math
 from dataclasses import fields
@@ -188,8 +188,8 @@ def load_scheduler_config(folder: Path) -> SchedulerConfig:
 
 
 def read_configs(folder: Path) -> tuple[dict, SchedulerConfig]:
-    """The architecture a diffusers folder describes, without its weights (for a single-file checkpoint's --config):
-    the configs by component (unet, vae, text_encoder and, with two encoders, text_encoder_2)."""
+    """The architecture a diffusers folder describes, without its weights (for a single-file checkpoint's
+    --original-config): the configs by component (unet, vae, text_encoder and, with two encoders, text_encoder_2)."""
     files = {k: folder / k / "config.json" for k in PARSE}
     cfgs = {k: PARSE[k](read_json(f), f) for k, f in files.items() if k != "text_encoder_2" or f.exists()}
     check_conditioning(folder, cfgs["unet"], cfgs["text_encoder"], cfgs.get("text_encoder_2"))

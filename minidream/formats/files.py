@@ -40,7 +40,7 @@ def name_some(keys, n: int = 4) -> str:
 def resolve(model: str, revision: str | None = None, allow_pickle: bool = False, variant: str | None = None,
             weights: bool = True, t5: bool = True) -> Path:
     """A local folder or single file as is; otherwise a hub repo id, fetched (configs, tokenizers and
-    the component weights only; weights=False: no weights, for a single file's --config or vocabulary) into the
+    the component weights only; weights=False: no weights, for a single file's --original-config or vocabulary) into the
     standard Hugging Face cache (t5=False: not SD3's T5 either). HF_HUB_OFFLINE=1 serves the cache."""
     path = Path(model).expanduser()
     if path.exists():

@@ -6,8 +6,8 @@ diffusers holds (scale, shift).
 
 The other parts live in files of their own, as ComfyUI users keep them: `--text-encoders clip_l.safetensors
 --text-encoders t5xxl_fp16.safetensors` (transformers' layout) and `--vae ae.safetensors` (the original autoencoder
-layout, or diffusers'); or all of them, with the configs and tokenizers, from `--config` (a Flux diffusers folder).
-The table names every key the file must hold; every key is used or the file is refused; no pickle unless asked.
+layout, or diffusers'); or all of them, with the configs and tokenizers, from `--original-config` (a Flux diffusers
+folder). The table names every key the file must hold; every key is used or the file is refused; no pickle unless asked.
 """
 import json
 from dataclasses import replace
@@ -97,16 +97,17 @@ def is_flux_file(sd: dict) -> bool:
 
 def flux_from_keys(sd: dict, prefix: str, file: Path) -> flux.FluxConfig:
     """The transformer a file's shapes describe; the rope axes are the released models' (16, 56, 56), which only
-    a head of 128 channels takes (another needs --config)."""
+    a head of 128 channels takes (another needs --original-config)."""
     def shape(key):
         if prefix + key not in sd:
-            raise ModelError(f"{file}: missing key {prefix + key!r}; not a whole Flux.1 transformer (or pass --config)")
+            raise ModelError(f"{file}: missing key {prefix + key!r}; not a whole Flux.1 transformer (or pass "
+                             f"--original-config)")
         return sd[prefix + key].shape
     width, channels = shape("img_in.weight")
     head = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
     if head != 128 or width % head:
         raise ModelError(f"{file}: heads of {head} channels; only the released models' (128) have known rope axes: "
-                         f"pass --config with its diffusers folder")
+                         f"pass --original-config with its diffusers folder")
     count = lambda kind: len({k[len(prefix):].split(".")[1] for k in sd if k.startswith(prefix + kind)})  # noqa: E731
     return flux.FluxConfig(in_channels=channels, num_layers=count("double_blocks."),
                            num_single_layers=count("single_blocks."), attention_head_dim=head,
@@ -119,7 +120,7 @@ PARSE = {"transformer": flux_config, "vae": vae_config, "text_encoder": clip_con
 
 
 def _configs(sd: dict, prefix: str, file: Path, cdir: Path | None, preset: str | None) -> dict:
-    """Each part's config and the schedule: --config's folder; else the architecture our exports write in their
+    """Each part's config and the schedule: --original-config's folder; else the architecture our exports write in their
     metadata; else the transformer of --preset or of the file's shapes, the released models' other parts."""
     if preset is not None and preset not in flux.PRESETS:
         raise ModelError(f"{file}: a Flux.1 checkpoint; --preset {preset!r} is not one of {', '.join(flux.PRESETS)}")
@@ -134,7 +135,7 @@ def _configs(sd: dict, prefix: str, file: Path, cdir: Path | None, preset: str |
                 "scheduler": FLOW_PRESETS["flux-dev" if net.guidance_embeds else "flux-schnell"]}
     missing = [k for k in PARSE if not (cdir / k / "config.json").exists()]
     if missing or not (cdir / "scheduler" / "scheduler_config.json").exists():
-        raise ModelError(f"--config {cdir}: not a Flux diffusers folder (no {(missing or ['scheduler'])[0]}/"
+        raise ModelError(f"--original-config {cdir}: not a Flux diffusers folder (no {(missing or ['scheduler'])[0]}/"
                          f"{'config.json' if missing else 'scheduler_config.json'})")
     return {**{k: f(read_json(cdir / k / "config.json"), cdir / k / "config.json") for k, f in PARSE.items()},
             "scheduler": schedule_of(cdir / "scheduler")}
@@ -166,7 +167,7 @@ def _separate(files: tuple[str, ...], allow_pickle: bool) -> dict[str, tuple[str
 
 
 def _encoders(files, cfgs: dict, cdir: Path | None, file: Path, allow_pickle: bool, dtype) -> dict:
-    """CLIP-L and T5 from --text-encoders' files, else from --config's folder."""
+    """CLIP-L and T5 from --text-encoders' files, else from --original-config's folder."""
     given, out = _separate(files, allow_pickle), {}
     for name, cls, ours in (("text_encoder", clip.CLIPTextModel, "text_encoder"),
                             ("text_encoder_2", t5.T5EncoderModel, "text_encoder_3")):
@@ -177,18 +178,19 @@ def _encoders(files, cfgs: dict, cdir: Path | None, file: Path, allow_pickle: bo
             out[ours] = load(cdir / name, allow_pickle=allow_pickle, dtype=dtype)
         else:
             kind = "CLIP-L (ComfyUI's clip_l.safetensors)" if name == "text_encoder" else "T5 (t5xxl_fp16.safetensors)"
-            raise ModelError(f"{file}: a Flux transformer alone; give its {kind} with --text-encoders, or --config "
-                             f"with a Flux diffusers folder")
+            raise ModelError(f"{file}: a Flux transformer alone; give its {kind} with --text-encoders, or "
+                             f"--original-config with a Flux diffusers folder")
     return out
 
 
 def _vae(vae_file: str | None, config: vae.VAEConfig, cdir: Path | None, file: Path, allow_pickle: bool, dtype):
-    """The VAE from --vae (BFL's ae.safetensors, the original autoencoder layout; or diffusers'), else --config's."""
+    """The VAE from --vae (BFL's ae.safetensors, the original autoencoder layout; or diffusers'), else
+    --original-config's."""
     if vae_file is None:
         if cdir is not None and (cdir / "vae").is_dir():
             return load_vae(cdir / "vae", allow_pickle=allow_pickle, dtype=dtype)
-        raise ModelError(f"{file}: a Flux transformer alone; give its VAE with --vae (ae.safetensors), or --config "
-                         f"with a Flux diffusers folder")
+        raise ModelError(f"{file}: a Flux transformer alone; give its VAE with --vae (ae.safetensors), or "
+                         f"--original-config with a Flux diffusers folder")
     if not Path(vae_file).is_file():
         raise ModelError(f"--vae {vae_file}: {'not a file' if Path(vae_file).exists() else 'no such file'}")
     sd = read_weights(Path(vae_file), allow_pickle)
@@ -217,10 +219,10 @@ def load_flux_single_file(file: Path, sd: dict, dtype=None, tokenizer: str | Non
                           preset: str | None = None, text_encoders: tuple[str, ...] = (), vae_file: str | None = None,
                           allow_pickle: bool = False) -> StableDiffusion:
     """A BFL transformer file as one model: configs (`_configs`), the transformer by the key table, the text
-    encoders and VAE from their own files or --config's folder; every key used, strictly."""
+    encoders and VAE from their own files or --original-config's folder; every key used, strictly."""
     prefix = file_prefix(sd)
     cdir = resolve(config, weights=not (text_encoders and vae_file)) if config else None
-    what = f"the architecture in {config}" if config else "a Flux.1 transformer (pass --config for another)"
+    what = f"the architecture in {config}" if config else "a Flux.1 transformer (pass --original-config for another)"
     cfgs = _configs(sd, prefix, file, cdir, preset)
     check_parts(file, cfgs)
     shapes = {k: v.shape for k, v in _meta(flux.FluxTransformer2DModel, cfgs["transformer"]).state_dict().items()}
@@ -228,7 +230,7 @@ def load_flux_single_file(file: Path, sd: dict, dtype=None, tokenizer: str | Non
     if bundled:  # ComfyUI's all-in-one checkpoints
         raise ModelError(f"{file}: it holds text encoders or a VAE beside the transformer ({bundled[0]!r}, …); "
                          f"minidream reads Flux's transformer file alone: give the others with --text-encoders and "
-                         f"--vae, or --config")
+                         f"--vae, or --original-config")
     mine, used = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}, set()
     weights = _take(mine, flux_table(shapes), shapes, used, file, what)
     unused = [prefix + k for k in mine if k not in used] + [k for k in sd if not k.startswith(prefix)]
@@ -243,7 +245,7 @@ def load_flux_single_file(file: Path, sd: dict, dtype=None, tokenizer: str | Non
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing BFL's file (the inverse of the table), with the architecture for a reader without --config
+# Writing BFL's file (the inverse of the table), with the architecture for a reader without --original-config
 
 def bfl_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A transformer's state dict under BFL's names: fused layers joined in their row order."""
@@ -260,7 +262,7 @@ def bfl_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def architecture_json(model: StableDiffusion) -> str:
-    """Every part's diffusers config and the schedule, in one JSON string: the file loads without --config (the
+    """Every part's diffusers config and the schedule, in one JSON string: the file loads without --original-config (the
     text encoders and VAE still come from their own files)."""
     return json.dumps({"transformer": transformer_config_json(model.denoiser.config),
                        "vae": vae_config_json(model.vae.config), "scheduler": model.scheduler.to_dict(),

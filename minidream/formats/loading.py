@@ -45,7 +45,7 @@ def load(model: str, revision: str | None = None, variant: str | None = None, al
             return load_sd3_single_file(path, sd, dtype, tokenizer, config, preset, t5, text_encoders, allow_pickle)
         return load_single_file(path, allow_pickle=allow_pickle, dtype=dtype, tokenizer=tokenizer, preset=preset,
                                 config=config, sd=sd)
-    ignored = [f for f, v in (("--preset", preset), ("--config", config), ("--tokenizer", tokenizer)) if v]
+    ignored = [f for f, v in (("--preset", preset), ("--original-config", config), ("--tokenizer", tokenizer)) if v]
     if ignored:  # a folder carries its own configs and tokenizer: say so rather than silently ignore the flag
         one = len(ignored) == 1
         raise ModelError(f"{path}: a model folder has its own configs and tokenizer; {', '.join(ignored)} "

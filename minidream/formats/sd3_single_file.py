@@ -4,9 +4,9 @@ the MMDiT under the original code's names (`model.diffusion_model.joint_blocks.N
 `first_stage_model.`, and the text encoders, when the file has them, under `text_encoders.clip_l|clip_g|t5xxl.`
 in transformers' own layout.
 
-Its architecture: `--config` (an SD3 diffusers folder or repo: its configs, scheduler and tokenizers — and its text
-encoders, for a file without them), else the MMDiT read off the file's shapes and the released models' VAE, CLIPs and
-T5 (tokenizers from `--tokenizer`, or the family's hub repo). As for SD: the table names every key the file must
+Its architecture: `--original-config` (an SD3 diffusers folder or repo: its configs, scheduler and tokenizers — and its
+text encoders, for a file without them), else the MMDiT read off the file's shapes and the released models' VAE, CLIPs
+and T5 (tokenizers from `--tokenizer`, or the family's hub repo). As for SD: the table names every key the file must
 hold, every key is used or the file is refused, no pickle unless asked, one line per problem.
 """
 import json
@@ -94,7 +94,7 @@ def mmdit_from_keys(sd: dict, file: Path) -> mmdit.MMDiTConfig:
     model), the native size 128 latents (as in every released one)."""
     def shape(key):
         if DIT + key not in sd:
-            raise ModelError(f"{file}: missing key {DIT + key!r}; not a whole SD3 MMDiT (or pass --config)")
+            raise ModelError(f"{file}: missing key {DIT + key!r}; not a whole SD3 MMDiT (or pass --original-config)")
         return sd[DIT + key].shape
     width, joint = shape("context_embedder.weight")
     patch, channels = shape("x_embedder.proj.weight")[-1], shape("x_embedder.proj.weight")[1]
@@ -106,7 +106,7 @@ def mmdit_from_keys(sd: dict, file: Path) -> mmdit.MMDiTConfig:
     head = sd[ln_q].shape[0] if ln_q in sd else 64
     if math.isqrt(table) ** 2 != table or width % head:
         raise ModelError(f"{file}: its pos_embed ({table} rows) or width ({width}, heads of {head}) is not an SD3 "
-                         f"MMDiT's; pass --config with its diffusers folder")
+                         f"MMDiT's; pass --original-config with its diffusers folder")
     return mmdit.MMDiTConfig(
         patch_size=patch, in_channels=channels, out_channels=shape("final_layer.linear.weight")[0] // patch ** 2,
         num_layers=max(blocks) + 1, num_attention_heads=width // head, attention_head_dim=head,
@@ -121,8 +121,8 @@ PARSE = {"transformer": mmdit_config, "vae": vae_config, "text_encoder": clip_co
 
 
 def _configs(sd: dict, file: Path, cdir: Path | None, preset: str | None) -> dict:
-    """Each component's config: --config's files; else the architecture our exports write in their metadata; else
-    the MMDiT of --preset or of the file's shapes, and the released models' other parts."""
+    """Each component's config: --original-config's files; else the architecture our exports write in their metadata;
+    else the MMDiT of --preset or of the file's shapes, and the released models' other parts."""
     if preset is not None and preset not in mmdit.PRESETS:
         raise ModelError(f"{file}: an SD3 checkpoint; --preset {preset!r} is not one of {', '.join(mmdit.PRESETS)}")
     stored = None if cdir is not None or preset is not None else stored_architecture(file, lambda d: {
@@ -139,7 +139,7 @@ def _configs(sd: dict, file: Path, cdir: Path | None, preset: str | None) -> dic
            if (cdir / k / "config.json").exists()}
     missing = [k for k in ("transformer", "vae", "text_encoder", "text_encoder_2") if k not in out]
     if missing or not (cdir / "scheduler" / "scheduler_config.json").exists():
-        raise ModelError(f"--config {cdir}: not an SD3 diffusers folder (no {(missing or ['scheduler'])[0]}/"
+        raise ModelError(f"--original-config {cdir}: not an SD3 diffusers folder (no {(missing or ['scheduler'])[0]}/"
                          f"{'config.json' if missing else 'scheduler_config.json'})")
     return {**out, "scheduler": flow_config(cdir / "scheduler")}
 
@@ -151,7 +151,7 @@ def _tokenizers(cdir: Path | None, tokenizer: str | None, file: Path) -> dict:
 
 
 def _encoder(sd, name, cfgs, cdir, file, used, dtype, what):
-    """A CLIP from the file when it holds one, else from --config's folder."""
+    """A CLIP from the file when it holds one, else from --original-config's folder."""
     slot = next(s for s in FAMILY.encoders if s.name == name)
     if slot.original + "embeddings.token_embedding.weight" in sd:
         projection = slot.original.removesuffix("text_model.") + "text_projection.weight"
@@ -164,12 +164,13 @@ def _encoder(sd, name, cfgs, cdir, file, used, dtype, what):
     if cdir is not None and (cdir / name).is_dir():
         return load_text_encoder(cdir / name, dtype=dtype)
     raise ModelError(f"{file}: holds no {slot.token_key} text encoder ({slot.original}…); give its file with "
-                     f"--text-encoders (ComfyUI's {slot.token_key}), or --config with an SD3 diffusers folder that has "
-                     f"{name}/")
+                     f"--text-encoders (ComfyUI's {slot.token_key}), or --original-config with an SD3 diffusers folder "
+                     f"that has {name}/")
 
 
 def _t5(sd, cfgs, cdir, file, used, dtype, wanted: bool):
-    """T5 from the file when it holds it, else from --config's folder; None with --no-t5 (its keys then unread)."""
+    """T5 from the file when it holds it, else from --original-config's folder; None with --no-t5 (its keys then
+    unread)."""
     mine = {k.removeprefix(T5_PREFIX): v for k, v in sd.items() if k.startswith(T5_PREFIX)}
     used |= {T5_PREFIX + k for k in mine}
     if not wanted:
@@ -180,8 +181,8 @@ def _t5(sd, cfgs, cdir, file, used, dtype, wanted: bool):
     if cdir is not None and (cdir / "text_encoder_3").is_dir():
         return load_t5(cdir / "text_encoder_3", dtype=dtype)
     raise ModelError(f"{file}: holds no T5 text encoder ({T5_PREFIX}…); give its file with --text-encoders (ComfyUI's "
-                     f"t5xxl), or --config with an SD3 diffusers folder that has text_encoder_3/, or --no-t5 to run "
-                     f"without it")
+                     f"t5xxl), or --original-config with an SD3 diffusers folder that has text_encoder_3/, or --no-t5 "
+                     f"to run without it")
 
 
 def with_separate_encoders(sd: dict, files: tuple[str, ...], file: Path, cfgs: dict, allow_pickle: bool = False,
@@ -218,10 +219,11 @@ def load_sd3_single_file(file: Path, sd: dict, dtype=None, tokenizer: str | None
                          preset: str | None = None, t5_wanted: bool = True, text_encoders: tuple[str, ...] = (),
                          allow_pickle: bool = False) -> StableDiffusion:
     """An SD3 single file as one StableDiffusion: configs (`_configs`), the MMDiT and VAE by the key tables, the
-    text encoders from the file, the separate files (ComfyUI's) or --config's folder; every key used, strictly."""
+    text encoders from the file, the separate files (ComfyUI's) or --original-config's folder; every key used,
+    strictly."""
     encoders_inside = text_encoders or FAMILY.encoders[0].original + "embeddings.token_embedding.weight" in sd
     cdir = resolve(config, weights=not encoders_inside) if config else None  # its weights: only to take encoders
-    what = f"the architecture in {config}" if config else "an SD3 checkpoint (pass --config for another)"
+    what = f"the architecture in {config}" if config else "an SD3 checkpoint (pass --original-config for another)"
     cfgs, used = _configs(sd, file, cdir, preset), set()
     sd, origins = with_separate_encoders(sd, text_encoders, file, cfgs, allow_pickle, t5_wanted)
     check_parts(file, cfgs)
@@ -242,7 +244,8 @@ def load_sd3_single_file(file: Path, sd: dict, dtype=None, tokenizer: str | None
             f" and {len(unused) - 1} more" if len(unused) > 1 else "") + f"; is it {what}?")
     toks = _tokenizers(cdir, tokenizer, file)
     if text_encoder_3 is not None and toks["tokenizer_3"] is None:
-        raise ModelError(f"{file}: T5 needs its tokenizer (tokenizer_3/); pass --config or --tokenizer with one")
+        raise ModelError(f"{file}: T5 needs its tokenizer (tokenizer_3/); pass --original-config or --tokenizer with "
+                         f"one")
     return StableDiffusion(**{**toks, "tokenizer_3": toks["tokenizer_3"] if text_encoder_3 is not None else None},
                            **parts, text_encoder_3=text_encoder_3, scheduler=cfgs["scheduler"], source=str(file),
                            family=FAMILY)
@@ -274,7 +277,7 @@ def to_sd3_single_file(model: StableDiffusion) -> dict[str, torch.Tensor]:
 
 
 def architecture_json(model: StableDiffusion) -> str:
-    """What an SD3 folder's configs say, in one JSON string: a file that carries it loads without --config."""
+    """What an SD3 folder's configs say, in one JSON string: a file that carries it loads without --original-config."""
     d = {"transformer": {"_class_name": "SD3Transformer2DModel", **asdict(model.denoiser.config)},
          "vae": vae_config_json(model.vae.config), "scheduler": model.scheduler.to_dict(),
          **{name: clip_config_json(te.config, tok) for name, tok, te in model.text_encoders()}}

@@ -15,7 +15,7 @@ named ignore list) and that every shape matches.
 """
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from minidream.models.stable_diffusion import (FAMILIES, MODELSPEC_PREDICTION, P
                                               TextEncoderSlot)
 from minidream.models.noise_schedule import SchedulerConfig
 from minidream.models.tokenizer import CLIPTokenizer
+from minidream.sampling.samplers import zero_snr_schedule
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 # each family's text encoders, their prefixes and layouts in these files: the rows of stable_diffusion.FAMILIES
@@ -42,7 +43,7 @@ OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_p
 # Keys of the original files that hold nothing we use: EMA copies and the DDPM schedule buffers
 # (we rebuild those from the scheduler config), OpenCLIP's projection head and unused last layer.
 IGNORED = re.compile(r"^(model_ema\.|betas$|alphas_cumprod|alphas_cumprod_prev$|sqrt_|log_one_minus|posterior_|"
-                     r"model_ema$|lvlb_weights$|logvar$|"
+                     r"model_ema$|lvlb_weights$|logvar$|v_pred$|ztsnr$|"
                      r"(cond_stage_model|conditioner\.embedders\.0)\.transformer\.text_model\.embeddings\.position_ids$|"
                      r"cond_stage_model\.model\.(text_projection|logit_scale|attn_mask)$|"
                      r"conditioner\.embedders\.1\.model\.(logit_scale|attn_mask)$)")
@@ -155,7 +156,7 @@ def match_rule(rules, key: str) -> tuple[str, list, object]:
 
 
 def vocabulary_folder(cdir: Path | None, tokenizer: str | None, file: Path, fam: Family, folders: str) -> Path:
-    """Where a single file's tokenizers are: --config's folder, else --tokenizer's, else the family's hub repo
+    """Where a single file's tokenizers are: --original-config's folder, else --tokenizer's, else the family's hub repo
     (`folders`: the subfolders it must have, for the one-line error)."""
     if cdir is not None:
         return cdir
@@ -163,8 +164,8 @@ def vocabulary_folder(cdir: Path | None, tokenizer: str | None, file: Path, fam:
         return resolve(tokenizer or fam.tokenizer_repo, weights=False)
     except ModelError as e:
         raise ModelError(f"{file}: a single file holds no tokenizer, and the official one ({fam.tokenizer_repo}) is "
-                         f"not here and could not be fetched; pass --config (a {fam.title} diffusers folder) or "
-                         f"--tokenizer FOLDER (one with {folders})") from e
+                         f"not here and could not be fetched; pass --original-config (a {fam.title} diffusers folder) "
+                         f"or --tokenizer FOLDER (one with {folders})") from e
 
 
 def _take(sd, table, want_shapes, used, file, what: str = ""):
@@ -209,7 +210,7 @@ def sd2_preset(file: Path) -> str:
     if preset is None:
         raise ModelError(f"{file}: an SD 2.x checkpoint, which may be 2.x-base (512 px, epsilon) or 2.x-v (768 px, "
                          f"v-prediction) with the same tensors, and its metadata does not say which; pass --preset "
-                         f"sd21-base or --preset sd21 (or --config with its diffusers folder)")
+                         f"sd21-base or --preset sd21 (or --original-config with its diffusers folder)")
     return preset
 
 
@@ -262,13 +263,13 @@ class Architecture:
 
 def architecture_of(file: Path, fam: Family, tokenizer: str | None, preset: str | None,
                     config: str | None) -> Architecture:
-    """The first of: --config (a diffusers-layout folder or repo id: its configs, scheduler and tokenizer); the
+    """The first of: --original-config (a diffusers-layout folder or repo id: its configs, scheduler and tokenizer); the
     architecture our exports write into their metadata; --preset, or the preset the family's keys imply."""
     if config is not None:
         cdir = resolve(config, weights=False)
         cfgs, scheduler = read_configs(cdir)
         if ("text_encoder_2" in cfgs) != (len(fam.encoders) == 2):
-            raise ModelError(f"{file}: an {fam.title} checkpoint, but --config {config} describes "
+            raise ModelError(f"{file}: an {fam.title} checkpoint, but --original-config {config} describes "
                              f"{'an SDXL' if 'text_encoder_2' in cfgs else 'an SD 1.x/2.x'} model")
         index = read_json(cdir / "model_index.json") if (cdir / "model_index.json").exists() else {}
         return Architecture(cfgs, scheduler, index.get("force_zeros_for_empty_prompt", True), cdir,
@@ -276,7 +277,7 @@ def architecture_of(file: Path, fam: Family, tokenizer: str | None, preset: str 
     if preset is None and ARCHITECTURE in read_metadata(file):  # our own export says what it is
         cfgs, scheduler, force_zeros = architecture(file, read_metadata(file)[ARCHITECTURE])
         return Architecture(cfgs, scheduler, force_zeros, vocabulary(file, tokenizer, fam),
-                            "the architecture in its metadata (pass --config to override it)")
+                            "the architecture in its metadata (pass --original-config to override it)")
     preset = preset or fam.single_file_preset or sd2_preset(file)
     if preset not in PRESETS:
         raise ModelError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
@@ -284,7 +285,7 @@ def architecture_of(file: Path, fam: Family, tokenizer: str | None, preset: str 
     cfgs = {"unet": p.unet, "vae": p.vae, "text_encoder": p.text_encoder,
             **({"text_encoder_2": p.text_encoder_2} if p.text_encoder_2 else {})}
     return Architecture(cfgs, p.scheduler, True, vocabulary(file, tokenizer, fam),
-                        f"a {preset} checkpoint (pass --preset or --config)")
+                        f"a {preset} checkpoint (pass --preset or --original-config)")
 
 
 def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str | None = None,
@@ -310,12 +311,30 @@ def load_single_file(file: Path, allow_pickle=False, dtype=None, tokenizer: str 
     if unused:
         raise ModelError(f"{file}: unexpected key {unused[0]!r}" + (f" and {len(unused) - 1} more" if len(unused) > 1
                                                                      else "") + f"; is it {arch.what}?")
-    model = StableDiffusion(**tokenizers(arch.tokenizer_dir, len(fam.encoders)), **parts, scheduler=arch.scheduler,
+    model = StableDiffusion(**tokenizers(arch.tokenizer_dir, len(fam.encoders)), **parts, scheduler=marked(arch, sd),
                             source=str(file), force_zeros_for_empty_prompt=arch.force_zeros and fam.zero_negative,
                             family=fam)
     te2 = model.text_encoder_2 and model.text_encoder_2.config
     check_conditioning(file, model.denoiser.config, model.text_encoder.config, te2)
     return model
+
+
+# Empty tensors that kohya's exports and the v-prediction SDXL fine-tunes (NoobAI-XL, ...) carry, which ComfyUI and
+# Forge read: the model predicts v; its schedule is rescaled to zero terminal SNR (Lin et al. 2024)
+V_PRED, ZTSNR = "v_pred", "ztsnr"
+
+
+def marked(arch: Architecture, sd: dict) -> SchedulerConfig:
+    """The file's schedule: the architecture's, as the file's markers state it."""
+    schedule = arch.scheduler
+    if V_PRED in sd:
+        schedule = replace(schedule, prediction_type="v_prediction")
+    return zero_snr_schedule(schedule) if ZTSNR in sd else schedule
+
+
+def markers(model: StableDiffusion) -> dict[str, torch.Tensor]:
+    return {**({V_PRED: torch.tensor([])} if model.scheduler.prediction_type == "v_prediction" else {}),
+            **({ZTSNR: torch.tensor([])} if model.scheduler.rescale_betas_zero_snr else {})}
 
 
 def to_single_file(model: StableDiffusion) -> dict[str, torch.Tensor]:
@@ -336,7 +355,7 @@ def to_single_file(model: StableDiffusion) -> dict[str, torch.Tensor]:
                 out[orig] = t[:, :, None, None] if how == "conv1x1" else t.T if how == "transpose" else t
     for orig, parts in chunks.items():
         out[orig] = torch.cat(parts, dim=0)
-    return {k: v.contiguous() for k, v in out.items()}
+    return {**{k: v.contiguous() for k, v in out.items()}, **markers(model)}
 
 
 def modelspec(model: StableDiffusion) -> dict[str, str]:
@@ -365,11 +384,12 @@ def stored_architecture(file: Path, parse) -> dict | None:
         raise
     except Exception as e:
         raise ModelError(f"{file}: its {ARCHITECTURE} metadata is not usable ({type(e).__name__}: {e}); pass "
-                         f"--config or --preset") from None
+                         f"--original-config or --preset") from None
 
 
 def architecture_json(model: StableDiffusion) -> str:
-    """What a diffusers folder's configs say, in one JSON string: a file that carries it loads without --config."""
+    """What a diffusers folder's configs say, in one JSON string: a file that carries it loads without
+    --original-config."""
     d = {"unet": unet_config_json(model.denoiser.config), "vae": vae_config_json(model.vae.config),
          **{name: clip_config_json(te.config, tok) for name, tok, te in model.text_encoders()},
          "scheduler": model.scheduler.to_dict(), "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt}
@@ -386,7 +406,7 @@ def architecture(file: Path, text: str) -> tuple[dict, SchedulerConfig, bool]:
         raise
     except Exception as e:
         raise ModelError(f"{file}: its {ARCHITECTURE} metadata is not usable ({type(e).__name__}: {e}); pass "
-                         f"--config or --preset") from None
+                         f"--original-config or --preset") from None
 
 
 def save_single_file(model: StableDiffusion, file: Path, dtype: torch.dtype | None = None):

@@ -201,5 +201,10 @@ class FlowProcess:
     def target(self, x0, noise, t):
         return x0 if self.density.precondition else noise - x0
 
+    def noise_ratio(self, t):
+        """σ/(1-σ), the noise-to-signal ratio of z_σ (the analogue of DDPM's √((1-ᾱ)/ᾱ); infinite at σ = 1)."""
+        s = torch.as_tensor(t).float() / self.config.num_train_timesteps
+        return s / (1 - s)
+
     def loss_weights(self, t, snr_gamma: float | None = None) -> torch.Tensor | None:
         return self.density.weights(torch.as_tensor(t) / self.config.num_train_timesteps)

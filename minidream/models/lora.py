@@ -11,6 +11,7 @@ Functions here transform a loaded model; the model files know nothing about LoRA
 read from are formats/lora_files.py and formats/lora_export.py.
 """
 import math
+from contextlib import contextmanager
 import re
 from dataclasses import dataclass
 
@@ -74,6 +75,7 @@ class LoRA(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         # DoRA's m, shaped like the base's bias (one per output row), starting at ||W||_c
         self.magnitude = nn.Parameter(row_norm(base.weight.detach().float())) if dora else None
+        self.enabled = True  # off: the base layer alone (adapters_off)
 
     @property
     def scale(self) -> float:
@@ -84,6 +86,8 @@ class LoRA(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
+        if not self.enabled:
+            return y
         xd = self.dropout(x)
         if self.magnitude is None:
             return y + self.adapter(xd).to(y.dtype) * self.scale
@@ -123,6 +127,20 @@ class LoRA(nn.Module):
             return w
         g = self.magnitude.float() / row_norm(w)
         return w * g.view(-1, *[1] * (w.dim() - 1))
+
+
+@contextmanager
+def adapters_off(*networks: nn.Module):
+    """The networks as they were before their adapters (LoRA, DoRA) were added, inside the block: what the base model
+    predicts, for a prior taken from the model itself (training/step.py)."""
+    adapters = [m for net in networks for m in net.modules() if isinstance(m, LoRA)]
+    for m in adapters:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in adapters:
+            m.enabled = True
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module):

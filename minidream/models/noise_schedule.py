@@ -22,6 +22,8 @@ class SchedulerConfig:
     timestep_spacing: str = "leading"  # or "trailing", "linspace"
     clip_sample: bool = False
     clip_sample_range: float = 1.0
+    # Lin et al. 2024 (arXiv 2305.08891) §3.1: the betas rescaled so that the last timestep is pure noise, ᾱ_T = 0
+    rescale_betas_zero_snr: bool = False
     # The scheduler class the checkpoint ships: `minidream sample`'s default sampler (samplers.default_sampler).
     class_name: str = "DDIMScheduler"
     # Which of the fields above scheduler_config.json set (None: all, as in a preset). A field the file leaves
@@ -47,12 +49,15 @@ class SchedulerConfig:
     def to_dict(self) -> dict:
         """scheduler_config.json: the class, the fields and the file's other options."""
         names = [f.name for f in fields(self) if f.name not in ("class_name", "given", "extra")]
-        # only the keys the source file had: a missing key means "the class default" to whoever reads it next
-        own = {k: getattr(self, k) for k in names if self.given is None or k in self.given}
+        # only the keys the source file had: a missing key means "the class default" to whoever reads it next (a
+        # preset's rescale only when set: every class's default is off, and PNDM's has no such key)
+        own = {k: getattr(self, k) for k in names if k in self.given} if self.given is not None else \
+            {k: getattr(self, k) for k in names if k != "rescale_betas_zero_snr" or self.rescale_betas_zero_snr}
         return {"_class_name": self.class_name, **own, **dict(self.extra)}
 
     def describe(self) -> str:
-        return f"{self.beta_schedule} betas, {self.num_train_timesteps} steps, spacing {self.timestep_spacing}"
+        zero = ", zero terminal SNR" if self.rescale_betas_zero_snr else ""
+        return f"{self.beta_schedule} betas{zero}, {self.num_train_timesteps} steps, spacing {self.timestep_spacing}"
 
     def check(self):
         def number(v):
@@ -66,7 +71,7 @@ class SchedulerConfig:
         offset = self.steps_offset
         if not (isinstance(offset, int) and not isinstance(offset, bool) and 0 <= offset < n):
             raise ValueError(f"steps_offset={self.steps_offset!r} must be an integer in [0, num_train_timesteps)")
-        for name in ("set_alpha_to_one", "clip_sample"):
+        for name in ("set_alpha_to_one", "clip_sample", "rescale_betas_zero_snr"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
         if not (number(self.clip_sample_range) and self.clip_sample_range > 0):
@@ -78,10 +83,10 @@ class SchedulerConfig:
         if self.timestep_spacing not in ("leading", "trailing", "linspace"):
             raise ValueError(f"timestep_spacing {self.timestep_spacing!r} is not supported (leading, trailing, "
                              f"linspace)")
-        extra = dict(self.extra)  # options that change ᾱ_t itself, for training and every sampler
-        if extra.get("trained_betas") is not None or extra.get("rescale_betas_zero_snr", False) is not False:
-            k = "trained_betas" if extra.get("trained_betas") is not None else "rescale_betas_zero_snr"
-            raise ValueError(f"{k}={extra[k]!r} is not supported (a schedule from beta_start, beta_end, beta_schedule)")
+        trained = dict(self.extra).get("trained_betas")  # betas listed one by one, for training and every sampler
+        if trained is not None:
+            raise ValueError(f"trained_betas={trained!r} is not supported (a schedule from beta_start, beta_end, "
+                             f"beta_schedule)")
         return self
 
 
@@ -104,7 +109,20 @@ def alphas_cumprod(config: SchedulerConfig) -> torch.Tensor:
                                dtype=torch.float32) ** 2
     else:
         betas = torch.linspace(config.beta_start, config.beta_end, config.num_train_timesteps, dtype=torch.float32)
+    if config.rescale_betas_zero_snr:
+        betas = zero_terminal_snr(betas)
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024, Algorithm 1: shift √ᾱ_t so that its last value is 0 (the last timestep sees pure noise, as
+    sampling starts from it) and scale it so that its first is kept, then read the betas back off ᾱ_t."""
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    bar = root ** 2
+    alphas = torch.cat([bar[:1], bar[1:] / bar[:-1]])
+    return 1 - alphas
 
 
 def _at(a: torch.Tensor, t, like: torch.Tensor):
@@ -113,18 +131,45 @@ def _at(a: torch.Tensor, t, like: torch.Tensor):
     return out.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+# the timestep draws a DDPM model trains with (--timestep-sampling; "sigma" is the family's own: uniform)
+DDPM_SAMPLINGS = ("sigma", "uniform", "sigmoid", "logit_normal")
+
+
+@dataclass(frozen=True)
+class TimestepDraw:
+    """Which timesteps training draws, in [low, high) (kohya's --min-timestep/--max-timestep; high None: T):
+    - uniform (and "sigma"): t ~ U{low, …, high-1}, Ho et al. 2020, Algorithm 1;
+    - logit_normal: u = sigmoid(m + s·z), z ~ N(0, 1) (Esser et al. 2024 eq. 19: more weight mid-way), t = low +
+      ⌊u·(high-low)⌋; sigmoid: the same with m = 0 and s = sigmoid_scale."""
+    sampling: str = "sigma"
+    low: int = 0
+    high: int | None = None
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    sigmoid_scale: float = 1.0
+
+    def draw(self, n: int, steps: int, generator: torch.Generator, device) -> torch.Tensor:
+        high = self.high or steps
+        if self.sampling in ("sigma", "uniform"):
+            return torch.randint(self.low, high, (n,), generator=generator, device=device)
+        z = torch.randn(n, generator=generator, device=device)
+        u = torch.sigmoid(self.logit_mean + self.logit_std * z if self.sampling == "logit_normal"
+                          else self.sigmoid_scale * z)
+        return (self.low + (u * (high - self.low)).long()).clamp(self.low, high - 1)
+
+
 class DDPMProcess:
     """The forward process of DDPM (Ho et al. 2020, eq. 4), x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, and what training reads off
     it: the regression target (ε, or v = √ᾱ_t ε - √(1-ᾱ_t) x_0 for v-prediction, Salimans & Ho 2022 §4, which SD 2.x
-    768 px uses), the signal-to-noise ratio and min-SNR-γ loss weights, and the uniform timestep draw."""
+    768 px uses), the signal-to-noise ratio and the loss weights made of it, and the timestep draw."""
 
-    def __init__(self, config: SchedulerConfig):
-        self.config = config.check()
+    def __init__(self, config: SchedulerConfig, draw: TimestepDraw = TimestepDraw()):
+        self.config, self.draw = config.check(), draw
         self.alphas_cumprod = alphas_cumprod(config)
 
     def draw_timesteps(self, n: int, generator: torch.Generator, device, latent_hw=None) -> torch.Tensor:
-        """t ~ U{0, …, T-1} for n examples (Ho et al. 2020, Algorithm 1)."""
-        return torch.randint(0, self.config.num_train_timesteps, (n,), generator=generator, device=device)
+        """t for n examples, by the run's draw (uniform over all T unless told otherwise)."""
+        return self.draw.draw(n, self.config.num_train_timesteps, generator, device)
 
     def add_noise(self, x0, noise, t):
         a = _at(self.alphas_cumprod, t, x0)
@@ -142,16 +187,29 @@ class DDPMProcess:
         a = self.alphas_cumprod.to(torch.as_tensor(t).device)[t]
         return a / (1 - a)
 
+    def noise_ratio(self, t):
+        """σ_t = √((1-ᾱ_t)/ᾱ_t), the noise-to-signal ratio of x_t (EDM's σ; infinite at a zero-SNR last step)."""
+        return self.snr(t).rsqrt()
+
     def output(self, pred, z, t):
         """What the prediction is compared with the target as: itself (ε or v)."""
         return pred
+
+    def debiased_weights(self, t):
+        """Debiased estimation (Yu et al. 2024, arXiv 2310.08442, as kohya weighs it): 1/√SNR for ε, 1/(SNR+1) for
+        v; the SNR clamped to [1e-3, 1000], so that neither end's weight is infinite (kohya clamps the top alone)."""
+        snr = self.snr(t).clamp(1e-3, 1000)
+        return snr.rsqrt() if self.config.prediction_type == "epsilon" else 1 / (snr + 1)
 
     def loss_weights(self, t, snr_gamma: float | None = None) -> torch.Tensor | None:
         """Each example's loss weight: min-SNR-γ when asked, else none."""
         return self.min_snr_weights(t, snr_gamma) if snr_gamma else None
 
     def min_snr_weights(self, t, gamma: float):
-        """Min-SNR-γ (Hang et al. 2023, eq. 7-8): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR+1) for v."""
+        """Min-SNR-γ (Hang et al. 2023, eq. 7-8): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR+1) for v.
+        A zero-terminal-SNR schedule's last timestep has SNR 0, where the ε weight is its limit, 1."""
         snr = self.snr(t)
         clipped = snr.clamp(max=gamma)
-        return clipped / snr if self.config.prediction_type == "epsilon" else clipped / (snr + 1)
+        if self.config.prediction_type == "epsilon":
+            return torch.where(snr > 0, clipped / snr.clamp_min(1e-20), torch.ones_like(snr))
+        return clipped / (snr + 1)

@@ -16,7 +16,7 @@ from minidream.models.stable_diffusion import StableDiffusion, encode_text, imag
 from minidream.models.vae import to_uint8
 from minidream.options import first_problem, in_range, option, optional, optional_at_least, text
 from minidream.progress import Progress
-from minidream.sampling.timestep_samplers import Sampler
+from minidream.sampling.timestep_samplers import PureNoiseStart, Sampler
 from minidream.sampling.samplers import SAMPLERS, make_sampler
 
 
@@ -47,6 +47,10 @@ class SamplingParams:
                                     "guidance its embedding is fed (one pass; CFG is --true-cfg). Default: the "
                                     "model's pipeline's (7.5; SD3 7.0; Flux 3.5).",
                                     check=optional(in_range(0, MAX_GUIDANCE)))
+    guidance_rescale: float = option(0.0, "SD 1.x/2.x/XL: rescale the guided prediction's spread to the "
+                                     "conditional one's by this share (Lin et al. 2024 eq. 15-16; 0.7 is theirs; "
+                                     "diffusers' guidance_rescale); mends washed-out zero-terminal-SNR images.",
+                                     check=in_range(0, 1))
     true_cfg: float = option(1.0, "Flux: classifier-free guidance with --negative-prompt at this scale, two passes "
                              "a step (FluxPipeline's true_cfg_scale); 1 = off.", check=in_range(1, MAX_GUIDANCE))
     sampler: str | None = option(None, "Sampler; default: the model's own scheduler (scheduler_config.json's class).",
@@ -68,6 +72,9 @@ class SamplingParams:
     def guidance_problem(self, model: StableDiffusion) -> tuple[str, str] | None:
         """What Flux's guidance settings ask that the model does not take: CFG is --true-cfg there (with a negative
         prompt, which is read nowhere else), and [schnell] has no guidance input."""
+        if self.guidance_rescale and isinstance(model.scheduler, FlowConfig):
+            title = model.family.title
+            return "guidance_rescale", f"is for SD 1.x/2.x/XL (diffusers' {title} pipeline has none); drop it"
         if not model.family.distilled_guidance:
             return ("true_cfg", f"is for Flux ({model.family.title} takes CFG from --guidance); drop it") \
                 if self.true_cfg != 1.0 else None
@@ -83,9 +90,10 @@ class SamplingParams:
         """The sampler these settings name, over a model's noise schedule (ValueError when it cannot be had)."""
         return make_sampler(self.sampler, schedule, self.eta)
 
-    def problem(self, model: StableDiffusion | None = None) -> tuple[str, str] | None:
+    def problem(self, model: StableDiffusion | None = None, schedule=None) -> tuple[str, str] | None:
         """(field, what is wrong) with these settings, or None; with the model, also its image sides, its scheduler
-        and the steps its schedule has room for. Callers check before they write anything."""
+        and the steps its schedule has room for (`schedule`: the one it will sample by, when not yet the model's).
+        Callers check before they write anything."""
         wrong = first_problem(self)
         if wrong or model is None:
             return wrong
@@ -93,6 +101,8 @@ class SamplingParams:
         if wrong:
             return wrong
         self = self.for_model(model)
+        if self.guidance_rescale and self.guidance <= 1:
+            return "guidance_rescale", "rescales classifier-free guidance, which is off (guidance <= 1); drop it"
         for name in ("height", "width"):
             wrong = image_side(getattr(self, name), model.downsampling)
             if wrong:
@@ -101,7 +111,7 @@ class SamplingParams:
             if side is not None and model.max_side is not None and side > model.max_side:
                 return name, f"must be at most {model.max_side} for this model (its position table; got {side})"
         try:
-            sampler = self.make_sampler(model.scheduler)
+            sampler = self.make_sampler(schedule or model.scheduler)
         except ValueError as e:
             return "sampler", str(e)
         if self.eta and not sampler.reads_eta:
@@ -110,6 +120,8 @@ class SamplingParams:
         try:
             sampler.set_timesteps(self.steps, **schedule_size(model, self.height or model.native_resolution,
                                                               self.width or model.native_resolution))
+        except PureNoiseStart as e:
+            return "sampler", str(e)
         except ValueError as e:
             return "steps", str(e)
         return None
@@ -168,7 +180,7 @@ def generate(model: StableDiffusion, prompts: list[str], params: SamplingParams 
         out = call(model.denoiser, x, t, **cond)  # (copied out of a CUDA graph's memory: --compile graphs)
         if guided:
             out_uncond, out_cond = out.chunk(2)
-            out = out_uncond + scale * (out_cond - out_uncond)
+            out = rescaled(out_uncond + scale * (out_cond - out_uncond), out_cond, params.guidance_rescale)
         latents = sampler.step(out, t, latents, generator=generator)
         bar.update()
     bar.close()
@@ -176,6 +188,16 @@ def generate(model: StableDiffusion, prompts: list[str], params: SamplingParams 
         raise ValueError("sampling produced NaN/inf latents (a broken model, schedule or LoRA, or fp16 overflow: "
                          "try --dtype fp32); no image written")
     return decode(model, latents)
+
+
+def rescaled(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2024 §3.4, eq. 15-16: the guided prediction scaled to the conditional one's standard deviation
+    (per image), mixed in by φ; CFG at a high scale over-exposes images of a zero-terminal-SNR model without it."""
+    if not phi:
+        return guided
+    dims = list(range(1, guided.ndim))
+    matched = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * matched + (1 - phi) * guided
 
 
 def decode(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ class it reproduces, that class's constructor defaults (what a key missing from 
 `<Class>.from_config(config)` reads it) and the scheduler options it does not implement. The CLI's choices, the
 model's default sampler and both parity tests (step by step and end to end) follow from the rows.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from minidream.models.flow_matching import FlowConfig
 from minidream.models.noise_schedule import SchedulerConfig
@@ -23,13 +23,14 @@ class SamplerRow:
 
 # diffusers' constructor defaults for the fields we read
 _BASE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-             prediction_type="epsilon", steps_offset=0)
+             prediction_type="epsilon", steps_offset=0, rescale_betas_zero_snr=False)
 _LINSPACE = {**_BASE, "timestep_spacing": "linspace"}
 # options of scheduler_config.json that change what a sampler computes and that ours do not implement
 _ANY = {"use_exponential_sigmas": (False,), "use_beta_sigmas": (False,)}  # σ schedules other than Karras'
 _THRESHOLD = {"thresholding": (False,)}  # dynamic thresholding (Imagen), read by the ε/x̂_0 samplers
 _FINAL_ZERO = {"final_sigmas_type": ("zero",)}  # the last step to σ = 0
 _MULTISTEP = {**_ANY, **_THRESHOLD, **_FINAL_ZERO}  # DPM-Solver++, UniPC
+_NO_ZERO_SNR = {"rescale_betas_zero_snr": (False,)}  # diffusers' PNDM and Heun ignore it (ᾱ_T would not be 0)
 
 SAMPLERS = {
     "ddim": SamplerRow(DDIM, {}, "DDIMScheduler",
@@ -39,13 +40,13 @@ SAMPLERS = {
                        {**_BASE, "timestep_spacing": "leading", "clip_sample": True, "clip_sample_range": 1.0},
                        {**_ANY, **_THRESHOLD, "variance_type": ("fixed_small", None)}),
     "pndm": SamplerRow(PNDM, {}, "PNDMScheduler", {**_BASE, "timestep_spacing": "leading", "set_alpha_to_one": False},
-                       _ANY),
+                       {**_ANY, **_NO_ZERO_SNR}),
     "euler": SamplerRow(Euler, {}, "EulerDiscreteScheduler", _LINSPACE,
                         {**_ANY, **_FINAL_ZERO, "timestep_type": ("discrete",), "interpolation_type": ("linear",)}),
     "euler-a": SamplerRow(EulerAncestral, {}, "EulerAncestralDiscreteScheduler", _LINSPACE, _ANY),
     "heun": SamplerRow(Heun, {}, "HeunDiscreteScheduler",
                        {**_LINSPACE, "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False,
-                        "clip_sample_range": 1.0}, _ANY),
+                        "clip_sample_range": 1.0}, {**_ANY, **_NO_ZERO_SNR}),
     "dpmpp-2m": SamplerRow(DPMSolverPP, {}, "DPMSolverMultistepScheduler", _LINSPACE, _MULTISTEP),
     "dpmpp-2m-karras": SamplerRow(DPMSolverPP, {"karras": True}, "DPMSolverMultistepScheduler", _LINSPACE,
                                   _MULTISTEP),
@@ -117,8 +118,24 @@ def make_sampler(name: str | None, config: SchedulerConfig, eta: float = 0.0) ->
             if table is FLOW_SAMPLERS else ""
         raise ValueError(f"--scheduler {name!r} is not one of {', '.join(table)}{kind}")
     row = table[name]
-    for k, v in config.extra:
+    zero_snr = getattr(config, "rescale_betas_zero_snr", False)
+    for k, v in (*config.extra, ("rescale_betas_zero_snr", zero_snr)):
         if k in row.refuses and v not in row.refuses[k]:
             raise ValueError(f"the model's scheduler config sets {k}={v!r}, which minidream's {name} sampler "
                              f"does not implement")
     return row.cls(config.for_class(row.defaults), eta, **row.options)
+
+
+def zero_snr_schedule(config: SchedulerConfig) -> SchedulerConfig:
+    """The schedule a model trained with --zero-terminal-snr samples by (Lin et al. 2024 §3.1-3.3): its betas
+    rescaled, trailing timesteps (the first step at t = T, pure noise), and a scheduler class that takes both: the
+    model's own where it can, else DDIM for v-prediction and Euler for ε (whose ᾱ_T = 2^-24 keeps ε readable)."""
+    own = {row.reference: row for row in SAMPLERS.values()}.get(config.class_name)
+    epsilon = config.prediction_type == "epsilon"
+    keeps = own is not None and "rescale_betas_zero_snr" not in own.refuses and not (
+        epsilon and own.cls.terminal_alpha is None)
+    class_name = config.class_name if keeps else "EulerDiscreteScheduler" if epsilon else "DDIMScheduler"
+    given = None if config.given is None else tuple(sorted({*config.given, "rescale_betas_zero_snr",
+                                                              "timestep_spacing"}))
+    return replace(config, rescale_betas_zero_snr=True, timestep_spacing="trailing", class_name=class_name,
+                   given=given).check()

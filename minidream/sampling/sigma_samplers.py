@@ -44,6 +44,7 @@ def vp(sigma):
 
 class _EDMSampler(Sampler):
     """Euler-family samplers: x = x_0 + σ ε, the UNet sees x/√(σ²+1)."""
+    terminal_alpha = 2.0 ** -24
 
     def set_timesteps(self, steps: int, device=None):
         ts = spacing(self.config, steps).float()  # fractional timesteps stay fractional, σ interpolated between
@@ -122,6 +123,7 @@ class _VPSolver(Sampler):
     The update rules read the schedule only through `vp` (σ -> α_t, σ_t) and `_x0`, so the same rules step a
     rectified flow's latent z = (1-σ) x_0 + σ ε, α_t = 1 - σ (flow_samplers.py)."""
     karras = False  # the flow subclasses do not run this constructor (no ᾱ_t): they read the class defaults
+    terminal_alpha = 2.0 ** -24
 
     def __init__(self, config: SchedulerConfig, eta: float = 0.0, karras: bool = False):
         super().__init__(config, eta)

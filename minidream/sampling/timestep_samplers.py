@@ -41,6 +41,10 @@ def spacing(config: SchedulerConfig, steps: int, solver: bool = False) -> torch.
     return ts
 
 
+class PureNoiseStart(ValueError):
+    """A sampler that cannot start where the schedule is pure noise (the sampler's fault, not the steps')."""
+
+
 class Sampler:
     """What every sampler does, over the model's noise schedule: `set_timesteps(steps)` (the timesteps to visit),
     `scale_input(x)` (the UNet's input at the current one) and `step(out, t, x)` (the latent one step on, from the
@@ -49,11 +53,16 @@ class Sampler:
     init_sigma = 1.0  # standard deviation of the starting noise (σ-space samplers start from x_T = σ_max ε)
 
     reads_eta = False  # whether --eta means anything to it (DDIM's η only)
+    # ᾱ_T of a zero-terminal-SNR schedule as the σ-space samplers take it (None: 0 as it is). σ_T = √((1-ᾱ)/ᾱ)
+    # would be infinite: diffusers' Euler, DPM-Solver and UniPC start from ᾱ_T = 2^-24 (σ_T ≈ 4096) instead.
+    terminal_alpha: float | None = None
 
     def __init__(self, config: SchedulerConfig, eta: float = 0.0):
         """eta scales the fresh noise of stochastic samplers that have a knob for it (DDIM's η)."""
         self.config = config.check()
         self.alphas_cumprod = alphas_cumprod(config)
+        if config.rescale_betas_zero_snr and self.terminal_alpha is not None:
+            self.alphas_cumprod[-1] = self.terminal_alpha
         if eta < 0:
             raise ValueError(f"--eta must be >= 0 (got {eta})")
         self.eta = eta
@@ -66,6 +75,10 @@ class Sampler:
         self.num_inference_steps = steps
         self.timesteps = spacing(self.config, steps).round().long().to(device)
         self.i = 0  # index of the next step, for samplers that keep state between steps
+        if self.config.prediction_type == "epsilon" and self.alphas_cumprod[self.timesteps.cpu()].min() == 0:
+            raise PureNoiseStart(f"an ε-prediction model on a zero-terminal-SNR schedule cannot be sampled by "
+                                 f"{type(self).__name__} from its last timestep (x̂_0 divides by ᾱ_T = 0); choose "
+                                 f"euler (or another σ-space sampler)")
         return self.timesteps
 
     def _x0_eps(self, out, t, x, a_t):

@@ -11,7 +11,8 @@ in step.py → batches.py → models/stable_diffusion.py.
                   fused_backward: the update inside backward (a function that transforms the state)
     state         the training state, which a checkpoint holds (checkpoint) in the run folder (run_folder)
     step, loop    the loss and one optimizer step; the loop around it (report, validation)
-    export        the run's exports, from a fresh copy of the base model
+    objective     the step's noise, timesteps and loss options (one row each); ema: the weights' moving average
+    export        the run's exports, from a fresh copy of the base model; model_card: OUT/README.md
 
 May import: minidream.formats, minidream.sampling, minidream.models and the shared modules.
 """
@@ -35,6 +36,14 @@ def json_rows(path, flag: str, one_per: str, check, objects: bool) -> tuple:
     from pathlib import Path
     if path is None:
         return ()
+    if isinstance(path, (list, tuple)):  # the rows themselves (a run file's inline table, a run's run.json)
+        if not path:
+            return ()
+        objects_only = not objects or all(isinstance(r, dict) for r in path)
+        wrong = check(tuple(path)) if objects_only else f"expected a list of objects, one per {one_per}"
+        if wrong:
+            raise TrainError(f"{flag}: {wrong}")
+        return tuple(path)
     if not str(path).strip():
         raise TrainError(f"{flag} is empty; name a JSON file")
     path = Path(path)

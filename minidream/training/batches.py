@@ -24,6 +24,23 @@ def weighted(pool: list, idx) -> list[int]:
     return [i for i in idx for _ in range(pool[i].repeats // common)]
 
 
+def varied(prompts: list[str], cfg, g: torch.Generator) -> list[str]:
+    """The instance rows' prompts as the run varies them: --shuffle-tags (kohya's shuffle_caption: the
+    comma-separated tags after the first --keep-tokens in a random order), then --caption-dropout (an empty
+    prompt). Drawn from the run's generator, only when asked for: a run without them draws what it always drew."""
+    if cfg.shuffle_tags:
+        shuffled = []
+        for p in prompts:
+            tags = [t.strip() for t in p.split(",") if t.strip()]
+            keep, rest = tags[:cfg.keep_tokens], tags[cfg.keep_tokens:]
+            shuffled.append(", ".join(keep + [rest[i] for i in torch.randperm(len(rest), generator=g).tolist()]))
+        prompts = shuffled
+    if cfg.caption_dropout:
+        dropped = (torch.rand(len(prompts), generator=g) < cfg.caption_dropout).tolist()
+        prompts = ["" if d else p for p, d in zip(prompts, dropped)]
+    return prompts
+
+
 class LatentSource:
     """Latents of random picks from the instance examples (pool 0) and the class examples (pool 1), with their
     prompts (and for SDXL each view's size ids: the real photo size and crop). With --cache-latents the VAE runs
@@ -32,8 +49,11 @@ class LatentSource:
     images); each class row is of its instance row's concept."""
 
     def __init__(self, model: StableDiffusion, cfg, pools: list[list], device, g: torch.Generator,
-                 group: ProcessGroup = ProcessGroup()):
+                 group: ProcessGroup = ProcessGroup(), class_prompts: list[str] | None = None):
+        """`class_prompts` (each concept's), when the prior's target is the model's own (--prior-source model): a
+        class row is then its instance row's latents with its concept's class prompt."""
         self.model, self.cfg, self.pools, self.device, self.g, self.group = model, cfg, pools, device, g, group
+        self.class_prompts = class_prompts
         self.vae_dtype = next(model.vae.parameters()).dtype
         self.buckets = sorted({e.bucket for e in pools[0]})
         self.masked = any(e.mask is not None for e in pools[0])  # --mask-dir, --alpha-mask: the instance loss's
@@ -62,8 +82,14 @@ class LatentSource:
         picked = [inst[i] for i in torch.randint(0, len(inst), (n_inst * self.group.size,), generator=g).tolist()]
         latents, inst_ids, masks = self._latents(0, picked, n_inst)
         rows, ids = [latents], [inst_ids]
-        prompts = [self.pools[0][i].prompt for i in picked][self.group.rows(n_inst)]
-        if n_class:  # each instance row's partner: a class image of its concept, in its bucket
+        prompts = varied([self.pools[0][i].prompt for i in picked], self.cfg, g)[self.group.rows(n_inst)]
+        if n_class and self.class_prompts is not None:  # each instance row again, under its class prompt
+            mine = picked[self.group.rows(n_inst)]
+            prompts += [self.class_prompts[self.pools[0][i].concept] for i in mine]
+            rows.append(latents)
+            ids.append(inst_ids)
+            masks = None if masks is None else torch.cat([masks, torch.ones_like(masks)])
+        elif n_class:  # each instance row's partner: a class image of its concept, in its bucket
             concept = [self.pools[0][i].concept for i in picked][: n_class * self.group.size]
             choice = {}
             for c in sorted(set(concept)):
@@ -140,8 +166,11 @@ class TextConditioning:
         self.token_trains = bool(trainable.token)
         self.t5_learns = trainable.t5_row
         self.fixed = {}
+        # --shuffle-tags: a step's prompts are new orders of the tags, encoded then and not kept (kept, they would
+        # fill the memory and depend on which prompts came first)
+        self.shuffled = getattr(cfg, "shuffle_tags", False)
         if not self.frozen and model.text_encoder_3 is not None and not isinstance(model.text_encoder_3, RowMemo) \
-                and not self.t5_learns:
+                and not self.t5_learns and not self.shuffled:
             model.text_encoder_3 = RowMemo(model.text_encoder_3)
 
     @property
@@ -177,11 +206,17 @@ class TextConditioning:
         if self.token_trains or (te and te[0].requires_grad):
             cond = encode_text(self.model, wanted)
         else:  # frozen: each prompt encoded once (the first time with the run's own prompts, as one batch)
-            missing = [p for p in wanted if p not in self.fixed]
+            missing = [p for p in (self.base if self.shuffled else wanted) if p not in self.fixed]
             if missing:
                 with torch.no_grad():
                     got = encode_text(self.model, missing)
                 self.fixed.update({p: {key: v[k:k + 1] for key, v in got.items()} for k, p in enumerate(missing)})
-            cond = {key: torch.cat([self.fixed[p][key] for p in wanted]) for key in self.fixed[wanted[0]]}
+            rows = {p: self.fixed.get(p) or self.alone(p) for p in wanted}
+            cond = {key: torch.cat([rows[p][key] for p in wanted]) for key in rows[wanted[0]]}
         at = {p: k for k, p in enumerate(wanted)}
         return {key: v[[at[p] for p in prompts]] for key, v in cond.items()}
+
+    @torch.no_grad()
+    def alone(self, prompt: str) -> dict[str, torch.Tensor]:
+        """A shuffled prompt's conditioning, encoded by itself (the same whatever else the step drew)."""
+        return encode_text(self.model, [prompt])

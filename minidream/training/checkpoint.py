@@ -48,6 +48,9 @@ def save_checkpoint(path: Path, step: int, cfg: TrainConfig, state: dict, proces
             else:
                 scalars[f"{idx}.{k}"] = v
     tensors.update({f"rng.{k}": v for k, v in state["rng"].items()})
+    ema = state.get("ema")
+    if ema is not None:  # the moving average (--ema-decay): its tensors, its counts in the metadata
+        tensors.update({f"ema.{k}": v for k, v in ema["shadow"].items()})
     shared = set()  # safetensors refuses tensors that share memory (bitsandbytes' quantization maps do): copy those
     for k, v in tensors.items():
         where = (v.untyped_storage().data_ptr(), v.device)
@@ -56,7 +59,8 @@ def save_checkpoint(path: Path, step: int, cfg: TrainConfig, state: dict, proces
     meta = {"step": step, "settings_version": SETTINGS_VERSION, "config": asdict(cfg),
             "param_groups": state["optimizer"]["param_groups"], "optim_scalars": scalars,
             "lr_sched": state["lr_schedule"], "scaler": state["scaler"],
-            "processes": processes, "base": base}
+            "processes": processes, "base": base,
+            "ema": None if ema is None else {"steps": ema["steps"], "updates": ema["updates"]}}
     save_safetensors(tensors, path, metadata={"minidream": json.dumps(meta)})
 
 
@@ -94,9 +98,12 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
         for k, v in meta["optim_scalars"].items():
             idx, key = k.split(".", 1)
             put(optimizer["state"].setdefault(int(idx), {}), key, v)
-        state = {"params": {k: v for k, v in tensors.items() if not k.startswith(("optim.", "rng."))},
+        state = {"params": {k: v for k, v in tensors.items() if not k.startswith(("optim.", "rng.", "ema."))},
                  "optimizer": optimizer, "lr_schedule": meta["lr_sched"], "scaler": meta.get("scaler"),
-                 "rng": {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}}
+                 "rng": {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")},
+                 "ema": None if not meta.get("ema") else {
+                     **meta["ema"], "shadow": {k.removeprefix("ema."): v for k, v in tensors.items()
+                                               if k.startswith("ema.")}}}
         return meta, state
     except Exception as e:
         raise TrainError(f"{path}: not a readable minidream checkpoint ({e})") from None
@@ -226,7 +233,7 @@ def resume_from(cfg: TrainConfig, out: Path, resume: str, given: set[str] | None
             not Path(cfg.class_dir).resolve().is_relative_to(out.resolve()):
         # a stored class folder outside --out is only read: a crafted checkpoint must not make us write there
         have = len(image_files(Path(cfg.class_dir))) if Path(cfg.class_dir).is_dir() else 0
-        if cfg.prior and have < cfg.num_class_images:
+        if cfg.class_images and have < cfg.num_class_images:
             raise TrainError(f"--class-dir {cfg.class_dir} (from the checkpoint) holds {have} of "
                              f"{cfg.num_class_images} class images; pass --class-dir to say where to make them")
     if cfg.fsdp and processes == 1 and "fsdp" not in (given or set()):

@@ -181,17 +181,17 @@ def check_run_concepts(cfg, out: Path):
             raise TrainError(f"--out {out} is {where(k)}instance folder: the run's files would be read as photos; "
                              f"choose another --out")
         photos = {r.instance_dir.resolve(): j for j, r in enumerate(rows)}
-        if cfg.prior and c.class_dir.resolve() in photos:
+        if cfg.class_images and c.class_dir.resolve() in photos:
             whose = "its" if photos[c.class_dir.resolve()] == k else f"concept {photos[c.class_dir.resolve()]}'s"
             raise TrainError(f"{where(k)}class images folder {c.class_dir} is {whose} instance folder: the photos "
                              f"would serve as class images; choose another --class-dir")
-        if cfg.prior and c.class_dir.resolve() == out.resolve():
+        if cfg.class_images and c.class_dir.resolve() == out.resolve():
             raise TrainError(f"{where(k)}class images folder {c.class_dir} is --out: the run's own images (curves, "
                              f"grids) would be read as class images; choose another --class-dir")
-        if cfg.prior and c.num_class_images < 1:
+        if cfg.class_images and c.num_class_images < 1:
             raise TrainError(f"{where(k)}num_class_images is 0 with prior preservation: give it at least 1, or "
                              f"pass --no-prior")
-        if cfg.prior and dirs.setdefault(c.class_dir.resolve(), k) != k:
+        if cfg.class_images and dirs.setdefault(c.class_dir.resolve(), k) != k:
             raise TrainError(f"concepts {dirs[c.class_dir.resolve()]} and {k} share the class folder {c.class_dir}; "
                              f"give each its own class_dir")
     if cfg.train_token and len({c.identifier for c in rows}) > 1:

@@ -9,14 +9,13 @@ from pathlib import Path
 
 from minidream.formats import exports
 from minidream.models.attention import CHOICES as ATTENTION_BACKENDS
-from minidream.models.flow_matching import DENSITIES, SAMPLINGS
 from minidream.models.compile import COMPILE_HELP, COMPILE_MODES
 from minidream.models.device import DTYPES
 from minidream.models.flux import PRESETS as FLUX_NETS
 from minidream.models.mmdit import PRESETS as MMDIT_PRESETS
 from minidream.models.quantize import FORMATS as QUANT_FORMATS, check_format
 from minidream.models.stable_diffusion import PRESETS
-from minidream.options import (Needs, at_least, beta, decay, each_one_of, extension, finite, first_problem, in_range,
+from minidream.options import (Needs, at_least, beta, decay, each_one_of, extension, first_problem, in_range,
                                non_negative, option, option_flag, optional, optional_at_least, optional_count, path,
                                paths, positive, positive_number, probability, seed_range, text, texts)
 from minidream.sampling.pipeline import MAX_GUIDANCE, SamplingParams, image_side
@@ -24,6 +23,8 @@ from minidream.sampling.samplers import SAMPLERS
 from minidream.training import TrainError
 from minidream.training.concepts_file import (MAX_CLASS_IMAGES, MAX_REPEATS, check_concepts, check_run_concepts,
                                               concept_noun, concepts_file, word)
+from minidream.training.ema import EMAOptions
+from minidream.training.objective import Objective
 from minidream.training.optim import LR_SCHEDULES, OPTIMIZERS, check_optimizer
 from minidream.training.report import REPORT_TO
 from minidream.training.text_cache import TEXT_CACHES
@@ -88,9 +89,10 @@ SD3_PRESETS = [name for name in MMDIT_PRESETS if not name.startswith("tiny")]  #
 FLUX_PRESETS = [name for name in FLUX_NETS if not name.startswith("tiny")]  # the released Flux transformers
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run depends on; stored in run.json and in every checkpoint."""
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(EMAOptions, Objective):
+    """Everything a run depends on; stored in run.json and in every checkpoint. The options of the objective (the
+    noise, timesteps and loss) are objective.py's, those of the moving average ema.py's."""
     out: str = option(help="Run folder: checkpoints, metrics, samples, exports.", check=path, resumable=True,
                       cli_type=Path,
                       parse=str)
@@ -118,6 +120,15 @@ class TrainConfig:
     alpha_mask: bool = option(False, "Masked loss from each photo's alpha channel (opaque = the subject).")
     caption_ext: str | None = option(None, "A caption file beside an image (IMAGE.EXT, e.g. .txt) is that image's "
                                      "prompt.", check=extension)
+    caption_dropout: float = option(0.0, "Train on an empty caption instead of a photo's prompt with this probability "
+                                    "(the class prompts are kept).", check=beta)
+    shuffle_tags: bool = option(False, "Shuffle each photo's comma-separated tags every step (kohya's "
+                                "--shuffle_caption); the text encoders then stay loaded.", needs=(Needs(
+                                    lambda c: c.cache_text_encoder_outputs != "disk", "{flag} makes a new prompt "
+                                    "each step, which --cache-text-encoder-outputs disk cannot hold"),))
+    keep_tokens: int = option(0, "With --shuffle-tags: the first N tags stay in place (the trigger word).",
+                              check=at_least(0), needs=(Needs(lambda c: c.shuffle_tags, "{flag} keeps tags in place "
+                                                              "under --shuffle-tags"),))
     aspect_buckets: bool = option(False, "Aspect-ratio buckets of about --resolution² pixels instead of square crops.")
     max_aspect: float = option(2.0, "Largest bucket aspect ratio.", check=in_range(1, 10))
     identifier: str = option("sks", "Rare token bound to the subject.", check=identifier)
@@ -131,6 +142,14 @@ class TrainConfig:
     flip: float = option(0.0, "Probability of a horizontal flip.", check=probability)
     # prior preservation (the class images)
     prior: bool = option(True, "Class-specific prior-preservation loss.", flag="--prior/--no-prior")
+    prior_source: str = option("images", "The prior's target: images (class images the base model draws, "
+                               "DreamBooth's), or model (the base model's own prediction, adapters off, on the "
+                               "photos' noised latents for the class prompt: kohya's DOP; no class images; LoRA).",
+                               choices=("images", "model"), needs=(Needs(
+                                   lambda c: c.prior and MODES[c.mode].adapters, "{flag} model takes the target from "
+                                   "the base model with the adapters off: it needs --train lora and --prior"), Needs(
+                                   lambda c: not (c.fsdp or c.blocks_to_swap), "{flag} model is not run with --fsdp "
+                                   "or --blocks-to-swap yet; drop one of them")))
     class_dir: str | None = option(None, "Class images (generated here if too few). Default: OUT/class_images.",
                                    check=path, resumable=True, cli_type=Path, parse=path_text)
     num_class_images: int = option(200, "Class images to have (generated by the base model).",
@@ -264,44 +283,13 @@ class TrainConfig:
         lambda c: not (c.train_text_encoder or c.train_token or c.train_token_t5), "--cache-text-encoder-outputs disk "
         "keeps what frozen text encoders output: not with --train-text-encoder or --train-token(-t5)"),))
     cache_latents: bool = option(False, "Encode the images with the VAE once.")
-    snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (e.g. 5); DDPM models (SD 1.x/2.x/XL).",
-                                     check=positive_number)
-    weighting_scheme: str | None = option(None, "Rectified-flow models (SD3, Flux): how training draws the noise "
-                                          "level and weighs its loss (Esser et al. 2024 §3.1; diffusers' names); "
-                                          "default: as diffusers' script for the family (SD3 logit_normal, Flux "
-                                          "none).", choices=DENSITIES)
-    logit_mean: float = option(0.0, "Mean of --weighting-scheme logit_normal's normal.", check=finite)
-    logit_std: float = option(1.0, "Standard deviation of --weighting-scheme logit_normal's normal.",
-                              check=positive_number)
-    mode_scale: float = option(1.29, "Scale of --weighting-scheme mode.", check=finite)
-    precondition_outputs: bool | None = option(None, "Rectified-flow models: regress x0 = z - sigma v on the image "
-                                               "latents rather than v on noise - x0; default: as diffusers' script "
-                                               "for the family (SD3 yes, Flux no).",
-                                               flag="--precondition-outputs/--no-precondition-outputs")
-    timestep_sampling: str = option("sigma", "Rectified-flow models: kohya's --timestep_sampling. sigma: by "
-                                    "--weighting-scheme (diffusers'); uniform, sigmoid (sigmoid of N(0, 1) x "
-                                    "--sigmoid-scale), shift (that, shifted by --discrete-flow-shift), flux_shift "
-                                    "(shifted by the image's size, as Flux samples): sigma drawn itself.",
-                                    choices=SAMPLINGS)
-    sigmoid_scale: float = option(1.0, "Scale of --timestep-sampling sigmoid/shift/flux_shift's normal draw.",
-                                  check=in_range(1e-3, 100), needs=(Needs(lambda c: c.timestep_sampling in (
-                                      "sigmoid", "shift", "flux_shift"), "{flag} scales --timestep-sampling sigmoid, "
-                                      "shift or flux_shift's draw"),))
-    discrete_flow_shift: float = option(3.0, "The shift of --timestep-sampling shift (kohya's; 3.1582 is common for "
-                                        "Flux).", check=in_range(1e-3, 100), needs=(Needs(
-                                            lambda c: c.timestep_sampling == "shift",
-                                            "{flag} is the shift of --timestep-sampling shift"),))
-    guidance_scale: float | None = option(None, "Flux.1 [dev]: the guidance scale its guidance embedding is fed "
-                                          "while training (diffusers' and kohya's --guidance_scale); default 3.5.",
-                                          check=optional(in_range(0, MAX_GUIDANCE)))
-    noise_offset: float = option(0.0, "Noise offset (e.g. 0.05).", check=non_negative)
     seed: int = option(0, "Seed of every random draw.", check=seed_range)
     # validation, checkpoints, exports, where it runs
     validation_prompts: tuple[str, ...] = option((), "Prompt for validation grids (repeatable).", check=texts,
                                                  resumable=True,
                                                  flag="--validation-prompt")
     validation_set: tuple = option((), "JSON list of validation grid rows, each {prompt, negative_prompt, guidance, "
-                                   "height, width, seed, steps} (beside --validation-prompt's).",
+                                   "guidance_rescale, height, width, seed, steps} (beside --validation-prompt's).",
                                    check=check_validation_set, resumable=True, flag="--validation-file",
                                    cli_type=Path, parse=validation_file)
     validation_every: int = option(0, "Steps between validation grids and validation losses (0: a grid at the end "
@@ -312,8 +300,14 @@ class TrainConfig:
     validation_steps: int = option(25, "Sampling steps for validation images.", check=at_least(1), resumable=True)
     validation_scheduler: str | None = option(None, "Sampler for validation grids; default: the model's own.",
                                               choices=SAMPLERS, resumable=True)
+    validation_guidance_rescale: float = option(0.0, "The grids' --guidance-rescale (SD 1.x/2.x/XL; 0.7 for a "
+                                                "zero-terminal-SNR model).", check=in_range(0, 1), resumable=True,
+                                                needs=(Needs(lambda c: c.validation_prompts or c.validation_set,
+                                                             "{flag} rescales the grids' guidance: give "
+                                                             "--validation-prompt or --validation-file"),))
     report_to: str = option("none", "Also log to TensorBoard (OUT/tensorboard; pip install "
-                            "'minidream[tensorboard]'). OUT/curves.png is always drawn.", choices=REPORT_TO,
+                            "'minidream[tensorboard]') or Weights & Biases (OUT/wandb; 'minidream[wandb]'; "
+                            "WANDB_MODE=offline needs no account). OUT/curves.png is always drawn.", choices=REPORT_TO,
                             resumable=True)
     log_every: int = option(10, "Steps between metrics lines written (each step has its line; the losses are read "
                             "back from the GPU only then, and at every checkpoint, snapshot and grid).",
@@ -348,8 +342,9 @@ class TrainConfig:
                                    "(default: the official one).")
     preset: str | None = option(None, f"For single-file checkpoints: the architecture ({', '.join(PRESETS)}; SD3: "
                                 f"{', '.join(SD3_PRESETS)}; Flux: {', '.join(FLUX_PRESETS)}); inferred when omitted.")
-    config: str | None = option(None, "For single-file checkpoints: a diffusers-layout folder or repo id whose "
-                                "configs and tokenizer describe it.")
+    original_config: str | None = option(None, "For single-file checkpoints: a diffusers-layout folder or repo id "
+                                         "whose configs and tokenizer describe it (diffusers' name; was --config).",
+                                         was="config")
     text_encoders: tuple[str, ...] = option((), "For an SD3 or Flux single file without its text encoders: ComfyUI's "
                                             "separate files (clip_l, clip_g, t5xxl .safetensors), in any order; "
                                             "repeat the flag (resuming: the run's own, or the same files moved).",
@@ -361,6 +356,11 @@ class TrainConfig:
     def __post_init__(self):
         if not self.save_as and self.mode in MODES:  # (): the mode's own formats
             object.__setattr__(self, "save_as", MODES[self.mode].save_as)
+
+    @property
+    def class_images(self) -> bool:
+        """The prior is learned from class images (which the run reads, or draws with the base model)."""
+        return self.prior and self.prior_source == "images"
 
     @property
     def prompts(self) -> tuple[str, str]:
@@ -402,7 +402,8 @@ class TrainConfig:
 
     @property
     def validation_sampling(self) -> SamplingParams:
-        return SamplingParams(steps=self.validation_steps, sampler=self.validation_scheduler)
+        return SamplingParams(steps=self.validation_steps, sampler=self.validation_scheduler,
+                              guidance_rescale=self.validation_guidance_rescale)
 
 
 OPTIONS = {f.name: f for f in fields(TrainConfig)}

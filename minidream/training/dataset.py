@@ -243,13 +243,13 @@ class TrainingData:
         check_prompts(model, cfg, self.concepts, self.instance)
         cleared = [start_over and c.class_dir.resolve().is_relative_to((out / "class_images").resolve())
                    for c in self.concepts]
-        for c, gone in zip(self.concepts, cleared) if cfg.prior else []:
+        for c, gone in zip(self.concepts, cleared) if cfg.class_images else []:
             check_class_dir(c.class_dir, None if gone else c.class_prompt)
-        ready = cfg.prior and not any(cleared) and all(
+        ready = cfg.class_images and not any(cleared) and all(
             c.class_dir.is_dir() and len(image_files(c.class_dir)) >= c.num_class_images for c in self.concepts)
         if ready:  # no class image will be drawn: their buckets are checked now, before run.json
             check_buckets(self.instance, class_examples(self.concepts, cfg, self.shapes))
-        elif cfg.prior and cfg.aspect_buckets:  # the buckets the kept and the drawn images will have, before drawing
+        elif cfg.class_images and cfg.aspect_buckets:  # the buckets the kept and the drawn images will have, first
             check_planned_buckets(self.concepts, cleared, self.instance, self.shapes)
         self.klass = []
 
@@ -277,5 +277,7 @@ class TrainingData:
         return max(1, math.ceil(epochs * self.epoch_images() / images_per_step))
 
     def write_json(self, out: Path, cfg: TrainConfig):
-        schedule = {"steps": cfg.steps, "epochs": cfg.epochs, "epoch_images": self.epoch_images()}
+        schedule = {"steps": cfg.steps, "epochs": cfg.epochs, "epoch_images": self.epoch_images(),
+                    "captions": {"dropout": cfg.caption_dropout, "shuffle_tags": cfg.shuffle_tags,
+                                 "keep_tokens": cfg.keep_tokens}}
         write_data_json(out, self.instance, self.klass, self.shapes, schedule)

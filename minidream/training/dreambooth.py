@@ -16,14 +16,18 @@ from minidream.models.flow_matching import FlowProcess
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.models.text_memo import TextMemo, remember
 from minidream.sampling.pipeline import image_side
+from minidream.sampling.samplers import zero_snr_schedule
 from minidream.training import TrainError, distributed, run_folder, runtime
 from minidream.training.checkpoint import Checkpointer, Resume, base_fingerprint, per_process_batch, resume_from
 from minidream.training.dataset import TrainingData, buckets
 from minidream.training.concepts_file import absolute_paths, with_folder_names
 from minidream.training.config import OPTIONS, TrainConfig, combinations, flag, validate
+from minidream.training.ema import averaged, for_grids
 from minidream.training.export import base_for_exports, export as export_trained, load_base
 from minidream.training.holding import hold
 from minidream.training.loop import loop, phase
+from minidream.training.model_card import write_card
+from minidream.training.objective import DDPM_ONLY, FLOW_ONLY, schedule_problem
 from minidream.training.resume_settings import short
 from minidream.training.report import REPORT_TO, curves
 from minidream.training.step import family_defaults, prepare
@@ -51,7 +55,7 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
         model = load_base(cfg, dtype=None)  # as stored, memory-mapped: `hold` reads it into the run's form
         base = base_fingerprint(model)
         if start is not None and start.base not in (None, base):  # the checkpoint's base: a moved one is the same
-            files = [f"{flag(k)} {short(getattr(cfg, k))}" for k in ("model", "text_encoders", "vae", "config")
+            files = [f"{flag(k)} {short(getattr(cfg, k))}" for k in ("model", "text_encoders", "vae", "original_config")
                      if getattr(cfg, k)]  # the base is all of them (a ComfyUI user's VAE is a file of its own)
             raise TrainError(f"{', '.join(files)}: not the base model this run trained on (its weights or "
                              f"architecture differ); give the run's own files")
@@ -93,7 +97,8 @@ def train_and_export(cfg: TrainConfig, out: Path, model: StableDiffusion, data: 
     """Class images → the training state (restored when resuming) → the loop → the final grid and the exports."""
     step = start.step if start else 0
     with phase("before training (class images, latents)", out):  # what was made is kept
-        if not keep_model and not (cfg.train_text_encoder or cfg.train_token or cfg.train_token_t5):
+        if not keep_model and not (cfg.train_text_encoder or cfg.train_token or cfg.train_token_t5 or
+                                   cfg.shuffle_tags):  # (shuffled tags: a prompt no list holds, every step)
             hold(model, cfg, rt.precision, rt.main, model.text_networks())  # done with before the denoiser
             encode_prompts_first(model, cfg, data, rt, base)  # is read
         # the rest in the form the run keeps it (training/holding.py), quantized on the device unless its blocks
@@ -102,8 +107,9 @@ def train_and_export(cfg: TrainConfig, out: Path, model: StableDiffusion, data: 
         if cfg.blocks_to_swap:  # the last blocks' frozen weights stay in CPU memory (models/block_swap.py)
             swap_blocks(model.denoiser, cfg.blocks_to_swap, rt.device)
         rt.place(model)
-        if cfg.prior:  # prior-preservation data, made by the base model before any weight changes
+        if cfg.class_images:  # prior-preservation data, made by the base model before any weight changes
             data.make_class_images(model, cfg, rt)
+        model.scheduler = trained_schedule(model, cfg)  # what the grids sample by from here on
         if rt.main:
             data.write_json(out, cfg)
         batch = per_process_batch(cfg, processes, rt.group.size)
@@ -114,9 +120,10 @@ def train_and_export(cfg: TrainConfig, out: Path, model: StableDiffusion, data: 
     step = loop(cfg, out, stepper, ckpt, step)
     with phase("after training (the final grid, the exports)", out, ckpt, step):  # the weights are saved first
         if has_grid(cfg) and (rt.main or cfg.fsdp):  # a sharded UNet samples on every process
-            with rt.resident(model), eager():  # not the compiled step's graph
+            with rt.resident(model), eager(), for_grids(cfg, stepper.state.ema):  # not the compiled step's graph
                 validation_grid(model, cfg, out / "samples" / "final.png", write=rt.main)
         trained = stepper.state.trained(keep=rt.main)  # gathered from every process under --fsdp
+        average = averaged(stepper.state)
         distributed.report_peak_memory(rt.group, rt.device)
         if not keep_model and not cfg.fsdp:  # the exports need only `trained` and the base files: once the
             ckpt.keep(step)                  # last step's checkpoint is on disk, what training held goes
@@ -125,7 +132,8 @@ def train_and_export(cfg: TrainConfig, out: Path, model: StableDiffusion, data: 
         if rt.main:
             curves(out)
             model.denoiser.eval()
-            written = export(cfg, trained)
+            written = export(cfg, trained, average)
+            written.append(write_card(cfg, model.family, written, out))
         distributed.barrier(rt.group)  # the processes end together: none leaves while a peer may still send
         stepper.text.unwrap()
         return model, written
@@ -141,7 +149,7 @@ def encode_prompts_first(model: StableDiffusion, cfg: TrainConfig, data: Trainin
     base_prompts = list(dict.fromkeys(data.prompts()))
     rows = grid_rows(cfg)
     batches = [base_prompts + [e.prompt for e in data.instance if e.prompt not in base_prompts],
-               ([cfg.class_negative_prompt] if cfg.prior else []) + [p for p, _, _ in rows]
+               ([cfg.class_negative_prompt] if cfg.class_images else []) + [p for p, _, _ in rows]
                + [params.negative_prompt or "" for _, params, _ in rows] + [""]]
     every = list(dict.fromkeys(p for b in batches for p in b))
     model.text_memo = memo = TextMemo()
@@ -183,7 +191,7 @@ def begin(cfg: TrainConfig, out: Path, resume: str | None, overwrite: bool, give
 CLASS_SAMPLING = {"steps": "class_steps", "guidance": "class_guidance", "sampler": "class_scheduler",
                   "negative_prompt": "class_negative_prompt", "height": "resolution", "width": "resolution"}
 VALIDATION_SAMPLING = {"steps": "validation_steps", "sampler": "validation_scheduler", "height": "resolution",
-                       "width": "resolution"}
+                       "width": "resolution", "guidance_rescale": "validation_guidance_rescale"}
 
 
 def validate_resolution(value: int, factor: int):
@@ -226,18 +234,20 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
     validate_resolution(cfg.resolution, model.downsampling)
     check_position_table(cfg, model)
     check_block_swap(cfg, model)
-    for params, used, names in ((cfg.class_sampling, cfg.prior, CLASS_SAMPLING),
-                                (cfg.validation_sampling, cfg.validation_prompts, VALIDATION_SAMPLING)):
-        wrong = params.problem(model) if used else None  # its own scheduler may be one we lack; its timesteps
+    cfg = family_options(cfg, model)
+    trained = trained_schedule(model, cfg)  # the class images are the base's; the grids sample as the model trains
+    for params, used, names, schedule in (
+            (cfg.class_sampling, cfg.class_images, CLASS_SAMPLING, model.scheduler),
+            (cfg.validation_sampling, cfg.validation_prompts, VALIDATION_SAMPLING, trained)):
+        wrong = params.problem(model, schedule) if used else None  # its own scheduler may be one we lack; its steps
         if wrong:
             raise TrainError(f"{flag(names[wrong[0]])}: {wrong[1]}")
     for k, (_, params, _) in enumerate(grid_rows(cfg)[len(cfg.validation_prompts):]):
-        wrong = params.problem(model)  # a row's own size, steps
+        wrong = params.problem(model, trained)  # a row's own size, steps
         if wrong:
             raise TrainError(f"--validation-file: entry {k}: {wrong[0]} {wrong[1]}")
     if REPORT_TO[cfg.report_to]:
         REPORT_TO[cfg.report_to].check()
-    cfg = family_options(cfg, model)
     if MODES[cfg.mode].adapters:  # --lora-blocks names stages of this UNet
         cfg.adapters.denoiser_modules(model.denoiser, model.family.lora_targets)
     if cfg.dora and "lora-kohya" in cfg.save_as:
@@ -253,12 +263,6 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
     return cfg
 
 
-# the settings of one forward process, refused on a model trained by the other (their defaults: not given)
-FLOW_ONLY = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs", "timestep_sampling",
-             "sigmoid_scale", "discrete_flow_shift")
-DDPM_ONLY = ("snr_gamma", "noise_offset")  # min-SNR needs DDPM's SNR; offset noise mends DDPM's never-pure noise
-
-
 def family_options(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
     """The settings that apply to some model families only: refused by name on the others; the exports the family
     has no writer for dropped from the mode's default formats (refused when asked for)."""
@@ -272,6 +276,9 @@ def family_options(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
             others = "DDPM models (SD 1.x/2.x/XL)" if flow else "rectified-flow models (SD3, Flux)"
             raise TrainError(f"{flag(name)}: {model.family.title} is trained by "
                              f"{'rectified flow' if flow else 'DDPM'}; it applies to {others} (drop it)")
+    wrong = schedule_problem(cfg, flow, model.scheduler.num_train_timesteps)
+    if wrong:
+        raise TrainError(f"{flag(wrong[0])} {wrong[1]}")
     if cfg.train_token_t5 and model.text_encoder_3 is None:
         raise TrainError(f"--train-token-t5: this {model.family.title} model has no T5 text encoder (it is for SD3 and "
                          f"Flux with their T5; drop it)")
@@ -297,6 +304,17 @@ def family_options(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
     return cfg
 
 
-def export(cfg: TrainConfig, trained: dict[str, torch.Tensor]) -> list[Path]:
-    """The exports, from a fresh base with the trained tensors written in."""
-    return export_trained(base_for_exports(cfg), trained, cfg, Path(cfg.out))
+def trained_schedule(model: StableDiffusion, cfg: TrainConfig):
+    """The noise schedule the trained model samples by: the base's, rescaled to zero terminal SNR when the run
+    trains into it (--zero-terminal-snr)."""
+    return zero_snr_schedule(model.scheduler) if cfg.zero_terminal_snr else model.scheduler
+
+
+def export(cfg: TrainConfig, trained: dict[str, torch.Tensor],
+           average: dict[str, torch.Tensor] | None = None) -> list[Path]:
+    """The exports, from a fresh base with the trained tensors written in; with --ema-decay the moving average's
+    too, in the same formats under OUT/ema/."""
+    written = export_trained(base_for_exports(cfg), trained, cfg, Path(cfg.out))
+    if average is not None:
+        written += export_trained(base_for_exports(cfg), average, cfg, Path(cfg.out) / "ema")
+    return written

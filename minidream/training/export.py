@@ -17,6 +17,7 @@ from minidream.formats import exports
 from minidream.formats.loading import ModelError, load
 from minidream.models.device import DTYPES
 from minidream.models.stable_diffusion import StableDiffusion, with_clip_skip, with_t5_length
+from minidream.sampling.samplers import zero_snr_schedule
 from minidream.training import TrainError
 from minidream.training.config import TrainConfig
 from minidream.training.trainable import select_trainable
@@ -28,7 +29,7 @@ def load_base(cfg: TrainConfig, whole: bool = False, dtype: torch.dtype | None =
     --no-t5 where the base has one (an export writes it untouched)."""
     def loaded(t5: bool):
         return load(cfg.model, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle,
-                    dtype=dtype, tokenizer=cfg.tokenizer, preset=cfg.preset, config=cfg.config, t5=t5,
+                    dtype=dtype, tokenizer=cfg.tokenizer, preset=cfg.preset, config=cfg.original_config, t5=t5,
                     text_encoders=cfg.text_encoders, vae=cfg.vae)
     try:
         try:
@@ -47,7 +48,10 @@ def base_for_exports(cfg: TrainConfig) -> StableDiffusion:
     """The base the exports start from: in fp32 when one writes a whole model (adapters are merged into fp32
     weights); else as stored, memory-mapped, since an adapter or token file reads no base weight."""
     whole = any(exports.EXPORTERS[f].plain for f in cfg.save_as)
-    return load_base(cfg, whole=True, dtype=torch.float32 if whole else None)
+    base = load_base(cfg, whole=True, dtype=torch.float32 if whole else None)
+    if cfg.zero_terminal_snr:  # the schedule it trained on, which the exports' scheduler config states
+        base.scheduler = zero_snr_schedule(base.scheduler)
+    return base
 
 
 def with_trained(base: StableDiffusion, trained: dict[str, torch.Tensor], cfg: TrainConfig) -> StableDiffusion:
@@ -113,10 +117,21 @@ def run_facts(cfg: TrainConfig, step: int) -> dict[str, str]:
     }
     if tags:
         facts["ss_tag_frequency"] = json.dumps(tags)
-    return facts
+    return {**facts, **objective_facts(cfg)}
 
 
-def snapshot(cfg: TrainConfig, trained: dict[str, torch.Tensor], step: int) -> Path:
+def objective_facts(cfg: TrainConfig) -> dict[str, str]:
+    """The objective's settings under kohya's metadata names (its --ip_noise_gamma is our --input-perturbation)."""
+    return {"ss_zero_terminal_snr": str(cfg.zero_terminal_snr), "ss_loss_type": cfg.loss_type.replace("-", "_"),
+            "ss_huber_schedule": cfg.huber_schedule, "ss_huber_c": f"{cfg.huber_c:g}",
+            "ss_debiased_estimation": str(cfg.debiased_estimation), "ss_min_timestep": str(cfg.min_timestep),
+            "ss_max_timestep": str(cfg.max_timestep), "ss_ip_noise_gamma": f"{cfg.input_perturbation:g}",
+            "ss_multires_noise_iterations": str(cfg.multires_noise_iterations),
+            "ss_multires_noise_discount": f"{cfg.multires_noise_discount:g}"}
+
+
+def snapshot(cfg: TrainConfig, trained: dict[str, torch.Tensor], step: int,
+             averaged: dict[str, torch.Tensor] | None = None) -> Path:
     """OUT/snapshots/step-NNNNNN (--save-every): the run's exports at `step`, to pick the best step by eye (DreamBooth
     overfits quickly). Written whole under a temporary name, then renamed; the oldest beyond --keep-snapshots go."""
     snapshots = Path(cfg.out) / "snapshots"
@@ -127,6 +142,8 @@ def snapshot(cfg: TrainConfig, trained: dict[str, torch.Tensor], step: int) -> P
     try:
         with torch.random.fork_rng(devices=[]):  # building the base draws initial weights: keep the run's RNG
             export(base_for_exports(cfg), trained, cfg, tmp, step)
+            if averaged is not None:  # (--ema-decay) the moving average's, beside them
+                export(base_for_exports(cfg), averaged, cfg, tmp / "ema", step)
         if folder.exists():  # a resumed run redoing this step writes it again (the same tensors)
             shutil.rmtree(folder)
         os.replace(tmp, folder)

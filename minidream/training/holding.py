@@ -29,7 +29,7 @@ def frozen_networks(model: StableDiffusion, cfg) -> list[nn.Module]:
     file's values, as before), and the networks an explicit --class-precision fp32 draws class images with (the
     denoiser and the VAE; the text is encoded once, in the step's precision)."""
     adapters = MODES[cfg.mode].adapters
-    drawn_in_fp32 = cfg.prior and cfg.class_precision == "fp32"
+    drawn_in_fp32 = cfg.class_images and cfg.class_precision == "fp32"
     frozen = [] if drawn_in_fp32 else [model.vae]
     if adapters and not cfg.dora and not drawn_in_fp32:
         frozen.append(model.denoiser)

@@ -27,6 +27,7 @@ from minidream.training.export import snapshot
 from minidream.training.report import Log
 from minidream.training.runtime import signals_deferred
 from minidream.training.step import Stepper, dreambooth_loss
+from minidream.training.ema import averaged, for_grids
 from minidream.training.validation import HeldOutLoss, grid_rows, has_grid, validation_grid
 
 STOPS = (KeyboardInterrupt, distributed.LostProcess, OSError)  # what ends a run that can be continued
@@ -79,7 +80,8 @@ def validation(cfg: TrainConfig, out: Path, stepper: Stepper, step: int, log: Lo
     with stepper.runtime.resident(stepper.state.model) as model, eager():  # a compiled UNet's graph is the step's
         if has_grid(cfg):
             png = out / "samples" / f"step-{step:06d}.png"
-            validation_grid(model, cfg, png, write=main)
+            with for_grids(cfg, stepper.state.ema):  # (--validation-ema) the moving average's weights
+                validation_grid(model, cfg, png, write=main)
             log.image("validation", png, step)
         if held is not None:
             log.step({"step": step, **held(model, stepper.runtime.autocast)}, group="validation")
@@ -91,7 +93,7 @@ def snapshot_at(cfg: TrainConfig, stepper: Stepper, step: int, bar: Progress):
     if cfg.save_every and step and step % cfg.save_every == 0 and step < cfg.steps and (main or cfg.fsdp):
         trained = stepper.state.trained(keep=main)  # gathered from every process under --fsdp
         if main:
-            bar.write(f"snapshot of step {step}: {snapshot(cfg, trained, step)}")
+            bar.write(f"snapshot of step {step}: {snapshot(cfg, trained, step, averaged(stepper.state))}")
 
 
 class Unsynced:

@@ -1,8 +1,10 @@
 """The run's record: OUT/metrics.jsonl (one JSON line per optimizer step, and one per validation loss), TensorBoard
-when asked (`--report-to tensorboard`, the optional extra `pip install 'minidream[tensorboard]'`), and
+or Weights & Biases when asked (`--report-to tensorboard|wandb`, the optional extras `pip install
+'minidream[tensorboard]'`, `'minidream[wandb]'`), and
 OUT/curves.png, the instance and prior losses, the validation losses and the learning rate over steps, drawn from
 metrics.jsonl after training."""
 import json
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,6 +26,43 @@ def summary_writer():
     return SummaryWriter
 
 
+def wandb_module():
+    """Weights & Biases' package; a one-line error when the optional package is missing."""
+    try:
+        import wandb
+    except ImportError:
+        raise TrainError("--report-to wandb needs the wandb package: pip install 'minidream[wandb]' (or pip install "
+                         "wandb); WANDB_MODE=offline logs without an account") from None
+    return wandb
+
+
+class WandbWriter:
+    """TensorBoard's add_scalar / add_image / close over a Weights & Biases run (project "minidream", named after
+    the run folder, its settings those of OUT/run.json). A resumed run logs on into the same W&B run: its id is kept
+    in OUT/wandb/run-id. Its files go to OUT/wandb (WANDB_MODE=offline: `wandb sync` uploads them later)."""
+
+    def __init__(self, out: Path):
+        wandb = wandb_module()
+        folder = out / "wandb"
+        folder.mkdir(exist_ok=True)
+        ids = folder / "run-id"
+        run_id = ids.read_text().strip() if ids.exists() else secrets.token_hex(6)
+        ids.write_text(run_id)
+        settings = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+        self.wandb = wandb
+        self.run = wandb.init(project="minidream", name=out.name, id=run_id, resume="allow", dir=str(out),
+                              config=settings)
+
+    def add_scalar(self, tag: str, value: float, step: int):
+        self.run.log({tag: value}, step=step)
+
+    def add_image(self, tag: str, image, step: int, dataformats: str = "HWC"):
+        self.run.log({tag: self.wandb.Image(image)}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
 @dataclass(frozen=True)
 class Reporter:
     check: Callable[[], object]  # fails (one line) when it cannot report, before the run starts
@@ -34,7 +73,8 @@ class Reporter:
 # --report-to: where the metrics go besides OUT/metrics.jsonl and OUT/curves.png
 REPORT_TO = {"none": None,
              "tensorboard": Reporter(summary_writer, lambda out: summary_writer()(log_dir=str(out / "tensorboard")),
-                                     "tensorboard")}
+                                     "tensorboard"),
+             "wandb": Reporter(wandb_module, WandbWriter, "wandb")}
 OUTPUTS = ("metrics.jsonl", "curves.png")  # what the record itself writes into the run folder
 
 

@@ -10,7 +10,7 @@ from minidream.training.config import OPTIONS, TrainConfig, flag, validate
 
 
 # The version of the settings a checkpoint stores ("settings_version" in its metadata; none before version 1).
-SETTINGS_VERSION = 6
+SETTINGS_VERSION = 7
 
 # ADDED[v]: the settings added in version v, with the value that reproduces a run whose checkpoint was written
 # before (its settings lack them). A new setting goes under the next version, which SETTINGS_VERSION becomes.
@@ -30,6 +30,11 @@ ADDED = {
         "discrete_flow_shift": 3.0},
     5: {"train_token_t5": False, "quantize_base": None},
     6: {"blocks_to_swap": 0, "cache_text_encoder_outputs": "memory"},
+    7: {"loss_type": "l2", "huber_c": 0.1, "huber_schedule": "snr", "debiased_estimation": False, "min_timestep": 0,
+        "max_timestep": None, "zero_terminal_snr": False, "multires_noise_iterations": 0,
+        "multires_noise_discount": 0.3, "input_perturbation": 0.0, "caption_dropout": 0.0, "shuffle_tags": False,
+        "keep_tokens": 0, "ema_decay": None, "ema_every": 1, "ema_device": "same", "validation_ema": False,
+        "validation_guidance_rescale": 0.0, "prior_source": "images"},
 }
 # CHANGED[v]: settings whose default became "the family's" (None) in version v, with the default before: an older
 # run stored that value whether or not it was given, and it reads as the family's (SD3's was it; DDPM's ignore it)

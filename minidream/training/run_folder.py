@@ -21,7 +21,8 @@ from minidream.training.runtime import Runtime
 
 def run_outputs() -> list[str]:
     """What a run writes into --out: --overwrite removes exactly these before it starts again."""
-    return ["run.json", "data.json", "checkpoints", "snapshots", "samples", "class_images", *report.OUTPUTS,
+    return ["run.json", "data.json", "checkpoints", "snapshots", "samples", "class_images", "ema", "README.md",
+            *report.OUTPUTS,
             *[r.output for r in report.REPORT_TO.values() if r], *exports.outputs()]
 
 

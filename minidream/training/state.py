@@ -8,6 +8,7 @@ import torch
 
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.training import TrainError
+from minidream.training.ema import EMA
 from minidream.training.fsdp import gathered, is_sharded, scattered, shard
 from minidream.training.optim import OPTIMIZERS, Optimizer, make_optimizer
 from minidream.training.trainable import Trainable, print_summary, select_trainable
@@ -23,6 +24,7 @@ class TrainState:
     generator: torch.Generator  # every random draw of the loop: data, noise, timesteps (on the CPU: the same
     # numbers on any device, so a resumed run is bit-exact)
     row: Optimizer = OPTIMIZERS["adamw"]  # the optimizer's row: its state entries shaped like their parameter...
+    ema: EMA | None = None  # the moving average of what trains (--ema-decay)
 
     @classmethod
     def create(cls, cfg, model: StableDiffusion, device: torch.device, processes: int = 1) -> "TrainState":
@@ -37,8 +39,9 @@ class TrainState:
             shard(model, bool(trainable.text_encoder), device, processes)
             trainable = Trainable(*(found(model, group) for group in trainable.groups().values()))
         opt, sched, scaler = make_optimizer(cfg, trainable, device)
+        ema = EMA(trainable.named(), cfg.ema_decay, cfg.ema_every, cfg.ema_device) if cfg.ema_decay else None
         return cls(model, trainable, opt, sched, scaler, torch.Generator().manual_seed(cfg.seed),
-                   OPTIMIZERS[cfg.optimizer])
+                   OPTIMIZERS[cfg.optimizer], ema)
 
     def trained(self, keep: bool = True) -> dict[str, torch.Tensor] | None:
         """The trained tensors, whole (under --fsdp every process must call this: they are gathered; only where
@@ -59,7 +62,8 @@ class TrainState:
         if torch.cuda.is_available():
             rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
         return {"params": params, "optimizer": optimizer, "lr_schedule": self.lr_schedule.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": rng}
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": rng,
+                "ema": self.ema.state_dict() if self.ema is not None else None}
 
     def load_state_dict(self, sd: dict):
         """Put a checkpoint's weights, optimizer, schedule and RNG states back; a crafted or damaged one is a
@@ -78,6 +82,10 @@ class TrainState:
             self._check_schedule(base_lrs)
             if self.scaler is not None and sd["scaler"]:
                 self.scaler.load_state_dict(sd["scaler"])
+            if self.ema is not None:
+                if not sd.get("ema"):
+                    raise TrainError("the checkpoint holds no moving average (--ema-decay); resume from one that does")
+                self.ema.load_state_dict(sd["ema"])
             torch.set_rng_state(sd["rng"]["torch"])
             self.generator.set_state(sd["rng"]["data"])
             if "cuda" in sd["rng"] and torch.cuda.is_available():

@@ -21,27 +21,31 @@ import torch
 
 from minidream.models.compile import compile_network, step_begins
 from minidream.models.flow_matching import Density, FlowProcess
-from minidream.models.noise_schedule import DDPMProcess
+from minidream.models.noise_schedule import DDPMProcess, TimestepDraw
 from minidream.models.quantize import quantize_frozen
-from minidream.models.stable_diffusion import StableDiffusion
+from minidream.models.lora import adapters_off
+from minidream.models.stable_diffusion import StableDiffusion, encode_text
+from minidream.sampling.samplers import zero_snr_schedule
 from minidream.training import distributed
 from minidream.training.batches import LatentSource, TextConditioning
 from minidream.training.config import TrainConfig
 from minidream.training.distributed import ProcessGroup
 from minidream.training.fsdp import is_sharded
 from minidream.training.fused_backward import fuse_backward
+from minidream.training.objective import Objective, cell_loss, draw_noise, example_weights
 from minidream.training.runtime import Runtime, signals_deferred
 from minidream.training.state import TrainState
 from minidream.training.trainable import MODES, cast_frozen
 from minidream.training.validation import has_grid
 
 
-def dreambooth_loss(pred, target, n_instance: int, prior_weight: float, weights=None, mask=None):
-    """mse(instance) + λ·mse(prior) over a batch whose first n_instance rows are the subject's.
+def dreambooth_loss(pred, target, n_instance: int, prior_weight: float, weights=None, mask=None, loss=torch.square):
+    """mse(instance) + λ·mse(prior) over a batch whose first n_instance rows are the subject's (`loss`: each
+    latent cell's loss of prediction - target, squared unless the run asks otherwise: objective.cell_loss).
     `mask` (B, 1, h, w): each latent cell's weight (masked loss: the share of its pixels that show the subject);
     an example's error is then averaged over its mask (an all-zero mask: no loss, no gradient).
     Returns (loss, instance part, prior part)."""
-    err = (pred.float() - target.float()).square()
+    err = loss(pred.float() - target.float())
     if mask is None:
         per_example = err.mean(dim=(1, 2, 3))
     else:
@@ -55,27 +59,34 @@ def dreambooth_loss(pred, target, n_instance: int, prior_weight: float, weights=
 
 
 def training_step(denoiser, process: DDPMProcess, latents, cond: dict, n_instance: int, prior_weight: float,
-                  g: torch.Generator, snr_gamma: float | None = None, noise_offset: float = 0.0,
-                  group: ProcessGroup = ProcessGroup(), mask: torch.Tensor | None = None):
-    """Noise the latents at random timesteps, predict, and return the DreamBooth loss parts.
-    `cond`: the denoiser's conditioning (batches.TextConditioning), one row per latent. Under torchrun the noise
-    and timesteps are drawn for the global batch and this process keeps its rows (distributed.py)."""
+                  g: torch.Generator, objective: Objective = Objective(), group: ProcessGroup = ProcessGroup(),
+                  mask: torch.Tensor | None = None, prior=None):
+    """Noise the latents at random timesteps, predict, and return the DreamBooth loss parts, as the run's
+    `objective` (its TrainConfig) asks (objective.py). `cond`: the denoiser's conditioning (batches.TextConditioning),
+    one row per latent. `prior`: the class rows' target when it is the model's own (--prior-source model): a
+    function of their noised latents and timesteps. Under torchrun the noise and timesteps are drawn for the global
+    batch and this process keeps its rows (distributed.py)."""
     # draws happen where the generator lives: the trainer's is on the CPU (the same numbers on any device,
     # bit-exact resume), the benchmark's on the GPU (no copy per step)
-    B, C, dev = latents.shape[0], latents.shape[1], g.device
+    B, dev = latents.shape[0], g.device
     rows = group.batch_rows(n_instance, B - n_instance)
 
     def mine(x):  # this process's rows of a draw for the global batch
         return (x if rows is None else x[rows.to(x.device)]).to(latents.device)
     total = B * group.size
-    noise = mine(torch.randn((total, *latents.shape[1:]), generator=g, device=dev))
-    if noise_offset:  # (Guttenberg 2023) lets the model shift mean brightness
-        noise = noise + noise_offset * mine(torch.randn((total, C, 1, 1), generator=g, device=dev))
+    noise = mine(draw_noise(objective, (total, *latents.shape[1:]), g))
     t = mine(process.draw_timesteps(total, g, dev, latents.shape[-2:]))
-    noisy = process.add_noise(latents, noise, t)
+    fed = noise  # input perturbation (Ning et al. 2023): the latent noised by ε + γ·ξ, the target made of ε alone
+    if objective.input_perturbation:
+        fed = noise + objective.input_perturbation * mine(torch.randn((total, *latents.shape[1:]), generator=g,
+                                                                      device=dev))
+    noisy = process.add_noise(latents, fed, t)
     pred = process.output(denoiser(noisy, t, **cond), noisy, t)
-    weights = process.loss_weights(t, snr_gamma)
-    return dreambooth_loss(pred, process.target(latents, noise, t), n_instance, prior_weight, weights, mask)
+    target = process.target(latents, noise, t)
+    if prior is not None:  # the base model's prediction for the class prompt on these latents (kohya's DOP)
+        target = torch.cat([target[:n_instance], prior(noisy[n_instance:], t[n_instance:])])
+    return dreambooth_loss(pred, target, n_instance, prior_weight, example_weights(process, t, objective), mask,
+                           cell_loss(process, t, objective))
 
 
 def family_defaults(cfg: TrainConfig, family) -> TrainConfig:
@@ -93,7 +104,9 @@ def training_process(model: StableDiffusion, cfg: TrainConfig) -> DDPMProcess | 
         return FlowProcess(model.scheduler, Density(cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std,
                                                     cfg.mode_scale, cfg.precondition_outputs, cfg.timestep_sampling,
                                                     cfg.sigmoid_scale, cfg.discrete_flow_shift))
-    return model.forward_process
+    schedule = zero_snr_schedule(model.scheduler) if cfg.zero_terminal_snr else model.scheduler
+    return DDPMProcess(schedule, TimestepDraw(cfg.timestep_sampling, cfg.min_timestep, cfg.max_timestep,
+                                              cfg.logit_mean, cfg.logit_std, cfg.sigmoid_scale))
 
 
 def apply_gradients(opt, scaler, params: list, max_grad_norm: float) -> torch.Tensor | None:
@@ -168,10 +181,11 @@ class Stepper:
                 g = state.generator
                 torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=g, device=g.device)) + rt.group.rank)
             step_begins(self.compiled)
+            cond = {**self.text(step, prompts), **sizes}
             with rt.autocast():
-                loss, li, lp = training_step(state.model.denoiser, self.process, latents,
-                                             {**self.text(step, prompts), **sizes}, n_inst, cfg.prior_loss_weight,
-                                             state.generator, cfg.snr_gamma, cfg.noise_offset, rt.group, mask)
+                prior = self.model_prior(cond, prompts, n_inst) if cfg.prior and cfg.prior_source == "model" else None
+                loss, li, lp = training_step(state.model.denoiser, self.process, latents, cond, n_inst,
+                                             cfg.prior_loss_weight, state.generator, cfg, rt.group, mask, prior)
             parts += torch.stack([loss, li, lp]).detach().float() / cfg.grad_accum
             loss = loss / cfg.grad_accum
             if self.fused:  # backward is the update (--fused-backward, which takes no --grad-accum)
@@ -188,12 +202,28 @@ class Stepper:
         return {"step": step + 1, "parts": parts, "lr": state.lr_schedule.get_last_lr()[0],
                 "grad_norm": full() if full else grad_norm}
 
+    def model_prior(self, cond: dict, prompts: list[str], n: int):
+        """--prior-source model: the class rows' target, a function of their noised latents and timesteps: what the
+        base model predicts for them (every adapter off; their conditioning too, where a text encoder trains)."""
+        model, process = self.state.model, self.process
+        rows = {k: v[n:] for k, v in cond.items()}
+        if not self.text.frozen:
+            with torch.no_grad(), adapters_off(*model.text_networks()):
+                rows.update(encode_text(model, prompts[n:]))
+
+        def target(noisy, t):
+            with torch.no_grad(), adapters_off(model.denoiser):
+                return process.output(model.denoiser(noisy, t, **rows), noisy, t)
+        return target
+
     def update(self, apply):
         """The step's update (`apply`) and the LR schedule's, whole or not at all: a Ctrl-C or SIGTERM that comes
         during it waits until the step is counted (raise_deferred)."""
         with signals_deferred() as came:
             out = apply()
             self.state.lr_schedule.step()
+            if self.state.ema is not None:  # (--ema-decay) the moving average takes the new weights in
+                self.state.ema.step()
             self.done = True
         self.deferred = bool(came)
         return out
@@ -219,18 +249,19 @@ def prepare(cfg: TrainConfig, model: StableDiffusion, rt: Runtime, pools: list[l
     compile_network(model.denoiser, compiled)
     for _, _, te in model.text_encoders():
         te.train(bool(state.trainable.text_encoder))
-    batches = LatentSource(model, cfg, pools, rt.device, state.generator, rt.group)
+    own = [p for k, p in enumerate(prompts or cfg.prompts) if k % 2] if cfg.prior_source == "model" else None
+    batches = LatentSource(model, cfg, pools, rt.device, state.generator, rt.group, own)  # (own: the class prompts)
     text = TextConditioning(model, cfg, state.trainable, prompts or list(cfg.prompts),
                             [e.prompt for pool in pools for e in pool])
     # what the step no longer needs leaves the accelerator (validation grids bring it back: Runtime.resident), or
     # is released when nothing after the step reads it (the frozen CLIPs alone are SD3.5's largest part after T5)
     later = keep_model or has_grid(cfg) or bool(cfg.validation_every)
     away = rt.offload if later else rt.release
-    if text.frozen:
+    if text.frozen and not cfg.shuffle_tags:  # (shuffled tags are new prompts: the encoders stay)
         text.encode_all()
         for te in model.text_networks():
             away(te)
-    elif model.text_encoder_3 is not None and not text.t5_learns:
+    elif model.text_encoder_3 is not None and not text.t5_learns and not cfg.shuffle_tags:
         # the CLIPs train, T5 not: its states now, then T5 leaves the accelerator (a grid's new prompt brings it
         # back: resident)
         text.encode_t5()
@@ -256,6 +287,10 @@ def compiled_mode(cfg: TrainConfig, rt: Runtime) -> str:
     def say(why: str):
         if rt.main:
             print(f"note: --compile {cfg.compile}: {why}", file=sys.stderr)
+    if cfg.compile != "off" and cfg.prior_source == "model":
+        say("the prior's target is the model's own prediction with the adapters off, a second graph each step; the "
+            "UNet runs eager")
+        return "off"
     if cfg.compile != "off" and cfg.fsdp:
         say("the sharded UNet (--fsdp) gathers its blocks in hooks that are not traced yet; it runs eager")
         return "off"

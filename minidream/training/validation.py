@@ -21,8 +21,8 @@ from minidream.options import first_problem, text
 from minidream.sampling.pipeline import SamplingParams, generate
 from minidream.training import json_rows
 
-ROW_KEYS = {"prompt": str, "negative_prompt": str, "guidance": (int, float), "height": int, "width": int,
-            "seed": int, "steps": int}
+ROW_KEYS = {"prompt": str, "negative_prompt": str, "guidance": (int, float), "guidance_rescale": (int, float),
+            "height": int, "width": int, "seed": int, "steps": int}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,7 +39,8 @@ def row_problem(k: int, row) -> str | None:
         return f"entry {k} needs \"prompt\", UTF-8 text"
     for key, kind in ROW_KEYS.items():
         if key in row and (not isinstance(row[key], kind) or isinstance(row[key], bool)):
-            return f"entry {k}: {key} must be a {'number' if key == 'guidance' else kind.__name__} (got {row[key]!r})"
+            named = "number" if isinstance(kind, tuple) else kind.__name__
+            return f"entry {k}: {key} must be a {named} (got {row[key]!r})"
     if not 0 <= row.get("seed", 0) < 2 ** 63:
         return f"entry {k}: seed must be in [0, 2^63) (got {row['seed']})"
     wrong = first_problem(row_params(SamplingParams(), row))
@@ -57,8 +58,7 @@ def validation_file(path) -> tuple[dict, ...]:
 
 def row_params(base: SamplingParams, row: dict) -> SamplingParams:
     """A file row's sampling settings: the run's validation settings with the row's own."""
-    own = {"negative_prompt": row.get("negative_prompt"), "guidance": row.get("guidance"), "height": row.get("height"),
-           "width": row.get("width"), "steps": row.get("steps")}
+    own = {k: row.get(k) for k in ("negative_prompt", "guidance", "guidance_rescale", "height", "width", "steps")}
     return replace(base, **{k: v for k, v in own.items() if v is not None})
 
 
