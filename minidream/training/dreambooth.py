@@ -16,7 +16,6 @@ from minidream.models.flow_matching import FlowProcess
 from minidream.models.stable_diffusion import StableDiffusion
 from minidream.models.text_memo import TextMemo, remember
 from minidream.sampling.pipeline import image_side
-from minidream.sampling.samplers import zero_snr_schedule
 from minidream.training import TrainError, distributed, run_folder, runtime
 from minidream.training.checkpoint import Checkpointer, Resume, base_fingerprint, per_process_batch, resume_from
 from minidream.training.dataset import TrainingData, buckets
@@ -27,7 +26,7 @@ from minidream.training.export import base_for_exports, export as export_trained
 from minidream.training.holding import hold
 from minidream.training.loop import loop, phase
 from minidream.training.model_card import write_card
-from minidream.training.objective import DDPM_ONLY, FLOW_ONLY, schedule_problem
+from minidream.training.objective import DDPM_ONLY, FLOW_ONLY, schedule_problem, trained_schedule
 from minidream.training.resume_settings import short
 from minidream.training.report import REPORT_TO, curves
 from minidream.training.step import family_defaults, prepare
@@ -109,7 +108,7 @@ def train_and_export(cfg: TrainConfig, out: Path, model: StableDiffusion, data: 
         rt.place(model)
         if cfg.class_images:  # prior-preservation data, made by the base model before any weight changes
             data.make_class_images(model, cfg, rt)
-        model.scheduler = trained_schedule(model, cfg)  # what the grids sample by from here on
+        model.scheduler = trained_schedule(model.scheduler, cfg)  # what the grids sample by from here on
         if rt.main:
             data.write_json(out, cfg)
         batch = per_process_batch(cfg, processes, rt.group.size)
@@ -235,7 +234,7 @@ def check_against_model(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig
     check_position_table(cfg, model)
     check_block_swap(cfg, model)
     cfg = family_options(cfg, model)
-    trained = trained_schedule(model, cfg)  # the class images are the base's; the grids sample as the model trains
+    trained = trained_schedule(model.scheduler, cfg)  # the class images are the base's; the grids: the trained one
     for params, used, names, schedule in (
             (cfg.class_sampling, cfg.class_images, CLASS_SAMPLING, model.scheduler),
             (cfg.validation_sampling, cfg.validation_prompts, VALIDATION_SAMPLING, trained)):
@@ -302,12 +301,6 @@ def family_options(cfg: TrainConfig, model: StableDiffusion) -> TrainConfig:
         raise TrainError(f"--save-as {unwritable[0]}: minidream cannot write {model.family.title} models in this "
                          f"format yet; choose from {', '.join(choices)}")
     return cfg
-
-
-def trained_schedule(model: StableDiffusion, cfg: TrainConfig):
-    """The noise schedule the trained model samples by: the base's, rescaled to zero terminal SNR when the run
-    trains into it (--zero-terminal-snr)."""
-    return zero_snr_schedule(model.scheduler) if cfg.zero_terminal_snr else model.scheduler
 
 
 def export(cfg: TrainConfig, trained: dict[str, torch.Tensor],

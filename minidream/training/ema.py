@@ -73,10 +73,6 @@ class EMA:
             s = self.shadow[name]
             s.sub_((1 - d) * (s - p.detach().to(s.device, s.dtype)))  # θ̄ - (1-d)(θ̄ - θ) = d θ̄ + (1-d) θ
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The average, by the trained tensors' names (what the exports write)."""
-        return {name: t.clone() for name, t in self.shadow.items()}
-
     @contextmanager
     def applied(self):
         """The trained tensors hold the average inside the block (a validation grid), their own values after."""

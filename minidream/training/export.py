@@ -17,9 +17,9 @@ from minidream.formats import exports
 from minidream.formats.loading import ModelError, load
 from minidream.models.device import DTYPES
 from minidream.models.stable_diffusion import StableDiffusion, with_clip_skip, with_t5_length
-from minidream.sampling.samplers import zero_snr_schedule
 from minidream.training import TrainError
 from minidream.training.config import TrainConfig
+from minidream.training.objective import trained_schedule
 from minidream.training.trainable import select_trainable
 
 
@@ -49,8 +49,7 @@ def base_for_exports(cfg: TrainConfig) -> StableDiffusion:
     weights); else as stored, memory-mapped, since an adapter or token file reads no base weight."""
     whole = any(exports.EXPORTERS[f].plain for f in cfg.save_as)
     base = load_base(cfg, whole=True, dtype=torch.float32 if whole else None)
-    if cfg.zero_terminal_snr:  # the schedule it trained on, which the exports' scheduler config states
-        base.scheduler = zero_snr_schedule(base.scheduler)
+    base.scheduler = trained_schedule(base.scheduler, cfg)  # which the exports' scheduler config states
     return base
 
 

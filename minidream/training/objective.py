@@ -22,6 +22,7 @@ from minidream.models.noise_schedule import DDPM_SAMPLINGS
 from minidream.options import (Needs, at_least, finite, in_range, non_negative, option, optional, optional_at_least,
                                positive_number)
 from minidream.sampling.pipeline import MAX_GUIDANCE
+from minidream.sampling.samplers import zero_snr_schedule
 
 PANEL = "Objective: noise, timesteps, loss"
 TIMESTEP_SAMPLINGS = tuple(dict.fromkeys(SAMPLINGS + DDPM_SAMPLINGS))  # the flow families' and DDPM's
@@ -151,6 +152,12 @@ def schedule_problem(o: Objective, flow: bool, steps: int) -> tuple[str, str] | 
         if not flow and getattr(o, name) != default and o.timestep_sampling != "logit_normal":
             return name, "shapes --timestep-sampling logit_normal's draw on a DDPM model: give that too, or drop it"
     return None
+
+
+def trained_schedule(schedule, o: Objective):
+    """The noise schedule the run trains on, and so the trained model samples by: the base's, rescaled to zero
+    terminal SNR when the run trains into it (--zero-terminal-snr). The step, the grids and the exports read it."""
+    return zero_snr_schedule(schedule) if o.zero_terminal_snr else schedule
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,14 +25,13 @@ from minidream.models.noise_schedule import DDPMProcess, TimestepDraw
 from minidream.models.quantize import quantize_frozen
 from minidream.models.lora import adapters_off
 from minidream.models.stable_diffusion import StableDiffusion, encode_text
-from minidream.sampling.samplers import zero_snr_schedule
 from minidream.training import distributed
 from minidream.training.batches import LatentSource, TextConditioning
 from minidream.training.config import TrainConfig
 from minidream.training.distributed import ProcessGroup
 from minidream.training.fsdp import is_sharded
 from minidream.training.fused_backward import fuse_backward
-from minidream.training.objective import Objective, cell_loss, draw_noise, example_weights
+from minidream.training.objective import Objective, cell_loss, draw_noise, example_weights, trained_schedule
 from minidream.training.runtime import Runtime, signals_deferred
 from minidream.training.state import TrainState
 from minidream.training.trainable import MODES, cast_frozen
@@ -104,9 +103,9 @@ def training_process(model: StableDiffusion, cfg: TrainConfig) -> DDPMProcess | 
         return FlowProcess(model.scheduler, Density(cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std,
                                                     cfg.mode_scale, cfg.precondition_outputs, cfg.timestep_sampling,
                                                     cfg.sigmoid_scale, cfg.discrete_flow_shift))
-    schedule = zero_snr_schedule(model.scheduler) if cfg.zero_terminal_snr else model.scheduler
-    return DDPMProcess(schedule, TimestepDraw(cfg.timestep_sampling, cfg.min_timestep, cfg.max_timestep,
-                                              cfg.logit_mean, cfg.logit_std, cfg.sigmoid_scale))
+    draw = TimestepDraw(cfg.timestep_sampling, cfg.min_timestep, cfg.max_timestep, cfg.logit_mean, cfg.logit_std,
+                        cfg.sigmoid_scale)
+    return DDPMProcess(trained_schedule(model.scheduler, cfg), draw)
 
 
 def apply_gradients(opt, scaler, params: list, max_grad_norm: float) -> torch.Tensor | None:
