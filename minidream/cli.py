@@ -14,8 +14,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from minidream.cli_common import (adapt, adapter_files, check_sampling, checked, device_and_backend, fail,
-                                  load_model, resolved_device, text_read, with_run_file, write_samples, writing)
+from minidream.cli_common import (adapt, adapter_files, check_sampling, checked, demo_ready, device_and_backend,
+                                  fail, load_model, resolved_device, shipped_defaults, text_read, with_run_file,
+                                  warn_unknown_tokens, write_samples, writing)
 from minidream.cli_options import (Adapters, Bench, Demo, Diff, Eval, Loader, Maps, MovedConfig, Pretrain, Run,
                                    Sample)
 from minidream.sampling.pipeline import SamplingParams
@@ -29,7 +30,8 @@ signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is Ke
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Stable Diffusion and DreamBooth in plain PyTorch.")
 ModelArg = Annotated[str, typer.Argument(help="Model: a diffusers-layout folder, a hub repo id (owner/name), "
-                                              "or a single-file .safetensors checkpoint.")]
+                                              "a single-file .safetensors checkpoint, or demo (the shipped toy "
+                                              "model).")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +96,7 @@ def sample(ctx: typer.Context, **options):
     name = params.sampler or default_sampler(m.scheduler)  # the model's own, by name, for the PNGs
     sampler = params.make_sampler(m.scheduler)  # one sampler for every batch
     adapt(m, loras, embeddings, loader.allow_pickle)
+    warn_unknown_tokens(m, o.prompt, params.negative_prompt)
     cut = m.tokenizer.truncated(o.prompt)
     if cut:
         typer.echo(f"warning: the prompt is longer than {m.tokenizer.max_length} tokens; this part was cut: {cut!r}",
@@ -139,6 +142,8 @@ def train(
             validate(cfg, resuming=True)  # need its files: a run file may name them later)
             combinations(cfg)
             return typer.echo(to_toml(cfg), nl=False)
+        if not resume:
+            cfg, given = shipped_defaults(cfg, given)
         _, written = dreambooth(cfg, resume=resume, overwrite=overwrite, given=given)
     except TrainError as e:
         fail(str(e))
@@ -164,12 +169,9 @@ def demo_pretrain(**options):
 def demo(**options):
     """DreamBooth on the embedded toy-world model and a subject it never saw, on CPU in under a minute: before/after
     grids for "a sks toy", "a sks toy on a blue background", "a toy", and a metrics report."""
-    from minidream.demo.architecture import DEMO_DIR
     from minidream.demo.run import run_demo
     o, = checked(options, Demo)
-    if not (DEMO_DIR / "model_index.json").exists():
-        fail(f"{DEMO_DIR}: the demo model is missing (it ships with minidream); reinstall, or rebuild it with "
-             f"`minidream demo-pretrain --out {DEMO_DIR}`")
+    demo_ready(o.out, o.overwrite)
     picked = demo_subjects(o.subject, "--subject", several=False)
     try:
         run_demo(o.out, prior=o.prior, seed=o.seed, subject=picked[0], **steps_given(o.steps))

@@ -189,7 +189,8 @@ def write_samples(m, o: Sample, params: SamplingParams, sampler, made: bool, set
     """`sample`'s images, batch k from a CPU generator seeded with seed + k, each PNG with its settings in its text
     (and a grid of several). Ctrl-C keeps what was written (an --out this run `made` and left empty goes)."""
     import torch
-    from minidream.image_files import grid, save_png
+    from minidream.image_files import save_png
+    from minidream.plots import labelled_grid
     from minidream.sampling.pipeline import generate
     images, names = [], []
     try:
@@ -211,10 +212,57 @@ def write_samples(m, o: Sample, params: SamplingParams, sampler, made: bool, set
         if len(images) > 1:
             png = o.out / "grid.png"
             with writing(png):
-                save_png(grid(torch.stack(images)), png, {"prompt": o.prompt, "seed": o.seed})
+                rows = [("", torch.stack(images[i:i + 4])) for i in range(0, len(images), 4)]
+                picture, layout = labelled_grid(rows, o.prompt, label_width=0)
+                save_png(picture, png, {"prompt": o.prompt, "seed": o.seed, "layout": layout})
             names.append(png)
     except KeyboardInterrupt:  # what was written stays; an --out this run made and left empty goes
         if made and not any(o.out.iterdir()):
             o.out.rmdir()
         fail(f"interrupted; {len(names)} file(s) written to {o.out}" if names else "interrupted; no image was written")
     return names
+
+
+def shipped_defaults(cfg, given: set[str] | None):
+    """`train --model demo`: the demo model's own settings (demo/run.py's TRAIN_DEFAULTS; a LoRA's lrs from its
+    LoRA recipe) for each one not given, said in one line; TrainConfig's defaults are SD's. (A folder named demo
+    here is that folder, not the shipped model.)"""
+    from dataclasses import replace
+    if cfg.model != "demo" or Path("demo").exists():
+        return cfg, given
+    from minidream.demo.run import LORA, TRAIN_DEFAULTS
+    from minidream.training.config import OPTIONS
+    own = {**TRAIN_DEFAULTS, **({"lr": LORA["lr"], "text_encoder_lr": LORA["text_encoder_lr"]}
+                                if cfg.mode == "lora" else {})}
+    if cfg.mode not in ("unet", "lora"):  # the demo's lrs are for these two
+        own = {k: v for k, v in own.items() if k not in ("lr", "text_encoder_lr")}
+    given = set(given or ())
+    skip = given | ({"steps"} if "epochs" in given else set())
+    taken = {k: v for k, v in own.items() if k not in skip}
+    if taken:
+        said = ", ".join(option_flag(OPTIONS[k]) + ("" if v is True else f" {v}") for k, v in taken.items())
+        typer.echo(f"--model demo: the demo model's own settings for those not given: {said}", err=True)
+    return replace(cfg, **taken), given
+
+
+def warn_unknown_tokens(model, *prompts: str):
+    """A `<token>` in a prompt that is not a token of the model (no --embedding or LoRA file added it) is read as
+    the letters it is made of: a likely mistake (a missing --embedding, a misspelt token), said once per token."""
+    import re
+    known = {**model.tokenizer.vocab, **model.tokenizer.added}
+    unknown = [t for t in dict.fromkeys(re.findall(r"<[^<>\s]+>", " ".join(p or "" for p in prompts)))
+               if t not in known]
+    if unknown:
+        typer.echo(f"warning: {', '.join(unknown)}: not a token of this model (no --embedding or model file adds "
+                   f"{'it' if len(unknown) == 1 else 'them'}); read as plain text", err=True)
+
+
+def demo_ready(out: Path, overwrite: bool):
+    """`minidream demo`: the shipped model is there, and --out holds no finished demo unless --overwrite."""
+    from minidream.demo.architecture import DEMO_DIR
+    if not (DEMO_DIR / "model_index.json").exists():
+        fail(f"{DEMO_DIR}: the demo model is missing (it ships with minidream); reinstall, or rebuild it with "
+             f"`minidream demo-pretrain --out {DEMO_DIR}`")
+    if (out / "report.json").exists() and not overwrite:
+        fail(f"--out {out} holds a finished demo (report.json); pass --overwrite to run it again there, or choose "
+             f"another --out")

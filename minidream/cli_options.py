@@ -67,7 +67,8 @@ class Run:
 
 @dataclass(frozen=True)
 class Sample:
-    model: str = option(help="Model folder, hub repo id or single-file checkpoint.", check=path)
+    model: str = option(help="Model folder, hub repo id, single-file checkpoint, or demo (the shipped toy model).",
+                        check=path)
     prompt: str = option(help="Text prompt.", check=text)
     out: Path = option(help="Output folder for the PNGs.", check=out_folder, cli_type=Path)
     seed: int = option(0, "Seed of the CPU generator that draws the starting noise; batch k uses seed + k.",
@@ -101,7 +102,8 @@ class Diff:
 @dataclass(frozen=True)
 class Maps:
     """`attention-maps`: where each prompt token looks."""
-    model: str = option(help="Model folder, hub repo id or single-file checkpoint.", check=path)
+    model: str = option(help="Model folder, hub repo id, single-file checkpoint, or demo (the shipped toy model).",
+                        check=path)
     prompt: str = option(help="Text prompt.", check=text)
     out: Path = option(help="Folder for maps.png, maps.json and maps/.", check=out_folder, cli_type=Path)
     seed: int = option(0, "Seed of the starting noise.", check=seed_range)
@@ -114,7 +116,8 @@ class Demo:
                                check=optional_at_least(1, 100_000))
     seed: int = option(0, "Seed.", check=seed_range)
     prior: bool = option(True, "Prior-preservation loss.", flag="--prior/--no-prior")
-    subject: str = option("1", "Which held-out subject: 1 (the demo's), 2, 3 or its name, e.g. green-dotted-heart.")
+    subject: str = option("1", "Which held-out subject: 1 (the demo's), 2, 3 or its name, e.g. green-checked-heart.")
+    overwrite: bool = option(False, "Start over in an --out folder that holds a finished demo.")
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ class Pretrain:
     vae_steps: int = option(2500, "VAE training steps (batch 32).", check=at_least(1))
     unet_steps: int = option(4000, "UNet + text encoder steps.", check=at_least(1))
     batch: int = option(64, "UNet batch size.", check=at_least(1))
-    recognizer_steps: int = option(1000, "Recogniser training steps (batch 128).", check=at_least(1))
+    recognizer_steps: int = option(1500, "Recogniser training steps (batch 128).", check=at_least(1))
     reuse: Path | None = option(None, "A demo model folder whose VAE and recogniser are kept.", check=path,
                                 cli_type=Path)
     grounding: float = option(GROUNDING, "Weight of the cross-attention term that asks the words naming a toy to "

@@ -9,12 +9,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 
-def save_png(img: torch.Tensor, path: Path, meta: dict | None = None):
-    """One (H, W, 3) uint8 image as PNG, with the settings that made it in the text chunks."""
+def save_png(img: torch.Tensor | Image.Image, path: Path, meta: dict | None = None):
+    """One (H, W, 3) uint8 image (or a picture) as PNG, with the settings that made it in the text chunks."""
     info = PngInfo()
     for k, v in (meta or {}).items():
         info.add_text(k, v if isinstance(v, str) else json.dumps(v))
-    save_image(Image.fromarray(img.numpy()), path, pnginfo=info)
+    save_image(img if isinstance(img, Image.Image) else Image.fromarray(img.numpy()), path, pnginfo=info)
 
 
 def save_image(image: Image.Image, path: Path, **options):

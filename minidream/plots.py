@@ -106,9 +106,76 @@ def stack(images: list[Image.Image]) -> Image.Image:
     return out
 
 
-def overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.6) -> Image.Image:
-    """A (H, W) map in [0, 1] laid over an (H, W, 3) uint8 image in the colour ramp."""
+def overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.75) -> Image.Image:
+    """A (H, W) map in [0, 1] laid over an (H, W, 3) uint8 image in the colour ramp (light = low, dark red = high;
+    `legend` draws the key). Over the image's grey, not its colours: a blue background would turn the ramp purple."""
     ramp = torch.tensor([colour(k / 255) for k in range(256)], dtype=torch.float32)
     tint = ramp[(heat.clamp(0, 1) * 255).round().long()]
-    mixed = (1 - alpha) * image.float() + alpha * tint
+    mixed = (1 - alpha) * image.float().mean(-1, keepdim=True) + alpha * tint
     return Image.fromarray(mixed.round().clamp(0, 255).to(torch.uint8).numpy())
+
+
+VIEWABLE = 96  # px: a tile smaller than this (the demo's 32 px model) is scaled up to be seen
+
+
+def labelled_grid(rows: list[tuple[str, torch.Tensor]], title: str = "", label_width: int = 200,
+                  pad: int = 2) -> tuple[Image.Image, dict]:
+    """Rows of (label, images (n, H, W, 3) uint8), each row's label (a prompt, "training photos") on its left and
+    `title` above; tiles of a tiny model scaled up (nearest, by a whole factor) to VIEWABLE px, rows of other sizes
+    on the largest's cells. Returns the picture and its layout (origin, cell step, tile size, zoom: where each
+    image sits, which the PNG's text keeps so a tool can cut the images back out)."""
+    H, W = max(r.shape[1] for _, r in rows), max(r.shape[2] for _, r in rows)
+    zoom = max(1, math.ceil(VIEWABLE / min(H, W)))
+    th, tw = H * zoom, W * zoom
+    cols = max(len(r) for _, r in rows)
+    top = 20 if title else pad
+    img = Image.new("RGB", (label_width + cols * (tw + pad) + pad, top + len(rows) * (th + pad)), "white")
+    d = ImageDraw.Draw(img)
+    if title:
+        d.text((4, 4), title, fill=INK, font=FONT)
+    for i, (label, images) in enumerate(rows):
+        y = top + i * (th + pad)
+        lines = _wrapped(label, label_width - 8, max(1, th // 12))
+        for k, line in enumerate(lines):
+            d.text((4, y + th // 2 - 6 * len(lines) + 12 * k), line, fill=INK, font=FONT)
+        for j, tile in enumerate(images):
+            big = tile.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
+            img.paste(Image.fromarray(big.contiguous().numpy()), (label_width + pad + j * (tw + pad), y))
+    layout = {"origin": [label_width + pad, top], "step": [tw + pad, th + pad], "tile": [tw, th], "zoom": zoom}
+    return img, layout
+
+
+def _wrapped(text: str, width: int, lines: int) -> list[str]:
+    """`text` in lines of at most `width` px, at most `lines` of them (the last ending in … if it was cut)."""
+    out, line = [], ""
+    for word in text.split():
+        if line and _text_width(f"{line} {word}") > width:
+            out.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    out.append(line)
+    if len(out) > lines:
+        out = out[:lines]
+        out[-1] = out[-1][: max(0, len(out[-1]) - 1)] + "…"
+    return out
+
+
+def legend(width: int, what: str) -> Image.Image:
+    """A colour bar of the maps' ramp, low on the left and high on the right, with what it measures."""
+    img = Image.new("RGB", (width, 30), "white")
+    d = ImageDraw.Draw(img)
+    bar = min(200, width - 80)
+    d.text((4, 2), "low", fill=INK, font=FONT)
+    for k in range(bar):
+        d.line((30 + k, 2, 30 + k, 12), fill=colour(k / (bar - 1)))
+    d.text((34 + bar, 2), "high", fill=INK, font=FONT)
+    d.text((4, 16), what, fill=INK, font=FONT)
+    return img
+
+
+def heading(width: int, text: str) -> Image.Image:
+    """A strip with one line of text, to stack above a picture."""
+    img = Image.new("RGB", (width, 18), "white")
+    ImageDraw.Draw(img).text((4, 4), text, fill=INK, font=FONT)
+    return img

@@ -20,18 +20,22 @@ def test_world_is_deterministic_and_the_subjects_are_never_pretrained():
     assert a[0][1] == a[1][1] and a[0][0].tobytes() == a[1][0].tobytes()
     rng = random.Random(0)
     seen = {(t.shape, t.colour, t.pattern) for t in (world.pretraining_example(rng)[2] for _ in range(3000))}
-    held = {(s["shape"], s["colour"], s["pattern"]) for s in world.SUBJECTS}
-    assert not seen & held and len(seen) == 5 * 6 * 3 - len(held)  # every other combination is shown
+    assert len(seen) == 5 * 6 * 3  # every combination of named attributes is shown (backgrounds aside)
+    unnamed = {v for vs in world.UNNAMED.values() for v in vs}
     for subject in world.SUBJECTS:
         assert all(t.size == (world.SIZE, world.SIZE) for t in world.subject_images(subject, 4))
-    # one of each shape, colour and pattern
-    assert all(len({s[k] for s in world.SUBJECTS}) == len(world.SUBJECTS) for k in ("shape", "colour", "pattern"))
+        # a shape or a pattern of its own: no pretraining image shows it, no caption names it
+        own = {subject["shape"], subject["pattern"]} & unnamed
+        assert own and not own & {v for toy in seen for v in toy}
+    captions = " ".join(world.pretraining_example(rng)[1] for _ in range(3000))
+    assert not any(word in captions.split() for word in unnamed)
+    assert len({s["colour"] for s in world.SUBJECTS}) == len(world.SUBJECTS)
 
 
 def test_subjects_are_picked_by_number_or_name():
     assert world.pick_subjects("all") == world.SUBJECTS
-    assert world.pick_subjects("1, green-dotted-heart") == world.SUBJECTS[:2]
-    assert world.pick_subjects("1,1,Yellow-Striped-Star") == world.SUBJECTS[:1] and world.pick_subjects("ALL")
+    assert world.pick_subjects("1, green-checked-heart") == world.SUBJECTS[:2]
+    assert world.pick_subjects("1,1,Yellow-Striped-Cross") == world.SUBJECTS[:1] and world.pick_subjects("ALL")
     for bad in ("0", "4", "blue-star", "", "1,,2"):
         with pytest.raises(ValueError, match="not a subject"):
             world.pick_subjects(bad)
@@ -59,7 +63,7 @@ def test_recognizer_reads_the_world():
     import numpy as np
     net = load_recognizer()
     rng = random.Random(4242)
-    toys = [world.random_toy(rng, allow_subject=True) for _ in range(200)]
+    toys = [world.random_toy(rng, allow_subject=True, unnamed=True) for _ in range(200)]
     pred = net.predict(torch.stack([torch.from_numpy(np.array(world.render(t))) for t in toys]))
     for k in world.ATTRIBUTES:
         assert sum(p[k] == getattr(t, k) for p, t in zip(pred, toys)) / len(toys) >= 0.95, k
@@ -95,9 +99,9 @@ def capture_attention(monkeypatch):
         measured.append(real_maps(model))
         return measured[-1]
 
-    def sheet_of(rows, path):
+    def sheet_of(rows, path, **options):
         drawn.append(rows)
-        return real_sheet(rows, path)
+        return real_sheet(rows, path, **options)
     monkeypatch.setattr(run, "identifier_maps", maps_of)
     monkeypatch.setattr(run, "attention_sheet", sheet_of)
     return measured, drawn
@@ -123,9 +127,9 @@ def check_attention_sheet(out, report: dict, measured: list, drawn: list):
     assert not torch.equal(before[2], after[2])  # the tuned model's maps, not the base's again
     sheet = np.array(Image.open(out / "attention.png"))
     tile = world.SIZE * 3
-    assert sheet.shape[:2] == (2 * (tile + 4) + 4, SHEET_LABEL + 2 * GRID * (tile + 2))
+    assert sheet.shape[:2] == (2 * (tile + 4) + 24 + 30, SHEET_LABEL + 2 * GRID * (tile + 2))  # title, key
     first = before[1][0].repeat_interleave(3, 0).repeat_interleave(3, 1).numpy()
-    assert np.array_equal(sheet[4:4 + tile, SHEET_LABEL:SHEET_LABEL + tile], first)
+    assert np.array_equal(sheet[24:24 + tile, SHEET_LABEL:SHEET_LABEL + tile], first)
     assert f"{before[0]:.2f} before DreamBooth, {after[0]:.2f} after (attention.png)" in (out / "report.md").read_text()
 
 
@@ -185,8 +189,14 @@ def test_eval_claims_read_every_subject_and_seed():
                   "DreamBooth, prior loss (λ=1)": [run(1.0, 0.0, 0.7, 2.0), run(0.95, 0.6, 0.7, 1.6)]},
             "b": {"DreamBooth, no prior loss": [run(0.7, 0.5, 0.3, 2), run(0.7, 0.5, 0.3, 2)],
                   "DreamBooth, prior loss (λ=1)": [run(1.0, 0.0, 0.7, 2.0), run(0.75, 0.0, 0.7, 1.4)]}}
-    words = {"colour": 2.0, "pattern": 1.6, "shape": 1.2}
-    c = claims(runs, words)
+    words = {"identifier": 1.5, "colour": 2.0, "pattern": 1.6, "shape": 1.2}
+    best = {"a": {"fidelity": 0.125, "prompt": "a toy"}, "b": {"fidelity": 0.25, "prompt": "a red star"}}
+    c = claims(runs, words, list(runs["a"]), best)
+    assert c['a: the base model\'s best prompt draws it ≤ 0.2 (0.125, "a toy")']
+    assert not c['b: the base model\'s best prompt draws it ≤ 0.2 (0.250, "a red star")']
+    assert not c["with the prior, the identifier localises more than on the base model on every run"]
+    assert claims(runs, {**words, "identifier": 1.3}, list(runs["a"]), best)[
+        "with the prior, the identifier localises more than on the base model on every run"]
     assert not c["a: prior lowers PRES on every seed"] and c["b: prior lowers PRES on every seed"]
     assert c["a: prior keeps DIV on every seed (no lower)"]
     assert c["with the prior, subject fidelity ≥ 0.9 mean"]

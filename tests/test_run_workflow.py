@@ -282,14 +282,18 @@ def test_bad_masks_are_one_line_before_anything_is_written(sd1_dir, instance_dir
     assert r.exit_code == 2 and needle in r.output and not out.exists(), r.output
 
 
-def cell(png, row, col, size, pad=2):
-    """The image at (row, col) of a grid whose cells are `size` (h, w)."""
+def cell(png, row, col, size):
+    """The image at (row, col) of a labelled grid (plots.labelled_grid: its layout is in the PNG's text), back at
+    the model's size (h, w) from the grid's nearest-neighbour zoom."""
+    import json
     import numpy as np
     from PIL import Image
-    a = torch.from_numpy(np.array(Image.open(png)))
-    h, w = size
-    top, left = pad + row * (h + pad), pad + col * (w + pad)
-    return a[top:top + h, left:left + w]
+    img = Image.open(png)
+    layout = json.loads(img.text["layout"])
+    a = torch.from_numpy(np.array(img))
+    (x0, y0), (dx, dy), z = layout["origin"], layout["step"], layout["zoom"]
+    (h, w), top, left = size, y0 + row * dy, x0 + col * dx
+    return a[top:top + h * z:z, left:left + w * z:z]
 
 
 def test_validation_grids_rows_and_losses(sd1_dir, instance_dir, tmp_path):  # noqa: F811
@@ -314,7 +318,7 @@ def test_validation_grids_rows_and_losses(sd1_dir, instance_dir, tmp_path):  # n
         assert sorted(p.name for p in (out / "samples").iterdir()) == \
             ["final.png", "step-000000.png", "step-000002.png", "step-000004.png"]
     a, b = (Image.open(runs[lr] / "samples" / "step-000000.png") for lr in runs)
-    assert a.size == (2 + 2 * (32 + 2), 2 + 2 * (48 + 2)) and a.tobytes() == b.tobytes()
+    assert json.loads(a.text["layout"])["tile"] == [3 * 32, 3 * 48] and a.tobytes() == b.tobytes()  # 32 px: x3
     assert Image.open(runs[1e-3] / "samples" / "step-000004.png").tobytes() != \
         Image.open(runs[5e-2] / "samples" / "step-000004.png").tobytes()
     held = {lr: [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] for lr, out in runs.items()}

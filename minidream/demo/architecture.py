@@ -1,14 +1,12 @@
 """The demo model: where it ships (minidream/demo/weights, package data in both installs) and its tiny architecture,
 the same classes as the real models (CLIPTextModel, UNet2DConditionModel, AutoencoderKL) at toy sizes.
 """
-from importlib import resources
-from pathlib import Path
-
+from minidream.formats.files import SHIPPED
 from minidream.models.noise_schedule import SchedulerConfig
 from minidream.models.unet import UNetConfig
 from minidream.models.vae import VAEConfig
 
-DEMO_DIR = Path(str(resources.files(__package__) / "weights"))  # a folder on disk in every install pip makes
+DEMO_DIR = SHIPPED["demo"]  # package data: a folder on disk in every install pip makes (`--model demo`)
 MAX_TOKENS = 16  # the world's captions are short; fewer positions make every step cheaper
 
 # Cross-attention at every stage, the 8×8 latent's too: the finest maps place a word best (the base model's attribute

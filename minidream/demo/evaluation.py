@@ -145,3 +145,33 @@ def attribute_prompts(n: int = 24, seed: int = 301) -> tuple[list[str], list[dic
 def word_localisation(model: StableDiffusion, n: int = 24, seed: int = 301) -> dict:
     """The control: where the base model's own attribute words look (attribute_prompts)."""
     return localise_words(model, *attribute_prompts(n, seed), seed)
+
+
+def vocabulary_prompts() -> list[str]:
+    """Every prompt the world's words can form for one toy: each colour × pattern × shape word (or the class noun),
+    alone and on each background ("plain" is no word: captions leave it out)."""
+    shapes = [*world.SHAPES, world.CLASS_NOUN]
+    toys = [" ".join(w for w in (c, "" if p == "plain" else p, s) if w)
+            for c in world.COLOURS for p in world.PATTERNS for s in shapes]
+    return [f"a {t}{f' on a {bg} background' if bg else ''}" for t in toys for bg in ("", *world.BACKGROUNDS)]
+
+
+@torch.no_grad()
+def best_prompt_fidelity(model: StableDiffusion, net: Recognizer, n: int = 8, seed: int = 200,
+                         batch: int = 512) -> dict:
+    """What the base model draws of each subject when asked as well as words can ask: n samples of every vocabulary
+    prompt, and per subject the prompt whose samples are most often the subject. {subject name: {"fidelity",
+    "prompt"}}; a subject with a shape or pattern of its own should stay near 0."""
+    prompts = [p for p in vocabulary_prompts() for _ in range(n)]
+    g = torch.Generator().manual_seed(seed)
+    readings = []
+    for i in range(0, len(prompts), batch):
+        readings += net.predict(generate(model, prompts[i:i + batch], SAMPLING, progress=False, generator=g))
+    best = {}
+    for subject in world.SUBJECTS:
+        hits = {}
+        for prompt, p in zip(prompts, readings):
+            hits[prompt] = hits.get(prompt, 0) + is_subject(p, subject)
+        top = max(hits, key=hits.get)
+        best[world.subject_name(subject)] = {"fidelity": hits[top] / n, "prompt": top}
+    return best

@@ -40,6 +40,13 @@ def _dataset(n: int, seed: int):
     return toys, torch.stack(images)
 
 
+def codec_images(n: int, seed: int) -> torch.Tensor:
+    """Renders of toys with any shape and pattern, the unnamed ones too (never a subject): the VAE is the world's
+    image codec, trained on more than the captioned images, as SD's is; the UNet never sees these."""
+    rng = random.Random(seed)
+    return torch.stack([world.to_tensor(world.render(world.random_toy(rng, unnamed=True))) for _ in range(n)])
+
+
 def train_vae(x: torch.Tensor, steps: int, g: torch.Generator) -> AutoencoderKL:
     """Reconstruction (L1 + MSE) and a small KL pull towards N(0, I), as LDM's autoencoder."""
     vae = AutoencoderKL(VAE)
@@ -123,7 +130,8 @@ def pretrain(out: Path, seed: int = 0, images: int = 20000, vae_steps: int = 250
     tok.max_length = MAX_TOKENS
 
     # 1. The VAE, and its latents of every image, scaled to unit variance (LDM §4.3.2)
-    vae = load(str(reuse), dtype=torch.float32).vae if reuse else train_vae(x, vae_steps, g)
+    vae = load(str(reuse), dtype=torch.float32).vae if reuse else \
+        train_vae(torch.cat([x, codec_images(images // 4, seed + 1)]), vae_steps, g)
     with torch.no_grad():
         stats = [vae.encode(x[i:i + 256]) for i in range(0, len(x), 256)]
     means, logvars = torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats])

@@ -58,7 +58,7 @@ def train_recognizer(steps: int = 1500, batch: int = 128, seed: int = 0, vae: Au
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
     bar = Progress(steps, "recogniser")
     for step in range(steps):
-        toys = [world.random_toy(rng, allow_subject=True) for _ in range(batch)]
+        toys = [world.random_toy(rng, allow_subject=True, unnamed=True) for _ in range(batch)]
         x = torch.stack([world.to_tensor(world.render(t)) for t in toys])
         if vae is not None:
             with torch.no_grad():
@@ -88,7 +88,7 @@ def held_out_accuracy(net: Recognizer, seed: int, vae: AutoencoderKL | None) -> 
 def _accuracy(net: Recognizer, seed: int, vae: AutoencoderKL | None, n: int = 1000) -> dict:
     """Per-attribute accuracy on fresh renders it never saw (or their VAE reconstructions)."""
     rng = random.Random(seed)
-    toys = [world.random_toy(rng, allow_subject=True) for _ in range(n)]
+    toys = [world.random_toy(rng, allow_subject=True, unnamed=True) for _ in range(n)]
     x = torch.stack([world.to_tensor(world.render(t)) for t in toys])
     if vae is not None:
         x = vae.decode(vae.encode(x)[0])

@@ -9,18 +9,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from minidream.demo import world
-from minidream.demo.evaluation import (CLASS_PROMPT, CLASSES, EVAL_CLASSES, IDENTIFIER, INSTANCE_PROMPT, PROMPTS,
-                                       SAMPLING, attention_localisation, eval_noise, eval_prompts, evaluate_dreambooth,
-                                       identifier_maps, read_samples, score, word_localisation)
+from minidream.demo.evaluation import (CLASS_PROMPT, CLASSES, CONTEXTS, EVAL_CLASSES, IDENTIFIER, INSTANCE_PROMPT,
+                                       PROMPTS, SAMPLING, attention_localisation, eval_noise, eval_prompts,
+                                       evaluate_dreambooth, identifier_maps, read_samples, score,
+                                       best_prompt_fidelity, vocabulary_prompts, word_localisation)
 from minidream.demo.architecture import DEMO_DIR
 from minidream.demo.recognizer import load_recognizer
 from minidream.formats.files import write_text
 from minidream.formats.loading import load
-from minidream.image_files import grid, save_png
+from minidream.image_files import save_png
 from minidream.inspect.attention_maps import attention_sheet
+from minidream.plots import labelled_grid
 from minidream.sampling.pipeline import generate
 from minidream.training import TrainError
 from minidream.training.config import TrainConfig
@@ -47,14 +48,20 @@ def demo_config(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS
     to 0.99 at 50 steps (benchmarks/results/demo-seeds-cpu.json, sweep_4 and world_2). The present demo model
     (cross-attention at 8×8, grounded words) needed more: 175 steps, the UNet at 1e-4 (3x faster than before), and
     both lrs decayed on a cosine after the warmup (model_34's sweep, above)."""
-    return TrainConfig(
-        model=str(model), instance_dir=str(out / "instance"), class_noun=world.CLASS_NOUN, out=str(out),
-        instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT, resolution=world.SIZE, flip=0.5, prior=prior,
-        num_class_images=32, class_steps=10, class_guidance=4.0, class_batch_size=64, train_text_encoder=True,
-        lr=lr, text_encoder_lr=text_encoder_lr, warmup_steps=10, lr_schedule="cosine",
-        max_grad_norm=0.0,  # the demo's lrs and steps were chosen without clipping
-        steps=steps, batch_size=4, cache_latents=True, seed=seed, validation_steps=20, checkpoint_every=0,
-        keep_last=1, device="cpu")
+    return TrainConfig(**{**TRAIN_DEFAULTS, "lr": lr, "text_encoder_lr": text_encoder_lr, "steps": steps},
+                       model=str(model), instance_dir=str(out / "instance"), class_noun=world.CLASS_NOUN, out=str(out),
+                       instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT, flip=0.5, prior=prior, seed=seed,
+                       checkpoint_every=0, keep_last=1, device="cpu")
+
+
+# The demo model's training settings, which `minidream train --model demo` also takes for each one not given:
+# TrainConfig's defaults are SD's (200 class images of 50 steps each, then 5e-6 lrs), which on this model take 20
+# minutes before step 1 and learn nothing in the demo's 175 steps.
+TRAIN_DEFAULTS = {
+    "resolution": world.SIZE, "num_class_images": 32, "class_steps": 10, "class_guidance": 4.0, "class_batch_size": 64,
+    "train_text_encoder": True, "lr": 1e-4, "text_encoder_lr": 1e-3, "warmup_steps": 10, "lr_schedule": "cosine",
+    "max_grad_norm": 0.0,  # the demo's lrs and steps were chosen without clipping
+    "steps": STEPS, "batch_size": 4, "cache_latents": True, "validation_steps": 20}
 
 
 GRID = 4  # columns of the before/after grids
@@ -66,10 +73,14 @@ def grid_rows(n: int = 16) -> list[int]:
     return [prompts.index(p) + i for p in PROMPTS for i in range(GRID)]
 
 
-def save_grid(images: torch.Tensor, path: Path):
-    """Rows: the demo prompts; columns: the evaluation's first draws, so before/after grids line up."""
-    big = F.interpolate(images.permute(0, 3, 1, 2).float(), scale_factor=3, mode="nearest")  # 32 px is small to look at
-    save_png(grid(big.permute(0, 2, 3, 1).to(torch.uint8), cols=GRID), path, {"rows": list(PROMPTS)})
+def save_grid(images: torch.Tensor, path: Path, title: str, photos: list):
+    """The training photos, then a row per demo prompt (labelled with it); columns: the evaluation's first draws, so
+    before/after grids line up. 32 px tiles are drawn 3x (plots.labelled_grid)."""
+    shown = torch.stack([world.to_uint8(img) for img in photos])
+    rows = [("training photos (what DreamBooth sees)", shown)] + \
+        [(f'"{prompt}"', images[k * GRID:(k + 1) * GRID]) for k, prompt in enumerate(PROMPTS)]
+    picture, layout = labelled_grid(rows, title)
+    save_png(picture, path, {"rows": ["training photos", *PROMPTS], "layout": layout})
 
 
 # what run_demo decides itself: a `changes` entry may not move the run elsewhere or relabel its report
@@ -89,19 +100,22 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, g
     out = Path(out)
     refuse_other_runs(out, model_dir)
     (out / "instance").mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(world.subject_images(subject, 4)):
+    photos = world.subject_images(subject, 4)
+    for i, img in enumerate(photos):
         img.save(out / "instance" / f"subject-{i}.png")
     net = load_recognizer(model_dir)
     cfg = replace(demo_config(out, prior=prior, seed=seed, steps=steps, model=model_dir), **(changes or {}))
-    looks = [before_dreambooth(cfg.model, out, classes)] if grids else []
+    looks = [before_dreambooth(cfg.model, out, classes, photos)] if grids else []
     model, _ = dreambooth(cfg, overwrite=True, keep_model=True)  # sampled below
     found, images = evaluate_dreambooth(model, net, subject, classes=classes)
     metrics = {"subject": world.subject_words(subject), "prior_preservation": prior, "steps": cfg.steps, "seed": seed,
                **found}
     if grids:
-        save_grid(images[grid_rows()], out / "after.png")
+        how = f"{cfg.steps} steps on the photos, {'with' if prior else 'without'} prior preservation"
+        save_grid(images[grid_rows()], out / "after.png", f"after DreamBooth ({how})", photos)
         looks.append(("after DreamBooth", *identifier_maps(model)))
-        attention_sheet([(name, shown[:GRID], maps[:GRID]) for name, _, shown, maps in looks], out / "attention.png")
+        attention_sheet([(name, shown[:GRID], maps[:GRID]) for name, _, shown, maps in looks], out / "attention.png",
+                        title=f'where "{IDENTIFIER}" looks in "{INSTANCE_PROMPT}": each sample, then its map')
         metrics["base_attention_localisation"] = looks[0][1]
         metrics["attention_localisation"] = looks[1][1]
     elif localise:
@@ -112,28 +126,46 @@ def run_demo(out: Path, prior: bool = True, seed: int = 0, steps: int = STEPS, g
     return metrics
 
 
-def before_dreambooth(model_dir: str, out: Path, classes: int) -> tuple:
+def before_dreambooth(model_dir: str, out: Path, classes: int, photos: list) -> tuple:
     """before.png (the base model on the evaluation's starting latents of the grid's rows) and where "sks" looks on
     the base model: ("before DreamBooth", localisation, samples, maps). The base model is freed before training."""
     base, rows, prompts = load(model_dir, dtype=torch.float32), grid_rows(), eval_prompts()
     save_grid(generate(base, [prompts[i] for i in rows], SAMPLING, latents=eval_noise(classes=classes)[rows],
-                       progress=False), out / "before.png")
+                       progress=False), out / "before.png", "before DreamBooth: the base model", photos)
     return ("before DreamBooth", *identifier_maps(base))
 
 
+# What each number of a report is, in one sentence: a fraction of what, and which way is good.
+DEFINITIONS = {
+    "subject fidelity": f"the fraction of the {(1 + len(CONTEXTS)) * 16} samples of \"{INSTANCE_PROMPT}\" (alone "
+                        f"and on each of {len(CONTEXTS)} backgrounds) that the recogniser reads as the subject (its "
+                        f"shape, colour and pattern); higher is better.",
+    "prompt fidelity": f"the fraction of the {len(CONTEXTS) * 16} samples asking for a background that are the "
+                       f"subject on that background; higher is better.",
+    "PRES": f"the fraction of samples of \"{CLASS_PROMPT}\" that are the subject (the class drifting into it); "
+            f"lower is better.",
+    "DIV": f"the mean fraction of attributes (shape, colour, pattern, background) that differ between two samples of "
+           f"\"{CLASS_PROMPT}\" (the class's variety); higher is better.",
+    "localisation": f"the share of \"{IDENTIFIER}\"'s cross-attention on the drawn toy over the toy's share of the "
+                    f"image (1.0: it looks everywhere alike); higher is better.",
+}
+
+
 def report_md(m: dict) -> str:
-    """report.md: the run, its Table 3 numbers and, when it drew the maps, where the identifier looks."""
+    """report.md: the run, its Table 3 numbers and, when it drew the maps, where the identifier looks; then what
+    each number is."""
     looks = "" if "base_attention_localisation" not in m else (
-        f"\nwhere \"{IDENTIFIER}\" looks (its cross-attention on the drawn toy over the toy's share of the image; "
-        f"1.0 = everywhere alike): {m['base_attention_localisation']:.2f} before DreamBooth, "
+        f"\nwhere \"{IDENTIFIER}\" looks (localisation): {m['base_attention_localisation']:.2f} before DreamBooth, "
         f"{m['attention_localisation']:.2f} after (attention.png)\n")
     return (f"# DreamBooth demo ({'with' if m['prior_preservation'] else 'without'} prior preservation)\n\n"
             f"subject: {m['subject']} ('{INSTANCE_PROMPT}'); "
             f"{m['steps']} steps, seed {m['seed']}, {m['wall_time_s']} s on {platform.machine()} CPU\n\n"
-            "| subject fidelity | prompt fidelity | PRES (lower is better) | DIV (higher is better) |\n"
+            "| subject fidelity ↑ | prompt fidelity ↑ | PRES ↓ | DIV ↑ |\n"
             "|---|---|---|---|\n"
             f"| {m['subject_fidelity']:.3f} | {m['prompt_fidelity']:.3f} | {m['PRES']:.3f} | {m['DIV']:.3f} |\n"
-            + looks)
+            + looks + "\n## What the numbers are\n\n" + "".join(f"- **{k}**: {v}\n" for k, v in DEFINITIONS.items())
+            + "\nbefore.png / after.png: the base model and the tuned one on the same starting noise; "
+              "curves.png: the losses over the steps.\n")
 
 
 def refuse_other_runs(out: Path, model_dir: Path):
@@ -187,6 +219,8 @@ def run_eval(out: Path, seeds: tuple[int, ...] = (0, 1, 2), steps: int = STEPS, 
     base_model, net = load(str(DEMO_DIR), dtype=torch.float32), load_recognizer()
     words = {"identifier": attention_localisation(base_model), **word_localisation(base_model)}
     base_readings = read_samples(base_model, net, classes=classes)[0]  # the same samples score every subject
+    print("eval: the base model on every prompt the world's words can form", file=sys.stderr)
+    best = best_prompt_fidelity(base_model, net)
     runs, done = {}, 0
     for subject in subjects:
         name = world.subject_name(subject)
@@ -202,23 +236,25 @@ def run_eval(out: Path, seeds: tuple[int, ...] = (0, 1, 2), steps: int = STEPS, 
                                                   changes=changes))
     rows = {name: {model: {k: _spread(rs if isinstance(rs, list) else [rs], k) for k in KEYS}
                    for model, rs in by_model.items()} for name, by_model in runs.items()}
-    checks = claims(runs, words, list(runs_of))
-    table = eval_table(seeds, rows, words, checks)
+    best = {name: best[name] for name in runs}
+    checks = claims(runs, words, list(runs_of), best)
+    table = eval_table(seeds, rows, words, checks, best)
     write_text(out / "eval.md", table)
     record = {"recipe": recipe, "seeds": list(seeds), "steps": steps, "subjects": list(runs),
-              "base_model_word_localisation": words,
+              "base_model_word_localisation": words, "base_model_best_prompt": best,
               "rows": rows, "checks": checks, "runs": runs}
     write_text(out / "eval.json", json.dumps(record, indent=2))
     return {"rows": rows, "checks": checks, "table": table}
 
 
-def claims(runs: dict, words: dict, labels: list[str] = list(RUNS)) -> dict:
+def claims(runs: dict, words: dict, labels: list[str], best: dict) -> dict:
     """The paper's claims per subject (each prior lowers PRES and keeps DIV on every seed, against the first run of
-    `labels`, without it), and #34's goals over every subject and seed with the prior (the second run): subject
-    fidelity ≥ 0.9 mean and ≥ 0.8 least, the identifier localising ≥ 1.5, and, on the base model, its attribute
-    words ≥ 1.5."""
+    `labels`, without it), and the demo's goals: the base model draws no subject (≤ 0.2 on its best prompt, `best`);
+    over every subject and seed with the prior (the second run), subject fidelity ≥ 0.9 mean and ≥ 0.8 least, the
+    identifier localising ≥ 1.5 and more than on the base model; on the base model its attribute words ≥ 1.5."""
     without, with_prior, *others = labels
-    checks = {}
+    checks = {f"{name}: the base model's best prompt draws it ≤ 0.2 ({b['fidelity']:.3f}, \"{b['prompt']}\")":
+              b["fidelity"] <= 0.2 for name, b in best.items()}
     for name, by_model in runs.items():
         no = by_model[without]
         for label in (with_prior, *others):
@@ -233,12 +269,14 @@ def claims(runs: dict, words: dict, labels: list[str] = list(RUNS)) -> dict:
     checks["with the prior, subject fidelity ≥ 0.8 on every run"] = min(fidelity) >= 0.8
     checks["with the prior, the identifier localises ≥ 1.5 (mean)"] = sum(looks) / len(looks) >= 1.5
     checks["with the prior, the identifier localises ≥ 1.5 on every run"] = min(looks) >= 1.5
+    checks["with the prior, the identifier localises more than on the base model on every run"] = \
+        min(looks) > words["identifier"]
     for role in ("colour", "pattern", "shape"):
         checks[f"base model: {role} words localise ≥ 1.5"] = words[role] >= 1.5
     return checks
 
 
-def eval_table(seeds: tuple[int, ...], rows: dict, words: dict, checks: dict) -> str:
+def eval_table(seeds: tuple[int, ...], rows: dict, words: dict, checks: dict, best: dict) -> str:
     """eval.md: a row per subject and model, mean (min–max) over the seeds, then whether the claims hold."""
     def cell(v, digits=3):
         return f"{v['mean']:.{digits}f} ({v['min']:.{digits}f}–{v['max']:.{digits}f})" if len(v["each"]) > 1 \
@@ -251,7 +289,10 @@ def eval_table(seeds: tuple[int, ...], rows: dict, words: dict, checks: dict) ->
     head = ("| subject | model | subject fidelity | each seed | prompt fidelity | PRES ↓ | DIV ↑ "
             "| identifier attention localisation |\n|---|---|---|---|---|---|---|---|\n")
     looks = ", ".join(f"{role} {v:.2f}" for role, v in words.items() if role != "identifier")
+    asked = "".join(f"\n- {name}: {b['fidelity']:.3f}, asked \"{b['prompt']}\"" for name, b in best.items())
     return (f"seeds {', '.join(map(str, seeds))}; mean (min–max) over the seeds\n\n" + head
             + "".join(line(s, k, v) for s, by_model in rows.items() for k, v in by_model.items())
+            + f"\nthe base model's subject fidelity on its best prompt (of {len(vocabulary_prompts())}: every colour, "
+              f"pattern and shape word or \"toy\", alone and on each background; 8 samples each):{asked}\n"
             + f"\nthe base model's attribute words localise: {looks}\n"
             + "".join(f"\n{k}: {'yes' if ok else 'NO'}" for k, ok in checks.items()) + "\n")

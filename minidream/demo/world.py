@@ -1,9 +1,12 @@
 """A tiny procedural world where DreamBooth can be trained, run and measured on a laptop CPU.
 
 Toys — a shape in a colour with a surface pattern, at some position and size — on a plain background,
-32×32 pixels, with captions such as "a red striped star on a gray background". The *subjects* are three
-combinations that pretraining never shows (SUBJECTS; the demo's is the first, a yellow striped star); the class noun
-is "toy". Everything is a deterministic function of a seed.
+32×32 pixels, with captions such as "a red striped star on a gray background". The *subjects* (SUBJECTS; the demo's
+is the first) each carry a shape or a pattern of their own (UNNAMED): no caption has a word for it and no image the
+text-to-image model is pretrained on shows it, so the base model cannot be prompted into drawing a subject, only
+DreamBooth can teach it. Only the VAE (the world's image codec, as SD's VAE is trained on far more than SD's
+captioned images; never on a subject) and the recogniser (the judge, which reads every combination) see the unnamed
+shapes and patterns. The class noun is "toy". Everything is a deterministic function of a seed.
 
 The palette and the patterns are chosen to lie far apart where the diffusion model works: in the VAE's 8×8
 latent. An earlier world (orange between red and yellow; thin diagonal stripes and dark dots of one 6 px period)
@@ -26,15 +29,17 @@ COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 225), 
            "purple": (145, 60, 195), "pink": (240, 110, 180)}
 PATTERNS = ("plain", "striped", "dotted")
 BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128), "blue": (60, 110, 235)}
-ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "pattern": PATTERNS, "background": tuple(BACKGROUNDS)}
+# Shapes and patterns with no word: only the subjects have them (the labels are the recogniser's, never a caption's).
+UNNAMED = {"shape": ("cross", "crescent"), "pattern": ("checked",)}
+NAMED = {"shape": SHAPES, "colour": tuple(COLOURS), "pattern": PATTERNS, "background": tuple(BACKGROUNDS)}
+ATTRIBUTES = {k: v + UNNAMED.get(k, ()) for k, v in NAMED.items()}  # what the recogniser reads
 
-# Held out of pretraining, chosen before it: one of each shape, colour and pattern, so DreamBooth is shown on subjects
-# nobody tuned the world for. Each lies at least as far from its nearest other combination (one attribute changed)
-# in the VAE's latent as the first did when the world was tuned for it (0.32; demo-subjects-cpu.json).
+# The subjects, one of each colour: each has a shape or a pattern of its own (UNNAMED), which the base model has never
+# drawn and no prompt can ask for; the rest of each is named, so "a yellow striped star" is the nearest a prompt gets.
 SUBJECTS = (
-    {"shape": "star", "colour": "yellow", "pattern": "striped"},  # `minidream demo`'s
-    {"shape": "heart", "colour": "green", "pattern": "dotted"},
-    {"shape": "triangle", "colour": "red", "pattern": "plain"},
+    {"shape": "cross", "colour": "yellow", "pattern": "striped"},  # `minidream demo`'s
+    {"shape": "heart", "colour": "green", "pattern": "checked"},
+    {"shape": "crescent", "colour": "red", "pattern": "plain"},
 )
 CLASS_NOUN = "toy"
 
@@ -87,6 +92,10 @@ class Toy:
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float):
+    if shape == "cross":  # a plus sign, arms 0.7 r wide
+        w = 0.35 * r
+        corners = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r)]
+        return [(cx + x, cy + y) for x, y in corners] + [(cx - x, cy - y) for x, y in corners]
     if shape == "triangle":
         return [(cx + r * math.cos(a), cy - r * math.sin(a)) for a in (math.pi / 2, math.pi * 7 / 6, math.pi * 11 / 6)]
     if shape == "star":
@@ -110,6 +119,10 @@ def _silhouette(toy: Toy, s: int) -> Image.Image:
     cx, cy, r = toy.x * s, toy.y * s, toy.r * s
     if toy.shape == "circle":
         d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    elif toy.shape == "crescent":  # a disc with a disc bitten out of its right side
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        b, q = 0.5 * r, 0.75 * r
+        d.ellipse((cx + b - q, cy - 0.15 * r - q, cx + b + q, cy - 0.15 * r + q), fill=0)
     elif toy.shape == "square":
         q = r * 0.85
         d.rectangle((cx - q, cy - q, cx + q, cy + q), fill=255)
@@ -145,13 +158,20 @@ def render(toy: Toy, size: int = SIZE) -> Image.Image:
         for gx in range(step // 2, s, step):
             for gy in range(step // 2, s, step):
                 pd.ellipse((gx - rr, gy - rr, gx + rr, gy + rr), fill=tuple(int(c + (255 - c) * 0.75) for c in base))
+    elif toy.pattern == "checked":  # dark squares of 6 px on every other cell, as coarse as the stripes
+        step = int(s / 5)
+        for gx in range(0, s, step):
+            for gy in range(0, s, step):
+                if (gx // step + gy // step) % 2:
+                    pd.rectangle((gx, gy, gx + step - 1, gy + step - 1), fill=tuple(int(c * 0.3) for c in base))
     img.paste(fill, (0, 0), mask)
     return img.resize((size, size), Image.LANCZOS)
 
 
-def random_toy(rng: random.Random, allow_subject: bool = False, **fixed) -> Toy:
+def random_toy(rng: random.Random, allow_subject: bool = False, unnamed: bool = False, **fixed) -> Toy:
+    """A toy at a random place and size; `unnamed`: its shape and pattern may be ones with no word (UNNAMED)."""
     while True:
-        a = {k: fixed.get(k) or rng.choice(v) for k, v in ATTRIBUTES.items()}
+        a = {k: fixed.get(k) or rng.choice(v) for k, v in (ATTRIBUTES if unnamed else NAMED).items()}
         same = COLOURS[a["colour"]] == BACKGROUNDS.get(a["background"]) or a["colour"] == a["background"] == "blue"
         if same:
             continue  # a blue toy on a blue background is invisible
@@ -198,7 +218,11 @@ def subject_images(subject: dict, n: int = 4, seed: int = 0) -> list[Image.Image
     return [render(random_toy(rng, allow_subject=True, background=bgs[i % len(bgs)], **subject)) for i in range(n)]
 
 
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """(H, W, 3) uint8, as the pipeline's images."""
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.size[1], img.size[0], 3)
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """(3, H, W) in [-1, 1]."""
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.size[1], img.size[0], 3)
-    return from_uint8(x.permute(2, 0, 1))
+    return from_uint8(to_uint8(img).permute(2, 0, 1))

@@ -24,6 +24,11 @@ WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_mod
                 "text_encoder_2": "model", "transformer": "diffusion_pytorch_model", "text_encoder_3": "model"}
 
 
+# Models that ship inside minidream, by name: `--model demo` in every command, from any folder and any install (a
+# local file or folder of that name wins). The path is package data (demo/weights), found without importing it.
+SHIPPED = {"demo": Path(__file__).resolve().parent.parent / "demo" / "weights"}
+
+
 class ModelError(Exception):
     """A problem with a model on disk, worded for the user (one line, names the path)."""
 
@@ -39,12 +44,15 @@ def name_some(keys, n: int = 4) -> str:
 
 def resolve(model: str, revision: str | None = None, allow_pickle: bool = False, variant: str | None = None,
             weights: bool = True, t5: bool = True) -> Path:
-    """A local folder or single file as is; otherwise a hub repo id, fetched (configs, tokenizers and
-    the component weights only; weights=False: no weights, for a single file's --original-config or vocabulary) into the
-    standard Hugging Face cache (t5=False: not SD3's T5 either). HF_HUB_OFFLINE=1 serves the cache."""
+    """A local folder or single file as is; a shipped model's name (SHIPPED); otherwise a hub repo id, fetched
+    (configs, tokenizers and the component weights only; weights=False: no weights, for a single file's
+    --original-config or vocabulary) into the standard Hugging Face cache (t5=False: not SD3's T5 either).
+    HF_HUB_OFFLINE=1 serves the cache."""
     path = Path(model).expanduser()
     if path.exists():
         return path
+    if model in SHIPPED:
+        return SHIPPED[model]
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
         raise ModelError(f"{model}: no such file or folder, and not a hub repo id (owner/name)")
     from huggingface_hub import snapshot_download

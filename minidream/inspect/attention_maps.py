@@ -133,7 +133,9 @@ def write_maps(image: torch.Tensor, maps: torch.Tensor, tokens: list[tuple[int, 
     for i, (tile, label) in enumerate(zip(tiles, labels)):
         sheet.paste(tile, (4 + i * (w + 4), 4))
         d.text((4 + i * (w + 4), h + 6), label[: w // 6], fill=plots.INK, font=plots.FONT)
-    save_image(sheet, out / "maps.png")
+    key = plots.legend(max(sheet.width, 320), "each token's cross-attention, scaled to its own maximum")
+    top = plots.heading(sheet.width, f"where each token of {meta.get('prompt', '')!r} looks")
+    save_image(plots.stack([top, sheet, key]), out / "maps.png")
     write_text(out / "maps.json", json.dumps({**meta, "tokens": rows}, indent=1))
     return [out / "maps.png", out / "maps.json"]
 
@@ -141,9 +143,10 @@ def write_maps(image: torch.Tensor, maps: torch.Tensor, tokens: list[tuple[int, 
 SHEET_LABEL = 190  # px left of attention_sheet's tiles, for each row's name
 
 
-def attention_sheet(rows: list, path: Path, zoom: int = 3):
+def attention_sheet(rows: list, path: Path, zoom: int = 3, title: str = ""):
     """A row per (label, images (n, H, W, 3), one word's maps (n, H, W)): each sample, then its map laid over it,
-    scaled to that map's own maximum (the picture shows where a word looks; how much is localisation's number)."""
+    scaled to that map's own maximum (the picture shows where a word looks; how much is localisation's number);
+    `title` above, the colour key below."""
     from PIL import Image, ImageDraw
     tiles = []
     for name, images, maps in rows:
@@ -154,11 +157,13 @@ def attention_sheet(rows: list, path: Path, zoom: int = 3):
             row += [Image.fromarray(big.numpy()), plots.overlay(big, heat / heat.max().clamp_min(1e-12))]
         tiles.append((name, row))
     (w, h), label = tiles[0][1][0].size, SHEET_LABEL
-    sheet = Image.new("RGB", (label + len(tiles[0][1]) * (w + 2), len(tiles) * (h + 4) + 4), "white")
+    sheet = Image.new("RGB", (label + len(tiles[0][1]) * (w + 2), len(tiles) * (h + 4) + 24), "white")
     d = ImageDraw.Draw(sheet)
+    d.text((4, 4), title, fill=plots.INK, font=plots.FONT)
     for r, (name, row) in enumerate(tiles):
-        y = 4 + r * (h + 4)
+        y = 24 + r * (h + 4)
         d.text((4, y + h // 2 - 6), name, fill=plots.INK, font=plots.FONT)
         for c, tile in enumerate(row):
             sheet.paste(tile, (label + c * (w + 2), y))
-    save_image(sheet, path)
+    key = plots.legend(sheet.width, "the word's cross-attention on each sample, scaled to that map's own maximum")
+    save_image(plots.stack([sheet, key]), path)

@@ -96,7 +96,7 @@ class TrainConfig(EMAOptions, Objective):
     out: str = option(help="Run folder: checkpoints, metrics, samples, exports.", check=path, resumable=True,
                       cli_type=Path,
                       parse=str)
-    model: str | None = option(None, "Base model: folder, hub repo id or single-file checkpoint (resuming: the "
+    model: str | None = option(None, "Base model: folder, hub repo id, single-file checkpoint or demo (resuming: the "
                                "run's own).", check=path, resumable=True)
     # the data
     instance_dir: str | None = option(None, "Folder with 3-20 photos of the subject (jpg/png/webp). Named as kohya "

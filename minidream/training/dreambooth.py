@@ -25,7 +25,7 @@ from minidream.training.ema import averaged, for_grids
 from minidream.training.export import base_for_exports, export as export_trained, load_base
 from minidream.training.holding import hold
 from minidream.training.loop import loop, phase
-from minidream.training.model_card import write_card
+from minidream.training.model_card import sample_command, write_card
 from minidream.training.objective import DDPM_ONLY, FLOW_ONLY, schedule_problem, trained_schedule
 from minidream.training.resume_settings import short
 from minidream.training.report import REPORT_TO, curves
@@ -62,6 +62,10 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
         data = TrainingData(cfg, out, model, overwrite and not resume)  # the photos, captions, buckets: checked
         processes = start.processes if start else rt.group.size  # the count the run's --batch-size is for
         cfg = steps_of_epochs(cfg, data, processes, start)
+        if start is not None and start.step == cfg.steps:
+            run_folder.refuse_finished(out, cfg.steps)
+        if rt.main:
+            print(f"training on {rt.describe()}", file=sys.stderr)
         with run_folder.opened(out, cfg, rt, overwrite and not resume, start and start.step, processes):
             return train_and_export(cfg, out, model, data, rt, start, processes, base, keep_model)
 
@@ -133,6 +137,8 @@ def train_and_export(cfg: TrainConfig, out: Path, model: StableDiffusion, data: 
             model.denoiser.eval()
             written = export(cfg, trained, average)
             written.append(write_card(cfg, model.family, written, out))
+            run_folder.finished(out, step, written)
+            print(f"draw with it: {sample_command(cfg, written, out, Path.cwd())}", file=sys.stderr)
         distributed.barrier(rt.group)  # the processes end together: none leaves while a peer may still send
         stepper.text.unwrap()
         return model, written
@@ -174,6 +180,8 @@ def begin(cfg: TrainConfig, out: Path, resume: str | None, overwrite: bool, give
         raise TrainError(f"--out {out} is a file; give a folder")
     if not next(p for p in (out, *out.parents) if p.exists()).is_dir():
         raise TrainError(f"--out {out}: cannot write there (it is below a file); choose another folder")
+    if out.is_dir():
+        run_folder.refuse_locked(out)
     if resume is not None and not resume.strip():
         raise TrainError("--resume is empty; give latest or a checkpoint file")
     if resume and overwrite:

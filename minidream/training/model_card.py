@@ -30,9 +30,7 @@ def write_card(cfg, family, written: list[Path], out: Path) -> Path:
              f"DreamBooth (Ruiz et al. 2022) with minidream, from `{cfg.model}`: the subject is bound to "
              f"**`{cfg.token or cfg.identifier}`**; prompt it as `{instance}`.", "", "## Files", ""]
     lines += [f"- `{p.relative_to(out)}`" for p in written if p.is_relative_to(out)]
-    schedule = " --zero-terminal-snr" if cfg.zero_terminal_snr and not (out / "model").is_dir() else ""
-    lines += ["", "## Use", "", "```", f"minidream sample {usage(written, out, cfg.model)}{schedule} --prompt "
-              f"{_shell(instance)} --out samples/", "```", "", "## Settings", "",
+    lines += ["", "## Use", "", "```", sample_command(cfg, written, out, out), "```", "", "## Settings", "",
               "| option | value |", "|---|---|", *_settings(cfg)]
     if grid.is_file():
         lines += ["", "## Validation images", "", "![the final validation grid](samples/final.png)"]
@@ -41,15 +39,28 @@ def write_card(cfg, family, written: list[Path], out: Path) -> Path:
     return file
 
 
-def usage(written: list[Path], out: Path, base: str) -> str:
+def sample_command(cfg, written: list[Path], out: Path, here: Path) -> str:
+    """The `minidream sample` command that draws the subject with the run's exports `written`, its paths relative
+    to `here` (the card's: the run folder; the end of `train`: the current folder) where they are below it."""
+    schedule = " --zero-terminal-snr" if cfg.zero_terminal_snr and not (out / "model").is_dir() else ""
+    return f"minidream sample {usage(written, out, cfg.model, here)}{schedule} --prompt {_shell(cfg.prompts[0])} " \
+        f"--out {_shell(str(_named(out / 'samples', here)))}"
+
+
+def _named(p: Path, here: Path) -> Path:
+    p, here = Path(p).absolute(), Path(here).absolute()
+    return p.relative_to(here) if p.is_relative_to(here) else p
+
+
+def usage(written: list[Path], out: Path, base: str, here: Path) -> str:
     """`sample`'s options that draw with the exports: the whole model where one was written, else the base with
     one of the LoRA files (they hold the same weights) and the learned token."""
     raw = [p for p in written if not p.is_relative_to(out / "ema")]  # (the moving average's are under ema/)
-    names = {p.name: str(p.relative_to(out)) if p.is_relative_to(out) else str(p) for p in raw}
+    names = {p.name: _shell(str(_named(p, here))) for p in raw}
     whole = names.get("model") or names.get("model.safetensors")  # the diffusers folder, or the single file
     if whole:
         return f"--model {whole}"
-    options = [f"--model {base}"]
+    options = [f"--model {_shell(base)}"]
     lora = names.get("pytorch_lora_weights.safetensors") or names.get("lora_kohya.safetensors")
     if lora:
         options.append(f"--lora {lora}")

@@ -133,13 +133,17 @@ def curves(out: Path) -> Path | None:
     if any(r["loss_prior"] for r in rows):
         losses["prior loss"] = [r["loss_prior"] for r in rows]
     panels = [plots.line_plot({k: list(zip(steps, smooth(v))) for k, v in losses.items()},
-                              "loss (running mean over 5% of the steps, log scale)", log_y=True),
-              plots.line_plot({"learning rate": [(s, r["lr"]) for s, r in zip(steps, rows)]}, "learning rate")]
+                              "training loss (running mean over 5% of the steps, log scale): each step draws its "
+                              "own timesteps and noise, whose spread hides the fit", log_y=True, size=(720, 220)),
+              plots.line_plot({"learning rate": [(s, r["lr"]) for s, r in zip(steps, rows)]}, "learning rate",
+                              size=(720, 220))]
     if held:  # the fit to the photos and the drift from the prior, on fixed (image, timestep, noise) triples
-        names = {"val_loss_instance": "instance photos (fit)", "val_loss_prior": "class images (drift)"}
-        panels.insert(1, plots.line_plot({label: [(r["step"], r[k]) for r in held if k in r]
+        names = {"val_loss_instance": "on the photos (falls: the fit)",
+                 "val_loss_prior": "on class images (a rise: drift from the class)"}
+        panels.insert(0, plots.line_plot({label: [(r["step"], r[k]) for r in held if k in r]
                                           for k, label in names.items() if any(k in r for r in held)},
-                                         "validation loss on fixed triples"))
+                                         "validation loss: fixed images, timesteps and noise, so it moves only "
+                                         "with the weights", size=(720, 220)))
     png = Path(out) / "curves.png"
     save_image(plots.stack(panels), png)
     return png

@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,22 +21,47 @@ from minidream.training.runtime import Runtime
 
 def run_outputs() -> list[str]:
     """What a run writes into --out: --overwrite removes exactly these before it starts again."""
-    return ["run.json", "data.json", "checkpoints", "snapshots", "samples", "class_images", "ema", "README.md",
-            *report.OUTPUTS,
+    return ["run.json", "data.json", "finished.json", "checkpoints", "snapshots", "samples", "class_images", "ema",
+            "README.md", *report.OUTPUTS,
             *[r.output for r in report.REPORT_TO.values() if r], *exports.outputs()]
 
 
 def lock_run(out: Path):
     """One run per --out: a second one would interleave checkpoints and metrics."""
     import fcntl
-    f = open(out / ".lock", "w")
+    f = open(out / ".lock", "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        raise TrainError(f"--out {out} is in use by another minidream run; wait for it or choose another "
-                         f"folder") from None
+        raise TrainError(f"--out {out} is in use by another minidream run (it holds {out / '.lock'}); wait for it "
+                         f"or choose another folder") from None
     return f
+
+
+def refuse_locked(out: Path):
+    """A folder another run holds is named as that first, before what its files say (another run, a finished
+    one): whatever else is true of it, it is not this run's to take now."""
+    if (out / ".lock").is_file():
+        with suppress(OSError):
+            lock_run(out).close()
+
+
+def finished(out: Path, step: int, written: list[Path]):
+    """OUT/finished.json, written last: the run's exports of `step` are all on disk."""
+    write_text(out / "finished.json", json.dumps({"step": step, "files": [str(p) for p in written]}, indent=1))
+
+
+def refuse_finished(out: Path, steps: int):
+    """--resume of a run already at its last step: training on needs a larger --steps. One whose exports were not
+    all written (stopped after the last checkpoint) writes them."""
+    try:
+        done = json.loads((out / "finished.json").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return
+    if done == steps:
+        raise TrainError(f"--out {out}: already at step {steps}, with its exports written (finished.json); pass "
+                         f"--steps M > {steps} to train on, or --overwrite to start over")
 
 
 def clear_run(out: Path, cfg: TrainConfig):

@@ -21,6 +21,7 @@ from minidream.training.distributed import ProcessGroup
 
 # --mixed-precision: the autocast dtype of the step (None: fp32)
 PRECISIONS = {"no": None, "fp16": DTYPES["fp16"], "bf16": DTYPES["bf16"]}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -39,6 +40,13 @@ class Runtime:
     def main(self) -> bool:
         """The process that writes: run.json, metrics, progress, checkpoints, validation grids, exports."""
         return self.group.main
+
+    def describe(self) -> str:
+        """"cuda:0 (NVIDIA H100 80GB HBM3), bf16 autocast, attention sdpa, 2 processes": where the steps run."""
+        name = f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else ""
+        precision = "fp32" if self.precision is None else f"{DTYPE_NAMES[self.precision]} autocast"
+        processes = f", {self.group.size} processes" if self.group.size > 1 else ""
+        return f"{self.device}{name}, {precision}, attention {self.attention}{processes}"
 
     def autocast(self):
         """The step's autocast context (--mixed-precision)."""

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minidream.image_files import grid, save_png
+from minidream.image_files import save_png
+from minidream.plots import labelled_grid
 from minidream.models.stable_diffusion import StableDiffusion, encode_text, image_conditioning
 from minidream.options import first_problem, text
 from minidream.sampling.pipeline import SamplingParams, generate
@@ -90,7 +91,8 @@ def evaluating(model: StableDiffusion):
 
 def validation_grid(model: StableDiffusion, cfg, path: Path, write: bool = True):
     """One row per validation row, one column per fixed seed (written where `write`: under --fsdp every process
-    samples, rank 0 writes). Rows of other sizes are drawn on a canvas of the largest."""
+    samples, rank 0 writes), each row labelled with its prompt. Rows of other sizes are drawn on cells of the
+    largest."""
     weight = next(model.denoiser.parameters())
     rows, wanted = [], grid_rows(cfg)
     with evaluating(model), torch.autocast(weight.device.type, dtype=weight.dtype,
@@ -104,10 +106,11 @@ def validation_grid(model: StableDiffusion, cfg, path: Path, write: bool = True)
                       file=sys.stderr)
                 return
     if write:
-        H, W = max(r.shape[1] for r in rows), max(r.shape[2] for r in rows)
-        rows = [F.pad(r, (0, 0, 0, W - r.shape[2], 0, H - r.shape[1]), value=255) for r in rows]
+        when = "after the last step" if path.stem == "final" else f"at step {int(path.stem.split('-')[-1])}"
+        picture, layout = labelled_grid([(prompt, r) for (prompt, _, _), r in zip(wanted, rows)],
+                                        f"validation images {when} (a row per prompt, a column per fixed seed)")
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(grid(torch.cat(rows), cols=cfg.validation_images), path, {"prompts": [r[0] for r in wanted]})
+        save_png(picture, path, {"prompts": [r[0] for r in wanted], "layout": layout})
 
 
 # ---------------------------------------------------------------------------------------------
