@@ -14,9 +14,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from minidream.cli_common import (adapt, adapter_files, check_sampling, checked, demo_ready, device_and_backend,
-                                  fail, load_model, resolved_device, shipped_defaults, text_read, with_run_file,
-                                  warn_unknown_tokens, write_samples, writing)
+from minidream.cli_common import (OneLineErrors, adapt, adapter_files, check_sampling, checked, demo_ready,
+                                  device_and_backend, fail, load_model, resolved_device, shipped_defaults, text_read,
+                                  warn_unknown_tokens, with_run_file, write_samples, writing)
 from minidream.cli_options import (Adapters, Bench, Demo, Diff, Eval, Loader, Maps, MovedConfig, Pretrain, Run,
                                    Sample)
 from minidream.sampling.pipeline import SamplingParams
@@ -27,8 +27,8 @@ from minidream.run_files import RunFile, to_toml
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again (a run saves)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Stable Diffusion and DreamBooth in plain PyTorch.")
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Stable Diffusion and DreamBooth in plain PyTorch.")
 ModelArg = Annotated[str, typer.Argument(help="Model: a diffusers-layout folder, a hub repo id (owner/name), "
                                               "a single-file .safetensors checkpoint, or demo (the shipped toy "
                                               "model).")]
@@ -132,12 +132,14 @@ def train(
     **settings,
 ):
     """DreamBooth: bind IDENTIFIER to the subject in --instance-dir, with prior preservation."""
-    from minidream.training.dreambooth import dreambooth
+    from minidream.training.dreambooth import dreambooth, resumed_run
     # which settings the user named (here or in --config's run file): on --resume only those may override (or
     # conflict with) the checkpoint's
     settings, given = with_run_file(ctx, settings, (TrainConfig,))
     try:
         cfg = declared_values(TrainConfig, settings)
+        if settings["print_config"] and resume:  # the resumed run's: the checkpoint's, with what may change
+            return typer.echo(to_toml(resumed_run(cfg, resume, given)), nl=False)
         if settings["print_config"]:  # each setting checked alone and against the others (the run's other checks
             validate(cfg, resuming=True)  # need its files: a run file may name them later)
             combinations(cfg)

@@ -7,6 +7,7 @@ from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
 
 from minidream.cli_options import Adapters, Loader, Run, Sample
 from minidream.options import declared_values, first_problem, option_flag
@@ -59,6 +60,8 @@ def with_run_file(ctx: typer.Context, options: dict, classes) -> tuple[dict, set
     value = options.get("config")
     if value is not None and not str(value).strip():
         fail("--config is empty; name a run file (TOML)")
+    if value is not None and not is_run_file(value) and Path(value).exists() and not Path(value).is_dir():
+        fail(f"--config {value}: not a run file (a .toml file, or a run's run.json)")
     if value is not None and not is_run_file(value):
         options, given = moved_config(options), given | {"original_config"}
     elif value is not None:
@@ -236,6 +239,9 @@ def shipped_defaults(cfg, given: set[str] | None):
                                 if cfg.mode == "lora" else {})}
     if cfg.mode not in ("unet", "lora"):  # the demo's lrs are for these two
         own = {k: v for k, v in own.items() if k not in ("lr", "text_encoder_lr")}
+    if cfg.class_noun:  # the world's captions say "a red star", never "a photo of"
+        own.update(instance_prompt=f"a {cfg.token or cfg.identifier} {cfg.class_noun}",
+                   class_prompt=f"a {cfg.class_noun}")
     given = set(given or ())
     skip = given | ({"steps"} if "epochs" in given else set())
     taken = {k: v for k, v in own.items() if k not in skip}
@@ -266,3 +272,33 @@ def demo_ready(out: Path, overwrite: bool):
     if (out / "report.json").exists() and not overwrite:
         fail(f"--out {out} holds a finished demo (report.json); pass --overwrite to run it again there, or choose "
              f"another --out")
+
+
+class OneLineErrors(TyperGroup):
+    """Click's own errors (a value that does not parse as the option's type or choices, an unknown option) in the
+    one `error:` line of every other bad input, not its usage block."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        import sys
+        # click's classes, found from typer's public one: typer vendors click in its newer versions
+        usage_error = typer.BadParameter.__bases__[0]
+        click_exception = usage_error.__bases__[0]
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except usage_error as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # no arguments: the help is the answer
+                e.show()
+                sys.exit(e.exit_code)
+            said = e.format_message().replace("Value error, ", "").replace("\n", " ")
+            where = f" (`{e.ctx.command_path} --help` lists the options)" if e.ctx is not None else ""
+            typer.echo(f"error: {said}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click_exception as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)

@@ -62,7 +62,7 @@ def read(path: str) -> dict:
     """The file's table: TOML, or a run's run.json (its `processes`, a fact of the run, left out)."""
     file = Path(path)
     if not file.is_file():
-        what = "a folder" if file.is_dir() else "no such file"
+        what = "a folder" if file.is_dir() else "not a regular file" if file.exists() else "no such file"
         raise RunFileError(f"--config {file}: {what}; give a run file (TOML)")
     try:
         text = file.read_text(encoding="utf-8").removeprefix("\ufeff")  # (an editor's byte-order mark)
@@ -73,7 +73,12 @@ def read(path: str) -> dict:
             table.pop("processes", None)
             return table
         import tomllib  # (Python 3.11)
-        return tomllib.loads(text)
+        table = tomllib.loads(text)
+        if isinstance(table.get("config"), str) and is_run_file(table["config"]):  # (a run.json's "config": the
+            # old --original-config, a folder)
+            raise RunFileError(f"--config {file}: config = {table['config']!r}: a run file cannot name another; "
+                               f"put its settings in this one")
+        return table
     except ImportError:
         raise RunFileError("--config: reading TOML needs Python 3.11 or later (tomllib)") from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:

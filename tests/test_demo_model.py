@@ -45,8 +45,8 @@ def test_train_on_the_demo_model_takes_its_settings_and_ends_with_the_sample_com
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert (run["lr"], run["steps"], run["num_class_images"], run["resolution"]) == (1e-4, 2, 2, 32)
     assert "training on cpu, fp32, attention " in r.output
-    assert "draw with it: minidream sample --model run/model --prompt 'a photo of sks toy' --out run/samples" \
-        in r.output
+    assert "draw with it: minidream sample --model run/model --prompt 'a sks toy' --out run/samples" in r.output
+    assert (run["instance_prompt"], run["class_prompt"]) == ("a sks toy", "a toy")
     assert json.loads((tmp_path / "run" / "finished.json").read_text())["step"] == 2
     # a finished run resumed at its last step is said so, and nothing is exported again
     stamp = (tmp_path / "run" / "model" / "model_index.json").stat().st_mtime_ns

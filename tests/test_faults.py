@@ -259,3 +259,19 @@ def test_ctrl_c_in_the_demo_is_one_line_and_the_demo_starts_over(tmp_path):
     r = cli("demo", "--out", out, "--steps", 2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert {"before.png", "after.png", "attention.png", "report.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_a_kill_after_a_snapshot_sets_nothing_aside(sd1_dir, instance_dir, tmp_path):  # noqa: F811
+    """kill -9 at step 5, after the snapshot of step 4 and the checkpoint of step 3: `--resume latest` replays
+    step 4 and writes its snapshot again (the same line of steps), without a copy set aside in abandoned/."""
+    extra = ("--steps", 6, "--checkpoint-every", 3, "--save-every", 2)
+    whole = tmp_path / "whole"
+    assert cli(*lora_run(sd1_dir, instance_dir, whole, *extra)).returncode == 0
+    out = tmp_path / "run"
+    r = cli(*lora_run(sd1_dir, instance_dir, out, *extra), driver=STEP_DRIVER, hook=("SIGKILL", 5))
+    assert r.returncode == -signal.SIGKILL and (out / "snapshots" / "step-000004" / LORA).is_file()
+    r = cli(*lora_run(sd1_dir, instance_dir, out, *extra, "--resume", "latest"))
+    assert r.returncode == 0 and "at step 3" in r.stderr, r.stderr[-3000:]
+    assert not (out / "snapshots" / "abandoned").exists()
+    same_weights(whole / "snapshots" / "step-000004" / LORA, out / "snapshots" / "step-000004" / LORA)
+    same_weights(whole / LORA, out / LORA)

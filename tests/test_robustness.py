@@ -257,3 +257,22 @@ def test_a_class_dir_that_is_a_file_fails_before_anything_is_written(sd1_dir, in
     r = run_cli(*train_args(sd1_dir, instance_dir, out, "--class-dir", f))
     assert r.exit_code == 2 and "--class-dir" in r.output and "is a file or below one" in r.output, r.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--ema-device", "gpu"), "'gpu' is not one of 'same', 'cpu'"),
+    (("--quantize-base", "int4"), "'int4' is not one of"),
+    (("--steps", "abc"), "Invalid value for '--steps'"),
+    (("--ema-every", "1e30"), "Invalid value for '--ema-every'"),
+    (("--no-such-option", "1"), "No such option: --no-such-option"),
+    (("--quantize-base",), "requires an argument"),
+    (("--steps", "99999999999999999999"), "--steps must be at most"),
+])
+def test_values_that_do_not_parse_are_one_line(tmp_path, args, needle):
+    """A value that is not of the option's type or choices is the one `error:` line every bad value is, not Click's
+    usage block; nothing is written."""
+    r = run_cli("train", "--model", "m", "--instance-dir", tmp_path, "--class-noun", "dog", "--out", tmp_path / "o",
+                *args)
+    one_line_or_ok(r)
+    assert r.exit_code == 2 and needle in r.output, r.output
+    assert not (tmp_path / "o").exists()

@@ -85,6 +85,7 @@ def test_run_json_converts_to_a_run_file_that_reproduces_the_run(sd1_dir, instan
     ('validation_prompt = ["a", 1]\n', "is not what --validation-prompt takes"),
     ('out = ["a"]\n', "is not what --out takes"),
     ("no_tf32 = 3\n", "is not what --tf32 takes"),
+    ('config = "other.toml"\n', "a run file cannot name another"),
 ])
 def test_a_bad_run_file_is_one_line(sd1_dir, instance_dir, tmp_path, text, needle):
     file = tmp_path / "run.toml"
@@ -164,3 +165,35 @@ def test_run_file_edges(sd1_dir, instance_dir, tmp_path):
     back = tmp_path / "back.toml"
     back.write_text(r.output)
     assert tomllib.loads(back.read_text())["class_negative_prompt"] == "a\x7fb"
+
+
+def test_config_that_is_not_a_run_file_is_named(sd1_dir, instance_dir, tmp_path):
+    """A --config that is a file but not a run file (an image, a FIFO) is named as such, not read as the old
+    --original-config (which is a folder or a repo id)."""
+    import os
+    png = tmp_path / "photo.png"
+    png.write_bytes(b"\x89PNG")
+    fifo = tmp_path / "f.toml"
+    os.mkfifo(fifo)
+    for file, needle in ((png, "not a run file"), (fifo, "not a regular file")):
+        r = run_cli(*train_args(sd1_dir, instance_dir, tmp_path / "out", "--config", file))
+        assert r.exit_code == 2 and needle in r.output and "--original-config" not in r.output, r.output
+        assert not (tmp_path / "out").exists()
+
+
+def test_print_config_of_a_resumed_run_is_the_run_s(sd1_dir, instance_dir, tmp_path):
+    """--print-config --resume prints the settings the resumed run would have (the checkpoint's with what may change),
+    refuses what the resume would refuse, and what it prints resumes the run."""
+    out = tmp_path / "run"
+    assert run_cli(*train_args(sd1_dir, instance_dir, out, "--train", "lora", "--lora-rank", 2)).exit_code == 0
+    r = run_cli("train", "--out", out, "--resume", "latest", "--print-config", "--steps", 5)
+    assert r.exit_code == 0, r.output
+    printed = tomllib.loads(r.stdout)
+    assert (printed["train"], printed["lora_rank"], printed["steps"], printed["num_class_images"]) == ("lora", 2, 5, 2)
+    r = run_cli("train", "--out", out, "--resume", "latest", "--print-config", "--lora-rank", 8)
+    assert r.exit_code == 2 and "--lora-rank cannot change in a resumed run" in r.output, r.output
+    file = tmp_path / "resumed.toml"
+    r = run_cli("train", "--out", out, "--resume", "latest", "--print-config", "--steps", 5)
+    file.write_text(r.stdout)
+    r = run_cli("train", "--config", file, "--resume", "latest")
+    assert r.exit_code == 0 and "at step 3" in r.output, r.output

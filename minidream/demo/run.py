@@ -61,7 +61,8 @@ TRAIN_DEFAULTS = {
     "resolution": world.SIZE, "num_class_images": 32, "class_steps": 10, "class_guidance": 4.0, "class_batch_size": 64,
     "train_text_encoder": True, "lr": 1e-4, "text_encoder_lr": 1e-3, "warmup_steps": 10, "lr_schedule": "cosine",
     "max_grad_norm": 0.0,  # the demo's lrs and steps were chosen without clipping
-    "steps": STEPS, "batch_size": 4, "cache_latents": True, "validation_steps": 20}
+    "steps": STEPS, "batch_size": 4, "cache_latents": True, "validation_steps": 20,
+    "validation_every": 25}  # the validation losses (curves.png): the fit and the drift, which the training loss hides
 
 
 GRID = 4  # columns of the before/after grids
@@ -293,6 +294,7 @@ def eval_table(seeds: tuple[int, ...], rows: dict, words: dict, checks: dict, be
     return (f"seeds {', '.join(map(str, seeds))}; mean (min–max) over the seeds\n\n" + head
             + "".join(line(s, k, v) for s, by_model in rows.items() for k, v in by_model.items())
             + f"\nthe base model's subject fidelity on its best prompt (of {len(vocabulary_prompts())}: every colour, "
-              f"pattern and shape word or \"toy\", alone and on each background; 8 samples each):{asked}\n"
+              f"pattern and shape word or \"toy\", alone and on each background, screened on 4 samples each; the 3 "
+              f"best per subject drawn again on 32):{asked}\n"
             + f"\nthe base model's attribute words localise: {looks}\n"
             + "".join(f"\n{k}: {'yes' if ok else 'NO'}" for k, ok in checks.items()) + "\n")

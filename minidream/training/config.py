@@ -158,10 +158,10 @@ class TrainConfig(EMAOptions, Objective):
                                                 "must be at least 1 with prior preservation (or pass --no-prior)"),))
     prior_loss_weight: float = option(1.0, "λ, weight of the prior-preservation loss.", check=non_negative)
     class_steps: int | None = option(None, "Sampling steps for class images; default: the family's pipeline's (50; "
-                                     "SD3: 28).", check=optional_at_least(1))
+                                     "SD3: 28).", check=optional_at_least(1, 10 ** 4))
     class_guidance: float | None = option(None, "CFG scale for class images; default: the family's pipeline's (7.5; "
                                           "SD3: 7.0).", check=optional(in_range(0, MAX_GUIDANCE)))
-    class_batch_size: int = option(4, "Class images per sampling batch.", check=at_least(1))
+    class_batch_size: int = option(4, "Class images per sampling batch.", check=at_least(1, 4096))
     class_precision: str = option("auto", "Precision of class-image sampling (autocast); auto: fp16 on CUDA, fp32 on "
                                   "CPU.", choices=("auto", *DTYPES))
     class_negative_prompt: str = option("", "Negative prompt for the class images.", check=text)
@@ -239,12 +239,12 @@ class TrainConfig(EMAOptions, Objective):
     fused_backward: bool = option(False, "Update each parameter inside backward as soon as its gradient is ready, and "
                                   "free the gradient (no memory for all gradients at once; kohya's "
                                   "--fused_backward_pass).", needs=FUSED_BACKWARD)
-    steps: int = option(400, "Optimizer steps.", check=at_least(1), resumable=True)
+    steps: int = option(400, "Optimizer steps.", check=at_least(1, 10 ** 8), resumable=True)
     epochs: int | None = option(None, "Instead of --steps: passes over the photos (each photo x its repeats once "
                                 "an epoch; --steps is then derived, and recorded in data.json).",
                                 check=optional_count, resumable=True)
-    batch_size: int = option(1, "Instance images per step (plus as many class images).", check=at_least(1))
-    grad_accum: int = option(1, "Gradient accumulation micro-steps.", check=at_least(1))
+    batch_size: int = option(1, "Instance images per step (plus as many class images).", check=at_least(1, 4096))
+    grad_accum: int = option(1, "Gradient accumulation micro-steps.", check=at_least(1, 4096))
     mixed_precision: str = option("no", "Autocast dtype (fp16 needs a GPU); frozen weights run in it, trained ones "
                                   "keep fp32 masters.", choices=PRECISIONS)
     tf32: bool = option(True, "On CUDA, TF32 tensor cores for fp32 matmuls and convolutions.", resumable=True)
@@ -295,9 +295,10 @@ class TrainConfig(EMAOptions, Objective):
     validation_every: int = option(0, "Steps between validation grids and validation losses (0: a grid at the end "
                                    "only).", check=non_negative,
                                    resumable=True)
-    validation_images: int = option(4, "Images per validation prompt (fixed seeds).", check=at_least(1),
+    validation_images: int = option(4, "Images per validation prompt (fixed seeds).", check=at_least(1, 1024),
                                     resumable=True)
-    validation_steps: int = option(25, "Sampling steps for validation images.", check=at_least(1), resumable=True)
+    validation_steps: int = option(25, "Sampling steps for validation images.", check=at_least(1, 10 ** 4),
+                                   resumable=True)
     validation_scheduler: str | None = option(None, "Sampler for validation grids; default: the model's own.",
                                               choices=SAMPLERS, resumable=True)
     validation_guidance_rescale: float = option(0.0, "The grids' --guidance-rescale (SD 1.x/2.x/XL; 0.7 for a "

@@ -66,8 +66,19 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
             run_folder.refuse_finished(out, cfg.steps)
         if rt.main:
             print(f"training on {rt.describe()}", file=sys.stderr)
-        with run_folder.opened(out, cfg, rt, overwrite and not resume, start and start.step, processes):
+        with run_folder.opened(out, cfg, rt, overwrite and not resume, start and start.step, processes,
+                               rewound=bool(resume) and resume != "latest"):
             return train_and_export(cfg, out, model, data, rt, start, processes, base, keep_model)
+
+
+def resumed_run(cfg: TrainConfig, resume: str, given: set[str] | None) -> TrainConfig:
+    """The settings `--resume` would continue with (the checkpoint's, with the resumable ones given anew), refused
+    in one line as the run would refuse them: what `--print-config --resume` prints."""
+    cfg = with_folder_names(absolute_paths(cfg))
+    validate(cfg, resuming=True)
+    cfg, _ = begin(cfg, Path(cfg.out), resume, False, given)
+    combinations(cfg)
+    return cfg
 
 
 def resumed_settings(cfg: TrainConfig, start: Resume, given: set[str] | None, rt: runtime.Runtime):

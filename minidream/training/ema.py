@@ -33,7 +33,8 @@ class EMAOptions:
                                      "beside the raw weights, in OUT/ema/.", check=decay_check, panel=PANEL,
                                      needs=(Needs(lambda c: not c.fsdp, "{flag}: the average of sharded weights "
                                                   "(--fsdp) is not kept; drop one of them"),))
-    ema_every: int = option(1, "Update the moving average every N optimizer steps.", check=at_least(1), panel=PANEL,
+    ema_every: int = option(1, "Update the moving average every N optimizer steps.", check=at_least(1, 10 ** 8),
+                            panel=PANEL,
                             needs=(*NEEDS_EMA, Needs(lambda c: c.epochs or c.ema_every <= c.steps, "{flag} "
                                                      "{cfg.ema_every} is more than the run's --steps: the average "
                                                      "would never be updated")))

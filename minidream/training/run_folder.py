@@ -140,9 +140,12 @@ def unwritable(out: Path, e: OSError) -> TrainError:
     return TrainError(f"--out {out}: cannot write there ({e.strerror}); choose another folder or free space")
 
 
-def open_run(out: Path, cfg: TrainConfig, start_over: bool, resumed_step: int | None, processes: int = 1):
+def open_run(out: Path, cfg: TrainConfig, start_over: bool, resumed_step: int | None, processes: int = 1,
+             rewound: bool = False):
     """Take --out for this process (lock), clear it when starting over, drop a killed run's unfinished
-    files and later metrics, and write run.json. Returns the lock; closing it frees the folder."""
+    files and later metrics, and write run.json; `rewound` (--resume FILE): set the later checkpoints and snapshots
+    aside. (After --resume latest a later snapshot is of the same line of steps, rewritten when it comes again.)
+    Returns the lock; closing it frees the folder."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = lock_run(out)
@@ -154,6 +157,7 @@ def open_run(out: Path, cfg: TrainConfig, start_over: bool, resumed_step: int | 
         remove_unfinished(out)
         if resumed_step is not None:
             truncate_metrics(out / "metrics.jsonl", resumed_step)
+        if resumed_step is not None and rewound:
             set_aside_later(out, resumed_step)
         write_text(out / "run.json", json.dumps({**asdict(cfg), "processes": processes}, indent=2))
     except OSError as e:
@@ -164,10 +168,10 @@ def open_run(out: Path, cfg: TrainConfig, start_over: bool, resumed_step: int | 
 
 @contextmanager
 def opened(out: Path, cfg: TrainConfig, rt: Runtime, start_over: bool, resumed_step: int | None,
-           processes: int = 1):
+           processes: int = 1, rewound: bool = False):
     """--out taken by this run for as long as it lasts (rank 0 opens it; the others start once it is cleared and
     run.json written)."""
-    lock = open_run(out, cfg, start_over, resumed_step, processes) if rt.main else None
+    lock = open_run(out, cfg, start_over, resumed_step, processes, rewound) if rt.main else None
     barrier(rt.group)
     try:
         yield
