@@ -1,9 +1,9 @@
 """How far apart the demo world's toys lie where the diffusion model works (`python -m benchmarks.demo_subjects
 --model DIR --label L`): for every shape-colour-pattern combination, the rms distance between its VAE latents and
 those of each combination one attribute away (the same 32 poses, backgrounds and sizes; latents × the scaling
-factor, so in units of their std), and so its nearest neighbour. The held-out subjects (world.SUBJECTS) were chosen
-with it, before pretraining, each at least as far from its nearest neighbour as the first. Adds an entry `label` to
-benchmarks/results/demo-subjects-cpu.json."""
+factor, so in units of their std), and so its nearest neighbour. The held-out subjects of the #34 world (attribute
+combinations) were chosen with it; those of #54 have a shape or pattern with no word (world.UNNAMED) and need no such
+choice. Adds an entry `label` to benchmarks/results/demo-subjects-cpu.json."""
 import argparse
 import itertools
 import json

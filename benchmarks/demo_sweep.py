@@ -2,8 +2,10 @@
 field=value ... --seeds 0-5`): each run is `minidream.demo.run.run_demo` with the prior, demo_config's values of the
 SWEPT fields replaced as --set names them, measured as the demo measures (subject fidelity over the eval's 80 instance
 samples, PRES and DIV over 32 class samples) plus the identifier's localisation. Adds (or extends) the entry
-`name` of benchmarks/results/demo-seeds-cpu.json's "model_34" settings, with the command that made it and the
-resulting values of the fields a sweep tunes (SWEPT), so an entry still reads right after demo_config changes."""
+`name` of benchmarks/results/demo-seeds-cpu.json's MODEL settings (the demo model it ran on: "model_34", the one
+of #34, whose subjects were attribute combinations; "model_54", whose subjects have a shape or pattern of their own),
+with the command that made it and the resulting values of the fields a sweep tunes (SWEPT), so an entry still reads
+right after demo_config changes."""
 import argparse
 import fcntl
 import json
@@ -20,7 +22,8 @@ from minidream.demo.run import demo_config, run_demo
 from minidream.formats.files import write_text
 
 RESULTS = Path("benchmarks/results/demo-seeds-cpu.json")
-SWEPT = ("steps", "lr", "text_encoder_lr", "lr_schedule", "warmup_steps")
+SWEPT = ("steps", "lr", "text_encoder_lr", "lr_schedule", "warmup_steps", "flip")
+MODEL = "model_54"
 
 
 def parse_changes(pairs: list[str]) -> dict:
@@ -62,7 +65,7 @@ def check_name(results: Path, name: str, changes: dict, record: dict | None = No
     """An entry of that name (in `record`, else in the file) must have trained with the same settings: checked
     before any run, and again as each run is added."""
     record = record if record is not None else json.loads(results.read_text())
-    entry = record["model_34"]["settings"].get(name)
+    entry = record.get(MODEL, {"settings": {}})["settings"].get(name)
     if entry is not None and entry["settings"] != swept_values(changes):
         raise SystemExit(f"{name!r} is already in {results} with other settings: {entry['settings']}")
 
@@ -74,7 +77,9 @@ def record_run(results: Path, name: str, changes: dict, subject: str, seed: int,
         fcntl.flock(lock, fcntl.LOCK_EX)
         record = json.loads(results.read_text())
         check_name(results, name, changes, record)
-        entry = record["model_34"]["settings"].setdefault(name, {"settings": swept_values(changes), "runs": {}})
+        model = record.setdefault(MODEL, {"what": "the demo model pretrained for #54 (minidream/demo/weights)",
+                                          "settings": {}})
+        entry = model["settings"].setdefault(name, {"settings": swept_values(changes), "runs": {}})
         entry.setdefault("commands", [])
         command = "python -m benchmarks.demo_sweep " + " ".join(sys.argv[1:])
         if command not in entry["commands"]:

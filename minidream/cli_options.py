@@ -128,7 +128,7 @@ class Eval:
     seeds: str = option("0,1,2", "Comma-separated seeds; each DreamBooth run once per seed.",
                         check=comma_integers(seed_range))
     subjects: str = option("1", "Held-out subjects: all, or comma-separated numbers or names (1 = the demo's "
-                           "yellow-striped-star).")
+                           "yellow-striped-cross).")
     recipe: str = option("whole", "What trains: whole (the demo's UNet and text encoder: with and without the "
                          "prior) or lora (LoRA without the prior, with it from class images, from the model).",
                          choices=("whole", "lora"))

@@ -40,10 +40,10 @@ def test_train_on_the_demo_model_takes_its_settings_and_ends_with_the_sample_com
     r = run_cli(*args)
     assert r.exit_code == 0, r.output
     said = next(line for line in r.output.splitlines() if line.startswith("--model demo:"))
-    assert "--lr 0.0001" in said and "--class-guidance 4.0" in said and "--resolution 32" in said
+    assert "--lr 0.0005" in said and "--class-guidance 4.0" in said and "--resolution 32" in said
     assert "--steps" not in said and "--num-class-images" not in said  # given: the user's
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert (run["lr"], run["steps"], run["num_class_images"], run["resolution"]) == (1e-4, 2, 2, 32)
+    assert (run["lr"], run["steps"], run["num_class_images"], run["resolution"]) == (5e-4, 2, 2, 32)
     assert "training on cpu, fp32, attention " in r.output
     assert "draw with it: minidream sample --model run/model --prompt 'a sks toy' --out run/samples" in r.output
     assert (run["instance_prompt"], run["class_prompt"]) == ("a sks toy", "a toy")

@@ -245,6 +245,7 @@ def test_ctrl_c_while_the_modules_load_is_one_line(tmp_path):
     assert 1 in codes, codes
 
 
+@pytest.mark.slow  # 25 s: a whole demo run up to its stop
 def test_ctrl_c_in_the_demo_is_one_line_and_the_demo_starts_over(tmp_path):
     """A real SIGINT while the demo measures where "sks" looks on the base model (before training), then on the
     tuned one (after it): one line each, no traceback; the same folder then gives a whole demo."""

@@ -45,12 +45,12 @@ CLASS_NOUN = "toy"
 
 
 def subject_words(subject: dict) -> str:
-    """"yellow striped star"."""
+    """"yellow striped cross"."""
     return " ".join(subject[k] for k in ("colour", "pattern", "shape"))
 
 
 def subject_name(subject: dict) -> str:
-    """"yellow-striped-star": the subject's name on the command line and in run folders."""
+    """"yellow-striped-cross": the subject's name on the command line and in run folders."""
     return subject_words(subject).replace(" ", "-")
 
 
