@@ -47,7 +47,7 @@ def dreambooth(cfg: TrainConfig, resume: str | None = None, overwrite: bool = Fa
     validate(cfg, resuming=bool(resume and resume.strip()))
     with runtime.started(cfg) as rt:  # device, attention, precision; torchrun's processes; SIGTERM as Ctrl-C
         out = Path(cfg.out)
-        cfg, start = begin(cfg, out, resume, overwrite, given, rt.group.size)  # resuming: the checkpoint's
+        cfg, start = begin(cfg, out, resume, overwrite, given, rt.group.size, rt.main)  # resuming: the checkpoint's
         if start is not None:
             cfg, rt = resumed_settings(cfg, start, given, rt)
         torch.manual_seed(cfg.seed)
@@ -185,13 +185,13 @@ def encode_prompts_first(model: StableDiffusion, cfg: TrainConfig, data: Trainin
 
 
 def begin(cfg: TrainConfig, out: Path, resume: str | None, overwrite: bool, given: set[str] | None,
-          processes: int = 1) -> tuple[TrainConfig, Resume | None]:
+          processes: int = 1, main: bool = True) -> tuple[TrainConfig, Resume | None]:
     """The run's settings and, resuming, where it picks up (the checkpoint's); else None."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file; give a folder")
     if not next(p for p in (out, *out.parents) if p.exists()).is_dir():
         raise TrainError(f"--out {out}: cannot write there (it is below a file); choose another folder")
-    if out.is_dir():
+    if out.is_dir() and main:  # (rank 0 takes the lock; the others probing it at once would race it)
         run_folder.refuse_locked(out)
     if resume is not None and not resume.strip():
         raise TrainError("--resume is empty; give latest or a checkpoint file")

@@ -157,6 +157,7 @@ def open_run(out: Path, cfg: TrainConfig, start_over: bool, resumed_step: int | 
         remove_unfinished(out)
         if resumed_step is not None:
             truncate_metrics(out / "metrics.jsonl", resumed_step)
+            (out / "finished.json").unlink(missing_ok=True)  # written again once this run's exports are all out
         if resumed_step is not None and rewound:
             set_aside_later(out, resumed_step)
         write_text(out / "run.json", json.dumps({**asdict(cfg), "processes": processes}, indent=2))
